@@ -1,0 +1,2119 @@
+#!/usr/bin/env python3
+"""pydirector: a TCP load balancer in pure standard-library Python.
+
+It takes inbound TCP connections and relays each to one backend host chosen
+by a scheduler, failing over transparently when a host does not answer.
+A revival of Python Director (Anthony Baxter, 2002-2004).
+
+    python3 pydirector.py -c sample.xml
+
+Sections, in the order a reader meets them: Config, Loop, Proxying, Manager,
+Director, Command line.
+"""
+
+import argparse
+import base64
+import binascii
+import collections
+import concurrent.futures
+import errno
+import hashlib
+import heapq
+import hmac
+import ipaddress
+import logging
+import os
+import re
+import selectors
+import signal
+import socket
+import sys
+import threading
+import time
+import unicodedata
+import warnings
+from xml.etree import ElementTree
+from xml.parsers import expat
+from xml.sax import saxutils
+
+import schedulers
+
+VERSION = '2.0.0'
+
+log = logging.getLogger('pydirector')
+
+# CONFIG-SECTION-START
+# ---------------------------------------------------------------------------
+# Config: the XML file read into plain objects, checked, and written back.
+#
+# Python Director 1.0 files load unchanged (<client> for <host>, nameless
+# hosts, crypt() passwords, <note> comments).  Every problem is a ConfigError
+# "FILE:LINE: message" naming the element at fault.
+# ---------------------------------------------------------------------------
+
+class ConfigError(Exception):
+    """A config file that cannot be used.  str() is 'FILE:LINE: message'
+    ('FILE: message' when there is no line); the parts are kept as
+    .path, .line and .message."""
+
+    def __init__(self, message, path=None, line=None):
+        self.message = message
+        self.path = path
+        self.line = line
+        if path is not None and line is not None:
+            text = f'{path}:{line}: {message}'
+        elif path is not None:
+            text = f'{path}: {message}'
+        else:
+            text = message
+        Exception.__init__(self, text)
+
+
+class Config(object):
+    """A whole <pdconfig>: services in file order, the optional admin server,
+    logging, and how long to let connections drain on shutdown."""
+
+    def __init__(self, path=None, services=None, admin=None, logging=None, drain=10.0):
+        self.path = path
+        self.services = list(services or [])
+        self.admin = admin
+        self.logging = logging if logging is not None else Logging()
+        self.drain = drain
+
+    def service(self, name):
+        for service in self.services:
+            if service.name == name:
+                return service
+        return None
+
+    def to_xml(self):
+        """The config as a file parse_config accepts (running.xml), one
+        element per line; defaults are written only where they differ."""
+        out = []
+        root = [('drain', _format_seconds(self.drain) if self.drain != 10.0 else None)]
+        out.append(_xml_tag(0, 'pdconfig', root, '>'))
+        for service in self.services:
+            out.append(_xml_tag(1, 'service', [('name', service.name)], '>'))
+            for listen in service.listens:
+                out.append(_xml_tag(2, 'listen', [('ip', listen.text)]))
+            for group in service.groups:
+                attrs = [('name', group.name), ('scheduler', group.scheduler)]
+                if not group.hosts:
+                    out.append(_xml_tag(2, 'group', attrs))
+                    continue
+                out.append(_xml_tag(2, 'group', attrs, '>'))
+                for host in group.hosts:
+                    out.append(_xml_tag(3, 'host', [
+                        ('name', host.name), ('ip', host.ip),
+                        ('weight', host.weight if host.weight != 1 else None),
+                        ('maxconns', host.maxconns if host.maxconns != 0 else None)]))
+                out.append('    </group>')
+            # Always written, though it defaults to the first group: which
+            # group is live is the one thing an operator reads running.xml for.
+            if service.enabled is not None:
+                out.append(_xml_tag(2, 'enable', [('group', service.enabled)]))
+            if service.check is not None:
+                out.append(_xml_tag(2, 'check', service.check._xml_attrs()))
+            attrs = service.timeouts._xml_attrs() if service.timeouts is not None else []
+            if any(value is not None for _, value in attrs):
+                out.append(_xml_tag(2, 'timeouts', attrs))
+            out.append('  </service>')
+        if self.admin is not None:
+            admin = self.admin
+            out.append(_xml_tag(1, 'admin', [
+                ('listen', admin.listen), ('certfile', admin.certfile),
+                ('keyfile', admin.keyfile)], '>'))
+            for user in admin.users:
+                out.append(_xml_tag(2, 'user', [
+                    ('name', user.name), ('password', user.password), ('access', user.access)]))
+            out.append('  </admin>')
+        if self.logging is not None and self.logging.file:
+            out.append(_xml_tag(1, 'logging', [('file', self.logging.file)]))
+        out.append('</pdconfig>')
+        return '\n'.join(out) + '\n'
+
+
+class Service(object):
+    """A <service>: where it listens, its groups of hosts, and which group is
+    enabled (a group name).  check is None when the file has no <check>
+    (DEFAULT_CHECK applies then); timeouts is always set."""
+
+    def __init__(self, name, listens=None, groups=None, enabled=None, check=None,
+                 timeouts=None, line=None):
+        self.name = name
+        self.listens = list(listens or [])
+        self.groups = list(groups or [])
+        if enabled is None and self.groups:
+            enabled = self.groups[0].name
+        self.enabled = enabled
+        self.check = check
+        self.timeouts = timeouts if timeouts is not None else Timeouts()
+        self.line = line
+
+    def group(self, name):
+        for group in self.groups:
+            if group.name == name:
+                return group
+        return None
+
+    def __repr__(self):
+        return f'Service({self.name!r})'
+
+
+class Listen(object):
+    """One <listen ip="...">: text as written, host and port to bind
+    ('*' becomes '0.0.0.0', '[::]' becomes '::')."""
+
+    def __init__(self, text, host, port, line=None):
+        self.text = text
+        self.host = host
+        self.port = port
+        self.line = line
+
+    def __repr__(self):
+        return f'Listen({self.text!r})'
+
+
+class Group(object):
+    """A <group> of hosts and the scheduler spec that picks among them."""
+
+    def __init__(self, name, scheduler, hosts=None, line=None):
+        self.name = name
+        self.scheduler = scheduler
+        self.hosts = list(hosts or [])
+        self.line = line
+
+    def host(self, name):
+        for host in self.hosts:
+            if host.name == name:
+                return host
+        return None
+
+    def __repr__(self):
+        return f'Group({self.name!r}, {self.scheduler!r})'
+
+
+class Host(object):
+    """A backend <host>: ip as written, host (no brackets) and port to
+    connect to.  Names are not resolved here; that happens at run time."""
+
+    def __init__(self, name, ip, host, port, weight=1, maxconns=0, line=None):
+        self.name = name
+        self.ip = ip
+        self.host = host
+        self.port = port
+        self.weight = weight
+        self.maxconns = maxconns     # 0 = unlimited
+        self.line = line
+
+    def __repr__(self):
+        return f'Host({self.name!r}, {self.ip!r})'
+
+
+class Check(object):
+    """How the manager probes a service's hosts.  send and expect are bytes
+    (or None: connect only); send_text and expect_text keep the escaped
+    text from the file so to_xml writes it back as the operator wrote it."""
+
+    def __init__(self, interval=5.0, timeout=2.0, rise=2, fall=3, send=None, expect=None,
+                 line=None, send_text=None, expect_text=None):
+        self.interval = interval
+        self.timeout = timeout
+        self.rise = rise
+        self.fall = fall
+        self.send = send
+        self.expect = expect
+        self.line = line
+        self.send_text = send_text
+        self.expect_text = expect_text
+
+    def _xml_attrs(self):
+        return [
+            ('interval', _format_seconds(self.interval) if self.interval != 5.0 else None),
+            ('timeout', _format_seconds(self.timeout) if self.timeout != 2.0 else None),
+            ('rise', self.rise if self.rise != 2 else None),
+            ('fall', self.fall if self.fall != 3 else None),
+            ('send', _bytes_text(self.send, self.send_text)),
+            ('expect', _bytes_text(self.expect, self.expect_text)),
+        ]
+
+
+DEFAULT_CHECK = Check()
+
+
+class Timeouts(object):
+    """Seconds allowed to connect to a host, and for a connection to sit idle."""
+
+    def __init__(self, connect=3.0, idle=3600.0, line=None):
+        self.connect = connect
+        self.idle = idle
+        self.line = line
+
+    def _xml_attrs(self):
+        return [
+            ('connect', _format_seconds(self.connect) if self.connect != 3.0 else None),
+            ('idle', _format_seconds(self.idle) if self.idle != 3600.0 else None),
+        ]
+
+
+class Admin(object):
+    """The <admin> web server: where it listens, its users, and the TLS
+    certificate and key (both None for plain HTTP)."""
+
+    def __init__(self, listen, host, port, users=None, certfile=None, keyfile=None, line=None):
+        self.listen = listen
+        self.host = host
+        self.port = port
+        self.users = list(users or [])
+        self.certfile = certfile
+        self.keyfile = keyfile
+        self.line = line
+
+    def user(self, name):
+        for user in self.users:
+            if user.name == name:
+                return user
+        return None
+
+
+class User(object):
+    """An admin <user>; password is the stored hash, access 'full' or 'readonly'."""
+
+    def __init__(self, name, password, access='full', line=None):
+        self.name = name
+        self.password = password
+        self.access = access
+        self.line = line
+
+    def __repr__(self):
+        return f'User({self.name!r}, access={self.access!r})'
+
+
+class Logging(object):
+    """Where the log goes: a file path, or None for stderr."""
+
+    def __init__(self, file=None, line=None):
+        self.file = file
+        self.line = line
+
+
+def load_config(path):
+    """Read and check the config file at path; ConfigError for anything wrong."""
+    try:
+        with open(path, 'rb') as f:
+            data = f.read()
+    except OSError as e:
+        raise ConfigError(f'cannot read config: {e.strerror or e}', path)
+    return parse_config(data, path)
+
+
+def parse_config(data, path='<config>'):
+    """Check and read a config from bytes or str; path is only for messages."""
+    root, lines = _read_xml(data, path)
+    return _ConfigReader(path, lines).read(root)
+
+
+# -- addresses, names, numbers ----------------------------------------------
+
+_HOST_NAME = re.compile(r'[A-Za-z0-9_-]{1,63}(\.[A-Za-z0-9_-]{1,63})*\.?')
+
+
+def parse_address(text):
+    """'host:port', '[v6]:port' or '*:port' -> (host, port).  host is the name
+    or address without brackets ('*' gives '0.0.0.0'); names are not
+    resolved.  ValueError says what is wrong, starting with the text quoted."""
+    if text.startswith('['):
+        close = text.find(']')
+        if close < 0 or text[close + 1:close + 2] != ':' or close == 1:
+            raise ValueError(f'{text!r} needs host:port')
+        host, port_text = text[1:close], text[close + 2:]
+        address, _, scope = host.partition('%')
+        try:
+            ipaddress.IPv6Address(address)
+        except ValueError:
+            raise ValueError(f'{text!r}: {host!r} is not an IPv6 address') from None
+        if '%' in host and not re.fullmatch(r'[A-Za-z0-9_.-]+', scope):
+            raise ValueError(f'{text!r}: {host!r} is not an IPv6 address')
+    else:
+        host, colon, port_text = text.rpartition(':')
+        if not colon or not host:
+            raise ValueError(f'{text!r} needs host:port')
+        if ':' in host:
+            # '::1:80' is ambiguous without brackets, so refuse to guess.
+            raise ValueError(f"{text!r}: IPv6 addresses need brackets, like '[::1]:80'")
+        if host == '*':
+            host = '0.0.0.0'
+        elif re.fullmatch(r'[0-9.]+', host):
+            try:
+                ipaddress.IPv4Address(host)
+            except ValueError:
+                raise ValueError(f'{text!r}: {host!r} is not an IP address') from None
+        elif not _HOST_NAME.fullmatch(host) or len(host) > 253:
+            raise ValueError(f'{text!r}: {host!r} is not a host name or IP address')
+    if not port_text:
+        raise ValueError(f'{text!r} needs host:port')
+    if not re.fullmatch(r'[0-9]{1,5}', port_text) or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f'{text!r}: port must be 1-65535')
+    return host, int(port_text)
+
+
+def check_name(text, what):
+    """ValueError unless text is usable as a name; what is e.g. 'host name'.
+    Names end up in log lines and admin pages, so control characters
+    (newlines especially, which could forge log lines) are refused."""
+    if not text:
+        raise ValueError(f'{what} is empty')
+    if not text.strip():
+        raise ValueError(f'{what} {text!r} is only whitespace')
+    if any(unicodedata.category(ch) in ('Cc', 'Cf', 'Zl', 'Zp') for ch in text):
+        raise ValueError(f'{what} {text!r} contains a control character')
+
+
+_SECONDS = re.compile(r'(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?')
+
+
+def _format_seconds(value):
+    value = float(value)
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+_BYTE_ESCAPES = {'r': 13, 'n': 10, 't': 9, '\\': 92}
+
+
+def _unescape_bytes(text):
+    """Check send/expect text: \\r \\n \\t \\\\ \\xNN -> bytes; the rest as UTF-8."""
+    out = bytearray()
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch != '\\':
+            out += ch.encode('utf-8')
+            i += 1
+            continue
+        code = text[i + 1:i + 2]
+        if code in _BYTE_ESCAPES:
+            out.append(_BYTE_ESCAPES[code])
+            i += 2
+        elif code == 'x' and re.fullmatch(r'[0-9A-Fa-f]{2}', text[i + 2:i + 4]):
+            out.append(int(text[i + 2:i + 4], 16))
+            i += 4
+        elif not code:
+            raise ValueError("ends with a lone '\\' (write \\\\ for a backslash)")
+        else:
+            shown = text[i:i + 4] if code == 'x' else text[i:i + 2]
+            raise ValueError(f"unknown escape '{shown}' (use \\r \\n \\t \\\\ or \\xNN)")
+    return bytes(out)
+
+
+def _escape_bytes(data):
+    """The inverse of _unescape_bytes, for send/expect set from code."""
+    out = []
+    for byte in data:
+        ch = chr(byte)
+        if ch == '\\':
+            out.append('\\\\')
+        elif ch in '\r\n\t':
+            out.append({'\r': '\\r', '\n': '\\n', '\t': '\\t'}[ch])
+        elif 32 <= byte < 127:
+            out.append(ch)
+        else:
+            out.append(f'\\x{byte:02x}')
+    return ''.join(out)
+
+
+def _bytes_text(data, text):
+    if not data:
+        return None
+    # Keep the operator's spelling unless the bytes were changed since.
+    if text is not None:
+        try:
+            if _unescape_bytes(text) == data:
+                return text
+        except ValueError:
+            pass
+    return _escape_bytes(data)
+
+
+def _xml_attr(value):
+    # Always double quotes; escaping newlines and tabs keeps them through a
+    # reparse (XML would otherwise fold them into spaces).
+    return '"' + saxutils.escape(str(value), {
+        '"': '&quot;', '\n': '&#10;', '\r': '&#13;', '\t': '&#9;'}) + '"'
+
+
+def _xml_tag(depth, tag, attrs, end='/>'):
+    parts = [f'{name}={_xml_attr(value)}' for name, value in attrs if value is not None]
+    return '  ' * depth + '<' + ' '.join([tag] + parts) + end
+
+
+# -- passwords ----------------------------------------------------------------
+#
+# Stored as 'pbkdf2_sha256$ITERATIONS$SALT$HASH': PBKDF2-HMAC-SHA256 with a
+# 16-byte random salt; SALT and HASH are standard base64 without '=' padding.
+# Python Director 1.0 stored unix crypt() hashes; those still verify where
+# the crypt module exists (it is gone in Python 3.13).
+
+_PASSWORD_ITERATIONS = 260000
+_PBKDF2_HASH = re.compile(r'pbkdf2_sha256\$([1-9][0-9]{0,7})\$([A-Za-z0-9+/]+)\$([A-Za-z0-9+/]+)')
+_CRYPT_CHARS = '[./0-9A-Za-z]'
+_CRYPT_HASH = re.compile(
+    f'{_CRYPT_CHARS}{{13}}'                                                # DES
+    f'|\\$1\\${_CRYPT_CHARS}{{0,8}}\\${_CRYPT_CHARS}{{22}}'                # MD5
+    f'|\\$5\\$(?:rounds=[0-9]+\\$)?{_CRYPT_CHARS}{{0,16}}\\${_CRYPT_CHARS}{{43}}'  # SHA-256
+    f'|\\$6\\$(?:rounds=[0-9]+\\$)?{_CRYPT_CHARS}{{0,16}}\\${_CRYPT_CHARS}{{86}}')  # SHA-512
+
+
+def _b64(data):
+    return base64.b64encode(data).decode('ascii').rstrip('=')
+
+
+def _unb64(text):
+    return base64.b64decode(text + '=' * (-len(text) % 4), validate=True)
+
+
+def _password_bytes(password):
+    return password if isinstance(password, bytes) else password.encode('utf-8')
+
+
+def _parse_pbkdf2(stored):
+    """(iterations, salt, hash) from a hash_password() string, or None."""
+    match = _PBKDF2_HASH.fullmatch(stored) if isinstance(stored, str) else None
+    if match is None:
+        return None
+    try:
+        salt, digest = _unb64(match.group(2)), _unb64(match.group(3))
+    except (binascii.Error, ValueError):
+        return None
+    return int(match.group(1)), salt, digest
+
+
+def _crypt_module():
+    """The crypt module, or None (Python 3.13 removed it).  Imported only
+    when a 1.0 hash needs it, with its deprecation warning silenced."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', DeprecationWarning)
+            import crypt
+    except ImportError:
+        return None
+    return crypt
+
+
+def hash_password(password, iterations=_PASSWORD_ITERATIONS):
+    """A new 'pbkdf2_sha256$...' hash of password (str or bytes) for <user password>."""
+    salt = os.urandom(16)
+    digest = hashlib.pbkdf2_hmac('sha256', _password_bytes(password), salt, iterations)
+    return f'pbkdf2_sha256${iterations}${_b64(salt)}${_b64(digest)}'
+
+
+def check_password(password, stored):
+    """True if password matches stored: a hash_password() hash, or a 1.0
+    crypt() hash where the crypt module exists.  False for anything else."""
+    parsed = _parse_pbkdf2(stored)
+    if parsed is not None:
+        iterations, salt, digest = parsed
+        got = hashlib.pbkdf2_hmac('sha256', _password_bytes(password), salt, iterations, len(digest))
+        return hmac.compare_digest(got, digest)
+    if not is_legacy_hash(stored):
+        return False
+    crypt = _crypt_module()
+    if crypt is None:
+        return False
+    try:
+        if isinstance(password, bytes):
+            password = password.decode('utf-8')
+        got = crypt.crypt(password, stored)
+    except (ValueError, UnicodeError):     # a NUL in the password, undecodable bytes
+        return False
+    if not got:
+        return False
+    return hmac.compare_digest(got.encode('ascii', 'replace'), stored.encode('ascii'))
+
+
+def is_legacy_hash(stored):
+    """True for a unix crypt() hash as Python Director 1.0 stored them:
+    13-character DES, or the $1$ (MD5), $5$ and $6$ (SHA) forms."""
+    return isinstance(stored, str) and _CRYPT_HASH.fullmatch(stored) is not None
+
+
+# -- reading the XML ----------------------------------------------------------
+
+def _read_xml(data, path):
+    """Parse with expat into ElementTree elements; returns (root, lines),
+    lines mapping each element to the line its start tag is on."""
+    builder = ElementTree.TreeBuilder()
+    parser = expat.ParserCreate()
+    lines = {}
+    open_tags = []
+
+    def start(tag, attrs):
+        lines[builder.start(tag, attrs)] = parser.CurrentLineNumber
+        open_tags.append(tag)
+
+    def end(tag):
+        builder.end(tag)
+        open_tags.pop()
+
+    def text(chunk):
+        # 1.0 files may carry free text in <note> elements.
+        if chunk.strip() and 'note' not in open_tags:
+            shown = chunk.strip()
+            shown = shown if len(shown) <= 30 else shown[:27] + '...'
+            where = open_tags[-1] if open_tags else 'pdconfig'
+            raise ConfigError(f'unexpected text {shown!r} in <{where}>', path, parser.CurrentLineNumber)
+
+    def refuse(*args):
+        # No DTDs at all: entity expansion ("billion laughs") and external
+        # entities are how XML parsers get attacked, and configs need neither.
+        raise ConfigError('DOCTYPE/ENTITY declarations are not allowed', path, parser.CurrentLineNumber)
+
+    parser.StartElementHandler = start
+    parser.EndElementHandler = end
+    parser.CharacterDataHandler = text
+    parser.StartDoctypeDeclHandler = refuse
+    parser.EntityDeclHandler = refuse
+    try:
+        parser.Parse(data, True)
+    except expat.ExpatError as e:
+        raise ConfigError(f'XML error: {expat.ErrorString(e.code)}', path, e.lineno) from None
+    except UnicodeError as e:
+        raise ConfigError(f'XML error: {e}', path) from None
+    return builder.close(), lines
+
+
+_CHILDREN = {
+    'pdconfig': ('service', 'admin', 'logging'),
+    'service': ('listen', 'group', 'enable', 'check', 'timeouts'),
+    'group': ('host',),
+    'admin': ('user',),
+}
+
+
+class _ConfigReader(object):
+    """Walks the element tree, checking as it goes, and builds the Config."""
+
+    def __init__(self, path, lines):
+        self.path = path
+        self.lines = lines
+        self.listens = {}       # (host, port) -> who listens there, for duplicates
+
+    def error(self, elem, message):
+        return ConfigError(message, self.path, self.lines.get(elem))
+
+    def attrs(self, elem, known, required=()):
+        if elem.tag not in _CHILDREN:
+            for _ in self.children(elem):    # a leaf: refuses any child element
+                pass
+        for name in elem.attrib:
+            if name not in known:
+                raise self.error(elem, f"<{elem.tag}> has unknown attribute {name!r} "
+                                       f"(known: {', '.join(sorted(known))})")
+        for name in required:
+            if name not in elem.attrib:
+                raise self.error(elem, f'<{elem.tag}> needs attribute {name!r}')
+        return elem.attrib
+
+    def children(self, elem):
+        """elem's child elements, refusing unknown ones.  1.0 allowed <note>
+        in containers and called <host> <client>."""
+        allowed = _CHILDREN.get(elem.tag, ())
+        for child in elem:
+            tag = 'host' if child.tag == 'client' and elem.tag == 'group' else child.tag
+            if tag == 'note' and allowed:
+                continue
+            if tag not in allowed:
+                expected = ', '.join(sorted(allowed)) or 'none'
+                raise self.error(child, f'unknown element <{child.tag}> in <{elem.tag}> '
+                                        f'(expected: {expected})')
+            yield tag, child
+
+    def name(self, elem, what, text):
+        try:
+            check_name(text, what)
+        except ValueError as e:
+            raise self.error(elem, str(e)) from None
+        return text
+
+    def address(self, elem, attr):
+        try:
+            return parse_address(elem.get(attr))
+        except ValueError as e:
+            raise self.error(elem, f'<{elem.tag}> {attr} {e}') from None
+
+    def integer(self, elem, attr, default, low, high=None):
+        text = elem.get(attr)
+        if text is None:
+            return default
+        if re.fullmatch(r'-?[0-9]+', text):
+            value = int(text)
+            if value >= low and (high is None or value <= high):
+                return value
+        want = f'{low}-{high}' if high is not None else f'>= {low}'
+        raise self.error(elem, f'<{elem.tag}> {attr} {text!r}: must be an integer {want}')
+
+    def seconds(self, elem, attr, default, zero_ok=False):
+        text = elem.get(attr)
+        if text is None:
+            return default
+        if _SECONDS.fullmatch(text):
+            value = float(text)
+            if (value > 0 or zero_ok and value == 0) and value <= 86400:
+                return value
+        low = '>= 0' if zero_ok else '> 0'
+        raise self.error(elem, f'<{elem.tag}> {attr} {text!r}: must be a number of seconds '
+                               f'{low} and <= 86400')
+
+    def claim_listen(self, elem, text, host, port, owner):
+        try:
+            key = (ipaddress.ip_address(host).compressed, port)
+        except ValueError:
+            key = (host.lower().rstrip('.'), port)
+        if key in self.listens:
+            raise self.error(elem, f'listen {text!r} is already used by {self.listens[key]}')
+        self.listens[key] = owner
+
+    def read(self, root):
+        if root.tag != 'pdconfig':
+            raise self.error(root, f'the root element must be <pdconfig>, not <{root.tag}>')
+        self.attrs(root, ('drain',))
+        drain = self.seconds(root, 'drain', 10.0, zero_ok=True)
+        services, admin, logging_ = [], None, None
+        for tag, elem in self.children(root):
+            if tag == 'service':
+                services.append(self.service(elem, services))
+            elif tag == 'admin':
+                if admin is not None:
+                    raise self.error(elem, 'more than one <admin>')
+                admin = self.admin(elem)
+            else:
+                if logging_ is not None:
+                    raise self.error(elem, 'more than one <logging>')
+                self.attrs(elem, ('file',))
+                logging_ = Logging(elem.get('file') or None, self.lines[elem])
+        if not services:
+            raise self.error(root, '<pdconfig> has no <service>')
+        return Config(self.path, services, admin, logging_, drain)
+
+    def service(self, elem, services):
+        self.attrs(elem, ('name',), ('name',))
+        name = self.name(elem, 'service name', elem.get('name'))
+        if any(s.name == name for s in services):
+            raise self.error(elem, f'duplicate service {name!r}')
+        listens, groups, enable, check, timeouts = [], [], None, None, None
+        for tag, child in self.children(elem):
+            if tag == 'listen':
+                self.attrs(child, ('ip',), ('ip',))
+                host, port = self.address(child, 'ip')
+                text = child.get('ip')
+                self.claim_listen(child, text, host, port, f'service {name!r}')
+                listens.append(Listen(text, host, port, self.lines[child]))
+            elif tag == 'group':
+                group = self.group(child)
+                if any(g.name == group.name for g in groups):
+                    raise self.error(child, f'service {name!r}: duplicate group {group.name!r}')
+                groups.append(group)
+            elif tag == 'enable':
+                if enable is not None:
+                    raise self.error(child, f'service {name!r}: more than one <enable>')
+                self.attrs(child, ('group',), ('group',))
+                enable = child
+            elif tag == 'check':
+                if check is not None:
+                    raise self.error(child, f'service {name!r}: more than one <check>')
+                check = self.check(child)
+            else:
+                if timeouts is not None:
+                    raise self.error(child, f'service {name!r}: more than one <timeouts>')
+                self.attrs(child, ('connect', 'idle'))
+                timeouts = Timeouts(self.seconds(child, 'connect', 3.0),
+                                    self.seconds(child, 'idle', 3600.0), self.lines[child])
+        if not listens:
+            raise self.error(elem, f'service {name!r} has no <listen>')
+        if not groups:
+            raise self.error(elem, f'service {name!r} has no <group>')
+        enabled = groups[0].name
+        if enable is not None:
+            enabled = enable.get('group')
+            if not any(g.name == enabled for g in groups):
+                raise self.error(enable, f'service {name!r}: <enable> names unknown group {enabled!r}')
+        return Service(name, listens, groups, enabled, check, timeouts, self.lines[elem])
+
+    def group(self, elem):
+        self.attrs(elem, ('name', 'scheduler'), ('name', 'scheduler'))
+        name = self.name(elem, 'group name', elem.get('name'))
+        scheduler = elem.get('scheduler')
+        try:
+            schedulers.parse_spec(scheduler)
+        except ValueError as e:
+            raise self.error(elem, f'group {name!r}: {e}') from None
+        hosts = []
+        for index, (_, child) in enumerate(self.children(elem)):
+            host = self.host(child, index)
+            for other in hosts:
+                if other.name == host.name:
+                    raise self.error(child, f'group {name!r}: duplicate host {host.name!r}')
+                if (other.host.lower(), other.port) == (host.host.lower(), host.port):
+                    raise self.error(child, f'group {name!r}: hosts {other.name!r} and '
+                                            f'{host.name!r} have the same ip {host.ip!r}')
+            hosts.append(host)
+        return Group(name, scheduler, hosts, self.lines[elem])
+
+    def host(self, elem, index):
+        self.attrs(elem, ('ip', 'maxconns', 'name', 'weight'), ('ip',))
+        name = elem.get('name')
+        if not name:
+            name = f'host.{index}'      # as 1.0 named hosts without a name
+        else:
+            self.name(elem, 'host name', name)
+        ip = elem.get('ip')
+        host, port = self.address(elem, 'ip')
+        if ip.startswith('*:'):
+            raise self.error(elem, f"<{elem.tag}> ip {ip!r}: '*' is for listening; a host needs an address")
+        weight = self.integer(elem, 'weight', 1, 1, 1000)
+        maxconns = self.integer(elem, 'maxconns', 0, 0)
+        return Host(name, ip, host, port, weight, maxconns, self.lines[elem])
+
+    def check(self, elem):
+        self.attrs(elem, ('expect', 'fall', 'interval', 'rise', 'send', 'timeout'))
+        interval = self.seconds(elem, 'interval', 5.0)
+        timeout = self.seconds(elem, 'timeout', 2.0)
+        rise = self.integer(elem, 'rise', 2, 1, 100)
+        fall = self.integer(elem, 'fall', 3, 1, 100)
+        data = {}
+        for attr in ('send', 'expect'):
+            text = elem.get(attr) or None       # empty means "nothing": connect only
+            try:
+                data[attr] = _unescape_bytes(text) if text is not None else None
+            except ValueError as e:
+                raise self.error(elem, f'<check> {attr}: {e}') from None
+            data[attr + '_text'] = text
+        return Check(interval, timeout, rise, fall, data['send'], data['expect'],
+                     self.lines[elem], data['send_text'], data['expect_text'])
+
+    def admin(self, elem):
+        if 'secure' in elem.attrib:
+            # Python Director 0.x/1.0 used M2Crypto here; silently serving
+            # plain HTTP instead would be worse than refusing.
+            raise self.error(elem, "<admin secure=...> is no longer supported; "
+                                   "use certfile=... keyfile=... for HTTPS")
+        self.attrs(elem, ('certfile', 'keyfile', 'listen'), ('listen',))
+        listen = elem.get('listen')
+        host, port = self.address(elem, 'listen')
+        self.claim_listen(elem, listen, host, port, '<admin>')
+        certfile = elem.get('certfile') or None
+        keyfile = elem.get('keyfile') or None
+        if (certfile is None) != (keyfile is None):
+            raise self.error(elem, '<admin> needs both certfile and keyfile, or neither')
+        users = []
+        for _, child in self.children(elem):
+            user = self.user(child)
+            if any(u.name == user.name for u in users):
+                raise self.error(child, f'duplicate user {user.name!r}')
+            users.append(user)
+        if not users:
+            raise self.error(elem, '<admin> has no <user>')
+        return Admin(listen, host, port, users, certfile, keyfile, self.lines[elem])
+
+    def user(self, elem):
+        self.attrs(elem, ('access', 'name', 'password'), ('name', 'password', 'access'))
+        name = self.name(elem, 'user name', elem.get('name'))
+        access = elem.get('access')
+        if access not in ('full', 'readonly'):
+            raise self.error(elem, f"user {name!r}: access must be 'full' or 'readonly', not {access!r}")
+        password = elem.get('password')
+        if _parse_pbkdf2(password) is None:
+            if not is_legacy_hash(password):
+                raise self.error(elem, f'user {name!r}: password must be a hash; '
+                                       f'make one with: python3 pydirector.py --hash-password')
+            if _crypt_module() is None:
+                raise self.error(elem, f'user {name!r}: this is a crypt() hash, which needs the '
+                                       f'crypt module (gone in Python 3.13); '
+                                       f'make a new one with --hash-password')
+        return User(name, password, access, self.lines[elem])
+# CONFIG-SECTION-END
+
+
+# ---------------------------------------------------------------------------
+# Loop: a selector, a timer heap and a thread-safe call queue.
+# Only the loop thread touches balancer state; other threads hand it callables.
+# ---------------------------------------------------------------------------
+
+EVENT_READ = selectors.EVENT_READ
+EVENT_WRITE = selectors.EVENT_WRITE
+
+
+class LoopTimeout(Exception):
+    """The loop did not run a call handed to it in time (it is stuck or busy)."""
+
+
+class Timer(object):
+    """A call scheduled on the loop; cancel() makes it a no-op."""
+    __slots__ = ('when', 'callback', 'args')
+
+    def __init__(self, when, callback, args):
+        self.when = when
+        self.callback = callback
+        self.args = args
+
+    def cancel(self):
+        self.callback = None
+        self.args = None
+
+
+class Loop(object):
+    """The event loop: one thread, one selector, no locks on the hot path.
+
+    Handlers are registered as the selector key's data: a callable taking the
+    event mask.  Other threads use call_soon_threadsafe() or call(); a byte on
+    a socketpair wakes the selector (the self-pipe trick asyncio uses).
+    """
+
+    def __init__(self):
+        self.selector = selectors.DefaultSelector()
+        self.now = time.monotonic()
+        self.running = False
+        self.thread_ident = None
+        self._timers = []
+        self._timer_seq = 0
+        self._calls = collections.deque()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.selector.register(self._wake_r, EVENT_READ, self._on_wake)
+
+    def call_later(self, delay, callback, *args):
+        timer = Timer(time.monotonic() + delay, callback, args)
+        self._timer_seq += 1
+        heapq.heappush(self._timers, (timer.when, self._timer_seq, timer))
+        return timer
+
+    def call_soon_threadsafe(self, callback, *args):
+        # deque.append is atomic, so any thread (or a signal handler) may call this.
+        self._calls.append((callback, args))
+        self.wake()
+
+    def wake(self):
+        try:
+            self._wake_w.send(b'\0')
+        except OSError:
+            pass  # the socket buffer is full: the loop is already due to wake
+
+    def call(self, fn, *args, **kwargs):
+        """Run fn on the loop thread and return its result (or raise its exception).
+
+        From the loop thread itself fn runs at once.  timeout= (default 5 s)
+        bounds the wait: a stuck loop gives LoopTimeout, never a hang.
+        """
+        timeout = kwargs.pop('timeout', 5.0)
+        if threading.get_ident() == self.thread_ident:
+            return fn(*args, **kwargs)
+        done = threading.Event()
+        outcome = {}
+
+        def run():
+            if outcome.get('abandoned'):
+                return
+            try:
+                outcome['result'] = fn(*args, **kwargs)
+            except BaseException as e:  # handed back to the caller's thread
+                outcome['error'] = e
+            done.set()
+
+        self.call_soon_threadsafe(run)
+        if not done.wait(timeout):
+            outcome['abandoned'] = True
+            raise LoopTimeout('the event loop did not answer within %.1f s' % timeout)
+        if 'error' in outcome:
+            raise outcome['error']
+        return outcome['result']
+
+    def stop(self):
+        self.running = False
+        self.wake()
+
+    def _on_wake(self, mask):
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except OSError:
+            pass
+
+    def run(self):
+        self.thread_ident = threading.get_ident()
+        self.running = True
+        select = self.selector.select
+        timers = self._timers
+        calls = self._calls
+        monotonic = time.monotonic
+        while self.running:
+            if calls:
+                timeout = 0
+            elif timers:
+                timeout = max(0.0, timers[0][0] - monotonic())
+            else:
+                timeout = None
+            events = select(timeout)
+            self.now = monotonic()
+            for key, mask in events:
+                try:
+                    key.data(mask)
+                except Exception:
+                    # Handlers close their own connection on errors; this is the last guard.
+                    log.exception('unexpected error in an event handler')
+            while timers and timers[0][0] <= self.now:
+                timer = heapq.heappop(timers)[2]
+                if timer.callback is not None:
+                    callback, args = timer.callback, timer.args
+                    timer.cancel()
+                    self._run_guarded(callback, args)
+            for _ in range(len(calls)):
+                callback, args = calls.popleft()
+                self._run_guarded(callback, args)
+
+    def _run_guarded(self, callback, args):
+        try:
+            callback(*args)
+        except Exception:
+            log.exception('unexpected error in %s', getattr(callback, '__name__', callback))
+
+    def close(self):
+        self.selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+
+# ---------------------------------------------------------------------------
+# Proxying: a Listener accepts clients, a Pair relays one client to one backend.
+# ---------------------------------------------------------------------------
+
+BUFFER_SIZE = 65536       # one recv; also the most a Pair holds per direction
+ACCEPT_BATCH = 64         # accepts per readable event, so one busy listener can't starve the rest
+ACCEPT_PAUSE = 0.25       # seconds to stop accepting when out of file descriptors
+
+# Errors that say "this machine is out of something", not "the backend is bad".
+LOCAL_CONNECT_ERRORS = frozenset([errno.EADDRNOTAVAIL, errno.EMFILE, errno.ENFILE,
+                                  errno.ENOBUFS, errno.ENOMEM, errno.EAGAIN])
+OUT_OF_FDS = frozenset([errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM])
+
+
+def error_text(err):
+    """'connection refused' from an errno (log lines read better in lower case)."""
+    text = os.strerror(err)
+    return text[:1].lower() + text[1:]
+
+
+class Listener(object):
+    """One listening socket of a service."""
+
+    def __init__(self, director, service, sock, text):
+        self.director = director
+        self.service = service
+        self.sock = sock
+        self.text = text
+        self.paused = False
+        director.loop.selector.register(sock, EVENT_READ, self._on_readable)
+
+    def _on_readable(self, mask):
+        accept = self.sock.accept
+        on_accept = self.director.on_accept
+        for _ in range(ACCEPT_BATCH):
+            try:
+                client_sock, client_addr = accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in OUT_OF_FDS:
+                    self._pause(e)
+                    return
+                # ECONNABORTED and friends: that client gave up already.
+                log.debug('accept on %s: %s', self.text, e)
+                continue
+            if self.paused:
+                self.paused = False
+                log.info('listen %s: accepting again', self.text)
+            on_accept(self.service, client_sock, client_addr)
+
+    def _pause(self, error):
+        """Out of fds: the pending client stays queued and would wake us forever; look again shortly."""
+        if not self.paused:
+            log.warning('listen %s: %s; pausing accepts', self.text, error_text(error.errno))
+            self.paused = True
+        self.director.loop.selector.unregister(self.sock)
+        self.director.loop.call_later(ACCEPT_PAUSE, self._resume)
+
+    def _resume(self):
+        if self.sock.fileno() >= 0:  # not closed by a stop meanwhile
+            self.director.loop.selector.register(self.sock, EVENT_READ, self._on_readable)
+
+    def close(self):
+        if self.sock.fileno() >= 0:
+            try:
+                self.director.loop.selector.unregister(self.sock)
+            except (KeyError, ValueError):
+                pass
+            self.sock.close()
+
+
+CONNECTING, STREAMING, CLOSED = 'connecting', 'streaming', 'closed'
+
+
+class Pair(object):
+    """One client connection and the backend connection made for it.
+
+    CONNECTING: the backend connect is in flight; the client is not read yet,
+    so whatever it already sent waits in the kernel and reaches whichever
+    backend accepts (that makes failover transparent).
+    STREAMING: bytes flow both ways.  A direction's pending bytes are at most
+    one recv; while they wait, the other side is not read (flow control).
+    EOF on one side is passed on with shutdown(SHUT_WR) once its bytes are
+    out; the pair closes when both directions are done, or at once on a reset.
+    """
+    __slots__ = ('director', 'loop', 'service', 'group', 'host', 'client_sock', 'backend_sock',
+                 'client_ip', 'client_port', 'state', 'tried', 'to_client', 'to_backend',
+                 'client_eof', 'backend_eof', 'client_events', 'backend_events', 'timer',
+                 'last_active', 'bytes_in', 'bytes_out', 'started')
+
+    def __init__(self, director, service, client_sock, client_addr):
+        self.director = director
+        self.loop = director.loop
+        self.service = service
+        self.group = service.enabled
+        self.host = None
+        self.client_sock = client_sock
+        self.backend_sock = None
+        self.client_ip = client_addr[0]
+        self.client_port = client_addr[1]
+        self.state = CONNECTING
+        self.tried = []
+        self.to_client = b''
+        self.to_backend = b''
+        self.client_eof = False
+        self.backend_eof = False
+        self.client_events = 0
+        self.backend_events = 0
+        self.timer = None
+        self.last_active = self.loop.now
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.started = self.loop.now
+
+    # -- connecting -------------------------------------------------------
+
+    def connect_next(self):
+        """Try the next host the scheduler offers; close the client when none is left."""
+        scheduler = self.group.scheduler
+        host = scheduler.pick(self.client_ip, self.tried)
+        if host is None:
+            if self.tried:
+                log.warning('client %s:%s in %s: gave up after %d host(s) failed',
+                            self.client_ip, self.client_port, self.service.name, len(self.tried))
+            else:
+                self.service.refused += 1
+                log.warning('client %s:%s in %s: no host available in group %s',
+                            self.client_ip, self.client_port, self.service.name, self.group.name)
+            self.close()
+            return
+        if self.tried:
+            self.service.failovers += 1
+        self.tried.append(host)
+        self.host = host
+        scheduler.connection_started(host)
+        if host.address is None:  # a name the manager has not resolved yet
+            self._connect_failed(errno.EHOSTUNREACH)
+            return
+        try:
+            sock = socket.socket(host.address[0], socket.SOCK_STREAM)
+        except OSError as e:
+            self._connect_failed(e.errno)
+            return
+        sock.setblocking(False)
+        self.backend_sock = sock
+        err = sock.connect_ex(host.address[1])
+        if err not in (0, errno.EINPROGRESS):
+            self._connect_failed(err)
+            return
+        self.timer = self.loop.call_later(self.service.timeouts.connect, self._on_connect_timeout)
+        self._set_events(0, EVENT_WRITE)
+
+    def _on_connect_timeout(self):
+        self.timer = None
+        self._connect_failed(None)
+
+    def _connect_failed(self, err):
+        host = self.host
+        if err is None:
+            reason = 'connect timeout'
+        else:
+            reason = error_text(err)
+        self._drop_backend()
+        self.group.scheduler.connection_ended(host)
+        host.total -= 1  # an attempt that never connected is not a served connection
+        self.host = None
+        if err in LOCAL_CONNECT_ERRORS:
+            # Our side ran out of ports or fds: the backend did nothing wrong.
+            log.warning('client %s:%s in %s: cannot connect to host %s (%s): %s',
+                        self.client_ip, self.client_port, self.service.name,
+                        host.name, host.ip, reason)
+        else:
+            self.director.set_host_state(self.service, self.group, host, schedulers.DOWN, reason)
+        self.connect_next()
+
+    def _on_backend_connected(self):
+        err = self.backend_sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._connect_failed(err)
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+        try:
+            self.backend_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        self.state = STREAMING
+        self.last_active = self.loop.now
+        self.timer = self.loop.call_later(self.service.timeouts.idle, self._on_idle_timer)
+        self._update_interest()
+
+    # -- streaming --------------------------------------------------------
+
+    def _on_client_event(self, mask):
+        if mask & EVENT_READ:
+            self._relay(self.client_sock, self.backend_sock, True)
+        if mask & EVENT_WRITE and self.state is STREAMING:
+            self._flush(False)
+
+    def _on_backend_event(self, mask):
+        if self.state is CONNECTING:
+            self._on_backend_connected()
+            return
+        if mask & EVENT_READ:
+            self._relay(self.backend_sock, self.client_sock, False)
+        if mask & EVENT_WRITE and self.state is STREAMING:
+            self._flush(True)
+
+    def _relay(self, source, dest, upstream):
+        """Read once from source and send straight on; keep only what dest refused."""
+        try:
+            data = source.recv(BUFFER_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.abort('client-reset' if upstream else 'backend-reset')
+            return
+        if not data:
+            if upstream:
+                self.client_eof = True
+                if not self.to_backend:
+                    self._shutdown(self.backend_sock)
+            else:
+                self.backend_eof = True
+                if not self.to_client:
+                    self._shutdown(self.client_sock)
+            self._update_interest()
+            return
+        self.last_active = self.loop.now
+        size = len(data)
+        try:
+            sent = dest.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self.abort('backend-reset' if upstream else 'client-reset')
+            return
+        if upstream:
+            self.bytes_in += size
+            if sent < size:
+                self.to_backend = data[sent:]
+                self._update_interest()
+        else:
+            self.bytes_out += size
+            if sent < size:
+                self.to_client = data[sent:]
+                self._update_interest()
+
+    def _flush(self, upstream):
+        """dest became writable: send what it refused before, then resume reading the source."""
+        if upstream:
+            dest, pending = self.backend_sock, self.to_backend
+        else:
+            dest, pending = self.client_sock, self.to_client
+        if not pending:
+            self._update_interest()
+            return
+        try:
+            sent = dest.send(pending)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.abort('backend-reset' if upstream else 'client-reset')
+            return
+        self.last_active = self.loop.now
+        pending = pending[sent:]
+        if upstream:
+            self.to_backend = pending
+            if not pending and self.client_eof:
+                self._shutdown(dest)
+        else:
+            self.to_client = pending
+            if not pending and self.backend_eof:
+                self._shutdown(dest)
+        self._update_interest()
+
+    def _shutdown(self, sock):
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the peer is gone already; the read side will tell us
+
+    def _update_interest(self):
+        """The one place that decides what each socket is watched for."""
+        if self.state is not STREAMING:
+            return
+        if (self.client_eof and self.backend_eof and not self.to_client and not self.to_backend):
+            self.close('done')
+            return
+        client = 0
+        backend = 0
+        if self.to_client:
+            client = EVENT_WRITE
+        elif not self.backend_eof:
+            backend = EVENT_READ
+        if self.to_backend:
+            backend |= EVENT_WRITE
+        elif not self.client_eof:
+            client |= EVENT_READ
+        self._set_events(client, backend)
+
+    def _set_events(self, client, backend):
+        selector = self.loop.selector
+        if client != self.client_events:
+            if not self.client_events:
+                selector.register(self.client_sock, client, self._on_client_event)
+            elif not client:
+                selector.unregister(self.client_sock)
+            else:
+                selector.modify(self.client_sock, client, self._on_client_event)
+            self.client_events = client
+        if backend != self.backend_events:
+            if not self.backend_events:
+                selector.register(self.backend_sock, backend, self._on_backend_event)
+            elif not backend:
+                selector.unregister(self.backend_sock)
+            else:
+                selector.modify(self.backend_sock, backend, self._on_backend_event)
+            self.backend_events = backend
+
+    def _on_idle_timer(self):
+        idle_for = self.loop.now - self.last_active
+        limit = self.service.timeouts.idle
+        if idle_for >= limit:
+            self.timer = None
+            log.info('client %s:%s in %s: idle for %.0f s, closing',
+                     self.client_ip, self.client_port, self.service.name, idle_for)
+            self.close('idle-timeout')
+        else:
+            # Re-arming once per idle period is cheaper than a timer per byte.
+            self.timer = self.loop.call_later(limit - idle_for, self._on_idle_timer)
+
+    # -- closing ----------------------------------------------------------
+
+    def _drop_backend(self):
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.backend_sock is not None:
+            if self.backend_events:
+                self.loop.selector.unregister(self.backend_sock)
+                self.backend_events = 0
+            self.backend_sock.close()
+            self.backend_sock = None
+
+    def abort(self, how):
+        """A reset on one side: reset the other too, so it cannot mistake a cut stream for a whole one."""
+        for sock in (self.client_sock, self.backend_sock):
+            if sock is not None:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+                except OSError:
+                    pass
+        self.close(how)
+
+    def close(self, how='no-backend'):
+        if self.state is CLOSED:
+            return
+        was_streaming = self.state is STREAMING
+        self.state = CLOSED
+        self._drop_backend()
+        if self.client_events:
+            self.loop.selector.unregister(self.client_sock)
+            self.client_events = 0
+        self.client_sock.close()
+        host = self.host
+        if host is not None:
+            self.group.scheduler.connection_ended(host)
+            host.bytes_in += self.bytes_in
+            host.bytes_out += self.bytes_out
+            if not was_streaming:
+                host.total -= 1  # closed before the backend answered: not a served connection
+        self.to_client = self.to_backend = b''
+        self.director.pair_closed(self, how)
+
+
+LINGER_RESET = b'\x01\x00\x00\x00\x00\x00\x00\x00'  # struct linger {on, 0 s}: close sends RST
+
+
+# ---------------------------------------------------------------------------
+# Manager: the health-check thread.  It probes with blocking sockets and hands
+# each result to the loop; it never touches balancer state itself.
+# ---------------------------------------------------------------------------
+
+MANAGER_TICK = 0.1        # how often the manager asks the loop which hosts are due
+PROBE_WORKERS = 8         # probes run in parallel so one blackholed host can't delay the rest
+
+
+def probe(host, port, timeout, send, expect):
+    """Connect (and send/expect) once.  Returns (ok, reason, address)."""
+    deadline = time.monotonic() + timeout
+    try:
+        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        return False, 'cannot resolve %s: %s' % (host, e), None
+    family, _, _, _, sockaddr = infos[0]
+    address = (family, sockaddr)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(sockaddr)
+        except socket.timeout:
+            return False, 'connect timeout', address
+        except OSError as e:
+            return False, error_text(e.errno) if e.errno else str(e), address
+        try:
+            if send:
+                sock.sendall(send)
+            if expect:
+                got = b''
+                while expect not in got:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False, 'timeout waiting for %r' % expect, address
+                    sock.settimeout(left)
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        return False, 'expected %r, got %r' % (expect, got[:60]), address
+                    got += chunk
+        except socket.timeout:
+            return False, 'timeout waiting for %r' % expect, address
+        except OSError as e:
+            return False, error_text(e.errno) if e.errno else str(e), address
+        return True, 'probe ok', address
+    finally:
+        sock.close()
+
+
+class Manager(threading.Thread):
+    """Re-checks down hosts (and, with <check>, up ones) and reports to the loop."""
+
+    def __init__(self, director):
+        threading.Thread.__init__(self, name='pydirector-manager', daemon=True)
+        self.director = director
+        self.stopped = threading.Event()
+        self.running = 0
+        self.lock = threading.Lock()
+
+    def run(self):
+        loop = self.director.loop
+        with concurrent.futures.ThreadPoolExecutor(PROBE_WORKERS) as pool:
+            while not self.stopped.wait(MANAGER_TICK):
+                try:
+                    due = loop.call(self.director.probes_due)
+                except LoopTimeout:
+                    continue
+                for target in due:
+                    pool.submit(self._probe, target)
+
+    def _probe(self, target):
+        if self.stopped.is_set():
+            return
+        token, host, port, check = target
+        try:
+            ok, reason, address = probe(host, port, check.timeout, check.send, check.expect)
+        except Exception as e:  # a bug here must not kill probing for good
+            log.exception('probe of %s:%s failed unexpectedly', host, port)
+            ok, reason, address = False, 'probe error: %s' % e, None
+        self.director.loop.call_soon_threadsafe(self.director.probe_result, token, ok, reason, address)
+
+    def stop(self):
+        self.stopped.set()
+
+
+# ---------------------------------------------------------------------------
+# Director: the running services, and every change to them.  All of it runs
+# on the loop thread; the admin server and the manager reach it through
+# loop.call() / loop.call_soon_threadsafe().
+# ---------------------------------------------------------------------------
+
+class AdminError(Exception):
+    """A refused admin request: status is the HTTP status the admin answers with."""
+
+    def __init__(self, status, message):
+        Exception.__init__(self, message)
+        self.status = status
+        self.message = message
+
+
+class RunningGroup(object):
+    """A group of hosts at run time: its name and its scheduler (which holds the hosts)."""
+
+    def __init__(self, name, scheduler):
+        self.name = name
+        self.scheduler = scheduler
+
+
+class RunningService(object):
+    """A service at run time: listeners, groups, the enabled group, counters."""
+
+    def __init__(self, config):
+        self.name = config.name
+        self.config = config
+        self.timeouts = config.timeouts
+        self.check = config.check
+        self.groups = collections.OrderedDict()
+        self.enabled = None
+        self.listeners = []
+        self.accepted = 0
+        self.failovers = 0
+        self.refused = 0
+
+
+class ProbeState(object):
+    """The director's bookkeeping for one host's health checks."""
+    __slots__ = ('service', 'group', 'host', 'next_due', 'in_flight')
+
+    def __init__(self, service, group, host, next_due):
+        self.service = service
+        self.group = group
+        self.host = host
+        self.next_due = next_due
+        self.in_flight = False
+
+
+def resolve_now(host, port):
+    """The sockaddr for a numeric address, or None for a name (which would block the loop)."""
+    try:
+        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
+    except (socket.gaierror, UnicodeError):
+        return None
+    return (infos[0][0], infos[0][4])
+
+
+def resolve(host, port):
+    """(family, sockaddr) for a host; raises socket.gaierror.  Blocking: not for the loop."""
+    infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    return (infos[0][0], infos[0][4])
+
+
+class Director(object):
+    """Owns the running services; every admin action is one method here, run on the loop."""
+
+    def __init__(self, config, loop=None, rng=None):
+        self.loop = loop or Loop()
+        self.config = config
+        self.loaded_xml = config.to_xml()
+        self.rng = rng
+        self.started = time.time()
+        self.services = collections.OrderedDict()
+        self.users = collections.OrderedDict((u.name, u) for u in config.admin.users) if config.admin else {}
+        self.pairs = set()
+        self.probes = {}          # Host -> ProbeState
+        self.manager = None
+        self.stopping = False
+        self.stop_timer = None
+        for service_config in config.services:
+            self._build_service(service_config, resolve_names=True)
+
+    # -- building ---------------------------------------------------------
+
+    def _make_host(self, name, ip, host, port, weight, maxconns, resolve_names):
+        live = schedulers.Host(name, ip, weight=weight, maxconns=maxconns)
+        address = resolve_now(host, port)
+        if address is None and resolve_names:
+            try:
+                address = resolve(host, port)
+            except (socket.gaierror, UnicodeError) as e:
+                live.health = schedulers.DOWN
+                live.reason = 'cannot resolve %s: %s' % (host, e)
+                live.since = time.time()
+        elif address is None:
+            live.health = schedulers.DOWN
+            live.reason = 'not resolved yet'
+            live.since = time.time()
+        live.address = address
+        return live
+
+    def _make_scheduler(self, spec, hosts=()):
+        return schedulers.make_scheduler(spec, hosts=hosts, clock=time.monotonic, rng=self.rng)
+
+    def _build_service(self, service_config, resolve_names):
+        service = RunningService(service_config)
+        for group_config in service_config.groups:
+            hosts = [self._make_host(h.name, h.ip, h.host, h.port, h.weight, h.maxconns, resolve_names)
+                     for h in group_config.hosts]
+            group = RunningGroup(group_config.name, self._make_scheduler(group_config.scheduler, hosts))
+            service.groups[group.name] = group
+            for host in hosts:
+                self._watch(service, group, host)
+        service.enabled = service.groups[service_config.enabled]
+        self.services[service.name] = service
+        return service
+
+    def _watch(self, service, group, host):
+        self.probes[host] = ProbeState(service, group, host, self.loop.now)
+
+    # -- starting and stopping ---------------------------------------------
+
+    def bind(self):
+        """Open every listening socket, or none: on an error close what was opened and raise."""
+        opened = []
+        try:
+            for service in self.services.values():
+                for listen in service.config.listens:
+                    sock = listen_socket(listen.host, listen.port)
+                    opened.append(sock)
+                    service.listeners.append(Listener(self, service, sock, listen.text))
+        except Exception:
+            for service in self.services.values():
+                for listener in service.listeners:
+                    listener.close()
+                service.listeners = []
+            for sock in opened:
+                sock.close()
+            raise
+
+    def start(self):
+        self.bind()
+        self.manager = Manager(self)
+        self.manager.start()
+        for service in self.services.values():
+            log.info('service %s listening on %s, group %s enabled',
+                     service.name, ', '.join(l.text for l in service.listeners), service.enabled.name)
+
+    def listen_addresses(self, service_name):
+        """The (host, port) each listener of a service is bound to (tests use it)."""
+        return [l.sock.getsockname()[:2] for l in self.services[service_name].listeners]
+
+    def begin_stop(self, drain):
+        """Stop accepting; let open connections finish for up to `drain` seconds."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self._close_listeners()
+        if self.manager is not None:
+            self.manager.stop()
+        log.info('stopping: %d connection(s) open, waiting up to %g s', len(self.pairs), drain)
+        if not self.pairs:
+            self.loop.stop()
+        else:
+            self.stop_timer = self.loop.call_later(drain, self.stop_now)
+
+    def stop_now(self):
+        self.stopping = True
+        self._close_listeners()
+        if self.manager is not None:
+            self.manager.stop()
+        if self.pairs:
+            log.info('closing %d connection(s) still open', len(self.pairs))
+        for pair in list(self.pairs):
+            pair.close('shutdown')
+        self.loop.stop()
+
+    def _close_listeners(self):
+        for service in self.services.values():
+            for listener in service.listeners:
+                listener.close()
+
+    # -- connections --------------------------------------------------------
+
+    def on_accept(self, service, client_sock, client_addr):
+        service.accepted += 1
+        client_sock.setblocking(False)
+        try:
+            client_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        pair = Pair(self, service, client_sock, client_addr)
+        self.pairs.add(pair)
+        pair.connect_next()
+
+    def pair_closed(self, pair, how):
+        self.pairs.discard(pair)
+        if self.stopping and not self.pairs:
+            if self.stop_timer is not None:
+                self.stop_timer.cancel()
+            self.loop.stop()
+
+    # -- host state -------------------------------------------------------
+
+    def set_host_state(self, service, group, host, state, cause):
+        """The one way a host's health or admin state changes: tells the scheduler, logs once."""
+        scheduler = group.scheduler
+        when = time.time()
+        if state == schedulers.UP:
+            changed = scheduler.mark_up(host, when)
+        elif state == schedulers.DOWN:
+            changed = scheduler.mark_down(host, cause, when)
+        else:
+            changed = scheduler.set_admin(host, state, when)
+        if changed:
+            host.probe_ok = host.probe_fail = 0
+            probe_state = self.probes.get(host)
+            if probe_state is not None and state == schedulers.DOWN:
+                probe_state.next_due = self.loop.now + self._check(service).interval
+            log.info('host %s (%s) in %s/%s %s: %s', host.name, host.ip, service.name, group.name, state, cause)
+        return changed
+
+    def _check(self, service):
+        return service.check or DEFAULT_CHECK
+
+    def probes_due(self):
+        """Called by the manager each tick: the probes to run now, marked in flight."""
+        now = self.loop.now
+        due = []
+        for state in self.probes.values():
+            if state.in_flight or now < state.next_due:
+                continue
+            host = state.host
+            check = self._check(state.service)
+            if host.health == schedulers.UP and state.service.check is None:
+                state.next_due = now + check.interval
+                continue
+            interval = check.interval
+            if host.health == schedulers.DOWN and self._group_is_dark(state.service, state.group):
+                interval = min(interval, 1.0)
+            state.next_due = now + interval
+            state.in_flight = True
+            name, port = split_host_port(host.ip)
+            due.append((host, name, port, check))
+        return due
+
+    def _group_is_dark(self, service, group):
+        """The enabled group has no host up: its hosts are probed every second."""
+        if service.enabled is not group:
+            return False
+        return not any(h.health == schedulers.UP for h in group.scheduler.hosts)
+
+    def probe_result(self, host, ok, reason, address):
+        state = self.probes.get(host)
+        if state is None:
+            return  # the host was removed while the probe ran
+        state.in_flight = False
+        if address is not None:
+            host.address = address
+        check = self._check(state.service)
+        if ok:
+            host.probe_fail = 0
+            if host.health == schedulers.DOWN:
+                host.probe_ok += 1
+                if host.probe_ok >= check.rise:
+                    self.set_host_state(state.service, state.group, host, schedulers.UP,
+                                        'answered %d probe(s)' % host.probe_ok)
+        else:
+            host.probe_ok = 0
+            if host.health == schedulers.UP:
+                host.probe_fail += 1
+                if host.probe_fail >= check.fall:
+                    self.set_host_state(state.service, state.group, host, schedulers.DOWN,
+                                        '%s (%d failed probes)' % (reason, host.probe_fail))
+            else:
+                host.reason = reason
+
+    # -- admin actions (each runs on the loop; AdminError when refused) ------
+
+    def _service(self, name):
+        service = self.services.get(name)
+        if service is None:
+            raise AdminError(404, 'no service %r' % name)
+        return service
+
+    def _group(self, service_name, group_name):
+        service = self._service(service_name)
+        group = service.groups.get(group_name)
+        if group is None:
+            raise AdminError(404, 'no group %r in service %s' % (group_name, service.name))
+        return service, group
+
+    def _host(self, service_name, group_name, name=None, ip=None):
+        service, group = self._group(service_name, group_name)
+        for host in group.scheduler.hosts:
+            if (name is not None and host.name == name) or (name is None and ip is not None and host.ip == ip):
+                return service, group, host
+        raise AdminError(404, 'no host %r in %s/%s' % (name if name is not None else ip, service.name, group.name))
+
+    def snapshot(self):
+        services = []
+        for service in self.services.values():
+            groups = []
+            for group in service.groups.values():
+                hosts = []
+                for host in group.scheduler.hosts:
+                    if host.health == schedulers.DOWN:
+                        state = 'down'
+                    elif host.admin != schedulers.ENABLED:
+                        state = host.admin
+                    else:
+                        state = 'up'
+                    hosts.append({
+                        'name': host.name, 'ip': host.ip, 'weight': host.weight, 'maxconns': host.maxconns,
+                        'health': host.health, 'admin': host.admin, 'state': state,
+                        'reason': host.reason, 'since': host.since,
+                        'open': host.open, 'total': host.total,
+                        'bytes_in': host.bytes_in, 'bytes_out': host.bytes_out,
+                    })
+                groups.append({'name': group.name, 'scheduler': group.scheduler.spec,
+                               'enabled': group is service.enabled, 'hosts': hosts})
+            services.append({
+                'name': service.name, 'listen': [l.text for l in service.listeners] or
+                [l.text for l in service.config.listens],
+                'enabled': service.enabled.name, 'accepted': service.accepted,
+                'failovers': service.failovers, 'refused': service.refused, 'groups': groups,
+            })
+        return {
+            'version': VERSION, 'hostname': socket.gethostname(), 'pid': os.getpid(),
+            'started': self.started, 'now': time.time(), 'services': services,
+            'users': [{'name': u.name, 'access': u.access} for u in self.users.values()],
+        }
+
+    def users_list(self):
+        return [(u.name, u.password, u.access) for u in self.users.values()]
+
+    def add_host(self, service, group, name, ip, weight=None, maxconns=None):
+        service, group = self._group(service, group)
+        try:
+            check_name(name, 'host name')
+            host_name, port = parse_address(ip)
+            weight = 1 if weight in (None, '') else int(weight)
+            maxconns = 0 if maxconns in (None, '') else int(maxconns)
+        except ValueError as e:
+            raise AdminError(400, str(e))
+        if not 1 <= weight <= 1000:
+            raise AdminError(400, 'weight must be 1-1000')
+        if maxconns < 0:
+            raise AdminError(400, 'maxconns must be 0 or more')
+        if group.scheduler.get_host(name) is not None:
+            raise AdminError(409, 'host %r already exists in %s/%s' % (name, service.name, group.name))
+        host = self._make_host(name, ip, host_name, port, weight, maxconns, resolve_names=False)
+        group.scheduler.add_host(host)
+        self._watch(service, group, host)
+        log.info('host %s (%s) added to %s/%s', name, ip, service.name, group.name)
+        return 'added host %s (%s) to %s/%s' % (name, ip, service.name, group.name)
+
+    def del_host(self, service, group, name=None, ip=None):
+        if name is None and ip is None:
+            raise AdminError(400, 'delHost needs name or ip')
+        service, group, host = self._host(service, group, name, ip)
+        if group is service.enabled and len(group.scheduler.hosts) == 1:
+            raise AdminError(409, 'refusing to remove the last host of the enabled group %s' % group.name)
+        self._remove_host(service, group, host)
+        return 'removed host %s (%s) from %s/%s' % (host.name, host.ip, service.name, group.name)
+
+    def _remove_host(self, service, group, host):
+        # Open connections keep their Host object and finish; the scheduler just stops offering it.
+        group.scheduler.remove_host(host.name)
+        self.probes.pop(host, None)
+        log.info('host %s (%s) removed from %s/%s (%d connection(s) left to finish)',
+                 host.name, host.ip, service.name, group.name, host.open)
+
+    def del_all_hosts(self, service, group):
+        service, group = self._group(service, group)
+        if group is service.enabled:
+            raise AdminError(409, 'refusing to remove every host of the enabled group %s' % group.name)
+        hosts = list(group.scheduler.hosts)
+        for host in hosts:
+            self._remove_host(service, group, host)
+        return 'removed %d host(s) from %s/%s' % (len(hosts), service.name, group.name)
+
+    def enable_group(self, service, group):
+        service, group = self._group(service, group)
+        old = service.enabled
+        service.enabled = group
+        log.info('service %s: group %s enabled (was %s)', service.name, group.name, old.name)
+        return 'enabled group %s in service %s (was %s)' % (group.name, service.name, old.name)
+
+    def change_scheduler(self, service, group, scheduler):
+        service, group = self._group(service, group)
+        try:
+            new = self._make_scheduler(scheduler)
+        except ValueError as e:
+            raise AdminError(400, str(e))
+        old = group.scheduler.spec
+        new.take_state_from(group.scheduler)  # same Host objects: counters and state carry over
+        group.scheduler = new
+        log.info('%s/%s: scheduler %s (was %s)', service.name, group.name, new.spec, old)
+        return 'changed scheduler of %s/%s to %s (was %s)' % (service.name, group.name, new.spec, old)
+
+    def host_admin_down(self, service, group, name):
+        service, group, host = self._host(service, group, name)
+        self.set_host_state(service, group, host, schedulers.DRAINING, 'by admin')
+        return 'draining host %s in %s/%s (%d open)' % (host.name, service.name, group.name, host.open)
+
+    def host_admin_up(self, service, group, name):
+        service, group, host = self._host(service, group, name)
+        self.set_host_state(service, group, host, schedulers.ENABLED, 'by admin')
+        return 'enabled host %s in %s/%s' % (host.name, service.name, group.name)
+
+    def retry_host(self, service, group, name):
+        service, group, host = self._host(service, group, name)
+        self.probes[host].next_due = self.loop.now
+        return 'probing host %s in %s/%s now' % (host.name, service.name, group.name)
+
+    def add_user(self, name, password_hash, access):
+        try:
+            check_name(name, 'user name')
+        except ValueError as e:
+            raise AdminError(400, str(e))
+        if access not in ('full', 'readonly'):
+            raise AdminError(400, "access must be 'full' or 'readonly'")
+        verb = 'changed' if name in self.users else 'added'
+        self.users[name] = User(name, password_hash, access)
+        log.info('admin user %s %s (%s)', name, verb, access)
+        return '%s user %s (%s)' % (verb, name, access)
+
+    def del_user(self, name):
+        user = self.users.get(name)
+        if user is None:
+            raise AdminError(404, 'no user %r' % name)
+        if user.access == 'full' and not any(u.access == 'full' for u in self.users.values() if u is not user):
+            raise AdminError(409, 'refusing to delete the last full-access user')
+        del self.users[name]
+        log.info('admin user %s deleted', name)
+        return 'deleted user %s' % name
+
+    def new_group(self, service, group, scheduler):
+        service = self._service(service)
+        try:
+            check_name(group, 'group name')
+            sched = self._make_scheduler(scheduler)
+        except ValueError as e:
+            raise AdminError(400, str(e))
+        if group in service.groups:
+            raise AdminError(409, 'group %r already exists in service %s' % (group, service.name))
+        service.groups[group] = RunningGroup(group, sched)
+        log.info('service %s: new group %s (%s)', service.name, group, sched.spec)
+        return 'created group %s in service %s (%s)' % (group, service.name, sched.spec)
+
+    def del_group(self, service, group):
+        service, group = self._group(service, group)
+        if group is service.enabled:
+            raise AdminError(409, 'refusing to delete the enabled group %s' % group.name)
+        for host in list(group.scheduler.hosts):
+            self.probes.pop(host, None)
+        del service.groups[group.name]
+        log.info('service %s: group %s deleted', service.name, group.name)
+        return 'deleted group %s from service %s' % (group.name, service.name)
+
+    def close_log(self):
+        reopen_logs()
+        log.info('log file reopened')
+        return 'log reopened'
+
+    def running_config(self):
+        """The running state as a Config, so it serialises to a loadable running.xml."""
+        services = []
+        for service in self.services.values():
+            groups = []
+            for group in service.groups.values():
+                hosts = []
+                for host in group.scheduler.hosts:
+                    host_name, port = parse_address(host.ip)
+                    hosts.append(Host(host.name, host.ip, host_name, port, host.weight, host.maxconns))
+                groups.append(Group(group.name, group.scheduler.spec, hosts))
+            old = service.config
+            services.append(Service(service.name, old.listens, groups, service.enabled.name,
+                                    old.check, old.timeouts))
+        admin = None
+        if self.config.admin is not None:
+            old = self.config.admin
+            admin = Admin(old.listen, old.host, old.port, list(self.users.values()), old.certfile, old.keyfile)
+        return Config(self.config.path, services, admin, self.config.logging, self.config.drain)
+
+
+def listen_socket(host, port):
+    """A bound, listening, non-blocking socket; OSError says why not."""
+    infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    family, _, _, _, sockaddr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            # As nginx does: [::]:80 means IPv6 only, so *:80 can be bound beside it.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(sockaddr)
+        sock.listen(socket.SOMAXCONN if socket.SOMAXCONN > 4096 else 4096)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def split_host_port(text):
+    return parse_address(text)
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+LOG_FORMAT = '%(asctime)s %(levelname)s %(message)s'
+
+
+def setup_logging(config, verbose=False):
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    if config.logging.file:
+        handler = logging.FileHandler(config.logging.file)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def reopen_logs():
+    """For logrotate: a FileHandler reopens its file on the next record after close()."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.close()
+
+
+def raise_fd_limit():
+    """Each client costs two fds; take the hard limit the administrator allows."""
+    try:
+        import resource
+    except ImportError:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft == resource.RLIM_INFINITY or soft >= hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as e:
+        log.warning('cannot raise the open-file limit from %d to %d: %s', soft, hard, e)
+
+
+def summary(config):
+    """The one-screen --check summary."""
+    lines = ['%s: OK' % config.path]
+    for service in config.services:
+        lines.append('service %s: listen %s; timeouts connect %gs idle %gs%s' % (
+            service.name, ', '.join(l.text for l in service.listens),
+            service.timeouts.connect, service.timeouts.idle,
+            '; check every %gs' % service.check.interval if service.check else ''))
+        for group in service.groups:
+            mark = ' (enabled)' if group.name == service.enabled else ''
+            lines.append('  group %s%s: scheduler %s, %d host(s)' % (group.name, mark, group.scheduler, len(group.hosts)))
+            for host in group.hosts:
+                extra = ''
+                if host.weight != 1:
+                    extra += ' weight %d' % host.weight
+                if host.maxconns:
+                    extra += ' maxconns %d' % host.maxconns
+                lines.append('    host %s %s%s' % (host.name, host.ip, extra))
+    if config.admin:
+        lines.append('admin: listen %s; %d user(s)' % (config.admin.listen, len(config.admin.users)))
+    lines.append('logging: %s' % (config.logging.file or 'stderr'))
+    return '\n'.join(lines)
+
+
+def read_password():
+    import getpass
+    if sys.stdin.isatty():
+        first = getpass.getpass('Password: ')
+        if getpass.getpass('Again: ') != first:
+            raise SystemExit('pydirector: the passwords differ')
+        return first
+    return sys.stdin.readline().rstrip('\r\n')
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog='pydirector.py', description='A TCP load balancer in pure Python.')
+    parser.add_argument('config_file', nargs='?', help='the XML config (same as -c)')
+    parser.add_argument('-c', '--config', help='the XML config file')
+    parser.add_argument('--check', action='store_true', help='validate the config, print a summary, bind nothing')
+    parser.add_argument('--hash-password', action='store_true',
+                        help='read a password (prompt or stdin) and print its hash for <user password=...>')
+    parser.add_argument('-v', '--verbose', action='store_true', help='log debug detail')
+    parser.add_argument('--version', action='version', version='pydirector ' + VERSION)
+    args = parser.parse_args(argv)
+    if args.config and args.config_file and args.config != args.config_file:
+        parser.error('give the config once: -c FILE or FILE')
+    args.config = args.config or args.config_file
+    if not args.config and not args.hash_password:
+        parser.error('a config file is needed: -c FILE')
+    return args
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.hash_password:
+        print(hash_password(read_password()))
+        return 0
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print('pydirector: %s' % e, file=sys.stderr)
+        return 1
+    if args.check:
+        print(summary(config))
+        return 0
+    setup_logging(config, args.verbose)
+    raise_fd_limit()
+    director = Director(config)
+    try:
+        director.start()
+    except OSError as e:
+        log.error('cannot listen: %s', e)
+        return 1
+    admin_server = None
+    if config.admin is not None:
+        import pydirector_admin
+        try:
+            admin_server = pydirector_admin.start(director, config.admin)
+        except OSError as e:
+            log.error('admin cannot listen on %s: %s', config.admin.listen, e)
+            director.stop_now()
+            return 1
+
+    def on_signal(signum, frame):
+        # Only hand the loop a call: handlers must not touch state mid-event.
+        director.loop.call_soon_threadsafe(handle_signal, signum)
+
+    def handle_signal(signum):
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            if director.stopping:
+                log.info('second stop signal: stopping now')
+                director.stop_now()
+            else:
+                director.begin_stop(config.drain)
+        elif signum == signal.SIGUSR1:
+            director.close_log()
+        elif signum == signal.SIGHUP:
+            log.warning('SIGHUP: reloading is not supported yet; nothing changed')
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
+        signal.signal(signum, on_signal)
+    try:
+        director.loop.run()
+    finally:
+        if admin_server is not None:
+            admin_server.stop()
+    log.info('stopped')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,1034 @@
+"""pydirector_admin: the admin web interface of pydirector.
+
+An operator drives it from a browser, scripts drive it with wget or curl.
+pydirector.py imports this module only when the config has <admin>, then
+calls start(director, admin_config) and, at shutdown, server.stop().
+
+Threads: the server accepts in one thread and answers each connection in
+its own (daemon) thread.  Those threads never touch balancer state: every
+page is rendered from director.snapshot() and every change is one Director
+method, both run on the loop thread through director.loop.call().  A loop
+that does not answer in time gives 503.
+
+Reading (GET or HEAD):
+    /               index: version, host name, start time, links
+    /running        the HTML status page with a form for every change
+                    (?refresh=N reloads it every N seconds; ?msg= shows a result)
+    /running.txt    text for scripts, one record per line (see render_running_txt)
+    /running.json   everything on /running as JSON
+    /running.xml    the running configuration; pydirector.py -c accepts it
+    /config.xml     the configuration as loaded at start
+                    (both XML pages hold password hashes: full access only)
+    /metrics        Prometheus text exposition format 0.0.4
+
+Changing (GET with a query string, as wget does, or POST with a form body):
+    addHost?service=S&group=G&name=N&ip=H:P[&weight=W][&maxconns=M]
+    delHost?service=S&group=G&name=N     (or &ip=H:P instead of name)
+    delAllHosts?service=S&group=G
+    enableGroup?service=S&group=G
+    changeScheduler?service=S&group=G&scheduler=X
+    hostAdminDown?service=S&group=G&name=N     (drain: no new connections)
+    hostAdminUp?service=S&group=G&name=N
+    retryHost?service=S&group=G&name=N         (health-check it now)
+    addUser?name=N&password=P&access=full|readonly
+    delUser?name=N
+    newGroup?service=S&group=G&scheduler=X
+    delGroup?service=S&group=G
+    closeLog                                   (reopen the log file, for logrotate)
+
+Answers to a change: a browser (its Accept names text/html) is redirected
+(303) to /running?msg=... showing the result; anything else gets text/plain
+"OK <what was done>" with 200, or "ERROR <why>" with a 4xx status, so
+`wget -q -O - URL` prints the result and exits non-zero on failure.
+
+Statuses: 400 bad, missing or unknown parameter; 401 no or bad credentials
+(with the Basic challenge wget waits for); 403 read-only user, or a
+cross-site change; 404 unknown page, service, group, host or user; 405
+wrong method; 409 refused by a rule (last host of the enabled group, last
+full user, ...); 411/413/414/415/431 a request we will not read; 503 the
+balancer loop did not answer in time.  500 only ever means a bug here, and
+is logged once with its traceback.
+
+Security: every request needs HTTP Basic credentials checked against the
+password hashes of the config (pydirector.check_password, deliberately
+slow, so successful checks are cached in memory).  A changing request that
+a browser marks as cross-site (Sec-Fetch-Site) or whose Origin or Referer
+names another host than Host is refused, so a page elsewhere cannot drive a
+logged-in browser; the status page's own forms POST and pass.  Everything
+user-supplied is escaped in HTML, parameters with control characters are
+refused, and log lines escape what they quote.  Requests are bounded in
+size and time, and so is the number of admin connections at once.
+"""
+
+import base64
+import binascii
+import hashlib
+import html
+import http.server
+import io
+import json
+import logging
+import socket
+import socketserver
+import ssl
+import sys
+import threading
+import time
+import unicodedata
+import urllib.parse
+
+# `python3 pydirector.py` runs that file as module __main__, and a plain
+# `import pydirector` would then load a second copy whose AdminError and
+# LoopTimeout are other classes than the ones the running director raises:
+# every refusal would look like a bug.  So use the running copy.
+if 'pydirector' not in sys.modules and hasattr(sys.modules.get('__main__'), 'Director'):
+    sys.modules['pydirector'] = sys.modules['__main__']
+
+from pydirector import AdminError, LoopTimeout, VERSION, check_password, hash_password  # noqa: E402
+
+log = logging.getLogger('pydirector.admin')
+
+MAX_REQUEST_LINE = 8192       # bytes; longer gets 414
+MAX_HEADER_LINE = 8192        # bytes per header line; longer gets 431
+MAX_HEADERS = 100
+MAX_HEADER_BYTES = 32768      # the whole header block
+MAX_BODY = 65536              # POST body; longer gets 413
+REQUEST_TIMEOUT = 10.0        # seconds a single socket read or write may wait
+LOOP_TIMEOUT = 5.0            # seconds to wait for the balancer loop; then 503
+CONNECTION_DEADLINE = 30.0    # seconds a connection may live, TLS handshake included
+LINGER_SECONDS = 1.0          # reading what a client still sends after our answer, before closing,
+LINGER_BYTES = 262144         # ... and how much of it at most
+MAX_CONNECTIONS = 32          # admin connections at once; more are closed at accept
+AUTH_CACHE_SIZE = 1024
+REALM = 'pydirector'
+
+# path: (handler method, needs full access).  Paths whose method is an
+# action_* change state: they take GET or POST and the cross-site check;
+# the others are pages, read with GET or HEAD.  The two XML pages carry the
+# users' password hashes, so they too need full access.
+ROUTES = {
+    '/': ('page_index', False),
+    '/running': ('page_running', False),
+    '/running.txt': ('page_running_txt', False),
+    '/running.json': ('page_running_json', False),
+    '/running.xml': ('page_running_xml', True),
+    '/config.xml': ('page_config_xml', True),
+    '/metrics': ('page_metrics', False),
+    '/addHost': ('action_add_host', True),
+    '/delHost': ('action_del_host', True),
+    '/delAllHosts': ('action_del_all_hosts', True),
+    '/enableGroup': ('action_enable_group', True),
+    '/changeScheduler': ('action_change_scheduler', True),
+    '/hostAdminDown': ('action_host_admin_down', True),
+    '/hostAdminUp': ('action_host_admin_up', True),
+    '/retryHost': ('action_retry_host', True),
+    '/addUser': ('action_add_user', True),
+    '/delUser': ('action_del_user', True),
+    '/newGroup': ('action_new_group', True),
+    '/delGroup': ('action_del_group', True),
+    '/closeLog': ('action_close_log', True),
+}
+
+
+def start(director, admin_config):
+    """Bind the admin server (OSError if it cannot), serve it in daemon threads, return it."""
+    context = None
+    if admin_config.certfile or admin_config.keyfile:
+        context = make_ssl_context(admin_config.certfile, admin_config.keyfile)
+    host = admin_config.host
+    if host == '*':
+        host = ''
+    server = AdminServer((host, admin_config.port), director, context)
+    server.start()
+    log.info('admin listening on %s://%s', 'https' if context else 'http',
+             format_address(server.server_address))
+    return server
+
+
+def make_ssl_context(certfile, keyfile):
+    """A server-side TLS context (ssl.SSLError and FileNotFoundError are OSErrors)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    if hasattr(context, 'minimum_version'):  # Python 3.7+
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+    else:
+        context.options |= ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1
+    context.load_cert_chain(certfile, keyfile or None)
+    return context
+
+
+def format_address(address):
+    host, port = address[:2]
+    if ':' in host:
+        return '[%s]:%d' % (host, port)
+    return '%s:%d' % (host or '*', port)
+
+
+def log_text(value):
+    """Text safe for one log line or one answer line: backslash and unprintable characters
+    escaped as repr() does, so a name cannot start a forged line."""
+    return ''.join(c if c.isprintable() and c != '\\' else repr(c)[1:-1] for c in str(value))
+
+
+def has_control_chars(text):
+    # Cc: C0/C1 controls incl. CR, LF, tab; Cf: invisible format characters
+    # (bidi overrides); Zl/Zp: the Unicode line and paragraph separators.
+    return any(unicodedata.category(c) in ('Cc', 'Cf', 'Zl', 'Zp') for c in text)
+
+
+class Reply(Exception):
+    """Stop handling this request and answer `status` with 'ERROR message'."""
+
+    def __init__(self, status, message, headers=()):
+        Exception.__init__(self, message)
+        self.status = status
+        self.message = message
+        self.headers = list(headers)
+
+
+# ---------------------------------------------------------------------------
+# The server: a threading HTTPServer with a cap on connections, a deadline
+# per connection, optional TLS, and an in-memory cache of password checks.
+# ---------------------------------------------------------------------------
+
+class AdminServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    """The admin HTTP(S) server.  server_address is the (host, port) actually bound."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 64
+
+    def __init__(self, address, director, ssl_context=None):
+        self.director = director
+        self.ssl_context = ssl_context
+        # Tests lower these on a running server to see the limits act quickly.
+        self.max_connections = MAX_CONNECTIONS
+        self.request_timeout = REQUEST_TIMEOUT
+        self.connection_deadline = CONNECTION_DEADLINE
+        self.loop_timeout = LOOP_TIMEOUT
+        self.lock = threading.Lock()
+        self.connections = {}           # socket -> monotonic deadline
+        self.idle = threading.Condition(self.lock)
+        self.auth_cache = set()
+        self.unknown_user_hash = None
+        self.last_refusal_log = 0.0
+        self.thread = None
+        if ':' in address[0]:
+            self.address_family = socket.AF_INET6
+        http.server.HTTPServer.__init__(self, address, AdminHandler)
+        if ssl_context is not None:
+            # The handshake happens in the connection's thread (see finish_request),
+            # so a client that never completes it cannot stall accept.
+            self.socket = ssl_context.wrap_socket(self.socket, server_side=True,
+                                                  do_handshake_on_connect=False)
+        self.scheme = 'https' if ssl_context is not None else 'http'
+
+    def server_bind(self):
+        # HTTPServer.server_bind would look up the FQDN: a DNS query, possibly slow.
+        socketserver.TCPServer.server_bind(self)
+        self.server_address = self.socket.getsockname()[:2]
+        self.server_name, self.server_port = self.server_address
+
+    def start(self):
+        self.thread = threading.Thread(target=self.serve_forever, kwargs={'poll_interval': 0.25},
+                                       name='pydirector-admin', daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        """Stop accepting, close the socket, cut open connections and wait for their threads."""
+        if self.thread is not None:
+            self.shutdown()
+            self.thread.join()
+            self.thread = None
+        self.server_close()
+        with self.lock:
+            for sock in self.connections:
+                shutdown_socket(sock)
+            self.idle.wait_for(lambda: not self.connections, timeout=5.0)
+
+    # -- connections --------------------------------------------------------
+
+    def process_request(self, request, client_address):
+        """Runs in the accepting thread: admit the connection or close it at once."""
+        with self.lock:
+            admitted = len(self.connections) < self.max_connections
+            if admitted:
+                self.connections[request] = time.monotonic() + self.connection_deadline
+        if not admitted:
+            now = time.monotonic()
+            if now - self.last_refusal_log > 10.0:
+                self.last_refusal_log = now
+                log.warning('admin: %d connections open already; closing new ones', self.max_connections)
+            socketserver.TCPServer.shutdown_request(self, request)  # no lingering in the accept thread
+            return
+        socketserver.ThreadingMixIn.process_request(self, request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            socketserver.ThreadingMixIn.process_request_thread(self, request, client_address)
+        finally:
+            with self.lock:
+                self.connections.pop(request, None)
+                self.idle.notify_all()
+
+    def shutdown_request(self, request):
+        """Close a finished connection gently, in its own thread.
+
+        Closing a socket with unread bytes makes the kernel send RST, which
+        can destroy an answer still on its way (a 413 or 431 sent before
+        the request was read).  So half-close first and read what the client
+        still sends, for a second at most, as Apache's lingering close does.
+        """
+        try:
+            socket.socket.shutdown(request, socket.SHUT_WR)
+            request.settimeout(LINGER_SECONDS)
+            deadline = time.monotonic() + LINGER_SECONDS
+            drained = 0
+            while drained < LINGER_BYTES and time.monotonic() < deadline:
+                data = socket.socket.recv(request, 16384)  # raw bytes: TLS or not, they are discarded
+                if not data:
+                    break
+                drained += len(data)
+        except OSError:
+            pass
+        self.close_request(request)
+
+    def finish_request(self, request, client_address):
+        request.settimeout(self.request_timeout)
+        if isinstance(request, ssl.SSLSocket):
+            try:
+                request.do_handshake()
+            except (ssl.SSLError, OSError) as e:
+                log.debug('admin: TLS handshake with %s failed: %s', client_address[0], e)
+                return
+        http.server.HTTPServer.finish_request(self, request, client_address)
+
+    def service_actions(self):
+        """Called by serve_forever between polls: cut connections past their deadline.
+
+        The socket timeout bounds each read, but a client trickling a byte
+        every few seconds would pass it forever; this bounds the total.
+        """
+        now = time.monotonic()
+        with self.lock:
+            for sock, deadline in list(self.connections.items()):
+                if deadline < now:
+                    log.info('admin: a connection passed its %g s deadline; closing it',
+                             self.connection_deadline)
+                    shutdown_socket(sock)
+                    self.connections[sock] = float('inf')  # cut once; its thread ends on its own
+
+    def handle_error(self, request, client_address):
+        # Resets, timeouts and broken pipes are a client going away, not a bug.
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):
+            log.debug('admin: connection from %s: %s', client_address[0], error)
+        else:
+            log.exception('admin: unexpected error serving %s', client_address[0])
+
+    # -- credentials ----------------------------------------------------------
+
+    def password_ok(self, name, password, stored):
+        """check_password with a cache of successes, keyed so a changed hash misses."""
+        key = (name, stored, hashlib.sha256(password.encode('utf-8')).digest())
+        with self.lock:
+            if key in self.auth_cache:
+                return True
+        try:
+            ok = check_password(password, stored)
+        except Exception:
+            log.exception('admin: cannot check the password of user %s', log_text(name))
+            ok = False
+        if ok:
+            with self.lock:
+                if len(self.auth_cache) >= AUTH_CACHE_SIZE:
+                    self.auth_cache.clear()
+                self.auth_cache.add(key)
+        return ok
+
+    def waste_password_check(self, password):
+        """For an unknown user, spend the time a real check takes, so timing does not tell."""
+        if self.unknown_user_hash is None:
+            self.unknown_user_hash = hash_password('no such user')
+        check_password(password, self.unknown_user_hash)
+
+
+def shutdown_socket(sock):
+    # socket.socket.shutdown, not SSLSocket.shutdown: another thread may be
+    # inside an SSL read, and this only needs to wake it with EOF.
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------------------
+# The handler: one request per connection (HTTP/1.0 style, the server closes).
+# ---------------------------------------------------------------------------
+
+class AdminHandler(http.server.BaseHTTPRequestHandler):
+    """Parses under our limits, authenticates, dispatches through ROUTES, answers."""
+
+    server_version = 'pydirector/' + VERSION
+    protocol_version = 'HTTP/1.0'
+
+    def version_string(self):
+        return self.server_version  # not the Python version
+
+    def handle_one_request(self):
+        # Replaces BaseHTTPRequestHandler's to read the request line and headers
+        # under our own, smaller limits before parse_request sees them.
+        self.command = None
+        self.request_version = 'HTTP/1.0'
+        self.requestline = ''
+        self.close_connection = True
+        self.replied = False
+        try:
+            line = self.rfile.readline(MAX_REQUEST_LINE + 1)
+            if not line:
+                return
+            if len(line) > MAX_REQUEST_LINE:
+                raise Reply(414, 'request line over %d bytes' % MAX_REQUEST_LINE)
+            self.requestline = line.decode('latin-1').rstrip('\r\n')
+            if len(line.split()) != 3:
+                raise Reply(400, 'bad request line')
+            head = self.read_head()
+            self.raw_requestline = line
+            stream, self.rfile = self.rfile, io.BytesIO(head)
+            try:
+                parsed = self.parse_request()
+            finally:
+                self.rfile = stream
+            if parsed:
+                self.handle_request()
+        except Reply as e:
+            self.send_error_text(e.status, e.message, e.headers)
+        except socket.timeout:
+            log.debug('admin: %s timed out', self.client_address[0])
+
+    def read_head(self):
+        """The header block up to its blank line, refusing oversized ones (431)."""
+        lines = []
+        total = 0
+        while True:
+            line = self.rfile.readline(MAX_HEADER_LINE + 1)
+            if len(line) > MAX_HEADER_LINE:
+                raise Reply(431, 'header line over %d bytes' % MAX_HEADER_LINE)
+            total += len(line)
+            if total > MAX_HEADER_BYTES:
+                raise Reply(431, 'headers over %d bytes' % MAX_HEADER_BYTES)
+            if not line:
+                raise Reply(400, 'request cut short')
+            lines.append(line)
+            if line in (b'\r\n', b'\n'):
+                return b''.join(lines)
+            if len(lines) > MAX_HEADERS:
+                raise Reply(431, 'more than %d headers' % MAX_HEADERS)
+
+    def handle_request(self):
+        """Auth (401), route (404), method (405), access (403), cross-site (403), then the page or change."""
+        try:
+            url = urllib.parse.urlsplit(self.path)
+            path = url.path
+            body = self.read_body()
+            user, access = self.authenticate()
+            route = ROUTES.get(path)
+            if route is None:
+                raise Reply(404, 'no page %s' % path)
+            method_name, needs_full_access = route
+            changes = method_name.startswith('action_')
+            allowed = ('GET', 'POST') if changes else ('GET', 'HEAD')
+            if self.command not in allowed:
+                raise Reply(405, '%s is not allowed on %s' % (self.command, path),
+                            [('Allow', ', '.join(allowed))])
+            if needs_full_access and access != 'full':
+                raise Reply(403, 'user %s has read-only access' % user)
+            if not changes:
+                getattr(self, method_name)(self.read_params(url.query, b''), user, access)
+                return
+            self.check_same_origin()
+            self.change(method_name, url, body if self.command == 'POST' else b'', user)
+        except Reply as e:
+            self.send_error_text(e.status, e.message, e.headers)
+        except LoopTimeout:
+            log.warning('admin: the loop did not answer in time (%s)', log_text(self.path))
+            self.send_error_text(503, 'the balancer is busy; try again')
+        except OSError:
+            raise  # the client went away mid-answer: handle_error logs it quietly
+        except Exception:
+            log.exception('admin: bug while answering %s %s', self.command, log_text(self.path))
+            if not self.replied:
+                self.send_error_text(500, 'internal error (logged)')
+
+    def change(self, method_name, url, body, user):
+        """Run one action_* method; log the outcome with the user; answer OK or ERROR."""
+        try:
+            result = getattr(self, method_name)(self.read_params(url.query, body))
+        except (Reply, AdminError) as e:
+            log.warning('admin: user %s from %s: %s refused (%d): %s', log_text(user),
+                        self.client_address[0], url.path, e.status, log_text(e.message))
+            self.answer_change(e.status, 'ERROR ' + e.message)
+        else:
+            log.info('admin: user %s from %s: %s', log_text(user), self.client_address[0], log_text(result))
+            self.answer_change(200, 'OK ' + result)
+
+    # -- request pieces -----------------------------------------------------
+
+    def read_body(self):
+        if self.headers.get('Transfer-Encoding'):
+            raise Reply(411, 'send a Content-Length, not a chunked body')
+        lengths = self.headers.get_all('Content-Length') or []
+        if not lengths:
+            return b''
+        if len(set(lengths)) != 1 or not lengths[0].strip().isdigit():
+            raise Reply(400, 'bad Content-Length')
+        length = int(lengths[0])
+        if length > MAX_BODY:
+            raise Reply(413, 'request body over %d bytes' % MAX_BODY)
+        body = self.rfile.read(length)
+        if len(body) != length:
+            raise Reply(400, 'request body cut short')
+        return body
+
+    def authenticate(self):
+        """(user name, access) from the Basic credentials, or Reply(401)."""
+        challenge = [('WWW-Authenticate', 'Basic realm="%s"' % REALM)]
+        header = self.headers.get('Authorization')
+        if not header:
+            raise Reply(401, 'credentials needed', challenge)
+        scheme, _, encoded = header.strip().partition(' ')
+        try:
+            if scheme.lower() != 'basic':
+                raise ValueError
+            raw = base64.b64decode(encoded.strip(), validate=True)
+        except (ValueError, binascii.Error):
+            log.warning('admin: malformed credentials from %s', self.client_address[0])
+            raise Reply(401, 'malformed credentials', challenge)
+        try:
+            text = raw.decode('utf-8')
+        except UnicodeDecodeError:
+            text = raw.decode('latin-1')
+        name, colon, password = text.partition(':')
+        if not colon:
+            raise Reply(401, 'malformed credentials', challenge)
+        director = self.server.director
+        for user_name, stored, access in self.call(director.users_list):
+            if user_name == name:
+                if self.server.password_ok(name, password, stored):
+                    return name, access
+                break
+        else:
+            self.server.waste_password_check(password)
+        log.warning('admin: bad credentials for user %s from %s', log_text(name), self.client_address[0])
+        raise Reply(401, 'bad credentials', challenge)
+
+    def check_same_origin(self):
+        """Refuse a change a browser made on behalf of another site (CSRF)."""
+        site = (self.headers.get('Sec-Fetch-Site') or '').strip().lower()
+        if site in ('cross-site', 'same-site'):
+            raise Reply(403, 'cross-site request refused')
+        host = self.headers.get('Host')
+        for header in ('Origin', 'Referer'):
+            value = self.headers.get(header)
+            if value is not None and not same_host(value, host, self.server.scheme):
+                raise Reply(403, '%s is another site than Host; cross-site request refused' % header)
+
+    def read_params(self, query, body):
+        """The query string and form body as one dict; each name at most once."""
+        pairs = []
+        try:
+            pairs.extend(urllib.parse.parse_qsl(query, keep_blank_values=True, errors='strict'))
+            if body:
+                if self.headers.get_content_type() != 'application/x-www-form-urlencoded':
+                    raise Reply(415, 'send the form as application/x-www-form-urlencoded')
+                pairs.extend(urllib.parse.parse_qsl(body.decode('utf-8'), keep_blank_values=True,
+                                                    errors='strict'))
+        except UnicodeError:
+            raise Reply(400, 'parameters must be UTF-8')
+        params = {}
+        for name, value in pairs:
+            if name in params:
+                raise Reply(400, 'parameter %s given twice' % log_text(name))
+            params[name] = value
+        return params
+
+    def is_browser(self):
+        return 'text/html' in (self.headers.get('Accept') or '')
+
+    def call(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs) run on the loop thread; LoopTimeout if it does not answer."""
+        return self.server.director.loop.call(fn, *args, timeout=self.server.loop_timeout, **kwargs)
+
+    # -- answers --------------------------------------------------------------
+
+    def send(self, status, body, content_type, headers=()):
+        data = body.encode('utf-8') if isinstance(body, str) else body
+        self.replied = True
+        self.send_response(status)
+        self.send_header('Content-Type', content_type)
+        self.send_header('Content-Length', str(len(data)))
+        self.send_header('Cache-Control', 'no-store')
+        self.send_header('X-Content-Type-Options', 'nosniff')
+        self.send_header('Connection', 'close')
+        for name, value in headers:
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != 'HEAD':
+            self.wfile.write(data)
+
+    def send_html(self, page):
+        self.send(200, page, 'text/html; charset=utf-8', [
+            ('Content-Security-Policy',
+             "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'"),
+            ('X-Frame-Options', 'DENY'),
+            ('Referrer-Policy', 'same-origin'),
+        ])
+
+    def send_error_text(self, status, message, headers=()):
+        self.send(status, 'ERROR %s\n' % log_text(message), 'text/plain; charset=utf-8', headers)
+
+    def send_error(self, code, message=None, explain=None):
+        # parse_request answers malformed requests through here: keep our format.
+        if message is None:
+            message = self.responses.get(code, ('error',))[0]
+        self.send_error_text(code, message)
+
+    def answer_change(self, status, text):
+        if self.is_browser():
+            location = '/running?' + urllib.parse.urlencode({'msg': log_text(text)})
+            self.send(303, 'See %s\n' % location, 'text/plain; charset=utf-8', [('Location', location)])
+        else:
+            self.send(status, log_text(text) + '\n', 'text/plain; charset=utf-8')
+
+    def log_message(self, format, *args):
+        # BaseHTTPRequestHandler writes every request to stderr; ours go to the debug log.
+        log.debug('admin: %s %s', self.client_address[0], log_text(format % args))
+
+    # -- reading pages ----------------------------------------------------------
+
+    def page_index(self, params, user, access):
+        take(params)
+        self.send_html(render_index(self.call(self.server.director.snapshot), user, access))
+
+    def page_running(self, params, user, access):
+        params = take(params, optional=('msg', 'refresh'))
+        refresh = None
+        if params['refresh'] is not None:
+            if not params['refresh'].isdigit() or not 1 <= int(params['refresh']) <= 3600:
+                raise Reply(400, 'refresh must be 1-3600 seconds')
+            refresh = int(params['refresh'])
+        snapshot = self.call(self.server.director.snapshot)
+        self.send_html(render_running(snapshot, user, access == 'full', params['msg'], refresh))
+
+    def page_running_txt(self, params, user, access):
+        take(params)
+        self.send(200, render_running_txt(self.call(self.server.director.snapshot)),
+                  'text/plain; charset=utf-8')
+
+    def page_running_json(self, params, user, access):
+        take(params)
+        snapshot = self.call(self.server.director.snapshot)
+        self.send(200, json.dumps(snapshot, indent=1, sort_keys=True) + '\n', 'application/json')
+
+    def page_running_xml(self, params, user, access):
+        take(params)
+        director = self.server.director
+        # Serialised on the loop too: the Config shares nothing with us afterwards.
+        xml = self.call(lambda: director.running_config().to_xml())
+        self.send(200, xml, 'application/xml; charset=utf-8')
+
+    def page_config_xml(self, params, user, access):
+        take(params)
+        self.send(200, self.server.director.loaded_xml, 'application/xml; charset=utf-8')
+
+    def page_metrics(self, params, user, access):
+        take(params)
+        self.send(200, render_metrics(self.call(self.server.director.snapshot)),
+                  'text/plain; version=0.0.4; charset=utf-8')
+
+    # -- changes: each returns what was done, or raises Reply / AdminError ------
+
+    def action_add_host(self, params):
+        p = take(params, ('service', 'group', 'name', 'ip'), ('weight', 'maxconns'))
+        d = self.server.director
+        return self.call(d.add_host, p['service'], p['group'], p['name'], p['ip'],
+                         weight=p['weight'], maxconns=p['maxconns'])
+
+    def action_del_host(self, params):
+        p = take(params, ('service', 'group'), ('name', 'ip'))
+        if p['name'] is None and p['ip'] is None:
+            raise Reply(400, 'missing parameter name (or ip)')
+        d = self.server.director
+        return self.call(d.del_host, p['service'], p['group'], name=p['name'], ip=p['ip'])
+
+    def action_del_all_hosts(self, params):
+        p = take(params, ('service', 'group'))
+        return self.call(self.server.director.del_all_hosts, p['service'], p['group'])
+
+    def action_enable_group(self, params):
+        p = take(params, ('service', 'group'))
+        return self.call(self.server.director.enable_group, p['service'], p['group'])
+
+    def action_change_scheduler(self, params):
+        p = take(params, ('service', 'group', 'scheduler'))
+        return self.call(self.server.director.change_scheduler, p['service'], p['group'], p['scheduler'])
+
+    def action_host_admin_down(self, params):
+        p = take(params, ('service', 'group', 'name'))
+        return self.call(self.server.director.host_admin_down, p['service'], p['group'], p['name'])
+
+    def action_host_admin_up(self, params):
+        p = take(params, ('service', 'group', 'name'))
+        return self.call(self.server.director.host_admin_up, p['service'], p['group'], p['name'])
+
+    def action_retry_host(self, params):
+        p = take(params, ('service', 'group', 'name'))
+        return self.call(self.server.director.retry_host, p['service'], p['group'], p['name'])
+
+    def action_add_user(self, params):
+        p = take(params, ('name', 'password', 'access'))
+        if p['access'] not in ('full', 'readonly'):
+            raise Reply(400, "access must be 'full' or 'readonly'")
+        password_hash = hash_password(p['password'])  # slow by design: here, not on the loop
+        return self.call(self.server.director.add_user, p['name'], password_hash, p['access'])
+
+    def action_del_user(self, params):
+        p = take(params, ('name',))
+        return self.call(self.server.director.del_user, p['name'])
+
+    def action_new_group(self, params):
+        p = take(params, ('service', 'group', 'scheduler'))
+        return self.call(self.server.director.new_group, p['service'], p['group'], p['scheduler'])
+
+    def action_del_group(self, params):
+        p = take(params, ('service', 'group'))
+        return self.call(self.server.director.del_group, p['service'], p['group'])
+
+    def action_close_log(self, params):
+        take(params)
+        return self.call(self.server.director.close_log)
+
+
+def take(params, required=(), optional=()):
+    """The named parameters as a dict (None when absent or empty), or Reply(400)."""
+    for name in params:
+        if name not in required and name not in optional:
+            raise Reply(400, 'unknown parameter %s' % log_text(name))
+    for name in required:
+        if not params.get(name):
+            raise Reply(400, 'missing parameter %s' % name)
+    for name, value in params.items():
+        if has_control_chars(value):
+            raise Reply(400, 'parameter %s contains control characters' % name)
+    return dict((name, params.get(name) or None) for name in tuple(required) + tuple(optional))
+
+
+def same_host(url, host_header, scheme):
+    """Does url (an Origin or Referer) name the host and port of the Host header?"""
+    if not host_header:
+        return False
+    try:
+        origin = urllib.parse.urlsplit(url.strip())
+        if origin.scheme not in ('http', 'https') or not origin.netloc:
+            return False  # includes Origin: null (sandboxed frames, privacy redirects)
+        ours = urllib.parse.urlsplit('//' + host_header.strip())
+        default = {'http': 80, 'https': 443}
+        return ((origin.hostname, origin.port or default[origin.scheme]) ==
+                (ours.hostname, ours.port or default[scheme]))
+    except ValueError:  # a port that is not a number
+        return False
+
+
+# ---------------------------------------------------------------------------
+# Rendering: pure functions of a snapshot.
+# ---------------------------------------------------------------------------
+
+def when(epoch):
+    if epoch is None:
+        return '-'
+    return time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(epoch))
+
+
+def duration(seconds):
+    seconds = int(max(0, seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if days:
+        return '%dd %dh %dm' % (days, hours, minutes)
+    if hours:
+        return '%dh %dm' % (hours, minutes)
+    if minutes:
+        return '%dm %ds' % (minutes, seconds)
+    return '%ds' % seconds
+
+
+STYLE = """
+body { font-family: sans-serif; margin: 1em 2em; color: #222; }
+h1 { font-size: 1.4em; } h2 { font-size: 1.2em; margin-top: 1.5em; } h3 { font-size: 1.05em; }
+table { border-collapse: collapse; margin: 0.4em 0; }
+th, td { border: 1px solid #ccc; padding: 0.2em 0.5em; text-align: left; vertical-align: top; }
+td.n { text-align: right; font-variant-numeric: tabular-nums; }
+form.inline { display: inline; margin: 0; }
+.msg { padding: 0.4em 0.8em; border: 1px solid; }
+.ok { background: #e8f6e8; border-color: #7c7; }
+.error { background: #fbe9e9; border-color: #d77; }
+.up { color: #070; } .down { color: #b00; } .draining { color: #a60; }
+.enabled { font-weight: bold; }
+.note { color: #666; }
+"""
+
+
+def page(title, body, refresh_url=None, refresh=None):
+    head = ['<!DOCTYPE html>', '<html lang="en"><head><meta charset="utf-8">',
+            '<title>%s</title>' % html.escape(title)]
+    if refresh:
+        head.append('<meta http-equiv="refresh" content="%d; url=%s">' % (refresh, html.escape(refresh_url)))
+    head.append('<style>%s</style></head><body>' % STYLE)
+    return '\n'.join(head + body + ['</body></html>', ''])
+
+
+def form(action, fields, button, inputs=''):
+    """A POST form to a change endpoint: hidden fields, optional visible inputs, one button."""
+    hidden = ''.join('<input type="hidden" name="%s" value="%s">' % (html.escape(k), html.escape(str(v)))
+                     for k, v in fields)
+    return '<form class="inline" method="post" action="/%s">%s%s<button type="submit">%s</button></form>' % (
+        action, hidden, inputs, html.escape(button))
+
+
+def render_index(snapshot, user, access):
+    e = html.escape
+    s = snapshot
+    links = [('/running', 'status page'), ('/running?refresh=5', 'status page, refreshing every 5 s'),
+             ('/running.txt', 'running.txt (for scripts)'), ('/running.json', 'running.json'),
+             ('/running.xml', 'running.xml (the running config; full access)'),
+             ('/config.xml', 'config.xml (the config as loaded; full access)'),
+             ('/metrics', 'metrics (Prometheus)')]
+    body = [
+        '<h1>pydirector %s on %s</h1>' % (e(s['version']), e(s['hostname'])),
+        '<p>Started %s (up %s), pid %d.</p>' % (e(when(s['started'])), e(duration(s['now'] - s['started'])),
+                                                s['pid']),
+        '<p>Logged in as %s (%s access).</p>' % (e(user), e(access)),
+        '<ul>',
+    ]
+    body.extend('<li><a href="%s">%s</a></li>' % (e(href), e(text)) for href, text in links)
+    body.append('</ul>')
+    body.append('<p class="note">Scripts: every change is also a GET with a query string, e.g. '
+                '<code>wget -q -O - --user=NAME --password=PW '
+                '&#x27;http://HOST:PORT/hostAdminDown?service=S&amp;group=G&amp;name=N&#x27;</code> '
+                'prints <code>OK ...</code>.</p>')
+    return page('pydirector on %s' % s['hostname'], body)
+
+
+def render_host_state(host, now):
+    e = html.escape
+    state = host['state']
+    css = state if state in ('up', 'down', 'draining') else 'down'
+    text = e(state)
+    if host['reason'] and state != 'up':
+        text += ': ' + e(host['reason'])
+    if host['since'] is not None and state != 'up':
+        text += '<br><span class="note">since %s (%s ago)</span>' % (e(when(host['since'])),
+                                                                     e(duration(now - host['since'])))
+    return '<td class="%s">%s</td>' % (css, text)
+
+
+def render_group(service, group, now, can_change):
+    e = html.escape
+    sg = [('service', service['name']), ('group', group['name'])]
+    mark = ' <span class="enabled">(enabled)</span>' if group['enabled'] else ' (inactive)'
+    out = ['<h3>Group %s%s &mdash; scheduler %s</h3>' % (e(group['name']), mark, e(group['scheduler']))]
+    if can_change:
+        actions = []
+        if not group['enabled']:
+            actions.append(form('enableGroup', sg, 'enable this group'))
+        actions.append(form('changeScheduler', sg, 'change scheduler',
+                            '<input name="scheduler" value="%s" size="18" aria-label="scheduler"> '
+                            % e(group['scheduler'])))
+        if not group['enabled']:
+            actions.append(form('delAllHosts', sg, 'delete all hosts'))
+            actions.append(form('delGroup', sg, 'delete group'))
+        out.append('<p>%s</p>' % ' '.join(actions))
+    out.append('<table><tr><th>host</th><th>address</th><th>state</th><th>open</th><th>total</th>'
+               '<th>weight</th><th>max conns</th><th>bytes in</th><th>bytes out</th>%s</tr>'
+               % ('<th>actions</th>' if can_change else ''))
+    for host in group['hosts']:
+        cells = ['<td>%s</td>' % e(host['name']), '<td>%s</td>' % e(host['ip']), render_host_state(host, now)]
+        numbers = [host['open'], host['total'], host['weight'], host['maxconns'] or '-',
+                   host['bytes_in'], host['bytes_out']]
+        cells.extend('<td class="n">%s</td>' % e(str(n)) for n in numbers)
+        if can_change:
+            sgh = sg + [('name', host['name'])]
+            actions = []
+            if host['admin'] == 'enabled':
+                actions.append(form('hostAdminDown', sgh, 'drain'))
+            else:
+                actions.append(form('hostAdminUp', sgh, 'enable'))
+            if host['health'] == 'down':
+                actions.append(form('retryHost', sgh, 'retry now'))
+            actions.append(form('delHost', sgh, 'delete'))
+            cells.append('<td>%s</td>' % ' '.join(actions))
+        out.append('<tr>%s</tr>' % ''.join(cells))
+    if not group['hosts']:
+        out.append('<tr><td colspan="%d" class="note">no hosts</td></tr>' % (10 if can_change else 9))
+    out.append('</table>')
+    if can_change:
+        out.append('<p>%s</p>' % form('addHost', sg, 'add host',
+                                      '<input name="name" placeholder="name" size="12" aria-label="host name"> '
+                                      '<input name="ip" placeholder="host:port" size="20" aria-label="address"> '
+                                      '<input name="weight" placeholder="weight" size="6" aria-label="weight"> '
+                                      '<input name="maxconns" placeholder="max conns" size="8" '
+                                      'aria-label="max conns"> '))
+    return out
+
+
+def render_running(snapshot, user, can_change, msg=None, refresh=None):
+    e = html.escape
+    s = snapshot
+    now = s['now']
+    refresh_links = ' '.join('<a href="/running?refresh=%d">%d s</a>' % (n, n) for n in (2, 5, 30))
+    body = [
+        '<h1>pydirector %s on %s</h1>' % (e(s['version']), e(s['hostname'])),
+        '<p>Started %s (up %s). Status as of %s. <a href="/">index</a> &middot; auto-refresh: %s &middot; '
+        '<a href="/running">off</a></p>' % (e(when(s['started'])), e(duration(now - s['started'])),
+                                            e(when(now)), refresh_links),
+    ]
+    if msg:
+        body.append('<p class="msg %s">%s</p>' % ('ok' if msg.startswith('OK') else 'error', e(msg)))
+    if not can_change:
+        body.append('<p class="note">User %s has read-only access.</p>' % e(user))
+    for service in s['services']:
+        body.append('<h2>Service %s</h2>' % e(service['name']))
+        body.append('<p>Listening on %s; enabled group <span class="enabled">%s</span>. '
+                    'Accepted %d, failovers %d, refused (no host) %d.</p>' % (
+                        e(', '.join(service['listen'])), e(service['enabled']),
+                        service['accepted'], service['failovers'], service['refused']))
+        for group in service['groups']:
+            body.extend(render_group(service, group, now, can_change))
+        if can_change:
+            body.append('<p>%s</p>' % form('newGroup', [('service', service['name'])], 'new group',
+                                           '<input name="group" placeholder="group name" size="12" '
+                                           'aria-label="group name"> <input name="scheduler" '
+                                           'value="roundrobin" size="18" aria-label="scheduler"> '))
+    body.append('<h2>Users</h2><table><tr><th>user</th><th>access</th>%s</tr>'
+                % ('<th></th>' if can_change else ''))
+    for u in s['users']:
+        delete = '<td>%s</td>' % form('delUser', [('name', u['name'])], 'delete') if can_change else ''
+        body.append('<tr><td>%s</td><td>%s</td>%s</tr>' % (e(u['name']), e(u['access']), delete))
+    body.append('</table>')
+    if can_change:
+        body.append('<p>%s</p>' % form('addUser', [], 'add or change user',
+                                       '<input name="name" placeholder="name" size="12" aria-label="user name"> '
+                                       '<input name="password" type="password" placeholder="password" '
+                                       'autocomplete="new-password" aria-label="password"> '
+                                       '<select name="access" aria-label="access"><option>readonly</option>'
+                                       '<option>full</option></select> '))
+        body.append('<h2>Log</h2><p>%s</p>' % form('closeLog', [], 'reopen the log file'))
+    refresh_url = '/running?refresh=%d' % refresh if refresh else None
+    return page('pydirector on %s' % s['hostname'], body, refresh_url, refresh)
+
+
+def txt_field(value):
+    """One whitespace-free field: whitespace runs become '_', control chars are escaped, empty is '-'."""
+    return '_'.join(log_text(value).split()) or '-'
+
+
+def render_running_txt(snapshot):
+    """The original's line format, one record per line, fields separated by one space:
+
+        service NAME LISTEN ENABLEDGROUP      one line per listen address
+        group NAME enabled|inactive           then that group's hosts:
+        host NAME IP:PORT OPEN TOTAL          a host taking new connections
+        disabled NAME IP:PORT REASON -        a host that is not: down or draining
+
+    REASON is 'draining' (an operator drained it), the health check's reason
+    for a down host, or both joined by ','.  No field ever contains
+    whitespace: runs of it become '_' (so 'connection refused' reads
+    'connection_refused'), control characters are backslash-escaped, and an
+    empty field is '-'.  The trailing '-' is kept from the original format.
+    """
+    f = txt_field
+    lines = []
+    for service in snapshot['services']:
+        for listen in service['listen']:
+            lines.append('service %s %s %s' % (f(service['name']), f(listen), f(service['enabled'])))
+        for group in service['groups']:
+            lines.append('group %s %s' % (f(group['name']), 'enabled' if group['enabled'] else 'inactive'))
+            for host in group['hosts']:
+                if host['health'] == 'up' and host['admin'] == 'enabled':
+                    lines.append('host %s %s %d %d' % (f(host['name']), f(host['ip']), host['open'], host['total']))
+                    continue
+                reasons = []
+                if host['admin'] != 'enabled':
+                    reasons.append(host['admin'])
+                if host['health'] != 'up':
+                    reasons.append(host['reason'] or host['health'])
+                lines.append('disabled %s %s %s -' % (f(host['name']), f(host['ip']), f(','.join(reasons))))
+    return ''.join(line + '\n' for line in lines)
+
+
+def metric_label(value):
+    """A label value escaped per the Prometheus text format: backslash, double quote, newline."""
+    return str(value).replace('\\', '\\\\').replace('"', '\\"').replace('\n', '\\n')
+
+
+def metric_labels(pairs):
+    return '{%s}' % ','.join('%s="%s"' % (k, metric_label(v)) for k, v in pairs)
+
+
+SERVICE_METRICS = [
+    ('pydirector_service_accepted_total', 'counter', 'Client connections accepted.', 'accepted'),
+    ('pydirector_service_failovers_total', 'counter',
+     'Times a client was moved on to another host after a failed connect.', 'failovers'),
+    ('pydirector_service_refused_total', 'counter', 'Clients closed because no host was available.',
+     'refused'),
+]
+
+HOST_METRICS = [
+    ('pydirector_host_up', 'gauge', '1 if the host passes its health checks, else 0.',
+     lambda h: 1 if h['health'] == 'up' else 0),
+    ('pydirector_host_draining', 'gauge', '1 if an operator drained the host (no new connections).',
+     lambda h: 0 if h['admin'] == 'enabled' else 1),
+    ('pydirector_host_open_connections', 'gauge', 'Connections open to the host now.',
+     lambda h: h['open']),
+    ('pydirector_host_connections_total', 'counter', 'Connections made to the host.',
+     lambda h: h['total']),
+    ('pydirector_host_bytes_in_total', 'counter', 'Bytes relayed from clients to the host (closed connections).',
+     lambda h: h['bytes_in']),
+    ('pydirector_host_bytes_out_total', 'counter', 'Bytes relayed from the host to clients (closed connections).',
+     lambda h: h['bytes_out']),
+    ('pydirector_host_weight', 'gauge', 'The host\'s scheduler weight.', lambda h: h['weight']),
+]
+
+
+def render_metrics(snapshot):
+    """Prometheus text exposition format 0.0.4: each family's HELP and TYPE, then its samples."""
+    out = []
+
+    def family(name, kind, help_text):
+        out.append('# HELP %s %s' % (name, help_text.replace('\\', '\\\\').replace('\n', '\\n')))
+        out.append('# TYPE %s %s' % (name, kind))
+
+    family('pydirector_info', 'gauge', 'Version and host name of this balancer; always 1.')
+    out.append('pydirector_info%s 1' % metric_labels([('version', snapshot['version']),
+                                                       ('hostname', snapshot['hostname'])]))
+    family('pydirector_start_time_seconds', 'gauge', 'When the balancer started, in seconds since the epoch.')
+    out.append('pydirector_start_time_seconds %.3f' % snapshot['started'])
+    services = snapshot['services']
+    for name, kind, help_text, key in SERVICE_METRICS:
+        family(name, kind, help_text)
+        for service in services:
+            out.append('%s%s %d' % (name, metric_labels([('service', service['name'])]), service[key]))
+    family('pydirector_group_enabled', 'gauge', '1 for the group that takes a service\'s new connections.')
+    for service in services:
+        for group in service['groups']:
+            out.append('pydirector_group_enabled%s %d' % (
+                metric_labels([('service', service['name']), ('group', group['name'])]), group['enabled']))
+    for name, kind, help_text, value in HOST_METRICS:
+        family(name, kind, help_text)
+        for service in services:
+            for group in service['groups']:
+                for host in group['hosts']:
+                    labels = metric_labels([('service', service['name']), ('group', group['name']),
+                                            ('host', host['name']), ('address', host['ip'])])
+                    out.append('%s%s %d' % (name, labels, value(host)))
+    return ''.join(line + '\n' for line in out)

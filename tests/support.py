@@ -1,0 +1,347 @@
+"""Shared test helpers: tiny real backends, the balancer in-process or as a
+subprocess, and wait_until().  Everything listens on 127.0.0.1 ephemeral ports."""
+
+import hashlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+import pydirector  # noqa: E402
+
+PYDIRECTOR = os.path.join(REPO, 'pydirector.py')
+
+
+def wait_until(predicate, timeout=5.0, interval=0.005, message=None):
+    """Poll predicate until it returns something true; return that, or fail after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(message or 'timed out waiting for %r' % (predicate,))
+        time.sleep(interval)
+
+
+def free_port():
+    """A port nothing listens on (connecting to it is refused)."""
+    sock = socket.socket()
+    sock.bind(('127.0.0.1', 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return port
+
+
+# -- log capture -----------------------------------------------------------
+
+class LogRecorder(logging.Handler):
+    """Keeps every record the balancer logs, so tests can wait for an exact line."""
+
+    def __init__(self):
+        logging.Handler.__init__(self, logging.DEBUG)
+        self.lines = []
+        self.lines_lock = threading.Lock()
+
+    def emit(self, record):
+        with self.lines_lock:
+            self.lines.append(record.getMessage())
+            if record.exc_info:
+                self.lines.append('TRACEBACK ' + self.format(record))
+
+    def mark(self):
+        with self.lines_lock:
+            return len(self.lines)
+
+    def since(self, mark=0):
+        with self.lines_lock:
+            return list(self.lines[mark:])
+
+    def wait_for(self, text, mark=0, timeout=5.0):
+        return wait_until(lambda: [l for l in self.since(mark) if text in l], timeout,
+                          message='no log line containing %r; got %r' % (text, self.since(mark)[-10:]))
+
+
+LOG = LogRecorder()
+logging.getLogger('pydirector').addHandler(LOG)
+logging.getLogger('pydirector').setLevel(logging.DEBUG)
+logging.getLogger('pydirector').propagate = False
+
+
+# -- backends --------------------------------------------------------------
+
+class Backend(object):
+    """A real TCP server on 127.0.0.1; each connection runs handler(sock, backend) in a thread."""
+
+    def __init__(self, handler, name='backend', family=socket.AF_INET, host='127.0.0.1'):
+        self.handler = handler
+        self.name = name
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.sock.listen(128)
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        self.open = 0
+        self.received = []          # what each finished connection sent us, for handlers that record
+        self.lock = threading.Lock()
+        self.closed = threading.Event()
+        self.threads = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    @property
+    def address(self):
+        return '127.0.0.1:%d' % self.port
+
+    def _serve(self):
+        while not self.closed.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.accepted += 1
+                self.open += 1
+            t = threading.Thread(target=self._run, args=(conn,), daemon=True)
+            self.threads.append(t)
+            t.start()
+
+    def _run(self, conn):
+        try:
+            conn.settimeout(30)
+            self.handler(conn, self)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+            with self.lock:
+                self.open -= 1
+
+    def close(self):
+        self.closed.set()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        self.thread.join(5)
+
+
+def echo(conn, backend):
+    """Echo everything back; pass the client's EOF on as ours."""
+    while True:
+        data = conn.recv(65536)
+        if not data:
+            break
+        conn.sendall(data)
+    conn.shutdown(socket.SHUT_WR)
+
+
+def say_name(conn, backend):
+    """Send our name and close: the reg-test way to see which host a client got."""
+    conn.sendall(backend.name.encode())
+
+
+def hold_open(conn, backend):
+    """Keep the connection open until the client closes it."""
+    while conn.recv(65536):
+        pass
+
+
+def digest_until_eof(conn, backend):
+    """Read to EOF and answer with 'sha256 length'."""
+    h = hashlib.sha256()
+    n = 0
+    while True:
+        data = conn.recv(65536)
+        if not data:
+            break
+        h.update(data)
+        n += len(data)
+    conn.sendall(('%s %d' % (h.hexdigest(), n)).encode())
+
+
+class Blackhole(object):
+    """A listening socket whose backlog is full and which never accepts: SYNs go unanswered."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(('127.0.0.1', 0))
+        self.sock.listen(0)
+        self.port = self.sock.getsockname()[1]
+        self.fillers = []
+        # Fill the accept queue; once full, Linux drops further SYNs on the floor.
+        for _ in range(8):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(('127.0.0.1', self.port))
+            self.fillers.append(s)
+        probe = socket.socket()
+        probe.settimeout(0.3)
+        try:
+            probe.connect(('127.0.0.1', self.port))
+            raise RuntimeError('the blackhole accepted a connection; backlog not full')
+        except socket.timeout:
+            pass
+        finally:
+            probe.close()
+
+    @property
+    def address(self):
+        return '127.0.0.1:%d' % self.port
+
+    def close(self):
+        for s in self.fillers:
+            s.close()
+        self.sock.close()
+
+
+# -- the balancer ----------------------------------------------------------
+
+class Balancer(object):
+    """pydirector in this process: its loop runs in a thread, tests talk to real sockets."""
+
+    def __init__(self, xml, rng=None):
+        self.config = pydirector.parse_config(xml, 'test.xml')
+        self.director = pydirector.Director(self.config, rng=rng)
+        self.director.start()
+        self.thread = threading.Thread(target=self.director.loop.run, daemon=True)
+        self.thread.start()
+        wait_until(lambda: self.director.loop.thread_ident is not None)
+
+    def port(self, service='web', index=0):
+        return self.director.listen_addresses(service)[index][1]
+
+    def call(self, fn, *args, **kwargs):
+        return self.director.loop.call(fn, *args, **kwargs)
+
+    def snapshot(self):
+        return self.call(self.director.snapshot)
+
+    def host(self, name, service='web'):
+        """The snapshot dict of one host, searched across the service's groups."""
+        for s in self.snapshot()['services']:
+            if s['name'] == service:
+                for g in s['groups']:
+                    for h in g['hosts']:
+                        if h['name'] == name:
+                            return h
+        raise KeyError(name)
+
+    def open_pairs(self):
+        return self.call(lambda: len(self.director.pairs))
+
+    def stop(self):
+        if self.thread.is_alive():
+            self.director.loop.call_soon_threadsafe(self.director.stop_now)
+            self.thread.join(10)
+        self.director.loop.close()
+
+
+def connect(port, host='127.0.0.1', timeout=10):
+    sock = socket.create_connection((host, port), timeout=timeout)
+    return sock
+
+
+def recv_all(sock, limit=None):
+    """Read to EOF (or `limit` bytes)."""
+    chunks = []
+    n = 0
+    while limit is None or n < limit:
+        data = sock.recv(65536)
+        if not data:
+            break
+        chunks.append(data)
+        n += len(data)
+    return b''.join(chunks)
+
+
+def exchange(port, data=b'', shut=True, timeout=10):
+    """Connect, send data, half-close, read the whole answer."""
+    sock = connect(port, timeout=timeout)
+    try:
+        if data:
+            sock.sendall(data)
+        if shut:
+            sock.shutdown(socket.SHUT_WR)
+        return recv_all(sock)
+    finally:
+        sock.close()
+
+
+def service_xml(hosts, name='web', scheduler='roundrobin', listen_port=None, extra='', groups=None,
+                enable=None):
+    """One service's XML.  hosts: list of (name, 'ip:port') or (name, ip, attrs)."""
+    listen_port = listen_port or free_port()
+    if groups is None:
+        groups = [('main', scheduler, hosts)]
+    body = []
+    for group_name, group_scheduler, group_hosts in groups:
+        lines = []
+        for h in group_hosts:
+            attrs = h[2] if len(h) > 2 else ''
+            lines.append('      <host name="%s" ip="%s" %s/>' % (h[0], h[1], attrs))
+        body.append('    <group name="%s" scheduler="%s">\n%s\n    </group>' % (
+            group_name, group_scheduler, '\n'.join(lines)))
+    enable_line = '    <enable group="%s"/>\n' % enable if enable else ''
+    return ('  <service name="%s">\n    <listen ip="127.0.0.1:%d"/>\n%s\n%s%s  </service>\n' % (
+        name, listen_port, '\n'.join(body), extra, enable_line))
+
+
+def config_xml(*services, **root):
+    attrs = ''.join(' %s="%s"' % kv for kv in sorted(root.items()))
+    return '<pdconfig%s>\n%s</pdconfig>\n' % (attrs, ''.join(services))
+
+
+# -- the balancer as a subprocess -------------------------------------------
+
+class BalancerProcess(object):
+    """`python3 pydirector.py -c FILE` for signals and the command line; log in self.log_path."""
+
+    def __init__(self, xml, args=(), wait_port=None):
+        self.dir = tempfile.mkdtemp(prefix='pydirector-test-')
+        self.config_path = os.path.join(self.dir, 'test.xml')
+        self.log_path = os.path.join(self.dir, 'stderr.log')
+        with open(self.config_path, 'w') as f:
+            f.write(xml)
+        self.log_file = open(self.log_path, 'wb')
+        self.proc = subprocess.Popen([sys.executable, PYDIRECTOR, '-c', self.config_path] + list(args),
+                                     stdout=self.log_file, stderr=subprocess.STDOUT, cwd=self.dir)
+        if wait_port:
+            wait_until(lambda: self._accepts(wait_port) or self.proc.poll() is not None, 10)
+            if self.proc.poll() is not None:
+                raise AssertionError('pydirector exited: %s' % self.output())
+
+    @staticmethod
+    def _accepts(port):
+        try:
+            socket.create_connection(('127.0.0.1', port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    def output(self):
+        with open(self.log_path, 'rb') as f:
+            return f.read().decode('utf-8', 'replace')
+
+    def signal(self, signum):
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout=15):
+        return self.proc.wait(timeout)
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+        self.log_file.close()

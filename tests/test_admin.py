@@ -1,0 +1,1058 @@
+"""Admin web interface: real HTTP against a running balancer with real backends and traffic.
+
+Every class starts pydirector in-process (support.Balancer) with an <admin>
+block, starts the admin server on an ephemeral port, and talks to it with
+http.client, raw sockets, and -- where installed -- wget, curl and headless
+Chromium.
+"""
+
+import base64
+import contextlib
+import html.parser
+import http.client
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import tempfile
+import threading
+import time
+import unittest
+import urllib.parse
+
+import support
+from support import Backend, Balancer, LOG, config_xml, exchange, free_port, service_xml, wait_until
+
+import pydirector
+import pydirector_admin
+
+PASSWORD = 'pass word'       # a space, so URL and form encoding are exercised
+_HASH = []
+
+
+def password_hash():
+    """One default-strength hash for the whole file (both users share it)."""
+    if not _HASH:
+        _HASH.append(pydirector.hash_password(PASSWORD))
+    return _HASH[0]
+
+
+def basic(user, password):
+    return 'Basic ' + base64.b64encode(('%s:%s' % (user, password)).encode()).decode()
+
+
+def admin_xml(port=None):
+    """The <admin> block; in-process tests then start the server on port 0 instead."""
+    return ('  <admin listen="127.0.0.1:%d">\n'
+            '    <user name="admin" password="%s" access="full"/>\n'
+            '    <user name="viewer" password="%s" access="readonly"/>\n'
+            '  </admin>\n' % (port or free_port(), password_hash(), password_hash()))
+
+
+def name_then_echo(conn, backend):
+    """Say our name, then echo: a held connection shows which host it reached and that it still flows."""
+    conn.sendall(backend.name.encode() + b'\n')
+    support.echo(conn, backend)
+
+
+class Response(object):
+    def __init__(self, status, headers, body):
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def __repr__(self):
+        return '<%d %r>' % (self.status, self.body[:200])
+
+
+class AdminCase(unittest.TestCase):
+    """A balancer with service 'web' (groups main and spare) and its admin server."""
+
+    @classmethod
+    def backends(cls):
+        cls.n1 = Backend(support.say_name, 'n1')
+        cls.n2 = Backend(support.say_name, 'n2')
+        cls.s1 = Backend(support.say_name, 's1')
+        cls.dead_port = free_port()
+        return [cls.n1, cls.n2, cls.s1]
+
+    @classmethod
+    def service(cls):
+        return service_xml(None, groups=[
+            ('main', 'roundrobin', [('n1', cls.n1.address), ('n2', cls.n2.address),
+                                    ('dead', '127.0.0.1:%d' % cls.dead_port)]),
+            ('spare', 'leastconns', [('s1', cls.s1.address)]),
+        ], enable='main')
+
+    @classmethod
+    def setUpClass(cls):
+        cls.all_backends = cls.backends()
+        cls.bal = Balancer(config_xml(cls.service() + admin_xml()))
+        a = cls.bal.config.admin
+        cls.admin_config = pydirector.Admin(a.listen, a.host, 0, a.users)
+        cls.server = pydirector_admin.start(cls.bal.director, cls.admin_config)
+        cls.port = cls.server.server_address[1]
+        cls.base = 'http://127.0.0.1:%d' % cls.port
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.stop()
+        cls.bal.stop()
+        for backend in cls.all_backends:
+            backend.close()
+
+    # -- helpers ------------------------------------------------------------
+
+    def fetch(self, path, method='GET', body=None, headers=None, user='admin', password=PASSWORD, port=None):
+        conn = http.client.HTTPConnection('127.0.0.1', port or self.port, timeout=10)
+        sent = {}
+        if user is not None:
+            sent['Authorization'] = basic(user, password)
+        if isinstance(body, dict):
+            body = urllib.parse.urlencode(body)
+            sent['Content-Type'] = 'application/x-www-form-urlencoded'
+        sent.update(headers or {})
+        try:
+            conn.request(method, path, body, sent)
+            resp = conn.getresponse()
+            return Response(resp.status, resp.headers, resp.read().decode('utf-8'))
+        finally:
+            conn.close()
+
+    def change(self, path, expect=200, **kwargs):
+        resp = self.fetch(path, **kwargs)
+        self.assertEqual(resp.status, expect, resp)
+        if expect == 200:
+            self.assertTrue(resp.body.startswith('OK '), resp)
+        else:
+            self.assertTrue(resp.body.startswith('ERROR '), resp)
+        return resp.body
+
+    def raw(self, data, port=None):
+        """Send raw bytes, half-close, return everything the server answers."""
+        sock = socket.create_connection(('127.0.0.1', port or self.port), timeout=10)
+        try:
+            sock.sendall(data)
+            try:
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            return support.recv_all(sock)
+        finally:
+            sock.close()
+
+    def host(self, name, service='web'):
+        return self.bal.host(name, service)
+
+    def hosts(self, group='main'):
+        for s in self.bal.snapshot()['services']:
+            for g in s['groups']:
+                if g['name'] == group:
+                    return [h['name'] for h in g['hosts']]
+        return None
+
+    def wait_dead_down(self):
+        """Send traffic until the dead host was tried and marked down."""
+        def down():
+            exchange(self.bal.port())
+            return self.host('dead')['health'] == 'down'
+        wait_until(down, 5)
+
+
+# ---------------------------------------------------------------------------
+
+class ReadingTest(AdminCase):
+
+    @classmethod
+    def setUpClass(cls):
+        super(ReadingTest, cls).setUpClass()
+        for _ in range(6):
+            exchange(cls.bal.port())
+
+    def test_index(self):
+        resp = self.fetch('/')
+        self.assertEqual(resp.status, 200)
+        self.assertEqual(resp.headers['Content-Type'], 'text/html; charset=utf-8')
+        self.assertIn('pydirector %s on %s' % (pydirector.VERSION, socket.gethostname()), resp.body)
+        self.assertIn('Started ', resp.body)
+        for link in ('/running', '/running.txt', '/running.json', '/running.xml', '/config.xml', '/metrics'):
+            self.assertIn('href="%s"' % link, resp.body)
+        self.assertIn("frame-ancestors 'none'", resp.headers['Content-Security-Policy'])
+
+    def test_running_page(self):
+        self.wait_dead_down()
+        body = self.fetch('/running').body
+        self.assertIn('<h2>Service web</h2>', body)
+        self.assertIn('Group main <span class="enabled">(enabled)</span>', body)
+        self.assertIn('Group spare (inactive)', body)
+        self.assertIn('<td>%s</td>' % self.n1.address, body)
+        self.assertRegex(body, r'<td class="down">down: connection refused<br>'
+                               r'<span class="note">since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d \(\d+s ago\)')
+        self.assertIn('<td class="up">up</td>', body)
+        for action in ('enableGroup', 'changeScheduler', 'delAllHosts', 'delGroup', 'addHost', 'delHost',
+                       'hostAdminDown', 'retryHost', 'newGroup', 'addUser', 'delUser', 'closeLog'):
+            self.assertIn('method="post" action="/%s"' % action, body)
+        self.assertNotIn('http-equiv="refresh"', body)
+
+    def test_running_page_refresh_and_message(self):
+        body = self.fetch('/running?refresh=5&msg=OK+done').body
+        self.assertIn('<meta http-equiv="refresh" content="5; url=/running?refresh=5">', body)
+        self.assertIn('<p class="msg ok">OK done</p>', body)
+        self.assertEqual(self.fetch('/running?refresh=0').status, 400)
+        self.assertEqual(self.fetch('/running?refresh=abc').status, 400)
+
+    def test_running_page_readonly_has_no_forms(self):
+        body = self.fetch('/running', user='viewer').body
+        self.assertIn('User viewer has read-only access.', body)
+        self.assertNotIn('<form', body)
+        self.assertIn('<h2>Service web</h2>', body)
+
+    def test_running_txt(self):
+        self.wait_dead_down()
+        resp = self.fetch('/running.txt')
+        self.assertEqual(resp.headers['Content-Type'], 'text/plain; charset=utf-8')
+        lines = resp.body.splitlines()
+        listen = '127.0.0.1:%d' % self.bal.port()
+        self.assertEqual(lines[0], 'service web %s main' % listen)
+        self.assertEqual(lines[1], 'group main enabled')
+        self.assertRegex(lines[2], r'^host n1 %s \d+ [1-9]\d*$' % re.escape(self.n1.address))
+        self.assertRegex(lines[3], r'^host n2 %s \d+ [1-9]\d*$' % re.escape(self.n2.address))
+        self.assertEqual(lines[4], 'disabled dead 127.0.0.1:%d connection_refused -' % self.dead_port)
+        self.assertEqual(lines[5], 'group spare inactive')
+        self.assertEqual(lines[6], 'host s1 %s 0 0' % self.s1.address)
+        self.assertEqual(len(lines), 7)
+        # Totals are the balancer's own: compare with a snapshot taken now (no traffic in between).
+        snap = {h['name']: h for h in self.bal.snapshot()['services'][0]['groups'][0]['hosts']}
+        self.assertEqual(lines[2].split()[3:], [str(snap['n1']['open']), str(snap['n1']['total'])])
+
+    def test_running_json(self):
+        resp = self.fetch('/running.json')
+        self.assertEqual(resp.headers['Content-Type'], 'application/json')
+        data = json.loads(resp.body)
+        snap = self.bal.snapshot()
+        for d in (data, snap):
+            d.pop('now')
+        self.assertEqual(data, snap)
+        self.assertEqual([u['name'] for u in data['users']], ['admin', 'viewer'])
+        self.assertNotIn('pbkdf2', resp.body)
+
+    def test_running_xml_round_trip(self):
+        self.change('/addHost?service=web&group=spare&name=extra&ip=127.0.0.1:9&weight=3&maxconns=7')
+        self.change('/enableGroup?service=web&group=spare')
+        try:
+            resp = self.fetch('/running.xml')
+            self.assertEqual(resp.status, 200)
+            self.assertEqual(resp.headers['Content-Type'], 'application/xml; charset=utf-8')
+            config = pydirector.parse_config(resp.body, 'running.xml')
+            self.assertEqual(config.to_xml(), resp.body)
+            self.assertIn('<host name="extra" ip="127.0.0.1:9" weight="3" maxconns="7"/>', resp.body)
+            self.assertIn('<enable group="spare"/>', resp.body)
+        finally:
+            self.change('/enableGroup?service=web&group=main')
+            self.change('/delHost?service=web&group=spare&name=extra')
+
+    def test_config_xml(self):
+        resp = self.fetch('/config.xml')
+        self.assertEqual(resp.status, 200)
+        self.assertEqual(resp.body, self.bal.director.loaded_xml)
+        pydirector.parse_config(resp.body, 'config.xml')
+
+    def test_xml_pages_need_full_access(self):
+        # They hold the users' password hashes.
+        self.assertEqual(self.fetch('/running.xml', user='viewer').status, 403)
+        self.assertEqual(self.fetch('/config.xml', user='viewer').status, 403)
+
+    def test_metrics_format(self):
+        self.wait_dead_down()
+        # Label values with a quote, a backslash and non-ASCII must come out escaped.
+        self.bal.call(self.bal.director.add_host, 'web', 'spare', 'we"ird\\ñame', '127.0.0.1:9')
+        try:
+            resp = self.fetch('/metrics')
+        finally:
+            self.bal.call(self.bal.director.del_host, 'web', 'spare', 'we"ird\\ñame')
+        self.assertEqual(resp.headers['Content-Type'], 'text/plain; version=0.0.4; charset=utf-8')
+        samples = parse_prometheus(self, resp.body)
+        port = self.bal.port()
+        accepted = samples[('pydirector_service_accepted_total', (('service', 'web'),))]
+        self.assertGreaterEqual(accepted, 6)
+        self.assertEqual(samples[('pydirector_service_refused_total', (('service', 'web'),))], 0)
+        self.assertGreaterEqual(samples[('pydirector_service_failovers_total', (('service', 'web'),))], 1)
+
+        def host(metric, name, group='main', address=None):
+            address = address or {'n1': self.n1.address, 'n2': self.n2.address,
+                                  'dead': '127.0.0.1:%d' % self.dead_port}[name]
+            return samples[(metric, (('service', 'web'), ('group', group), ('host', name), ('address', address)))]
+
+        self.assertEqual(host('pydirector_host_up', 'n1'), 1)
+        self.assertEqual(host('pydirector_host_up', 'dead'), 0)
+        self.assertGreaterEqual(host('pydirector_host_connections_total', 'n1'), 1)
+        self.assertEqual(host('pydirector_host_open_connections', 'n1'), 0)
+        # say_name sends two bytes and the client sends none.
+        self.assertEqual(host('pydirector_host_bytes_out_total', 'n1'),
+                         2 * host('pydirector_host_connections_total', 'n1'))
+        self.assertEqual(host('pydirector_host_bytes_in_total', 'n1'), 0)
+        self.assertEqual(host('pydirector_host_up', 'we"ird\\ñame', 'spare', '127.0.0.1:9'), 1)
+        self.assertIn('host="we\\"ird\\\\ñame"', resp.body)
+        self.assertEqual(samples[('pydirector_group_enabled', (('service', 'web'), ('group', 'spare')))], 0)
+        self.assertTrue(port)
+
+    def test_head(self):
+        get = self.fetch('/running.txt')
+        head = self.fetch('/running.txt', method='HEAD')
+        self.assertEqual(head.status, 200)
+        self.assertEqual(head.body, '')
+        self.assertEqual(head.headers['Content-Length'], get.headers['Content-Length'])
+
+    def test_unknown_path_is_404(self):
+        resp = self.fetch('/nothing/here')
+        self.assertEqual(resp.status, 404)
+        self.assertEqual(resp.body, 'ERROR no page /nothing/here\n')
+
+    def test_wrong_method_is_405(self):
+        resp = self.fetch('/running', method='POST', body={'a': 'b'})
+        self.assertEqual((resp.status, resp.headers['Allow']), (405, 'GET, HEAD'))
+        resp = self.fetch('/addHost', method='PUT')
+        self.assertEqual((resp.status, resp.headers['Allow']), (405, 'GET, POST'))
+        self.assertEqual(self.fetch('/closeLog', method='HEAD').status, 405)
+        self.assertEqual(self.fetch('/', method='DELETE').status, 405)
+
+    def test_unknown_query_parameter_is_400(self):
+        resp = self.fetch('/running.txt?verbose=1')
+        self.assertEqual(resp.status, 400)
+        self.assertEqual(resp.body, 'ERROR unknown parameter verbose\n')
+
+
+PROM_NAME = r'[a-zA-Z_:][a-zA-Z0-9_:]*'
+PROM_LABEL_VALUE = r'"((?:[^"\\\n]|\\[\\"n])*)"'
+PROM_SAMPLE = re.compile(r'^(%s)(?:\{((?:[a-zA-Z_][a-zA-Z0-9_]*=%s)(?:,[a-zA-Z_][a-zA-Z0-9_]*=%s)*)\})?'
+                         r' (-?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?|NaN|[+-]Inf)(?: -?[0-9]+)?$'
+                         % (PROM_NAME, PROM_LABEL_VALUE, PROM_LABEL_VALUE))
+PROM_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)=%s' % PROM_LABEL_VALUE)
+
+
+def parse_prometheus(test, text):
+    """Check text line by line against the text exposition format; return {(name, labels): value}."""
+    test.assertTrue(text.endswith('\n'))
+    helped, typed, finished = set(), {}, set()
+    current = None
+    samples = {}
+    for line in text.splitlines():
+        m = re.match(r'^# HELP (%s) (.*)$' % PROM_NAME, line)
+        if m:
+            test.assertNotIn(m.group(1), helped, line)
+            test.assertNotIn(m.group(1), typed, 'HELP after TYPE: ' + line)
+            helped.add(m.group(1))
+            continue
+        m = re.match(r'^# TYPE (%s) (counter|gauge|histogram|summary|untyped)$' % PROM_NAME, line)
+        if m:
+            test.assertNotIn(m.group(1), typed, line)
+            test.assertIn(m.group(1), helped, 'TYPE without HELP first: ' + line)
+            typed[m.group(1)] = m.group(2)
+            if current is not None:
+                finished.add(current)
+            current = m.group(1)
+            continue
+        m = PROM_SAMPLE.match(line)
+        test.assertIsNotNone(m, 'not a valid sample line: %r' % line)
+        name = m.group(1)
+        test.assertEqual(name, current, 'sample outside its family block: ' + line)
+        test.assertNotIn(name, finished)
+        if typed[name] == 'counter':
+            test.assertTrue(name.endswith('_total'), line)
+        labels = tuple((k, v.replace('\\"', '"').replace('\\n', '\n').replace('\\\\', '\\'))
+                       for k, v in PROM_LABEL.findall(m.group(2) or ''))
+        key = (name, labels)
+        test.assertNotIn(key, samples, 'duplicate series: ' + line)
+        samples[key] = float(m.group(5))
+    return samples
+
+
+# ---------------------------------------------------------------------------
+
+class AuthTest(AdminCase):
+
+    def test_missing_credentials(self):
+        resp = self.fetch('/running.txt', user=None)
+        self.assertEqual(resp.status, 401)
+        self.assertEqual(resp.headers['WWW-Authenticate'], 'Basic realm="pydirector"')
+        self.assertEqual(resp.body, 'ERROR credentials needed\n')
+
+    def test_malformed_credentials(self):
+        for header in ('Basic !!!not-base64!!!', 'Basic ' + base64.b64encode(b'no colon').decode(),
+                       'Bearer abc', 'Basic'):
+            resp = self.fetch('/running.txt', user=None, headers={'Authorization': header})
+            self.assertEqual(resp.status, 401, header)
+            self.assertEqual(resp.headers['WWW-Authenticate'], 'Basic realm="pydirector"')
+
+    def test_wrong_password_and_unknown_user(self):
+        mark = LOG.mark()
+        self.assertEqual(self.fetch('/running.txt', password='wrong').status, 401)
+        self.assertEqual(self.fetch('/running.txt', user='nobody').status, 401)
+        LOG.wait_for("admin: bad credentials for user admin from 127.0.0.1", mark)
+        LOG.wait_for("admin: bad credentials for user nobody from 127.0.0.1", mark)
+
+    def test_readonly_user_reads_but_cannot_change(self):
+        self.assertEqual(self.fetch('/running.txt', user='viewer').status, 200)
+        self.assertEqual(self.fetch('/metrics', user='viewer').status, 200)
+        resp = self.fetch('/hostAdminDown?service=web&group=main&name=n1', user='viewer')
+        self.assertEqual((resp.status, resp.body), (403, 'ERROR user viewer has read-only access\n'))
+        resp = self.fetch('/closeLog', method='POST', body={}, user='viewer')
+        self.assertEqual(resp.status, 403)
+        self.assertEqual(self.host('n1')['admin'], 'enabled')
+
+    def test_successful_checks_are_cached(self):
+        calls = []
+        real = pydirector_admin.check_password
+
+        def counting(password, stored):
+            calls.append(stored)
+            return real(password, stored)
+
+        self.fetch('/running.txt')  # admin's own check is cached before counting starts
+        pydirector_admin.check_password = counting
+        try:
+            self.change('/addUser?name=cached&password=x%20y&access=readonly')
+            for _ in range(3):
+                self.assertEqual(self.fetch('/running.txt', user='cached', password='x y').status, 200)
+            self.assertEqual(len(calls), 1)
+            # A changed password is a new stored hash: the old cache entry no longer matches.
+            self.change('/addUser?name=cached&password=other&access=readonly')
+            self.assertEqual(self.fetch('/running.txt', user='cached', password='x y').status, 401)
+            self.assertEqual(self.fetch('/running.txt', user='cached', password='other').status, 200)
+            self.change('/delUser?name=cached')
+            self.assertEqual(self.fetch('/running.txt', user='cached', password='other').status, 401)
+        finally:
+            pydirector_admin.check_password = real
+
+    def test_legacy_crypt_hash(self):
+        try:
+            import warnings
+            with warnings.catch_warnings():
+                warnings.simplefilter('ignore', DeprecationWarning)
+                import crypt
+        except ImportError:
+            self.skipTest('no crypt module in this Python (removed in 3.13): legacy hashes cannot verify')
+        stored = crypt.crypt('old secret', crypt.mksalt(crypt.METHOD_SHA512))
+        if not stored or not stored.startswith('$6$'):
+            self.skipTest('this libc crypt() lacks SHA-512')
+        self.bal.call(self.bal.director.add_user, 'legacy', stored, 'full')
+        try:
+            self.assertEqual(self.fetch('/running.txt', user='legacy', password='old secret').status, 200)
+            self.assertEqual(self.fetch('/running.txt', user='legacy', password='old secreT').status, 401)
+        finally:
+            self.bal.call(self.bal.director.del_user, 'legacy')
+
+
+# ---------------------------------------------------------------------------
+
+class ChangeTest(AdminCase):
+
+    def test_add_and_delete_host(self):
+        backend = Backend(support.say_name, 'n3')
+        self.addCleanup(backend.close)
+        body = self.change('/addHost?service=web&group=main&name=n3&ip=%s&weight=2&maxconns=5' % backend.address)
+        self.assertEqual(body, 'OK added host n3 (%s) to web/main\n' % backend.address)
+        h = self.host('n3')
+        self.assertEqual((h['ip'], h['weight'], h['maxconns'], h['state']), (backend.address, 2, 5, 'up'))
+        wait_until(lambda: exchange(self.bal.port()) == b'n3')  # it takes traffic
+        self.change('/addHost?service=web&group=main&name=n3&ip=%s' % backend.address, 409)
+        self.change('/delHost?service=web&group=main&ip=%s' % backend.address)
+        self.assertNotIn('n3', self.hosts())
+        self.change('/delHost?service=web&group=main&name=n3', 404)
+
+    def test_add_host_errors(self):
+        self.change('/addHost?service=nope&group=main&name=x&ip=127.0.0.1:9', 404)
+        self.change('/addHost?service=web&group=nope&name=x&ip=127.0.0.1:9', 404)
+        self.change('/addHost?service=web&group=main&name=x', 400)
+        self.change('/addHost?service=web&group=main&name=x&ip=', 400)
+        self.change('/addHost?service=web&group=main&name=x&ip=nocolon', 400)
+        self.change('/addHost?service=web&group=main&name=x&ip=127.0.0.1:9&weight=heavy', 400)
+        self.change('/addHost?service=web&group=main&name=x&ip=127.0.0.1:9&colour=red', 400)
+        self.change('/addHost?service=web&group=main&name=x&name=y&ip=127.0.0.1:9', 400)
+        self.change('/addHost?service=web&group=main&name=a%0Ab&ip=127.0.0.1:9', 400)
+        self.change('/addHost?service=web&group=main&name=a%E2%80%A8b&ip=127.0.0.1:9', 400)
+        self.change('/addHost?service=web&group=main&name=%FF&ip=127.0.0.1:9', 400)
+        self.assertNotIn('x', self.hosts())
+
+    def test_control_characters_cannot_forge_log_lines(self):
+        mark = LOG.mark()
+        body = self.change('/addHost?service=web&group=main&name=x%0Dforged%0Aline&ip=127.0.0.1:9', 400)
+        self.assertEqual(body, 'ERROR parameter name contains control characters\n')
+        lines = LOG.since(mark)
+        self.assertTrue(any('refused (400)' in l for l in lines), lines)
+        self.assertFalse(any('\n' in l or '\r' in l for l in lines), lines)
+
+    def test_del_host_refuses_last_host_of_enabled_group(self):
+        self.change('/newGroup?service=web&group=solo&scheduler=random')
+        self.change('/addHost?service=web&group=solo&name=only&ip=%s' % self.s1.address)
+        self.change('/enableGroup?service=web&group=solo')
+        try:
+            body = self.change('/delHost?service=web&group=solo&name=only', 409)
+            self.assertIn('last host of the enabled group', body)
+            self.change('/delAllHosts?service=web&group=solo', 409)
+            self.change('/delGroup?service=web&group=solo', 409)
+        finally:
+            self.change('/enableGroup?service=web&group=main')
+        self.change('/delAllHosts?service=web&group=solo')
+        self.assertEqual(self.hosts('solo'), [])
+        self.change('/delGroup?service=web&group=solo')
+        self.assertIsNone(self.hosts('solo'))
+        self.change('/delGroup?service=web&group=solo', 404)
+
+    def test_new_group_errors(self):
+        self.change('/newGroup?service=web&group=main&scheduler=random', 409)
+        self.change('/newGroup?service=web&group=g2&scheduler=bogus', 400)
+        self.change('/newGroup?service=nope&group=g2&scheduler=random', 404)
+        self.change('/newGroup?service=web&group=g2', 400)
+
+    def test_enable_group(self):
+        self.assertEqual(exchange(self.bal.port()) in (b'n1', b'n2'), True)
+        body = self.change('/enableGroup?service=web&group=spare')
+        self.assertEqual(body, 'OK enabled group spare in service web (was main)\n')
+        try:
+            self.assertEqual(exchange(self.bal.port()), b's1')
+            self.assertIn('group spare enabled', self.fetch('/running.txt').body)
+        finally:
+            self.change('/enableGroup?service=web&group=main')
+        self.change('/enableGroup?service=web&group=nope', 404)
+
+    def test_change_scheduler(self):
+        body = self.change('/changeScheduler?service=web&group=spare&scheduler=roundrobin,sticky')
+        self.assertIn('roundrobin,sticky', body)
+        self.assertIn('Group spare (inactive) &mdash; scheduler roundrobin,sticky', self.fetch('/running').body)
+        self.change('/changeScheduler?service=web&group=spare&scheduler=nonsense', 400)
+        self.change('/changeScheduler?service=web&group=spare&scheduler=leastconns')
+
+    def test_drain_and_undrain(self):
+        self.change('/hostAdminDown?service=web&group=main&name=n2')
+        try:
+            self.assertEqual(self.host('n2')['state'], 'draining')
+            self.assertIn('disabled n2 %s draining -' % self.n2.address, self.fetch('/running.txt').body)
+            self.assertEqual({exchange(self.bal.port()) for _ in range(4)}, {b'n1'})
+        finally:
+            self.change('/hostAdminUp?service=web&group=main&name=n2')
+        self.assertEqual(self.host('n2')['state'], 'up')
+        self.change('/hostAdminDown?service=web&group=main&name=zz', 404)
+
+    def test_retry_host(self):
+        body = self.change('/retryHost?service=web&group=main&name=dead')
+        self.assertEqual(body, 'OK probing host dead in web/main now\n')
+        self.change('/retryHost?service=web&group=main', 400)
+
+    def test_users(self):
+        self.change('/addUser?name=ops&password=pw&access=full')
+        self.assertEqual(self.fetch('/running.txt', user='ops', password='pw').status, 200)
+        self.change('/addUser?name=ops&password=pw&access=root', 400)
+        self.change('/addUser?name=ops&access=full', 400)
+        self.change('/delUser?name=ops')
+        self.change('/delUser?name=ops', 404)
+        body = self.change('/delUser?name=admin', 409)
+        self.assertIn('last full-access user', body)
+        self.assertIn('<td>admin</td><td>full</td>', self.fetch('/running').body)
+
+    def test_close_log(self):
+        self.assertEqual(self.change('/closeLog'), 'OK log reopened\n')
+        self.change('/closeLog?now=1', 400)
+
+    def test_post_form(self):
+        resp = self.fetch('/hostAdminDown', method='POST', body={'service': 'web', 'group': 'main', 'name': 'n1'})
+        self.assertEqual(resp.status, 200, resp)
+        self.assertEqual(self.host('n1')['admin'], 'draining')
+        resp = self.fetch('/hostAdminUp', method='POST', body={'service': 'web', 'group': 'main', 'name': 'n1'})
+        self.assertEqual(resp.status, 200, resp)
+        self.assertEqual(self.host('n1')['admin'], 'enabled')
+
+    def test_post_body_limits(self):
+        resp = self.fetch('/closeLog', method='POST', body='{"a": 1}', headers={'Content-Type': 'application/json'})
+        self.assertEqual(resp.status, 415)
+        resp = self.fetch('/closeLog', method='POST', body='a=' + 'x' * 70000,
+                          headers={'Content-Type': 'application/x-www-form-urlencoded'})
+        self.assertEqual(resp.status, 413)
+        answer = self.raw(b'POST /closeLog HTTP/1.1\r\nHost: x\r\nAuthorization: ' +
+                          basic('admin', PASSWORD).encode() + b'\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n')
+        self.assertTrue(answer.startswith(b'HTTP/1.0 411 '), answer)
+
+    def test_browser_gets_redirected_with_the_result(self):
+        browser = {'Accept': 'text/html,application/xhtml+xml,*/*;q=0.8'}
+        resp = self.fetch('/hostAdminDown?service=web&group=main&name=n1', headers=browser)
+        self.assertEqual(resp.status, 303)
+        location = resp.headers['Location']
+        self.assertEqual(location, '/running?msg=OK+draining+host+n1+in+web%2Fmain+%280+open%29')
+        self.assertIn('<p class="msg ok">OK draining host n1 in web/main (0 open)</p>', self.fetch(location).body)
+        resp = self.fetch('/hostAdminUp', method='POST', headers=browser,
+                          body={'service': 'web', 'group': 'main', 'name': 'n1'})
+        self.assertEqual(resp.status, 303)
+        resp = self.fetch('/hostAdminUp?service=web&group=main&name=%3Cb%3E', headers=browser)
+        self.assertEqual(resp.status, 303)
+        page = self.fetch(resp.headers['Location']).body
+        self.assertIn('<p class="msg error">ERROR no host &#x27;&lt;b&gt;&#x27; in web/main</p>', page)
+
+
+# ---------------------------------------------------------------------------
+
+class CrossSiteTest(AdminCase):
+    """A change a browser makes for another site is refused; the admin's own pages are not."""
+
+    def refused(self, headers, method='GET'):
+        body = {'service': 'web', 'group': 'main', 'name': 'n1'} if method == 'POST' else None
+        path = '/hostAdminDown' + ('' if body else '?service=web&group=main&name=n1')
+        resp = self.fetch(path, method=method, body=body, headers=headers)
+        self.assertEqual(resp.status, 403, (headers, resp))
+        self.assertIn('cross-site request refused', resp.body)
+        self.assertEqual(self.host('n1')['admin'], 'enabled')
+
+    def test_sec_fetch_site(self):
+        self.refused({'Sec-Fetch-Site': 'cross-site'})
+        self.refused({'Sec-Fetch-Site': 'same-site'}, 'POST')
+
+    def test_origin_and_referer(self):
+        self.refused({'Origin': 'http://evil.example'}, 'POST')
+        self.refused({'Origin': 'null'}, 'POST')
+        self.refused({'Origin': 'http://127.0.0.1:%d' % (self.port + 1)})
+        self.refused({'Referer': 'http://evil.example/page.html'})
+        self.refused({'Referer': 'http://127.0.0.1:%d.evil.example/' % self.port})
+        self.refused({'Origin': 'http://127.0.0.1:%d' % self.port, 'Host': 'other.example:%d' % self.port})
+
+    def test_same_origin_passes(self):
+        own = 'http://127.0.0.1:%d' % self.port
+        for headers in ({'Origin': own, 'Sec-Fetch-Site': 'same-origin'},
+                        {'Referer': own + '/running?refresh=5'}, {'Sec-Fetch-Site': 'none'}):
+            self.change('/hostAdminDown', method='POST', headers=headers,
+                        body={'service': 'web', 'group': 'main', 'name': 'n1'})
+            self.change('/hostAdminUp?service=web&group=main&name=n1', headers=headers)
+
+    def test_reading_is_not_checked(self):
+        resp = self.fetch('/running.txt', headers={'Sec-Fetch-Site': 'cross-site', 'Origin': 'http://evil.example'})
+        self.assertEqual(resp.status, 200)
+
+
+class EscapingTest(AdminCase):
+
+    def test_script_host_name_is_escaped(self):
+        self.change('/addHost', method='POST', body={'service': 'web', 'group': 'spare', 'name': '<script>',
+                                                     'ip': '127.0.0.1:9'})
+        self.change('/addHost', method='POST', body={'service': 'web', 'group': 'spare',
+                                                     'name': 'x" onmouseover="alert(1)', 'ip': '127.0.0.1:9'})
+        try:
+            page = self.fetch('/running').body
+            self.assertIn('<td>&lt;script&gt;</td>', page)
+            self.assertNotIn('<script>', page)
+            self.assertIn('value="x&quot; onmouseover=&quot;alert(1)"', page)
+            self.assertNotIn('" onmouseover="', page)
+            # running.txt fields never hold whitespace.
+            self.assertIn('host x"_onmouseover="alert(1) 127.0.0.1:9 0 0', self.fetch('/running.txt').body)
+        finally:
+            self.change('/delHost?service=web&group=spare&name=%3Cscript%3E')
+            self.change('/delHost?service=web&group=spare&name=x%22+onmouseover%3D%22alert%281%29')
+
+    def test_message_is_escaped(self):
+        page = self.fetch('/running?msg=%3Cimg+src%3Dx%3E').body
+        self.assertIn('<p class="msg error">&lt;img src=x&gt;</p>', page)
+        self.assertEqual(self.fetch('/running?msg=a%0Ab').status, 400)
+
+
+# ---------------------------------------------------------------------------
+
+class LimitsTest(AdminCase):
+
+    def auth_line(self):
+        return b'Authorization: ' + basic('admin', PASSWORD).encode() + b'\r\n'
+
+    def test_long_request_line_is_414(self):
+        answer = self.raw(b'GET /' + b'a' * 9000 + b' HTTP/1.1\r\nHost: x\r\n\r\n')
+        self.assertTrue(answer.startswith(b'HTTP/1.0 414 '), answer[:100])
+
+    def test_oversized_headers_are_431(self):
+        answer = self.raw(b'GET / HTTP/1.1\r\nX-Big: ' + b'b' * 9000 + b'\r\n\r\n')
+        self.assertTrue(answer.startswith(b'HTTP/1.0 431 '), answer[:100])
+        answer = self.raw(b'GET / HTTP/1.1\r\n' + b''.join(b'X-%d: y\r\n' % i for i in range(101)) + b'\r\n')
+        self.assertTrue(answer.startswith(b'HTTP/1.0 431 '), answer[:100])
+        answer = self.raw(b'GET / HTTP/1.1\r\n' + b''.join(b'X-%d: %s\r\n' % (i, b'z' * 4000) for i in range(9))
+                          + b'\r\n')
+        self.assertTrue(answer.startswith(b'HTTP/1.0 431 '), answer[:100])
+
+    def test_malformed_request_is_400(self):
+        self.assertTrue(self.raw(b'GARBAGE\r\n\r\n').startswith(b'HTTP/1.0 400 '))
+        self.assertIn(b'ERROR Bad request version', self.raw(b'GET / HTTP/9x\r\n\r\n'))
+        answer = self.raw(b'GET / HTTP/1.1\r\nHost: x\r\n')  # no blank line: cut short
+        self.assertTrue(answer.startswith(b'HTTP/1.0 400 '), answer)
+
+    def test_trickling_client_is_cut_at_the_deadline(self):
+        self.server.connection_deadline = 1.0
+        self.addCleanup(setattr, self.server, 'connection_deadline', pydirector_admin.CONNECTION_DEADLINE)
+        sock = socket.create_connection(('127.0.0.1', self.port), timeout=5)
+        self.addCleanup(sock.close)
+        sock.sendall(b'GET /running.txt HTTP/1.1\r\n')
+        started = time.monotonic()
+        sock.settimeout(0.2)
+
+        def cut():
+            try:
+                sock.sendall(b'X')  # one byte at a time: each read succeeds, so only the deadline helps
+                return sock.recv(100) == b''
+            except socket.timeout:
+                return False
+            except OSError:
+                return True
+        wait_until(cut, 5, interval=0.1)
+        self.assertLess(time.monotonic() - started, 3.0)
+        self.assertEqual(self.fetch('/running.txt').status, 200)
+
+    def test_silent_client_times_out(self):
+        self.server.request_timeout = 0.3
+        self.addCleanup(setattr, self.server, 'request_timeout', pydirector_admin.REQUEST_TIMEOUT)
+        sock = socket.create_connection(('127.0.0.1', self.port), timeout=5)
+        with sock:
+            started = time.monotonic()
+            self.assertEqual(sock.recv(100), b'')
+            self.assertLess(time.monotonic() - started, 3.0)
+
+    def test_connection_cap(self):
+        wait_until(lambda: not self.server.connections)  # earlier requests' threads are done
+        self.server.max_connections = 2
+        held = []
+        try:
+            for _ in range(2):
+                held.append(socket.create_connection(('127.0.0.1', self.port), timeout=5))
+            wait_until(lambda: len(self.server.connections) == 2)
+            extra = socket.create_connection(('127.0.0.1', self.port), timeout=5)
+            with extra:
+                self.assertEqual(extra.recv(100), b'')  # closed at once
+        finally:
+            self.server.max_connections = pydirector_admin.MAX_CONNECTIONS
+            for sock in held:
+                sock.close()
+        wait_until(lambda: not self.server.connections)
+        self.assertEqual(self.fetch('/running.txt').status, 200)
+
+    def test_stuck_loop_is_503(self):
+        self.fetch('/running.txt')  # credentials cached, so only the snapshot waits on the loop
+        release = threading.Event()
+        self.server.loop_timeout = 0.3
+        self.bal.director.loop.call_soon_threadsafe(release.wait, 5)
+        try:
+            resp = self.fetch('/running.txt')
+        finally:
+            release.set()
+            self.server.loop_timeout = pydirector_admin.LOOP_TIMEOUT
+        self.assertEqual((resp.status, resp.body), (503, 'ERROR the balancer is busy; try again\n'))
+        wait_until(lambda: self.fetch('/running.txt').status == 200)
+
+    def test_bug_is_500_logged_once_and_nothing_on_stderr(self):
+        def broken():
+            raise RuntimeError('boom')
+        director = self.bal.director
+        director.close_log = broken
+        stderr = io.StringIO()
+        mark = LOG.mark()
+        try:
+            with contextlib.redirect_stderr(stderr):
+                resp = self.fetch('/closeLog')
+                self.fetch('/running.txt')
+                self.raw(b'GET / HTTP/1.1\r\n')  # cut short
+        finally:
+            del director.close_log
+        self.assertEqual((resp.status, resp.body), (500, 'ERROR internal error (logged)\n'))
+        tracebacks = [l for l in LOG.since(mark) if l.startswith('TRACEBACK')]
+        self.assertEqual(len(tracebacks), 1, tracebacks)
+        self.assertIn('RuntimeError: boom', tracebacks[0])
+        self.assertEqual(stderr.getvalue(), '')
+
+    def test_https(self):
+        if not shutil.which('openssl'):
+            self.skipTest('openssl command not found: cannot make a test certificate')
+        tmp = tempfile.mkdtemp(prefix='pydirector-tls-')
+        self.addCleanup(shutil.rmtree, tmp)
+        cert, key = os.path.join(tmp, 'cert.pem'), os.path.join(tmp, 'key.pem')
+        subprocess.check_call(['openssl', 'req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', key,
+                               '-out', cert, '-days', '2', '-subj', '/CN=localhost',
+                               '-addext', 'subjectAltName=IP:127.0.0.1'],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        a = self.admin_config
+        server = pydirector_admin.start(self.bal.director, pydirector.Admin(a.listen, a.host, 0, a.users, cert, key))
+        self.addCleanup(server.stop)
+        port = server.server_address[1]
+        # A client that connects and never says hello must not hold up the next one.
+        silent = socket.create_connection(('127.0.0.1', port))
+        self.addCleanup(silent.close)
+        context = ssl.create_default_context(cafile=cert)
+        conn = http.client.HTTPSConnection('127.0.0.1', port, timeout=5, context=context)
+        conn.request('GET', '/running.txt', headers={'Authorization': basic('admin', PASSWORD)})
+        resp = conn.getresponse()
+        self.assertEqual(resp.status, 200)
+        self.assertIn(b'service web', resp.read())
+        conn.close()
+        # Plain HTTP to the TLS port fails cleanly, without a traceback.
+        mark = LOG.mark()
+        self.raw(b'GET / HTTP/1.0\r\n\r\n', port=port)
+        self.assertFalse([l for l in LOG.since(mark) if l.startswith('TRACEBACK')])
+
+
+# ---------------------------------------------------------------------------
+
+class TrafficTest(AdminCase):
+    """Changes under real traffic: open connections finish, new ones follow the change."""
+
+    @classmethod
+    def backends(cls):
+        cls.e1 = Backend(name_then_echo, 'e1')
+        cls.e2 = Backend(name_then_echo, 'e2')
+        cls.b1 = Backend(name_then_echo, 'b1')
+        return [cls.e1, cls.e2, cls.b1]
+
+    @classmethod
+    def service(cls):
+        return service_xml(None, groups=[
+            ('main', 'roundrobin', [('e1', cls.e1.address), ('e2', cls.e2.address)]),
+            ('blue', 'roundrobin', [('b1', cls.b1.address)]),
+        ], enable='main')
+
+    def open_client(self):
+        sock = support.connect(self.bal.port())
+        self.addCleanup(sock.close)
+        f = sock.makefile('rb')
+        self.addCleanup(f.close)
+        name = f.readline().strip().decode()
+        return sock, f, name
+
+    def ping(self, sock, f, data=b'ping\n'):
+        sock.sendall(data)
+        self.assertEqual(f.readline(), data)
+
+    def test_del_host_with_open_connections(self):
+        pairs_before = self.bal.open_pairs()
+        clients = [self.open_client() for _ in range(4)]
+        on_e1 = [c for c in clients if c[2] == 'e1']
+        self.assertEqual(len(on_e1), 2, [c[2] for c in clients])
+        e3 = Backend(name_then_echo, 'e3')
+        self.addCleanup(e3.close)
+        self.change('/addHost?service=web&group=main&name=e3&ip=%s' % e3.address)
+        self.addCleanup(self.change, '/delHost?service=web&group=main&name=e3')
+        body = self.change('/delHost?service=web&group=main&name=e1')
+        self.addCleanup(self.change, '/addHost?service=web&group=main&name=e1&ip=%s' % self.e1.address)
+        self.assertEqual(body, 'OK removed host e1 (%s) from web/main\n' % self.e1.address)
+        self.assertNotIn('e1', self.hosts())
+        # The open connections to e1 still flow both ways, and finish normally.
+        for sock, f, _ in on_e1:
+            self.ping(sock, f)
+        # New connections never go to e1.
+        self.assertEqual({self.open_client()[2] for _ in range(4)}, {'e2', 'e3'})
+        for sock, f, _ in on_e1:
+            sock.shutdown(socket.SHUT_WR)
+            self.assertEqual(f.read(), b'')
+        wait_until(lambda: self.bal.open_pairs() == pairs_before + 8 - 2)
+        wait_until(lambda: self.e1.open == 0)
+
+    def test_enable_group_under_load(self):
+        held_sock, held_f, held_name = self.open_client()
+        self.assertIn(held_name, ('e1', 'e2'))
+        results = []
+        errors = []
+        stop = threading.Event()
+
+        def load():
+            for _ in range(5000):
+                if stop.is_set():
+                    return
+                started = time.monotonic()
+                try:
+                    answer = exchange(self.bal.port(), b'x')
+                except OSError as e:
+                    errors.append(e)
+                    continue
+                results.append((started, answer))
+
+        thread = threading.Thread(target=load, daemon=True)
+        thread.start()
+        try:
+            wait_until(lambda: len(results) >= 20, 10)
+            self.change('/enableGroup?service=web&group=blue')
+            switched = time.monotonic()
+            wait_until(lambda: any(t > switched for t, _ in results), 10)
+            wait_until(lambda: len([1 for t, _ in list(results) if t > switched]) >= 20, 10)
+        finally:
+            stop.set()
+            thread.join(10)
+            self.change('/enableGroup?service=web&group=main')
+        self.assertEqual(errors, [])
+        before = [a for t, a in results if t < switched]
+        after = [a for t, a in results if t > switched]
+        self.assertTrue(set(before) <= {b'e1\nx', b'e2\nx', b'b1\nx'}, set(before))
+        self.assertIn(b'e1\nx', before)
+        self.assertEqual(set(after), {b'b1\nx'})
+        # The connection opened before the switch still flows to its old host.
+        self.ping(held_sock, held_f)
+
+
+# ---------------------------------------------------------------------------
+
+def tool_env(home):
+    """A clean environment for wget/curl: no proxies, no rc files of the user running the tests."""
+    return {'PATH': os.environ.get('PATH', '/usr/bin:/bin'), 'HOME': home, 'LC_ALL': 'C'}
+
+
+class ToolsTest(AdminCase):
+    """The scripted workflow with the real tools: add a host, see it, drain it, delete it."""
+
+    def run_tool(self, args):
+        home = tempfile.mkdtemp(prefix='pydirector-tool-')
+        self.addCleanup(shutil.rmtree, home)
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=tool_env(home))
+        out, err = proc.communicate(timeout=20)
+        return proc.returncode, out.decode(), err.decode()
+
+    def wget(self, path):
+        return self.run_tool(['wget', '-q', '-O', '-', '--user=admin', '--password=' + PASSWORD,
+                              self.base + path])
+
+    def curl(self, path, *extra):
+        return self.run_tool(['curl', '-q', '-sS', '--fail', '-u', 'admin:' + PASSWORD] + list(extra) +
+                             [self.base + path])
+
+    def test_wget_workflow(self):
+        if not shutil.which('wget'):
+            self.skipTest('wget not on PATH (CI installs it)')
+        backend = Backend(support.say_name, 'w1')
+        self.addCleanup(backend.close)
+        q = 'service=web&group=main&name=w1'
+        rc, out, err = self.wget('/addHost?%s&ip=%s' % (q, backend.address))
+        self.assertEqual((rc, out), (0, 'OK added host w1 (%s) to web/main\n' % backend.address), err)
+        rc, out, err = self.wget('/running.txt')
+        self.assertEqual(rc, 0)
+        self.assertIn('host w1 %s 0 0\n' % backend.address, out)
+        rc, out, err = self.wget('/hostAdminDown?' + q)
+        self.assertEqual((rc, out), (0, 'OK draining host w1 in web/main (0 open)\n'))
+        self.assertIn('disabled w1 %s draining -\n' % backend.address, self.wget('/running.txt')[1])
+        rc, out, err = self.wget('/delHost?' + q)
+        self.assertEqual((rc, out), (0, 'OK removed host w1 (%s) from web/main\n' % backend.address))
+        self.assertNotIn('w1', self.wget('/running.txt')[1])
+        # Failures exit non-zero (wget: 8 = the server answered with an error).
+        self.assertEqual(self.wget('/delHost?' + q)[0], 8)
+        rc, out, err = self.run_tool(['wget', '-q', '-O', '-', '--user=admin', '--password=wrong',
+                                      self.base + '/running.txt'])
+        self.assertEqual(rc, 6)  # 6 = authentication failure
+
+    def test_curl_workflow(self):
+        if not shutil.which('curl'):
+            self.skipTest('curl not on PATH (CI installs it)')
+        backend = Backend(support.say_name, 'c1')
+        self.addCleanup(backend.close)
+        rc, out, err = self.curl('/addHost', '--data', 'service=web&group=main&name=c1&ip=' + backend.address)
+        self.assertEqual((rc, out), (0, 'OK added host c1 (%s) to web/main\n' % backend.address), err)
+        self.assertIn('host c1 %s 0 0\n' % backend.address, self.curl('/running.txt')[1])
+        self.assertEqual(self.curl('/hostAdminDown?service=web&group=main&name=c1')[0], 0)
+        self.assertIn('disabled c1 %s draining -\n' % backend.address, self.curl('/running.txt')[1])
+        self.assertEqual(self.curl('/delHost', '--data', 'service=web&group=main&name=c1')[0], 0)
+        self.assertNotIn('c1', self.curl('/running.txt')[1])
+        rc, out, err = self.curl('/delHost?service=web&group=main&name=c1')
+        self.assertEqual(rc, 22)  # --fail: HTTP status >= 400
+        self.assertIn('404', err)
+        # Without --fail a script still sees the reason.
+        rc, out, err = self.run_tool(['curl', '-q', '-sS', '-u', 'admin:' + PASSWORD,
+                                      self.base + '/delHost?service=web&group=main&name=c1'])
+        self.assertEqual(out, "ERROR no host 'c1' in web/main\n")
+
+
+class CommandLineTest(unittest.TestCase):
+    """`python3 pydirector.py -c FILE` with <admin>: the module runs as __main__ there."""
+
+    def test_refusals_and_shutdown(self):
+        backend = Backend(support.say_name, 'p1')
+        self.addCleanup(backend.close)
+        listen, admin_port = free_port(), free_port()
+        xml = config_xml(service_xml([('p1', backend.address)], listen_port=listen) + admin_xml(admin_port))
+        proc = support.BalancerProcess(xml, wait_port=admin_port)
+        self.addCleanup(proc.close)
+        self.assertEqual(exchange(listen), b'p1')
+
+        def fetch(path):
+            conn = http.client.HTTPConnection('127.0.0.1', admin_port, timeout=10)
+            conn.request('GET', path, headers={'Authorization': basic('admin', PASSWORD)})
+            resp = conn.getresponse()
+            body = resp.read().decode()
+            conn.close()
+            return resp.status, body
+
+        # A refusal is the director's AdminError, not a 500 from a second copy of the module.
+        self.assertEqual(fetch('/delHost?service=web&group=main&name=nope'),
+                         (404, "ERROR no host 'nope' in web/main\n"))
+        self.assertEqual(fetch('/delHost?service=web&group=main&name=p1'),
+                         (409, 'ERROR refusing to remove the last host of the enabled group main\n'))
+        self.assertIn('host p1 %s 0 1' % backend.address, fetch('/running.txt')[1])
+        proc.signal(signal.SIGTERM)
+        self.assertEqual(proc.wait(), 0)
+        output = proc.output()
+        self.assertIn('admin listening on http://127.0.0.1:%d' % admin_port, output)
+        self.assertNotIn('Traceback', output)
+
+
+class FormParser(html.parser.HTMLParser):
+    """The POST forms of a page: [(action, {field: value})], from hidden and visible inputs."""
+
+    def __init__(self):
+        html.parser.HTMLParser.__init__(self)
+        self.forms = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == 'form':
+            self.forms.append((attrs.get('action'), attrs.get('method'), {}))
+        elif tag == 'input' and self.forms and 'name' in attrs:
+            self.forms[-1][2][attrs['name']] = attrs.get('value', '')
+
+
+CHROMIUM = '/usr/bin/chromium'
+
+
+class ChromiumTest(AdminCase):
+    """/running in a real headless browser; the enable-group button's form POSTed as the browser would."""
+
+    def dump_dom(self, path):
+        profile = tempfile.mkdtemp(prefix='pydirector-chromium-')
+        self.addCleanup(shutil.rmtree, profile, True)
+        url = 'http://admin:%s@127.0.0.1:%d%s' % (urllib.parse.quote(PASSWORD, safe=''), self.port, path)
+        proc = subprocess.Popen([CHROMIUM, '--headless', '--no-sandbox', '--disable-gpu',
+                                 '--disable-background-networking', '--disable-component-update',
+                                 '--disable-sync', '--no-first-run', '--user-data-dir=' + profile,
+                                 '--dump-dom', url], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise
+        return out.decode('utf-8')
+
+    def test_enable_group_from_the_page(self):
+        if not os.path.exists(CHROMIUM):
+            self.skipTest('%s not installed (CI installs Debian chromium)' % CHROMIUM)
+        dom = self.dump_dom('/running')
+        self.assertIn('<h2>Service web</h2>', dom)
+        parser = FormParser()
+        parser.feed(dom)
+        forms = [f for f in parser.forms if f[0] == '/enableGroup']
+        self.assertEqual(len(forms), 1, parser.forms)
+        action, method, fields = forms[0]
+        self.assertEqual((method, fields), ('post', {'service': 'web', 'group': 'spare'}))
+        # Submit it with the headers Chromium sends for a same-origin form POST.
+        own = 'http://127.0.0.1:%d' % self.port
+        resp = self.fetch(action, method='POST', body=fields, headers={
+            'Origin': own, 'Referer': own + '/running', 'Sec-Fetch-Site': 'same-origin',
+            'Sec-Fetch-Mode': 'navigate', 'Accept': 'text/html,application/xhtml+xml,*/*;q=0.8'})
+        self.assertEqual(resp.status, 303)
+        try:
+            self.assertEqual(exchange(self.bal.port()), b's1')
+            dom = self.dump_dom(resp.headers['Location'])
+            self.assertIn('<p class="msg ok">OK enabled group spare in service web (was main)</p>', dom)
+            self.assertIn('Group spare <span class="enabled">(enabled)</span>', dom)
+        finally:
+            self.change('/enableGroup?service=web&group=main')
+
+
+if __name__ == '__main__':
+    unittest.main()

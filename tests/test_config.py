@@ -1,0 +1,624 @@
+"""Config tests: good files, 1.0 files, round trips, and bad files with their exact messages."""
+
+import importlib
+import os
+import shutil
+import tempfile
+import unittest
+import warnings
+
+from pydirector import (
+    DEFAULT_CHECK, Check, Config, ConfigError, Host, Service, Group, Listen, Timeouts,
+    check_name, check_password, hash_password, is_legacy_hash, load_config,
+    parse_address, parse_config)
+
+
+def have_crypt():
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', DeprecationWarning)
+            importlib.import_module('crypt')
+    except ImportError:
+        return False
+    return True
+
+
+HAVE_CRYPT = have_crypt()
+
+# crypt.crypt('secret', 'iy') and friends, made once with glibc.
+DES_SECRET = 'iya2/im3qjwhU'
+MD5_SECRET = '$1$abcdefgh$cHJi5PXp/ki/ktXzqlk6I1'
+SHA512_SECRET = ('$6$saltsalt$TVLlQcbpFVof5W3Yz4DTP6gRstiNuHwwTt6GLc1E5n0U0aDehy0S5knV8wiOQSpT0Y77v'
+                 'wPZN.Pq.H91p5hVO1')
+
+# A Python Director 1.0 file, as 1.0 users wrote them.
+SAMPLE_1_0 = """\
+<pdconfig>
+  <service name="web">
+    <listen ip="0.0.0.0:8080"/>           <!-- one or more; "*:8080" = all interfaces -->
+    <group name="main" scheduler="leastconns">
+      <host name="one" ip="10.0.0.1:80"/>
+      <host name="two" ip="10.0.0.2:80"/>
+    </group>
+    <group name="upgrade" scheduler="roundrobin">
+      <client ip="10.0.1.1:80"/>
+      <client ip="10.0.1.2:80" weight="2"/>
+    </group>
+    <enable group="main"/>
+  </service>
+  <admin listen="localhost:7001">
+    <user name="anthony" password="iy910VlMkG1DE" access="full"/>
+  </admin>
+  <logging file="pydir.log"/>
+</pdconfig>
+"""
+
+EXTENDED = """\
+<?xml version="1.0" encoding="UTF-8"?>
+<!-- everything new since 1.0 -->
+<pdconfig drain="2.5">
+  <service name="web">
+    <listen ip="*:8080"/>
+    <listen ip="[::]:8080"/>
+    <listen ip="[::1]:8081"/>
+    <group name="main" scheduler="roundrobin,sticky">
+      <host name="a" ip="backend.example:80" weight="3" maxconns="100"/>
+      <host name="b" ip="[2001:db8::1]:8080"/>
+    </group>
+    <group name="spare" scheduler="hash"/>
+    <check interval="1.5" timeout="0.25" rise="1" fall="5"
+           send="GET / HTTP/1.0\\r\\n\\r\\n" expect="HTTP/1.0 200"/>
+    <timeouts connect="0.5" idle="60"/>
+  </service>
+  <service name="smtp">
+    <listen ip="127.0.0.1:2525"/>
+    <group name="mx" scheduler="leastconns">
+      <host name="mx1" ip="10.0.0.25:25"/>
+    </group>
+    <check expect="220 "/>
+  </service>
+  <admin listen="127.0.0.1:7001" certfile="/etc/pd/cert.pem" keyfile="/etc/pd/key.pem">
+    <user name="ops" password="PBKDF2" access="full"/>
+    <user name="watcher" password="PBKDF2" access="readonly"/>
+  </admin>
+</pdconfig>
+"""
+
+# Made once by hash_password('right', iterations=1000); kept fixed so the file is stable.
+PBKDF2_RIGHT = 'pbkdf2_sha256$1000$xu5uu/A7NiIxNdZWjYAy3w$cdJfkueTyP3W/GvvGIK0V4GT+3lA5HUlkLjl5r4H39I'
+
+
+class OneZeroTest(unittest.TestCase):
+    """Python Director 1.0 files must load unchanged."""
+
+    def load(self):
+        return parse_config(SAMPLE_1_0, 'sample.xml')
+
+    @unittest.skipUnless(HAVE_CRYPT, 'needs the crypt module')
+    def test_sample_loads(self):
+        config = self.load()
+        self.assertEqual(config.path, 'sample.xml')
+        self.assertEqual([s.name for s in config.services], ['web'])
+        web = config.service('web')
+        self.assertEqual([(l.text, l.host, l.port) for l in web.listens], [('0.0.0.0:8080', '0.0.0.0', 8080)])
+        self.assertEqual([g.name for g in web.groups], ['main', 'upgrade'])
+        self.assertEqual(web.enabled, 'main')
+        main = web.group('main')
+        self.assertEqual(main.scheduler, 'leastconns')
+        self.assertEqual([(h.name, h.ip, h.host, h.port, h.weight, h.maxconns) for h in main.hosts],
+                         [('one', '10.0.0.1:80', '10.0.0.1', 80, 1, 0),
+                          ('two', '10.0.0.2:80', '10.0.0.2', 80, 1, 0)])
+        self.assertEqual(main.line, 4)
+        self.assertEqual(main.hosts[1].line, 6)
+        self.assertIsNone(web.check)
+        self.assertEqual((web.timeouts.connect, web.timeouts.idle), (3.0, 3600.0))
+        self.assertEqual(config.admin.listen, 'localhost:7001')
+        self.assertEqual((config.admin.host, config.admin.port), ('localhost', 7001))
+        self.assertIsNone(config.admin.certfile)
+        user = config.admin.users[0]
+        self.assertEqual((user.name, user.password, user.access), ('anthony', 'iy910VlMkG1DE', 'full'))
+        self.assertEqual(config.logging.file, 'pydir.log')
+        self.assertEqual(config.drain, 10.0)
+        self.assertIsNone(config.service('nope'))
+        self.assertIsNone(web.group('nope'))
+
+    @unittest.skipUnless(HAVE_CRYPT, 'needs the crypt module')
+    def test_client_and_nameless_hosts(self):
+        upgrade = self.load().service('web').group('upgrade')
+        self.assertEqual([(h.name, h.ip, h.weight) for h in upgrade.hosts],
+                         [('host.0', '10.0.1.1:80', 1), ('host.1', '10.0.1.2:80', 2)])
+
+    @unittest.skipUnless(HAVE_CRYPT, 'needs the crypt module')
+    def test_to_xml_writes_host_not_client(self):
+        xml = self.load().to_xml()
+        self.assertNotIn('<client', xml)
+        self.assertIn('<host name="host.0" ip="10.0.1.1:80"/>', xml)
+        self.assertIn('<host name="host.1" ip="10.0.1.2:80" weight="2"/>', xml)
+
+    @unittest.skipIf(HAVE_CRYPT, 'crypt is available here')
+    def test_crypt_hash_without_crypt_module(self):
+        with self.assertRaises(ConfigError) as cm:
+            self.load()
+        self.assertEqual(str(cm.exception),
+                         "sample.xml:15: user 'anthony': this is a crypt() hash, which needs the crypt "
+                         "module (gone in Python 3.13); make a new one with --hash-password")
+
+    def test_notes_are_comments(self):
+        xml = ('<pdconfig><note>1.0 allowed notes</note>\n'
+               '<service name="s"><note>anywhere <b>at all</b></note><listen ip="*:1"/>\n'
+               '<group name="g" scheduler="random"><note/><host ip="1.2.3.4:5"/></group>'
+               '</service></pdconfig>')
+        config = parse_config(xml)
+        self.assertEqual(config.services[0].groups[0].hosts[0].name, 'host.0')
+        self.assertNotIn('note', config.to_xml())
+
+    def test_empty_host_name_gets_default(self):
+        # 1.0 tested "if not name", so name="" also got host.N.
+        config = parse_config('<pdconfig><service name="s"><listen ip="*:1"/>'
+                              '<group name="g" scheduler="random"><host ip="1.2.3.4:5"/>'
+                              '<host name="" ip="1.2.3.4:6"/></group></service></pdconfig>')
+        self.assertEqual([h.name for h in config.services[0].groups[0].hosts], ['host.0', 'host.1'])
+
+
+class ExtendedTest(unittest.TestCase):
+
+    def load(self):
+        return parse_config(EXTENDED.replace('PBKDF2', PBKDF2_RIGHT), 'ext.xml')
+
+    def test_extended_features(self):
+        config = self.load()
+        self.assertEqual(config.drain, 2.5)
+        self.assertIsNone(config.logging.file)
+        web = config.service('web')
+        self.assertEqual([(l.text, l.host, l.port) for l in web.listens],
+                         [('*:8080', '0.0.0.0', 8080), ('[::]:8080', '::', 8080), ('[::1]:8081', '::1', 8081)])
+        self.assertEqual(web.enabled, 'main')           # no <enable>: the first group
+        main = web.group('main')
+        self.assertEqual(main.scheduler, 'roundrobin,sticky')
+        a, b = main.hosts
+        self.assertEqual((a.host, a.port, a.weight, a.maxconns), ('backend.example', 80, 3, 100))
+        self.assertEqual((b.ip, b.host, b.port), ('[2001:db8::1]:8080', '2001:db8::1', 8080))
+        self.assertEqual(web.group('spare').hosts, [])
+        check = web.check
+        self.assertEqual((check.interval, check.timeout, check.rise, check.fall), (1.5, 0.25, 1, 5))
+        self.assertEqual(check.send, b'GET / HTTP/1.0\r\n\r\n')
+        self.assertEqual(check.send_text, 'GET / HTTP/1.0\\r\\n\\r\\n')
+        self.assertEqual(check.expect, b'HTTP/1.0 200')
+        self.assertEqual(check.line, 13)
+        self.assertEqual((web.timeouts.connect, web.timeouts.idle, web.timeouts.line), (0.5, 60.0, 15))
+        smtp = config.service('smtp')
+        self.assertEqual((smtp.check.interval, smtp.check.send, smtp.check.expect), (5.0, None, b'220 '))
+        self.assertEqual((smtp.timeouts.connect, smtp.timeouts.idle), (3.0, 3600.0))
+        admin = config.admin
+        self.assertEqual((admin.certfile, admin.keyfile), ('/etc/pd/cert.pem', '/etc/pd/key.pem'))
+        self.assertEqual([(u.name, u.access) for u in admin.users], [('ops', 'full'), ('watcher', 'readonly')])
+        self.assertTrue(check_password('right', admin.user('ops').password))
+
+    def test_round_trip(self):
+        config = self.load()
+        xml = config.to_xml()
+        again = parse_config(xml, 'running.xml')
+        self.assertEqual(again.to_xml(), xml)
+        self.assertEqual(again.service('web').check.send, b'GET / HTTP/1.0\r\n\r\n')
+        self.assertEqual(again.drain, 2.5)
+
+    @unittest.skipUnless(HAVE_CRYPT, 'needs the crypt module')
+    def test_round_trip_1_0(self):
+        xml = parse_config(SAMPLE_1_0).to_xml()
+        self.assertEqual(parse_config(xml).to_xml(), xml)
+
+    def test_to_xml_layout(self):
+        xml = ('<pdconfig><service name="s &amp; &quot;t&quot;"><listen ip="*:1"/>'
+               '<group name="g" scheduler="random"><host name="h&lt;1&gt;" ip="1.2.3.4:5" maxconns="0"/>'
+               '</group><group name="empty" scheduler="hash"/><enable group="empty"/>'
+               '<check send="a\\tb\\x00&#9;" rise="2"/><timeouts connect="3" idle="7200"/>'
+               '</service><logging/></pdconfig>')
+        self.assertEqual(parse_config(xml).to_xml(), (
+            '<pdconfig>\n'
+            '  <service name="s &amp; &quot;t&quot;">\n'
+            '    <listen ip="*:1"/>\n'
+            '    <group name="g" scheduler="random">\n'
+            '      <host name="h&lt;1&gt;" ip="1.2.3.4:5"/>\n'
+            '    </group>\n'
+            '    <group name="empty" scheduler="hash"/>\n'
+            '    <enable group="empty"/>\n'
+            '    <check send="a\\tb\\x00&#9;"/>\n'
+            '    <timeouts idle="7200"/>\n'
+            '  </service>\n'
+            '</pdconfig>\n'))
+
+    def test_defaults_not_written(self):
+        xml = ('<pdconfig drain="10"><service name="s"><listen ip="*:1"/>'
+               '<group name="g" scheduler="random"/><check interval="5" timeout="2" rise="2" fall="3"/>'
+               '<timeouts connect="3.0" idle="3600"/></service></pdconfig>')
+        out = parse_config(xml).to_xml()
+        self.assertIn('<pdconfig>\n', out)
+        self.assertIn('    <check/>\n', out)
+        self.assertNotIn('timeouts', out)
+
+    def test_built_from_code(self):
+        # The director builds running.xml from objects it makes itself.
+        host = Host('h', '[::1]:80', '::1', 80, 5, 7)
+        service = Service('s', [Listen('*:1', '0.0.0.0', 1)], [Group('g', 'random', [host])],
+                          None, Check(send=b'\x00\\hi\r\n\xff'), Timeouts(1.25, 3600.0))
+        config = Config('mem', [service])
+        self.assertEqual(service.enabled, 'g')
+        xml = config.to_xml()
+        self.assertIn('<host name="h" ip="[::1]:80" weight="5" maxconns="7"/>', xml)
+        self.assertIn('<check send="\\x00\\\\hi\\r\\n\\xff"/>', xml)
+        self.assertIn('<timeouts connect="1.25"/>', xml)
+        again = parse_config(xml)
+        self.assertEqual(again.services[0].check.send, b'\x00\\hi\r\n\xff')
+        self.assertEqual(again.to_xml(), xml)
+
+    def test_changed_bytes_win_over_old_text(self):
+        config = parse_config('<pdconfig><service name="s"><listen ip="*:1"/><group name="g" scheduler="random"/>'
+                              '<check send="PING\\r\\n"/></service></pdconfig>')
+        config.services[0].check.send = b'QUIT\n'
+        self.assertIn('<check send="QUIT\\n"/>', config.to_xml())
+
+    def test_check_escapes(self):
+        cases = [
+            ('\\r\\n\\t\\\\', b'\r\n\t\\'),
+            ('\\x00\\x7F\\xff', b'\x00\x7f\xff'),
+            ('caf\u00e9', 'caf\u00e9'.encode('utf-8')),
+            ('a&#10;b', b'a\nb'),             # an XML character reference is a real newline
+            ('plain', b'plain'),
+        ]
+        for text, expected in cases:
+            with self.subTest(text=text):
+                config = parse_config('<pdconfig><service name="s"><listen ip="*:1"/>'
+                                      '<group name="g" scheduler="random"/>'
+                                      '<check send="%s" expect="%s"/></service></pdconfig>' % (text, text))
+                check = config.services[0].check
+                self.assertEqual((check.send, check.expect), (expected, expected))
+                xml = config.to_xml()
+                self.assertEqual(parse_config(xml).services[0].check.send, expected)
+                self.assertEqual(parse_config(xml).to_xml(), xml)
+
+    def test_empty_send_means_connect_only(self):
+        config = parse_config('<pdconfig><service name="s"><listen ip="*:1"/><group name="g" scheduler="random"/>'
+                              '<check send="" expect=""/></service></pdconfig>')
+        self.assertEqual((config.services[0].check.send, config.services[0].check.expect), (None, None))
+
+    def test_default_check(self):
+        self.assertEqual((DEFAULT_CHECK.interval, DEFAULT_CHECK.timeout, DEFAULT_CHECK.rise, DEFAULT_CHECK.fall,
+                          DEFAULT_CHECK.send, DEFAULT_CHECK.expect), (5.0, 2.0, 2, 3, None, None))
+
+    def test_str_bytes_and_encodings(self):
+        body = '<pdconfig><service name="caf\u00e9"><listen ip="*:1"/><group name="g" scheduler="random"/></service></pdconfig>'
+        for data in (body, body.encode('utf-8'),
+                     ('<?xml version="1.0" encoding="ISO-8859-1"?>' + body).encode('latin-1')):
+            with self.subTest(data=data[:45]):
+                self.assertEqual(parse_config(data).services[0].name, 'caf\u00e9')
+
+    def test_drain_zero_allowed(self):
+        config = parse_config('<pdconfig drain="0"><service name="s"><listen ip="*:1"/>'
+                              '<group name="g" scheduler="random"/></service></pdconfig>')
+        self.assertEqual(config.drain, 0.0)
+        self.assertIn('<pdconfig drain="0">', config.to_xml())
+
+
+class LoadConfigTest(unittest.TestCase):
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.dir)
+
+    def test_load_file(self):
+        path = os.path.join(self.dir, 'pd.xml')
+        with open(path, 'w') as f:
+            f.write('<pdconfig>\n<service name="s">\n<listen ip="*:1"/>\n'
+                    '<group name="g" scheduler="random"/>\n</service>\n</pdconfig>\n')
+        config = load_config(path)
+        self.assertEqual(config.path, path)
+        self.assertEqual(config.services[0].line, 2)
+
+    def test_missing_file(self):
+        path = os.path.join(self.dir, 'x.xml')
+        with self.assertRaises(ConfigError) as cm:
+            load_config(path)
+        self.assertEqual(str(cm.exception), path + ': cannot read config: No such file or directory')
+        self.assertEqual((cm.exception.path, cm.exception.line), (path, None))
+
+    def test_directory(self):
+        with self.assertRaises(ConfigError) as cm:
+            load_config(self.dir)
+        self.assertEqual(str(cm.exception), self.dir + ': cannot read config: Is a directory')
+
+    def test_error_names_file_as_given(self):
+        path = os.path.join(self.dir, 'bad.xml')
+        with open(path, 'w') as f:
+            f.write('<pdconfig>\n<servce/>\n</pdconfig>\n')
+        with self.assertRaises(ConfigError) as cm:
+            load_config(path)
+        self.assertEqual(str(cm.exception),
+                         path + ':2: unknown element <servce> in <pdconfig> (expected: admin, logging, service)')
+        self.assertEqual((cm.exception.line, cm.exception.message),
+                         (2, 'unknown element <servce> in <pdconfig> (expected: admin, logging, service)'))
+
+
+# Lines 1-3 of most bad files below; the next element is on line 4.
+HEAD = '<pdconfig>\n<service name="web">\n<listen ip="127.0.0.1:8080"/>\n'
+GROUP = '<group name="main" scheduler="roundrobin">\n<host name="one" ip="10.0.0.1:80"/>\n</group>\n'
+TAIL = '</service>\n</pdconfig>\n'
+ADMIN = '<admin listen="127.0.0.1:7001">\n'
+USER = '<user name="ops" password="%s" access="full"/>\n' % PBKDF2_RIGHT
+
+
+def listen(ip):
+    return '<pdconfig>\n<service name="web">\n<listen ip="%s"/>\n' % ip + GROUP + TAIL
+
+
+def host(attrs):
+    return HEAD + '<group name="main" scheduler="roundrobin">\n<host %s/>\n</group>\n' % attrs + TAIL
+
+
+def check(attrs):
+    return HEAD + GROUP + '<check %s/>\n' % attrs + TAIL
+
+
+BAD = [
+    # XML itself
+    ('<pdconfig>\n<service>\n</pdconfig>', 'x.xml:3: XML error: mismatched tag'),
+    (b'<pdconfig>\n\xff\xfe</pdconfig>', 'x.xml:2: XML error: not well-formed (invalid token)'),
+    ('', 'x.xml:1: XML error: no element found'),
+    ('<?xml version="1.0"?>\n<!DOCTYPE pdconfig [\n<!ENTITY lol "lol">\n]>\n<pdconfig/>',
+     'x.xml:2: DOCTYPE/ENTITY declarations are not allowed'),
+    ('<!DOCTYPE pdconfig SYSTEM "http://example.invalid/pd.dtd">\n<pdconfig/>',
+     'x.xml:1: DOCTYPE/ENTITY declarations are not allowed'),
+    ('<pdconfig>\n<service name="&lol;"/>\n</pdconfig>', 'x.xml:2: XML error: undefined entity'),
+    (HEAD + '<group name="main" scheduler="random">\n  hello\n</group>\n' + TAIL,
+     "x.xml:5: unexpected text 'hello' in <group>"),
+    # structure
+    ('<config>\n</config>', 'x.xml:1: the root element must be <pdconfig>, not <config>'),
+    ('<pdconfig>\n</pdconfig>', 'x.xml:1: <pdconfig> has no <service>'),
+    ('<pdconfig bogus="1">\n</pdconfig>', "x.xml:1: <pdconfig> has unknown attribute 'bogus' (known: drain)"),
+    (HEAD + '<group name="main" scheduler="roundrobin">\n<hots ip="10.0.0.1:80"/>\n</group>\n' + TAIL,
+     'x.xml:5: unknown element <hots> in <group> (expected: host)'),
+    (HEAD + '<grup name="main"/>\n' + TAIL,
+     'x.xml:4: unknown element <grup> in <service> (expected: check, enable, group, listen, timeouts)'),
+    (HEAD + '<group name="main" scheduler="roundrobin">\n<host ip="10.0.0.1:80"><x/></host>\n</group>\n' + TAIL,
+     'x.xml:5: unknown element <x> in <host> (expected: none)'),
+    ('<pdconfig>\n<service name="web">\n' + GROUP + TAIL, "x.xml:2: service 'web' has no <listen>"),
+    (HEAD + TAIL, "x.xml:2: service 'web' has no <group>"),
+    ('<pdconfig>\n<service>\n</service>\n</pdconfig>', "x.xml:2: <service> needs attribute 'name'"),
+    # services, groups, hosts
+    (HEAD + '<group name="main" scheduler="leastconn"/>\n' + TAIL,
+     "x.xml:4: group 'main': unknown scheduler 'leastconn' "
+     "(known: hash, leastconns, leastconnsrr, random, roundrobin)"),
+    (HEAD + '<group name="main"/>\n' + TAIL, "x.xml:4: <group> needs attribute 'scheduler'"),
+    (host('name="one" ip="10.0.0.1:80" wieght="2"'),
+     "x.xml:5: <host> has unknown attribute 'wieght' (known: ip, maxconns, name, weight)"),
+    (HEAD + '<group name="main" scheduler="roundrobin">\n<client name="one" colour="red" ip="10.0.0.1:80"/>\n'
+     '</group>\n' + TAIL,
+     "x.xml:5: <client> has unknown attribute 'colour' (known: ip, maxconns, name, weight)"),
+    (host('name="one"'), "x.xml:5: <host> needs attribute 'ip'"),
+    (HEAD + GROUP + '<group name="main" scheduler="random"/>\n' + TAIL,
+     "x.xml:7: service 'web': duplicate group 'main'"),
+    (HEAD + '<group name="main" scheduler="roundrobin">\n<host name="one" ip="10.0.0.1:80"/>\n'
+     '<host name="one" ip="10.0.0.2:80"/>\n</group>\n' + TAIL,
+     "x.xml:6: group 'main': duplicate host 'one'"),
+    (HEAD + '<group name="main" scheduler="roundrobin">\n<host name="one" ip="10.0.0.1:80"/>\n'
+     '<host name="two" ip="10.0.0.1:80"/>\n</group>\n' + TAIL,
+     "x.xml:6: group 'main': hosts 'one' and 'two' have the same ip '10.0.0.1:80'"),
+    (HEAD + GROUP + TAIL.replace('</pdconfig>\n', '') + '<service name="web">\n</service>\n</pdconfig>',
+     "x.xml:8: duplicate service 'web'"),
+    (HEAD + GROUP + '</service>\n<service name="b">\n<listen ip="127.0.0.1:8080"/>\n' + GROUP + TAIL,
+     "x.xml:9: listen '127.0.0.1:8080' is already used by service 'web'"),
+    (HEAD + '<listen ip="*:9000"/>\n<listen ip="0.0.0.0:9000"/>\n' + GROUP + TAIL,
+     "x.xml:5: listen '0.0.0.0:9000' is already used by service 'web'"),
+    (HEAD + GROUP + '<enable group="mian"/>\n' + TAIL, "x.xml:7: service 'web': <enable> names unknown group 'mian'"),
+    (HEAD + GROUP + '<enable group="main"/>\n<enable group="main"/>\n' + TAIL,
+     "x.xml:8: service 'web': more than one <enable>"),
+    (HEAD + GROUP + '<enable/>\n' + TAIL, "x.xml:7: <enable> needs attribute 'group'"),
+    # names
+    ('<pdconfig>\n<service name="a&#10;b">\n</service>\n</pdconfig>',
+     "x.xml:2: service name 'a\\nb' contains a control character"),
+    ('<pdconfig>\n<service name="">\n</service>\n</pdconfig>', 'x.xml:2: service name is empty'),
+    (HEAD + '<group name="   " scheduler="random"/>\n' + TAIL, "x.xml:4: group name '   ' is only whitespace"),
+    (host('name="a&#9;b" ip="10.0.0.1:80"'), "x.xml:5: host name 'a\\tb' contains a control character"),
+    (host('name="x\u202ey" ip="10.0.0.1:80"'), "x.xml:5: host name 'x\\u202ey' contains a control character"),
+    # addresses
+    (listen('127.0.0.1:0'), "x.xml:3: <listen> ip '127.0.0.1:0': port must be 1-65535"),
+    (listen('127.0.0.1:65536'), "x.xml:3: <listen> ip '127.0.0.1:65536': port must be 1-65535"),
+    (listen('127.0.0.1:http'), "x.xml:3: <listen> ip '127.0.0.1:http': port must be 1-65535"),
+    (listen('127.0.0.1'), "x.xml:3: <listen> ip '127.0.0.1' needs host:port"),
+    (listen(':8080'), "x.xml:3: <listen> ip ':8080' needs host:port"),
+    (listen('127.0.0.1:'), "x.xml:3: <listen> ip '127.0.0.1:' needs host:port"),
+    (listen('::1:8080'), "x.xml:3: <listen> ip '::1:8080': IPv6 addresses need brackets, like '[::1]:80'"),
+    (listen('[10.0.0.1]:80'), "x.xml:3: <listen> ip '[10.0.0.1]:80': '10.0.0.1' is not an IPv6 address"),
+    (listen('10.0.0.300:80'), "x.xml:3: <listen> ip '10.0.0.300:80': '10.0.0.300' is not an IP address"),
+    (listen('bad host:80'), "x.xml:3: <listen> ip 'bad host:80': 'bad host' is not a host name or IP address"),
+    (host('ip="*:80"'), "x.xml:5: <host> ip '*:80': '*' is for listening; a host needs an address"),
+    (host('ip="10.0.0.1:-1"'), "x.xml:5: <host> ip '10.0.0.1:-1': port must be 1-65535"),
+    # numbers
+    (host('ip="10.0.0.1:80" weight="0"'), "x.xml:5: <host> weight '0': must be an integer 1-1000"),
+    (host('ip="10.0.0.1:80" weight="1001"'), "x.xml:5: <host> weight '1001': must be an integer 1-1000"),
+    (host('ip="10.0.0.1:80" weight="2.5"'), "x.xml:5: <host> weight '2.5': must be an integer 1-1000"),
+    (host('ip="10.0.0.1:80" maxconns="-1"'), "x.xml:5: <host> maxconns '-1': must be an integer >= 0"),
+    (check('interval="0"'), "x.xml:7: <check> interval '0': must be a number of seconds > 0 and <= 86400"),
+    (check('timeout="86401"'), "x.xml:7: <check> timeout '86401': must be a number of seconds > 0 and <= 86400"),
+    (check('interval="nan"'), "x.xml:7: <check> interval 'nan': must be a number of seconds > 0 and <= 86400"),
+    (check('rise="x"'), "x.xml:7: <check> rise 'x': must be an integer 1-100"),
+    (check('fall="101"'), "x.xml:7: <check> fall '101': must be an integer 1-100"),
+    (check('send="GET \\q"'), "x.xml:7: <check> send: unknown escape '\\q' (use \\r \\n \\t \\\\ or \\xNN)"),
+    (check('expect="\\x4"'), "x.xml:7: <check> expect: unknown escape '\\x4' (use \\r \\n \\t \\\\ or \\xNN)"),
+    (check('send="abc\\"'), "x.xml:7: <check> send: ends with a lone '\\' (write \\\\ for a backslash)"),
+    (check('port="80"'),
+     "x.xml:7: <check> has unknown attribute 'port' (known: expect, fall, interval, rise, send, timeout)"),
+    (HEAD + GROUP + '<check/>\n<check/>\n' + TAIL, "x.xml:8: service 'web': more than one <check>"),
+    (HEAD + GROUP + '<timeouts connect="abc"/>\n' + TAIL,
+     "x.xml:7: <timeouts> connect 'abc': must be a number of seconds > 0 and <= 86400"),
+    (HEAD + GROUP + '<timeouts idle="100000"/>\n' + TAIL,
+     "x.xml:7: <timeouts> idle '100000': must be a number of seconds > 0 and <= 86400"),
+    (HEAD + GROUP + '<timeouts/>\n<timeouts/>\n' + TAIL, "x.xml:8: service 'web': more than one <timeouts>"),
+    ('<pdconfig drain="-1">\n</pdconfig>',
+     "x.xml:1: <pdconfig> drain '-1': must be a number of seconds >= 0 and <= 86400"),
+    # admin, users, logging
+    (HEAD + GROUP + '</service>\n' + ADMIN + USER + '</admin>\n' + ADMIN + USER + '</admin>\n</pdconfig>',
+     'x.xml:11: more than one <admin>'),
+    (HEAD + GROUP + '</service>\n' + ADMIN + '</admin>\n</pdconfig>', 'x.xml:8: <admin> has no <user>'),
+    (HEAD + GROUP + '</service>\n<admin>\n' + USER + '</admin>\n</pdconfig>',
+     "x.xml:8: <admin> needs attribute 'listen'"),
+    (HEAD + GROUP + '</service>\n<admin listen="127.0.0.1:8080">\n' + USER + '</admin>\n</pdconfig>',
+     "x.xml:8: listen '127.0.0.1:8080' is already used by service 'web'"),
+    (HEAD + GROUP + '</service>\n<admin listen="localhost">\n' + USER + '</admin>\n</pdconfig>',
+     "x.xml:8: <admin> listen 'localhost' needs host:port"),
+    (HEAD + GROUP + '</service>\n<admin listen="127.0.0.1:7001" certfile="c.pem">\n' + USER + '</admin>\n</pdconfig>',
+     'x.xml:8: <admin> needs both certfile and keyfile, or neither'),
+    (HEAD + GROUP + '</service>\n<admin listen="127.0.0.1:7001" secure="yes">\n' + USER + '</admin>\n</pdconfig>',
+     'x.xml:8: <admin secure=...> is no longer supported; use certfile=... keyfile=... for HTTPS'),
+    (HEAD + GROUP + '</service>\n' + ADMIN + '<user name="ops" password="%s" access="admin"/>\n' % PBKDF2_RIGHT
+     + '</admin>\n</pdconfig>', "x.xml:9: user 'ops': access must be 'full' or 'readonly', not 'admin'"),
+    (HEAD + GROUP + '</service>\n' + ADMIN + '<user name="ops" access="full"/>\n</admin>\n</pdconfig>',
+     "x.xml:9: <user> needs attribute 'password'"),
+    (HEAD + GROUP + '</service>\n' + ADMIN + '<user name="ops" password="secret" access="full"/>\n'
+     '</admin>\n</pdconfig>',
+     "x.xml:9: user 'ops': password must be a hash; make one with: python3 pydirector.py --hash-password"),
+    (HEAD + GROUP + '</service>\n' + ADMIN + '<user name="ops" password="pbkdf2_sha256$0$abcd$abcd" access="full"/>\n'
+     '</admin>\n</pdconfig>',
+     "x.xml:9: user 'ops': password must be a hash; make one with: python3 pydirector.py --hash-password"),
+    (HEAD + GROUP + '</service>\n' + ADMIN + USER + USER + '</admin>\n</pdconfig>', "x.xml:10: duplicate user 'ops'"),
+    (HEAD + GROUP + '</service>\n' + ADMIN + '<user name="" password="x" access="full"/>\n</admin>\n</pdconfig>',
+     'x.xml:9: user name is empty'),
+    (HEAD + GROUP + '</service>\n<logging/>\n<logging/>\n</pdconfig>', 'x.xml:9: more than one <logging>'),
+    (HEAD + GROUP + '</service>\n<logging level="debug"/>\n</pdconfig>',
+     "x.xml:8: <logging> has unknown attribute 'level' (known: file)"),
+]
+
+
+class BadConfigTest(unittest.TestCase):
+
+    def test_bad_configs(self):
+        self.assertGreaterEqual(len(BAD), 25)
+        for xml, message in BAD:
+            with self.subTest(message=message):
+                with self.assertRaises(ConfigError) as cm:
+                    parse_config(xml, 'x.xml')
+                self.assertEqual(str(cm.exception), message)
+
+    def test_messages_are_distinct(self):
+        # Each bad file tests something the others do not.
+        self.assertEqual(len(set(m for _, m in BAD)), len(BAD) - 1)   # two wrong-hash cases share one
+
+    def test_line_of_multiline_start_tag(self):
+        with self.assertRaises(ConfigError) as cm:
+            parse_config(HEAD + '<group\n  name="main"\n  scheduler="nope"/>\n' + TAIL, 'x.xml')
+        self.assertEqual(cm.exception.line, 4)
+
+    def test_default_path(self):
+        with self.assertRaises(ConfigError) as cm:
+            parse_config('<x/>')
+        self.assertEqual(str(cm.exception), '<config>:1: the root element must be <pdconfig>, not <x>')
+
+
+class PasswordTest(unittest.TestCase):
+
+    def test_hash_format(self):
+        stored = hash_password('s3cret')
+        algorithm, iterations, salt, digest = stored.split('$')
+        self.assertEqual(algorithm, 'pbkdf2_sha256')
+        self.assertGreaterEqual(int(iterations), 200000)
+        self.assertEqual(len(salt), 22)             # 16 bytes, base64 without padding
+        self.assertNotIn('=', stored)
+        self.assertTrue(check_password('s3cret', stored))
+        self.assertFalse(check_password('s3creT', stored))
+
+    def test_salted(self):
+        self.assertNotEqual(hash_password('x', iterations=1000), hash_password('x', iterations=1000))
+
+    def test_right_and_wrong(self):
+        stored = hash_password('p\u00e4ss word', iterations=1000)
+        self.assertTrue(check_password('p\u00e4ss word', stored))
+        self.assertTrue(check_password('p\u00e4ss word'.encode('utf-8'), stored))
+        self.assertFalse(check_password('pass word', stored))
+        self.assertFalse(check_password('', stored))
+
+    def test_fixed_hash(self):
+        self.assertTrue(check_password('right', PBKDF2_RIGHT))
+        self.assertFalse(check_password('wrong', PBKDF2_RIGHT))
+
+    def test_garbage_stored(self):
+        for stored in ('', 'secret', 'pbkdf2_sha256$1000$!!$!!', 'pbkdf2_sha256$x$ab$ab', None):
+            with self.subTest(stored=stored):
+                self.assertFalse(check_password('secret', stored))
+
+    def test_is_legacy_hash(self):
+        for stored in ('iy910VlMkG1DE', DES_SECRET, MD5_SECRET, SHA512_SECRET):
+            self.assertTrue(is_legacy_hash(stored), stored)
+        for stored in ('secret', 'iy910VlMkG1D', 'iy910VlMkG1D!', PBKDF2_RIGHT, '', None, '$6$x$short'):
+            self.assertFalse(is_legacy_hash(stored), stored)
+
+    @unittest.skipUnless(HAVE_CRYPT, 'needs the crypt module')
+    def test_legacy_crypt(self):
+        for stored in (DES_SECRET, MD5_SECRET, SHA512_SECRET):
+            with self.subTest(stored=stored):
+                self.assertTrue(check_password('secret', stored))
+                self.assertFalse(check_password('Secret', stored))
+                self.assertFalse(check_password('sec\0ret', stored))
+
+    @unittest.skipIf(HAVE_CRYPT, 'crypt is available here')
+    def test_legacy_crypt_unavailable(self):
+        self.assertFalse(check_password('secret', DES_SECRET))
+
+    def test_no_deprecation_warning(self):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            check_password('secret', DES_SECRET)
+        self.assertEqual([w for w in caught if issubclass(w.category, DeprecationWarning)], [])
+
+
+class AddressAndNameTest(unittest.TestCase):
+
+    def test_parse_address(self):
+        cases = [
+            ('10.0.0.1:80', ('10.0.0.1', 80)),
+            ('*:8080', ('0.0.0.0', 8080)),
+            ('[::]:80', ('::', 80)),
+            ('[::1]:65535', ('::1', 65535)),
+            ('[fe80::1%eth0]:80', ('fe80::1%eth0', 80)),
+            ('localhost:1', ('localhost', 1)),
+            ('backend.example.:80', ('backend.example.', 80)),
+            ('db_1.internal:5432', ('db_1.internal', 5432)),
+        ]
+        for text, expected in cases:
+            with self.subTest(text=text):
+                self.assertEqual(parse_address(text), expected)
+
+    def test_parse_address_errors(self):
+        cases = [
+            ('x', "'x' needs host:port"),
+            ('[::1]', "'[::1]' needs host:port"),
+            ('[]:80', "'[]:80' needs host:port"),
+            ('[::1:80', "'[::1:80' needs host:port"),
+            ('h:+80', "'h:+80': port must be 1-65535"),
+            ('h:080000', "'h:080000': port must be 1-65535"),
+            ('h:\u0668\u0660', "'h:\u0668\u0660': port must be 1-65535"),
+        ]
+        for text, message in cases:
+            with self.subTest(text=text):
+                with self.assertRaises(ValueError) as cm:
+                    parse_address(text)
+                self.assertEqual(str(cm.exception), message)
+
+    def test_check_name(self):
+        check_name('web', 'service name')
+        check_name('caf\u00e9 1', 'service name')
+        cases = [
+            ('', 'host name is empty'),
+            (None, 'host name is empty'),
+            (' \t', "host name ' \\t' is only whitespace"),
+            ('a\nb', "host name 'a\\nb' contains a control character"),
+            ('a\rb', "host name 'a\\rb' contains a control character"),
+            ('a\u2028b', "host name 'a\\u2028b' contains a control character"),
+        ]
+        for text, message in cases:
+            with self.subTest(text=text):
+                with self.assertRaises(ValueError) as cm:
+                    check_name(text, 'host name')
+                self.assertEqual(str(cm.exception), message)
+
+
+if __name__ == '__main__':
+    unittest.main()

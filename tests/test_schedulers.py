@@ -1,0 +1,650 @@
+"""Tests for schedulers.py.
+
+One contract (SchedulerContract) is run against every algorithm, with and
+without the sticky modifier, by a short subclass each -- the pattern of
+CPython's test_selectors.  Algorithm-specific behaviour follows.
+"""
+
+import os
+import random
+import sys
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import schedulers  # noqa: E402
+from schedulers import (  # noqa: E402
+    DOWN, DRAINING, ENABLED, UP, Host, make_scheduler, parse_spec)
+
+
+class FakeClock(object):
+    """A clock the test moves by hand."""
+
+    def __init__(self, now=1000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+def make_hosts(*names, **weights):
+    return [Host(name, f'127.0.0.{i + 1}:80', weight=weights.get(name, 1))
+            for i, name in enumerate(names)]
+
+
+def client_ips(count):
+    return [f'10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}' for i in range(count)]
+
+
+def names(hosts):
+    return [host.name for host in hosts]
+
+
+class SchedulerContract(object):
+    """What every scheduler, sticky or not, promises its callers."""
+
+    spec = None     # set by each subclass
+
+    def make(self, hosts=(), **kwargs):
+        self.clock = FakeClock()
+        return make_scheduler(self.spec, hosts, clock=self.clock,
+                              rng=random.Random(1234), **kwargs)
+
+    def picks(self, scheduler, count=60, exclude=()):
+        # Many clients, and each client twice, so both the sticky path and
+        # the fresh path are exercised.
+        return [scheduler.pick(ip, exclude)
+                for ip in client_ips(count // 2) for _ in range(2)]
+
+    def test_spec_round_trips(self):
+        scheduler = self.make()
+        again = make_scheduler(scheduler.spec, clock=FakeClock())
+        self.assertIs(type(again), type(scheduler))
+        self.assertEqual(again.spec, self.spec)
+        self.assertEqual(again.sticky, scheduler.sticky)
+
+    def test_hosts_kept_in_insertion_order(self):
+        hosts = make_hosts('c', 'a', 'b')
+        scheduler = self.make(hosts)
+        self.assertEqual(scheduler.hosts, hosts)
+        self.assertIs(scheduler.get_host('a'), hosts[1])
+        self.assertIsNone(scheduler.get_host('z'))
+
+    def test_picks_every_host_eventually(self):
+        scheduler = self.make(make_hosts('a', 'b', 'c'))
+        picked = set()
+        for ip in client_ips(200):
+            host = scheduler.pick(ip)
+            picked.add(host.name)
+            scheduler.connection_started(host)   # moves leastconns along
+        self.assertEqual(picked, {'a', 'b', 'c'})
+
+    def test_never_picks_down_draining_or_full_hosts(self):
+        a, down, draining, full = make_hosts('a', 'down', 'draining', 'full')
+        full.maxconns = 2
+        scheduler = self.make([down, draining, full, a])
+        self.assertTrue(scheduler.mark_down(down, 'refused', 5.0))
+        self.assertTrue(scheduler.set_admin(draining, DRAINING, 5.0))
+        scheduler.connection_started(full)
+        scheduler.connection_started(full)
+        self.assertEqual(set(names(self.picks(scheduler))), {'a'})
+        self.assertFalse(scheduler.eligible(full))
+        scheduler.connection_ended(full)
+        self.assertTrue(scheduler.eligible(full))
+
+    def test_never_picks_excluded_hosts(self):
+        a, b, c = make_hosts('a', 'b', 'c')
+        scheduler = self.make([a, b, c])
+        self.assertEqual(set(names(self.picks(scheduler, exclude={a, c}))), {'b'})
+        self.assertNotIn(a, self.picks(scheduler, exclude=[a]))
+
+    def test_failover_tries_each_host_once(self):
+        scheduler = self.make(make_hosts('a', 'b', 'c', 'd'))
+        tried = []
+        while True:
+            host = scheduler.pick('192.0.2.7', tried)
+            if host is None:
+                break
+            tried.append(host)
+            self.assertLess(len(tried), 5)
+        self.assertEqual(sorted(names(tried)), ['a', 'b', 'c', 'd'])
+
+    def test_none_when_nothing_eligible(self):
+        self.assertIsNone(self.make().pick('10.0.0.1'))
+        a, b = make_hosts('a', 'b')
+        scheduler = self.make([a, b])
+        self.assertIsNone(scheduler.pick('10.0.0.1', exclude=(a, b)))
+        scheduler.mark_down(a, 'timeout', 1.0)
+        scheduler.set_admin(b, DRAINING, 1.0)
+        self.assertIsNone(scheduler.pick('10.0.0.1'))
+
+    def test_host_that_went_down_is_not_picked_again(self):
+        # Also the sticky case: the client's remembered host must not win.
+        scheduler = self.make(make_hosts('a', 'b', 'c'))
+        first = scheduler.pick('::1')
+        scheduler.mark_down(first, 'reset', 2.0)
+        for _ in range(10):
+            self.assertIsNot(scheduler.pick('::1'), first)
+        scheduler.mark_up(first, 3.0)
+        others = [h for h in scheduler.hosts if h is not first]
+        self.assertIs(scheduler.pick('::1', exclude=others), first)
+
+    def test_add_host(self):
+        a, b = make_hosts('a', 'b')
+        scheduler = self.make([a])
+        self.assertIs(scheduler.add_host(b), b)
+        self.assertEqual(scheduler.hosts, [a, b])
+        self.assertIs(scheduler.pick('10.0.0.1', exclude=[a]), b)
+        with self.assertRaises(ValueError) as caught:
+            scheduler.add_host(Host('a', '127.0.0.9:80'))
+        self.assertEqual(str(caught.exception), "host 'a' already exists")
+        self.assertEqual(scheduler.hosts, [a, b])
+
+    def test_remove_host(self):
+        a, b, c = make_hosts('a', 'b', 'c')
+        scheduler = self.make([a, b, c])
+        self.picks(scheduler)
+        self.assertIs(scheduler.remove_host('b'), b)
+        self.assertEqual(scheduler.hosts, [a, c])
+        self.assertIsNone(scheduler.get_host('b'))
+        self.assertNotIn(b, self.picks(scheduler))
+        with self.assertRaises(KeyError):
+            scheduler.remove_host('b')
+        # The name is free again.
+        scheduler.add_host(Host('b', '127.0.0.2:80'))
+        self.assertEqual(names(scheduler.hosts), ['a', 'c', 'b'])
+
+    def test_connection_counting(self):
+        a, = make_hosts('a')
+        scheduler = self.make([a])
+        host = scheduler.pick('10.0.0.1')
+        self.assertEqual((a.open, a.total), (0, 0), 'pick must not count')
+        scheduler.connection_started(host)
+        scheduler.connection_started(host)
+        self.assertEqual((a.open, a.total), (2, 2))
+        scheduler.connection_ended(host)
+        scheduler.connection_ended(host)
+        scheduler.connection_ended(host)
+        self.assertEqual((a.open, a.total), (0, 2))
+
+    def test_mark_down_and_up(self):
+        a, = make_hosts('a')
+        scheduler = self.make([a])
+        self.assertEqual((a.health, a.reason, a.since), (UP, '', None))
+        self.assertTrue(scheduler.mark_down(a, 'connection refused', 10.0))
+        self.assertEqual((a.health, a.reason, a.since),
+                         (DOWN, 'connection refused', 10.0))
+        self.assertFalse(scheduler.mark_down(a, 'timeout', 11.0))
+        self.assertEqual((a.reason, a.since), ('connection refused', 10.0))
+        self.assertTrue(scheduler.mark_up(a, 12.0))
+        self.assertEqual((a.health, a.reason, a.since), (UP, '', 12.0))
+        self.assertFalse(scheduler.mark_up(a, 13.0))
+        self.assertEqual(a.since, 12.0)
+
+    def test_set_admin(self):
+        a, b = make_hosts('a', 'b')
+        scheduler = self.make([a, b])
+        self.assertEqual(a.admin, ENABLED)
+        self.assertTrue(scheduler.set_admin(a, DRAINING, 20.0))
+        self.assertEqual((a.admin, a.since), (DRAINING, 20.0))
+        self.assertFalse(scheduler.set_admin(a, DRAINING, 21.0))
+        self.assertEqual(set(names(self.picks(scheduler))), {'b'})
+        self.assertTrue(scheduler.set_admin(a, ENABLED, 22.0))
+        self.assertIs(scheduler.pick('10.0.0.1', exclude=[b]), a)
+        with self.assertRaises(ValueError):
+            scheduler.set_admin(a, 'disabled', 23.0)
+
+    def test_take_state_from_keeps_host_objects(self):
+        hosts = make_hosts('a', 'b', 'c')
+        old = make_scheduler('leastconns', hosts)
+        old.connection_started(hosts[1])
+        old.mark_down(hosts[2], 'refused', 1.0)
+        new = self.make()
+        new.take_state_from(old)
+        self.assertEqual(new.hosts, hosts)
+        self.assertIs(new.get_host('b'), hosts[1])
+        self.assertEqual((hosts[1].open, hosts[1].total), (1, 1))
+        self.assertEqual(set(names(self.picks(new))) - {'a', 'b'}, set())
+
+
+class RandomTest(SchedulerContract, unittest.TestCase):
+    spec = 'random'
+
+
+class RandomStickyTest(SchedulerContract, unittest.TestCase):
+    spec = 'random,sticky'
+
+
+class RoundRobinTest(SchedulerContract, unittest.TestCase):
+    spec = 'roundrobin'
+
+
+class RoundRobinStickyTest(SchedulerContract, unittest.TestCase):
+    spec = 'roundrobin,sticky'
+
+
+class LeastConnsTest(SchedulerContract, unittest.TestCase):
+    spec = 'leastconns'
+
+
+class LeastConnsStickyTest(SchedulerContract, unittest.TestCase):
+    spec = 'leastconns,sticky'
+
+
+class LeastConnsRRTest(SchedulerContract, unittest.TestCase):
+    spec = 'leastconnsrr'
+
+
+class LeastConnsRRStickyTest(SchedulerContract, unittest.TestCase):
+    spec = 'leastconnsrr,sticky'
+
+
+class HashTest(SchedulerContract, unittest.TestCase):
+    spec = 'hash'
+
+
+class HashStickyTest(SchedulerContract, unittest.TestCase):
+    spec = 'hash,sticky'
+
+
+class ContractCoverageTest(unittest.TestCase):
+
+    def test_every_scheduler_has_contract_tests(self):
+        tested = {cls.spec for cls in SchedulerContract.__subclasses__()}
+        for name in schedulers.SCHEDULERS:
+            self.assertIn(name, tested)
+            self.assertIn(name + ',sticky', tested)
+
+
+# -- algorithm-specific ------------------------------------------------------
+
+def sequence(scheduler, count, client_ip='10.0.0.1', exclude=()):
+    return ''.join(scheduler.pick(client_ip, exclude).name for _ in range(count))
+
+
+class RoundRobinOrderTest(unittest.TestCase):
+
+    def test_equal_weights_rotate_strictly(self):
+        scheduler = make_scheduler('roundrobin', make_hosts('a', 'b', 'c'))
+        self.assertEqual(sequence(scheduler, 9), 'abcabcabc')
+
+    def test_weights_three_to_one_interleave(self):
+        scheduler = make_scheduler('roundrobin', make_hosts('a', 'b', a=3))
+        self.assertEqual(sequence(scheduler, 12), 'aaba' * 3)
+
+    def test_nginx_five_one_one(self):
+        # The example in nginx's smooth weighted round robin commit.
+        scheduler = make_scheduler('roundrobin', make_hosts('a', 'b', 'c', a=5))
+        self.assertEqual(sequence(scheduler, 14), 'aabacaa' * 2)
+
+    def test_rotation_skips_ineligible_and_excluded_hosts(self):
+        a, b, c = make_hosts('a', 'b', 'c')
+        scheduler = make_scheduler('roundrobin', [a, b, c])
+        scheduler.mark_down(b, 'refused', 1.0)
+        self.assertEqual(sequence(scheduler, 4), 'acac')
+        self.assertEqual(sequence(scheduler, 3, exclude=[a]), 'ccc')
+        scheduler.mark_up(b, 2.0)
+        self.assertEqual(sorted(sequence(scheduler, 3)), ['a', 'b', 'c'])
+
+    def test_new_scheduler_over_same_hosts_starts_fresh(self):
+        hosts = make_hosts('a', 'b', 'c')
+        old = make_scheduler('roundrobin', hosts)
+        sequence(old, 2)
+        new = make_scheduler('roundrobin')
+        new.take_state_from(old)
+        self.assertEqual(sequence(new, 3), 'abc')
+
+
+class RandomDistributionTest(unittest.TestCase):
+
+    def test_weighted_proportions(self):
+        scheduler = make_scheduler('random', make_hosts('a', 'b', 'c', b=2, c=7),
+                                   rng=random.Random(7))
+        counts = {'a': 0, 'b': 0, 'c': 0}
+        for _ in range(20000):
+            counts[scheduler.pick('10.0.0.1').name] += 1
+        for name, weight in (('a', 1), ('b', 2), ('c', 7)):
+            self.assertAlmostEqual(counts[name] / 20000, weight / 10, delta=0.015)
+
+    def test_same_seed_same_sequence(self):
+        first = make_scheduler('random', make_hosts('a', 'b', 'c'),
+                               rng=random.Random(99))
+        second = make_scheduler('random', make_hosts('a', 'b', 'c'),
+                                rng=random.Random(99))
+        self.assertEqual(sequence(first, 50), sequence(second, 50))
+        self.assertEqual(len(set(sequence(first, 50))), 3)
+
+
+class LeastConnsTest_(unittest.TestCase):
+    # The trailing underscore keeps it apart from the contract subclass.
+
+    def load(self, scheduler, **opens):
+        for name, count in opens.items():
+            for _ in range(count):
+                scheduler.connection_started(scheduler.get_host(name))
+
+    def test_ties_go_to_first_host(self):
+        scheduler = make_scheduler('leastconns', make_hosts('a', 'b', 'c'))
+        self.assertEqual(sequence(scheduler, 5), 'aaaaa')
+        self.load(scheduler, a=1, b=1, c=1)
+        self.assertEqual(sequence(scheduler, 3), 'aaa')
+
+    def test_picks_least_loaded(self):
+        scheduler = make_scheduler('leastconns', make_hosts('a', 'b', 'c'))
+        self.load(scheduler, a=3, b=1, c=2)
+        self.assertEqual(scheduler.pick('10.0.0.1').name, 'b')
+
+    def test_load_is_normalised_by_weight(self):
+        scheduler = make_scheduler('leastconns', make_hosts('a', 'b', b=3))
+        self.load(scheduler, a=1, b=2)      # a: 1/1, b: 2/3
+        self.assertEqual(scheduler.pick('10.0.0.1').name, 'b')
+        self.load(scheduler, b=1)           # a: 1/1, b: 3/3 -> tie, first
+        self.assertEqual(scheduler.pick('10.0.0.1').name, 'a')
+
+    def test_fills_hosts_in_weight_proportion(self):
+        scheduler = make_scheduler('leastconns', make_hosts('a', 'b', b=3))
+        for _ in range(40):
+            scheduler.connection_started(scheduler.pick('10.0.0.1'))
+        self.assertEqual([h.open for h in scheduler.hosts], [10, 30])
+
+
+class LeastConnsRRTest_(unittest.TestCase):
+
+    def test_idle_farm_rotates(self):
+        scheduler = make_scheduler('leastconnsrr', make_hosts('a', 'b', 'c'))
+        self.assertEqual(sequence(scheduler, 9), 'abcabcabc')
+
+    def test_load_beats_rotation(self):
+        scheduler = make_scheduler('leastconnsrr', make_hosts('a', 'b', 'c'))
+        scheduler.connection_started(scheduler.get_host('a'))
+        scheduler.connection_started(scheduler.get_host('b'))
+        self.assertEqual(sequence(scheduler, 3), 'ccc')
+
+    def test_ties_among_least_loaded_rotate(self):
+        a, b, c = make_hosts('a', 'b', 'c')
+        scheduler = make_scheduler('leastconnsrr', [a, b, c])
+        self.assertEqual(sequence(scheduler, 1), 'a')
+        scheduler.connection_started(c)
+        self.assertEqual(sequence(scheduler, 4), 'baba')
+
+    def test_connections_spread_evenly(self):
+        scheduler = make_scheduler('leastconnsrr', make_hosts('a', 'b', 'c'))
+        for _ in range(30):
+            host = scheduler.pick('10.0.0.1')
+            scheduler.connection_started(host)
+            scheduler.connection_ended(host)
+        self.assertEqual([h.total for h in scheduler.hosts], [10, 10, 10])
+
+
+class HashDistributionTest(unittest.TestCase):
+
+    def assignment(self, scheduler, ips):
+        return {ip: scheduler.pick(ip).name for ip in ips}
+
+    def test_same_client_same_host(self):
+        scheduler = make_scheduler('hash', make_hosts('a', 'b', 'c', 'd'))
+        for ip in client_ips(50):
+            self.assertEqual(sequence(scheduler, 5, ip), scheduler.pick(ip).name * 5)
+
+    def test_stable_across_instances(self):
+        ips = client_ips(500)
+        first = make_scheduler('hash', make_hosts('a', 'b', 'c', 'd'),
+                               rng=random.Random(1))
+        second = make_scheduler('hash', make_hosts('a', 'b', 'c', 'd'),
+                                rng=random.Random(2))
+        self.assertEqual(self.assignment(first, ips), self.assignment(second, ips))
+
+    def test_stable_across_processes(self):
+        # Known answers: these must never change, or every client of every
+        # hash group moves on upgrade (and Python's salted hash() would
+        # make them change on every restart).
+        scheduler = make_scheduler('hash', make_hosts('a', 'b', 'c', 'd', 'e'))
+        expected = {'10.0.0.1': 'cbdae', '10.0.0.2': 'dabce',
+                    '::1': 'bdeac', '192.168.1.77': 'dcbea'}
+        for ip, order in expected.items():
+            self.assertEqual(''.join(names(scheduler.rank(ip))), order, ip)
+
+    def test_spreads_clients_evenly(self):
+        scheduler = make_scheduler('hash', make_hosts('a', 'b', 'c', 'd', 'e'))
+        counts = {}
+        for name in self.assignment(scheduler, client_ips(5000)).values():
+            counts[name] = counts.get(name, 0) + 1
+        for name in 'abcde':
+            self.assertAlmostEqual(counts[name] / 5000, 0.2, delta=0.03)
+
+    def test_adding_a_host_moves_about_one_in_n(self):
+        ips = client_ips(5000)
+        five = make_hosts('a', 'b', 'c', 'd', 'e')
+        scheduler = make_scheduler('hash', five)
+        before = self.assignment(scheduler, ips)
+        scheduler.add_host(Host('f', '127.0.0.6:80'))
+        after = self.assignment(scheduler, ips)
+        moved = [ip for ip in ips if before[ip] != after[ip]]
+        self.assertTrue(0.10 < len(moved) / len(ips) < 0.25, len(moved))
+        self.assertEqual({after[ip] for ip in moved}, {'f'})
+
+    def test_removing_a_host_moves_only_its_clients(self):
+        ips = client_ips(5000)
+        scheduler = make_scheduler('hash', make_hosts('a', 'b', 'c', 'd', 'e'))
+        before = self.assignment(scheduler, ips)
+        scheduler.remove_host('c')
+        after = self.assignment(scheduler, ips)
+        for ip in ips:
+            if before[ip] != 'c':
+                self.assertEqual(after[ip], before[ip], ip)
+        self.assertNotIn('c', after.values())
+
+    def test_down_host_moves_only_its_clients(self):
+        ips = client_ips(2000)
+        scheduler = make_scheduler('hash', make_hosts('a', 'b', 'c', 'd'))
+        before = self.assignment(scheduler, ips)
+        scheduler.mark_down(scheduler.get_host('b'), 'refused', 1.0)
+        after = self.assignment(scheduler, ips)
+        self.assertEqual({ip for ip in ips if before[ip] != after[ip]},
+                         {ip for ip in ips if before[ip] == 'b'})
+        scheduler.mark_up(scheduler.get_host('b'), 2.0)
+        self.assertEqual(self.assignment(scheduler, ips), before)
+
+    def test_weighted_proportions(self):
+        scheduler = make_scheduler('hash', make_hosts('a', 'b', 'c', b=3, c=6))
+        counts = {'a': 0, 'b': 0, 'c': 0}
+        for name in self.assignment(scheduler, client_ips(5000)).values():
+            counts[name] += 1
+        for name, weight in (('a', 1), ('b', 3), ('c', 6)):
+            self.assertAlmostEqual(counts[name] / 5000, weight / 10, delta=0.03)
+
+    def test_rank_orders_all_hosts_and_failover_follows_it(self):
+        scheduler = make_scheduler('hash', make_hosts('a', 'b', 'c', 'd'))
+        scheduler.mark_down(scheduler.get_host('d'), 'refused', 1.0)
+        for ip in client_ips(100):
+            ranked = scheduler.rank(ip)
+            self.assertEqual(sorted(names(ranked)), ['a', 'b', 'c', 'd'])
+            eligible = [h for h in ranked if scheduler.eligible(h)]
+            self.assertIs(scheduler.pick(ip), eligible[0])
+            self.assertIs(scheduler.pick(ip, exclude=eligible[:1]), eligible[1])
+
+    def test_score_is_inside_its_range(self):
+        scheduler = make_scheduler('hash')
+        host = Host('a', '127.0.0.1:80', weight=4)
+        for ip in client_ips(1000):
+            self.assertGreater(scheduler.score(ip, host), 0.0)
+
+
+class StickyTest(unittest.TestCase):
+
+    def make(self, spec='roundrobin,sticky', hosts=None, **kwargs):
+        self.clock = FakeClock()
+        if hosts is None:
+            hosts = make_hosts('a', 'b', 'c')
+        return make_scheduler(spec, hosts, clock=self.clock, **kwargs)
+
+    def test_client_returns_to_its_host(self):
+        scheduler = self.make()
+        # Plain round robin would give a b c; sticky keeps each client put.
+        self.assertEqual(sequence(scheduler, 5, '10.0.0.1'), 'aaaaa')
+        self.assertEqual(sequence(scheduler, 5, '10.0.0.2'), 'bbbbb')
+        self.assertEqual(sequence(scheduler, 2, '10.0.0.1'), 'aa')
+        self.assertEqual(scheduler.sticky_size(), 2)
+
+    def test_client_moves_when_its_host_goes_down_and_stays_moved(self):
+        scheduler = self.make()
+        a = scheduler.pick('10.0.0.1')
+        self.assertEqual(a.name, 'a')
+        scheduler.mark_down(a, 'refused', 1.0)
+        moved = scheduler.pick('10.0.0.1')
+        self.assertIsNot(moved, a)
+        scheduler.mark_up(a, 2.0)
+        self.assertEqual(sequence(scheduler, 4, '10.0.0.1'), moved.name * 4)
+
+    def test_excluded_sticky_host_is_replaced(self):
+        scheduler = self.make()
+        a = scheduler.pick('10.0.0.1')
+        retry = scheduler.pick('10.0.0.1', exclude=[a])
+        self.assertIsNot(retry, a)
+        self.assertIs(scheduler.pick('10.0.0.1'), retry)
+
+    def test_full_sticky_host_is_replaced(self):
+        scheduler = self.make()
+        a = scheduler.pick('10.0.0.1')
+        a.maxconns = 1
+        scheduler.connection_started(a)
+        self.assertIsNot(scheduler.pick('10.0.0.1'), a)
+
+    def test_entry_expires_after_timeout(self):
+        scheduler = self.make(sticky_timeout=60.0)
+        self.assertEqual(scheduler.pick('10.0.0.1').name, 'a')
+        self.clock.now += 60.0
+        self.assertEqual(scheduler.pick('10.0.0.1').name, 'a', 'not yet expired')
+        self.clock.now += 60.5
+        scheduler.pick('10.0.0.2')      # any pick sweeps expired entries
+        self.assertEqual(scheduler.sticky_size(), 1)
+        self.assertEqual(scheduler.pick('10.0.0.1').name, 'c')
+
+    def test_use_refreshes_the_entry(self):
+        scheduler = self.make(sticky_timeout=60.0)
+        scheduler.pick('10.0.0.1')
+        scheduler.pick('10.0.0.2')
+        for _ in range(5):
+            self.clock.now += 50.0
+            self.assertEqual(scheduler.pick('10.0.0.1').name, 'a')
+        self.assertEqual(scheduler.sticky_size(), 1, '10.0.0.2 should expire')
+
+    def test_table_is_bounded_least_recently_used_first(self):
+        # leastconns with no load sends every fresh pick to 'a', so a client
+        # found on 'b' is one the table still remembers.
+        scheduler = schedulers.LeastConnsScheduler(
+            make_hosts('a', 'b'), sticky=True, clock=FakeClock(), sticky_max=100)
+        a = scheduler.get_host('a')
+        ips = iter(client_ips(300))
+        self.assertEqual(scheduler.pick('10.9.9.9', exclude=[a]).name, 'b')
+        for _ in range(99):
+            scheduler.pick(next(ips))
+        self.assertEqual(scheduler.pick('10.9.9.9').name, 'b')  # refreshed
+        for _ in range(99):
+            scheduler.pick(next(ips))
+            self.assertEqual(scheduler.sticky_size(), 100)
+        self.assertEqual(scheduler.pick('10.9.9.9').name, 'b',
+                         'used recently, so kept while older clients went')
+        for _ in range(100):
+            scheduler.pick(next(ips))
+        self.assertEqual(scheduler.sticky_size(), 100)
+        self.assertEqual(scheduler.pick('10.9.9.9').name, 'a', 'evicted')
+
+    def test_remove_host_forgets_its_clients(self):
+        scheduler = self.make()
+        before = {ip: scheduler.pick(ip) for ip in client_ips(9)}
+        old_b = scheduler.remove_host('b')
+        self.assertEqual(scheduler.sticky_size(), 6)
+        scheduler.add_host(Host('b', '127.0.0.99:80'))
+        for ip, host in before.items():
+            if host is not old_b:
+                self.assertIs(scheduler.pick(ip), host)
+            self.assertIsNot(scheduler.pick(ip), old_b)
+
+    def test_take_state_from_keeps_clients_when_both_sticky(self):
+        old = self.make('roundrobin,sticky')
+        assigned = {ip: old.pick(ip) for ip in client_ips(30)}
+        new = make_scheduler('hash,sticky', clock=self.clock)
+        new.take_state_from(old)
+        self.assertEqual(new.sticky_size(), 30)
+        self.assertEqual({ip: new.pick(ip) for ip in client_ips(30)}, assigned)
+        plain = make_scheduler('hash,sticky', clock=self.clock)
+        plain.take_state_from(make_scheduler('roundrobin', old.hosts))
+        self.assertEqual(plain.sticky_size(), 0)
+
+    def test_sticky_needs_a_clock(self):
+        with self.assertRaises(ValueError):
+            make_scheduler('random,sticky', make_hosts('a'))
+
+    def test_not_sticky_keeps_no_table(self):
+        scheduler = make_scheduler('roundrobin', make_hosts('a', 'b'))
+        self.assertEqual(sequence(scheduler, 4), 'abab')
+        self.assertEqual(scheduler.sticky_size(), 0)
+
+
+class SpecTest(unittest.TestCase):
+
+    def assertSpecError(self, spec, message):
+        with self.assertRaises(ValueError) as caught:
+            parse_spec(spec)
+        self.assertEqual(str(caught.exception), message)
+        with self.assertRaises(ValueError) as caught:
+            make_scheduler(spec, clock=FakeClock())
+        self.assertEqual(str(caught.exception), message)
+
+    def test_parse(self):
+        self.assertEqual(parse_spec('roundrobin'), ('roundrobin', False))
+        self.assertEqual(parse_spec('roundrobin,sticky'), ('roundrobin', True))
+        self.assertEqual(parse_spec('  hash , sticky '), ('hash', True))
+        for name in ('random', 'roundrobin', 'leastconns', 'leastconnsrr', 'hash'):
+            self.assertEqual(parse_spec(name), (name, False))
+
+    def test_make_builds_the_named_class(self):
+        for name, cls in schedulers.SCHEDULERS.items():
+            scheduler = make_scheduler(f' {name} ')
+            self.assertIs(type(scheduler), cls)
+            self.assertEqual(scheduler.name, name)
+            self.assertEqual(scheduler.spec, name)
+        scheduler = make_scheduler('leastconns, sticky', clock=FakeClock(),
+                                   sticky_timeout=5.0)
+        self.assertEqual((scheduler.spec, scheduler.sticky_timeout),
+                         ('leastconns,sticky', 5.0))
+
+    def test_unknown_name(self):
+        self.assertSpecError(
+            'leastconn',
+            "unknown scheduler 'leastconn' "
+            "(known: hash, leastconns, leastconnsrr, random, roundrobin)")
+
+    def test_unknown_modifier(self):
+        self.assertSpecError('roundrobin,foo',
+                             "unknown scheduler modifier 'foo' (known: sticky)")
+
+    def test_empty(self):
+        self.assertSpecError('', 'empty scheduler')
+        self.assertSpecError('   ', 'empty scheduler')
+
+
+class HostTest(unittest.TestCase):
+
+    def test_defaults(self):
+        host = Host('web1', '[::1]:80')
+        self.assertEqual(
+            (host.name, host.ip, host.weight, host.maxconns, host.health,
+             host.admin, host.reason, host.since, host.open, host.total,
+             host.bytes_in, host.bytes_out, host.address, host.probe_ok,
+             host.probe_fail),
+            ('web1', '[::1]:80', 1, 0, UP, ENABLED, '', None, 0, 0,
+             0, 0, None, 0, 0))
+
+    def test_slots_reject_unknown_attributes(self):
+        with self.assertRaises(AttributeError):
+            Host('a', '127.0.0.1:80').helth = DOWN
+
+    def test_weight_must_be_positive(self):
+        with self.assertRaises(ValueError):
+            Host('a', '127.0.0.1:80', weight=0)
+
+
+if __name__ == '__main__':
+    unittest.main()
