@@ -1011,6 +1011,7 @@ class Listener(object):
         self.sock = sock
         self.text = text
         self.paused = False
+        self.registered = True
         director.loop.selector.register(sock, EVENT_READ, self._on_readable)
 
     def _on_readable(self, mask):
@@ -1023,7 +1024,7 @@ class Listener(object):
                 return
             except OSError as e:
                 if e.errno in OUT_OF_FDS:
-                    self._pause(e)
+                    self.director.pause_accepting(e.errno)
                     return
                 # ECONNABORTED and friends: that client gave up already.
                 log.debug('accept on %s: %s', self.text, e)
@@ -1033,24 +1034,27 @@ class Listener(object):
                 log.info('listen %s: accepting again', self.text)
             on_accept(self.service, client_sock, client_addr)
 
-    def _pause(self, error):
-        """Out of fds: the pending client stays queued and would wake us forever; look again shortly."""
+    def pause(self, err):
+        """Out of fds: a pending client stays queued and would wake us forever; look again shortly."""
+        if self.sock.fileno() < 0 or not self.registered:
+            return
         if not self.paused:
-            log.warning('listen %s: %s; pausing accepts', self.text, error_text(error.errno))
+            log.warning('listen %s: %s; pausing accepts', self.text, error_text(err))
             self.paused = True
         self.director.loop.selector.unregister(self.sock)
+        self.registered = False
         self.director.loop.call_later(ACCEPT_PAUSE, self._resume)
 
     def _resume(self):
-        if self.sock.fileno() >= 0:  # not closed by a stop meanwhile
+        if self.sock.fileno() >= 0 and not self.registered:  # not closed by a stop meanwhile
             self.director.loop.selector.register(self.sock, EVENT_READ, self._on_readable)
+            self.registered = True
 
     def close(self):
         if self.sock.fileno() >= 0:
-            try:
+            if self.registered:
                 self.director.loop.selector.unregister(self.sock)
-            except (KeyError, ValueError):
-                pass
+                self.registered = False
             self.sock.close()
 
 
@@ -1149,6 +1153,8 @@ class Pair(object):
         self.group.scheduler.connection_ended(host)
         host.total -= 1  # an attempt that never connected is not a served connection
         self.host = None
+        if err in OUT_OF_FDS:
+            self.director.pause_accepting(err)
         if err in LOCAL_CONNECT_ERRORS:
             # Our side ran out of ports or fds: the backend did nothing wrong.
             log.warning('client %s:%s in %s: cannot connect to host %s (%s): %s',
@@ -1646,6 +1652,12 @@ class Director(object):
         self.pairs.add(pair)
         pair.connect_next()
 
+    def pause_accepting(self, err):
+        """File descriptors are per process: when one accept or connect runs out, every listener waits."""
+        for service in self.services.values():
+            for listener in service.listeners:
+                listener.pause(err)
+
     def pair_closed(self, pair, how):
         self.pairs.discard(pair)
         if self.stopping and not self.pairs:
@@ -2073,20 +2085,6 @@ def main(argv=None):
     setup_logging(config, args.verbose)
     raise_fd_limit()
     director = Director(config)
-    try:
-        director.start()
-    except OSError as e:
-        log.error('cannot listen: %s', e)
-        return 1
-    admin_server = None
-    if config.admin is not None:
-        import pydirector_admin
-        try:
-            admin_server = pydirector_admin.start(director, config.admin)
-        except OSError as e:
-            log.error('admin cannot listen on %s: %s', config.admin.listen, e)
-            director.stop_now()
-            return 1
 
     def on_signal(signum, frame):
         # Only hand the loop a call: handlers must not touch state mid-event.
@@ -2104,8 +2102,26 @@ def main(argv=None):
         elif signum == signal.SIGHUP:
             log.warning('SIGHUP: reloading is not supported yet; nothing changed')
 
+    # Before binding: once a port answers, a signal must find its handler.
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
         signal.signal(signum, on_signal)
+    try:
+        director.start()
+    except OSError as e:
+        log.error('cannot listen: %s', e)
+        return 1
+    admin_server = None
+    if config.admin is not None:
+        # Run as a script this module is __main__; the admin must see these same classes.
+        sys.modules.setdefault('pydirector', sys.modules[__name__])
+        import pydirector_admin
+        try:
+            admin_server = pydirector_admin.start(director, config.admin)
+        except OSError as e:
+            log.error('admin cannot listen on %s: %s', config.admin.listen, e)
+            director.stop_now()
+            return 1
+
     try:
         director.loop.run()
     finally:
