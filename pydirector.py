@@ -1705,7 +1705,7 @@ class Director(object):
                 interval = min(interval, 1.0)
             state.next_due = now + interval
             state.in_flight = True
-            name, port = split_host_port(host.ip)
+            name, port = parse_address(host.ip)
             due.append((host, name, port, check))
         return due
 
@@ -1967,10 +1967,6 @@ def listen_socket(host, port):
         sock.close()
         raise
     return sock
-
-
-def split_host_port(text):
-    return parse_address(text)
 
 
 # ---------------------------------------------------------------------------

@@ -253,6 +253,15 @@ def connect(port, host='127.0.0.1', timeout=10):
     return sock
 
 
+def accepts(port):
+    """Whether something listens on 127.0.0.1:port."""
+    try:
+        socket.create_connection(('127.0.0.1', port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 def recv_all(sock, limit=None):
     """Read to EOF (or `limit` bytes)."""
     chunks = []
@@ -318,17 +327,9 @@ class BalancerProcess(object):
         self.proc = subprocess.Popen([sys.executable, PYDIRECTOR, '-c', self.config_path] + list(args),
                                      stdout=self.log_file, stderr=subprocess.STDOUT, cwd=self.dir)
         if wait_port:
-            wait_until(lambda: self._accepts(wait_port) or self.proc.poll() is not None, 10)
+            wait_until(lambda: accepts(wait_port) or self.proc.poll() is not None, 10)
             if self.proc.poll() is not None:
                 raise AssertionError('pydirector exited: %s' % self.output())
-
-    @staticmethod
-    def _accepts(port):
-        try:
-            socket.create_connection(('127.0.0.1', port), timeout=1).close()
-            return True
-        except OSError:
-            return False
 
     def output(self):
         with open(self.log_path, 'rb') as f:

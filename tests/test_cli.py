@@ -9,21 +9,13 @@ import time
 import unittest
 
 import support
-from support import (Backend, BalancerProcess, PYDIRECTOR, config_xml, connect, echo, free_port,
+from support import (Backend, BalancerProcess, accepts, PYDIRECTOR, config_xml, connect, echo, free_port,
                      recv_all, service_xml, wait_until)
 
 
 def run(*args, **kwargs):
     return subprocess.run([sys.executable, PYDIRECTOR] + list(args), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, universal_newlines=True, timeout=30, **kwargs)
-
-
-def listening(port):
-    try:
-        socket.create_connection(('127.0.0.1', port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 class TestCommandLine(unittest.TestCase):
@@ -45,7 +37,7 @@ class TestCommandLine(unittest.TestCase):
         self.assertIn('%s: OK' % path, result.stdout)
         self.assertIn('service web: listen 127.0.0.1:%d' % port, result.stdout)
         self.assertIn('group main (enabled): scheduler roundrobin, 1 host(s)', result.stdout)
-        self.assertFalse(listening(port))
+        self.assertFalse(accepts(port))
 
     def test_sample_config_checks(self):
         result = run('--check', os.path.join(support.REPO, 'sample.xml'))
@@ -61,7 +53,7 @@ class TestCommandLine(unittest.TestCase):
             self.assertEqual(result.stderr.strip(),
                              "pydirector: %s:4: group 'main': unknown scheduler 'leastconn' "
                              "(known: hash, leastconns, leastconnsrr, random, roundrobin)" % path)
-            self.assertFalse(listening(port))
+            self.assertFalse(accepts(port))
 
     def test_missing_config_file(self):
         result = run('-c', os.path.join(self.dir, 'nope.xml'))
@@ -97,7 +89,7 @@ class TestCommandLine(unittest.TestCase):
         result = run(self.write('busy.xml', xml))
         self.assertEqual(result.returncode, 1)
         self.assertIn('cannot listen', result.stderr)
-        self.assertFalse(listening(free))  # all or nothing
+        self.assertFalse(accepts(free))  # all or nothing
 
 
 class TestSignals(unittest.TestCase):
@@ -120,7 +112,7 @@ class TestSignals(unittest.TestCase):
         sock.sendall(b'before')
         self.assertEqual(sock.recv(10), b'before')
         proc.signal(signal.SIGTERM)
-        wait_until(lambda: not listening(self.port), 5)          # no new clients...
+        wait_until(lambda: not accepts(self.port), 5)          # no new clients...
         sock.sendall(b'during')                                  # ...but the open one goes on
         self.assertEqual(sock.recv(10), b'during')
         self.assertIsNone(proc.proc.poll())
@@ -204,7 +196,7 @@ class TestOutOfFileDescriptors(unittest.TestCase):
         proc.proc = subprocess.Popen([sys.executable, PYDIRECTOR, '-c', proc.config_path],
                                      stdout=proc.log_file, stderr=subprocess.STDOUT, preexec_fn=low_limit)
         self.addCleanup(proc.close)
-        wait_until(lambda: listening(port), 10)
+        wait_until(lambda: accepts(port), 10)
         clients = []
         self.addCleanup(lambda: [c.close() for c in clients])
         for _ in range(limit):
