@@ -77,14 +77,7 @@ import time
 import unicodedata
 import urllib.parse
 
-# `python3 pydirector.py` runs that file as module __main__, and a plain
-# `import pydirector` would then load a second copy whose AdminError and
-# LoopTimeout are other classes than the ones the running director raises:
-# every refusal would look like a bug.  So use the running copy.
-if 'pydirector' not in sys.modules and hasattr(sys.modules.get('__main__'), 'Director'):
-    sys.modules['pydirector'] = sys.modules['__main__']
-
-from pydirector import AdminError, LoopTimeout, VERSION, check_password, hash_password  # noqa: E402
+from pydirector import AdminError, LoopTimeout, VERSION, check_password, hash_password
 
 log = logging.getLogger('pydirector.admin')
 
