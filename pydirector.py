@@ -41,6 +41,7 @@ import schedulers
 VERSION = '2.0.0'
 
 log = logging.getLogger('pydirector')
+access_log = logging.getLogger('pydirector.access')
 
 # CONFIG-SECTION-START
 # ---------------------------------------------------------------------------
@@ -996,6 +997,23 @@ LOCAL_CONNECT_ERRORS = frozenset([errno.EADDRNOTAVAIL, errno.EMFILE, errno.ENFIL
 OUT_OF_FDS = frozenset([errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM])
 
 
+_PLAIN_VALUE = re.compile(r'[A-Za-z0-9._:/@+\[\]-]+\Z')
+
+
+def log_value(text):
+    """A log field that cannot forge another field or line: quoted and escaped unless plain."""
+    text = str(text)
+    if _PLAIN_VALUE.match(text):
+        return text
+    escaped = text.encode('unicode_escape').decode('ascii').replace('"', '\\"')
+    return '"%s"' % escaped
+
+
+def format_address(ip, port):
+    """'1.2.3.4:80' or '[::1]:80'."""
+    return ('[%s]:%s' if ':' in ip else '%s:%s') % (ip, port)
+
+
 def error_text(err):
     """'connection refused' from an errno (log lines read better in lower case)."""
     text = os.strerror(err)
@@ -1491,11 +1509,30 @@ class RunningService(object):
         self.accepted = 0
         self.failovers = 0
         self.refused = 0
+        self.denied = 0
+        self.open = 0
+        self.queue = collections.deque()   # Pairs waiting for a host below its maxconns
+        self.switch = None                 # the pending blue/green Switch, if any
+
+
+class Switch(object):
+    """A blue/green switch still in its drain or rollback window."""
+
+    def __init__(self, from_group, to_group):
+        self.from_group = from_group
+        self.to_group = to_group
+        self.drain_until = None      # epoch: connections left on from_group are closed then
+        self.rollback_until = None   # epoch: switch back unless to_group had a host up by then
+        self.confirmed = False       # to_group has had a host up
+        self.timers = []
+
+
+TIMELINE_LENGTH = 10     # state changes kept per host for /running
 
 
 class ProbeState(object):
     """The director's bookkeeping for one host's health checks."""
-    __slots__ = ('service', 'group', 'host', 'next_due', 'in_flight')
+    __slots__ = ('service', 'group', 'host', 'next_due', 'in_flight', 'timeline')
 
     def __init__(self, service, group, host, next_due):
         self.service = service
@@ -1503,6 +1540,29 @@ class ProbeState(object):
         self.host = host
         self.next_due = next_due
         self.in_flight = False
+        self.timeline = collections.deque(maxlen=TIMELINE_LENGTH)
+
+
+def _optional_seconds(value, what):
+    """An admin's optional seconds value: None, or a number >= 0 (AdminError 400 otherwise)."""
+    if value is None or value == '':
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise AdminError(400, '%s must be a number of seconds' % what)
+    if not 0 <= seconds < 1e9:
+        raise AdminError(400, '%s must be 0 or more seconds' % what)
+    return seconds
+
+
+def host_state(host):
+    """One word for a host, as /running shows it: up, down, draining or disabled."""
+    if host.health == schedulers.DOWN:
+        return 'down'
+    if host.admin != schedulers.ENABLED:
+        return host.admin
+    return 'up'
 
 
 def resolve_now(host, port):
@@ -1536,6 +1596,9 @@ class Director(object):
         self.manager = None
         self.stopping = False
         self.stop_timer = None
+        self.reloaded = None
+        self.epoch_offset = time.time() - time.monotonic()   # loop time -> wall time, for pages
+        self.access_log = getattr(config.logging, 'access', True)
         for service_config in config.services:
             self._build_service(service_config, resolve_names=True)
 
@@ -1643,6 +1706,7 @@ class Director(object):
 
     def on_accept(self, service, client_sock, client_addr):
         service.accepted += 1
+        service.open += 1
         client_sock.setblocking(False)
         try:
             client_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -1660,6 +1724,16 @@ class Director(object):
 
     def pair_closed(self, pair, how):
         self.pairs.discard(pair)
+        pair.service.open -= 1
+        if self.access_log:
+            host = pair.host or (pair.tried[-1] if pair.tried else None)
+            access_log.info(
+                'access service=%s client=%s host=%s backend=%s failovers=%d bytes_in=%d '
+                'bytes_out=%d duration=%.3f end=%s',
+                log_value(pair.service.name), log_value(format_address(pair.client_ip, pair.client_port)),
+                log_value(host.name) if host else '-', log_value(host.ip) if host else '-',
+                max(0, len(pair.tried) - 1), pair.bytes_in, pair.bytes_out,
+                self.loop.now - pair.started, how)
         if self.stopping and not self.pairs:
             if self.stop_timer is not None:
                 self.stop_timer.cancel()
@@ -1671,6 +1745,7 @@ class Director(object):
         """The one way a host's health or admin state changes: tells the scheduler, logs once."""
         scheduler = group.scheduler
         when = time.time()
+        before = host_state(host)
         if state == schedulers.UP:
             changed = scheduler.mark_up(host, when)
         elif state == schedulers.DOWN:
@@ -1680,8 +1755,12 @@ class Director(object):
         if changed:
             host.probe_ok = host.probe_fail = 0
             probe_state = self.probes.get(host)
-            if probe_state is not None and state == schedulers.DOWN:
-                probe_state.next_due = self.loop.now + self._check(service).interval
+            if probe_state is not None:
+                probe_state.timeline.append((when, before, host_state(host), cause))
+                if state == schedulers.DOWN:
+                    probe_state.next_due = self.loop.now + self._check(service).interval
+            if service.switch is not None and service.switch.to_group is group and host_state(host) == 'up':
+                service.switch.confirmed = True
             log.info('host %s (%s) in %s/%s %s: %s', host.name, host.ip, service.name, group.name, state, cause)
         return changed
 
@@ -1769,18 +1848,17 @@ class Director(object):
             for group in service.groups.values():
                 hosts = []
                 for host in group.scheduler.hosts:
-                    if host.health == schedulers.DOWN:
-                        state = 'down'
-                    elif host.admin != schedulers.ENABLED:
-                        state = host.admin
-                    else:
-                        state = 'up'
+                    probe_state = self.probes.get(host)
                     hosts.append({
                         'name': host.name, 'ip': host.ip, 'weight': host.weight, 'maxconns': host.maxconns,
-                        'health': host.health, 'admin': host.admin, 'state': state,
+                        'health': host.health, 'admin': host.admin, 'state': host_state(host),
                         'reason': host.reason, 'since': host.since,
                         'open': host.open, 'total': host.total,
                         'bytes_in': host.bytes_in, 'bytes_out': host.bytes_out,
+                        'send_proxy': getattr(host, 'send_proxy', None),
+                        'timeline': [{'when': when, 'from': old, 'to': new, 'why': why}
+                                     for when, old, new, why in probe_state.timeline] if probe_state else [],
+                        'next_probe': self._next_probe(service, host, probe_state),
                     })
                 groups.append({'name': group.name, 'scheduler': group.scheduler.spec,
                                'enabled': group is service.enabled, 'hosts': hosts})
@@ -1789,12 +1867,57 @@ class Director(object):
                 [l.text for l in service.config.listens],
                 'enabled': service.enabled.name, 'accepted': service.accepted,
                 'failovers': service.failovers, 'refused': service.refused, 'groups': groups,
+                'maxconns': getattr(service.config, 'maxconns', 0), 'open': service.open,
+                'queued': len(service.queue), 'denied': service.denied,
+                'switch': self._switch_snapshot(service.switch),
             })
         return {
             'version': VERSION, 'hostname': socket.gethostname(), 'pid': os.getpid(),
             'started': self.started, 'now': time.time(), 'services': services,
+            'config_path': self.config.path, 'reloaded': self.reloaded,
             'users': [{'name': u.name, 'access': u.access} for u in self.users.values()],
         }
+
+    def _next_probe(self, service, host, probe_state):
+        """Epoch time of the host's next probe; None when it is not probed (up, no <check>)."""
+        if probe_state is None or (host.health == schedulers.UP and service.check is None):
+            return None
+        return round(self.epoch_offset + max(probe_state.next_due, self.loop.now), 3)
+
+    @staticmethod
+    def _switch_snapshot(switch):
+        if switch is None:
+            return None
+        return {'from': switch.from_group.name, 'to': switch.to_group.name,
+                'drain_until': switch.drain_until, 'rollback_until': switch.rollback_until}
+
+    def explain(self, service, client):
+        """Which host `client` would get now, and why; changes nothing."""
+        service = self._service(service)
+        try:
+            client_ip = str(ipaddress.ip_address(client))
+        except ValueError:
+            raise AdminError(400, 'client must be an IP address, not %r' % client)
+        group = service.enabled
+        scheduler = group.scheduler
+        answer = {'service': service.name, 'group': group.name, 'client': client_ip,
+                  'allowed': self._allowed(service, client_ip), 'scheduler': scheduler.spec,
+                  'host': None, 'address': None, 'reason': '', 'sticky': None,
+                  'ranking': None, 'skipped': []}
+        detail = scheduler.explain(client_ip)
+        host = detail.get('host')
+        answer.update((k, v) for k, v in detail.items() if k in ('reason', 'sticky', 'ranking', 'skipped'))
+        if host is not None:
+            answer['host'] = host.name
+            answer['address'] = host.ip
+        if not answer['allowed']:
+            answer['reason'] = 'denied by the allow/deny rules of service %s (would be: %s)' % (
+                service.name, answer['reason'])
+        return answer
+
+    def _allowed(self, service, client_ip):
+        rules = getattr(service.config, 'acl', None)
+        return not rules or acl_allows(rules, client_ip)
 
     def users_list(self):
         return [(u.name, u.password, u.access) for u in self.users.values()]
@@ -1845,12 +1968,60 @@ class Director(object):
             self._remove_host(service, group, host)
         return 'removed %d host(s) from %s/%s' % (len(hosts), service.name, group.name)
 
-    def enable_group(self, service, group):
+    def enable_group(self, service, group, drain=None, rollback=None):
+        """Switch new connections to group.  drain: seconds after which connections
+        still on the old group are closed.  rollback: seconds within which the new
+        group must have a host up, or the switch is undone."""
         service, group = self._group(service, group)
+        drain = _optional_seconds(drain, 'drain')
+        rollback = _optional_seconds(rollback, 'rollback')
         old = service.enabled
+        self._end_switch(service)
         service.enabled = group
         log.info('service %s: group %s enabled (was %s)', service.name, group.name, old.name)
-        return 'enabled group %s in service %s (was %s)' % (group.name, service.name, old.name)
+        message = 'enabled group %s in service %s (was %s)' % (group.name, service.name, old.name)
+        if group is old or (drain is None and rollback is None):
+            return message
+        switch = service.switch = Switch(old, group)
+        if drain is not None:
+            switch.drain_until = time.time() + drain
+            switch.timers.append(self.loop.call_later(drain, self._drain_group, service, switch))
+            message += '; connections left on %s close in %g s' % (old.name, drain)
+        if rollback is not None:
+            switch.confirmed = any(host_state(h) == 'up' for h in group.scheduler.hosts)
+            if not switch.confirmed:
+                switch.rollback_until = time.time() + rollback
+                switch.timers.append(self.loop.call_later(rollback, self._check_rollback, service, switch, rollback))
+                message += '; back to %s unless a host is up within %g s' % (old.name, rollback)
+        return message
+
+    def _end_switch(self, service):
+        if service.switch is not None:
+            for timer in service.switch.timers:
+                timer.cancel()
+            service.switch = None
+
+    def _drain_group(self, service, switch):
+        if service.enabled is not switch.from_group:
+            doomed = [p for p in self.pairs if p.service is service and p.group is switch.from_group]
+            log.info('service %s: drain of group %s over, closing %d connection(s)',
+                     service.name, switch.from_group.name, len(doomed))
+            for pair in doomed:
+                pair.close('drained')
+        switch.drain_until = None
+        if switch.rollback_until is None and service.switch is switch:
+            service.switch = None
+
+    def _check_rollback(self, service, switch, window):
+        switch.rollback_until = None
+        if not switch.confirmed and service.enabled is switch.to_group:
+            log.warning('service %s: rollback to group %s: group %s had no host up within %g s',
+                        service.name, switch.from_group.name, switch.to_group.name, window)
+            service.enabled = switch.from_group
+            self._end_switch(service)
+            return
+        if switch.drain_until is None and service.switch is switch:
+            service.switch = None
 
     def change_scheduler(self, service, group, scheduler):
         service, group = self._group(service, group)
