@@ -22,6 +22,7 @@ import heapq
 import hmac
 import ipaddress
 import logging
+import logging.handlers
 import os
 import re
 import selectors
@@ -1023,11 +1024,12 @@ def error_text(err):
 class Listener(object):
     """One listening socket of a service."""
 
-    def __init__(self, director, service, sock, text):
+    def __init__(self, director, service, sock, listen):
         self.director = director
         self.service = service
         self.sock = sock
-        self.text = text
+        self.listen = listen     # its <listen> config; a reload may replace it
+        self.text = listen.text
         self.paused = False
         self.registered = True
         director.loop.selector.register(sock, EVENT_READ, self._on_readable)
@@ -1543,6 +1545,14 @@ class ProbeState(object):
         self.timeline = collections.deque(maxlen=TIMELINE_LENGTH)
 
 
+def _same(a, b):
+    """Two config objects (or plain values) equal, ignoring the line they were read from."""
+    if type(a) is not type(b) or not hasattr(a, '__dict__'):
+        return a == b
+    return ({k: v for k, v in vars(a).items() if k != 'line'} ==
+            {k: v for k, v in vars(b).items() if k != 'line'})
+
+
 def _optional_seconds(value, what):
     """An admin's optional seconds value: None, or a number >= 0 (AdminError 400 otherwise)."""
     if value is None or value == '':
@@ -1604,8 +1614,9 @@ class Director(object):
 
     # -- building ---------------------------------------------------------
 
-    def _make_host(self, name, ip, host, port, weight, maxconns, resolve_names):
+    def _make_host(self, name, ip, host, port, weight, maxconns, resolve_names, send_proxy=None):
         live = schedulers.Host(name, ip, weight=weight, maxconns=maxconns)
+        live.send_proxy = send_proxy
         address = resolve_now(host, port)
         if address is None and resolve_names:
             try:
@@ -1627,15 +1638,20 @@ class Director(object):
     def _build_service(self, service_config, resolve_names):
         service = RunningService(service_config)
         for group_config in service_config.groups:
-            hosts = [self._make_host(h.name, h.ip, h.host, h.port, h.weight, h.maxconns, resolve_names)
-                     for h in group_config.hosts]
-            group = RunningGroup(group_config.name, self._make_scheduler(group_config.scheduler, hosts))
+            group = self._build_group(service, group_config, resolve_names)
             service.groups[group.name] = group
-            for host in hosts:
-                self._watch(service, group, host)
         service.enabled = service.groups[service_config.enabled]
         self.services[service.name] = service
         return service
+
+    def _build_group(self, service, group_config, resolve_names):
+        hosts = [self._make_host(h.name, h.ip, h.host, h.port, h.weight, h.maxconns, resolve_names,
+                                 send_proxy=getattr(h, 'send_proxy', None))
+                 for h in group_config.hosts]
+        group = RunningGroup(group_config.name, self._make_scheduler(group_config.scheduler, hosts))
+        for host in hosts:
+            self._watch(service, group, host)
+        return group
 
     def _watch(self, service, group, host):
         self.probes[host] = ProbeState(service, group, host, self.loop.now)
@@ -1650,7 +1666,7 @@ class Director(object):
                 for listen in service.config.listens:
                     sock = listen_socket(listen.host, listen.port)
                     opened.append(sock)
-                    service.listeners.append(Listener(self, service, sock, listen.text))
+                    service.listeners.append(Listener(self, service, sock, listen))
         except Exception:
             for service in self.services.values():
                 for listener in service.listeners:
@@ -2014,7 +2030,9 @@ class Director(object):
 
     def _check_rollback(self, service, switch, window):
         switch.rollback_until = None
-        if not switch.confirmed and service.enabled is switch.to_group:
+        if switch.confirmed or any(host_state(h) == 'up' for h in switch.to_group.scheduler.hosts):
+            switch.confirmed = True
+        elif service.enabled is switch.to_group:
             log.warning('service %s: rollback to group %s: group %s had no host up within %g s',
                         service.name, switch.from_group.name, switch.to_group.name, window)
             service.enabled = switch.from_group
@@ -2095,6 +2113,177 @@ class Director(object):
         log.info('service %s: group %s deleted', service.name, group.name)
         return 'deleted group %s from service %s' % (group.name, service.name)
 
+    # -- reload -------------------------------------------------------------
+
+    def reload(self):
+        """Re-read the config file and apply the difference.  Open connections are
+        never cut; hosts that did not change keep their state and counters."""
+        path = self.config.path
+        try:
+            new = load_config(path)
+        except ConfigError as e:
+            log.error('reload failed: %s', e)
+            raise AdminError(400, str(e))
+        listeners = self._bind_for(new)   # first, so a port in use changes nothing
+        changes = []
+        services = collections.OrderedDict()
+        for service_config in new.services:
+            service = self.services.get(service_config.name)
+            if service is None:
+                service = self._build_service(service_config, resolve_names=False)
+                changes.append('+service %s' % service.name)
+            else:
+                part = self._update_service(service, service_config)
+                if part:
+                    changes.append('%s: %s' % (service.name, ', '.join(part)))
+            old_texts = [l.text for l in service.listeners]
+            service.listeners = []
+            for listen in service_config.listens:
+                listener = listeners.pop(listen.text)
+                listener.service, listener.listen = service, listen
+                service.listeners.append(listener)
+            if old_texts and old_texts != [l.text for l in service.listeners]:
+                changes.append('%s: listen %s' % (service.name, ', '.join(l.text for l in service.listeners)))
+            services[service.name] = service
+        for name, service in self.services.items():
+            if name not in services:
+                self._retire_service(service)
+                changes.append('-service %s' % name)
+        for listener in listeners.values():
+            listener.close()   # left over: listened on by no service now
+        self.services = services
+        changes.extend(self._reload_rest(new))
+        self.config = new
+        self.loaded_xml = new.to_xml()
+        self.reloaded = time.time()
+        message = 'reloaded %s: %s' % (path, '; '.join(changes) or 'no changes')
+        log.info('%s', message)
+        return message
+
+    def _bind_for(self, new):
+        """text -> Listener for every listen of `new`, reusing open sockets; all or nothing."""
+        current = {}
+        for service in self.services.values():
+            for listener in service.listeners:
+                current[listener.text] = listener
+        opened = {}
+        try:
+            for service_config in new.services:
+                for listen in service_config.listens:
+                    if listen.text not in current and listen.text not in opened:
+                        sock = listen_socket(listen.host, listen.port)
+                        opened[listen.text] = Listener(self, None, sock, listen)
+        except OSError as e:
+            for listener in opened.values():
+                listener.close()
+            log.error('reload failed: cannot listen on %s: %s', listen.text, e)
+            raise AdminError(400, 'cannot listen on %s: %s' % (listen.text, e))
+        current.update(opened)
+        return current
+
+    def _update_service(self, service, config):
+        """Bring a running service in line with its new config; the list of changes."""
+        changes = []
+        old = service.config
+        for what in ('timeouts', 'check', 'maxconns', 'acl'):
+            if not _same(getattr(old, what, None), getattr(config, what, None)):
+                changes.append(what)
+        service.config = config
+        service.timeouts = config.timeouts
+        service.check = config.check
+        groups = collections.OrderedDict()
+        for group_config in config.groups:
+            group = service.groups.get(group_config.name)
+            if group is None:
+                group = self._build_group(service, group_config, resolve_names=False)
+                changes.append('+group %s' % group.name)
+            else:
+                changes.extend(self._update_group(service, group, group_config))
+            groups[group.name] = group
+        enabled = groups[config.enabled]
+        if enabled is not service.enabled:
+            self._end_switch(service)
+            changes.append('enabled group %s (was %s)' % (enabled.name, service.enabled.name))
+            service.enabled = enabled
+        for name, group in service.groups.items():
+            if name not in groups:
+                for host in group.scheduler.hosts:
+                    self.probes.pop(host, None)
+                changes.append('-group %s' % name)
+        service.groups = groups
+        return changes
+
+    def _update_group(self, service, group, config):
+        changes = []
+        if group.scheduler.spec != config.scheduler:
+            new = self._make_scheduler(config.scheduler)
+            new.take_state_from(group.scheduler)
+            changes.append('scheduler %s %s->%s' % (group.name, group.scheduler.spec, new.spec))
+            group.scheduler = new
+        scheduler = group.scheduler
+        wanted = collections.OrderedDict((h.name, h) for h in config.hosts)
+        moved = set()
+        for host in list(scheduler.hosts):
+            host_config = wanted.get(host.name)
+            if host_config is None or host_config.ip != host.ip:
+                self._remove_host(service, group, host)
+                if host_config is None:
+                    changes.append('-host %s' % host.name)
+                else:
+                    moved.add(host.name)
+        for name, host_config in wanted.items():
+            host = scheduler.get_host(name)
+            if host is None:
+                host = self._make_host(host_config.name, host_config.ip, host_config.host, host_config.port,
+                                       host_config.weight, host_config.maxconns, resolve_names=False,
+                                       send_proxy=getattr(host_config, 'send_proxy', None))
+                scheduler.add_host(host)
+                self._watch(service, group, host)
+                changes.append('host %s ip %s' % (name, host.ip) if name in moved else '+host %s' % name)
+                continue
+            for what in ('weight', 'maxconns', 'send_proxy'):
+                value = getattr(host_config, what, None)
+                if getattr(host, what, None) != value:
+                    setattr(host, what, value)
+                    changes.append('host %s %s %s' % (name, what, value))
+        # The file's order is the scheduler's order (roundrobin ties, leastconns ties).
+        scheduler.hosts.sort(key=lambda h: list(wanted).index(h.name))
+        return changes
+
+    def _retire_service(self, service):
+        """A service gone from the file: stop listening; its open connections finish."""
+        self._end_switch(service)
+        for group in service.groups.values():
+            for host in group.scheduler.hosts:
+                self.probes.pop(host, None)
+        while service.queue:
+            service.queue.popleft().close('shutdown')
+        log.info('service %s removed (%d connection(s) left to finish)', service.name, service.open)
+
+    def _reload_rest(self, new):
+        """Users, logging and the settings a reload cannot change in a running process."""
+        changes = []
+        old = self.config
+        if new.admin is not None:
+            users = collections.OrderedDict((u.name, u) for u in new.admin.users)
+            if [(u.name, u.password, u.access) for u in users.values()] != self.users_list():
+                changes.append('admin users')
+            self.users = users
+        if (old.admin is None) != (new.admin is None) or (
+                old.admin and (old.admin.listen, old.admin.certfile, old.admin.keyfile) !=
+                (new.admin.listen, new.admin.certfile, new.admin.keyfile)):
+            changes.append('admin listen/TLS not changed (needs a restart)')
+        if (getattr(old, 'user', None), getattr(old, 'group', None)) != (
+                getattr(new, 'user', None), getattr(new, 'group', None)):
+            changes.append('user/group not changed (needs a restart)')
+        if not _same(old.logging, new.logging):
+            configure_log_handlers(new.logging)
+            self.access_log = getattr(new.logging, 'access', True)
+            changes.append('logging')
+        if old.drain != new.drain:
+            changes.append('drain %g s' % new.drain)
+        return changes
+
     def close_log(self):
         reopen_logs()
         log.info('log file reopened')
@@ -2147,17 +2336,41 @@ def listen_socket(host, port):
 LOG_FORMAT = '%(asctime)s %(levelname)s %(message)s'
 
 
+_log_handlers = []   # the handlers we installed, so a reload replaces only those
+
+
 def setup_logging(config, verbose=False):
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    if config.logging.file:
-        handler = logging.FileHandler(config.logging.file)
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    root.addHandler(handler)
+    configure_log_handlers(config.logging)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def configure_log_handlers(logging_config):
+    """Install handlers for <logging>: a file (else stderr), and syslog when asked."""
+    root = logging.getLogger()
+    for handler in _log_handlers:
+        root.removeHandler(handler)
+        handler.close()
+    del _log_handlers[:]
+    if logging_config.file:
+        handler = logging.FileHandler(logging_config.file)
+    elif getattr(logging_config, 'syslog', None) is None:
+        handler = logging.StreamHandler(sys.stderr)
+    else:
+        handler = None
+    if handler is not None:
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        _log_handlers.append(handler)
+    syslog = getattr(logging_config, 'syslog', None)
+    if syslog is not None:
+        handler = logging.handlers.SysLogHandler(
+            address=syslog, facility=logging_config.facility or 'daemon')
+        handler.setFormatter(logging.Formatter('pydirector[%d]: %%(message)s' % os.getpid()))
+        _log_handlers.append(handler)
+    for handler in _log_handlers:
+        root.addHandler(handler)
 
 
 def reopen_logs():
@@ -2267,7 +2480,10 @@ def main(argv=None):
         elif signum == signal.SIGUSR1:
             director.close_log()
         elif signum == signal.SIGHUP:
-            log.warning('SIGHUP: reloading is not supported yet; nothing changed')
+            try:
+                director.reload()
+            except AdminError:
+                pass   # logged by reload(); keep running on the old config
 
     # Before binding: once a port answers, a signal must find its handler.
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
