@@ -984,6 +984,298 @@ class Loop(object):
         self._wake_w.close()
 
 
+# PROXY-PROTOCOL-SECTION-START
+# ---------------------------------------------------------------------------
+# PROXY protocol: the header a proxy puts in front of a relayed stream to say
+# who the real client was (HAProxy's proxy-protocol.txt, versions 1 and 2).
+#
+# Version 1 is one text line, "PROXY TCP4 src dst sport dport\r\n", at most
+# 107 bytes.  Version 2 is a 12-byte binary signature, a version/command byte,
+# a family/transport byte, a 16-bit length and that many bytes of addresses
+# (then optional TLVs, which we skip).  The parser works on whatever prefix
+# has arrived: None means "need more bytes", ValueError means "this can never
+# become a valid header", decided at the first byte that proves it.
+# ---------------------------------------------------------------------------
+
+PROXY_V1_SIGNATURE = b'PROXY '
+PROXY_V1_MAX = 107        # the longest line the spec allows, CRLF included
+PROXY_V2_SIGNATURE = b'\r\n\r\n\x00\r\nQUIT\n'
+PROXY_V2_FIXED = 16       # signature, version/command, family, length
+PROXY_V2_MAX_LENGTH = 65535   # the length field is 16 bits: nothing longer can be announced
+PROXY_HEADER_MAX = PROXY_V2_FIXED + PROXY_V2_MAX_LENGTH  # the most a reader may need to hold
+
+_V2_LOCAL, _V2_PROXY = 0x20, 0x21
+_V2_UNSPEC, _V2_TCP4, _V2_TCP6 = 0x00, 0x11, 0x21
+# Family/transport bytes a PROXY command may carry, and their address block size.
+# UDP and UNIX are valid but say nothing usable about a TCP client: we fall back
+# to the real peer, as the spec allows.
+_V2_ADDRESS_SIZE = {0x00: 0, 0x11: 12, 0x12: 12, 0x21: 36, 0x22: 36, 0x31: 216, 0x32: 216}
+
+_V1_PROTOCOLS = (b'TCP4', b'TCP6', b'UNKNOWN')
+_V1_FIELD_BYTES = frozenset(b'0123456789abcdefABCDEF.: \r\n')
+_DIGITS = frozenset(b'0123456789')
+_HEX_COLON_DOT = frozenset(b'0123456789abcdefABCDEF:.')
+
+
+def _ip_of(addr):
+    """The ipaddress object of a socket address tuple, or None (AF_UNIX, unknown, junk)."""
+    if not isinstance(addr, tuple) or len(addr) < 2 or not isinstance(addr[0], str):
+        return None
+    try:
+        # getpeername() of a link-local IPv6 peer gives 'fe80::1%eth0': the scope is local detail.
+        return ipaddress.ip_address(addr[0].split('%', 1)[0])
+    except ValueError:
+        return None
+
+
+def _port_of(addr):
+    port = addr[1]
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError('bad port %r' % (port,))
+    return port
+
+
+def _as_ipv4(ip):
+    if ip.version == 4:
+        return ip
+    return ip.ipv4_mapped  # None unless ::ffff:a.b.c.d
+
+
+def _as_ipv6(ip):
+    if ip.version == 6:
+        return ip
+    return ipaddress.IPv6Address(b'\0' * 10 + b'\xff\xff' + ip.packed)
+
+
+def _header_addresses(client_addr, server_addr):
+    """(4 or 6 or None, client ip, server ip, client port, server port) for a header.
+
+    Both IPv4 (plain or mapped into IPv6, as a dual-stack listener sees v4
+    clients) -> IPv4.  Otherwise IPv6 for both, an IPv4 side mapped into IPv6.
+    None when an address is not IP at all."""
+    client, server = _ip_of(client_addr), _ip_of(server_addr)
+    if client is None or server is None:
+        return None, None, None, 0, 0
+    ports = _port_of(client_addr), _port_of(server_addr)
+    client4, server4 = _as_ipv4(client), _as_ipv4(server)
+    if client4 is not None and server4 is not None:
+        return (4, client4, server4) + ports
+    return (6, _as_ipv6(client), _as_ipv6(server)) + ports
+
+
+def _ipv6_hex_text(ip):
+    """RFC 5952 text in hex groups only: version 1 asks for that, and Python 3.13
+    started writing mapped addresses as '::ffff:1.2.3.4'."""
+    groups = ['%x' % int(g, 16) for g in ip.exploded.split(':')]
+    best_start, best_len, start = -1, 1, None   # only runs of two or more zeros collapse
+    for i, g in enumerate(groups + ['end']):
+        if g == '0':
+            if start is None:
+                start = i
+        elif start is not None:
+            if i - start > best_len:
+                best_start, best_len = start, i - start
+            start = None
+    if best_start < 0:
+        return ':'.join(groups)
+    return (':'.join(groups[:best_start]) + '::' + ':'.join(groups[best_start + best_len:]))
+
+
+def proxy_header_v1(client_addr, server_addr):
+    """b'PROXY TCP4 client server cport sport\\r\\n' for a connection from
+    client_addr to server_addr (socket address tuples); b'PROXY UNKNOWN\\r\\n'
+    when one of them is not an IP address."""
+    family, client, server, client_port, server_port = _header_addresses(client_addr, server_addr)
+    if family is None:
+        return b'PROXY UNKNOWN\r\n'
+    if family == 4:
+        texts = str(client), str(server)
+    else:
+        texts = _ipv6_hex_text(client), _ipv6_hex_text(server)
+    return ('PROXY TCP%d %s %s %d %d\r\n' % ((family,) + texts + (client_port, server_port))).encode('ascii')
+
+
+def proxy_header_v2(client_addr, server_addr):
+    """The binary header: PROXY command, TCP over IPv4 or IPv6, no TLVs; when
+    an address is not IP, PROXY with an unspecified family and no addresses
+    (the receiver then uses the real peer)."""
+    family, client, server, client_port, server_port = _header_addresses(client_addr, server_addr)
+    if family is None:
+        return PROXY_V2_SIGNATURE + bytes([_V2_PROXY, _V2_UNSPEC, 0, 0])
+    block = (client.packed + server.packed +
+             client_port.to_bytes(2, 'big') + server_port.to_bytes(2, 'big'))
+    return (PROXY_V2_SIGNATURE + bytes([_V2_PROXY, _V2_TCP4 if family == 4 else _V2_TCP6]) +
+            len(block).to_bytes(2, 'big') + block)
+
+
+def parse_proxy_header(data, accept='any', limit=PROXY_HEADER_MAX):
+    """Read a PROXY header from the start of data (bytes or bytearray).
+
+    accept is 'v1', 'v2' or 'any'.  Returns None while more bytes are needed,
+    else (consumed, source, dest): consumed is the header's length in bytes,
+    source and dest are (ip_text, port), or both None for v1 UNKNOWN and v2
+    LOCAL / non-TCP families (use the real peer then).  Raises ValueError as
+    soon as data cannot be the start of an acceptable header, or when a v2
+    header announces more than limit bytes in all."""
+    if accept not in ('v1', 'v2', 'any'):
+        raise ValueError('accept must be v1, v2 or any, not %r' % (accept,))
+    if not data:
+        return None
+    first = data[0]
+    if first == PROXY_V1_SIGNATURE[0]:
+        if accept == 'v2':
+            raise ValueError('a PROXY v1 header or other text where only v2 is accepted')
+        return _parse_v1(data)
+    if first == PROXY_V2_SIGNATURE[0]:
+        if accept == 'v1':
+            raise ValueError('a PROXY v2 header or other binary where only v1 is accepted')
+        return _parse_v2(data, limit)
+    raise ValueError('not a PROXY protocol header (first byte 0x%02x)' % first)
+
+
+def _parse_v1(data):
+    size = min(len(data), len(PROXY_V1_SIGNATURE))
+    if data[:size] != PROXY_V1_SIGNATURE[:size]:
+        raise ValueError('bad PROXY v1 signature')
+    if size < len(PROXY_V1_SIGNATURE):
+        return None
+    end = data.find(b'\r\n', 0, PROXY_V1_MAX)
+    line = bytes(data[len(PROXY_V1_SIGNATURE):end if end >= 0 else PROXY_V1_MAX])
+    fields = line.split(b' ')
+    protocol = fields[0].split(b'\r', 1)[0]
+    if end < 0 and len(fields) == 1 and b'\r' not in fields[0]:
+        # Still reading the protocol name: is it the start of one we know?
+        if not any(p.startswith(protocol) for p in _V1_PROTOCOLS):
+            raise ValueError('PROXY v1: unknown protocol %r' % protocol.decode('latin-1'))
+    elif protocol not in _V1_PROTOCOLS:
+        raise ValueError('PROXY v1: unknown protocol %r' % protocol.decode('latin-1'))
+    if protocol == b'UNKNOWN':
+        # The sender may put anything before the CRLF; the receiver ignores it.
+        if end >= 0:
+            return end + 2, None, None
+    else:
+        _check_v1_fields(protocol, line, end >= 0)
+        if end >= 0:
+            return end + 2, _v1_address(fields[1], fields[3]), _v1_address(fields[2], fields[4])
+    if len(data) >= PROXY_V1_MAX:
+        raise ValueError('PROXY v1: no CRLF within %d bytes' % PROXY_V1_MAX)
+    return None
+
+
+def _check_v1_fields(protocol, line, complete):
+    """Reject a TCP4/TCP6 line, whole or partial, at the first wrong byte we can see."""
+    for i, byte in enumerate(line[len(protocol):], len(protocol)):
+        if byte not in _V1_FIELD_BYTES:
+            raise ValueError('PROXY v1: unexpected byte 0x%02x' % byte)
+        if byte == 0x0a:  # b'\n' (complete lines stop before their CRLF)
+            raise ValueError('PROXY v1: LF without CR')
+        if byte == 0x0d and i + 1 < len(line):  # CRLF is past the line, so this CR is alone
+            raise ValueError('PROXY v1: CR without LF')
+    fields = line.rstrip(b'\r').split(b' ')
+    if len(fields) > 5:
+        raise ValueError('PROXY v1: too many fields')
+    if complete and len(fields) < 5:
+        raise ValueError('PROXY v1: %d fields where 5 are needed' % len(fields))
+    if not complete and line.endswith(b'\r') and len(fields) < 5:
+        raise ValueError('PROXY v1: line ends after %d fields, 5 are needed' % len(fields))
+    last = len(fields) - 1
+    for i, field in enumerate(fields[1:], 1):
+        whole = complete or i < last or line.endswith(b'\r')
+        if whole and not field:
+            raise ValueError('PROXY v1: empty field %d' % (i + 1))
+        if i in (1, 2):
+            if protocol == b'TCP4':
+                _check_ipv4_text(field, whole)
+            else:
+                _check_ipv6_text(field, whole)
+        else:
+            _check_port_text(field, whole)
+
+
+def _check_ipv4_text(field, whole):
+    """Four decimal numbers 0-255 without leading zeros ('01' could be read as octal)."""
+    if b':' in field:
+        raise ValueError('PROXY v1: an IPv6 address in a TCP4 line')
+    parts = field.split(b'.')
+    if len(field) > 15 or len(parts) > 4 or (whole and len(parts) != 4):
+        raise ValueError('PROXY v1: bad IPv4 address %r' % field.decode('latin-1'))
+    for j, part in enumerate(parts):
+        last_partial = not whole and j == len(parts) - 1
+        if not part and not last_partial:
+            raise ValueError('PROXY v1: bad IPv4 address %r' % field.decode('latin-1'))
+        if (not set(part) <= _DIGITS or len(part) > 3 or (len(part) > 1 and part[:1] == b'0')
+                or (part and int(part) > 255)):
+            raise ValueError('PROXY v1: bad IPv4 address %r' % field.decode('latin-1'))
+
+
+def _check_ipv6_text(field, whole):
+    # The longest form, eight full groups or six with a dotted IPv4 tail, is 45 bytes.
+    if not set(field) <= _HEX_COLON_DOT or len(field) > 45:
+        raise ValueError('PROXY v1: bad IPv6 address %r' % field.decode('latin-1'))
+    if not whole:
+        return
+    if b':' not in field:
+        raise ValueError('PROXY v1: an IPv4 address in a TCP6 line')
+    try:
+        socket.inet_pton(socket.AF_INET6, field.decode('ascii'))
+    except (OSError, ValueError):
+        raise ValueError('PROXY v1: bad IPv6 address %r' % field.decode('latin-1'))
+
+
+def _check_port_text(field, whole):
+    if (not set(field) <= _DIGITS or len(field) > 5 or (len(field) > 1 and field[:1] == b'0')
+            or (field and int(field) > 65535) or (whole and not field)):
+        raise ValueError('PROXY v1: bad port %r' % field.decode('latin-1'))
+
+
+def _v1_address(ip_field, port_field):
+    text = ip_field.decode('ascii')
+    if ':' in text:
+        # Normalised the way accept() writes addresses ('FE80::01' -> 'fe80::1').
+        text = socket.inet_ntop(socket.AF_INET6, socket.inet_pton(socket.AF_INET6, text))
+    return text, int(port_field)
+
+
+def _parse_v2(data, limit):
+    size = min(len(data), len(PROXY_V2_SIGNATURE))
+    if data[:size] != PROXY_V2_SIGNATURE[:size]:
+        raise ValueError('bad PROXY v2 signature')
+    if len(data) <= len(PROXY_V2_SIGNATURE):
+        return None
+    version_command = data[12]
+    if version_command >> 4 != 2:
+        raise ValueError('PROXY protocol version %d is not supported' % (version_command >> 4))
+    if version_command not in (_V2_LOCAL, _V2_PROXY):
+        raise ValueError('PROXY v2: unknown command %d' % (version_command & 0x0f))
+    if len(data) < 14:
+        return None
+    family = data[13]
+    if version_command == _V2_PROXY and family not in _V2_ADDRESS_SIZE:
+        raise ValueError('PROXY v2: unknown address family/transport 0x%02x' % family)
+    if len(data) < PROXY_V2_FIXED:
+        return None
+    length = int.from_bytes(bytes(data[14:16]), 'big')
+    consumed = PROXY_V2_FIXED + length
+    if consumed > limit:
+        raise ValueError('PROXY v2: header of %d bytes is longer than %d' % (consumed, limit))
+    if version_command == _V2_PROXY and length < _V2_ADDRESS_SIZE[family]:
+        raise ValueError('PROXY v2: %d address bytes where family 0x%02x needs %d'
+                         % (length, family, _V2_ADDRESS_SIZE[family]))
+    if len(data) < consumed:
+        return None
+    if version_command == _V2_LOCAL or family not in (_V2_TCP4, _V2_TCP6):
+        return consumed, None, None
+    if family == _V2_TCP4:
+        af, size = socket.AF_INET, 4
+    else:
+        af, size = socket.AF_INET6, 16
+    block = bytes(data[PROXY_V2_FIXED:PROXY_V2_FIXED + 2 * size + 4])
+    source = socket.inet_ntop(af, block[:size]), int.from_bytes(block[2 * size:2 * size + 2], 'big')
+    dest = socket.inet_ntop(af, block[size:2 * size]), int.from_bytes(block[2 * size + 2:], 'big')
+    return consumed, source, dest
+# PROXY-PROTOCOL-SECTION-END
+
+
 # ---------------------------------------------------------------------------
 # Proxying: a Listener accepts clients, a Pair relays one client to one backend.
 # ---------------------------------------------------------------------------
@@ -1028,11 +1320,17 @@ class Listener(object):
         self.director = director
         self.service = service
         self.sock = sock
-        self.listen = listen     # its <listen> config; a reload may replace it
-        self.text = listen.text
+        self.configure(listen)
         self.paused = False
         self.registered = True
         director.loop.selector.register(sock, EVENT_READ, self._on_readable)
+
+    def configure(self, listen):
+        """Take (new) settings from its <listen>; a reload may call this again."""
+        self.listen = listen
+        self.text = listen.text
+        self.accept_proxy = getattr(listen, 'accept_proxy', None)
+        self.trusted = [('allow', net) for net in getattr(listen, 'trusted', None) or ()]
 
     def _on_readable(self, mask):
         accept = self.sock.accept
@@ -1052,7 +1350,7 @@ class Listener(object):
             if self.paused:
                 self.paused = False
                 log.info('listen %s: accepting again', self.text)
-            on_accept(self.service, client_sock, client_addr)
+            on_accept(self, client_sock, client_addr)
 
     def pause(self, err):
         """Out of fds: a pending client stays queued and would wake us forever; look again shortly."""
@@ -1078,12 +1376,16 @@ class Listener(object):
             self.sock.close()
 
 
+PROXY_HEADER, QUEUED = 'proxy-header', 'queued'
 CONNECTING, STREAMING, CLOSED = 'connecting', 'streaming', 'closed'
+QUEUE_LIMIT = 1000        # clients a service may hold waiting for a free host
 
 
 class Pair(object):
     """One client connection and the backend connection made for it.
 
+    PROXY_HEADER: reading the PROXY protocol header a front proxy sends first.
+    QUEUED: every eligible host is at its maxconns; waiting for a slot.
     CONNECTING: the backend connect is in flight; the client is not read yet,
     so whatever it already sent waits in the kernel and reaches whichever
     backend accepts (that makes failover transparent).
@@ -1095,7 +1397,8 @@ class Pair(object):
     __slots__ = ('director', 'loop', 'service', 'group', 'host', 'client_sock', 'backend_sock',
                  'client_ip', 'client_port', 'state', 'tried', 'to_client', 'to_backend',
                  'client_eof', 'backend_eof', 'client_events', 'backend_events', 'timer',
-                 'last_active', 'bytes_in', 'bytes_out', 'started')
+                 'last_active', 'bytes_in', 'bytes_out', 'started', 'proxy_dest',
+                 'proxy_accept')
 
     def __init__(self, director, service, client_sock, client_addr):
         self.director = director
@@ -1120,6 +1423,55 @@ class Pair(object):
         self.bytes_in = 0
         self.bytes_out = 0
         self.started = self.loop.now
+        self.proxy_dest = None    # the address a PROXY header said the client connected to
+        self.proxy_accept = None  # 'v1', 'v2' or 'any' while reading that header
+
+    # -- the PROXY protocol header from a front proxy ---------------------
+
+    def read_proxy_header(self, accept):
+        """Read the header before anything else; what follows it waits in to_backend."""
+        self.state = PROXY_HEADER
+        self.loop.selector.register(self.client_sock, EVENT_READ, self._on_proxy_readable)
+        self.client_events = EVENT_READ
+        self.proxy_accept = accept
+        self.timer = self.loop.call_later(self.service.timeouts.connect, self._bad_proxy, 'no header in time')
+
+    def _on_proxy_readable(self, mask):
+        try:
+            data = self.client_sock.recv(BUFFER_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.abort('client-reset')
+            return
+        if not data:
+            self._bad_proxy('closed before the header ended')
+            return
+        data = self.to_backend + data
+        try:
+            header = parse_proxy_header(data, self.proxy_accept)
+        except ValueError as e:
+            self._bad_proxy(str(e))
+            return
+        if header is None:
+            self.to_backend = data
+            return
+        size, source, dest = header
+        self.to_backend = data[size:]
+        if source is not None:
+            self.client_ip, self.client_port = source[0], source[1]
+            self.proxy_dest = dest
+        self.timer.cancel()
+        self.timer = None
+        self._set_events(0, 0)
+        self.state = CONNECTING
+        self.director.route(self)
+
+    def _bad_proxy(self, why):
+        self.timer = None
+        log.warning('client %s:%s in %s: bad PROXY header: %s',
+                    self.client_ip, self.client_port, self.service.name, why)
+        self.close('bad-proxy')
 
     # -- connecting -------------------------------------------------------
 
@@ -1128,6 +1480,9 @@ class Pair(object):
         scheduler = self.group.scheduler
         host = scheduler.pick(self.client_ip, self.tried)
         if host is None:
+            if not self.tried and scheduler.full_only(()):
+                self._wait_in_queue()
+                return
             if self.tried:
                 log.warning('client %s:%s in %s: gave up after %d host(s) failed',
                             self.client_ip, self.client_port, self.service.name, len(self.tried))
@@ -1158,6 +1513,22 @@ class Pair(object):
             return
         self.timer = self.loop.call_later(self.service.timeouts.connect, self._on_connect_timeout)
         self._set_events(0, EVENT_WRITE)
+
+    def _wait_in_queue(self):
+        queue = self.service.queue
+        if len(queue) >= QUEUE_LIMIT:
+            self.service.refused += 1
+            self.close('full')
+            return
+        self.state = QUEUED
+        queue.append(self)
+        self.timer = self.loop.call_later(self.service.timeouts.queue, self._on_queue_timeout)
+
+    def _on_queue_timeout(self):
+        self.timer = None
+        log.info('client %s:%s in %s: no host free within %g s',
+                 self.client_ip, self.client_port, self.service.name, self.service.timeouts.queue)
+        self.close('queue-timeout')
 
     def _on_connect_timeout(self):
         self.timer = None
@@ -1198,7 +1569,22 @@ class Pair(object):
         self.state = STREAMING
         self.last_active = self.loop.now
         self.timer = self.loop.call_later(self.service.timeouts.idle, self._on_idle_timer)
-        self._update_interest()
+        if self.host.send_proxy is not None:
+            self.to_backend = self._proxy_header() + self.to_backend
+        if self.to_backend:
+            self._flush(True)   # a PROXY header, or bytes read with one
+        else:
+            self._update_interest()
+
+    def _proxy_header(self):
+        dest = self.proxy_dest
+        if dest is None:
+            try:
+                dest = self.client_sock.getsockname()
+            except OSError:
+                dest = None
+        build = proxy_header_v2 if self.host.send_proxy == 'v2' else proxy_header_v1
+        return build((self.client_ip, self.client_port), dest)
 
     # -- streaming --------------------------------------------------------
 
@@ -1367,6 +1753,8 @@ class Pair(object):
     def close(self, how='no-backend'):
         if self.state is CLOSED:
             return
+        if self.state is QUEUED:
+            self.service.queue.remove(self)
         was_streaming = self.state is STREAMING
         self.state = CLOSED
         self._drop_backend()
@@ -1720,7 +2108,8 @@ class Director(object):
 
     # -- connections --------------------------------------------------------
 
-    def on_accept(self, service, client_sock, client_addr):
+    def on_accept(self, listener, client_sock, client_addr):
+        service = listener.service
         service.accepted += 1
         service.open += 1
         client_sock.setblocking(False)
@@ -1730,7 +2119,37 @@ class Director(object):
             pass
         pair = Pair(self, service, client_sock, client_addr)
         self.pairs.add(pair)
+        maxconns = service.config.maxconns
+        if maxconns and service.open > maxconns:
+            service.refused += 1
+            pair.close('full')
+        elif listener.accept_proxy is None:
+            self.route(pair)
+        elif listener.trusted and not acl_allows(listener.trusted, pair.client_ip):
+            service.denied += 1
+            log.warning('client %s:%s in %s: not a trusted proxy', pair.client_ip, pair.client_port, service.name)
+            pair.close('denied')
+        else:
+            pair.read_proxy_header(listener.accept_proxy)
+
+    def route(self, pair):
+        """A client whose address is known: check the service's rules, then find it a host."""
+        service = pair.service
+        if service.config.acl and not acl_allows(service.config.acl, pair.client_ip):
+            service.denied += 1
+            pair.close('denied')
+            return
         pair.connect_next()
+
+    def _serve_queue(self, service):
+        """Hand freed slots to waiting clients, first come first served."""
+        queue = service.queue
+        while queue and not service.enabled.scheduler.full_only(()):
+            pair = queue.popleft()
+            pair.timer.cancel()
+            pair.timer = None
+            pair.state = CONNECTING
+            pair.connect_next()
 
     def pause_accepting(self, err):
         """File descriptors are per process: when one accept or connect runs out, every listener waits."""
@@ -1740,7 +2159,10 @@ class Director(object):
 
     def pair_closed(self, pair, how):
         self.pairs.discard(pair)
-        pair.service.open -= 1
+        service = pair.service
+        service.open -= 1
+        if service.queue and pair.host is not None:
+            self._serve_queue(service)
         if self.access_log:
             host = pair.host or (pair.tried[-1] if pair.tried else None)
             access_log.info(
@@ -1775,8 +2197,11 @@ class Director(object):
                 probe_state.timeline.append((when, before, host_state(host), cause))
                 if state == schedulers.DOWN:
                     probe_state.next_due = self.loop.now + self._check(service).interval
-            if service.switch is not None and service.switch.to_group is group and host_state(host) == 'up':
-                service.switch.confirmed = True
+            if host_state(host) == 'up':
+                if service.switch is not None and service.switch.to_group is group:
+                    service.switch.confirmed = True
+                if service.queue:
+                    self._serve_queue(service)
             log.info('host %s (%s) in %s/%s %s: %s', host.name, host.ip, service.name, group.name, state, cause)
         return changed
 
@@ -2140,7 +2565,8 @@ class Director(object):
             service.listeners = []
             for listen in service_config.listens:
                 listener = listeners.pop(listen.text)
-                listener.service, listener.listen = service, listen
+                listener.service = service
+                listener.configure(listen)
                 service.listeners.append(listener)
             if old_texts and old_texts != [l.text for l in service.listeners]:
                 changes.append('%s: listen %s' % (service.name, ', '.join(l.text for l in service.listeners)))
@@ -2421,6 +2847,35 @@ def summary(config):
     return '\n'.join(lines)
 
 
+def privilege_ids(user, group):
+    """(uid, gid) to switch to, from names or numbers; ValueError says what is unknown."""
+    import grp
+    import pwd
+    try:
+        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    except KeyError:
+        raise ValueError('no user %r on this system' % user)
+    gid = entry.pw_gid
+    if group:
+        try:
+            gid = grp.getgrgid(int(group)).gr_gid if group.isdigit() else grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ValueError('no group %r on this system' % group)
+    return entry.pw_uid, gid
+
+
+def drop_privileges(uid, gid):
+    """Become uid/gid for good, after binding and opening logs as root."""
+    if os.getuid() == 0:
+        os.setgroups([gid])
+        os.setgid(gid)
+        os.setuid(uid)
+    elif (os.getuid(), os.getgid()) != (uid, gid):
+        raise OSError('only root can switch to uid %d, gid %d (running as uid %d)' % (uid, gid, os.getuid()))
+    if os.getuid() == 0 or os.geteuid() == 0:
+        raise OSError('asked to drop privileges, but still root: refusing to run as root')
+
+
 def read_password():
     import getpass
     if sys.stdin.isatty():
@@ -2438,6 +2893,8 @@ def parse_args(argv):
     parser.add_argument('--check', action='store_true', help='validate the config, print a summary, bind nothing')
     parser.add_argument('--hash-password', action='store_true',
                         help='read a password (prompt or stdin) and print its hash for <user password=...>')
+    parser.add_argument('--user', help='switch to this user after binding (overrides <pdconfig user=>)')
+    parser.add_argument('--group', help='and to this group (default: the user\'s own)')
     parser.add_argument('-v', '--verbose', action='store_true', help='log debug detail')
     parser.add_argument('--version', action='version', version='pydirector ' + VERSION)
     args = parser.parse_args(argv)
@@ -2462,6 +2919,14 @@ def main(argv=None):
     if args.check:
         print(summary(config))
         return 0
+    user = args.user or config.user
+    ids = None
+    if user:
+        try:
+            ids = privilege_ids(user, args.group or config.group)
+        except ValueError as e:
+            print('pydirector: %s' % e, file=sys.stderr)
+            return 1
     setup_logging(config, args.verbose)
     raise_fd_limit()
     director = Director(config)
@@ -2504,6 +2969,16 @@ def main(argv=None):
             log.error('admin cannot listen on %s: %s', config.admin.listen, e)
             director.stop_now()
             return 1
+    if ids is not None:
+        try:
+            drop_privileges(*ids)
+        except OSError as e:
+            log.error('cannot drop privileges: %s', e)
+            director.stop_now()
+            if admin_server is not None:
+                admin_server.stop()
+            return 1
+        log.info('running as uid %d, gid %d', os.getuid(), os.getgid())
 
     try:
         director.loop.run()
