@@ -53,6 +53,9 @@ access_log = logging.getLogger('pydirector.access')
 # "FILE:LINE: message" naming the element at fault.
 # ---------------------------------------------------------------------------
 
+import logging.handlers         # SysLogHandler.facility_names, to check <logging facility>
+
+
 class ConfigError(Exception):
     """A config file that cannot be used.  str() is 'FILE:LINE: message'
     ('FILE: message' when there is no line); the parts are kept as
@@ -73,14 +76,18 @@ class ConfigError(Exception):
 
 class Config(object):
     """A whole <pdconfig>: services in file order, the optional admin server,
-    logging, and how long to let connections drain on shutdown."""
+    logging, how long to let connections drain on shutdown, and the user and
+    group to run as (names or numeric ids as text; None: stay as started)."""
 
-    def __init__(self, path=None, services=None, admin=None, logging=None, drain=10.0):
+    def __init__(self, path=None, services=None, admin=None, logging=None, drain=10.0,
+                 user=None, group=None):
         self.path = path
         self.services = list(services or [])
         self.admin = admin
         self.logging = logging if logging is not None else Logging()
         self.drain = drain
+        self.user = user
+        self.group = group
 
     def service(self, name):
         for service in self.services:
@@ -92,12 +99,18 @@ class Config(object):
         """The config as a file parse_config accepts (running.xml), one
         element per line; defaults are written only where they differ."""
         out = []
-        root = [('drain', _format_seconds(self.drain) if self.drain != 10.0 else None)]
+        root = [('drain', _format_seconds(self.drain) if self.drain != 10.0 else None),
+                ('user', self.user), ('group', self.group)]
         out.append(_xml_tag(0, 'pdconfig', root, '>'))
         for service in self.services:
-            out.append(_xml_tag(1, 'service', [('name', service.name)], '>'))
+            out.append(_xml_tag(1, 'service', [
+                ('name', service.name), ('maxconns', service.maxconns or None)], '>'))
             for listen in service.listens:
-                out.append(_xml_tag(2, 'listen', [('ip', listen.text)]))
+                out.append(_xml_tag(2, 'listen', [
+                    ('ip', listen.text), ('accept_proxy', listen.accept_proxy),
+                    ('trusted', ','.join(map(_network_text, listen.trusted)) or None)]))
+            for action, network in service.acl:
+                out.append(_xml_tag(2, action, [('cidr', _network_text(network))]))
             for group in service.groups:
                 attrs = [('name', group.name), ('scheduler', group.scheduler)]
                 if not group.hosts:
@@ -108,7 +121,8 @@ class Config(object):
                     out.append(_xml_tag(3, 'host', [
                         ('name', host.name), ('ip', host.ip),
                         ('weight', host.weight if host.weight != 1 else None),
-                        ('maxconns', host.maxconns if host.maxconns != 0 else None)]))
+                        ('maxconns', host.maxconns if host.maxconns != 0 else None),
+                        ('send_proxy', host.send_proxy)]))
                 out.append('    </group>')
             # Always written, though it defaults to the first group: which
             # group is live is the one thing an operator reads running.xml for.
@@ -129,8 +143,9 @@ class Config(object):
                 out.append(_xml_tag(2, 'user', [
                     ('name', user.name), ('password', user.password), ('access', user.access)]))
             out.append('  </admin>')
-        if self.logging is not None and self.logging.file:
-            out.append(_xml_tag(1, 'logging', [('file', self.logging.file)]))
+        attrs = self.logging._xml_attrs() if self.logging is not None else []
+        if any(value is not None for _, value in attrs):
+            out.append(_xml_tag(1, 'logging', attrs))
         out.append('</pdconfig>')
         return '\n'.join(out) + '\n'
 
@@ -138,10 +153,12 @@ class Config(object):
 class Service(object):
     """A <service>: where it listens, its groups of hosts, and which group is
     enabled (a group name).  check is None when the file has no <check>
-    (DEFAULT_CHECK applies then); timeouts is always set."""
+    (DEFAULT_CHECK applies then); timeouts is always set.  maxconns caps the
+    service's open clients (0 = unlimited); acl is the <allow>/<deny> rules
+    in file order, as ('allow' or 'deny', ipaddress network) pairs."""
 
     def __init__(self, name, listens=None, groups=None, enabled=None, check=None,
-                 timeouts=None, line=None):
+                 timeouts=None, line=None, maxconns=0, acl=None):
         self.name = name
         self.listens = list(listens or [])
         self.groups = list(groups or [])
@@ -151,6 +168,8 @@ class Service(object):
         self.check = check
         self.timeouts = timeouts if timeouts is not None else Timeouts()
         self.line = line
+        self.maxconns = maxconns
+        self.acl = list(acl or [])
 
     def group(self, name):
         for group in self.groups:
@@ -158,19 +177,27 @@ class Service(object):
                 return group
         return None
 
+    def allows(self, ip_text):
+        """True if this service's <allow>/<deny> rules let ip_text in."""
+        return acl_allows(self.acl, ip_text)
+
     def __repr__(self):
         return f'Service({self.name!r})'
 
 
 class Listen(object):
     """One <listen ip="...">: text as written, host and port to bind
-    ('*' becomes '0.0.0.0', '[::]' becomes '::')."""
+    ('*' becomes '0.0.0.0', '[::]' becomes '::').  accept_proxy is None, or
+    'v1', 'v2' or 'any': the PROXY protocol header versions read from each
+    peer first; trusted lists the networks that may send one (empty: any)."""
 
-    def __init__(self, text, host, port, line=None):
+    def __init__(self, text, host, port, line=None, accept_proxy=None, trusted=None):
         self.text = text
         self.host = host
         self.port = port
         self.line = line
+        self.accept_proxy = accept_proxy
+        self.trusted = list(trusted or [])
 
     def __repr__(self):
         return f'Listen({self.text!r})'
@@ -197,9 +224,10 @@ class Group(object):
 
 class Host(object):
     """A backend <host>: ip as written, host (no brackets) and port to
-    connect to.  Names are not resolved here; that happens at run time."""
+    connect to.  Names are not resolved here; that happens at run time.
+    send_proxy is None, 'v1' or 'v2': the PROXY header version to send it."""
 
-    def __init__(self, name, ip, host, port, weight=1, maxconns=0, line=None):
+    def __init__(self, name, ip, host, port, weight=1, maxconns=0, line=None, send_proxy=None):
         self.name = name
         self.ip = ip
         self.host = host
@@ -207,6 +235,7 @@ class Host(object):
         self.weight = weight
         self.maxconns = maxconns     # 0 = unlimited
         self.line = line
+        self.send_proxy = send_proxy
 
     def __repr__(self):
         return f'Host({self.name!r}, {self.ip!r})'
@@ -244,17 +273,20 @@ DEFAULT_CHECK = Check()
 
 
 class Timeouts(object):
-    """Seconds allowed to connect to a host, and for a connection to sit idle."""
+    """Seconds allowed to connect to a host, for a connection to sit idle,
+    and for a client to wait in the queue while every host is full."""
 
-    def __init__(self, connect=3.0, idle=3600.0, line=None):
+    def __init__(self, connect=3.0, idle=3600.0, line=None, queue=5.0):
         self.connect = connect
         self.idle = idle
         self.line = line
+        self.queue = queue
 
     def _xml_attrs(self):
         return [
             ('connect', _format_seconds(self.connect) if self.connect != 3.0 else None),
             ('idle', _format_seconds(self.idle) if self.idle != 3600.0 else None),
+            ('queue', _format_seconds(self.queue) if self.queue != 5.0 else None),
         ]
 
 
@@ -292,11 +324,29 @@ class User(object):
 
 
 class Logging(object):
-    """Where the log goes: a file path, or None for stderr."""
+    """Where the log goes: a file path, or None for stderr; and/or syslog.
+    syslog is the text as written (None: no syslog) and syslog_address what
+    SysLogHandler takes: the socket path, or (host, port) for UDP.  access
+    is whether to log one line per client connection."""
 
-    def __init__(self, file=None, line=None):
+    def __init__(self, file=None, line=None, access=True, syslog=None, facility='daemon'):
         self.file = file
         self.line = line
+        self.access = access
+        self.syslog = syslog
+        self.facility = facility
+
+    @property
+    def syslog_address(self):
+        return parse_syslog(self.syslog) if self.syslog is not None else None
+
+    def _xml_attrs(self):
+        return [
+            ('file', self.file or None),
+            ('access', 'off' if not self.access else None),
+            ('syslog', self.syslog),
+            ('facility', self.facility if self.facility != 'daemon' else None),
+        ]
 
 
 def load_config(path):
@@ -369,6 +419,84 @@ def check_name(text, what):
         raise ValueError(f'{what} {text!r} is only whitespace')
     if any(unicodedata.category(ch) in ('Cc', 'Cf', 'Zl', 'Zp') for ch in text):
         raise ValueError(f'{what} {text!r} contains a control character')
+
+
+def check_account(text, what):
+    """ValueError unless text is a user or group name, or a numeric id;
+    what is 'user' or 'group'.  Whether it exists is checked at run time."""
+    if not (re.fullmatch(r'[A-Za-z_][A-Za-z0-9_.-]*\$?', text)
+            or re.fullmatch(r'[0-9]{1,10}', text) and int(text) < 2 ** 32 - 1):
+        raise ValueError(f'{text!r}: must be a {what} name or a numeric id')
+
+
+_IPV4_DOTTED = re.compile(r'(?:0|[1-9][0-9]{0,2})(?:\.(?:0|[1-9][0-9]{0,2})){3}')
+
+
+def parse_network(text):
+    """'10.0.0.0/8', '2001:db8::/32' or one address -> an ipaddress network.
+    Host bits are masked off ('10.1.2.3/8' is 10.0.0.0/8), as nginx and
+    HAProxy do.  Zero-padded IPv4 ('010.0.0.1') is refused on every Python,
+    not just those since 3.9.5: some tools read it as octal."""
+    address, slash, prefix = text.partition('/')
+    ok = (bool(address) and '%' not in address
+          and (not slash or re.fullmatch(r'0|[1-9][0-9]{0,2}', prefix) is not None)
+          and (':' in address or _IPV4_DOTTED.fullmatch(address) is not None))
+    if ok:
+        try:
+            return ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            pass
+    raise ValueError(f'{text!r} is not an IP network (like 10.0.0.0/8, 2001:db8::/32 or 127.0.0.1)')
+
+
+def _network_text(network):
+    # A one-address network is written as the bare address.
+    if network.prefixlen == network.max_prefixlen:
+        return str(network.network_address)
+    return network.with_prefixlen
+
+
+def acl_allows(rules, ip_text):
+    """True if a client at ip_text may connect under rules, a list of
+    ('allow' or 'deny', network) pairs: the first rule whose network holds
+    the address decides; when none does, the client is refused if there is
+    any 'allow' rule (a whitelist) and let in otherwise (a blacklist).
+    An IPv4-mapped IPv6 address (::ffff:10.0.0.1) counts as its IPv4
+    address; an address never matches a network of the other version.
+    ip_text may be an ipaddress address; anything unparsable is refused."""
+    if isinstance(ip_text, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+        address = ip_text
+    else:
+        if not isinstance(ip_text, str):
+            return False
+        if ':' in ip_text:
+            ip_text = ip_text.partition('%')[0]     # a link-local scope, as getpeername gives
+        elif _IPV4_DOTTED.fullmatch(ip_text) is None:
+            return False
+        try:
+            address = ipaddress.ip_address(ip_text)
+        except ValueError:
+            return False
+    if address.version == 6 and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    for action, network in rules:
+        if network.version == address.version and address in network:
+            return action == 'allow'
+    return not any(action == 'allow' for action, _ in rules)
+
+
+def parse_syslog(text):
+    """<logging syslog>: '/dev/log' (a unix socket path, returned as is) or
+    'host:port' / '[v6]:port' for UDP, returned as (host, port)."""
+    if text.startswith('/'):
+        return text
+    try:
+        host, port = parse_address(text)
+    except ValueError:
+        host = None
+    if host is None or text.startswith('*:'):
+        raise ValueError(f"{text!r}: must be a socket path starting with '/', or host:port")
+    return host, port
 
 
 _SECONDS = re.compile(r'(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?')
@@ -585,7 +713,7 @@ def _read_xml(data, path):
 
 _CHILDREN = {
     'pdconfig': ('service', 'admin', 'logging'),
-    'service': ('listen', 'group', 'enable', 'check', 'timeouts'),
+    'service': ('listen', 'group', 'enable', 'check', 'timeouts', 'allow', 'deny'),
     'group': ('host',),
     'admin': ('user',),
 }
@@ -653,6 +781,32 @@ class _ConfigReader(object):
         want = f'{low}-{high}' if high is not None else f'>= {low}'
         raise self.error(elem, f'<{elem.tag}> {attr} {text!r}: must be an integer {want}')
 
+    def choice(self, elem, attr, choices):
+        text = elem.get(attr)
+        if text is None or text in choices:
+            return text
+        shown = ', '.join(repr(c) for c in choices[:-1]) + ' or ' + repr(choices[-1])
+        raise self.error(elem, f'<{elem.tag}> {attr} {text!r}: must be {shown}')
+
+    def networks(self, elem, attr):
+        """A comma-separated list of networks; None when attr is absent."""
+        text = elem.get(attr)
+        if text is None:
+            return None
+        try:
+            return [parse_network(part.strip()) for part in text.split(',')]
+        except ValueError as e:
+            raise self.error(elem, f'<{elem.tag}> {attr} {e}') from None
+
+    def account(self, elem, attr):
+        text = elem.get(attr)
+        if text is not None:
+            try:
+                check_account(text, attr)
+            except ValueError as e:
+                raise self.error(elem, f'<{elem.tag}> {attr} {e}') from None
+        return text
+
     def seconds(self, elem, attr, default, zero_ok=False):
         text = elem.get(attr)
         if text is None:
@@ -677,8 +831,9 @@ class _ConfigReader(object):
     def read(self, root):
         if root.tag != 'pdconfig':
             raise self.error(root, f'the root element must be <pdconfig>, not <{root.tag}>')
-        self.attrs(root, ('drain',))
+        self.attrs(root, ('drain', 'group', 'user'))
         drain = self.seconds(root, 'drain', 10.0, zero_ok=True)
+        user, group = self.account(root, 'user'), self.account(root, 'group')
         services, admin, logging_ = [], None, None
         for tag, elem in self.children(root):
             if tag == 'service':
@@ -690,25 +845,27 @@ class _ConfigReader(object):
             else:
                 if logging_ is not None:
                     raise self.error(elem, 'more than one <logging>')
-                self.attrs(elem, ('file',))
-                logging_ = Logging(elem.get('file') or None, self.lines[elem])
+                logging_ = self.logging(elem)
         if not services:
             raise self.error(root, '<pdconfig> has no <service>')
-        return Config(self.path, services, admin, logging_, drain)
+        return Config(self.path, services, admin, logging_, drain, user, group)
 
     def service(self, elem, services):
-        self.attrs(elem, ('name',), ('name',))
+        self.attrs(elem, ('maxconns', 'name'), ('name',))
         name = self.name(elem, 'service name', elem.get('name'))
         if any(s.name == name for s in services):
             raise self.error(elem, f'duplicate service {name!r}')
-        listens, groups, enable, check, timeouts = [], [], None, None, None
+        maxconns = self.integer(elem, 'maxconns', 0, 0)
+        listens, groups, enable, check, timeouts, acl = [], [], None, None, None, []
         for tag, child in self.children(elem):
             if tag == 'listen':
-                self.attrs(child, ('ip',), ('ip',))
-                host, port = self.address(child, 'ip')
-                text = child.get('ip')
-                self.claim_listen(child, text, host, port, f'service {name!r}')
-                listens.append(Listen(text, host, port, self.lines[child]))
+                listens.append(self.listen(child, name))
+            elif tag in ('allow', 'deny'):
+                self.attrs(child, ('cidr',), ('cidr',))
+                try:
+                    acl.append((tag, parse_network(child.get('cidr'))))
+                except ValueError as e:
+                    raise self.error(child, f'<{tag}> cidr {e}') from None
             elif tag == 'group':
                 group = self.group(child)
                 if any(g.name == group.name for g in groups):
@@ -726,9 +883,10 @@ class _ConfigReader(object):
             else:
                 if timeouts is not None:
                     raise self.error(child, f'service {name!r}: more than one <timeouts>')
-                self.attrs(child, ('connect', 'idle'))
+                self.attrs(child, ('connect', 'idle', 'queue'))
                 timeouts = Timeouts(self.seconds(child, 'connect', 3.0),
-                                    self.seconds(child, 'idle', 3600.0), self.lines[child])
+                                    self.seconds(child, 'idle', 3600.0), self.lines[child],
+                                    queue=self.seconds(child, 'queue', 5.0))
         if not listens:
             raise self.error(elem, f'service {name!r} has no <listen>')
         if not groups:
@@ -738,7 +896,19 @@ class _ConfigReader(object):
             enabled = enable.get('group')
             if not any(g.name == enabled for g in groups):
                 raise self.error(enable, f'service {name!r}: <enable> names unknown group {enabled!r}')
-        return Service(name, listens, groups, enabled, check, timeouts, self.lines[elem])
+        return Service(name, listens, groups, enabled, check, timeouts, self.lines[elem],
+                       maxconns=maxconns, acl=acl)
+
+    def listen(self, elem, service_name):
+        self.attrs(elem, ('accept_proxy', 'ip', 'trusted'), ('ip',))
+        host, port = self.address(elem, 'ip')
+        text = elem.get('ip')
+        self.claim_listen(elem, text, host, port, f'service {service_name!r}')
+        accept_proxy = self.choice(elem, 'accept_proxy', ('v1', 'v2', 'any'))
+        trusted = self.networks(elem, 'trusted')
+        if trusted is not None and accept_proxy is None:
+            raise self.error(elem, '<listen> trusted is only used with accept_proxy')
+        return Listen(text, host, port, self.lines[elem], accept_proxy, trusted)
 
     def group(self, elem):
         self.attrs(elem, ('name', 'scheduler'), ('name', 'scheduler'))
@@ -761,7 +931,7 @@ class _ConfigReader(object):
         return Group(name, scheduler, hosts, self.lines[elem])
 
     def host(self, elem, index):
-        self.attrs(elem, ('ip', 'maxconns', 'name', 'weight'), ('ip',))
+        self.attrs(elem, ('ip', 'maxconns', 'name', 'send_proxy', 'weight'), ('ip',))
         name = elem.get('name')
         if not name:
             name = f'host.{index}'      # as 1.0 named hosts without a name
@@ -773,7 +943,8 @@ class _ConfigReader(object):
             raise self.error(elem, f"<{elem.tag}> ip {ip!r}: '*' is for listening; a host needs an address")
         weight = self.integer(elem, 'weight', 1, 1, 1000)
         maxconns = self.integer(elem, 'maxconns', 0, 0)
-        return Host(name, ip, host, port, weight, maxconns, self.lines[elem])
+        send_proxy = self.choice(elem, 'send_proxy', ('v1', 'v2'))
+        return Host(name, ip, host, port, weight, maxconns, self.lines[elem], send_proxy)
 
     def check(self, elem):
         self.attrs(elem, ('expect', 'fall', 'interval', 'rise', 'send', 'timeout'))
@@ -791,6 +962,24 @@ class _ConfigReader(object):
             data[attr + '_text'] = text
         return Check(interval, timeout, rise, fall, data['send'], data['expect'],
                      self.lines[elem], data['send_text'], data['expect_text'])
+
+    def logging(self, elem):
+        self.attrs(elem, ('access', 'facility', 'file', 'syslog'))
+        access = self.choice(elem, 'access', ('on', 'off')) != 'off'
+        syslog = elem.get('syslog')
+        if syslog is not None:
+            try:
+                parse_syslog(syslog)
+            except ValueError as e:
+                raise self.error(elem, f'<logging> syslog {e}') from None
+        facility = elem.get('facility')
+        if facility is not None:
+            if syslog is None:
+                raise self.error(elem, '<logging> facility is only used with syslog')
+            if facility not in logging.handlers.SysLogHandler.facility_names:
+                raise self.error(elem, f'<logging> facility {facility!r}: not a syslog facility '
+                                       f'(like daemon, user or local0-local7)')
+        return Logging(elem.get('file') or None, self.lines[elem], access, syslog, facility or 'daemon')
 
     def admin(self, elem):
         if 'secure' in elem.attrib:
