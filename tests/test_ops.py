@@ -447,11 +447,11 @@ class TestPrivilegeDrop(unittest.TestCase):
         proc = BalancerProcess(config_xml(service_xml([('one', b.address)], listen_port=port), user='nobody'),
                                wait_port=port)
         self.addCleanup(proc.close)
+        wait_until(lambda: 'running as uid %d' % self.nobody.pw_uid in proc.output(), 10)
         with open('/proc/%d/status' % proc.proc.pid) as f:
             uids = [l.split()[1:] for l in f if l.startswith('Uid:')][0]
         self.assertEqual(set(uids), {str(self.nobody.pw_uid)})
         self.assertEqual(exchange(port, b'as nobody'), b'as nobody')
-        self.assertIn('running as uid %d' % self.nobody.pw_uid, proc.output())
 
     def test_refuses_to_stay_root_and_unknown_users(self):
         from support import BalancerProcess
