@@ -464,5 +464,32 @@ class TestPrivilegeDrop(unittest.TestCase):
             self.assertFalse(_accepts(port))
 
 
+class TestExplain(OpsTestCase):
+
+    def test_explain_matches_the_next_pick_and_changes_nothing(self):
+        one, two = self.backend(name='one'), self.backend(name='two')
+        port = free_port()
+        self.start(config_xml(service_xml([('one', one.address), ('two', two.address)], listen_port=port,
+                                          scheduler='hash', extra='    <deny cidr="10.0.0.0/8"/>\n')))
+        call, director = self.balancer.call, self.balancer.director
+        answer = call(director.explain, 'web', '127.0.0.1')
+        self.assertEqual(answer['scheduler'], 'hash')
+        self.assertTrue(answer['allowed'])
+        self.assertEqual([name for name, _ in answer['ranking']][0], answer['host'])
+        for _ in range(3):
+            self.assertEqual(call(director.explain, 'web', '127.0.0.1'), answer)
+            self.assertEqual(exchange(port).decode(), answer['host'])
+        call(director.host_admin_down, 'web', 'main', answer['host'])
+        again = call(director.explain, 'web', '127.0.0.1')
+        self.assertIn([answer['host'], 'draining'], [list(x) for x in again['skipped']])
+        self.assertNotEqual(again['host'], answer['host'])
+        denied = call(director.explain, 'web', '10.1.2.3')
+        self.assertFalse(denied['allowed'])
+        self.assertIn('denied by the allow/deny rules', denied['reason'])
+        for bad in (('nope', '127.0.0.1'), ('web', 'not-an-ip')):
+            with self.assertRaises(pydirector.AdminError):
+                call(director.explain, *bad)
+
+
 if __name__ == '__main__':
     unittest.main()
