@@ -29,6 +29,7 @@ import selectors
 import signal
 import socket
 import sys
+import _socket
 import threading
 import time
 import unicodedata
@@ -1469,6 +1470,13 @@ def _parse_v2(data, limit):
 # Proxying: a Listener accepts clients, a Pair relays one client to one backend.
 # ---------------------------------------------------------------------------
 
+# Data-plane sockets are the C-level _socket.socket: socket.socket's Python
+# wrapper adds frames to every accept, close and enum lookup, and we use none
+# of what it offers (makefile, context manager).
+SOCK_STREAM = socket.SOCK_STREAM
+SOCK_NONBLOCK = getattr(socket, 'SOCK_NONBLOCK', 0)   # Linux: no extra syscall to unblock
+SOCK_STREAM_NONBLOCK = SOCK_STREAM | SOCK_NONBLOCK
+
 BUFFER_SIZE = 65536       # one recv; also the most a Pair holds per direction
 ACCEPT_BATCH = 64         # accepts per readable event, so one busy listener can't starve the rest
 ACCEPT_PAUSE = 0.25       # seconds to stop accepting when out of file descriptors
@@ -1522,11 +1530,13 @@ class Listener(object):
         self.trusted = [('allow', net) for net in listen.trusted]
 
     def _on_readable(self, mask):
-        accept = self.sock.accept
+        accept = self.sock._accept
+        family = self.sock.family
+        new_socket = _socket.socket
         on_accept = self.director.on_accept
         for _ in range(ACCEPT_BATCH):
             try:
-                client_sock, client_addr = accept()
+                fd, client_addr = accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -1539,7 +1549,7 @@ class Listener(object):
             if self.paused:
                 self.paused = False
                 log.info('listen %s: accepting again', self.text)
-            on_accept(self, client_sock, client_addr)
+            on_accept(self, new_socket(family, SOCK_STREAM, 0, fd), client_addr)
 
     def pause(self, err):
         """Out of fds: a pending client stays queued and would wake us forever; look again shortly."""
@@ -1690,11 +1700,12 @@ class Pair(object):
             self._connect_failed(errno.EHOSTUNREACH)
             return
         try:
-            sock = socket.socket(host.address[0], socket.SOCK_STREAM)
+            sock = _socket.socket(host.address[0], SOCK_STREAM_NONBLOCK)
         except OSError as e:
             self._connect_failed(e.errno)
             return
-        sock.setblocking(False)
+        if not SOCK_NONBLOCK:
+            sock.setblocking(False)
         self.backend_sock = sock
         err = sock.connect_ex(host.address[1])
         if err not in (0, errno.EINPROGRESS):
