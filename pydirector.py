@@ -22,6 +22,7 @@ import heapq
 import hmac
 import ipaddress
 import logging
+import logging.handlers
 import os
 import re
 import selectors
@@ -41,6 +42,7 @@ import schedulers
 VERSION = '2.0.0'
 
 log = logging.getLogger('pydirector')
+access_log = logging.getLogger('pydirector.access')
 
 # CONFIG-SECTION-START
 # ---------------------------------------------------------------------------
@@ -996,6 +998,23 @@ LOCAL_CONNECT_ERRORS = frozenset([errno.EADDRNOTAVAIL, errno.EMFILE, errno.ENFIL
 OUT_OF_FDS = frozenset([errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM])
 
 
+_PLAIN_VALUE = re.compile(r'[A-Za-z0-9._:/@+\[\]-]+\Z')
+
+
+def log_value(text):
+    """A log field that cannot forge another field or line: quoted and escaped unless plain."""
+    text = str(text)
+    if _PLAIN_VALUE.match(text):
+        return text
+    escaped = text.encode('unicode_escape').decode('ascii').replace('"', '\\"')
+    return '"%s"' % escaped
+
+
+def format_address(ip, port):
+    """'1.2.3.4:80' or '[::1]:80'."""
+    return ('[%s]:%s' if ':' in ip else '%s:%s') % (ip, port)
+
+
 def error_text(err):
     """'connection refused' from an errno (log lines read better in lower case)."""
     text = os.strerror(err)
@@ -1005,11 +1024,12 @@ def error_text(err):
 class Listener(object):
     """One listening socket of a service."""
 
-    def __init__(self, director, service, sock, text):
+    def __init__(self, director, service, sock, listen):
         self.director = director
         self.service = service
         self.sock = sock
-        self.text = text
+        self.listen = listen     # its <listen> config; a reload may replace it
+        self.text = listen.text
         self.paused = False
         self.registered = True
         director.loop.selector.register(sock, EVENT_READ, self._on_readable)
@@ -1491,11 +1511,30 @@ class RunningService(object):
         self.accepted = 0
         self.failovers = 0
         self.refused = 0
+        self.denied = 0
+        self.open = 0
+        self.queue = collections.deque()   # Pairs waiting for a host below its maxconns
+        self.switch = None                 # the pending blue/green Switch, if any
+
+
+class Switch(object):
+    """A blue/green switch still in its drain or rollback window."""
+
+    def __init__(self, from_group, to_group):
+        self.from_group = from_group
+        self.to_group = to_group
+        self.drain_until = None      # epoch: connections left on from_group are closed then
+        self.rollback_until = None   # epoch: switch back unless to_group had a host up by then
+        self.confirmed = False       # to_group has had a host up
+        self.timers = []
+
+
+TIMELINE_LENGTH = 10     # state changes kept per host for /running
 
 
 class ProbeState(object):
     """The director's bookkeeping for one host's health checks."""
-    __slots__ = ('service', 'group', 'host', 'next_due', 'in_flight')
+    __slots__ = ('service', 'group', 'host', 'next_due', 'in_flight', 'timeline')
 
     def __init__(self, service, group, host, next_due):
         self.service = service
@@ -1503,6 +1542,37 @@ class ProbeState(object):
         self.host = host
         self.next_due = next_due
         self.in_flight = False
+        self.timeline = collections.deque(maxlen=TIMELINE_LENGTH)
+
+
+def _same(a, b):
+    """Two config objects (or plain values) equal, ignoring the line they were read from."""
+    if type(a) is not type(b) or not hasattr(a, '__dict__'):
+        return a == b
+    return ({k: v for k, v in vars(a).items() if k != 'line'} ==
+            {k: v for k, v in vars(b).items() if k != 'line'})
+
+
+def _optional_seconds(value, what):
+    """An admin's optional seconds value: None, or a number >= 0 (AdminError 400 otherwise)."""
+    if value is None or value == '':
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise AdminError(400, '%s must be a number of seconds' % what)
+    if not 0 <= seconds < 1e9:
+        raise AdminError(400, '%s must be 0 or more seconds' % what)
+    return seconds
+
+
+def host_state(host):
+    """One word for a host, as /running shows it: up, down, draining or disabled."""
+    if host.health == schedulers.DOWN:
+        return 'down'
+    if host.admin != schedulers.ENABLED:
+        return host.admin
+    return 'up'
 
 
 def resolve_now(host, port):
@@ -1536,13 +1606,17 @@ class Director(object):
         self.manager = None
         self.stopping = False
         self.stop_timer = None
+        self.reloaded = None
+        self.epoch_offset = time.time() - time.monotonic()   # loop time -> wall time, for pages
+        self.access_log = getattr(config.logging, 'access', True)
         for service_config in config.services:
             self._build_service(service_config, resolve_names=True)
 
     # -- building ---------------------------------------------------------
 
-    def _make_host(self, name, ip, host, port, weight, maxconns, resolve_names):
+    def _make_host(self, name, ip, host, port, weight, maxconns, resolve_names, send_proxy=None):
         live = schedulers.Host(name, ip, weight=weight, maxconns=maxconns)
+        live.send_proxy = send_proxy
         address = resolve_now(host, port)
         if address is None and resolve_names:
             try:
@@ -1564,15 +1638,20 @@ class Director(object):
     def _build_service(self, service_config, resolve_names):
         service = RunningService(service_config)
         for group_config in service_config.groups:
-            hosts = [self._make_host(h.name, h.ip, h.host, h.port, h.weight, h.maxconns, resolve_names)
-                     for h in group_config.hosts]
-            group = RunningGroup(group_config.name, self._make_scheduler(group_config.scheduler, hosts))
+            group = self._build_group(service, group_config, resolve_names)
             service.groups[group.name] = group
-            for host in hosts:
-                self._watch(service, group, host)
         service.enabled = service.groups[service_config.enabled]
         self.services[service.name] = service
         return service
+
+    def _build_group(self, service, group_config, resolve_names):
+        hosts = [self._make_host(h.name, h.ip, h.host, h.port, h.weight, h.maxconns, resolve_names,
+                                 send_proxy=getattr(h, 'send_proxy', None))
+                 for h in group_config.hosts]
+        group = RunningGroup(group_config.name, self._make_scheduler(group_config.scheduler, hosts))
+        for host in hosts:
+            self._watch(service, group, host)
+        return group
 
     def _watch(self, service, group, host):
         self.probes[host] = ProbeState(service, group, host, self.loop.now)
@@ -1587,7 +1666,7 @@ class Director(object):
                 for listen in service.config.listens:
                     sock = listen_socket(listen.host, listen.port)
                     opened.append(sock)
-                    service.listeners.append(Listener(self, service, sock, listen.text))
+                    service.listeners.append(Listener(self, service, sock, listen))
         except Exception:
             for service in self.services.values():
                 for listener in service.listeners:
@@ -1643,6 +1722,7 @@ class Director(object):
 
     def on_accept(self, service, client_sock, client_addr):
         service.accepted += 1
+        service.open += 1
         client_sock.setblocking(False)
         try:
             client_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -1660,6 +1740,16 @@ class Director(object):
 
     def pair_closed(self, pair, how):
         self.pairs.discard(pair)
+        pair.service.open -= 1
+        if self.access_log:
+            host = pair.host or (pair.tried[-1] if pair.tried else None)
+            access_log.info(
+                'access service=%s client=%s host=%s backend=%s failovers=%d bytes_in=%d '
+                'bytes_out=%d duration=%.3f end=%s',
+                log_value(pair.service.name), log_value(format_address(pair.client_ip, pair.client_port)),
+                log_value(host.name) if host else '-', log_value(host.ip) if host else '-',
+                max(0, len(pair.tried) - 1), pair.bytes_in, pair.bytes_out,
+                self.loop.now - pair.started, how)
         if self.stopping and not self.pairs:
             if self.stop_timer is not None:
                 self.stop_timer.cancel()
@@ -1671,6 +1761,7 @@ class Director(object):
         """The one way a host's health or admin state changes: tells the scheduler, logs once."""
         scheduler = group.scheduler
         when = time.time()
+        before = host_state(host)
         if state == schedulers.UP:
             changed = scheduler.mark_up(host, when)
         elif state == schedulers.DOWN:
@@ -1680,8 +1771,12 @@ class Director(object):
         if changed:
             host.probe_ok = host.probe_fail = 0
             probe_state = self.probes.get(host)
-            if probe_state is not None and state == schedulers.DOWN:
-                probe_state.next_due = self.loop.now + self._check(service).interval
+            if probe_state is not None:
+                probe_state.timeline.append((when, before, host_state(host), cause))
+                if state == schedulers.DOWN:
+                    probe_state.next_due = self.loop.now + self._check(service).interval
+            if service.switch is not None and service.switch.to_group is group and host_state(host) == 'up':
+                service.switch.confirmed = True
             log.info('host %s (%s) in %s/%s %s: %s', host.name, host.ip, service.name, group.name, state, cause)
         return changed
 
@@ -1769,18 +1864,17 @@ class Director(object):
             for group in service.groups.values():
                 hosts = []
                 for host in group.scheduler.hosts:
-                    if host.health == schedulers.DOWN:
-                        state = 'down'
-                    elif host.admin != schedulers.ENABLED:
-                        state = host.admin
-                    else:
-                        state = 'up'
+                    probe_state = self.probes.get(host)
                     hosts.append({
                         'name': host.name, 'ip': host.ip, 'weight': host.weight, 'maxconns': host.maxconns,
-                        'health': host.health, 'admin': host.admin, 'state': state,
+                        'health': host.health, 'admin': host.admin, 'state': host_state(host),
                         'reason': host.reason, 'since': host.since,
                         'open': host.open, 'total': host.total,
                         'bytes_in': host.bytes_in, 'bytes_out': host.bytes_out,
+                        'send_proxy': getattr(host, 'send_proxy', None),
+                        'timeline': [{'when': when, 'from': old, 'to': new, 'why': why}
+                                     for when, old, new, why in probe_state.timeline] if probe_state else [],
+                        'next_probe': self._next_probe(service, host, probe_state),
                     })
                 groups.append({'name': group.name, 'scheduler': group.scheduler.spec,
                                'enabled': group is service.enabled, 'hosts': hosts})
@@ -1789,12 +1883,57 @@ class Director(object):
                 [l.text for l in service.config.listens],
                 'enabled': service.enabled.name, 'accepted': service.accepted,
                 'failovers': service.failovers, 'refused': service.refused, 'groups': groups,
+                'maxconns': getattr(service.config, 'maxconns', 0), 'open': service.open,
+                'queued': len(service.queue), 'denied': service.denied,
+                'switch': self._switch_snapshot(service.switch),
             })
         return {
             'version': VERSION, 'hostname': socket.gethostname(), 'pid': os.getpid(),
             'started': self.started, 'now': time.time(), 'services': services,
+            'config_path': self.config.path, 'reloaded': self.reloaded,
             'users': [{'name': u.name, 'access': u.access} for u in self.users.values()],
         }
+
+    def _next_probe(self, service, host, probe_state):
+        """Epoch time of the host's next probe; None when it is not probed (up, no <check>)."""
+        if probe_state is None or (host.health == schedulers.UP and service.check is None):
+            return None
+        return round(self.epoch_offset + max(probe_state.next_due, self.loop.now), 3)
+
+    @staticmethod
+    def _switch_snapshot(switch):
+        if switch is None:
+            return None
+        return {'from': switch.from_group.name, 'to': switch.to_group.name,
+                'drain_until': switch.drain_until, 'rollback_until': switch.rollback_until}
+
+    def explain(self, service, client):
+        """Which host `client` would get now, and why; changes nothing."""
+        service = self._service(service)
+        try:
+            client_ip = str(ipaddress.ip_address(client))
+        except ValueError:
+            raise AdminError(400, 'client must be an IP address, not %r' % client)
+        group = service.enabled
+        scheduler = group.scheduler
+        answer = {'service': service.name, 'group': group.name, 'client': client_ip,
+                  'allowed': self._allowed(service, client_ip), 'scheduler': scheduler.spec,
+                  'host': None, 'address': None, 'reason': '', 'sticky': None,
+                  'ranking': None, 'skipped': []}
+        detail = scheduler.explain(client_ip)
+        host = detail.get('host')
+        answer.update((k, v) for k, v in detail.items() if k in ('reason', 'sticky', 'ranking', 'skipped'))
+        if host is not None:
+            answer['host'] = host.name
+            answer['address'] = host.ip
+        if not answer['allowed']:
+            answer['reason'] = 'denied by the allow/deny rules of service %s (would be: %s)' % (
+                service.name, answer['reason'])
+        return answer
+
+    def _allowed(self, service, client_ip):
+        rules = getattr(service.config, 'acl', None)
+        return not rules or acl_allows(rules, client_ip)
 
     def users_list(self):
         return [(u.name, u.password, u.access) for u in self.users.values()]
@@ -1845,12 +1984,62 @@ class Director(object):
             self._remove_host(service, group, host)
         return 'removed %d host(s) from %s/%s' % (len(hosts), service.name, group.name)
 
-    def enable_group(self, service, group):
+    def enable_group(self, service, group, drain=None, rollback=None):
+        """Switch new connections to group.  drain: seconds after which connections
+        still on the old group are closed.  rollback: seconds within which the new
+        group must have a host up, or the switch is undone."""
         service, group = self._group(service, group)
+        drain = _optional_seconds(drain, 'drain')
+        rollback = _optional_seconds(rollback, 'rollback')
         old = service.enabled
+        self._end_switch(service)
         service.enabled = group
         log.info('service %s: group %s enabled (was %s)', service.name, group.name, old.name)
-        return 'enabled group %s in service %s (was %s)' % (group.name, service.name, old.name)
+        message = 'enabled group %s in service %s (was %s)' % (group.name, service.name, old.name)
+        if group is old or (drain is None and rollback is None):
+            return message
+        switch = service.switch = Switch(old, group)
+        if drain is not None:
+            switch.drain_until = time.time() + drain
+            switch.timers.append(self.loop.call_later(drain, self._drain_group, service, switch))
+            message += '; connections left on %s close in %g s' % (old.name, drain)
+        if rollback is not None:
+            switch.confirmed = any(host_state(h) == 'up' for h in group.scheduler.hosts)
+            if not switch.confirmed:
+                switch.rollback_until = time.time() + rollback
+                switch.timers.append(self.loop.call_later(rollback, self._check_rollback, service, switch, rollback))
+                message += '; back to %s unless a host is up within %g s' % (old.name, rollback)
+        return message
+
+    def _end_switch(self, service):
+        if service.switch is not None:
+            for timer in service.switch.timers:
+                timer.cancel()
+            service.switch = None
+
+    def _drain_group(self, service, switch):
+        if service.enabled is not switch.from_group:
+            doomed = [p for p in self.pairs if p.service is service and p.group is switch.from_group]
+            log.info('service %s: drain of group %s over, closing %d connection(s)',
+                     service.name, switch.from_group.name, len(doomed))
+            for pair in doomed:
+                pair.close('drained')
+        switch.drain_until = None
+        if switch.rollback_until is None and service.switch is switch:
+            service.switch = None
+
+    def _check_rollback(self, service, switch, window):
+        switch.rollback_until = None
+        if switch.confirmed or any(host_state(h) == 'up' for h in switch.to_group.scheduler.hosts):
+            switch.confirmed = True
+        elif service.enabled is switch.to_group:
+            log.warning('service %s: rollback to group %s: group %s had no host up within %g s',
+                        service.name, switch.from_group.name, switch.to_group.name, window)
+            service.enabled = switch.from_group
+            self._end_switch(service)
+            return
+        if switch.drain_until is None and service.switch is switch:
+            service.switch = None
 
     def change_scheduler(self, service, group, scheduler):
         service, group = self._group(service, group)
@@ -1924,6 +2113,177 @@ class Director(object):
         log.info('service %s: group %s deleted', service.name, group.name)
         return 'deleted group %s from service %s' % (group.name, service.name)
 
+    # -- reload -------------------------------------------------------------
+
+    def reload(self):
+        """Re-read the config file and apply the difference.  Open connections are
+        never cut; hosts that did not change keep their state and counters."""
+        path = self.config.path
+        try:
+            new = load_config(path)
+        except ConfigError as e:
+            log.error('reload failed: %s', e)
+            raise AdminError(400, str(e))
+        listeners = self._bind_for(new)   # first, so a port in use changes nothing
+        changes = []
+        services = collections.OrderedDict()
+        for service_config in new.services:
+            service = self.services.get(service_config.name)
+            if service is None:
+                service = self._build_service(service_config, resolve_names=False)
+                changes.append('+service %s' % service.name)
+            else:
+                part = self._update_service(service, service_config)
+                if part:
+                    changes.append('%s: %s' % (service.name, ', '.join(part)))
+            old_texts = [l.text for l in service.listeners]
+            service.listeners = []
+            for listen in service_config.listens:
+                listener = listeners.pop(listen.text)
+                listener.service, listener.listen = service, listen
+                service.listeners.append(listener)
+            if old_texts and old_texts != [l.text for l in service.listeners]:
+                changes.append('%s: listen %s' % (service.name, ', '.join(l.text for l in service.listeners)))
+            services[service.name] = service
+        for name, service in self.services.items():
+            if name not in services:
+                self._retire_service(service)
+                changes.append('-service %s' % name)
+        for listener in listeners.values():
+            listener.close()   # left over: listened on by no service now
+        self.services = services
+        changes.extend(self._reload_rest(new))
+        self.config = new
+        self.loaded_xml = new.to_xml()
+        self.reloaded = time.time()
+        message = 'reloaded %s: %s' % (path, '; '.join(changes) or 'no changes')
+        log.info('%s', message)
+        return message
+
+    def _bind_for(self, new):
+        """text -> Listener for every listen of `new`, reusing open sockets; all or nothing."""
+        current = {}
+        for service in self.services.values():
+            for listener in service.listeners:
+                current[listener.text] = listener
+        opened = {}
+        try:
+            for service_config in new.services:
+                for listen in service_config.listens:
+                    if listen.text not in current and listen.text not in opened:
+                        sock = listen_socket(listen.host, listen.port)
+                        opened[listen.text] = Listener(self, None, sock, listen)
+        except OSError as e:
+            for listener in opened.values():
+                listener.close()
+            log.error('reload failed: cannot listen on %s: %s', listen.text, e)
+            raise AdminError(400, 'cannot listen on %s: %s' % (listen.text, e))
+        current.update(opened)
+        return current
+
+    def _update_service(self, service, config):
+        """Bring a running service in line with its new config; the list of changes."""
+        changes = []
+        old = service.config
+        for what in ('timeouts', 'check', 'maxconns', 'acl'):
+            if not _same(getattr(old, what, None), getattr(config, what, None)):
+                changes.append(what)
+        service.config = config
+        service.timeouts = config.timeouts
+        service.check = config.check
+        groups = collections.OrderedDict()
+        for group_config in config.groups:
+            group = service.groups.get(group_config.name)
+            if group is None:
+                group = self._build_group(service, group_config, resolve_names=False)
+                changes.append('+group %s' % group.name)
+            else:
+                changes.extend(self._update_group(service, group, group_config))
+            groups[group.name] = group
+        enabled = groups[config.enabled]
+        if enabled is not service.enabled:
+            self._end_switch(service)
+            changes.append('enabled group %s (was %s)' % (enabled.name, service.enabled.name))
+            service.enabled = enabled
+        for name, group in service.groups.items():
+            if name not in groups:
+                for host in group.scheduler.hosts:
+                    self.probes.pop(host, None)
+                changes.append('-group %s' % name)
+        service.groups = groups
+        return changes
+
+    def _update_group(self, service, group, config):
+        changes = []
+        if group.scheduler.spec != config.scheduler:
+            new = self._make_scheduler(config.scheduler)
+            new.take_state_from(group.scheduler)
+            changes.append('scheduler %s %s->%s' % (group.name, group.scheduler.spec, new.spec))
+            group.scheduler = new
+        scheduler = group.scheduler
+        wanted = collections.OrderedDict((h.name, h) for h in config.hosts)
+        moved = set()
+        for host in list(scheduler.hosts):
+            host_config = wanted.get(host.name)
+            if host_config is None or host_config.ip != host.ip:
+                self._remove_host(service, group, host)
+                if host_config is None:
+                    changes.append('-host %s' % host.name)
+                else:
+                    moved.add(host.name)
+        for name, host_config in wanted.items():
+            host = scheduler.get_host(name)
+            if host is None:
+                host = self._make_host(host_config.name, host_config.ip, host_config.host, host_config.port,
+                                       host_config.weight, host_config.maxconns, resolve_names=False,
+                                       send_proxy=getattr(host_config, 'send_proxy', None))
+                scheduler.add_host(host)
+                self._watch(service, group, host)
+                changes.append('host %s ip %s' % (name, host.ip) if name in moved else '+host %s' % name)
+                continue
+            for what in ('weight', 'maxconns', 'send_proxy'):
+                value = getattr(host_config, what, None)
+                if getattr(host, what, None) != value:
+                    setattr(host, what, value)
+                    changes.append('host %s %s %s' % (name, what, value))
+        # The file's order is the scheduler's order (roundrobin ties, leastconns ties).
+        scheduler.hosts.sort(key=lambda h: list(wanted).index(h.name))
+        return changes
+
+    def _retire_service(self, service):
+        """A service gone from the file: stop listening; its open connections finish."""
+        self._end_switch(service)
+        for group in service.groups.values():
+            for host in group.scheduler.hosts:
+                self.probes.pop(host, None)
+        while service.queue:
+            service.queue.popleft().close('shutdown')
+        log.info('service %s removed (%d connection(s) left to finish)', service.name, service.open)
+
+    def _reload_rest(self, new):
+        """Users, logging and the settings a reload cannot change in a running process."""
+        changes = []
+        old = self.config
+        if new.admin is not None:
+            users = collections.OrderedDict((u.name, u) for u in new.admin.users)
+            if [(u.name, u.password, u.access) for u in users.values()] != self.users_list():
+                changes.append('admin users')
+            self.users = users
+        if (old.admin is None) != (new.admin is None) or (
+                old.admin and (old.admin.listen, old.admin.certfile, old.admin.keyfile) !=
+                (new.admin.listen, new.admin.certfile, new.admin.keyfile)):
+            changes.append('admin listen/TLS not changed (needs a restart)')
+        if (getattr(old, 'user', None), getattr(old, 'group', None)) != (
+                getattr(new, 'user', None), getattr(new, 'group', None)):
+            changes.append('user/group not changed (needs a restart)')
+        if not _same(old.logging, new.logging):
+            configure_log_handlers(new.logging)
+            self.access_log = getattr(new.logging, 'access', True)
+            changes.append('logging')
+        if old.drain != new.drain:
+            changes.append('drain %g s' % new.drain)
+        return changes
+
     def close_log(self):
         reopen_logs()
         log.info('log file reopened')
@@ -1976,17 +2336,41 @@ def listen_socket(host, port):
 LOG_FORMAT = '%(asctime)s %(levelname)s %(message)s'
 
 
+_log_handlers = []   # the handlers we installed, so a reload replaces only those
+
+
 def setup_logging(config, verbose=False):
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    if config.logging.file:
-        handler = logging.FileHandler(config.logging.file)
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    root.addHandler(handler)
+    configure_log_handlers(config.logging)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def configure_log_handlers(logging_config):
+    """Install handlers for <logging>: a file (else stderr), and syslog when asked."""
+    root = logging.getLogger()
+    for handler in _log_handlers:
+        root.removeHandler(handler)
+        handler.close()
+    del _log_handlers[:]
+    if logging_config.file:
+        handler = logging.FileHandler(logging_config.file)
+    elif getattr(logging_config, 'syslog', None) is None:
+        handler = logging.StreamHandler(sys.stderr)
+    else:
+        handler = None
+    if handler is not None:
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        _log_handlers.append(handler)
+    syslog = getattr(logging_config, 'syslog', None)
+    if syslog is not None:
+        handler = logging.handlers.SysLogHandler(
+            address=syslog, facility=logging_config.facility or 'daemon')
+        handler.setFormatter(logging.Formatter('pydirector[%d]: %%(message)s' % os.getpid()))
+        _log_handlers.append(handler)
+    for handler in _log_handlers:
+        root.addHandler(handler)
 
 
 def reopen_logs():
@@ -2096,7 +2480,10 @@ def main(argv=None):
         elif signum == signal.SIGUSR1:
             director.close_log()
         elif signum == signal.SIGHUP:
-            log.warning('SIGHUP: reloading is not supported yet; nothing changed')
+            try:
+                director.reload()
+            except AdminError:
+                pass   # logged by reload(); keep running on the old config
 
     # Before binding: once a port answers, a signal must find its handler.
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):

@@ -36,11 +36,12 @@ class Host(object):
         'health', 'admin', 'reason', 'since',
         'open', 'total', 'bytes_in', 'bytes_out',
         'address', 'probe_ok', 'probe_fail',
+        'send_proxy',   # None, 'v1' or 'v2': the balancer's PROXY protocol setting
         '_current',     # smooth weighted round robin's running weight
         '_last_pick',   # leastconnsrr's tie-break: the scheduler's pick number
     )
 
-    def __init__(self, name, ip, weight=1, maxconns=0):
+    def __init__(self, name, ip, weight=1, maxconns=0, send_proxy=None):
         if weight < 1:
             raise ValueError(f"host '{name}': weight must be at least 1")
         if maxconns < 0:
@@ -60,6 +61,7 @@ class Host(object):
         self.address = None
         self.probe_ok = 0
         self.probe_fail = 0
+        self.send_proxy = send_proxy
         self._current = 0
         self._last_pick = 0
 
