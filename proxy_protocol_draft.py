@@ -87,7 +87,8 @@ def _header_addresses(client_addr, server_addr):
 def _ipv6_hex_text(ip):
     """RFC 5952 text in hex groups only: version 1 asks for that, and Python 3.13
     started writing mapped addresses as '::ffff:1.2.3.4'."""
-    groups = ['%x' % int(g, 16) for g in ip.exploded.split(':')]
+    packed = ip.packed  # not .exploded: 3.13 explodes mapped addresses with a dotted tail too
+    groups = ['%x' % int.from_bytes(packed[i:i + 2], 'big') for i in range(0, 16, 2)]
     best_start, best_len, start = -1, 1, None   # only runs of two or more zeros collapse
     for i, g in enumerate(groups + ['end']):
         if g == '0':

@@ -5,12 +5,11 @@ listens)."""
 import ipaddress
 import random
 import socket
-import threading
 import time
 import unittest
 
 import support
-from support import (Backend, Balancer, LOG, ExternalServer, accepts, config_xml, connect, echo,
+from support import (Backend, Balancer, LOG, ExternalServer, config_xml, connect, echo,
                      ensure_binaries, free_port, recv_all, report_proxy_header, service_xml,
                      wait_until)
 
@@ -417,14 +416,14 @@ http {
     fastcgi_temp_path {dir}/fastcgi;
     uwsgi_temp_path {dir}/uwsgi;
     scgi_temp_path {dir}/scgi;
-    log_format pp '$proxy_protocol_addr:$proxy_protocol_port '
-                  '$proxy_protocol_server_addr:$proxy_protocol_server_port $remote_addr';
+    log_format pp '$proxy_protocol_addr:$proxy_protocol_port $server_pair $remote_addr';
     server {
         listen 127.0.0.1:{port} proxy_protocol;
         access_log {dir}/access.log pp;
         default_type text/plain;
+        set $server_pair "$proxy_protocol_server_addr:$proxy_protocol_server_port";
         location / {
-            return 200 "$proxy_protocol_addr:$proxy_protocol_port $proxy_protocol_server_addr:$proxy_protocol_server_port\\n";
+            return 200 "$proxy_protocol_addr:$proxy_protocol_port $server_pair\\n";
         }
     }
 }
@@ -673,6 +672,8 @@ class TestAcceptProxyRawClient(PeersTestCase):
             client = sock.getsockname()
             sock.sendall(b'PROXY UNKNOWN\r\nhello')
             words, rest = read_report(sock)
+            sock.shutdown(socket.SHUT_WR)
+            rest += recv_all(sock)
         finally:
             sock.close()
         self.assertEqual(words, ['PROXY', '127.0.0.1', str(client[1]), '127.0.0.1', str(port)])
