@@ -53,6 +53,9 @@ access_log = logging.getLogger('pydirector.access')
 # "FILE:LINE: message" naming the element at fault.
 # ---------------------------------------------------------------------------
 
+import logging.handlers         # SysLogHandler.facility_names, to check <logging facility>
+
+
 class ConfigError(Exception):
     """A config file that cannot be used.  str() is 'FILE:LINE: message'
     ('FILE: message' when there is no line); the parts are kept as
@@ -73,14 +76,18 @@ class ConfigError(Exception):
 
 class Config(object):
     """A whole <pdconfig>: services in file order, the optional admin server,
-    logging, and how long to let connections drain on shutdown."""
+    logging, how long to let connections drain on shutdown, and the user and
+    group to run as (names or numeric ids as text; None: stay as started)."""
 
-    def __init__(self, path=None, services=None, admin=None, logging=None, drain=10.0):
+    def __init__(self, path=None, services=None, admin=None, logging=None, drain=10.0,
+                 user=None, group=None):
         self.path = path
         self.services = list(services or [])
         self.admin = admin
         self.logging = logging if logging is not None else Logging()
         self.drain = drain
+        self.user = user
+        self.group = group
 
     def service(self, name):
         for service in self.services:
@@ -92,12 +99,18 @@ class Config(object):
         """The config as a file parse_config accepts (running.xml), one
         element per line; defaults are written only where they differ."""
         out = []
-        root = [('drain', _format_seconds(self.drain) if self.drain != 10.0 else None)]
+        root = [('drain', _format_seconds(self.drain) if self.drain != 10.0 else None),
+                ('user', self.user), ('group', self.group)]
         out.append(_xml_tag(0, 'pdconfig', root, '>'))
         for service in self.services:
-            out.append(_xml_tag(1, 'service', [('name', service.name)], '>'))
+            out.append(_xml_tag(1, 'service', [
+                ('name', service.name), ('maxconns', service.maxconns or None)], '>'))
             for listen in service.listens:
-                out.append(_xml_tag(2, 'listen', [('ip', listen.text)]))
+                out.append(_xml_tag(2, 'listen', [
+                    ('ip', listen.text), ('accept_proxy', listen.accept_proxy),
+                    ('trusted', ','.join(map(_network_text, listen.trusted)) or None)]))
+            for action, network in service.acl:
+                out.append(_xml_tag(2, action, [('cidr', _network_text(network))]))
             for group in service.groups:
                 attrs = [('name', group.name), ('scheduler', group.scheduler)]
                 if not group.hosts:
@@ -108,7 +121,8 @@ class Config(object):
                     out.append(_xml_tag(3, 'host', [
                         ('name', host.name), ('ip', host.ip),
                         ('weight', host.weight if host.weight != 1 else None),
-                        ('maxconns', host.maxconns if host.maxconns != 0 else None)]))
+                        ('maxconns', host.maxconns if host.maxconns != 0 else None),
+                        ('send_proxy', host.send_proxy)]))
                 out.append('    </group>')
             # Always written, though it defaults to the first group: which
             # group is live is the one thing an operator reads running.xml for.
@@ -129,8 +143,9 @@ class Config(object):
                 out.append(_xml_tag(2, 'user', [
                     ('name', user.name), ('password', user.password), ('access', user.access)]))
             out.append('  </admin>')
-        if self.logging is not None and self.logging.file:
-            out.append(_xml_tag(1, 'logging', [('file', self.logging.file)]))
+        attrs = self.logging._xml_attrs() if self.logging is not None else []
+        if any(value is not None for _, value in attrs):
+            out.append(_xml_tag(1, 'logging', attrs))
         out.append('</pdconfig>')
         return '\n'.join(out) + '\n'
 
@@ -138,10 +153,12 @@ class Config(object):
 class Service(object):
     """A <service>: where it listens, its groups of hosts, and which group is
     enabled (a group name).  check is None when the file has no <check>
-    (DEFAULT_CHECK applies then); timeouts is always set."""
+    (DEFAULT_CHECK applies then); timeouts is always set.  maxconns caps the
+    service's open clients (0 = unlimited); acl is the <allow>/<deny> rules
+    in file order, as ('allow' or 'deny', ipaddress network) pairs."""
 
     def __init__(self, name, listens=None, groups=None, enabled=None, check=None,
-                 timeouts=None, line=None):
+                 timeouts=None, line=None, maxconns=0, acl=None):
         self.name = name
         self.listens = list(listens or [])
         self.groups = list(groups or [])
@@ -151,6 +168,8 @@ class Service(object):
         self.check = check
         self.timeouts = timeouts if timeouts is not None else Timeouts()
         self.line = line
+        self.maxconns = maxconns
+        self.acl = list(acl or [])
 
     def group(self, name):
         for group in self.groups:
@@ -158,19 +177,27 @@ class Service(object):
                 return group
         return None
 
+    def allows(self, ip_text):
+        """True if this service's <allow>/<deny> rules let ip_text in."""
+        return acl_allows(self.acl, ip_text)
+
     def __repr__(self):
         return f'Service({self.name!r})'
 
 
 class Listen(object):
     """One <listen ip="...">: text as written, host and port to bind
-    ('*' becomes '0.0.0.0', '[::]' becomes '::')."""
+    ('*' becomes '0.0.0.0', '[::]' becomes '::').  accept_proxy is None, or
+    'v1', 'v2' or 'any': the PROXY protocol header versions read from each
+    peer first; trusted lists the networks that may send one (empty: any)."""
 
-    def __init__(self, text, host, port, line=None):
+    def __init__(self, text, host, port, line=None, accept_proxy=None, trusted=None):
         self.text = text
         self.host = host
         self.port = port
         self.line = line
+        self.accept_proxy = accept_proxy
+        self.trusted = list(trusted or [])
 
     def __repr__(self):
         return f'Listen({self.text!r})'
@@ -197,9 +224,10 @@ class Group(object):
 
 class Host(object):
     """A backend <host>: ip as written, host (no brackets) and port to
-    connect to.  Names are not resolved here; that happens at run time."""
+    connect to.  Names are not resolved here; that happens at run time.
+    send_proxy is None, 'v1' or 'v2': the PROXY header version to send it."""
 
-    def __init__(self, name, ip, host, port, weight=1, maxconns=0, line=None):
+    def __init__(self, name, ip, host, port, weight=1, maxconns=0, line=None, send_proxy=None):
         self.name = name
         self.ip = ip
         self.host = host
@@ -207,6 +235,7 @@ class Host(object):
         self.weight = weight
         self.maxconns = maxconns     # 0 = unlimited
         self.line = line
+        self.send_proxy = send_proxy
 
     def __repr__(self):
         return f'Host({self.name!r}, {self.ip!r})'
@@ -244,17 +273,20 @@ DEFAULT_CHECK = Check()
 
 
 class Timeouts(object):
-    """Seconds allowed to connect to a host, and for a connection to sit idle."""
+    """Seconds allowed to connect to a host, for a connection to sit idle,
+    and for a client to wait in the queue while every host is full."""
 
-    def __init__(self, connect=3.0, idle=3600.0, line=None):
+    def __init__(self, connect=3.0, idle=3600.0, line=None, queue=5.0):
         self.connect = connect
         self.idle = idle
         self.line = line
+        self.queue = queue
 
     def _xml_attrs(self):
         return [
             ('connect', _format_seconds(self.connect) if self.connect != 3.0 else None),
             ('idle', _format_seconds(self.idle) if self.idle != 3600.0 else None),
+            ('queue', _format_seconds(self.queue) if self.queue != 5.0 else None),
         ]
 
 
@@ -292,11 +324,29 @@ class User(object):
 
 
 class Logging(object):
-    """Where the log goes: a file path, or None for stderr."""
+    """Where the log goes: a file path, or None for stderr; and/or syslog.
+    syslog is the text as written (None: no syslog) and syslog_address what
+    SysLogHandler takes: the socket path, or (host, port) for UDP.  access
+    is whether to log one line per client connection."""
 
-    def __init__(self, file=None, line=None):
+    def __init__(self, file=None, line=None, access=True, syslog=None, facility='daemon'):
         self.file = file
         self.line = line
+        self.access = access
+        self.syslog = syslog
+        self.facility = facility
+
+    @property
+    def syslog_address(self):
+        return parse_syslog(self.syslog) if self.syslog is not None else None
+
+    def _xml_attrs(self):
+        return [
+            ('file', self.file or None),
+            ('access', 'off' if not self.access else None),
+            ('syslog', self.syslog),
+            ('facility', self.facility if self.facility != 'daemon' else None),
+        ]
 
 
 def load_config(path):
@@ -369,6 +419,84 @@ def check_name(text, what):
         raise ValueError(f'{what} {text!r} is only whitespace')
     if any(unicodedata.category(ch) in ('Cc', 'Cf', 'Zl', 'Zp') for ch in text):
         raise ValueError(f'{what} {text!r} contains a control character')
+
+
+def check_account(text, what):
+    """ValueError unless text is a user or group name, or a numeric id;
+    what is 'user' or 'group'.  Whether it exists is checked at run time."""
+    if not (re.fullmatch(r'[A-Za-z_][A-Za-z0-9_.-]*\$?', text)
+            or re.fullmatch(r'[0-9]{1,10}', text) and int(text) < 2 ** 32 - 1):
+        raise ValueError(f'{text!r}: must be a {what} name or a numeric id')
+
+
+_IPV4_DOTTED = re.compile(r'(?:0|[1-9][0-9]{0,2})(?:\.(?:0|[1-9][0-9]{0,2})){3}')
+
+
+def parse_network(text):
+    """'10.0.0.0/8', '2001:db8::/32' or one address -> an ipaddress network.
+    Host bits are masked off ('10.1.2.3/8' is 10.0.0.0/8), as nginx and
+    HAProxy do.  Zero-padded IPv4 ('010.0.0.1') is refused on every Python,
+    not just those since 3.9.5: some tools read it as octal."""
+    address, slash, prefix = text.partition('/')
+    ok = (bool(address) and '%' not in address
+          and (not slash or re.fullmatch(r'0|[1-9][0-9]{0,2}', prefix) is not None)
+          and (':' in address or _IPV4_DOTTED.fullmatch(address) is not None))
+    if ok:
+        try:
+            return ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            pass
+    raise ValueError(f'{text!r} is not an IP network (like 10.0.0.0/8, 2001:db8::/32 or 127.0.0.1)')
+
+
+def _network_text(network):
+    # A one-address network is written as the bare address.
+    if network.prefixlen == network.max_prefixlen:
+        return str(network.network_address)
+    return network.with_prefixlen
+
+
+def acl_allows(rules, ip_text):
+    """True if a client at ip_text may connect under rules, a list of
+    ('allow' or 'deny', network) pairs: the first rule whose network holds
+    the address decides; when none does, the client is refused if there is
+    any 'allow' rule (a whitelist) and let in otherwise (a blacklist).
+    An IPv4-mapped IPv6 address (::ffff:10.0.0.1) counts as its IPv4
+    address; an address never matches a network of the other version.
+    ip_text may be an ipaddress address; anything unparsable is refused."""
+    if isinstance(ip_text, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+        address = ip_text
+    else:
+        if not isinstance(ip_text, str):
+            return False
+        if ':' in ip_text:
+            ip_text = ip_text.partition('%')[0]     # a link-local scope, as getpeername gives
+        elif _IPV4_DOTTED.fullmatch(ip_text) is None:
+            return False
+        try:
+            address = ipaddress.ip_address(ip_text)
+        except ValueError:
+            return False
+    if address.version == 6 and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    for action, network in rules:
+        if network.version == address.version and address in network:
+            return action == 'allow'
+    return not any(action == 'allow' for action, _ in rules)
+
+
+def parse_syslog(text):
+    """<logging syslog>: '/dev/log' (a unix socket path, returned as is) or
+    'host:port' / '[v6]:port' for UDP, returned as (host, port)."""
+    if text.startswith('/'):
+        return text
+    try:
+        host, port = parse_address(text)
+    except ValueError:
+        host = None
+    if host is None or text.startswith('*:'):
+        raise ValueError(f"{text!r}: must be a socket path starting with '/', or host:port")
+    return host, port
 
 
 _SECONDS = re.compile(r'(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?')
@@ -585,7 +713,7 @@ def _read_xml(data, path):
 
 _CHILDREN = {
     'pdconfig': ('service', 'admin', 'logging'),
-    'service': ('listen', 'group', 'enable', 'check', 'timeouts'),
+    'service': ('listen', 'group', 'enable', 'check', 'timeouts', 'allow', 'deny'),
     'group': ('host',),
     'admin': ('user',),
 }
@@ -653,6 +781,32 @@ class _ConfigReader(object):
         want = f'{low}-{high}' if high is not None else f'>= {low}'
         raise self.error(elem, f'<{elem.tag}> {attr} {text!r}: must be an integer {want}')
 
+    def choice(self, elem, attr, choices):
+        text = elem.get(attr)
+        if text is None or text in choices:
+            return text
+        shown = ', '.join(repr(c) for c in choices[:-1]) + ' or ' + repr(choices[-1])
+        raise self.error(elem, f'<{elem.tag}> {attr} {text!r}: must be {shown}')
+
+    def networks(self, elem, attr):
+        """A comma-separated list of networks; None when attr is absent."""
+        text = elem.get(attr)
+        if text is None:
+            return None
+        try:
+            return [parse_network(part.strip()) for part in text.split(',')]
+        except ValueError as e:
+            raise self.error(elem, f'<{elem.tag}> {attr} {e}') from None
+
+    def account(self, elem, attr):
+        text = elem.get(attr)
+        if text is not None:
+            try:
+                check_account(text, attr)
+            except ValueError as e:
+                raise self.error(elem, f'<{elem.tag}> {attr} {e}') from None
+        return text
+
     def seconds(self, elem, attr, default, zero_ok=False):
         text = elem.get(attr)
         if text is None:
@@ -677,8 +831,9 @@ class _ConfigReader(object):
     def read(self, root):
         if root.tag != 'pdconfig':
             raise self.error(root, f'the root element must be <pdconfig>, not <{root.tag}>')
-        self.attrs(root, ('drain',))
+        self.attrs(root, ('drain', 'group', 'user'))
         drain = self.seconds(root, 'drain', 10.0, zero_ok=True)
+        user, group = self.account(root, 'user'), self.account(root, 'group')
         services, admin, logging_ = [], None, None
         for tag, elem in self.children(root):
             if tag == 'service':
@@ -690,25 +845,27 @@ class _ConfigReader(object):
             else:
                 if logging_ is not None:
                     raise self.error(elem, 'more than one <logging>')
-                self.attrs(elem, ('file',))
-                logging_ = Logging(elem.get('file') or None, self.lines[elem])
+                logging_ = self.logging(elem)
         if not services:
             raise self.error(root, '<pdconfig> has no <service>')
-        return Config(self.path, services, admin, logging_, drain)
+        return Config(self.path, services, admin, logging_, drain, user, group)
 
     def service(self, elem, services):
-        self.attrs(elem, ('name',), ('name',))
+        self.attrs(elem, ('maxconns', 'name'), ('name',))
         name = self.name(elem, 'service name', elem.get('name'))
         if any(s.name == name for s in services):
             raise self.error(elem, f'duplicate service {name!r}')
-        listens, groups, enable, check, timeouts = [], [], None, None, None
+        maxconns = self.integer(elem, 'maxconns', 0, 0)
+        listens, groups, enable, check, timeouts, acl = [], [], None, None, None, []
         for tag, child in self.children(elem):
             if tag == 'listen':
-                self.attrs(child, ('ip',), ('ip',))
-                host, port = self.address(child, 'ip')
-                text = child.get('ip')
-                self.claim_listen(child, text, host, port, f'service {name!r}')
-                listens.append(Listen(text, host, port, self.lines[child]))
+                listens.append(self.listen(child, name))
+            elif tag in ('allow', 'deny'):
+                self.attrs(child, ('cidr',), ('cidr',))
+                try:
+                    acl.append((tag, parse_network(child.get('cidr'))))
+                except ValueError as e:
+                    raise self.error(child, f'<{tag}> cidr {e}') from None
             elif tag == 'group':
                 group = self.group(child)
                 if any(g.name == group.name for g in groups):
@@ -726,9 +883,10 @@ class _ConfigReader(object):
             else:
                 if timeouts is not None:
                     raise self.error(child, f'service {name!r}: more than one <timeouts>')
-                self.attrs(child, ('connect', 'idle'))
+                self.attrs(child, ('connect', 'idle', 'queue'))
                 timeouts = Timeouts(self.seconds(child, 'connect', 3.0),
-                                    self.seconds(child, 'idle', 3600.0), self.lines[child])
+                                    self.seconds(child, 'idle', 3600.0), self.lines[child],
+                                    queue=self.seconds(child, 'queue', 5.0))
         if not listens:
             raise self.error(elem, f'service {name!r} has no <listen>')
         if not groups:
@@ -738,7 +896,19 @@ class _ConfigReader(object):
             enabled = enable.get('group')
             if not any(g.name == enabled for g in groups):
                 raise self.error(enable, f'service {name!r}: <enable> names unknown group {enabled!r}')
-        return Service(name, listens, groups, enabled, check, timeouts, self.lines[elem])
+        return Service(name, listens, groups, enabled, check, timeouts, self.lines[elem],
+                       maxconns=maxconns, acl=acl)
+
+    def listen(self, elem, service_name):
+        self.attrs(elem, ('accept_proxy', 'ip', 'trusted'), ('ip',))
+        host, port = self.address(elem, 'ip')
+        text = elem.get('ip')
+        self.claim_listen(elem, text, host, port, f'service {service_name!r}')
+        accept_proxy = self.choice(elem, 'accept_proxy', ('v1', 'v2', 'any'))
+        trusted = self.networks(elem, 'trusted')
+        if trusted is not None and accept_proxy is None:
+            raise self.error(elem, '<listen> trusted is only used with accept_proxy')
+        return Listen(text, host, port, self.lines[elem], accept_proxy, trusted)
 
     def group(self, elem):
         self.attrs(elem, ('name', 'scheduler'), ('name', 'scheduler'))
@@ -761,7 +931,7 @@ class _ConfigReader(object):
         return Group(name, scheduler, hosts, self.lines[elem])
 
     def host(self, elem, index):
-        self.attrs(elem, ('ip', 'maxconns', 'name', 'weight'), ('ip',))
+        self.attrs(elem, ('ip', 'maxconns', 'name', 'send_proxy', 'weight'), ('ip',))
         name = elem.get('name')
         if not name:
             name = f'host.{index}'      # as 1.0 named hosts without a name
@@ -773,7 +943,8 @@ class _ConfigReader(object):
             raise self.error(elem, f"<{elem.tag}> ip {ip!r}: '*' is for listening; a host needs an address")
         weight = self.integer(elem, 'weight', 1, 1, 1000)
         maxconns = self.integer(elem, 'maxconns', 0, 0)
-        return Host(name, ip, host, port, weight, maxconns, self.lines[elem])
+        send_proxy = self.choice(elem, 'send_proxy', ('v1', 'v2'))
+        return Host(name, ip, host, port, weight, maxconns, self.lines[elem], send_proxy)
 
     def check(self, elem):
         self.attrs(elem, ('expect', 'fall', 'interval', 'rise', 'send', 'timeout'))
@@ -791,6 +962,24 @@ class _ConfigReader(object):
             data[attr + '_text'] = text
         return Check(interval, timeout, rise, fall, data['send'], data['expect'],
                      self.lines[elem], data['send_text'], data['expect_text'])
+
+    def logging(self, elem):
+        self.attrs(elem, ('access', 'facility', 'file', 'syslog'))
+        access = self.choice(elem, 'access', ('on', 'off')) != 'off'
+        syslog = elem.get('syslog')
+        if syslog is not None:
+            try:
+                parse_syslog(syslog)
+            except ValueError as e:
+                raise self.error(elem, f'<logging> syslog {e}') from None
+        facility = elem.get('facility')
+        if facility is not None:
+            if syslog is None:
+                raise self.error(elem, '<logging> facility is only used with syslog')
+            if facility not in logging.handlers.SysLogHandler.facility_names:
+                raise self.error(elem, f'<logging> facility {facility!r}: not a syslog facility '
+                                       f'(like daemon, user or local0-local7)')
+        return Logging(elem.get('file') or None, self.lines[elem], access, syslog, facility or 'daemon')
 
     def admin(self, elem):
         if 'secure' in elem.attrib:
@@ -984,6 +1173,298 @@ class Loop(object):
         self._wake_w.close()
 
 
+# PROXY-PROTOCOL-SECTION-START
+# ---------------------------------------------------------------------------
+# PROXY protocol: the header a proxy puts in front of a relayed stream to say
+# who the real client was (HAProxy's proxy-protocol.txt, versions 1 and 2).
+#
+# Version 1 is one text line, "PROXY TCP4 src dst sport dport\r\n", at most
+# 107 bytes.  Version 2 is a 12-byte binary signature, a version/command byte,
+# a family/transport byte, a 16-bit length and that many bytes of addresses
+# (then optional TLVs, which we skip).  The parser works on whatever prefix
+# has arrived: None means "need more bytes", ValueError means "this can never
+# become a valid header", decided at the first byte that proves it.
+# ---------------------------------------------------------------------------
+
+PROXY_V1_SIGNATURE = b'PROXY '
+PROXY_V1_MAX = 107        # the longest line the spec allows, CRLF included
+PROXY_V2_SIGNATURE = b'\r\n\r\n\x00\r\nQUIT\n'
+PROXY_V2_FIXED = 16       # signature, version/command, family, length
+PROXY_V2_MAX_LENGTH = 65535   # the length field is 16 bits: nothing longer can be announced
+PROXY_HEADER_MAX = PROXY_V2_FIXED + PROXY_V2_MAX_LENGTH  # the most a reader may need to hold
+
+_V2_LOCAL, _V2_PROXY = 0x20, 0x21
+_V2_UNSPEC, _V2_TCP4, _V2_TCP6 = 0x00, 0x11, 0x21
+# Family/transport bytes a PROXY command may carry, and their address block size.
+# UDP and UNIX are valid but say nothing usable about a TCP client: we fall back
+# to the real peer, as the spec allows.
+_V2_ADDRESS_SIZE = {0x00: 0, 0x11: 12, 0x12: 12, 0x21: 36, 0x22: 36, 0x31: 216, 0x32: 216}
+
+_V1_PROTOCOLS = (b'TCP4', b'TCP6', b'UNKNOWN')
+_V1_FIELD_BYTES = frozenset(b'0123456789abcdefABCDEF.: \r\n')
+_DIGITS = frozenset(b'0123456789')
+_HEX_COLON_DOT = frozenset(b'0123456789abcdefABCDEF:.')
+
+
+def _ip_of(addr):
+    """The ipaddress object of a socket address tuple, or None (AF_UNIX, unknown, junk)."""
+    if not isinstance(addr, tuple) or len(addr) < 2 or not isinstance(addr[0], str):
+        return None
+    try:
+        # getpeername() of a link-local IPv6 peer gives 'fe80::1%eth0': the scope is local detail.
+        return ipaddress.ip_address(addr[0].split('%', 1)[0])
+    except ValueError:
+        return None
+
+
+def _port_of(addr):
+    port = addr[1]
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError('bad port %r' % (port,))
+    return port
+
+
+def _as_ipv4(ip):
+    if ip.version == 4:
+        return ip
+    return ip.ipv4_mapped  # None unless ::ffff:a.b.c.d
+
+
+def _as_ipv6(ip):
+    if ip.version == 6:
+        return ip
+    return ipaddress.IPv6Address(b'\0' * 10 + b'\xff\xff' + ip.packed)
+
+
+def _header_addresses(client_addr, server_addr):
+    """(4 or 6 or None, client ip, server ip, client port, server port) for a header.
+
+    Both IPv4 (plain or mapped into IPv6, as a dual-stack listener sees v4
+    clients) -> IPv4.  Otherwise IPv6 for both, an IPv4 side mapped into IPv6.
+    None when an address is not IP at all."""
+    client, server = _ip_of(client_addr), _ip_of(server_addr)
+    if client is None or server is None:
+        return None, None, None, 0, 0
+    ports = _port_of(client_addr), _port_of(server_addr)
+    client4, server4 = _as_ipv4(client), _as_ipv4(server)
+    if client4 is not None and server4 is not None:
+        return (4, client4, server4) + ports
+    return (6, _as_ipv6(client), _as_ipv6(server)) + ports
+
+
+def _ipv6_hex_text(ip):
+    """RFC 5952 text in hex groups only: version 1 asks for that, and Python 3.13
+    started writing mapped addresses as '::ffff:1.2.3.4'."""
+    groups = ['%x' % int(g, 16) for g in ip.exploded.split(':')]
+    best_start, best_len, start = -1, 1, None   # only runs of two or more zeros collapse
+    for i, g in enumerate(groups + ['end']):
+        if g == '0':
+            if start is None:
+                start = i
+        elif start is not None:
+            if i - start > best_len:
+                best_start, best_len = start, i - start
+            start = None
+    if best_start < 0:
+        return ':'.join(groups)
+    return (':'.join(groups[:best_start]) + '::' + ':'.join(groups[best_start + best_len:]))
+
+
+def proxy_header_v1(client_addr, server_addr):
+    """b'PROXY TCP4 client server cport sport\\r\\n' for a connection from
+    client_addr to server_addr (socket address tuples); b'PROXY UNKNOWN\\r\\n'
+    when one of them is not an IP address."""
+    family, client, server, client_port, server_port = _header_addresses(client_addr, server_addr)
+    if family is None:
+        return b'PROXY UNKNOWN\r\n'
+    if family == 4:
+        texts = str(client), str(server)
+    else:
+        texts = _ipv6_hex_text(client), _ipv6_hex_text(server)
+    return ('PROXY TCP%d %s %s %d %d\r\n' % ((family,) + texts + (client_port, server_port))).encode('ascii')
+
+
+def proxy_header_v2(client_addr, server_addr):
+    """The binary header: PROXY command, TCP over IPv4 or IPv6, no TLVs; when
+    an address is not IP, PROXY with an unspecified family and no addresses
+    (the receiver then uses the real peer)."""
+    family, client, server, client_port, server_port = _header_addresses(client_addr, server_addr)
+    if family is None:
+        return PROXY_V2_SIGNATURE + bytes([_V2_PROXY, _V2_UNSPEC, 0, 0])
+    block = (client.packed + server.packed +
+             client_port.to_bytes(2, 'big') + server_port.to_bytes(2, 'big'))
+    return (PROXY_V2_SIGNATURE + bytes([_V2_PROXY, _V2_TCP4 if family == 4 else _V2_TCP6]) +
+            len(block).to_bytes(2, 'big') + block)
+
+
+def parse_proxy_header(data, accept='any', limit=PROXY_HEADER_MAX):
+    """Read a PROXY header from the start of data (bytes or bytearray).
+
+    accept is 'v1', 'v2' or 'any'.  Returns None while more bytes are needed,
+    else (consumed, source, dest): consumed is the header's length in bytes,
+    source and dest are (ip_text, port), or both None for v1 UNKNOWN and v2
+    LOCAL / non-TCP families (use the real peer then).  Raises ValueError as
+    soon as data cannot be the start of an acceptable header, or when a v2
+    header announces more than limit bytes in all."""
+    if accept not in ('v1', 'v2', 'any'):
+        raise ValueError('accept must be v1, v2 or any, not %r' % (accept,))
+    if not data:
+        return None
+    first = data[0]
+    if first == PROXY_V1_SIGNATURE[0]:
+        if accept == 'v2':
+            raise ValueError('a PROXY v1 header or other text where only v2 is accepted')
+        return _parse_v1(data)
+    if first == PROXY_V2_SIGNATURE[0]:
+        if accept == 'v1':
+            raise ValueError('a PROXY v2 header or other binary where only v1 is accepted')
+        return _parse_v2(data, limit)
+    raise ValueError('not a PROXY protocol header (first byte 0x%02x)' % first)
+
+
+def _parse_v1(data):
+    size = min(len(data), len(PROXY_V1_SIGNATURE))
+    if data[:size] != PROXY_V1_SIGNATURE[:size]:
+        raise ValueError('bad PROXY v1 signature')
+    if size < len(PROXY_V1_SIGNATURE):
+        return None
+    end = data.find(b'\r\n', 0, PROXY_V1_MAX)
+    line = bytes(data[len(PROXY_V1_SIGNATURE):end if end >= 0 else PROXY_V1_MAX])
+    fields = line.split(b' ')
+    protocol = fields[0].split(b'\r', 1)[0]
+    if end < 0 and len(fields) == 1 and b'\r' not in fields[0]:
+        # Still reading the protocol name: is it the start of one we know?
+        if not any(p.startswith(protocol) for p in _V1_PROTOCOLS):
+            raise ValueError('PROXY v1: unknown protocol %r' % protocol.decode('latin-1'))
+    elif protocol not in _V1_PROTOCOLS:
+        raise ValueError('PROXY v1: unknown protocol %r' % protocol.decode('latin-1'))
+    if protocol == b'UNKNOWN':
+        # The sender may put anything before the CRLF; the receiver ignores it.
+        if end >= 0:
+            return end + 2, None, None
+    else:
+        _check_v1_fields(protocol, line, end >= 0)
+        if end >= 0:
+            return end + 2, _v1_address(fields[1], fields[3]), _v1_address(fields[2], fields[4])
+    if len(data) >= PROXY_V1_MAX:
+        raise ValueError('PROXY v1: no CRLF within %d bytes' % PROXY_V1_MAX)
+    return None
+
+
+def _check_v1_fields(protocol, line, complete):
+    """Reject a TCP4/TCP6 line, whole or partial, at the first wrong byte we can see."""
+    for i, byte in enumerate(line[len(protocol):], len(protocol)):
+        if byte not in _V1_FIELD_BYTES:
+            raise ValueError('PROXY v1: unexpected byte 0x%02x' % byte)
+        if byte == 0x0a:  # b'\n' (complete lines stop before their CRLF)
+            raise ValueError('PROXY v1: LF without CR')
+        if byte == 0x0d and i + 1 < len(line):  # CRLF is past the line, so this CR is alone
+            raise ValueError('PROXY v1: CR without LF')
+    fields = line.rstrip(b'\r').split(b' ')
+    if len(fields) > 5:
+        raise ValueError('PROXY v1: too many fields')
+    if complete and len(fields) < 5:
+        raise ValueError('PROXY v1: %d fields where 5 are needed' % len(fields))
+    if not complete and line.endswith(b'\r') and len(fields) < 5:
+        raise ValueError('PROXY v1: line ends after %d fields, 5 are needed' % len(fields))
+    last = len(fields) - 1
+    for i, field in enumerate(fields[1:], 1):
+        whole = complete or i < last or line.endswith(b'\r')
+        if whole and not field:
+            raise ValueError('PROXY v1: empty field %d' % (i + 1))
+        if i in (1, 2):
+            if protocol == b'TCP4':
+                _check_ipv4_text(field, whole)
+            else:
+                _check_ipv6_text(field, whole)
+        else:
+            _check_port_text(field, whole)
+
+
+def _check_ipv4_text(field, whole):
+    """Four decimal numbers 0-255 without leading zeros ('01' could be read as octal)."""
+    if b':' in field:
+        raise ValueError('PROXY v1: an IPv6 address in a TCP4 line')
+    parts = field.split(b'.')
+    if len(field) > 15 or len(parts) > 4 or (whole and len(parts) != 4):
+        raise ValueError('PROXY v1: bad IPv4 address %r' % field.decode('latin-1'))
+    for j, part in enumerate(parts):
+        last_partial = not whole and j == len(parts) - 1
+        if not part and not last_partial:
+            raise ValueError('PROXY v1: bad IPv4 address %r' % field.decode('latin-1'))
+        if (not set(part) <= _DIGITS or len(part) > 3 or (len(part) > 1 and part[:1] == b'0')
+                or (part and int(part) > 255)):
+            raise ValueError('PROXY v1: bad IPv4 address %r' % field.decode('latin-1'))
+
+
+def _check_ipv6_text(field, whole):
+    # The longest form, eight full groups or six with a dotted IPv4 tail, is 45 bytes.
+    if not set(field) <= _HEX_COLON_DOT or len(field) > 45:
+        raise ValueError('PROXY v1: bad IPv6 address %r' % field.decode('latin-1'))
+    if not whole:
+        return
+    if b':' not in field:
+        raise ValueError('PROXY v1: an IPv4 address in a TCP6 line')
+    try:
+        socket.inet_pton(socket.AF_INET6, field.decode('ascii'))
+    except (OSError, ValueError):
+        raise ValueError('PROXY v1: bad IPv6 address %r' % field.decode('latin-1'))
+
+
+def _check_port_text(field, whole):
+    if (not set(field) <= _DIGITS or len(field) > 5 or (len(field) > 1 and field[:1] == b'0')
+            or (field and int(field) > 65535) or (whole and not field)):
+        raise ValueError('PROXY v1: bad port %r' % field.decode('latin-1'))
+
+
+def _v1_address(ip_field, port_field):
+    text = ip_field.decode('ascii')
+    if ':' in text:
+        # Normalised the way accept() writes addresses ('FE80::01' -> 'fe80::1').
+        text = socket.inet_ntop(socket.AF_INET6, socket.inet_pton(socket.AF_INET6, text))
+    return text, int(port_field)
+
+
+def _parse_v2(data, limit):
+    size = min(len(data), len(PROXY_V2_SIGNATURE))
+    if data[:size] != PROXY_V2_SIGNATURE[:size]:
+        raise ValueError('bad PROXY v2 signature')
+    if len(data) <= len(PROXY_V2_SIGNATURE):
+        return None
+    version_command = data[12]
+    if version_command >> 4 != 2:
+        raise ValueError('PROXY protocol version %d is not supported' % (version_command >> 4))
+    if version_command not in (_V2_LOCAL, _V2_PROXY):
+        raise ValueError('PROXY v2: unknown command %d' % (version_command & 0x0f))
+    if len(data) < 14:
+        return None
+    family = data[13]
+    if version_command == _V2_PROXY and family not in _V2_ADDRESS_SIZE:
+        raise ValueError('PROXY v2: unknown address family/transport 0x%02x' % family)
+    if len(data) < PROXY_V2_FIXED:
+        return None
+    length = int.from_bytes(bytes(data[14:16]), 'big')
+    consumed = PROXY_V2_FIXED + length
+    if consumed > limit:
+        raise ValueError('PROXY v2: header of %d bytes is longer than %d' % (consumed, limit))
+    if version_command == _V2_PROXY and length < _V2_ADDRESS_SIZE[family]:
+        raise ValueError('PROXY v2: %d address bytes where family 0x%02x needs %d'
+                         % (length, family, _V2_ADDRESS_SIZE[family]))
+    if len(data) < consumed:
+        return None
+    if version_command == _V2_LOCAL or family not in (_V2_TCP4, _V2_TCP6):
+        return consumed, None, None
+    if family == _V2_TCP4:
+        af, size = socket.AF_INET, 4
+    else:
+        af, size = socket.AF_INET6, 16
+    block = bytes(data[PROXY_V2_FIXED:PROXY_V2_FIXED + 2 * size + 4])
+    source = socket.inet_ntop(af, block[:size]), int.from_bytes(block[2 * size:2 * size + 2], 'big')
+    dest = socket.inet_ntop(af, block[size:2 * size]), int.from_bytes(block[2 * size + 2:], 'big')
+    return consumed, source, dest
+# PROXY-PROTOCOL-SECTION-END
+
+
 # ---------------------------------------------------------------------------
 # Proxying: a Listener accepts clients, a Pair relays one client to one backend.
 # ---------------------------------------------------------------------------
@@ -1028,11 +1509,17 @@ class Listener(object):
         self.director = director
         self.service = service
         self.sock = sock
-        self.listen = listen     # its <listen> config; a reload may replace it
-        self.text = listen.text
+        self.configure(listen)
         self.paused = False
         self.registered = True
         director.loop.selector.register(sock, EVENT_READ, self._on_readable)
+
+    def configure(self, listen):
+        """Take (new) settings from its <listen>; a reload may call this again."""
+        self.listen = listen
+        self.text = listen.text
+        self.accept_proxy = getattr(listen, 'accept_proxy', None)
+        self.trusted = [('allow', net) for net in getattr(listen, 'trusted', None) or ()]
 
     def _on_readable(self, mask):
         accept = self.sock.accept
@@ -1052,7 +1539,7 @@ class Listener(object):
             if self.paused:
                 self.paused = False
                 log.info('listen %s: accepting again', self.text)
-            on_accept(self.service, client_sock, client_addr)
+            on_accept(self, client_sock, client_addr)
 
     def pause(self, err):
         """Out of fds: a pending client stays queued and would wake us forever; look again shortly."""
@@ -1078,12 +1565,16 @@ class Listener(object):
             self.sock.close()
 
 
+PROXY_HEADER, QUEUED = 'proxy-header', 'queued'
 CONNECTING, STREAMING, CLOSED = 'connecting', 'streaming', 'closed'
+QUEUE_LIMIT = 1000        # clients a service may hold waiting for a free host
 
 
 class Pair(object):
     """One client connection and the backend connection made for it.
 
+    PROXY_HEADER: reading the PROXY protocol header a front proxy sends first.
+    QUEUED: every eligible host is at its maxconns; waiting for a slot.
     CONNECTING: the backend connect is in flight; the client is not read yet,
     so whatever it already sent waits in the kernel and reaches whichever
     backend accepts (that makes failover transparent).
@@ -1095,7 +1586,8 @@ class Pair(object):
     __slots__ = ('director', 'loop', 'service', 'group', 'host', 'client_sock', 'backend_sock',
                  'client_ip', 'client_port', 'state', 'tried', 'to_client', 'to_backend',
                  'client_eof', 'backend_eof', 'client_events', 'backend_events', 'timer',
-                 'last_active', 'bytes_in', 'bytes_out', 'started')
+                 'last_active', 'bytes_in', 'bytes_out', 'started', 'proxy_dest',
+                 'proxy_accept')
 
     def __init__(self, director, service, client_sock, client_addr):
         self.director = director
@@ -1120,6 +1612,55 @@ class Pair(object):
         self.bytes_in = 0
         self.bytes_out = 0
         self.started = self.loop.now
+        self.proxy_dest = None    # the address a PROXY header said the client connected to
+        self.proxy_accept = None  # 'v1', 'v2' or 'any' while reading that header
+
+    # -- the PROXY protocol header from a front proxy ---------------------
+
+    def read_proxy_header(self, accept):
+        """Read the header before anything else; what follows it waits in to_backend."""
+        self.state = PROXY_HEADER
+        self.loop.selector.register(self.client_sock, EVENT_READ, self._on_proxy_readable)
+        self.client_events = EVENT_READ
+        self.proxy_accept = accept
+        self.timer = self.loop.call_later(self.service.timeouts.connect, self._bad_proxy, 'no header in time')
+
+    def _on_proxy_readable(self, mask):
+        try:
+            data = self.client_sock.recv(BUFFER_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.abort('client-reset')
+            return
+        if not data:
+            self._bad_proxy('closed before the header ended')
+            return
+        data = self.to_backend + data
+        try:
+            header = parse_proxy_header(data, self.proxy_accept)
+        except ValueError as e:
+            self._bad_proxy(str(e))
+            return
+        if header is None:
+            self.to_backend = data
+            return
+        size, source, dest = header
+        self.to_backend = data[size:]
+        if source is not None:
+            self.client_ip, self.client_port = source[0], source[1]
+            self.proxy_dest = dest
+        self.timer.cancel()
+        self.timer = None
+        self._set_events(0, 0)
+        self.state = CONNECTING
+        self.director.route(self)
+
+    def _bad_proxy(self, why):
+        self.timer = None
+        log.warning('client %s:%s in %s: bad PROXY header: %s',
+                    self.client_ip, self.client_port, self.service.name, why)
+        self.close('bad-proxy')
 
     # -- connecting -------------------------------------------------------
 
@@ -1128,6 +1669,9 @@ class Pair(object):
         scheduler = self.group.scheduler
         host = scheduler.pick(self.client_ip, self.tried)
         if host is None:
+            if not self.tried and scheduler.full_only(()):
+                self._wait_in_queue()
+                return
             if self.tried:
                 log.warning('client %s:%s in %s: gave up after %d host(s) failed',
                             self.client_ip, self.client_port, self.service.name, len(self.tried))
@@ -1158,6 +1702,22 @@ class Pair(object):
             return
         self.timer = self.loop.call_later(self.service.timeouts.connect, self._on_connect_timeout)
         self._set_events(0, EVENT_WRITE)
+
+    def _wait_in_queue(self):
+        queue = self.service.queue
+        if len(queue) >= QUEUE_LIMIT:
+            self.service.refused += 1
+            self.close('full')
+            return
+        self.state = QUEUED
+        queue.append(self)
+        self.timer = self.loop.call_later(self.service.timeouts.queue, self._on_queue_timeout)
+
+    def _on_queue_timeout(self):
+        self.timer = None
+        log.info('client %s:%s in %s: no host free within %g s',
+                 self.client_ip, self.client_port, self.service.name, self.service.timeouts.queue)
+        self.close('queue-timeout')
 
     def _on_connect_timeout(self):
         self.timer = None
@@ -1198,7 +1758,22 @@ class Pair(object):
         self.state = STREAMING
         self.last_active = self.loop.now
         self.timer = self.loop.call_later(self.service.timeouts.idle, self._on_idle_timer)
-        self._update_interest()
+        if self.host.send_proxy is not None:
+            self.to_backend = self._proxy_header() + self.to_backend
+        if self.to_backend:
+            self._flush(True)   # a PROXY header, or bytes read with one
+        else:
+            self._update_interest()
+
+    def _proxy_header(self):
+        dest = self.proxy_dest
+        if dest is None:
+            try:
+                dest = self.client_sock.getsockname()
+            except OSError:
+                dest = None
+        build = proxy_header_v2 if self.host.send_proxy == 'v2' else proxy_header_v1
+        return build((self.client_ip, self.client_port), dest)
 
     # -- streaming --------------------------------------------------------
 
@@ -1367,6 +1942,8 @@ class Pair(object):
     def close(self, how='no-backend'):
         if self.state is CLOSED:
             return
+        if self.state is QUEUED:
+            self.service.queue.remove(self)
         was_streaming = self.state is STREAMING
         self.state = CLOSED
         self._drop_backend()
@@ -1720,7 +2297,8 @@ class Director(object):
 
     # -- connections --------------------------------------------------------
 
-    def on_accept(self, service, client_sock, client_addr):
+    def on_accept(self, listener, client_sock, client_addr):
+        service = listener.service
         service.accepted += 1
         service.open += 1
         client_sock.setblocking(False)
@@ -1730,7 +2308,37 @@ class Director(object):
             pass
         pair = Pair(self, service, client_sock, client_addr)
         self.pairs.add(pair)
+        maxconns = service.config.maxconns
+        if maxconns and service.open > maxconns:
+            service.refused += 1
+            pair.close('full')
+        elif listener.accept_proxy is None:
+            self.route(pair)
+        elif listener.trusted and not acl_allows(listener.trusted, pair.client_ip):
+            service.denied += 1
+            log.warning('client %s:%s in %s: not a trusted proxy', pair.client_ip, pair.client_port, service.name)
+            pair.close('denied')
+        else:
+            pair.read_proxy_header(listener.accept_proxy)
+
+    def route(self, pair):
+        """A client whose address is known: check the service's rules, then find it a host."""
+        service = pair.service
+        if service.config.acl and not acl_allows(service.config.acl, pair.client_ip):
+            service.denied += 1
+            pair.close('denied')
+            return
         pair.connect_next()
+
+    def _serve_queue(self, service):
+        """Hand freed slots to waiting clients, first come first served."""
+        queue = service.queue
+        while queue and not service.enabled.scheduler.full_only(()):
+            pair = queue.popleft()
+            pair.timer.cancel()
+            pair.timer = None
+            pair.state = CONNECTING
+            pair.connect_next()
 
     def pause_accepting(self, err):
         """File descriptors are per process: when one accept or connect runs out, every listener waits."""
@@ -1740,7 +2348,10 @@ class Director(object):
 
     def pair_closed(self, pair, how):
         self.pairs.discard(pair)
-        pair.service.open -= 1
+        service = pair.service
+        service.open -= 1
+        if service.queue and pair.host is not None:
+            self._serve_queue(service)
         if self.access_log:
             host = pair.host or (pair.tried[-1] if pair.tried else None)
             access_log.info(
@@ -1775,8 +2386,11 @@ class Director(object):
                 probe_state.timeline.append((when, before, host_state(host), cause))
                 if state == schedulers.DOWN:
                     probe_state.next_due = self.loop.now + self._check(service).interval
-            if service.switch is not None and service.switch.to_group is group and host_state(host) == 'up':
-                service.switch.confirmed = True
+            if host_state(host) == 'up':
+                if service.switch is not None and service.switch.to_group is group:
+                    service.switch.confirmed = True
+                if service.queue:
+                    self._serve_queue(service)
             log.info('host %s (%s) in %s/%s %s: %s', host.name, host.ip, service.name, group.name, state, cause)
         return changed
 
@@ -2140,7 +2754,8 @@ class Director(object):
             service.listeners = []
             for listen in service_config.listens:
                 listener = listeners.pop(listen.text)
-                listener.service, listener.listen = service, listen
+                listener.service = service
+                listener.configure(listen)
                 service.listeners.append(listener)
             if old_texts and old_texts != [l.text for l in service.listeners]:
                 changes.append('%s: listen %s' % (service.name, ', '.join(l.text for l in service.listeners)))
@@ -2421,6 +3036,35 @@ def summary(config):
     return '\n'.join(lines)
 
 
+def privilege_ids(user, group):
+    """(uid, gid) to switch to, from names or numbers; ValueError says what is unknown."""
+    import grp
+    import pwd
+    try:
+        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    except KeyError:
+        raise ValueError('no user %r on this system' % user)
+    gid = entry.pw_gid
+    if group:
+        try:
+            gid = grp.getgrgid(int(group)).gr_gid if group.isdigit() else grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ValueError('no group %r on this system' % group)
+    return entry.pw_uid, gid
+
+
+def drop_privileges(uid, gid):
+    """Become uid/gid for good, after binding and opening logs as root."""
+    if os.getuid() == 0:
+        os.setgroups([gid])
+        os.setgid(gid)
+        os.setuid(uid)
+    elif (os.getuid(), os.getgid()) != (uid, gid):
+        raise OSError('only root can switch to uid %d, gid %d (running as uid %d)' % (uid, gid, os.getuid()))
+    if os.getuid() == 0 or os.geteuid() == 0:
+        raise OSError('asked to drop privileges, but still root: refusing to run as root')
+
+
 def read_password():
     import getpass
     if sys.stdin.isatty():
@@ -2438,6 +3082,8 @@ def parse_args(argv):
     parser.add_argument('--check', action='store_true', help='validate the config, print a summary, bind nothing')
     parser.add_argument('--hash-password', action='store_true',
                         help='read a password (prompt or stdin) and print its hash for <user password=...>')
+    parser.add_argument('--user', help='switch to this user after binding (overrides <pdconfig user=>)')
+    parser.add_argument('--group', help='and to this group (default: the user\'s own)')
     parser.add_argument('-v', '--verbose', action='store_true', help='log debug detail')
     parser.add_argument('--version', action='version', version='pydirector ' + VERSION)
     args = parser.parse_args(argv)
@@ -2462,6 +3108,14 @@ def main(argv=None):
     if args.check:
         print(summary(config))
         return 0
+    user = args.user or config.user
+    ids = None
+    if user:
+        try:
+            ids = privilege_ids(user, args.group or config.group)
+        except ValueError as e:
+            print('pydirector: %s' % e, file=sys.stderr)
+            return 1
     setup_logging(config, args.verbose)
     raise_fd_limit()
     director = Director(config)
@@ -2504,6 +3158,16 @@ def main(argv=None):
             log.error('admin cannot listen on %s: %s', config.admin.listen, e)
             director.stop_now()
             return 1
+    if ids is not None:
+        try:
+            drop_privileges(*ids)
+        except OSError as e:
+            log.error('cannot drop privileges: %s', e)
+            director.stop_now()
+            if admin_server is not None:
+                admin_server.stop()
+            return 1
+        log.info('running as uid %d, gid %d', os.getuid(), os.getgid())
 
     try:
         director.loop.run()

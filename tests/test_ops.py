@@ -311,5 +311,158 @@ class TestBlueGreen(OpsTestCase):
         self.assertEqual(self.balancer.snapshot()['services'][0]['enabled'], 'main')
 
 
+def connect_from(source_ip, port, host='127.0.0.1'):
+    sock = socket.socket(socket.AF_INET6 if ':' in host else socket.AF_INET)
+    sock.settimeout(10)
+    sock.bind((source_ip, 0))
+    sock.connect((host, port))
+    return sock
+
+
+def closed_by_peer(sock, timeout=5):
+    """True when the peer closed (FIN or RST) within timeout without sending anything."""
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(10) == b''
+    except ConnectionResetError:
+        return True
+
+
+class TestLimits(OpsTestCase):
+
+    def test_service_maxconns_refuses_at_once(self):
+        b = self.backend(echo, 'one')
+        port = free_port()
+        self.start(config_xml(service_xml([('one', b.address)], listen_port=port).replace(
+            '<service name="web"', '<service name="web" maxconns="2"')))
+        held = [connect(port), connect(port)]
+        for sock in held:
+            sock.sendall(b'x')
+            self.assertEqual(sock.recv(10), b'x')
+        extra = connect(port)
+        self.assertTrue(closed_by_peer(extra, 2))
+        self.assertIn(' end=full', LOG.wait_for('end=full', self.mark)[-1])
+        self.assertEqual(b.accepted, 2)
+        for sock in held + [extra]:
+            sock.close()
+        wait_until(lambda: self.balancer.snapshot()['services'][0]['open'] == 0)
+        self.assertEqual(exchange(port, b'again'), b'again')
+
+    def test_queue_serves_in_order_and_times_out(self):
+        b = self.backend(echo, 'one')
+        port = free_port()
+        self.start(config_xml(service_xml([('one', b.address, 'maxconns="1"')], listen_port=port,
+                                          extra='    <timeouts queue="3"/>\n')))
+        first = connect(port)
+        first.sendall(b'1')
+        self.assertEqual(first.recv(10), b'1')
+        waiting = []
+        for name in (b'2', b'3'):
+            sock = connect(port)
+            sock.sendall(name)
+            waiting.append(sock)
+            wait_until(lambda: self.balancer.snapshot()['services'][0]['queued'] == len(waiting))
+        first.close()
+        self.assertEqual(waiting[0].recv(10), b'2')
+        self.assertEqual(self.balancer.snapshot()['services'][0]['queued'], 1)
+        waiting[0].close()
+        self.assertEqual(waiting[1].recv(10), b'3')
+        waiting[1].close()
+
+    def test_queue_timeout_closes_the_client(self):
+        b = self.backend(echo, 'one')
+        port = free_port()
+        self.start(config_xml(service_xml([('one', b.address, 'maxconns="1"')], listen_port=port,
+                                          extra='    <timeouts queue="0.3"/>\n')))
+        first = connect(port)
+        first.sendall(b'1')
+        self.assertEqual(first.recv(10), b'1')
+        late = connect(port)
+        self.assertTrue(closed_by_peer(late, 5))
+        LOG.wait_for('end=queue-timeout', self.mark)
+        first.sendall(b'2')
+        self.assertEqual(first.recv(10), b'2')
+        first.close()
+        late.close()
+
+
+class TestAllowDeny(OpsTestCase):
+
+    def test_ipv4_rules(self):
+        b = self.backend(echo, 'one')
+        port = free_port()
+        self.start(config_xml(service_xml([('one', b.address)], listen_port=port,
+                                          extra='    <deny cidr="127.0.0.2"/>\n'
+                                                '    <allow cidr="127.0.0.0/30"/>\n')))
+        for source, allowed in (('127.0.0.1', True), ('127.0.0.2', False), ('127.0.0.3', True),
+                                ('127.0.0.9', False)):
+            sock = connect_from(source, port)
+            sock.sendall(b'hi')
+            sock.shutdown(socket.SHUT_WR)
+            if allowed:
+                self.assertEqual(sock.recv(10), b'hi', source)
+            else:
+                self.assertTrue(closed_by_peer(sock), source)
+            sock.close()
+        self.assertEqual(b.accepted, 2)
+        self.assertEqual(self.balancer.snapshot()['services'][0]['denied'], 2)
+        self.assertEqual(len(LOG.wait_for('end=denied', self.mark)), 2)
+
+    def test_ipv6_rules(self):
+        try:
+            probe = socket.socket(socket.AF_INET6)
+            probe.bind(('::1', 0))
+            probe.close()
+        except OSError:
+            self.skipTest('no IPv6 loopback here')
+        b = self.backend(echo, 'one')
+        port = free_port()
+        xml = service_xml([('one', b.address)], listen_port=port,
+                          extra='    <deny cidr="::1/128"/>\n').replace(
+            '<listen ip="127.0.0.1:%d"/>' % port, '<listen ip="127.0.0.1:%d"/><listen ip="[::1]:%d"/>' % (port, port))
+        self.start(config_xml(xml))
+        six = connect_from('::1', port, '::1')
+        self.assertTrue(closed_by_peer(six))
+        six.close()
+        self.assertEqual(exchange(port, b'v4'), b'v4')
+        self.assertEqual(b.accepted, 1)
+
+
+class TestPrivilegeDrop(unittest.TestCase):
+
+    def setUp(self):
+        if not hasattr(os, 'getuid') or os.getuid() != 0:
+            self.skipTest('needs root to test dropping privileges')
+        import pwd
+        try:
+            self.nobody = pwd.getpwnam('nobody')
+        except KeyError:
+            self.skipTest('no user nobody here')
+
+    def test_runs_as_the_user_after_binding(self):
+        from support import BalancerProcess
+        b = Backend(echo, 'one')
+        self.addCleanup(b.close)
+        port = free_port()
+        proc = BalancerProcess(config_xml(service_xml([('one', b.address)], listen_port=port), user='nobody'),
+                               wait_port=port)
+        self.addCleanup(proc.close)
+        with open('/proc/%d/status' % proc.proc.pid) as f:
+            uids = [l.split()[1:] for l in f if l.startswith('Uid:')][0]
+        self.assertEqual(set(uids), {str(self.nobody.pw_uid)})
+        self.assertEqual(exchange(port, b'as nobody'), b'as nobody')
+        self.assertIn('running as uid %d' % self.nobody.pw_uid, proc.output())
+
+    def test_refuses_to_stay_root_and_unknown_users(self):
+        from support import BalancerProcess
+        for user, message in (('root', 'refusing to run as root'), ('no-such-user-here', "no user 'no-such-user-here'")):
+            port = free_port()
+            proc = BalancerProcess(config_xml(service_xml([('one', '127.0.0.1:1')], listen_port=port), user=user))
+            self.addCleanup(proc.close)
+            self.assertEqual(proc.wait(10), 1)
+            self.assertIn(message, proc.output())
+            self.assertFalse(_accepts(port))
+
+
 if __name__ == '__main__':
     unittest.main()
