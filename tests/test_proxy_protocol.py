@@ -524,9 +524,8 @@ class TestHAProxyFront(PeersTestCase):
             rest += recv_all(sock)
         finally:
             sock.close()
-        self.assertEqual(words[:3], ['PROXY', '127.0.0.1', str(client[1])], words)
-        # The destination is pydirector's listener (SPEC) or the original one haproxy saw.
-        self.assertIn(words[3:], [['127.0.0.1', str(listen_port)], ['127.0.0.1', str(front.port)]])
+        # Both ends as haproxy saw them: the client, and haproxy's own frontend.
+        self.assertEqual(words, ['PROXY', '127.0.0.1', str(client[1]), '127.0.0.1', str(front.port)])
         self.assertEqual(rest, b'hello through two proxies')
         self.assertIn('end=done', self.access_line(client[1]))
 
@@ -642,28 +641,53 @@ class TestAcceptProxyRawClient(PeersTestCase):
 
     def test_header_split_across_segments(self):
         port = self.balancer_with('v1')
-        header = proxy_header_v1(('203.0.113.7', 4242), ('127.0.0.1', port))
+        header = proxy_header_v1(('203.0.113.7', 4242), ('192.0.2.1', 443))
         words, rest = self.header_reaches_backend(port, header, b'payload', pieces=5)
-        self.assertEqual(words, ['PROXY', '203.0.113.7', '4242', '127.0.0.1', str(port)])
+        # send_proxy passes on both addresses the front proxy gave.
+        self.assertEqual(words, ['PROXY', '203.0.113.7', '4242', '192.0.2.1', '443'])
         self.assertEqual(rest, b'payload')
         self.assertIn('end=done', LOG.wait_for('client=203.0.113.7:4242 ', self.mark, timeout=10)[0])
 
     def test_v2_header_split_across_segments(self):
         port = self.balancer_with('v2', send_proxy='v2')
-        header = proxy_header_v2(('198.51.100.9', 999), ('127.0.0.1', port))
+        header = proxy_header_v2(('198.51.100.9', 999), ('192.0.2.1', 443))
         words, rest = self.header_reaches_backend(port, header, b'x' * 100000, pieces=3)
-        self.assertEqual(words, ['PROXY', '198.51.100.9', '999', '127.0.0.1', str(port)])
+        self.assertEqual(words, ['PROXY', '198.51.100.9', '999', '192.0.2.1', '443'])
         self.assertEqual(rest, b'x' * 100000)
 
-    def test_ipv6_client_in_the_header_over_ipv4(self):
-        # The header's client is IPv6, pydirector's listener IPv4: the header sent on is TCP6.
+    def test_ipv6_header_over_ipv4_v2_in_v1_out(self):
         port = self.balancer_with('any', send_proxy='v1')
-        header = proxy_header_v2(('2001:db8::7', 4242, 0, 0), ('::1', 80, 0, 0))
+        header = proxy_header_v2(('2001:db8::7', 4242, 0, 0), ('2001:db8::80', 80, 0, 0))
         words, rest = self.header_reaches_backend(port, header, b'six')
-        self.assertEqual(words, ['PROXY', '2001:db8::7', '4242', '::ffff:127.0.0.1', str(port)])
+        self.assertEqual(words, ['PROXY', '2001:db8::7', '4242', '2001:db8::80', '80'])
         self.assertEqual(rest, b'six')
-        self.assertEqual(self.reporter.received[0],
-                         b'PROXY TCP6 2001:db8::7 ::ffff:7f00:1 4242 %d\r\n' % port)
+        self.assertEqual(self.reporter.received, [b'PROXY TCP6 2001:db8::7 2001:db8::80 4242 80\r\n'])
+        LOG.wait_for('client=[2001:db8::7]:4242 ', self.mark, timeout=10)
+
+    def test_ipv6_listener_without_accept_proxy(self):
+        # No header read: the real IPv6 peer and the listener address go to the backend.
+        try:
+            probe = socket.socket(socket.AF_INET6)
+            probe.bind(('::1', 0))
+            probe.close()
+        except OSError:
+            self.skipTest('no IPv6 loopback')
+        self.reporter = self.backend(report_proxy_header)
+        port = free_port()
+        xml = service_xml([('one', self.reporter.address, 'send_proxy="v2"')], listen_port=port)
+        self.start(xml.replace('<listen ip="127.0.0.1:%d"' % port, '<listen ip="[::1]:%d"' % port))
+        sock = socket.create_connection(('::1', port), timeout=10)
+        try:
+            client = sock.getsockname()
+            sock.sendall(b'v6')
+            words, rest = read_report(sock)
+            sock.shutdown(socket.SHUT_WR)
+            rest += recv_all(sock)
+        finally:
+            sock.close()
+        self.assertEqual(words, ['PROXY', '::1', str(client[1]), '::1', str(port)])
+        self.assertEqual(rest, b'v6')
+        self.assertEqual(self.reporter.received[0][12:16], b'\x21\x21\x00\x24')
 
     def test_unknown_header_uses_the_real_peer(self):
         port = self.balancer_with('v1')
@@ -676,6 +700,7 @@ class TestAcceptProxyRawClient(PeersTestCase):
             rest += recv_all(sock)
         finally:
             sock.close()
+        # UNKNOWN: the real peer, and the listener it reached.
         self.assertEqual(words, ['PROXY', '127.0.0.1', str(client[1]), '127.0.0.1', str(port)])
         self.assertEqual(rest, b'hello')
 
