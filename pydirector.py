@@ -1518,8 +1518,8 @@ class Listener(object):
         """Take (new) settings from its <listen>; a reload may call this again."""
         self.listen = listen
         self.text = listen.text
-        self.accept_proxy = getattr(listen, 'accept_proxy', None)
-        self.trusted = [('allow', net) for net in getattr(listen, 'trusted', None) or ()]
+        self.accept_proxy = listen.accept_proxy
+        self.trusted = [('allow', net) for net in listen.trusted]
 
     def _on_readable(self, mask):
         accept = self.sock.accept
@@ -2185,7 +2185,7 @@ class Director(object):
         self.stop_timer = None
         self.reloaded = None
         self.epoch_offset = time.time() - time.monotonic()   # loop time -> wall time, for pages
-        self.access_log = getattr(config.logging, 'access', True)
+        self.access_log = config.logging.access
         for service_config in config.services:
             self._build_service(service_config, resolve_names=True)
 
@@ -2223,7 +2223,7 @@ class Director(object):
 
     def _build_group(self, service, group_config, resolve_names):
         hosts = [self._make_host(h.name, h.ip, h.host, h.port, h.weight, h.maxconns, resolve_names,
-                                 send_proxy=getattr(h, 'send_proxy', None))
+                                 send_proxy=h.send_proxy)
                  for h in group_config.hosts]
         group = RunningGroup(group_config.name, self._make_scheduler(group_config.scheduler, hosts))
         for host in hosts:
@@ -2485,7 +2485,7 @@ class Director(object):
                         'reason': host.reason, 'since': host.since,
                         'open': host.open, 'total': host.total,
                         'bytes_in': host.bytes_in, 'bytes_out': host.bytes_out,
-                        'send_proxy': getattr(host, 'send_proxy', None),
+                        'send_proxy': host.send_proxy,
                         'timeline': [{'when': when, 'from': old, 'to': new, 'why': why}
                                      for when, old, new, why in probe_state.timeline] if probe_state else [],
                         'next_probe': self._next_probe(service, host, probe_state),
@@ -2497,7 +2497,7 @@ class Director(object):
                 [l.text for l in service.config.listens],
                 'enabled': service.enabled.name, 'accepted': service.accepted,
                 'failovers': service.failovers, 'refused': service.refused, 'groups': groups,
-                'maxconns': getattr(service.config, 'maxconns', 0), 'open': service.open,
+                'maxconns': service.config.maxconns, 'open': service.open,
                 'queued': len(service.queue), 'denied': service.denied,
                 'switch': self._switch_snapshot(service.switch),
             })
@@ -2546,7 +2546,7 @@ class Director(object):
         return answer
 
     def _allowed(self, service, client_ip):
-        rules = getattr(service.config, 'acl', None)
+        rules = service.config.acl
         return not rules or acl_allows(rules, client_ip)
 
     def users_list(self):
@@ -2801,7 +2801,7 @@ class Director(object):
         changes = []
         old = service.config
         for what in ('timeouts', 'check', 'maxconns', 'acl'):
-            if not _same(getattr(old, what, None), getattr(config, what, None)):
+            if not _same(getattr(old, what), getattr(config, what)):
                 changes.append(what)
         service.config = config
         service.timeouts = config.timeouts
@@ -2851,7 +2851,7 @@ class Director(object):
             if host is None:
                 host = self._make_host(host_config.name, host_config.ip, host_config.host, host_config.port,
                                        host_config.weight, host_config.maxconns, resolve_names=False,
-                                       send_proxy=getattr(host_config, 'send_proxy', None))
+                                       send_proxy=host_config.send_proxy)
                 scheduler.add_host(host)
                 self._watch(service, group, host)
                 changes.append('host %s ip %s' % (name, host.ip) if name in moved else '+host %s' % name)
@@ -2888,12 +2888,11 @@ class Director(object):
                 old.admin and (old.admin.listen, old.admin.certfile, old.admin.keyfile) !=
                 (new.admin.listen, new.admin.certfile, new.admin.keyfile)):
             changes.append('admin listen/TLS not changed (needs a restart)')
-        if (getattr(old, 'user', None), getattr(old, 'group', None)) != (
-                getattr(new, 'user', None), getattr(new, 'group', None)):
+        if (old.user, old.group) != (new.user, new.group):
             changes.append('user/group not changed (needs a restart)')
         if not _same(old.logging, new.logging):
             configure_log_handlers(new.logging)
-            self.access_log = getattr(new.logging, 'access', True)
+            self.access_log = new.logging.access
             changes.append('logging')
         if old.drain != new.drain:
             changes.append('drain %g s' % new.drain)
@@ -2913,16 +2912,18 @@ class Director(object):
                 hosts = []
                 for host in group.scheduler.hosts:
                     host_name, port = parse_address(host.ip)
-                    hosts.append(Host(host.name, host.ip, host_name, port, host.weight, host.maxconns))
+                    hosts.append(Host(host.name, host.ip, host_name, port, host.weight, host.maxconns,
+                                      send_proxy=host.send_proxy))
                 groups.append(Group(group.name, group.scheduler.spec, hosts))
             old = service.config
             services.append(Service(service.name, old.listens, groups, service.enabled.name,
-                                    old.check, old.timeouts))
+                                    old.check, old.timeouts, maxconns=old.maxconns, acl=old.acl))
         admin = None
         if self.config.admin is not None:
             old = self.config.admin
             admin = Admin(old.listen, old.host, old.port, list(self.users.values()), old.certfile, old.keyfile)
-        return Config(self.config.path, services, admin, self.config.logging, self.config.drain)
+        return Config(self.config.path, services, admin, self.config.logging, self.config.drain,
+                      self.config.user, self.config.group)
 
 
 def listen_socket(host, port):
@@ -2971,17 +2972,16 @@ def configure_log_handlers(logging_config):
     del _log_handlers[:]
     if logging_config.file:
         handler = logging.FileHandler(logging_config.file)
-    elif getattr(logging_config, 'syslog', None) is None:
+    elif logging_config.syslog is None:
         handler = logging.StreamHandler(sys.stderr)
     else:
         handler = None
     if handler is not None:
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
         _log_handlers.append(handler)
-    syslog = getattr(logging_config, 'syslog', None)
-    if syslog is not None:
+    if logging_config.syslog is not None:
         handler = logging.handlers.SysLogHandler(
-            address=syslog, facility=logging_config.facility or 'daemon')
+            address=logging_config.syslog_address, facility=logging_config.facility)
         handler.setFormatter(logging.Formatter('pydirector[%d]: %%(message)s' % os.getpid()))
         _log_handlers.append(handler)
     for handler in _log_handlers:

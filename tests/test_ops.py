@@ -447,11 +447,11 @@ class TestPrivilegeDrop(unittest.TestCase):
         proc = BalancerProcess(config_xml(service_xml([('one', b.address)], listen_port=port), user='nobody'),
                                wait_port=port)
         self.addCleanup(proc.close)
+        wait_until(lambda: 'running as uid %d' % self.nobody.pw_uid in proc.output(), 10)
         with open('/proc/%d/status' % proc.proc.pid) as f:
             uids = [l.split()[1:] for l in f if l.startswith('Uid:')][0]
         self.assertEqual(set(uids), {str(self.nobody.pw_uid)})
         self.assertEqual(exchange(port, b'as nobody'), b'as nobody')
-        self.assertIn('running as uid %d' % self.nobody.pw_uid, proc.output())
 
     def test_refuses_to_stay_root_and_unknown_users(self):
         from support import BalancerProcess
@@ -462,6 +462,33 @@ class TestPrivilegeDrop(unittest.TestCase):
             self.assertEqual(proc.wait(10), 1)
             self.assertIn(message, proc.output())
             self.assertFalse(_accepts(port))
+
+
+class TestExplain(OpsTestCase):
+
+    def test_explain_matches_the_next_pick_and_changes_nothing(self):
+        one, two = self.backend(name='one'), self.backend(name='two')
+        port = free_port()
+        self.start(config_xml(service_xml([('one', one.address), ('two', two.address)], listen_port=port,
+                                          scheduler='hash', extra='    <deny cidr="10.0.0.0/8"/>\n')))
+        call, director = self.balancer.call, self.balancer.director
+        answer = call(director.explain, 'web', '127.0.0.1')
+        self.assertEqual(answer['scheduler'], 'hash')
+        self.assertTrue(answer['allowed'])
+        self.assertEqual([name for name, _ in answer['ranking']][0], answer['host'])
+        for _ in range(3):
+            self.assertEqual(call(director.explain, 'web', '127.0.0.1'), answer)
+            self.assertEqual(exchange(port).decode(), answer['host'])
+        call(director.host_admin_down, 'web', 'main', answer['host'])
+        again = call(director.explain, 'web', '127.0.0.1')
+        self.assertIn([answer['host'], 'draining'], [list(x) for x in again['skipped']])
+        self.assertNotEqual(again['host'], answer['host'])
+        denied = call(director.explain, 'web', '10.1.2.3')
+        self.assertFalse(denied['allowed'])
+        self.assertIn('denied by the allow/deny rules', denied['reason'])
+        for bad in (('nope', '127.0.0.1'), ('web', 'not-an-ip')):
+            with self.assertRaises(pydirector.AdminError):
+                call(director.explain, *bad)
 
 
 if __name__ == '__main__':
