@@ -356,11 +356,8 @@ class BalancerProcess(object):
 # -- PROXY protocol peers and real third-party servers -----------------------
 
 def proxy_codec():
-    """The module holding the PROXY protocol codec: pydirector once it has it, else the draft."""
-    if hasattr(pydirector, 'parse_proxy_header'):
-        return pydirector
-    import proxy_protocol_draft
-    return proxy_protocol_draft
+    """The module holding the PROXY protocol codec."""
+    return pydirector
 
 
 def report_proxy_header(conn, backend):
