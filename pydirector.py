@@ -2762,14 +2762,14 @@ class Director(object):
                 part = self._update_service(service, service_config)
                 if part:
                     changes.append('%s: %s' % (service.name, ', '.join(part)))
-            old_texts = [l.text for l in service.listeners]
+            old_listens = [(l.text, l.accept_proxy, l.trusted) for l in service.listeners]
             service.listeners = []
             for listen in service_config.listens:
                 listener = listeners.pop(listen.text)
                 listener.service = service
                 listener.configure(listen)
                 service.listeners.append(listener)
-            if old_texts and old_texts != [l.text for l in service.listeners]:
+            if old_listens and old_listens != [(l.text, l.accept_proxy, l.trusted) for l in service.listeners]:
                 changes.append('%s: listen %s' % (service.name, ', '.join(l.text for l in service.listeners)))
             services[service.name] = service
         for name, service in self.services.items():
@@ -3028,10 +3028,13 @@ def summary(config):
     """The one-screen --check summary."""
     lines = ['%s: OK' % config.path]
     for service in config.services:
-        lines.append('service %s: listen %s; timeouts connect %gs idle %gs%s' % (
-            service.name, ', '.join(l.text for l in service.listens),
+        lines.append('service %s: listen %s; timeouts connect %gs idle %gs%s%s%s' % (
+            service.name, ', '.join(l.text + (' (PROXY %s)' % l.accept_proxy if l.accept_proxy else '')
+                                    for l in service.listens),
             service.timeouts.connect, service.timeouts.idle,
-            '; check every %gs' % service.check.interval if service.check else ''))
+            '; check every %gs' % service.check.interval if service.check else '',
+            '; maxconns %d' % service.maxconns if service.maxconns else '',
+            '; %d allow/deny rule(s)' % len(service.acl) if service.acl else ''))
         for group in service.groups:
             mark = ' (enabled)' if group.name == service.enabled else ''
             lines.append('  group %s%s: scheduler %s, %d host(s)' % (group.name, mark, group.scheduler, len(group.hosts)))
@@ -3041,10 +3044,16 @@ def summary(config):
                     extra += ' weight %d' % host.weight
                 if host.maxconns:
                     extra += ' maxconns %d' % host.maxconns
+                if host.send_proxy:
+                    extra += ' send_proxy %s' % host.send_proxy
                 lines.append('    host %s %s%s' % (host.name, host.ip, extra))
     if config.admin:
         lines.append('admin: listen %s; %d user(s)' % (config.admin.listen, len(config.admin.users)))
-    lines.append('logging: %s' % (config.logging.file or 'stderr'))
+    lines.append('logging: %s%s%s' % (config.logging.file or ('stderr' if not config.logging.syslog else ''),
+                                      ' syslog %s' % config.logging.syslog if config.logging.syslog else '',
+                                      '' if config.logging.access else ', no access log'))
+    if config.user:
+        lines.append('runs as: user %s%s' % (config.user, ' group %s' % config.group if config.group else ''))
     return '\n'.join(lines)
 
 
@@ -3053,13 +3062,13 @@ def privilege_ids(user, group):
     import grp
     import pwd
     try:
-        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+        entry = pwd.getpwuid(int(user)) if re.match(r'[0-9]+\Z', user) else pwd.getpwnam(user)
     except KeyError:
         raise ValueError('no user %r on this system' % user)
     gid = entry.pw_gid
     if group:
         try:
-            gid = grp.getgrgid(int(group)).gr_gid if group.isdigit() else grp.getgrnam(group).gr_gid
+            gid = grp.getgrgid(int(group)).gr_gid if re.match(r'[0-9]+\Z', group) else grp.getgrnam(group).gr_gid
         except KeyError:
             raise ValueError('no group %r on this system' % group)
     return entry.pw_uid, gid
