@@ -8,6 +8,7 @@ copies of the modules can be imported.
 
 import base64
 import os
+import re
 import shutil
 import signal
 import stat
@@ -39,8 +40,8 @@ def clean_env(**extra):
     return env
 
 
-def build(output):
-    result = subprocess.run([sys.executable, BUNDLE, '--output', output], stdout=subprocess.PIPE,
+def build(output, *args):
+    result = subprocess.run([sys.executable, BUNDLE, '--output', output] + list(args), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, universal_newlines=True, timeout=60)
     if result.returncode != 0:
         raise AssertionError('tools/bundle.py failed:\n' + result.stdout)
@@ -132,18 +133,40 @@ class BundleTest(unittest.TestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(result.stdout.split(), [os.path.join(self.pyz, name) for name in SOURCES])
 
-    def test_admin_word_runs_the_admin_module(self):
+    def test_admin_word_runs_the_admin_modules_command_line(self):
+        # A stand-in for the admin's command line, appended to a copy of the
+        # sources: `pyz admin ARGS` and `PYTHONPATH=pyz python -m
+        # pydirector_admin ARGS` must both run it as __main__, with ARGS.
+        source = os.path.join(self.dir, 'fake-source')
+        os.mkdir(source)
+        for name in SOURCES:
+            shutil.copy(os.path.join(support.REPO, name), source)
+        with open(os.path.join(source, 'pydirector_admin.py'), 'a') as f:
+            f.write('\n\nif __name__ == "__main__":\n'
+                    '    print("admin", VERSION, sys.argv[1:])\n'
+                    '    sys.exit(3)\n')
+        pyz = os.path.join(self.dir, 'fake.pyz')
+        build(pyz, '--source', source)
+        expected = "admin %s ['diff', 'a.xml', 'b.xml']\n" % pydirector.VERSION
+        for command, env in (([pyz, 'admin'], clean_env()),
+                             (['-m', 'pydirector_admin'], clean_env(PYTHONPATH=pyz))):
+            result = subprocess.run([sys.executable] + command + ['diff', 'a.xml', 'b.xml'],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    universal_newlines=True, timeout=30, cwd=self.dir, env=env)
+            self.assertEqual((result.returncode, result.stdout), (3, expected), result.stderr)
+
+    def test_admin_word_with_the_real_admin_module(self):
         with open(os.path.join(support.REPO, 'pydirector_admin.py')) as f:
-            has_cli = "__name__ == '__main__'" in f.read()
+            has_cli = re.search(r'''__name__\s*==\s*['"]__main__['"]''', f.read())
         result = self.run_pyz('admin', '--help')
-        if not has_cli:
-            # Run as __main__ with nothing to do: quiet, and not pydirector's
-            # own command line (which would ask for a config file).
+        if has_cli:
+            self.assertEqual(result.returncode, 0, result.stderr)
+            self.assertIn('usage', result.stdout.lower())
+            self.assertNotIn('--hash-password', result.stdout)
+        else:
+            # No command line there yet: run as __main__, it does nothing,
+            # and pydirector's own command line (asking for a config) is not reached.
             self.assertEqual((result.returncode, result.stdout, result.stderr), (0, '', ''))
-            self.skipTest('pydirector_admin has no command line yet')
-        self.assertEqual(result.returncode, 0, result.stderr)
-        self.assertIn('usage', result.stdout.lower())
-        self.assertNotIn('--hash-password', result.stdout)
 
     # -- a real run ------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build dist/pydirector.pyz: the whole balancer as one executable file.
 
-    python3 tools/bundle.py [--output PATH] [--python INTERPRETER]
+    python3 tools/bundle.py [--output PATH] [--python INTERPRETER] [--source DIR]
 
 The archive is a zipapp (PEP 441) holding pydirector.py, schedulers.py,
 pydirector_admin.py and a small __main__.py, behind a
@@ -123,12 +123,17 @@ def main(argv=None):
                         help='where to write the archive (default: dist/pydirector.pyz)')
     parser.add_argument('--python', default=DEFAULT_INTERPRETER, metavar='INTERPRETER',
                         help='the #! interpreter (default: %(default)s)')
+    parser.add_argument('--source', default=REPO, metavar='DIR',
+                        help='where the three .py files are (default: this checkout)')
     args = parser.parse_args(argv)
-    path = bundle(args.output, args.python)
+    path = bundle(args.output, args.python, args.source)
     with open(path, 'rb') as f:
         data = f.read()
+    shown = os.path.relpath(path)
+    if shown.startswith(os.pardir):
+        shown = os.path.abspath(path)
     print('wrote %s: pydirector %s, %d bytes, sha256 %s' % (
-        os.path.relpath(path), version(), len(data), hashlib.sha256(data).hexdigest()))
+        shown, version(args.source), len(data), hashlib.sha256(data).hexdigest()))
     return 0
 
 
