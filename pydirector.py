@@ -3206,7 +3206,7 @@ def read_password():
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog='pydirector.py', description='A TCP load balancer in pure Python.')
+    parser = argparse.ArgumentParser(prog=os.path.basename(sys.argv[0]) or 'pydirector.py', description='A TCP load balancer in pure Python.')
     parser.add_argument('config_file', nargs='?', help='the XML config (same as -c)')
     parser.add_argument('-c', '--config', help='the XML config file')
     parser.add_argument('--check', action='store_true', help='validate the config, print a summary, bind nothing')
