@@ -944,6 +944,8 @@ def main(argv=None):
         finish(data, args)
         return 0
     signal.signal(signal.SIGTERM, on_sigterm)
+    # A shell starts background jobs with SIGINT ignored; Ctrl-C must still stop us cleanly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 65536, hard))
     ensure_tools()
@@ -969,28 +971,29 @@ def main(argv=None):
     }
     bench.collect_versions(meta)
     log('pydirector on Python %s (%s); %s; %s; %s' % (version, path, meta['haproxy'], meta['nginx'], machine_text(meta)))
-    log('work dir %s' % bench.work)
+    log('work dir %s (removed at the end)' % bench.work)
     try:
         bench.setup()
         meta['pydirector_features'] = bench.pydirector_features
         bench.main_loop()
     except (KeyboardInterrupt, Stop):
         log('interrupted: stopping everything')
-        bench.procs.stop_all()
         return 130
+    except RuntimeError as e:
+        log('bench: %s' % e)
+        return 2
     finally:
         bench.procs.stop_all()
-        for name in ('pydirector.log',):
-            text = bench.tail(name, 100000)
-            meta['pydirector_log_errors'] = [l for l in text.split('\n') if ' ERROR ' in l or 'Traceback' in l][:20]
-            meta['pydirector_log_warnings'] = len([l for l in text.split('\n') if 'WARNING' in l])
-    meta['notes'] = bench.notes
+        text = bench.tail('pydirector.log', 1000000)
+        shutil.rmtree(bench.work, ignore_errors=True)
+    meta['pydirector_log_errors'] = [l for l in text.split('\n') if ' ERROR ' in l or 'Traceback' in l][:20]
+    meta['pydirector_log_warnings'] = len([l for l in text.split('\n') if ' WARNING ' in l])
     if meta['pydirector_log_errors']:
         bench.notes.append('pydirector logged errors: ' + ' | '.join(meta['pydirector_log_errors'][:3]))
+    meta['notes'] = bench.notes
     data = {'meta': meta, 'settings': bench.settings, 'runs': bench.runs,
             'summary': summarise(bench.runs, bench.targets)}
     finish(data, args)
-    shutil.rmtree(bench.work, ignore_errors=True)
     return 1 if any('error' in r for r in bench.runs) else 0
 
 

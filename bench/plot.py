@@ -36,10 +36,11 @@ def main(json_path, png_path):
     fig, ax = plt.subplots(figsize=(9, 0.75 * len(rows) + 1.5))
     ys = range(len(rows))
     height = 0.38
-    ax.barh([y - height / 2 for y in ys], [r[1] or 0 for r in rows], height, label='pydirector / direct',
-            color='#9ecae1')
-    ax.barh([y + height / 2 for y in ys], [r[2] or 0 for r in rows], height, label='pydirector / HAProxy',
-            color='#3182bd')
+    # Bars grow from parity (1.0) on a log scale, so 0.5x and 2x look equally far off.
+    ax.barh([y - height / 2 for y in ys], [(r[1] or 1) - 1 for r in rows], height, left=1,
+            label='pydirector / direct', color='#9ecae1')
+    ax.barh([y + height / 2 for y in ys], [(r[2] or 1) - 1 for r in rows], height, left=1,
+            label='pydirector / HAProxy', color='#3182bd')
     for y, row in zip(ys, rows):
         for offset, value in ((-height / 2, row[1]), (height / 2, row[2])):
             if value is not None:
@@ -48,11 +49,18 @@ def main(json_path, png_path):
         if goal:
             ax.plot([goal[4], goal[4]], [y, y + height], color='#d62728', linewidth=2)
     ax.plot([], [], color='#d62728', linewidth=2, label='target (× HAProxy)')
-    ax.axvline(1.0, color='grey', linewidth=0.8, linestyle='--')
+    ax.axvline(1.0, color='grey', linewidth=0.8)
+    ax.set_xscale('log')
+    values = [v for r in rows for v in r[1:3] if v] + [g[4] for g in goals.values()]
+    ax.set_xlim(min(values + [0.5]) / 1.5, max(values + [2.0]) * 1.6)
+    ticks = [t for t in (0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32) if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    ax.set_xticks(ticks)
+    ax.set_xticklabels(['%g×' % t for t in ticks])
+    ax.minorticks_off()
     ax.set_yticks(list(ys))
     ax.set_yticklabels([r[0] for r in rows], fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel('ratio of medians')
+    ax.set_xlabel('ratio of medians (log scale; 1× = parity)')
     meta = data['meta']
     ax.set_title('pydirector (Python %s) vs direct nginx and HAProxy, %s, %d cores'
                  % (meta['pydirector_python'], meta['date'][:10], meta['cores']), fontsize=10)
