@@ -820,7 +820,7 @@ def write_results_md(data, note):
     settings = data['settings']
     new = ['# Benchmark results', '',
            '## %s: pydirector vs HAProxy vs direct, Python %s, %d cores%s' % (
-               meta['date'][:10], meta['pydirector_python'], meta['cores'], ' (noisy)' if note else ''),
+               meta['date'][:10], meta['pydirector_python'], meta['cores'], ' (noisy)' if 'noisy' in note.lower() else ''),
            '',
            '`%s`' % meta['command'],
            '',
@@ -960,6 +960,9 @@ def main(argv=None):
                 cpu_model = line.split(':', 1)[1].strip()
                 break
     code, commit = run(['git', '-C', REPO, 'log', '-1', '--format=%h'], 10)
+    if code == 0:
+        dirty = run(['git', '-C', REPO, 'status', '--porcelain', '--', 'pydirector.py', 'schedulers.py'], 10)[1]
+        commit = commit.strip() + ('+dirty' if dirty.strip() else '')
     meta = {
         'date': datetime.datetime.now().isoformat(timespec='seconds'),
         'command': 'python3 bench/bench.py' + ''.join(' ' + shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
