@@ -756,7 +756,7 @@ def markdown(data):
             c = cells.get(target)
             if c is None:
                 row.append('-')
-            elif c['min'] == c['max']:
+            elif num(c['min']) == num(c['max']):
                 row.append(num(c['median']))
             else:
                 row.append('%s (%s..%s)' % (num(c['median']), num(c['min']), num(c['max'])))
@@ -959,7 +959,8 @@ def main(argv=None):
             if line.startswith('model name'):
                 cpu_model = line.split(':', 1)[1].strip()
                 break
-    code, commit = run(['git', '-C', REPO, 'log', '-1', '--format=%h'], 10)
+    # The last commit that changed the balancer itself, not the bench.
+    code, commit = run(['git', '-C', REPO, 'log', '-1', '--format=%h', '--', 'pydirector.py', 'schedulers.py'], 10)
     if code == 0:
         dirty = run(['git', '-C', REPO, 'status', '--porcelain', '--', 'pydirector.py', 'schedulers.py'], 10)[1]
         commit = commit.strip() + ('+dirty' if dirty.strip() else '')
