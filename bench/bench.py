@@ -1,0 +1,1005 @@
+#!/usr/bin/env python3
+"""pydirector benchmark harness: direct nginx vs HAProxy vs pydirector, on loopback.
+
+    python3 bench/bench.py                 full run (3 rounds, ~6 minutes on 2 cores)
+    python3 bench/bench.py --quick         smoke run (small counts, about a minute)
+    python3 bench/bench.py --python /root/.pyenv/versions/3.6.15/bin/python3.6
+    python3 bench/bench.py --write-results --note "noisy: other jobs running"
+
+Installs what is missing (apt: nginx, haproxy, apache2-utils, wrk, curl), starts nginx with
+two ports, HAProxy (mode tcp, roundrobin, nbthread 1) and pydirector (roundrobin over the
+same two ports), then runs every workload on every target interleaved (round 1: direct,
+HAProxy, pydirector; round 2: ...).  Writes bench/out/results.json, bench/out/results.md
+and (with matplotlib from a venv of its own) bench/out/ratios.png.  Every subprocess has a
+timeout and everything started here is stopped at the end, on errors and on Ctrl-C too.
+
+Stdlib only, Python 3.6+.  Only the plot step (bench/plot.py) runs in the venv.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import resource
+import selectors
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+OUT = os.path.join(HERE, 'out')
+RESULTS_MD = os.path.join(HERE, 'RESULTS.md')
+
+TARGETS = ('direct', 'haproxy', 'pydirector')
+LABELS = {'direct': 'direct', 'haproxy': 'HAProxy', 'pydirector': 'pydirector'}
+WORKLOADS = ('newconn', 'keepalive', 'bulk', 'idle')
+APT_PACKAGES = {'nginx': 'nginx', 'haproxy': 'haproxy', 'ab': 'apache2-utils', 'wrk': 'wrk', 'curl': 'curl'}
+SMALL_SIZE = 100
+BIG_SIZE = 64 << 20
+MAXCONN = 9500           # both balancers; 2 fds per connection must fit the fd limit
+BALANCER_NOFILE = 20000  # or the hard limit, whichever is lower
+
+# (workload, metric, label, unit, higher_is_better)
+METRICS = [
+    ('newconn', 'req_s', 'new-connection rate (ab -c 50)', 'req/s', True),
+    ('newconn', 'cpu_us_per_conn', 'balancer CPU per new connection', 'µs', False),
+    ('newconn', 'p50_ms', 'new-connection p50 latency (ab)', 'ms', False),
+    ('newconn', 'p99_ms', 'new-connection p99 latency (ab)', 'ms', False),
+    ('keepalive', 'req_s', 'keep-alive request rate (wrk -c 50)', 'req/s', True),
+    ('keepalive', 'cpu_us_per_req', 'balancer CPU per keep-alive request', 'µs', False),
+    ('keepalive', 'p50_ms', 'keep-alive p50 latency (wrk)', 'ms', False),
+    ('keepalive', 'p99_ms', 'keep-alive p99 latency (wrk)', 'ms', False),
+    ('bulk', 'mb_s', 'bulk throughput (64 MiB downloads)', 'MB/s', True),
+    ('bulk', 'cpu_s_per_gb', 'balancer CPU per GB (bulk)', 's/GB', False),
+    ('idle', 'kib_per_conn', 'RSS per idle connection', 'KiB', False),
+    ('idle', 'held', 'idle connections held', 'conns', True),
+]
+
+# The HAProxy targets of issue 5: (workload, metric, kind, op, value); kind 'haproxy' compares the
+# pydirector/HAProxy ratio, 'absolute' the pydirector figure itself.
+GOALS = [
+    ('newconn', 'req_s', 'haproxy', '>=', 1.0),
+    ('newconn', 'cpu_us_per_conn', 'haproxy', '<=', 1.2),
+    ('keepalive', 'req_s', 'haproxy', '>=', 1.0),
+    ('bulk', 'mb_s', 'haproxy', '>=', 1.5),
+    ('newconn', 'p99_ms', 'haproxy', '<=', 1.5),
+    ('keepalive', 'p99_ms', 'haproxy', '<=', 1.5),
+    ('idle', 'kib_per_conn', 'absolute', '<=', 2.0),
+    ('idle', 'held', 'absolute', '>=', 9000),
+]
+
+
+def log(text):
+    print(text, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Processes: everything started here is remembered and stopped in stop_all().
+
+class Stop(Exception):
+    """SIGTERM: unwind like Ctrl-C so the finally blocks stop what we started."""
+
+
+def on_sigterm(signum, frame):
+    raise Stop('SIGTERM')
+
+
+def nofile_limit(wanted):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        return wanted
+    return min(wanted, hard)
+
+
+class Processes(object):
+    """The long-running servers: each in its own session, so a stop reaches its children."""
+
+    def __init__(self, workdir):
+        self.workdir = workdir
+        self.running = {}
+
+    def start(self, name, argv, nofile=None, cwd=None):
+        log_file = open(os.path.join(self.workdir, name + '.out'), 'ab')
+
+        def limits():
+            if nofile:
+                soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, hard))
+
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                                cwd=cwd, start_new_session=True, preexec_fn=limits)
+        log_file.close()
+        self.running[name] = proc
+        return proc
+
+    def stop(self, name, timeout=10):
+        proc = self.running.pop(name, None)
+        if proc is None:
+            return
+        if proc.poll() is None:
+            try:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        # The whole session (nginx workers too), by its id: only what we started.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            log('warning: %s (pid %d) did not exit' % (name, proc.pid))
+
+    def stop_all(self):
+        for name in list(self.running):
+            self.stop(name)
+
+
+def run(argv, timeout, **kwargs):
+    """A client command with a deadline: (returncode, stdout+stderr text); 'timeout' on expiry."""
+    try:
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              timeout=timeout, universal_newlines=True, **kwargs)
+    except subprocess.TimeoutExpired as e:
+        out = e.output or ''
+        if isinstance(out, bytes):
+            out = out.decode('utf-8', 'replace')
+        return 'timeout', out
+    return done.returncode, done.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# /proc readings
+
+def cpu_seconds(pid):
+    """utime + stime of the whole process (all threads), in seconds."""
+    with open('/proc/%d/stat' % pid) as f:
+        fields = f.read().rsplit(')', 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+
+
+def rss_kib(pid):
+    with open('/proc/%d/status' % pid) as f:
+        for line in f:
+            if line.startswith('VmRSS:'):
+                return int(line.split()[1])
+    return 0
+
+
+def fd_count(pid):
+    return len(os.listdir('/proc/%d/fd' % pid))
+
+
+# --------------------------------------------------------------------------------------------
+# Setup
+
+def ensure_tools():
+    missing = [tool for tool in APT_PACKAGES if shutil.which(tool) is None]
+    if not missing:
+        return
+    packages = sorted(set(APT_PACKAGES[t] for t in missing))
+    log('installing %s (missing: %s)' % (' '.join(packages), ' '.join(missing)))
+    env = dict(os.environ, DEBIAN_FRONTEND='noninteractive')
+    for argv in (['apt-get', 'update', '-qq'], ['apt-get', 'install', '-y', '-qq'] + packages):
+        code, out = run(argv, 600, env=env)
+        if code != 0:
+            sys.exit('bench: %s failed (%s):\n%s' % (' '.join(argv), code, out[-2000:]))
+    still = [tool for tool in APT_PACKAGES if shutil.which(tool) is None]
+    if still:
+        sys.exit('bench: still missing after apt-get: %s' % ' '.join(still))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, deadline_s=15.0):
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(('127.0.0.1', port), timeout=1).close()
+            return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+def http_get(port, path, timeout=10.0):
+    """(status line, body length) of one HTTP/1.0 GET."""
+    with socket.create_connection(('127.0.0.1', port), timeout=timeout) as s:
+        s.sendall(('GET %s HTTP/1.0\r\nHost: bench\r\n\r\n' % path).encode())
+        chunks = []
+        while True:
+            data = s.recv(65536)
+            if not data:
+                break
+            chunks.append(data)
+    reply = b''.join(chunks)
+    head, _, body = reply.partition(b'\r\n\r\n')
+    return head.split(b'\r\n', 1)[0].decode('latin-1'), len(body)
+
+
+def check_target(port):
+    status, size = http_get(port, '/small')
+    if ' 200 ' not in status + ' ' or size != SMALL_SIZE:
+        raise RuntimeError('GET /small on port %d: %r, %d bytes' % (port, status, size))
+
+
+NGINX_CONF = """\
+daemon off;
+worker_processes 1;
+worker_rlimit_nofile {nofile};
+pid {work}/nginx.pid;
+error_log {work}/nginx-error.log warn;
+events {{ worker_connections {nofile}; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 1000000;
+    keepalive_timeout 600s;
+    client_header_timeout 600s;
+    default_type application/octet-stream;
+    server {{
+        listen 127.0.0.1:{port1} backlog=4096;
+        listen 127.0.0.1:{port2} backlog=4096;
+        root {work}/www;
+    }}
+}}
+"""
+
+HAPROXY_CONF = """\
+global
+    nbthread 1
+    maxconn {maxconn}
+
+defaults
+    mode tcp
+    balance roundrobin
+    maxconn {maxconn}
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+
+frontend bench
+    bind 127.0.0.1:{port}
+    default_backend nginx
+
+backend nginx
+    server one 127.0.0.1:{port1}
+    server two 127.0.0.1:{port2}
+"""
+
+
+def pydirector_xml(work, port, port1, port2, maxconns, access_off):
+    return """\
+<pdconfig drain="1">
+  <service name="bench"{maxconns}>
+    <listen ip="127.0.0.1:{port}"/>
+    <group name="main" scheduler="roundrobin">
+      <host name="one" ip="127.0.0.1:{port1}"/>
+      <host name="two" ip="127.0.0.1:{port2}"/>
+    </group>
+    <timeouts connect="5" idle="3600"/>
+  </service>
+  <logging file="{work}/pydirector.log"{access}/>
+</pdconfig>
+""".format(work=work, port=port, port1=port1, port2=port2,
+           maxconns=' maxconns="%d"' % MAXCONN if maxconns else '',
+           access=' access="off"' if access_off else '')
+
+
+class Bench(object):
+    """One run: the servers, the workloads, the raw results."""
+
+    def __init__(self, args):
+        self.args = args
+        self.work = tempfile.mkdtemp(prefix='pydirector-bench-')
+        os.chmod(self.work, 0o755)  # nginx workers run as an unprivileged user
+        self.procs = Processes(self.work)
+        self.ports = {}
+        self.nofile = nofile_limit(BALANCER_NOFILE)
+        self.runs = []
+        self.notes = []
+        self.targets = ['pydirector'] if args.pydirector_only else list(TARGETS)
+
+    # ---- servers
+
+    def setup(self):
+        www = os.path.join(self.work, 'www')
+        os.mkdir(www)
+        os.chmod(www, 0o755)
+        with open(os.path.join(www, 'small'), 'wb') as f:
+            f.write(b'x' * (SMALL_SIZE - 1) + b'\n')
+        with open(os.path.join(www, 'big'), 'wb') as f:
+            block = os.urandom(1 << 20)
+            for _ in range(BIG_SIZE >> 20):
+                f.write(block)
+        for name in ('small', 'big'):
+            os.chmod(os.path.join(www, name), 0o644)
+        port1, port2 = free_port(), free_port()
+        while port2 == port1:
+            port2 = free_port()
+        self.ports = {'direct': port1, 'backend2': port2}
+        conf = os.path.join(self.work, 'nginx.conf')
+        with open(conf, 'w') as f:
+            f.write(NGINX_CONF.format(work=self.work, port1=port1, port2=port2, nofile=self.nofile))
+        self.procs.start('nginx', ['nginx', '-p', self.work + '/', '-e', self.work + '/nginx-error.log',
+                                   '-c', conf], nofile=self.nofile)
+        for port in (port1, port2):
+            if not wait_port(port):
+                raise RuntimeError('nginx did not listen on %d: %s' % (port, self.tail('nginx.out')))
+            check_target(port)
+        if 'haproxy' in self.targets:
+            self.ports['haproxy'] = free_port()
+            with open(os.path.join(self.work, 'haproxy.cfg'), 'w') as f:
+                f.write(HAPROXY_CONF.format(port=self.ports['haproxy'], port1=port1, port2=port2, maxconn=MAXCONN))
+            code, out = run(['haproxy', '-c', '-f', os.path.join(self.work, 'haproxy.cfg')], 30)
+            if code != 0:
+                raise RuntimeError('haproxy -c: %s' % out)
+        self.ports['pydirector'] = free_port()
+        self.write_pydirector_config()
+        for target in self.targets:
+            if target != 'direct':
+                self.start_balancer(target)
+
+    def write_pydirector_config(self):
+        """Ask for maxconns and no access log when this pydirector knows them (issue 4 adds both)."""
+        path = os.path.join(self.work, 'generated.xml')
+        for maxconns, access_off in ((True, True), (False, True), (True, False), (False, False)):
+            with open(path, 'w') as f:
+                f.write(pydirector_xml(self.work, self.ports['pydirector'], self.ports['direct'],
+                                       self.ports['backend2'], maxconns, access_off))
+            code, out = run([self.args.python, 'pydirector.py', '--check', path], 30, cwd=REPO)
+            if code == 0:
+                self.pydirector_features = {'maxconns': maxconns, 'access_off': access_off}
+                missing = [text for flag, text in ((maxconns, 'service maxconns'), (access_off, 'access="off"'))
+                           if not flag]
+                if missing:
+                    self.notes.append('this pydirector does not know %s: left out of its config'
+                                      % ' or '.join(missing))
+                return
+        raise RuntimeError('pydirector --check rejects the generated config:\n%s' % out)
+
+    def start_balancer(self, target):
+        self.procs.stop(target)
+        if target == 'haproxy':
+            argv = ['haproxy', '-db', '-f', os.path.join(self.work, 'haproxy.cfg')]
+            cwd = self.work
+        else:
+            argv = [self.args.python, 'pydirector.py', '-c', os.path.join(self.work, 'generated.xml')]
+            cwd = REPO
+        self.procs.start(target, argv, nofile=self.nofile, cwd=cwd)
+        if not wait_port(self.ports[target]):
+            raise RuntimeError('%s did not listen: %s' % (target, self.tail(target + '.out')))
+        # Both backends once, so lazy setup is done before any measurement.
+        check_target(self.ports[target])
+        check_target(self.ports[target])
+
+    def balancer_pid(self, target):
+        proc = self.procs.running.get(target)
+        if proc is None:
+            return None
+        if proc.poll() is not None:
+            log('  %s exited with status %s; restarting it: %s' % (target, proc.returncode, self.tail(target + '.out')))
+            self.notes.append('%s exited (status %s) during the run and was restarted' % (target, proc.returncode))
+            self.start_balancer(target)
+            proc = self.procs.running[target]
+        return proc.pid
+
+    def tail(self, name, lines=15):
+        try:
+            with open(os.path.join(self.work, name), errors='replace') as f:
+                return ''.join(f.readlines()[-lines:])
+        except OSError:
+            return ''
+
+    def url(self, target, path):
+        return 'http://127.0.0.1:%d/%s' % (self.ports[target], path)
+
+    # ---- workloads; each returns a dict of metrics (or {'error': ...})
+
+    def measure(self, target, fn):
+        """Run fn() with the balancer's CPU seconds around it."""
+        pid = self.balancer_pid(target) if target != 'direct' else None
+        before = cpu_seconds(pid) if pid else None
+        result = fn()
+        if pid:
+            try:
+                result['cpu_s'] = cpu_seconds(pid) - before
+            except OSError:
+                result.setdefault('error', '%s died during the run' % target)
+        return result
+
+    def newconn(self, target):
+        s = self.settings
+        csv = os.path.join(self.work, 'ab.csv')
+        argv = ['ab', '-q', '-r', '-s', '20', '-c', '50', '-n', str(s['ab_n']), '-e', csv, self.url(target, 'small')]
+        code, out, cpu = self.measure_run(target, argv, s['ab_timeout'])
+        result = {'code': code, 'cpu_s': cpu}
+        m = re.search(r'Requests per second:\s+([\d.]+)', out)
+        if code != 0 or not m:
+            result['error'] = 'ab %s: %s' % (code, out.strip()[-500:])
+            return result
+        result['req_s'] = float(m.group(1))
+        result['complete'] = int(re.search(r'Complete requests:\s+(\d+)', out).group(1))
+        result['failed'] = int(re.search(r'Failed requests:\s+(\d+)', out).group(1))
+        m = re.search(r'Non-2xx responses:\s+(\d+)', out)
+        result['non_2xx'] = int(m.group(1)) if m else 0
+        with open(csv) as f:
+            rows = dict(line.strip().split(',', 1) for line in f if line[:1].isdigit())
+        result['p50_ms'] = float(rows['50'])
+        result['p99_ms'] = float(rows['99'])
+        if cpu is not None and result['complete']:
+            result['cpu_us_per_conn'] = result['cpu_s'] * 1e6 / result['complete']
+        if result['failed'] or result['non_2xx']:
+            result['error'] = '%d failed, %d non-2xx of %d' % (result['failed'], result['non_2xx'], result['complete'])
+        return result
+
+    def keepalive(self, target):
+        s = self.settings
+        argv = ['wrk', '-t1', '-c50', '-d%ds' % s['wrk_seconds'], '--timeout', '10s', '--latency',
+                self.url(target, 'small')]
+        code, out, cpu = self.measure_run(target, argv, s['wrk_seconds'] + 30)
+        result = {'code': code, 'cpu_s': cpu}
+        m = re.search(r'Requests/sec:\s+([\d.]+)', out)
+        if code != 0 or not m:
+            result['error'] = 'wrk %s: %s' % (code, out.strip()[-500:])
+            return result
+        result['req_s'] = float(m.group(1))
+        result['requests'] = int(re.search(r'(\d+) requests in', out).group(1))
+        for pct in ('50', '99'):
+            m = re.search(r'^\s+%s%%\s+([\d.]+)(us|ms|s)\s*$' % pct, out, re.M)
+            if m:
+                result['p%s_ms' % pct] = float(m.group(1)) * {'us': 0.001, 'ms': 1.0, 's': 1000.0}[m.group(2)]
+        m = re.search(r'Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)', out)
+        result['socket_errors'] = sum(int(x) for x in m.groups()) if m else 0
+        m = re.search(r'Non-2xx or 3xx responses: (\d+)', out)
+        result['non_2xx'] = int(m.group(1)) if m else 0
+        if cpu is not None and result['requests']:
+            result['cpu_us_per_req'] = result['cpu_s'] * 1e6 / result['requests']
+        if result['socket_errors'] or result['non_2xx']:
+            result['error'] = '%d socket errors, %d non-2xx' % (result['socket_errors'], result['non_2xx'])
+        return result
+
+    def measure_run(self, target, argv, timeout):
+        """(exit code, output, balancer CPU seconds or None) of one client command."""
+        box = {}
+
+        def go():
+            box['code'], box['out'] = run(argv, timeout)
+            return {}
+        cpu = self.measure(target, go)
+        return box['code'], box['out'], cpu.get('cpu_s')
+
+    def bulk(self, target):
+        s = self.settings
+        url = self.url(target, 'big')
+        argv = ['curl', '-sS', '--max-time', str(s['bulk_timeout']), '-w', '%{http_code} %{size_download}\\n']
+        for _ in range(s['bulk_repeat']):
+            argv += ['-o', '/dev/null', url]
+        box = {}
+
+        def go():
+            start = time.monotonic()
+            clients = [subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, universal_newlines=True)
+                       for _ in range(s['bulk_parallel'])]
+            outs = []
+            try:
+                for proc in clients:
+                    left = max(1.0, start + s['bulk_timeout'] + 10 - time.monotonic())
+                    outs.append((proc.communicate(timeout=left)[0], proc.returncode))
+            finally:
+                for proc in clients:
+                    if proc.poll() is None:
+                        proc.kill()
+                        proc.wait()
+            box['wall'] = time.monotonic() - start
+            box['outs'] = outs
+            return {}
+        try:
+            result = self.measure(target, go)
+        except subprocess.TimeoutExpired:
+            return {'error': 'curl did not finish within %d s' % s['bulk_timeout']}
+        total, bad = 0, []
+        for out, code in box['outs']:
+            for line in out.split('\n'):
+                parts = line.split()
+                if len(parts) == 2 and parts[1].isdigit():
+                    total += int(parts[1])
+                    if parts[0] != '200' or int(parts[1]) != BIG_SIZE:
+                        bad.append(line)
+                elif line.strip():
+                    bad.append(line)
+            if code != 0:
+                bad.append('curl exit %s' % code)
+        result['bytes'] = total
+        result['wall_s'] = box['wall']
+        result['mb_s'] = total / 1e6 / box['wall']
+        if 'cpu_s' in result and total:
+            result['cpu_s_per_gb'] = result['cpu_s'] / (total / 1e9)
+        expected = BIG_SIZE * s['bulk_parallel'] * s['bulk_repeat']
+        if bad or total != expected:
+            result['error'] = 'downloaded %d of %d bytes; %s' % (total, expected, '; '.join(bad[:5]))
+        return result
+
+    def idle(self, target):
+        """N idle connections through a fresh balancer: RSS per connection, then check each still works."""
+        n = self.settings['idle']
+        self.start_balancer(target)
+        pid = self.balancer_pid(target)
+        port = self.ports[target]
+        time.sleep(0.5)  # let a fresh process settle (not synchronisation: RSS drift)
+        base_fds, rss_before = fd_count(pid), rss_kib(pid)
+        cpu_before = cpu_seconds(pid)
+        socks = []
+        result = {'rss_before_kib': rss_before}
+        deadline = time.monotonic() + self.settings['idle_timeout']
+        try:
+            while len(socks) < n and time.monotonic() < deadline:
+                # Batches under the listen backlog: a full accept queue drops SYNs (1 s retries).
+                for _ in range(min(500, n - len(socks))):
+                    try:
+                        socks.append(socket.create_connection(('127.0.0.1', port), timeout=10))
+                    except OSError as e:
+                        result['connect_error'] = str(e)
+                        break
+                if 'connect_error' in result:
+                    break
+                while fd_count(pid) < base_fds + 2 * len(socks) and time.monotonic() < deadline:
+                    time.sleep(0.02)
+            # Every client accepted and its backend connected (2 fds each), or the deadline passed.
+            while fd_count(pid) < base_fds + 2 * len(socks) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            result['opened'] = len(socks)
+            result['balancer_pairs'] = (fd_count(pid) - base_fds) // 2
+            time.sleep(0.5)
+            rss_after = rss_kib(pid)
+            result['rss_after_kib'] = rss_after
+            result['kib_per_conn'] = (rss_after - rss_before) / max(1, len(socks))
+            result['held'] = self.answer_all(socks, deadline)
+            result['cpu_s'] = cpu_seconds(pid) - cpu_before
+        finally:
+            for s in socks:
+                s.close()
+        wait_end = time.monotonic() + 20
+        while fd_count(pid) > base_fds + 4 and time.monotonic() < wait_end:
+            time.sleep(0.05)
+        if result.get('held', 0) < n:
+            result['error'] = 'held %d of %d (opened %d, balancer saw %d)%s' % (
+                result.get('held', 0), n, result.get('opened', 0), result.get('balancer_pairs', 0),
+                '; connect: ' + result['connect_error'] if 'connect_error' in result else '')
+        return result
+
+    def answer_all(self, socks, deadline):
+        """Send a GET on every idle connection; count the complete 200 answers."""
+        request = b'GET /small HTTP/1.0\r\nHost: bench\r\n\r\n'
+        sel = selectors.DefaultSelector()
+        replies = {}
+        for s in socks:
+            try:
+                s.sendall(request)
+            except OSError:
+                continue
+            s.setblocking(False)
+            sel.register(s, selectors.EVENT_READ)
+            replies[s] = []
+        good = 0
+        deadline = max(deadline, time.monotonic() + 30)
+        while replies and time.monotonic() < deadline:
+            for key, _ in sel.select(1.0):
+                s = key.fileobj
+                try:
+                    data = s.recv(65536)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b''
+                    replies[s] = [b'reset']
+                if data:
+                    replies[s].append(data)
+                    continue
+                reply = b''.join(replies.pop(s))
+                sel.unregister(s)
+                if reply.startswith(b'HTTP/1.1 200') and reply.endswith(b'x' * 20 + b'\n'):
+                    good += 1
+        sel.close()
+        return good
+
+    # ---- the run
+
+    def main_loop(self):
+        workloads = self.workloads
+        targets = self.targets
+        self.warm_up()
+        for round_no in range(1, self.args.rounds + 1):
+            for workload in workloads:
+                for target in targets:
+                    if workload == 'idle' and target == 'direct':
+                        continue
+                    started = time.monotonic()
+                    try:
+                        result = getattr(self, workload)(target)
+                    except (OSError, RuntimeError, ValueError, AttributeError, KeyError) as e:
+                        result = {'error': '%s: %s' % (type(e).__name__, e)}
+                    result.update(round=round_no, target=target, workload=workload,
+                                  seconds=round(time.monotonic() - started, 2))
+                    self.runs.append(result)
+                    log('round %d %-9s %-10s %s' % (round_no, workload, target, brief(result)))
+
+    def warm_up(self):
+        for target in self.targets:
+            run(['ab', '-q', '-c', '10', '-n', '500', self.url(target, 'small')], 60)
+            run(['wrk', '-t1', '-c10', '-d1s', self.url(target, 'small')], 30)
+
+    def collect_versions(self, info):
+        for name, argv in (('nginx', ['nginx', '-v']), ('haproxy', ['haproxy', '-v']), ('ab', ['ab', '-V']),
+                           ('wrk', ['wrk', '-v']), ('curl', ['curl', '--version'])):
+            code, out = run(argv, 20)
+            info[name] = out.strip().split('\n')[0] if out else '?'
+
+
+def brief(result):
+    if 'req_s' in result:
+        text = '%s req/s, p50 %s ms, p99 %s ms' % (num(result['req_s']), num(result.get('p50_ms')),
+                                                     num(result.get('p99_ms')))
+        cpu = result.get('cpu_us_per_conn', result.get('cpu_us_per_req'))
+        if cpu is not None:
+            text += ', CPU %s µs/%s' % (num(cpu), 'conn' if 'cpu_us_per_conn' in result else 'req')
+    elif 'mb_s' in result:
+        text = '%s MB/s' % num(result['mb_s'])
+        if 'cpu_s_per_gb' in result:
+            text += ', CPU %s s/GB' % num(result['cpu_s_per_gb'])
+    elif 'kib_per_conn' in result:
+        text = '%s KiB/conn (RSS %d -> %d KiB), held %d' % (
+            num(result['kib_per_conn']), result['rss_before_kib'], result['rss_after_kib'], result['held'])
+    else:
+        text = ''
+    if 'error' in result:
+        text += '  ERROR: ' + result['error']
+    return text
+
+
+def num(x):
+    """Three significant figures, thousands separated."""
+    if x is None:
+        return '-'
+    if abs(x) >= 100:
+        return '{:,.0f}'.format(x)
+    if abs(x) >= 10:
+        return '{:.1f}'.format(x)
+    if abs(x) >= 1:
+        return '{:.2f}'.format(x)
+    return '{:.3f}'.format(x)
+
+
+# --------------------------------------------------------------------------------------------
+# Summary: medians, spreads, ratios, goals
+
+def summarise(runs, targets):
+    """{workload: {metric: {target: {'median', 'min', 'max', 'n'}}}} over the rounds."""
+    table = {}
+    for workload, metric, _, _, _ in METRICS:
+        for target in targets:
+            values = [r[metric] for r in runs if r['workload'] == workload and r['target'] == target
+                      and r.get(metric) is not None]
+            if values:
+                table.setdefault(workload, {}).setdefault(metric, {})[target] = {
+                    'median': statistics.median(values), 'min': min(values), 'max': max(values), 'n': len(values)}
+    return table
+
+
+def ratio(table, workload, metric, a, b):
+    cells = table.get(workload, {}).get(metric, {})
+    if a in cells and b in cells and cells[b]['median']:
+        return cells[a]['median'] / cells[b]['median']
+    return None
+
+
+def goal_status(table, goal, idle_n):
+    workload, metric, kind, op, value = goal
+    if kind == 'haproxy':
+        got = ratio(table, workload, metric, 'pydirector', 'haproxy')
+    else:
+        cell = table.get(workload, {}).get(metric, {}).get('pydirector')
+        # Connections held: the worst round counts.
+        got = None if cell is None else (cell['min'] if metric == 'held' else cell['median'])
+        if metric == 'held' and idle_n < value:
+            return got, 'n/a (ran %d)' % idle_n
+    if got is None:
+        return None, 'n/a'
+    met = got >= value if op == '>=' else got <= value
+    return got, 'met' if met else 'missed'
+
+
+def goal_text(goal):
+    workload, metric, kind, op, value = goal
+    sign = '≥' if op == '>=' else '≤'
+    if kind == 'haproxy':
+        return '%s %g× HAProxy' % (sign, value)
+    unit = [m[3] for m in METRICS if m[0] == workload and m[1] == metric][0]
+    return '%s %s %s' % (sign, num(value) if value >= 100 else '%g' % value, unit)
+
+
+def markdown(data):
+    table = data['summary']
+    targets = data['meta']['targets']
+    idle_n = data['settings']['idle']
+    goals = {(g[0], g[1]): g for g in GOALS}
+    head = ['metric'] + [LABELS[t] for t in targets]
+    if 'pydirector' in targets and 'direct' in targets:
+        head.append('pyd / direct')
+    if 'pydirector' in targets and 'haproxy' in targets:
+        head += ['HAProxy / direct', 'pyd / HAProxy']
+    head += ['target', 'met?']
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for workload, metric, label, unit, _ in METRICS:
+        if workload not in table:
+            continue
+        cells = table[workload].get(metric, {})
+        row = ['%s (%s)' % (label, unit)]
+        for target in targets:
+            c = cells.get(target)
+            if c is None:
+                row.append('-')
+            elif num(c['min']) == num(c['max']):
+                row.append(num(c['median']))
+            else:
+                row.append('%s (%s..%s)' % (num(c['median']), num(c['min']), num(c['max'])))
+        if 'pydirector' in targets and 'direct' in targets:
+            row.append(ratio_text(ratio(table, workload, metric, 'pydirector', 'direct')))
+        if 'pydirector' in targets and 'haproxy' in targets:
+            row.append(ratio_text(ratio(table, workload, metric, 'haproxy', 'direct')))
+            row.append(ratio_text(ratio(table, workload, metric, 'pydirector', 'haproxy')))
+        goal = goals.get((workload, metric))
+        if goal:
+            row += [goal_text(goal), goal_status(table, goal, idle_n)[1]]
+        else:
+            row += ['', '']
+        lines.append('| ' + ' | '.join(row) + ' |')
+    return '\n'.join(lines)
+
+
+def ratio_text(r):
+    return '-' if r is None else '%.2f×' % r
+
+
+def report_text(data):
+    meta = data['meta']
+    settings = data['settings']
+    parts = [markdown(data), '',
+             'Medians of %d round(s), (min..max) across rounds; ratios are of medians.  '
+             'Balancer CPU from /proc/PID/stat (utime+stime), RSS from VmRSS of a freshly started balancer '
+             'before/after %d idle connections.' % (settings['rounds'], settings['idle'])]
+    errors = [r for r in data['runs'] if 'error' in r]
+    if errors:
+        parts.append('')
+        parts.append('Errors (%d run(s)):' % len(errors))
+        for r in errors[:20]:
+            parts.append('- round %d %s %s: %s' % (r['round'], r['workload'], r['target'], r['error']))
+    for note in meta.get('notes', []):
+        parts.append('')
+        parts.append('Note: ' + note)
+    return '\n'.join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs
+
+def machine_text(meta):
+    return '%d cores (%s), %s' % (meta['cores'], meta['cpu'], meta['kernel'])
+
+
+def write_results_md(data, note):
+    """Rewrite bench/RESULTS.md: this run on top, everything that was there under 'Earlier figures'."""
+    meta = data['meta']
+    old = ''
+    if os.path.exists(RESULTS_MD):
+        with open(RESULTS_MD) as f:
+            old = f.read()
+    body = []
+    for line in old.split('\n'):
+        if line.startswith('# ') or line.strip() == '## Earlier figures':
+            continue
+        body.append('#' + line if line.startswith('## ') else line)
+    old_body = '\n'.join(body).strip()
+    settings = data['settings']
+    new = ['# Benchmark results', '',
+           '## %s: pydirector vs HAProxy vs direct, Python %s, %d cores%s' % (
+               meta['date'][:10], meta['pydirector_python'], meta['cores'], ' (noisy)' if 'noisy' in note.lower() else ''),
+           '',
+           '`%s`' % meta['command'],
+           '',
+           '- machine: %s' % machine_text(meta),
+           '- pydirector %s under Python %s (%s); %s; %s' % (
+               meta.get('pydirector_commit', '?'), meta['pydirector_python'], meta['python_path'],
+               meta['haproxy'], meta['nginx']),
+           '- %d rounds interleaved; ab -c 50 -n %d; wrk -t1 -c50 -d%ds; bulk %d parallel curl × %d × 64 MiB; '
+           '%d idle connections' % (settings['rounds'], settings['ab_n'], settings['wrk_seconds'],
+                                    settings['bulk_parallel'], settings['bulk_repeat'], settings['idle'])]
+    if note:
+        new.append('- note: %s' % note)
+    new += ['', report_text(data), '']
+    if old_body:
+        new += ['## Earlier figures', '', old_body, '']
+    with open(RESULTS_MD, 'w') as f:
+        f.write('\n'.join(new))
+    log('wrote %s' % RESULTS_MD)
+
+
+def plot(json_path, png_path):
+    """matplotlib in a venv of our own; skip with a message when it cannot be had."""
+    venv = os.path.join(HERE, '.venv')
+    python = os.path.join(venv, 'bin', 'python')
+    if not os.path.exists(python):
+        log('creating %s for matplotlib (plot only)' % venv)
+        code, out = run([sys.executable, '-m', 'venv', venv], 120)
+        if code != 0:
+            log('no plot: cannot create a venv (%s): %s' % (code, out.strip()[-300:]))
+            return
+    code, _ = run([python, '-c', 'import matplotlib'], 60)
+    if code != 0:
+        code, out = run([python, '-m', 'pip', 'install', '-q', 'matplotlib'], 600)
+        if code != 0:
+            log('no plot: pip install matplotlib failed (%s): %s' % (code, out.strip()[-300:]))
+            return
+    code, out = run([python, os.path.join(HERE, 'plot.py'), json_path, png_path], 120)
+    if code != 0:
+        log('no plot: plot.py failed (%s): %s' % (code, out.strip()[-500:]))
+    else:
+        log('wrote %s' % png_path)
+
+
+def finish(data, args):
+    os.makedirs(OUT, exist_ok=True)
+    json_path = os.path.join(OUT, 'results.json')
+    if not args.from_json:
+        with open(json_path, 'w') as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+    text = report_text(data)
+    with open(os.path.join(OUT, 'results.md'), 'w') as f:
+        f.write(text + '\n')
+    log('')
+    log(text)
+    log('')
+    if 'haproxy' in data['meta']['targets'] and 'pydirector' in data['meta']['targets']:
+        for goal in [g for g in GOALS if g[0] in data['summary']]:
+            got, status = goal_status(data['summary'], goal, data['settings']['idle'])
+            label = [m[2] for m in METRICS if m[0] == goal[0] and m[1] == goal[1]][0]
+            log('%-7s %s: %s (target %s)' % (status.split()[0], label,
+                                            '-' if got is None else (ratio_text(got) if goal[2] == 'haproxy' else num(got)),
+                                            goal_text(goal)))
+    log('wrote %s and %s' % (json_path, os.path.join(OUT, 'results.md')))
+    if args.write_results:
+        write_results_md(data, args.note)
+    if not args.no_plot:
+        plot(json_path if not args.from_json else args.from_json, os.path.join(OUT, 'ratios.png'))
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description='Benchmark pydirector against HAProxy and direct nginx on loopback.')
+    p.add_argument('--python', default='python3', help='the Python that runs pydirector (default python3)')
+    p.add_argument('--rounds', type=int, default=3, help='interleaved rounds (default 3)')
+    p.add_argument('--quick', action='store_true', help='small counts: a smoke run in about a minute')
+    p.add_argument('--only', help='comma-separated workloads: ' + ','.join(WORKLOADS))
+    p.add_argument('--pydirector-only', action='store_true', help='no direct or HAProxy runs (no ratios)')
+    p.add_argument('--idle', type=int, help='idle connections to open (default 9000; --quick 1000)')
+    p.add_argument('--write-results', action='store_true', help='rewrite bench/RESULTS.md with this run on top')
+    p.add_argument('--note', default='', help='a note for RESULTS.md, e.g. "noisy: tests running"')
+    p.add_argument('--from-json', metavar='PATH', help='run nothing: report (and --write-results) from a results.json')
+    p.add_argument('--no-plot', action='store_true', help='skip the PNG')
+    args = p.parse_args(argv)
+    if args.only:
+        bad = [w for w in args.only.split(',') if w not in WORKLOADS]
+        if bad:
+            p.error('unknown workload(s) %s; choose from %s' % (','.join(bad), ','.join(WORKLOADS)))
+    if args.rounds < 1:
+        p.error('--rounds must be at least 1')
+    return args
+
+
+def settings_for(args):
+    if args.quick:
+        s = dict(ab_n=3000, ab_timeout=60, wrk_seconds=1, bulk_parallel=4, bulk_repeat=1, bulk_timeout=60,
+                 idle=1000, idle_timeout=60)
+    else:
+        s = dict(ab_n=30000, ab_timeout=180, wrk_seconds=5, bulk_parallel=4, bulk_repeat=4, bulk_timeout=180,
+                 idle=9000, idle_timeout=120)
+    if args.idle is not None:
+        s['idle'] = args.idle
+    s['rounds'] = args.rounds
+    return s
+
+
+def python_version(python):
+    code, out = run([python, '-c', 'import sys; print(sys.version.split()[0]); print(sys.executable)'], 30)
+    if code != 0:
+        sys.exit('bench: cannot run %s: %s' % (python, out))
+    version, path = out.split()[:2]
+    return version, path
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            data = json.load(f)
+        finish(data, args)
+        return 0
+    signal.signal(signal.SIGTERM, on_sigterm)
+    # A shell starts background jobs with SIGINT ignored; Ctrl-C must still stop us cleanly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 65536, hard))
+    ensure_tools()
+    version, path = python_version(args.python)
+    bench = Bench(args)
+    bench.settings = settings_for(args)
+    bench.workloads = [w for w in WORKLOADS if not args.only or w in args.only.split(',')]
+    cpu_model = '?'
+    with open('/proc/cpuinfo') as f:
+        for line in f:
+            if line.startswith('model name'):
+                cpu_model = line.split(':', 1)[1].strip()
+                break
+    # The last commit that changed the balancer itself, not the bench.
+    code, commit = run(['git', '-C', REPO, 'log', '-1', '--format=%h', '--', 'pydirector.py', 'schedulers.py'], 10)
+    if code == 0:
+        dirty = run(['git', '-C', REPO, 'status', '--porcelain', '--', 'pydirector.py', 'schedulers.py'], 10)[1]
+        commit = commit.strip() + ('+dirty' if dirty.strip() else '')
+    meta = {
+        'date': datetime.datetime.now().isoformat(timespec='seconds'),
+        'command': 'python3 bench/bench.py' + ''.join(' ' + shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
+        'cores': os.cpu_count(), 'cpu': cpu_model, 'kernel': platform.platform(),
+        'pydirector_python': version, 'python_path': path, 'harness_python': platform.python_version(),
+        'pydirector_commit': commit.strip() if code == 0 else '?',
+        'targets': bench.targets, 'workloads': bench.workloads,
+        'balancer_nofile': bench.nofile, 'maxconn': MAXCONN,
+    }
+    bench.collect_versions(meta)
+    log('pydirector on Python %s (%s); %s; %s; %s' % (version, path, meta['haproxy'], meta['nginx'], machine_text(meta)))
+    log('work dir %s (removed at the end)' % bench.work)
+    try:
+        bench.setup()
+        meta['pydirector_features'] = bench.pydirector_features
+        bench.main_loop()
+    except (KeyboardInterrupt, Stop):
+        log('interrupted: stopping everything')
+        return 130
+    except RuntimeError as e:
+        log('bench: %s' % e)
+        return 2
+    finally:
+        bench.procs.stop_all()
+        text = bench.tail('pydirector.log', 1000000)
+        shutil.rmtree(bench.work, ignore_errors=True)
+    meta['pydirector_log_errors'] = [l for l in text.split('\n') if ' ERROR ' in l or 'Traceback' in l][:20]
+    meta['pydirector_log_warnings'] = len([l for l in text.split('\n') if ' WARNING ' in l])
+    if meta['pydirector_log_errors']:
+        bench.notes.append('pydirector logged errors: ' + ' | '.join(meta['pydirector_log_errors'][:3]))
+    meta['notes'] = bench.notes
+    data = {'meta': meta, 'settings': bench.settings, 'runs': bench.runs,
+            'summary': summarise(bench.runs, bench.targets)}
+    finish(data, args)
+    return 1 if any('error' in r for r in bench.runs) else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
