@@ -2211,6 +2211,7 @@ class RunningService(object):
         self.refused = 0
         self.denied = 0
         self.open = 0
+        self.full_logged = -1e9          # when "maxconns reached" was last logged
         self.queue = collections.deque()   # Pairs waiting for a host below its maxconns
         self.switch = None                 # the pending blue/green Switch, if any
 
@@ -2432,6 +2433,10 @@ class Director(object):
         maxconns = service.config.maxconns
         if maxconns and service.open > maxconns:
             service.refused += 1
+            if self.loop.now - service.full_logged >= 1.0:   # one line a second, not one per client
+                service.full_logged = self.loop.now
+                log.warning('service %s: %d connections open (maxconns), refusing new clients',
+                            service.name, maxconns)
             pair.close('full')
         elif listener.accept_proxy is None:
             self.route(pair)
