@@ -68,6 +68,7 @@ import http.server
 import io
 import json
 import logging
+import re
 import socket
 import socketserver
 import ssl
@@ -77,6 +78,7 @@ import time
 import unicodedata
 import urllib.parse
 
+import pydirector
 from pydirector import AdminError, LoopTimeout, VERSION, check_password, hash_password
 
 log = logging.getLogger('pydirector.admin')
@@ -92,6 +94,7 @@ CONNECTION_DEADLINE = 30.0    # seconds a connection may live, TLS handshake inc
 LINGER_SECONDS = 1.0          # reading what a client still sends after our answer, before closing,
 LINGER_BYTES = 262144         # ... and how much of it at most
 MAX_CONNECTIONS = 32          # admin connections at once; more are closed at accept
+MAX_SWITCH_SECONDS = 86400    # the most enableGroup's drain and rollback take, as config seconds do
 AUTH_CACHE_SIZE = 1024
 REALM = 'pydirector'
 
@@ -120,6 +123,8 @@ ROUTES = {
     '/newGroup': ('action_new_group', True),
     '/delGroup': ('action_del_group', True),
     '/closeLog': ('action_close_log', True),
+    '/reload': ('action_reload', True),
+    '/explain': ('page_explain', False),
 }
 
 
@@ -638,13 +643,32 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
         self.send(200, render_metrics(self.call(self.server.director.snapshot)),
                   'text/plain; version=0.0.4; charset=utf-8')
 
+    def page_explain(self, params, user, access):
+        p = take(params, ('service', 'client'), ('format',))
+        if p['format'] not in (None, 'text', 'json'):
+            raise Reply(400, "format must be 'text' or 'json'")
+        try:
+            info = self.call(self.server.director.explain, p['service'], p['client'])
+        except AdminError as e:
+            raise Reply(e.status, e.message)
+        if p['format'] == 'json':
+            self.send(200, json.dumps(info, indent=1, sort_keys=True) + '\n', 'application/json')
+        else:
+            self.send(200, render_explain(info), 'text/plain; charset=utf-8')
+
     # -- changes: each returns what was done, or raises Reply / AdminError ------
 
     def action_add_host(self, params):
-        p = take(params, ('service', 'group', 'name', 'ip'), ('weight', 'maxconns'))
+        p = take(params, ('service', 'group', 'name', 'ip'), ('weight', 'maxconns', 'send_proxy'))
+        extra = {}
+        if p['send_proxy'] is not None:
+            # Passed only when given, so a director without PROXY support still adds plain hosts.
+            if p['send_proxy'] not in ('v1', 'v2'):
+                raise Reply(400, "send_proxy must be 'v1' or 'v2'")
+            extra['send_proxy'] = p['send_proxy']
         d = self.server.director
         return self.call(d.add_host, p['service'], p['group'], p['name'], p['ip'],
-                         weight=p['weight'], maxconns=p['maxconns'])
+                         weight=p['weight'], maxconns=p['maxconns'], **extra)
 
     def action_del_host(self, params):
         p = take(params, ('service', 'group'), ('name', 'ip'))
@@ -658,8 +682,14 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
         return self.call(self.server.director.del_all_hosts, p['service'], p['group'])
 
     def action_enable_group(self, params):
-        p = take(params, ('service', 'group'))
-        return self.call(self.server.director.enable_group, p['service'], p['group'])
+        p = take(params, ('service', 'group'), ('drain', 'rollback'))
+        extra = {}
+        for name in ('drain', 'rollback'):
+            if p[name] is not None:
+                if not is_seconds(p[name]):
+                    raise Reply(400, '%s must be a number of seconds, 0-%d' % (name, MAX_SWITCH_SECONDS))
+                extra[name] = p[name]  # the query text, as the director takes it
+        return self.call(self.server.director.enable_group, p['service'], p['group'], **extra)
 
     def action_change_scheduler(self, params):
         p = take(params, ('service', 'group', 'scheduler'))
@@ -678,10 +708,19 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
         return self.call(self.server.director.retry_host, p['service'], p['group'], p['name'])
 
     def action_add_user(self, params):
-        p = take(params, ('name', 'password', 'access'))
+        p = take(params, ('name', 'access'), ('password', 'password_hash'))
         if p['access'] not in ('full', 'readonly'):
             raise Reply(400, "access must be 'full' or 'readonly'")
-        password_hash = hash_password(p['password'])  # slow by design: here, not on the loop
+        if (p['password'] is None) == (p['password_hash'] is None):
+            raise Reply(400, 'give password or password_hash (one of them)')
+        if p['password_hash'] is not None:
+            # A hash as a config file holds it: how `diff`/`apply` copy users from a file.
+            problem = password_hash_problem(p['password_hash'])
+            if problem:
+                raise Reply(400, problem)
+            password_hash = p['password_hash']
+        else:
+            password_hash = hash_password(p['password'])  # slow by design: here, not on the loop
         return self.call(self.server.director.add_user, p['name'], password_hash, p['access'])
 
     def action_del_user(self, params):
@@ -700,6 +739,10 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
         take(params)
         return self.call(self.server.director.close_log)
 
+    def action_reload(self, params):
+        take(params)
+        return self.call(self.server.director.reload)
+
 
 def take(params, required=(), optional=()):
     """The named parameters as a dict (None when absent or empty), or Reply(400)."""
@@ -713,6 +756,23 @@ def take(params, required=(), optional=()):
         if has_control_chars(value):
             raise Reply(400, 'parameter %s contains control characters' % name)
     return dict((name, params.get(name) or None) for name in tuple(required) + tuple(optional))
+
+
+def is_seconds(text):
+    """A plain decimal number of seconds, 0 to MAX_SWITCH_SECONDS (no signs, exponents, inf or nan)."""
+    return re.fullmatch(r'[0-9]{1,9}(\.[0-9]{1,9})?', text) is not None and float(text) <= MAX_SWITCH_SECONDS
+
+
+def password_hash_problem(text):
+    """Why text cannot be a user's stored hash, or None.  The config reader's own tests, so a
+    user added this way still loads from running.xml."""
+    if pydirector._parse_pbkdf2(text) is not None:
+        return None
+    if not pydirector.is_legacy_hash(text):
+        return 'password_hash is not a password hash (make one with: python3 pydirector.py --hash-password)'
+    if pydirector._crypt_module() is None:
+        return 'password_hash is a crypt() hash, which this Python cannot check'
+    return None
 
 
 def same_host(url, host_header, scheme):
@@ -767,6 +827,8 @@ form.inline { display: inline; margin: 0; }
 .error { background: #fbe9e9; border-color: #d77; }
 .up { color: #070; } .down { color: #b00; } .draining { color: #a60; }
 .enabled { font-weight: bold; }
+.switch { background: #fff6e0; border-color: #db7; }
+ol.timeline { margin: 0.2em 0; padding-left: 1.2em; font-size: 0.9em; }
 .note { color: #666; }
 """
 
@@ -825,6 +887,31 @@ def render_host_state(host, now):
     return '<td class="%s">%s</td>' % (css, text)
 
 
+def render_checks(host, now):
+    """The health column: when the next probe runs, and the last state changes, folded."""
+    e = html.escape
+    out = []
+    if 'next_probe' in host:
+        if host['next_probe'] is not None:
+            out.append('next probe in %s' % e(duration(host['next_probe'] - now)))
+        else:
+            out.append('<span class="note">no probe planned</span>')
+    timeline = host.get('timeline') or []
+    if 'timeline' not in host:
+        pass  # a director without a timeline
+    elif timeline:
+        items = ''.join('<li>%s %s&rarr;%s: %s</li>' % (
+            e(when(change.get('when'))), e(str(change.get('from'))), e(str(change.get('to'))),
+            e(str(change.get('why') or ''))) for change in reversed(timeline))
+        last = timeline[-1].get('when')
+        out.append('<details><summary>%d change%s, last %s ago</summary><ol class="timeline">%s</ol></details>' % (
+            len(timeline), '' if len(timeline) == 1 else 's',
+            e(duration(now - last)) if last is not None else '?', items))
+    else:
+        out.append('<br><span class="note">no state changes</span>')
+    return '<td>%s</td>' % (''.join(out) or '-')
+
+
 def render_group(service, group, now, can_change):
     e = html.escape
     sg = [('service', service['name']), ('group', group['name'])]
@@ -833,7 +920,11 @@ def render_group(service, group, now, can_change):
     if can_change:
         actions = []
         if not group['enabled']:
-            actions.append(form('enableGroup', sg, 'enable this group'))
+            actions.append(form('enableGroup', sg, 'enable this group',
+                                '<input name="drain" placeholder="drain s" size="7" '
+                                'aria-label="close connections on the old group after (seconds)"> '
+                                '<input name="rollback" placeholder="rollback s" size="9" '
+                                'aria-label="switch back unless a host is up within (seconds)"> '))
         actions.append(form('changeScheduler', sg, 'change scheduler',
                             '<input name="scheduler" value="%s" size="18" aria-label="scheduler"> '
                             % e(group['scheduler'])))
@@ -842,13 +933,17 @@ def render_group(service, group, now, can_change):
             actions.append(form('delGroup', sg, 'delete group'))
         out.append('<p>%s</p>' % ' '.join(actions))
     out.append('<table><tr><th>host</th><th>address</th><th>state</th><th>open</th><th>total</th>'
-               '<th>weight</th><th>max conns</th><th>bytes in</th><th>bytes out</th>%s</tr>'
+               '<th>weight</th><th>max conns</th><th>bytes in</th><th>bytes out</th><th>health checks</th>%s</tr>'
                % ('<th>actions</th>' if can_change else ''))
     for host in group['hosts']:
-        cells = ['<td>%s</td>' % e(host['name']), '<td>%s</td>' % e(host['ip']), render_host_state(host, now)]
+        address = e(host['ip'])
+        if host.get('send_proxy'):
+            address += ' <span class="note">(sends PROXY %s)</span>' % e(host['send_proxy'])
+        cells = ['<td>%s</td>' % e(host['name']), '<td>%s</td>' % address, render_host_state(host, now)]
         numbers = [host['open'], host['total'], host['weight'], host['maxconns'] or '-',
                    host['bytes_in'], host['bytes_out']]
         cells.extend('<td class="n">%s</td>' % e(str(n)) for n in numbers)
+        cells.append(render_checks(host, now))
         if can_change:
             sgh = sg + [('name', host['name'])]
             actions = []
@@ -862,7 +957,7 @@ def render_group(service, group, now, can_change):
             cells.append('<td>%s</td>' % ' '.join(actions))
         out.append('<tr>%s</tr>' % ''.join(cells))
     if not group['hosts']:
-        out.append('<tr><td colspan="%d" class="note">no hosts</td></tr>' % (10 if can_change else 9))
+        out.append('<tr><td colspan="%d" class="note">no hosts</td></tr>' % (11 if can_change else 10))
     out.append('</table>')
     if can_change:
         out.append('<p>%s</p>' % form('addHost', sg, 'add host',
@@ -870,8 +965,45 @@ def render_group(service, group, now, can_change):
                                       '<input name="ip" placeholder="host:port" size="20" aria-label="address"> '
                                       '<input name="weight" placeholder="weight" size="6" aria-label="weight"> '
                                       '<input name="maxconns" placeholder="max conns" size="8" '
-                                      'aria-label="max conns"> '))
+                                      'aria-label="max conns"> '
+                                      '<select name="send_proxy" aria-label="PROXY header to the host">'
+                                      '<option value="">no PROXY header</option><option>v1</option>'
+                                      '<option>v2</option></select> '))
     return out
+
+
+def service_counts(service):
+    """', open 3, queued 0, denied 2, max conns 100' from what the snapshot has."""
+    parts = []
+    for key, label in (('open', 'open'), ('queued', 'queued'), ('denied', 'denied')):
+        if service.get(key) is not None:
+            parts.append('%s %s' % (label, service[key]))
+    if service.get('maxconns') is not None:
+        parts.append('max conns %s' % (service['maxconns'] or 'unlimited'))
+    return ''.join(', ' + part for part in parts)
+
+
+def render_switch(switch, now):
+    """A pending enableGroup with drain and/or rollback deadlines."""
+    e = html.escape
+    text = 'Switching from group %s to group %s' % (e(str(switch.get('from'))), e(str(switch.get('to'))))
+    parts = []
+    if switch.get('drain_until') is not None:
+        parts.append('connections still on %s are closed at %s (in %s)' % (
+            e(str(switch.get('from'))), e(when(switch['drain_until'])), e(duration(switch['drain_until'] - now))))
+    if switch.get('rollback_until') is not None:
+        parts.append('back to %s at %s (in %s) unless a host of %s is up by then' % (
+            e(str(switch.get('from'))), e(when(switch['rollback_until'])),
+            e(duration(switch['rollback_until'] - now)), e(str(switch.get('to')))))
+    return '<p class="msg switch">%s%s.</p>' % (text, ': ' + '; '.join(parts) if parts else '')
+
+
+def explain_form(service_name):
+    """A GET form to /explain: where would this client go now, and why."""
+    return ('<form class="inline" method="get" action="/explain">'
+            '<input type="hidden" name="service" value="%s">'
+            '<input name="client" placeholder="client IP" size="16" aria-label="client IP"> '
+            '<button type="submit">explain where this client goes</button></form>' % html.escape(service_name))
 
 
 def render_running(snapshot, user, can_change, msg=None, refresh=None):
@@ -892,9 +1024,13 @@ def render_running(snapshot, user, can_change, msg=None, refresh=None):
     for service in s['services']:
         body.append('<h2>Service %s</h2>' % e(service['name']))
         body.append('<p>Listening on %s; enabled group <span class="enabled">%s</span>. '
-                    'Accepted %d, failovers %d, refused (no host) %d.</p>' % (
+                    'Accepted %d, failovers %d, refused (no host) %d%s.</p>' % (
                         e(', '.join(service['listen'])), e(service['enabled']),
-                        service['accepted'], service['failovers'], service['refused']))
+                        service['accepted'], service['failovers'], service['refused'],
+                        e(service_counts(service))))
+        if service.get('switch'):
+            body.append(render_switch(service['switch'], now))
+        body.append('<p>%s</p>' % explain_form(service['name']))
         for group in service['groups']:
             body.extend(render_group(service, group, now, can_change))
         if can_change:
@@ -959,6 +1095,43 @@ def render_running_txt(snapshot):
     return ''.join(line + '\n' for line in lines)
 
 
+def explain_number(value):
+    if isinstance(value, float):
+        return '%.6g' % value
+    return str(value)
+
+
+def render_explain(info):
+    """director.explain()'s dict as text, one fact per line ('key: value')."""
+    t = log_text
+    lines = ['service: %s' % t(info.get('service')), 'client: %s' % t(info.get('client'))]
+    allowed = info.get('allowed', True)
+    lines.append('allowed: %s' % ('yes' if allowed else 'no, denied by the service\'s allow/deny rules'))
+    lines.append('group: %s' % t(info.get('group')))
+    lines.append('scheduler: %s' % t(info.get('scheduler')))
+    if info.get('host') is not None:
+        lines.append('host: %s %s' % (t(info['host']), t(info.get('address') or '-')))
+    else:
+        lines.append('host: none')
+    if info.get('reason'):
+        lines.append('reason: %s' % t(info['reason']))
+    sticky = info.get('sticky')
+    if sticky:
+        expires = sticky.get('expires_in')
+        lines.append('sticky: %s%s' % (t(sticky.get('host')), '' if expires is None else
+                                       ', expires in %s s' % explain_number(expires)))
+    else:
+        lines.append('sticky: none')
+    if info.get('ranking') is not None:
+        lines.append('ranking: %s' % ', '.join('%s %s' % (t(name), explain_number(score))
+                                               for name, score in info['ranking']))
+    for name, why in info.get('skipped') or ():
+        lines.append('skipped: %s (%s)' % (t(name), t(why)))
+    if not info.get('skipped'):
+        lines.append('skipped: none')
+    return ''.join(line + '\n' for line in lines)
+
+
 def metric_label(value):
     """A label value escaped per the Prometheus text format: backslash, double quote, newline."""
     return str(value).replace('\\', '\\\\').replace('"', '\\"').replace('\n', '\\n')
@@ -974,22 +1147,33 @@ SERVICE_METRICS = [
      'Times a client was moved on to another host after a failed connect.', 'failovers'),
     ('pydirector_service_refused_total', 'counter', 'Clients closed because no host was available.',
      'refused'),
+    ('pydirector_service_open_connections', 'gauge', 'Client connections open now.', 'open'),
+    ('pydirector_service_queued', 'gauge', 'Clients waiting for a host below its max conns.', 'queued'),
+    ('pydirector_service_denied_total', 'counter', 'Clients closed by the service\'s allow/deny rules.',
+     'denied'),
+    ('pydirector_service_maxconns', 'gauge', 'The service\'s connection limit; 0 means unlimited.', 'maxconns'),
 ]
 
+# Each value is a function of (host snapshot, snapshot time); None leaves the sample out
+# (a key an older director does not offer, or no probe planned).
 HOST_METRICS = [
     ('pydirector_host_up', 'gauge', '1 if the host passes its health checks, else 0.',
-     lambda h: 1 if h['health'] == 'up' else 0),
+     lambda h, now: 1 if h['health'] == 'up' else 0),
     ('pydirector_host_draining', 'gauge', '1 if an operator drained the host (no new connections).',
-     lambda h: 0 if h['admin'] == 'enabled' else 1),
+     lambda h, now: 0 if h['admin'] == 'enabled' else 1),
     ('pydirector_host_open_connections', 'gauge', 'Connections open to the host now.',
-     lambda h: h['open']),
+     lambda h, now: h['open']),
     ('pydirector_host_connections_total', 'counter', 'Connections made to the host.',
-     lambda h: h['total']),
+     lambda h, now: h['total']),
     ('pydirector_host_bytes_in_total', 'counter', 'Bytes relayed from clients to the host (closed connections).',
-     lambda h: h['bytes_in']),
+     lambda h, now: h['bytes_in']),
     ('pydirector_host_bytes_out_total', 'counter', 'Bytes relayed from the host to clients (closed connections).',
-     lambda h: h['bytes_out']),
-    ('pydirector_host_weight', 'gauge', 'The host\'s scheduler weight.', lambda h: h['weight']),
+     lambda h, now: h['bytes_out']),
+    ('pydirector_host_weight', 'gauge', 'The host\'s scheduler weight.', lambda h, now: h['weight']),
+    ('pydirector_host_state_changes_total', 'counter', 'Times the host changed state (up, down, draining).',
+     lambda h, now: h.get('state_changes', len(h['timeline']) if 'timeline' in h else None)),
+    ('pydirector_host_next_probe_seconds', 'gauge', 'Seconds until the host\'s next health check.',
+     lambda h, now: None if h.get('next_probe') is None else max(0.0, h['next_probe'] - now)),
 ]
 
 
@@ -1008,20 +1192,33 @@ def render_metrics(snapshot):
     out.append('pydirector_start_time_seconds %.3f' % snapshot['started'])
     services = snapshot['services']
     for name, kind, help_text, key in SERVICE_METRICS:
+        # Families the snapshot does not offer (an older director) are left out.
+        present = [service for service in services if service.get(key) is not None]
+        if services and not present:
+            continue
         family(name, kind, help_text)
-        for service in services:
+        for service in present:
             out.append('%s%s %d' % (name, metric_labels([('service', service['name'])]), service[key]))
     family('pydirector_group_enabled', 'gauge', '1 for the group that takes a service\'s new connections.')
     for service in services:
         for group in service['groups']:
             out.append('pydirector_group_enabled%s %d' % (
                 metric_labels([('service', service['name']), ('group', group['name'])]), group['enabled']))
+    now = snapshot['now']
+    hosts = [(service, group, host) for service in services for group in service['groups']
+             for host in group['hosts']]
     for name, kind, help_text, value in HOST_METRICS:
+        samples = []
+        for service, group, host in hosts:
+            number = value(host, now)
+            if number is None:
+                continue
+            labels = metric_labels([('service', service['name']), ('group', group['name']),
+                                    ('host', host['name']), ('address', host['ip'])])
+            shown = '%.3f' % number if isinstance(number, float) else '%d' % number
+            samples.append('%s%s %s' % (name, labels, shown))
+        if hosts and not samples:
+            continue
         family(name, kind, help_text)
-        for service in services:
-            for group in service['groups']:
-                for host in group['hosts']:
-                    labels = metric_labels([('service', service['name']), ('group', group['name']),
-                                            ('host', host['name']), ('address', host['ip'])])
-                    out.append('%s%s %d' % (name, labels, value(host)))
+        out.extend(samples)
     return ''.join(line + '\n' for line in out)

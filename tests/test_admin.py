@@ -206,10 +206,13 @@ class ReadingTest(AdminCase):
         self.assertEqual(self.fetch('/running?refresh=0').status, 400)
         self.assertEqual(self.fetch('/running?refresh=abc').status, 400)
 
-    def test_running_page_readonly_has_no_forms(self):
+    def test_running_page_readonly_has_no_change_forms(self):
         body = self.fetch('/running', user='viewer').body
         self.assertIn('User viewer has read-only access.', body)
-        self.assertNotIn('<form', body)
+        parser = FormParser()
+        parser.feed(body)
+        # Only the explain form, which reads: a GET, allowed to read-only users.
+        self.assertEqual(parser.forms, [('/explain', 'get', {'service': 'web', 'client': ''})])
         self.assertIn('<h2>Service web</h2>', body)
 
     def test_running_txt(self):
@@ -1038,7 +1041,8 @@ class ChromiumTest(AdminCase):
         forms = [f for f in parser.forms if f[0] == '/enableGroup']
         self.assertEqual(len(forms), 1, parser.forms)
         action, method, fields = forms[0]
-        self.assertEqual((method, fields), ('post', {'service': 'web', 'group': 'spare'}))
+        self.assertEqual((method, fields), ('post', {'service': 'web', 'group': 'spare', 'drain': '',
+                                                     'rollback': ''}))
         # Submit it with the headers Chromium sends for a same-origin form POST.
         own = 'http://127.0.0.1:%d' % self.port
         resp = self.fetch(action, method='POST', body=fields, headers={
