@@ -21,20 +21,30 @@ Reading (GET or HEAD):
                     (both XML pages hold password hashes: full access only)
     /metrics        Prometheus text exposition format 0.0.4
 
+    /explain?service=S&client=IP[&format=json]
+                    which host that client would get now and why, one fact
+                    per line (or the director's dict as JSON); changes nothing
+
 Changing (GET with a query string, as wget does, or POST with a form body):
-    addHost?service=S&group=G&name=N&ip=H:P[&weight=W][&maxconns=M]
+    addHost?service=S&group=G&name=N&ip=H:P[&weight=W][&maxconns=M][&send_proxy=v1|v2]
     delHost?service=S&group=G&name=N     (or &ip=H:P instead of name)
     delAllHosts?service=S&group=G
-    enableGroup?service=S&group=G
+    enableGroup?service=S&group=G[&drain=SECONDS][&rollback=SECONDS]
+                    drain: close the connections left on the old group after
+                    that long; rollback: switch back unless a host of G is up
+                    within that long
     changeScheduler?service=S&group=G&scheduler=X
     hostAdminDown?service=S&group=G&name=N     (drain: no new connections)
     hostAdminUp?service=S&group=G&name=N
     retryHost?service=S&group=G&name=N         (health-check it now)
     addUser?name=N&password=P&access=full|readonly
+                    (or password_hash=H instead of password: a hash as a
+                    config file holds it, as `apply` copies users)
     delUser?name=N
     newGroup?service=S&group=G&scheduler=X
     delGroup?service=S&group=G
     closeLog                                   (reopen the log file, for logrotate)
+    reload                                     (re-read the config file, as SIGHUP does)
 
 Answers to a change: a browser (its Accept names text/html) is redirected
 (303) to /running?msg=... showing the result; anything else gets text/plain
@@ -58,12 +68,49 @@ logged-in browser; the status page's own forms POST and pass.  Everything
 user-supplied is escaped in HTML, parameters with control characters are
 refused, and log lines escape what they quote.  Requests are bounded in
 size and time, and so is the number of admin connections at once.
+
+Command line (the original's compareconf): plan and make a config change
+across a fleet through this API, without restarting anything.
+
+    python3 pydirector_admin.py diff  --url http://USER:PW@HOST:7001 [--url ...] NEW.xml
+    python3 pydirector_admin.py apply --url http://USER:PW@HOST:7001 [--url ...] NEW.xml
+
+Each --url is one balancer's admin server (https:// too; --insecure skips
+certificate checks); the user needs full access.  Both commands fetch each
+balancer's /running.xml, read it and NEW.xml with pydirector.parse_config,
+and compare the two as to_xml() writes them, so the same thing spelt two
+ways is no difference.  Order of groups and hosts is not compared either:
+addHost and newGroup can only append.  `diff` prints, per balancer, the
+calls that would make its running config NEW.xml, one per line
+(`addHost service=web group=main name=four ip=127.0.0.1:8084 weight=2`),
+or `# no changes`.  `apply` makes them, one balancer after the other, and
+stops at the first refusal (exit 1, saying what was done before it).
+
+The order of the calls keeps every service serving: first, per group, new
+groups with their hosts, scheduler changes, new hosts and changed hosts;
+then enableGroup (with --drain/--rollback if given); then delHost and
+delGroup, once what they remove no longer takes new connections; users
+last (addUser before delUser, as the last full-access user cannot go, and
+the calling user's own change at the very end, as later calls would not
+pass with its old password).  No call changes a host in place, so a host
+whose ip, weight, maxconns or send_proxy changes is deleted and added again
+(its open connections finish; its counters restart): after the switch when
+its group stops being the enabled one, else at once when the group has
+other hosts to serve meanwhile.  What no call can do -- a service added or
+removed, listen addresses, checks, timeouts, maxconns, allow/deny rules,
+PROXY settings, logging, the <admin> block, the only host of the enabled
+group changing -- is printed as `# cannot apply through the admin API:
+...`, and `apply` then changes nothing: copy the file to the balancer and
+call /reload (or send SIGHUP).  Exit status: 0 done, 1 failed, 2 usage.
 """
 
+import argparse
 import base64
 import binascii
+import collections
 import hashlib
 import html
+import http.client
 import http.server
 import io
 import json
@@ -77,8 +124,10 @@ import threading
 import time
 import unicodedata
 import urllib.parse
+from xml.etree import ElementTree
 
 import pydirector
+import schedulers
 from pydirector import AdminError, LoopTimeout, VERSION, check_password, hash_password
 
 log = logging.getLogger('pydirector.admin')
@@ -1222,3 +1271,493 @@ def render_metrics(snapshot):
         family(name, kind, help_text)
         out.extend(samples)
     return ''.join(line + '\n' for line in out)
+
+
+# ---------------------------------------------------------------------------
+# The command line: plan and apply a config change through the admin API
+# (the original's compareconf).  See "Command line" in the module docstring.
+# ---------------------------------------------------------------------------
+
+CANNOT = '# cannot apply through the admin API: %s; edit the file on the balancer and reload'
+HOST_ATTRS = ('name', 'ip', 'weight', 'maxconns', 'send_proxy')    # what addHost can set
+HOST_DEFAULTS = {'weight': '1', 'maxconns': '0', 'send_proxy': 'none'}
+USER_ATTRS = ('name', 'password', 'access')                         # what addUser can set
+
+
+class Step(object):
+    """One admin call of a plan: endpoint and its parameters in order; or, with endpoint
+    None, a comment that explains the calls after it."""
+
+    def __init__(self, endpoint, params=(), comment=None):
+        self.endpoint = endpoint
+        self.params = list(params)
+        self.comment = comment
+
+    def line(self):
+        if self.endpoint is None:
+            return '# ' + self.comment
+        shown = []
+        for name, value in self.params:
+            if name == 'password_hash':
+                value = hash_shown(value)
+            shown.append('%s=%s' % (name, quote_value(value)))
+        return ' '.join([self.endpoint] + shown)
+
+
+class Plan(object):
+    """What turns one balancer's running config into the new file: the admin calls in a
+    safe order (steps), and the differences no admin call can make (problems)."""
+
+    def __init__(self):
+        self.steps = []
+        self.problems = []
+
+    @property
+    def calls(self):
+        return [step for step in self.steps if step.endpoint is not None]
+
+    def lines(self):
+        if not self.problems and not self.calls:
+            return ['# no changes']
+        return [CANNOT % problem for problem in self.problems] + [step.line() for step in self.steps]
+
+
+def quote_value(value):
+    """A value as one word of a plan line: plain when it can be, else a JSON string."""
+    if value and re.fullmatch(r'[^\s"\\]+', value) and value.isprintable():
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def hash_shown(stored):
+    """Enough of a password hash to see its kind, not enough to attack it offline."""
+    match = re.match(r'pbkdf2_sha256\$[0-9]+\$|\$[0-9]\$', stored)
+    return (match.group(0) if match else '') + '...'
+
+
+def config_tree(config):
+    """A Config as the element tree of its to_xml(): one canonical form for both sides of a
+    diff, whatever the file looked like (1.0 <client>s, defaults spelt out, comments)."""
+    root = ElementTree.fromstring(config.to_xml())
+    for group in root.iter('group'):
+        # 'hash, sticky' in a file runs (and shows in running.xml) as 'hash,sticky'.
+        name, sticky = schedulers.parse_spec(group.get('scheduler'))
+        group.set('scheduler', name + (',sticky' if sticky else ''))
+    return root
+
+
+def by_name(parent, tag, key='name'):
+    items = collections.OrderedDict()
+    if parent is not None:
+        for elem in parent.findall(tag):
+            items[elem.get(key)] = elem
+    return items
+
+
+def render_element(elem):
+    """'<tag a="1" b="2"/>' (children inside), for naming a difference."""
+    attrs = ''.join(' %s="%s"' % (k, v) for k, v in elem.attrib.items())
+    children = ''.join(render_element(child) for child in elem)
+    if children:
+        return '<%s%s>%s</%s>' % (elem.tag, attrs, children, elem.tag)
+    return '<%s%s/>' % (elem.tag, attrs)
+
+
+def attribute_changes(old, new, skip=(), defaults=None):
+    """['key old -> new', ...] for the attributes that differ, skipping `skip`."""
+    defaults = defaults or {}
+    changes = []
+    keys = list(old.attrib) + [k for k in new.attrib if k not in old.attrib]
+    for key in keys:
+        if key in skip or old.get(key) == new.get(key):
+            continue
+        fallback = defaults.get(key, '(default)')
+        changes.append('%s %s -> %s' % (key, old.get(key, fallback), new.get(key, fallback)))
+    return changes
+
+
+def element_changes(old_parent, new_parent, skip_tags):
+    """Differences in the children of two elements other than skip_tags, grouped by tag
+    (allow and deny together: their order matters across both)."""
+    def buckets(parent):
+        found = collections.OrderedDict()
+        for child in parent:
+            if child.tag in skip_tags:
+                continue
+            key = 'allow/deny' if child.tag in ('allow', 'deny') else child.tag
+            found.setdefault(key, []).append(render_element(child))
+        return found
+    old, new = buckets(old_parent), buckets(new_parent)
+    changes = []
+    for key in list(old) + [k for k in new if k not in old]:
+        if old.get(key) != new.get(key):
+            changes.append('%s -> %s' % (' '.join(old.get(key) or ['(none)']),
+                                         ' '.join(new.get(key) or ['(none)'])))
+    return changes
+
+
+def enabled_group(service):
+    enable = service.find('enable')
+    if enable is not None:
+        return enable.get('group')
+    first = service.find('group')
+    return first.get('name') if first is not None else None
+
+
+def add_host_step(service, group, host):
+    params = [('service', service), ('group', group)]
+    params.extend((key, host.get(key)) for key in HOST_ATTRS if host.get(key) is not None)
+    return Step('addHost', params)
+
+
+def plan_changes(running, new, user=None, drain=None, rollback=None):
+    """The Plan from running to new (config_tree()s).  user is the admin user the calls
+    are made as: its own change, if any, comes last, so the calls before it still pass.
+
+    Order: new groups, their hosts, new hosts, scheduler changes and host changes first;
+    then enableGroup; then delHost and delGroup (the old group is no longer enabled by
+    then); users last, new ones before deleted ones (the last full-access user cannot go).
+    """
+    plan = Plan()
+    build, switch, after = [], [], []
+    problem = plan.problems.append
+    for change in attribute_changes(running, new):
+        problem('<pdconfig> ' + change)
+    old_services, new_services = by_name(running, 'service'), by_name(new, 'service')
+    for name in old_services:
+        if name not in new_services:
+            problem('service %s is removed' % name)
+    for name, service in new_services.items():
+        if name not in old_services:
+            problem('service %s is added' % name)
+        else:
+            plan_service(name, old_services[name], service, build, switch, after, problem, drain, rollback)
+    for change in element_changes(running, new, ('service', 'admin')):
+        problem(change)
+    users = plan_users(running.find('admin'), new.find('admin'), user, problem)
+    plan.steps = build + switch + after + users
+    return plan
+
+
+def plan_service(name, old, new, build, switch, after, problem, drain, rollback):
+    for change in attribute_changes(old, new, skip=('name',)):
+        problem('service %s: %s' % (name, change))
+    for change in element_changes(old, new, ('group', 'enable')):
+        problem('service %s: %s' % (name, change))
+    old_groups, new_groups = by_name(old, 'group'), by_name(new, 'group')
+    old_enabled, new_enabled = enabled_group(old), enabled_group(new)
+    for group_name, group in new_groups.items():
+        old_group = old_groups.get(group_name)
+        where = '%s/%s' % (name, group_name)
+        hosts = by_name(group, 'host')
+        old_hosts = by_name(old_group, 'host')
+        for host_name, host in hosts.items():
+            old_host = old_hosts.get(host_name)
+            if old_host is not None and old_host.attrib == host.attrib:
+                continue
+            # A new or changed host is made by addHost: it must not need anything addHost cannot set.
+            extra = sorted(set(k for k in host.attrib if k not in HOST_ATTRS) |
+                           set(k for k in (old_host.attrib if old_host is not None else ()) if k not in HOST_ATTRS))
+            if extra:
+                problem('%s: host %s has %s, which addHost cannot set' % (where, host_name, ', '.join(extra)))
+        if old_group is None:
+            build.append(Step('newGroup', [('service', name), ('group', group_name),
+                                           ('scheduler', group.get('scheduler'))]))
+            build.extend(add_host_step(name, group_name, host) for host in hosts.values()
+                         if all(k in HOST_ATTRS for k in host.attrib))
+            for change in attribute_changes(ElementTree.Element('group'), group, skip=('name', 'scheduler')):
+                problem('%s: %s' % (where, change))
+            continue
+        for change in attribute_changes(old_group, group, skip=('name', 'scheduler')):
+            problem('%s: %s' % (where, change))
+        if old_group.get('scheduler') != group.get('scheduler'):
+            build.append(Step('changeScheduler', [('service', name), ('group', group_name),
+                                                  ('scheduler', group.get('scheduler'))]))
+        added = [host for host_name, host in hosts.items() if host_name not in old_hosts]
+        build.extend(add_host_step(name, group_name, host) for host in added
+                     if all(k in HOST_ATTRS for k in host.attrib))
+        for host_name, host in hosts.items():
+            old_host = old_hosts.get(host_name)
+            if old_host is None or old_host.attrib == host.attrib:
+                continue
+            if any(k not in HOST_ATTRS for k in list(host.attrib) + list(old_host.attrib)):
+                continue    # a problem, above
+            # No call changes a host in place: delete it and add it again.  Its open
+            # connections finish; only its counters start again.
+            readd = [Step(None, comment='%s host %s: %s; delete and add again' % (
+                         where, host_name, ', '.join(attribute_changes(old_host, host, defaults=HOST_DEFAULTS)))),
+                     Step('delHost', [('service', name), ('group', group_name), ('name', host_name)]),
+                     add_host_step(name, group_name, host)]
+            if group_name != old_enabled:
+                build.extend(readd)
+            elif new_enabled != group_name:
+                after.extend(readd)     # once the switch is made the group may lose a host for a moment
+            elif len(old_hosts) + len(added) > 1:
+                build.extend(readd)     # the enabled group keeps its other hosts meanwhile
+            else:
+                problem('%s: host %s changes but is the only host of the enabled group, which '
+                        'delHost refuses to empty' % (where, host_name))
+        removed = [host_name for host_name in old_hosts if host_name not in hosts]
+        if removed and not hosts and group_name == new_enabled:
+            problem('%s: the enabled group would have no host, and delHost refuses to remove the last one'
+                    % where)
+            continue
+        after.extend(Step('delHost', [('service', name), ('group', group_name), ('name', host_name)])
+                     for host_name in removed)
+    if new_enabled != old_enabled:
+        params = [('service', name), ('group', new_enabled)]
+        params.extend((key, value) for key, value in (('drain', drain), ('rollback', rollback)) if value is not None)
+        switch.append(Step('enableGroup', params))
+    for group_name in old_groups:
+        if group_name not in new_groups:
+            after.append(Step('delGroup', [('service', name), ('group', group_name)]))
+
+
+def plan_users(old, new, acting_user, problem):
+    if old is None or new is None:
+        if (old is None) != (new is None):
+            problem('the <admin> block is %s' % ('added' if old is None else 'removed'))
+        return []
+    for change in attribute_changes(old, new):
+        problem('<admin> ' + change)
+    for change in element_changes(old, new, ('user',)):
+        problem('<admin> ' + change)
+    old_users, new_users = by_name(old, 'user'), by_name(new, 'user')
+    adds, dels, own = [], [], []
+    for name, user in new_users.items():
+        old_user = old_users.get(name)
+        fixed = [k for k in set(user.attrib) | set(old_user.attrib if old_user is not None else {})
+                 if k not in USER_ATTRS and (old_user is None or old_user.get(k) != user.get(k))]
+        if fixed:
+            problem('user %s: %s, which addUser cannot set' % (name, ', '.join(sorted(fixed))))
+            continue
+        if old_user is not None and all(old_user.get(k) == user.get(k) for k in USER_ATTRS):
+            continue
+        step = Step('addUser', [('name', name), ('password_hash', user.get('password')),
+                                ('access', user.get('access'))])
+        (own if name == acting_user else adds).append(step)
+    for name in old_users:
+        if name not in new_users:
+            (own if name == acting_user else dels).append(Step('delUser', [('name', name)]))
+    if dels or own:
+        if not any(user.get('access') == 'full' for user in new_users.values()):
+            problem('no user has full access, and delUser refuses to remove the last one')
+            return []
+    return adds + dels + own
+
+
+# -- talking to the balancers ------------------------------------------------
+
+class RemoteError(Exception):
+    """A balancer that cannot be asked: bad URL, unreachable, refused credentials, bad answer."""
+
+
+class Remote(object):
+    """One balancer's admin server, reached with the credentials in its URL."""
+
+    def __init__(self, url, insecure=False, timeout=30.0):
+        try:
+            parts = urllib.parse.urlsplit(url)
+            port = parts.port
+        except ValueError as e:
+            raise RemoteError('bad URL %r: %s' % (url, e))
+        if parts.scheme not in ('http', 'https') or not parts.hostname:
+            raise RemoteError('bad URL %r: want http://USER:PASSWORD@HOST:PORT (or https://...)' % url)
+        if parts.query or parts.fragment:
+            raise RemoteError('bad URL %r: no query or fragment, please' % url)
+        self.scheme = parts.scheme
+        self.host = parts.hostname
+        self.port = port or (443 if parts.scheme == 'https' else 80)
+        self.prefix = parts.path.rstrip('/')
+        self.user = urllib.parse.unquote(parts.username) if parts.username else None
+        password = urllib.parse.unquote(parts.password) if parts.password is not None else None
+        host = '[%s]' % self.host if ':' in self.host else self.host
+        # Shown in messages: never the password.
+        self.shown = '%s://%s%s:%d%s' % (self.scheme, self.user + '@' if self.user else '', host,
+                                         self.port, self.prefix)
+        self.authorization = None
+        if self.user is not None:
+            token = ('%s:%s' % (self.user, password or '')).encode('utf-8')
+            self.authorization = 'Basic ' + base64.b64encode(token).decode('ascii')
+        self.timeout = timeout
+        self.context = None
+        if self.scheme == 'https':
+            self.context = ssl.create_default_context()
+            if insecure:
+                self.context.check_hostname = False
+                self.context.verify_mode = ssl.CERT_NONE
+
+    def request(self, method, path, params=None):
+        """(status, body text); RemoteError when there is no HTTP answer."""
+        headers = {'Accept': 'text/plain', 'User-Agent': 'pydirector_admin/' + VERSION}
+        if self.authorization:
+            headers['Authorization'] = self.authorization
+        body = None
+        if params is not None:
+            body = urllib.parse.urlencode(params).encode('ascii')
+            headers['Content-Type'] = 'application/x-www-form-urlencoded'
+        if self.context is not None:
+            conn = http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=self.context)
+        else:
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        try:
+            conn.request(method, self.prefix + path, body, headers)
+            resp = conn.getresponse()
+            return resp.status, resp.read().decode('utf-8', 'replace')
+        except ssl.SSLError as e:
+            if 'CERTIFICATE_VERIFY_FAILED' in str(e):
+                raise RemoteError('%s: the TLS certificate does not verify (%s); --insecure skips the check'
+                                  % (self.shown, getattr(e, 'verify_message', None) or e))
+            raise RemoteError('%s: TLS failed: %s' % (self.shown, e))
+        except ssl.CertificateError as e:   # the name does not match (Python 3.6)
+            raise RemoteError('%s: the TLS certificate does not verify (%s); --insecure skips the check'
+                              % (self.shown, e))
+        except OSError as e:
+            raise RemoteError('cannot reach %s: %s' % (self.shown, e.strerror or e))
+        except http.client.HTTPException as e:
+            raise RemoteError('%s: not an HTTP answer (%s: %s); is it the admin port, and http or https?'
+                              % (self.shown, type(e).__name__, e))
+        finally:
+            conn.close()
+
+    def refusal(self, status, body):
+        text = body.strip().splitlines()[0] if body.strip() else '(empty answer)'
+        if status == 401:
+            if self.user is None:
+                return '%s: credentials needed; put them in the URL: %s://USER:PASSWORD@%s' % (
+                    self.shown, self.scheme, self.shown.split('://', 1)[1])
+            return '%s: user %s was refused (401 %s); check the user and password in the URL' % (
+                self.shown, self.user, text)
+        return '%s answered %d: %s' % (self.shown, status, log_text(text))
+
+    def running_config(self):
+        status, body = self.request('GET', '/running.xml')
+        if status != 200:
+            raise RemoteError(self.refusal(status, body))
+        try:
+            return pydirector.parse_config(body, self.shown + '/running.xml')
+        except pydirector.ConfigError as e:
+            raise RemoteError('%s: its running.xml does not load: %s' % (self.shown, e))
+
+    def call(self, step):
+        """(ok, the balancer's answer line) for one plan step."""
+        status, body = self.request('POST', '/' + step.endpoint, step.params)
+        text = log_text(body.strip()) or '(empty answer)'
+        return status == 200 and text.startswith('OK'), text if status == 200 else '%d %s' % (status, text)
+
+
+def make_plans(remotes, new_tree, drain, rollback):
+    return [(remote, plan_changes(config_tree(remote.running_config()), new_tree, remote.user, drain, rollback))
+            for remote in remotes]
+
+
+def print_plans(plans, out):
+    for remote, plan in plans:
+        if len(plans) > 1:
+            print('# balancer %s' % remote.shown, file=out)
+        for line in plan.lines():
+            print(line, file=out)
+
+
+def apply_plans(plans, out, err):
+    """Make every plan's calls, one balancer after the other; stop at the first failure.
+    Returns the exit status."""
+    done = []   # (remote, calls made, calls planned)
+    for remote, plan in plans:
+        if len(plans) > 1:
+            print('# balancer %s' % remote.shown, file=out)
+        calls = plan.calls
+        made = 0
+        if not calls:
+            print('# no changes', file=out)
+        for step in plan.steps:
+            print(step.line(), file=out)
+            if step.endpoint is None:
+                continue
+            try:
+                ok, answer = remote.call(step)
+            except RemoteError as e:
+                ok, answer = False, str(e)
+            if not ok:
+                print('  FAILED: %s' % answer, file=out)
+                out.flush()
+                print('apply: stopped at the first failure, on %s:\n  %s\n  answered: %s'
+                      % (remote.shown, step.line(), answer), file=err)
+                summary = ['%s: all %d call(s)' % (r.shown, n) if m == n else '%s: %d of %d call(s)' % (r.shown, m, n)
+                           for r, m, n in done + [(remote, made, len(calls))]]
+                untouched = [r.shown for r, _ in plans[len(done) + 1:]]
+                print('apply: succeeded before it: %s' % '; '.join(summary), file=err)
+                if untouched:
+                    print('apply: not touched: %s' % ', '.join(untouched), file=err)
+                print('apply: run diff again to see what is left', file=err)
+                return 1
+            made += 1
+            print('  ' + answer, file=out)
+        done.append((remote, made, len(calls)))
+    return 0
+
+
+def parse_cli(argv):
+    parser = argparse.ArgumentParser(
+        prog='pydirector_admin.py',
+        description='Plan (diff) or make (apply) the admin calls that turn the running config of '
+                    'one or more pydirector balancers into a new config file.',
+        epilog='Exit status: 0 done (diff: whether or not there are differences), 1 failed, 2 usage. '
+               'See the module docstring for the order of the calls.')
+    commands = parser.add_subparsers(dest='command', metavar='COMMAND')
+    for name, text in (('diff', 'print the admin calls that would turn the running config into NEW.xml'),
+                       ('apply', 'make those calls, balancer after balancer, stopping at the first failure')):
+        sub = commands.add_parser(name, help=text, description=text + '.')
+        sub.add_argument('--url', action='append', required=True, metavar='URL',
+                         help="a balancer's admin server, http[s]://USER:PASSWORD@HOST:PORT (the user "
+                              "needs full access); repeat for each balancer of a fleet")
+        sub.add_argument('--insecure', action='store_true',
+                         help='https: do not verify the certificate (a self-signed admin certificate)')
+        sub.add_argument('--timeout', type=float, default=30.0, metavar='SECONDS',
+                         help='for each request (default 30)')
+        sub.add_argument('--drain', metavar='SECONDS',
+                         help='with enableGroup: close connections left on the old group after SECONDS')
+        sub.add_argument('--rollback', metavar='SECONDS',
+                         help='with enableGroup: switch back unless a host of the new group is up within SECONDS')
+        sub.add_argument('new_config', metavar='NEW.xml', help='the config file the balancers should run')
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.error('say diff or apply')
+    for name in ('drain', 'rollback'):
+        value = getattr(args, name)
+        if value is not None and not is_seconds(value):
+            parser.error('--%s must be a number of seconds, 0-%d' % (name, MAX_SWITCH_SECONDS))
+    if args.timeout <= 0:
+        parser.error('--timeout must be positive')
+    return args
+
+
+def main(argv=None, out=None, err=None):
+    """`diff` and `apply`; returns the exit status (argparse exits 2 itself on usage errors)."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    args = parse_cli(sys.argv[1:] if argv is None else argv)
+    command = args.command
+    try:
+        new_tree = config_tree(pydirector.load_config(args.new_config))
+        remotes = [Remote(url, args.insecure, args.timeout) for url in args.url]
+        plans = make_plans(remotes, new_tree, args.drain, args.rollback)
+    except (RemoteError, pydirector.ConfigError) as e:
+        print('%s: %s' % (command, e), file=err)
+        return 1
+    if command == 'diff':
+        print_plans(plans, out)
+        return 0
+    problems = sum(len(plan.problems) for _, plan in plans)
+    if problems:
+        print_plans(plans, out)
+        out.flush()
+        print('apply: nothing changed: %d difference(s) cannot be made through the admin API (the '
+              '"# cannot apply" lines); copy %s to the balancer(s) and reload it there (/reload or SIGHUP)'
+              % (problems, args.new_config), file=err)
+        return 1
+    return apply_plans(plans, out, err)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
