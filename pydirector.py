@@ -22,6 +22,7 @@ import heapq
 import hmac
 import ipaddress
 import logging
+import logging.handlers
 import os
 import re
 import selectors
@@ -41,6 +42,7 @@ import schedulers
 VERSION = '2.0.0'
 
 log = logging.getLogger('pydirector')
+access_log = logging.getLogger('pydirector.access')
 
 # CONFIG-SECTION-START
 # ---------------------------------------------------------------------------
@@ -50,6 +52,9 @@ log = logging.getLogger('pydirector')
 # hosts, crypt() passwords, <note> comments).  Every problem is a ConfigError
 # "FILE:LINE: message" naming the element at fault.
 # ---------------------------------------------------------------------------
+
+import logging.handlers         # SysLogHandler.facility_names, to check <logging facility>
+
 
 class ConfigError(Exception):
     """A config file that cannot be used.  str() is 'FILE:LINE: message'
@@ -71,14 +76,18 @@ class ConfigError(Exception):
 
 class Config(object):
     """A whole <pdconfig>: services in file order, the optional admin server,
-    logging, and how long to let connections drain on shutdown."""
+    logging, how long to let connections drain on shutdown, and the user and
+    group to run as (names or numeric ids as text; None: stay as started)."""
 
-    def __init__(self, path=None, services=None, admin=None, logging=None, drain=10.0):
+    def __init__(self, path=None, services=None, admin=None, logging=None, drain=10.0,
+                 user=None, group=None):
         self.path = path
         self.services = list(services or [])
         self.admin = admin
         self.logging = logging if logging is not None else Logging()
         self.drain = drain
+        self.user = user
+        self.group = group
 
     def service(self, name):
         for service in self.services:
@@ -90,12 +99,18 @@ class Config(object):
         """The config as a file parse_config accepts (running.xml), one
         element per line; defaults are written only where they differ."""
         out = []
-        root = [('drain', _format_seconds(self.drain) if self.drain != 10.0 else None)]
+        root = [('drain', _format_seconds(self.drain) if self.drain != 10.0 else None),
+                ('user', self.user), ('group', self.group)]
         out.append(_xml_tag(0, 'pdconfig', root, '>'))
         for service in self.services:
-            out.append(_xml_tag(1, 'service', [('name', service.name)], '>'))
+            out.append(_xml_tag(1, 'service', [
+                ('name', service.name), ('maxconns', service.maxconns or None)], '>'))
             for listen in service.listens:
-                out.append(_xml_tag(2, 'listen', [('ip', listen.text)]))
+                out.append(_xml_tag(2, 'listen', [
+                    ('ip', listen.text), ('accept_proxy', listen.accept_proxy),
+                    ('trusted', ','.join(map(_network_text, listen.trusted)) or None)]))
+            for action, network in service.acl:
+                out.append(_xml_tag(2, action, [('cidr', _network_text(network))]))
             for group in service.groups:
                 attrs = [('name', group.name), ('scheduler', group.scheduler)]
                 if not group.hosts:
@@ -106,7 +121,8 @@ class Config(object):
                     out.append(_xml_tag(3, 'host', [
                         ('name', host.name), ('ip', host.ip),
                         ('weight', host.weight if host.weight != 1 else None),
-                        ('maxconns', host.maxconns if host.maxconns != 0 else None)]))
+                        ('maxconns', host.maxconns if host.maxconns != 0 else None),
+                        ('send_proxy', host.send_proxy)]))
                 out.append('    </group>')
             # Always written, though it defaults to the first group: which
             # group is live is the one thing an operator reads running.xml for.
@@ -127,8 +143,9 @@ class Config(object):
                 out.append(_xml_tag(2, 'user', [
                     ('name', user.name), ('password', user.password), ('access', user.access)]))
             out.append('  </admin>')
-        if self.logging is not None and self.logging.file:
-            out.append(_xml_tag(1, 'logging', [('file', self.logging.file)]))
+        attrs = self.logging._xml_attrs() if self.logging is not None else []
+        if any(value is not None for _, value in attrs):
+            out.append(_xml_tag(1, 'logging', attrs))
         out.append('</pdconfig>')
         return '\n'.join(out) + '\n'
 
@@ -136,10 +153,12 @@ class Config(object):
 class Service(object):
     """A <service>: where it listens, its groups of hosts, and which group is
     enabled (a group name).  check is None when the file has no <check>
-    (DEFAULT_CHECK applies then); timeouts is always set."""
+    (DEFAULT_CHECK applies then); timeouts is always set.  maxconns caps the
+    service's open clients (0 = unlimited); acl is the <allow>/<deny> rules
+    in file order, as ('allow' or 'deny', ipaddress network) pairs."""
 
     def __init__(self, name, listens=None, groups=None, enabled=None, check=None,
-                 timeouts=None, line=None):
+                 timeouts=None, line=None, maxconns=0, acl=None):
         self.name = name
         self.listens = list(listens or [])
         self.groups = list(groups or [])
@@ -149,6 +168,8 @@ class Service(object):
         self.check = check
         self.timeouts = timeouts if timeouts is not None else Timeouts()
         self.line = line
+        self.maxconns = maxconns
+        self.acl = list(acl or [])
 
     def group(self, name):
         for group in self.groups:
@@ -156,19 +177,27 @@ class Service(object):
                 return group
         return None
 
+    def allows(self, ip_text):
+        """True if this service's <allow>/<deny> rules let ip_text in."""
+        return acl_allows(self.acl, ip_text)
+
     def __repr__(self):
         return f'Service({self.name!r})'
 
 
 class Listen(object):
     """One <listen ip="...">: text as written, host and port to bind
-    ('*' becomes '0.0.0.0', '[::]' becomes '::')."""
+    ('*' becomes '0.0.0.0', '[::]' becomes '::').  accept_proxy is None, or
+    'v1', 'v2' or 'any': the PROXY protocol header versions read from each
+    peer first; trusted lists the networks that may send one (empty: any)."""
 
-    def __init__(self, text, host, port, line=None):
+    def __init__(self, text, host, port, line=None, accept_proxy=None, trusted=None):
         self.text = text
         self.host = host
         self.port = port
         self.line = line
+        self.accept_proxy = accept_proxy
+        self.trusted = list(trusted or [])
 
     def __repr__(self):
         return f'Listen({self.text!r})'
@@ -195,9 +224,10 @@ class Group(object):
 
 class Host(object):
     """A backend <host>: ip as written, host (no brackets) and port to
-    connect to.  Names are not resolved here; that happens at run time."""
+    connect to.  Names are not resolved here; that happens at run time.
+    send_proxy is None, 'v1' or 'v2': the PROXY header version to send it."""
 
-    def __init__(self, name, ip, host, port, weight=1, maxconns=0, line=None):
+    def __init__(self, name, ip, host, port, weight=1, maxconns=0, line=None, send_proxy=None):
         self.name = name
         self.ip = ip
         self.host = host
@@ -205,6 +235,7 @@ class Host(object):
         self.weight = weight
         self.maxconns = maxconns     # 0 = unlimited
         self.line = line
+        self.send_proxy = send_proxy
 
     def __repr__(self):
         return f'Host({self.name!r}, {self.ip!r})'
@@ -242,17 +273,20 @@ DEFAULT_CHECK = Check()
 
 
 class Timeouts(object):
-    """Seconds allowed to connect to a host, and for a connection to sit idle."""
+    """Seconds allowed to connect to a host, for a connection to sit idle,
+    and for a client to wait in the queue while every host is full."""
 
-    def __init__(self, connect=3.0, idle=3600.0, line=None):
+    def __init__(self, connect=3.0, idle=3600.0, line=None, queue=5.0):
         self.connect = connect
         self.idle = idle
         self.line = line
+        self.queue = queue
 
     def _xml_attrs(self):
         return [
             ('connect', _format_seconds(self.connect) if self.connect != 3.0 else None),
             ('idle', _format_seconds(self.idle) if self.idle != 3600.0 else None),
+            ('queue', _format_seconds(self.queue) if self.queue != 5.0 else None),
         ]
 
 
@@ -290,11 +324,29 @@ class User(object):
 
 
 class Logging(object):
-    """Where the log goes: a file path, or None for stderr."""
+    """Where the log goes: a file path, or None for stderr; and/or syslog.
+    syslog is the text as written (None: no syslog) and syslog_address what
+    SysLogHandler takes: the socket path, or (host, port) for UDP.  access
+    is whether to log one line per client connection."""
 
-    def __init__(self, file=None, line=None):
+    def __init__(self, file=None, line=None, access=True, syslog=None, facility='daemon'):
         self.file = file
         self.line = line
+        self.access = access
+        self.syslog = syslog
+        self.facility = facility
+
+    @property
+    def syslog_address(self):
+        return parse_syslog(self.syslog) if self.syslog is not None else None
+
+    def _xml_attrs(self):
+        return [
+            ('file', self.file or None),
+            ('access', 'off' if not self.access else None),
+            ('syslog', self.syslog),
+            ('facility', self.facility if self.facility != 'daemon' else None),
+        ]
 
 
 def load_config(path):
@@ -367,6 +419,84 @@ def check_name(text, what):
         raise ValueError(f'{what} {text!r} is only whitespace')
     if any(unicodedata.category(ch) in ('Cc', 'Cf', 'Zl', 'Zp') for ch in text):
         raise ValueError(f'{what} {text!r} contains a control character')
+
+
+def check_account(text, what):
+    """ValueError unless text is a user or group name, or a numeric id;
+    what is 'user' or 'group'.  Whether it exists is checked at run time."""
+    if not (re.fullmatch(r'[A-Za-z_][A-Za-z0-9_.-]*\$?', text)
+            or re.fullmatch(r'[0-9]{1,10}', text) and int(text) < 2 ** 32 - 1):
+        raise ValueError(f'{text!r}: must be a {what} name or a numeric id')
+
+
+_IPV4_DOTTED = re.compile(r'(?:0|[1-9][0-9]{0,2})(?:\.(?:0|[1-9][0-9]{0,2})){3}')
+
+
+def parse_network(text):
+    """'10.0.0.0/8', '2001:db8::/32' or one address -> an ipaddress network.
+    Host bits are masked off ('10.1.2.3/8' is 10.0.0.0/8), as nginx and
+    HAProxy do.  Zero-padded IPv4 ('010.0.0.1') is refused on every Python,
+    not just those since 3.9.5: some tools read it as octal."""
+    address, slash, prefix = text.partition('/')
+    ok = (bool(address) and '%' not in address
+          and (not slash or re.fullmatch(r'0|[1-9][0-9]{0,2}', prefix) is not None)
+          and (':' in address or _IPV4_DOTTED.fullmatch(address) is not None))
+    if ok:
+        try:
+            return ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            pass
+    raise ValueError(f'{text!r} is not an IP network (like 10.0.0.0/8, 2001:db8::/32 or 127.0.0.1)')
+
+
+def _network_text(network):
+    # A one-address network is written as the bare address.
+    if network.prefixlen == network.max_prefixlen:
+        return str(network.network_address)
+    return network.with_prefixlen
+
+
+def acl_allows(rules, ip_text):
+    """True if a client at ip_text may connect under rules, a list of
+    ('allow' or 'deny', network) pairs: the first rule whose network holds
+    the address decides; when none does, the client is refused if there is
+    any 'allow' rule (a whitelist) and let in otherwise (a blacklist).
+    An IPv4-mapped IPv6 address (::ffff:10.0.0.1) counts as its IPv4
+    address; an address never matches a network of the other version.
+    ip_text may be an ipaddress address; anything unparsable is refused."""
+    if isinstance(ip_text, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+        address = ip_text
+    else:
+        if not isinstance(ip_text, str):
+            return False
+        if ':' in ip_text:
+            ip_text = ip_text.partition('%')[0]     # a link-local scope, as getpeername gives
+        elif _IPV4_DOTTED.fullmatch(ip_text) is None:
+            return False
+        try:
+            address = ipaddress.ip_address(ip_text)
+        except ValueError:
+            return False
+    if address.version == 6 and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    for action, network in rules:
+        if network.version == address.version and address in network:
+            return action == 'allow'
+    return not any(action == 'allow' for action, _ in rules)
+
+
+def parse_syslog(text):
+    """<logging syslog>: '/dev/log' (a unix socket path, returned as is) or
+    'host:port' / '[v6]:port' for UDP, returned as (host, port)."""
+    if text.startswith('/'):
+        return text
+    try:
+        host, port = parse_address(text)
+    except ValueError:
+        host = None
+    if host is None or text.startswith('*:'):
+        raise ValueError(f"{text!r}: must be a socket path starting with '/', or host:port")
+    return host, port
 
 
 _SECONDS = re.compile(r'(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?')
@@ -583,7 +713,7 @@ def _read_xml(data, path):
 
 _CHILDREN = {
     'pdconfig': ('service', 'admin', 'logging'),
-    'service': ('listen', 'group', 'enable', 'check', 'timeouts'),
+    'service': ('listen', 'group', 'enable', 'check', 'timeouts', 'allow', 'deny'),
     'group': ('host',),
     'admin': ('user',),
 }
@@ -651,6 +781,32 @@ class _ConfigReader(object):
         want = f'{low}-{high}' if high is not None else f'>= {low}'
         raise self.error(elem, f'<{elem.tag}> {attr} {text!r}: must be an integer {want}')
 
+    def choice(self, elem, attr, choices):
+        text = elem.get(attr)
+        if text is None or text in choices:
+            return text
+        shown = ', '.join(repr(c) for c in choices[:-1]) + ' or ' + repr(choices[-1])
+        raise self.error(elem, f'<{elem.tag}> {attr} {text!r}: must be {shown}')
+
+    def networks(self, elem, attr):
+        """A comma-separated list of networks; None when attr is absent."""
+        text = elem.get(attr)
+        if text is None:
+            return None
+        try:
+            return [parse_network(part.strip()) for part in text.split(',')]
+        except ValueError as e:
+            raise self.error(elem, f'<{elem.tag}> {attr} {e}') from None
+
+    def account(self, elem, attr):
+        text = elem.get(attr)
+        if text is not None:
+            try:
+                check_account(text, attr)
+            except ValueError as e:
+                raise self.error(elem, f'<{elem.tag}> {attr} {e}') from None
+        return text
+
     def seconds(self, elem, attr, default, zero_ok=False):
         text = elem.get(attr)
         if text is None:
@@ -675,8 +831,9 @@ class _ConfigReader(object):
     def read(self, root):
         if root.tag != 'pdconfig':
             raise self.error(root, f'the root element must be <pdconfig>, not <{root.tag}>')
-        self.attrs(root, ('drain',))
+        self.attrs(root, ('drain', 'group', 'user'))
         drain = self.seconds(root, 'drain', 10.0, zero_ok=True)
+        user, group = self.account(root, 'user'), self.account(root, 'group')
         services, admin, logging_ = [], None, None
         for tag, elem in self.children(root):
             if tag == 'service':
@@ -688,25 +845,27 @@ class _ConfigReader(object):
             else:
                 if logging_ is not None:
                     raise self.error(elem, 'more than one <logging>')
-                self.attrs(elem, ('file',))
-                logging_ = Logging(elem.get('file') or None, self.lines[elem])
+                logging_ = self.logging(elem)
         if not services:
             raise self.error(root, '<pdconfig> has no <service>')
-        return Config(self.path, services, admin, logging_, drain)
+        return Config(self.path, services, admin, logging_, drain, user, group)
 
     def service(self, elem, services):
-        self.attrs(elem, ('name',), ('name',))
+        self.attrs(elem, ('maxconns', 'name'), ('name',))
         name = self.name(elem, 'service name', elem.get('name'))
         if any(s.name == name for s in services):
             raise self.error(elem, f'duplicate service {name!r}')
-        listens, groups, enable, check, timeouts = [], [], None, None, None
+        maxconns = self.integer(elem, 'maxconns', 0, 0)
+        listens, groups, enable, check, timeouts, acl = [], [], None, None, None, []
         for tag, child in self.children(elem):
             if tag == 'listen':
-                self.attrs(child, ('ip',), ('ip',))
-                host, port = self.address(child, 'ip')
-                text = child.get('ip')
-                self.claim_listen(child, text, host, port, f'service {name!r}')
-                listens.append(Listen(text, host, port, self.lines[child]))
+                listens.append(self.listen(child, name))
+            elif tag in ('allow', 'deny'):
+                self.attrs(child, ('cidr',), ('cidr',))
+                try:
+                    acl.append((tag, parse_network(child.get('cidr'))))
+                except ValueError as e:
+                    raise self.error(child, f'<{tag}> cidr {e}') from None
             elif tag == 'group':
                 group = self.group(child)
                 if any(g.name == group.name for g in groups):
@@ -724,9 +883,10 @@ class _ConfigReader(object):
             else:
                 if timeouts is not None:
                     raise self.error(child, f'service {name!r}: more than one <timeouts>')
-                self.attrs(child, ('connect', 'idle'))
+                self.attrs(child, ('connect', 'idle', 'queue'))
                 timeouts = Timeouts(self.seconds(child, 'connect', 3.0),
-                                    self.seconds(child, 'idle', 3600.0), self.lines[child])
+                                    self.seconds(child, 'idle', 3600.0), self.lines[child],
+                                    queue=self.seconds(child, 'queue', 5.0))
         if not listens:
             raise self.error(elem, f'service {name!r} has no <listen>')
         if not groups:
@@ -736,7 +896,19 @@ class _ConfigReader(object):
             enabled = enable.get('group')
             if not any(g.name == enabled for g in groups):
                 raise self.error(enable, f'service {name!r}: <enable> names unknown group {enabled!r}')
-        return Service(name, listens, groups, enabled, check, timeouts, self.lines[elem])
+        return Service(name, listens, groups, enabled, check, timeouts, self.lines[elem],
+                       maxconns=maxconns, acl=acl)
+
+    def listen(self, elem, service_name):
+        self.attrs(elem, ('accept_proxy', 'ip', 'trusted'), ('ip',))
+        host, port = self.address(elem, 'ip')
+        text = elem.get('ip')
+        self.claim_listen(elem, text, host, port, f'service {service_name!r}')
+        accept_proxy = self.choice(elem, 'accept_proxy', ('v1', 'v2', 'any'))
+        trusted = self.networks(elem, 'trusted')
+        if trusted is not None and accept_proxy is None:
+            raise self.error(elem, '<listen> trusted is only used with accept_proxy')
+        return Listen(text, host, port, self.lines[elem], accept_proxy, trusted)
 
     def group(self, elem):
         self.attrs(elem, ('name', 'scheduler'), ('name', 'scheduler'))
@@ -759,7 +931,7 @@ class _ConfigReader(object):
         return Group(name, scheduler, hosts, self.lines[elem])
 
     def host(self, elem, index):
-        self.attrs(elem, ('ip', 'maxconns', 'name', 'weight'), ('ip',))
+        self.attrs(elem, ('ip', 'maxconns', 'name', 'send_proxy', 'weight'), ('ip',))
         name = elem.get('name')
         if not name:
             name = f'host.{index}'      # as 1.0 named hosts without a name
@@ -771,7 +943,8 @@ class _ConfigReader(object):
             raise self.error(elem, f"<{elem.tag}> ip {ip!r}: '*' is for listening; a host needs an address")
         weight = self.integer(elem, 'weight', 1, 1, 1000)
         maxconns = self.integer(elem, 'maxconns', 0, 0)
-        return Host(name, ip, host, port, weight, maxconns, self.lines[elem])
+        send_proxy = self.choice(elem, 'send_proxy', ('v1', 'v2'))
+        return Host(name, ip, host, port, weight, maxconns, self.lines[elem], send_proxy)
 
     def check(self, elem):
         self.attrs(elem, ('expect', 'fall', 'interval', 'rise', 'send', 'timeout'))
@@ -789,6 +962,24 @@ class _ConfigReader(object):
             data[attr + '_text'] = text
         return Check(interval, timeout, rise, fall, data['send'], data['expect'],
                      self.lines[elem], data['send_text'], data['expect_text'])
+
+    def logging(self, elem):
+        self.attrs(elem, ('access', 'facility', 'file', 'syslog'))
+        access = self.choice(elem, 'access', ('on', 'off')) != 'off'
+        syslog = elem.get('syslog')
+        if syslog is not None:
+            try:
+                parse_syslog(syslog)
+            except ValueError as e:
+                raise self.error(elem, f'<logging> syslog {e}') from None
+        facility = elem.get('facility')
+        if facility is not None:
+            if syslog is None:
+                raise self.error(elem, '<logging> facility is only used with syslog')
+            if facility not in logging.handlers.SysLogHandler.facility_names:
+                raise self.error(elem, f'<logging> facility {facility!r}: not a syslog facility '
+                                       f'(like daemon, user or local0-local7)')
+        return Logging(elem.get('file') or None, self.lines[elem], access, syslog, facility or 'daemon')
 
     def admin(self, elem):
         if 'secure' in elem.attrib:
@@ -982,6 +1173,298 @@ class Loop(object):
         self._wake_w.close()
 
 
+# PROXY-PROTOCOL-SECTION-START
+# ---------------------------------------------------------------------------
+# PROXY protocol: the header a proxy puts in front of a relayed stream to say
+# who the real client was (HAProxy's proxy-protocol.txt, versions 1 and 2).
+#
+# Version 1 is one text line, "PROXY TCP4 src dst sport dport\r\n", at most
+# 107 bytes.  Version 2 is a 12-byte binary signature, a version/command byte,
+# a family/transport byte, a 16-bit length and that many bytes of addresses
+# (then optional TLVs, which we skip).  The parser works on whatever prefix
+# has arrived: None means "need more bytes", ValueError means "this can never
+# become a valid header", decided at the first byte that proves it.
+# ---------------------------------------------------------------------------
+
+PROXY_V1_SIGNATURE = b'PROXY '
+PROXY_V1_MAX = 107        # the longest line the spec allows, CRLF included
+PROXY_V2_SIGNATURE = b'\r\n\r\n\x00\r\nQUIT\n'
+PROXY_V2_FIXED = 16       # signature, version/command, family, length
+PROXY_V2_MAX_LENGTH = 65535   # the length field is 16 bits: nothing longer can be announced
+PROXY_HEADER_MAX = PROXY_V2_FIXED + PROXY_V2_MAX_LENGTH  # the most a reader may need to hold
+
+_V2_LOCAL, _V2_PROXY = 0x20, 0x21
+_V2_UNSPEC, _V2_TCP4, _V2_TCP6 = 0x00, 0x11, 0x21
+# Family/transport bytes a PROXY command may carry, and their address block size.
+# UDP and UNIX are valid but say nothing usable about a TCP client: we fall back
+# to the real peer, as the spec allows.
+_V2_ADDRESS_SIZE = {0x00: 0, 0x11: 12, 0x12: 12, 0x21: 36, 0x22: 36, 0x31: 216, 0x32: 216}
+
+_V1_PROTOCOLS = (b'TCP4', b'TCP6', b'UNKNOWN')
+_V1_FIELD_BYTES = frozenset(b'0123456789abcdefABCDEF.: \r\n')
+_DIGITS = frozenset(b'0123456789')
+_HEX_COLON_DOT = frozenset(b'0123456789abcdefABCDEF:.')
+
+
+def _ip_of(addr):
+    """The ipaddress object of a socket address tuple, or None (AF_UNIX, unknown, junk)."""
+    if not isinstance(addr, tuple) or len(addr) < 2 or not isinstance(addr[0], str):
+        return None
+    try:
+        # getpeername() of a link-local IPv6 peer gives 'fe80::1%eth0': the scope is local detail.
+        return ipaddress.ip_address(addr[0].split('%', 1)[0])
+    except ValueError:
+        return None
+
+
+def _port_of(addr):
+    port = addr[1]
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError('bad port %r' % (port,))
+    return port
+
+
+def _as_ipv4(ip):
+    if ip.version == 4:
+        return ip
+    return ip.ipv4_mapped  # None unless ::ffff:a.b.c.d
+
+
+def _as_ipv6(ip):
+    if ip.version == 6:
+        return ip
+    return ipaddress.IPv6Address(b'\0' * 10 + b'\xff\xff' + ip.packed)
+
+
+def _header_addresses(client_addr, server_addr):
+    """(4 or 6 or None, client ip, server ip, client port, server port) for a header.
+
+    Both IPv4 (plain or mapped into IPv6, as a dual-stack listener sees v4
+    clients) -> IPv4.  Otherwise IPv6 for both, an IPv4 side mapped into IPv6.
+    None when an address is not IP at all."""
+    client, server = _ip_of(client_addr), _ip_of(server_addr)
+    if client is None or server is None:
+        return None, None, None, 0, 0
+    ports = _port_of(client_addr), _port_of(server_addr)
+    client4, server4 = _as_ipv4(client), _as_ipv4(server)
+    if client4 is not None and server4 is not None:
+        return (4, client4, server4) + ports
+    return (6, _as_ipv6(client), _as_ipv6(server)) + ports
+
+
+def _ipv6_hex_text(ip):
+    """RFC 5952 text in hex groups only: version 1 asks for that, and Python 3.13
+    started writing mapped addresses as '::ffff:1.2.3.4'."""
+    groups = ['%x' % int(g, 16) for g in ip.exploded.split(':')]
+    best_start, best_len, start = -1, 1, None   # only runs of two or more zeros collapse
+    for i, g in enumerate(groups + ['end']):
+        if g == '0':
+            if start is None:
+                start = i
+        elif start is not None:
+            if i - start > best_len:
+                best_start, best_len = start, i - start
+            start = None
+    if best_start < 0:
+        return ':'.join(groups)
+    return (':'.join(groups[:best_start]) + '::' + ':'.join(groups[best_start + best_len:]))
+
+
+def proxy_header_v1(client_addr, server_addr):
+    """b'PROXY TCP4 client server cport sport\\r\\n' for a connection from
+    client_addr to server_addr (socket address tuples); b'PROXY UNKNOWN\\r\\n'
+    when one of them is not an IP address."""
+    family, client, server, client_port, server_port = _header_addresses(client_addr, server_addr)
+    if family is None:
+        return b'PROXY UNKNOWN\r\n'
+    if family == 4:
+        texts = str(client), str(server)
+    else:
+        texts = _ipv6_hex_text(client), _ipv6_hex_text(server)
+    return ('PROXY TCP%d %s %s %d %d\r\n' % ((family,) + texts + (client_port, server_port))).encode('ascii')
+
+
+def proxy_header_v2(client_addr, server_addr):
+    """The binary header: PROXY command, TCP over IPv4 or IPv6, no TLVs; when
+    an address is not IP, PROXY with an unspecified family and no addresses
+    (the receiver then uses the real peer)."""
+    family, client, server, client_port, server_port = _header_addresses(client_addr, server_addr)
+    if family is None:
+        return PROXY_V2_SIGNATURE + bytes([_V2_PROXY, _V2_UNSPEC, 0, 0])
+    block = (client.packed + server.packed +
+             client_port.to_bytes(2, 'big') + server_port.to_bytes(2, 'big'))
+    return (PROXY_V2_SIGNATURE + bytes([_V2_PROXY, _V2_TCP4 if family == 4 else _V2_TCP6]) +
+            len(block).to_bytes(2, 'big') + block)
+
+
+def parse_proxy_header(data, accept='any', limit=PROXY_HEADER_MAX):
+    """Read a PROXY header from the start of data (bytes or bytearray).
+
+    accept is 'v1', 'v2' or 'any'.  Returns None while more bytes are needed,
+    else (consumed, source, dest): consumed is the header's length in bytes,
+    source and dest are (ip_text, port), or both None for v1 UNKNOWN and v2
+    LOCAL / non-TCP families (use the real peer then).  Raises ValueError as
+    soon as data cannot be the start of an acceptable header, or when a v2
+    header announces more than limit bytes in all."""
+    if accept not in ('v1', 'v2', 'any'):
+        raise ValueError('accept must be v1, v2 or any, not %r' % (accept,))
+    if not data:
+        return None
+    first = data[0]
+    if first == PROXY_V1_SIGNATURE[0]:
+        if accept == 'v2':
+            raise ValueError('a PROXY v1 header or other text where only v2 is accepted')
+        return _parse_v1(data)
+    if first == PROXY_V2_SIGNATURE[0]:
+        if accept == 'v1':
+            raise ValueError('a PROXY v2 header or other binary where only v1 is accepted')
+        return _parse_v2(data, limit)
+    raise ValueError('not a PROXY protocol header (first byte 0x%02x)' % first)
+
+
+def _parse_v1(data):
+    size = min(len(data), len(PROXY_V1_SIGNATURE))
+    if data[:size] != PROXY_V1_SIGNATURE[:size]:
+        raise ValueError('bad PROXY v1 signature')
+    if size < len(PROXY_V1_SIGNATURE):
+        return None
+    end = data.find(b'\r\n', 0, PROXY_V1_MAX)
+    line = bytes(data[len(PROXY_V1_SIGNATURE):end if end >= 0 else PROXY_V1_MAX])
+    fields = line.split(b' ')
+    protocol = fields[0].split(b'\r', 1)[0]
+    if end < 0 and len(fields) == 1 and b'\r' not in fields[0]:
+        # Still reading the protocol name: is it the start of one we know?
+        if not any(p.startswith(protocol) for p in _V1_PROTOCOLS):
+            raise ValueError('PROXY v1: unknown protocol %r' % protocol.decode('latin-1'))
+    elif protocol not in _V1_PROTOCOLS:
+        raise ValueError('PROXY v1: unknown protocol %r' % protocol.decode('latin-1'))
+    if protocol == b'UNKNOWN':
+        # The sender may put anything before the CRLF; the receiver ignores it.
+        if end >= 0:
+            return end + 2, None, None
+    else:
+        _check_v1_fields(protocol, line, end >= 0)
+        if end >= 0:
+            return end + 2, _v1_address(fields[1], fields[3]), _v1_address(fields[2], fields[4])
+    if len(data) >= PROXY_V1_MAX:
+        raise ValueError('PROXY v1: no CRLF within %d bytes' % PROXY_V1_MAX)
+    return None
+
+
+def _check_v1_fields(protocol, line, complete):
+    """Reject a TCP4/TCP6 line, whole or partial, at the first wrong byte we can see."""
+    for i, byte in enumerate(line[len(protocol):], len(protocol)):
+        if byte not in _V1_FIELD_BYTES:
+            raise ValueError('PROXY v1: unexpected byte 0x%02x' % byte)
+        if byte == 0x0a:  # b'\n' (complete lines stop before their CRLF)
+            raise ValueError('PROXY v1: LF without CR')
+        if byte == 0x0d and i + 1 < len(line):  # CRLF is past the line, so this CR is alone
+            raise ValueError('PROXY v1: CR without LF')
+    fields = line.rstrip(b'\r').split(b' ')
+    if len(fields) > 5:
+        raise ValueError('PROXY v1: too many fields')
+    if complete and len(fields) < 5:
+        raise ValueError('PROXY v1: %d fields where 5 are needed' % len(fields))
+    if not complete and line.endswith(b'\r') and len(fields) < 5:
+        raise ValueError('PROXY v1: line ends after %d fields, 5 are needed' % len(fields))
+    last = len(fields) - 1
+    for i, field in enumerate(fields[1:], 1):
+        whole = complete or i < last or line.endswith(b'\r')
+        if whole and not field:
+            raise ValueError('PROXY v1: empty field %d' % (i + 1))
+        if i in (1, 2):
+            if protocol == b'TCP4':
+                _check_ipv4_text(field, whole)
+            else:
+                _check_ipv6_text(field, whole)
+        else:
+            _check_port_text(field, whole)
+
+
+def _check_ipv4_text(field, whole):
+    """Four decimal numbers 0-255 without leading zeros ('01' could be read as octal)."""
+    if b':' in field:
+        raise ValueError('PROXY v1: an IPv6 address in a TCP4 line')
+    parts = field.split(b'.')
+    if len(field) > 15 or len(parts) > 4 or (whole and len(parts) != 4):
+        raise ValueError('PROXY v1: bad IPv4 address %r' % field.decode('latin-1'))
+    for j, part in enumerate(parts):
+        last_partial = not whole and j == len(parts) - 1
+        if not part and not last_partial:
+            raise ValueError('PROXY v1: bad IPv4 address %r' % field.decode('latin-1'))
+        if (not set(part) <= _DIGITS or len(part) > 3 or (len(part) > 1 and part[:1] == b'0')
+                or (part and int(part) > 255)):
+            raise ValueError('PROXY v1: bad IPv4 address %r' % field.decode('latin-1'))
+
+
+def _check_ipv6_text(field, whole):
+    # The longest form, eight full groups or six with a dotted IPv4 tail, is 45 bytes.
+    if not set(field) <= _HEX_COLON_DOT or len(field) > 45:
+        raise ValueError('PROXY v1: bad IPv6 address %r' % field.decode('latin-1'))
+    if not whole:
+        return
+    if b':' not in field:
+        raise ValueError('PROXY v1: an IPv4 address in a TCP6 line')
+    try:
+        socket.inet_pton(socket.AF_INET6, field.decode('ascii'))
+    except (OSError, ValueError):
+        raise ValueError('PROXY v1: bad IPv6 address %r' % field.decode('latin-1'))
+
+
+def _check_port_text(field, whole):
+    if (not set(field) <= _DIGITS or len(field) > 5 or (len(field) > 1 and field[:1] == b'0')
+            or (field and int(field) > 65535) or (whole and not field)):
+        raise ValueError('PROXY v1: bad port %r' % field.decode('latin-1'))
+
+
+def _v1_address(ip_field, port_field):
+    text = ip_field.decode('ascii')
+    if ':' in text:
+        # Normalised the way accept() writes addresses ('FE80::01' -> 'fe80::1').
+        text = socket.inet_ntop(socket.AF_INET6, socket.inet_pton(socket.AF_INET6, text))
+    return text, int(port_field)
+
+
+def _parse_v2(data, limit):
+    size = min(len(data), len(PROXY_V2_SIGNATURE))
+    if data[:size] != PROXY_V2_SIGNATURE[:size]:
+        raise ValueError('bad PROXY v2 signature')
+    if len(data) <= len(PROXY_V2_SIGNATURE):
+        return None
+    version_command = data[12]
+    if version_command >> 4 != 2:
+        raise ValueError('PROXY protocol version %d is not supported' % (version_command >> 4))
+    if version_command not in (_V2_LOCAL, _V2_PROXY):
+        raise ValueError('PROXY v2: unknown command %d' % (version_command & 0x0f))
+    if len(data) < 14:
+        return None
+    family = data[13]
+    if version_command == _V2_PROXY and family not in _V2_ADDRESS_SIZE:
+        raise ValueError('PROXY v2: unknown address family/transport 0x%02x' % family)
+    if len(data) < PROXY_V2_FIXED:
+        return None
+    length = int.from_bytes(bytes(data[14:16]), 'big')
+    consumed = PROXY_V2_FIXED + length
+    if consumed > limit:
+        raise ValueError('PROXY v2: header of %d bytes is longer than %d' % (consumed, limit))
+    if version_command == _V2_PROXY and length < _V2_ADDRESS_SIZE[family]:
+        raise ValueError('PROXY v2: %d address bytes where family 0x%02x needs %d'
+                         % (length, family, _V2_ADDRESS_SIZE[family]))
+    if len(data) < consumed:
+        return None
+    if version_command == _V2_LOCAL or family not in (_V2_TCP4, _V2_TCP6):
+        return consumed, None, None
+    if family == _V2_TCP4:
+        af, size = socket.AF_INET, 4
+    else:
+        af, size = socket.AF_INET6, 16
+    block = bytes(data[PROXY_V2_FIXED:PROXY_V2_FIXED + 2 * size + 4])
+    source = socket.inet_ntop(af, block[:size]), int.from_bytes(block[2 * size:2 * size + 2], 'big')
+    dest = socket.inet_ntop(af, block[size:2 * size]), int.from_bytes(block[2 * size + 2:], 'big')
+    return consumed, source, dest
+# PROXY-PROTOCOL-SECTION-END
+
+
 # ---------------------------------------------------------------------------
 # Proxying: a Listener accepts clients, a Pair relays one client to one backend.
 # ---------------------------------------------------------------------------
@@ -996,6 +1479,23 @@ LOCAL_CONNECT_ERRORS = frozenset([errno.EADDRNOTAVAIL, errno.EMFILE, errno.ENFIL
 OUT_OF_FDS = frozenset([errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM])
 
 
+_PLAIN_VALUE = re.compile(r'[A-Za-z0-9._:/@+\[\]-]+\Z')
+
+
+def log_value(text):
+    """A log field that cannot forge another field or line: quoted and escaped unless plain."""
+    text = str(text)
+    if _PLAIN_VALUE.match(text):
+        return text
+    escaped = text.encode('unicode_escape').decode('ascii').replace('"', '\\"')
+    return '"%s"' % escaped
+
+
+def format_address(ip, port):
+    """'1.2.3.4:80' or '[::1]:80'."""
+    return ('[%s]:%s' if ':' in ip else '%s:%s') % (ip, port)
+
+
 def error_text(err):
     """'connection refused' from an errno (log lines read better in lower case)."""
     text = os.strerror(err)
@@ -1005,14 +1505,21 @@ def error_text(err):
 class Listener(object):
     """One listening socket of a service."""
 
-    def __init__(self, director, service, sock, text):
+    def __init__(self, director, service, sock, listen):
         self.director = director
         self.service = service
         self.sock = sock
-        self.text = text
+        self.configure(listen)
         self.paused = False
         self.registered = True
         director.loop.selector.register(sock, EVENT_READ, self._on_readable)
+
+    def configure(self, listen):
+        """Take (new) settings from its <listen>; a reload may call this again."""
+        self.listen = listen
+        self.text = listen.text
+        self.accept_proxy = listen.accept_proxy
+        self.trusted = [('allow', net) for net in listen.trusted]
 
     def _on_readable(self, mask):
         accept = self.sock.accept
@@ -1032,7 +1539,7 @@ class Listener(object):
             if self.paused:
                 self.paused = False
                 log.info('listen %s: accepting again', self.text)
-            on_accept(self.service, client_sock, client_addr)
+            on_accept(self, client_sock, client_addr)
 
     def pause(self, err):
         """Out of fds: a pending client stays queued and would wake us forever; look again shortly."""
@@ -1058,12 +1565,16 @@ class Listener(object):
             self.sock.close()
 
 
+PROXY_HEADER, QUEUED = 'proxy-header', 'queued'
 CONNECTING, STREAMING, CLOSED = 'connecting', 'streaming', 'closed'
+QUEUE_LIMIT = 1000        # clients a service may hold waiting for a free host
 
 
 class Pair(object):
     """One client connection and the backend connection made for it.
 
+    PROXY_HEADER: reading the PROXY protocol header a front proxy sends first.
+    QUEUED: every eligible host is at its maxconns; waiting for a slot.
     CONNECTING: the backend connect is in flight; the client is not read yet,
     so whatever it already sent waits in the kernel and reaches whichever
     backend accepts (that makes failover transparent).
@@ -1075,7 +1586,8 @@ class Pair(object):
     __slots__ = ('director', 'loop', 'service', 'group', 'host', 'client_sock', 'backend_sock',
                  'client_ip', 'client_port', 'state', 'tried', 'to_client', 'to_backend',
                  'client_eof', 'backend_eof', 'client_events', 'backend_events', 'timer',
-                 'last_active', 'bytes_in', 'bytes_out', 'started')
+                 'last_active', 'bytes_in', 'bytes_out', 'started', 'proxy_dest',
+                 'proxy_accept')
 
     def __init__(self, director, service, client_sock, client_addr):
         self.director = director
@@ -1100,6 +1612,55 @@ class Pair(object):
         self.bytes_in = 0
         self.bytes_out = 0
         self.started = self.loop.now
+        self.proxy_dest = None    # the address a PROXY header said the client connected to
+        self.proxy_accept = None  # 'v1', 'v2' or 'any' while reading that header
+
+    # -- the PROXY protocol header from a front proxy ---------------------
+
+    def read_proxy_header(self, accept):
+        """Read the header before anything else; what follows it waits in to_backend."""
+        self.state = PROXY_HEADER
+        self.loop.selector.register(self.client_sock, EVENT_READ, self._on_proxy_readable)
+        self.client_events = EVENT_READ
+        self.proxy_accept = accept
+        self.timer = self.loop.call_later(self.service.timeouts.connect, self._bad_proxy, 'no header in time')
+
+    def _on_proxy_readable(self, mask):
+        try:
+            data = self.client_sock.recv(BUFFER_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.abort('client-reset')
+            return
+        if not data:
+            self._bad_proxy('closed before the header ended')
+            return
+        data = self.to_backend + data
+        try:
+            header = parse_proxy_header(data, self.proxy_accept)
+        except ValueError as e:
+            self._bad_proxy(str(e))
+            return
+        if header is None:
+            self.to_backend = data
+            return
+        size, source, dest = header
+        self.to_backend = data[size:]
+        if source is not None:
+            self.client_ip, self.client_port = source[0], source[1]
+            self.proxy_dest = dest
+        self.timer.cancel()
+        self.timer = None
+        self._set_events(0, 0)
+        self.state = CONNECTING
+        self.director.route(self)
+
+    def _bad_proxy(self, why):
+        self.timer = None
+        log.warning('client %s:%s in %s: bad PROXY header: %s',
+                    self.client_ip, self.client_port, self.service.name, why)
+        self.close('bad-proxy')
 
     # -- connecting -------------------------------------------------------
 
@@ -1108,6 +1669,9 @@ class Pair(object):
         scheduler = self.group.scheduler
         host = scheduler.pick(self.client_ip, self.tried)
         if host is None:
+            if not self.tried and scheduler.full_only(()):
+                self._wait_in_queue()
+                return
             if self.tried:
                 log.warning('client %s:%s in %s: gave up after %d host(s) failed',
                             self.client_ip, self.client_port, self.service.name, len(self.tried))
@@ -1138,6 +1702,22 @@ class Pair(object):
             return
         self.timer = self.loop.call_later(self.service.timeouts.connect, self._on_connect_timeout)
         self._set_events(0, EVENT_WRITE)
+
+    def _wait_in_queue(self):
+        queue = self.service.queue
+        if len(queue) >= QUEUE_LIMIT:
+            self.service.refused += 1
+            self.close('full')
+            return
+        self.state = QUEUED
+        queue.append(self)
+        self.timer = self.loop.call_later(self.service.timeouts.queue, self._on_queue_timeout)
+
+    def _on_queue_timeout(self):
+        self.timer = None
+        log.info('client %s:%s in %s: no host free within %g s',
+                 self.client_ip, self.client_port, self.service.name, self.service.timeouts.queue)
+        self.close('queue-timeout')
 
     def _on_connect_timeout(self):
         self.timer = None
@@ -1178,7 +1758,22 @@ class Pair(object):
         self.state = STREAMING
         self.last_active = self.loop.now
         self.timer = self.loop.call_later(self.service.timeouts.idle, self._on_idle_timer)
-        self._update_interest()
+        if self.host.send_proxy is not None:
+            self.to_backend = self._proxy_header() + self.to_backend
+        if self.to_backend:
+            self._flush(True)   # a PROXY header, or bytes read with one
+        else:
+            self._update_interest()
+
+    def _proxy_header(self):
+        dest = self.proxy_dest
+        if dest is None:
+            try:
+                dest = self.client_sock.getsockname()
+            except OSError:
+                dest = None
+        build = proxy_header_v2 if self.host.send_proxy == 'v2' else proxy_header_v1
+        return build((self.client_ip, self.client_port), dest)
 
     # -- streaming --------------------------------------------------------
 
@@ -1347,6 +1942,8 @@ class Pair(object):
     def close(self, how='no-backend'):
         if self.state is CLOSED:
             return
+        if self.state is QUEUED:
+            self.service.queue.remove(self)
         was_streaming = self.state is STREAMING
         self.state = CLOSED
         self._drop_backend()
@@ -1491,11 +2088,30 @@ class RunningService(object):
         self.accepted = 0
         self.failovers = 0
         self.refused = 0
+        self.denied = 0
+        self.open = 0
+        self.queue = collections.deque()   # Pairs waiting for a host below its maxconns
+        self.switch = None                 # the pending blue/green Switch, if any
+
+
+class Switch(object):
+    """A blue/green switch still in its drain or rollback window."""
+
+    def __init__(self, from_group, to_group):
+        self.from_group = from_group
+        self.to_group = to_group
+        self.drain_until = None      # epoch: connections left on from_group are closed then
+        self.rollback_until = None   # epoch: switch back unless to_group had a host up by then
+        self.confirmed = False       # to_group has had a host up
+        self.timers = []
+
+
+TIMELINE_LENGTH = 10     # state changes kept per host for /running
 
 
 class ProbeState(object):
     """The director's bookkeeping for one host's health checks."""
-    __slots__ = ('service', 'group', 'host', 'next_due', 'in_flight')
+    __slots__ = ('service', 'group', 'host', 'next_due', 'in_flight', 'timeline')
 
     def __init__(self, service, group, host, next_due):
         self.service = service
@@ -1503,6 +2119,37 @@ class ProbeState(object):
         self.host = host
         self.next_due = next_due
         self.in_flight = False
+        self.timeline = collections.deque(maxlen=TIMELINE_LENGTH)
+
+
+def _same(a, b):
+    """Two config objects (or plain values) equal, ignoring the line they were read from."""
+    if type(a) is not type(b) or not hasattr(a, '__dict__'):
+        return a == b
+    return ({k: v for k, v in vars(a).items() if k != 'line'} ==
+            {k: v for k, v in vars(b).items() if k != 'line'})
+
+
+def _optional_seconds(value, what):
+    """An admin's optional seconds value: None, or a number >= 0 (AdminError 400 otherwise)."""
+    if value is None or value == '':
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise AdminError(400, '%s must be a number of seconds' % what)
+    if not 0 <= seconds < 1e9:
+        raise AdminError(400, '%s must be 0 or more seconds' % what)
+    return seconds
+
+
+def host_state(host):
+    """One word for a host, as /running shows it: up, down, draining or disabled."""
+    if host.health == schedulers.DOWN:
+        return 'down'
+    if host.admin != schedulers.ENABLED:
+        return host.admin
+    return 'up'
 
 
 def resolve_now(host, port):
@@ -1536,13 +2183,17 @@ class Director(object):
         self.manager = None
         self.stopping = False
         self.stop_timer = None
+        self.reloaded = None
+        self.epoch_offset = time.time() - time.monotonic()   # loop time -> wall time, for pages
+        self.access_log = config.logging.access
         for service_config in config.services:
             self._build_service(service_config, resolve_names=True)
 
     # -- building ---------------------------------------------------------
 
-    def _make_host(self, name, ip, host, port, weight, maxconns, resolve_names):
+    def _make_host(self, name, ip, host, port, weight, maxconns, resolve_names, send_proxy=None):
         live = schedulers.Host(name, ip, weight=weight, maxconns=maxconns)
+        live.send_proxy = send_proxy
         address = resolve_now(host, port)
         if address is None and resolve_names:
             try:
@@ -1564,15 +2215,20 @@ class Director(object):
     def _build_service(self, service_config, resolve_names):
         service = RunningService(service_config)
         for group_config in service_config.groups:
-            hosts = [self._make_host(h.name, h.ip, h.host, h.port, h.weight, h.maxconns, resolve_names)
-                     for h in group_config.hosts]
-            group = RunningGroup(group_config.name, self._make_scheduler(group_config.scheduler, hosts))
+            group = self._build_group(service, group_config, resolve_names)
             service.groups[group.name] = group
-            for host in hosts:
-                self._watch(service, group, host)
         service.enabled = service.groups[service_config.enabled]
         self.services[service.name] = service
         return service
+
+    def _build_group(self, service, group_config, resolve_names):
+        hosts = [self._make_host(h.name, h.ip, h.host, h.port, h.weight, h.maxconns, resolve_names,
+                                 send_proxy=h.send_proxy)
+                 for h in group_config.hosts]
+        group = RunningGroup(group_config.name, self._make_scheduler(group_config.scheduler, hosts))
+        for host in hosts:
+            self._watch(service, group, host)
+        return group
 
     def _watch(self, service, group, host):
         self.probes[host] = ProbeState(service, group, host, self.loop.now)
@@ -1587,7 +2243,7 @@ class Director(object):
                 for listen in service.config.listens:
                     sock = listen_socket(listen.host, listen.port)
                     opened.append(sock)
-                    service.listeners.append(Listener(self, service, sock, listen.text))
+                    service.listeners.append(Listener(self, service, sock, listen))
         except Exception:
             for service in self.services.values():
                 for listener in service.listeners:
@@ -1641,8 +2297,10 @@ class Director(object):
 
     # -- connections --------------------------------------------------------
 
-    def on_accept(self, service, client_sock, client_addr):
+    def on_accept(self, listener, client_sock, client_addr):
+        service = listener.service
         service.accepted += 1
+        service.open += 1
         client_sock.setblocking(False)
         try:
             client_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -1650,7 +2308,37 @@ class Director(object):
             pass
         pair = Pair(self, service, client_sock, client_addr)
         self.pairs.add(pair)
+        maxconns = service.config.maxconns
+        if maxconns and service.open > maxconns:
+            service.refused += 1
+            pair.close('full')
+        elif listener.accept_proxy is None:
+            self.route(pair)
+        elif listener.trusted and not acl_allows(listener.trusted, pair.client_ip):
+            service.denied += 1
+            log.warning('client %s:%s in %s: not a trusted proxy', pair.client_ip, pair.client_port, service.name)
+            pair.close('denied')
+        else:
+            pair.read_proxy_header(listener.accept_proxy)
+
+    def route(self, pair):
+        """A client whose address is known: check the service's rules, then find it a host."""
+        service = pair.service
+        if service.config.acl and not acl_allows(service.config.acl, pair.client_ip):
+            service.denied += 1
+            pair.close('denied')
+            return
         pair.connect_next()
+
+    def _serve_queue(self, service):
+        """Hand freed slots to waiting clients, first come first served."""
+        queue = service.queue
+        while queue and not service.enabled.scheduler.full_only(()):
+            pair = queue.popleft()
+            pair.timer.cancel()
+            pair.timer = None
+            pair.state = CONNECTING
+            pair.connect_next()
 
     def pause_accepting(self, err):
         """File descriptors are per process: when one accept or connect runs out, every listener waits."""
@@ -1660,6 +2348,19 @@ class Director(object):
 
     def pair_closed(self, pair, how):
         self.pairs.discard(pair)
+        service = pair.service
+        service.open -= 1
+        if service.queue and pair.host is not None:
+            self._serve_queue(service)
+        if self.access_log:
+            host = pair.host or (pair.tried[-1] if pair.tried else None)
+            access_log.info(
+                'access service=%s client=%s host=%s backend=%s failovers=%d bytes_in=%d '
+                'bytes_out=%d duration=%.3f end=%s',
+                log_value(pair.service.name), log_value(format_address(pair.client_ip, pair.client_port)),
+                log_value(host.name) if host else '-', log_value(host.ip) if host else '-',
+                max(0, len(pair.tried) - 1), pair.bytes_in, pair.bytes_out,
+                self.loop.now - pair.started, how)
         if self.stopping and not self.pairs:
             if self.stop_timer is not None:
                 self.stop_timer.cancel()
@@ -1671,6 +2372,7 @@ class Director(object):
         """The one way a host's health or admin state changes: tells the scheduler, logs once."""
         scheduler = group.scheduler
         when = time.time()
+        before = host_state(host)
         if state == schedulers.UP:
             changed = scheduler.mark_up(host, when)
         elif state == schedulers.DOWN:
@@ -1680,8 +2382,15 @@ class Director(object):
         if changed:
             host.probe_ok = host.probe_fail = 0
             probe_state = self.probes.get(host)
-            if probe_state is not None and state == schedulers.DOWN:
-                probe_state.next_due = self.loop.now + self._check(service).interval
+            if probe_state is not None:
+                probe_state.timeline.append((when, before, host_state(host), cause))
+                if state == schedulers.DOWN:
+                    probe_state.next_due = self.loop.now + self._check(service).interval
+            if host_state(host) == 'up':
+                if service.switch is not None and service.switch.to_group is group:
+                    service.switch.confirmed = True
+                if service.queue:
+                    self._serve_queue(service)
             log.info('host %s (%s) in %s/%s %s: %s', host.name, host.ip, service.name, group.name, state, cause)
         return changed
 
@@ -1769,18 +2478,17 @@ class Director(object):
             for group in service.groups.values():
                 hosts = []
                 for host in group.scheduler.hosts:
-                    if host.health == schedulers.DOWN:
-                        state = 'down'
-                    elif host.admin != schedulers.ENABLED:
-                        state = host.admin
-                    else:
-                        state = 'up'
+                    probe_state = self.probes.get(host)
                     hosts.append({
                         'name': host.name, 'ip': host.ip, 'weight': host.weight, 'maxconns': host.maxconns,
-                        'health': host.health, 'admin': host.admin, 'state': state,
+                        'health': host.health, 'admin': host.admin, 'state': host_state(host),
                         'reason': host.reason, 'since': host.since,
                         'open': host.open, 'total': host.total,
                         'bytes_in': host.bytes_in, 'bytes_out': host.bytes_out,
+                        'send_proxy': host.send_proxy,
+                        'timeline': [{'when': when, 'from': old, 'to': new, 'why': why}
+                                     for when, old, new, why in probe_state.timeline] if probe_state else [],
+                        'next_probe': self._next_probe(service, host, probe_state),
                     })
                 groups.append({'name': group.name, 'scheduler': group.scheduler.spec,
                                'enabled': group is service.enabled, 'hosts': hosts})
@@ -1789,12 +2497,57 @@ class Director(object):
                 [l.text for l in service.config.listens],
                 'enabled': service.enabled.name, 'accepted': service.accepted,
                 'failovers': service.failovers, 'refused': service.refused, 'groups': groups,
+                'maxconns': service.config.maxconns, 'open': service.open,
+                'queued': len(service.queue), 'denied': service.denied,
+                'switch': self._switch_snapshot(service.switch),
             })
         return {
             'version': VERSION, 'hostname': socket.gethostname(), 'pid': os.getpid(),
             'started': self.started, 'now': time.time(), 'services': services,
+            'config_path': self.config.path, 'reloaded': self.reloaded,
             'users': [{'name': u.name, 'access': u.access} for u in self.users.values()],
         }
+
+    def _next_probe(self, service, host, probe_state):
+        """Epoch time of the host's next probe; None when it is not probed (up, no <check>)."""
+        if probe_state is None or (host.health == schedulers.UP and service.check is None):
+            return None
+        return round(self.epoch_offset + max(probe_state.next_due, self.loop.now), 3)
+
+    @staticmethod
+    def _switch_snapshot(switch):
+        if switch is None:
+            return None
+        return {'from': switch.from_group.name, 'to': switch.to_group.name,
+                'drain_until': switch.drain_until, 'rollback_until': switch.rollback_until}
+
+    def explain(self, service, client):
+        """Which host `client` would get now, and why; changes nothing."""
+        service = self._service(service)
+        try:
+            client_ip = str(ipaddress.ip_address(client))
+        except ValueError:
+            raise AdminError(400, 'client must be an IP address, not %r' % client)
+        group = service.enabled
+        scheduler = group.scheduler
+        answer = {'service': service.name, 'group': group.name, 'client': client_ip,
+                  'allowed': self._allowed(service, client_ip), 'scheduler': scheduler.spec,
+                  'host': None, 'address': None, 'reason': '', 'sticky': None,
+                  'ranking': None, 'skipped': []}
+        detail = scheduler.explain(client_ip)
+        host = detail.get('host')
+        answer.update((k, v) for k, v in detail.items() if k in ('reason', 'sticky', 'ranking', 'skipped'))
+        if host is not None:
+            answer['host'] = host.name
+            answer['address'] = host.ip
+        if not answer['allowed']:
+            answer['reason'] = 'denied by the allow/deny rules of service %s (would be: %s)' % (
+                service.name, answer['reason'])
+        return answer
+
+    def _allowed(self, service, client_ip):
+        rules = service.config.acl
+        return not rules or acl_allows(rules, client_ip)
 
     def users_list(self):
         return [(u.name, u.password, u.access) for u in self.users.values()]
@@ -1845,12 +2598,62 @@ class Director(object):
             self._remove_host(service, group, host)
         return 'removed %d host(s) from %s/%s' % (len(hosts), service.name, group.name)
 
-    def enable_group(self, service, group):
+    def enable_group(self, service, group, drain=None, rollback=None):
+        """Switch new connections to group.  drain: seconds after which connections
+        still on the old group are closed.  rollback: seconds within which the new
+        group must have a host up, or the switch is undone."""
         service, group = self._group(service, group)
+        drain = _optional_seconds(drain, 'drain')
+        rollback = _optional_seconds(rollback, 'rollback')
         old = service.enabled
+        self._end_switch(service)
         service.enabled = group
         log.info('service %s: group %s enabled (was %s)', service.name, group.name, old.name)
-        return 'enabled group %s in service %s (was %s)' % (group.name, service.name, old.name)
+        message = 'enabled group %s in service %s (was %s)' % (group.name, service.name, old.name)
+        if group is old or (drain is None and rollback is None):
+            return message
+        switch = service.switch = Switch(old, group)
+        if drain is not None:
+            switch.drain_until = time.time() + drain
+            switch.timers.append(self.loop.call_later(drain, self._drain_group, service, switch))
+            message += '; connections left on %s close in %g s' % (old.name, drain)
+        if rollback is not None:
+            switch.confirmed = any(host_state(h) == 'up' for h in group.scheduler.hosts)
+            if not switch.confirmed:
+                switch.rollback_until = time.time() + rollback
+                switch.timers.append(self.loop.call_later(rollback, self._check_rollback, service, switch, rollback))
+                message += '; back to %s unless a host is up within %g s' % (old.name, rollback)
+        return message
+
+    def _end_switch(self, service):
+        if service.switch is not None:
+            for timer in service.switch.timers:
+                timer.cancel()
+            service.switch = None
+
+    def _drain_group(self, service, switch):
+        if service.enabled is not switch.from_group:
+            doomed = [p for p in self.pairs if p.service is service and p.group is switch.from_group]
+            log.info('service %s: drain of group %s over, closing %d connection(s)',
+                     service.name, switch.from_group.name, len(doomed))
+            for pair in doomed:
+                pair.close('drained')
+        switch.drain_until = None
+        if switch.rollback_until is None and service.switch is switch:
+            service.switch = None
+
+    def _check_rollback(self, service, switch, window):
+        switch.rollback_until = None
+        if switch.confirmed or any(host_state(h) == 'up' for h in switch.to_group.scheduler.hosts):
+            switch.confirmed = True
+        elif service.enabled is switch.to_group:
+            log.warning('service %s: rollback to group %s: group %s had no host up within %g s',
+                        service.name, switch.from_group.name, switch.to_group.name, window)
+            service.enabled = switch.from_group
+            self._end_switch(service)
+            return
+        if switch.drain_until is None and service.switch is switch:
+            service.switch = None
 
     def change_scheduler(self, service, group, scheduler):
         service, group = self._group(service, group)
@@ -1924,6 +2727,177 @@ class Director(object):
         log.info('service %s: group %s deleted', service.name, group.name)
         return 'deleted group %s from service %s' % (group.name, service.name)
 
+    # -- reload -------------------------------------------------------------
+
+    def reload(self):
+        """Re-read the config file and apply the difference.  Open connections are
+        never cut; hosts that did not change keep their state and counters."""
+        path = self.config.path
+        try:
+            new = load_config(path)
+        except ConfigError as e:
+            log.error('reload failed: %s', e)
+            raise AdminError(400, str(e))
+        listeners = self._bind_for(new)   # first, so a port in use changes nothing
+        changes = []
+        services = collections.OrderedDict()
+        for service_config in new.services:
+            service = self.services.get(service_config.name)
+            if service is None:
+                service = self._build_service(service_config, resolve_names=False)
+                changes.append('+service %s' % service.name)
+            else:
+                part = self._update_service(service, service_config)
+                if part:
+                    changes.append('%s: %s' % (service.name, ', '.join(part)))
+            old_texts = [l.text for l in service.listeners]
+            service.listeners = []
+            for listen in service_config.listens:
+                listener = listeners.pop(listen.text)
+                listener.service = service
+                listener.configure(listen)
+                service.listeners.append(listener)
+            if old_texts and old_texts != [l.text for l in service.listeners]:
+                changes.append('%s: listen %s' % (service.name, ', '.join(l.text for l in service.listeners)))
+            services[service.name] = service
+        for name, service in self.services.items():
+            if name not in services:
+                self._retire_service(service)
+                changes.append('-service %s' % name)
+        for listener in listeners.values():
+            listener.close()   # left over: listened on by no service now
+        self.services = services
+        changes.extend(self._reload_rest(new))
+        self.config = new
+        self.loaded_xml = new.to_xml()
+        self.reloaded = time.time()
+        message = 'reloaded %s: %s' % (path, '; '.join(changes) or 'no changes')
+        log.info('%s', message)
+        return message
+
+    def _bind_for(self, new):
+        """text -> Listener for every listen of `new`, reusing open sockets; all or nothing."""
+        current = {}
+        for service in self.services.values():
+            for listener in service.listeners:
+                current[listener.text] = listener
+        opened = {}
+        try:
+            for service_config in new.services:
+                for listen in service_config.listens:
+                    if listen.text not in current and listen.text not in opened:
+                        sock = listen_socket(listen.host, listen.port)
+                        opened[listen.text] = Listener(self, None, sock, listen)
+        except OSError as e:
+            for listener in opened.values():
+                listener.close()
+            log.error('reload failed: cannot listen on %s: %s', listen.text, e)
+            raise AdminError(400, 'cannot listen on %s: %s' % (listen.text, e))
+        current.update(opened)
+        return current
+
+    def _update_service(self, service, config):
+        """Bring a running service in line with its new config; the list of changes."""
+        changes = []
+        old = service.config
+        for what in ('timeouts', 'check', 'maxconns', 'acl'):
+            if not _same(getattr(old, what), getattr(config, what)):
+                changes.append(what)
+        service.config = config
+        service.timeouts = config.timeouts
+        service.check = config.check
+        groups = collections.OrderedDict()
+        for group_config in config.groups:
+            group = service.groups.get(group_config.name)
+            if group is None:
+                group = self._build_group(service, group_config, resolve_names=False)
+                changes.append('+group %s' % group.name)
+            else:
+                changes.extend(self._update_group(service, group, group_config))
+            groups[group.name] = group
+        enabled = groups[config.enabled]
+        if enabled is not service.enabled:
+            self._end_switch(service)
+            changes.append('enabled group %s (was %s)' % (enabled.name, service.enabled.name))
+            service.enabled = enabled
+        for name, group in service.groups.items():
+            if name not in groups:
+                for host in group.scheduler.hosts:
+                    self.probes.pop(host, None)
+                changes.append('-group %s' % name)
+        service.groups = groups
+        return changes
+
+    def _update_group(self, service, group, config):
+        changes = []
+        if group.scheduler.spec != config.scheduler:
+            new = self._make_scheduler(config.scheduler)
+            new.take_state_from(group.scheduler)
+            changes.append('scheduler %s %s->%s' % (group.name, group.scheduler.spec, new.spec))
+            group.scheduler = new
+        scheduler = group.scheduler
+        wanted = collections.OrderedDict((h.name, h) for h in config.hosts)
+        moved = set()
+        for host in list(scheduler.hosts):
+            host_config = wanted.get(host.name)
+            if host_config is None or host_config.ip != host.ip:
+                self._remove_host(service, group, host)
+                if host_config is None:
+                    changes.append('-host %s' % host.name)
+                else:
+                    moved.add(host.name)
+        for name, host_config in wanted.items():
+            host = scheduler.get_host(name)
+            if host is None:
+                host = self._make_host(host_config.name, host_config.ip, host_config.host, host_config.port,
+                                       host_config.weight, host_config.maxconns, resolve_names=False,
+                                       send_proxy=host_config.send_proxy)
+                scheduler.add_host(host)
+                self._watch(service, group, host)
+                changes.append('host %s ip %s' % (name, host.ip) if name in moved else '+host %s' % name)
+                continue
+            for what in ('weight', 'maxconns', 'send_proxy'):
+                value = getattr(host_config, what, None)
+                if getattr(host, what, None) != value:
+                    setattr(host, what, value)
+                    changes.append('host %s %s %s' % (name, what, value))
+        # The file's order is the scheduler's order (roundrobin ties, leastconns ties).
+        scheduler.hosts.sort(key=lambda h: list(wanted).index(h.name))
+        return changes
+
+    def _retire_service(self, service):
+        """A service gone from the file: stop listening; its open connections finish."""
+        self._end_switch(service)
+        for group in service.groups.values():
+            for host in group.scheduler.hosts:
+                self.probes.pop(host, None)
+        while service.queue:
+            service.queue.popleft().close('shutdown')
+        log.info('service %s removed (%d connection(s) left to finish)', service.name, service.open)
+
+    def _reload_rest(self, new):
+        """Users, logging and the settings a reload cannot change in a running process."""
+        changes = []
+        old = self.config
+        if new.admin is not None:
+            users = collections.OrderedDict((u.name, u) for u in new.admin.users)
+            if [(u.name, u.password, u.access) for u in users.values()] != self.users_list():
+                changes.append('admin users')
+            self.users = users
+        if (old.admin is None) != (new.admin is None) or (
+                old.admin and (old.admin.listen, old.admin.certfile, old.admin.keyfile) !=
+                (new.admin.listen, new.admin.certfile, new.admin.keyfile)):
+            changes.append('admin listen/TLS not changed (needs a restart)')
+        if (old.user, old.group) != (new.user, new.group):
+            changes.append('user/group not changed (needs a restart)')
+        if not _same(old.logging, new.logging):
+            configure_log_handlers(new.logging)
+            self.access_log = new.logging.access
+            changes.append('logging')
+        if old.drain != new.drain:
+            changes.append('drain %g s' % new.drain)
+        return changes
+
     def close_log(self):
         reopen_logs()
         log.info('log file reopened')
@@ -1938,16 +2912,18 @@ class Director(object):
                 hosts = []
                 for host in group.scheduler.hosts:
                     host_name, port = parse_address(host.ip)
-                    hosts.append(Host(host.name, host.ip, host_name, port, host.weight, host.maxconns))
+                    hosts.append(Host(host.name, host.ip, host_name, port, host.weight, host.maxconns,
+                                      send_proxy=host.send_proxy))
                 groups.append(Group(group.name, group.scheduler.spec, hosts))
             old = service.config
             services.append(Service(service.name, old.listens, groups, service.enabled.name,
-                                    old.check, old.timeouts))
+                                    old.check, old.timeouts, maxconns=old.maxconns, acl=old.acl))
         admin = None
         if self.config.admin is not None:
             old = self.config.admin
             admin = Admin(old.listen, old.host, old.port, list(self.users.values()), old.certfile, old.keyfile)
-        return Config(self.config.path, services, admin, self.config.logging, self.config.drain)
+        return Config(self.config.path, services, admin, self.config.logging, self.config.drain,
+                      self.config.user, self.config.group)
 
 
 def listen_socket(host, port):
@@ -1976,17 +2952,40 @@ def listen_socket(host, port):
 LOG_FORMAT = '%(asctime)s %(levelname)s %(message)s'
 
 
+_log_handlers = []   # the handlers we installed, so a reload replaces only those
+
+
 def setup_logging(config, verbose=False):
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    if config.logging.file:
-        handler = logging.FileHandler(config.logging.file)
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    root.addHandler(handler)
+    configure_log_handlers(config.logging)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def configure_log_handlers(logging_config):
+    """Install handlers for <logging>: a file (else stderr), and syslog when asked."""
+    root = logging.getLogger()
+    for handler in _log_handlers:
+        root.removeHandler(handler)
+        handler.close()
+    del _log_handlers[:]
+    if logging_config.file:
+        handler = logging.FileHandler(logging_config.file)
+    elif logging_config.syslog is None:
+        handler = logging.StreamHandler(sys.stderr)
+    else:
+        handler = None
+    if handler is not None:
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        _log_handlers.append(handler)
+    if logging_config.syslog is not None:
+        handler = logging.handlers.SysLogHandler(
+            address=logging_config.syslog_address, facility=logging_config.facility)
+        handler.setFormatter(logging.Formatter('pydirector[%d]: %%(message)s' % os.getpid()))
+        _log_handlers.append(handler)
+    for handler in _log_handlers:
+        root.addHandler(handler)
 
 
 def reopen_logs():
@@ -2037,6 +3036,35 @@ def summary(config):
     return '\n'.join(lines)
 
 
+def privilege_ids(user, group):
+    """(uid, gid) to switch to, from names or numbers; ValueError says what is unknown."""
+    import grp
+    import pwd
+    try:
+        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    except KeyError:
+        raise ValueError('no user %r on this system' % user)
+    gid = entry.pw_gid
+    if group:
+        try:
+            gid = grp.getgrgid(int(group)).gr_gid if group.isdigit() else grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ValueError('no group %r on this system' % group)
+    return entry.pw_uid, gid
+
+
+def drop_privileges(uid, gid):
+    """Become uid/gid for good, after binding and opening logs as root."""
+    if os.getuid() == 0:
+        os.setgroups([gid])
+        os.setgid(gid)
+        os.setuid(uid)
+    elif (os.getuid(), os.getgid()) != (uid, gid):
+        raise OSError('only root can switch to uid %d, gid %d (running as uid %d)' % (uid, gid, os.getuid()))
+    if os.getuid() == 0 or os.geteuid() == 0:
+        raise OSError('asked to drop privileges, but still root: refusing to run as root')
+
+
 def read_password():
     import getpass
     if sys.stdin.isatty():
@@ -2054,6 +3082,8 @@ def parse_args(argv):
     parser.add_argument('--check', action='store_true', help='validate the config, print a summary, bind nothing')
     parser.add_argument('--hash-password', action='store_true',
                         help='read a password (prompt or stdin) and print its hash for <user password=...>')
+    parser.add_argument('--user', help='switch to this user after binding (overrides <pdconfig user=>)')
+    parser.add_argument('--group', help='and to this group (default: the user\'s own)')
     parser.add_argument('-v', '--verbose', action='store_true', help='log debug detail')
     parser.add_argument('--version', action='version', version='pydirector ' + VERSION)
     args = parser.parse_args(argv)
@@ -2078,6 +3108,14 @@ def main(argv=None):
     if args.check:
         print(summary(config))
         return 0
+    user = args.user or config.user
+    ids = None
+    if user:
+        try:
+            ids = privilege_ids(user, args.group or config.group)
+        except ValueError as e:
+            print('pydirector: %s' % e, file=sys.stderr)
+            return 1
     setup_logging(config, args.verbose)
     raise_fd_limit()
     director = Director(config)
@@ -2096,7 +3134,10 @@ def main(argv=None):
         elif signum == signal.SIGUSR1:
             director.close_log()
         elif signum == signal.SIGHUP:
-            log.warning('SIGHUP: reloading is not supported yet; nothing changed')
+            try:
+                director.reload()
+            except AdminError:
+                pass   # logged by reload(); keep running on the old config
 
     # Before binding: once a port answers, a signal must find its handler.
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
@@ -2117,6 +3158,16 @@ def main(argv=None):
             log.error('admin cannot listen on %s: %s', config.admin.listen, e)
             director.stop_now()
             return 1
+    if ids is not None:
+        try:
+            drop_privileges(*ids)
+        except OSError as e:
+            log.error('cannot drop privileges: %s', e)
+            director.stop_now()
+            if admin_server is not None:
+                admin_server.stop()
+            return 1
+        log.info('running as uid %d, gid %d', os.getuid(), os.getgid())
 
     try:
         director.loop.run()

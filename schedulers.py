@@ -36,11 +36,12 @@ class Host(object):
         'health', 'admin', 'reason', 'since',
         'open', 'total', 'bytes_in', 'bytes_out',
         'address', 'probe_ok', 'probe_fail',
+        'send_proxy',   # None, 'v1' or 'v2': the balancer's PROXY protocol setting
         '_current',     # smooth weighted round robin's running weight
         '_last_pick',   # leastconnsrr's tie-break: the scheduler's pick number
     )
 
-    def __init__(self, name, ip, weight=1, maxconns=0):
+    def __init__(self, name, ip, weight=1, maxconns=0, send_proxy=None):
         if weight < 1:
             raise ValueError(f"host '{name}': weight must be at least 1")
         if maxconns < 0:
@@ -60,6 +61,7 @@ class Host(object):
         self.address = None
         self.probe_ok = 0
         self.probe_fail = 0
+        self.send_proxy = send_proxy
         self._current = 0
         self._last_pick = 0
 
@@ -251,6 +253,134 @@ class Scheduler(object):
     def sticky_size(self):
         return len(self._sticky)
 
+    # -- explaining --------------------------------------------------------
+    #
+    # explain() answers "where would this client go now, and why?" for the
+    # admin.  It must leave every piece of state as it found it (rotation
+    # weights, pick counters, the sticky table and its order, the rng), so
+    # asking never changes the answer to the next pick().  Each algorithm
+    # supplies _predict(), the side-effect-free twin of its _choose().
+
+    def skip_reason(self, host, exclude=()):
+        """Why pick() would pass over ``host`` now, or None if it would not.
+
+        One of 'down', the admin state ('draining', or any other that is not
+        enabled), 'full' (at maxconns) or 'excluded' (already tried), in that
+        order: what the operator can act on comes first.
+        """
+        if host.health != UP:
+            return 'down'
+        if host.admin != ENABLED:
+            return host.admin
+        if host.maxconns and host.open >= host.maxconns:
+            return 'full'
+        if host in exclude:
+            return 'excluded'
+        return None
+
+    def full_only(self, exclude=()):
+        """True when pick() finds no host only because every host that is
+        up, enabled and not excluded is at its maxconns.
+
+        The balancer queues the client then (a slot will free up) rather
+        than turning it away.  False when some host could take it, and when
+        no host is up at all.
+        """
+        full = False
+        for host in self.hosts:
+            if host.health != UP or host.admin != ENABLED or host in exclude:
+                continue
+            if host.maxconns and host.open >= host.maxconns:
+                full = True
+            else:
+                return False
+        return full
+
+    def explain(self, client_ip, exclude=()):
+        """What pick(client_ip, exclude) would return now, and why; changes nothing.
+
+        A dict: 'host' (a Host or None), 'scheduler' (the spec), 'reason'
+        (one sentence), 'sticky' ({'host': name, 'expires_in': seconds} for
+        a live entry of this client, else None), 'ranking' (hash: every
+        host as [name, score], best first; else None), 'candidates' (random:
+        the eligible hosts as [name, weight]; else None) and 'skipped'
+        ([name, why] for each host pick() would pass over; see skip_reason).
+        """
+        skipped = []
+        for host in self.hosts:
+            why = self.skip_reason(host, exclude)
+            if why is not None:
+                skipped.append([host.name, why])
+        result = {'host': None, 'scheduler': self.spec, 'reason': '',
+                  'sticky': None, 'ranking': None, 'candidates': None,
+                  'skipped': skipped}
+        prefix = ''
+        if self.sticky:
+            now = self.clock()
+            entry = self._live_sticky_entry(client_ip, now)
+            if entry is not None:
+                host, last_used = entry
+                age = now - last_used
+                expires_in = self.sticky_timeout - age
+                result['sticky'] = {'host': host.name, 'expires_in': expires_in}
+                if self._by_name.get(host.name) is not host:
+                    why = 'gone'
+                else:
+                    why = self.skip_reason(host, exclude)
+                if why is None:
+                    result['host'] = host
+                    result['reason'] = (
+                        f'sticky: client {client_ip} was on {host.name} '
+                        f'{age:.0f} s ago (expires in {expires_in:.0f} s)')
+                    self._explain_extra(result, client_ip)
+                    return result
+                prefix = f'sticky: client {client_ip} was on {host.name}, now {why}; '
+        candidates = [host for host in self.hosts
+                      if host not in exclude and self.eligible(host)]
+        if candidates:
+            result['host'], reason = self._predict(candidates, client_ip)
+        else:
+            reason = self._explain_none(exclude)
+        result['reason'] = prefix + reason
+        self._explain_extra(result, client_ip, candidates)
+        return result
+
+    def _explain_none(self, exclude):
+        if not self.hosts:
+            return 'no hosts'
+        if self.full_only(exclude):
+            return 'every eligible host is full (maxconns)'
+        if not any(host.health == UP for host in self.hosts):
+            return 'no host up'
+        counts = collections.OrderedDict()     # first seen first, on any Python
+        for host in self.hosts:
+            why = self.skip_reason(host, exclude)
+            counts[why] = counts.get(why, 0) + 1
+        return 'no eligible host: ' + ', '.join(
+            f'{count} {why}' for why, count in counts.items())
+
+    def _live_sticky_entry(self, client_ip, now):
+        # The entry pick() would find after its expiry sweep, found without
+        # sweeping: the sweep deletes stale entries from the oldest end and
+        # stops at the first fresh one, so this client's entry survives it
+        # unless it is stale and everything older is stale too.
+        entry = self._sticky.get(client_ip)
+        if entry is None:
+            return None
+        for ip, (_, last_used) in self._sticky.items():
+            if now - last_used <= self.sticky_timeout:
+                return entry
+            if ip == client_ip:
+                return None
+        return None     # not reached: client_ip is in the table
+
+    def _predict(self, candidates, client_ip):
+        """(host, reason): what _choose() would return, with no side effects."""
+        raise NotImplementedError
+
+    def _explain_extra(self, result, client_ip, candidates=None):
+        """Fill in what only some algorithms have ('ranking', 'candidates')."""
+
 
 class RandomScheduler(Scheduler):
     """Weighted random choice: a host with weight 3 gets three times the
@@ -268,6 +398,29 @@ class RandomScheduler(Scheduler):
             if point < 0:
                 return host
         return candidates[-1]   # only reachable through float rounding
+
+    def _predict(self, candidates, client_ip):
+        total = sum(host.weight for host in candidates)
+        try:
+            state = self.rng.getstate()
+        except (AttributeError, NotImplementedError):
+            # random.SystemRandom and friends have no state to rewind.
+            return None, (f'weighted random among {len(candidates)} eligible '
+                          f'hosts (total weight {total}); the draw cannot be '
+                          f'foreseen')
+        # Draw, then rewind: the loop thread owns the rng, so nobody sees
+        # the moment between, and the next pick() makes this same draw.
+        try:
+            host = self._choose(candidates, client_ip)
+        finally:
+            self.rng.setstate(state)
+        return host, (f'weighted random: the next draw gives {host.name} '
+                      f'(weight {host.weight} of total {total}, '
+                      f'{len(candidates)} eligible)')
+
+    def _explain_extra(self, result, client_ip, candidates=None):
+        if candidates is not None:
+            result['candidates'] = [[host.name, host.weight] for host in candidates]
 
 
 class RoundRobinScheduler(Scheduler):
@@ -290,6 +443,20 @@ class RoundRobinScheduler(Scheduler):
         best._current -= total
         return best
 
+    def _predict(self, candidates, client_ip):
+        # _choose() without the writes: the host whose running weight plus
+        # its weight is highest (the first of equals) goes next.
+        total = 0
+        best = None
+        best_current = 0
+        for host in candidates:
+            current = host._current + host.weight
+            total += host.weight
+            if best is None or current > best_current:
+                best, best_current = host, current
+        return best, (f'smooth weighted round robin: next in turn '
+                      f'(current weight {best_current} of total {total})')
+
 
 class LeastConnsScheduler(Scheduler):
     """Fewest open connections per unit of weight; ties go to the first host.
@@ -304,6 +471,10 @@ class LeastConnsScheduler(Scheduler):
         # min() keeps the first of equal keys; open/weight compares exactly
         # for equal ratios because IEEE division is correctly rounded.
         return min(candidates, key=lambda host: host.open / host.weight)
+
+    def _predict(self, candidates, client_ip):
+        host = self._choose(candidates, client_ip)
+        return host, least_reason('least connections', host, candidates, 'first')
 
 
 class LeastConnsRRScheduler(Scheduler):
@@ -324,6 +495,12 @@ class LeastConnsRRScheduler(Scheduler):
         self._picks += 1
         best._last_pick = self._picks
         return best
+
+    def _predict(self, candidates, client_ip):
+        host = min(candidates,
+                   key=lambda host: (host.open / host.weight, host._last_pick))
+        return host, least_reason('least connections, round robin on ties',
+                                  host, candidates, 'least recently picked')
 
 
 class HashScheduler(Scheduler):
@@ -369,6 +546,33 @@ class HashScheduler(Scheduler):
             if best is None or score > best_score:
                 best, best_score = host, score
         return best
+
+    def _predict(self, candidates, client_ip):
+        host = self._choose(candidates, client_ip)
+        place = self.rank(client_ip).index(host) + 1
+        if place == 1:
+            return host, f'hash: highest rendezvous score for {client_ip}'
+        return host, (f'hash: highest rendezvous score for {client_ip} among '
+                      f'eligible hosts (number {place} of {len(self.hosts)} overall)')
+
+    def _explain_extra(self, result, client_ip, candidates=None):
+        result['ranking'] = sorted(
+            ([host.name, self.score(client_ip, host)] for host in self.hosts),
+            key=lambda pair: -pair[1])
+
+
+def least_reason(what, host, candidates, tie_rule):
+    """The explain() sentence of the least-connections schedulers."""
+    load = host.open / host.weight
+    weighted = any(other.weight != 1 for other in candidates)
+    text = f'{what}: {host.open} open'
+    if weighted:
+        text += f' (weight {host.weight})'
+    text += f', fewest{" per weight" if weighted else ""} of {len(candidates)} eligible'
+    tied = sum(1 for other in candidates if other.open / other.weight == load)
+    if tied > 1:
+        text += f' ({tie_rule} of {tied} tied)'
+    return text
 
 
 SCHEDULERS = {cls.name: cls for cls in (

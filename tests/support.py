@@ -211,8 +211,13 @@ class Blackhole(object):
 class Balancer(object):
     """pydirector in this process: its loop runs in a thread, tests talk to real sockets."""
 
-    def __init__(self, xml, rng=None):
-        self.config = pydirector.parse_config(xml, 'test.xml')
+    def __init__(self, xml, rng=None, path=None):
+        if path:  # a real file, so director.reload() can read it again
+            with open(path, 'w') as f:
+                f.write(xml)
+            self.config = pydirector.load_config(path)
+        else:
+            self.config = pydirector.parse_config(xml, 'test.xml')
         self.director = pydirector.Director(self.config, rng=rng)
         self.director.start()
         self.thread = threading.Thread(target=self.director.loop.run, daemon=True)

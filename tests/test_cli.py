@@ -159,7 +159,8 @@ class TestSignals(unittest.TestCase):
         proc = self.start()
         for signum in (signal.SIGUSR1, signal.SIGHUP, signal.SIGUSR1):
             proc.signal(signum)
-        wait_until(lambda: 'log file reopened' in proc.output() and 'SIGHUP' in proc.output())
+        wait_until(lambda: 'log file reopened' in proc.output() and 'no changes' in proc.output())
+        self.assertIn('reloaded %s: no changes' % proc.config_path, proc.output())
         sock = connect(self.port)
         sock.sendall(b'alive')
         self.assertEqual(sock.recv(10), b'alive')

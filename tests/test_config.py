@@ -1,6 +1,7 @@
 """Config tests: good files, 1.0 files, round trips, and bad files with their exact messages."""
 
 import importlib
+import ipaddress
 import os
 import shutil
 import tempfile
@@ -8,9 +9,9 @@ import unittest
 import warnings
 
 from pydirector import (
-    DEFAULT_CHECK, Check, Config, ConfigError, Host, Service, Group, Listen, Timeouts,
-    check_name, check_password, hash_password, is_legacy_hash, load_config,
-    parse_address, parse_config)
+    DEFAULT_CHECK, Check, Config, ConfigError, Host, Service, Group, Listen, Logging, Timeouts,
+    acl_allows, check_name, check_password, hash_password, is_legacy_hash, load_config,
+    parse_address, parse_config, parse_network)
 
 
 def have_crypt():
@@ -299,6 +300,275 @@ class ExtendedTest(unittest.TestCase):
         self.assertIn('<pdconfig drain="0">', config.to_xml())
 
 
+# Every issue-4 attribute at once (line numbers matter below).
+ISSUE4 = """\
+<pdconfig user="pydirector" group="1001">
+  <service name="web" maxconns="500">
+    <listen ip="127.0.0.1:8080" accept_proxy="any" trusted="127.0.0.0/8, ::1,10.1.2.3/16"/>
+    <listen ip="127.0.0.1:8081" accept_proxy="v1"/>
+    <listen ip="[::1]:8080"/>
+    <allow cidr="10.0.0.1"/>
+    <deny cidr="10.0.0.0/8"/>
+    <group name="main" scheduler="roundrobin">
+      <host name="one" ip="10.0.0.1:80" send_proxy="v2"/>
+      <host name="two" ip="10.0.0.2:80" send_proxy="v1"/>
+      <host name="three" ip="10.0.0.3:80"/>
+    </group>
+    <allow cidr="2001:DB8::/32"/>
+    <timeouts queue="0.5"/>
+  </service>
+  <service name="plain">
+    <listen ip="127.0.0.1:9090"/>
+    <group name="g" scheduler="random"/>
+  </service>
+  <logging file="pd.log" access="off" syslog="/dev/log" facility="local3"/>
+</pdconfig>
+"""
+
+
+def state(value):
+    """An object's attributes, recursively, minus line numbers (which
+    to_xml does not keep): what "equal configs" means here."""
+    if isinstance(value, (list, tuple)):
+        return [state(item) for item in value]
+    if hasattr(value, '__dict__'):
+        return {key: state(item) for key, item in vars(value).items() if key != 'line'}
+    return value
+
+
+def net(text):
+    return ipaddress.ip_network(text)
+
+
+class Issue4ConfigTest(unittest.TestCase):
+    """user/group, service maxconns, allow/deny, PROXY protocol, queue timeout, syslog."""
+
+    def load(self):
+        return parse_config(ISSUE4, 'i4.xml')
+
+    def test_values(self):
+        config = self.load()
+        self.assertEqual((config.user, config.group), ('pydirector', '1001'))
+        web = config.service('web')
+        self.assertEqual(web.maxconns, 500)
+        self.assertEqual(web.acl, [('allow', net('10.0.0.1/32')), ('deny', net('10.0.0.0/8')),
+                                   ('allow', net('2001:db8::/32'))])
+        a, b, c = web.listens
+        self.assertEqual((a.accept_proxy, a.trusted),
+                         ('any', [net('127.0.0.0/8'), net('::1/128'), net('10.1.0.0/16')]))
+        self.assertEqual((b.accept_proxy, b.trusted), ('v1', []))
+        self.assertEqual((c.accept_proxy, c.trusted), (None, []))
+        self.assertEqual([h.send_proxy for h in web.group('main').hosts], ['v2', 'v1', None])
+        self.assertEqual((web.timeouts.queue, web.timeouts.connect, web.timeouts.line), (0.5, 3.0, 14))
+        plain = config.service('plain')
+        self.assertEqual((plain.maxconns, plain.acl, plain.timeouts.queue), (0, [], 5.0))
+        log = config.logging
+        self.assertEqual((log.file, log.access, log.syslog, log.syslog_address, log.facility, log.line),
+                         ('pd.log', False, '/dev/log', '/dev/log', 'local3', 20))
+
+    def test_defaults(self):
+        config = parse_config('<pdconfig><service name="s"><listen ip="*:1"/>'
+                              '<group name="g" scheduler="random"><host ip="1.2.3.4:5"/></group>'
+                              '</service></pdconfig>')
+        self.assertEqual((config.user, config.group), (None, None))
+        service = config.services[0]
+        self.assertEqual((service.maxconns, service.acl, service.timeouts.queue), (0, [], 5.0))
+        self.assertEqual((service.listens[0].accept_proxy, service.listens[0].trusted), (None, []))
+        self.assertIsNone(service.groups[0].hosts[0].send_proxy)
+        log = config.logging
+        self.assertEqual((log.file, log.access, log.syslog, log.syslog_address, log.facility),
+                         (None, True, None, None, 'daemon'))
+
+    def test_round_trip(self):
+        config = self.load()
+        xml = config.to_xml()
+        again = parse_config(xml, 'running.xml')
+        self.assertEqual(again.to_xml(), xml)
+        self.assertEqual(state(again), dict(state(config), path='running.xml'))
+
+    def test_to_xml_layout(self):
+        # Networks as ipaddress writes them, host bits gone; all rules after
+        # the listens, still in file order.
+        self.assertEqual(self.load().to_xml(), (
+            '<pdconfig user="pydirector" group="1001">\n'
+            '  <service name="web" maxconns="500">\n'
+            '    <listen ip="127.0.0.1:8080" accept_proxy="any" trusted="127.0.0.0/8,::1,10.1.0.0/16"/>\n'
+            '    <listen ip="127.0.0.1:8081" accept_proxy="v1"/>\n'
+            '    <listen ip="[::1]:8080"/>\n'
+            '    <allow cidr="10.0.0.1"/>\n'
+            '    <deny cidr="10.0.0.0/8"/>\n'
+            '    <allow cidr="2001:db8::/32"/>\n'
+            '    <group name="main" scheduler="roundrobin">\n'
+            '      <host name="one" ip="10.0.0.1:80" send_proxy="v2"/>\n'
+            '      <host name="two" ip="10.0.0.2:80" send_proxy="v1"/>\n'
+            '      <host name="three" ip="10.0.0.3:80"/>\n'
+            '    </group>\n'
+            '    <enable group="main"/>\n'
+            '    <timeouts queue="0.5"/>\n'
+            '  </service>\n'
+            '  <service name="plain">\n'
+            '    <listen ip="127.0.0.1:9090"/>\n'
+            '    <group name="g" scheduler="random"/>\n'
+            '    <enable group="g"/>\n'
+            '  </service>\n'
+            '  <logging file="pd.log" access="off" syslog="/dev/log" facility="local3"/>\n'
+            '</pdconfig>\n'))
+
+    def test_defaults_not_written(self):
+        xml = ('<pdconfig><service name="s" maxconns="0"><listen ip="*:1"/>'
+               '<group name="g" scheduler="random"/><timeouts queue="5.0"/></service>'
+               '<logging access="on"/></pdconfig>')
+        out = parse_config(xml).to_xml()
+        self.assertEqual(out, '<pdconfig>\n  <service name="s">\n    <listen ip="*:1"/>\n'
+                              '    <group name="g" scheduler="random"/>\n    <enable group="g"/>\n'
+                              '  </service>\n</pdconfig>\n')
+        xml = ('<pdconfig><service name="s"><listen ip="*:1"/><group name="g" scheduler="random"/>'
+               '</service><logging syslog="/dev/log" facility="daemon"/></pdconfig>')
+        self.assertIn('\n  <logging syslog="/dev/log"/>\n', parse_config(xml).to_xml())
+
+    def test_syslog_addresses(self):
+        cases = [
+            ('/dev/log', '/dev/log'),
+            ('/var/run/syslog', '/var/run/syslog'),
+            ('loghost:514', ('loghost', 514)),
+            ('192.0.2.9:1514', ('192.0.2.9', 1514)),
+            ('[::1]:514', ('::1', 514)),
+        ]
+        for text, address in cases:
+            with self.subTest(text=text):
+                config = parse_config('<pdconfig><service name="s"><listen ip="*:1"/>'
+                                      '<group name="g" scheduler="random"/></service>'
+                                      '<logging syslog="%s"/></pdconfig>' % text)
+                self.assertEqual((config.logging.syslog, config.logging.syslog_address), (text, address))
+                self.assertIn('<logging syslog="%s"/>' % text, config.to_xml())
+
+    def test_accounts(self):
+        for text in ('pd', '_pd', 'www-data', 'svc.pd', 'MACHINE$', '0', '65534', '4294967294'):
+            with self.subTest(text=text):
+                config = parse_config('<pdconfig user="%s" group="%s"><service name="s"><listen ip="*:1"/>'
+                                      '<group name="g" scheduler="random"/></service></pdconfig>' % (text, text))
+                self.assertEqual((config.user, config.group), (text, text))
+                self.assertIn('<pdconfig user="%s" group="%s">' % (text, text), config.to_xml())
+
+    def test_built_from_code(self):
+        # The positional signatures the director uses keep working, with the new defaults.
+        host = Host('h', '10.0.0.1:80', '10.0.0.1', 80, 1, 0)
+        service = Service('s', [Listen('*:1', '0.0.0.0', 1)], [Group('g', 'random', [host])],
+                          'g', None, Timeouts(3.0, 3600.0))
+        config = Config('mem', [service], None, Logging('x.log'), 10.0)
+        self.assertEqual((host.send_proxy, service.maxconns, service.acl, service.timeouts.queue),
+                         (None, 0, [], 5.0))
+        self.assertEqual((config.user, config.group, config.logging.access, config.logging.facility),
+                         (None, None, True, 'daemon'))
+        before = config.to_xml()
+        self.assertNotIn('proxy', before)
+        # ... and the new keywords are written out.
+        host.send_proxy = 'v1'
+        service.maxconns = 3
+        service.acl = [('deny', net('192.0.2.0/24'))]
+        service.listens[0] = Listen('*:1', '0.0.0.0', 1, accept_proxy='v2', trusted=[net('::1/128')])
+        service.timeouts = Timeouts(queue=30)
+        config = Config('mem', [service], logging=Logging(syslog='log:514', access=False), user='u', group='g')
+        xml = config.to_xml()
+        for text in ('<pdconfig user="u" group="g">', '<service name="s" maxconns="3">',
+                     '<listen ip="*:1" accept_proxy="v2" trusted="::1"/>', '<deny cidr="192.0.2.0/24"/>',
+                     '<host name="h" ip="10.0.0.1:80" send_proxy="v1"/>', '<timeouts queue="30"/>',
+                     '<logging access="off" syslog="log:514"/>'):
+            self.assertIn(text, xml)
+        self.assertEqual(config.logging.syslog_address, ('log', 514))
+        self.assertEqual(parse_config(xml).to_xml(), xml)
+
+    def test_service_allows(self):
+        web = self.load().service('web')
+        self.assertTrue(web.allows('10.0.0.1'))
+        self.assertFalse(web.allows('10.0.0.2'))
+        self.assertTrue(web.allows('2001:db8::5'))
+        self.assertFalse(web.allows('192.0.2.1'))       # there are allow rules: a whitelist
+        self.assertTrue(self.load().service('plain').allows('192.0.2.1'))
+
+
+class AclTest(unittest.TestCase):
+
+    def rules(self, *pairs):
+        return [(action, parse_network(text)) for action, text in pairs]
+
+    def check(self, rules, cases):
+        for ip, expected in cases:
+            with self.subTest(ip=ip):
+                self.assertIs(acl_allows(rules, ip), expected)
+
+    def test_ipv4(self):
+        self.check(self.rules(('allow', '10.0.0.0/8')),
+                   [('10.1.2.3', True), ('10.255.255.255', True), ('11.0.0.1', False)])
+
+    def test_ipv6(self):
+        self.check(self.rules(('deny', '2001:db8::/32')),
+                   [('2001:db8::1', False), ('2001:0DB8:0::9', False), ('2001:db9::1', True), ('::1', True),
+                    ('10.0.0.1', True)])
+
+    def test_ipv4_mapped(self):
+        self.check(self.rules(('allow', '10.0.0.0/8')),
+                   [('::ffff:10.0.0.1', True), ('::ffff:a00:2', True), ('::ffff:11.0.0.1', False)])
+        self.check(self.rules(('deny', '10.0.0.0/8')), [('::ffff:10.0.0.1', False), ('::ffff:11.0.0.1', True)])
+
+    def test_other_version_never_matches(self):
+        self.check(self.rules(('deny', '0.0.0.0/0')), [('::1', True), ('127.0.0.1', False)])
+        self.check(self.rules(('allow', '0.0.0.0/0')), [('::1', False), ('127.0.0.1', True)])
+        self.check(self.rules(('deny', '::/0')), [('::1', False), ('127.0.0.1', True)])
+
+    def test_first_match_wins(self):
+        self.check(self.rules(('allow', '10.0.0.1'), ('deny', '10.0.0.0/8')),
+                   [('10.0.0.1', True), ('10.0.0.2', False), ('192.0.2.1', False)])
+        self.check(self.rules(('deny', '10.0.0.0/8'), ('allow', '10.0.0.1')),
+                   [('10.0.0.1', False), ('10.0.0.2', False), ('192.0.2.1', False)])
+        self.check(self.rules(('deny', '10.0.0.1'), ('allow', '0.0.0.0/0'), ('allow', '::/0')),
+                   [('10.0.0.1', False), ('10.0.0.2', True), ('::1', True)])
+
+    def test_allow_only_is_a_whitelist(self):
+        self.check(self.rules(('allow', '127.0.0.0/8'), ('allow', '::1')),
+                   [('127.0.0.1', True), ('::1', True), ('::2', False), ('192.0.2.1', False)])
+
+    def test_deny_only_is_a_blacklist(self):
+        self.check(self.rules(('deny', '192.0.2.0/24'), ('deny', 'fe80::/10')),
+                   [('192.0.2.7', False), ('fe80::1', False), ('fe80::1%eth0', False),
+                    ('198.51.100.1', True), ('::1', True)])
+
+    def test_no_rules(self):
+        self.check([], [('192.0.2.1', True), ('::1', True)])
+
+    def test_garbage_refused(self):
+        garbage = ['', 'x', 'localhost', '10.0.0.256', '010.0.0.1', '10.0.0', ' 10.0.0.1', '10.0.0.1 ',
+                   '10.0.0.1%eth0', '10.0.0.1:80', '[::1]', '::1::2', '1', None, 10, b'10.0.0.1']
+        for rules in ([], self.rules(('deny', '192.0.2.0/24')), self.rules(('allow', '0.0.0.0/0'))):
+            self.check(rules, [(ip, False) for ip in garbage])
+
+    def test_address_objects(self):
+        rules = self.rules(('allow', '10.0.0.0/8'))
+        self.check(rules, [(ipaddress.ip_address('10.0.0.1'), True), (ipaddress.ip_address('::1'), False),
+                           (ipaddress.ip_address('::ffff:10.0.0.1'), True)])
+
+    def test_parse_network(self):
+        cases = [
+            ('10.0.0.0/8', '10.0.0.0/8'),
+            ('10.1.2.3/8', '10.0.0.0/8'),           # host bits masked off
+            ('10.0.0.1', '10.0.0.1/32'),
+            ('0.0.0.0/0', '0.0.0.0/0'),
+            ('2001:DB8::1/32', '2001:db8::/32'),
+            ('::1', '::1/128'),
+            ('::ffff:10.0.0.0/104', '::ffff:a00:0/104'),
+        ]
+        for text, expected in cases:
+            with self.subTest(text=text):
+                self.assertEqual(parse_network(text), ipaddress.ip_network(expected))
+        for text in ('', '/8', '10.0.0.0/', '10.0.0.0/33', '10.0.0.0/08', '10.0.0.0/255.0.0.0',
+                     '010.0.0.0/8', '10.0.0', '1', 'fe80::1%eth0/64', '::/129', 'host/8', ' 10.0.0.0/8'):
+            with self.subTest(text=text):
+                with self.assertRaises(ValueError) as cm:
+                    parse_network(text)
+                self.assertEqual(str(cm.exception),
+                                 '%r is not an IP network (like 10.0.0.0/8, 2001:db8::/32 or 127.0.0.1)' % text)
+
+
 class LoadConfigTest(unittest.TestCase):
 
     def setUp(self):
@@ -358,6 +628,17 @@ def check(attrs):
     return HEAD + GROUP + '<check %s/>\n' % attrs + TAIL
 
 
+def listen_with(attrs):
+    return '<pdconfig>\n<service name="web">\n<listen ip="127.0.0.1:8080" %s/>\n' % attrs + GROUP + TAIL
+
+
+def logging_with(attrs):
+    return HEAD + GROUP + '</service>\n<logging %s/>\n</pdconfig>\n' % attrs
+
+
+NOT_A_NETWORK = 'is not an IP network (like 10.0.0.0/8, 2001:db8::/32 or 127.0.0.1)'
+
+
 BAD = [
     # XML itself
     ('<pdconfig>\n<service>\n</pdconfig>', 'x.xml:3: XML error: mismatched tag'),
@@ -373,11 +654,11 @@ BAD = [
     # structure
     ('<config>\n</config>', 'x.xml:1: the root element must be <pdconfig>, not <config>'),
     ('<pdconfig>\n</pdconfig>', 'x.xml:1: <pdconfig> has no <service>'),
-    ('<pdconfig bogus="1">\n</pdconfig>', "x.xml:1: <pdconfig> has unknown attribute 'bogus' (known: drain)"),
+    ('<pdconfig bogus="1">\n</pdconfig>', "x.xml:1: <pdconfig> has unknown attribute 'bogus' (known: drain, group, user)"),
     (HEAD + '<group name="main" scheduler="roundrobin">\n<hots ip="10.0.0.1:80"/>\n</group>\n' + TAIL,
      'x.xml:5: unknown element <hots> in <group> (expected: host)'),
     (HEAD + '<grup name="main"/>\n' + TAIL,
-     'x.xml:4: unknown element <grup> in <service> (expected: check, enable, group, listen, timeouts)'),
+     'x.xml:4: unknown element <grup> in <service> (expected: allow, check, deny, enable, group, listen, timeouts)'),
     (HEAD + '<group name="main" scheduler="roundrobin">\n<host ip="10.0.0.1:80"><x/></host>\n</group>\n' + TAIL,
      'x.xml:5: unknown element <x> in <host> (expected: none)'),
     ('<pdconfig>\n<service name="web">\n' + GROUP + TAIL, "x.xml:2: service 'web' has no <listen>"),
@@ -389,10 +670,10 @@ BAD = [
      "(known: hash, leastconns, leastconnsrr, random, roundrobin)"),
     (HEAD + '<group name="main"/>\n' + TAIL, "x.xml:4: <group> needs attribute 'scheduler'"),
     (host('name="one" ip="10.0.0.1:80" wieght="2"'),
-     "x.xml:5: <host> has unknown attribute 'wieght' (known: ip, maxconns, name, weight)"),
+     "x.xml:5: <host> has unknown attribute 'wieght' (known: ip, maxconns, name, send_proxy, weight)"),
     (HEAD + '<group name="main" scheduler="roundrobin">\n<client name="one" colour="red" ip="10.0.0.1:80"/>\n'
      '</group>\n' + TAIL,
-     "x.xml:5: <client> has unknown attribute 'colour' (known: ip, maxconns, name, weight)"),
+     "x.xml:5: <client> has unknown attribute 'colour' (known: ip, maxconns, name, send_proxy, weight)"),
     (host('name="one"'), "x.xml:5: <host> needs attribute 'ip'"),
     (HEAD + GROUP + '<group name="main" scheduler="random"/>\n' + TAIL,
      "x.xml:7: service 'web': duplicate group 'main'"),
@@ -484,7 +765,38 @@ BAD = [
      'x.xml:9: user name is empty'),
     (HEAD + GROUP + '</service>\n<logging/>\n<logging/>\n</pdconfig>', 'x.xml:9: more than one <logging>'),
     (HEAD + GROUP + '</service>\n<logging level="debug"/>\n</pdconfig>',
-     "x.xml:8: <logging> has unknown attribute 'level' (known: file)"),
+     "x.xml:8: <logging> has unknown attribute 'level' (known: access, facility, file, syslog)"),
+    # issue 4
+    ('<pdconfig user="py director">\n</pdconfig>',
+     "x.xml:1: <pdconfig> user 'py director': must be a user name or a numeric id"),
+    ('<pdconfig group="4294967295">\n</pdconfig>',
+     "x.xml:1: <pdconfig> group '4294967295': must be a group name or a numeric id"),
+    ('<pdconfig user="pd" group="a&#10;b">\n</pdconfig>',
+     "x.xml:1: <pdconfig> group 'a\\nb': must be a group name or a numeric id"),
+    ('<pdconfig user="">\n</pdconfig>', "x.xml:1: <pdconfig> user '': must be a user name or a numeric id"),
+    (HEAD.replace('"web"', '"web" maxconns="-1"') + GROUP + TAIL,
+     "x.xml:2: <service> maxconns '-1': must be an integer >= 0"),
+    (HEAD + GROUP + '<timeouts queue="0"/>\n' + TAIL,
+     "x.xml:7: <timeouts> queue '0': must be a number of seconds > 0 and <= 86400"),
+    (HEAD + '<allow cidr="10.0.0.0/33"/>\n' + GROUP + TAIL, "x.xml:4: <allow> cidr '10.0.0.0/33' " + NOT_A_NETWORK),
+    (HEAD + GROUP + '<deny cidr="010.0.0.0/8"/>\n' + TAIL, "x.xml:7: <deny> cidr '010.0.0.0/8' " + NOT_A_NETWORK),
+    (HEAD + '<deny/>\n' + GROUP + TAIL, "x.xml:4: <deny> needs attribute 'cidr'"),
+    (HEAD + '<allow cidr="::1" ip="::1"/>\n' + GROUP + TAIL, "x.xml:4: <allow> has unknown attribute 'ip' (known: cidr)"),
+    (host('ip="10.0.0.1:80" send_proxy="v3"'), "x.xml:5: <host> send_proxy 'v3': must be 'v1' or 'v2'"),
+    (host('ip="10.0.0.1:80" send_proxy=""'), "x.xml:5: <host> send_proxy '': must be 'v1' or 'v2'"),
+    (listen_with('accept_proxy="yes"'), "x.xml:3: <listen> accept_proxy 'yes': must be 'v1', 'v2' or 'any'"),
+    (listen_with('trusted="127.0.0.1"'), 'x.xml:3: <listen> trusted is only used with accept_proxy'),
+    (listen_with('accept_proxy="v1" trusted="127.0.0.1,,::1"'), "x.xml:3: <listen> trusted '' " + NOT_A_NETWORK),
+    (listen_with('accept_proxy="v2" trusted="localhost"'), "x.xml:3: <listen> trusted 'localhost' " + NOT_A_NETWORK),
+    (listen_with('proxy="v1"'), "x.xml:3: <listen> has unknown attribute 'proxy' (known: accept_proxy, ip, trusted)"),
+    (logging_with('access="yes"'), "x.xml:8: <logging> access 'yes': must be 'on' or 'off'"),
+    (logging_with('syslog="loghost"'),
+     "x.xml:8: <logging> syslog 'loghost': must be a socket path starting with '/', or host:port"),
+    (logging_with('syslog="*:514"'),
+     "x.xml:8: <logging> syslog '*:514': must be a socket path starting with '/', or host:port"),
+    (logging_with('syslog="/dev/log" facility="dæmon"'),
+     "x.xml:8: <logging> facility 'dæmon': not a syslog facility (like daemon, user or local0-local7)"),
+    (logging_with('facility="local0"'), 'x.xml:8: <logging> facility is only used with syslog'),
 ]
 
 

@@ -206,6 +206,162 @@ class SchedulerContract(object):
         self.assertEqual((hosts[1].open, hosts[1].total), (1, 1))
         self.assertEqual(set(names(self.picks(new))) - {'a', 'b'}, set())
 
+    # -- explain() and full_only() -------------------------------------------
+
+    def busy_scheduler(self, sticky_max=100000):
+        """Five weighted hosts, one down and one with room for two, over a
+        fresh clock and seeded rng: the same arguments build the same one."""
+        hosts = make_hosts('a', 'b', 'c', 'd', 'e', a=3, c=2)
+        hosts[3].maxconns = 2
+        name, sticky = parse_spec(self.spec)
+        self.clock = FakeClock()
+        scheduler = schedulers.SCHEDULERS[name](
+            hosts, sticky=sticky, sticky_timeout=30.0, clock=self.clock,
+            rng=random.Random(42), sticky_max=sticky_max)
+        scheduler.mark_down(hosts[4], 'refused', 1.0)
+        return scheduler
+
+    def workload(self, scheduler, explain=None, steps=400):
+        """A fixed mix of picks, failovers, connection ends, health and admin
+        changes and clock moves (backwards too); returns what was picked.
+        ``explain(client_ip, exclude)`` is called before each pick."""
+        steps_rng = random.Random(7)
+        open_conns = []
+        picked = []
+        for step in range(steps):
+            ip = f'10.0.0.{steps_rng.randrange(12)}'
+            exclude = ()
+            if steps_rng.random() < 0.2:
+                exclude = steps_rng.sample(scheduler.hosts, 2)
+            if explain is not None:
+                explain(ip, exclude)
+            host = scheduler.pick(ip, exclude)
+            picked.append(host.name if host else None)
+            if host is not None:
+                scheduler.connection_started(host)
+                open_conns.append(host)
+            if open_conns and steps_rng.random() < 0.45:
+                scheduler.connection_ended(
+                    open_conns.pop(steps_rng.randrange(len(open_conns))))
+            self.clock.now += steps_rng.choice((0.0, 1.0, 4.0, 25.0, -3.0))
+            if step % 50 == 25:
+                victim = scheduler.hosts[step // 50 % 3]
+                scheduler.mark_down(victim, 'timeout', self.clock.now)
+                scheduler.set_admin(scheduler.hosts[1], DRAINING, self.clock.now)
+            elif step % 50 == 40:
+                for host in scheduler.hosts[:3]:
+                    scheduler.mark_up(host, self.clock.now)
+                scheduler.set_admin(scheduler.hosts[1], ENABLED, self.clock.now)
+        return picked
+
+    def state(self, scheduler):
+        return ([(h.name, h.open, h._current, h._last_pick) for h in scheduler.hosts],
+                [(ip, h.name, used) for ip, (h, used) in scheduler._sticky.items()],
+                scheduler.rng.getstate(), getattr(scheduler, '_picks', None))
+
+    def test_explain_matches_the_next_pick(self):
+        scheduler = self.busy_scheduler(sticky_max=6)
+        results = []
+
+        def check(ip, exclude):
+            results.append(scheduler.explain(ip, exclude))
+
+        picked = self.workload(scheduler, check)
+        self.assertEqual([r['host'].name if r['host'] else None for r in results],
+                         picked)
+        self.assertGreater(picked.count(None), 0, 'the workload should run dry sometimes')
+        self.assertGreater(len(set(picked)), 3)
+        for result in results:
+            self.assertEqual(result['scheduler'], self.spec)
+            self.assertIsInstance(result['reason'], str)
+            self.assertTrue(result['reason'])
+
+    def test_explain_changes_no_state(self):
+        # The same workload with and without explain() between the picks
+        # must pick the same hosts and end in the same state, sticky table
+        # order (expiry and LRU eviction) included.
+        plain = self.busy_scheduler(sticky_max=6)
+        expected = self.workload(plain)
+        expected_state = self.state(plain)
+        explained = self.busy_scheduler(sticky_max=6)
+
+        def explain_a_lot(ip, exclude):
+            before = self.state(explained)
+            explained.explain(ip, exclude)
+            explained.explain(ip)
+            explained.explain('192.0.2.1')
+            explained.explain('10.0.0.3', explained.hosts[:2])
+            self.assertEqual(self.state(explained), before)
+
+        self.assertEqual(self.workload(explained, explain_a_lot), expected)
+        self.assertEqual(self.state(explained), expected_state)
+
+    def test_explain_lists_skipped_hosts(self):
+        ok, down, draining, disabled, full, excluded, both = hosts = make_hosts(
+            'ok', 'down', 'draining', 'disabled', 'full', 'excluded', 'both')
+        scheduler = self.make(hosts)
+        scheduler.mark_down(down, 'refused', 1.0)
+        scheduler.set_admin(draining, DRAINING, 1.0)
+        disabled.admin = 'disabled'     # an admin state schedulers need not know
+        full.maxconns = 1
+        scheduler.connection_started(full)
+        scheduler.mark_down(both, 'refused', 1.0)
+        result = scheduler.explain('10.0.0.1', exclude=[excluded, both])
+        self.assertIs(result['host'], ok)
+        self.assertEqual(result['skipped'], [
+            ['down', 'down'], ['draining', 'draining'], ['disabled', 'disabled'],
+            ['full', 'full'], ['excluded', 'excluded'], ['both', 'down']])
+        self.assertEqual(set(result), {'host', 'scheduler', 'reason', 'sticky',
+                                       'ranking', 'candidates', 'skipped'})
+        result = scheduler.explain('10.0.0.1', exclude=[ok, excluded])
+        self.assertEqual((result['host'], result['reason']),
+                         (None, 'every eligible host is full (maxconns)'))
+        result = scheduler.explain('10.0.0.1', exclude=[ok, excluded, full])
+        self.assertEqual((result['host'], result['reason']), (
+            None, 'no eligible host: 2 excluded, 2 down, 1 draining, 1 disabled, 1 full'))
+
+    def test_explain_when_nothing_is_eligible(self):
+        result = self.make().explain('10.0.0.1')
+        self.assertEqual((result['host'], result['reason'], result['skipped']),
+                         (None, 'no hosts', []))
+        a, b = make_hosts('a', 'b')
+        scheduler = self.make([a, b])
+        scheduler.mark_down(a, 'refused', 1.0)
+        scheduler.mark_down(b, 'refused', 1.0)
+        result = scheduler.explain('10.0.0.1')
+        self.assertEqual((result['host'], result['reason'], result['skipped']),
+                         (None, 'no host up', [['a', 'down'], ['b', 'down']]))
+        scheduler.mark_up(b, 2.0)
+        b.maxconns = 1
+        scheduler.connection_started(b)
+        result = scheduler.explain('10.0.0.1')
+        self.assertEqual((result['host'], result['reason']),
+                         (None, 'every eligible host is full (maxconns)'))
+
+    def test_full_only(self):
+        a, b, c = make_hosts('a', 'b', 'c')
+        a.maxconns = b.maxconns = 1
+        scheduler = self.make([a, b, c])
+        self.assertFalse(scheduler.full_only(), 'room everywhere')
+        scheduler.connection_started(a)
+        scheduler.connection_started(b)
+        self.assertFalse(scheduler.full_only(), 'c has room')
+        self.assertTrue(scheduler.full_only(exclude=[c]))
+        scheduler.mark_down(c, 'refused', 1.0)
+        self.assertIsNone(scheduler.pick('10.0.0.1'))
+        self.assertTrue(scheduler.full_only(), 'c down, a and b full')
+        self.assertTrue(scheduler.full_only(exclude=[a]))
+        self.assertFalse(scheduler.full_only(exclude=[a, b]), 'nothing left to wait for')
+        scheduler.set_admin(b, DRAINING, 2.0)
+        self.assertTrue(scheduler.full_only())
+        scheduler.mark_down(a, 'refused', 1.0)
+        self.assertFalse(scheduler.full_only(), 'only a draining host is full')
+        scheduler.mark_up(a, 3.0)
+        scheduler.connection_ended(a)
+        self.assertIsNotNone(scheduler.pick('10.0.0.1'))
+        self.assertFalse(scheduler.full_only(), 'a has room again')
+        self.assertFalse(self.make().full_only(), 'no hosts at all')
+
 
 class RandomTest(SchedulerContract, unittest.TestCase):
     spec = 'random'
@@ -582,6 +738,131 @@ class StickyTest(unittest.TestCase):
         self.assertEqual(scheduler.sticky_size(), 0)
 
 
+class ExplainTest(unittest.TestCase):
+    """The sentences and extra fields of explain(), algorithm by algorithm."""
+
+    def load(self, scheduler, **opens):
+        for name, count in opens.items():
+            for _ in range(count):
+                scheduler.connection_started(scheduler.get_host(name))
+
+    def test_roundrobin(self):
+        scheduler = make_scheduler('roundrobin', make_hosts('a', 'b', a=3))
+        result = scheduler.explain('10.0.0.7')
+        self.assertEqual((result['host'].name, result['reason']), (
+            'a', 'smooth weighted round robin: next in turn (current weight 3 of total 4)'))
+        self.assertEqual((result['sticky'], result['ranking'], result['candidates'],
+                          result['skipped']), (None, None, None, []))
+        self.assertEqual(sequence(scheduler, 3), 'aab')
+        self.assertEqual(scheduler.explain('10.0.0.7')['reason'],
+                         'smooth weighted round robin: next in turn (current weight 4 of total 4)')
+
+    def test_leastconns(self):
+        scheduler = make_scheduler('leastconns', make_hosts('a', 'b', 'c'))
+        self.load(scheduler, a=3, b=2, c=4)
+        result = scheduler.explain('10.0.0.7')
+        self.assertEqual((result['host'].name, result['reason']),
+                         ('b', 'least connections: 2 open, fewest of 3 eligible'))
+        self.load(scheduler, b=1)
+        self.assertEqual(scheduler.explain('10.0.0.7')['reason'],
+                         'least connections: 3 open, fewest of 3 eligible (first of 2 tied)')
+
+    def test_leastconns_weighted(self):
+        scheduler = make_scheduler('leastconns', make_hosts('a', 'b', b=3))
+        self.load(scheduler, a=1, b=2)
+        self.assertEqual(scheduler.explain('10.0.0.7')['reason'],
+                         'least connections: 2 open (weight 3), fewest per weight of 2 eligible')
+
+    def test_leastconnsrr(self):
+        scheduler = make_scheduler('leastconnsrr', make_hosts('a', 'b', 'c'))
+        sequence(scheduler, 1)
+        result = scheduler.explain('10.0.0.7')
+        self.assertEqual((result['host'].name, result['reason']), (
+            'b', 'least connections, round robin on ties: 0 open, fewest of 3 eligible '
+                 '(least recently picked of 3 tied)'))
+
+    def test_hash(self):
+        scheduler = make_scheduler('hash', make_hosts('a', 'b', 'c', 'd', 'e'))
+        result = scheduler.explain('10.0.0.1')     # ranks c b d a e (see above)
+        self.assertEqual((result['host'].name, result['reason']),
+                         ('c', 'hash: highest rendezvous score for 10.0.0.1'))
+        ranking = result['ranking']
+        self.assertEqual([name for name, _ in ranking], list('cbdae'))
+        self.assertEqual([score for _, score in ranking],
+                         [scheduler.score('10.0.0.1', h) for h in scheduler.rank('10.0.0.1')])
+        scheduler.mark_down(scheduler.get_host('c'), 'refused', 1.0)
+        result = scheduler.explain('10.0.0.1')
+        self.assertEqual((result['host'].name, result['reason']), (
+            'b', 'hash: highest rendezvous score for 10.0.0.1 among eligible hosts '
+                 '(number 2 of 5 overall)'))
+        self.assertEqual(result['ranking'], ranking, 'the ranking includes down hosts')
+        self.assertEqual(result['skipped'], [['c', 'down']])
+
+    def test_random_foresees_a_seeded_draw(self):
+        scheduler = make_scheduler('random', make_hosts('a', 'b', 'c', b=2, c=7),
+                                   rng=random.Random(5))
+        for _ in range(20):
+            result = scheduler.explain('10.0.0.7')
+            self.assertEqual(result['candidates'], [['a', 1], ['b', 2], ['c', 7]])
+            host = scheduler.pick('10.0.0.7')
+            self.assertIs(result['host'], host)
+            self.assertEqual(result['reason'],
+                             'weighted random: the next draw gives %s (weight %d of total 10, '
+                             '3 eligible)' % (host.name, host.weight))
+
+    def test_random_without_state_cannot_foresee(self):
+        scheduler = make_scheduler('random', make_hosts('a', 'b', 'c', b=2),
+                                   rng=random.SystemRandom())
+        scheduler.mark_down(scheduler.get_host('a'), 'refused', 1.0)
+        result = scheduler.explain('10.0.0.7')
+        self.assertEqual((result['host'], result['reason'], result['candidates']), (
+            None, 'weighted random among 2 eligible hosts (total weight 3); '
+                  'the draw cannot be foreseen', [['b', 2], ['c', 1]]))
+
+    def test_sticky(self):
+        clock = FakeClock()
+        scheduler = make_scheduler('roundrobin,sticky', make_hosts('one', 'two'),
+                                   clock=clock, sticky_timeout=300.0)
+        scheduler.pick('10.0.0.1')
+        self.assertEqual(scheduler.pick('10.0.0.7').name, 'two')
+        clock.now += 12
+        result = scheduler.explain('10.0.0.7')
+        self.assertEqual((result['host'].name, result['reason'], result['sticky']), (
+            'two', 'sticky: client 10.0.0.7 was on two 12 s ago (expires in 288 s)',
+            {'host': 'two', 'expires_in': 288.0}))
+        self.assertIsNone(scheduler.explain('10.0.0.9')['sticky'])
+        # Its host down: the entry is still there, but a fresh pick decides.
+        scheduler.mark_down(scheduler.get_host('two'), 'refused', 1.0)
+        result = scheduler.explain('10.0.0.7')
+        self.assertEqual((result['host'].name, result['reason'], result['sticky']), (
+            'one', 'sticky: client 10.0.0.7 was on two, now down; smooth weighted round '
+                   'robin: next in turn (current weight 1 of total 1)',
+            {'host': 'two', 'expires_in': 288.0}))
+        # Expired (pick() would sweep it first): as if never seen.
+        scheduler.mark_up(scheduler.get_host('two'), 2.0)
+        clock.now += 289
+        result = scheduler.explain('10.0.0.7')
+        self.assertIsNone(result['sticky'])
+        self.assertEqual(result['reason'],
+                         'smooth weighted round robin: next in turn (current weight 1 of total 2)')
+        self.assertEqual(scheduler.sticky_size(), 2, 'explain sweeps nothing')
+
+    def test_sticky_entry_behind_a_fresh_one_survives_the_sweep(self):
+        # With a clock that stepped back, a stale entry can sit behind a
+        # fresh one; pick() stops sweeping at the fresh one, and explain()
+        # must agree with it.
+        clock = FakeClock(1000.0)
+        scheduler = make_scheduler('roundrobin,sticky', make_hosts('a', 'b'),
+                                   clock=clock, sticky_timeout=10.0)
+        scheduler.pick('10.0.0.1')              # a, used at 1000
+        clock.now = 900.0
+        scheduler.pick('10.0.0.2')              # b, used at 900, newest
+        clock.now = 1005.0                      # 10.0.0.2 is stale, 10.0.0.1 is not
+        result = scheduler.explain('10.0.0.2')
+        self.assertEqual(result['sticky'], {'host': 'b', 'expires_in': -95.0})
+        self.assertIs(result['host'], scheduler.pick('10.0.0.2'))
+
+
 class SpecTest(unittest.TestCase):
 
     def assertSpecError(self, spec, message):
@@ -636,6 +917,12 @@ class HostTest(unittest.TestCase):
              host.probe_fail),
             ('web1', '[::1]:80', 1, 0, UP, ENABLED, '', None, 0, 0,
              0, 0, None, 0, 0))
+
+    def test_send_proxy(self):
+        self.assertIsNone(Host('a', '127.0.0.1:80').send_proxy)
+        host = Host('a', '127.0.0.1:80', send_proxy='v2')
+        self.assertEqual(host.send_proxy, 'v2')
+        host.send_proxy = None      # a slot: the balancer may change it
 
     def test_slots_reject_unknown_attributes(self):
         with self.assertRaises(AttributeError):

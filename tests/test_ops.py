@@ -1,0 +1,495 @@
+"""Production operations on real sockets: reload, access log, health timeline,
+blue/green switches with drain and rollback."""
+
+import os
+import re
+import shutil
+import socket
+import tempfile
+import threading
+import unittest
+
+from support import (Backend, Balancer, LOG, config_xml, connect, echo, exchange, free_port,
+                     say_name, service_xml, wait_until)
+
+import pydirector
+
+
+class OpsTestCase(unittest.TestCase):
+
+    def setUp(self):
+        self.backends = []
+        self.balancer = None
+        self.mark = LOG.mark()
+        self.dir = tempfile.mkdtemp(prefix='pydirector-ops-')
+        self.path = os.path.join(self.dir, 'live.xml')
+
+    def tearDown(self):
+        if self.balancer is not None:
+            self.balancer.stop()
+        for b in self.backends:
+            b.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def backend(self, handler=say_name, name='backend'):
+        b = Backend(handler, name)
+        self.backends.append(b)
+        return b
+
+    def start(self, xml):
+        self.balancer = Balancer(xml, path=self.path)
+        return self.balancer
+
+    def rewrite(self, xml):
+        with open(self.path, 'w') as f:
+            f.write(xml)
+
+    def reload(self):
+        return self.balancer.call(self.balancer.director.reload)
+
+    def access_lines(self):
+        return [l for l in LOG.since(self.mark) if l.startswith('access ')]
+
+
+class TestReload(OpsTestCase):
+
+    def test_hosts_added_removed_and_changed_keep_the_rest(self):
+        one, two, three = self.backend(name='one'), self.backend(name='two'), self.backend(name='three')
+        port = free_port()
+        self.start(config_xml(service_xml([('one', one.address), ('two', two.address)], listen_port=port)))
+        for _ in range(4):
+            exchange(port)
+        before = self.balancer.host('one')
+        self.rewrite(config_xml(service_xml(
+            [('one', one.address, 'weight="3"'), ('three', three.address)],
+            scheduler='leastconnsrr', listen_port=port)))
+        message = self.reload()
+        self.assertEqual(message, 'reloaded %s: web: scheduler main roundrobin->leastconnsrr, -host two, '
+                         'host one weight 3, +host three' % self.path)
+        self.assertIn(message, LOG.since(self.mark))
+        after = self.balancer.host('one')
+        self.assertEqual((after['total'], after['weight']), (before['total'], 3))
+        names = {exchange(port) for _ in range(6)}
+        self.assertEqual(names, {b'one', b'three'})
+        self.assertEqual(self.reload(), 'reloaded %s: no changes' % self.path)
+
+    def test_invalid_file_changes_nothing(self):
+        one = self.backend(name='one')
+        port = free_port()
+        xml = config_xml(service_xml([('one', one.address)], listen_port=port))
+        self.start(xml)
+        self.rewrite(xml.replace('<group', '<group bogus="1"', 1))
+        with self.assertRaises(pydirector.AdminError) as caught:
+            self.reload()
+        self.assertEqual(caught.exception.status, 400)
+        self.assertRegex(caught.exception.message, '^%s:[0-9]+: ' % re.escape(self.path))
+        LOG.wait_for('reload failed: %s:' % self.path, self.mark)
+        self.assertEqual(exchange(port), b'one')
+
+    def test_port_in_use_changes_nothing(self):
+        one = self.backend(name='one')
+        port, busy = free_port(), socket.socket()
+        busy.bind(('127.0.0.1', 0))
+        busy.listen(1)
+        self.addCleanup(busy.close)
+        self.start(config_xml(service_xml([('one', one.address)], listen_port=port)))
+        self.rewrite(config_xml(service_xml([('one', one.address)], listen_port=port),
+                                service_xml([('one', one.address)], name='api',
+                                            listen_port=busy.getsockname()[1])))
+        with self.assertRaises(pydirector.AdminError) as caught:
+            self.reload()
+        self.assertIn('cannot listen on 127.0.0.1:%d' % busy.getsockname()[1], caught.exception.message)
+        self.assertEqual([s['name'] for s in self.balancer.snapshot()['services']], ['web'])
+        self.assertEqual(exchange(port), b'one')
+
+    def test_services_and_listeners_come_and_go(self):
+        one, two, three = self.backend(name='one'), self.backend(name='two'), self.backend(echo, 'three')
+        web_port, api_port, new_port = free_port(), free_port(), free_port()
+        self.start(config_xml(service_xml([('one', one.address)], listen_port=web_port),
+                              service_xml([('three', three.address)], name='old', listen_port=free_port())))
+        held = connect(self.balancer.port('old'))
+        held.sendall(b'x')
+        self.assertEqual(held.recv(10), b'x')
+        self.rewrite(config_xml(service_xml([('one', one.address)], listen_port=new_port),
+                                service_xml([('two', two.address)], name='api', listen_port=api_port)))
+        message = self.reload()
+        self.assertIn('+service api', message)
+        self.assertIn('-service old', message)
+        self.assertIn('web: listen 127.0.0.1:%d' % new_port, message)
+        self.assertEqual(exchange(api_port), b'two')
+        self.assertEqual(exchange(new_port), b'one')
+        wait_until(lambda: not _accepts(web_port))
+        self.rewrite(config_xml(service_xml([('two', two.address)], name='api', listen_port=api_port)))
+        self.assertIn('-service web', self.reload())
+        wait_until(lambda: not _accepts(new_port))
+        self.assertEqual(exchange(api_port), b'two')
+        # The connection made before both reloads is still whole.
+        held.sendall(b'y')
+        self.assertEqual(held.recv(10), b'y')
+        held.shutdown(socket.SHUT_WR)
+        self.assertEqual(held.recv(10), b'')
+        held.close()
+
+    def test_reload_under_live_traffic_cuts_nothing(self):
+        one, two = Backend(echo, 'one'), Backend(echo, 'two')
+        self.backends += [one, two]
+        port = free_port()
+        self.start(config_xml(service_xml([('one', one.address)], listen_port=port)))
+        errors, done = [], threading.Event()
+
+        def client(n):
+            try:
+                while not done.is_set():
+                    sock = connect(port)
+                    payload = os.urandom(2000 + n)
+                    for i in range(0, len(payload), 500):
+                        sock.sendall(payload[i:i + 500])
+                    sock.shutdown(socket.SHUT_WR)
+                    got = b''
+                    while True:
+                        chunk = sock.recv(65536)
+                        if not chunk:
+                            break
+                        got += chunk
+                    sock.close()
+                    if got != payload:
+                        errors.append('client %d: %d of %d bytes' % (n, len(got), len(payload)))
+            except OSError as e:
+                errors.append('client %d: %s' % (n, e))
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        try:
+            for i in range(6):
+                hosts = [('one', one.address)] if i % 2 else [('one', one.address), ('two', two.address)]
+                self.rewrite(config_xml(service_xml(hosts, listen_port=port,
+                                                    scheduler='roundrobin' if i % 3 else 'leastconns')))
+                self.reload()
+        finally:
+            done.set()
+            for t in threads:
+                t.join(20)
+        self.assertEqual(errors, [])
+        self.assertFalse([l for l in LOG.since(self.mark) if 'TRACEBACK' in l])
+
+
+def _accepts(port):
+    try:
+        socket.create_connection(('127.0.0.1', port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+class TestAccessLog(OpsTestCase):
+
+    def test_one_line_per_connection_with_counts(self):
+        b = self.backend(echo, 'one')
+        port = free_port()
+        self.start(config_xml(service_xml([('one', b.address)], listen_port=port)))
+        self.assertEqual(exchange(port, b'hello'), b'hello')
+        line = LOG.wait_for('access service=web', self.mark)[-1]
+        self.assertRegex(line, r'^access service=web client=127\.0\.0\.1:[0-9]+ host=one '
+                         r'backend=%s failovers=0 bytes_in=5 bytes_out=5 duration=[0-9.]+ end=done$'
+                         % re.escape(b.address))
+
+    def test_no_backend_and_failover_are_logged(self):
+        b = self.backend(echo, 'two')
+        dead = '127.0.0.1:%d' % free_port()
+        port = free_port()
+        self.start(config_xml(service_xml([('one', dead), ('two', b.address)], listen_port=port)))
+        self.assertEqual(exchange(port, b'x'), b'x')
+        self.assertIn(' failovers=1 ', LOG.wait_for('access service=web', self.mark)[-1])
+        mark = LOG.mark()
+        self.balancer.call(self.balancer.director.host_admin_down, 'web', 'main', 'two')
+        self.assertEqual(exchange(port), b'')
+        line = LOG.wait_for('access service=web', mark)[-1]
+        self.assertIn(' host=- backend=- failovers=0 bytes_in=0 bytes_out=0 ', line)
+        self.assertTrue(line.endswith(' end=no-backend'), line)
+
+    def test_values_are_escaped(self):
+        self.assertEqual(pydirector.log_value('web'), 'web')
+        self.assertEqual(pydirector.log_value('[::1]:80'), '[::1]:80')
+        self.assertEqual(pydirector.log_value('a b\nend=done "x"'), r'"a b\nend=done \"x\""')
+
+    def test_access_off(self):
+        b = self.backend(echo, 'one')
+        port = free_port()
+        self.start(config_xml(service_xml([('one', b.address)], listen_port=port)))
+        self.balancer.director.access_log = False
+        self.assertEqual(exchange(port, b'hi'), b'hi')
+        wait_until(lambda: self.balancer.open_pairs() == 0)
+        self.assertEqual(self.access_lines(), [])
+
+
+class TestTimeline(OpsTestCase):
+
+    def test_state_changes_are_kept_with_the_next_probe(self):
+        b = self.backend(echo, 'one')
+        port = free_port()
+        self.start(config_xml(service_xml(
+            [('one', b.address)], listen_port=port,
+            extra='    <check interval="0.2" timeout="0.5" rise="1" fall="1"/>\n')))
+        call = self.balancer.call
+        director = self.balancer.director
+        call(director.host_admin_down, 'web', 'main', 'one')
+        call(director.host_admin_up, 'web', 'main', 'one')
+        host = self.balancer.host('one')
+        self.assertEqual([(t['from'], t['to'], t['why']) for t in host['timeline']],
+                         [('up', 'draining', 'by admin'), ('draining', 'up', 'by admin')])
+        self.assertIsNotNone(host['next_probe'])
+        self.assertLess(abs(host['next_probe'] - host['timeline'][-1]['when']), 5)
+
+
+class TestBlueGreen(OpsTestCase):
+
+    def two_groups(self, blue, green, green_extra=''):
+        port = free_port()
+        groups = [('main', 'roundrobin', [('one', blue.address)]),
+                  ('upgrade', 'roundrobin', [('two', green)])]
+        self.start(config_xml(service_xml(None, listen_port=port, groups=groups,
+                                          extra='    <check interval="0.2" timeout="0.5" rise="1" fall="1"/>\n')))
+        return port
+
+    def test_drain_closes_what_is_left_on_the_old_group(self):
+        blue, green = self.backend(echo, 'blue'), self.backend(echo, 'green')
+        port = self.two_groups(blue, green.address)
+        old = connect(port)
+        old.sendall(b'a')
+        self.assertEqual(old.recv(10), b'a')
+        answer = self.balancer.call(self.balancer.director.enable_group, 'web', 'upgrade', drain='0.3')
+        self.assertIn('connections left on main close in 0.3 s', answer)
+        switch = self.balancer.snapshot()['services'][0]['switch']
+        self.assertEqual((switch['from'], switch['to']), ('main', 'upgrade'))
+        self.assertIsNotNone(switch['drain_until'])
+        new = connect(port)
+        new.sendall(b'b')
+        self.assertEqual(new.recv(10), b'b')
+        old.settimeout(5)
+        self.assertEqual(old.recv(10), b'')   # closed at the deadline
+        LOG.wait_for('end=drained', self.mark)
+        new.sendall(b'c')
+        self.assertEqual(new.recv(10), b'c')  # the new group's connection is untouched
+        new.close()
+        old.close()
+        wait_until(lambda: self.balancer.snapshot()['services'][0]['switch'] is None)
+
+    def test_rollback_when_the_new_group_never_comes_up(self):
+        blue = self.backend(echo, 'blue')
+        port = self.two_groups(blue, '127.0.0.1:%d' % free_port())
+        call, director = self.balancer.call, self.balancer.director
+        wait_until(lambda: self.balancer.host('two')['state'] == 'down')
+        answer = call(director.enable_group, 'web', 'upgrade', rollback='0.5')
+        self.assertIn('back to main unless a host is up within 0.5 s', answer)
+        LOG.wait_for('service web: rollback to group main: group upgrade had no host up within 0.5 s',
+                     self.mark)
+        self.assertEqual(self.balancer.snapshot()['services'][0]['enabled'], 'main')
+        self.assertEqual(exchange(port, b'ok'), b'ok')
+
+    def test_no_rollback_when_a_host_comes_up(self):
+        blue = self.backend(echo, 'blue')
+        green_port = free_port()
+        self.two_groups(blue, '127.0.0.1:%d' % green_port)
+        call, director = self.balancer.call, self.balancer.director
+        wait_until(lambda: self.balancer.host('two')['state'] == 'down')
+        call(director.enable_group, 'web', 'upgrade', rollback='3')
+        green = Backend(echo, 'green')  # cannot choose its port: move the host there instead
+        self.backends.append(green)
+        call(director.add_host, 'web', 'upgrade', 'three', green.address)
+        wait_until(lambda: self.balancer.snapshot()['services'][0]['switch'] is None, 8)
+        self.assertEqual(self.balancer.snapshot()['services'][0]['enabled'], 'upgrade')
+        self.assertNotIn('rollback to group', '\n'.join(LOG.since(self.mark)))
+
+    def test_bad_values_are_refused(self):
+        blue = self.backend(echo, 'blue')
+        self.two_groups(blue, blue.address)
+        for bad in ('-1', 'soon', 'nan'):
+            with self.assertRaises(pydirector.AdminError) as caught:
+                self.balancer.call(self.balancer.director.enable_group, 'web', 'upgrade', drain=bad)
+            self.assertEqual(caught.exception.status, 400)
+        self.assertEqual(self.balancer.snapshot()['services'][0]['enabled'], 'main')
+
+
+def connect_from(source_ip, port, host='127.0.0.1'):
+    sock = socket.socket(socket.AF_INET6 if ':' in host else socket.AF_INET)
+    sock.settimeout(10)
+    sock.bind((source_ip, 0))
+    sock.connect((host, port))
+    return sock
+
+
+def closed_by_peer(sock, timeout=5):
+    """True when the peer closed (FIN or RST) within timeout without sending anything."""
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(10) == b''
+    except ConnectionResetError:
+        return True
+
+
+class TestLimits(OpsTestCase):
+
+    def test_service_maxconns_refuses_at_once(self):
+        b = self.backend(echo, 'one')
+        port = free_port()
+        self.start(config_xml(service_xml([('one', b.address)], listen_port=port).replace(
+            '<service name="web"', '<service name="web" maxconns="2"')))
+        held = [connect(port), connect(port)]
+        for sock in held:
+            sock.sendall(b'x')
+            self.assertEqual(sock.recv(10), b'x')
+        extra = connect(port)
+        self.assertTrue(closed_by_peer(extra, 2))
+        self.assertIn(' end=full', LOG.wait_for('end=full', self.mark)[-1])
+        self.assertEqual(b.accepted, 2)
+        for sock in held + [extra]:
+            sock.close()
+        wait_until(lambda: self.balancer.snapshot()['services'][0]['open'] == 0)
+        self.assertEqual(exchange(port, b'again'), b'again')
+
+    def test_queue_serves_in_order_and_times_out(self):
+        b = self.backend(echo, 'one')
+        port = free_port()
+        self.start(config_xml(service_xml([('one', b.address, 'maxconns="1"')], listen_port=port,
+                                          extra='    <timeouts queue="3"/>\n')))
+        first = connect(port)
+        first.sendall(b'1')
+        self.assertEqual(first.recv(10), b'1')
+        waiting = []
+        for name in (b'2', b'3'):
+            sock = connect(port)
+            sock.sendall(name)
+            waiting.append(sock)
+            wait_until(lambda: self.balancer.snapshot()['services'][0]['queued'] == len(waiting))
+        first.close()
+        self.assertEqual(waiting[0].recv(10), b'2')
+        self.assertEqual(self.balancer.snapshot()['services'][0]['queued'], 1)
+        waiting[0].close()
+        self.assertEqual(waiting[1].recv(10), b'3')
+        waiting[1].close()
+
+    def test_queue_timeout_closes_the_client(self):
+        b = self.backend(echo, 'one')
+        port = free_port()
+        self.start(config_xml(service_xml([('one', b.address, 'maxconns="1"')], listen_port=port,
+                                          extra='    <timeouts queue="0.3"/>\n')))
+        first = connect(port)
+        first.sendall(b'1')
+        self.assertEqual(first.recv(10), b'1')
+        late = connect(port)
+        self.assertTrue(closed_by_peer(late, 5))
+        LOG.wait_for('end=queue-timeout', self.mark)
+        first.sendall(b'2')
+        self.assertEqual(first.recv(10), b'2')
+        first.close()
+        late.close()
+
+
+class TestAllowDeny(OpsTestCase):
+
+    def test_ipv4_rules(self):
+        b = self.backend(echo, 'one')
+        port = free_port()
+        self.start(config_xml(service_xml([('one', b.address)], listen_port=port,
+                                          extra='    <deny cidr="127.0.0.2"/>\n'
+                                                '    <allow cidr="127.0.0.0/30"/>\n')))
+        for source, allowed in (('127.0.0.1', True), ('127.0.0.2', False), ('127.0.0.3', True),
+                                ('127.0.0.9', False)):
+            sock = connect_from(source, port)
+            sock.sendall(b'hi')
+            sock.shutdown(socket.SHUT_WR)
+            if allowed:
+                self.assertEqual(sock.recv(10), b'hi', source)
+            else:
+                self.assertTrue(closed_by_peer(sock), source)
+            sock.close()
+        self.assertEqual(b.accepted, 2)
+        self.assertEqual(self.balancer.snapshot()['services'][0]['denied'], 2)
+        self.assertEqual(len(LOG.wait_for('end=denied', self.mark)), 2)
+
+    def test_ipv6_rules(self):
+        try:
+            probe = socket.socket(socket.AF_INET6)
+            probe.bind(('::1', 0))
+            probe.close()
+        except OSError:
+            self.skipTest('no IPv6 loopback here')
+        b = self.backend(echo, 'one')
+        port = free_port()
+        xml = service_xml([('one', b.address)], listen_port=port,
+                          extra='    <deny cidr="::1/128"/>\n').replace(
+            '<listen ip="127.0.0.1:%d"/>' % port, '<listen ip="127.0.0.1:%d"/><listen ip="[::1]:%d"/>' % (port, port))
+        self.start(config_xml(xml))
+        six = connect_from('::1', port, '::1')
+        self.assertTrue(closed_by_peer(six))
+        six.close()
+        self.assertEqual(exchange(port, b'v4'), b'v4')
+        self.assertEqual(b.accepted, 1)
+
+
+class TestPrivilegeDrop(unittest.TestCase):
+
+    def setUp(self):
+        if not hasattr(os, 'getuid') or os.getuid() != 0:
+            self.skipTest('needs root to test dropping privileges')
+        import pwd
+        try:
+            self.nobody = pwd.getpwnam('nobody')
+        except KeyError:
+            self.skipTest('no user nobody here')
+
+    def test_runs_as_the_user_after_binding(self):
+        from support import BalancerProcess
+        b = Backend(echo, 'one')
+        self.addCleanup(b.close)
+        port = free_port()
+        proc = BalancerProcess(config_xml(service_xml([('one', b.address)], listen_port=port), user='nobody'),
+                               wait_port=port)
+        self.addCleanup(proc.close)
+        wait_until(lambda: 'running as uid %d' % self.nobody.pw_uid in proc.output(), 10)
+        with open('/proc/%d/status' % proc.proc.pid) as f:
+            uids = [l.split()[1:] for l in f if l.startswith('Uid:')][0]
+        self.assertEqual(set(uids), {str(self.nobody.pw_uid)})
+        self.assertEqual(exchange(port, b'as nobody'), b'as nobody')
+
+    def test_refuses_to_stay_root_and_unknown_users(self):
+        from support import BalancerProcess
+        for user, message in (('root', 'refusing to run as root'), ('no-such-user-here', "no user 'no-such-user-here'")):
+            port = free_port()
+            proc = BalancerProcess(config_xml(service_xml([('one', '127.0.0.1:1')], listen_port=port), user=user))
+            self.addCleanup(proc.close)
+            self.assertEqual(proc.wait(10), 1)
+            self.assertIn(message, proc.output())
+            self.assertFalse(_accepts(port))
+
+
+class TestExplain(OpsTestCase):
+
+    def test_explain_matches_the_next_pick_and_changes_nothing(self):
+        one, two = self.backend(name='one'), self.backend(name='two')
+        port = free_port()
+        self.start(config_xml(service_xml([('one', one.address), ('two', two.address)], listen_port=port,
+                                          scheduler='hash', extra='    <deny cidr="10.0.0.0/8"/>\n')))
+        call, director = self.balancer.call, self.balancer.director
+        answer = call(director.explain, 'web', '127.0.0.1')
+        self.assertEqual(answer['scheduler'], 'hash')
+        self.assertTrue(answer['allowed'])
+        self.assertEqual([name for name, _ in answer['ranking']][0], answer['host'])
+        for _ in range(3):
+            self.assertEqual(call(director.explain, 'web', '127.0.0.1'), answer)
+            self.assertEqual(exchange(port).decode(), answer['host'])
+        call(director.host_admin_down, 'web', 'main', answer['host'])
+        again = call(director.explain, 'web', '127.0.0.1')
+        self.assertIn([answer['host'], 'draining'], [list(x) for x in again['skipped']])
+        self.assertNotEqual(again['host'], answer['host'])
+        denied = call(director.explain, 'web', '10.1.2.3')
+        self.assertFalse(denied['allowed'])
+        self.assertIn('denied by the allow/deny rules', denied['reason'])
+        for bad in (('nope', '127.0.0.1'), ('web', 'not-an-ip')):
+            with self.assertRaises(pydirector.AdminError):
+                call(director.explain, *bad)
+
+
+if __name__ == '__main__':
+    unittest.main()
