@@ -1158,10 +1158,12 @@ def render_explain(info):
     lines.append('allowed: %s' % ('yes' if allowed else 'no, denied by the service\'s allow/deny rules'))
     lines.append('group: %s' % t(info.get('group')))
     lines.append('scheduler: %s' % t(info.get('scheduler')))
-    if info.get('host') is not None:
+    if info.get('host') is None:
+        lines.append('host: none')
+    elif allowed:
         lines.append('host: %s %s' % (t(info['host']), t(info.get('address') or '-')))
     else:
-        lines.append('host: none')
+        lines.append('host: none (if allowed: %s %s)' % (t(info['host']), t(info.get('address') or '-')))
     if info.get('reason'):
         lines.append('reason: %s' % t(info['reason']))
     sticky = info.get('sticky')
@@ -1219,8 +1221,13 @@ HOST_METRICS = [
     ('pydirector_host_bytes_out_total', 'counter', 'Bytes relayed from the host to clients (closed connections).',
      lambda h, now: h['bytes_out']),
     ('pydirector_host_weight', 'gauge', 'The host\'s scheduler weight.', lambda h, now: h['weight']),
+    # Only from a true count: the timeline keeps the last few changes, and a counter that
+    # stops there would hide exactly the flapping it is for.
     ('pydirector_host_state_changes_total', 'counter', 'Times the host changed state (up, down, draining).',
-     lambda h, now: h.get('state_changes', len(h['timeline']) if 'timeline' in h else None)),
+     lambda h, now: h.get('state_changes')),
+    ('pydirector_host_last_state_change_timestamp_seconds', 'gauge',
+     'When the host last changed state, in seconds since the epoch.',
+     lambda h, now: float(h['timeline'][-1]['when']) if h.get('timeline') else None),
     ('pydirector_host_next_probe_seconds', 'gauge', 'Seconds until the host\'s next health check.',
      lambda h, now: None if h.get('next_probe') is None else max(0.0, h['next_probe'] - now)),
 ]
