@@ -213,6 +213,35 @@ class PlanTest(unittest.TestCase):
                              admin_block(OLD_USERS))
         self.assertIn(cannot('service web is removed'), plan_lines(old_xml(), removed))
 
+    def test_issue4_settings(self):
+        # send_proxy is addHost's; the rest of issue 4's settings need a reload.
+        old = config_xml(service_xml(None, listen_port=LISTEN, groups=[
+            ('main', 'roundrobin', [('one', '127.0.0.1:1001'), ('two', '127.0.0.1:1002')])]) +
+            admin_block(OLD_USERS))
+        new = config_xml(service_xml(None, listen_port=LISTEN, groups=[
+            ('main', 'roundrobin', [('one', '127.0.0.1:1001', 'send_proxy="v1"'), ('two', '127.0.0.1:1002'),
+                                    ('three', '127.0.0.1:1003', 'send_proxy="v2"')])],
+            extra='    <allow cidr="10.0.0.0/8"/>\n    <deny cidr="::1"/>\n'
+                  '    <timeouts queue="9"/>\n').replace(
+                '<service name="web">', '<service name="web" maxconns="50">').replace(
+                '<listen ip="127.0.0.1:%d"/>' % LISTEN,
+                '<listen ip="127.0.0.1:%d" accept_proxy="v2" trusted="127.0.0.0/8"/>' % LISTEN) +
+            admin_block(OLD_USERS) + '  <logging access="off"/>\n', user='nobody')
+        self.assertEqual(plan_lines(old, new), [cannot(what) for what in [
+            '<pdconfig> user (default) -> nobody',
+            'service web: maxconns (default) -> 50',
+            'service web: <listen ip="127.0.0.1:%d"/> -> <listen ip="127.0.0.1:%d" accept_proxy="v2" '
+            'trusted="127.0.0.0/8"/>' % (LISTEN, LISTEN),
+            'service web: (none) -> <allow cidr="10.0.0.0/8"/> <deny cidr="::1"/>',
+            'service web: (none) -> <timeouts queue="9"/>',
+            '(none) -> <logging access="off"/>',
+        ]] + [
+            'addHost service=web group=main name=three ip=127.0.0.1:1003 send_proxy=v2',
+            '# web/main host one: send_proxy none -> v1; delete and add again',
+            'delHost service=web group=main name=one',
+            'addHost service=web group=main name=one ip=127.0.0.1:1001 send_proxy=v1',
+        ])
+
     def test_new_features_need_a_reload(self):
         # Attributes addHost cannot set, on a new host, cannot be planned either (a future
         # attribute; to_xml of this version does not write one, so the tree is edited).
