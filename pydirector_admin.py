@@ -76,7 +76,9 @@ across a fleet through this API, without restarting anything.
     python3 pydirector_admin.py apply --url http://USER:PW@HOST:7001 [--url ...] NEW.xml
 
 Each --url is one balancer's admin server (https:// too; --insecure skips
-certificate checks); the user needs full access.  Both commands fetch each
+certificate checks); the user needs full access.  With http://USER@HOST:PORT
+the password comes from $PYDIRECTOR_ADMIN_PASSWORD instead of the command
+line.  Both commands fetch each
 balancer's /running.xml, read it and NEW.xml with pydirector.parse_config,
 and compare the two as to_xml() writes them, so the same thing spelt two
 ways is no difference.  Order of groups and hosts is not compared either:
@@ -84,7 +86,8 @@ addHost and newGroup can only append.  `diff` prints, per balancer, the
 calls that would make its running config NEW.xml, one per line
 (`addHost service=web group=main name=four ip=127.0.0.1:8084 weight=2`),
 or `# no changes`.  `apply` makes them, one balancer after the other, and
-stops at the first refusal (exit 1, saying what was done before it).
+stops at the first refusal (exit 1, saying what was done before it); at the
+end it reads every balancer back and fails if anything still differs.
 
 The order of the calls keeps every service serving: first, per group, new
 groups with their hosts, scheduler changes, new hosts and changed hosts;
@@ -115,6 +118,7 @@ import http.server
 import io
 import json
 import logging
+import os
 import re
 import socket
 import socketserver
@@ -1577,7 +1581,11 @@ class Remote(object):
         self.port = port or (443 if parts.scheme == 'https' else 80)
         self.prefix = parts.path.rstrip('/')
         self.user = urllib.parse.unquote(parts.username) if parts.username else None
-        password = urllib.parse.unquote(parts.password) if parts.password is not None else None
+        if parts.password is not None:
+            password = urllib.parse.unquote(parts.password)
+        else:
+            # Not on the command line, where other local users can read it.
+            password = os.environ.get('PYDIRECTOR_ADMIN_PASSWORD')
         host = '[%s]' % self.host if ':' in self.host else self.host
         # Shown in messages: never the password.
         self.shown = '%s://%s%s:%d%s' % (self.scheme, self.user + '@' if self.user else '', host,
@@ -1763,7 +1771,27 @@ def main(argv=None, out=None, err=None):
               '"# cannot apply" lines); copy %s to the balancer(s) and reload it there (/reload or SIGHUP)'
               % (problems, args.new_config), file=err)
         return 1
-    return apply_plans(plans, out, err)
+    status = apply_plans(plans, out, err)
+    if status != 0:
+        return status
+    # Read each balancer back: what was made is what the file says, unless someone else
+    # changed something meanwhile.
+    try:
+        left = [(remote, plan) for remote, plan in make_plans(remotes, new_tree, args.drain, args.rollback)
+                if plan.calls or plan.problems]
+    except RemoteError as e:
+        print('apply: all calls made, but reading back failed: %s' % e, file=err)
+        return 1
+    if left:
+        print('apply: all calls made, but the running config still differs from %s:' % args.new_config, file=err)
+        for remote, plan in left:
+            print('# balancer %s' % remote.shown, file=err)
+            for line in plan.lines():
+                print(line, file=err)
+        return 1
+    print('# applied: %s now run%s %s' % (', '.join(remote.shown for remote in remotes), '' if len(remotes) > 1
+                                          else 's', args.new_config), file=out)
+    return 0
 
 
 if __name__ == '__main__':

@@ -355,6 +355,7 @@ class FleetTest(FleetCase):
         rc, out, err = self.run_cli('apply', *self.urls() + [path])
         self.assertEqual((rc, err), (0, ''), out)
         lines = out.splitlines()
+        self.assertEqual(lines[-1], '# applied: %s, %s now run %s' % (self.a.shown(), self.b.shown(), path))
         # Every call is echoed, then the balancer's answer.
         for member in self.members:
             start = lines.index('# balancer ' + member.shown())
@@ -373,7 +374,40 @@ class FleetTest(FleetCase):
         self.assertEqual((rc, out, err), (0, '# balancer %s\n# no changes\n# balancer %s\n# no changes\n'
                                           % (self.a.shown(), self.b.shown()), ''))
         rc, out, err = self.run_cli('apply', '--url', self.a.url(), path)
-        self.assertEqual((rc, out, err), (0, '# no changes\n', ''))
+        self.assertEqual((rc, out, err), (0, '# no changes\n# applied: %s now runs %s\n' % (self.a.shown(), path), ''))
+
+    def test_password_from_the_environment(self):
+        path = self.write(old_xml())
+        url = 'http://admin@127.0.0.1:%d' % self.a.port
+        os.environ['PYDIRECTOR_ADMIN_PASSWORD'] = PASSWORD
+        try:
+            self.assertEqual(self.run_main('diff', '--url', url, path), (0, '# no changes\n', ''))
+        finally:
+            del os.environ['PYDIRECTOR_ADMIN_PASSWORD']
+        rc, out, err = self.run_main('diff', '--url', url, path)
+        self.assertEqual(rc, 1)
+        self.assertIn('user admin was refused (401 ERROR bad credentials)', err)
+
+    def test_apply_reads_back(self):
+        # Someone changes balancer a while apply runs: the read-back sees it.
+        path = self.write(new_xml())
+        real = pydirector_admin.apply_plans
+
+        def apply_then_meddle(*args):
+            status = real(*args)
+            self.a.call(self.a.director.host_admin_down, 'web', 'blue', 'b1')  # not in any config: fine
+            self.a.call(self.a.director.add_host, 'web', 'blue', 'late', '127.0.0.1:1077')
+            return status
+        pydirector_admin.apply_plans = apply_then_meddle
+        try:
+            rc, out, err = self.run_main('apply', '--url', self.a.url(), path)
+        finally:
+            pydirector_admin.apply_plans = real
+        self.assertEqual(rc, 1)
+        self.assertEqual(err.splitlines(), [
+            'apply: all calls made, but the running config still differs from %s:' % path,
+            '# balancer ' + self.a.shown(),
+            'delHost service=web group=blue name=late'])
 
     def test_users_copied_from_the_file_can_log_in(self):
         path = self.write(new_xml())
