@@ -17,6 +17,7 @@ import binascii
 import collections
 import concurrent.futures
 import errno
+import fcntl
 import hashlib
 import heapq
 import hmac
@@ -29,6 +30,7 @@ import selectors
 import signal
 import socket
 import sys
+import _socket
 import threading
 import time
 import unicodedata
@@ -1255,7 +1257,8 @@ def _header_addresses(client_addr, server_addr):
 def _ipv6_hex_text(ip):
     """RFC 5952 text in hex groups only: version 1 asks for that, and Python 3.13
     started writing mapped addresses as '::ffff:1.2.3.4'."""
-    groups = ['%x' % int(g, 16) for g in ip.exploded.split(':')]
+    packed = ip.packed  # not .exploded: 3.13 explodes mapped addresses with a dotted tail too
+    groups = ['%x' % int.from_bytes(packed[i:i + 2], 'big') for i in range(0, 16, 2)]
     best_start, best_len, start = -1, 1, None   # only runs of two or more zeros collapse
     for i, g in enumerate(groups + ['end']):
         if g == '0':
@@ -1469,6 +1472,22 @@ def _parse_v2(data, limit):
 # Proxying: a Listener accepts clients, a Pair relays one client to one backend.
 # ---------------------------------------------------------------------------
 
+# Data-plane sockets are the C-level _socket.socket: socket.socket's Python
+# wrapper adds frames to every accept, close and enum lookup, and we use none
+# of what it offers (makefile, context manager).
+SOCK_STREAM = socket.SOCK_STREAM
+SOCK_NONBLOCK = getattr(socket, 'SOCK_NONBLOCK', 0)   # Linux: no extra syscall to unblock
+SOCK_STREAM_NONBLOCK = SOCK_STREAM | SOCK_NONBLOCK
+
+# os.splice (Linux, Python 3.10+) moves bulk bytes without copying them
+# through Python.  SPLICE_AFTER: bytes one direction must carry before it
+# switches (None: never, as on platforms without splice).
+splice = getattr(os, 'splice', None)
+SPLICE_AFTER = 1 << 20 if splice is not None else None
+SPLICE_SIZE = 1 << 20      # pipe size asked for, and the most one splice moves
+SPLICE_FLAGS = getattr(os, 'SPLICE_F_MOVE', 0) | getattr(os, 'SPLICE_F_NONBLOCK', 0)
+F_SETPIPE_SZ = getattr(fcntl, 'F_SETPIPE_SZ', 1031)
+
 BUFFER_SIZE = 65536       # one recv; also the most a Pair holds per direction
 ACCEPT_BATCH = 64         # accepts per readable event, so one busy listener can't starve the rest
 ACCEPT_PAUSE = 0.25       # seconds to stop accepting when out of file descriptors
@@ -1522,11 +1541,13 @@ class Listener(object):
         self.trusted = [('allow', net) for net in listen.trusted]
 
     def _on_readable(self, mask):
-        accept = self.sock.accept
+        accept = self.sock._accept
+        family = self.sock.family
+        new_socket = _socket.socket
         on_accept = self.director.on_accept
         for _ in range(ACCEPT_BATCH):
             try:
-                client_sock, client_addr = accept()
+                fd, client_addr = accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -1539,7 +1560,7 @@ class Listener(object):
             if self.paused:
                 self.paused = False
                 log.info('listen %s: accepting again', self.text)
-            on_accept(self, client_sock, client_addr)
+            on_accept(self, new_socket(family, SOCK_STREAM, 0, fd), client_addr)
 
     def pause(self, err):
         """Out of fds: a pending client stays queued and would wake us forever; look again shortly."""
@@ -1587,7 +1608,7 @@ class Pair(object):
                  'client_ip', 'client_port', 'state', 'tried', 'to_client', 'to_backend',
                  'client_eof', 'backend_eof', 'client_events', 'backend_events', 'timer',
                  'last_active', 'bytes_in', 'bytes_out', 'started', 'proxy_dest',
-                 'proxy_accept')
+                 'proxy_accept', 'splice_up', 'splice_down')
 
     def __init__(self, director, service, client_sock, client_addr):
         self.director = director
@@ -1614,6 +1635,8 @@ class Pair(object):
         self.started = self.loop.now
         self.proxy_dest = None    # the address a PROXY header said the client connected to
         self.proxy_accept = None  # 'v1', 'v2' or 'any' while reading that header
+        self.splice_up = None     # a Splice once client->backend moves in bulk
+        self.splice_down = None   # and backend->client
 
     # -- the PROXY protocol header from a front proxy ---------------------
 
@@ -1690,11 +1713,12 @@ class Pair(object):
             self._connect_failed(errno.EHOSTUNREACH)
             return
         try:
-            sock = socket.socket(host.address[0], socket.SOCK_STREAM)
+            sock = _socket.socket(host.address[0], SOCK_STREAM_NONBLOCK)
         except OSError as e:
             self._connect_failed(e.errno)
             return
-        sock.setblocking(False)
+        if not SOCK_NONBLOCK:
+            sock.setblocking(False)
         self.backend_sock = sock
         err = sock.connect_ex(host.address[1])
         if err not in (0, errno.EINPROGRESS):
@@ -1779,7 +1803,10 @@ class Pair(object):
 
     def _on_client_event(self, mask):
         if mask & EVENT_READ:
-            self._relay(self.client_sock, self.backend_sock, True)
+            if self.splice_up is None:
+                self._relay(self.client_sock, self.backend_sock, True)
+            else:
+                self._splice_in(self.splice_up, self.client_sock, self.backend_sock, True)
         if mask & EVENT_WRITE and self.state is STREAMING:
             self._flush(False)
 
@@ -1788,7 +1815,10 @@ class Pair(object):
             self._on_backend_connected()
             return
         if mask & EVENT_READ:
-            self._relay(self.backend_sock, self.client_sock, False)
+            if self.splice_down is None:
+                self._relay(self.backend_sock, self.client_sock, False)
+            else:
+                self._splice_in(self.splice_down, self.backend_sock, self.client_sock, False)
         if mask & EVENT_WRITE and self.state is STREAMING:
             self._flush(True)
 
@@ -1802,15 +1832,7 @@ class Pair(object):
             self.abort('client-reset' if upstream else 'backend-reset')
             return
         if not data:
-            if upstream:
-                self.client_eof = True
-                if not self.to_backend:
-                    self._shutdown(self.backend_sock)
-            else:
-                self.backend_eof = True
-                if not self.to_client:
-                    self._shutdown(self.client_sock)
-            self._update_interest()
+            self._source_eof(upstream)
             return
         self.last_active = self.loop.now
         size = len(data)
@@ -1826,14 +1848,77 @@ class Pair(object):
             if sent < size:
                 self.to_backend = data[sent:]
                 self._update_interest()
+            elif size == BUFFER_SIZE and SPLICE_AFTER is not None and self.bytes_in >= SPLICE_AFTER:
+                self.splice_up = Splice.open()
         else:
             self.bytes_out += size
             if sent < size:
                 self.to_client = data[sent:]
                 self._update_interest()
+            elif size == BUFFER_SIZE and SPLICE_AFTER is not None and self.bytes_out >= SPLICE_AFTER:
+                self.splice_down = Splice.open()
+
+    def _source_eof(self, upstream):
+        if upstream:
+            self.client_eof = True
+            if not self.to_backend:
+                self._shutdown(self.backend_sock)
+        else:
+            self.backend_eof = True
+            if not self.to_client:
+                self._shutdown(self.client_sock)
+        self._update_interest()
+
+    # -- the splice fast path: bulk bytes go socket -> pipe -> socket in the kernel
+
+    def _splice_in(self, pipe, source, dest, upstream):
+        try:
+            size = splice(source.fileno(), pipe.w, SPLICE_SIZE, flags=SPLICE_FLAGS)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.abort('client-reset' if upstream else 'backend-reset')
+            return
+        if not size:
+            self._source_eof(upstream)
+            return
+        self.last_active = self.loop.now
+        if upstream:
+            self.bytes_in += size
+        else:
+            self.bytes_out += size
+        pipe.pending = size
+        self._splice_out(pipe, dest, upstream)
+
+    def _splice_out(self, pipe, dest, upstream):
+        """Move what the pipe holds on to dest; like _flush, pending bytes stop the source."""
+        was_pending = upstream and self.to_backend or not upstream and self.to_client
+        try:
+            sent = splice(pipe.r, dest.fileno(), pipe.pending, flags=SPLICE_FLAGS)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self.abort('backend-reset' if upstream else 'client-reset')
+            return
+        pending = pipe.pending = pipe.pending - sent
+        # to_backend / to_client hold the pipe's byte count: what _update_interest reads.
+        if upstream:
+            self.to_backend = pending
+            if not pending and self.client_eof:
+                self._shutdown(dest)
+        else:
+            self.to_client = pending
+            if not pending and self.backend_eof:
+                self._shutdown(dest)
+        if pending or was_pending:
+            self._update_interest()
 
     def _flush(self, upstream):
         """dest became writable: send what it refused before, then resume reading the source."""
+        pipe = self.splice_up if upstream else self.splice_down
+        if pipe is not None:
+            self._splice_out(pipe, self.backend_sock if upstream else self.client_sock, upstream)
+            return
         if upstream:
             dest, pending = self.backend_sock, self.to_backend
         else:
@@ -1904,6 +1989,10 @@ class Pair(object):
                 selector.modify(self.backend_sock, backend, self._on_backend_event)
             self.backend_events = backend
 
+    def pending(self):
+        """(bytes held for the backend, bytes held for the client), in Python or in a pipe."""
+        return tuple(len(x) if isinstance(x, bytes) else x for x in (self.to_backend, self.to_client))
+
     def _on_idle_timer(self):
         idle_for = self.loop.now - self.last_active
         limit = self.service.timeouts.idle
@@ -1959,7 +2048,39 @@ class Pair(object):
             if not was_streaming:
                 host.total -= 1  # closed before the backend answered: not a served connection
         self.to_client = self.to_backend = b''
+        for pipe in (self.splice_up, self.splice_down):
+            if pipe is not None:
+                pipe.close()
         self.director.pair_closed(self, how)
+
+
+class Splice(object):
+    """The pipe one direction of a bulk Pair moves its bytes through with
+    os.splice: socket -> pipe -> socket, never copied into Python.  It costs
+    two fds, so a Pair takes one only after SPLICE_AFTER bytes."""
+    __slots__ = ('r', 'w', 'pending')
+
+    def __init__(self, r, w):
+        self.r = r
+        self.w = w
+        self.pending = 0      # bytes in the pipe not yet sent on
+
+    @classmethod
+    def open(cls):
+        """A new pipe, or None when fds run short (the plain path carries on)."""
+        try:
+            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            fcntl.fcntl(w, F_SETPIPE_SZ, SPLICE_SIZE)
+        except OSError:
+            pass   # the default 64 KiB pipe works, with more syscalls
+        return cls(r, w)
+
+    def close(self):
+        os.close(self.r)
+        os.close(self.w)
 
 
 LINGER_RESET = b'\x01\x00\x00\x00\x00\x00\x00\x00'  # struct linger {on, 0 s}: close sends RST
@@ -2750,14 +2871,14 @@ class Director(object):
                 part = self._update_service(service, service_config)
                 if part:
                     changes.append('%s: %s' % (service.name, ', '.join(part)))
-            old_texts = [l.text for l in service.listeners]
+            old_listens = [(l.text, l.accept_proxy, l.trusted) for l in service.listeners]
             service.listeners = []
             for listen in service_config.listens:
                 listener = listeners.pop(listen.text)
                 listener.service = service
                 listener.configure(listen)
                 service.listeners.append(listener)
-            if old_texts and old_texts != [l.text for l in service.listeners]:
+            if old_listens and old_listens != [(l.text, l.accept_proxy, l.trusted) for l in service.listeners]:
                 changes.append('%s: listen %s' % (service.name, ', '.join(l.text for l in service.listeners)))
             services[service.name] = service
         for name, service in self.services.items():
@@ -3016,10 +3137,13 @@ def summary(config):
     """The one-screen --check summary."""
     lines = ['%s: OK' % config.path]
     for service in config.services:
-        lines.append('service %s: listen %s; timeouts connect %gs idle %gs%s' % (
-            service.name, ', '.join(l.text for l in service.listens),
+        lines.append('service %s: listen %s; timeouts connect %gs idle %gs%s%s%s' % (
+            service.name, ', '.join(l.text + (' (PROXY %s)' % l.accept_proxy if l.accept_proxy else '')
+                                    for l in service.listens),
             service.timeouts.connect, service.timeouts.idle,
-            '; check every %gs' % service.check.interval if service.check else ''))
+            '; check every %gs' % service.check.interval if service.check else '',
+            '; maxconns %d' % service.maxconns if service.maxconns else '',
+            '; %d allow/deny rule(s)' % len(service.acl) if service.acl else ''))
         for group in service.groups:
             mark = ' (enabled)' if group.name == service.enabled else ''
             lines.append('  group %s%s: scheduler %s, %d host(s)' % (group.name, mark, group.scheduler, len(group.hosts)))
@@ -3029,10 +3153,16 @@ def summary(config):
                     extra += ' weight %d' % host.weight
                 if host.maxconns:
                     extra += ' maxconns %d' % host.maxconns
+                if host.send_proxy:
+                    extra += ' send_proxy %s' % host.send_proxy
                 lines.append('    host %s %s%s' % (host.name, host.ip, extra))
     if config.admin:
         lines.append('admin: listen %s; %d user(s)' % (config.admin.listen, len(config.admin.users)))
-    lines.append('logging: %s' % (config.logging.file or 'stderr'))
+    lines.append('logging: %s%s%s' % (config.logging.file or ('stderr' if not config.logging.syslog else ''),
+                                      ' syslog %s' % config.logging.syslog if config.logging.syslog else '',
+                                      '' if config.logging.access else ', no access log'))
+    if config.user:
+        lines.append('runs as: user %s%s' % (config.user, ' group %s' % config.group if config.group else ''))
     return '\n'.join(lines)
 
 
@@ -3041,13 +3171,13 @@ def privilege_ids(user, group):
     import grp
     import pwd
     try:
-        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+        entry = pwd.getpwuid(int(user)) if re.match(r'[0-9]+\Z', user) else pwd.getpwnam(user)
     except KeyError:
         raise ValueError('no user %r on this system' % user)
     gid = entry.pw_gid
     if group:
         try:
-            gid = grp.getgrgid(int(group)).gr_gid if group.isdigit() else grp.getgrnam(group).gr_gid
+            gid = grp.getgrgid(int(group)).gr_gid if re.match(r'[0-9]+\Z', group) else grp.getgrnam(group).gr_gid
         except KeyError:
             raise ValueError('no group %r on this system' % group)
     return entry.pw_uid, gid
@@ -3076,7 +3206,7 @@ def read_password():
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog='pydirector.py', description='A TCP load balancer in pure Python.')
+    parser = argparse.ArgumentParser(prog=os.path.basename(sys.argv[0]) or 'pydirector.py', description='A TCP load balancer in pure Python.')
     parser.add_argument('config_file', nargs='?', help='the XML config (same as -c)')
     parser.add_argument('-c', '--config', help='the XML config file')
     parser.add_argument('--check', action='store_true', help='validate the config, print a summary, bind nothing')

@@ -351,3 +351,132 @@ class BalancerProcess(object):
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
         self.log_file.close()
+
+
+# -- PROXY protocol peers and real third-party servers -----------------------
+
+def proxy_codec():
+    """The module holding the PROXY protocol codec."""
+    return pydirector
+
+
+def report_proxy_header(conn, backend):
+    """Read a PROXY header (v1 or v2), answer 'PROXY src_ip src_port dst_ip dst_port\\n'
+    ('PROXY LOCAL\\n' when it names no addresses, 'BAD reason\\n' when it is malformed),
+    then echo the rest of the stream.  The raw header goes to backend.received."""
+    codec = proxy_codec()
+    data = b''
+    while True:
+        try:
+            result = codec.parse_proxy_header(data, 'any')
+        except ValueError as e:
+            conn.sendall(('BAD %s\n' % e).encode())
+            return
+        if result is not None:
+            break
+        chunk = conn.recv(65536)
+        if not chunk:
+            conn.sendall(b'BAD no header before EOF\n')
+            return
+        data += chunk
+    consumed, source, dest = result
+    with backend.lock:
+        backend.received.append(data[:consumed])
+    if source is None:
+        conn.sendall(b'PROXY LOCAL\n')
+    else:
+        conn.sendall(('PROXY %s %d %s %d\n' % (source + dest)).encode())
+    if data[consumed:]:
+        conn.sendall(data[consumed:])
+    echo(conn, backend)
+
+
+# Daemons often live in sbin, which a non-root PATH may lack.
+SBIN_PATH = os.pathsep.join([os.environ.get('PATH', os.defpath), '/usr/local/sbin', '/usr/sbin', '/sbin'])
+_apt_tried = set()
+
+
+def find_binary(name):
+    import shutil
+    return shutil.which(name, path=SBIN_PATH)
+
+
+def ensure_binaries(names, packages, timeout=300):
+    """{name: path or None}.  When one is missing and we are root with apt-get, try
+    `apt-get install -y packages` once per run (best effort, bounded by timeout)."""
+    found = dict((n, find_binary(n)) for n in names)
+    key = tuple(packages)
+    if (all(found.values()) or key in _apt_tried or not hasattr(os, 'geteuid')
+            or os.geteuid() != 0 or find_binary('apt-get') is None):
+        return found
+    _apt_tried.add(key)
+    deadline = time.monotonic() + timeout
+    env = dict(os.environ, DEBIAN_FRONTEND='noninteractive')
+    # Package lists may be empty in a fresh container: update once, then install again.
+    for argv in (['apt-get', 'install', '-y', '-q'] + list(packages),
+                 ['apt-get', 'update', '-q'],
+                 ['apt-get', 'install', '-y', '-q'] + list(packages)):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        try:
+            code = subprocess.call(argv, env=env, stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=left)
+        except (OSError, subprocess.TimeoutExpired):
+            break
+        if argv[1] == 'install' and code == 0:
+            break
+    return dict((n, find_binary(n)) for n in names)
+
+
+class ExternalServer(object):
+    """A third-party server (nginx, haproxy) run in the foreground in its own temp dir.
+
+    files: {name: text} written to the dir first ('{dir}' in the text is replaced
+    by the dir); argv may use '{dir}' too.  Waits until port accepts; close() stops it."""
+
+    def __init__(self, argv, files, port, timeout=10):
+        self.dir = tempfile.mkdtemp(prefix='pydirector-ext-')
+        for name, text in files.items():
+            with open(os.path.join(self.dir, name), 'w') as f:
+                f.write(text.replace('{dir}', self.dir))
+        self.port = port
+        self.log_path = os.path.join(self.dir, 'output.log')
+        self.log_file = open(self.log_path, 'wb')
+        self.proc = subprocess.Popen([a.replace('{dir}', self.dir) for a in argv], cwd=self.dir,
+                                     stdin=subprocess.DEVNULL, stdout=self.log_file,
+                                     stderr=subprocess.STDOUT)
+        try:
+            wait_until(lambda: self.proc.poll() is not None or accepts(port), timeout, 0.02)
+        except AssertionError:
+            self.close()
+            raise AssertionError('%s did not listen on %d: %s' % (argv[0], port, self.output()))
+        if self.proc.poll() is not None:
+            self.close()
+            raise AssertionError('%s exited with %s: %s' % (argv[0], self.proc.returncode,
+                                                          self.output()))
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+    def read(self, name):
+        try:
+            with open(self.path(name), 'rb') as f:
+                return f.read().decode('utf-8', 'replace')
+        except OSError:
+            return ''
+
+    def output(self):
+        return self.read('output.log')
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.log_file.close()
+        import shutil
+        shutil.rmtree(self.dir, ignore_errors=True)
