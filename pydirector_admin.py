@@ -12,15 +12,16 @@ that does not answer in time gives 503.
 
 Reading (GET or HEAD):
     /               index: version, host name, start time, links
-    /running        the HTML status page with a form for every change
-                    (?refresh=N reloads it every N seconds; ?msg= shows a result)
+    /running        the HTML status page with a form for every change, each
+                    host's recent state changes and next probe, a pending
+                    group switch (?refresh=N reloads it every N seconds;
+                    ?msg= shows a result)
     /running.txt    text for scripts, one record per line (see render_running_txt)
     /running.json   everything on /running as JSON
     /running.xml    the running configuration; pydirector.py -c accepts it
     /config.xml     the configuration as loaded at start
                     (both XML pages hold password hashes: full access only)
     /metrics        Prometheus text exposition format 0.0.4
-
     /explain?service=S&client=IP[&format=json]
                     which host that client would get now and why, one fact
                     per line (or the director's dict as JSON); changes nothing
