@@ -1538,12 +1538,13 @@ def plan_users(old, new, acting_user, problem):
     adds, dels, own = [], [], []
     for name, user in new_users.items():
         old_user = old_users.get(name)
-        fixed = [k for k in set(user.attrib) | set(old_user.attrib if old_user is not None else {})
-                 if k not in USER_ATTRS and (old_user is None or old_user.get(k) != user.get(k))]
-        if fixed:
-            problem('user %s: %s, which addUser cannot set' % (name, ', '.join(sorted(fixed))))
+        if old_user is not None and old_user.attrib == user.attrib:
             continue
-        if old_user is not None and all(old_user.get(k) == user.get(k) for k in USER_ATTRS):
+        # addUser makes the user anew: it must not need anything addUser cannot set.
+        extra = set(user.attrib) | set(old_user.attrib if old_user is not None else ())
+        extra = sorted(k for k in extra if k not in USER_ATTRS)
+        if extra:
+            problem('user %s has %s, which addUser cannot set' % (name, ', '.join(extra)))
             continue
         step = Step('addUser', [('name', name), ('password_hash', user.get('password')),
                                 ('access', user.get('access'))])

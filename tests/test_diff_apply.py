@@ -249,6 +249,10 @@ class PlanTest(unittest.TestCase):
         new.find('service/group/host').set('colour', 'red')
         problems = pydirector_admin.plan_changes(old, new, 'admin').problems
         self.assertEqual(problems, ['web/main: host one has colour, which addHost cannot set'])
+        old, new = tree(old_xml()), tree(new_xml())
+        new.find("admin/user[@name='viewer']").set('colour', 'red')
+        problems = pydirector_admin.plan_changes(old, new, 'admin').problems
+        self.assertEqual(problems, ['user viewer has colour, which addUser cannot set'])
 
     def test_values_are_quoted_when_needed(self):
         step = pydirector_admin.Step('x', [('a', 'plain'), ('b', 'two words'), ('c', ''), ('d', 'q"uote')])
