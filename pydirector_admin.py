@@ -12,29 +12,40 @@ that does not answer in time gives 503.
 
 Reading (GET or HEAD):
     /               index: version, host name, start time, links
-    /running        the HTML status page with a form for every change
-                    (?refresh=N reloads it every N seconds; ?msg= shows a result)
+    /running        the HTML status page with a form for every change, each
+                    host's recent state changes and next probe, a pending
+                    group switch (?refresh=N reloads it every N seconds;
+                    ?msg= shows a result)
     /running.txt    text for scripts, one record per line (see render_running_txt)
     /running.json   everything on /running as JSON
     /running.xml    the running configuration; pydirector.py -c accepts it
     /config.xml     the configuration as loaded at start
                     (both XML pages hold password hashes: full access only)
     /metrics        Prometheus text exposition format 0.0.4
+    /explain?service=S&client=IP[&format=json]
+                    which host that client would get now and why, one fact
+                    per line (or the director's dict as JSON); changes nothing
 
 Changing (GET with a query string, as wget does, or POST with a form body):
-    addHost?service=S&group=G&name=N&ip=H:P[&weight=W][&maxconns=M]
+    addHost?service=S&group=G&name=N&ip=H:P[&weight=W][&maxconns=M][&send_proxy=v1|v2]
     delHost?service=S&group=G&name=N     (or &ip=H:P instead of name)
     delAllHosts?service=S&group=G
-    enableGroup?service=S&group=G
+    enableGroup?service=S&group=G[&drain=SECONDS][&rollback=SECONDS]
+                    drain: close the connections left on the old group after
+                    that long; rollback: switch back unless a host of G is up
+                    within that long
     changeScheduler?service=S&group=G&scheduler=X
     hostAdminDown?service=S&group=G&name=N     (drain: no new connections)
     hostAdminUp?service=S&group=G&name=N
     retryHost?service=S&group=G&name=N         (health-check it now)
     addUser?name=N&password=P&access=full|readonly
+                    (or password_hash=H instead of password: a hash as a
+                    config file holds it, as `apply` copies users)
     delUser?name=N
     newGroup?service=S&group=G&scheduler=X
     delGroup?service=S&group=G
     closeLog                                   (reopen the log file, for logrotate)
+    reload                                     (re-read the config file, as SIGHUP does)
 
 Answers to a change: a browser (its Accept names text/html) is redirected
 (303) to /running?msg=... showing the result; anything else gets text/plain
@@ -58,16 +69,58 @@ logged-in browser; the status page's own forms POST and pass.  Everything
 user-supplied is escaped in HTML, parameters with control characters are
 refused, and log lines escape what they quote.  Requests are bounded in
 size and time, and so is the number of admin connections at once.
+
+Command line (the original's compareconf): plan and make a config change
+across a fleet through this API, without restarting anything.
+
+    python3 pydirector_admin.py diff  --url http://USER:PW@HOST:7001 [--url ...] NEW.xml
+    python3 pydirector_admin.py apply --url http://USER:PW@HOST:7001 [--url ...] NEW.xml
+
+Each --url is one balancer's admin server (https:// too; --insecure skips
+certificate checks); the user needs full access.  With http://USER@HOST:PORT
+the password comes from $PYDIRECTOR_ADMIN_PASSWORD instead of the command
+line.  Both commands fetch each
+balancer's /running.xml, read it and NEW.xml with pydirector.parse_config,
+and compare the two as to_xml() writes them, so the same thing spelt two
+ways is no difference.  Order of groups and hosts is not compared either:
+addHost and newGroup can only append.  `diff` prints, per balancer, the
+calls that would make its running config NEW.xml, one per line
+(`addHost service=web group=main name=four ip=127.0.0.1:8084 weight=2`),
+or `# no changes`.  `apply` makes them, one balancer after the other, and
+stops at the first refusal (exit 1, saying what was done before it); at the
+end it reads every balancer back and fails if anything still differs.
+
+The order of the calls keeps every service serving: first, per group, new
+groups with their hosts, scheduler changes, new hosts and changed hosts;
+then enableGroup (with --drain/--rollback if given); then delHost and
+delGroup, once what they remove no longer takes new connections; users
+last (addUser before delUser, as the last full-access user cannot go, and
+the calling user's own change at the very end, as later calls would not
+pass with its old password).  No call changes a host in place, so a host
+whose ip, weight, maxconns or send_proxy changes is deleted and added again
+(its open connections finish; its counters restart): after the switch when
+its group stops being the enabled one, else at once when the group has
+other hosts to serve meanwhile.  What no call can do -- a service added or
+removed, listen addresses, checks, timeouts, maxconns, allow/deny rules,
+PROXY settings, logging, the <admin> block, the only host of the enabled
+group changing -- is printed as `# cannot apply through the admin API:
+...`, and `apply` then changes nothing: copy the file to the balancer and
+call /reload (or send SIGHUP).  Exit status: 0 done, 1 failed, 2 usage.
 """
 
+import argparse
 import base64
 import binascii
+import collections
 import hashlib
 import html
+import http.client
 import http.server
 import io
 import json
 import logging
+import os
+import re
 import socket
 import socketserver
 import ssl
@@ -76,7 +129,10 @@ import threading
 import time
 import unicodedata
 import urllib.parse
+from xml.etree import ElementTree
 
+import pydirector
+import schedulers
 from pydirector import AdminError, LoopTimeout, VERSION, check_password, hash_password
 
 log = logging.getLogger('pydirector.admin')
@@ -92,6 +148,7 @@ CONNECTION_DEADLINE = 30.0    # seconds a connection may live, TLS handshake inc
 LINGER_SECONDS = 1.0          # reading what a client still sends after our answer, before closing,
 LINGER_BYTES = 262144         # ... and how much of it at most
 MAX_CONNECTIONS = 32          # admin connections at once; more are closed at accept
+MAX_SWITCH_SECONDS = 86400    # the most enableGroup's drain and rollback take, as config seconds do
 AUTH_CACHE_SIZE = 1024
 REALM = 'pydirector'
 
@@ -120,6 +177,8 @@ ROUTES = {
     '/newGroup': ('action_new_group', True),
     '/delGroup': ('action_del_group', True),
     '/closeLog': ('action_close_log', True),
+    '/reload': ('action_reload', True),
+    '/explain': ('page_explain', False),
 }
 
 
@@ -638,13 +697,32 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
         self.send(200, render_metrics(self.call(self.server.director.snapshot)),
                   'text/plain; version=0.0.4; charset=utf-8')
 
+    def page_explain(self, params, user, access):
+        p = take(params, ('service', 'client'), ('format',))
+        if p['format'] not in (None, 'text', 'json'):
+            raise Reply(400, "format must be 'text' or 'json'")
+        try:
+            info = self.call(self.server.director.explain, p['service'], p['client'])
+        except AdminError as e:
+            raise Reply(e.status, e.message)
+        if p['format'] == 'json':
+            self.send(200, json.dumps(info, indent=1, sort_keys=True) + '\n', 'application/json')
+        else:
+            self.send(200, render_explain(info), 'text/plain; charset=utf-8')
+
     # -- changes: each returns what was done, or raises Reply / AdminError ------
 
     def action_add_host(self, params):
-        p = take(params, ('service', 'group', 'name', 'ip'), ('weight', 'maxconns'))
+        p = take(params, ('service', 'group', 'name', 'ip'), ('weight', 'maxconns', 'send_proxy'))
+        extra = {}
+        if p['send_proxy'] is not None:
+            # Passed only when given, so a director without PROXY support still adds plain hosts.
+            if p['send_proxy'] not in ('v1', 'v2'):
+                raise Reply(400, "send_proxy must be 'v1' or 'v2'")
+            extra['send_proxy'] = p['send_proxy']
         d = self.server.director
         return self.call(d.add_host, p['service'], p['group'], p['name'], p['ip'],
-                         weight=p['weight'], maxconns=p['maxconns'])
+                         weight=p['weight'], maxconns=p['maxconns'], **extra)
 
     def action_del_host(self, params):
         p = take(params, ('service', 'group'), ('name', 'ip'))
@@ -658,8 +736,14 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
         return self.call(self.server.director.del_all_hosts, p['service'], p['group'])
 
     def action_enable_group(self, params):
-        p = take(params, ('service', 'group'))
-        return self.call(self.server.director.enable_group, p['service'], p['group'])
+        p = take(params, ('service', 'group'), ('drain', 'rollback'))
+        extra = {}
+        for name in ('drain', 'rollback'):
+            if p[name] is not None:
+                if not is_seconds(p[name]):
+                    raise Reply(400, '%s must be a number of seconds, 0-%d' % (name, MAX_SWITCH_SECONDS))
+                extra[name] = p[name]  # the query text, as the director takes it
+        return self.call(self.server.director.enable_group, p['service'], p['group'], **extra)
 
     def action_change_scheduler(self, params):
         p = take(params, ('service', 'group', 'scheduler'))
@@ -678,10 +762,19 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
         return self.call(self.server.director.retry_host, p['service'], p['group'], p['name'])
 
     def action_add_user(self, params):
-        p = take(params, ('name', 'password', 'access'))
+        p = take(params, ('name', 'access'), ('password', 'password_hash'))
         if p['access'] not in ('full', 'readonly'):
             raise Reply(400, "access must be 'full' or 'readonly'")
-        password_hash = hash_password(p['password'])  # slow by design: here, not on the loop
+        if (p['password'] is None) == (p['password_hash'] is None):
+            raise Reply(400, 'give password or password_hash (one of them)')
+        if p['password_hash'] is not None:
+            # A hash as a config file holds it: how `diff`/`apply` copy users from a file.
+            problem = password_hash_problem(p['password_hash'])
+            if problem:
+                raise Reply(400, problem)
+            password_hash = p['password_hash']
+        else:
+            password_hash = hash_password(p['password'])  # slow by design: here, not on the loop
         return self.call(self.server.director.add_user, p['name'], password_hash, p['access'])
 
     def action_del_user(self, params):
@@ -700,6 +793,10 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
         take(params)
         return self.call(self.server.director.close_log)
 
+    def action_reload(self, params):
+        take(params)
+        return self.call(self.server.director.reload)
+
 
 def take(params, required=(), optional=()):
     """The named parameters as a dict (None when absent or empty), or Reply(400)."""
@@ -713,6 +810,23 @@ def take(params, required=(), optional=()):
         if has_control_chars(value):
             raise Reply(400, 'parameter %s contains control characters' % name)
     return dict((name, params.get(name) or None) for name in tuple(required) + tuple(optional))
+
+
+def is_seconds(text):
+    """A plain decimal number of seconds, 0 to MAX_SWITCH_SECONDS (no signs, exponents, inf or nan)."""
+    return re.fullmatch(r'[0-9]{1,9}(\.[0-9]{1,9})?', text) is not None and float(text) <= MAX_SWITCH_SECONDS
+
+
+def password_hash_problem(text):
+    """Why text cannot be a user's stored hash, or None.  The config reader's own tests, so a
+    user added this way still loads from running.xml."""
+    if pydirector._parse_pbkdf2(text) is not None:
+        return None
+    if not pydirector.is_legacy_hash(text):
+        return 'password_hash is not a password hash (make one with: python3 pydirector.py --hash-password)'
+    if pydirector._crypt_module() is None:
+        return 'password_hash is a crypt() hash, which this Python cannot check'
+    return None
 
 
 def same_host(url, host_header, scheme):
@@ -767,6 +881,8 @@ form.inline { display: inline; margin: 0; }
 .error { background: #fbe9e9; border-color: #d77; }
 .up { color: #070; } .down { color: #b00; } .draining { color: #a60; }
 .enabled { font-weight: bold; }
+.switch { background: #fff6e0; border-color: #db7; }
+ol.timeline { margin: 0.2em 0; padding-left: 1.2em; font-size: 0.9em; }
 .note { color: #666; }
 """
 
@@ -825,6 +941,31 @@ def render_host_state(host, now):
     return '<td class="%s">%s</td>' % (css, text)
 
 
+def render_checks(host, now):
+    """The health column: when the next probe runs, and the last state changes, folded."""
+    e = html.escape
+    out = []
+    if 'next_probe' in host:
+        if host['next_probe'] is not None:
+            out.append('next probe in %s' % e(duration(host['next_probe'] - now)))
+        else:
+            out.append('<span class="note">no probe planned</span>')
+    timeline = host.get('timeline') or []
+    if 'timeline' not in host:
+        pass  # a director without a timeline
+    elif timeline:
+        items = ''.join('<li>%s %s&rarr;%s: %s</li>' % (
+            e(when(change.get('when'))), e(str(change.get('from'))), e(str(change.get('to'))),
+            e(str(change.get('why') or ''))) for change in reversed(timeline))
+        last = timeline[-1].get('when')
+        out.append('<details><summary>%d change%s, last %s ago</summary><ol class="timeline">%s</ol></details>' % (
+            len(timeline), '' if len(timeline) == 1 else 's',
+            e(duration(now - last)) if last is not None else '?', items))
+    else:
+        out.append('<br><span class="note">no state changes</span>')
+    return '<td>%s</td>' % (''.join(out) or '-')
+
+
 def render_group(service, group, now, can_change):
     e = html.escape
     sg = [('service', service['name']), ('group', group['name'])]
@@ -833,7 +974,11 @@ def render_group(service, group, now, can_change):
     if can_change:
         actions = []
         if not group['enabled']:
-            actions.append(form('enableGroup', sg, 'enable this group'))
+            actions.append(form('enableGroup', sg, 'enable this group',
+                                '<input name="drain" placeholder="drain s" size="7" '
+                                'aria-label="close connections on the old group after (seconds)"> '
+                                '<input name="rollback" placeholder="rollback s" size="9" '
+                                'aria-label="switch back unless a host is up within (seconds)"> '))
         actions.append(form('changeScheduler', sg, 'change scheduler',
                             '<input name="scheduler" value="%s" size="18" aria-label="scheduler"> '
                             % e(group['scheduler'])))
@@ -842,13 +987,17 @@ def render_group(service, group, now, can_change):
             actions.append(form('delGroup', sg, 'delete group'))
         out.append('<p>%s</p>' % ' '.join(actions))
     out.append('<table><tr><th>host</th><th>address</th><th>state</th><th>open</th><th>total</th>'
-               '<th>weight</th><th>max conns</th><th>bytes in</th><th>bytes out</th>%s</tr>'
+               '<th>weight</th><th>max conns</th><th>bytes in</th><th>bytes out</th><th>health checks</th>%s</tr>'
                % ('<th>actions</th>' if can_change else ''))
     for host in group['hosts']:
-        cells = ['<td>%s</td>' % e(host['name']), '<td>%s</td>' % e(host['ip']), render_host_state(host, now)]
+        address = e(host['ip'])
+        if host.get('send_proxy'):
+            address += ' <span class="note">(sends PROXY %s)</span>' % e(host['send_proxy'])
+        cells = ['<td>%s</td>' % e(host['name']), '<td>%s</td>' % address, render_host_state(host, now)]
         numbers = [host['open'], host['total'], host['weight'], host['maxconns'] or '-',
                    host['bytes_in'], host['bytes_out']]
         cells.extend('<td class="n">%s</td>' % e(str(n)) for n in numbers)
+        cells.append(render_checks(host, now))
         if can_change:
             sgh = sg + [('name', host['name'])]
             actions = []
@@ -862,7 +1011,7 @@ def render_group(service, group, now, can_change):
             cells.append('<td>%s</td>' % ' '.join(actions))
         out.append('<tr>%s</tr>' % ''.join(cells))
     if not group['hosts']:
-        out.append('<tr><td colspan="%d" class="note">no hosts</td></tr>' % (10 if can_change else 9))
+        out.append('<tr><td colspan="%d" class="note">no hosts</td></tr>' % (11 if can_change else 10))
     out.append('</table>')
     if can_change:
         out.append('<p>%s</p>' % form('addHost', sg, 'add host',
@@ -870,8 +1019,45 @@ def render_group(service, group, now, can_change):
                                       '<input name="ip" placeholder="host:port" size="20" aria-label="address"> '
                                       '<input name="weight" placeholder="weight" size="6" aria-label="weight"> '
                                       '<input name="maxconns" placeholder="max conns" size="8" '
-                                      'aria-label="max conns"> '))
+                                      'aria-label="max conns"> '
+                                      '<select name="send_proxy" aria-label="PROXY header to the host">'
+                                      '<option value="">no PROXY header</option><option>v1</option>'
+                                      '<option>v2</option></select> '))
     return out
+
+
+def service_counts(service):
+    """', open 3, queued 0, denied 2, max conns 100' from what the snapshot has."""
+    parts = []
+    for key, label in (('open', 'open'), ('queued', 'queued'), ('denied', 'denied')):
+        if service.get(key) is not None:
+            parts.append('%s %s' % (label, service[key]))
+    if service.get('maxconns') is not None:
+        parts.append('max conns %s' % (service['maxconns'] or 'unlimited'))
+    return ''.join(', ' + part for part in parts)
+
+
+def render_switch(switch, now):
+    """A pending enableGroup with drain and/or rollback deadlines."""
+    e = html.escape
+    text = 'Switching from group %s to group %s' % (e(str(switch.get('from'))), e(str(switch.get('to'))))
+    parts = []
+    if switch.get('drain_until') is not None:
+        parts.append('connections still on %s are closed at %s (in %s)' % (
+            e(str(switch.get('from'))), e(when(switch['drain_until'])), e(duration(switch['drain_until'] - now))))
+    if switch.get('rollback_until') is not None:
+        parts.append('back to %s at %s (in %s) unless a host of %s is up by then' % (
+            e(str(switch.get('from'))), e(when(switch['rollback_until'])),
+            e(duration(switch['rollback_until'] - now)), e(str(switch.get('to')))))
+    return '<p class="msg switch">%s%s.</p>' % (text, ': ' + '; '.join(parts) if parts else '')
+
+
+def explain_form(service_name):
+    """A GET form to /explain: where would this client go now, and why."""
+    return ('<form class="inline" method="get" action="/explain">'
+            '<input type="hidden" name="service" value="%s">'
+            '<input name="client" placeholder="client IP" size="16" aria-label="client IP"> '
+            '<button type="submit">explain where this client goes</button></form>' % html.escape(service_name))
 
 
 def render_running(snapshot, user, can_change, msg=None, refresh=None):
@@ -892,9 +1078,13 @@ def render_running(snapshot, user, can_change, msg=None, refresh=None):
     for service in s['services']:
         body.append('<h2>Service %s</h2>' % e(service['name']))
         body.append('<p>Listening on %s; enabled group <span class="enabled">%s</span>. '
-                    'Accepted %d, failovers %d, refused (no host) %d.</p>' % (
+                    'Accepted %d, failovers %d, refused (no host) %d%s.</p>' % (
                         e(', '.join(service['listen'])), e(service['enabled']),
-                        service['accepted'], service['failovers'], service['refused']))
+                        service['accepted'], service['failovers'], service['refused'],
+                        e(service_counts(service))))
+        if service.get('switch'):
+            body.append(render_switch(service['switch'], now))
+        body.append('<p>%s</p>' % explain_form(service['name']))
         for group in service['groups']:
             body.extend(render_group(service, group, now, can_change))
         if can_change:
@@ -959,6 +1149,45 @@ def render_running_txt(snapshot):
     return ''.join(line + '\n' for line in lines)
 
 
+def explain_number(value):
+    if isinstance(value, float):
+        return '%.6g' % value
+    return str(value)
+
+
+def render_explain(info):
+    """director.explain()'s dict as text, one fact per line ('key: value')."""
+    t = log_text
+    lines = ['service: %s' % t(info.get('service')), 'client: %s' % t(info.get('client'))]
+    allowed = info.get('allowed', True)
+    lines.append('allowed: %s' % ('yes' if allowed else 'no, denied by the service\'s allow/deny rules'))
+    lines.append('group: %s' % t(info.get('group')))
+    lines.append('scheduler: %s' % t(info.get('scheduler')))
+    if info.get('host') is None:
+        lines.append('host: none')
+    elif allowed:
+        lines.append('host: %s %s' % (t(info['host']), t(info.get('address') or '-')))
+    else:
+        lines.append('host: none (if allowed: %s %s)' % (t(info['host']), t(info.get('address') or '-')))
+    if info.get('reason'):
+        lines.append('reason: %s' % t(info['reason']))
+    sticky = info.get('sticky')
+    if sticky:
+        expires = sticky.get('expires_in')
+        lines.append('sticky: %s%s' % (t(sticky.get('host')), '' if expires is None else
+                                       ', expires in %s s' % explain_number(expires)))
+    else:
+        lines.append('sticky: none')
+    if info.get('ranking') is not None:
+        lines.append('ranking: %s' % ', '.join('%s %s' % (t(name), explain_number(score))
+                                               for name, score in info['ranking']))
+    for name, why in info.get('skipped') or ():
+        lines.append('skipped: %s (%s)' % (t(name), t(why)))
+    if not info.get('skipped'):
+        lines.append('skipped: none')
+    return ''.join(line + '\n' for line in lines)
+
+
 def metric_label(value):
     """A label value escaped per the Prometheus text format: backslash, double quote, newline."""
     return str(value).replace('\\', '\\\\').replace('"', '\\"').replace('\n', '\\n')
@@ -974,22 +1203,38 @@ SERVICE_METRICS = [
      'Times a client was moved on to another host after a failed connect.', 'failovers'),
     ('pydirector_service_refused_total', 'counter', 'Clients closed because no host was available.',
      'refused'),
+    ('pydirector_service_open_connections', 'gauge', 'Client connections open now.', 'open'),
+    ('pydirector_service_queued', 'gauge', 'Clients waiting for a host below its max conns.', 'queued'),
+    ('pydirector_service_denied_total', 'counter', 'Clients closed by the service\'s allow/deny rules.',
+     'denied'),
+    ('pydirector_service_maxconns', 'gauge', 'The service\'s connection limit; 0 means unlimited.', 'maxconns'),
 ]
 
+# Each value is a function of (host snapshot, snapshot time); None leaves the sample out
+# (a key an older director does not offer, or no probe planned).
 HOST_METRICS = [
     ('pydirector_host_up', 'gauge', '1 if the host passes its health checks, else 0.',
-     lambda h: 1 if h['health'] == 'up' else 0),
+     lambda h, now: 1 if h['health'] == 'up' else 0),
     ('pydirector_host_draining', 'gauge', '1 if an operator drained the host (no new connections).',
-     lambda h: 0 if h['admin'] == 'enabled' else 1),
+     lambda h, now: 0 if h['admin'] == 'enabled' else 1),
     ('pydirector_host_open_connections', 'gauge', 'Connections open to the host now.',
-     lambda h: h['open']),
+     lambda h, now: h['open']),
     ('pydirector_host_connections_total', 'counter', 'Connections made to the host.',
-     lambda h: h['total']),
+     lambda h, now: h['total']),
     ('pydirector_host_bytes_in_total', 'counter', 'Bytes relayed from clients to the host (closed connections).',
-     lambda h: h['bytes_in']),
+     lambda h, now: h['bytes_in']),
     ('pydirector_host_bytes_out_total', 'counter', 'Bytes relayed from the host to clients (closed connections).',
-     lambda h: h['bytes_out']),
-    ('pydirector_host_weight', 'gauge', 'The host\'s scheduler weight.', lambda h: h['weight']),
+     lambda h, now: h['bytes_out']),
+    ('pydirector_host_weight', 'gauge', 'The host\'s scheduler weight.', lambda h, now: h['weight']),
+    # Only from a true count: the timeline keeps the last few changes, and a counter that
+    # stops there would hide exactly the flapping it is for.
+    ('pydirector_host_state_changes_total', 'counter', 'Times the host changed state (up, down, draining).',
+     lambda h, now: h.get('state_changes')),
+    ('pydirector_host_last_state_change_timestamp_seconds', 'gauge',
+     'When the host last changed state, in seconds since the epoch.',
+     lambda h, now: float(h['timeline'][-1]['when']) if h.get('timeline') else None),
+    ('pydirector_host_next_probe_seconds', 'gauge', 'Seconds until the host\'s next health check.',
+     lambda h, now: None if h.get('next_probe') is None else max(0.0, h['next_probe'] - now)),
 ]
 
 
@@ -1008,20 +1253,548 @@ def render_metrics(snapshot):
     out.append('pydirector_start_time_seconds %.3f' % snapshot['started'])
     services = snapshot['services']
     for name, kind, help_text, key in SERVICE_METRICS:
+        # Families the snapshot does not offer (an older director) are left out.
+        present = [service for service in services if service.get(key) is not None]
+        if services and not present:
+            continue
         family(name, kind, help_text)
-        for service in services:
+        for service in present:
             out.append('%s%s %d' % (name, metric_labels([('service', service['name'])]), service[key]))
     family('pydirector_group_enabled', 'gauge', '1 for the group that takes a service\'s new connections.')
     for service in services:
         for group in service['groups']:
             out.append('pydirector_group_enabled%s %d' % (
                 metric_labels([('service', service['name']), ('group', group['name'])]), group['enabled']))
+    now = snapshot['now']
+    hosts = [(service, group, host) for service in services for group in service['groups']
+             for host in group['hosts']]
     for name, kind, help_text, value in HOST_METRICS:
+        samples = []
+        for service, group, host in hosts:
+            number = value(host, now)
+            if number is None:
+                continue
+            labels = metric_labels([('service', service['name']), ('group', group['name']),
+                                    ('host', host['name']), ('address', host['ip'])])
+            shown = '%.3f' % number if isinstance(number, float) else '%d' % number
+            samples.append('%s%s %s' % (name, labels, shown))
+        if hosts and not samples:
+            continue
         family(name, kind, help_text)
-        for service in services:
-            for group in service['groups']:
-                for host in group['hosts']:
-                    labels = metric_labels([('service', service['name']), ('group', group['name']),
-                                            ('host', host['name']), ('address', host['ip'])])
-                    out.append('%s%s %d' % (name, labels, value(host)))
+        out.extend(samples)
     return ''.join(line + '\n' for line in out)
+
+
+# ---------------------------------------------------------------------------
+# The command line: plan and apply a config change through the admin API
+# (the original's compareconf).  See "Command line" in the module docstring.
+# ---------------------------------------------------------------------------
+
+CANNOT = '# cannot apply through the admin API: %s; edit the file on the balancer and reload'
+HOST_ATTRS = ('name', 'ip', 'weight', 'maxconns', 'send_proxy')    # what addHost can set
+HOST_DEFAULTS = {'weight': '1', 'maxconns': '0', 'send_proxy': 'none'}
+USER_ATTRS = ('name', 'password', 'access')                         # what addUser can set
+
+
+class Step(object):
+    """One admin call of a plan: endpoint and its parameters in order; or, with endpoint
+    None, a comment that explains the calls after it."""
+
+    def __init__(self, endpoint, params=(), comment=None):
+        self.endpoint = endpoint
+        self.params = list(params)
+        self.comment = comment
+
+    def line(self):
+        if self.endpoint is None:
+            return '# ' + self.comment
+        shown = []
+        for name, value in self.params:
+            if name == 'password_hash':
+                value = hash_shown(value)
+            shown.append('%s=%s' % (name, quote_value(value)))
+        return ' '.join([self.endpoint] + shown)
+
+
+class Plan(object):
+    """What turns one balancer's running config into the new file: the admin calls in a
+    safe order (steps), and the differences no admin call can make (problems)."""
+
+    def __init__(self):
+        self.steps = []
+        self.problems = []
+
+    @property
+    def calls(self):
+        return [step for step in self.steps if step.endpoint is not None]
+
+    def lines(self):
+        if not self.problems and not self.calls:
+            return ['# no changes']
+        return [CANNOT % problem for problem in self.problems] + [step.line() for step in self.steps]
+
+
+def quote_value(value):
+    """A value as one word of a plan line: plain when it can be, else a JSON string."""
+    if value and re.fullmatch(r'[^\s"\\]+', value) and value.isprintable():
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def hash_shown(stored):
+    """Enough of a password hash to see its kind, not enough to attack it offline."""
+    match = re.match(r'pbkdf2_sha256\$[0-9]+\$|\$[0-9]\$', stored)
+    return (match.group(0) if match else '') + '...'
+
+
+def config_tree(config):
+    """A Config as the element tree of its to_xml(): one canonical form for both sides of a
+    diff, whatever the file looked like (1.0 <client>s, defaults spelt out, comments)."""
+    root = ElementTree.fromstring(config.to_xml())
+    for group in root.iter('group'):
+        # 'hash, sticky' in a file runs (and shows in running.xml) as 'hash,sticky'.
+        name, sticky = schedulers.parse_spec(group.get('scheduler'))
+        group.set('scheduler', name + (',sticky' if sticky else ''))
+    return root
+
+
+def by_name(parent, tag, key='name'):
+    items = collections.OrderedDict()
+    if parent is not None:
+        for elem in parent.findall(tag):
+            items[elem.get(key)] = elem
+    return items
+
+
+def render_element(elem):
+    """'<tag a="1" b="2"/>' (children inside), for naming a difference."""
+    attrs = ''.join(' %s="%s"' % (k, v) for k, v in elem.attrib.items())
+    children = ''.join(render_element(child) for child in elem)
+    if children:
+        return '<%s%s>%s</%s>' % (elem.tag, attrs, children, elem.tag)
+    return '<%s%s/>' % (elem.tag, attrs)
+
+
+def attribute_changes(old, new, skip=(), defaults=None):
+    """['key old -> new', ...] for the attributes that differ, skipping `skip`."""
+    defaults = defaults or {}
+    changes = []
+    keys = list(old.attrib) + [k for k in new.attrib if k not in old.attrib]
+    for key in keys:
+        if key in skip or old.get(key) == new.get(key):
+            continue
+        fallback = defaults.get(key, '(default)')
+        changes.append('%s %s -> %s' % (key, old.get(key, fallback), new.get(key, fallback)))
+    return changes
+
+
+def element_changes(old_parent, new_parent, skip_tags):
+    """Differences in the children of two elements other than skip_tags, grouped by tag
+    (allow and deny together: their order matters across both)."""
+    def buckets(parent):
+        found = collections.OrderedDict()
+        for child in parent:
+            if child.tag in skip_tags:
+                continue
+            key = 'allow/deny' if child.tag in ('allow', 'deny') else child.tag
+            found.setdefault(key, []).append(render_element(child))
+        return found
+    old, new = buckets(old_parent), buckets(new_parent)
+    changes = []
+    for key in list(old) + [k for k in new if k not in old]:
+        if old.get(key) != new.get(key):
+            changes.append('%s -> %s' % (' '.join(old.get(key) or ['(none)']),
+                                         ' '.join(new.get(key) or ['(none)'])))
+    return changes
+
+
+def enabled_group(service):
+    enable = service.find('enable')
+    if enable is not None:
+        return enable.get('group')
+    first = service.find('group')
+    return first.get('name') if first is not None else None
+
+
+def add_host_step(service, group, host):
+    params = [('service', service), ('group', group)]
+    params.extend((key, host.get(key)) for key in HOST_ATTRS if host.get(key) is not None)
+    return Step('addHost', params)
+
+
+def plan_changes(running, new, user=None, drain=None, rollback=None):
+    """The Plan from running to new (config_tree()s).  user is the admin user the calls
+    are made as: its own change, if any, comes last, so the calls before it still pass.
+
+    Order: new groups, their hosts, new hosts, scheduler changes and host changes first;
+    then enableGroup; then delHost and delGroup (the old group is no longer enabled by
+    then); users last, new ones before deleted ones (the last full-access user cannot go).
+    """
+    plan = Plan()
+    build, switch, after = [], [], []
+    problem = plan.problems.append
+    for change in attribute_changes(running, new):
+        problem('<pdconfig> ' + change)
+    old_services, new_services = by_name(running, 'service'), by_name(new, 'service')
+    for name in old_services:
+        if name not in new_services:
+            problem('service %s is removed' % name)
+    for name, service in new_services.items():
+        if name not in old_services:
+            problem('service %s is added' % name)
+        else:
+            plan_service(name, old_services[name], service, build, switch, after, problem, drain, rollback)
+    for change in element_changes(running, new, ('service', 'admin')):
+        problem(change)
+    users = plan_users(running.find('admin'), new.find('admin'), user, problem)
+    plan.steps = build + switch + after + users
+    return plan
+
+
+def plan_service(name, old, new, build, switch, after, problem, drain, rollback):
+    for change in attribute_changes(old, new, skip=('name',)):
+        problem('service %s: %s' % (name, change))
+    for change in element_changes(old, new, ('group', 'enable')):
+        problem('service %s: %s' % (name, change))
+    old_groups, new_groups = by_name(old, 'group'), by_name(new, 'group')
+    old_enabled, new_enabled = enabled_group(old), enabled_group(new)
+    for group_name, group in new_groups.items():
+        old_group = old_groups.get(group_name)
+        where = '%s/%s' % (name, group_name)
+        hosts = by_name(group, 'host')
+        old_hosts = by_name(old_group, 'host')
+        for host_name, host in hosts.items():
+            old_host = old_hosts.get(host_name)
+            if old_host is not None and old_host.attrib == host.attrib:
+                continue
+            # A new or changed host is made by addHost: it must not need anything addHost cannot set.
+            extra = sorted(set(k for k in host.attrib if k not in HOST_ATTRS) |
+                           set(k for k in (old_host.attrib if old_host is not None else ()) if k not in HOST_ATTRS))
+            if extra:
+                problem('%s: host %s has %s, which addHost cannot set' % (where, host_name, ', '.join(extra)))
+        if old_group is None:
+            build.append(Step('newGroup', [('service', name), ('group', group_name),
+                                           ('scheduler', group.get('scheduler'))]))
+            build.extend(add_host_step(name, group_name, host) for host in hosts.values()
+                         if all(k in HOST_ATTRS for k in host.attrib))
+            for change in attribute_changes(ElementTree.Element('group'), group, skip=('name', 'scheduler')):
+                problem('%s: %s' % (where, change))
+            continue
+        for change in attribute_changes(old_group, group, skip=('name', 'scheduler')):
+            problem('%s: %s' % (where, change))
+        if old_group.get('scheduler') != group.get('scheduler'):
+            build.append(Step('changeScheduler', [('service', name), ('group', group_name),
+                                                  ('scheduler', group.get('scheduler'))]))
+        added = [host for host_name, host in hosts.items() if host_name not in old_hosts]
+        build.extend(add_host_step(name, group_name, host) for host in added
+                     if all(k in HOST_ATTRS for k in host.attrib))
+        for host_name, host in hosts.items():
+            old_host = old_hosts.get(host_name)
+            if old_host is None or old_host.attrib == host.attrib:
+                continue
+            if any(k not in HOST_ATTRS for k in list(host.attrib) + list(old_host.attrib)):
+                continue    # a problem, above
+            # No call changes a host in place: delete it and add it again.  Its open
+            # connections finish; only its counters start again.
+            readd = [Step(None, comment='%s host %s: %s; delete and add again' % (
+                         where, host_name, ', '.join(attribute_changes(old_host, host, defaults=HOST_DEFAULTS)))),
+                     Step('delHost', [('service', name), ('group', group_name), ('name', host_name)]),
+                     add_host_step(name, group_name, host)]
+            if group_name != old_enabled:
+                build.extend(readd)
+            elif new_enabled != group_name:
+                after.extend(readd)     # once the switch is made the group may lose a host for a moment
+            elif len(old_hosts) + len(added) > 1:
+                build.extend(readd)     # the enabled group keeps its other hosts meanwhile
+            else:
+                problem('%s: host %s changes but is the only host of the enabled group, which '
+                        'delHost refuses to empty' % (where, host_name))
+        removed = [host_name for host_name in old_hosts if host_name not in hosts]
+        if removed and not hosts and group_name == new_enabled:
+            problem('%s: the enabled group would have no host, and delHost refuses to remove the last one'
+                    % where)
+            continue
+        after.extend(Step('delHost', [('service', name), ('group', group_name), ('name', host_name)])
+                     for host_name in removed)
+    if new_enabled != old_enabled:
+        params = [('service', name), ('group', new_enabled)]
+        params.extend((key, value) for key, value in (('drain', drain), ('rollback', rollback)) if value is not None)
+        switch.append(Step('enableGroup', params))
+    for group_name in old_groups:
+        if group_name not in new_groups:
+            after.append(Step('delGroup', [('service', name), ('group', group_name)]))
+
+
+def plan_users(old, new, acting_user, problem):
+    if old is None or new is None:
+        if (old is None) != (new is None):
+            problem('the <admin> block is %s' % ('added' if old is None else 'removed'))
+        return []
+    for change in attribute_changes(old, new):
+        problem('<admin> ' + change)
+    for change in element_changes(old, new, ('user',)):
+        problem('<admin> ' + change)
+    old_users, new_users = by_name(old, 'user'), by_name(new, 'user')
+    adds, dels, own = [], [], []
+    for name, user in new_users.items():
+        old_user = old_users.get(name)
+        if old_user is not None and old_user.attrib == user.attrib:
+            continue
+        # addUser makes the user anew: it must not need anything addUser cannot set.
+        extra = set(user.attrib) | set(old_user.attrib if old_user is not None else ())
+        extra = sorted(k for k in extra if k not in USER_ATTRS)
+        if extra:
+            problem('user %s has %s, which addUser cannot set' % (name, ', '.join(extra)))
+            continue
+        step = Step('addUser', [('name', name), ('password_hash', user.get('password')),
+                                ('access', user.get('access'))])
+        (own if name == acting_user else adds).append(step)
+    for name in old_users:
+        if name not in new_users:
+            (own if name == acting_user else dels).append(Step('delUser', [('name', name)]))
+    if dels or own:
+        if not any(user.get('access') == 'full' for user in new_users.values()):
+            problem('no user has full access, and delUser refuses to remove the last one')
+            return []
+    return adds + dels + own
+
+
+# -- talking to the balancers ------------------------------------------------
+
+class RemoteError(Exception):
+    """A balancer that cannot be asked: bad URL, unreachable, refused credentials, bad answer."""
+
+
+class Remote(object):
+    """One balancer's admin server, reached with the credentials in its URL."""
+
+    def __init__(self, url, insecure=False, timeout=30.0):
+        try:
+            parts = urllib.parse.urlsplit(url)
+            port = parts.port
+        except ValueError as e:
+            raise RemoteError('bad URL %r: %s' % (url, e))
+        if parts.scheme not in ('http', 'https') or not parts.hostname:
+            raise RemoteError('bad URL %r: want http://USER:PASSWORD@HOST:PORT (or https://...)' % url)
+        if parts.query or parts.fragment:
+            raise RemoteError('bad URL %r: no query or fragment, please' % url)
+        self.scheme = parts.scheme
+        self.host = parts.hostname
+        self.port = port or (443 if parts.scheme == 'https' else 80)
+        self.prefix = parts.path.rstrip('/')
+        self.user = urllib.parse.unquote(parts.username) if parts.username else None
+        if parts.password is not None:
+            password = urllib.parse.unquote(parts.password)
+        else:
+            # Not on the command line, where other local users can read it.
+            password = os.environ.get('PYDIRECTOR_ADMIN_PASSWORD')
+        host = '[%s]' % self.host if ':' in self.host else self.host
+        # Shown in messages: never the password.
+        self.shown = '%s://%s%s:%d%s' % (self.scheme, self.user + '@' if self.user else '', host,
+                                         self.port, self.prefix)
+        self.authorization = None
+        if self.user is not None:
+            token = ('%s:%s' % (self.user, password or '')).encode('utf-8')
+            self.authorization = 'Basic ' + base64.b64encode(token).decode('ascii')
+        self.timeout = timeout
+        self.context = None
+        if self.scheme == 'https':
+            self.context = ssl.create_default_context()
+            if insecure:
+                self.context.check_hostname = False
+                self.context.verify_mode = ssl.CERT_NONE
+
+    def request(self, method, path, params=None):
+        """(status, body text); RemoteError when there is no HTTP answer."""
+        headers = {'Accept': 'text/plain', 'User-Agent': 'pydirector_admin/' + VERSION}
+        if self.authorization:
+            headers['Authorization'] = self.authorization
+        body = None
+        if params is not None:
+            body = urllib.parse.urlencode(params).encode('ascii')
+            headers['Content-Type'] = 'application/x-www-form-urlencoded'
+        if self.context is not None:
+            conn = http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=self.context)
+        else:
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        try:
+            conn.request(method, self.prefix + path, body, headers)
+            resp = conn.getresponse()
+            return resp.status, resp.read().decode('utf-8', 'replace')
+        except ssl.SSLError as e:
+            if 'CERTIFICATE_VERIFY_FAILED' in str(e):
+                raise RemoteError('%s: the TLS certificate does not verify (%s); --insecure skips the check'
+                                  % (self.shown, getattr(e, 'verify_message', None) or e))
+            raise RemoteError('%s: TLS failed: %s' % (self.shown, e))
+        except ssl.CertificateError as e:   # the name does not match (Python 3.6)
+            raise RemoteError('%s: the TLS certificate does not verify (%s); --insecure skips the check'
+                              % (self.shown, e))
+        except OSError as e:
+            raise RemoteError('cannot reach %s: %s' % (self.shown, e.strerror or e))
+        except http.client.HTTPException as e:
+            raise RemoteError('%s: not an HTTP answer (%s: %s); is it the admin port, and http or https?'
+                              % (self.shown, type(e).__name__, e))
+        finally:
+            conn.close()
+
+    def refusal(self, status, body):
+        text = body.strip().splitlines()[0] if body.strip() else '(empty answer)'
+        if status == 401:
+            if self.user is None:
+                return '%s: credentials needed; put them in the URL: %s://USER:PASSWORD@%s' % (
+                    self.shown, self.scheme, self.shown.split('://', 1)[1])
+            return '%s: user %s was refused (401 %s); check the user and password in the URL' % (
+                self.shown, self.user, text)
+        return '%s answered %d: %s' % (self.shown, status, log_text(text))
+
+    def running_config(self):
+        status, body = self.request('GET', '/running.xml')
+        if status != 200:
+            raise RemoteError(self.refusal(status, body))
+        try:
+            return pydirector.parse_config(body, self.shown + '/running.xml')
+        except pydirector.ConfigError as e:
+            raise RemoteError('%s: its running.xml does not load: %s' % (self.shown, e))
+
+    def call(self, step):
+        """(ok, the balancer's answer line) for one plan step."""
+        status, body = self.request('POST', '/' + step.endpoint, step.params)
+        text = log_text(body.strip()) or '(empty answer)'
+        return status == 200 and text.startswith('OK'), text if status == 200 else '%d %s' % (status, text)
+
+
+def make_plans(remotes, new_tree, drain, rollback):
+    return [(remote, plan_changes(config_tree(remote.running_config()), new_tree, remote.user, drain, rollback))
+            for remote in remotes]
+
+
+def print_plans(plans, out):
+    for remote, plan in plans:
+        if len(plans) > 1:
+            print('# balancer %s' % remote.shown, file=out)
+        for line in plan.lines():
+            print(line, file=out)
+
+
+def apply_plans(plans, out, err):
+    """Make every plan's calls, one balancer after the other; stop at the first failure.
+    Returns the exit status."""
+    done = []   # (remote, calls made, calls planned)
+    for remote, plan in plans:
+        if len(plans) > 1:
+            print('# balancer %s' % remote.shown, file=out)
+        calls = plan.calls
+        made = 0
+        if not calls:
+            print('# no changes', file=out)
+        for step in plan.steps:
+            print(step.line(), file=out)
+            if step.endpoint is None:
+                continue
+            try:
+                ok, answer = remote.call(step)
+            except RemoteError as e:
+                ok, answer = False, str(e)
+            if not ok:
+                print('  FAILED: %s' % answer, file=out)
+                out.flush()
+                print('apply: stopped at the first failure, on %s:\n  %s\n  answered: %s'
+                      % (remote.shown, step.line(), answer), file=err)
+                summary = ['%s: all %d call(s)' % (r.shown, n) if m == n else '%s: %d of %d call(s)' % (r.shown, m, n)
+                           for r, m, n in done + [(remote, made, len(calls))]]
+                untouched = [r.shown for r, _ in plans[len(done) + 1:]]
+                print('apply: succeeded before it: %s' % '; '.join(summary), file=err)
+                if untouched:
+                    print('apply: not touched: %s' % ', '.join(untouched), file=err)
+                print('apply: run diff again to see what is left', file=err)
+                return 1
+            made += 1
+            print('  ' + answer, file=out)
+        done.append((remote, made, len(calls)))
+    return 0
+
+
+def parse_cli(argv):
+    parser = argparse.ArgumentParser(
+        prog='pydirector_admin.py',
+        description='Plan (diff) or make (apply) the admin calls that turn the running config of '
+                    'one or more pydirector balancers into a new config file.',
+        epilog='Exit status: 0 done (diff: whether or not there are differences), 1 failed, 2 usage. '
+               'See the module docstring for the order of the calls.')
+    commands = parser.add_subparsers(dest='command', metavar='COMMAND')
+    for name, text in (('diff', 'print the admin calls that would turn the running config into NEW.xml'),
+                       ('apply', 'make those calls, balancer after balancer, stopping at the first failure')):
+        sub = commands.add_parser(name, help=text, description=text + '.')
+        sub.add_argument('--url', action='append', required=True, metavar='URL',
+                         help="a balancer's admin server, http[s]://USER:PASSWORD@HOST:PORT (the user "
+                              "needs full access); repeat for each balancer of a fleet")
+        sub.add_argument('--insecure', action='store_true',
+                         help='https: do not verify the certificate (a self-signed admin certificate)')
+        sub.add_argument('--timeout', type=float, default=30.0, metavar='SECONDS',
+                         help='for each request (default 30)')
+        sub.add_argument('--drain', metavar='SECONDS',
+                         help='with enableGroup: close connections left on the old group after SECONDS')
+        sub.add_argument('--rollback', metavar='SECONDS',
+                         help='with enableGroup: switch back unless a host of the new group is up within SECONDS')
+        sub.add_argument('new_config', metavar='NEW.xml', help='the config file the balancers should run')
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.error('say diff or apply')
+    for name in ('drain', 'rollback'):
+        value = getattr(args, name)
+        if value is not None and not is_seconds(value):
+            parser.error('--%s must be a number of seconds, 0-%d' % (name, MAX_SWITCH_SECONDS))
+    if args.timeout <= 0:
+        parser.error('--timeout must be positive')
+    return args
+
+
+def main(argv=None, out=None, err=None):
+    """`diff` and `apply`; returns the exit status (argparse exits 2 itself on usage errors)."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    args = parse_cli(sys.argv[1:] if argv is None else argv)
+    command = args.command
+    try:
+        new_tree = config_tree(pydirector.load_config(args.new_config))
+        remotes = [Remote(url, args.insecure, args.timeout) for url in args.url]
+        plans = make_plans(remotes, new_tree, args.drain, args.rollback)
+    except (RemoteError, pydirector.ConfigError) as e:
+        print('%s: %s' % (command, e), file=err)
+        return 1
+    if command == 'diff':
+        print_plans(plans, out)
+        return 0
+    problems = sum(len(plan.problems) for _, plan in plans)
+    if problems:
+        print_plans(plans, out)
+        out.flush()
+        print('apply: nothing changed: %d difference(s) cannot be made through the admin API (the '
+              '"# cannot apply" lines); copy %s to the balancer(s) and reload it there (/reload or SIGHUP)'
+              % (problems, args.new_config), file=err)
+        return 1
+    status = apply_plans(plans, out, err)
+    if status != 0:
+        return status
+    # Read each balancer back: what was made is what the file says, unless someone else
+    # changed something meanwhile.
+    try:
+        left = [(remote, plan) for remote, plan in make_plans(remotes, new_tree, args.drain, args.rollback)
+                if plan.calls or plan.problems]
+    except RemoteError as e:
+        print('apply: all calls made, but reading back failed: %s' % e, file=err)
+        return 1
+    if left:
+        print('apply: all calls made, but the running config still differs from %s:' % args.new_config, file=err)
+        for remote, plan in left:
+            print('# balancer %s' % remote.shown, file=err)
+            for line in plan.lines():
+                print(line, file=err)
+        return 1
+    print('# applied: %s now run%s %s' % (', '.join(remote.shown for remote in remotes), '' if len(remotes) > 1
+                                          else 's', args.new_config), file=out)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

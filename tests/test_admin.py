@@ -206,10 +206,13 @@ class ReadingTest(AdminCase):
         self.assertEqual(self.fetch('/running?refresh=0').status, 400)
         self.assertEqual(self.fetch('/running?refresh=abc').status, 400)
 
-    def test_running_page_readonly_has_no_forms(self):
+    def test_running_page_readonly_has_no_change_forms(self):
         body = self.fetch('/running', user='viewer').body
         self.assertIn('User viewer has read-only access.', body)
-        self.assertNotIn('<form', body)
+        parser = FormParser()
+        parser.feed(body)
+        # Only the explain form, which reads: a GET, allowed to read-only users.
+        self.assertEqual(parser.forms, [('/explain', 'get', {'service': 'web', 'client': ''})])
         self.assertIn('<h2>Service web</h2>', body)
 
     def test_running_txt(self):
@@ -591,6 +594,299 @@ class ChangeTest(AdminCase):
         self.assertEqual(resp.status, 303)
         page = self.fetch(resp.headers['Location']).body
         self.assertIn('<p class="msg error">ERROR no host &#x27;&lt;b&gt;&#x27; in web/main</p>', page)
+
+
+# ---------------------------------------------------------------------------
+# Issue 4: explain, reload, switches with drain/rollback, PROXY hosts, health timeline
+
+class ExplainTest(AdminCase):
+
+    @classmethod
+    def service(cls):
+        return service_xml(None, groups=[
+            ('main', 'hash', [('n1', cls.n1.address), ('n2', cls.n2.address),
+                              ('dead', '127.0.0.1:%d' % cls.dead_port)]),
+            ('spare', 'roundrobin,sticky', [('s1', cls.s1.address)]),
+        ], enable='main', extra='    <deny cidr="10.9.0.0/16"/>\n')
+
+    def explain_json(self, client, service='web', user='admin'):
+        resp = self.fetch('/explain?service=%s&client=%s&format=json' % (service, client), user=user)
+        self.assertEqual(resp.status, 200, resp)
+        self.assertEqual(resp.headers['Content-Type'], 'application/json')
+        return json.loads(resp.body)
+
+    def test_text_one_fact_per_line(self):
+        self.wait_dead_down()
+        before = self.bal.snapshot()
+        resp = self.fetch('/explain?service=web&client=10.1.2.3', user='viewer')  # reading: read-only is enough
+        self.assertEqual((resp.status, resp.headers['Content-Type']), (200, 'text/plain; charset=utf-8'))
+        info = self.explain_json('10.1.2.3')
+        # The director's own answer, line by line.
+        self.assertEqual(resp.body.splitlines(), [
+            'service: web', 'client: 10.1.2.3', 'allowed: yes', 'group: main', 'scheduler: hash',
+            'host: %s %s' % (info['host'], info['address']),
+            'reason: ' + info['reason'],
+            'sticky: none',
+            'ranking: ' + ', '.join('%s %s' % (name, pydirector_admin.explain_number(score))
+                                    for name, score in info['ranking']),
+            'skipped: dead (down)',
+        ])
+        self.assertIn(info['host'], ('n1', 'n2'))
+        self.assertEqual([name for name, _ in info['ranking']][0], info['host'])
+        # Where it says the client goes is where it goes (hash: same client, same host).
+        self.assertEqual(set(n for n, _ in info['ranking']), {'n1', 'n2', 'dead'})
+        after = self.bal.snapshot()
+        for snap in (before, after):
+            snap.pop('now')
+        self.assertEqual(before, after)  # explain changes nothing
+
+    def test_denied_client(self):
+        resp = self.fetch('/explain?service=web&client=10.9.0.1')
+        lines = resp.body.splitlines()
+        self.assertEqual(lines[2], "allowed: no, denied by the service's allow/deny rules")
+        self.assertRegex(lines[5], r'^host: none \(if allowed: n[12] 127\.0\.0\.1:\d+\)$')
+        self.assertFalse(self.explain_json('10.9.0.1')['allowed'])
+        # IPv4-mapped IPv6 clients match IPv4 rules.
+        self.assertFalse(self.explain_json('::ffff:10.9.0.1')['allowed'])
+
+    def test_sticky_entry(self):
+        self.change('/enableGroup?service=web&group=spare')
+        try:
+            self.assertEqual(support.exchange(self.bal.port()), b's1')
+            lines = self.fetch('/explain?service=web&client=127.0.0.1').body.splitlines()
+        finally:
+            self.change('/enableGroup?service=web&group=main')
+        self.assertEqual(lines[3:5], ['group: spare', 'scheduler: roundrobin,sticky'])
+        self.assertRegex(lines[7], r'^sticky: s1, expires in \d+(\.\d+)? s$')
+        self.assertNotIn('ranking', ' '.join(lines))
+
+    def test_errors(self):
+        self.assertEqual(self.fetch('/explain?service=nope&client=10.0.0.1').status, 404)
+        resp = self.fetch('/explain?service=web&client=not-an-ip')
+        self.assertEqual(resp.status, 400)
+        self.assertIn('client must be an IP address', resp.body)
+        self.assertEqual(self.fetch('/explain?service=web').status, 400)
+        self.assertEqual(self.fetch('/explain?service=web&client=10.0.0.1&format=xml').status, 400)
+        self.assertEqual(self.fetch('/explain?service=web&client=10.0.0.1', method='POST', body={}).status, 405)
+
+    def test_linked_from_running(self):
+        parser = FormParser()
+        parser.feed(self.fetch('/running').body)
+        self.assertIn(('/explain', 'get', {'service': 'web', 'client': ''}), parser.forms)
+
+
+class FileBalancer(Balancer):
+    """support.Balancer, but loaded from a file, so that reload() has something to re-read."""
+
+    def __init__(self, path):
+        self.config = pydirector.load_config(path)
+        self.director = pydirector.Director(self.config)
+        self.director.start()
+        self.thread = threading.Thread(target=self.director.loop.run, daemon=True)
+        self.thread.start()
+        wait_until(lambda: self.director.loop.thread_ident is not None)
+
+
+class ReloadTest(AdminCase):
+
+    @classmethod
+    def setUpClass(cls):
+        cls.all_backends = cls.backends()
+        cls.dir = tempfile.mkdtemp(prefix='pydirector-reload-')
+        cls.path = os.path.join(cls.dir, 'reload.xml')
+        cls.listen = free_port()
+        cls.admin = admin_xml()
+        cls.write(service_xml([('n1', cls.n1.address)], listen_port=cls.listen))
+        cls.bal = FileBalancer(cls.path)
+        a = cls.bal.config.admin
+        cls.server = pydirector_admin.start(cls.bal.director, pydirector.Admin(a.listen, a.host, 0, a.users))
+        cls.port = cls.server.server_address[1]
+
+    @classmethod
+    def tearDownClass(cls):
+        super(ReloadTest, cls).tearDownClass()
+        shutil.rmtree(cls.dir)
+
+    @classmethod
+    def write(cls, service):
+        with open(cls.path, 'w') as f:
+            f.write(config_xml(service + cls.admin))
+
+    def test_reload(self):
+        self.assertEqual(self.change('/reload'), 'OK reloaded %s: no changes\n' % self.path)
+        self.write(service_xml([('n1', self.n1.address), ('n2', self.n2.address)], listen_port=self.listen))
+        mark = LOG.mark()
+        body = self.change('/reload', method='POST', body={})
+        self.assertTrue(body.startswith('OK reloaded %s: ' % self.path), body)
+        self.assertIn('n2', body)
+        self.assertEqual(self.hosts(), ['n1', 'n2'])
+        LOG.wait_for('admin: user admin from 127.0.0.1: reloaded %s: ' % self.path, mark)
+        self.assertIsNotNone(json.loads(self.fetch('/running.json').body)['reloaded'])
+
+    def test_invalid_file_changes_nothing(self):
+        before = self.fetch('/running.xml').body
+        with open(self.path, 'w') as f:
+            f.write('<pdconfig>\n  <service name="web">\n</pdconfig>\n')
+        try:
+            body = self.change('/reload', 400)
+            self.assertRegex(body, r'^ERROR %s:\d+: ' % re.escape(self.path))
+            self.assertEqual(self.fetch('/running.xml').body, before)
+        finally:
+            self.write(service_xml([('n1', self.n1.address)], listen_port=self.listen))
+            self.change('/reload')
+
+    def test_needs_full_access(self):
+        self.assertEqual(self.fetch('/reload', user='viewer').status, 403)
+        self.change('/reload?now=1', 400)
+
+
+class SwitchTest(AdminCase):
+    """enableGroup with drain and rollback; the pending switch on the pages."""
+
+    def test_bad_drain_and_rollback(self):
+        for value in ('-1', 'abc', '1e3', 'inf', 'nan', '86401', '1.', '%2B5'):
+            body = self.change('/enableGroup?service=web&group=spare&drain=%s' % value, 400)
+            self.assertEqual(body, 'ERROR drain must be a number of seconds, 0-86400\n')
+            self.change('/enableGroup?service=web&group=spare&rollback=%s' % value, 400)
+        self.assertEqual(self.bal.snapshot()['services'][0]['enabled'], 'main')
+
+    def test_drain_deadline_shown(self):
+        body = self.change('/enableGroup?service=web&group=spare&drain=30')
+        try:
+            self.assertEqual(body, 'OK enabled group spare in service web (was main); '
+                                   'connections left on main close in 30 s\n')
+            switch = json.loads(self.fetch('/running.json').body)['services'][0]['switch']
+            self.assertEqual((switch['from'], switch['to'], switch['rollback_until']), ('main', 'spare', None))
+            self.assertAlmostEqual(switch['drain_until'], time.time() + 30, delta=10)
+            page = self.fetch('/running').body
+            self.assertRegex(page, r'<p class="msg switch">Switching from group main to group spare: connections '
+                                   r'still on main are closed at [0-9: -]+ \(in (29|30)s\)\.</p>')
+        finally:
+            self.change('/enableGroup?service=web&group=main')
+        self.assertIsNone(json.loads(self.fetch('/running.json').body)['services'][0]['switch'])
+        self.assertNotIn('Switching from', self.fetch('/running').body)
+
+    def test_rollback_deadline_shown(self):
+        # A group with no host up: the switch waits for one, or goes back.
+        self.change('/newGroup?service=web&group=dark&scheduler=roundrobin')
+        self.addCleanup(self.change, '/delGroup?service=web&group=dark')
+        self.change('/addHost?service=web&group=dark&name=d1&ip=127.0.0.1:%d' % self.dead_port)
+        self.change('/hostAdminDown?service=web&group=dark&name=d1')
+        body = self.change('/enableGroup', method='POST',
+                           body={'service': 'web', 'group': 'dark', 'drain': '', 'rollback': '60'})
+        try:
+            self.assertIn('back to main unless a host is up within 60 s', body)
+            page = self.fetch('/running').body
+            self.assertRegex(page, r'Switching from group main to group dark: back to main at [0-9: -]+ '
+                                   r'\(in (59|60)s\) unless a host of dark is up by then\.')
+        finally:
+            self.change('/enableGroup?service=web&group=main')
+
+
+class ProxyHostTest(AdminCase):
+
+    def test_add_host_with_send_proxy(self):
+        self.change('/addHost?service=web&group=spare&name=p2&ip=127.0.0.1:9&send_proxy=v2')
+        self.addCleanup(self.change, '/delHost?service=web&group=spare&name=p2')
+        self.assertEqual(self.host('p2')['send_proxy'], 'v2')
+        self.assertIn('<host name="p2" ip="127.0.0.1:9" send_proxy="v2"/>', self.fetch('/running.xml').body)
+        self.assertIn('<td>127.0.0.1:9 <span class="note">(sends PROXY v2)</span></td>', self.fetch('/running').body)
+        body = self.change('/addHost?service=web&group=spare&name=p3&ip=127.0.0.1:9&send_proxy=v3', 400)
+        self.assertEqual(body, "ERROR send_proxy must be 'v1' or 'v2'\n")
+        # The page's form sends an empty value for "no PROXY header".
+        self.change('/addHost', method='POST', body={'service': 'web', 'group': 'spare', 'name': 'p4',
+                                                     'ip': '127.0.0.1:9', 'weight': '', 'maxconns': '',
+                                                     'send_proxy': ''})
+        self.addCleanup(self.change, '/delHost?service=web&group=spare&name=p4')
+        self.assertIsNone(self.host('p4')['send_proxy'])
+
+
+class UserHashTest(AdminCase):
+
+    def test_add_user_with_a_hash(self):
+        stored = pydirector.hash_password('from a file', iterations=1000)
+        self.change('/addUser', method='POST', body={'name': 'copied', 'password_hash': stored, 'access': 'readonly'})
+        self.addCleanup(self.change, '/delUser?name=copied')
+        self.assertEqual(self.fetch('/running.txt', user='copied', password='from a file').status, 200)
+        self.assertIn('password="%s"' % stored, self.fetch('/running.xml').body)
+        body = self.change('/addUser?name=x&password_hash=plaintext&access=full', 400)
+        self.assertIn('password_hash is not a password hash', body)
+        body = self.change('/addUser?name=x&password=a&password_hash=%s&access=full' % urllib.parse.quote(stored), 400)
+        self.assertEqual(body, 'ERROR give password or password_hash (one of them)\n')
+        self.assertNotIn('x', [u['name'] for u in self.bal.snapshot()['users']])
+
+
+class TimelineTest(AdminCase):
+
+    def test_running_page_and_json(self):
+        self.wait_dead_down()
+        snap = json.loads(self.fetch('/running.json').body)
+        dead = [h for h in snap['services'][0]['groups'][0]['hosts'] if h['name'] == 'dead'][0]
+        self.assertEqual([(c['from'], c['to'], c['why']) for c in dead['timeline']],
+                         [('up', 'down', 'connection refused')])
+        self.assertIsNotNone(dead['next_probe'])  # a down host is probed
+        n1 = [h for h in snap['services'][0]['groups'][0]['hosts'] if h['name'] == 'n1'][0]
+        self.assertEqual((n1['timeline'], n1['next_probe']), ([], None))  # up, and no <check>: not probed
+        page = self.fetch('/running').body
+        self.assertRegex(page, r'<td>next probe in \d+s<details><summary>1 change, last \d+s ago</summary>'
+                               r'<ol class="timeline"><li>[0-9: -]+ up&rarr;down: connection refused</li></ol>'
+                               r'</details></td>')
+        self.assertIn('<td><span class="note">no probe planned</span><br><span class="note">no state changes'
+                      '</span></td>', page)
+        # Draining is a state change too, newest first on the page.
+        self.change('/hostAdminDown?service=web&group=main&name=n2')
+        self.change('/hostAdminUp?service=web&group=main&name=n2')
+        page = self.fetch('/running').body
+        self.assertRegex(page, r'<td><span class="note">no probe planned</span><details><summary>2 changes, '
+                               r'last \d+s ago</summary><ol class="timeline">'
+                               r'<li>[0-9: -]+ draining&rarr;up: by admin</li>'
+                               r'<li>[0-9: -]+ up&rarr;draining: by admin</li></ol></details></td>')
+
+    def test_metrics(self):
+        self.wait_dead_down()
+        samples = parse_prometheus(self, self.fetch('/metrics').body)
+        web = (('service', 'web'),)
+        self.assertEqual(samples[('pydirector_service_open_connections', web)], 0)
+        self.assertEqual(samples[('pydirector_service_queued', web)], 0)
+        self.assertEqual(samples[('pydirector_service_denied_total', web)], 0)
+        self.assertEqual(samples[('pydirector_service_maxconns', web)], 0)
+        dead = (('service', 'web'), ('group', 'main'), ('host', 'dead'), ('address', '127.0.0.1:%d' % self.dead_port))
+        n1 = (('service', 'web'), ('group', 'main'), ('host', 'n1'), ('address', self.n1.address))
+        snap = self.bal.snapshot()
+        host = [h for h in snap['services'][0]['groups'][0]['hosts'] if h['name'] == 'dead'][0]
+        self.assertAlmostEqual(samples[('pydirector_host_last_state_change_timestamp_seconds', dead)],
+                               host['timeline'][-1]['when'], places=2)
+        self.assertTrue(0 <= samples[('pydirector_host_next_probe_seconds', dead)] <= 5.0)
+        self.assertNotIn(('pydirector_host_next_probe_seconds', n1), samples)  # not probed: no sample
+
+    def test_state_changes_counter_from_a_count(self):
+        # Only a true count makes the counter: the timeline is capped, a counter must not be.
+        snap = self.bal.snapshot()
+        text = pydirector_admin.render_metrics(snap)
+        self.assertEqual('pydirector_host_state_changes_total' in text,
+                         any('state_changes' in h for s in snap['services'] for g in s['groups'] for h in g['hosts']))
+        for service in snap['services']:
+            for group in service['groups']:
+                for host in group['hosts']:
+                    host['state_changes'] = 12
+        samples = parse_prometheus(self, pydirector_admin.render_metrics(snap))
+        n1 = (('service', 'web'), ('group', 'main'), ('host', 'n1'), ('address', self.n1.address))
+        self.assertEqual(samples[('pydirector_host_state_changes_total', n1)], 12)
+
+    def test_older_snapshot_still_renders(self):
+        # A snapshot without the issue-4 keys (the admin against an older director).
+        snap = self.bal.snapshot()
+        for service in snap['services']:
+            for key in ('maxconns', 'open', 'queued', 'denied', 'switch'):
+                service.pop(key, None)
+            for group in service['groups']:
+                for host in group['hosts']:
+                    for key in ('timeline', 'next_probe', 'send_proxy'):
+                        host.pop(key, None)
+        samples = parse_prometheus(self, pydirector_admin.render_metrics(snap))
+        self.assertNotIn('pydirector_service_queued', ' '.join(name for name, _ in samples))
+        page = pydirector_admin.render_running(snap, 'admin', True)
+        self.assertIn('<h2>Service web</h2>', page)
 
 
 # ---------------------------------------------------------------------------
@@ -1038,7 +1334,8 @@ class ChromiumTest(AdminCase):
         forms = [f for f in parser.forms if f[0] == '/enableGroup']
         self.assertEqual(len(forms), 1, parser.forms)
         action, method, fields = forms[0]
-        self.assertEqual((method, fields), ('post', {'service': 'web', 'group': 'spare'}))
+        self.assertEqual((method, fields), ('post', {'service': 'web', 'group': 'spare', 'drain': '',
+                                                     'rollback': ''}))
         # Submit it with the headers Chromium sends for a same-origin form POST.
         own = 'http://127.0.0.1:%d' % self.port
         resp = self.fetch(action, method='POST', body=fields, headers={
