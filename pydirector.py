@@ -2233,7 +2233,7 @@ TIMELINE_LENGTH = 10     # state changes kept per host for /running
 
 class ProbeState(object):
     """The director's bookkeeping for one host's health checks."""
-    __slots__ = ('service', 'group', 'host', 'next_due', 'in_flight', 'timeline')
+    __slots__ = ('service', 'group', 'host', 'next_due', 'in_flight', 'timeline', 'changes')
 
     def __init__(self, service, group, host, next_due):
         self.service = service
@@ -2242,6 +2242,7 @@ class ProbeState(object):
         self.next_due = next_due
         self.in_flight = False
         self.timeline = collections.deque(maxlen=TIMELINE_LENGTH)
+        self.changes = 0          # state changes in all, for /metrics (the timeline keeps 10)
 
 
 def _same(a, b):
@@ -2508,8 +2509,10 @@ class Director(object):
         if changed:
             host.probe_ok = host.probe_fail = 0
             probe_state = self.probes.get(host)
-            if probe_state is not None:
-                probe_state.timeline.append((when, before, host_state(host), cause))
+            after = host_state(host)
+            if probe_state is not None and after != before:
+                probe_state.timeline.append((when, before, after, cause))
+                probe_state.changes += 1
                 if state == schedulers.DOWN:
                     probe_state.next_due = self.loop.now + self._check(service).interval
             if host_state(host) == 'up':
@@ -2615,6 +2618,7 @@ class Director(object):
                         'timeline': [{'when': when, 'from': old, 'to': new, 'why': why}
                                      for when, old, new, why in probe_state.timeline] if probe_state else [],
                         'next_probe': self._next_probe(service, host, probe_state),
+                        'state_changes': probe_state.changes if probe_state else 0,
                     })
                 groups.append({'name': group.name, 'scheduler': group.scheduler.spec,
                                'enabled': group is service.enabled, 'hosts': hosts})
@@ -2678,7 +2682,7 @@ class Director(object):
     def users_list(self):
         return [(u.name, u.password, u.access) for u in self.users.values()]
 
-    def add_host(self, service, group, name, ip, weight=None, maxconns=None):
+    def add_host(self, service, group, name, ip, weight=None, maxconns=None, send_proxy=None):
         service, group = self._group(service, group)
         try:
             check_name(name, 'host name')
@@ -2691,9 +2695,14 @@ class Director(object):
             raise AdminError(400, 'weight must be 1-1000')
         if maxconns < 0:
             raise AdminError(400, 'maxconns must be 0 or more')
+        if send_proxy in ('', None):
+            send_proxy = None
+        elif send_proxy not in ('v1', 'v2'):
+            raise AdminError(400, "send_proxy must be 'v1' or 'v2'")
         if group.scheduler.get_host(name) is not None:
             raise AdminError(409, 'host %r already exists in %s/%s' % (name, service.name, group.name))
-        host = self._make_host(name, ip, host_name, port, weight, maxconns, resolve_names=False)
+        host = self._make_host(name, ip, host_name, port, weight, maxconns, resolve_names=False,
+                               send_proxy=send_proxy)
         group.scheduler.add_host(host)
         self._watch(service, group, host)
         log.info('host %s (%s) added to %s/%s', name, ip, service.name, group.name)
