@@ -1649,6 +1649,8 @@ class Pair(object):
         self.timer = self.loop.call_later(self.service.timeouts.connect, self._bad_proxy, 'no header in time')
 
     def _on_proxy_readable(self, mask):
+        if self.state is not PROXY_HEADER:
+            return
         try:
             data = self.client_sock.recv(BUFFER_SIZE)
         except (BlockingIOError, InterruptedError):
@@ -1802,6 +1804,8 @@ class Pair(object):
     # -- streaming --------------------------------------------------------
 
     def _on_client_event(self, mask):
+        if self.state is not STREAMING:
+            return   # closed by an earlier event of the same select() batch
         if mask & EVENT_READ:
             if self.splice_up is None:
                 self._relay(self.client_sock, self.backend_sock, True)
@@ -1811,9 +1815,10 @@ class Pair(object):
             self._flush(False)
 
     def _on_backend_event(self, mask):
-        if self.state is CONNECTING:
-            self._on_backend_connected()
-            return
+        if self.state is not STREAMING:
+            if self.state is CONNECTING:
+                self._on_backend_connected()
+            return   # else closed by an earlier event of the same select() batch
         if mask & EVENT_READ:
             if self.splice_down is None:
                 self._relay(self.backend_sock, self.client_sock, False)
