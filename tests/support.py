@@ -482,3 +482,20 @@ def raise_open_files(wanted):
         except (ValueError, OSError):
             pass
     return soft
+
+
+def accept_queue_length(port):
+    """Connections waiting in the accept queue of the socket listening on `port`
+    (Linux /proc/net/tcp*), or None where that cannot be read."""
+    found = None
+    for name in ('/proc/net/tcp', '/proc/net/tcp6'):
+        try:
+            with open(name) as f:
+                lines = f.readlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 4 and fields[3] == '0A' and int(fields[1].rsplit(':', 1)[1], 16) == port:
+                found = (found or 0) + int(fields[4].split(':')[1], 16)
+    return found
