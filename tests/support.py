@@ -480,3 +480,156 @@ class ExternalServer(object):
         self.log_file.close()
         import shutil
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# -- raw HTTP and many sockets (bad-input suites) ----------------------------
+
+# Imported here, not at the top, so this section merges cleanly beside others.
+import collections  # noqa: E402
+import errno  # noqa: E402
+import re  # noqa: E402
+import selectors  # noqa: E402
+
+class RawResponse(object):
+    """One answer read off a raw socket: status (None when there was no
+    'HTTP/x.y NNN' status line), headers as (name, value) pairs, body bytes."""
+
+    def __init__(self, data, error=None):
+        self.data = data
+        self.error = error          # an OSError text when the exchange broke, else None
+        self.status = None
+        self.headers = []
+        self.body = data
+        head, sep, body = data.partition(b'\r\n\r\n')
+        match = re.match(rb'HTTP/\d\.\d (\d{3}) ', head)
+        if match and sep:
+            self.status = int(match.group(1))
+            self.body = body
+            for line in head.split(b'\r\n')[1:]:
+                name, _, value = line.decode('latin-1').partition(':')
+                self.headers.append((name.strip(), value.strip()))
+
+    def header(self, name):
+        for key, value in self.headers:
+            if key.lower() == name.lower():
+                return value
+        return None
+
+    def __repr__(self):
+        return '<RawResponse %s %r>' % (self.status, self.data[:120])
+
+
+def raw_exchanges(port, requests, parallel=8, timeout=10.0, host='127.0.0.1'):
+    """Send each request (bytes) on its own connection, half-close, read to EOF.
+
+    Runs `parallel` connections at once from one thread with a selector
+    (cheaper than a thread each, so the server under test gets the CPU).
+    Returns one RawResponse per request, in order."""
+    results = [None] * len(requests)
+    selector = selectors.DefaultSelector()
+    queue = collections.deque(enumerate(requests))
+    deadline_of = {}
+
+    def start(index, data):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        err = sock.connect_ex((host, port))
+        state = {'index': index, 'out': memoryview(data), 'chunks': [], 'sock': sock, 'error': None}
+        if err not in (0, errno.EINPROGRESS):
+            state['error'] = os.strerror(err)
+            finish(state, register=False)
+            return
+        deadline_of[sock] = time.monotonic() + timeout
+        selector.register(sock, selectors.EVENT_WRITE, state)
+
+    def finish(state, register=True):
+        sock = state['sock']
+        if register:
+            selector.unregister(sock)
+            deadline_of.pop(sock, None)
+        sock.close()
+        results[state['index']] = RawResponse(b''.join(state['chunks']), state['error'])
+
+    def writable(state):
+        sock = state['sock']
+        try:
+            while state['out']:
+                sent = sock.send(state['out'][:65536])
+                state['out'] = state['out'][sent:]
+        except BlockingIOError:
+            return
+        except OSError as e:      # the server answered and closed before reading it all
+            state['error'] = 'send: %s' % e
+            state['out'] = b''
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        selector.modify(sock, selectors.EVENT_READ, state)
+
+    def readable(state):
+        try:
+            data = state['sock'].recv(65536)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            state['error'] = 'recv: %s' % e
+            data = b''
+        if data:
+            state['chunks'].append(data)
+        else:
+            finish(state)
+
+    try:
+        while queue or deadline_of:
+            while queue and len(deadline_of) < parallel:
+                start(*queue.popleft())
+            for key, mask in selector.select(0.5):
+                if key.events & selectors.EVENT_WRITE:
+                    writable(key.data)
+                else:
+                    readable(key.data)
+            now = time.monotonic()
+            for key in list(selector.get_map().values()):
+                if deadline_of.get(key.fileobj, now) < now:
+                    key.data['error'] = 'timed out'
+                    finish(key.data)
+    finally:
+        for key in list(selector.get_map().values()):
+            key.fileobj.close()
+        selector.close()
+    return results
+
+
+def raise_open_files(wanted):
+    """Raise this process's RLIMIT_NOFILE soft limit towards `wanted`; return the limit now in force."""
+    try:
+        import resource
+    except ImportError:
+        return wanted
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def accept_queue_length(port):
+    """Connections waiting in the accept queue of the socket listening on `port`
+    (Linux /proc/net/tcp*), or None where that cannot be read."""
+    found = None
+    for name in ('/proc/net/tcp', '/proc/net/tcp6'):
+        try:
+            with open(name) as f:
+                lines = f.readlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 4 and fields[3] == '0A' and int(fields[1].rsplit(':', 1)[1], 16) == port:
+                found = (found or 0) + int(fields[4].split(':')[1], 16)
+    return found
