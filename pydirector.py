@@ -709,7 +709,17 @@ def _read_xml(data, path):
     except expat.ExpatError as e:
         raise ConfigError(f'XML error: {expat.ErrorString(e.code)}', path, e.lineno) from None
     except UnicodeError as e:
-        raise ConfigError(f'XML error: {e}', path) from None
+        # A str with a lone surrogate cannot be UTF-8 at all; and Python 3.6's
+        # pyexpat decodes names itself, so bad bytes in a tag name land here.
+        if isinstance(e, UnicodeEncodeError) and isinstance(data, str):
+            line = data.count('\n', 0, e.start) + 1
+        else:
+            line = parser.CurrentLineNumber
+        raise ConfigError(f'XML error: {e}', path, line) from None
+    except (LookupError, ValueError) as e:
+        # encoding="..." that Python does not know (LookupError) or that expat
+        # cannot use (ValueError: multi-byte encodings are not supported).
+        raise ConfigError(f'XML error: unusable encoding: {e}', path, parser.CurrentLineNumber) from None
     return builder.close(), lines
 
 

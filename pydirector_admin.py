@@ -259,6 +259,7 @@ class AdminServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self.loop_timeout = LOOP_TIMEOUT
         self.lock = threading.Lock()
         self.connections = {}           # socket -> monotonic deadline
+        self.reading_head = {}          # socket -> when accepted, until its request head is in
         self.idle = threading.Condition(self.lock)
         self.auth_cache = set()
         self.unknown_user_hash = None
@@ -302,9 +303,17 @@ class AdminServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     def process_request(self, request, client_address):
         """Runs in the accepting thread: admit the connection or close it at once."""
         with self.lock:
+            if len(self.connections) >= self.max_connections and self.reading_head:
+                # Full, but someone is still dribbling a request head: cut the oldest
+                # of those, so slow clients cannot lock the operator out.
+                oldest = min(self.reading_head, key=self.reading_head.get)
+                del self.reading_head[oldest]
+                shutdown_socket(oldest)
+                self.idle.wait_for(lambda: oldest not in self.connections, timeout=1.0)
             admitted = len(self.connections) < self.max_connections
             if admitted:
                 self.connections[request] = time.monotonic() + self.connection_deadline
+                self.reading_head[request] = time.monotonic()
         if not admitted:
             now = time.monotonic()
             if now - self.last_refusal_log > 10.0:
@@ -320,6 +329,7 @@ class AdminServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         finally:
             with self.lock:
                 self.connections.pop(request, None)
+                self.reading_head.pop(request, None)
                 self.idle.notify_all()
 
     def shutdown_request(self, request):
@@ -444,6 +454,8 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
             if len(line.split()) != 3:
                 raise Reply(400, 'bad request line')
             head = self.read_head()
+            with self.server.lock:
+                self.server.reading_head.pop(self.request, None)
             self.raw_requestline = line
             stream, self.rfile = self.rfile, io.BytesIO(head)
             try:
@@ -479,7 +491,10 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
     def handle_request(self):
         """Auth (401), route (404), method (405), access (403), cross-site (403), then the page or change."""
         try:
-            url = urllib.parse.urlsplit(self.path)
+            try:
+                url = urllib.parse.urlsplit(self.path)
+            except ValueError:      # 'http://[x/': not a URL at all
+                raise Reply(400, 'bad request target')
             path = url.path
             body = self.read_body()
             user, access = self.authenticate()
@@ -531,7 +546,7 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
         lengths = self.headers.get_all('Content-Length') or []
         if not lengths:
             return b''
-        if len(set(lengths)) != 1 or not lengths[0].strip().isdigit():
+        if len(set(lengths)) != 1 or not is_digits(lengths[0].strip()):
             raise Reply(400, 'bad Content-Length')
         length = int(lengths[0])
         if length > MAX_BODY:
@@ -615,6 +630,9 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
     def send(self, status, body, content_type, headers=()):
         data = body.encode('utf-8') if isinstance(body, str) else body
         self.replied = True
+        # parse_request answers early errors before it knows the version, and an
+        # HTTP/0.9 answer has no status line or headers (so no nosniff): never that.
+        self.request_version = self.protocol_version
         self.send_response(status)
         self.send_header('Content-Type', content_type)
         self.send_header('Content-Length', str(len(data)))
@@ -640,6 +658,8 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
 
     def send_error(self, code, message=None, explain=None):
         # parse_request answers malformed requests through here: keep our format.
+        if code >= 500:
+            code = 400      # parse_request's 505 for HTTP/2+: the client's mistake, not ours
         if message is None:
             message = self.responses.get(code, ('error',))[0]
         self.send_error_text(code, message)
@@ -665,7 +685,7 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
         params = take(params, optional=('msg', 'refresh'))
         refresh = None
         if params['refresh'] is not None:
-            if not params['refresh'].isdigit() or not 1 <= int(params['refresh']) <= 3600:
+            if not is_digits(params['refresh']) or not 1 <= int(params['refresh']) <= 3600:
                 raise Reply(400, 'refresh must be 1-3600 seconds')
             refresh = int(params['refresh'])
         snapshot = self.call(self.server.director.snapshot)
@@ -796,6 +816,11 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
     def action_reload(self, params):
         take(params)
         return self.call(self.server.director.reload)
+
+
+def is_digits(text):
+    # str.isdigit() is true for '\u00b2' too, which int() refuses: ASCII digits only.
+    return text != '' and text.strip('0123456789') == ''
 
 
 def take(params, required=(), optional=()):
