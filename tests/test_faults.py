@@ -15,13 +15,13 @@ import hashlib
 import json
 import os
 import random
-import resource
 import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import unittest
@@ -29,9 +29,8 @@ from unittest import mock
 
 import support
 from support import (LOG, AdoptedBackend, Backend, Background, Balancer, Blackhole, EchoServer,
-                     SpawnedBalancer, accepts, config_xml, connect, cpu_seconds_of, digest_until_eof,
-                     exchange, fd_count, free_port, hold_open, recv_all, rss_bytes, service_xml,
-                     thread_count, wait_until)
+                     SpawnedBalancer, accepts, config_xml, cpu_seconds_of, digest_until_eof, exchange,
+                     fd_count, free_port, recv_all, rss_bytes, service_xml, thread_count, wait_until)
 
 import pydirector
 
@@ -230,10 +229,11 @@ class FaultCase(unittest.TestCase):
 
     def check_test_process(self):
         """Last of all: every fd and thread the scenario made is gone; no traceback logged."""
-        wait_until(lambda: threading.active_count() <= self.base_threads, 10,
-                   message='threads left: %r' % threading.enumerate())
-        wait_until(lambda: fd_count() <= self.base_fds, 5,
-                   message='fds not back to %d' % self.base_fds)
+        try:
+            wait_until(lambda: threading.active_count() <= self.base_threads, 10)
+        except AssertionError:
+            raise AssertionError('threads left: %r' % threading.enumerate())
+        wait_until(lambda: fd_count() <= self.base_fds, 5, message='fds not back to %d' % self.base_fds)
         tracebacks = [l for l in self.log_since() if l.startswith('TRACEBACK')]
         self.assertEqual(tracebacks, [])
 
@@ -510,6 +510,7 @@ class TestFaults(FaultCase):
         self.finish_background()
 
     def test_10_emfile_at_accept(self):
+        import resource
         echo = self.echo_server('one')
         web_port = free_port()
         # Probes run all along: running out of fds is ours, not the host's fault.
@@ -530,8 +531,7 @@ class TestFaults(FaultCase):
             flood.append(c)
             if len(flood) > 20:
                 time.sleep(0.01)
-        LOG_LINE = 'pausing accepts'
-        wait_until(lambda: LOG_LINE in proc.output(), 5)
+        wait_until(lambda: 'pausing accepts' in proc.output(), 5)
         self.assertLess(self.process_cpu(0.6), 0.2, 'spinning while out of file descriptors')
         started = time.monotonic()
         for c in flood:
@@ -636,7 +636,8 @@ class TestFaults(FaultCase):
     def test_13_signals_in_a_tight_loop_during_load(self):
         echo = self.echo_server('one')
         web_port = free_port()
-        log_dir = support.tempfile.mkdtemp(prefix='pydirector-faults-')
+        log_dir = tempfile.mkdtemp(prefix='pydirector-faults-')
+        self.addCleanup(shutil.rmtree, log_dir, True)
         log_path = os.path.join(log_dir, 'pydir.log')
         proc = self.start_process(service_xml([('one', echo.address)], listen_port=web_port),
                                   '  <logging file="%s"/>\n' % log_path, log_path=log_path)
