@@ -633,3 +633,418 @@ def accept_queue_length(port):
             if len(fields) > 4 and fields[3] == '0A' and int(fields[1].rsplit(':', 1)[1], 16) == port:
                 found = (found or 0) + int(fields[4].split(':')[1], 16)
     return found
+
+
+# -- fault-test helpers: many connections on one thread, /proc readings ------
+
+import errno      # noqa: E402  (kept with the helpers that use them)
+import random     # noqa: E402
+import selectors  # noqa: E402
+
+
+class EchoServer(object):
+    """An echo backend serving every connection from one selector thread, so hundreds of
+    connections cost no threads.  The client's EOF is passed on as ours once all is sent."""
+
+    def __init__(self, host='127.0.0.1', port=0, name='echo'):
+        self.name = name
+        self.sock = socket.socket(socket.AF_INET6 if ':' in host else socket.AF_INET)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.sock.listen(1024)
+        self.sock.setblocking(False)
+        self.host = host
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        self.open = 0
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.sock, selectors.EVENT_READ, None)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self.selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self.conns = {}            # sock -> [pending bytes, client_eof]
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name='echo-server', daemon=True)
+        self.thread.start()
+
+    @property
+    def address(self):
+        return '%s:%d' % (self.host, self.port)
+
+    def _run(self):
+        while not self.stopping:
+            for key, mask in self.selector.select(0.5):
+                if key.fileobj is self.sock:
+                    self._accept()
+                elif key.fileobj is self._wake_r:
+                    return
+                else:
+                    self._event(key.fileobj, mask)
+
+    def _accept(self):
+        for _ in range(64):
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            conn.setblocking(False)
+            self.accepted += 1
+            self.open += 1
+            self.conns[conn] = [b'', False]
+            self.selector.register(conn, selectors.EVENT_READ, None)
+
+    def _drop(self, conn):
+        self.selector.unregister(conn)
+        del self.conns[conn]
+        conn.close()
+        self.open -= 1
+
+    def _event(self, conn, mask):
+        state = self.conns[conn]
+        try:
+            if mask & selectors.EVENT_READ:
+                data = conn.recv(65536)
+                if not data:
+                    state[1] = True
+                else:
+                    state[0] += data
+            if state[0]:
+                sent = conn.send(state[0])
+                state[0] = state[0][sent:]
+        except BlockingIOError:
+            pass
+        except OSError:
+            self._drop(conn)
+            return
+        if state[0]:
+            self.selector.modify(conn, selectors.EVENT_WRITE, None)
+        elif state[1]:
+            try:
+                conn.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            self._drop(conn)
+        else:
+            self.selector.modify(conn, selectors.EVENT_READ, None)
+
+    def close(self):
+        self.stopping = True
+        try:
+            self._wake_w.send(b'x')
+        except OSError:
+            pass
+        self.thread.join(10)
+        for conn in list(self.conns):
+            conn.close()
+        self.conns.clear()
+        self.open = 0
+        self.selector.close()
+        self.sock.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+
+class _Stream(object):
+    """One Background connection: what it sent, what is still due back, and how it ended."""
+    __slots__ = ('index', 'sock', 'rng', 'out', 'due_back', 'sent', 'received', 'rounds',
+                 'state', 'sent_hash', 'received_hash', 'events', 'error')
+
+    def __init__(self, index, sock, seed):
+        self.index = index
+        self.sock = sock
+        self.rng = random.Random(seed)
+        self.out = b''
+        self.due_back = bytearray()
+        self.sent = 0
+        self.received = 0
+        self.rounds = 0
+        self.state = 'connecting'
+        self.sent_hash = hashlib.sha256()
+        self.received_hash = hashlib.sha256()
+        self.events = 0
+        self.error = None
+
+
+class Background(object):
+    """`count` client connections to 127.0.0.1:port, all driven by one selector thread.
+
+    Each sends chunks of deterministic pseudo-random bytes (seeded per connection),
+    one at a time, about every `interval` seconds, and checks that exactly those
+    bytes come back from an echo backend.  finish() half-closes every connection
+    after its current round trip, waits for the echo's EOF, and returns a list of
+    problems (empty: every byte of every connection came back intact, then EOF).
+    source_ports: bind each client to port source_ports + i (for a tiny port range).
+    """
+
+    def __init__(self, port, count, seed=1, interval=None, host='127.0.0.1', source_ports=None,
+                 max_chunk=4096):
+        self.port = port
+        self.host = host
+        self.count = count
+        self.seed = seed
+        self.interval = interval if interval is not None else max(0.05, count / 1000.0)
+        self.source_ports = source_ports
+        self.max_chunk = max_chunk
+        self.streams = []
+        self.selector = selectors.DefaultSelector()
+        self.finishing = False
+        self.stopping = False
+        self.timers = []           # heap of (when, index)
+        self.thread = None
+
+    # -- the test's side ---------------------------------------------------
+
+    def start(self, timeout=30):
+        """Connect everything and wait until each connection has completed one round trip."""
+        for i in range(self.count):
+            sock = socket.socket()
+            if self.source_ports:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((self.host, self.source_ports + i))
+            sock.setblocking(False)
+            stream = _Stream(i, sock, self.seed * 1000003 + i)
+            self.streams.append(stream)
+            err = sock.connect_ex((self.host, self.port))
+            if err not in (0, errno.EINPROGRESS):
+                stream.error = 'connect: %s' % os.strerror(err)
+                stream.state = 'failed'
+                sock.close()
+                continue
+            self._watch(stream, selectors.EVENT_WRITE)
+        self.thread = threading.Thread(target=self._run, name='background', daemon=True)
+        self.thread.start()
+        try:
+            wait_until(lambda: all(s.rounds or s.state == 'failed' for s in self.streams), timeout,
+                       interval=0.02)
+        except AssertionError:
+            raise AssertionError('background connections did not all get going: %s' % self.summary())
+        problems = self.problems()
+        if problems:
+            raise AssertionError('background connections failed at start: %s' % problems[:5])
+        return self
+
+    def round_trips(self):
+        return sum(s.rounds for s in self.streams)
+
+    def finish(self, timeout=30):
+        """Half-close every connection after its current round trip; wait for all the echoes."""
+        self.finishing = True
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(s.state in ('done', 'failed') for s in self.streams):
+                break
+            time.sleep(0.01)
+        self.stop()
+        problems = self.problems()
+        for s in self.streams:
+            if s.state not in ('done', 'failed'):
+                problems.append('#%d: still %s after %g s (%d of %d bytes back)' % (
+                    s.index, s.state, timeout, s.received, s.sent))
+        return problems
+
+    def problems(self):
+        return ['#%d: %s' % (s.index, s.error) for s in self.streams if s.error]
+
+    def summary(self):
+        states = {}
+        for s in self.streams:
+            states[s.state] = states.get(s.state, 0) + 1
+        return states
+
+    def stop(self):
+        """Stop the driver thread and close every socket (cleanup; finish() calls it)."""
+        self.stopping = True
+        if self.thread is not None:
+            self.thread.join(10)
+        for s in self.streams:
+            if s.events:
+                try:
+                    self.selector.unregister(s.sock)
+                except (KeyError, ValueError):
+                    pass
+                s.events = 0
+            s.sock.close()
+        self.selector.close()
+
+    # -- the driver thread ---------------------------------------------------
+
+    def _watch(self, stream, events):
+        if events == stream.events:
+            return
+        if not stream.events:
+            self.selector.register(stream.sock, events, stream)
+        elif not events:
+            self.selector.unregister(stream.sock)
+        else:
+            self.selector.modify(stream.sock, events, stream)
+        stream.events = events
+
+    def _fail(self, stream, error):
+        stream.error = '%s after %d round trips, %d of %d bytes back' % (
+            error, stream.rounds, stream.received, stream.sent)
+        stream.state = 'failed'
+        self._watch(stream, 0)
+        stream.sock.close()
+
+    def _run(self):
+        import heapq
+        while not self.stopping:
+            now = time.monotonic()
+            wait = 0.05
+            if self.timers:
+                wait = max(0.0, min(wait, self.timers[0][0] - now))
+            for key, mask in self.selector.select(wait):
+                self._event(key.data, mask)
+            now = time.monotonic()
+            while self.timers and self.timers[0][0] <= now:
+                _, index = heapq.heappop(self.timers)
+                stream = self.streams[index]
+                if stream.state == 'idle':
+                    self._next_round(stream)
+            if self.finishing:
+                for stream in self.streams:
+                    if stream.state == 'idle':
+                        self._next_round(stream)
+
+    def _next_round(self, stream):
+        if self.finishing:
+            stream.state = 'closing'
+            try:
+                stream.sock.shutdown(socket.SHUT_WR)
+            except OSError as e:
+                self._fail(stream, 'shutdown: %s' % e)
+                return
+            self._watch(stream, selectors.EVENT_READ)
+            return
+        stream.state = 'streaming'
+        n = stream.rng.randint(1, self.max_chunk)
+        data = stream.rng.getrandbits(8 * n).to_bytes(n, 'little')
+        stream.sent_hash.update(data)
+        stream.sent += n
+        stream.due_back += data
+        stream.out += data
+        self._send(stream)
+
+    def _send(self, stream):
+        try:
+            sent = stream.sock.send(stream.out)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as e:
+            self._fail(stream, 'send: %s' % e)
+            return
+        stream.out = stream.out[sent:]
+        self._watch(stream, selectors.EVENT_READ | (selectors.EVENT_WRITE if stream.out else 0))
+
+    def _event(self, stream, mask):
+        import heapq
+        if stream.state == 'connecting':
+            err = stream.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self._fail(stream, 'connect: %s' % os.strerror(err))
+                return
+            self._next_round(stream)
+            return
+        if mask & selectors.EVENT_WRITE and stream.out:
+            self._send(stream)
+            if stream.state == 'failed':
+                return
+        if not mask & selectors.EVENT_READ:
+            return
+        try:
+            data = stream.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._fail(stream, 'recv: %s' % e)
+            return
+        if not data:
+            if stream.state == 'closing' and not stream.due_back:
+                if stream.sent_hash.digest() != stream.received_hash.digest():
+                    self._fail(stream, 'checksum mismatch')
+                    return
+                stream.state = 'done'
+                self._watch(stream, 0)
+                stream.sock.close()
+            else:
+                self._fail(stream, 'EOF while %s' % stream.state)
+            return
+        expected = bytes(stream.due_back[:len(data)])
+        if data != expected:
+            self._fail(stream, 'wrong bytes at offset %d' % stream.received)
+            return
+        del stream.due_back[:len(data)]
+        stream.received += len(data)
+        stream.received_hash.update(data)
+        if stream.state == 'streaming' and not stream.due_back and not stream.out:
+            stream.rounds += 1
+            stream.state = 'idle'
+            self._watch(stream, selectors.EVENT_READ)   # an early EOF or reset still shows
+            delay = self.interval * (0.5 + stream.rng.random())
+            if stream.rounds == 1 and not self.finishing:
+                delay = self.interval * stream.rng.random()   # spread the herd out
+            heapq.heappush(self.timers, (time.monotonic() + delay, stream.index))
+
+
+def fd_count(pid='self'):
+    """Open file descriptors of a process (Linux /proc)."""
+    return len(os.listdir('/proc/%s/fd' % pid))
+
+
+def thread_count(pid):
+    return len(os.listdir('/proc/%s/task' % pid))
+
+
+def cpu_seconds_of(stat_path):
+    """utime + stime from a /proc/.../stat file (a process or one thread)."""
+    with open(stat_path) as f:
+        fields = f.read().rsplit(')', 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / float(os.sysconf('SC_CLK_TCK'))
+
+
+def rss_bytes(pid):
+    with open('/proc/%d/status' % pid) as f:
+        for line in f:
+            if line.startswith('VmRSS:'):
+                return int(line.split()[1]) * 1024
+    raise AssertionError('no VmRSS for pid %d' % pid)
+
+
+class AdoptedBackend(Backend):
+    """A Backend serving a listening socket made elsewhere: e.g. a Blackhole's, to bring
+    that host back to life on the very same port."""
+
+    def __init__(self, sock, handler, name='backend', backlog=128):
+        self.handler = handler
+        self.name = name
+        self.sock = sock
+        self.sock.listen(backlog)   # Linux takes a new backlog on a listening socket
+        self.port = sock.getsockname()[1]
+        self.accepted = 0
+        self.open = 0
+        self.received = []
+        self.lock = threading.Lock()
+        self.closed = threading.Event()
+        self.threads = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+
+class SpawnedBalancer(BalancerProcess):
+    """BalancerProcess with a preexec_fn (e.g. a lower RLIMIT_NOFILE) and extra env."""
+
+    def __init__(self, xml, args=(), wait_port=None, preexec_fn=None, env=None, directory=None):
+        self.dir = directory or tempfile.mkdtemp(prefix='pydirector-test-')
+        self.config_path = os.path.join(self.dir, 'test.xml')
+        self.log_path = os.path.join(self.dir, 'stderr.log')
+        with open(self.config_path, 'w') as f:
+            f.write(xml)
+        self.log_file = open(self.log_path, 'wb')
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        self.proc = subprocess.Popen([sys.executable, PYDIRECTOR, '-c', self.config_path] + list(args),
+                                     stdout=self.log_file, stderr=subprocess.STDOUT, cwd=self.dir,
+                                     preexec_fn=preexec_fn, env=full_env)
+        if wait_port:
+            wait_until(lambda: accepts(wait_port) or self.proc.poll() is not None, 10)
+            if self.proc.poll() is not None:
+                raise AssertionError('pydirector exited: %s' % self.output())
