@@ -919,12 +919,14 @@ def _finish_balancer(report, balancer, base_fds, fd_timeout=10.0):
 # ---------------------------------------------------------------------------
 
 def run_g1(streams=2000, duration=1800.0, rate=8e6, backends=2, python=None, seed=1,
-           stream_seconds=None, warmup=None, rss_limit=0.10, stall=60.0, progress=None, keep=False):
+           stream_seconds=None, warmup=None, rss_limit=0.10, stall=60.0, idle_timeout=None, progress=None,
+           keep=False):
     """`streams` concurrent echo streams for `duration` s, each replaced when it ends.
 
     rate: bytes/s all streams together send (the echo doubles what the balancer
     relays); 0 = as fast as they go.  Streams average `stream_seconds` at their
-    pace, so many thousands complete over a long run.
+    pace, so many thousands complete over a long run.  idle_timeout: write
+    <timeouts idle=N/> (the balancer's default is 3600 s).
     """
     if stream_seconds is None:
         stream_seconds = min(20.0, max(0.5, duration / 30.0))
@@ -935,7 +937,7 @@ def run_g1(streams=2000, duration=1800.0, rate=8e6, backends=2, python=None, see
     mean_length = max(mean_length, 1024)
     params = collections.OrderedDict([
         ('streams', streams), ('duration_s', duration), ('rate_Bps', rate), ('backends', backends),
-        ('mean_stream_bytes', mean_length), ('warmup_s', warmup),
+        ('mean_stream_bytes', mean_length), ('warmup_s', warmup), ('idle_timeout', idle_timeout),
         ('python', python or sys.executable)])
     report = Report('g1', params)
     raise_nofile()
@@ -943,7 +945,8 @@ def run_g1(streams=2000, duration=1800.0, rate=8e6, backends=2, python=None, see
     data_block()
     with Rig(python, keep) as rig:
         hosts = rig.start_backends(backends, 'echo')
-        balancer = rig.start_balancer(service_xml(hosts, 'leastconns'))
+        extra = '    <timeouts idle="%g"/>\n' % idle_timeout if idle_timeout else ''
+        balancer = rig.start_balancer(service_xml(hosts, 'leastconns', extra=extra))
         base_fds = balancer.fds()
         engine = Engine()
         stats = StreamStats()
@@ -1649,6 +1652,7 @@ def parse_args(argv):
     g1.add_argument('--stream-seconds', type=float, help='average life of one stream at its pace')
     g1.add_argument('--warmup', type=float, help='seconds before RSS drift is measured (default 10%%, max 300)')
     g1.add_argument('--rss-limit', type=float, default=0.10, help='allowed RSS drift (fraction, default 0.10)')
+    g1.add_argument('--idle-timeout', type=float, help='<timeouts idle=N/> for the service (default: none written)')
     g2 = sub.add_parser('g2', parents=[common], help='1,500 new connections/s for 10 min')
     g2.add_argument('--rate', type=float, help='new connections per second (default 1500 x scale)')
     g2.add_argument('--backends', type=int, default=2)
@@ -1692,7 +1696,7 @@ def main(argv=None):
         report = run_g1(streams=args.streams or max(1, int(2000 * scale)), duration=duration or 1800.0,
                         rate=args.rate * scale if args.streams is None else args.rate,
                         backends=args.backends, stream_seconds=args.stream_seconds, warmup=args.warmup,
-                        rss_limit=args.rss_limit, **common)
+                        rss_limit=args.rss_limit, idle_timeout=args.idle_timeout, **common)
     elif args.scenario == 'g2':
         report = run_g2(rate=args.rate or 1500.0 * scale, duration=duration or 600.0, backends=args.backends,
                         latency_limit=args.latency_limit / 1000.0, **common)
