@@ -476,9 +476,13 @@ def service_xml(backends, scheduler='roundrobin', service_attrs='', extra=''):
 
 
 class Rig(object):
-    """Owns a scenario's temp dir, backend processes and balancer; cleans all of them up."""
+    """Owns a scenario's temp dir, backend processes and balancer; cleans all of them up.
 
-    def __init__(self, python=None, keep=False):
+    keep: True keeps the temp dir (config, logs), False removes it, None keeps it
+    only when the run failed.
+    """
+
+    def __init__(self, python=None, keep=None):
         self.python = python or sys.executable
         self.keep = keep
         self.workdir = tempfile.mkdtemp(prefix='pydirector-soak-')
@@ -508,7 +512,7 @@ class Rig(object):
             b.close()
         if exc_type is not None:
             self.failed = True
-        if self.keep or self.failed:
+        if self.keep or (self.failed and self.keep is None):
             sys.stderr.write('soak: logs kept in %s\n' % self.workdir)
         else:
             shutil.rmtree(self.workdir, ignore_errors=True)
@@ -920,7 +924,7 @@ def _finish_balancer(report, balancer, base_fds, fd_timeout=10.0):
 
 def run_g1(streams=2000, duration=1800.0, rate=8e6, backends=2, python=None, seed=1,
            stream_seconds=None, warmup=None, rss_limit=0.10, stall=60.0, idle_timeout=None, progress=None,
-           keep=False):
+           keep=None):
     """`streams` concurrent echo streams for `duration` s, each replaced when it ends.
 
     rate: bytes/s all streams together send (the echo doubles what the balancer
@@ -1127,7 +1131,7 @@ class HitRun(object):
 
 
 def run_g2(rate=1500.0, duration=600.0, backends=2, python=None, latency_limit=0.020,
-           rate_margin=0.98, timeout=10.0, progress=None, keep=False):
+           rate_margin=0.98, timeout=10.0, progress=None, keep=None):
     """Open `rate` new connections per second (open loop) for `duration` s."""
     params = collections.OrderedDict([
         ('rate_per_s', rate), ('duration_s', duration), ('backends', backends),
@@ -1234,7 +1238,7 @@ def probe_refusal(port, timeout=5.0):
 
 
 def run_g3(connections=9000, hold=10.0, backends=2, python=None, maxconns_on='service', seed=3,
-           ramp=256, refuse_limit=1.0, progress=None, keep=False):
+           ramp=256, refuse_limit=1.0, progress=None, keep=None):
     """Hold `connections` checksummed streams open at once, try one more, then finish them all.
 
     maxconns_on: 'service' (<service maxconns=N>), 'host' (split over the hosts'
@@ -1437,7 +1441,7 @@ class FaultDriver(threading.Thread):
 
 def run_g6(clients=500, duration=600.0, period=2.0, fault_seconds=1.5, cycles=None, check_interval=0.5,
            check_timeout=0.5, python=None, seed=6, orphan_limit=1.0, stop_orphans_must_close=True,
-           progress=None, keep=False):
+           progress=None, keep=None):
     """`clients` echo streams in a loop while a FaultDriver hurts one of 3 backends every `period` s.
 
     Each stream sends 2-6 messages of up to 16 KiB, pausing 50-400 ms after
@@ -1643,7 +1647,8 @@ def parse_args(argv):
     common.add_argument('--minutes', type=float, help='minutes (instead of --duration)')
     common.add_argument('--scale', type=float, default=1.0, help='multiply the load (default 1)')
     common.add_argument('--json', help='also write the JSON report to this file')
-    common.add_argument('--keep', action='store_true', help='keep the temp dir (config, logs) even on success')
+    common.add_argument('--keep', action='store_true',
+                        help='keep the temp dir (config, logs) even on success (it is always kept on failure)')
     common.add_argument('--quiet', action='store_true', help='no progress lines on stderr')
     g1 = sub.add_parser('g1', parents=[common], help='2,000 checksummed echo streams for 30 min')
     g1.add_argument('--streams', type=int)
@@ -1690,7 +1695,7 @@ def main(argv=None):
     if args.minutes is not None:
         duration = args.minutes * 60.0
     progress = None if args.quiet else (lambda text: sys.stderr.write(text + '\n'))
-    common = dict(python=args.python, progress=progress, keep=args.keep)
+    common = dict(python=args.python, progress=progress, keep=True if args.keep else None)
     scale = args.scale
     if args.scenario == 'g1':
         report = run_g1(streams=args.streams or max(1, int(2000 * scale)), duration=duration or 1800.0,
