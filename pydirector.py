@@ -2111,7 +2111,8 @@ PROBE_WORKERS = 8         # probes run in parallel so one blackholed host can't 
 
 
 def probe(host, port, timeout, send, expect):
-    """Connect (and send/expect) once.  Returns (ok, reason, address)."""
+    """Connect (and send/expect) once.  Returns (ok, reason, address); ok is
+    None when our side ran out of something (fds, ports): no verdict on the host."""
     deadline = time.monotonic() + timeout
     try:
         infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
@@ -2119,7 +2120,10 @@ def probe(host, port, timeout, send, expect):
         return False, 'cannot resolve %s: %s' % (host, e), None
     family, _, _, _, sockaddr = infos[0]
     address = (family, sockaddr)
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as e:
+        return None, error_text(e.errno) if e.errno else str(e), address
     try:
         sock.settimeout(timeout)
         try:
@@ -2127,7 +2131,8 @@ def probe(host, port, timeout, send, expect):
         except socket.timeout:
             return False, 'connect timeout', address
         except OSError as e:
-            return False, error_text(e.errno) if e.errno else str(e), address
+            reason = error_text(e.errno) if e.errno else str(e)
+            return (None if e.errno in LOCAL_CONNECT_ERRORS else False), reason, address
         try:
             if send:
                 sock.sendall(send)
@@ -2576,7 +2581,9 @@ class Director(object):
         if address is not None:
             host.address = address
         check = self._check(state.service)
-        if ok:
+        if ok is None:
+            log.debug('probe of host %s (%s) not made: %s', host.name, host.ip, reason)
+        elif ok:
             host.probe_fail = 0
             if host.health == schedulers.DOWN:
                 host.probe_ok += 1
@@ -2590,7 +2597,10 @@ class Director(object):
                 if host.probe_fail >= check.fall:
                     self.set_host_state(state.service, state.group, host, schedulers.DOWN,
                                         '%s (%d failed probes)' % (reason, host.probe_fail))
-            else:
+            elif not (host.reason or '').startswith(reason):
+                # Still down, for a new reason (a name that stopped resolving...): say so once.
+                log.info('host %s (%s) in %s/%s still down: %s', host.name, host.ip,
+                         state.service.name, state.group.name, reason)
                 host.reason = reason
 
     # -- admin actions (each runs on the loop; AdminError when refused) ------
@@ -2716,6 +2726,9 @@ class Director(object):
             raise AdminError(400, "send_proxy must be 'v1' or 'v2'")
         if group.scheduler.get_host(name) is not None:
             raise AdminError(409, 'host %r already exists in %s/%s' % (name, service.name, group.name))
+        for other in group.scheduler.hosts:
+            if other.ip == ip:   # as the config refuses: running.xml must load again
+                raise AdminError(409, 'host %s in %s/%s already has ip %s' % (other.name, service.name, group.name, ip))
         host = self._make_host(name, ip, host_name, port, weight, maxconns, resolve_names=False,
                                send_proxy=send_proxy)
         group.scheduler.add_host(host)
