@@ -1736,7 +1736,7 @@ class Pair(object):
         if err not in (0, errno.EINPROGRESS):
             self._connect_failed(err)
             return
-        self.timer = self.loop.call_later(self.service.timeouts.connect, self._on_connect_timeout)
+        self.timer = self.loop.call_later(self.service.timeouts.connect, self._on_timer)
         self._set_events(0, EVENT_WRITE)
 
     def _wait_in_queue(self):
@@ -1755,9 +1755,22 @@ class Pair(object):
                  self.client_ip, self.client_port, self.service.name, self.service.timeouts.queue)
         self.close('queue-timeout')
 
-    def _on_connect_timeout(self):
-        self.timer = None
-        self._connect_failed(None)
+    def _on_timer(self):
+        """A pair's one timer: the connect timeout, then (re-armed) the idle check."""
+        if self.state is CONNECTING:
+            self.timer = None
+            self._connect_failed(None)
+            return
+        idle_for = self.loop.now - self.last_active
+        limit = self.service.timeouts.idle
+        if idle_for >= limit:
+            self.timer = None
+            log.info('client %s:%s in %s: idle for %.0f s, closing',
+                     self.client_ip, self.client_port, self.service.name, idle_for)
+            self.close('idle-timeout')
+        else:
+            # Re-arming once per idle period is cheaper than a timer per byte.
+            self.timer = self.loop.call_later(limit - idle_for, self._on_timer)
 
     def _connect_failed(self, err):
         host = self.host
@@ -1785,15 +1798,18 @@ class Pair(object):
         if err:
             self._connect_failed(err)
             return
-        if self.timer is not None:
-            self.timer.cancel()
         try:
             self.backend_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
         self.state = STREAMING
-        self.last_active = self.loop.now
-        self.timer = self.loop.call_later(self.service.timeouts.idle, self._on_idle_timer)
+        now = self.last_active = self.loop.now
+        # The connect timer goes on as the first idle check, unless that is too late.
+        idle = self.service.timeouts.idle
+        if self.timer is None or self.timer.when > now + idle:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer = self.loop.call_later(idle, self._on_timer)
         if self.host.send_proxy is not None:
             self.to_backend = self._proxy_header() + self.to_backend
         if self.to_backend:
@@ -2007,18 +2023,6 @@ class Pair(object):
     def pending(self):
         """(bytes held for the backend, bytes held for the client), in Python or in a pipe."""
         return tuple(len(x) if isinstance(x, bytes) else x for x in (self.to_backend, self.to_client))
-
-    def _on_idle_timer(self):
-        idle_for = self.loop.now - self.last_active
-        limit = self.service.timeouts.idle
-        if idle_for >= limit:
-            self.timer = None
-            log.info('client %s:%s in %s: idle for %.0f s, closing',
-                     self.client_ip, self.client_port, self.service.name, idle_for)
-            self.close('idle-timeout')
-        else:
-            # Re-arming once per idle period is cheaper than a timer per byte.
-            self.timer = self.loop.call_later(limit - idle_for, self._on_idle_timer)
 
     # -- closing ----------------------------------------------------------
 
