@@ -4,6 +4,7 @@ blue/green switches with drain and rollback."""
 import os
 import re
 import shutil
+import signal
 import socket
 import tempfile
 import threading
@@ -489,6 +490,93 @@ class TestExplain(OpsTestCase):
         for bad in (('nope', '127.0.0.1'), ('web', 'not-an-ip')):
             with self.assertRaises(pydirector.AdminError):
                 call(director.explain, *bad)
+
+
+class TestAccessLogEndings(OpsTestCase):
+    """Every way a connection ends gets its one access line with the right end=."""
+
+    def end_of(self, client_port):
+        lines = LOG.wait_for('client=127.0.0.1:%d ' % client_port, self.mark)
+        self.assertEqual(len(lines), 1, lines)
+        return lines[0].rsplit(' end=', 1)[1]
+
+    def test_resets_idle_and_shutdown(self):
+        import struct
+        linger = struct.pack('ii', 1, 0)
+
+        def reset_at_once(conn, backend):
+            conn.recv(10)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+
+        quiet = self.backend(lambda conn, backend: conn.recv(10) and conn.recv(10), 'quiet')
+        resetting = self.backend(reset_at_once, 'resetting')
+        self.start(config_xml(
+            service_xml([('quiet', quiet.address)], listen_port=free_port()),
+            service_xml([('resetting', resetting.address)], name='rst', listen_port=free_port()),
+            service_xml([('quiet', quiet.address)], name='idle', listen_port=free_port(),
+                        extra='    <timeouts idle="0.2"/>\n')))
+        ends = {}
+        # the client resets
+        sock = connect(self.balancer.port())
+        sock.sendall(b'a')
+        wait_until(lambda: quiet.open == 1)
+        port = sock.getsockname()[1]
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        sock.close()
+        ends['client-reset'] = self.end_of(port)
+        # the backend resets
+        sock = connect(self.balancer.port('rst'))
+        sock.sendall(b'b')
+        port = sock.getsockname()[1]
+        ends['backend-reset'] = self.end_of(port)
+        sock.close()
+        # nothing moves for longer than idle
+        sock = connect(self.balancer.port('idle'))
+        port = sock.getsockname()[1]
+        ends['idle-timeout'] = self.end_of(port)
+        sock.close()
+        # still open when the balancer stops at once
+        sock = connect(self.balancer.port())
+        sock.sendall(b'c')
+        wait_until(lambda: quiet.open >= 1)
+        port = sock.getsockname()[1]
+        self.balancer.call(self.balancer.director.stop_now)
+        ends['shutdown'] = self.end_of(port)
+        sock.close()
+        self.assertEqual(ends, {k: k for k in ends})
+
+
+class TestSyslog(unittest.TestCase):
+
+    def test_udp_and_unix_socket(self):
+        from support import BalancerProcess
+        b = Backend(echo, 'one')
+        self.addCleanup(b.close)
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind(('127.0.0.1', 0))
+        self.addCleanup(udp.close)
+        folder = tempfile.mkdtemp(prefix='pydirector-syslog-')
+        self.addCleanup(shutil.rmtree, folder, True)
+        path = os.path.join(folder, 'log')
+        unix = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        unix.bind(path)
+        self.addCleanup(unix.close)
+        for target, receiver in (('127.0.0.1:%d' % udp.getsockname()[1], udp), (path, unix)):
+            port = free_port()
+            xml = config_xml(service_xml([('one', b.address)], listen_port=port)).replace(
+                '</pdconfig>', '  <logging syslog="%s" facility="local3"/>\n</pdconfig>' % target)
+            proc = BalancerProcess(xml, wait_port=port)
+            self.addCleanup(proc.close)
+            self.assertEqual(exchange(port, b'x'), b'x')
+            receiver.settimeout(5)
+            got = []
+            while not any(b' access service=web ' in g for g in got):
+                got.append(receiver.recv(4096))
+            # <PRI>: facility local3 (19) * 8 + info (6) = 158
+            line = [g for g in got if b' access service=web ' in g][0]
+            self.assertTrue(line.startswith(b'<158>pydirector['), line)
+            proc.signal(signal.SIGTERM)
+            self.assertEqual(proc.wait(10), 0)
 
 
 if __name__ == '__main__':
