@@ -1597,6 +1597,7 @@ class Listener(object):
 
 
 PROXY_HEADER, QUEUED = 'proxy-header', 'queued'
+PROXY_HEADER_LIMIT = 4096  # bytes of PROXY header (TLVs included) we accept; HAProxy's buffer is as small
 CONNECTING, STREAMING, CLOSED = 'connecting', 'streaming', 'closed'
 QUEUE_LIMIT = 1000        # clients a service may hold waiting for a free host
 
@@ -1673,7 +1674,7 @@ class Pair(object):
             return
         data = self.to_backend + data
         try:
-            header = parse_proxy_header(data, self.proxy_accept)
+            header = parse_proxy_header(data, self.proxy_accept, PROXY_HEADER_LIMIT)
         except ValueError as e:
             self._bad_proxy(str(e))
             return
