@@ -1009,22 +1009,59 @@ class LimitsTest(AdminCase):
             self.assertLess(time.monotonic() - started, 3.0)
 
     def test_connection_cap(self):
-        wait_until(lambda: not self.server.connections)  # earlier requests' threads are done
-        self.server.max_connections = 2
+        # Idle and slow clients fill every place for a connection still sending its
+        # request: a new one closes the oldest of them, never itself, so the
+        # operator gets in.
+        wait_until(lambda: self.server.open_connections() == 0)  # earlier requests are done
+        self.addCleanup(setattr, self.server, 'max_pending', self.server.max_pending)
+        self.server.max_pending = 2
+        pending = self.server.reader.pending
         held = []
-        try:
-            for _ in range(2):
-                held.append(socket.create_connection(('127.0.0.1', self.port), timeout=5))
-            wait_until(lambda: len(self.server.connections) == 2)
-            extra = socket.create_connection(('127.0.0.1', self.port), timeout=5)
-            with extra:
-                self.assertEqual(extra.recv(100), b'')  # closed at once
-        finally:
-            self.server.max_connections = pydirector_admin.MAX_CONNECTIONS
-            for sock in held:
-                sock.close()
-        wait_until(lambda: not self.server.connections)
+        for data in (b'', b'GET /running.txt HTTP/1.1\r\nX-Slow: ', b''):
+            sock = socket.create_connection(('127.0.0.1', self.port), timeout=5)
+            self.addCleanup(sock.close)
+            sock.sendall(data)
+            held.append(sock)
+            wait_until(lambda: len(pending) == min(len(held), 2))
+        self.assertEqual(held[0].recv(100), b'')    # the oldest, closed for the third
+        started = time.monotonic()
         self.assertEqual(self.fetch('/running.txt').status, 200)
+        self.assertLess(time.monotonic() - started, 1.0)
+        self.assertEqual(held[1].recv(100), b'')    # the oldest then, closed for the operator
+        self.assertEqual(len(pending), 1)           # held[2], which came after
+        held[2].sendall(b'GET /running.txt HTTP/1.0\r\nAuthorization: ' + basic('admin', PASSWORD).encode()
+                        + b'\r\n\r\n')
+        self.assertTrue(support.recv_all(held[2]).startswith(b'HTTP/1.0 200 '))
+
+    def test_busy_workers_answer_503(self):
+        # Every worker busy (on a stuck loop) and the queue full: a further request
+        # is told so at once instead of hanging; the queued one is answered later.
+        self.fetch('/running.txt')  # credentials cached, so each request waits on the loop once
+        for name in ('max_workers', 'max_queued'):
+            self.addCleanup(setattr, self.server, name, getattr(self.server, name))
+            setattr(self.server, name, 1)
+        release = threading.Event()
+        self.addCleanup(release.set)
+        self.bal.director.loop.call_soon_threadsafe(release.wait, 10)
+        answers = {}
+
+        def fetch(name):
+            answers[name] = self.fetch('/running.txt')
+        threads = [threading.Thread(target=fetch, args=(name,)) for name in ('answered', 'queued')]
+        threads[0].start()
+        wait_until(lambda: self.server.busy == 1)
+        threads[1].start()
+        wait_until(lambda: len(self.server.queue) == 1)
+        started = time.monotonic()
+        refused = self.fetch('/running.txt')
+        self.assertLess(time.monotonic() - started, 1.0)
+        self.assertEqual((refused.status, refused.body), (503, 'ERROR the admin server is busy; try again\n'))
+        self.assertEqual(refused.headers['X-Content-Type-Options'], 'nosniff')
+        self.assertEqual(refused.headers['Content-Type'], 'text/plain; charset=utf-8')
+        release.set()
+        for thread in threads:
+            thread.join(10)
+        self.assertEqual((answers['answered'].status, answers['queued'].status), (200, 200))
 
     def test_stuck_loop_is_503(self):
         self.fetch('/running.txt')  # credentials cached, so only the snapshot waits on the loop
@@ -1073,16 +1110,31 @@ class LimitsTest(AdminCase):
         server = pydirector_admin.start(self.bal.director, pydirector.Admin(a.listen, a.host, 0, a.users, cert, key))
         self.addCleanup(server.stop)
         port = server.server_address[1]
-        # A client that connects and never says hello must not hold up the next one.
+        context = ssl.create_default_context(cafile=cert)
+        # A client that stops halfway through its hello, and one that stops halfway
+        # through its request, hold no worker and do not hold up the next one.
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        with self.assertRaises(ssl.SSLWantReadError):
+            context.wrap_bio(incoming, outgoing, server_hostname='127.0.0.1').do_handshake()
+        hello = outgoing.read()
         silent = socket.create_connection(('127.0.0.1', port))
         self.addCleanup(silent.close)
-        context = ssl.create_default_context(cafile=cert)
+        silent.sendall(hello[:len(hello) // 2])
+        slow = context.wrap_socket(socket.create_connection(('127.0.0.1', port), timeout=5),
+                                   server_hostname='127.0.0.1')
+        self.addCleanup(slow.close)
+        slow.sendall(b'GET /running.txt HTTP/1.0\r\nAuthorization: ' + basic('admin', PASSWORD).encode() + b'\r\n')
+        wait_until(lambda: len(server.reader.pending) == 2)
+        self.assertEqual(server.busy, 0)
         conn = http.client.HTTPSConnection('127.0.0.1', port, timeout=5, context=context)
         conn.request('GET', '/running.txt', headers={'Authorization': basic('admin', PASSWORD)})
         resp = conn.getresponse()
         self.assertEqual(resp.status, 200)
         self.assertIn(b'service web', resp.read())
         conn.close()
+        slow.sendall(b'\r\n')
+        answer = support.recv_all(slow)
+        self.assertTrue(answer.startswith(b'HTTP/1.0 200 '), answer[:100])
         # Plain HTTP to the TLS port fails cleanly, without a traceback.
         mark = LOG.mark()
         self.raw(b'GET / HTTP/1.0\r\n\r\n', port=port)
