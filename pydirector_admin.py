@@ -4,11 +4,13 @@ An operator drives it from a browser, scripts drive it with wget or curl.
 pydirector.py imports this module only when the config has <admin>, then
 calls start(director, admin_config) and, at shutdown, server.stop().
 
-Threads: the server accepts in one thread and answers each connection in
-its own (daemon) thread.  Those threads never touch balancer state: every
-page is rendered from director.snapshot() and every change is one Director
-method, both run on the loop thread through director.loop.call().  A loop
-that does not answer in time gives 503.
+Threads: one reader thread accepts connections and reads each request
+whole (TLS handshake included) without blocking, so a slow client costs a
+socket, not a thread; complete requests are answered by at most 32 worker
+threads (more wait in a short queue; past it, 503).  The workers never touch
+balancer state: every page is rendered from director.snapshot() and every
+change is one Director method, both run on the loop thread through
+director.loop.call().  A loop that does not answer in time gives 503.
 
 Reading (GET or HEAD):
     /               index: version, host name, start time, links
@@ -57,8 +59,8 @@ Statuses: 400 bad, missing or unknown parameter; 401 no or bad credentials
 cross-site change; 404 unknown page, service, group, host or user; 405
 wrong method; 409 refused by a rule (last host of the enabled group, last
 full user, ...); 411/413/414/415/431 a request we will not read; 503 the
-balancer loop did not answer in time.  500 only ever means a bug here, and
-is logged once with its traceback.
+balancer loop did not answer in time, or every worker is busy.  500 only
+ever means a bug here, and is logged once with its traceback.
 
 Security: every request needs HTTP Basic credentials checked against the
 password hashes of the config (pydirector.check_password, deliberately
@@ -68,7 +70,9 @@ names another host than Host is refused, so a page elsewhere cannot drive a
 logged-in browser; the status page's own forms POST and pass.  Everything
 user-supplied is escaped in HTML, parameters with control characters are
 refused, and log lines escape what they quote.  Requests are bounded in
-size and time, and so is the number of admin connections at once.
+size and time.  Past 1024 connections still sending a request (or a quarter
+of the open-file limit) the oldest of them is closed, never the new one, so
+clients that trickle their requests cannot lock the operator out.
 
 Command line (the original's compareconf): plan and make a config change
 across a fleet through this API, without restarting anything.
@@ -430,6 +434,16 @@ def shutdown_socket(sock):
         pass
 
 
+def send_close_notify(sock):
+    """TLS: say the answer is complete, for clients that read to the end (a bare TCP
+    close is an error to some); without waiting for theirs, the socket being non-blocking."""
+    if isinstance(sock, ssl.SSLSocket):
+        try:
+            sock.unwrap()
+        except OSError:     # ssl.SSLWantReadError: their close_notify is not here, and need not be
+            pass
+
+
 class Pending(object):
     """A connection the reader is still reading a request from."""
 
@@ -583,8 +597,9 @@ class RequestReader(object):
         the request was read), as Apache's lingering close knows.
         """
         try:
-            socket.socket.shutdown(sock, socket.SHUT_WR)
             sock.setblocking(False)
+            send_close_notify(sock)
+            socket.socket.shutdown(sock, socket.SHUT_WR)
         except OSError:
             sock.close()
             return
@@ -711,6 +726,7 @@ class RequestReader(object):
 
     def on_request_data(self, sock):
         p = self.pending[sock]
+        p.idle_until = time.monotonic() + self.server.request_timeout
         if p.handshaking:
             try:
                 sock.do_handshake()
@@ -739,7 +755,6 @@ class RequestReader(object):
             if not data:
                 return self.cut_short(p)
             p.data += data
-            p.idle_until = time.monotonic() + self.server.request_timeout
             if request_ready(p):
                 return self.hand_over(p)
 
@@ -771,6 +786,7 @@ class RequestReader(object):
     def half_close(self, sock):
         """Our side is done but the client may still be sending: linger (see linger())."""
         try:
+            send_close_notify(sock)
             socket.socket.shutdown(sock, socket.SHUT_WR)
         except OSError:
             return sock.close()
