@@ -741,7 +741,6 @@ class RequestReader(object):
                 return self.half_close(sock)
             p.handshaking = False
             self.watch(p, selectors.EVENT_READ)
-        # TLS may hold decrypted bytes the socket no longer shows: read until told to wait.
         while True:
             try:
                 data = sock.recv(65536)
@@ -757,6 +756,10 @@ class RequestReader(object):
             p.data += data
             if request_ready(p):
                 return self.hand_over(p)
+            # A short read took all there was, but for TLS records already decrypted,
+            # which the socket no longer shows.
+            if len(data) < 65536 and not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+                return self.watch(p, selectors.EVENT_READ)
 
     def watch(self, p, events):
         if p.events != events:

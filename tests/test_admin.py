@@ -146,6 +146,14 @@ class AdminCase(unittest.TestCase):
         finally:
             sock.close()
 
+    def pending(self, sock, server=None):
+        """The server's record of this client socket, while it is still reading its request.
+        (By address: another process's stray connection may be pending too.)"""
+        for p in list((server or self.server).reader.pending.values()):
+            if p.address[:2] == sock.getsockname()[:2]:
+                return p
+        return None
+
     def host(self, name, service='web'):
         return self.bal.host(name, service)
 
@@ -978,6 +986,36 @@ class LimitsTest(AdminCase):
         answer = self.raw(b'GET / HTTP/1.1\r\nHost: x\r\n')  # no blank line: cut short
         self.assertTrue(answer.startswith(b'HTTP/1.0 400 '), answer)
 
+    def test_refused_before_the_request_ends(self):
+        # A request the handler refuses on what came so far is answered then, with the
+        # client still connected and sending, not at the deadline.
+        auth = self.auth_line()
+        for data, status in ((b'GET /' + b'a' * 9000, 414), (b'GARBAGE\r\n', 400),
+                             (b'GET / HTTP/1.1\r\nX-Big: ' + b'b' * 9000, 431),
+                             (b'POST /closeLog HTTP/1.1\r\n' + auth + b'Content-Length: 70000\r\n\r\n', 413)):
+            with self.subTest(status=status), socket.create_connection(('127.0.0.1', self.port), timeout=5) as sock:
+                sock.sendall(data)
+                answer = support.recv_all(sock)
+                self.assertTrue(answer.startswith(b'HTTP/1.0 %d ' % status), answer[:100])
+
+    def test_request_in_pieces(self):
+        # Head and body come in many reads; no worker is spent until the last byte.
+        body = urllib.parse.urlencode({'service': 'web', 'group': 'main', 'name': 'n1'}).encode()
+        data = (b'POST /hostAdminDown HTTP/1.0\r\n' + self.auth_line() +
+                b'Content-Type: application/x-www-form-urlencoded\r\nContent-Length: %d\r\n\r\n' % len(body) + body)
+        wait_until(lambda: self.server.open_connections() == 0)
+        with socket.create_connection(('127.0.0.1', self.port), timeout=5) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for start in range(0, len(data) - 1, 16):
+                sock.sendall(data[start:min(start + 16, len(data) - 1)])
+            wait_until(lambda: self.pending(sock) is not None and len(self.pending(sock).data) == len(data) - 1)
+            self.assertEqual(self.server.busy, 0)
+            sock.sendall(data[-1:])
+            answer = support.recv_all(sock)
+        self.addCleanup(self.change, '/hostAdminUp?service=web&group=main&name=n1')
+        self.assertTrue(answer.startswith(b'HTTP/1.0 200 '), answer)
+        self.assertTrue(answer.endswith(b'\r\n\r\nOK draining host n1 in web/main (0 open)\n'), answer)
+
     def test_trickling_client_is_cut_at_the_deadline(self):
         self.server.connection_deadline = 1.0
         self.addCleanup(setattr, self.server, 'connection_deadline', pydirector_admin.CONNECTION_DEADLINE)
@@ -1015,20 +1053,19 @@ class LimitsTest(AdminCase):
         wait_until(lambda: self.server.open_connections() == 0)  # earlier requests are done
         self.addCleanup(setattr, self.server, 'max_pending', self.server.max_pending)
         self.server.max_pending = 2
-        pending = self.server.reader.pending
         held = []
         for data in (b'', b'GET /running.txt HTTP/1.1\r\nX-Slow: ', b''):
             sock = socket.create_connection(('127.0.0.1', self.port), timeout=5)
             self.addCleanup(sock.close)
             sock.sendall(data)
             held.append(sock)
-            wait_until(lambda: len(pending) == min(len(held), 2))
+            wait_until(lambda: self.pending(sock) is not None and len(self.pending(sock).data) == len(data))
         self.assertEqual(held[0].recv(100), b'')    # the oldest, closed for the third
         started = time.monotonic()
         self.assertEqual(self.fetch('/running.txt').status, 200)
         self.assertLess(time.monotonic() - started, 1.0)
         self.assertEqual(held[1].recv(100), b'')    # the oldest then, closed for the operator
-        self.assertEqual(len(pending), 1)           # held[2], which came after
+        self.assertIsNotNone(self.pending(held[2]))  # which came after
         held[2].sendall(b'GET /running.txt HTTP/1.0\r\nAuthorization: ' + basic('admin', PASSWORD).encode()
                         + b'\r\n\r\n')
         self.assertTrue(support.recv_all(held[2]).startswith(b'HTTP/1.0 200 '))
@@ -1124,7 +1161,7 @@ class LimitsTest(AdminCase):
                                    server_hostname='127.0.0.1')
         self.addCleanup(slow.close)
         slow.sendall(b'GET /running.txt HTTP/1.0\r\nAuthorization: ' + basic('admin', PASSWORD).encode() + b'\r\n')
-        wait_until(lambda: len(server.reader.pending) == 2)
+        wait_until(lambda: self.pending(silent, server) is not None and self.pending(slow, server) is not None)
         self.assertEqual(server.busy, 0)
         conn = http.client.HTTPSConnection('127.0.0.1', port, timeout=5, context=context)
         conn.request('GET', '/running.txt', headers={'Authorization': basic('admin', PASSWORD)})

@@ -656,11 +656,13 @@ class AdminRegressionTest(AdminCase):
         wait_until(lambda: self.server.open_connections() == 0)
         self.addCleanup(setattr, self.server, 'max_pending', self.server.max_pending)
         self.server.max_pending = 2
+        slow = []
         for _ in range(2):
             sock = socket.create_connection(('127.0.0.1', self.port), timeout=5)
             self.addCleanup(sock.close)
             sock.sendall(b'GET /running.txt HTTP/1.1\r\nX-Slow: ')
-        wait_until(lambda: len(self.server.reader.pending) == 2)
+            slow.append(sock.getsockname())
+        wait_until(lambda: set(slow) <= set(p.address for p in list(self.server.reader.pending.values())))
         self.assertEqual(self.server.busy, 0)
         started = time.monotonic()
         response = self.get('/running.txt', timeout=5)
