@@ -4,11 +4,13 @@ An operator drives it from a browser, scripts drive it with wget or curl.
 pydirector.py imports this module only when the config has <admin>, then
 calls start(director, admin_config) and, at shutdown, server.stop().
 
-Threads: the server accepts in one thread and answers each connection in
-its own (daemon) thread.  Those threads never touch balancer state: every
-page is rendered from director.snapshot() and every change is one Director
-method, both run on the loop thread through director.loop.call().  A loop
-that does not answer in time gives 503.
+Threads: one reader thread accepts connections and reads each request
+whole (TLS handshake included) without blocking, so a slow client costs a
+socket, not a thread; complete requests are answered by at most 32 worker
+threads (more wait in a short queue; past it, 503).  The workers never touch
+balancer state: every page is rendered from director.snapshot() and every
+change is one Director method, both run on the loop thread through
+director.loop.call().  A loop that does not answer in time gives 503.
 
 Reading (GET or HEAD):
     /               index: version, host name, start time, links
@@ -57,8 +59,8 @@ Statuses: 400 bad, missing or unknown parameter; 401 no or bad credentials
 cross-site change; 404 unknown page, service, group, host or user; 405
 wrong method; 409 refused by a rule (last host of the enabled group, last
 full user, ...); 411/413/414/415/431 a request we will not read; 503 the
-balancer loop did not answer in time.  500 only ever means a bug here, and
-is logged once with its traceback.
+balancer loop did not answer in time, or every worker is busy.  500 only
+ever means a bug here, and is logged once with its traceback.
 
 Security: every request needs HTTP Basic credentials checked against the
 password hashes of the config (pydirector.check_password, deliberately
@@ -68,7 +70,9 @@ names another host than Host is refused, so a page elsewhere cannot drive a
 logged-in browser; the status page's own forms POST and pass.  Everything
 user-supplied is escaped in HTML, parameters with control characters are
 refused, and log lines escape what they quote.  Requests are bounded in
-size and time, and so is the number of admin connections at once.
+size and time.  Past 1024 connections still sending a request (or a quarter
+of the open-file limit) the oldest of them is closed, never the new one, so
+clients that trickle their requests cannot lock the operator out.
 
 Command line (the original's compareconf): plan and make a config change
 across a fleet through this API, without restarting anything.
@@ -112,6 +116,7 @@ import argparse
 import base64
 import binascii
 import collections
+import email.utils
 import hashlib
 import html
 import http.client
@@ -122,7 +127,7 @@ import logging
 import os
 import re
 import socket
-import socketserver
+import selectors
 import ssl
 import sys
 import threading
@@ -147,7 +152,10 @@ LOOP_TIMEOUT = 5.0            # seconds to wait for the balancer loop; then 503
 CONNECTION_DEADLINE = 30.0    # seconds a connection may live, TLS handshake included
 LINGER_SECONDS = 1.0          # reading what a client still sends after our answer, before closing,
 LINGER_BYTES = 262144         # ... and how much of it at most
-MAX_CONNECTIONS = 32          # admin connections at once; more are closed at accept
+MAX_PENDING = 1024            # connections still sending their request; past it the oldest is closed
+MAX_WORKERS = 32              # requests answered at once, a thread each
+MAX_QUEUED = 64               # complete requests waiting for a worker; past it 503
+LISTEN_BACKLOG = 128
 MAX_SWITCH_SECONDS = 86400    # the most enableGroup's drain and rollback take, as config seconds do
 AUTH_CACHE_SIZE = 1024
 REALM = 'pydirector'
@@ -238,148 +246,124 @@ class Reply(Exception):
 
 
 # ---------------------------------------------------------------------------
-# The server: a threading HTTPServer with a cap on connections, a deadline
-# per connection, optional TLS, and an in-memory cache of password checks.
+# The server: one reader thread accepts connections and reads their requests
+# (TLS handshake included) without blocking; only complete requests reach the
+# worker threads.  A cap on each, a deadline per connection, optional TLS, and
+# an in-memory cache of password checks.
 # ---------------------------------------------------------------------------
 
-class AdminServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    """The admin HTTP(S) server.  server_address is the (host, port) actually bound."""
+# What the reader hands a worker: the socket, the client's address, every byte
+# of the request, and the monotonic time the connection must be done by.
+Request = collections.namedtuple('Request', 'sock address data deadline')
 
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 64
+
+class AdminServer(object):
+    """The admin HTTP(S) server.  server_address is the (host, port) actually bound."""
 
     def __init__(self, address, director, ssl_context=None):
         self.director = director
         self.ssl_context = ssl_context
+        self.scheme = 'https' if ssl_context is not None else 'http'
         # Tests lower these on a running server to see the limits act quickly.
-        self.max_connections = MAX_CONNECTIONS
+        self.max_pending = pending_limit()
+        self.max_workers = MAX_WORKERS
+        self.max_queued = MAX_QUEUED
         self.request_timeout = REQUEST_TIMEOUT
         self.connection_deadline = CONNECTION_DEADLINE
         self.loop_timeout = LOOP_TIMEOUT
         self.lock = threading.Lock()
-        self.connections = {}           # socket -> monotonic deadline
-        self.reading_head = {}          # socket -> when accepted, until its request head is in
         self.idle = threading.Condition(self.lock)
+        self.busy = 0                       # worker threads running
+        self.queue = collections.deque()    # complete requests waiting for a worker
+        self.answering = {}                 # socket -> deadline, while a worker answers it
         self.auth_cache = set()
         self.unknown_user_hash = None
-        self.last_refusal_log = 0.0
-        self.thread = None
-        if ':' in address[0]:
-            self.address_family = socket.AF_INET6
-        http.server.HTTPServer.__init__(self, address, AdminHandler)
-        if ssl_context is not None:
-            # The handshake happens in the connection's thread (see finish_request),
-            # so a client that never completes it cannot stall accept.
-            self.socket = ssl_context.wrap_socket(self.socket, server_side=True,
-                                                  do_handshake_on_connect=False)
-        self.scheme = 'https' if ssl_context is not None else 'http'
-
-    def server_bind(self):
-        # HTTPServer.server_bind would look up the FQDN: a DNS query, possibly slow.
-        socketserver.TCPServer.server_bind(self)
+        self.last_busy_log = 0.0
+        self.socket = listening_socket(address)
         self.server_address = self.socket.getsockname()[:2]
-        self.server_name, self.server_port = self.server_address
+        self.reader = RequestReader(self)
 
     def start(self):
-        self.thread = threading.Thread(target=self.serve_forever, kwargs={'poll_interval': 0.25},
-                                       name='pydirector-admin', daemon=True)
-        self.thread.start()
+        self.reader.start()
 
     def stop(self):
-        """Stop accepting, close the socket, cut open connections and wait for their threads."""
-        if self.thread is not None:
-            self.shutdown()
-            self.thread.join()
-            self.thread = None
-        self.server_close()
+        """Stop accepting, close the socket, cut open connections and wait for the workers."""
+        self.reader.stop()
         with self.lock:
-            for sock in self.connections:
+            while self.queue:
+                self.queue.popleft().sock.close()
+            for sock in self.answering:
                 shutdown_socket(sock)
-            self.idle.wait_for(lambda: not self.connections, timeout=5.0)
+            self.idle.wait_for(lambda: self.busy == 0, timeout=5.0)
 
-    # -- connections --------------------------------------------------------
+    def open_connections(self):
+        """Connections not closed yet, whatever their stage (a snapshot, for tests and logs)."""
+        reader = self.reader
+        return len(reader.pending) + len(reader.lingering) + len(reader.returned) + len(self.queue) + self.busy
 
-    def process_request(self, request, client_address):
-        """Runs in the accepting thread: admit the connection or close it at once."""
+    # -- workers ------------------------------------------------------------
+
+    def take(self, request):
+        """From the reader: answer a complete request in a worker thread, or queue it.
+        False when every worker is busy and the queue is full too."""
         with self.lock:
-            if len(self.connections) >= self.max_connections and self.reading_head:
-                # Full, but someone is still dribbling a request head: cut the oldest
-                # of those, so slow clients cannot lock the operator out.
-                oldest = min(self.reading_head, key=self.reading_head.get)
-                del self.reading_head[oldest]
-                shutdown_socket(oldest)
-                self.idle.wait_for(lambda: oldest not in self.connections, timeout=1.0)
-            admitted = len(self.connections) < self.max_connections
-            if admitted:
-                self.connections[request] = time.monotonic() + self.connection_deadline
-                self.reading_head[request] = time.monotonic()
-        if not admitted:
-            now = time.monotonic()
-            if now - self.last_refusal_log > 10.0:
-                self.last_refusal_log = now
-                log.warning('admin: %d connections open already; closing new ones', self.max_connections)
-            socketserver.TCPServer.shutdown_request(self, request)  # no lingering in the accept thread
-            return
-        socketserver.ThreadingMixIn.process_request(self, request, client_address)
-
-    def process_request_thread(self, request, client_address):
+            if self.busy >= self.max_workers:
+                if len(self.queue) >= self.max_queued:
+                    return False
+                self.queue.append(request)
+                return True
+            self.busy += 1
         try:
-            socketserver.ThreadingMixIn.process_request_thread(self, request, client_address)
+            threading.Thread(target=self.work, args=(request,), name='pydirector-admin-worker',
+                             daemon=True).start()
+        except RuntimeError:    # "can't start new thread"
+            with self.lock:
+                self.busy -= 1
+            return False
+        return True
+
+    def work(self, request):
+        """A worker thread: answer the request, then whatever waits in the queue."""
+        while request is not None:
+            self.answer(request)
+            with self.lock:
+                request = self.queue.popleft() if self.queue else None
+                if request is None:
+                    self.busy -= 1
+                    self.idle.notify_all()
+
+    def answer(self, request):
+        sock = request.sock
+        if time.monotonic() > request.deadline:     # waited in the queue past its deadline
+            sock.close()
+            return
+        with self.lock:
+            self.answering[sock] = request.deadline
+        try:
+            sock.settimeout(self.request_timeout)
+            AdminHandler(sock, request.address, self, request.data)
+        except Exception:
+            self.handle_error(request.address)
         finally:
             with self.lock:
-                self.connections.pop(request, None)
-                self.reading_head.pop(request, None)
-                self.idle.notify_all()
+                self.answering.pop(sock, None)
+            self.reader.linger(sock)
 
-    def shutdown_request(self, request):
-        """Close a finished connection gently, in its own thread.
+    def cut_late_answers(self, now):
+        """Called by the reader: cut connections whose answer is still going past their deadline.
 
-        Closing a socket with unread bytes makes the kernel send RST, which
-        can destroy an answer still on its way (a 413 or 431 sent before
-        the request was read).  So half-close first and read what the client
-        still sends, for a second at most, as Apache's lingering close does.
-        """
-        try:
-            socket.socket.shutdown(request, socket.SHUT_WR)
-            request.settimeout(LINGER_SECONDS)
-            deadline = time.monotonic() + LINGER_SECONDS
-            drained = 0
-            while drained < LINGER_BYTES and time.monotonic() < deadline:
-                data = socket.socket.recv(request, 16384)  # raw bytes: TLS or not, they are discarded
-                if not data:
-                    break
-                drained += len(data)
-        except OSError:
-            pass
-        self.close_request(request)
-
-    def finish_request(self, request, client_address):
-        request.settimeout(self.request_timeout)
-        if isinstance(request, ssl.SSLSocket):
-            try:
-                request.do_handshake()
-            except (ssl.SSLError, OSError) as e:
-                log.debug('admin: TLS handshake with %s failed: %s', client_address[0], e)
-                return
-        http.server.HTTPServer.finish_request(self, request, client_address)
-
-    def service_actions(self):
-        """Called by serve_forever between polls: cut connections past their deadline.
-
-        The socket timeout bounds each read, but a client trickling a byte
+        The socket timeout bounds each write, but a client reading a byte
         every few seconds would pass it forever; this bounds the total.
         """
-        now = time.monotonic()
         with self.lock:
-            for sock, deadline in list(self.connections.items()):
+            for sock, deadline in self.answering.items():
                 if deadline < now:
                     log.info('admin: a connection passed its %g s deadline; closing it',
                              self.connection_deadline)
                     shutdown_socket(sock)
-                    self.connections[sock] = float('inf')  # cut once; its thread ends on its own
+                    self.answering[sock] = float('inf')  # cut once; its worker ends on its own
 
-    def handle_error(self, request, client_address):
+    def handle_error(self, client_address):
         # Resets, timeouts and broken pipes are a client going away, not a bug.
         error = sys.exc_info()[1]
         if isinstance(error, OSError):
@@ -414,6 +398,33 @@ class AdminServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         check_password(password, self.unknown_user_hash)
 
 
+def listening_socket(address):
+    family = socket.AF_INET6 if ':' in address[0] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def pending_limit():
+    """MAX_PENDING, or a quarter of the open-file limit if that is lower: clients
+    holding admin sockets open must not take the descriptors the balancer needs."""
+    try:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return MAX_PENDING
+    if soft == resource.RLIM_INFINITY:
+        return MAX_PENDING
+    return max(16, min(MAX_PENDING, soft // 4))
+
+
 def shutdown_socket(sock):
     # socket.socket.shutdown, not SSLSocket.shutdown: another thread may be
     # inside an SSL read, and this only needs to wake it with EOF.
@@ -423,9 +434,408 @@ def shutdown_socket(sock):
         pass
 
 
+def send_close_notify(sock):
+    """TLS: say the answer is complete, for clients that read to the end (a bare TCP
+    close is an error to some); without waiting for theirs, the socket being non-blocking."""
+    if isinstance(sock, ssl.SSLSocket):
+        try:
+            sock.unwrap()
+        except OSError:     # ssl.SSLWantReadError: their close_notify is not here, and need not be
+            pass
+
+
+class Pending(object):
+    """A connection the reader is still reading a request from."""
+
+    __slots__ = ('sock', 'address', 'data', 'deadline', 'idle_until', 'handshaking', 'events',
+                 'scan', 'lines', 'head_start', 'header_bytes', 'end')
+
+    def __init__(self, sock, address, deadline, idle_until, handshaking):
+        self.sock = sock
+        self.address = address
+        self.data = bytearray()
+        self.deadline = deadline          # the connection's own (CONNECTION_DEADLINE)
+        self.idle_until = idle_until      # no byte since request_timeout
+        self.handshaking = handshaking    # TLS handshake not done yet
+        self.events = selectors.EVENT_READ
+        # Where request_ready() got to in data:
+        self.scan = 0                     # the start of the next line to look at
+        self.lines = 0                    # lines seen, the request line included
+        self.head_start = 0               # the first header line
+        self.header_bytes = 0
+        self.end = None                   # once the head is in: where the request ends, body included
+
+    def due(self):
+        return min(self.deadline, self.idle_until)
+
+
+def request_ready(p):
+    """Whether p.data holds enough for AdminHandler to answer without reading more.
+
+    That is the whole request, head and body, or a point where the handler
+    stops reading anyway: a bad request line (400), a line or a head over its
+    limit (414, 431; the handler reads only up to the limit).  This follows
+    AdminHandler.handle_one_request and read_head step by step.
+    """
+    data = p.data
+    while p.end is None:
+        limit = MAX_REQUEST_LINE if p.lines == 0 else MAX_HEADER_LINE
+        newline = data.find(b'\n', p.scan, p.scan + limit)
+        if newline < 0:
+            return len(data) - p.scan > limit
+        line = data[p.scan:newline + 1]
+        p.scan = newline + 1
+        p.lines += 1
+        if p.lines == 1:
+            if len(line.split()) != 3:
+                return True
+            p.head_start = p.scan
+            continue
+        p.header_bytes += len(line)
+        if p.header_bytes > MAX_HEADER_BYTES:
+            return True
+        if line in (b'\r\n', b'\n'):
+            p.end = p.scan + announced_body_length(bytes(data[p.head_start:p.scan]))
+        elif p.lines - 1 > MAX_HEADERS:
+            return True
+    return len(data) >= p.end
+
+
+def announced_body_length(head):
+    """The body bytes the handler will read after this header block (0 if it refuses the request first)."""
+    try:
+        return body_length(http.client.parse_headers(io.BytesIO(head)))
+    except (Reply, http.client.HTTPException):
+        return 0
+
+
+def body_length(headers):
+    """The length of the body the headers announce (0: none); Reply for a body we will not read."""
+    if headers.get('Transfer-Encoding'):
+        raise Reply(411, 'send a Content-Length, not a chunked body')
+    lengths = headers.get_all('Content-Length') or []
+    if not lengths:
+        return 0
+    if len(set(lengths)) != 1 or not is_digits(lengths[0].strip()):
+        raise Reply(400, 'bad Content-Length')
+    length = int(lengths[0])
+    if length > MAX_BODY:
+        raise Reply(413, 'request body over %d bytes' % MAX_BODY)
+    return length
+
+
+def quick_answer(sock, status, message):
+    """An error answer from the reader thread, worded as AdminHandler.send_error_text
+    words it: one non-blocking send, which a fresh connection always takes."""
+    body = ('ERROR %s\n' % message).encode('utf-8')
+    head = ('HTTP/1.0 %d %s\r\nServer: %s\r\nDate: %s\r\nContent-Type: text/plain; charset=utf-8\r\n'
+            'Content-Length: %d\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n'
+            'Connection: close\r\n\r\n' % (status, http.server.BaseHTTPRequestHandler.responses[status][0],
+                                           AdminHandler.server_version, email.utils.formatdate(usegmt=True),
+                                           len(body)))
+    try:
+        sock.send(head.encode('latin-1') + body)
+    except OSError:
+        pass
+
+
+class RequestReader(object):
+    """Accepts the admin connections and reads each request whole before a thread is spent on it.
+
+    With a thread per connection, clients trickling their request a byte at a
+    time hold every thread, and the operator is locked out (slowloris).  Here
+    one thread watches every connection still sending -- TLS handshake
+    included -- with a selector, and hands only complete requests to the
+    workers.  Past server.max_pending the oldest of those still sending is
+    closed, never the new one, so the operator always gets in.  After the
+    answer the reader takes the socket back for the lingering close, so that
+    costs no thread either.
+    """
+
+    def __init__(self, server):
+        self.server = server
+        self.selector = selectors.DefaultSelector()
+        self.pending = collections.OrderedDict()     # socket -> Pending, oldest first
+        self.lingering = collections.OrderedDict()   # socket -> [deadline, bytes read], oldest first
+        self.returned = collections.deque()          # sockets the workers are done with
+        self.wake_in, self.wake_out = socket.socketpair()
+        self.wake_in.setblocking(False)
+        self.wake_out.setblocking(False)
+        self.next_deadline = float('inf')            # the earliest Pending.due(), or sooner
+        self.next_answer_check = 0.0
+        self.accept_paused_until = None
+        self.last_cut_log = 0.0
+        self.stopping = False
+        self.closed = False
+        self.thread = None
+
+    def start(self):
+        self.thread = threading.Thread(target=self.run, name='pydirector-admin', daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.stopping = True
+        if self.thread is None:
+            self.close_all()
+            return
+        self.wake()
+        self.thread.join()
+        self.thread = None
+
+    def wake(self):
+        try:
+            self.wake_out.send(b'\0')
+        except OSError:
+            pass    # full: it is awake already
+
+    def linger(self, sock):
+        """From a worker, after the answer: half-close; the reader reads what the client
+        still sends, for LINGER_SECONDS at most, then closes.
+
+        Closing a socket with unread bytes makes the kernel send RST, which
+        can destroy an answer still on its way (a 413 or 431 sent before
+        the request was read), as Apache's lingering close knows.
+        """
+        try:
+            sock.setblocking(False)
+            send_close_notify(sock)
+            socket.socket.shutdown(sock, socket.SHUT_WR)
+        except OSError:
+            sock.close()
+            return
+        with self.server.lock:
+            if not self.closed:
+                self.returned.append(sock)
+                sock = None
+        if sock is not None:
+            sock.close()
+        else:
+            self.wake()
+
+    # -- the loop -------------------------------------------------------------
+
+    def run(self):
+        listener = self.server.socket
+        self.selector.register(listener, selectors.EVENT_READ, self.on_accept)
+        self.selector.register(self.wake_in, selectors.EVENT_READ, self.on_wake)
+        try:
+            while not self.stopping:
+                now = time.monotonic()
+                wake_at = min(self.next_deadline, now + 0.25)
+                if self.lingering:
+                    wake_at = min(wake_at, next(iter(self.lingering.values()))[0])
+                for key, _ in self.selector.select(max(0.0, wake_at - now)):
+                    try:
+                        key.data(key.fileobj)
+                    except Exception:
+                        log.exception('admin: bug while reading a request; closing the connection')
+                        if key.fileobj in self.pending or key.fileobj in self.lingering:
+                            self.close(key.fileobj)
+                self.take_returned()
+                self.sweep(time.monotonic())
+        finally:
+            self.close_all()
+
+    def sweep(self, now):
+        if self.accept_paused_until is not None and now >= self.accept_paused_until:
+            self.accept_paused_until = None
+            self.selector.register(self.server.socket, selectors.EVENT_READ, self.on_accept)
+        while self.lingering:
+            sock, (deadline, _) = next(iter(self.lingering.items()))
+            if deadline > now:
+                break
+            self.close(sock)
+        if now >= self.next_deadline:
+            late = [p for p in self.pending.values() if p.due() <= now]
+            for p in late:
+                self.close(p.sock)
+            if late:
+                log.info('admin: closed %d connection(s) that sent no complete request in time', len(late))
+            self.next_deadline = min((p.due() for p in self.pending.values()), default=float('inf'))
+        if now >= self.next_answer_check:
+            self.next_answer_check = now + 0.25
+            self.server.cut_late_answers(now)
+
+    def close(self, sock):
+        """Forget a socket, whatever stage it is at, and close it."""
+        if self.pending.pop(sock, None) is not None or self.lingering.pop(sock, None) is not None:
+            self.selector.unregister(sock)
+        sock.close()
+
+    def close_all(self):
+        with self.server.lock:
+            self.closed = True
+            returned = list(self.returned)
+            self.returned.clear()
+        for sock in list(self.pending) + list(self.lingering) + returned:
+            self.close(sock)
+        self.selector.close()
+        self.server.socket.close()
+        self.wake_in.close()
+        self.wake_out.close()
+
+    # -- events ---------------------------------------------------------------
+
+    def on_wake(self, sock):
+        try:
+            while sock.recv(4096):
+                pass
+        except OSError:
+            pass
+
+    def on_accept(self, listener):
+        for _ in range(64):
+            try:
+                sock, address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as e:
+                # Out of file descriptors or memory: pause instead of spinning on it.
+                log.warning('admin: cannot accept connections: %s; pausing for a second', e)
+                self.selector.unregister(listener)
+                self.accept_paused_until = time.monotonic() + 1.0
+                return
+            self.admit(sock, address)
+
+    def admit(self, sock, address):
+        server = self.server
+        cut = 0
+        while len(self.pending) >= max(1, server.max_pending):
+            self.close(next(iter(self.pending)))
+            cut += 1
+        now = time.monotonic()
+        if cut and now - self.last_cut_log > 10.0:
+            self.last_cut_log = now
+            log.warning('admin: %d connections are still sending a request; closing the oldest',
+                        len(self.pending) + 1)
+        sock.setblocking(False)
+        handshaking = server.ssl_context is not None
+        if handshaking:
+            try:
+                sock = server.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            except (ssl.SSLError, OSError) as e:
+                log.debug('admin: TLS with %s failed: %s', address[0], e)
+                sock.close()
+                return
+        p = Pending(sock, address, now + server.connection_deadline, now + server.request_timeout, handshaking)
+        self.pending[sock] = p
+        self.selector.register(sock, selectors.EVENT_READ, self.on_request_data)
+        self.next_deadline = min(self.next_deadline, p.due())
+
+    def on_request_data(self, sock):
+        p = self.pending[sock]
+        p.idle_until = time.monotonic() + self.server.request_timeout
+        if p.handshaking:
+            try:
+                sock.do_handshake()
+            except ssl.SSLWantReadError:
+                return self.watch(p, selectors.EVENT_READ)
+            except ssl.SSLWantWriteError:
+                return self.watch(p, selectors.EVENT_WRITE)
+            except OSError as e:    # ssl.SSLError included: not TLS, or nothing we share
+                log.debug('admin: TLS handshake with %s failed: %s', p.address[0], e)
+                self.selector.unregister(sock)
+                del self.pending[sock]
+                return self.half_close(sock)
+            p.handshaking = False
+            self.watch(p, selectors.EVENT_READ)
+        while True:
+            try:
+                data = sock.recv(65536)
+            except (BlockingIOError, ssl.SSLWantReadError):
+                return self.watch(p, selectors.EVENT_READ)
+            except ssl.SSLWantWriteError:
+                return self.watch(p, selectors.EVENT_WRITE)
+            except OSError as e:
+                log.debug('admin: connection from %s: %s', p.address[0], e)
+                return self.close(sock)
+            if not data:
+                return self.cut_short(p)
+            p.data += data
+            if request_ready(p):
+                return self.hand_over(p)
+            # A short read took all there was, but for TLS records already decrypted,
+            # which the socket no longer shows.
+            if len(data) < 65536 and not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+                return self.watch(p, selectors.EVENT_READ)
+
+    def watch(self, p, events):
+        if p.events != events:
+            p.events = events
+            self.selector.modify(p.sock, events, self.on_request_data)
+
+    def cut_short(self, p):
+        """The client ended its side before the request was complete."""
+        if p.data:
+            # What the handler would answer, read to the end of what was sent.
+            quick_answer(p.sock, 400, 'request body cut short' if p.end is not None else 'request cut short')
+        self.close(p.sock)
+
+    def hand_over(self, p):
+        self.selector.unregister(p.sock)
+        taken = self.server.take(Request(p.sock, p.address, bytes(p.data), p.deadline))
+        del self.pending[p.sock]
+        if not taken:
+            now = time.monotonic()
+            if now - self.server.last_busy_log > 10.0:
+                self.server.last_busy_log = now
+                log.warning('admin: all %d workers busy and %d requests waiting; answering 503',
+                            self.server.max_workers, len(self.server.queue))
+            quick_answer(p.sock, 503, 'the admin server is busy; try again')
+            self.half_close(p.sock)
+
+    def half_close(self, sock):
+        """Our side is done but the client may still be sending: linger (see linger())."""
+        try:
+            send_close_notify(sock)
+            socket.socket.shutdown(sock, socket.SHUT_WR)
+        except OSError:
+            return sock.close()
+        self.start_lingering(sock)
+
+    def take_returned(self):
+        while self.returned:
+            self.start_lingering(self.returned.popleft())
+
+    def start_lingering(self, sock):
+        while len(self.lingering) >= max(1, self.server.max_pending):
+            self.close(next(iter(self.lingering)))
+        self.lingering[sock] = [time.monotonic() + LINGER_SECONDS, 0]
+        self.selector.register(sock, selectors.EVENT_READ, self.on_lingering_data)
+
+    def on_lingering_data(self, sock):
+        state = self.lingering[sock]
+        try:
+            data = socket.socket.recv(sock, 16384)  # raw bytes: TLS or not, they are discarded
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b''
+        state[1] += len(data)
+        if not data or state[1] >= LINGER_BYTES:
+            self.close(sock)
+
+
 # ---------------------------------------------------------------------------
 # The handler: one request per connection (HTTP/1.0 style, the server closes).
 # ---------------------------------------------------------------------------
+
+class SocketWriter(io.BufferedIOBase):
+    """A handler's wfile: each write is one sendall, as socketserver's unbuffered writer does."""
+
+    def __init__(self, sock):
+        io.BufferedIOBase.__init__(self)
+        self.sock = sock
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        self.sock.sendall(data)
+        return memoryview(data).nbytes
+
 
 class AdminHandler(http.server.BaseHTTPRequestHandler):
     """Parses under our limits, authenticates, dispatches through ROUTES, answers."""
@@ -433,8 +843,18 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
     server_version = 'pydirector/' + VERSION
     protocol_version = 'HTTP/1.0'
 
+    def __init__(self, request, client_address, server, data):
+        self.data = data        # the whole request, as the reader read it
+        http.server.BaseHTTPRequestHandler.__init__(self, request, client_address, server)
+
     def version_string(self):
         return self.server_version  # not the Python version
+
+    def setup(self):
+        # The reader has read the whole request already: read it from memory, write to the socket.
+        self.connection = self.request
+        self.rfile = io.BytesIO(self.data)
+        self.wfile = SocketWriter(self.request)
 
     def handle_one_request(self):
         # Replaces BaseHTTPRequestHandler's to read the request line and headers
@@ -454,8 +874,6 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
             if len(line.split()) != 3:
                 raise Reply(400, 'bad request line')
             head = self.read_head()
-            with self.server.lock:
-                self.server.reading_head.pop(self.request, None)
             self.raw_requestline = line
             stream, self.rfile = self.rfile, io.BytesIO(head)
             try:
@@ -541,16 +959,7 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
     # -- request pieces -----------------------------------------------------
 
     def read_body(self):
-        if self.headers.get('Transfer-Encoding'):
-            raise Reply(411, 'send a Content-Length, not a chunked body')
-        lengths = self.headers.get_all('Content-Length') or []
-        if not lengths:
-            return b''
-        if len(set(lengths)) != 1 or not is_digits(lengths[0].strip()):
-            raise Reply(400, 'bad Content-Length')
-        length = int(lengths[0])
-        if length > MAX_BODY:
-            raise Reply(413, 'request body over %d bytes' % MAX_BODY)
+        length = body_length(self.headers)
         body = self.rfile.read(length)
         if len(body) != length:
             raise Reply(400, 'request body cut short')

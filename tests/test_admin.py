@@ -146,6 +146,14 @@ class AdminCase(unittest.TestCase):
         finally:
             sock.close()
 
+    def pending(self, sock, server=None):
+        """The server's record of this client socket, while it is still reading its request.
+        (By address: another process's stray connection may be pending too.)"""
+        for p in list((server or self.server).reader.pending.values()):
+            if p.address[:2] == sock.getsockname()[:2]:
+                return p
+        return None
+
     def host(self, name, service='web'):
         return self.bal.host(name, service)
 
@@ -978,6 +986,36 @@ class LimitsTest(AdminCase):
         answer = self.raw(b'GET / HTTP/1.1\r\nHost: x\r\n')  # no blank line: cut short
         self.assertTrue(answer.startswith(b'HTTP/1.0 400 '), answer)
 
+    def test_refused_before_the_request_ends(self):
+        # A request the handler refuses on what came so far is answered then, with the
+        # client still connected and sending, not at the deadline.
+        auth = self.auth_line()
+        for data, status in ((b'GET /' + b'a' * 9000, 414), (b'GARBAGE\r\n', 400),
+                             (b'GET / HTTP/1.1\r\nX-Big: ' + b'b' * 9000, 431),
+                             (b'POST /closeLog HTTP/1.1\r\n' + auth + b'Content-Length: 70000\r\n\r\n', 413)):
+            with self.subTest(status=status), socket.create_connection(('127.0.0.1', self.port), timeout=5) as sock:
+                sock.sendall(data)
+                answer = support.recv_all(sock)
+                self.assertTrue(answer.startswith(b'HTTP/1.0 %d ' % status), answer[:100])
+
+    def test_request_in_pieces(self):
+        # Head and body come in many reads; no worker is spent until the last byte.
+        body = urllib.parse.urlencode({'service': 'web', 'group': 'main', 'name': 'n1'}).encode()
+        data = (b'POST /hostAdminDown HTTP/1.0\r\n' + self.auth_line() +
+                b'Content-Type: application/x-www-form-urlencoded\r\nContent-Length: %d\r\n\r\n' % len(body) + body)
+        wait_until(lambda: self.server.open_connections() == 0)
+        with socket.create_connection(('127.0.0.1', self.port), timeout=5) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for start in range(0, len(data) - 1, 16):
+                sock.sendall(data[start:min(start + 16, len(data) - 1)])
+            wait_until(lambda: self.pending(sock) is not None and len(self.pending(sock).data) == len(data) - 1)
+            self.assertEqual(self.server.busy, 0)
+            sock.sendall(data[-1:])
+            answer = support.recv_all(sock)
+        self.addCleanup(self.change, '/hostAdminUp?service=web&group=main&name=n1')
+        self.assertTrue(answer.startswith(b'HTTP/1.0 200 '), answer)
+        self.assertTrue(answer.endswith(b'\r\n\r\nOK draining host n1 in web/main (0 open)\n'), answer)
+
     def test_trickling_client_is_cut_at_the_deadline(self):
         self.server.connection_deadline = 1.0
         self.addCleanup(setattr, self.server, 'connection_deadline', pydirector_admin.CONNECTION_DEADLINE)
@@ -1009,22 +1047,58 @@ class LimitsTest(AdminCase):
             self.assertLess(time.monotonic() - started, 3.0)
 
     def test_connection_cap(self):
-        wait_until(lambda: not self.server.connections)  # earlier requests' threads are done
-        self.server.max_connections = 2
+        # Idle and slow clients fill every place for a connection still sending its
+        # request: a new one closes the oldest of them, never itself, so the
+        # operator gets in.
+        wait_until(lambda: self.server.open_connections() == 0)  # earlier requests are done
+        self.addCleanup(setattr, self.server, 'max_pending', self.server.max_pending)
+        self.server.max_pending = 2
         held = []
-        try:
-            for _ in range(2):
-                held.append(socket.create_connection(('127.0.0.1', self.port), timeout=5))
-            wait_until(lambda: len(self.server.connections) == 2)
-            extra = socket.create_connection(('127.0.0.1', self.port), timeout=5)
-            with extra:
-                self.assertEqual(extra.recv(100), b'')  # closed at once
-        finally:
-            self.server.max_connections = pydirector_admin.MAX_CONNECTIONS
-            for sock in held:
-                sock.close()
-        wait_until(lambda: not self.server.connections)
+        for data in (b'', b'GET /running.txt HTTP/1.1\r\nX-Slow: ', b''):
+            sock = socket.create_connection(('127.0.0.1', self.port), timeout=5)
+            self.addCleanup(sock.close)
+            sock.sendall(data)
+            held.append(sock)
+            wait_until(lambda: self.pending(sock) is not None and len(self.pending(sock).data) == len(data))
+        self.assertEqual(held[0].recv(100), b'')    # the oldest, closed for the third
+        started = time.monotonic()
         self.assertEqual(self.fetch('/running.txt').status, 200)
+        self.assertLess(time.monotonic() - started, 1.0)
+        self.assertEqual(held[1].recv(100), b'')    # the oldest then, closed for the operator
+        self.assertIsNotNone(self.pending(held[2]))  # which came after
+        held[2].sendall(b'GET /running.txt HTTP/1.0\r\nAuthorization: ' + basic('admin', PASSWORD).encode()
+                        + b'\r\n\r\n')
+        self.assertTrue(support.recv_all(held[2]).startswith(b'HTTP/1.0 200 '))
+
+    def test_busy_workers_answer_503(self):
+        # Every worker busy (on a stuck loop) and the queue full: a further request
+        # is told so at once instead of hanging; the queued one is answered later.
+        self.fetch('/running.txt')  # credentials cached, so each request waits on the loop once
+        for name in ('max_workers', 'max_queued'):
+            self.addCleanup(setattr, self.server, name, getattr(self.server, name))
+            setattr(self.server, name, 1)
+        release = threading.Event()
+        self.addCleanup(release.set)
+        self.bal.director.loop.call_soon_threadsafe(release.wait, 10)
+        answers = {}
+
+        def fetch(name):
+            answers[name] = self.fetch('/running.txt')
+        threads = [threading.Thread(target=fetch, args=(name,)) for name in ('answered', 'queued')]
+        threads[0].start()
+        wait_until(lambda: self.server.busy == 1)
+        threads[1].start()
+        wait_until(lambda: len(self.server.queue) == 1)
+        started = time.monotonic()
+        refused = self.fetch('/running.txt')
+        self.assertLess(time.monotonic() - started, 1.0)
+        self.assertEqual((refused.status, refused.body), (503, 'ERROR the admin server is busy; try again\n'))
+        self.assertEqual(refused.headers['X-Content-Type-Options'], 'nosniff')
+        self.assertEqual(refused.headers['Content-Type'], 'text/plain; charset=utf-8')
+        release.set()
+        for thread in threads:
+            thread.join(10)
+        self.assertEqual((answers['answered'].status, answers['queued'].status), (200, 200))
 
     def test_stuck_loop_is_503(self):
         self.fetch('/running.txt')  # credentials cached, so only the snapshot waits on the loop
@@ -1073,16 +1147,31 @@ class LimitsTest(AdminCase):
         server = pydirector_admin.start(self.bal.director, pydirector.Admin(a.listen, a.host, 0, a.users, cert, key))
         self.addCleanup(server.stop)
         port = server.server_address[1]
-        # A client that connects and never says hello must not hold up the next one.
+        context = ssl.create_default_context(cafile=cert)
+        # A client that stops halfway through its hello, and one that stops halfway
+        # through its request, hold no worker and do not hold up the next one.
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        with self.assertRaises(ssl.SSLWantReadError):
+            context.wrap_bio(incoming, outgoing, server_hostname='127.0.0.1').do_handshake()
+        hello = outgoing.read()
         silent = socket.create_connection(('127.0.0.1', port))
         self.addCleanup(silent.close)
-        context = ssl.create_default_context(cafile=cert)
+        silent.sendall(hello[:len(hello) // 2])
+        slow = context.wrap_socket(socket.create_connection(('127.0.0.1', port), timeout=5),
+                                   server_hostname='127.0.0.1')
+        self.addCleanup(slow.close)
+        slow.sendall(b'GET /running.txt HTTP/1.0\r\nAuthorization: ' + basic('admin', PASSWORD).encode() + b'\r\n')
+        wait_until(lambda: self.pending(silent, server) is not None and self.pending(slow, server) is not None)
+        self.assertEqual(server.busy, 0)
         conn = http.client.HTTPSConnection('127.0.0.1', port, timeout=5, context=context)
         conn.request('GET', '/running.txt', headers={'Authorization': basic('admin', PASSWORD)})
         resp = conn.getresponse()
         self.assertEqual(resp.status, 200)
         self.assertIn(b'service web', resp.read())
         conn.close()
+        slow.sendall(b'\r\n')
+        answer = support.recv_all(slow)
+        self.assertTrue(answer.startswith(b'HTTP/1.0 200 '), answer[:100])
         # Plain HTTP to the TLS port fails cleanly, without a traceback.
         mark = LOG.mark()
         self.raw(b'GET / HTTP/1.0\r\n\r\n', port=port)

@@ -10,9 +10,9 @@ with a status line, and no change to the balancer unless the request had
 valid full-access credentials and no cross-site marker.
 
 SlowlorisTest holds many admin sockets open, trickling a byte at a time
-(200 here; PYDIRECTOR_SLOWLORIS_SOCKETS=1000 for the full run): the admin
-threads stay under their cap, a legitimate request still answers quickly,
-and the data plane keeps its throughput.
+(200 here; PYDIRECTOR_SLOWLORIS_SOCKETS=1000 for the full run): they hold no
+admin thread, a legitimate request still answers quickly, and the data
+plane keeps its throughput.
 
 Fixed seeds throughout: a failure names the request (X-Fuzz-Id) to replay.
 """
@@ -531,9 +531,9 @@ class SlowlorisTest(AdminCase):
         count = SLOWLORIS_SOCKETS
         rounds, interval = (1, 0.0) if count <= 200 else (3, 3.0)
         support.raise_open_files(2 * count + 256)
-        cap = self.server.max_connections
-        self.assertEqual(self.legit_request()[0].status, 200)    # credentials cached, threads warm
-        wait_until(lambda: not self.server.connections)
+        cap = self.server.max_pending
+        self.assertEqual(self.legit_request()[0].status, 200)    # credentials cached
+        wait_until(lambda: self.server.open_connections() == 0)
         threads_before = set(threading.enumerate())
 
         def admin_threads():
@@ -541,7 +541,7 @@ class SlowlorisTest(AdminCase):
             return len(set(threading.enumerate()) - threads_before - set(self.sink.threads))
 
         request = b'GET /running.txt HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: '
-        most_threads = most_connections = cut = 0
+        most_threads = most_pending = cut = 0
         latencies, statuses, figures = [], [], []
         # The box is shared, and even best-of-30 can meet a busy spell on one side:
         # a throughput change past 10% is measured afresh, up to three times.
@@ -557,7 +557,7 @@ class SlowlorisTest(AdminCase):
                     except OSError:
                         cut += 1
                 most_threads = max(most_threads, admin_threads())
-                most_connections = max(most_connections, len(self.server.connections))
+                most_pending = max(most_pending, len(self.server.reader.pending))
                 response, seconds = self.legit_request()
                 statuses.append(response.status)
                 latencies.append(seconds)
@@ -565,7 +565,7 @@ class SlowlorisTest(AdminCase):
             most_threads = max(most_threads, admin_threads())
             for sock in slow:
                 sock.close()
-            wait_until(lambda: not self.server.connections, 40)
+            wait_until(lambda: self.server.open_connections() == 0, 40)
             after = self.throughput()
             figures.append((before, during, after))
             # Against the nearer of the two undisturbed figures: a real cost shows against both.
@@ -573,15 +573,17 @@ class SlowlorisTest(AdminCase):
             if abs(change) < 0.10 or statuses != [200] * len(statuses):
                 break               # settled; or failing anyway, on something a rerun will not change
 
-        print('\nslowloris: %d sockets, %d round(s) of trickling; admin threads +%d (cap %d), connections %d; '
+        print('\nslowloris: %d sockets, %d round(s) of trickling; admin threads +%d, connections still sending '
+              '%d (cap %d); '
               'legit requests %s in %s ms; %d sends to sockets the server had cut; throughput MB/s '
               'before/during/after %s (%+.1f%%)' % (
-                  count, rounds, most_threads, cap, most_connections, statuses,
+                  count, rounds, most_threads, most_pending, cap, statuses,
                   '/'.join('%.0f' % (s * 1000) for s in latencies), cut,
                   ', '.join('%.0f/%.0f/%.0f' % three for three in figures), change * 100),
               file=sys.stderr)
-        self.assertLessEqual(most_threads, cap)
-        self.assertLessEqual(most_connections, cap)
+        # The reader thread was there before; a worker or two may be answering the legit requests.
+        self.assertLessEqual(most_threads, 2, 'slow clients hold admin threads')
+        self.assertLessEqual(most_pending, cap)
         self.assertEqual(statuses, [200] * len(statuses), 'a legitimate request was not answered')
         self.assertLess(max(latencies), 0.5)
         self.assertLess(abs(change), 0.10, 'data-plane throughput changed by %+.1f%%' % (change * 100))
@@ -651,14 +653,17 @@ class AdminRegressionTest(AdminCase):
         # The slowloris test in small: with every admin slot held by a client still
         # dribbling its request head, a new connection was closed unanswered for up
         # to CONNECTION_DEADLINE (30 s), however often the operator retried.
-        wait_until(lambda: not self.server.connections)
-        self.server.max_connections = 2
-        self.addCleanup(setattr, self.server, 'max_connections', pydirector_admin.MAX_CONNECTIONS)
+        wait_until(lambda: self.server.open_connections() == 0)
+        self.addCleanup(setattr, self.server, 'max_pending', self.server.max_pending)
+        self.server.max_pending = 2
+        slow = []
         for _ in range(2):
             sock = socket.create_connection(('127.0.0.1', self.port), timeout=5)
             self.addCleanup(sock.close)
             sock.sendall(b'GET /running.txt HTTP/1.1\r\nX-Slow: ')
-        wait_until(lambda: len(self.server.connections) == 2)
+            slow.append(sock.getsockname())
+        wait_until(lambda: set(slow) <= set(p.address for p in list(self.server.reader.pending.values())))
+        self.assertEqual(self.server.busy, 0)
         started = time.monotonic()
         response = self.get('/running.txt', timeout=5)
         self.assertEqual(response.status, 200, response)
