@@ -803,7 +803,7 @@ class ProxyHostTest(AdminCase):
         self.assertEqual(body, "ERROR send_proxy must be 'v1' or 'v2'\n")
         # The page's form sends an empty value for "no PROXY header".
         self.change('/addHost', method='POST', body={'service': 'web', 'group': 'spare', 'name': 'p4',
-                                                     'ip': '127.0.0.1:9', 'weight': '', 'maxconns': '',
+                                                     'ip': '127.0.0.1:10', 'weight': '', 'maxconns': '',
                                                      'send_proxy': ''})
         self.addCleanup(self.change, '/delHost?service=web&group=spare&name=p4')
         self.assertIsNone(self.host('p4')['send_proxy'])
@@ -941,7 +941,7 @@ class EscapingTest(AdminCase):
         self.change('/addHost', method='POST', body={'service': 'web', 'group': 'spare', 'name': '<script>',
                                                      'ip': '127.0.0.1:9'})
         self.change('/addHost', method='POST', body={'service': 'web', 'group': 'spare',
-                                                     'name': 'x" onmouseover="alert(1)', 'ip': '127.0.0.1:9'})
+                                                     'name': 'x" onmouseover="alert(1)', 'ip': '127.0.0.1:10'})
         try:
             page = self.fetch('/running').body
             self.assertIn('<td>&lt;script&gt;</td>', page)
@@ -949,7 +949,7 @@ class EscapingTest(AdminCase):
             self.assertIn('value="x&quot; onmouseover=&quot;alert(1)"', page)
             self.assertNotIn('" onmouseover="', page)
             # running.txt fields never hold whitespace.
-            self.assertIn('host x"_onmouseover="alert(1) 127.0.0.1:9 0 0', self.fetch('/running.txt').body)
+            self.assertIn('host x"_onmouseover="alert(1) 127.0.0.1:10 0 0', self.fetch('/running.txt').body)
         finally:
             self.change('/delHost?service=web&group=spare&name=%3Cscript%3E')
             self.change('/delHost?service=web&group=spare&name=x%22+onmouseover%3D%22alert%281%29')
