@@ -1049,6 +1049,9 @@ class LoopTimeout(Exception):
     """The loop did not run a call handed to it in time (it is stuck or busy)."""
 
 
+TIMER_COMPACT_MIN = 1024     # heap size below which cancelled timers are left to expire
+
+
 class Timer(object):
     """A call scheduled on the loop; cancel() makes it a no-op."""
     __slots__ = ('when', 'callback', 'args')
@@ -1078,6 +1081,7 @@ class Loop(object):
         self.thread_ident = None
         self._timers = []
         self._timer_seq = 0
+        self._compact_at = TIMER_COMPACT_MIN
         self._calls = collections.deque()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -1088,7 +1092,18 @@ class Loop(object):
         timer = Timer(time.monotonic() + delay, callback, args)
         self._timer_seq += 1
         heapq.heappush(self._timers, (timer.when, self._timer_seq, timer))
+        if len(self._timers) >= self._compact_at:
+            self._compact_timers()
         return timer
+
+    def _compact_timers(self):
+        # A cancelled timer stays in the heap until it is due: an idle timer an
+        # hour away, once per closed connection, would pile up.  Drop them whenever
+        # the heap has doubled; that keeps it under twice the live timers.
+        live = [entry for entry in self._timers if entry[2].callback is not None]
+        heapq.heapify(live)
+        self._timers[:] = live
+        self._compact_at = max(TIMER_COMPACT_MIN, 2 * len(live))
 
     def call_soon_threadsafe(self, callback, *args):
         # deque.append is atomic, so any thread (or a signal handler) may call this.
