@@ -353,9 +353,10 @@ def log_time(stamp, millis):
 class BalancerProcess(object):
     """`PYTHON pydirector.py -c soak.xml` with its open-file limit raised; log in workdir."""
 
-    def __init__(self, workdir, service_xml, python=None, drain=5):
+    def __init__(self, workdir, service_xml, python=None, drain=5, script=None):
         self.workdir = workdir
         self.python = python or sys.executable
+        self.script = script or PYDIRECTOR
         self.config_path = os.path.join(workdir, 'soak.xml')
         self.log_path = os.path.join(workdir, 'pydirector.log')
         self.stderr_path = os.path.join(workdir, 'pydirector.stderr')
@@ -369,7 +370,7 @@ class BalancerProcess(object):
             with open(self.config_path, 'w') as f:
                 f.write(xml)
             stderr = open(self.stderr_path, 'ab')
-            self.proc = subprocess.Popen([self.python, PYDIRECTOR, '-c', self.config_path],
+            self.proc = subprocess.Popen([self.python, self.script, '-c', self.config_path],
                                          stdin=subprocess.DEVNULL, stdout=stderr, stderr=subprocess.STDOUT,
                                          cwd=workdir, preexec_fn=_raise_nofile_in_child)
             stderr.close()
@@ -484,6 +485,7 @@ class Rig(object):
 
     def __init__(self, python=None, keep=None):
         self.python = python or sys.executable
+        self.script = PYDIRECTOR
         self.keep = keep
         self.workdir = tempfile.mkdtemp(prefix='pydirector-soak-')
         self.backends = []
@@ -499,7 +501,7 @@ class Rig(object):
         return started
 
     def start_balancer(self, xml):
-        self.balancer = BalancerProcess(self.workdir, xml, self.python)
+        self.balancer = BalancerProcess(self.workdir, xml, self.python, script=self.script)
         return self.balancer
 
     def __enter__(self):
@@ -940,7 +942,7 @@ def run_g1(streams=2000, duration=1800.0, rate=8e6, backends=2, python=None, see
     mean_length = int(per_stream * stream_seconds) if rate else 256 * 1024
     mean_length = max(mean_length, 1024)
     params = collections.OrderedDict([
-        ('streams', streams), ('duration_s', duration), ('rate_Bps', rate), ('backends', backends),
+        ('pydirector', PYDIRECTOR), ('streams', streams), ('duration_s', duration), ('rate_Bps', rate), ('backends', backends),
         ('mean_stream_bytes', mean_length), ('warmup_s', warmup), ('idle_timeout', idle_timeout),
         ('python', python or sys.executable)])
     report = Report('g1', params)
@@ -1134,7 +1136,7 @@ def run_g2(rate=1500.0, duration=600.0, backends=2, python=None, latency_limit=0
            rate_margin=0.98, timeout=10.0, progress=None, keep=None):
     """Open `rate` new connections per second (open loop) for `duration` s."""
     params = collections.OrderedDict([
-        ('rate_per_s', rate), ('duration_s', duration), ('backends', backends),
+        ('pydirector', PYDIRECTOR), ('rate_per_s', rate), ('duration_s', duration), ('backends', backends),
         ('latency_limit_ms', latency_limit * 1000), ('python', python or sys.executable)])
     report = Report('g2', params)
     raise_nofile()
@@ -1246,7 +1248,7 @@ def run_g3(connections=9000, hold=10.0, backends=2, python=None, maxconns_on='se
     goes on without it and the refusal criterion fails saying so.
     """
     params = collections.OrderedDict([
-        ('connections', connections), ('hold_s', hold), ('backends', backends),
+        ('pydirector', PYDIRECTOR), ('connections', connections), ('hold_s', hold), ('backends', backends),
         ('maxconns_on', maxconns_on), ('python', python or sys.executable)])
     report = Report('g3', params)
     nofile = raise_nofile()
@@ -1451,7 +1453,7 @@ def run_g6(clients=500, duration=600.0, period=2.0, fault_seconds=1.5, cycles=No
     if cycles is not None:
         duration = period * (cycles + 1)
     params = collections.OrderedDict([
-        ('clients', clients), ('duration_s', duration), ('period_s', period), ('fault_s', fault_seconds),
+        ('pydirector', PYDIRECTOR), ('clients', clients), ('duration_s', duration), ('period_s', period), ('fault_s', fault_seconds),
         ('cycles', cycles), ('check', 'interval=%g timeout=%g fall=1 rise=1' % (check_interval, check_timeout)),
         ('python', python or sys.executable)])
     report = Report('g6', params)
@@ -1590,13 +1592,20 @@ def g6_classify(report, driver, balancer, stats, engine, orphan_limit, stop_orph
         report.notes.append('failure: %s (backend %s, started %.3f)' % (r[1], r[0], wall(r[2])))
     risky_ok = len([r for r in at_risk if r[1] is None])
     report.info('connections made before detection served', '%d of %d' % (risky_ok, len(at_risk)))
+    risky_failures = collections.Counter(r[1].split(':')[0] + (' (host %s)' % r[0] if r[0] else ' (no greeting)')
+                                         for r in at_risk if r[1] is not None)
+    if risky_failures:
+        report.notes.append('before-detection failures: %s' % dict(risky_failures))
 
     kill = orphans['kill']
-    closed = [(wall(r[3]) - f.at) for f, r in kill if r[1] is not None]
+    closed = sorted((wall(r[3]) - f.at) for f, r in kill if r[1] is not None)
     finished = len(kill) - len(closed)
-    worst = max(closed) if closed else 0.0
-    report.check('SIGKILL orphans closed', '%d closed, max %.3f s after the kill; %d finished first' % (
-        len(closed), worst, finished), '<= %g s' % orphan_limit, worst <= orphan_limit)
+    worst = closed[-1] if closed else 0.0
+    late = [t for t in closed if t > orphan_limit]
+    report.check('SIGKILL orphans closed', '%d closed: median %.3f s, p99 %.3f s, max %.3f s after the kill, '
+                 '%d later than %g s; %d finished first' % (
+                     len(closed), median(closed) or 0, percentile(closed, 0.99) or 0, worst, len(late),
+                     orphan_limit, finished), '<= %g s' % orphan_limit, not late)
     stop = orphans['stop']
     # A stop orphan either ends before SIGCONT (closed by the balancer, or its last bytes were
     # already on their way) or stalls until SIGCONT and is then finished (or failed) by the host.
@@ -1643,6 +1652,8 @@ def parse_args(argv):
     sub = parser.add_subparsers(dest='scenario')
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument('--python', default=sys.executable, help='interpreter for pydirector.py (default: this one)')
+    common.add_argument('--pydirector', default=PYDIRECTOR,
+                        help='the pydirector.py to run (default: the one beside tools/)')
     common.add_argument('--duration', type=float, help='seconds')
     common.add_argument('--minutes', type=float, help='minutes (instead of --duration)')
     common.add_argument('--scale', type=float, default=1.0, help='multiply the load (default 1)')
@@ -1686,11 +1697,21 @@ def parse_args(argv):
     return args
 
 
+def _exit_on_signal(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def main(argv=None):
+    global PYDIRECTOR
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.scenario == 'backend':
         serve_backend(args.name, args.mode, args.port, args.watch_stdin)
         return 0
+    PYDIRECTOR = os.path.abspath(args.pydirector)
+    # A plain `kill` (or Ctrl-C in a shell that ignores SIGINT for background jobs) still
+    # unwinds through Rig, so the balancer and the backends go with us.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    signal.signal(signal.SIGINT, _exit_on_signal)
     duration = args.duration
     if args.minutes is not None:
         duration = args.minutes * 60.0
