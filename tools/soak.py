@@ -942,8 +942,9 @@ def run_g1(streams=2000, duration=1800.0, rate=8e6, backends=2, python=None, see
     mean_length = int(per_stream * stream_seconds) if rate else 256 * 1024
     mean_length = max(mean_length, 1024)
     params = collections.OrderedDict([
-        ('pydirector', PYDIRECTOR), ('streams', streams), ('duration_s', duration), ('rate_Bps', rate), ('backends', backends),
-        ('mean_stream_bytes', mean_length), ('warmup_s', warmup), ('idle_timeout', idle_timeout),
+        ('pydirector', PYDIRECTOR), ('streams', streams), ('duration_s', duration), ('rate_Bps', rate),
+        ('backends', backends), ('mean_stream_bytes', mean_length), ('warmup_s', warmup),
+        ('idle_timeout', idle_timeout),
         ('python', python or sys.executable)])
     report = Report('g1', params)
     raise_nofile()
@@ -1054,7 +1055,8 @@ def run_g1(streams=2000, duration=1800.0, rate=8e6, backends=2, python=None, see
         report.figures['streams_failed'] = stats.failed
         report.figures['bytes_echoed'] = stats.bytes_echoed
         report.figures['elapsed_s'] = round(elapsed, 1)
-        report.figures['rss_samples'] = [(round(s[0], 1), s[1], s[2], s[3]) for s in samples[::max(1, len(samples) // 60)]]
+        report.figures['rss_samples'] = [(round(s[0], 1), s[1], s[2], s[3])
+                                         for s in samples[::max(1, len(samples) // 60)]]
         _finish_balancer(report, balancer, base_fds)
         report.info('balancer CPU', '%.1f s over %.0f s' % (report.figures['balancer_cpu_s'], elapsed))
         rig.failed = not report.ok
@@ -1201,7 +1203,8 @@ def run_g2(rate=1500.0, duration=600.0, backends=2, python=None, latency_limit=0
             report.notes.append('failure: ' + example)
         report.check('new connections/s achieved', '%.0f/s (%d in %.0f s; schedule slipped %.2f s at worst)' % (
             achieved, started, duration, behind), '>= %.0f/s' % (rate * rate_margin), achieved >= rate * rate_margin)
-        report.check('p99 connect-to-first-byte', '%s (p50 %s, p99.9 %s, max %s)' % (ms(p99), ms(p50), ms(p999), ms(worst)),
+        report.check('p99 connect-to-first-byte',
+                     '%s (p50 %s, p99.9 %s, max %s)' % (ms(p99), ms(p50), ms(p999), ms(worst)),
                      '< %s' % ms(latency_limit), p99 is not None and p99 < latency_limit)
         report.info('balancer CPU per connection', '%.0f us (%.1f s for %d)' % (
             cpu / max(1, started) * 1e6, cpu, started))
@@ -1320,7 +1323,8 @@ def run_g3(connections=9000, hold=10.0, backends=2, python=None, maxconns_on='se
         all_open = len([s for s in held if s.phase != 'done'])
         full_fds = balancer.fds()
         full_rss = balancer.rss()
-        _say(progress, 'g3: %d open after %.1f s; balancer fds %d, rss %s' % (all_open, open_time, full_fds, mib(full_rss)))
+        _say(progress, 'g3: %d open after %.1f s; balancer fds %d, rss %s' % (
+            all_open, open_time, full_fds, mib(full_rss)))
         report.check('connections open at once (first message echoed)', '%d in %.1f s' % (all_open, open_time),
                      connections, all_open == connections)
         # Phase 2: hold them, and try one more while they are all open.
@@ -1453,7 +1457,8 @@ def run_g6(clients=500, duration=600.0, period=2.0, fault_seconds=1.5, cycles=No
     if cycles is not None:
         duration = period * (cycles + 1)
     params = collections.OrderedDict([
-        ('pydirector', PYDIRECTOR), ('clients', clients), ('duration_s', duration), ('period_s', period), ('fault_s', fault_seconds),
+        ('pydirector', PYDIRECTOR), ('clients', clients), ('duration_s', duration), ('period_s', period),
+        ('fault_s', fault_seconds),
         ('cycles', cycles), ('check', 'interval=%g timeout=%g fall=1 rise=1' % (check_interval, check_timeout)),
         ('python', python or sys.executable)])
     report = Report('g6', params)
