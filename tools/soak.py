@@ -434,6 +434,28 @@ class BalancerProcess(object):
                 bad.append(line)
         return bad
 
+    def access_summary(self):
+        """From the access log (one line per finished client): Counter of end=, bytes_in, bytes_out.
+        None when the balancer writes no access lines."""
+        ends = collections.Counter()
+        totals = {'bytes_in': 0, 'bytes_out': 0}
+        try:
+            with open(self.log_path, 'rb') as f:
+                for line in f:
+                    if b' access ' not in line:
+                        continue
+                    for field in line.split():
+                        if field.startswith(b'end='):
+                            ends[field[4:].decode('ascii', 'replace')] += 1
+                        elif field.startswith(b'bytes_in=') or field.startswith(b'bytes_out='):
+                            name, _, value = field.partition(b'=')
+                            totals[name.decode()] += int(value)
+        except IOError:
+            return None
+        if not ends:
+            return None
+        return ends, totals['bytes_in'], totals['bytes_out']
+
     def host_events(self):
         """[(epoch, host, 'up'|'down', cause)] from the log, in order."""
         events = []
@@ -904,11 +926,29 @@ def _say(progress, text):
         progress('[%s] %s' % (time.strftime('%H:%M:%S'), text))
 
 
-def _finish_balancer(report, balancer, base_fds, fd_timeout=10.0):
-    """The end-of-run checks every scenario shares: fds back, clean stop, a clean log."""
+def _finish_balancer(report, balancer, base_fds, fd_timeout=10.0, access=None):
+    """The end-of-run checks every scenario shares: fds back, clean stop, a clean log.
+
+    access: (ends, bytes_in) the balancer's access log should show, e.g.
+    ({'done': 1000}, 123456); None to only report what it shows.  Skipped when
+    the balancer writes no access log.
+    """
     end_fds = balancer.wait_fds(base_fds, fd_timeout)
     report.check('balancer fds back to baseline', '%d (baseline %d)' % (end_fds, base_fds),
                  '<= %d' % base_fds, end_fds <= base_fds)
+    summary = balancer.access_summary()   # every pair is closed (and logged) once the fds are back
+    if summary is not None:
+        ends, bytes_in, bytes_out = summary
+        report.figures['access_log'] = {'ends': dict(ends), 'bytes_in': bytes_in, 'bytes_out': bytes_out}
+        figure = '%s, bytes_in %d' % (', '.join('%s %d' % kv for kv in sorted(ends.items())), bytes_in)
+        if access is None:
+            report.info('balancer access log', figure)
+        else:
+            want_ends, want_in = access
+            limit = '%s, bytes_in %s' % (', '.join('%s %d' % kv for kv in sorted(want_ends.items())),
+                                         '-' if want_in is None else want_in)
+            report.check('balancer access log agrees', figure, limit,
+                         dict(ends) == want_ends and (want_in is None or bytes_in == want_in))
     report.figures['fds_baseline'] = base_fds
     report.figures['fds_end'] = end_fds
     report.figures['balancer_cpu_s'] = round(balancer.cpu(), 2)
@@ -1057,7 +1097,8 @@ def run_g1(streams=2000, duration=1800.0, rate=8e6, backends=2, python=None, see
         report.figures['elapsed_s'] = round(elapsed, 1)
         report.figures['rss_samples'] = [(round(s[0], 1), s[1], s[2], s[3])
                                          for s in samples[::max(1, len(samples) // 60)]]
-        _finish_balancer(report, balancer, base_fds)
+        _finish_balancer(report, balancer, base_fds,
+                         access=None if stats.failed else ({'done': stats.ok}, stats.bytes_sent))
         report.info('balancer CPU', '%.1f s over %.0f s' % (report.figures['balancer_cpu_s'], elapsed))
         rig.failed = not report.ok
     return report
@@ -1213,7 +1254,7 @@ def run_g2(rate=1500.0, duration=600.0, backends=2, python=None, latency_limit=0
                                ('p50_ms', p50 and p50 * 1000), ('p99_ms', p99 and p99 * 1000),
                                ('p999_ms', p999 and p999 * 1000), ('max_ms', worst and worst * 1000),
                                ('achieved_per_s', achieved)])
-        _finish_balancer(report, balancer, base_fds)
+        _finish_balancer(report, balancer, base_fds, access=None if failures else ({'done': started}, 0))
         rig.failed = not report.ok
     return report
 
@@ -1373,7 +1414,10 @@ def run_g3(connections=9000, hold=10.0, backends=2, python=None, maxconns_on='se
                                ('refusal', outcome[0]), ('refusal_s', round(outcome[1], 4)),
                                ('rss_base', base_rss), ('rss_full', full_rss), ('fds_full', full_fds),
                                ('fds_after_close', fds_now), ('service_maxconns_supported', unsupported is None)])
-        _finish_balancer(report, balancer, base_fds)
+        expected = None
+        if report.ok and maxconns_on == 'service' and not unsupported:
+            expected = ({'done': connections + 1, 'full': 1}, stats.bytes_sent + after.sent)
+        _finish_balancer(report, balancer, base_fds, access=expected)
         rig.failed = not report.ok
     return report
 
