@@ -1176,17 +1176,23 @@ class HitRun(object):
 
 
 def run_g2(rate=1500.0, duration=600.0, backends=2, python=None, latency_limit=0.020,
-           rate_margin=0.98, timeout=10.0, progress=None, keep=None):
-    """Open `rate` new connections per second (open loop) for `duration` s."""
+           rate_margin=0.98, timeout=10.0, idle_timeout=None, progress=None, keep=None):
+    """Open `rate` new connections per second (open loop) for `duration` s.
+
+    idle_timeout: write <timeouts idle=N/> (the balancer's default is 3600 s).
+    """
     params = collections.OrderedDict([
         ('pydirector', PYDIRECTOR), ('rate_per_s', rate), ('duration_s', duration), ('backends', backends),
-        ('latency_limit_ms', latency_limit * 1000), ('python', python or sys.executable)])
+        ('latency_limit_ms', latency_limit * 1000), ('idle_timeout', idle_timeout),
+        ('python', python or sys.executable)])
     report = Report('g2', params)
     raise_nofile()
     with Rig(python, keep) as rig:
         hosts = rig.start_backends(backends, 'greet')
-        balancer = rig.start_balancer(service_xml(hosts, 'roundrobin'))
+        extra = '    <timeouts idle="%g"/>\n' % idle_timeout if idle_timeout else ''
+        balancer = rig.start_balancer(service_xml(hosts, 'roundrobin', extra=extra))
         base_fds = balancer.fds()
+        rss0 = balancer.rss()
         cpu0 = balancer.cpu()
         client_cpu0 = self_cpu()
         engine = Engine()
@@ -1228,6 +1234,7 @@ def run_g2(rate=1500.0, duration=600.0, backends=2, python=None, latency_limit=0
         for hit in list(run.open):
             hit.end('timeout: still open at the end')
         engine.close()
+        rss1 = balancer.rss()
         cpu = balancer.cpu() - cpu0
         failures = sum(run.failures.values())
         lat = sorted(run.latencies)
@@ -1247,13 +1254,23 @@ def run_g2(rate=1500.0, duration=600.0, backends=2, python=None, latency_limit=0
         report.check('p99 connect-to-first-byte',
                      '%s (p50 %s, p99.9 %s, max %s)' % (ms(p99), ms(p50), ms(p999), ms(worst)),
                      '< %s' % ms(latency_limit), p99 is not None and p99 < latency_limit)
+        # Latencies are stored in (about) the order connections started: tenths of the list are
+        # tenths of the run, which shows whether the tail grows as the run goes on.
+        tenths = []
+        for i in range(10):
+            part = sorted(run.latencies[len(run.latencies) * i // 10:len(run.latencies) * (i + 1) // 10])
+            if part:
+                tenths.append(round(percentile(part, 0.99) * 1000, 1))
+        report.info('p99 by tenth of the run (ms)', ' '.join('%g' % v for v in tenths))
+        report.info('balancer RSS', '%s at start, %s at the end' % (mib(rss0), mib(rss1)))
         report.info('balancer CPU per connection', '%.0f us (%.1f s for %d)' % (
             cpu / max(1, started) * 1e6, cpu, started))
         report.info('client CPU (this process)', '%.1f s' % (self_cpu() - client_cpu0))
         report.figures.update([('started', started), ('ok', run.ok), ('failed', failures),
                                ('p50_ms', p50 and p50 * 1000), ('p99_ms', p99 and p99 * 1000),
                                ('p999_ms', p999 and p999 * 1000), ('max_ms', worst and worst * 1000),
-                               ('achieved_per_s', achieved)])
+                               ('achieved_per_s', achieved), ('p99_ms_by_tenth', tenths),
+                               ('rss_start', rss0), ('rss_end', rss1)])
         _finish_balancer(report, balancer, base_fds, access=None if failures else ({'done': started}, 0))
         rig.failed = not report.ok
     return report
@@ -1724,6 +1741,7 @@ def parse_args(argv):
     g2.add_argument('--rate', type=float, help='new connections per second (default 1500 x scale)')
     g2.add_argument('--backends', type=int, default=2)
     g2.add_argument('--latency-limit', type=float, default=20.0, help='p99 connect-to-first-byte limit, ms')
+    g2.add_argument('--idle-timeout', type=float, help='<timeouts idle=N/> for the service (default: none written)')
     g3 = sub.add_parser('g3', parents=[common], help='9,000 concurrent connections and one past maxconns')
     g3.add_argument('--connections', type=int)
     g3.add_argument('--backends', type=int, default=2)
@@ -1776,7 +1794,7 @@ def main(argv=None):
                         rss_limit=args.rss_limit, idle_timeout=args.idle_timeout, **common)
     elif args.scenario == 'g2':
         report = run_g2(rate=args.rate or 1500.0 * scale, duration=duration or 600.0, backends=args.backends,
-                        latency_limit=args.latency_limit / 1000.0, **common)
+                        latency_limit=args.latency_limit / 1000.0, idle_timeout=args.idle_timeout, **common)
     elif args.scenario == 'g3':
         report = run_g3(connections=args.connections or max(1, int(9000 * scale)), hold=duration or 10.0,
                         backends=args.backends, maxconns_on=args.maxconns_on, **common)
