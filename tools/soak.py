@@ -353,9 +353,10 @@ def log_time(stamp, millis):
 class BalancerProcess(object):
     """`PYTHON pydirector.py -c soak.xml` with its open-file limit raised; log in workdir."""
 
-    def __init__(self, workdir, service_xml, python=None, drain=5):
+    def __init__(self, workdir, service_xml, python=None, drain=5, script=None):
         self.workdir = workdir
         self.python = python or sys.executable
+        self.script = script or PYDIRECTOR
         self.config_path = os.path.join(workdir, 'soak.xml')
         self.log_path = os.path.join(workdir, 'pydirector.log')
         self.stderr_path = os.path.join(workdir, 'pydirector.stderr')
@@ -369,7 +370,7 @@ class BalancerProcess(object):
             with open(self.config_path, 'w') as f:
                 f.write(xml)
             stderr = open(self.stderr_path, 'ab')
-            self.proc = subprocess.Popen([self.python, PYDIRECTOR, '-c', self.config_path],
+            self.proc = subprocess.Popen([self.python, self.script, '-c', self.config_path],
                                          stdin=subprocess.DEVNULL, stdout=stderr, stderr=subprocess.STDOUT,
                                          cwd=workdir, preexec_fn=_raise_nofile_in_child)
             stderr.close()
@@ -433,6 +434,28 @@ class BalancerProcess(object):
                 bad.append(line)
         return bad
 
+    def access_summary(self):
+        """From the access log (one line per finished client): Counter of end=, bytes_in, bytes_out.
+        None when the balancer writes no access lines."""
+        ends = collections.Counter()
+        totals = {'bytes_in': 0, 'bytes_out': 0}
+        try:
+            with open(self.log_path, 'rb') as f:
+                for line in f:
+                    if b' access ' not in line:
+                        continue
+                    for field in line.split():
+                        if field.startswith(b'end='):
+                            ends[field[4:].decode('ascii', 'replace')] += 1
+                        elif field.startswith(b'bytes_in=') or field.startswith(b'bytes_out='):
+                            name, _, value = field.partition(b'=')
+                            totals[name.decode()] += int(value)
+        except IOError:
+            return None
+        if not ends:
+            return None
+        return ends, totals['bytes_in'], totals['bytes_out']
+
     def host_events(self):
         """[(epoch, host, 'up'|'down', cause)] from the log, in order."""
         events = []
@@ -484,6 +507,7 @@ class Rig(object):
 
     def __init__(self, python=None, keep=None):
         self.python = python or sys.executable
+        self.script = PYDIRECTOR
         self.keep = keep
         self.workdir = tempfile.mkdtemp(prefix='pydirector-soak-')
         self.backends = []
@@ -499,7 +523,7 @@ class Rig(object):
         return started
 
     def start_balancer(self, xml):
-        self.balancer = BalancerProcess(self.workdir, xml, self.python)
+        self.balancer = BalancerProcess(self.workdir, xml, self.python, script=self.script)
         return self.balancer
 
     def __enter__(self):
@@ -902,11 +926,29 @@ def _say(progress, text):
         progress('[%s] %s' % (time.strftime('%H:%M:%S'), text))
 
 
-def _finish_balancer(report, balancer, base_fds, fd_timeout=10.0):
-    """The end-of-run checks every scenario shares: fds back, clean stop, a clean log."""
+def _finish_balancer(report, balancer, base_fds, fd_timeout=10.0, access=None):
+    """The end-of-run checks every scenario shares: fds back, clean stop, a clean log.
+
+    access: (ends, bytes_in) the balancer's access log should show, e.g.
+    ({'done': 1000}, 123456); None to only report what it shows.  Skipped when
+    the balancer writes no access log.
+    """
     end_fds = balancer.wait_fds(base_fds, fd_timeout)
     report.check('balancer fds back to baseline', '%d (baseline %d)' % (end_fds, base_fds),
                  '<= %d' % base_fds, end_fds <= base_fds)
+    summary = balancer.access_summary()   # every pair is closed (and logged) once the fds are back
+    if summary is not None:
+        ends, bytes_in, bytes_out = summary
+        report.figures['access_log'] = {'ends': dict(ends), 'bytes_in': bytes_in, 'bytes_out': bytes_out}
+        figure = '%s, bytes_in %d' % (', '.join('%s %d' % kv for kv in sorted(ends.items())), bytes_in)
+        if access is None:
+            report.info('balancer access log', figure)
+        else:
+            want_ends, want_in = access
+            limit = '%s, bytes_in %s' % (', '.join('%s %d' % kv for kv in sorted(want_ends.items())),
+                                         '-' if want_in is None else want_in)
+            report.check('balancer access log agrees', figure, limit,
+                         dict(ends) == want_ends and (want_in is None or bytes_in == want_in))
     report.figures['fds_baseline'] = base_fds
     report.figures['fds_end'] = end_fds
     report.figures['balancer_cpu_s'] = round(balancer.cpu(), 2)
@@ -940,8 +982,9 @@ def run_g1(streams=2000, duration=1800.0, rate=8e6, backends=2, python=None, see
     mean_length = int(per_stream * stream_seconds) if rate else 256 * 1024
     mean_length = max(mean_length, 1024)
     params = collections.OrderedDict([
-        ('streams', streams), ('duration_s', duration), ('rate_Bps', rate), ('backends', backends),
-        ('mean_stream_bytes', mean_length), ('warmup_s', warmup), ('idle_timeout', idle_timeout),
+        ('pydirector', PYDIRECTOR), ('streams', streams), ('duration_s', duration), ('rate_Bps', rate),
+        ('backends', backends), ('mean_stream_bytes', mean_length), ('warmup_s', warmup),
+        ('idle_timeout', idle_timeout),
         ('python', python or sys.executable)])
     report = Report('g1', params)
     raise_nofile()
@@ -1052,8 +1095,10 @@ def run_g1(streams=2000, duration=1800.0, rate=8e6, backends=2, python=None, see
         report.figures['streams_failed'] = stats.failed
         report.figures['bytes_echoed'] = stats.bytes_echoed
         report.figures['elapsed_s'] = round(elapsed, 1)
-        report.figures['rss_samples'] = [(round(s[0], 1), s[1], s[2], s[3]) for s in samples[::max(1, len(samples) // 60)]]
-        _finish_balancer(report, balancer, base_fds)
+        report.figures['rss_samples'] = [(round(s[0], 1), s[1], s[2], s[3])
+                                         for s in samples[::max(1, len(samples) // 60)]]
+        _finish_balancer(report, balancer, base_fds,
+                         access=None if stats.failed else ({'done': stats.ok}, stats.bytes_sent))
         report.info('balancer CPU', '%.1f s over %.0f s' % (report.figures['balancer_cpu_s'], elapsed))
         rig.failed = not report.ok
     return report
@@ -1131,44 +1176,54 @@ class HitRun(object):
 
 
 def run_g2(rate=1500.0, duration=600.0, backends=2, python=None, latency_limit=0.020,
-           rate_margin=0.98, timeout=10.0, progress=None, keep=None):
-    """Open `rate` new connections per second (open loop) for `duration` s."""
+           rate_margin=0.98, timeout=10.0, idle_timeout=None, progress=None, keep=None):
+    """Open `rate` new connections per second (open loop) for `duration` s.
+
+    idle_timeout: write <timeouts idle=N/> (the balancer's default is 3600 s).
+    """
     params = collections.OrderedDict([
-        ('rate_per_s', rate), ('duration_s', duration), ('backends', backends),
-        ('latency_limit_ms', latency_limit * 1000), ('python', python or sys.executable)])
+        ('pydirector', PYDIRECTOR), ('rate_per_s', rate), ('duration_s', duration), ('backends', backends),
+        ('latency_limit_ms', latency_limit * 1000), ('idle_timeout', idle_timeout),
+        ('python', python or sys.executable)])
     report = Report('g2', params)
     raise_nofile()
     with Rig(python, keep) as rig:
         hosts = rig.start_backends(backends, 'greet')
-        balancer = rig.start_balancer(service_xml(hosts, 'roundrobin'))
+        extra = '    <timeouts idle="%g"/>\n' % idle_timeout if idle_timeout else ''
+        balancer = rig.start_balancer(service_xml(hosts, 'roundrobin', extra=extra))
         base_fds = balancer.fds()
+        rss0 = balancer.rss()
         cpu0 = balancer.cpu()
         client_cpu0 = self_cpu()
         engine = Engine()
         run = HitRun(engine)
+        # The schedule is `total` connections, one every 1/rate s.  If we fall behind it, the
+        # last one starts late and the achieved rate (total over the time it took) shows it.
+        total = max(1, int(rate * duration))
         started = 0
         max_burst = max(1, int(rate * 0.02))   # never more than 20 ms worth at once
         max_open = 8000
         behind = 0.0                           # how far (s) the schedule slipped at worst
         t0 = time.monotonic()
-        end = t0 + duration
+        last_start = t0
         report_every = max(10.0, duration / 20.0)
         next_report = t0 + report_every
         next_sweep = t0 + 0.5
         while True:
             now = time.monotonic()
-            if now < end:
-                due = int((now - t0) * rate) + 1 - started
+            if started < total:
+                due = min(total, int((now - t0) * rate) + 1) - started
                 if due > 1:
                     behind = max(behind, due / rate)
                 for _ in range(min(due, max_burst, max_open - len(run.open))):
                     started += 1
                     Hit(run, balancer.port)
-                wait = t0 + started / rate - time.monotonic()
+                last_start = time.monotonic()
+                wait = t0 + started / rate - last_start
             else:
                 if not run.open:
                     break
-                if now > end + timeout + 5:
+                if now > last_start + timeout + 5:
                     break
                 wait = 0.05
             if now >= next_sweep:
@@ -1183,6 +1238,7 @@ def run_g2(rate=1500.0, duration=600.0, backends=2, python=None, latency_limit=0
         for hit in list(run.open):
             hit.end('timeout: still open at the end')
         engine.close()
+        rss1 = balancer.rss()
         cpu = balancer.cpu() - cpu0
         failures = sum(run.failures.values())
         lat = sorted(run.latencies)
@@ -1191,24 +1247,36 @@ def run_g2(rate=1500.0, duration=600.0, backends=2, python=None, latency_limit=0
 
         def ms(v):
             return '-' if v is None else '%.1f ms' % (v * 1000)
-        achieved = started / duration
+        spent = last_start - t0 + 1.0 / rate   # the schedule's own length is total / rate
+        achieved = started / spent
         report.check('connections failed', '%d of %d' % (failures, started), 0, failures == 0 and started > 0)
         if run.failures:
             report.notes.append('failures by kind: %s' % dict(run.failures))
         for example in run.examples[:5]:
             report.notes.append('failure: ' + example)
-        report.check('new connections/s achieved', '%.0f/s (%d in %.0f s; schedule slipped %.2f s at worst)' % (
-            achieved, started, duration, behind), '>= %.0f/s' % (rate * rate_margin), achieved >= rate * rate_margin)
-        report.check('p99 connect-to-first-byte', '%s (p50 %s, p99.9 %s, max %s)' % (ms(p99), ms(p50), ms(p999), ms(worst)),
+        report.check('new connections/s achieved', '%.0f/s (%d in %.1f s; schedule slipped %.2f s at worst)' % (
+            achieved, started, spent, behind), '>= %.0f/s' % (rate * rate_margin), achieved >= rate * rate_margin)
+        report.check('p99 connect-to-first-byte',
+                     '%s (p50 %s, p99.9 %s, max %s)' % (ms(p99), ms(p50), ms(p999), ms(worst)),
                      '< %s' % ms(latency_limit), p99 is not None and p99 < latency_limit)
+        # Latencies are stored in (about) the order connections started: tenths of the list are
+        # tenths of the run, which shows whether the tail grows as the run goes on.
+        tenths = []
+        for i in range(10):
+            part = sorted(run.latencies[len(run.latencies) * i // 10:len(run.latencies) * (i + 1) // 10])
+            if part:
+                tenths.append(round(percentile(part, 0.99) * 1000, 1))
+        report.info('p99 by tenth of the run (ms)', ' '.join('%g' % v for v in tenths))
+        report.info('balancer RSS', '%s at start, %s at the end' % (mib(rss0), mib(rss1)))
         report.info('balancer CPU per connection', '%.0f us (%.1f s for %d)' % (
             cpu / max(1, started) * 1e6, cpu, started))
         report.info('client CPU (this process)', '%.1f s' % (self_cpu() - client_cpu0))
         report.figures.update([('started', started), ('ok', run.ok), ('failed', failures),
                                ('p50_ms', p50 and p50 * 1000), ('p99_ms', p99 and p99 * 1000),
                                ('p999_ms', p999 and p999 * 1000), ('max_ms', worst and worst * 1000),
-                               ('achieved_per_s', achieved)])
-        _finish_balancer(report, balancer, base_fds)
+                               ('achieved_per_s', achieved), ('p99_ms_by_tenth', tenths),
+                               ('rss_start', rss0), ('rss_end', rss1)])
+        _finish_balancer(report, balancer, base_fds, access=None if failures else ({'done': started}, 0))
         rig.failed = not report.ok
     return report
 
@@ -1246,7 +1314,7 @@ def run_g3(connections=9000, hold=10.0, backends=2, python=None, maxconns_on='se
     goes on without it and the refusal criterion fails saying so.
     """
     params = collections.OrderedDict([
-        ('connections', connections), ('hold_s', hold), ('backends', backends),
+        ('pydirector', PYDIRECTOR), ('connections', connections), ('hold_s', hold), ('backends', backends),
         ('maxconns_on', maxconns_on), ('python', python or sys.executable)])
     report = Report('g3', params)
     nofile = raise_nofile()
@@ -1318,7 +1386,8 @@ def run_g3(connections=9000, hold=10.0, backends=2, python=None, maxconns_on='se
         all_open = len([s for s in held if s.phase != 'done'])
         full_fds = balancer.fds()
         full_rss = balancer.rss()
-        _say(progress, 'g3: %d open after %.1f s; balancer fds %d, rss %s' % (all_open, open_time, full_fds, mib(full_rss)))
+        _say(progress, 'g3: %d open after %.1f s; balancer fds %d, rss %s' % (
+            all_open, open_time, full_fds, mib(full_rss)))
         report.check('connections open at once (first message echoed)', '%d in %.1f s' % (all_open, open_time),
                      connections, all_open == connections)
         # Phase 2: hold them, and try one more while they are all open.
@@ -1367,7 +1436,10 @@ def run_g3(connections=9000, hold=10.0, backends=2, python=None, maxconns_on='se
                                ('refusal', outcome[0]), ('refusal_s', round(outcome[1], 4)),
                                ('rss_base', base_rss), ('rss_full', full_rss), ('fds_full', full_fds),
                                ('fds_after_close', fds_now), ('service_maxconns_supported', unsupported is None)])
-        _finish_balancer(report, balancer, base_fds)
+        expected = None
+        if report.ok and maxconns_on == 'service' and not unsupported:
+            expected = ({'done': connections + 1, 'full': 1}, stats.bytes_sent + after.sent)
+        _finish_balancer(report, balancer, base_fds, access=expected)
         rig.failed = not report.ok
     return report
 
@@ -1451,7 +1523,8 @@ def run_g6(clients=500, duration=600.0, period=2.0, fault_seconds=1.5, cycles=No
     if cycles is not None:
         duration = period * (cycles + 1)
     params = collections.OrderedDict([
-        ('clients', clients), ('duration_s', duration), ('period_s', period), ('fault_s', fault_seconds),
+        ('pydirector', PYDIRECTOR), ('clients', clients), ('duration_s', duration), ('period_s', period),
+        ('fault_s', fault_seconds),
         ('cycles', cycles), ('check', 'interval=%g timeout=%g fall=1 rise=1' % (check_interval, check_timeout)),
         ('python', python or sys.executable)])
     report = Report('g6', params)
@@ -1590,13 +1663,22 @@ def g6_classify(report, driver, balancer, stats, engine, orphan_limit, stop_orph
         report.notes.append('failure: %s (backend %s, started %.3f)' % (r[1], r[0], wall(r[2])))
     risky_ok = len([r for r in at_risk if r[1] is None])
     report.info('connections made before detection served', '%d of %d' % (risky_ok, len(at_risk)))
+    # The error up to ' in phase', e.g. 'connect: Connection reset by peer' (the balancer accepted,
+    # then reset, before this loop saw the connect finish).
+    risky_failures = collections.Counter(r[1].split(' in phase')[0] + (' (host %s)' % r[0] if r[0] else ' (no greeting)')
+                                         for r in at_risk if r[1] is not None)
+    if risky_failures:
+        report.notes.append('before-detection failures: %s' % dict(risky_failures))
 
     kill = orphans['kill']
-    closed = [(wall(r[3]) - f.at) for f, r in kill if r[1] is not None]
+    closed = sorted((wall(r[3]) - f.at) for f, r in kill if r[1] is not None)
     finished = len(kill) - len(closed)
-    worst = max(closed) if closed else 0.0
-    report.check('SIGKILL orphans closed', '%d closed, max %.3f s after the kill; %d finished first' % (
-        len(closed), worst, finished), '<= %g s' % orphan_limit, worst <= orphan_limit)
+    worst = closed[-1] if closed else 0.0
+    late = [t for t in closed if t > orphan_limit]
+    report.check('SIGKILL orphans closed', '%d closed: median %.3f s, p99 %.3f s, max %.3f s after the kill, '
+                 '%d later than %g s; %d finished first' % (
+                     len(closed), median(closed) or 0, percentile(closed, 0.99) or 0, worst, len(late),
+                     orphan_limit, finished), '<= %g s' % orphan_limit, not late)
     stop = orphans['stop']
     # A stop orphan either ends before SIGCONT (closed by the balancer, or its last bytes were
     # already on their way) or stalls until SIGCONT and is then finished (or failed) by the host.
@@ -1643,6 +1725,8 @@ def parse_args(argv):
     sub = parser.add_subparsers(dest='scenario')
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument('--python', default=sys.executable, help='interpreter for pydirector.py (default: this one)')
+    common.add_argument('--pydirector', default=PYDIRECTOR,
+                        help='the pydirector.py to run (default: the one beside tools/)')
     common.add_argument('--duration', type=float, help='seconds')
     common.add_argument('--minutes', type=float, help='minutes (instead of --duration)')
     common.add_argument('--scale', type=float, default=1.0, help='multiply the load (default 1)')
@@ -1662,6 +1746,7 @@ def parse_args(argv):
     g2.add_argument('--rate', type=float, help='new connections per second (default 1500 x scale)')
     g2.add_argument('--backends', type=int, default=2)
     g2.add_argument('--latency-limit', type=float, default=20.0, help='p99 connect-to-first-byte limit, ms')
+    g2.add_argument('--idle-timeout', type=float, help='<timeouts idle=N/> for the service (default: none written)')
     g3 = sub.add_parser('g3', parents=[common], help='9,000 concurrent connections and one past maxconns')
     g3.add_argument('--connections', type=int)
     g3.add_argument('--backends', type=int, default=2)
@@ -1686,11 +1771,21 @@ def parse_args(argv):
     return args
 
 
+def _exit_on_signal(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def main(argv=None):
+    global PYDIRECTOR
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.scenario == 'backend':
         serve_backend(args.name, args.mode, args.port, args.watch_stdin)
         return 0
+    PYDIRECTOR = os.path.abspath(args.pydirector)
+    # A plain `kill` (or Ctrl-C in a shell that ignores SIGINT for background jobs) still
+    # unwinds through Rig, so the balancer and the backends go with us.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    signal.signal(signal.SIGINT, _exit_on_signal)
     duration = args.duration
     if args.minutes is not None:
         duration = args.minutes * 60.0
@@ -1704,7 +1799,7 @@ def main(argv=None):
                         rss_limit=args.rss_limit, idle_timeout=args.idle_timeout, **common)
     elif args.scenario == 'g2':
         report = run_g2(rate=args.rate or 1500.0 * scale, duration=duration or 600.0, backends=args.backends,
-                        latency_limit=args.latency_limit / 1000.0, **common)
+                        latency_limit=args.latency_limit / 1000.0, idle_timeout=args.idle_timeout, **common)
     elif args.scenario == 'g3':
         report = run_g3(connections=args.connections or max(1, int(9000 * scale)), hold=duration or 10.0,
                         backends=args.backends, maxconns_on=args.maxconns_on, **common)
