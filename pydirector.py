@@ -249,7 +249,7 @@ class Check(object):
     text from the file so to_xml writes it back as the operator wrote it."""
 
     def __init__(self, interval=5.0, timeout=2.0, rise=2, fall=3, send=None, expect=None,
-                 line=None, send_text=None, expect_text=None):
+                 line=None, send_text=None, expect_text=None, on_down='keep'):
         self.interval = interval
         self.timeout = timeout
         self.rise = rise
@@ -259,6 +259,7 @@ class Check(object):
         self.line = line
         self.send_text = send_text
         self.expect_text = expect_text
+        self.on_down = on_down    # 'close': a host the checks take down loses its connections
 
     def _xml_attrs(self):
         return [
@@ -268,6 +269,7 @@ class Check(object):
             ('fall', self.fall if self.fall != 3 else None),
             ('send', _bytes_text(self.send, self.send_text)),
             ('expect', _bytes_text(self.expect, self.expect_text)),
+            ('on_down', self.on_down if self.on_down != 'keep' else None),
         ]
 
 
@@ -959,7 +961,7 @@ class _ConfigReader(object):
         return Host(name, ip, host, port, weight, maxconns, self.lines[elem], send_proxy)
 
     def check(self, elem):
-        self.attrs(elem, ('expect', 'fall', 'interval', 'rise', 'send', 'timeout'))
+        self.attrs(elem, ('expect', 'fall', 'interval', 'on_down', 'rise', 'send', 'timeout'))
         interval = self.seconds(elem, 'interval', 5.0)
         timeout = self.seconds(elem, 'timeout', 2.0)
         rise = self.integer(elem, 'rise', 2, 1, 100)
@@ -972,8 +974,9 @@ class _ConfigReader(object):
             except ValueError as e:
                 raise self.error(elem, f'<check> {attr}: {e}') from None
             data[attr + '_text'] = text
+        on_down = self.choice(elem, 'on_down', ('keep', 'close')) or 'keep'
         return Check(interval, timeout, rise, fall, data['send'], data['expect'],
-                     self.lines[elem], data['send_text'], data['expect_text'])
+                     self.lines[elem], data['send_text'], data['expect_text'], on_down)
 
     def logging(self, elem):
         self.attrs(elem, ('access', 'facility', 'file', 'syslog'))
@@ -2587,6 +2590,15 @@ class Director(object):
             due.append((host, name, port, check))
         return due
 
+    def _close_host_connections(self, host):
+        """<check on_down="close"> (HAProxy's on-marked-down shutdown-sessions): a host
+        that stopped answering probes holds its clients hostage; reset them so they retry."""
+        doomed = [pair for pair in self.pairs if pair.host is host and pair.state is STREAMING]
+        if doomed:
+            log.info('host %s (%s) down: closing its %d connection(s)', host.name, host.ip, len(doomed))
+        for pair in doomed:
+            pair.abort('host-down')
+
     def _group_is_dark(self, service, group):
         """The enabled group has no host up: its hosts are probed every second."""
         if service.enabled is not group:
@@ -2617,6 +2629,8 @@ class Director(object):
                 if host.probe_fail >= check.fall:
                     self.set_host_state(state.service, state.group, host, schedulers.DOWN,
                                         '%s (%d failed probes)' % (reason, host.probe_fail))
+                    if check.on_down == 'close':
+                        self._close_host_connections(host)
             elif not (host.reason or '').startswith(reason):
                 # Still down, for a new reason (a name that stopped resolving...): say so once.
                 log.info('host %s (%s) in %s/%s still down: %s', host.name, host.ip,

@@ -599,5 +599,34 @@ class TestTimerHeap(unittest.TestCase):
         self.assertTrue(all(t.callback is not None for t in live))
 
 
+class TestHostDownClosesConnections(OpsTestCase):
+    """<check on_down="close">: a host the checks take down loses its clients (G6 soak)."""
+
+    def run_case(self, on_down):
+        b = self.backend(echo, 'one')
+        port = free_port()
+        attr = ' on_down="%s"' % on_down if on_down else ''
+        self.start(config_xml(service_xml([('one', b.address)], listen_port=port,
+                                          extra='    <check interval="0.1" timeout="0.5" rise="1" fall="1"%s/>\n' % attr)))
+        sock = connect(port)
+        sock.sendall(b'x')
+        self.assertEqual(sock.recv(10), b'x')
+        b.sock.close()          # no more accepts: probes are refused; the open stream goes on
+        LOG.wait_for('host one (%s) in web/main down' % b.address, self.mark)
+        return sock
+
+    def test_close(self):
+        sock = self.run_case('close')
+        self.assertTrue(closed_by_peer(sock, 5))
+        self.assertTrue(LOG.wait_for('end=host-down', self.mark))
+        sock.close()
+
+    def test_keep_is_the_default(self):
+        sock = self.run_case(None)
+        sock.sendall(b'y')
+        self.assertEqual(sock.recv(10), b'y')
+        sock.close()
+
+
 if __name__ == '__main__':
     unittest.main()

@@ -1533,7 +1533,7 @@ def run_g6(clients=500, duration=600.0, period=2.0, fault_seconds=1.5, cycles=No
     data_block()
     with Rig(python, keep) as rig:
         hosts = rig.start_backends(3, 'echo')
-        check = ('    <check interval="%g" timeout="%g" fall="1" rise="1" expect="soak"/>\n'
+        check = ('    <check interval="%g" timeout="%g" fall="1" rise="1" expect="soak" on_down="close"/>\n'
                  '    <timeouts connect="1"/>\n' % (check_interval, check_timeout))
         balancer = rig.start_balancer(service_xml(hosts, 'leastconns', extra=check))
         base_fds = balancer.fds()
