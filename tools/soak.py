@@ -102,6 +102,27 @@ def proc_cpu(pid):
     return (int(fields[11]) + int(fields[12])) / float(os.sysconf('SC_CLK_TCK'))
 
 
+def run_delay(pid):
+    """Seconds the process's main thread has spent runnable but waiting for a CPU (schedstat)."""
+    try:
+        with open('/proc/%d/schedstat' % pid) as f:
+            return int(f.read().split()[1]) / 1e9
+    except (IOError, OSError, IndexError, ValueError):
+        return None
+
+
+def cpu_pressure():
+    """Total microseconds some task on this machine waited for a CPU (PSI), or None."""
+    try:
+        with open('/proc/pressure/cpu') as f:
+            for line in f:
+                if line.startswith('some '):
+                    return int(line.rsplit('total=', 1)[1])
+    except (IOError, OSError, IndexError, ValueError):
+        pass
+    return None
+
+
 def self_cpu():
     if resource is None:
         return 0.0
@@ -365,6 +386,8 @@ class BalancerProcess(object):
         self.stderr_path = os.path.join(workdir, 'pydirector.stderr')
         self.proc = None
         self.exit_code = None
+        self.started = time.monotonic()
+        self.pressure0 = self.delay0 = None
         last_error = None
         for _ in range(3):  # a free port can be taken between our check and the bind
             self.port = free_port()
@@ -382,6 +405,9 @@ class BalancerProcess(object):
                 if self.proc.poll() is not None:
                     break
                 if 'listening on' in self.log_text():
+                    self.started = time.monotonic()
+                    self.pressure0 = cpu_pressure()
+                    self.delay0 = run_delay(self.proc.pid)
                     return
                 time.sleep(0.02)
             if self.proc.poll() is None:
@@ -955,6 +981,19 @@ def _finish_balancer(report, balancer, base_fds, fd_timeout=10.0, access=None):
     report.figures['fds_baseline'] = base_fds
     report.figures['fds_end'] = end_fds
     report.figures['balancer_cpu_s'] = round(balancer.cpu(), 2)
+    # Other work on the box shows up in the figures: say how much there was.
+    elapsed = time.monotonic() - balancer.started
+    pressure, delay = cpu_pressure(), run_delay(balancer.pid)
+    parts = []
+    if pressure is not None and balancer.pressure0 is not None:
+        share = (pressure - balancer.pressure0) / 1e6 / elapsed
+        report.figures['cpu_pressure_some'] = round(share, 3)
+        parts.append('some task waited for a CPU %.0f%% of the time (PSI)' % (share * 100))
+    if delay is not None and balancer.delay0 is not None:
+        report.figures['balancer_run_delay_s'] = round(delay - balancer.delay0, 2)
+        parts.append('the balancer waited %.1f s in the run queue' % (delay - balancer.delay0))
+    if parts:
+        report.info('CPU contention over %.0f s' % elapsed, '; '.join(parts))
     code = balancer.stop()
     problems = balancer.problems()
     report.check('balancer log: tracebacks / ERROR lines', len(problems), 0, not problems)
