@@ -1722,8 +1722,9 @@ def g6_classify(report, driver, balancer, stats, engine, orphan_limit, stop_orph
     report.info('connections made before detection served', '%d of %d' % (risky_ok, len(at_risk)))
     # The error up to ' in phase', e.g. 'connect: Connection reset by peer' (the balancer accepted,
     # then reset, before this loop saw the connect finish).
-    risky_failures = collections.Counter(r[1].split(' in phase')[0] + (' (host %s)' % r[0] if r[0] else ' (no greeting)')
-                                         for r in at_risk if r[1] is not None)
+    risky_failures = collections.Counter(
+        r[1].split(' in phase')[0] + (' (host %s)' % r[0] if r[0] else ' (no greeting)')
+        for r in at_risk if r[1] is not None)
     if risky_failures:
         report.notes.append('before-detection failures: %s' % dict(risky_failures))
 
