@@ -102,6 +102,27 @@ def proc_cpu(pid):
     return (int(fields[11]) + int(fields[12])) / float(os.sysconf('SC_CLK_TCK'))
 
 
+def run_delay(pid):
+    """Seconds the process's main thread has spent runnable but waiting for a CPU (schedstat)."""
+    try:
+        with open('/proc/%d/schedstat' % pid) as f:
+            return int(f.read().split()[1]) / 1e9
+    except (IOError, OSError, IndexError, ValueError):
+        return None
+
+
+def cpu_pressure():
+    """Total microseconds some task on this machine waited for a CPU (PSI), or None."""
+    try:
+        with open('/proc/pressure/cpu') as f:
+            for line in f:
+                if line.startswith('some '):
+                    return int(line.rsplit('total=', 1)[1])
+    except (IOError, OSError, IndexError, ValueError):
+        pass
+    return None
+
+
 def self_cpu():
     if resource is None:
         return 0.0
@@ -152,12 +173,13 @@ def data_block():
 # ---------------------------------------------------------------------------
 
 class BackendConnection(object):
-    """One accepted connection in the backend process."""
-    __slots__ = ('sel', 'sock', 'out', 'digest', 'count', 'eof', 'events')
+    """One accepted connection in the backend process: echo mode, or (echo=False) greet and wait for EOF."""
+    __slots__ = ('sel', 'sock', 'echo', 'out', 'digest', 'count', 'eof', 'events')
 
-    def __init__(self, sel, sock, greeting):
+    def __init__(self, sel, sock, greeting, echo=True):
         self.sel = sel
         self.sock = sock
+        self.echo = echo
         self.out = bytearray(greeting)
         self.digest = hashlib.sha256()
         self.count = 0
@@ -175,12 +197,14 @@ class BackendConnection(object):
                 self.close()
                 return
             if data:
-                self.digest.update(data)
-                self.count += len(data)
-                self.out += data
+                if self.echo:
+                    self.digest.update(data)
+                    self.count += len(data)
+                    self.out += data
             elif data is not None:
                 self.eof = True
-                self.out += ('%s %d\n' % (self.digest.hexdigest(), self.count)).encode()
+                if self.echo:
+                    self.out += ('%s %d\n' % (self.digest.hexdigest(), self.count)).encode()
         if self.out:
             try:
                 sent = self.sock.send(self.out)
@@ -251,7 +275,7 @@ def serve_backend(name, mode, port, watch_stdin):
                             pass
                         sock.close()
                     else:
-                        BackendConnection(sel, sock, greeting)
+                        BackendConnection(sel, sock, greeting, echo=(mode == 'echo'))
             elif key.data == 'stdin':
                 if not os.read(sys.stdin.fileno(), 4096):
                     return
@@ -362,6 +386,8 @@ class BalancerProcess(object):
         self.stderr_path = os.path.join(workdir, 'pydirector.stderr')
         self.proc = None
         self.exit_code = None
+        self.started = time.monotonic()
+        self.pressure0 = self.delay0 = None
         last_error = None
         for _ in range(3):  # a free port can be taken between our check and the bind
             self.port = free_port()
@@ -379,6 +405,9 @@ class BalancerProcess(object):
                 if self.proc.poll() is not None:
                     break
                 if 'listening on' in self.log_text():
+                    self.started = time.monotonic()
+                    self.pressure0 = cpu_pressure()
+                    self.delay0 = run_delay(self.proc.pid)
                     return
                 time.sleep(0.02)
             if self.proc.poll() is None:
@@ -952,6 +981,19 @@ def _finish_balancer(report, balancer, base_fds, fd_timeout=10.0, access=None):
     report.figures['fds_baseline'] = base_fds
     report.figures['fds_end'] = end_fds
     report.figures['balancer_cpu_s'] = round(balancer.cpu(), 2)
+    # Other work on the box shows up in the figures: say how much there was.
+    elapsed = time.monotonic() - balancer.started
+    pressure, delay = cpu_pressure(), run_delay(balancer.pid)
+    parts = []
+    if pressure is not None and balancer.pressure0 is not None:
+        share = (pressure - balancer.pressure0) / 1e6 / elapsed
+        report.figures['cpu_pressure_some'] = round(share, 3)
+        parts.append('some task waited for a CPU %.0f%% of the time (PSI)' % (share * 100))
+    if delay is not None and balancer.delay0 is not None:
+        report.figures['balancer_run_delay_s'] = round(delay - balancer.delay0, 2)
+        parts.append('the balancer waited %.1f s in the run queue' % (delay - balancer.delay0))
+    if parts:
+        report.info('CPU contention over %.0f s' % elapsed, '; '.join(parts))
     code = balancer.stop()
     problems = balancer.problems()
     report.check('balancer log: tracebacks / ERROR lines', len(problems), 0, not problems)
@@ -1109,7 +1151,8 @@ def run_g1(streams=2000, duration=1800.0, rate=8e6, backends=2, python=None, see
 # ---------------------------------------------------------------------------
 
 class Hit(object):
-    """One short connection: connect, time the first byte, read to EOF."""
+    """One short connection: connect, time the first byte, read to EOF (half-closing first
+    when run.client_closes)."""
     __slots__ = ('run', 'sock', 'started', 'got')
 
     def __init__(self, run, port):
@@ -1148,6 +1191,11 @@ class Hit(object):
                 if not data.startswith(GREETING_PREFIX):
                     self.end('corrupt greeting %r' % data[:40])
                     return
+                if self.run.client_closes:
+                    try:
+                        self.sock.shutdown(socket.SHUT_WR)
+                    except OSError:
+                        pass  # the next recv says what happened
             self.got += len(data)
 
     def end(self, error):
@@ -1161,8 +1209,9 @@ class Hit(object):
 
 
 class HitRun(object):
-    def __init__(self, engine):
+    def __init__(self, engine, client_closes):
         self.engine = engine
+        self.client_closes = client_closes
         self.open = set()
         self.ok = 0
         self.failures = collections.Counter()
@@ -1176,19 +1225,27 @@ class HitRun(object):
 
 
 def run_g2(rate=1500.0, duration=600.0, backends=2, python=None, latency_limit=0.020,
-           rate_margin=0.98, timeout=10.0, idle_timeout=None, progress=None, keep=None):
+           rate_margin=0.98, timeout=10.0, idle_timeout=None, first_close='client', progress=None, keep=None):
     """Open `rate` new connections per second (open loop) for `duration` s.
 
-    idle_timeout: write <timeouts idle=N/> (the balancer's default is 3600 s).
+    first_close: 'client' (the client half-closes after the greeting; the
+    backend closes on EOF) or 'backend' (it closes right after the greeting,
+    HTTP/1.0 style).  With one client address on loopback, 'backend' leaves
+    TIME_WAIT on the listening sides, and once the ~28k ephemeral ports come
+    round again (every ~19 s at 1,500/s) some SYNs meet those TIME_WAIT
+    entries and are retransmitted 1 s later: a test-rig artefact that
+    'client' avoids (TIME_WAIT then sits on the connecting side, which the
+    kernel reuses safely).  idle_timeout: write <timeouts idle=N/> (the
+    balancer's default is 3600 s).
     """
     params = collections.OrderedDict([
         ('pydirector', PYDIRECTOR), ('rate_per_s', rate), ('duration_s', duration), ('backends', backends),
-        ('latency_limit_ms', latency_limit * 1000), ('idle_timeout', idle_timeout),
+        ('latency_limit_ms', latency_limit * 1000), ('idle_timeout', idle_timeout), ('first_close', first_close),
         ('python', python or sys.executable)])
     report = Report('g2', params)
     raise_nofile()
     with Rig(python, keep) as rig:
-        hosts = rig.start_backends(backends, 'greet')
+        hosts = rig.start_backends(backends, 'greet' if first_close == 'backend' else 'hello')
         extra = '    <timeouts idle="%g"/>\n' % idle_timeout if idle_timeout else ''
         balancer = rig.start_balancer(service_xml(hosts, 'roundrobin', extra=extra))
         base_fds = balancer.fds()
@@ -1196,7 +1253,7 @@ def run_g2(rate=1500.0, duration=600.0, backends=2, python=None, latency_limit=0
         cpu0 = balancer.cpu()
         client_cpu0 = self_cpu()
         engine = Engine()
-        run = HitRun(engine)
+        run = HitRun(engine, first_close == 'client')
         # The schedule is `total` connections, one every 1/rate s.  If we fall behind it, the
         # last one starts late and the achieved rate (total over the time it took) shows it.
         total = max(1, int(rate * duration))
@@ -1665,8 +1722,9 @@ def g6_classify(report, driver, balancer, stats, engine, orphan_limit, stop_orph
     report.info('connections made before detection served', '%d of %d' % (risky_ok, len(at_risk)))
     # The error up to ' in phase', e.g. 'connect: Connection reset by peer' (the balancer accepted,
     # then reset, before this loop saw the connect finish).
-    risky_failures = collections.Counter(r[1].split(' in phase')[0] + (' (host %s)' % r[0] if r[0] else ' (no greeting)')
-                                         for r in at_risk if r[1] is not None)
+    risky_failures = collections.Counter(
+        r[1].split(' in phase')[0] + (' (host %s)' % r[0] if r[0] else ' (no greeting)')
+        for r in at_risk if r[1] is not None)
     if risky_failures:
         report.notes.append('before-detection failures: %s' % dict(risky_failures))
 
@@ -1747,6 +1805,8 @@ def parse_args(argv):
     g2.add_argument('--backends', type=int, default=2)
     g2.add_argument('--latency-limit', type=float, default=20.0, help='p99 connect-to-first-byte limit, ms')
     g2.add_argument('--idle-timeout', type=float, help='<timeouts idle=N/> for the service (default: none written)')
+    g2.add_argument('--first-close', choices=('client', 'backend'), default='client',
+                    help='who closes first after the greeting (see run_g2)')
     g3 = sub.add_parser('g3', parents=[common], help='9,000 concurrent connections and one past maxconns')
     g3.add_argument('--connections', type=int)
     g3.add_argument('--backends', type=int, default=2)
@@ -1762,7 +1822,7 @@ def parse_args(argv):
                     help='report SIGSTOP orphans that stay open without failing the run')
     backend = sub.add_parser('backend', help='(internal) run one backend process')
     backend.add_argument('--name', required=True)
-    backend.add_argument('--mode', choices=('echo', 'greet'), default='echo')
+    backend.add_argument('--mode', choices=('echo', 'greet', 'hello'), default='echo')
     backend.add_argument('--port', type=int, default=0)
     backend.add_argument('--watch-stdin', action='store_true')
     args = parser.parse_args(argv)
@@ -1799,7 +1859,8 @@ def main(argv=None):
                         rss_limit=args.rss_limit, idle_timeout=args.idle_timeout, **common)
     elif args.scenario == 'g2':
         report = run_g2(rate=args.rate or 1500.0 * scale, duration=duration or 600.0, backends=args.backends,
-                        latency_limit=args.latency_limit / 1000.0, idle_timeout=args.idle_timeout, **common)
+                        latency_limit=args.latency_limit / 1000.0, idle_timeout=args.idle_timeout,
+                        first_close=args.first_close, **common)
     elif args.scenario == 'g3':
         report = run_g3(connections=args.connections or max(1, int(9000 * scale)), hold=duration or 10.0,
                         backends=args.backends, maxconns_on=args.maxconns_on, **common)
