@@ -1,6 +1,7 @@
 """Shared test helpers: tiny real backends, the balancer in-process or as a
 subprocess, and wait_until().  Everything listens on 127.0.0.1 ephemeral ports."""
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -33,8 +34,55 @@ def wait_until(predicate, timeout=5.0, interval=0.005, message=None):
         time.sleep(interval)
 
 
+def _port_block():
+    """The block of ports this process hands out: PORT_BLOCK ports below the kernel's
+    ephemeral range (which bind(0) and connect() draw from, so no kernel-chosen port
+    ever lands in it), claimed with a lock file so that suites running side by side
+    (CI runs several Pythons at once) never share a block.  None if every block is taken."""
+    try:
+        with open('/proc/sys/net/ipv4/ip_local_port_range') as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    first = max(1024, low - PORT_BLOCKS * PORT_BLOCK)
+    for start in range(first, low - PORT_BLOCK + 1, PORT_BLOCK):
+        path = os.path.join(tempfile.gettempdir(), 'pydirector-test-ports-%d.lock' % start)
+        lock = open(path, 'a')
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            continue
+        _port_state['lock'] = lock      # held until the process exits
+        return start
+    return None
+
+
+PORT_BLOCK = 500
+PORT_BLOCKS = 24
+_port_state = {'next': 0}
+_port_lock = threading.Lock()
+
+
 def free_port():
-    """A port nothing listens on (connecting to it is refused)."""
+    """A port nothing listens on (connecting to it is refused), and that no other test
+    process is handed: from this process's own block (see _port_block), skipping ports
+    in use.  Outside any block (all taken), the kernel's choice, as a last resort."""
+    with _port_lock:
+        if 'start' not in _port_state:
+            _port_state['start'] = _port_block()
+        start = _port_state['start']
+        for _ in range(PORT_BLOCK if start is not None else 0):
+            port = start + _port_state['next'] % PORT_BLOCK
+            _port_state['next'] += 1
+            sock = socket.socket()
+            try:
+                sock.bind(('127.0.0.1', port))
+            except OSError:
+                continue        # still used here (a balancer of this process), or by something else
+            finally:
+                sock.close()
+            return port
     sock = socket.socket()
     sock.bind(('127.0.0.1', 0))
     port = sock.getsockname()[1]
@@ -393,40 +441,13 @@ def report_proxy_header(conn, backend):
 
 # Daemons often live in sbin, which a non-root PATH may lack.
 SBIN_PATH = os.pathsep.join([os.environ.get('PATH', os.defpath), '/usr/local/sbin', '/usr/sbin', '/sbin'])
-_apt_tried = set()
 
 
 def find_binary(name):
+    """The path of an installed program, or None.  Tests never install anything:
+    .ci/run does (apt), and a test whose program is missing skips saying so."""
     import shutil
     return shutil.which(name, path=SBIN_PATH)
-
-
-def ensure_binaries(names, packages, timeout=300):
-    """{name: path or None}.  When one is missing and we are root with apt-get, try
-    `apt-get install -y packages` once per run (best effort, bounded by timeout)."""
-    found = dict((n, find_binary(n)) for n in names)
-    key = tuple(packages)
-    if (all(found.values()) or key in _apt_tried or not hasattr(os, 'geteuid')
-            or os.geteuid() != 0 or find_binary('apt-get') is None):
-        return found
-    _apt_tried.add(key)
-    deadline = time.monotonic() + timeout
-    env = dict(os.environ, DEBIAN_FRONTEND='noninteractive')
-    # Package lists may be empty in a fresh container: update once, then install again.
-    for argv in (['apt-get', 'install', '-y', '-q'] + list(packages),
-                 ['apt-get', 'update', '-q'],
-                 ['apt-get', 'install', '-y', '-q'] + list(packages)):
-        left = deadline - time.monotonic()
-        if left <= 0:
-            break
-        try:
-            code = subprocess.call(argv, env=env, stdin=subprocess.DEVNULL,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=left)
-        except (OSError, subprocess.TimeoutExpired):
-            break
-        if argv[1] == 'install' and code == 0:
-            break
-    return dict((n, find_binary(n)) for n in names)
 
 
 class ExternalServer(object):

@@ -10,7 +10,7 @@ import unittest
 
 import support
 from support import (Backend, Balancer, LOG, ExternalServer, config_xml, connect, echo,
-                     ensure_binaries, free_port, recv_all, report_proxy_header, service_xml,
+                     find_binary, free_port, recv_all, report_proxy_header, service_xml,
                      wait_until)
 
 codec = support.proxy_codec()
@@ -329,10 +329,10 @@ class PeersTestCase(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         if cls.binaries:
-            found = ensure_binaries(('nginx', 'haproxy'), ('nginx-light', 'haproxy'))
+            found = dict((name, find_binary(name)) for name in ('nginx', 'haproxy'))
             missing = [b for b in cls.binaries if not found[b]]
             if missing:
-                raise unittest.SkipTest('%s not installed (apt-get install nginx-light haproxy)'
+                raise unittest.SkipTest('%s not installed (.ci/run installs it: apt-get install nginx-light haproxy)'
                                         % ' and '.join(missing))
             cls.paths = found
 
