@@ -638,7 +638,7 @@ class ExplainTest(AdminCase):
             'sticky: none',
             'ranking: ' + ', '.join('%s %s' % (name, pydirector_admin.explain_number(score))
                                     for name, score in info['ranking']),
-            'skipped: dead (down)',
+            'skipped: dead (down: %s)' % self.bal.host('dead')['reason'],   # why it is down, too
         ])
         self.assertIn(info['host'], ('n1', 'n2'))
         self.assertEqual([name for name, _ in info['ranking']][0], info['host'])
