@@ -138,7 +138,7 @@ class Config(object):
             admin = self.admin
             out.append(_xml_tag(1, 'admin', [
                 ('listen', admin.listen), ('certfile', admin.certfile),
-                ('keyfile', admin.keyfile)], '>'))
+                ('keyfile', admin.keyfile), ('get_changes', 'on' if admin.get_changes else None)], '>'))
             for user in admin.users:
                 out.append(_xml_tag(2, 'user', [
                     ('name', user.name), ('password', user.password), ('access', user.access)]))
@@ -297,10 +297,12 @@ class Timeouts(object):
 
 
 class Admin(object):
-    """The <admin> web server: where it listens, its users, and the TLS
-    certificate and key (both None for plain HTTP)."""
+    """The <admin> web server: where it listens, its users, the TLS certificate
+    and key (both None for plain HTTP), and whether changes may come as GET."""
 
-    def __init__(self, listen, host, port, users=None, certfile=None, keyfile=None, line=None):
+    def __init__(self, listen, host, port, users=None, certfile=None, keyfile=None, line=None,
+                 get_changes=False):
+        self.get_changes = get_changes   # changes as GET with a query string too (1.0's style)
         self.listen = listen
         self.host = host
         self.port = port
@@ -1158,7 +1160,7 @@ class _ConfigReader(object):
             # plain HTTP instead would be worse than refusing.
             raise self.error(elem, "<admin secure=...> is no longer supported; "
                                    "use certfile=... keyfile=... for HTTPS")
-        self.attrs(elem, ('certfile', 'keyfile', 'listen'), ('listen',))
+        self.attrs(elem, ('certfile', 'get_changes', 'keyfile', 'listen'), ('listen',))
         listen = elem.get('listen')
         host, port = self.address(elem, 'listen')
         self.claim_listen(elem, listen, host, port, '<admin>')
@@ -1174,7 +1176,8 @@ class _ConfigReader(object):
             users.append(user)
         if not users:
             raise self.error(elem, '<admin> has no <user>')
-        return Admin(listen, host, port, users, certfile, keyfile, self.lines[elem])
+        get_changes = self.choice(elem, 'get_changes', ('on', 'off')) == 'on'
+        return Admin(listen, host, port, users, certfile, keyfile, self.lines[elem], get_changes)
 
     def user(self, elem):
         self.attrs(elem, ('access', 'name', 'password'), ('name', 'password', 'access'))
@@ -3343,8 +3346,8 @@ class Reload(object):
                 changes.append('admin users')
             director.users = users
         if (old.admin is None) != (new.admin is None) or (
-                old.admin and (old.admin.listen, old.admin.certfile, old.admin.keyfile) !=
-                (new.admin.listen, new.admin.certfile, new.admin.keyfile)):
+                old.admin and (old.admin.listen, old.admin.certfile, old.admin.keyfile, old.admin.get_changes) !=
+                (new.admin.listen, new.admin.certfile, new.admin.keyfile, new.admin.get_changes)):
             changes.append('admin listen/TLS not changed (needs a restart)')
         if (old.user, old.group) != (new.user, new.group):
             changes.append('user/group not changed (needs a restart)')
@@ -3616,7 +3619,8 @@ class Actions(object):
         admin = None
         if self.config.admin is not None:
             old = self.config.admin
-            admin = Admin(old.listen, old.host, old.port, list(self.users.values()), old.certfile, old.keyfile)
+            admin = Admin(old.listen, old.host, old.port, list(self.users.values()), old.certfile, old.keyfile,
+                          get_changes=old.get_changes)
         return Config(self.config.path, services, admin, self.config.logging, self.config.drain,
                       self.config.user, self.config.group)
 
@@ -4066,8 +4070,7 @@ def main(argv=None):
     try:
         director.start()
     except OSError as e:
-        log.error('%s', e.strerror if e.strerror and e.strerror.startswith('cannot listen') else
-                  'cannot listen: %s' % e)
+        log.error('%s', e.strerror if (e.strerror or '').startswith('cannot listen') else 'cannot listen: %s' % e)
         return 1
     admin_server = None
     if config.admin is not None:
@@ -4077,7 +4080,10 @@ def main(argv=None):
         try:
             admin_server = pydirector_admin.start(director, config.admin)
         except OSError as e:
-            log.error('admin cannot listen on %s: %s', config.admin.listen, e)
+            if (e.strerror or '').startswith('cannot listen'):
+                log.error('admin %s', e.strerror)
+            else:
+                log.error('admin cannot listen on %s: %s', config.admin.listen, e)
             director.stop_now()
             return 1
     if ids is not None:
