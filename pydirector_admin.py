@@ -1550,8 +1550,10 @@ def render_explain(info):
         lines.append('host: none (if allowed: %s %s)' % (t(info['host']), t(info.get('address') or '-')))
     if info.get('reason'):
         lines.append('reason: %s' % t(info['reason']))
-    if info.get('check'):
-        lines.append('check: %s' % t(info['check']))
+    check = info.get('check')
+    if check:
+        # check_text() has escaped the bytes already (\r\n, as the config writes them): not twice.
+        lines.append('check: %s' % (check if check.isprintable() else t(check)))
     sticky = info.get('sticky')
     if sticky:
         expires = sticky.get('expires_in')
