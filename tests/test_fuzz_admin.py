@@ -32,7 +32,7 @@ import urllib.parse
 from unittest import mock
 
 import support
-from support import Backend, Balancer, LOG, config_xml, free_port, raw_exchanges, service_xml, wait_until
+from support import BalancerCase, Backend, Balancer, LOG, config_xml, free_port, raw_exchanges, service_xml, wait_until
 
 import pydirector
 import pydirector_admin
@@ -293,7 +293,7 @@ def running_state(balancer):
     return balancer.call(collect)
 
 
-class AdminCase(unittest.TestCase):
+class AdminCase(BalancerCase):
     """A balancer with service web (groups main and spare) and its admin server on an ephemeral port."""
 
     @classmethod
