@@ -3216,6 +3216,104 @@ def reopen_logs():
             handler.close()
 
 
+# SYSTEMD-NOTIFY-START
+class Notifier(object):
+    """Tells systemd how pydirector stands: sd_notify(3)'s protocol, without libsystemd.
+
+    $NOTIFY_SOCKET names an AF_UNIX datagram socket, a path or '@name' (the
+    abstract namespace); each message is one datagram of NAME=value lines.
+    Without it (not started by a Type=notify unit) every method does nothing.
+    WATCHDOG=1 goes out from a timer on the loop, every half $WATCHDOG_USEC:
+    a loop that stops running its timers stops the pings, and systemd
+    restarts the service.
+    """
+
+    def __init__(self, environ=None):
+        environ = os.environ if environ is None else environ
+        text = environ.get('NOTIFY_SOCKET', '')
+        self.address = None
+        if text.startswith('/'):
+            self.address = text
+        elif text.startswith('@') and len(text) > 1:
+            self.address = '\0' + text[1:]
+        elif text:   # e.g. systemd 254's vsock:CID:PORT, for virtual machines
+            log.warning('NOTIFY_SOCKET=%s is not a path or @name: systemd is told nothing', log_value(text))
+        self.watchdog = None      # seconds between pings, when systemd asks for them
+        usec = environ.get('WATCHDOG_USEC', '')
+        pid = environ.get('WATCHDOG_PID', '')
+        if self.address and usec.isdigit() and int(usec) > 0 and pid in ('', str(os.getpid())):
+            self.watchdog = int(usec) / 2e6
+        self.sock = None
+        self.stopped = False
+        self.failed = False
+
+    def send(self, *lines):
+        if self.address is None:
+            return
+        try:
+            if self.sock is None:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                self.sock.setblocking(False)    # a full queue loses a message, never stalls the loop
+            self.sock.sendto('\n'.join(lines).encode('utf-8'), self.address)
+        except OSError as e:
+            if not self.failed:
+                self.failed = True
+                log.warning('cannot notify systemd at %s: %s (not logged again)',
+                            log_value(self.address.replace('\0', '@')), e)
+
+    def ready(self):
+        self.send('READY=1')
+
+    def reloading(self):
+        # MONOTONIC_USEC lets systemd (Type=notify-reload) match this message to its reload.
+        self.send('RELOADING=1', 'MONOTONIC_USEC=%d' % (time.clock_gettime(time.CLOCK_MONOTONIC) * 1e6))
+
+    def stopping(self):
+        if not self.stopped:
+            self.stopped = True
+            self.send('STOPPING=1')
+
+    def start_watchdog(self, loop):
+        if self.watchdog is None:
+            return
+
+        def ping():
+            self.send('WATCHDOG=1')
+            loop.call_later(self.watchdog, ping)
+        loop.call_later(0, ping)
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+class NotifyingDirector(Director):
+    """The Director main() runs: systemd hears of every reload (SIGHUP or the admin's
+    /reload) and of the stop.  READY=1 follows a reload even when it failed: the
+    old config keeps running."""
+
+    def __init__(self, config, notifier, **kwargs):
+        Director.__init__(self, config, **kwargs)
+        self.notifier = notifier
+
+    def reload(self):
+        self.notifier.reloading()
+        try:
+            return Director.reload(self)
+        finally:
+            self.notifier.ready()
+
+    def begin_stop(self, drain):
+        self.notifier.stopping()
+        Director.begin_stop(self, drain)
+
+    def stop_now(self):
+        self.notifier.stopping()
+        Director.stop_now(self)
+# SYSTEMD-NOTIFY-END
+
+
 def raise_fd_limit():
     """Each client costs two fds; take the hard limit the administrator allows."""
     try:
@@ -3349,7 +3447,8 @@ def main(argv=None):
     lighten_logging()
     setup_logging(config, args.verbose)
     raise_fd_limit()
-    director = Director(config)
+    notifier = Notifier()
+    director = NotifyingDirector(config, notifier)
 
     def on_signal(signum, frame):
         # Only hand the loop a call: handlers must not touch state mid-event.
@@ -3400,6 +3499,8 @@ def main(argv=None):
             return 1
         log.info('running as uid %d, gid %d', os.getuid(), os.getgid())
 
+    notifier.ready()    # listening, admin too, privileges dropped
+    notifier.start_watchdog(director.loop)
     try:
         director.loop.run()
     finally:

@@ -27,6 +27,11 @@ Reading (GET or HEAD):
     /explain?service=S&client=IP[&format=json]
                     which host that client would get now and why, one fact
                     per line (or the director's dict as JSON); changes nothing
+    /healthz        for keepalived and load balancers in front, no credentials:
+                    200 "OK" when the balancer loop answers within 1 s and
+                    every service's enabled group has a host up (and not
+                    draining); else 503 "DOWN N", N the services with none,
+                    or "DOWN" alone when the loop did not answer
 
 Changing (GET with a query string, as wget does, or POST with a form body):
     addHost?service=S&group=G&name=N&ip=H:P[&weight=W][&maxconns=M][&send_proxy=v1|v2]
@@ -73,6 +78,9 @@ refused, and log lines escape what they quote.  Requests are bounded in
 size and time.  Past 1024 connections still sending a request (or a quarter
 of the open-file limit) the oldest of them is closed, never the new one, so
 clients that trickle their requests cannot lock the operator out.
+
+/healthz is the one page without credentials (keepalived's check reads
+it); it tells no more than OK or DOWN N.
 
 Command line (the original's compareconf): plan and make a config change
 across a fleet through this API, without restarting anything.
@@ -159,6 +167,8 @@ LISTEN_BACKLOG = 128
 MAX_SWITCH_SECONDS = 86400    # the most enableGroup's drain and rollback take, as config seconds do
 AUTH_CACHE_SIZE = 1024
 REALM = 'pydirector'
+HEALTHZ = '/healthz'
+HEALTHZ_LOOP_TIMEOUT = 1.0    # seconds; a loop slower than that is a node to fail over from
 
 # path: (handler method, needs full access).  Paths whose method is an
 # action_* change state: they take GET or POST and the cross-site check;
@@ -187,6 +197,7 @@ ROUTES = {
     '/closeLog': ('action_close_log', True),
     '/reload': ('action_reload', True),
     '/explain': ('page_explain', False),
+    HEALTHZ: ('page_healthz', False),       # the one page without credentials
 }
 
 
@@ -915,7 +926,10 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
                 raise Reply(400, 'bad request target')
             path = url.path
             body = self.read_body()
-            user, access = self.authenticate()
+            if path == HEALTHZ:     # for keepalived's check; it tells no more than OK or DOWN N
+                user, access = None, None
+            else:
+                user, access = self.authenticate()
             route = ROUTES.get(path)
             if route is None:
                 raise Reply(404, 'no page %s' % path)
@@ -1138,6 +1152,28 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
             self.send(200, json.dumps(info, indent=1, sort_keys=True) + '\n', 'application/json')
         else:
             self.send(200, render_explain(info), 'text/plain; charset=utf-8')
+
+    def page_healthz(self, params, user, access):
+        """OK when the loop answers within a second and every service's enabled group
+        has a host up (healthy, not draining); else 503 DOWN and how many services have
+        none, or DOWN alone when the loop did not answer."""
+        take(params)
+        director = self.server.director
+        try:
+            snapshot = director.loop.call(director.snapshot, timeout=HEALTHZ_LOOP_TIMEOUT)
+        except LoopTimeout:
+            log.warning('admin: the loop did not answer /healthz within %g s', HEALTHZ_LOOP_TIMEOUT)
+            self.send(503, 'DOWN\n', 'text/plain; charset=utf-8')
+            return
+        down = 0
+        for service in snapshot['services']:
+            enabled = [g for g in service['groups'] if g['enabled']]
+            if not any(h['state'] == 'up' for g in enabled for h in g['hosts']):
+                down += 1
+        if down:
+            self.send(503, 'DOWN %d\n' % down, 'text/plain; charset=utf-8')
+        else:
+            self.send(200, 'OK\n', 'text/plain; charset=utf-8')
 
     # -- changes: each returns what was done, or raises Reply / AdminError ------
 
