@@ -30,8 +30,9 @@ Reading (GET or HEAD):
     /healthz        for keepalived and load balancers in front, no credentials:
                     200 "OK" when the balancer loop answers within 1 s and
                     every service's enabled group has a host up (and not
-                    draining); else 503 "DOWN N", N the services with none,
-                    or "DOWN" alone when the loop did not answer
+                    draining); else 503 "DOWN N", N the services with none
+                    (all of them once stopping), or "DOWN" alone when the
+                    loop did not answer
 
 Changing (GET with a query string, as wget does, or POST with a form body):
     addHost?service=S&group=G&name=N&ip=H:P[&weight=W][&maxconns=M][&send_proxy=v1|v2]
@@ -1156,11 +1157,13 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
     def page_healthz(self, params, user, access):
         """OK when the loop answers within a second and every service's enabled group
         has a host up (healthy, not draining); else 503 DOWN and how many services have
-        none, or DOWN alone when the loop did not answer."""
+        none, or DOWN alone when the loop did not answer.  Once stopping (SIGTERM:
+        draining, no new clients) every service counts as down."""
         take(params)
         director = self.server.director
         try:
-            snapshot = director.loop.call(director.snapshot, timeout=HEALTHZ_LOOP_TIMEOUT)
+            stopping, snapshot = director.loop.call(lambda: (director.stopping, director.snapshot()),
+                                                    timeout=HEALTHZ_LOOP_TIMEOUT)
         except LoopTimeout:
             log.warning('admin: the loop did not answer /healthz within %g s', HEALTHZ_LOOP_TIMEOUT)
             self.send(503, 'DOWN\n', 'text/plain; charset=utf-8')
@@ -1168,7 +1171,7 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
         down = 0
         for service in snapshot['services']:
             enabled = [g for g in service['groups'] if g['enabled']]
-            if not any(h['state'] == 'up' for g in enabled for h in g['hosts']):
+            if stopping or not any(h['state'] == 'up' for g in enabled for h in g['hosts']):
                 down += 1
         if down:
             self.send(503, 'DOWN %d\n' % down, 'text/plain; charset=utf-8')

@@ -52,9 +52,13 @@ class HealthzTest(unittest.TestCase):
             ('spare', 'roundrobin', [('s1', self.s1.address)]),
         ], enable='main')
         mail = service_xml([('gone', '127.0.0.1:%d' % free_port())], name='mail')
+        self.start(web + mail)
+
+    def start(self, services):
+        """The balancer and its admin server (on an ephemeral port)."""
         admin = ('  <admin listen="127.0.0.1:%d">\n    <user name="admin" password="%s" access="full"/>\n  </admin>\n'
                  % (free_port(), password_hash()))
-        self.bal = Balancer(config_xml(web + mail + admin))
+        self.bal = Balancer(config_xml(services + admin))
         self.addCleanup(self.bal.stop)
         a = self.bal.config.admin
         self.server = pydirector_admin.start(self.bal.director, pydirector.Admin(a.listen, a.host, 0, a.users))
@@ -126,6 +130,20 @@ class HealthzTest(unittest.TestCase):
         self.assertFalse(release.is_set())    # answered while the loop was still stuck
         release.set()
         self.assertEqual(self.fetch('/healthz')[2], b'OK\n')
+
+    def test_stopping_is_down(self):
+        # SIGTERM's drain: no new clients are taken, so the address must go elsewhere.
+        self.server.stop()
+        self.bal.stop()
+        held = Backend(support.hold_open, 'held')
+        self.addCleanup(held.close)
+        self.start(service_xml([('held', held.address)]) + service_xml([('n1', self.n1.address)], name='mail'))
+        client = socket.create_connection(('127.0.0.1', self.bal.port()), timeout=10)
+        self.addCleanup(client.close)
+        wait_until(lambda: held.open == 1)
+        self.assertEqual(self.fetch('/healthz')[2], b'OK\n')
+        self.bal.call(self.bal.director.begin_stop, 30)
+        self.assertEqual(self.fetch('/healthz'), (503, 'text/plain; charset=utf-8', b'DOWN 2\n'))
 
     def test_every_other_page_needs_credentials(self):
         for path in sorted(set(pydirector_admin.ROUTES) - {'/healthz'}) + ['/healthz/', '/HEALTHZ', '/nothing']:
