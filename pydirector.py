@@ -3244,16 +3244,17 @@ class Notifier(object):
         if self.address and usec.isdigit() and int(usec) > 0 and pid in ('', str(os.getpid())):
             self.watchdog = int(usec) / 2e6
         self.sock = None
+        if self.address:
+            # Made now, once: the loop (pings, stop) and a reload's thread both send.
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self.sock.setblocking(False)    # a full queue loses a message, never stalls the loop
         self.stopped = False
         self.failed = False
 
     def send(self, *lines):
-        if self.address is None:
+        if self.sock is None:
             return
         try:
-            if self.sock is None:
-                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-                self.sock.setblocking(False)    # a full queue loses a message, never stalls the loop
             self.sock.sendto('\n'.join(lines).encode('utf-8'), self.address)
         except OSError as e:
             if not self.failed:

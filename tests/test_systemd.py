@@ -168,7 +168,7 @@ class NotifierTest(unittest.TestCase):
         pid = str(os.getpid())
         cases = [
             ({}, None, None),
-            ({'NOTIFY_SOCKET': '/run/systemd/notify'}, '/run/systemd/notify', None),
+            ({'NOTIFY_SOCKET': '/nonexistent/notify'}, '/nonexistent/notify', None),
             ({'NOTIFY_SOCKET': '@sd'}, '\0sd', None),
             ({'NOTIFY_SOCKET': '@sd', 'WATCHDOG_USEC': '3000000'}, '\0sd', 1.5),
             ({'NOTIFY_SOCKET': '@sd', 'WATCHDOG_USEC': '3000000', 'WATCHDOG_PID': pid}, '\0sd', 1.5),
@@ -180,9 +180,9 @@ class NotifierTest(unittest.TestCase):
         for environ, address, watchdog in cases:
             notifier = pydirector.Notifier(environ)
             self.assertEqual((notifier.address, notifier.watchdog), (address, watchdog), environ)
-            notifier.send('READY=1')    # unset: a no-op, no socket made
             if address is None:
-                self.assertIsNone(notifier.sock)
+                self.assertIsNone(notifier.sock)     # no socket at all,
+                notifier.ready()                     # and nothing to send to
             notifier.close()
 
     def test_bad_address_is_logged_and_ignored(self):
