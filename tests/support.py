@@ -48,11 +48,15 @@ def _port_block():
     first = max(1024, low - PORT_BLOCKS * PORT_BLOCK)
     for start in range(first, low - PORT_BLOCK + 1, PORT_BLOCK):
         path = os.path.join(tempfile.gettempdir(), 'pydirector-test-ports-%d.lock' % start)
-        lock = open(path, 'a')
+        try:
+            # Read-only is enough for flock, and works on a file another user made.
+            lock = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+        except OSError:
+            continue
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            lock.close()
+            os.close(lock)
             continue
         _port_state['lock'] = lock      # held until the process exits
         return start
