@@ -1375,14 +1375,14 @@ class BaseLoop(object):
     def _handler_failed(self, fd, handler):
         """A handler raised: log once, stop watching its fd, and close what it belongs to."""
         log.exception('unexpected error in %s; closing it', describe(handler))
-        if self._handlers.get(fd) is handler:
-            self.remove(fd)
         close = getattr(getattr(handler, '__self__', None), 'close_on_error', None)
         if close is not None:
             try:
-                close()
+                close()     # the owner drops its own fds
             except Exception:
                 log.exception('closing %s after its error failed too', describe(handler))
+        if self._handlers.get(fd) is handler:
+            self.remove(fd)     # whatever it left, it must not fire again
 
     def run(self):
         self.thread_ident = threading.get_ident()

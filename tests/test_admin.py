@@ -492,6 +492,25 @@ class ChangeTest(AdminCase):
         self.change('/addHost?service=web&group=main&name=%FF&ip=127.0.0.1:9', 400)
         self.assertNotIn('x', self.hosts())
 
+    def test_add_host_refuses_what_the_config_refuses(self):
+        # Bug 1 of the structure issue: these were added, and running.xml then failed to load.
+        for ip, why in (('*:80', "ip '*:80': '*' is for listening; a host needs an address"),
+                        ('[::]:80', "ip '[::]:80': '::' means any address, for listening; a host needs an address"),
+                        ('0.0.0.0:80', "ip '0.0.0.0:80': '0.0.0.0' means any address, for listening; "
+                                       "a host needs an address")):
+            body = self.change('/addHost?' + urllib.parse.urlencode(
+                {'service': 'web', 'group': 'main', 'name': 'x', 'ip': ip}), 400)
+            self.assertEqual(body, 'ERROR %s\n' % why)
+        self.assertNotIn('x', self.hosts())
+        pydirector.parse_config(self.fetch('/running.xml').body, 'running.xml')   # still loads
+        # The config file says the same, word for word (one validator).
+        with self.assertRaises(pydirector.ConfigError) as cm:
+            pydirector.parse_config('<pdconfig><service name="s"><listen ip="*:1"/><group name="g" '
+                                    'scheduler="random"><host name="x" ip="[::]:80"/></group></service>'
+                                    '</pdconfig>', 'x.xml')
+        self.assertEqual(str(cm.exception), "x.xml:1: <host> ip '[::]:80': '::' means any address, for "
+                                            "listening; a host needs an address")
+
     def test_control_characters_cannot_forge_log_lines(self):
         mark = LOG.mark()
         body = self.change('/addHost?service=web&group=main&name=x%0Dforged%0Aline&ip=127.0.0.1:9', 400)
@@ -714,6 +733,24 @@ class ReloadTest(AdminCase):
         self.assertEqual(self.hosts(), ['n1', 'n2'])
         LOG.wait_for('admin: user admin from 127.0.0.1: reloaded %s: ' % self.path, mark)
         self.assertIsNotNone(json.loads(self.fetch('/running.json').body)['reloaded'])
+
+    def test_config_xml_is_the_file_as_last_loaded_read_on_the_loop(self):
+        # Bug 4: the admin thread read it while a reload rewrote it on the loop.  Now it
+        # is what the last reload loaded, read on the loop thread.
+        self.write(service_xml([('n1', self.n1.address), ('n2', self.n2.address)], listen_port=self.listen))
+        self.change('/reload')
+        self.assertEqual(self.fetch('/config.xml').body, pydirector.load_config(self.path).to_xml())
+        director = self.bal.director
+        threads = []
+        real = director.loaded_config_xml
+
+        def recording():
+            threads.append(threading.get_ident())
+            return real()
+        director.loaded_config_xml = recording
+        self.addCleanup(delattr, director, 'loaded_config_xml')
+        self.assertEqual(self.fetch('/config.xml').status, 200)
+        self.assertEqual(threads, [director.loop.thread_ident])
 
     def test_invalid_file_changes_nothing(self):
         before = self.fetch('/running.xml').body
