@@ -2595,7 +2595,7 @@ class Pair(object):
             if self.splice_up is None:
                 self._relay(self.client_sock, self.backend_sock, True)
             else:
-                self._splice_in(self.splice_up, self.client_sock, self.backend_sock, True)
+                self.splice_up.pull(self, self.client_sock, self.backend_sock, True)
         if mask & EVENT_WRITE and self.state is STREAMING:
             self._flush(False)
 
@@ -2613,7 +2613,7 @@ class Pair(object):
             if self.splice_down is None:
                 self._relay(self.backend_sock, self.client_sock, False)
             else:
-                self._splice_in(self.splice_down, self.backend_sock, self.client_sock, False)
+                self.splice_down.pull(self, self.backend_sock, self.client_sock, False)
         if mask & EVENT_WRITE and self.state is STREAMING:
             self._flush(True)
 
@@ -2679,40 +2679,6 @@ class Pair(object):
             return self.to_backend or (self.splice_up is not None and self.splice_up.pending)
         return self.to_client or (self.splice_down is not None and self.splice_down.pending)
 
-    # -- the splice fast path: bulk bytes go socket -> pipe -> socket in the kernel
-
-    def _splice_in(self, pipe, source, dest, upstream):
-        try:
-            size = splice(source.fileno(), pipe.w, SPLICE_SIZE, flags=SPLICE_FLAGS)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self.abort('client-reset' if upstream else 'backend-reset')
-            return
-        if not size:
-            self._source_eof(upstream)
-            return
-        self.last_active = self.loop.now
-        if upstream:
-            self.bytes_in += size
-        else:
-            self.bytes_out += size
-        pipe.pending = size
-        self._splice_out(pipe, dest, upstream)
-
-    def _splice_out(self, pipe, dest, upstream):
-        """Move what the pipe holds on to dest; like _flush, pending bytes stop the source."""
-        was_pending = self._pending(upstream)
-        try:
-            sent = splice(pipe.r, dest.fileno(), pipe.pending, flags=SPLICE_FLAGS)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            self.abort('backend-reset' if upstream else 'client-reset')
-            return
-        pipe.pending -= sent
-        self._sent_all_or_wait(upstream, dest, was_pending)
-
     def _flush(self, upstream):
         """dest became writable: send what it refused before, then resume reading the source."""
         pipe = self.splice_up if upstream else self.splice_down
@@ -2721,7 +2687,7 @@ class Pair(object):
         else:
             dest, pending = self.client_sock, self.to_client
         if pipe is not None and not pending:
-            self._splice_out(pipe, dest, upstream)
+            pipe.push(self, dest, upstream)
             return
         if not pending:
             self._update_interest()
@@ -2882,6 +2848,39 @@ class Splice(object):
             return None
         Splice.count += 1
         return cls(r, w)
+
+    def pull(self, pair, source, dest, upstream):
+        """source is readable: move what it has into the pipe, then on to dest."""
+        try:
+            size = splice(source.fileno(), self.w, SPLICE_SIZE, flags=SPLICE_FLAGS)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pair.abort('client-reset' if upstream else 'backend-reset')
+            return
+        if not size:
+            pair._source_eof(upstream)
+            return
+        pair.last_active = pair.loop.now
+        if upstream:
+            pair.bytes_in += size
+        else:
+            pair.bytes_out += size
+        self.pending = size
+        self.push(pair, dest, upstream)
+
+    def push(self, pair, dest, upstream):
+        """Move what the pipe holds on to dest; as with a plain direction, pending bytes stop the source."""
+        was_pending = pair._pending(upstream)
+        try:
+            sent = splice(self.r, dest.fileno(), self.pending, flags=SPLICE_FLAGS)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            pair.abort('backend-reset' if upstream else 'client-reset')
+            return
+        self.pending -= sent
+        pair._sent_all_or_wait(upstream, dest, was_pending)
 
     def close(self):
         os.close(self.r)
