@@ -27,8 +27,8 @@ import unittest
 import urllib.parse
 
 import support
-from support import (Backend, Balancer, BalancerProcess, LOG, PYDIRECTOR, config_xml, connect, exchange,
-                     free_port, recv_all, service_xml, wait_until)
+from support import (BalancerCase, BalancerProcess, LOG, PYDIRECTOR, config_xml, connect, exchange, free_port,
+                     recv_all, service_xml, wait_until)
 
 import pydirector
 import pydirector_admin
@@ -50,12 +50,14 @@ def admin_block(password_hash=FAST_HASH, extra=''):
             '  </admin>\n' % (free_port(), extra, password_hash))
 
 
-def start_admin(balancer, get_changes=False):
-    """The admin server of an in-process balancer, on a port of its own."""
-    a = balancer.config.admin
+def start_admin(test, get_changes=False):
+    """The admin server of the test's balancer, on a port of its own; stopped by a cleanup."""
+    a = test.balancer.config.admin
     admin = pydirector.Admin(a.listen, a.host, 0, a.users)
     admin.get_changes = get_changes     # an attribute, not an argument: the old code runs these tests too
-    return pydirector_admin.start(balancer.director, admin)
+    server = pydirector_admin.start(test.balancer.director, admin)
+    test.addCleanup(server.stop)
+    return server
 
 
 def fetch(port, path, method='GET', body=None, user='admin', password=PASSWORD, source='127.0.0.1',
@@ -108,19 +110,19 @@ def address_space_limit(limit):
 # 1. The config file a reload reads: off the loop, only a regular file, capped.
 # ---------------------------------------------------------------------------
 
-class ConfigFileTest(unittest.TestCase):
+class ConfigFileTest(BalancerCase):
     """A reload (SIGHUP, /reload) or --check on a FIFO, /dev/zero or a huge file is refused
     at once; a big valid file parses while the loop goes on serving; SIGTERM always works."""
 
     def setUp(self):
-        self.backend = Backend(support.say_name, 'one')
-        self.addCleanup(self.backend.close)
+        BalancerCase.setUp(self)
+        self.one = self.backend(support.say_name, 'one')
         self.dir = tempfile.mkdtemp(prefix='pydirector-harden-')
         self.addCleanup(shutil.rmtree, self.dir, True)
 
     def process(self, preexec_fn=None):
         listen = free_port()
-        xml = config_xml(service_xml([('one', self.backend.address)], listen_port=listen))
+        xml = config_xml(service_xml([('one', self.one.address)], listen_port=listen))
         if preexec_fn is None:
             proc = BalancerProcess(xml, wait_port=listen)
         else:
@@ -198,11 +200,8 @@ class ConfigFileTest(unittest.TestCase):
 
     def admin_balancer(self):
         path = os.path.join(self.dir, 'live.xml')
-        balancer = Balancer(config_xml(service_xml([('one', self.backend.address)]) + admin_block()), path=path)
-        self.addCleanup(balancer.stop)
-        server = start_admin(balancer)
-        self.addCleanup(server.stop)
-        return balancer, server.server_address[1], path
+        balancer = self.start(service_xml([('one', self.one.address)]) + admin_block(), path=path)
+        return balancer, start_admin(self).server_address[1], path
 
     def test_the_loop_serves_while_a_reload_parses(self):
         balancer, admin_port, path = self.admin_balancer()
@@ -269,39 +268,39 @@ def answer_with(data):
     return handler
 
 
-class StreamingBackendTest(unittest.TestCase):
+class StreamingBackendTest(BalancerCase):
     """A probe reads at most PROBE_READ_LIMIT bytes and stops once the answer decides,
     so a backend that streams forever is down for a clear reason and costs no CPU."""
 
     def setUp(self):
-        self.backend = Backend(stream_forever, 'flood')
-        self.addCleanup(self.backend.close)
+        BalancerCase.setUp(self)
+        self.flood = self.backend(stream_forever, 'flood')
 
     def test_probe_returns_once_the_limit_is_read(self):
         # The old probe read until its timeout, copying what it had at every chunk.
-        result = pydirector.probe('127.0.0.1', self.backend.port, 20.0, b'GET / HTTP/1.0\r\n\r\n', b'200')
+        result = pydirector.probe('127.0.0.1', self.flood.port, 20.0, b'GET / HTTP/1.0\r\n\r\n', b'200')
         self.assertEqual(result[:2], (False, "b'200' not in the first 16384 bytes"))
 
     def test_status_check_gives_up_at_the_first_bytes(self):
-        result = pydirector.probe('127.0.0.1', self.backend.port, 20.0, b'GET / HTTP/1.0\r\n\r\n',
+        result = pydirector.probe('127.0.0.1', self.flood.port, 20.0, b'GET / HTTP/1.0\r\n\r\n',
                                   status=((200, 399),))
         self.assertEqual(result[:2], (False, "not an HTTP answer: b'%s'" % ('x' * 40)))
 
     def test_host_goes_down_and_the_balancer_stays_idle(self):
         listen = free_port()
         check = '    <check interval="0.1" timeout="1" rise="1" fall="1" send="%s" expect="200"/>\n' % HTTP_GET
-        proc = BalancerProcess(config_xml(service_xml([('flood', self.backend.address)], listen_port=listen,
+        proc = BalancerProcess(config_xml(service_xml([('flood', self.flood.address)], listen_port=listen,
                                                       extra=check)), wait_port=listen)
         self.addCleanup(proc.close)
         stat = '/proc/%d/stat' % proc.proc.pid
-        wait_until(lambda: self.backend.accepted >= 1, 10)
-        cpu, wall, probes = support.cpu_seconds_of(stat), time.monotonic(), self.backend.accepted
-        wait_until(lambda: self.backend.accepted >= probes + 5, 30)
+        wait_until(lambda: self.flood.accepted >= 1, 10)
+        cpu, wall, probes = support.cpu_seconds_of(stat), time.monotonic(), self.flood.accepted
+        wait_until(lambda: self.flood.accepted >= probes + 5, 30)
         share = (support.cpu_seconds_of(stat) - cpu) / (time.monotonic() - wall)
         # Each old probe took a core for its whole timeout; now it reads 16 KiB and hangs up.
         self.assertLess(share, 0.3, 'the balancer used %.0f%% of a core while probing' % (100 * share))
         line = ("host flood (%s) in web/main down: b'200' not in the first 16384 bytes (1 failed probes)"
-                % self.backend.address)
+                % self.flood.address)
         wait_until(lambda: line in proc.output(), 10, message=proc.output()[-2000:])
 
 
@@ -342,22 +341,26 @@ class CountingChecks(object):
             return len(self.stored)
 
 
-class PasswordFloodTest(unittest.TestCase):
-    """Admin logins as an attacker makes them.  The user has a hash of the default
-    strength (each check costs ~0.1-0.3 s of a core).  Each test sends from its own
-    loopback address (127.0.0.N), so the per-address limits of one don't reach another."""
+_DEFAULT_HASH = []
 
-    @classmethod
-    def setUpClass(cls):
-        cls.stored = pydirector.hash_password(PASSWORD)
-        cls.bal = Balancer(config_xml(service_xml([('one', '127.0.0.1:9')]) + admin_block(cls.stored)))
-        cls.server = start_admin(cls.bal)
-        cls.port = cls.server.server_address[1]
 
-    @classmethod
-    def tearDownClass(cls):
-        cls.server.stop()
-        cls.bal.stop()
+def default_hash():
+    """One hash of the default strength for the whole file (a check of it costs ~0.1-0.3 s)."""
+    if not _DEFAULT_HASH:
+        _DEFAULT_HASH.append(pydirector.hash_password(PASSWORD))
+    return _DEFAULT_HASH[0]
+
+
+class PasswordFloodTest(BalancerCase):
+    """Admin logins as an attacker makes them, against a user whose hash has the default
+    strength.  Clients send from loopback addresses of their own (127.0.0.N), where the
+    per-address limits are the point."""
+
+    def setUp(self):
+        BalancerCase.setUp(self)
+        self.stored = default_hash()
+        self.start(service_xml([('one', '127.0.0.1:9')]) + admin_block(self.stored))
+        self.port = start_admin(self).server_address[1]
 
     def counting(self, gate=None):
         checks = CountingChecks(gate)
@@ -452,27 +455,18 @@ class PasswordFloodTest(unittest.TestCase):
 # 4. Changes are POST-only (GET with <admin get_changes="on">), in real Chromium too.
 # ---------------------------------------------------------------------------
 
-class PostOnlyTest(unittest.TestCase):
+class PostOnlyTest(BalancerCase):
     """A change as GET is 405 and changes nothing, unless <admin get_changes="on">."""
 
-    @classmethod
-    def setUpClass(cls):
-        cls.bal = Balancer(config_xml(service_xml([('n1', '127.0.0.1:9'), ('n2', '127.0.0.1:10')]) +
-                                      admin_block()))
-        cls.strict = start_admin(cls.bal)
-        cls.lax = start_admin(cls.bal, get_changes=True)
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.strict.stop()
-        cls.lax.stop()
-        cls.bal.stop()
+    def setUp(self):
+        BalancerCase.setUp(self)
+        self.start(service_xml([('n1', '127.0.0.1:9'), ('n2', '127.0.0.1:10')]) + admin_block())
 
     def admin_state(self, name):
-        return self.bal.host(name)['admin']
+        return self.balancer.host(name)['admin']
 
     def test_get_is_405_and_names_the_way_out(self):
-        port = self.strict.server_address[1]
+        port = start_admin(self).server_address[1]
         status, headers, body = fetch(port, '/hostAdminDown?service=web&group=main&name=n1')
         self.assertEqual((status, headers.get('Allow')), (405, 'POST'))
         self.assertEqual(body, 'ERROR changes are POST requests: wget --post-data=... or curl -d ... '
@@ -480,11 +474,10 @@ class PostOnlyTest(unittest.TestCase):
         self.assertEqual(self.admin_state('n1'), 'enabled')
         status, _, body = fetch(port, '/hostAdminDown', 'POST', 'service=web&group=main&name=n1')
         self.assertEqual((status, body), (200, 'OK draining host n1 in web/main (0 open)\n'))
-        fetch(port, '/hostAdminUp', 'POST', 'service=web&group=main&name=n1')
-        self.assertEqual(self.admin_state('n1'), 'enabled')
+        self.assertEqual(self.admin_state('n1'), 'draining')
 
     def test_get_changes_on_allows_get_with_a_query_string(self):
-        port = self.lax.server_address[1]
+        port = start_admin(self, get_changes=True).server_address[1]
         status, _, body = fetch(port, '/hostAdminDown?service=web&group=main&name=n2')
         self.assertEqual((status, body), (200, 'OK draining host n2 in web/main (0 open)\n'))
         self.assertEqual(self.admin_state('n2'), 'draining')
@@ -678,7 +671,7 @@ class AttackerSite(object):
 
 
 @unittest.skipUnless(os.path.exists(CHROMIUM), '%s not installed (CI installs Debian chromium)' % CHROMIUM)
-class ChromiumCrossSiteTest(unittest.TestCase):
+class ChromiumCrossSiteTest(BalancerCase):
     """An operator's browser with cached Basic credentials for a plain-HTTP admin
     opens a page on another site, which tries an <img> GET, a form POST and a
     fetch() POST of a change.  Nothing changes.
@@ -690,19 +683,13 @@ class ChromiumCrossSiteTest(unittest.TestCase):
     (Debian Chromium's new profiles) cached credentials are not sent cross-site
     at all and the test would prove nothing: the control below checks they are."""
 
-    @classmethod
-    def setUpClass(cls):
-        cls.bal = Balancer(config_xml(service_xml([('n1', '127.0.0.1:9'), ('n2', '127.0.0.1:10')]) +
-                                      admin_block()))
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.bal.stop()
+    def setUp(self):
+        BalancerCase.setUp(self)
+        self.bal = self.start(service_xml([('n1', '127.0.0.1:9'), ('n2', '127.0.0.1:10')]) + admin_block())
 
     def attack(self, get_changes):
         """Log in, open the attacker's page; the page's requests to the admin, by kind."""
-        server = start_admin(self.bal, get_changes)
-        self.addCleanup(server.stop)
+        server = start_admin(self, get_changes)
         admin = 'http://lb1.example:%d' % server.server_address[1]
         site = AttackerSite(admin)
         self.addCleanup(site.close)
@@ -749,7 +736,6 @@ class ChromiumCrossSiteTest(unittest.TestCase):
     def test_control_get_changes_on_lets_the_img_through(self):
         # The control: with 1.0's GET changes allowed, the same page does drain n1 (so the
         # test above is not passing because the browser sent nothing).  POSTs stay refused.
-        self.addCleanup(self.bal.call, self.bal.director.host_admin_up, 'web', 'main', 'n1')
         kinds, found = self.attack(get_changes=True)
         self.assertEqual(sorted(r['status'] for r in found), [200, 403, 403], found)
         self.assertEqual(kinds['img']['status'], 200)
@@ -766,15 +752,13 @@ def pseudo_random(n, seed):
 
 
 @unittest.skipIf(pydirector.splice is None, 'os.splice needs Linux and Python 3.10+')
-class SplicePipeTest(unittest.TestCase):
+class SplicePipeTest(BalancerCase):
     """A bulk direction moves through a pipe of the kernel's default size (64 KiB, as
     much as a plain direction holds), and past MAX_PIPES pipes directions stay plain."""
 
     def setUp(self):
-        self.backend = Backend(support.digest_until_eof, 'digest')
-        self.addCleanup(self.backend.close)
-        self.bal = Balancer(config_xml(service_xml([('digest', self.backend.address)])))
-        self.addCleanup(self.bal.stop)
+        BalancerCase.setUp(self)
+        self.bal = self.start(service_xml([('digest', self.backend(support.digest_until_eof, 'digest').address)]))
 
     def start_upload(self, size, seed):
         """A client that has sent size bytes (past SPLICE_AFTER) and holds its connection open."""
@@ -838,29 +822,22 @@ ANSWER_200 = b'HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok'
 ANSWER_SSH = b'SSH-2.0-OpenSSH_9.2\r\n'
 
 
-class StatusCheckTest(unittest.TestCase):
+class StatusCheckTest(BalancerCase):
     """A 503 whose headers happen to hold '200' passes expect="200" (a substring match,
     as documented) and fails status="200-399"; an answer that is not HTTP fails status."""
 
-    @classmethod
-    def setUpClass(cls):
-        cls.backends = [Backend(answer_with(ANSWER_503), 'busy'), Backend(answer_with(ANSWER_200), 'fine'),
-                        Backend(answer_with(ANSWER_SSH), 'ssh')]
-        busy, fine, ssh = cls.backends
+    def setUp(self):
+        BalancerCase.setUp(self)
+        self.backends = [self.backend(answer_with(ANSWER_503), 'busy'), self.backend(answer_with(ANSWER_200), 'fine'),
+                         self.backend(answer_with(ANSWER_SSH), 'ssh')]
+        busy, fine, ssh = self.backends
         check = '    <check interval="0.1" timeout="2" rise="1" fall="1" send="%s" %s/>\n'
-        cls.bal = Balancer(config_xml(
+        self.bal = self.start(
             service_xml([('busy', busy.address)], name='expect', extra=check % (HTTP_GET, 'expect="200"')),
             service_xml([('fine', fine.address), ('busy', busy.address), ('ssh', ssh.address)], name='status',
                         extra=check % (HTTP_GET, 'status="200-399"')),
-            admin_block()))
-        cls.server = start_admin(cls.bal)
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.server.stop()
-        cls.bal.stop()
-        for backend in cls.backends:
-            backend.close()
+            admin_block())
+        self.server = start_admin(self)
 
     def test_expect_alone_is_a_substring_match(self):
         busy = self.backends[0]
@@ -934,9 +911,10 @@ NO_SUCH_USER = 'pd-no-such-user'
 NO_SUCH_GROUP = 'pd-no-such-group'
 
 
-class UnusableNamesTest(unittest.TestCase):
+class UnusableNamesTest(BalancerCase):
 
     def setUp(self):
+        BalancerCase.setUp(self)
         self.dir = tempfile.mkdtemp(prefix='pydirector-harden-')
         self.addCleanup(shutil.rmtree, self.dir, True)
 
@@ -958,10 +936,8 @@ class UnusableNamesTest(unittest.TestCase):
                          "x.xml:%d: user name 'ops:team' contains ':', which HTTP Basic credentials cannot carry" % line)
 
     def test_colon_in_a_user_name_from_add_user(self):
-        bal = Balancer(config_xml(service_xml([('one', '127.0.0.1:9')]) + admin_block()))
-        self.addCleanup(bal.stop)
-        server = start_admin(bal)
-        self.addCleanup(server.stop)
+        bal = self.start(service_xml([('one', '127.0.0.1:9')]) + admin_block())
+        server = start_admin(self)
         status, _, body = fetch(server.server_address[1], '/addUser', 'POST',
                                 'name=ops%3Ateam&password=x&access=full')
         self.assertEqual((status, body), (400, "ERROR user name 'ops:team' contains ':', which HTTP Basic "
@@ -1009,17 +985,15 @@ class UnusableNamesTest(unittest.TestCase):
 # 8. Small ones: one line for a bad PROXY header; a failed bind says which address.
 # ---------------------------------------------------------------------------
 
-class SmallOnesTest(unittest.TestCase):
+class SmallOnesTest(BalancerCase):
 
     def test_a_bad_proxy_header_is_logged_once_and_its_timer_goes(self):
-        backend = Backend(support.say_name, 'one')
-        self.addCleanup(backend.close)
+        backend = self.backend(support.say_name, 'one')
         listen = free_port()
         xml = config_xml(service_xml([('one', backend.address)], listen_port=listen,
                                      extra='    <timeouts connect="0.3"/>\n').replace(
             '<listen ip="127.0.0.1:%d"/>' % listen, '<listen ip="127.0.0.1:%d" accept_proxy="v1"/>' % listen))
-        bal = Balancer(xml)
-        self.addCleanup(bal.stop)
+        bal = self.start(xml)
         loop = bal.director.loop
         mark = LOG.mark()
         sock = connect(listen)
