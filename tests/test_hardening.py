@@ -360,7 +360,9 @@ class PasswordFloodTest(BalancerCase):
         BalancerCase.setUp(self)
         self.stored = default_hash()
         self.start(service_xml([('one', '127.0.0.1:9')]) + admin_block(self.stored))
-        self.port = start_admin(self).server_address[1]
+        self.server = start_admin(self)
+        self.server.refusal_delay = 0    # what is answered, here; test_a_waiting_address_is_held_back: when
+        self.port = self.server.server_address[1]
 
     def counting(self, gate=None):
         checks = CountingChecks(gate)
@@ -441,6 +443,32 @@ class PasswordFloodTest(BalancerCase):
         answers = [self.login('127.0.0.4', user='nobody%d' % i)[0] for i in range(5)]
         self.assertEqual(answers, [401] * 4 + [429])
         self.assertEqual(checks.calls, 5)
+
+    def test_a_waiting_address_is_held_back(self):
+        # A client told to wait that retries at once gets its next answer no sooner than
+        # refusal_delay (a timer in the reader, no worker, no call to the balancer's loop),
+        # so 64 of them cost the data plane nothing; cached credentials are not held.
+        self.server.refusal_delay = 0.5
+        self.assertEqual(self.login('127.0.0.8', PASSWORD)[0], 200)     # cached from here on
+        for _ in range(12):
+            self.server.passwords._failed('127.0.0.8')      # told to wait for a minute
+        calls = []
+        director = self.balancer.director
+        real = director.users_list
+        director.users_list = lambda: calls.append(1) or real()
+        self.addCleanup(delattr, director, 'users_list')
+        answers = []
+        waiting = threading.Thread(target=lambda: answers.append(self.login('127.0.0.8')))
+        started = time.monotonic()
+        waiting.start()
+        wait_until(lambda: [p for p in self.server.reader.pending.values() if p.held], 5)
+        self.assertEqual(calls, [])                 # held in the reader: nothing asked of the loop
+        status, _, body = self.login('127.0.0.8', PASSWORD)
+        self.assertEqual(status, 200)               # meanwhile, and not held
+        self.assertIn('service web', body)
+        waiting.join(10)
+        self.assertEqual(answers[0][0], 429)
+        self.assertGreaterEqual(time.monotonic() - started, 0.5)
 
     def test_the_wait_stops_doubling_at_a_minute(self):
         checks = pydirector_admin.PasswordChecks()
