@@ -81,7 +81,9 @@ Security: every request needs HTTP Basic credentials checked against the
 password hashes of the config (pydirector.check_password, deliberately
 slow: successful checks are cached in memory, one check runs at a time,
 and an address whose logins keep failing is told to wait, 429, for a time
-that doubles up to a minute; an unknown user costs what a known one does).  A changing request that
+that doubles up to a minute, its requests held a second first unless they
+carry credentials that passed before; an unknown user costs what a known
+one does).  A changing request that
 a browser marks as cross-site (Sec-Fetch-Site) or whose Origin or Referer
 names another host than Host is refused, so a page elsewhere cannot drive a
 logged-in browser; the status page's own forms POST and pass.  Everything
