@@ -1408,8 +1408,7 @@ class BaseLoop(object):
         self.running = False
         self.thread_ident = None
         self._handlers = {}          # fd -> handler
-        self._stale = set()          # fds dropped while a batch of events is dispatched
-        self._dispatching = False
+        self._stale = set()          # fds dropped since the last poll
         self._timers = []
         self._timer_seq = 0
         self._compact_at = TIMER_COMPACT_MIN
@@ -1569,19 +1568,37 @@ class EpollLoop(BaseLoop):
         self.forget(fd)
 
     def forget(self, fd):
-        # Closing the fd takes it out of the epoll set; no epoll_ctl needed.
+        # Closing the fd takes it out of the epoll set; no epoll_ctl needed.  Its
+        # number may come back for a new socket before this batch of events ends.
         del self._handlers[fd]
-        if self._dispatching:
-            self._stale.add(fd)
+        self._stale.add(fd)
 
-    def _run_once(self):
-        timeout = self._timeout()
-        events = self._epoll.poll(-1 if timeout is None else timeout)
-        self.now = time.monotonic()
-        if events:
-            handlers = self._handlers
-            stale = self._stale
-            self._dispatching = True
+    def run(self):
+        # BaseLoop.run's loop, its steps written out: an iteration's own cost is paid
+        # per event when the load is light, so every call saved here counts.
+        self.thread_ident = threading.get_ident()
+        self.running = True
+        poll = self._epoll.poll
+        handlers = self._handlers
+        stale = self._stale
+        timers = self._timers
+        calls = self._calls
+        monotonic = time.monotonic
+        heappop = heapq.heappop
+        run_guarded = self._run_guarded
+        while self.running:
+            if calls:
+                timeout = 0
+            elif timers:
+                timeout = timers[0][0] - monotonic()
+                if timeout < 0:
+                    timeout = 0
+            else:
+                timeout = -1
+            events = poll(timeout)
+            now = self.now = monotonic()
+            if stale:
+                stale.clear()   # closed before this poll: nothing of theirs is in this batch
             for fd, mask in events:
                 if fd in stale:
                     continue    # closed by an earlier event of this batch (its number may be reused)
@@ -1595,10 +1612,17 @@ class EpollLoop(BaseLoop):
                     handler(mask)
                 except Exception:
                     self._handler_failed(fd, handler)
-            self._dispatching = False
-            if stale:
-                stale.clear()
-        self._run_due()
+            while timers and timers[0][0] <= now:
+                timer = heappop(timers)[2]
+                callback = timer.callback
+                if callback is not None:
+                    args = timer.args
+                    timer.callback = timer.args = None
+                    run_guarded(callback, args)
+            if calls:
+                for _ in range(len(calls)):
+                    callback, args = calls.popleft()
+                    run_guarded(callback, args)
 
     def _drop_unknown(self, fd):
         # Forgotten but never closed would wake a level-triggered poll forever.
@@ -1636,18 +1660,18 @@ class SelectorLoop(BaseLoop):
     def remove(self, fd):
         self._selector.unregister(fd)
         del self._handlers[fd]
-        if self._dispatching:
-            self._stale.add(fd)
+        self._stale.add(fd)
 
     forget = remove     # the selector keeps its own map, which closing does not clear
 
     def _run_once(self):
         events = self._selector.select(self._timeout())
         self.now = time.monotonic()
+        stale = self._stale
+        if stale:
+            stale.clear()   # closed before this poll: nothing of theirs is in this batch
         if events:
-            stale = self._stale
             convert = self._FROM_SELECTOR
-            self._dispatching = True
             for key, mask in events:
                 fd = key.fd
                 if fd in stale:
@@ -1659,9 +1683,6 @@ class SelectorLoop(BaseLoop):
                     handler(convert[mask])
                 except Exception:
                     self._handler_failed(fd, handler)
-            self._dispatching = False
-            if stale:
-                stale.clear()
         self._run_due()
 
     def _close_poller(self):
@@ -2045,7 +2066,7 @@ class AccessLog(object):
     def __init__(self, loop):
         self.loop = loop
         self.enabled = True
-        self.lines = []             # (epoch time, message)
+        self.kept = []              # per closed pair: the fields of its line
         self.timer = None
         self.logger = logging.getLogger('pydirector.access')
         self.escaped = {}           # text -> log_value(text), for names and addresses
@@ -2059,25 +2080,38 @@ class AccessLog(object):
         return escaped
 
     def connection(self, pair, how):
-        host = pair.host or (pair.tried[-1] if pair.tried else None)
-        value = self.value
+        """Keep what a line says of a closed pair; it is formatted when written."""
         loop = self.loop
-        self.lines.append((time.time(), 'access service=%s client=%s host=%s backend=%s failovers=%d '
-                           'bytes_in=%d bytes_out=%d duration=%.3f end=%s' % (
-                               value(pair.service.name), value(format_address(pair.client_ip, pair.client_port)),
-                               value(host.name) if host else '-', value(host.ip) if host else '-',
-                               len(pair.tried) - 1 if pair.tried else 0, pair.bytes_in, pair.bytes_out,
-                               loop.now - pair.started, how)))
+        self.kept.append((loop.now, pair.service.name, pair.client_ip, pair.client_port, pair.host or (
+            pair.tried[-1] if pair.tried else None), len(pair.tried), pair.bytes_in, pair.bytes_out,
+            loop.now - pair.started, how))
         if self.timer is None:
             self.timer = loop.call_later(ACCESS_FLUSH, self.flush)
+
+    def take_lines(self):
+        """[(epoch time, message)] for what was kept, which is forgotten."""
+        kept, self.kept = self.kept, []
+        value = self.value
+        offset = time.time() - time.monotonic()     # loop time -> wall time
+        lines = []
+        for now, service, ip, port, host, tried, bytes_in, bytes_out, duration, how in kept:
+            # The client's address came from the kernel or a checked PROXY header: always plain.
+            lines.append((now + offset, 'access service=%s client=%s host=%s backend=%s failovers=%d '
+                          'bytes_in=%d bytes_out=%d duration=%.3f end=%s' % (
+                              value(service), ('[%s]:%d' if ':' in ip else '%s:%d') % (ip, port),
+                              value(host.name) if host else '-', value(host.ip) if host else '-',
+                              tried - 1 if tried else 0, bytes_in, bytes_out, duration, how)))
+        return lines
 
     def flush(self):
         """Write what is kept; from the loop thread, or once the loop has stopped."""
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        lines, self.lines = self.lines, []
-        if not lines or not self.logger.isEnabledFor(logging.INFO):
+        if not self.kept:
+            return
+        lines = self.take_lines()
+        if not self.logger.isEnabledFor(logging.INFO):
             return
         for handler in self.handlers():
             try:
@@ -2107,14 +2141,32 @@ class AccessLog(object):
 
     @staticmethod
     def write_stream(handler, lines):
-        text = ''.join('%s INFO %s\n' % (clock_text(when), message) for when, message in lines)
+        """The batch in as few writes as keep every line whole: one to a file (opened
+        O_APPEND, where one write lands whole whoever else appends), pieces of at most
+        PIPE_BUF bytes at line ends to a pipe or terminal (stderr under systemd)."""
+        data = ''.join('%s INFO %s\n' % (clock_text(when), message) for when, message in lines).encode('utf-8')
         handler.acquire()
         try:
             stream = handler.stream
             if stream is None:          # a FileHandler closed by a log reopen
                 stream = handler.stream = handler._open()
-            stream.write(text)
-            stream.flush()
+            stream.flush()              # what logging wrote before goes first
+            try:
+                fd = stream.fileno()
+            except (AttributeError, OSError, ValueError):
+                fd = None               # not a real file (a test's StringIO)
+            if fd is None:
+                stream.write(data.decode('utf-8'))
+                stream.flush()
+                return
+            piece = len(data) if stat.S_ISREG(os.fstat(fd).st_mode) else select.PIPE_BUF
+            start = 0
+            while start < len(data):
+                end = len(data) if len(data) - start <= piece else data.rfind(b'\n', start, start + piece) + 1
+                if end <= start:
+                    end = start + piece     # one line longer than PIPE_BUF: it cannot be whole anyway
+                while start < end:
+                    start += os.write(fd, data[start:end])
         finally:
             handler.release()
 
@@ -2511,6 +2563,10 @@ class Pair(object):
             return
         if not SOCK_NONBLOCK:
             sock.setblocking(False)
+        try:
+            sock.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)    # relayed small writes go at once
+        except OSError:
+            pass
         self.backend_sock = sock
         fd = self.backend_fd = sock.fileno()
         err = sock.connect_ex(address[1])
@@ -2654,24 +2710,23 @@ class Pair(object):
                 self.splice_down = Splice.open()
 
     def _source_eof(self, upstream):
+        to_client = self.to_client or (self.splice_down is not None and self.splice_down.pending)
+        to_backend = self.to_backend or (self.splice_up is not None and self.splice_up.pending)
         if upstream:
             self.client_eof = True
-            if not self.backend_eof or self._pending(False):
-                if not self._pending(True):
-                    self._shutdown(self.backend_sock)
-                self._update_interest()
-                return
+            done, other, sock = self.backend_eof, to_backend, self.backend_sock
         else:
             self.backend_eof = True
-            if not self.client_eof or self._pending(True):
-                if not self._pending(False):
-                    self._shutdown(self.client_sock)
-                self._update_interest()
-                return
-        if self._pending(upstream):
-            self._update_interest()
-        else:
+            done, other, sock = self.client_eof, to_client, self.client_sock
+        if done and not to_client and not to_backend:
             self.close('done')      # both ends done: close() sends the FIN a shutdown would
+            return
+        if not other:
+            try:
+                sock.shutdown(SHUT_WR)      # pass the EOF on: nothing of this direction waits
+            except OSError:
+                pass    # the peer is gone already; the read side will tell us
+        self._update_interest()
 
     def _pending(self, upstream):
         """Bytes still held for the backend (upstream) or for the client."""
@@ -2994,7 +3049,10 @@ class Manager(threading.Thread):
                 except LoopTimeout:
                     continue
                 for target in due:
-                    pool.submit(self._probe, target)
+                    try:
+                        pool.submit(self._probe, target)
+                    except RuntimeError:    # the interpreter is exiting under us: so are we
+                        return
 
     def _probe(self, target):
         if self.stopped.is_set():

@@ -356,7 +356,7 @@ class BalancerCase(unittest.TestCase):
         return lines
 
     def check_pairs_closed(self, balancer):
-        if balancer.thread.is_alive():
+        if balancer.thread.is_alive() and balancer.director.loop.running:   # not stopped by the test
             wait_until(lambda: balancer.open_pairs() == 0, 5, message='connections left open in the balancer')
 
     def check_no_leaks(self):
