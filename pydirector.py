@@ -1496,6 +1496,449 @@ def _parse_v2(data, limit):
 # PROXY-PROTOCOL-SECTION-END
 
 
+# TLS-HELLO-SECTION-START
+# ---------------------------------------------------------------------------
+# TLS ClientHello and server names (SNI): one listen address in front of
+# several TLS services, the service chosen by the name the client asks for
+# (RFC 6066 server_name), read from the hello and never answered: the
+# balancer holds no key and the backend does the handshake.
+#
+# The hello travels in TLS records (RFC 8446 5.1): a 5-byte header (content
+# type 22 = handshake, a version, a 16-bit length) and a fragment of the
+# handshake message.  One message may span several records and the records
+# any split of TCP segments.  The message is a 4-byte header (type 1 =
+# ClientHello, a 24-bit length) and a body: version, random, session id,
+# cipher suites, compression methods, extensions; server_name is extension 0.
+#
+# As with the PROXY header, None means "need more bytes" and ValueError means
+# "this can never become a valid hello", raised at the first byte that proves
+# it.  Every length is checked against its container when it is read, so a
+# length that lies costs neither an over-read nor an allocation, and nothing
+# is held past TLS_HELLO_MAX bytes.
+#
+# Refused on purpose: SSLv2-format hellos (obsolete, and with no extensions
+# they carry no name), any record but a handshake one before or inside the
+# hello (an alert first, say), zero-length records (RFC 8446 forbids them for
+# handshakes), and more handshake bytes after the hello in its last record (a
+# client waits for the server's answer).  Records after the hello (0-RTT
+# early data) are not looked at.
+# ---------------------------------------------------------------------------
+
+TLS_HELLO_MAX = 16384       # record bytes of one hello, headers and all records together
+_TLS_FRAGMENT_MAX = 16384   # no TLS record carries more (RFC 8446 5.1)
+_TLS_HANDSHAKE = 22
+_TLS_RECORD_NAMES = {20: 'change_cipher_spec', 21: 'alert', 23: 'application_data', 24: 'heartbeat'}
+_TLS_VERSIONS = (1, 2, 3, 4)   # the minor of 0x0301-0x0304 (TLS 1.0-1.3)
+_CLIENT_HELLO = 1
+_EXT_SERVER_NAME = 0
+_NAME_HOST_NAME = 0         # the one name type RFC 6066 defines
+# version, random, empty session id, one cipher suite, one compression method
+_HELLO_BODY_MIN = 2 + 32 + 1 + 2 + 2 + 1 + 1
+_HOST_NAME_MAX = 253        # the longest DNS name, in text without the trailing dot
+_HOST_NAME_BYTES = frozenset(b'abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.')
+_HOST_NAME_CHARS = frozenset('abcdefghijklmnopqrstuvwxyz0123456789-_.')
+
+
+def parse_client_hello(data, limit=TLS_HELLO_MAX):
+    """Read a TLS ClientHello from the start of data (bytes or bytearray).
+
+    Returns None while more bytes are needed, else (consumed, server_name):
+    consumed is the length in bytes of the records that carried the hello,
+    server_name the first host_name of its server_name extension as
+    lower-case ASCII (A-labels) without a trailing dot, or None when the hello
+    names no host.  Raises ValueError as soon as data cannot be the start of
+    a valid hello, or when the hello would take more than limit bytes.
+
+    This reads from the start each time; a connection that calls it after
+    every recv should use one ClientHelloReader instead."""
+    return ClientHelloReader(limit).read(data)
+
+
+class ClientHelloReader(object):
+    """parse_client_hello for one connection, reading each byte once.
+
+    Call read(data) after each recv with everything received so far, the
+    hello's first byte at data[0] (a bytearray the caller extends, say: the
+    prefix must not change between calls).  It answers as
+    parse_client_hello does, doing work only for the bytes that are new: the
+    handshake fragments are copied once out of their records, and the body is
+    walked field by field as far as the bytes go, so a hello sent a byte at a
+    time costs no more than one sent whole.  Once it has answered (a result or
+    a ValueError), it keeps giving that answer."""
+
+    __slots__ = ('limit', '_pos', '_record_left', '_handshake', '_size', '_step', '_at',
+                 '_sni_seen', '_server_name', '_result', '_error')
+
+    def __init__(self, limit=TLS_HELLO_MAX):
+        self.limit = limit
+        self._pos = 0               # the next byte of data to look at
+        self._record_left = 0       # fragment bytes of the current record not read yet
+        self._handshake = bytearray()   # the handshake message, out of its records
+        self._size = None           # its length, header included, once known
+        self._step = 'version'      # the next field of the body
+        self._at = 4                # where that field starts in _handshake
+        self._sni_seen = False
+        self._server_name = None
+        self._result = None
+        self._error = None
+
+    def read(self, data):
+        if self._result is not None:
+            return self._result
+        if self._error is not None:
+            raise self._error
+        try:
+            complete = self._read_records(data)
+            if self._size is not None:
+                self._read_body()
+        except ValueError as e:
+            self._error = e
+            raise
+        if not complete:
+            return None
+        # Every byte of the message is in, so the walk has reached its end (or raised).
+        self._result = self._pos, self._server_name
+        return self._result
+
+    def _read_records(self, data):
+        """Copy handshake bytes out of the records in data; True once the message is whole."""
+        pos, end = self._pos, len(data)
+        handshake = self._handshake
+        while pos < end:
+            left = self._record_left
+            if not left:
+                header = data[pos:pos + 5]
+                self._check_record_header(header, pos == 0)
+                if len(header) < 5:
+                    break
+                left = header[3] << 8 | header[4]
+                if not left:
+                    raise ValueError('malformed ClientHello: an empty TLS record')
+                if left > _TLS_FRAGMENT_MAX:
+                    raise ValueError('malformed ClientHello: a TLS record of %d bytes (at most %d)'
+                                     % (left, _TLS_FRAGMENT_MAX))
+                if pos + 5 + left > self.limit:
+                    raise ValueError('TLS hello over %d bytes' % self.limit)
+                pos += 5
+                self._record_left = left
+            take = min(left, end - pos)
+            handshake += data[pos:pos + take]
+            pos += take
+            self._record_left = left - take
+            if self._size is None:
+                self._check_handshake_header(handshake)
+            if self._size is not None and len(handshake) >= self._size:
+                if len(handshake) > self._size or self._record_left:
+                    raise ValueError('malformed ClientHello: more handshake bytes after it in its record')
+                self._pos = pos
+                return True
+        self._pos = pos
+        return False
+
+    def _check_record_header(self, header, first):
+        kind = header[0]
+        if kind != _TLS_HANDSHAKE:
+            name = _TLS_RECORD_NAMES.get(kind)
+            if not first:
+                raise ValueError('malformed ClientHello: a TLS %s record inside it'
+                                 % (name or 'type %d' % kind))
+            if name:
+                raise ValueError('not a TLS hello: a TLS %s record first' % name)
+            if kind & 0x80:
+                raise ValueError('not TLS: first byte 0x%02x (an SSLv2-format hello? '
+                                 'not supported: it has no server name)' % kind)
+            shown = " '%c'" % kind if 0x20 < kind < 0x7f else ''
+            raise ValueError('not TLS: first byte 0x%02x%s' % (kind, shown))
+        if (len(header) > 1 and header[1] != 3) or (len(header) > 2 and header[2] not in _TLS_VERSIONS):
+            raise ValueError('not TLS: record version 0x%s' % bytes(header[1:3]).hex())
+
+    def _check_handshake_header(self, handshake):
+        if handshake[0] != _CLIENT_HELLO:
+            raise ValueError('not a ClientHello: handshake message type %d' % handshake[0])
+        # The smallest length the bytes so far allow: refuse a huge one before it arrives.
+        known = bytes(handshake[1:4])
+        length = int.from_bytes(known + b'\0' * (3 - len(known)), 'big')
+        if 4 + length + 5 > self.limit:
+            raise ValueError('TLS hello over %d bytes' % self.limit)
+        if len(handshake) < 4:
+            return
+        if length < _HELLO_BODY_MIN:
+            raise ValueError('malformed ClientHello: %d bytes is too short' % length)
+        self._size = 4 + length
+
+    def _read_body(self):
+        """Walk the fields of the body that have arrived; each length is checked
+        against the message when it is read, before its bytes arrive."""
+        hs, size = self._handshake, self._size
+        have = len(hs)
+        step, at = self._step, self._at
+        while step != 'end':
+            if step == 'version':
+                if not self._have(at, 2, 'its version'):
+                    break
+                if hs[at] != 3 or hs[at + 1] not in _TLS_VERSIONS:
+                    raise ValueError('malformed ClientHello: version 0x%02x%02x' % (hs[at], hs[at + 1]))
+                step, at = 'session_id', at + 2 + 32    # past the random
+            elif step == 'session_id':
+                if not self._have(at, 1, 'the session id length'):
+                    break
+                length = hs[at]
+                if length > 32:
+                    raise ValueError('malformed ClientHello: a session id of %d bytes (at most 32)' % length)
+                step, at = 'cipher_suites', self._skip(at, 1, length, 'the session id')
+            elif step == 'cipher_suites':
+                if not self._have(at, 2, 'the cipher suites length'):
+                    break
+                length = hs[at] << 8 | hs[at + 1]
+                if length < 2 or length % 2:
+                    raise ValueError('malformed ClientHello: cipher suites of %d bytes' % length)
+                step, at = 'compression_methods', self._skip(at, 2, length, 'the cipher suites')
+            elif step == 'compression_methods':
+                if not self._have(at, 1, 'the compression methods length'):
+                    break
+                length = hs[at]
+                if not length:
+                    raise ValueError('malformed ClientHello: no compression method')
+                at = self._skip(at, 1, length, 'the compression methods')
+                step = 'end' if at == size else 'extensions'   # TLS 1.0 may end here
+            elif step == 'extensions':
+                if not self._have(at, 2, 'the extensions length'):
+                    break
+                length = hs[at] << 8 | hs[at + 1]
+                if at + 2 + length != size:
+                    raise ValueError('malformed ClientHello: extensions of %d bytes where %d remain'
+                                     % (length, size - at - 2))
+                step, at = 'extension', at + 2
+            elif step == 'extension':
+                if at == size:
+                    step = 'end'
+                    break
+                if not self._have(at, 4, 'an extension header'):
+                    break
+                kind = hs[at] << 8 | hs[at + 1]
+                length = hs[at + 2] << 8 | hs[at + 3]
+                if kind == _EXT_SERVER_NAME:
+                    if self._sni_seen:
+                        raise ValueError('malformed ClientHello: two server_name extensions')
+                    self._skip(at, 4, length, 'the server_name extension')
+                    step = 'server_name'
+                else:
+                    at = self._skip(at, 4, length, 'extension %d' % kind)
+            elif step == 'server_name':
+                end = at + 4 + (hs[at + 2] << 8 | hs[at + 3])
+                if have < end:
+                    break
+                self._server_name = _server_name_of(hs[at + 4:end])
+                self._sni_seen = True
+                step, at = 'extension', end
+        self._step, self._at = step, at
+
+    def _have(self, at, count, what):
+        """Whether the count bytes at `at` have arrived; ValueError if the message ends first."""
+        if at + count > self._size:
+            raise ValueError('malformed ClientHello: it ends inside %s' % what)
+        return len(self._handshake) >= at + count
+
+    def _skip(self, at, header, length, what):
+        """Where a field of `header` length bytes and `length` data bytes ends; it must fit."""
+        end = at + header + length
+        if end > self._size:
+            raise ValueError('malformed ClientHello: %s (%d bytes) runs past its end' % (what, length))
+        return end
+
+
+def _server_name_of(data):
+    """The first host_name in a server_name extension's data; None when it has none
+    (only name types other than host_name, which RFC 6066 does not define)."""
+    if len(data) < 2 or data[0] << 8 | data[1] != len(data) - 2:
+        raise ValueError('malformed ClientHello: the server_name list does not fill its extension')
+    if len(data) == 2:
+        raise ValueError('malformed ClientHello: an empty server_name list')
+    at, name = 2, None
+    while at < len(data):
+        if at + 3 > len(data):
+            raise ValueError('malformed ClientHello: a server_name entry runs past its list')
+        kind, length = data[at], data[at + 1] << 8 | data[at + 2]
+        end = at + 3 + length
+        if end > len(data):
+            raise ValueError('malformed ClientHello: a server name (%d bytes) runs past its list' % length)
+        if not length:
+            raise ValueError('malformed ClientHello: an empty server name')
+        if kind == _NAME_HOST_NAME and name is None:
+            name = _host_name_from_wire(bytes(data[at + 3:end]))
+        at = end
+    return name
+
+
+def _host_name_from_wire(raw):
+    for byte in raw:
+        if byte not in _HOST_NAME_BYTES:
+            # Only bytes we know are harmless go into the message (and so the log).
+            raise ValueError('malformed ClientHello: byte 0x%02x in the server name' % byte)
+    name = raw.decode('ascii').lower()
+    if name.endswith('.'):
+        name = name[:-1]
+    problem = _host_name_problem(name)
+    if problem:
+        raise ValueError('malformed ClientHello: server name %r: %s' % (name[:80], problem))
+    return name
+
+
+def _host_name_problem(name):
+    """Why a lower-case ASCII name without its trailing dot is not a host name, or None.
+    Letters, digits, '-' and '_' (which some real hosts have) in labels of 1-63."""
+    if not name:
+        return 'an empty name'
+    if len(name) > _HOST_NAME_MAX:
+        return 'longer than %d characters' % _HOST_NAME_MAX
+    for char in name:
+        if char not in _HOST_NAME_CHARS:
+            return 'character %r is not allowed in a host name' % char
+    for label in name.split('.'):
+        if not label:
+            return 'an empty label'
+        if len(label) > 63:
+            return 'a label longer than 63 characters'
+    return None
+
+
+def normalize_server_name(text):
+    """A host name as a config, an admin request or a client writes it, in the
+    form names are compared in: lower case, international names as their
+    A-labels (Python's IDNA codec: 'bücher.example' -> 'xn--bcher-kva.example'),
+    no trailing dot.  Raises ValueError saying what is wrong."""
+    return _normalized(text, text)
+
+
+def _normalized(name, shown):
+    if name.endswith('.'):
+        name = name[:-1]
+    try:
+        name.encode('ascii')
+    except UnicodeEncodeError:
+        try:
+            name = name.encode('idna').decode('ascii')
+        except UnicodeError as e:
+            raise ValueError('%r is not a valid international name (%s)' % (shown, e))
+    name = name.lower()
+    problem = _host_name_problem(name)
+    if problem:
+        raise ValueError('%r: %s' % (shown, problem))
+    return name
+
+
+def sni_pattern(text):
+    """One sni pattern, normalised: '*' (the default service of the address),
+    '*.' + a name (one or more labels under that name), or an exact name."""
+    if text == '*':
+        return text
+    if text.startswith('*.') and '*' not in text[2:]:
+        return '*.' + _normalized(text[2:], text)
+    if '*' in text:
+        raise ValueError("%r: '*' may only be the whole name ('*') or its whole first label "
+                         "('*.example.com')" % text)
+    return _normalized(text, text)
+
+
+def parse_sni(text):
+    """The patterns of one sni="..." attribute, normalised, in their order.
+
+    Comma-separated, spaces around each allowed: 'api.example.com, *.api.example.com'.
+    Raises ValueError naming the first problem: an empty list or name, a bad
+    name or label, '*' anywhere but a leading '*.' label or alone, a name given
+    twice (once normalised: 'A.example.com' and 'a.example.com.' are one name)."""
+    if not text.strip():
+        raise ValueError('sni is empty: give names, "*.domain" patterns or "*"')
+    patterns = []
+    for item in text.split(','):
+        item = item.strip()
+        if not item:
+            raise ValueError('sni %r has an empty name' % text)
+        pattern = sni_pattern(item)
+        if pattern in patterns:
+            raise ValueError('sni lists %r twice' % pattern)
+        patterns.append(pattern)
+    return patterns
+
+
+class SniMatcher(object):
+    """Which service a server name lands on, for one shared listen address.
+
+    add() each pattern of each listen there; match() a name.  The most
+    specific pattern wins, whatever the order of the config: an exact name,
+    then the wildcard with the longest suffix ('*.a.example.com' before
+    '*.example.com'), then '*'.  '*.example.com' matches a.example.com and
+    a.b.example.com, not example.com.  Services are any objects but None;
+    messages name them by their .name."""
+
+    def __init__(self):
+        self.exact = {}         # name -> service
+        self.wildcards = {}     # the suffix of '*.suffix' -> service
+        self.default = None     # the service with '*'
+
+    def add(self, pattern, service):
+        """Give pattern (as parse_sni returns it, or any text sni_pattern takes)
+        to service.  ValueError if another service on the address has it (a
+        second '*', or the same name or wildcard twice)."""
+        pattern = sni_pattern(pattern)
+        owner = self.owner(pattern)
+        if owner is not None:
+            if pattern == '*':
+                raise ValueError("a second '*' on this address: service %r has it already"
+                                 % _service_label(owner))
+            raise ValueError('server name %r is already claimed by service %r on this address'
+                             % (pattern, _service_label(owner)))
+        if pattern == '*':
+            self.default = service
+        elif pattern.startswith('*.'):
+            self.wildcards[pattern[2:]] = service
+        else:
+            self.exact[pattern] = service
+
+    def owner(self, pattern):
+        """The service that has exactly this normalised pattern, or None."""
+        if pattern == '*':
+            return self.default
+        if pattern.startswith('*.'):
+            return self.wildcards.get(pattern[2:])
+        return self.exact.get(pattern)
+
+    def match(self, name):
+        """(service, pattern) for a server name as ClientHelloReader gives it
+        (normalised; None for a hello without one), or None when no pattern
+        matches and the address has no '*'.  Normalise other text first
+        (normalize_server_name)."""
+        if name is not None:
+            service = self.exact.get(name)
+            if service is not None:
+                return service, name
+            if self.wildcards:
+                dot = name.find('.')
+                while dot >= 0:     # longest suffix first
+                    suffix = name[dot + 1:]
+                    service = self.wildcards.get(suffix)
+                    if service is not None:
+                        return service, '*.' + suffix
+                    dot = name.find('.', dot + 1)
+        if self.default is not None:
+            return self.default, '*'
+        return None
+
+    def patterns(self):
+        """[(pattern, service)], most specific first (the order match tries them)."""
+        found = sorted(self.exact.items())
+        found += [('*.' + suffix, service) for suffix, service in
+                  sorted(self.wildcards.items(), key=lambda item: (-item[0].count('.'), item[0]))]
+        if self.default is not None:
+            found.append(('*', self.default))
+        return found
+
+
+def _service_label(service):
+    return getattr(service, 'name', service)
+# TLS-HELLO-SECTION-END
+
+
 # ---------------------------------------------------------------------------
 # Proxying: a Listener accepts clients, a Pair relays one client to one backend.
 # ---------------------------------------------------------------------------
