@@ -879,6 +879,10 @@ class TLSHelpersTest(unittest.TestCase):
             self.assertEqual(support.tls_exchange(backend.port, b'six', 'v6.sni.test', expect=3, host='::1'),
                              ('v6.sni.test', b'six'))
             self.assertEqual(support.openssl_client(backend.port, 'v6.sni.test', host='::1'), 'v6.sni.test')
+            backend.tls_handler = support.https_say_name
+            support.need_program('curl')
+            self.assertEqual(support.curl_client(backend.port, 'v6.sni.test', host='::1'),
+                             ('v6.sni.test', b'v6.sni.test'))
         finally:
             backend.close()
 
