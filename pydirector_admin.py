@@ -5,9 +5,9 @@ pydirector.py imports this module only when the config has <admin>, then
 calls start(director, admin_config) and, at shutdown, server.stop().
 
 Threads: one reader thread accepts connections and reads each request
-whole (TLS handshake included) without blocking, so a slow client costs a
-socket, not a thread; complete requests are answered by at most 32 worker
-threads (more wait in a short queue; past it, 503).  The workers never touch
+whole (TLS handshake included) on a pydirector Loop of its own, so a slow
+client costs a socket, not a thread; complete requests are answered by at
+most 32 worker threads (more wait in a short queue; past it, 503).  The workers never touch
 balancer state: every page is rendered from director.snapshot() and every
 change is one Director method, both run on the loop thread through
 director.loop.call().  A loop that does not answer in time gives 503.
@@ -21,14 +21,20 @@ Reading (GET or HEAD):
     /running.txt    text for scripts, one record per line (see render_running_txt)
     /running.json   everything on /running as JSON
     /running.xml    the running configuration; pydirector.py -c accepts it
-    /config.xml     the configuration as loaded at start
-                    (both XML pages hold password hashes: full access only)
+    /config.xml     the configuration file as last loaded (at start, or by the
+                    last reload); both XML pages hold password hashes: full
+                    access only
     /metrics        Prometheus text exposition format 0.0.4
     /explain?service=S&client=IP[&format=json]
                     which host that client would get now and why, one fact
                     per line (or the director's dict as JSON); changes nothing
 
-Changing (GET with a query string, as wget does, or POST with a form body):
+Changing (POST with a form body, as `wget --post-data=...` and `curl -d ...`
+send it; the ACTIONS table maps each onto one Director method.  GET with a
+query string, Python Director 1.0's style, only where <admin get_changes="on">:
+a GET can be made by any page in the operator's browser, and over plain HTTP
+nothing tells such a request from the operator's own, so keep that to an
+admin on HTTPS or on loopback):
     addHost?service=S&group=G&name=N&ip=H:P[&weight=W][&maxconns=M][&send_proxy=v1|v2]
     delHost?service=S&group=G&name=N     (or &ip=H:P instead of name)
     delAllHosts?service=S&group=G
@@ -57,14 +63,19 @@ Answers to a change: a browser (its Accept names text/html) is redirected
 Statuses: 400 bad, missing or unknown parameter; 401 no or bad credentials
 (with the Basic challenge wget waits for); 403 read-only user, or a
 cross-site change; 404 unknown page, service, group, host or user; 405
-wrong method; 409 refused by a rule (last host of the enabled group, last
-full user, ...); 411/413/414/415/431 a request we will not read; 503 the
-balancer loop did not answer in time, or every worker is busy.  500 only
-ever means a bug here, and is logged once with its traceback.
+wrong method (a change as GET: it names --post-data and get_changes); 409
+refused by a rule (last host of the enabled group, last full user, ...);
+411/413/414/415/431 a request we will not read; 429 too many failed logins
+from this address (Retry-After says how long); 503 the balancer loop did
+not answer in time, every worker is busy, or no turn came to check a
+password.  500 only ever means a bug here, and is logged once with its
+traceback.
 
 Security: every request needs HTTP Basic credentials checked against the
 password hashes of the config (pydirector.check_password, deliberately
-slow, so successful checks are cached in memory).  A changing request that
+slow: successful checks are cached in memory, one check runs at a time,
+and an address whose logins keep failing is told to wait, 429, for a time
+that doubles up to a minute; an unknown user costs what a known one does).  A changing request that
 a browser marks as cross-site (Sec-Fetch-Site) or whose Origin or Referer
 names another host than Host is refused, so a page elsewhere cannot drive a
 logged-in browser; the status page's own forms POST and pass.  Everything
@@ -127,18 +138,17 @@ import logging
 import os
 import re
 import socket
-import selectors
 import ssl
 import sys
 import threading
 import time
-import unicodedata
 import urllib.parse
 from xml.etree import ElementTree
 
 import pydirector
 import schedulers
-from pydirector import AdminError, LoopTimeout, VERSION, check_password, hash_password
+from pydirector import (AdminError, LoopTimeout, VERSION, EVENT_READ, EVENT_WRITE, check_password, escape_text,
+                        format_address, hash_password, has_control_chars)
 
 log = logging.getLogger('pydirector.admin')
 
@@ -156,15 +166,17 @@ MAX_PENDING = 1024            # connections still sending their request; past it
 MAX_WORKERS = 32              # requests answered at once, a thread each
 MAX_QUEUED = 64               # complete requests waiting for a worker; past it 503
 LISTEN_BACKLOG = 128
-MAX_SWITCH_SECONDS = 86400    # the most enableGroup's drain and rollback take, as config seconds do
 AUTH_CACHE_SIZE = 1024
+PASSWORD_CHECKS = 1           # slow password checks at once: each takes a core while it runs
+PASSWORD_CHECK_WAIT = 5.0     # seconds a request waits for its turn to check; then 503
+FREE_FAILURES = 5             # failed logins from one address before it is slowed down
+MAX_BACKOFF = 60.0            # the longest it is then told to wait (429), doubling from 1 s
+FAILURE_MEMORY = 10000        # client addresses whose failures are remembered
 REALM = 'pydirector'
 
-# path: (handler method, needs full access).  Paths whose method is an
-# action_* change state: they take GET or POST and the cross-site check;
-# the others are pages, read with GET or HEAD.  The two XML pages carry the
-# users' password hashes, so they too need full access.
-ROUTES = {
+# The pages: path -> (handler method, needs full access).  Read with GET or HEAD.
+# The two XML pages carry the users' password hashes, so they need full access.
+PAGES = {
     '/': ('page_index', False),
     '/running': ('page_running', False),
     '/running.txt': ('page_running_txt', False),
@@ -172,21 +184,55 @@ ROUTES = {
     '/running.xml': ('page_running_xml', True),
     '/config.xml': ('page_config_xml', True),
     '/metrics': ('page_metrics', False),
-    '/addHost': ('action_add_host', True),
-    '/delHost': ('action_del_host', True),
-    '/delAllHosts': ('action_del_all_hosts', True),
-    '/enableGroup': ('action_enable_group', True),
-    '/changeScheduler': ('action_change_scheduler', True),
-    '/hostAdminDown': ('action_host_admin_down', True),
-    '/hostAdminUp': ('action_host_admin_up', True),
-    '/retryHost': ('action_retry_host', True),
-    '/addUser': ('action_add_user', True),
-    '/delUser': ('action_del_user', True),
-    '/newGroup': ('action_new_group', True),
-    '/delGroup': ('action_del_group', True),
-    '/closeLog': ('action_close_log', True),
-    '/reload': ('action_reload', True),
     '/explain': ('page_explain', False),
+}
+
+
+class Action(collections.namedtuple('Action', 'method required optional prepare on_loop')):
+    """A change: the Director method it calls with the parameters (required ones
+    first, then optional ones as keywords), after prepare(params) has turned them
+    into its arguments in the worker thread (Reply when refused).  on_loop False:
+    the method does its own waiting (reload reads the file in this thread)."""
+
+
+def _delhost_params(p):
+    if p['name'] is None and p['ip'] is None:
+        raise Reply(400, 'missing parameter name (or ip)')
+    return p
+
+
+def _adduser_params(p):
+    if (p['password'] is None) == (p['password_hash'] is None):
+        raise Reply(400, 'give password or password_hash (one of them)')
+    if p['password_hash'] is None:
+        # Slow by design: here, in the worker, not on the loop.  A hash as a
+        # config file holds it is how `diff`/`apply` copy users from a file.
+        p['password_hash'] = hash_password(p['password'])
+    del p['password']
+    return p
+
+
+def _action(method, required=(), optional=(), prepare=None, on_loop=True):
+    return Action(method, tuple(required), tuple(optional), prepare, on_loop)
+
+
+# The changes: path -> Action.  POST (and GET with a query string where
+# <admin get_changes="on">), full access only, and the cross-site check.
+ACTIONS = {
+    '/addHost': _action('add_host', ('service', 'group', 'name', 'ip'), ('weight', 'maxconns', 'send_proxy')),
+    '/delHost': _action('del_host', ('service', 'group'), ('name', 'ip'), _delhost_params),
+    '/delAllHosts': _action('del_all_hosts', ('service', 'group')),
+    '/enableGroup': _action('enable_group', ('service', 'group'), ('drain', 'rollback')),
+    '/changeScheduler': _action('change_scheduler', ('service', 'group', 'scheduler')),
+    '/hostAdminDown': _action('host_admin_down', ('service', 'group', 'name')),
+    '/hostAdminUp': _action('host_admin_up', ('service', 'group', 'name')),
+    '/retryHost': _action('retry_host', ('service', 'group', 'name')),
+    '/addUser': _action('add_user', ('name', 'access'), ('password', 'password_hash'), _adduser_params),
+    '/delUser': _action('del_user', ('name',)),
+    '/newGroup': _action('new_group', ('service', 'group', 'scheduler')),
+    '/delGroup': _action('del_group', ('service', 'group')),
+    '/closeLog': _action('close_log'),
+    '/reload': _action('reload', on_loop=False),
 }
 
 
@@ -198,10 +244,11 @@ def start(director, admin_config):
     host = admin_config.host
     if host == '*':
         host = ''
-    server = AdminServer((host, admin_config.port), director, context)
+    server = AdminServer((host, admin_config.port), director, context,
+                         get_changes=getattr(admin_config, 'get_changes', False))
     server.start()
     log.info('admin listening on %s://%s', 'https' if context else 'http',
-             format_address(server.server_address))
+             format_address(*server.server_address))
     return server
 
 
@@ -216,25 +263,6 @@ def make_ssl_context(certfile, keyfile):
     return context
 
 
-def format_address(address):
-    host, port = address[:2]
-    if ':' in host:
-        return '[%s]:%d' % (host, port)
-    return '%s:%d' % (host or '*', port)
-
-
-def log_text(value):
-    """Text safe for one log line or one answer line: backslash and unprintable characters
-    escaped as repr() does, so a name cannot start a forged line."""
-    return ''.join(c if c.isprintable() and c != '\\' else repr(c)[1:-1] for c in str(value))
-
-
-def has_control_chars(text):
-    # Cc: C0/C1 controls incl. CR, LF, tab; Cf: invisible format characters
-    # (bidi overrides); Zl/Zp: the Unicode line and paragraph separators.
-    return any(unicodedata.category(c) in ('Cc', 'Cf', 'Zl', 'Zp') for c in text)
-
-
 class Reply(Exception):
     """Stop handling this request and answer `status` with 'ERROR message'."""
 
@@ -247,9 +275,9 @@ class Reply(Exception):
 
 # ---------------------------------------------------------------------------
 # The server: one reader thread accepts connections and reads their requests
-# (TLS handshake included) without blocking; only complete requests reach the
-# worker threads.  A cap on each, a deadline per connection, optional TLS, and
-# an in-memory cache of password checks.
+# (TLS handshake included) on a pydirector Loop of its own; only complete
+# requests reach the worker threads.  A cap on each, a deadline per
+# connection, optional TLS, and the password checks with their limits.
 # ---------------------------------------------------------------------------
 
 # What the reader hands a worker: the socket, the client's address, every byte
@@ -260,10 +288,11 @@ Request = collections.namedtuple('Request', 'sock address data deadline')
 class AdminServer(object):
     """The admin HTTP(S) server.  server_address is the (host, port) actually bound."""
 
-    def __init__(self, address, director, ssl_context=None):
+    def __init__(self, address, director, ssl_context=None, get_changes=False):
         self.director = director
         self.ssl_context = ssl_context
         self.scheme = 'https' if ssl_context is not None else 'http'
+        self.get_changes = get_changes
         # Tests lower these on a running server to see the limits act quickly.
         self.max_pending = pending_limit()
         self.max_workers = MAX_WORKERS
@@ -276,10 +305,8 @@ class AdminServer(object):
         self.busy = 0                       # worker threads running
         self.queue = collections.deque()    # complete requests waiting for a worker
         self.answering = {}                 # socket -> deadline, while a worker answers it
-        self.auth_cache = set()
-        self.unknown_user_hash = None
-        self.last_busy_log = 0.0
-        self.socket = listening_socket(address)
+        self.passwords = PasswordChecks()
+        self.socket = pydirector.listen_socket(address[0], address[1], LISTEN_BACKLOG)
         self.server_address = self.socket.getsockname()[:2]
         self.reader = RequestReader(self)
 
@@ -299,7 +326,7 @@ class AdminServer(object):
     def open_connections(self):
         """Connections not closed yet, whatever their stage (a snapshot, for tests and logs)."""
         reader = self.reader
-        return len(reader.pending) + len(reader.lingering) + len(reader.returned) + len(self.queue) + self.busy
+        return len(reader.pending) + len(reader.lingering) + len(reader.returning) + len(self.queue) + self.busy
 
     # -- workers ------------------------------------------------------------
 
@@ -371,45 +398,76 @@ class AdminServer(object):
         else:
             log.exception('admin: unexpected error serving %s', client_address[0])
 
-    # -- credentials ----------------------------------------------------------
 
-    def password_ok(self, name, password, stored):
-        """check_password with a cache of successes, keyed so a changed hash misses."""
-        key = (name, stored, hashlib.sha256(password.encode('utf-8')).digest())
+class PasswordChecks(object):
+    """check_password, made safe to offer to anyone who can reach the port.
+
+    A check is deliberately slow (PBKDF2, a core for a moment), so: successes
+    are cached (keyed so a changed hash misses), and a cached success passes
+    whatever else comes from its address; at most PASSWORD_CHECKS run
+    at once, the rest wait their turn (PASSWORD_CHECK_WAIT, then 503); an
+    address whose logins fail FREE_FAILURES times is told to wait (429) for a
+    time that doubles with each further failure, up to MAX_BACKOFF, without a
+    check being made.  An unknown user costs a full check too, so timing does
+    not tell which names exist, and counts as a failure like any other.
+    """
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.cache = set()
+        self.turns = threading.BoundedSemaphore(PASSWORD_CHECKS)
+        self.failures = collections.OrderedDict()    # client ip -> [count, blocked until]
+        self.unknown_user_hash = None
+
+    def blocked_for(self, ip):
+        """Seconds this address must still wait before its next attempt (0: none)."""
         with self.lock:
-            if key in self.auth_cache:
-                return True
-        try:
-            ok = check_password(password, stored)
-        except Exception:
-            log.exception('admin: cannot check the password of user %s', log_text(name))
-            ok = False
-        if ok:
+            entry = self.failures.get(ip)
+            if entry is None:
+                return 0.0
+            return max(0.0, entry[1] - time.monotonic())
+
+    def check(self, ip, name, password, stored):
+        """True if password is right for a user whose hash is stored (None: no such user).
+        Reply(429) for an address that has failed too often, Reply(503) when no turn came."""
+        key = (name, stored, hashlib.sha256(password.encode('utf-8')).digest()) if stored else None
+        if key is not None:
             with self.lock:
-                if len(self.auth_cache) >= AUTH_CACHE_SIZE:
-                    self.auth_cache.clear()
-                self.auth_cache.add(key)
+                if key in self.cache:
+                    return True     # passed before: an operator is never locked out by a flood
+        wait = self.blocked_for(ip)
+        if wait > 0:
+            raise Reply(429, 'too many failed logins from %s; try again in %d s' % (ip, wait + 0.999),
+                        [('Retry-After', '%d' % (wait + 0.999))])
+        if not self.turns.acquire(timeout=PASSWORD_CHECK_WAIT):
+            raise Reply(503, 'too many logins being checked; try again')
+        try:
+            if stored is None and self.unknown_user_hash is None:
+                self.unknown_user_hash = hash_password('no such user')
+            ok = check_password(password, stored or self.unknown_user_hash) and stored is not None
+        except Exception:
+            log.exception('admin: cannot check the password of user %s', escape_text(name))
+            ok = False
+        finally:
+            self.turns.release()
+        with self.lock:
+            if ok:
+                if len(self.cache) >= AUTH_CACHE_SIZE:
+                    self.cache.clear()
+                self.cache.add(key)
+                self.failures.pop(ip, None)
+            else:
+                self._failed(ip)
         return ok
 
-    def waste_password_check(self, password):
-        """For an unknown user, spend the time a real check takes, so timing does not tell."""
-        if self.unknown_user_hash is None:
-            self.unknown_user_hash = hash_password('no such user')
-        check_password(password, self.unknown_user_hash)
-
-
-def listening_socket(address):
-    family = socket.AF_INET6 if ':' in address[0] else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.listen(LISTEN_BACKLOG)
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock
+    def _failed(self, ip):
+        entry = self.failures.pop(ip, None) or [0, 0.0]
+        entry[0] += 1
+        if entry[0] >= FREE_FAILURES:
+            entry[1] = time.monotonic() + min(MAX_BACKOFF, 2.0 ** (entry[0] - FREE_FAILURES))
+        self.failures[ip] = entry
+        while len(self.failures) > FAILURE_MEMORY:
+            self.failures.popitem(last=False)
 
 
 def pending_limit():
@@ -444,69 +502,70 @@ def send_close_notify(sock):
             pass
 
 
-class Pending(object):
-    """A connection the reader is still reading a request from."""
+class RequestScanner(object):
+    """Finds where a request ends in the bytes received so far, under the same
+    limits the handler reads it with: the request line, the header block to
+    its blank line, then the body its Content-Length announces.
 
-    __slots__ = ('sock', 'address', 'data', 'deadline', 'idle_until', 'handshaking', 'events',
-                 'scan', 'lines', 'head_start', 'header_bytes', 'end')
-
-    def __init__(self, sock, address, deadline, idle_until, handshaking):
-        self.sock = sock
-        self.address = address
-        self.data = bytearray()
-        self.deadline = deadline          # the connection's own (CONNECTION_DEADLINE)
-        self.idle_until = idle_until      # no byte since request_timeout
-        self.handshaking = handshaking    # TLS handshake not done yet
-        self.events = selectors.EVENT_READ
-        # Where request_ready() got to in data:
-        self.scan = 0                     # the start of the next line to look at
-        self.lines = 0                    # lines seen, the request line included
-        self.head_start = 0               # the first header line
-        self.header_bytes = 0
-        self.end = None                   # once the head is in: where the request ends, body included
-
-    def due(self):
-        return min(self.deadline, self.idle_until)
-
-
-def request_ready(p):
-    """Whether p.data holds enough for AdminHandler to answer without reading more.
-
-    That is the whole request, head and body, or a point where the handler
-    stops reading anyway: a bad request line (400), a line or a head over its
-    limit (414, 431; the handler reads only up to the limit).  This follows
-    AdminHandler.handle_one_request and read_head step by step.
+    The reader feeds it after each recv, and it picks up where it stopped, so
+    a request trickled a byte at a time costs no rescans; the handler runs it
+    once over the whole request to take the parts apart.  scan() is True once
+    the request is whole, or as soon as it must be refused: then `error` is
+    the Reply (400, 411, 413, 414, 431) the handler answers with.
     """
-    data = p.data
-    while p.end is None:
-        limit = MAX_REQUEST_LINE if p.lines == 0 else MAX_HEADER_LINE
-        newline = data.find(b'\n', p.scan, p.scan + limit)
-        if newline < 0:
-            return len(data) - p.scan > limit
-        line = data[p.scan:newline + 1]
-        p.scan = newline + 1
-        p.lines += 1
-        if p.lines == 1:
-            if len(line.split()) != 3:
-                return True
-            p.head_start = p.scan
-            continue
-        p.header_bytes += len(line)
-        if p.header_bytes > MAX_HEADER_BYTES:
-            return True
-        if line in (b'\r\n', b'\n'):
-            p.end = p.scan + announced_body_length(bytes(data[p.head_start:p.scan]))
-        elif p.lines - 1 > MAX_HEADERS:
-            return True
-    return len(data) >= p.end
+    __slots__ = ('at', 'lines', 'line_end', 'head_start', 'head_end', 'header_bytes', 'end', 'error')
 
+    def __init__(self):
+        self.at = 0               # the start of the next line to look at
+        self.lines = 0            # lines seen, the request line included
+        self.line_end = None      # where the request line ends (after its newline)
+        self.head_start = 0
+        self.head_end = None      # after the blank line
+        self.header_bytes = 0
+        self.end = None           # where the request ends, body included
+        self.error = None
 
-def announced_body_length(head):
-    """The body bytes the handler will read after this header block (0 if it refuses the request first)."""
-    try:
-        return body_length(http.client.parse_headers(io.BytesIO(head)))
-    except (Reply, http.client.HTTPException):
-        return 0
+    def scan(self, data):
+        while self.end is None and self.error is None:
+            first = self.lines == 0
+            limit = MAX_REQUEST_LINE if first else MAX_HEADER_LINE
+            newline = data.find(b'\n', self.at, self.at + limit)
+            if newline < 0:
+                if len(data) - self.at > limit:
+                    self.error = (Reply(414, 'request line over %d bytes' % MAX_REQUEST_LINE) if first else
+                                  Reply(431, 'header line over %d bytes' % MAX_HEADER_LINE))
+                    break
+                return False
+            line = data[self.at:newline + 1]
+            self.at = newline + 1
+            self.lines += 1
+            if first:
+                if len(line.split()) != 3:
+                    self.error = Reply(400, 'bad request line')
+                self.line_end = self.head_start = self.at
+                continue
+            self.header_bytes += len(line)
+            if self.header_bytes > MAX_HEADER_BYTES:
+                self.error = Reply(431, 'headers over %d bytes' % MAX_HEADER_BYTES)
+            elif line in (b'\r\n', b'\n'):
+                self.head_end = self.at
+                try:
+                    length = body_length(http.client.parse_headers(io.BytesIO(bytes(data[self.head_start:self.at]))))
+                except Reply as e:
+                    self.error = e
+                except http.client.HTTPException:
+                    length = 0      # parse_request refuses these headers itself
+                else:
+                    self.end = self.at + length
+            elif self.lines - 1 > MAX_HEADERS:
+                self.error = Reply(431, 'more than %d headers' % MAX_HEADERS)
+        return self.error is not None or len(data) >= self.end
+
+    def cut_short(self):
+        """The answer for a client that ended its side before the request was whole."""
+        if self.head_end is not None:
+            return Reply(400, 'request body cut short')
+        return Reply(400, 'request cut short')
 
 
 def body_length(headers):
@@ -539,54 +598,111 @@ def quick_answer(sock, status, message):
         pass
 
 
+class Pending(object):
+    """A connection the reader is still reading a request from."""
+
+    __slots__ = ('reader', 'sock', 'fd', 'address', 'data', 'deadline', 'idle_until', 'handshaking',
+                 'events', 'scanner')
+
+    def __init__(self, reader, sock, address, deadline, idle_until, handshaking):
+        self.reader = reader
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.address = address
+        self.data = bytearray()
+        self.deadline = deadline          # the connection's own (CONNECTION_DEADLINE)
+        self.idle_until = idle_until      # no byte since request_timeout
+        self.handshaking = handshaking    # TLS handshake not done yet
+        self.events = EVENT_READ
+        self.scanner = RequestScanner()
+
+    def __repr__(self):
+        return '<admin connection from %s>' % (self.address[0],)
+
+    def due(self):
+        return min(self.deadline, self.idle_until)
+
+    def on_event(self, mask):
+        self.reader.on_request_data(self)
+
+    def close_on_error(self):
+        self.reader.close(self.sock)
+
+
+class Lingering(object):
+    """A connection answered and half-closed: what the client still sends is read and dropped."""
+
+    __slots__ = ('reader', 'sock', 'fd', 'deadline', 'read')
+
+    def __init__(self, reader, sock, deadline):
+        self.reader = reader
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.deadline = deadline
+        self.read = 0
+
+    def on_event(self, mask):
+        try:
+            data = socket.socket.recv(self.sock, 16384)  # raw bytes: TLS or not, they are discarded
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b''
+        self.read += len(data)
+        if not data or self.read >= LINGER_BYTES:
+            self.reader.close(self.sock)
+
+    def close_on_error(self):
+        self.reader.close(self.sock)
+
+
+SWEEP_INTERVAL = 0.25     # seconds between the reader's deadline checks
+
+
 class RequestReader(object):
     """Accepts the admin connections and reads each request whole before a thread is spent on it.
 
     With a thread per connection, clients trickling their request a byte at a
     time hold every thread, and the operator is locked out (slowloris).  Here
     one thread watches every connection still sending -- TLS handshake
-    included -- with a selector, and hands only complete requests to the
-    workers.  Past server.max_pending the oldest of those still sending is
-    closed, never the new one, so the operator always gets in.  After the
-    answer the reader takes the socket back for the lingering close, so that
-    costs no thread either.
+    included -- on a pydirector Loop of its own, and hands only complete
+    requests to the workers.  Past server.max_pending the oldest of those
+    still sending is closed, never the new one, so the operator always gets
+    in.  After the answer the reader takes the socket back for the lingering
+    close, so that costs no thread either.
     """
 
     def __init__(self, server):
         self.server = server
-        self.selector = selectors.DefaultSelector()
+        self.loop = pydirector.Loop()
         self.pending = collections.OrderedDict()     # socket -> Pending, oldest first
-        self.lingering = collections.OrderedDict()   # socket -> [deadline, bytes read], oldest first
-        self.returned = collections.deque()          # sockets the workers are done with
-        self.wake_in, self.wake_out = socket.socketpair()
-        self.wake_in.setblocking(False)
-        self.wake_out.setblocking(False)
-        self.next_deadline = float('inf')            # the earliest Pending.due(), or sooner
-        self.next_answer_check = 0.0
-        self.accept_paused_until = None
+        self.lingering = collections.OrderedDict()   # socket -> Lingering, oldest first
+        self.returning = set()                       # sockets handed back by workers, not taken yet
+        self.accept_paused = False
         self.last_cut_log = 0.0
-        self.stopping = False
         self.closed = False
         self.thread = None
+        self.listen_fd = server.socket.fileno()
 
     def start(self):
+        self.loop.add(self.listen_fd, EVENT_READ, self.on_accept)
+        self.loop.call_later(SWEEP_INTERVAL, self.sweep)
         self.thread = threading.Thread(target=self.run, name='pydirector-admin', daemon=True)
         self.thread.start()
 
+    def run(self):
+        try:
+            self.loop.run()
+        finally:
+            self.close_all()
+
     def stop(self):
-        self.stopping = True
         if self.thread is None:
             self.close_all()
             return
-        self.wake()
+        self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join()
         self.thread = None
-
-    def wake(self):
-        try:
-            self.wake_out.send(b'\0')
-        except OSError:
-            pass    # full: it is awake already
 
     def linger(self, sock):
         """From a worker, after the answer: half-close; the reader reads what the client
@@ -604,86 +720,60 @@ class RequestReader(object):
             sock.close()
             return
         with self.server.lock:
-            if not self.closed:
-                self.returned.append(sock)
-                sock = None
-        if sock is not None:
-            sock.close()
-        else:
-            self.wake()
+            if self.closed:
+                sock.close()
+                return
+            self.returning.add(sock)
+        self.loop.call_soon_threadsafe(self.take_back, sock)
 
-    # -- the loop -------------------------------------------------------------
+    def take_back(self, sock):
+        with self.server.lock:
+            if sock not in self.returning:
+                return      # closed by close_all meanwhile
+            self.returning.discard(sock)
+        self.start_lingering(sock)
 
-    def run(self):
-        listener = self.server.socket
-        self.selector.register(listener, selectors.EVENT_READ, self.on_accept)
-        self.selector.register(self.wake_in, selectors.EVENT_READ, self.on_wake)
-        try:
-            while not self.stopping:
-                now = time.monotonic()
-                wake_at = min(self.next_deadline, now + 0.25)
-                if self.lingering:
-                    wake_at = min(wake_at, next(iter(self.lingering.values()))[0])
-                for key, _ in self.selector.select(max(0.0, wake_at - now)):
-                    try:
-                        key.data(key.fileobj)
-                    except Exception:
-                        log.exception('admin: bug while reading a request; closing the connection')
-                        if key.fileobj in self.pending or key.fileobj in self.lingering:
-                            self.close(key.fileobj)
-                self.take_returned()
-                self.sweep(time.monotonic())
-        finally:
-            self.close_all()
+    # -- deadlines ------------------------------------------------------------
 
-    def sweep(self, now):
-        if self.accept_paused_until is not None and now >= self.accept_paused_until:
-            self.accept_paused_until = None
-            self.selector.register(self.server.socket, selectors.EVENT_READ, self.on_accept)
+    def sweep(self):
+        now = time.monotonic()
+        if self.accept_paused:
+            self.accept_paused = False
+            self.loop.add(self.listen_fd, EVENT_READ, self.on_accept)
         while self.lingering:
-            sock, (deadline, _) = next(iter(self.lingering.items()))
-            if deadline > now:
+            sock, state = next(iter(self.lingering.items()))
+            if state.deadline > now:
                 break
             self.close(sock)
-        if now >= self.next_deadline:
-            late = [p for p in self.pending.values() if p.due() <= now]
-            for p in late:
-                self.close(p.sock)
-            if late:
-                log.info('admin: closed %d connection(s) that sent no complete request in time', len(late))
-            self.next_deadline = min((p.due() for p in self.pending.values()), default=float('inf'))
-        if now >= self.next_answer_check:
-            self.next_answer_check = now + 0.25
-            self.server.cut_late_answers(now)
+        late = [p for p in self.pending.values() if p.due() <= now]
+        for p in late:
+            self.close(p.sock)
+        if late:
+            log.info('admin: closed %d connection(s) that sent no complete request in time', len(late))
+        self.server.cut_late_answers(now)
+        self.loop.call_later(SWEEP_INTERVAL, self.sweep)
 
     def close(self, sock):
         """Forget a socket, whatever stage it is at, and close it."""
-        if self.pending.pop(sock, None) is not None or self.lingering.pop(sock, None) is not None:
-            self.selector.unregister(sock)
+        state = self.pending.pop(sock, None) or self.lingering.pop(sock, None)
+        if state is not None:
+            self.loop.forget(state.fd)
         sock.close()
 
     def close_all(self):
         with self.server.lock:
             self.closed = True
-            returned = list(self.returned)
-            self.returned.clear()
+            returned = list(self.returning)
+            self.returning.clear()
         for sock in list(self.pending) + list(self.lingering) + returned:
             self.close(sock)
-        self.selector.close()
+        self.loop.close()
         self.server.socket.close()
-        self.wake_in.close()
-        self.wake_out.close()
 
     # -- events ---------------------------------------------------------------
 
-    def on_wake(self, sock):
-        try:
-            while sock.recv(4096):
-                pass
-        except OSError:
-            pass
-
-    def on_accept(self, listener):
+    def on_accept(self, mask):
+        listener = self.server.socket
         for _ in range(64):
             try:
                 sock, address = listener.accept()
@@ -694,8 +784,8 @@ class RequestReader(object):
             except OSError as e:
                 # Out of file descriptors or memory: pause instead of spinning on it.
                 log.warning('admin: cannot accept connections: %s; pausing for a second', e)
-                self.selector.unregister(listener)
-                self.accept_paused_until = time.monotonic() + 1.0
+                self.loop.remove(self.listen_fd)
+                self.accept_paused = True
                 return
             self.admit(sock, address)
 
@@ -719,70 +809,66 @@ class RequestReader(object):
                 log.debug('admin: TLS with %s failed: %s', address[0], e)
                 sock.close()
                 return
-        p = Pending(sock, address, now + server.connection_deadline, now + server.request_timeout, handshaking)
+        p = Pending(self, sock, address, now + server.connection_deadline, now + server.request_timeout, handshaking)
         self.pending[sock] = p
-        self.selector.register(sock, selectors.EVENT_READ, self.on_request_data)
-        self.next_deadline = min(self.next_deadline, p.due())
+        self.loop.add(p.fd, EVENT_READ, p.on_event)
 
-    def on_request_data(self, sock):
-        p = self.pending[sock]
+    def on_request_data(self, p):
+        sock = p.sock
         p.idle_until = time.monotonic() + self.server.request_timeout
         if p.handshaking:
             try:
                 sock.do_handshake()
             except ssl.SSLWantReadError:
-                return self.watch(p, selectors.EVENT_READ)
+                return self.watch(p, EVENT_READ)
             except ssl.SSLWantWriteError:
-                return self.watch(p, selectors.EVENT_WRITE)
+                return self.watch(p, EVENT_WRITE)
             except OSError as e:    # ssl.SSLError included: not TLS, or nothing we share
                 log.debug('admin: TLS handshake with %s failed: %s', p.address[0], e)
-                self.selector.unregister(sock)
+                self.loop.remove(p.fd)
                 del self.pending[sock]
                 return self.half_close(sock)
             p.handshaking = False
-            self.watch(p, selectors.EVENT_READ)
+            self.watch(p, EVENT_READ)
         while True:
             try:
                 data = sock.recv(65536)
             except (BlockingIOError, ssl.SSLWantReadError):
-                return self.watch(p, selectors.EVENT_READ)
+                return self.watch(p, EVENT_READ)
             except ssl.SSLWantWriteError:
-                return self.watch(p, selectors.EVENT_WRITE)
+                return self.watch(p, EVENT_WRITE)
             except OSError as e:
                 log.debug('admin: connection from %s: %s', p.address[0], e)
                 return self.close(sock)
             if not data:
                 return self.cut_short(p)
             p.data += data
-            if request_ready(p):
+            if p.scanner.scan(p.data):
                 return self.hand_over(p)
             # A short read took all there was, but for TLS records already decrypted,
             # which the socket no longer shows.
             if len(data) < 65536 and not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
-                return self.watch(p, selectors.EVENT_READ)
+                return self.watch(p, EVENT_READ)
 
     def watch(self, p, events):
         if p.events != events:
             p.events = events
-            self.selector.modify(p.sock, events, self.on_request_data)
+            self.loop.modify(p.fd, events, p.on_event)
 
     def cut_short(self, p):
         """The client ended its side before the request was complete."""
         if p.data:
             # What the handler would answer, read to the end of what was sent.
-            quick_answer(p.sock, 400, 'request body cut short' if p.end is not None else 'request cut short')
+            quick_answer(p.sock, 400, p.scanner.cut_short().message)
         self.close(p.sock)
 
     def hand_over(self, p):
-        self.selector.unregister(p.sock)
-        taken = self.server.take(Request(p.sock, p.address, bytes(p.data), p.deadline))
+        self.loop.remove(p.fd)
         del self.pending[p.sock]
+        taken = self.server.take(Request(p.sock, p.address, bytes(p.data), p.deadline))
         if not taken:
-            now = time.monotonic()
-            if now - self.server.last_busy_log > 10.0:
-                self.server.last_busy_log = now
-                log.warning('admin: all %d workers busy and %d requests waiting; answering 503',
-                            self.server.max_workers, len(self.server.queue))
+            log.warning('admin: all %d workers busy and %d requests waiting; answering 503',
+                        self.server.max_workers, len(self.server.queue))
             quick_answer(p.sock, 503, 'the admin server is busy; try again')
             self.half_close(p.sock)
 
@@ -795,27 +881,11 @@ class RequestReader(object):
             return sock.close()
         self.start_lingering(sock)
 
-    def take_returned(self):
-        while self.returned:
-            self.start_lingering(self.returned.popleft())
-
     def start_lingering(self, sock):
         while len(self.lingering) >= max(1, self.server.max_pending):
             self.close(next(iter(self.lingering)))
-        self.lingering[sock] = [time.monotonic() + LINGER_SECONDS, 0]
-        self.selector.register(sock, selectors.EVENT_READ, self.on_lingering_data)
-
-    def on_lingering_data(self, sock):
-        state = self.lingering[sock]
-        try:
-            data = socket.socket.recv(sock, 16384)  # raw bytes: TLS or not, they are discarded
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b''
-        state[1] += len(data)
-        if not data or state[1] >= LINGER_BYTES:
-            self.close(sock)
+        state = self.lingering[sock] = Lingering(self, sock, time.monotonic() + LINGER_SECONDS)
+        self.loop.add(state.fd, EVENT_READ, state.on_event)
 
 
 # ---------------------------------------------------------------------------
@@ -838,7 +908,7 @@ class SocketWriter(io.BufferedIOBase):
 
 
 class AdminHandler(http.server.BaseHTTPRequestHandler):
-    """Parses under our limits, authenticates, dispatches through ROUTES, answers."""
+    """Parses under our limits, authenticates, dispatches through PAGES and ACTIONS, answers."""
 
     server_version = 'pydirector/' + VERSION
     protocol_version = 'HTTP/1.0'
@@ -857,116 +927,107 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
         self.wfile = SocketWriter(self.request)
 
     def handle_one_request(self):
-        # Replaces BaseHTTPRequestHandler's to read the request line and headers
-        # under our own, smaller limits before parse_request sees them.
+        # Replaces BaseHTTPRequestHandler's: the reader's RequestScanner takes the
+        # request apart under our own limits before parse_request sees its head.
         self.command = None
         self.request_version = 'HTTP/1.0'
         self.requestline = ''
         self.close_connection = True
         self.replied = False
+        data = self.data
+        if not data:
+            return
         try:
-            line = self.rfile.readline(MAX_REQUEST_LINE + 1)
-            if not line:
-                return
-            if len(line) > MAX_REQUEST_LINE:
-                raise Reply(414, 'request line over %d bytes' % MAX_REQUEST_LINE)
-            self.requestline = line.decode('latin-1').rstrip('\r\n')
-            if len(line.split()) != 3:
-                raise Reply(400, 'bad request line')
-            head = self.read_head()
-            self.raw_requestline = line
-            stream, self.rfile = self.rfile, io.BytesIO(head)
-            try:
-                parsed = self.parse_request()
-            finally:
-                self.rfile = stream
-            if parsed:
+            scanner = RequestScanner()
+            complete = scanner.scan(data)
+            if scanner.line_end is not None:
+                self.requestline = data[:scanner.line_end].decode('latin-1').rstrip('\r\n')
+            if scanner.error is not None:
+                raise scanner.error
+            if not complete:
+                raise scanner.cut_short()
+            self.raw_requestline = data[:scanner.line_end]
+            self.rfile = io.BytesIO(data[scanner.head_start:scanner.head_end])
+            if self.parse_request():
+                self.body = data[scanner.head_end:scanner.end]
                 self.handle_request()
         except Reply as e:
             self.send_error_text(e.status, e.message, e.headers)
         except socket.timeout:
             log.debug('admin: %s timed out', self.client_address[0])
 
-    def read_head(self):
-        """The header block up to its blank line, refusing oversized ones (431)."""
-        lines = []
-        total = 0
-        while True:
-            line = self.rfile.readline(MAX_HEADER_LINE + 1)
-            if len(line) > MAX_HEADER_LINE:
-                raise Reply(431, 'header line over %d bytes' % MAX_HEADER_LINE)
-            total += len(line)
-            if total > MAX_HEADER_BYTES:
-                raise Reply(431, 'headers over %d bytes' % MAX_HEADER_BYTES)
-            if not line:
-                raise Reply(400, 'request cut short')
-            lines.append(line)
-            if line in (b'\r\n', b'\n'):
-                return b''.join(lines)
-            if len(lines) > MAX_HEADERS:
-                raise Reply(431, 'more than %d headers' % MAX_HEADERS)
-
     def handle_request(self):
-        """Auth (401), route (404), method (405), access (403), cross-site (403), then the page or change."""
+        """Route (404), method (405), auth (401, 429), access (403), cross-site (403), then the page or change."""
         try:
             try:
                 url = urllib.parse.urlsplit(self.path)
             except ValueError:      # 'http://[x/': not a URL at all
                 raise Reply(400, 'bad request target')
             path = url.path
-            body = self.read_body()
+            page = PAGES.get(path)
+            action = ACTIONS.get(path)
             user, access = self.authenticate()
-            route = ROUTES.get(path)
-            if route is None:
+            if page is None and action is None:
                 raise Reply(404, 'no page %s' % path)
-            method_name, needs_full_access = route
-            changes = method_name.startswith('action_')
-            allowed = ('GET', 'POST') if changes else ('GET', 'HEAD')
-            if self.command not in allowed:
-                raise Reply(405, '%s is not allowed on %s' % (self.command, path),
-                            [('Allow', ', '.join(allowed))])
-            if needs_full_access and access != 'full':
-                raise Reply(403, 'user %s has read-only access' % user)
-            if not changes:
+            if page is not None:
+                self.check_method(path, ('GET', 'HEAD'))
+                method_name, needs_full_access = page
+                if needs_full_access and access != 'full':
+                    raise Reply(403, 'user %s has read-only access' % user)
                 getattr(self, method_name)(self.read_params(url.query, b''), user, access)
                 return
+            self.check_method(path, ('POST', 'GET') if self.server.get_changes else ('POST',))
+            if access != 'full':
+                raise Reply(403, 'user %s has read-only access' % user)
             self.check_same_origin()
-            self.change(method_name, url, body if self.command == 'POST' else b'', user)
+            self.change(action, url, self.body if self.command == 'POST' else b'', user)
         except Reply as e:
             self.send_error_text(e.status, e.message, e.headers)
         except LoopTimeout:
-            log.warning('admin: the loop did not answer in time (%s)', log_text(self.path))
+            log.warning('admin: the loop did not answer in time (%s)', escape_text(self.path))
             self.send_error_text(503, 'the balancer is busy; try again')
         except OSError:
             raise  # the client went away mid-answer: handle_error logs it quietly
         except Exception:
-            log.exception('admin: bug while answering %s %s', self.command, log_text(self.path))
+            log.exception('admin: bug while answering %s %s', self.command, escape_text(self.path))
             if not self.replied:
                 self.send_error_text(500, 'internal error (logged)')
 
-    def change(self, method_name, url, body, user):
-        """Run one action_* method; log the outcome with the user; answer OK or ERROR."""
+    def check_method(self, path, allowed):
+        if self.command in allowed:
+            return
+        if self.command == 'GET' and path in ACTIONS:
+            raise Reply(405, 'changes are POST requests: wget --post-data=... or curl -d ... '
+                             '(<admin get_changes="on"> allows GET with a query string)',
+                        [('Allow', ', '.join(allowed))])
+        raise Reply(405, '%s is not allowed on %s' % (self.command, path), [('Allow', ', '.join(allowed))])
+
+    def change(self, action, url, body, user):
+        """Run one action; log the outcome with the user; answer OK or ERROR."""
         try:
-            result = getattr(self, method_name)(self.read_params(url.query, body))
+            result = self.run_action(action, self.read_params(url.query, body))
         except (Reply, AdminError) as e:
-            log.warning('admin: user %s from %s: %s refused (%d): %s', log_text(user),
-                        self.client_address[0], url.path, e.status, log_text(e.message))
+            log.warning('admin: user %s from %s: %s refused (%d): %s', escape_text(user),
+                        self.client_address[0], url.path, e.status, escape_text(e.message))
             self.answer_change(e.status, 'ERROR ' + e.message)
         else:
-            log.info('admin: user %s from %s: %s', log_text(user), self.client_address[0], log_text(result))
+            log.info('admin: user %s from %s: %s', escape_text(user), self.client_address[0], escape_text(result))
             self.answer_change(200, 'OK ' + result)
+
+    def run_action(self, action, params):
+        p = take(params, action.required, action.optional)
+        if action.prepare is not None:
+            p = action.prepare(p)
+        # The parameter names are the Director method's own.
+        method = getattr(self.server.director, action.method)
+        if not action.on_loop:
+            return method(**p)
+        return self.call(method, **p)
 
     # -- request pieces -----------------------------------------------------
 
-    def read_body(self):
-        length = body_length(self.headers)
-        body = self.rfile.read(length)
-        if len(body) != length:
-            raise Reply(400, 'request body cut short')
-        return body
-
     def authenticate(self):
-        """(user name, access) from the Basic credentials, or Reply(401)."""
+        """(user name, access) from the Basic credentials, or Reply(401 / 429 / 503)."""
         challenge = [('WWW-Authenticate', 'Basic realm="%s"' % REALM)]
         header = self.headers.get('Authorization')
         if not header:
@@ -986,15 +1047,14 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
         name, colon, password = text.partition(':')
         if not colon:
             raise Reply(401, 'malformed credentials', challenge)
-        director = self.server.director
-        for user_name, stored, access in self.call(director.users_list):
+        stored = access = None
+        for user_name, user_hash, user_access in self.call(self.server.director.users_list):
             if user_name == name:
-                if self.server.password_ok(name, password, stored):
-                    return name, access
+                stored, access = user_hash, user_access
                 break
-        else:
-            self.server.waste_password_check(password)
-        log.warning('admin: bad credentials for user %s from %s', log_text(name), self.client_address[0])
+        if self.server.passwords.check(self.client_address[0], name, password, stored):
+            return name, access
+        log.warning('admin: bad credentials for user %s from %s', escape_text(name), self.client_address[0])
         raise Reply(401, 'bad credentials', challenge)
 
     def check_same_origin(self):
@@ -1023,7 +1083,7 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
         params = {}
         for name, value in pairs:
             if name in params:
-                raise Reply(400, 'parameter %s given twice' % log_text(name))
+                raise Reply(400, 'parameter %s given twice' % escape_text(name))
             params[name] = value
         return params
 
@@ -1063,7 +1123,7 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
         ])
 
     def send_error_text(self, status, message, headers=()):
-        self.send(status, 'ERROR %s\n' % log_text(message), 'text/plain; charset=utf-8', headers)
+        self.send(status, 'ERROR %s\n' % escape_text(message), 'text/plain; charset=utf-8', headers)
 
     def send_error(self, code, message=None, explain=None):
         # parse_request answers malformed requests through here: keep our format.
@@ -1075,14 +1135,14 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
 
     def answer_change(self, status, text):
         if self.is_browser():
-            location = '/running?' + urllib.parse.urlencode({'msg': log_text(text)})
+            location = '/running?' + urllib.parse.urlencode({'msg': escape_text(text)})
             self.send(303, 'See %s\n' % location, 'text/plain; charset=utf-8', [('Location', location)])
         else:
-            self.send(status, log_text(text) + '\n', 'text/plain; charset=utf-8')
+            self.send(status, escape_text(text) + '\n', 'text/plain; charset=utf-8')
 
     def log_message(self, format, *args):
         # BaseHTTPRequestHandler writes every request to stderr; ours go to the debug log.
-        log.debug('admin: %s %s', self.client_address[0], log_text(format % args))
+        log.debug('admin: %s %s', self.client_address[0], escape_text(format % args))
 
     # -- reading pages ----------------------------------------------------------
 
@@ -1112,14 +1172,13 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
 
     def page_running_xml(self, params, user, access):
         take(params)
-        director = self.server.director
-        # Serialised on the loop too: the Config shares nothing with us afterwards.
-        xml = self.call(lambda: director.running_config().to_xml())
-        self.send(200, xml, 'application/xml; charset=utf-8')
+        # Serialised on the loop: the running objects are the loop's.
+        self.send(200, self.call(self.server.director.running_xml), 'application/xml; charset=utf-8')
 
     def page_config_xml(self, params, user, access):
         take(params)
-        self.send(200, self.server.director.loaded_xml, 'application/xml; charset=utf-8')
+        # The file as last loaded: a reload replaces it on the loop.
+        self.send(200, self.call(self.server.director.loaded_config_xml), 'application/xml; charset=utf-8')
 
     def page_metrics(self, params, user, access):
         take(params)
@@ -1139,93 +1198,6 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
         else:
             self.send(200, render_explain(info), 'text/plain; charset=utf-8')
 
-    # -- changes: each returns what was done, or raises Reply / AdminError ------
-
-    def action_add_host(self, params):
-        p = take(params, ('service', 'group', 'name', 'ip'), ('weight', 'maxconns', 'send_proxy'))
-        extra = {}
-        if p['send_proxy'] is not None:
-            # Passed only when given, so a director without PROXY support still adds plain hosts.
-            if p['send_proxy'] not in ('v1', 'v2'):
-                raise Reply(400, "send_proxy must be 'v1' or 'v2'")
-            extra['send_proxy'] = p['send_proxy']
-        d = self.server.director
-        return self.call(d.add_host, p['service'], p['group'], p['name'], p['ip'],
-                         weight=p['weight'], maxconns=p['maxconns'], **extra)
-
-    def action_del_host(self, params):
-        p = take(params, ('service', 'group'), ('name', 'ip'))
-        if p['name'] is None and p['ip'] is None:
-            raise Reply(400, 'missing parameter name (or ip)')
-        d = self.server.director
-        return self.call(d.del_host, p['service'], p['group'], name=p['name'], ip=p['ip'])
-
-    def action_del_all_hosts(self, params):
-        p = take(params, ('service', 'group'))
-        return self.call(self.server.director.del_all_hosts, p['service'], p['group'])
-
-    def action_enable_group(self, params):
-        p = take(params, ('service', 'group'), ('drain', 'rollback'))
-        extra = {}
-        for name in ('drain', 'rollback'):
-            if p[name] is not None:
-                if not is_seconds(p[name]):
-                    raise Reply(400, '%s must be a number of seconds, 0-%d' % (name, MAX_SWITCH_SECONDS))
-                extra[name] = p[name]  # the query text, as the director takes it
-        return self.call(self.server.director.enable_group, p['service'], p['group'], **extra)
-
-    def action_change_scheduler(self, params):
-        p = take(params, ('service', 'group', 'scheduler'))
-        return self.call(self.server.director.change_scheduler, p['service'], p['group'], p['scheduler'])
-
-    def action_host_admin_down(self, params):
-        p = take(params, ('service', 'group', 'name'))
-        return self.call(self.server.director.host_admin_down, p['service'], p['group'], p['name'])
-
-    def action_host_admin_up(self, params):
-        p = take(params, ('service', 'group', 'name'))
-        return self.call(self.server.director.host_admin_up, p['service'], p['group'], p['name'])
-
-    def action_retry_host(self, params):
-        p = take(params, ('service', 'group', 'name'))
-        return self.call(self.server.director.retry_host, p['service'], p['group'], p['name'])
-
-    def action_add_user(self, params):
-        p = take(params, ('name', 'access'), ('password', 'password_hash'))
-        if p['access'] not in ('full', 'readonly'):
-            raise Reply(400, "access must be 'full' or 'readonly'")
-        if (p['password'] is None) == (p['password_hash'] is None):
-            raise Reply(400, 'give password or password_hash (one of them)')
-        if p['password_hash'] is not None:
-            # A hash as a config file holds it: how `diff`/`apply` copy users from a file.
-            problem = password_hash_problem(p['password_hash'])
-            if problem:
-                raise Reply(400, problem)
-            password_hash = p['password_hash']
-        else:
-            password_hash = hash_password(p['password'])  # slow by design: here, not on the loop
-        return self.call(self.server.director.add_user, p['name'], password_hash, p['access'])
-
-    def action_del_user(self, params):
-        p = take(params, ('name',))
-        return self.call(self.server.director.del_user, p['name'])
-
-    def action_new_group(self, params):
-        p = take(params, ('service', 'group', 'scheduler'))
-        return self.call(self.server.director.new_group, p['service'], p['group'], p['scheduler'])
-
-    def action_del_group(self, params):
-        p = take(params, ('service', 'group'))
-        return self.call(self.server.director.del_group, p['service'], p['group'])
-
-    def action_close_log(self, params):
-        take(params)
-        return self.call(self.server.director.close_log)
-
-    def action_reload(self, params):
-        take(params)
-        return self.call(self.server.director.reload)
-
 
 def is_digits(text):
     # str.isdigit() is true for '\u00b2' too, which int() refuses: ASCII digits only.
@@ -1236,7 +1208,7 @@ def take(params, required=(), optional=()):
     """The named parameters as a dict (None when absent or empty), or Reply(400)."""
     for name in params:
         if name not in required and name not in optional:
-            raise Reply(400, 'unknown parameter %s' % log_text(name))
+            raise Reply(400, 'unknown parameter %s' % escape_text(name))
     for name in required:
         if not params.get(name):
             raise Reply(400, 'missing parameter %s' % name)
@@ -1244,23 +1216,6 @@ def take(params, required=(), optional=()):
         if has_control_chars(value):
             raise Reply(400, 'parameter %s contains control characters' % name)
     return dict((name, params.get(name) or None) for name in tuple(required) + tuple(optional))
-
-
-def is_seconds(text):
-    """A plain decimal number of seconds, 0 to MAX_SWITCH_SECONDS (no signs, exponents, inf or nan)."""
-    return re.fullmatch(r'[0-9]{1,9}(\.[0-9]{1,9})?', text) is not None and float(text) <= MAX_SWITCH_SECONDS
-
-
-def password_hash_problem(text):
-    """Why text cannot be a user's stored hash, or None.  The config reader's own tests, so a
-    user added this way still loads from running.xml."""
-    if pydirector._parse_pbkdf2(text) is not None:
-        return None
-    if not pydirector.is_legacy_hash(text):
-        return 'password_hash is not a password hash (make one with: python3 pydirector.py --hash-password)'
-    if pydirector._crypt_module() is None:
-        return 'password_hash is a crypt() hash, which this Python cannot check'
-    return None
 
 
 def same_host(url, host_header, scheme):
@@ -1379,22 +1334,17 @@ def render_checks(host, now):
     """The health column: when the next probe runs, and the last state changes, folded."""
     e = html.escape
     out = []
-    if 'next_probe' in host:
-        if host['next_probe'] is not None:
-            out.append('next probe in %s' % e(duration(host['next_probe'] - now)))
-        else:
-            out.append('<span class="note">no probe planned</span>')
-    timeline = host.get('timeline') or []
-    if 'timeline' not in host:
-        pass  # a director without a timeline
-    elif timeline:
+    if host['next_probe'] is not None:
+        out.append('next probe in %s' % e(duration(host['next_probe'] - now)))
+    else:
+        out.append('<span class="note">no probe planned</span>')
+    timeline = host['timeline']
+    if timeline:
         items = ''.join('<li>%s %s&rarr;%s: %s</li>' % (
-            e(when(change.get('when'))), e(str(change.get('from'))), e(str(change.get('to'))),
-            e(str(change.get('why') or ''))) for change in reversed(timeline))
-        last = timeline[-1].get('when')
+            e(when(change['when'])), e(str(change['from'])), e(str(change['to'])),
+            e(str(change['why'] or ''))) for change in reversed(timeline))
         out.append('<details><summary>%d change%s, last %s ago</summary><ol class="timeline">%s</ol></details>' % (
-            len(timeline), '' if len(timeline) == 1 else 's',
-            e(duration(now - last)) if last is not None else '?', items))
+            len(timeline), '' if len(timeline) == 1 else 's', e(duration(now - timeline[-1]['when'])), items))
     else:
         out.append('<br><span class="note">no state changes</span>')
     return '<td>%s</td>' % (''.join(out) or '-')
@@ -1461,14 +1411,9 @@ def render_group(service, group, now, can_change):
 
 
 def service_counts(service):
-    """', open 3, queued 0, denied 2, max conns 100' from what the snapshot has."""
-    parts = []
-    for key, label in (('open', 'open'), ('queued', 'queued'), ('denied', 'denied')):
-        if service.get(key) is not None:
-            parts.append('%s %s' % (label, service[key]))
-    if service.get('maxconns') is not None:
-        parts.append('max conns %s' % (service['maxconns'] or 'unlimited'))
-    return ''.join(', ' + part for part in parts)
+    """', open 3, queued 0, denied 2, max conns 100'."""
+    return ', open %d, queued %d, denied %d, max conns %s' % (
+        service['open'], service['queued'], service['denied'], service['maxconns'] or 'unlimited')
 
 
 def render_switch(switch, now):
@@ -1546,7 +1491,7 @@ def render_running(snapshot, user, can_change, msg=None, refresh=None):
 
 def txt_field(value):
     """One whitespace-free field: whitespace runs become '_', control chars are escaped, empty is '-'."""
-    return '_'.join(log_text(value).split()) or '-'
+    return '_'.join(escape_text(value).split()) or '-'
 
 
 def render_running_txt(snapshot):
@@ -1591,7 +1536,7 @@ def explain_number(value):
 
 def render_explain(info):
     """director.explain()'s dict as text, one fact per line ('key: value')."""
-    t = log_text
+    t = escape_text
     lines = ['service: %s' % t(info.get('service')), 'client: %s' % t(info.get('client'))]
     allowed = info.get('allowed', True)
     lines.append('allowed: %s' % ('yes' if allowed else 'no, denied by the service\'s allow/deny rules'))
@@ -1605,6 +1550,8 @@ def render_explain(info):
         lines.append('host: none (if allowed: %s %s)' % (t(info['host']), t(info.get('address') or '-')))
     if info.get('reason'):
         lines.append('reason: %s' % t(info['reason']))
+    if info.get('check'):
+        lines.append('check: %s' % t(info['check']))
     sticky = info.get('sticky')
     if sticky:
         expires = sticky.get('expires_in')
@@ -1645,7 +1592,7 @@ SERVICE_METRICS = [
 ]
 
 # Each value is a function of (host snapshot, snapshot time); None leaves the sample out
-# (a key an older director does not offer, or no probe planned).
+# (no probe planned, no state change yet).
 HOST_METRICS = [
     ('pydirector_host_up', 'gauge', '1 if the host passes its health checks, else 0.',
      lambda h, now: 1 if h['health'] == 'up' else 0),
@@ -1663,12 +1610,12 @@ HOST_METRICS = [
     # Only from a true count: the timeline keeps the last few changes, and a counter that
     # stops there would hide exactly the flapping it is for.
     ('pydirector_host_state_changes_total', 'counter', 'Times the host changed state (up, down, draining).',
-     lambda h, now: h.get('state_changes')),
+     lambda h, now: h['state_changes']),
     ('pydirector_host_last_state_change_timestamp_seconds', 'gauge',
      'When the host last changed state, in seconds since the epoch.',
-     lambda h, now: float(h['timeline'][-1]['when']) if h.get('timeline') else None),
+     lambda h, now: float(h['timeline'][-1]['when']) if h['timeline'] else None),
     ('pydirector_host_next_probe_seconds', 'gauge', 'Seconds until the host\'s next health check.',
-     lambda h, now: None if h.get('next_probe') is None else max(0.0, h['next_probe'] - now)),
+     lambda h, now: None if h['next_probe'] is None else max(0.0, h['next_probe'] - now)),
 ]
 
 
@@ -1687,12 +1634,8 @@ def render_metrics(snapshot):
     out.append('pydirector_start_time_seconds %.3f' % snapshot['started'])
     services = snapshot['services']
     for name, kind, help_text, key in SERVICE_METRICS:
-        # Families the snapshot does not offer (an older director) are left out.
-        present = [service for service in services if service.get(key) is not None]
-        if services and not present:
-            continue
         family(name, kind, help_text)
-        for service in present:
+        for service in services:
             out.append('%s%s %d' % (name, metric_labels([('service', service['name'])]), service[key]))
     family('pydirector_group_enabled', 'gauge', '1 for the group that takes a service\'s new connections.')
     for service in services:
@@ -2079,7 +2022,7 @@ class Remote(object):
                     self.shown, self.scheme, self.shown.split('://', 1)[1])
             return '%s: user %s was refused (401 %s); check the user and password in the URL' % (
                 self.shown, self.user, text)
-        return '%s answered %d: %s' % (self.shown, status, log_text(text))
+        return '%s answered %d: %s' % (self.shown, status, escape_text(text))
 
     def running_config(self):
         status, body = self.request('GET', '/running.xml')
@@ -2093,7 +2036,7 @@ class Remote(object):
     def call(self, step):
         """(ok, the balancer's answer line) for one plan step."""
         status, body = self.request('POST', '/' + step.endpoint, step.params)
-        text = log_text(body.strip()) or '(empty answer)'
+        text = escape_text(body.strip()) or '(empty answer)'
         return status == 200 and text.startswith('OK'), text if status == 200 else '%d %s' % (status, text)
 
 
@@ -2175,9 +2118,10 @@ def parse_cli(argv):
     if args.command is None:
         parser.error('say diff or apply')
     for name in ('drain', 'rollback'):
-        value = getattr(args, name)
-        if value is not None and not is_seconds(value):
-            parser.error('--%s must be a number of seconds, 0-%d' % (name, MAX_SWITCH_SECONDS))
+        try:
+            pydirector.parse_seconds(getattr(args, name), '--' + name, zero_ok=True)
+        except ValueError as e:
+            parser.error(str(e))
     if args.timeout <= 0:
         parser.error('--timeout must be positive')
     return args

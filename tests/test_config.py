@@ -594,7 +594,7 @@ class LoadConfigTest(unittest.TestCase):
     def test_directory(self):
         with self.assertRaises(ConfigError) as cm:
             load_config(self.dir)
-        self.assertEqual(str(cm.exception), self.dir + ': cannot read config: Is a directory')
+        self.assertEqual(str(cm.exception), self.dir + ': not a regular file')
 
     def test_error_names_file_as_given(self):
         path = os.path.join(self.dir, 'bad.xml')
@@ -728,7 +728,7 @@ BAD = [
     (check('expect="\\x4"'), "x.xml:7: <check> expect: unknown escape '\\x4' (use \\r \\n \\t \\\\ or \\xNN)"),
     (check('send="abc\\"'), "x.xml:7: <check> send: ends with a lone '\\' (write \\\\ for a backslash)"),
     (check('port="80"'),
-     "x.xml:7: <check> has unknown attribute 'port' (known: expect, fall, interval, on_down, rise, send, timeout)"),
+     "x.xml:7: <check> has unknown attribute 'port' (known: expect, fall, interval, on_down, rise, send, status, timeout)"),
     (HEAD + GROUP + '<check/>\n<check/>\n' + TAIL, "x.xml:8: service 'web': more than one <check>"),
     (HEAD + GROUP + '<timeouts connect="abc"/>\n' + TAIL,
      "x.xml:7: <timeouts> connect 'abc': must be a number of seconds > 0 and <= 86400"),

@@ -510,7 +510,7 @@ class FleetTest(FleetCase):
         self.assertIn('the following arguments are required: --url', err)
         rc, out, err = self.run_main('diff', '--url', self.a.url(), '--drain', 'soon', bad)
         self.assertEqual(rc, 2)
-        self.assertIn('--drain must be a number of seconds, 0-86400', err)
+        self.assertIn("--drain 'soon': must be a number of seconds >= 0 and <= 86400", err)
         self.assertEqual(self.run_main()[0], 2)
         self.assertEqual(self.run_cli('diff')[0], 2)
         rc, out, err = self.run_cli('--help')

@@ -601,18 +601,13 @@ class TestFaults(FaultCase):
         deaf = self.backend(half_close_then_reset)
         self.start(service_xml([('one', pusher.address)]),
                    service_xml([('two', deaf.address)], name='deaf'))
-        selector = self.balancer.director.loop.selector
-
         def watched(service, side):
             def check():
                 pairs = self.web_pairs(service)
                 if len(pairs) != 1:
                     return None
-                sock = getattr(pairs[0], side)
-                try:
-                    return self.balancer.call(lambda: selector.get_key(sock).events)
-                except (KeyError, ValueError):
-                    return 0
+                events = side.replace('_sock', '_events')     # what the pair asked the loop for
+                return self.balancer.call(lambda: getattr(pairs[0], events))
             return check
 
         sock = self.client(self.balancer.port(), rcvbuf=65536)

@@ -307,12 +307,25 @@ class AdminCase(unittest.TestCase):
         cls.server = pydirector_admin.start(cls.bal.director, pydirector.Admin(a.listen, a.host, 0, a.users))
         cls.port = cls.server.server_address[1]
         # An unknown user costs one check of this hash; the default strength would take minutes here.
-        cls.server.unknown_user_hash = pydirector.hash_password('no such user', iterations=1000)
+        cls.server.passwords.unknown_user_hash = pydirector.hash_password('no such user', iterations=1000)
+        # The good credentials pass once before any flood: a cached success is never locked out
+        # (bad ones from this address soon get 429 without a check).
+        for auth in FULL_CREDENTIALS[:1] + READONLY_CREDENTIALS:
+            data = 'GET / HTTP/1.0\r\nAuthorization: %s\r\n\r\n' % auth
+            assert raw_exchanges(cls.port, [data.encode()])[0].status == 200
 
     @classmethod
     def tearDownClass(cls):
         cls.server.stop()
         cls.bal.stop()
+
+    def post(self, path, auth=None, timeout=10):
+        """A change: the query string of path sent as a form body."""
+        path, _, query = path.partition('?')
+        data = ('POST %s HTTP/1.0\r\nHost: 127.0.0.1:%d\r\nAuthorization: %s\r\nContent-Type: '
+                'application/x-www-form-urlencoded\r\nContent-Length: %d\r\n\r\n%s' % (
+                    path, self.port, auth or basic('admin', PASSWORD), len(query), query))
+        return raw_exchanges(self.port, [data.encode()], timeout=timeout)[0]
 
     def get(self, path, auth=None, timeout=10):
         auth = auth or basic('admin', PASSWORD)
@@ -410,7 +423,7 @@ class AdminFuzzTest(AdminCase):
                 for change in ('/newGroup?service=web&group=%s&scheduler=roundrobin' % m,
                                '/addHost?service=web&group=%s&name=%s&ip=127.0.0.1:%d' % (m, m, 9 + number),
                                '/addUser?name=%s&password=x&access=readonly' % m):
-                    response = self.get(change)
+                    response = self.post(change)
                     self.assertIn(response.status, (200, 409), (change, response))
         names = [n for s in self.bal.snapshot()['services'] for g in s['groups']
                  for n in [g['name']] + [h['name'] for h in g['hosts']]]

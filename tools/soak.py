@@ -965,7 +965,14 @@ def _finish_balancer(report, balancer, base_fds, fd_timeout=10.0, access=None):
     end_fds = balancer.wait_fds(base_fds, fd_timeout)
     report.check('balancer fds back to baseline', '%d (baseline %d)' % (end_fds, base_fds),
                  '<= %d' % base_fds, end_fds <= base_fds)
-    summary = balancer.access_summary()   # every pair is closed (and logged) once the fds are back
+    # Every pair is closed once the fds are back; its access line is written within
+    # the balancer's flush interval (50 ms) after that, so allow it a moment.
+    summary = balancer.access_summary()
+    deadline = time.monotonic() + 2.0
+    while summary is not None and access is not None and time.monotonic() < deadline and (
+            dict(summary[0]) != access[0] or (access[1] is not None and summary[1] != access[1])):
+        time.sleep(0.05)
+        summary = balancer.access_summary()
     if summary is not None:
         ends, bytes_in, bytes_out = summary
         report.figures['access_log'] = {'ends': dict(ends), 'bytes_in': bytes_in, 'bytes_out': bytes_out}
