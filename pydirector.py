@@ -107,7 +107,8 @@ class Config(object):
                 ('name', service.name), ('maxconns', service.maxconns or None)], '>'))
             for listen in service.listens:
                 out.append(_xml_tag(2, 'listen', [
-                    ('ip', listen.text), ('accept_proxy', listen.accept_proxy),
+                    ('ip', listen.text), ('sni', ','.join(listen.sni) if listen.sni else None),
+                    ('accept_proxy', listen.accept_proxy),
                     ('trusted', ','.join(map(_network_text, listen.trusted)) or None)]))
             for action, network in service.acl:
                 out.append(_xml_tag(2, action, [('cidr', _network_text(network))]))
@@ -189,15 +190,24 @@ class Listen(object):
     """One <listen ip="...">: text as written, host and port to bind
     ('*' becomes '0.0.0.0', '[::]' becomes '::').  accept_proxy is None, or
     'v1', 'v2' or 'any': the PROXY protocol header versions read from each
-    peer first; trusted lists the networks that may send one (empty: any)."""
+    peer first; trusted lists the networks that may send one (empty: any).
+    sni is None, or the server name patterns (parse_sni) this service takes
+    on the address: the client's TLS hello then picks the service, and
+    several services may share the address."""
 
-    def __init__(self, text, host, port, line=None, accept_proxy=None, trusted=None):
+    def __init__(self, text, host, port, line=None, accept_proxy=None, trusted=None, sni=None):
         self.text = text
         self.host = host
         self.port = port
         self.line = line
         self.accept_proxy = accept_proxy
         self.trusted = list(trusted or [])
+        self.sni = list(sni) if sni else None
+
+    @property
+    def key(self):
+        """What makes two listens the same address (one socket)."""
+        return address_key(self.host, self.port)
 
     def __repr__(self):
         return f'Listen({self.text!r})'
@@ -915,7 +925,8 @@ class _ConfigReader(object):
     def __init__(self, path, lines):
         self.path = path
         self.lines = lines
-        self.listens = {}       # (host, port) -> who listens there, for duplicates
+        self.listens = {}       # address_key -> [(who, Listen or None for the admin)]
+        self.matchers = {}      # address_key -> SniMatcher of the service names there
 
     def error(self, elem, message):
         return ConfigError(message, self.path, self.lines.get(elem))
@@ -995,11 +1006,39 @@ class _ConfigReader(object):
     def seconds(self, elem, attr, default, zero_ok=False):
         return self.value(elem, parse_seconds, attr, default, zero_ok=zero_ok)
 
-    def claim_listen(self, elem, text, host, port, owner):
+    def claim_listen(self, elem, text, host, port, owner, listen=None, service=None):
+        """Take an address for owner ('<admin>', or "service 'web'" with its Listen and name).
+        Services share one only when every listen on it has sni, each name
+        (and '*') belongs to one of them, and they agree on the PROXY settings:
+        the hello is read before the service is known."""
         key = address_key(host, port)
-        if key in self.listens:
-            raise self.error(elem, f'listen {text!r} is already used by {self.listens[key]}')
-        self.listens[key] = owner
+        claims = self.listens.setdefault(key, [])
+        if claims:
+            other, first = claims[0]
+            if first is None or listen is None or (not first.sni and not listen.sni):
+                raise self.error(elem, f'listen {text!r} is already used by {other}')
+            share = 'services share an address only when every listen on it has sni'
+            if not first.sni:
+                raise self.error(elem, f'listen {text!r} is already used by {other}, which has no sni ({share})')
+            if not listen.sni:
+                raise self.error(elem, f'listen {text!r} has no sni, but {other} listens there with sni ({share})')
+            if any(who == owner for who, _ in claims):
+                raise self.error(elem, f'{owner} listens on {text!r} twice: give all its names in one sni')
+            for what in ('accept_proxy', 'trusted'):
+                mine, theirs = getattr(listen, what), getattr(first, what)
+                if mine != theirs:
+                    shown = [','.join(map(_network_text, v)) if what == 'trusted' else v for v in (theirs, mine)]
+                    raise self.error(elem, f'listen {text!r}: {what} must be the same on every listen of a '
+                                           f'shared address ({other} has {shown[0] or "none"!r}, '
+                                           f'this one {shown[1] or "none"!r})')
+        if listen is not None and listen.sni:
+            matcher = self.matchers.setdefault(key, SniMatcher())
+            for pattern in listen.sni:
+                try:
+                    matcher.add(pattern, service)
+                except ValueError as e:
+                    raise self.error(elem, f'listen {text!r}: {e}') from None
+        claims.append((owner, listen))
 
     def read(self, root):
         if root.tag != 'pdconfig':
@@ -1073,15 +1112,23 @@ class _ConfigReader(object):
                        maxconns=maxconns, acl=acl)
 
     def listen(self, elem, service_name):
-        self.attrs(elem, ('accept_proxy', 'ip', 'trusted'), ('ip',))
+        self.attrs(elem, ('accept_proxy', 'ip', 'sni', 'trusted'), ('ip',))
         host, port = self.address(elem, 'ip')
         text = elem.get('ip')
-        self.claim_listen(elem, text, host, port, f'service {service_name!r}')
         accept_proxy = self.choice(elem, 'accept_proxy', ('v1', 'v2', 'any'))
         trusted = self.networks(elem, 'trusted')
         if trusted is not None and accept_proxy is None:
             raise self.error(elem, '<listen> trusted is only used with accept_proxy')
-        return Listen(text, host, port, self.lines[elem], accept_proxy, trusted)
+        sni = elem.get('sni')
+        if sni is not None:
+            try:
+                sni = parse_sni(sni)
+            except ValueError as e:
+                message = str(e)
+                raise self.error(elem, '<listen> ' + (message if message.startswith('sni') else 'sni ' + message)) from None
+        listen = Listen(text, host, port, self.lines[elem], accept_proxy, trusted, sni)
+        self.claim_listen(elem, text, host, port, f'service {service_name!r}', listen, service_name)
+        return listen
 
     def group(self, elem):
         self.attrs(elem, ('name', 'scheduler'), ('name', 'scheduler'))
@@ -2350,12 +2397,26 @@ class AccessLog(object):
         host = pair.host or (pair.tried[-1] if pair.tried else None)
         value = self.value
         loop = self.loop
-        self.lines.append((time.time(), 'access service=%s client=%s host=%s backend=%s failovers=%d '
+        self.lines.append((time.time(), 'access service=%s client=%s sni=%s host=%s backend=%s failovers=%d '
                            'bytes_in=%d bytes_out=%d duration=%.3f end=%s' % (
                                value(pair.service.name), value(format_address(pair.client_ip, pair.client_port)),
+                               value(pair.sni) if pair.sni is not None else '-',
                                value(host.name) if host else '-', value(host.ip) if host else '-',
                                len(pair.tried) - 1 if pair.tried else 0, pair.bytes_in, pair.bytes_out,
                                loop.now - pair.started, how)))
+        if self.timer is None:
+            self.timer = loop.call_later(ACCESS_FLUSH, self.flush)
+
+    def hello_refused(self, reader, how):
+        """A client of a listen with sni closed before any service was chosen
+        (a TLSHelloReader): service=-, and bytes_in the bytes it sent, none relayed."""
+        value = self.value
+        loop = self.loop
+        self.lines.append((time.time(), 'access service=- client=%s sni=%s host=- backend=- failovers=0 '
+                           'bytes_in=%d bytes_out=0 duration=%.3f end=%s' % (
+                               value(format_address(reader.client_ip, reader.client_port)),
+                               value(reader.sni) if reader.sni is not None else '-',
+                               reader.received, loop.now - reader.started, how)))
         if self.timer is None:
             self.timer = loop.call_later(ACCESS_FLUSH, self.flush)
 
@@ -2548,7 +2609,11 @@ def listen_socket(host, port, backlog=None):
 
 
 class Listener(object):
-    """One listening socket of a service."""
+    """One listening socket: of one service, or, on a listen with sni, of every
+    service on that address.  There sni is the SniMatcher of their names
+    (service is None) and each client's TLS hello picks the service; the
+    counters of the clients closed before one was chosen live here, per
+    address: unmatched (a name no service claims) and bad[kind]."""
 
     def __init__(self, director, service, sock, listen):
         self.director = director
@@ -2556,6 +2621,9 @@ class Listener(object):
         self.service = service
         self.sock = sock
         self.fd = sock.fileno()
+        self.unmatched = 0
+        self.bad = {}           # kind (HELLO_PROBLEMS) -> clients closed for it
+        self.logged = {}        # kind -> [loop time of its last log line, lines left out since]
         self.configure(listen)
         self.paused = False
         self.registered = True
@@ -2564,18 +2632,22 @@ class Listener(object):
     def __repr__(self):
         return '<Listener %s>' % self.text
 
-    def configure(self, listen):
-        """Take (new) settings from its <listen>; a reload may call this again."""
+    def configure(self, listen, sni=None, hello_timeout=None):
+        """Take (new) settings from its <listen> (the first of a shared address's:
+        they agree on the PROXY settings), and on a listen with sni the matcher
+        and the seconds a client has for its hello; a reload may call this again."""
         self.listen = listen
         self.text = listen.text
         self.accept_proxy = listen.accept_proxy
         self.trusted = [('allow', net) for net in listen.trusted]
+        self.sni = sni
+        self.hello_timeout = hello_timeout
 
     def _on_readable(self, mask):
         accept = self.sock._accept
         family = self.sock.family
         new_socket = _socket.socket
-        on_accept = self.director.on_accept
+        on_accept = self.director.on_accept if self.sni is None else self.director.on_accept_sni
         for _ in range(ACCEPT_BATCH):
             try:
                 fd, client_addr = accept()
@@ -2617,6 +2689,37 @@ class Listener(object):
             self.sock.close()
 
     close_on_error = close
+
+    # -- listens with sni ---------------------------------------------------
+
+    def match(self, server_name):
+        """(service, pattern) for a hello's server name, or None: no service takes it.
+        The matcher of now, so a reload meanwhile counts; (service, None) if the
+        address lost its sni since."""
+        if self.sni is None:
+            return (self.service, None) if self.service is not None else None
+        return self.sni.match(server_name)
+
+    def complain(self, kind, client_ip, client_port, why):
+        """Count a client closed before a service was chosen, and log it: at most
+        one line a second per kind, as a flood of them would drown the log."""
+        if kind == 'unmatched':
+            self.unmatched += 1
+        else:
+            self.bad[kind] = self.bad.get(kind, 0) + 1
+        now = self.loop.now
+        last = self.logged.get(kind)
+        if last is not None and now - last[0] < HELLO_LOG_INTERVAL:
+            last[1] += 1
+            return
+        self.logged[kind] = [now, 0]
+        left_out = last[1] if last is not None else 0
+        log.warning('listen %s: client %s: %s%s', self.text, format_address(client_ip, client_port), why,
+                    ' (%d more like it not logged since the last such line)' % left_out if left_out else '')
+
+    def counters(self):
+        """For snapshot(): what the address refused, by kind."""
+        return {'unmatched': self.unmatched, 'bad': dict(self.bad)}
 
 
 PROXY_HEADER, QUEUED = 'proxy-header', 'queued'
@@ -2684,6 +2787,145 @@ class ProxyHeaderReader(object):
         self.pair.close_on_error()
 
 
+HELLO_LOG_INTERVAL = 1.0   # seconds between log lines of one kind of bad client, per address
+# Why a client of a listen with sni was closed before any service was chosen
+# (the 'bad' counters; 'unmatched', a good hello that names no service, is counted apart).
+HELLO_PROBLEMS = ('not-tls', 'malformed', 'too-big', 'truncated', 'timeout', 'bad-proxy', 'untrusted-proxy')
+
+
+def hello_problem(message):
+    """The kind of a ClientHelloReader's ValueError, from its text."""
+    if message.startswith('TLS hello over'):
+        return 'too-big'
+    if message.startswith('malformed'):
+        return 'malformed'
+    return 'not-tls'
+
+
+class TLSHelloReader(object):
+    """A client of a listen with sni, before its service is known: read the
+    PROXY header first when the listen takes one, then the client's TLS
+    ClientHello, within the listener's hello_timeout and TLS_HELLO_MAX bytes
+    (plus the header's).  The hello names a service (Listener.match), and
+    the director hands the client to a Pair with every byte read still to
+    send (Pair.to_backend), so the backend sees the stream from its first
+    byte and does the handshake itself.  Bad input ends here: the client is
+    closed, counted and logged by its Listener, and never reaches a backend."""
+    __slots__ = ('director', 'listener', 'sock', 'fd', 'client_ip', 'client_port', 'proxy_dest',
+                 'proxy', 'data', 'hello', 'timer', 'started', 'received', 'sni', 'watching')
+
+    def __init__(self, director, listener, client_sock, client_addr):
+        self.director = director
+        self.listener = listener
+        self.sock = client_sock
+        self.fd = client_sock.fileno()
+        self.client_ip = client_addr[0]
+        self.client_port = client_addr[1]
+        self.proxy_dest = None
+        self.proxy = listener.accept_proxy   # the PROXY versions to read first; None once read
+        self.data = bytearray()              # what the hello reader sees: all bytes after the header
+        self.hello = ClientHelloReader()
+        self.received = 0
+        self.sni = None
+        loop = director.loop
+        self.started = loop.now
+        loop.add(self.fd, EVENT_READ, self._on_readable)
+        self.watching = True
+        self.timer = loop.call_later(listener.hello_timeout, self._on_timeout)
+
+    def __repr__(self):
+        return '<TLSHelloReader %s:%s on %s>' % (self.client_ip, self.client_port, self.listener.text)
+
+    def _on_readable(self, mask):
+        data = self.data
+        room = TLS_HELLO_MAX + 5 - len(data) + (PROXY_HEADER_LIMIT if self.proxy is not None else 0)
+        try:
+            chunk = self.sock.recv(room)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.refuse('truncated', 'reset after %d bytes, before its TLS hello ended' % self.received,
+                        'client-reset')
+            return
+        if not chunk:
+            self.refuse('truncated', 'closed after %d bytes, before its %s ended' % (
+                self.received, 'PROXY header' if self.proxy is not None else 'TLS hello'), 'bad-hello')
+            return
+        self.received += len(chunk)
+        data += chunk
+        if self.proxy is not None and not self._read_proxy_header():
+            return
+        try:
+            result = self.hello.read(data)
+        except ValueError as e:
+            message = str(e)
+            self.refuse(hello_problem(message), 'bad TLS hello: %s' % message, 'bad-hello')
+            return
+        if result is None:
+            if len(data) >= TLS_HELLO_MAX + 5:     # cannot happen: the reader refuses first
+                self.refuse('too-big', 'TLS hello over %d bytes' % TLS_HELLO_MAX, 'bad-hello')
+            return
+        self.sni = name = result[1]
+        match = self.listener.match(name)
+        if match is None:
+            self.refuse('unmatched', 'TLS hello for %r, which no service here takes (and none has \'*\')' % name
+                        if name is not None else 'TLS hello without a server name, and no service here has \'*\'',
+                        'unknown-sni')
+            return
+        self.timer.cancel()
+        self.timer = None
+        self.director.loop.remove(self.fd)
+        self.watching = False
+        self.director.hello_read(self, match[0])
+
+    def _read_proxy_header(self):
+        """True once the header is read (its bytes dropped from data), False while it is not."""
+        data = self.data
+        try:
+            header = parse_proxy_header(data, self.proxy, PROXY_HEADER_LIMIT)
+        except ValueError as e:
+            self.refuse('bad-proxy', 'bad PROXY header: %s' % e, 'bad-proxy')
+            return False
+        if header is None:
+            return False
+        size, source, dest = header
+        if source is not None:
+            self.client_ip, self.client_port = source[0], source[1]
+            self.proxy_dest = dest
+        del data[:size]
+        self.proxy = None
+        return bool(data)
+
+    def _on_timeout(self):
+        self.timer = None
+        self.refuse('timeout', 'no whole %s within %g s (%d bytes came)' % (
+            'PROXY header' if self.proxy is not None else 'TLS hello', self.listener.hello_timeout,
+            self.received), 'hello-timeout')
+
+    def refuse(self, kind, why, how):
+        """Close the client for bad input (kind: HELLO_PROBLEMS or 'unmatched'); its listener
+        counts and logs it, the access log gets its line (end=how)."""
+        self.close(how)
+        self.listener.complain(kind, self.client_ip, self.client_port, why)
+
+    def close(self, how):
+        if self.sock is None:
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.watching:
+            self.director.loop.forget(self.fd)
+            self.watching = False
+        self.sock.close()
+        self.sock = None
+        self.director.hello_closed(self, how)
+
+    def close_on_error(self):
+        self.watching = False   # the loop has dropped the fd already
+        self.close('error')
+
+
 class Pair(object):
     """One client connection and the backend connection made for it.
 
@@ -2702,7 +2944,7 @@ class Pair(object):
                  'client_fd', 'backend_fd', 'client_ip', 'client_port', 'state', 'tried',
                  'to_client', 'to_backend', 'client_eof', 'backend_eof', 'client_events',
                  'backend_events', 'timer', 'last_active', 'bytes_in', 'bytes_out', 'started',
-                 'proxy_dest', 'header', 'splice_up', 'splice_down')
+                 'proxy_dest', 'header', 'splice_up', 'splice_down', 'sni')
 
     def __init__(self, director, service, client_sock, client_addr):
         self.director = director
@@ -2728,6 +2970,7 @@ class Pair(object):
         self.header = None        # the ProxyHeaderReader while one reads
         self.splice_up = None     # a Splice once client->backend moves in bulk
         self.splice_down = None   # and backend->client
+        self.sni = None           # the server name of its TLS hello, on a listen with sni
 
     def __repr__(self):
         return '<Pair %s:%s in %s, %s>' % (self.client_ip, self.client_port, self.service.name, self.state)
@@ -3350,6 +3593,18 @@ class RunningService(object):
         return '<RunningService %s>' % self.name
 
 
+def listens_by_address(services):
+    """address key -> [(service, Listen)] for every listen of the running services
+    (or of Service configs), in file order: one socket per key, shared by the
+    services whose listens have sni."""
+    found = collections.OrderedDict()
+    for service in services:
+        config = getattr(service, 'config', service)
+        for listen in config.listens:
+            found.setdefault(listen.key, []).append((service, listen))
+    return found
+
+
 def host_state(host):
     """One word for a host, as /running shows it: up, down, draining or disabled."""
     if host.health == schedulers.DOWN:
@@ -3614,6 +3869,10 @@ class Switch(object):
     def snapshot(self):
         return {'from': self.from_group.name, 'to': self.to_group.name,
                 'drain_until': self.drain_until, 'rollback_until': self.rollback_until}
+def _listen_settings(listen):
+    return (listen.text, listen.accept_proxy, listen.trusted, listen.sni)
+
+
 def _same(a, b):
     """Two config objects (or plain values) equal, ignoring the line they were read from."""
     if type(a) is not type(b) or not hasattr(a, '__dict__'):
@@ -3647,29 +3906,32 @@ class Reload(object):
         services = collections.OrderedDict()
         for service_config in new.services:
             service = director.services.get(service_config.name)
+            old_listens = None
             if service is None:
                 service = director.build_service(service_config, resolve_names=False)
                 changes.append('+service %s' % service.name)
             else:
+                old_listens = [_listen_settings(l) for l in service.config.listens]
                 part = self._update_service(service, service_config)
                 if part:
                     changes.append('%s: %s' % (service.name, ', '.join(part)))
-            old_listens = [(l.text, l.accept_proxy, l.trusted) for l in service.listeners]
+            if old_listens is not None and old_listens != [_listen_settings(l) for l in service_config.listens]:
+                changes.append('%s: listen %s' % (service.name, ', '.join(
+                    l.text + (' sni %s' % ','.join(l.sni) if l.sni else '') for l in service_config.listens)))
             service.listeners = []
-            for listen in service_config.listens:
-                listener = listeners.pop(listen.text)
-                listener.service = service
-                listener.configure(listen)
-                service.listeners.append(listener)
-            if old_listens and old_listens != [(l.text, l.accept_proxy, l.trusted) for l in service.listeners]:
-                changes.append('%s: listen %s' % (service.name, ', '.join(l.text for l in service.listeners)))
             services[service.name] = service
+        # One listener per address; on a listen with sni, a new matcher of the new
+        # services: clients reading their hello now get the new names.
+        for key, entries in listens_by_address(services.values()).items():
+            director.attach(listeners.pop(key), entries)
         for name, service in director.services.items():
             if name not in services:
                 self._retire_service(service)
                 changes.append('-service %s' % name)
-        for listener in listeners.values():
-            listener.close()   # left over: listened on by no service now
+        for listener in listeners.values():   # left over: listened on by no service now
+            for reader in [r for r in director.hellos if r.listener is listener]:
+                reader.close('shutdown')
+            listener.close()
         director.services = services
         self._rest()
         director.config = new
@@ -3678,19 +3940,20 @@ class Reload(object):
         return 'reloaded %s: %s' % (new.path, '; '.join(changes) or 'no changes')
 
     def _bind(self):
-        """text -> Listener for every listen of the new config, reusing open sockets; all or nothing."""
+        """address key -> Listener for every listen address of the new config, reusing
+        open sockets (those of the old listens at the same address); all or nothing."""
         director = self.director
         current = {}
         for service in director.services.values():
             for listener in service.listeners:
-                current[listener.text] = listener
+                current[listener.listen.key] = listener
         opened = {}
         try:
-            for service_config in self.new.services:
-                for listen in service_config.listens:
-                    if listen.text not in current and listen.text not in opened:
-                        sock = listen_socket(listen.host, listen.port)
-                        opened[listen.text] = Listener(director, None, sock, listen)
+            for key, entries in listens_by_address(self.new.services).items():
+                if key not in current:
+                    listen = entries[0][1]
+                    sock = listen_socket(listen.host, listen.port)
+                    opened[key] = Listener(director, None, sock, listen)
         except OSError as e:
             for listener in opened.values():
                 listener.close()
@@ -3998,8 +4261,9 @@ class Actions(object):
                 groups.append({'name': group.name, 'scheduler': group.scheduler.spec,
                                'enabled': group is service.enabled, 'hosts': hosts})
             services.append({
-                'name': service.name, 'listen': [l.text for l in service.listeners] or
-                [l.text for l in service.config.listens],
+                'name': service.name, 'listen': [l.text for l in service.config.listens],
+                'listens': [{'ip': l.text, 'sni': l.sni, 'accept_proxy': l.accept_proxy}
+                            for l in service.config.listens],
                 'enabled': service.enabled.name, 'accepted': service.accepted,
                 'failovers': service.failovers, 'refused': service.refused, 'groups': groups,
                 'maxconns': service.config.maxconns, 'open': service.open,
@@ -4012,15 +4276,118 @@ class Actions(object):
             'started': self.started, 'now': time.time(), 'services': services,
             'config_path': self.config.path, 'reloaded': self.reloaded,
             'users': [{'name': u.name, 'access': u.access} for u in self.users.values()],
+            'sni': self.sni_snapshot(),
         }
 
-    def explain(self, service, client):
-        """Which host `client` would get now, and why; changes nothing."""
-        service = self._service(service)
+    def sni_snapshot(self):
+        """Per listen address with sni: its names and the services they land on (most
+        specific first), the hello deadline, the clients reading their hello now, and
+        those closed before a service was chosen (unmatched, bad by kind)."""
+        reading = collections.Counter(reader.listener for reader in self.hellos)
+        found = []
+        seen = set()
+        for service in self.services.values():
+            for listener in service.listeners:
+                if listener.sni is None or listener in seen:
+                    continue
+                seen.add(listener)
+                bad = dict.fromkeys(HELLO_PROBLEMS, 0)
+                bad.update(listener.bad)
+                found.append({
+                    'address': listener.text,
+                    'names': [[pattern, owner.name] for pattern, owner in listener.sni.patterns()],
+                    'hello_timeout': listener.hello_timeout, 'accept_proxy': listener.accept_proxy,
+                    'reading': reading[listener], 'unmatched': listener.unmatched, 'bad': bad,
+                })
+        return found
+
+    def explain(self, service, client, sni=None, listen=None):
+        """Which host `client` would get now, and why; changes nothing.
+
+        On a listen with sni the server name comes first.  With listen (any
+        spelling of the address) sni is the name a hello carries there (None:
+        a hello without one); with service and sni, the name is matched at the
+        first listen with sni of that service.  The answer is then about the
+        service the name lands on (service None: the client would be closed),
+        and sni_reason says why.  service alone explains that service as before."""
         try:
             client_ip = str(ipaddress.ip_address(client))
         except ValueError:
             raise AdminError(400, 'client must be an IP address, not %r' % client)
+        if sni is not None:
+            try:
+                sni = normalize_server_name(sni)
+            except ValueError as e:
+                raise AdminError(400, 'sni %s' % e)
+        routing = None
+        if listen is not None and service is not None:
+            raise AdminError(400, 'give service or listen, not both')
+        if listen is not None:
+            routing = self._explain_listen(self._listener_at(listen), sni)
+        elif service is None:
+            raise AdminError(400, 'explain needs service or listen')
+        elif sni is not None:
+            asked = self._service(service)
+            for listener in asked.listeners:
+                if listener.sni is not None:
+                    routing = self._explain_listen(listener, sni)
+                    break
+            else:
+                routing = {'listen': None, 'sni': sni, 'sni_pattern': None, 'service': asked,
+                           'sni_reason': 'the listens of service %s have no sni: the name does '
+                                         'not choose its clients\' service' % asked.name}
+        if routing is None:
+            answer = self._explain_service(self._service(service), client_ip)
+            answer.update(listen=None, sni=None, sni_pattern=None, sni_reason=None)
+            return answer
+        chosen = routing.pop('service')
+        if chosen is None:
+            answer = {'service': None, 'group': None, 'client': client_ip, 'allowed': False,
+                      'scheduler': None, 'host': None, 'address': None, 'reason': routing['sni_reason'],
+                      'sticky': None, 'ranking': None, 'skipped': [], 'check': None}
+        else:
+            answer = self._explain_service(chosen, client_ip)
+        answer.update(routing)
+        return answer
+
+    def _listener_at(self, text):
+        """The open listener at an address as an admin request gives it; AdminError if none."""
+        try:
+            host, port = parse_address(text)
+        except ValueError as e:
+            raise AdminError(400, 'listen %s' % e)
+        key = address_key(host, port)
+        for service in self.services.values():
+            for listener in service.listeners:
+                if listener.listen.key == key:
+                    return listener
+        raise AdminError(404, 'no listen at %r' % text)
+
+    def _explain_listen(self, listener, name):
+        """Which service a hello naming `name` lands on at listener, and why."""
+        shown = 'server name %r' % name if name is not None else 'a hello without a server name'
+        where = listener.text
+        if listener.sni is None:
+            return {'listen': where, 'sni': name, 'sni_pattern': None, 'service': listener.service,
+                    'sni_reason': 'listen %s has no sni: every client goes to service %s'
+                                  % (where, listener.service.name)}
+        match = listener.sni.match(name)
+        if match is None:
+            why = ('no service on %s takes %s, and none has \'*\': the client is closed before any '
+                   'backend is contacted' % (where, shown))
+            return {'listen': where, 'sni': name, 'sni_pattern': None, 'service': None, 'sni_reason': why}
+        service, pattern = match
+        if pattern == '*':
+            why = ('%s matches no name or \'*.\' pattern on %s, so it goes to service %s, which has \'*\''
+                   % (shown, where, service.name))
+        elif pattern.startswith('*.'):
+            why = ('%s matches %r of service %s on %s (exact names first, then the longest \'*.\' '
+                   'suffix, then \'*\')' % (shown, pattern, service.name, where))
+        else:
+            why = '%s is claimed exactly by service %s on %s' % (shown, service.name, where)
+        return {'listen': where, 'sni': name, 'sni_pattern': pattern, 'service': service, 'sni_reason': why}
+
+    def _explain_service(self, service, client_ip):
         group = service.enabled
         scheduler = group.scheduler
         allowed = not service.config.acl or acl_allows(service.config.acl, client_ip)
@@ -4083,6 +4450,7 @@ class Director(Actions):
         self.services = collections.OrderedDict()
         self.users = collections.OrderedDict((u.name, u) for u in config.admin.users) if config.admin else {}
         self.pairs = set()
+        self.hellos = set()       # TLSHelloReaders: clients of listens with sni, before their service
         self.health = Health(self)
         self.access = AccessLog(self.loop)
         self.access.enabled = config.logging.access
@@ -4152,12 +4520,13 @@ class Director(Actions):
     # -- starting and stopping ---------------------------------------------
 
     def bind(self):
-        """Open every listening socket, or none: on an error close what was opened and raise."""
+        """Open every listening socket, or none: on an error close what was opened and raise.
+        Services that share an address (with sni) share its one socket."""
         try:
-            for service in self.services.values():
-                for listen in service.config.listens:
-                    sock = listen_socket(listen.host, listen.port)
-                    service.listeners.append(Listener(self, service, sock, listen))
+            for entries in listens_by_address(self.services.values()).values():
+                listen = entries[0][1]
+                sock = listen_socket(listen.host, listen.port)
+                self.attach(Listener(self, None, sock, listen), entries)
         except Exception:
             self._close_listeners()
             for service in self.services.values():
@@ -4171,6 +4540,25 @@ class Director(Actions):
         for service in self.services.values():
             log.info('service %s listening on %s, group %s enabled',
                      service.name, ', '.join(l.text for l in service.listeners), service.enabled.name)
+
+    def attach(self, listener, entries):
+        """Point a listener at the services on its address: entries is
+        [(RunningService, Listen)] as listens_by_address gives them.  On a listen
+        with sni the clients' hellos choose among them, within the longest
+        <timeouts connect> of theirs (none of them gets less than it asked for)."""
+        first = entries[0][1]
+        if first.sni is None:
+            listener.service = entries[0][0]
+            listener.configure(first)
+        else:
+            matcher = SniMatcher()
+            for service, listen in entries:
+                for pattern in listen.sni:
+                    matcher.add(pattern, service)
+            listener.service = None
+            listener.configure(first, matcher, max(service.timeouts.connect for service, _ in entries))
+        for service, _ in entries:
+            service.listeners.append(listener)
 
     def listen_addresses(self, service_name):
         """The (host, port) each listener of a service is bound to (tests use it)."""
@@ -4209,6 +4597,9 @@ class Director(Actions):
         for service in self.services.values():
             for listener in service.listeners:
                 listener.close()
+        # Clients still sending their hello have no service yet: nothing to drain.
+        for reader in list(self.hellos):
+            reader.close('shutdown')
 
     # -- reload -------------------------------------------------------------
 
@@ -4276,6 +4667,54 @@ class Director(Actions):
             pair.close('denied')
         else:
             pair.read_proxy_header(listener.accept_proxy)
+
+    def on_accept_sni(self, listener, client_sock, client_addr):
+        """A client of a listen with sni: its hello comes first (TLSHelloReader, then hello_read)."""
+        client_sock.setblocking(False)
+        if not NODELAY_INHERITED:
+            try:
+                client_sock.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
+            except OSError:
+                pass
+        reader = TLSHelloReader(self, listener, client_sock, client_addr)
+        self.hellos.add(reader)
+        if listener.trusted and not acl_allows(listener.trusted, reader.client_ip):
+            reader.refuse('untrusted-proxy', 'not a trusted proxy', 'denied')
+
+    def hello_read(self, reader, service):
+        """From a TLSHelloReader: the hello chose service.  From here the client is
+        any other of the service's: maxconns, allow/deny, the scheduler, failover;
+        the bytes read so far go to the backend first, and again after a failover."""
+        self.hellos.discard(reader)
+        client_sock, reader.sock = reader.sock, None
+        service.accepted += 1
+        service.open += 1
+        pair = Pair(self, service, client_sock, (reader.client_ip, reader.client_port))
+        pair.started = reader.started
+        pair.sni = reader.sni
+        pair.proxy_dest = reader.proxy_dest
+        pair.to_backend = bytes(reader.data)
+        pair.bytes_in = len(pair.to_backend)
+        self.pairs.add(pair)
+        maxconns = service.config.maxconns
+        if maxconns and service.open > maxconns:
+            self.refuse_full(service, pair)
+        else:
+            self.route(pair)
+
+    def hello_closed(self, reader, how):
+        self.hellos.discard(reader)
+        if self.access.enabled:
+            self.access.hello_refused(reader, how)
+
+    def refuse_full(self, service, pair):
+        """A client over the service's maxconns: closed at once, logged once a second."""
+        service.refused += 1
+        if self.loop.now - service.full_logged >= 1.0:
+            service.full_logged = self.loop.now
+            log.warning('service %s: %d connections open (maxconns), refusing new clients',
+                        service.name, service.config.maxconns)
+        pair.close('full')
 
     def route(self, pair):
         """A client whose address is known: check the service's rules, then find it a host."""
@@ -4376,7 +4815,8 @@ def summary(config):
     lines = ['%s: OK' % config.path]
     for service in config.services:
         lines.append('service %s: listen %s; timeouts connect %gs idle %gs%s%s%s' % (
-            service.name, ', '.join(l.text + (' (PROXY %s)' % l.accept_proxy if l.accept_proxy else '')
+            service.name, ', '.join(l.text + (' (sni %s)' % ','.join(l.sni) if l.sni else '') +
+                                    (' (PROXY %s)' % l.accept_proxy if l.accept_proxy else '')
                                     for l in service.listens),
             service.timeouts.connect, service.timeouts.idle,
             '; check every %gs' % service.check.interval if service.check else '',

@@ -789,7 +789,7 @@ BAD = [
     (listen_with('trusted="127.0.0.1"'), 'x.xml:3: <listen> trusted is only used with accept_proxy'),
     (listen_with('accept_proxy="v1" trusted="127.0.0.1,,::1"'), "x.xml:3: <listen> trusted '' " + NOT_A_NETWORK),
     (listen_with('accept_proxy="v2" trusted="localhost"'), "x.xml:3: <listen> trusted 'localhost' " + NOT_A_NETWORK),
-    (listen_with('proxy="v1"'), "x.xml:3: <listen> has unknown attribute 'proxy' (known: accept_proxy, ip, trusted)"),
+    (listen_with('proxy="v1"'), "x.xml:3: <listen> has unknown attribute 'proxy' (known: accept_proxy, ip, sni, trusted)"),
     (logging_with('access="yes"'), "x.xml:8: <logging> access 'yes': must be 'on' or 'off'"),
     (logging_with('syslog="loghost"'),
      "x.xml:8: <logging> syslog 'loghost': must be a socket path starting with '/', or host:port"),
