@@ -1422,14 +1422,14 @@ class BaseLoop(object):
     def _handler_failed(self, fd, handler):
         """A handler raised: log once, stop watching its fd, and close what it belongs to."""
         log.exception('unexpected error in %s; closing it', describe(handler))
-        if self._handlers.get(fd) is handler:
-            self.remove(fd)
         close = getattr(getattr(handler, '__self__', None), 'close_on_error', None)
         if close is not None:
             try:
-                close()
+                close()     # the owner drops its own fds
             except Exception:
                 log.exception('closing %s after its error failed too', describe(handler))
+        if self._handlers.get(fd) is handler:
+            self.remove(fd)     # whatever it left, it must not fire again
 
     def run(self):
         self.thread_ident = threading.get_ident()
@@ -2922,7 +2922,6 @@ class TLSHelloReader(object):
         self.director.hello_closed(self, how)
 
     def close_on_error(self):
-        self.watching = False   # the loop has dropped the fd already
         self.close('error')
 
 
@@ -3541,6 +3540,82 @@ class Manager(threading.Thread):
 
     def stop(self):
         self.stopped.set()
+# ---------------------------------------------------------------------------
+# systemd: readiness, reloads, the stop and the watchdog, told to a Type=notify unit.
+# ---------------------------------------------------------------------------
+
+class Notifier(object):
+    """Tells systemd how pydirector stands: sd_notify(3)'s protocol, without libsystemd.
+
+    $NOTIFY_SOCKET names an AF_UNIX datagram socket, a path or '@name' (the
+    abstract namespace); each message is one datagram of NAME=value lines.
+    Without it (not started by a Type=notify unit) every method does nothing.
+    WATCHDOG=1 goes out from a timer on the loop, every half $WATCHDOG_USEC:
+    a loop that stops running its timers stops the pings, and systemd
+    restarts the service.
+    """
+
+    def __init__(self, environ=None):
+        environ = os.environ if environ is None else environ
+        text = environ.get('NOTIFY_SOCKET', '')
+        self.address = None
+        if text.startswith('/'):
+            self.address = text
+        elif text.startswith('@') and len(text) > 1:
+            self.address = '\0' + text[1:]
+        elif text:   # e.g. systemd 254's vsock:CID:PORT, for virtual machines
+            log.warning('NOTIFY_SOCKET=%s is not a path or @name: systemd is told nothing', log_value(text))
+        self.watchdog = None      # seconds between pings, when systemd asks for them
+        usec = environ.get('WATCHDOG_USEC', '')
+        pid = environ.get('WATCHDOG_PID', '')
+        if self.address and usec.isdigit() and int(usec) > 0 and pid in ('', str(os.getpid())):
+            self.watchdog = int(usec) / 2e6
+        self.sock = None
+        if self.address:
+            # Made now, once: the loop (pings, stop) and a reload's thread both send.
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self.sock.setblocking(False)    # a full queue loses a message, never stalls the loop
+        self.stopped = False
+        self.failed = False
+
+    def send(self, *lines):
+        if self.sock is None:
+            return
+        try:
+            self.sock.sendto('\n'.join(lines).encode('utf-8'), self.address)
+        except OSError as e:
+            if not self.failed:
+                self.failed = True
+                log.warning('cannot notify systemd at %s: %s (not logged again)',
+                            log_value(self.address.replace('\0', '@')), e)
+
+    def ready(self):
+        self.send('READY=1')
+
+    def reloading(self):
+        # MONOTONIC_USEC lets systemd (Type=notify-reload) match this message to its reload.
+        self.send('RELOADING=1', 'MONOTONIC_USEC=%d' % (time.clock_gettime(time.CLOCK_MONOTONIC) * 1e6))
+
+    def stopping(self):
+        if not self.stopped:
+            self.stopped = True
+            self.send('STOPPING=1')
+
+    def start_watchdog(self, loop):
+        if self.watchdog is None:
+            return
+
+        def ping():
+            self.send('WATCHDOG=1')
+            loop.call_later(self.watchdog, ping)
+        loop.call_later(0, ping)
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
 # ---------------------------------------------------------------------------
 # Director: the running services, and every change to them.  All of it runs
 # on the loop thread; the admin server and the manager reach it through
@@ -4235,6 +4310,14 @@ class Actions(object):
     def users_list(self):
         return [(u.name, u.password, u.access) for u in self.users.values()]
 
+    def services_down(self):
+        """For /healthz: the services whose enabled group has no host up; all of them
+        once stopping (draining, no new clients), so a VRRP peer takes the address."""
+        if self.stopping:
+            return len(self.services)
+        return sum(1 for service in self.services.values()
+                   if not any(host_state(host) == 'up' for host in service.enabled.scheduler.hosts))
+
     def loaded_config_xml(self):
         """The config file as last loaded (at start or by the last reload)."""
         return self.loaded_xml
@@ -4441,8 +4524,9 @@ class Director(Actions):
     accepts clients and finds them hosts.  Health, Switch and Reload are its
     parts; Actions holds what the admin calls."""
 
-    def __init__(self, config, loop=None, rng=None):
+    def __init__(self, config, loop=None, rng=None, notifier=None):
         self.loop = loop or Loop()
+        self.notifier = notifier or Notifier({})    # main() passes the real one
         self.config = config
         self.loaded_xml = config.to_xml()
         self.rng = rng
@@ -4569,6 +4653,7 @@ class Director(Actions):
         if self.stopping:
             return
         self.stopping = True
+        self.notifier.stopping()
         self._close_listeners()
         if self.manager is not None:
             self.manager.stop()
@@ -4580,6 +4665,7 @@ class Director(Actions):
 
     def stop_now(self):
         self.stopping = True
+        self.notifier.stopping()
         self._close_listeners()
         if self.manager is not None:
             self.manager.stop()
@@ -4607,13 +4693,17 @@ class Director(Actions):
         """Re-read the config file (in this thread: never call it on the loop) and
         apply the difference on the loop.  AdminError 400 when the file is bad."""
         with self.reload_lock:
-            path = self.config.path
+            self.notifier.reloading()
             try:
-                new = load_config(path)
-            except ConfigError as e:
-                log.error('reload failed: %s', e)
-                raise AdminError(400, str(e))
-            return self.loop.call(self.apply_reload, new, timeout=60.0)
+                path = self.config.path
+                try:
+                    new = load_config(path)
+                except ConfigError as e:
+                    log.error('reload failed: %s', e)
+                    raise AdminError(400, str(e))
+                return self.loop.call(self.apply_reload, new, timeout=60.0)
+            finally:
+                self.notifier.ready()   # after a failed reload too: the old config keeps running
 
     def reload_in_background(self):
         """SIGHUP: read the file in a thread of its own, so the loop never waits on it."""
@@ -4793,6 +4883,8 @@ class Director(Actions):
 # Command line
 # ---------------------------------------------------------------------------
 
+
+
 def raise_fd_limit():
     """Each client costs two fds; take the hard limit the administrator allows."""
     try:
@@ -4927,7 +5019,8 @@ def main(argv=None):
     lighten_logging()
     setup_logging(config, args.verbose)
     raise_fd_limit()
-    director = Director(config)
+    notifier = Notifier()
+    director = Director(config, notifier=notifier)
 
     def on_signal(signum, frame):
         # Only hand the loop a call: handlers must not touch state mid-event.
@@ -4978,6 +5071,8 @@ def main(argv=None):
             return 1
         log.info('running as uid %d, gid %d', os.getuid(), os.getgid())
 
+    notifier.ready()    # listening, admin too, privileges dropped
+    notifier.start_watchdog(director.loop)
     try:
         director.loop.run()
     finally:

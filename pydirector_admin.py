@@ -31,6 +31,12 @@ Reading (GET or HEAD):
     /explain?service=S&client=IP&sni=NAME, /explain?listen=ADDR&client=IP[&sni=NAME]
                     on a listen with sni: which service a hello naming NAME
                     (none: a hello without a name) lands on and why, then as above
+    /healthz        for keepalived and load balancers in front, no credentials:
+                    200 "OK" when the balancer loop answers within 1 s and
+                    every service's enabled group has a host up (and not
+                    draining); else 503 "DOWN N", N the services with none
+                    (all of them once stopping), or "DOWN" alone when the
+                    loop did not answer
 
 Changing (POST with a form body, as `wget --post-data=...` and `curl -d ...`
 send it; the ACTIONS table maps each onto one Director method.  GET with a
@@ -87,6 +93,9 @@ refused, and log lines escape what they quote.  Requests are bounded in
 size and time.  Past 1024 connections still sending a request (or a quarter
 of the open-file limit) the oldest of them is closed, never the new one, so
 clients that trickle their requests cannot lock the operator out.
+
+/healthz is the one page without credentials (keepalived's check reads
+it); it tells no more than OK or DOWN N.
 
 Command line (the original's compareconf): plan and make a config change
 across a fleet through this API, without restarting anything.
@@ -176,6 +185,8 @@ FREE_FAILURES = 5             # failed logins from one address before it is slow
 MAX_BACKOFF = 60.0            # the longest it is then told to wait (429), doubling from 1 s
 FAILURE_MEMORY = 10000        # client addresses whose failures are remembered
 REALM = 'pydirector'
+HEALTHZ = '/healthz'
+HEALTHZ_LOOP_TIMEOUT = 1.0    # seconds; a loop slower than that is a node to fail over from
 
 # The pages: path -> (handler method, needs full access).  Read with GET or HEAD.
 # The two XML pages carry the users' password hashes, so they need full access.
@@ -188,6 +199,7 @@ PAGES = {
     '/config.xml': ('page_config_xml', True),
     '/metrics': ('page_metrics', False),
     '/explain': ('page_explain', False),
+    HEALTHZ: ('page_healthz', False),       # the one page without credentials
 }
 
 
@@ -969,7 +981,10 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
             path = url.path
             page = PAGES.get(path)
             action = ACTIONS.get(path)
-            user, access = self.authenticate()
+            if path == HEALTHZ:     # for keepalived's check; it tells no more than OK or DOWN N
+                user, access = None, None
+            else:
+                user, access = self.authenticate()
             if page is None and action is None:
                 raise Reply(404, 'no page %s' % path)
             if page is not None:
@@ -1187,6 +1202,23 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
         take(params)
         self.send(200, render_metrics(self.call(self.server.director.snapshot)),
                   'text/plain; version=0.0.4; charset=utf-8')
+
+    def page_healthz(self, params, user, access):
+        """OK when the loop answers within a second and every service's enabled group
+        has a host up (healthy, not draining); else 503 DOWN and how many services have
+        none, or DOWN alone when the loop did not answer.  Once stopping (SIGTERM:
+        draining, no new clients) every service counts as down."""
+        take(params)
+        try:
+            down = self.server.director.loop.call(self.server.director.services_down, timeout=HEALTHZ_LOOP_TIMEOUT)
+        except LoopTimeout:
+            log.warning('admin: the loop did not answer /healthz within %g s', HEALTHZ_LOOP_TIMEOUT)
+            self.send(503, 'DOWN\n', 'text/plain; charset=utf-8')
+            return
+        if down:
+            self.send(503, 'DOWN %d\n' % down, 'text/plain; charset=utf-8')
+        else:
+            self.send(200, 'OK\n', 'text/plain; charset=utf-8')
 
     def page_explain(self, params, user, access):
         p = take(params, ('client',), ('service', 'listen', 'sni', 'format'))

@@ -26,7 +26,7 @@ import unittest
 import urllib.parse
 
 import support
-from support import Backend, Balancer, LOG, config_xml, exchange, free_port, service_xml, wait_until
+from support import BalancerCase, Backend, LOG, config_xml, exchange, free_port, service_xml, wait_until
 
 import pydirector
 import pydirector_admin
@@ -36,9 +36,10 @@ _HASH = []
 
 
 def password_hash():
-    """One default-strength hash for the whole file (both users share it)."""
+    """One hash for the whole file (both users share it), cheap to check: every test has
+    its own balancer, whose first login is a real check."""
     if not _HASH:
-        _HASH.append(pydirector.hash_password(PASSWORD))
+        _HASH.append(pydirector.hash_password(PASSWORD, iterations=support.FAST_HASH_ITERATIONS))
     return _HASH[0]
 
 
@@ -70,41 +71,35 @@ class Response(object):
         return '<%d %r>' % (self.status, self.body[:200])
 
 
-class AdminCase(unittest.TestCase):
-    """A balancer with service 'web' (groups main and spare) and its admin server."""
+class AdminCase(BalancerCase):
+    """A balancer with service 'web' (groups main and spare) and its admin server, per test."""
 
-    @classmethod
-    def backends(cls):
-        cls.n1 = Backend(support.say_name, 'n1')
-        cls.n2 = Backend(support.say_name, 'n2')
-        cls.s1 = Backend(support.say_name, 's1')
-        cls.dead_port = free_port()
-        return [cls.n1, cls.n2, cls.s1]
+    def backends(self):
+        self.n1 = self.backend(support.say_name, 'n1')
+        self.n2 = self.backend(support.say_name, 'n2')
+        self.s1 = self.backend(support.say_name, 's1')
+        self.dead_port = free_port()
 
-    @classmethod
-    def service(cls):
+    def service(self):
         return service_xml(None, groups=[
-            ('main', 'roundrobin', [('n1', cls.n1.address), ('n2', cls.n2.address),
-                                    ('dead', '127.0.0.1:%d' % cls.dead_port)]),
-            ('spare', 'leastconns', [('s1', cls.s1.address)]),
+            ('main', 'roundrobin', [('n1', self.n1.address), ('n2', self.n2.address),
+                                    ('dead', '127.0.0.1:%d' % self.dead_port)]),
+            ('spare', 'leastconns', [('s1', self.s1.address)]),
         ], enable='main')
 
-    @classmethod
-    def setUpClass(cls):
-        cls.all_backends = cls.backends()
-        cls.bal = Balancer(config_xml(cls.service() + admin_xml()))
-        a = cls.bal.config.admin
-        cls.admin_config = pydirector.Admin(a.listen, a.host, 0, a.users)
-        cls.server = pydirector_admin.start(cls.bal.director, cls.admin_config)
-        cls.port = cls.server.server_address[1]
-        cls.base = 'http://127.0.0.1:%d' % cls.port
+    def setUp(self):
+        BalancerCase.setUp(self)
+        self.backends()
+        self.bal = self.start(config_xml(self.service() + admin_xml()))
+        self.start_admin()
 
-    @classmethod
-    def tearDownClass(cls):
-        cls.server.stop()
-        cls.bal.stop()
-        for backend in cls.all_backends:
-            backend.close()
+    def start_admin(self):
+        a = self.bal.config.admin
+        self.admin_config = pydirector.Admin(a.listen, a.host, 0, a.users)
+        self.server = pydirector_admin.start(self.bal.director, self.admin_config)
+        self.addCleanup(self.server.stop)
+        self.port = self.server.server_address[1]
+        self.base = 'http://127.0.0.1:%d' % self.port
 
     # -- helpers ------------------------------------------------------------
 
@@ -184,11 +179,10 @@ class AdminCase(unittest.TestCase):
 
 class ReadingTest(AdminCase):
 
-    @classmethod
-    def setUpClass(cls):
-        super(ReadingTest, cls).setUpClass()
+    def setUp(self):
+        super(ReadingTest, self).setUp()
         for _ in range(6):
-            exchange(cls.bal.port())
+            exchange(self.bal.port())
 
     def test_index(self):
         resp = self.fetch('/')
@@ -498,6 +492,25 @@ class ChangeTest(AdminCase):
         self.change('/addHost?service=web&group=main&name=%FF&ip=127.0.0.1:9', 400)
         self.assertNotIn('x', self.hosts())
 
+    def test_add_host_refuses_what_the_config_refuses(self):
+        # Bug 1 of the structure issue: these were added, and running.xml then failed to load.
+        for ip, why in (('*:80', "ip '*:80': '*' is for listening; a host needs an address"),
+                        ('[::]:80', "ip '[::]:80': '::' means any address, for listening; a host needs an address"),
+                        ('0.0.0.0:80', "ip '0.0.0.0:80': '0.0.0.0' means any address, for listening; "
+                                       "a host needs an address")):
+            body = self.change('/addHost?' + urllib.parse.urlencode(
+                {'service': 'web', 'group': 'main', 'name': 'x', 'ip': ip}), 400)
+            self.assertEqual(body, 'ERROR %s\n' % why)
+        self.assertNotIn('x', self.hosts())
+        pydirector.parse_config(self.fetch('/running.xml').body, 'running.xml')   # still loads
+        # The config file says the same, word for word (one validator).
+        with self.assertRaises(pydirector.ConfigError) as cm:
+            pydirector.parse_config('<pdconfig><service name="s"><listen ip="*:1"/><group name="g" '
+                                    'scheduler="random"><host name="x" ip="[::]:80"/></group></service>'
+                                    '</pdconfig>', 'x.xml')
+        self.assertEqual(str(cm.exception), "x.xml:1: <host> ip '[::]:80': '::' means any address, for "
+                                            "listening; a host needs an address")
+
     def test_control_characters_cannot_forge_log_lines(self):
         mark = LOG.mark()
         body = self.change('/addHost?service=web&group=main&name=x%0Dforged%0Aline&ip=127.0.0.1:9', 400)
@@ -530,7 +543,7 @@ class ChangeTest(AdminCase):
         self.change('/newGroup?service=web&group=g2', 400)
 
     def test_enable_group(self):
-        self.assertEqual(exchange(self.bal.port()) in (b'n1', b'n2'), True)
+        self.assertIn(exchange(self.bal.port()), (b'n1', b'n2'))
         body = self.change('/enableGroup?service=web&group=spare')
         self.assertEqual(body, 'OK enabled group spare in service web (was main)\n')
         try:
@@ -619,12 +632,11 @@ class ChangeTest(AdminCase):
 
 class ExplainTest(AdminCase):
 
-    @classmethod
-    def service(cls):
+    def service(self):
         return service_xml(None, groups=[
-            ('main', 'hash', [('n1', cls.n1.address), ('n2', cls.n2.address),
-                              ('dead', '127.0.0.1:%d' % cls.dead_port)]),
-            ('spare', 'roundrobin,sticky', [('s1', cls.s1.address)]),
+            ('main', 'hash', [('n1', self.n1.address), ('n2', self.n2.address),
+                              ('dead', '127.0.0.1:%d' % self.dead_port)]),
+            ('spare', 'roundrobin,sticky', [('s1', self.s1.address)]),
         ], enable='main', extra='    <deny cidr="10.9.0.0/16"/>\n')
 
     def explain_json(self, client, service='web', user='admin'):
@@ -693,42 +705,23 @@ class ExplainTest(AdminCase):
         self.assertIn(('/explain', 'get', {'service': 'web', 'client': ''}), parser.forms)
 
 
-class FileBalancer(Balancer):
-    """support.Balancer, but loaded from a file, so that reload() has something to re-read."""
-
-    def __init__(self, path):
-        self.config = pydirector.load_config(path)
-        self.director = pydirector.Director(self.config)
-        self.director.start()
-        self.thread = threading.Thread(target=self.director.loop.run, daemon=True)
-        self.thread.start()
-        wait_until(lambda: self.director.loop.thread_ident is not None)
-
-
 class ReloadTest(AdminCase):
 
-    @classmethod
-    def setUpClass(cls):
-        cls.all_backends = cls.backends()
-        cls.dir = tempfile.mkdtemp(prefix='pydirector-reload-')
-        cls.path = os.path.join(cls.dir, 'reload.xml')
-        cls.listen = free_port()
-        cls.admin = admin_xml()
-        cls.write(service_xml([('n1', cls.n1.address)], listen_port=cls.listen))
-        cls.bal = FileBalancer(cls.path)
-        a = cls.bal.config.admin
-        cls.server = pydirector_admin.start(cls.bal.director, pydirector.Admin(a.listen, a.host, 0, a.users))
-        cls.port = cls.server.server_address[1]
+    def setUp(self):
+        BalancerCase.setUp(self)
+        self.backends()
+        self.dir = tempfile.mkdtemp(prefix='pydirector-reload-')
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.path = os.path.join(self.dir, 'reload.xml')
+        self.listen = free_port()
+        self.admin = admin_xml()
+        self.write(service_xml([('n1', self.n1.address)], listen_port=self.listen))
+        self.bal = self.start(open(self.path).read(), path=self.path)
+        self.start_admin()
 
-    @classmethod
-    def tearDownClass(cls):
-        super(ReloadTest, cls).tearDownClass()
-        shutil.rmtree(cls.dir)
-
-    @classmethod
-    def write(cls, service):
-        with open(cls.path, 'w') as f:
-            f.write(config_xml(service + cls.admin))
+    def write(self, service):
+        with open(self.path, 'w') as f:
+            f.write(config_xml(service + self.admin))
 
     def test_reload(self):
         self.assertEqual(self.change('/reload'), 'OK reloaded %s: no changes\n' % self.path)
@@ -740,6 +733,24 @@ class ReloadTest(AdminCase):
         self.assertEqual(self.hosts(), ['n1', 'n2'])
         LOG.wait_for('admin: user admin from 127.0.0.1: reloaded %s: ' % self.path, mark)
         self.assertIsNotNone(json.loads(self.fetch('/running.json').body)['reloaded'])
+
+    def test_config_xml_is_the_file_as_last_loaded_read_on_the_loop(self):
+        # Bug 4: the admin thread read it while a reload rewrote it on the loop.  Now it
+        # is what the last reload loaded, read on the loop thread.
+        self.write(service_xml([('n1', self.n1.address), ('n2', self.n2.address)], listen_port=self.listen))
+        self.change('/reload')
+        self.assertEqual(self.fetch('/config.xml').body, pydirector.load_config(self.path).to_xml())
+        director = self.bal.director
+        threads = []
+        real = director.loaded_config_xml
+
+        def recording():
+            threads.append(threading.get_ident())
+            return real()
+        director.loaded_config_xml = recording
+        self.addCleanup(delattr, director, 'loaded_config_xml')
+        self.assertEqual(self.fetch('/config.xml').status, 200)
+        self.assertEqual(threads, [director.loop.thread_ident])
 
     def test_invalid_file_changes_nothing(self):
         before = self.fetch('/running.xml').body
@@ -883,8 +894,7 @@ class TimelineTest(AdminCase):
         # Only a true count makes the counter: the timeline is capped, a counter must not be.
         snap = self.bal.snapshot()
         text = pydirector_admin.render_metrics(snap)
-        self.assertEqual('pydirector_host_state_changes_total' in text,
-                         any('state_changes' in h for s in snap['services'] for g in s['groups'] for h in g['hosts']))
+        self.assertIn('pydirector_host_state_changes_total', text)
         for service in snap['services']:
             for group in service['groups']:
                 for host in group['hosts']:
@@ -1119,7 +1129,6 @@ class LimitsTest(AdminCase):
         director = self.bal.director
         director.close_log = broken
         stderr = io.StringIO()
-        mark = LOG.mark()
         try:
             with contextlib.redirect_stderr(stderr):
                 resp = self.fetch('/closeLog', 'POST', {})
@@ -1128,7 +1137,7 @@ class LimitsTest(AdminCase):
         finally:
             del director.close_log
         self.assertEqual((resp.status, resp.body), (500, 'ERROR internal error (logged)\n'))
-        tracebacks = [l for l in LOG.since(mark) if l.startswith('TRACEBACK')]
+        tracebacks = self.take_tracebacks()
         self.assertEqual(len(tracebacks), 1, tracebacks)
         self.assertIn('RuntimeError: boom', tracebacks[0])
         self.assertEqual(stderr.getvalue(), '')
@@ -1183,18 +1192,15 @@ class LimitsTest(AdminCase):
 class TrafficTest(AdminCase):
     """Changes under real traffic: open connections finish, new ones follow the change."""
 
-    @classmethod
-    def backends(cls):
-        cls.e1 = Backend(name_then_echo, 'e1')
-        cls.e2 = Backend(name_then_echo, 'e2')
-        cls.b1 = Backend(name_then_echo, 'b1')
-        return [cls.e1, cls.e2, cls.b1]
+    def backends(self):
+        self.e1 = self.backend(name_then_echo, 'e1')
+        self.e2 = self.backend(name_then_echo, 'e2')
+        self.b1 = self.backend(name_then_echo, 'b1')
 
-    @classmethod
-    def service(cls):
+    def service(self):
         return service_xml(None, groups=[
-            ('main', 'roundrobin', [('e1', cls.e1.address), ('e2', cls.e2.address)]),
-            ('blue', 'roundrobin', [('b1', cls.b1.address)]),
+            ('main', 'roundrobin', [('e1', self.e1.address), ('e2', self.e2.address)]),
+            ('blue', 'roundrobin', [('b1', self.b1.address)]),
         ], enable='main')
 
     def open_client(self):
@@ -1348,7 +1354,7 @@ class ToolsTest(AdminCase):
         self.assertEqual(out, "ERROR no host 'c1' in web/main\n")
 
 
-class CommandLineTest(unittest.TestCase):
+class CommandLineTest(BalancerCase):
     """`python3 pydirector.py -c FILE` with <admin>: the module runs as __main__ there."""
 
     def test_refusals_and_shutdown(self):

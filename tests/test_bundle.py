@@ -8,7 +8,6 @@ copies of the modules can be imported.
 
 import base64
 import os
-import re
 import shutil
 import signal
 import stat
@@ -23,7 +22,7 @@ import zipfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import support  # noqa: E402
-from support import (  # noqa: E402
+from support import (BalancerCase,   # noqa: E402
     Backend, accepts, config_xml, echo, exchange, free_port, service_xml, wait_until)
 
 import pydirector  # noqa: E402
@@ -48,7 +47,7 @@ def build(output, *args):
     return result.stdout
 
 
-class BundleTest(unittest.TestCase):
+class BundleTest(BalancerCase):
 
     @classmethod
     def setUpClass(cls):

@@ -9,7 +9,7 @@ import time
 import unittest
 
 import support
-from support import (Backend, BalancerProcess, accepts, PYDIRECTOR, config_xml, connect, echo, free_port,
+from support import (BalancerCase, Backend, BalancerProcess, accepts, PYDIRECTOR, config_xml, connect, echo, free_port,
                      recv_all, service_xml, wait_until)
 
 
@@ -18,9 +18,10 @@ def run(*args, **kwargs):
                           stderr=subprocess.PIPE, universal_newlines=True, timeout=30, **kwargs)
 
 
-class TestCommandLine(unittest.TestCase):
+class TestCommandLine(BalancerCase):
 
     def setUp(self):
+        BalancerCase.setUp(self)
         self.dir = support.tempfile.mkdtemp(prefix='pydirector-cli-')
 
     def write(self, name, text):
@@ -92,9 +93,10 @@ class TestCommandLine(unittest.TestCase):
         self.assertFalse(accepts(free))  # all or nothing
 
 
-class TestSignals(unittest.TestCase):
+class TestSignals(BalancerCase):
 
     def setUp(self):
+        BalancerCase.setUp(self)
         self.backend = Backend(echo)
         self.addCleanup(self.backend.close)
 
@@ -175,7 +177,7 @@ def cpu_seconds(pid):
 
 
 @unittest.skipUnless(os.path.exists('/proc/self/stat'), 'needs /proc')
-class TestOutOfFileDescriptors(unittest.TestCase):
+class TestOutOfFileDescriptors(BalancerCase):
 
     def test_emfile_pauses_accepting_without_spinning_and_recovers(self):
         import resource

@@ -17,7 +17,7 @@ import threading
 import unittest
 
 import support
-from support import config_xml, free_port, service_xml, wait_until
+from support import BalancerCase, config_xml, free_port, service_xml, wait_until
 
 import pydirector
 import pydirector_admin
@@ -315,9 +315,10 @@ class Member(object):
         self.director.loop.close()
 
 
-class FleetCase(unittest.TestCase):
+class FleetCase(BalancerCase):
 
     def setUp(self):
+        BalancerCase.setUp(self)
         self.members = []
         for bind in (True, False):
             member = Member(old_xml(), bind)

@@ -23,8 +23,11 @@ import os
 import random
 import re
 import selectors
+import shutil
 import socket
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import unittest
@@ -32,7 +35,7 @@ import urllib.parse
 from unittest import mock
 
 import support
-from support import Backend, Balancer, LOG, config_xml, free_port, raw_exchanges, service_xml, wait_until
+from support import BalancerCase, Backend, Balancer, LOG, config_xml, free_port, raw_exchanges, service_xml, wait_until
 
 import pydirector
 import pydirector_admin
@@ -293,7 +296,7 @@ def running_state(balancer):
     return balancer.call(collect)
 
 
-class AdminCase(unittest.TestCase):
+class AdminCase(BalancerCase):
     """A balancer with service web (groups main and spare) and its admin server on an ephemeral port."""
 
     @classmethod
@@ -688,3 +691,79 @@ class AdminRegressionTest(AdminCase):
 
 if __name__ == '__main__':
     unittest.main()
+
+
+# Values no admin change should turn into a running.xml that does not load.
+HOSTILE_NAMES = MARKERS + ['a:b', 'ops:team', ' ', 'x\u202ey', 'tab\there', 'new\nline', 'caf\u00e9', '-', '.',
+                           'a' * 300, '\u2028', 'name with spaces', '&amp;', ']]>', '"quoted"']
+HOSTILE_IPS = ['*:80', '[::]:80', '0.0.0.0:80', '127.0.0.1:0', '127.0.0.1:65536', '::1:80', '[::1]:80',
+               '127.0.0.1:8080', 'localhost:81', 'bad host:80', 'x' * 300 + ':80', '10.0.0.300:1', '1.2.3.4',
+               '[fe80::1%eth0]:80', 'host.example.:90', '127.0.0.1:-1', '<b>:80']
+HOSTILE_NUMBERS = ['', '0', '1', '1000', '1001', '-1', '2.5', '1e3', '\u00b2', '99999999999999', ' 3']
+HOSTILE_SCHEDULERS = ['roundrobin', 'hash,sticky', 'leastconns, sticky', 'nope', '', ',', 'random,sticky,sticky',
+                      'leastconnsrr', 'hash,bogus']
+
+
+class RunningXmlAlwaysLoadsTest(AdminCase):
+    """The structure issue's bug 1, generated: random admin changes with hostile values,
+    and whatever the admin accepted, running.xml passes `pydirector.py --check`."""
+
+    SEED = 77
+    CHANGES = 300
+
+    @classmethod
+    def setUpClass(cls):
+        pass    # a balancer of the test's own: the hosts it adds start probe threads
+
+    @classmethod
+    def tearDownClass(cls):
+        pass
+
+    def test_random_changes_keep_running_xml_loadable(self):
+        self.start_balancer(service_xml([('one', '127.0.0.1:%d' % free_port())]))
+        self.addCleanup(self.bal.stop)
+        self.addCleanup(self.server.stop)
+        rng = random.Random(self.SEED)
+        statuses = collections.Counter()
+        groups = ['main']
+        for number in range(self.CHANGES):
+            kind = rng.choice(['addHost', 'addHost', 'newGroup', 'addUser', 'changeScheduler'])
+            if kind == 'addHost':
+                params = {'service': 'web', 'group': rng.choice(groups), 'name': rng.choice(HOSTILE_NAMES + ['h%d' % number]),
+                          'ip': rng.choice(HOSTILE_IPS + ['127.0.0.1:%d' % (10000 + number)])}
+                for key in ('weight', 'maxconns'):
+                    if rng.random() < 0.5:
+                        params[key] = rng.choice(HOSTILE_NUMBERS)
+                if rng.random() < 0.3:
+                    params['send_proxy'] = rng.choice(['v1', 'v2', 'v3', ''])
+            elif kind == 'newGroup':
+                name = rng.choice(HOSTILE_NAMES + ['g%d' % number])
+                params = {'service': 'web', 'group': name, 'scheduler': rng.choice(HOSTILE_SCHEDULERS)}
+            elif kind == 'addUser':
+                params = {'name': rng.choice(HOSTILE_NAMES + ['u%d' % number]), 'access': rng.choice(['full', 'readonly', 'x']),
+                          'password_hash': rng.choice([FAST_HASH, 'plain', '$6$x$y'])}
+            else:
+                params = {'service': 'web', 'group': rng.choice(groups), 'scheduler': rng.choice(HOSTILE_SCHEDULERS)}
+            response = self.post('/%s?%s' % (kind, urllib.parse.urlencode(params)))
+            statuses[response.status] += 1
+            self.assertIn(response.status, (200, 400, 404, 409), (kind, params, response))
+            if kind == 'newGroup' and response.status == 200:
+                groups.append(params['group'])
+            if number % 50 == 49 or number == self.CHANGES - 1:
+                xml = self.get('/running.xml')
+                self.assertEqual(xml.status, 200)
+                try:
+                    pydirector.parse_config(xml.body, 'running.xml')
+                except pydirector.ConfigError as e:
+                    self.fail('after %s %r, running.xml does not load: %s' % (kind, params, e))
+        # And the real command line, as an operator would check it.
+        folder = tempfile.mkdtemp(prefix='pydirector-running-')
+        self.addCleanup(shutil.rmtree, folder, True)
+        path = os.path.join(folder, 'running.xml')
+        with open(path, 'wb') as f:
+            f.write(self.get('/running.xml').body)
+        proc = subprocess.run([sys.executable, os.path.join(support.REPO, 'pydirector.py'), '--check', path],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
+        self.assertEqual(proc.returncode, 0, proc.stdout.decode('utf-8', 'replace')[-2000:])
+        self.assertGreater(statuses[200], 30, statuses)
+        self.assertGreater(statuses[400], 30, statuses)

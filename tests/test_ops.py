@@ -10,36 +10,26 @@ import tempfile
 import threading
 import unittest
 
-from support import (Backend, Balancer, LOG, config_xml, connect, echo, exchange, free_port,
+from support import (BalancerCase, Backend, LOG, config_xml, connect, echo, exchange, free_port,
                      say_name, service_xml, wait_until)
 
 import pydirector
 
 
-class OpsTestCase(unittest.TestCase):
+class OpsTestCase(BalancerCase):
+    """A balancer loaded from a file (so reload() can read it again), per test."""
 
     def setUp(self):
-        self.backends = []
-        self.balancer = None
-        self.mark = LOG.mark()
+        BalancerCase.setUp(self)
         self.dir = tempfile.mkdtemp(prefix='pydirector-ops-')
+        self.addCleanup(shutil.rmtree, self.dir, True)
         self.path = os.path.join(self.dir, 'live.xml')
 
-    def tearDown(self):
-        if self.balancer is not None:
-            self.balancer.stop()
-        for b in self.backends:
-            b.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
     def backend(self, handler=say_name, name='backend'):
-        b = Backend(handler, name)
-        self.backends.append(b)
-        return b
+        return BalancerCase.backend(self, handler, name)
 
     def start(self, xml):
-        self.balancer = Balancer(xml, path=self.path)
-        return self.balancer
+        return BalancerCase.start(self, xml, path=self.path)
 
     def rewrite(self, xml):
         with open(self.path, 'w') as f:
@@ -133,7 +123,8 @@ class TestReload(OpsTestCase):
 
     def test_reload_under_live_traffic_cuts_nothing(self):
         one, two = Backend(echo, 'one'), Backend(echo, 'two')
-        self.backends += [one, two]
+        self.addCleanup(one.close)
+        self.addCleanup(two.close)
         port = free_port()
         self.start(config_xml(service_xml([('one', one.address)], listen_port=port)))
         errors, done = [], threading.Event()
@@ -296,7 +287,7 @@ class TestBlueGreen(OpsTestCase):
         wait_until(lambda: self.balancer.host('two')['state'] == 'down')
         call(director.enable_group, 'web', 'upgrade', rollback='3')
         green = Backend(echo, 'green')  # cannot choose its port: move the host there instead
-        self.backends.append(green)
+        self.addCleanup(green.close)
         call(director.add_host, 'web', 'upgrade', 'three', green.address)
         wait_until(lambda: self.balancer.snapshot()['services'][0]['switch'] is None, 8)
         self.assertEqual(self.balancer.snapshot()['services'][0]['enabled'], 'upgrade')
@@ -429,9 +420,10 @@ class TestAllowDeny(OpsTestCase):
         self.assertEqual(b.accepted, 1)
 
 
-class TestPrivilegeDrop(unittest.TestCase):
+class TestPrivilegeDrop(BalancerCase):
 
     def setUp(self):
+        BalancerCase.setUp(self)
         if not hasattr(os, 'getuid') or os.getuid() != 0:
             self.skipTest('needs root to test dropping privileges')
         import pwd
@@ -546,7 +538,7 @@ class TestAccessLogEndings(OpsTestCase):
         self.assertEqual(ends, {k: k for k in ends})
 
 
-class TestSyslog(unittest.TestCase):
+class TestSyslog(BalancerCase):
 
     def test_udp_and_unix_socket(self):
         from support import BalancerProcess

@@ -9,8 +9,7 @@ import threading
 import time
 import unittest
 
-import support
-from support import (Backend, Balancer, Blackhole, LOG, config_xml, connect, digest_until_eof,
+from support import (BalancerCase, Backend, Blackhole, LOG, connect, digest_until_eof,
                      echo, exchange, free_port, hold_open, recv_all, say_name, service_xml,
                      wait_until)
 
@@ -21,31 +20,8 @@ def digest(data):
     return ('%s %d' % (hashlib.sha256(data).hexdigest(), len(data))).encode()
 
 
-class ProxyTestCase(unittest.TestCase):
-    """Starts backends and a balancer per test and tears them all down."""
-
-    def setUp(self):
-        self.backends = []
-        self.balancer = None
-        self.mark = LOG.mark()
-
-    def tearDown(self):
-        if self.balancer is not None:
-            self.balancer.stop()
-        for b in self.backends:
-            b.close()
-
-    def backend(self, handler, name='backend'):
-        b = Backend(handler, name)
-        self.backends.append(b)
-        return b
-
-    def start(self, *services, **root):
-        self.balancer = Balancer(config_xml(*services, **root))
-        return self.balancer
-
-    def log_lines(self):
-        return LOG.since(self.mark)
+class ProxyTestCase(BalancerCase):
+    """Backends and a balancer per test (support.BalancerCase)."""
 
 
 class TestRelay(ProxyTestCase):
@@ -103,7 +79,7 @@ class TestRelay(ProxyTestCase):
 
     def test_ipv6_listen_and_backend(self):
         b = Backend(echo, family=socket.AF_INET6, host='::1')
-        self.backends.append(b)
+        self.addCleanup(b.close)
         port = free_port()
         xml = service_xml([('one', '[::1]:%d' % b.port)]).replace(
             '127.0.0.1:%d' % port, '[::1]:%d' % port)
@@ -111,7 +87,7 @@ class TestRelay(ProxyTestCase):
                '    <group name="main" scheduler="roundrobin">\n'
                '      <host name="one" ip="[::1]:%d"/>\n    </group>\n  </service>\n</pdconfig>\n'
                % (port, b.port))
-        self.balancer = Balancer(xml)
+        self.start(xml)
         sock = socket.create_connection(('::1', port), timeout=10)
         sock.sendall(b'over six')
         sock.shutdown(socket.SHUT_WR)
@@ -253,15 +229,18 @@ class TestFailover(ProxyTestCase):
         self.assertEqual(exchange(self.balancer.port()), b'two')
         LOG.wait_for('in web/main down: connection refused', self.mark)
         revived = Backend(say_name, 'one')
-        # Rebind the very port the host is configured with.
+        # Rebind the very port the host is configured with: the first socket's accept
+        # thread ends (a shutdown wakes its accept; a close alone would not) first.
+        revived.sock.shutdown(socket.SHUT_RDWR)
         revived.sock.close()
+        revived.thread.join(5)
         revived.sock = socket.socket()
         revived.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         revived.sock.bind(('127.0.0.1', port))
         revived.sock.listen(16)
         revived.thread = threading.Thread(target=revived._serve, daemon=True)
         revived.thread.start()
-        self.backends.append(revived)
+        self.addCleanup(revived.close)
         LOG.wait_for('host one (127.0.0.1:%d) in web/main up: answered 2 probe(s)' % port, self.mark)
         got = sorted(exchange(self.balancer.port()).decode() for _ in range(4))
         self.assertEqual(got, ['one', 'one', 'two', 'two'])

@@ -9,7 +9,7 @@ import time
 import unittest
 
 import support
-from support import (Backend, Balancer, LOG, ExternalServer, config_xml, connect, echo,
+from support import (BalancerCase, LOG, ExternalServer, connect, echo,
                      find_binary, free_port, recv_all, report_proxy_header, service_xml,
                      wait_until)
 
@@ -321,7 +321,7 @@ def listen_attrs(xml, attrs):
     return xml.replace('"/>', '" %s/>' % attrs, 1)
 
 
-class PeersTestCase(unittest.TestCase):
+class PeersTestCase(BalancerCase):
     """Backends, a balancer and external servers per test, all torn down after."""
 
     binaries = ()
@@ -337,27 +337,9 @@ class PeersTestCase(unittest.TestCase):
             cls.paths = found
 
     def setUp(self):
-        self.backends = []
+        BalancerCase.setUp(self)
         self.servers = []
-        self.balancer = None
-        self.mark = LOG.mark()
-
-    def tearDown(self):
-        for s in self.servers:
-            s.close()
-        if self.balancer is not None:
-            self.balancer.stop()
-        for b in self.backends:
-            b.close()
-
-    def backend(self, handler, name='backend'):
-        b = Backend(handler, name)
-        self.backends.append(b)
-        return b
-
-    def start(self, *services, **root):
-        self.balancer = Balancer(config_xml(*services, **root))
-        return self.balancer
+        self.addCleanup(lambda: [s.close() for s in self.servers])
 
     def external(self, argv, files, tries=3):
         """Start a server whose config takes {port}; a port taken meanwhile gets another try."""

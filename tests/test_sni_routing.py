@@ -85,29 +85,28 @@ class ProxiedTLSBackend(TLSBackend):
         TLSBackend._serve_tls(self, conn, backend)
 
 
-class SniCase(unittest.TestCase):
-    """Helpers: a balancer per test, its address's counters and access lines."""
+class SniCase(support.BalancerCase):
+    """Helpers: a balancer per test, its address's counters and access lines; after
+    each test no client may be left reading its hello either."""
 
-    def setUp(self):
-        self.mark = LOG.mark()
-        self.cleanups = []
-
-    def tearDown(self):
-        for fn in reversed(self.cleanups):
-            fn()
-
-    def backend(self, backend):
-        self.cleanups.append(backend.close)
-        return backend
+    def own(self, thing):
+        """A backend (or anything with close()) closed after the test."""
+        self.addCleanup(thing.close)
+        return thing
 
     def start(self, xml, path=None):
-        self.balancer = Balancer(xml, path=path)
-        self.cleanups.append(self.balancer.stop)
-        return self.balancer
+        balancer = support.BalancerCase.start(self, xml, path=path)
+        self.addCleanup(self.check_no_readers, balancer)
+        return balancer
+
+    def check_no_readers(self, balancer):
+        if balancer.thread.is_alive():
+            wait_until(lambda: balancer.call(lambda: len(balancer.director.hellos)) == 0, 5,
+                       message='clients left reading their hello')
 
     def connect(self, port):
         sock = connect(port)
-        self.cleanups.append(sock.close)
+        self.addCleanup(sock.close)
         return sock
 
     def address_counters(self, index=0):
@@ -135,9 +134,9 @@ class ThreeServicesTest(SniCase):
 
     def setUp(self):
         SniCase.setUp(self)
-        self.api = self.backend(TLSBackend(['api.example.com'], say_name))
-        self.www = self.backend(TLSBackend(['www.example.com'], say_name))
-        self.other = self.backend(TLSBackend(['other.example'], say_name))
+        self.api = self.own(TLSBackend(['api.example.com'], say_name))
+        self.www = self.own(TLSBackend(['www.example.com'], say_name))
+        self.other = self.own(TLSBackend(['other.example'], say_name))
         self.port = free_port()
         self.start(config(
             service('api', 'api.example.com,*.api.example.com', [('a1', self.api.address)], self.port),
@@ -297,7 +296,7 @@ class AdminPagesTest(SniCase):
 
     def setUp(self):
         SniCase.setUp(self)
-        self.api = self.backend(TLSBackend(['api.example.com'], say_name))
+        self.api = self.own(TLSBackend(['api.example.com'], say_name))
         self.port = free_port()
         password = pydirector.hash_password('pw', iterations=1000)
         self.start(config(service('api', 'api.example.com', [('a1', self.api.address)], self.port),
@@ -305,7 +304,7 @@ class AdminPagesTest(SniCase):
                                'access="full"/>\n  </admin>\n' % (free_port(), password)))
         a = self.balancer.config.admin
         server = pydirector_admin.start(self.balancer.director, pydirector.Admin(a.listen, a.host, 0, a.users))
-        self.cleanups.append(server.stop)
+        self.addCleanup(server.stop)
         self.base = 'http://127.0.0.1:%d' % server.server_address[1]
         auth = urllib.request.HTTPBasicAuthHandler()
         auth.add_password('pydirector', self.base, 'admin', 'pw')
@@ -352,7 +351,7 @@ class AdminPagesTest(SniCase):
 class FailoverTest(SniCase):
 
     def test_the_first_host_refuses(self):
-        good = self.backend(TLSBackend(['api.example.com'], echo))
+        good = self.own(TLSBackend(['api.example.com'], echo))
         port = free_port()
         dead = '127.0.0.1:%d' % free_port()
         self.start(config(service('api', 'api.example.com', [('dead', dead), ('good', good.address)], port)))
@@ -367,7 +366,7 @@ class FailoverTest(SniCase):
 
     def test_every_byte_is_replayed_to_the_next_host(self):
         """The hello and what came with it reach the host that answers, exactly once, in order."""
-        recorder = self.backend(Backend(record_until_eof))
+        recorder = self.own(Backend(record_until_eof))
         port = free_port()
         dead = '127.0.0.1:%d' % free_port()
         self.start(config(service('api', 'api.example.com', [('dead', dead), ('rec', recorder.address)], port)))
@@ -396,8 +395,8 @@ class IPv6Test(SniCase):
             probe.close()
 
     def test_names_on_v6(self):
-        api = self.backend(TLSBackend(['api.example.com'], support.https_say_name))
-        www = self.backend(TLSBackend(['www.example.com'], support.https_say_name))
+        api = self.own(TLSBackend(['api.example.com'], support.https_say_name))
+        www = self.own(TLSBackend(['www.example.com'], support.https_say_name))
         port = free_port()
         self.start(config(service('api', 'api.example.com', [('a1', api.address)], port, host='::1'),
                           service('www', 'www.example.com,*', [('w1', www.address)], port, host='::1')))
@@ -416,8 +415,8 @@ class ProxyProtocolTest(SniCase):
 
     def setUp(self):
         SniCase.setUp(self)
-        self.api = self.backend(ProxiedTLSBackend(['api.example.com'], echo))
-        self.www = self.backend(TLSBackend(['www.example.com'], echo))
+        self.api = self.own(ProxiedTLSBackend(['api.example.com'], echo))
+        self.www = self.own(TLSBackend(['www.example.com'], echo))
         self.port = free_port()
         attrs = 'accept_proxy="v2" trusted="127.0.0.0/8"'
         self.start(config(
@@ -454,7 +453,7 @@ class ProxyProtocolTest(SniCase):
         wait_until(lambda: self.access_lines(' client=[2001:db8::5]:5555 sni=www.example.com '))
 
     def test_header_and_hello_in_one_segment(self):
-        recorder = self.backend(Backend(record_until_eof))
+        recorder = self.own(Backend(record_until_eof))
         port = free_port()
         self.start(config(service('rec', 'rec.example.com', [('r1', recorder.address)], port,
                                   listen_attrs='accept_proxy="v1"')))
@@ -489,15 +488,14 @@ class ProxyProtocolTest(SniCase):
         self.assertEqual((self.api.accepted, self.www.accepted), (0, 0))
 
     def test_untrusted_peer(self):
-        self.balancer.stop()
-        self.cleanups.remove(self.balancer.stop)
-        self.start(config(service('api', 'api.example.com', [('a1', self.api.address)], self.port,
+        port = free_port()      # a second balancer beside the first
+        self.start(config(service('api', 'api.example.com', [('a1', self.api.address)], port,
                                   listen_attrs='accept_proxy="v2" trusted="10.0.0.0/8"')))
-        sock = self.connect(self.port)
+        sock = self.connect(port)
         self.assertTrue(closed_by_peer(sock))
         wait_until(lambda: self.address_counters()['bad']['untrusted-proxy'] == 1)
         LOG.wait_for('listen 127.0.0.1:%d: client 127.0.0.1:%d: not a trusted proxy'
-                     % (self.port, sock.getsockname()[1]), self.mark)
+                     % (port, sock.getsockname()[1]), self.mark)
         self.assertIn(' end=denied', self.access_line(sock.getsockname()[1]))
         self.assertEqual(self.api.accepted, 0)
 
@@ -508,8 +506,8 @@ class BadInputTest(SniCase):
 
     def setUp(self):
         SniCase.setUp(self)
-        self.api = self.backend(TLSBackend(['api.example.com'], echo))
-        self.www = self.backend(TLSBackend(['www.example.com'], echo))
+        self.api = self.own(TLSBackend(['api.example.com'], echo))
+        self.www = self.own(TLSBackend(['www.example.com'], echo))
         self.port = free_port()
         self.start(config(
             service('api', 'api.example.com', [('a1', self.api.address)], self.port,
@@ -669,7 +667,7 @@ class FuzzTest(SniCase):
     CASES = 150
 
     def test_mutated_hellos(self):
-        recorder = self.backend(Backend(record_until_eof))
+        recorder = self.own(Backend(record_until_eof))
         port = free_port()
         self.start(config(service('any', '*', [('r1', recorder.address)], port)))
         rng = random.Random(1313)
@@ -715,11 +713,11 @@ class ReloadTest(SniCase):
     def setUp(self):
         SniCase.setUp(self)
         self.dir = tempfile.mkdtemp(prefix='pydirector-sni-')
-        self.cleanups.append(lambda: shutil.rmtree(self.dir, True))
+        self.addCleanup(lambda: shutil.rmtree(self.dir, True))
         self.path = os.path.join(self.dir, 'live.xml')
-        self.api = self.backend(TLSBackend(['api.example.com'], echo))
-        self.www = self.backend(TLSBackend(['www.example.com'], echo))
-        self.new = self.backend(TLSBackend(['new.example.com'], echo))
+        self.api = self.own(TLSBackend(['api.example.com'], echo))
+        self.www = self.own(TLSBackend(['www.example.com'], echo))
+        self.new = self.own(TLSBackend(['new.example.com'], echo))
         self.port = free_port()
 
     def xml(self, api_names, www_names, new=False):

@@ -16,6 +16,7 @@ if os.path.join(REPO, 'tools') not in sys.path:
     sys.path.insert(0, os.path.join(REPO, 'tools'))
 
 import soak  # noqa: E402
+from support import BalancerCase  # noqa: E402
 
 SOAK = os.path.join(REPO, 'tools', 'soak.py')
 
@@ -25,7 +26,7 @@ BALANCER_ROWS = ('balancer fds back to baseline', 'balancer log: tracebacks / ER
 
 
 @unittest.skipUnless(sys.platform.startswith('linux'), 'reads /proc for the balancer figures')
-class SoakTest(unittest.TestCase):
+class SoakTest(BalancerCase):
 
     def assertPassed(self, report, *criteria):
         for criterion in criteria + BALANCER_ROWS:
