@@ -2717,10 +2717,6 @@ class Listener(object):
         log.warning('listen %s: client %s: %s%s', self.text, format_address(client_ip, client_port), why,
                     ' (%d more like it not logged since the last such line)' % left_out if left_out else '')
 
-    def counters(self):
-        """For snapshot(): what the address refused, by kind."""
-        return {'unmatched': self.unmatched, 'bad': dict(self.bad)}
-
 
 PROXY_HEADER, QUEUED = 'proxy-header', 'queued'
 CONNECTING, STREAMING, CLOSED = 'connecting', 'streaming', 'closed'

@@ -348,6 +348,42 @@ class AdminPagesTest(SniCase):
         return sock
 
 
+class LimitsTest(SniCase):
+    """Once the hello has chosen the service, its rules hold as for any client."""
+
+    def test_maxconns_and_allow_deny(self):
+        api = self.own(TLSBackend(['api.example.com'], echo))
+        www = self.own(TLSBackend(['www.example.com'], echo))
+        port = free_port()
+        self.start(config(
+            service('api', 'api.example.com', [('a1', api.address)], port).replace(
+                '<service name="api">', '<service name="api" maxconns="1">'),
+            service('www', 'www.example.com', [('w1', www.address)], port, extra='    <deny cidr="127.0.0.1"/>\n')))
+        held, cert = tls_connect(port, 'api.example.com')
+        self.assertEqual(cert, 'api.example.com')
+        with self.assertRaises((ssl.SSLError, ConnectionResetError, OSError)):
+            tls_connect(port, 'api.example.com')       # over maxconns: closed, never connected
+        with self.assertRaises((ssl.SSLError, ConnectionResetError, OSError)):
+            tls_connect(port, 'www.example.com')       # denied by www's rules
+        wait_until(lambda: len(self.access_lines(' end=full')) == 1 and len(self.access_lines(' end=denied')) == 1)
+        self.assertIn(' service=api ', self.access_lines(' end=full')[0])
+        self.assertIn(' service=www ', self.access_lines(' end=denied')[0])
+        services = {s['name']: s for s in self.balancer.snapshot()['services']}
+        self.assertEqual((services['api']['refused'], services['www']['denied']), (1, 1))
+        self.assertEqual((api.accepted, www.accepted), (1, 0))
+        held.sendall(b'still')
+        self.assertEqual(held.recv(100), b'still')
+        held.close()
+
+    def test_international_names(self):
+        shop = self.own(TLSBackend(['xn--bcher-kva.example'], say_name))
+        port = free_port()
+        self.start(config(service('shop', 'B\u00fccher.example', [('s1', shop.address)], port)))
+        self.assertEqual(tls_exchange(port, server_hostname='b\u00fccher.example'),
+                         ('xn--bcher-kva.example', b'xn--bcher-kva.example'))
+        self.assertEqual(support.openssl_client(port, 'xn--bcher-kva.example'), 'xn--bcher-kva.example')
+
+
 class FailoverTest(SniCase):
 
     def test_the_first_host_refuses(self):
