@@ -1236,6 +1236,159 @@ class _ConfigReader(object):
         return user
 
 
+# -- differences between two configs --------------------------------------------
+#
+# A reload and pydirector_admin's diff/apply ask the same question of two
+# configs: what differs?  Both read the answer from ConfigDiff, which compares
+# the configs as to_xml() writes them (one canonical form, whatever the files
+# looked like), so an attribute a later version adds is a difference without
+# anyone teaching this code about it.  A reload makes every difference; diff
+# and apply make the ones an admin call can and report the rest.
+
+def config_tree(config):
+    """A Config as the element tree of its to_xml(), schedulers spelt one way."""
+    root = ElementTree.fromstring(config.to_xml())
+    for group in root.iter('group'):
+        # 'hash, sticky' in a file runs (and shows in running.xml) as 'hash,sticky'.
+        name, sticky = schedulers.parse_spec(group.get('scheduler'))
+        group.set('scheduler', name + (',sticky' if sticky else ''))
+    return root
+
+
+def by_name(parent, tag, key='name'):
+    items = collections.OrderedDict()
+    if parent is not None:
+        for elem in parent.findall(tag):
+            items[elem.get(key)] = elem
+    return items
+
+
+def render_element(elem):
+    """'<tag a="1" b="2"/>' (children inside), for naming a difference."""
+    attrs = ''.join(' %s="%s"' % (k, v) for k, v in elem.attrib.items())
+    children = ''.join(render_element(child) for child in elem)
+    if children:
+        return '<%s%s>%s</%s>' % (elem.tag, attrs, children, elem.tag)
+    return '<%s%s/>' % (elem.tag, attrs)
+
+
+def attribute_changes(old, new, skip=(), defaults=None):
+    """[(key, 'key old -> new'), ...] for the attributes that differ, skipping `skip`."""
+    defaults = defaults or {}
+    changes = []
+    keys = list(old.attrib) + [k for k in new.attrib if k not in old.attrib]
+    for key in keys:
+        if key in skip or old.get(key) == new.get(key):
+            continue
+        fallback = defaults.get(key, '(default)')
+        changes.append((key, '%s %s -> %s' % (key, old.get(key, fallback), new.get(key, fallback))))
+    return changes
+
+
+def element_changes(old_parent, new_parent, skip_tags):
+    """[(tag, 'old elements -> new elements'), ...] for the children of two elements other
+    than skip_tags, grouped by tag (allow and deny together: their order matters across both)."""
+    def buckets(parent):
+        found = collections.OrderedDict()
+        for child in parent:
+            if child.tag in skip_tags:
+                continue
+            key = 'acl' if child.tag in ('allow', 'deny') else child.tag
+            found.setdefault(key, []).append(render_element(child))
+        return found
+    old, new = buckets(old_parent), buckets(new_parent)
+    changes = []
+    for key in list(old) + [k for k in new if k not in old]:
+        if old.get(key) != new.get(key):
+            changes.append((key, '%s -> %s' % (' '.join(old.get(key) or ['(none)']),
+                                               ' '.join(new.get(key) or ['(none)']))))
+    return changes
+
+
+def enabled_group(service):
+    enable = service.find('enable')
+    if enable is not None:
+        return enable.get('group')
+    first = service.find('group')
+    return first.get('name') if first is not None else None
+
+
+class GroupDiff(object):
+    """How one group that both configs have differs: settings [(key, text)],
+    scheduler (old, new) or None, the hosts added (elements, in the new order),
+    removed (names) and changed ((name, old element, new element)), and whether
+    the order of the hosts differs."""
+
+    def __init__(self, old, new):
+        self.old, self.new = old, new
+        self.settings = attribute_changes(old, new, skip=('name', 'scheduler'))
+        self.scheduler = None
+        if old.get('scheduler') != new.get('scheduler'):
+            self.scheduler = (old.get('scheduler'), new.get('scheduler'))
+        self.old_hosts, self.new_hosts = by_name(old, 'host'), by_name(new, 'host')
+        self.added = [host for name, host in self.new_hosts.items() if name not in self.old_hosts]
+        self.removed = [name for name in self.old_hosts if name not in self.new_hosts]
+        self.changed = [(name, self.old_hosts[name], host) for name, host in self.new_hosts.items()
+                        if name in self.old_hosts and self.old_hosts[name].attrib != host.attrib]
+        kept = [name for name in self.new_hosts if name in self.old_hosts]
+        self.reordered = kept != [name for name in self.old_hosts if name in self.new_hosts]
+
+
+class ServiceDiff(object):
+    """How one service that both configs have differs: settings [(key, text)]
+    (attributes and elements other than its groups: listen, check, timeouts,
+    acl, maxconns...), groups added (elements) and removed (names), a
+    GroupDiff per group in both (new order), and the enabled group (old, new)."""
+
+    def __init__(self, old, new):
+        self.old, self.new = old, new
+        self.settings = (attribute_changes(old, new, skip=('name',)) +
+                         element_changes(old, new, ('group', 'enable')))
+        self.old_groups, self.new_groups = by_name(old, 'group'), by_name(new, 'group')
+        self.added = [group for name, group in self.new_groups.items() if name not in self.old_groups]
+        self.removed = [name for name in self.old_groups if name not in self.new_groups]
+        self.groups = collections.OrderedDict(
+            (name, GroupDiff(self.old_groups[name], group)) for name, group in self.new_groups.items()
+            if name in self.old_groups)
+        self.enabled = (enabled_group(old), enabled_group(new))
+
+
+class ConfigDiff(object):
+    """What differs between two configs (Configs, or element trees as config_tree
+    makes them): settings of <pdconfig> and its other elements [(key, text)],
+    services added and removed (names), a ServiceDiff per service in both, and
+    the <admin> block: admin (old element, new element), its settings, and the
+    users added or changed (elements) and removed (names)."""
+
+    def __init__(self, old, new):
+        if isinstance(old, Config):
+            old, new = config_tree(old), config_tree(new)
+        self.old, self.new = old, new
+        self.settings = [(key, '<pdconfig> ' + text) for key, text in attribute_changes(old, new)]
+        self.settings += element_changes(old, new, ('service', 'admin'))
+        old_services, new_services = by_name(old, 'service'), by_name(new, 'service')
+        self.service_order = list(new_services)
+        self.services_added = [name for name in new_services if name not in old_services]
+        self.services_removed = [name for name in old_services if name not in new_services]
+        self.services = collections.OrderedDict(
+            (name, ServiceDiff(old_services[name], service)) for name, service in new_services.items()
+            if name in old_services)
+        self.admin = (old.find('admin'), new.find('admin'))
+        self.admin_settings = []
+        self.users_changed, self.users_removed = [], []
+        old_admin, new_admin = self.admin
+        if old_admin is not None and new_admin is not None:
+            self.admin_settings = ([(key, '<admin> ' + text) for key, text in attribute_changes(old_admin, new_admin)]
+                                   + [(key, '<admin> ' + text) for key, text in
+                                      element_changes(old_admin, new_admin, ('user',))])
+        old_users, new_users = by_name(old_admin, 'user'), by_name(new_admin, 'user')
+        self.users_changed = [user for name, user in new_users.items()
+                              if name not in old_users or old_users[name].attrib != user.attrib]
+        self.users_removed = [name for name in old_users if name not in new_users]
+        self.old_users = old_users
+        self.new_users = new_users
+
+
 # ---------------------------------------------------------------------------
 # Loop: a poller, a timer heap and a thread-safe call queue.
 # Only the loop thread touches balancer state; other threads hand it callables.
@@ -3121,7 +3274,7 @@ class Pair(object):
             if self.splice_up is None:
                 self._relay(self.client_sock, self.backend_sock, True)
             else:
-                self._splice_in(self.splice_up, self.client_sock, self.backend_sock, True)
+                self.splice_up.pull(self, self.client_sock, self.backend_sock, True)
         if mask & EVENT_WRITE and self.state is STREAMING:
             self._flush(False)
 
@@ -3139,7 +3292,7 @@ class Pair(object):
             if self.splice_down is None:
                 self._relay(self.backend_sock, self.client_sock, False)
             else:
-                self._splice_in(self.splice_down, self.backend_sock, self.client_sock, False)
+                self.splice_down.pull(self, self.backend_sock, self.client_sock, False)
         if mask & EVENT_WRITE and self.state is STREAMING:
             self._flush(True)
 
@@ -3205,40 +3358,6 @@ class Pair(object):
             return self.to_backend or (self.splice_up is not None and self.splice_up.pending)
         return self.to_client or (self.splice_down is not None and self.splice_down.pending)
 
-    # -- the splice fast path: bulk bytes go socket -> pipe -> socket in the kernel
-
-    def _splice_in(self, pipe, source, dest, upstream):
-        try:
-            size = splice(source.fileno(), pipe.w, SPLICE_SIZE, flags=SPLICE_FLAGS)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self.abort('client-reset' if upstream else 'backend-reset')
-            return
-        if not size:
-            self._source_eof(upstream)
-            return
-        self.last_active = self.loop.now
-        if upstream:
-            self.bytes_in += size
-        else:
-            self.bytes_out += size
-        pipe.pending = size
-        self._splice_out(pipe, dest, upstream)
-
-    def _splice_out(self, pipe, dest, upstream):
-        """Move what the pipe holds on to dest; like _flush, pending bytes stop the source."""
-        was_pending = self._pending(upstream)
-        try:
-            sent = splice(pipe.r, dest.fileno(), pipe.pending, flags=SPLICE_FLAGS)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            self.abort('backend-reset' if upstream else 'client-reset')
-            return
-        pipe.pending -= sent
-        self._sent_all_or_wait(upstream, dest, was_pending)
-
     def _flush(self, upstream):
         """dest became writable: send what it refused before, then resume reading the source."""
         pipe = self.splice_up if upstream else self.splice_down
@@ -3247,7 +3366,7 @@ class Pair(object):
         else:
             dest, pending = self.client_sock, self.to_client
         if pipe is not None and not pending:
-            self._splice_out(pipe, dest, upstream)
+            pipe.push(self, dest, upstream)
             return
         if not pending:
             self._update_interest()
@@ -3408,6 +3527,39 @@ class Splice(object):
             return None
         Splice.count += 1
         return cls(r, w)
+
+    def pull(self, pair, source, dest, upstream):
+        """source is readable: move what it has into the pipe, then on to dest."""
+        try:
+            size = splice(source.fileno(), self.w, SPLICE_SIZE, flags=SPLICE_FLAGS)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pair.abort('client-reset' if upstream else 'backend-reset')
+            return
+        if not size:
+            pair._source_eof(upstream)
+            return
+        pair.last_active = pair.loop.now
+        if upstream:
+            pair.bytes_in += size
+        else:
+            pair.bytes_out += size
+        self.pending = size
+        self.push(pair, dest, upstream)
+
+    def push(self, pair, dest, upstream):
+        """Move what the pipe holds on to dest; as with a plain direction, pending bytes stop the source."""
+        was_pending = pair._pending(upstream)
+        try:
+            sent = splice(self.r, dest.fileno(), self.pending, flags=SPLICE_FLAGS)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            pair.abort('backend-reset' if upstream else 'client-reset')
+            return
+        self.pending -= sent
+        pair._sent_all_or_wait(upstream, dest, was_pending)
 
     def close(self):
         os.close(self.r)
@@ -3940,28 +4092,16 @@ class Switch(object):
     def snapshot(self):
         return {'from': self.from_group.name, 'to': self.to_group.name,
                 'drain_until': self.drain_until, 'rollback_until': self.rollback_until}
-def _listen_settings(listen):
-    return (listen.text, listen.accept_proxy, listen.trusted, listen.sni)
-
-
-def _same(a, b):
-    """Two config objects (or plain values) equal, ignoring the line they were read from."""
-    if type(a) is not type(b) or not hasattr(a, '__dict__'):
-        return a == b
-    return ({k: v for k, v in vars(a).items() if k != 'line'} ==
-            {k: v for k, v in vars(b).items() if k != 'line'})
-
-
 class Reload(object):
     """Bring the running services in line with a new Config, read and checked
     off the loop (Director.reload); this part runs on the loop.
 
-    New listen addresses are bound first, so a port in use changes nothing.
-    Then services, groups, hosts, schedulers, limits, rules, users and
-    logging follow the file.  Hosts that did not change keep their Host
-    object, health and counters; open connections are never cut, and those
-    of removed hosts and services are left to finish.  apply() returns the
-    one-line summary of what changed.
+    It makes every difference a ConfigDiff of the running state and the new
+    file shows (diff and apply read the same ConfigDiff).  New listen
+    addresses are bound first, so a port in use changes nothing.  Hosts that
+    did not change keep their Host object, health and counters; open
+    connections are never cut, and those of removed hosts and services are
+    left to finish.  apply() returns the one-line summary of what changed.
     """
 
     def __init__(self, director, new):
@@ -3972,21 +4112,22 @@ class Reload(object):
     def apply(self):
         director = self.director
         new = self.new
+        diff = ConfigDiff(director.running_config(), new)
         listeners = self._bind()
         changes = self.changes
         services = collections.OrderedDict()
         for service_config in new.services:
             service = director.services.get(service_config.name)
-            old_listens = None
             if service is None:
                 service = director.build_service(service_config, resolve_names=False)
                 changes.append('+service %s' % service.name)
+                service_diff = None
             else:
-                old_listens = [_listen_settings(l) for l in service.config.listens]
-                part = self._update_service(service, service_config)
+                service_diff = diff.services[service.name]
+                part = self._update_service(service, service_config, service_diff)
                 if part:
                     changes.append('%s: %s' % (service.name, ', '.join(part)))
-            if old_listens is not None and old_listens != [_listen_settings(l) for l in service_config.listens]:
+            if service_diff is not None and any(key == 'listen' for key, _ in service_diff.settings):
                 changes.append('%s: listen %s' % (service.name, ', '.join(
                     l.text + (' sni %s' % ','.join(l.sni) if l.sni else '') for l in service_config.listens)))
             service.listeners = []
@@ -3995,16 +4136,15 @@ class Reload(object):
         # services: clients reading their hello now get the new names.
         for key, entries in listens_by_address(services.values()).items():
             director.attach(listeners.pop(key), entries)
-        for name, service in director.services.items():
-            if name not in services:
-                self._retire_service(service)
-                changes.append('-service %s' % name)
+        for name in diff.services_removed:
+            self._retire_service(director.services[name])
+            changes.append('-service %s' % name)
         for listener in listeners.values():   # left over: listened on by no service now
             for reader in [r for r in director.hellos if r.listener is listener]:
                 reader.close('shutdown')
             listener.close()
         director.services = services
-        self._rest()
+        self._rest(diff)
         director.config = new
         director.loaded_xml = new.to_xml()
         director.reloaded = time.time()
@@ -4032,13 +4172,10 @@ class Reload(object):
         current.update(opened)
         return current
 
-    def _update_service(self, service, config):
+    def _update_service(self, service, config, diff):
         """Bring a running service in line with its new config; the list of changes."""
-        changes = []
-        old = service.config
-        for what in ('timeouts', 'check', 'maxconns', 'acl'):
-            if not _same(getattr(old, what), getattr(config, what)):
-                changes.append(what)
+        director = self.director
+        changes = [key for key, _ in diff.settings if key != 'listen']
         service.config = config
         service.timeouts = config.timeouts
         service.check = config.check
@@ -4046,57 +4183,55 @@ class Reload(object):
         for group_config in config.groups:
             group = service.groups.get(group_config.name)
             if group is None:
-                group = self.director.build_group(service, group_config, resolve_names=False)
+                group = director.build_group(service, group_config, resolve_names=False)
                 changes.append('+group %s' % group.name)
             else:
-                changes.extend(self._update_group(service, group, group_config))
+                changes.extend(self._update_group(service, group, group_config, diff.groups[group.name]))
             groups[group.name] = group
         enabled = groups[config.enabled]
         if enabled is not service.enabled:
-            self.director.end_switch(service)
+            director.end_switch(service)
             changes.append('enabled group %s (was %s)' % (enabled.name, service.enabled.name))
             service.enabled = enabled
-        for name, group in service.groups.items():
-            if name not in groups:
-                for host in group.scheduler.hosts:
-                    self.director.health.forget(host)
-                changes.append('-group %s' % name)
+        for name in diff.removed:
+            for host in service.groups[name].scheduler.hosts:
+                director.health.forget(host)
+            changes.append('-group %s' % name)
         service.groups = groups
         return changes
 
-    def _update_group(self, service, group, config):
+    def _update_group(self, service, group, config, diff):
         director = self.director
         changes = []
-        if group.scheduler.spec != config.scheduler:
+        if diff.scheduler is not None:
             new = director.make_scheduler(config.scheduler)
             new.take_state_from(group.scheduler)
             changes.append('scheduler %s %s->%s' % (group.name, group.scheduler.spec, new.spec))
             group.scheduler = new
         scheduler = group.scheduler
-        wanted = collections.OrderedDict((h.name, h) for h in config.hosts)
-        moved = set()
-        for host in list(scheduler.hosts):
-            host_config = wanted.get(host.name)
-            if host_config is None or host_config.ip != host.ip:
-                director.remove_host(service, group, host)
-                if host_config is None:
-                    changes.append('-host %s' % host.name)
-                else:
-                    moved.add(host.name)
-        for name, host_config in wanted.items():
-            host = scheduler.get_host(name)
-            if host is None:
+        changed = dict((name, (old, new)) for name, old, new in diff.changed)
+        moved = set(name for name, (old, new) in changed.items() if old.get('ip') != new.get('ip'))
+        for name in diff.removed + sorted(moved):
+            director.remove_host(service, group, scheduler.get_host(name))
+            if name not in moved:
+                changes.append('-host %s' % name)
+        added = set(host.get('name') for host in diff.added) | moved
+        for host_config in config.hosts:
+            name = host_config.name
+            if name in added:
                 director.add_running_host(service, group, host_config, resolve_names=False)
                 changes.append('host %s ip %s' % (name, host_config.ip) if name in moved else '+host %s' % name)
-                continue
-            for what in ('weight', 'maxconns', 'send_proxy'):
-                value = getattr(host_config, what, None)
-                if getattr(host, what, None) != value:
-                    setattr(host, what, value)
-                    changes.append('host %s %s %s' % (name, what, value))
-        # The file's order is the scheduler's order (roundrobin ties, leastconns ties).
-        order = {name: index for index, name in enumerate(wanted)}
-        scheduler.hosts.sort(key=lambda h: order[h.name])
+            elif name in changed:
+                host = scheduler.get_host(name)
+                for what in ('weight', 'maxconns', 'send_proxy'):
+                    value = getattr(host_config, what)
+                    if getattr(host, what) != value:
+                        setattr(host, what, value)
+                        changes.append('host %s %s %s' % (name, what, value))
+        if diff.reordered or added:
+            # The file's order is the scheduler's order (roundrobin ties, leastconns ties).
+            order = dict((h.name, index) for index, h in enumerate(config.hosts))
+            scheduler.hosts.sort(key=lambda h: order[h.name])
         return changes
 
     def _retire_service(self, service):
@@ -4110,29 +4245,30 @@ class Reload(object):
             service.queue.popleft().close('shutdown')
         log.info('service %s removed (%d connection(s) left to finish)', service.name, service.open)
 
-    def _rest(self):
+    def _rest(self, diff):
         """Users, logging and the settings a reload cannot change in a running process."""
         director = self.director
         changes = self.changes
-        old, new = director.config, self.new
+        new = self.new
         if new.admin is not None:
-            users = collections.OrderedDict((u.name, u) for u in new.admin.users)
-            if [(u.name, u.password, u.access) for u in users.values()] != director.users_list():
+            director.users = collections.OrderedDict((u.name, u) for u in new.admin.users)
+            if diff.users_changed or diff.users_removed:
                 changes.append('admin users')
-            director.users = users
-        if (old.admin is None) != (new.admin is None) or (
-                old.admin and (old.admin.listen, old.admin.certfile, old.admin.keyfile, old.admin.get_changes) !=
-                (new.admin.listen, new.admin.certfile, new.admin.keyfile, new.admin.get_changes)):
+        old_admin, new_admin = diff.admin
+        if (old_admin is None) != (new_admin is None) or diff.admin_settings:
             changes.append('admin listen/TLS not changed (needs a restart)')
-        if (old.user, old.group) != (new.user, new.group):
+        keys = [key for key, _ in diff.settings]
+        if 'user' in keys or 'group' in keys:
             changes.append('user/group not changed (needs a restart)')
-        if not _same(old.logging, new.logging):
+        if 'logging' in keys:
             director.access.flush()
             configure_log_handlers(new.logging)
             director.access.enabled = new.logging.access
             changes.append('logging')
-        if old.drain != new.drain:
+        if 'drain' in keys:
             changes.append('drain %g s' % new.drain)
+
+
 class Actions(object):
     """The Director's admin actions and pages.  Each action is one method, run
     on the loop, that returns what it did or raises AdminError; pydirector_admin

@@ -158,8 +158,7 @@ import urllib.parse
 from xml.etree import ElementTree
 
 import pydirector
-import schedulers
-from pydirector import (AdminError, LoopTimeout, VERSION, EVENT_READ, EVENT_WRITE, check_password, escape_text,
+from pydirector import (AdminError, attribute_changes, LoopTimeout, VERSION, EVENT_READ, EVENT_WRITE, check_password, escape_text,
                         format_address, hash_password, has_control_chars)
 
 log = logging.getLogger('pydirector.admin')
@@ -1828,75 +1827,6 @@ def hash_shown(stored):
     return (match.group(0) if match else '') + '...'
 
 
-def config_tree(config):
-    """A Config as the element tree of its to_xml(): one canonical form for both sides of a
-    diff, whatever the file looked like (1.0 <client>s, defaults spelt out, comments)."""
-    root = ElementTree.fromstring(config.to_xml())
-    for group in root.iter('group'):
-        # 'hash, sticky' in a file runs (and shows in running.xml) as 'hash,sticky'.
-        name, sticky = schedulers.parse_spec(group.get('scheduler'))
-        group.set('scheduler', name + (',sticky' if sticky else ''))
-    return root
-
-
-def by_name(parent, tag, key='name'):
-    items = collections.OrderedDict()
-    if parent is not None:
-        for elem in parent.findall(tag):
-            items[elem.get(key)] = elem
-    return items
-
-
-def render_element(elem):
-    """'<tag a="1" b="2"/>' (children inside), for naming a difference."""
-    attrs = ''.join(' %s="%s"' % (k, v) for k, v in elem.attrib.items())
-    children = ''.join(render_element(child) for child in elem)
-    if children:
-        return '<%s%s>%s</%s>' % (elem.tag, attrs, children, elem.tag)
-    return '<%s%s/>' % (elem.tag, attrs)
-
-
-def attribute_changes(old, new, skip=(), defaults=None):
-    """['key old -> new', ...] for the attributes that differ, skipping `skip`."""
-    defaults = defaults or {}
-    changes = []
-    keys = list(old.attrib) + [k for k in new.attrib if k not in old.attrib]
-    for key in keys:
-        if key in skip or old.get(key) == new.get(key):
-            continue
-        fallback = defaults.get(key, '(default)')
-        changes.append('%s %s -> %s' % (key, old.get(key, fallback), new.get(key, fallback)))
-    return changes
-
-
-def element_changes(old_parent, new_parent, skip_tags):
-    """Differences in the children of two elements other than skip_tags, grouped by tag
-    (allow and deny together: their order matters across both)."""
-    def buckets(parent):
-        found = collections.OrderedDict()
-        for child in parent:
-            if child.tag in skip_tags:
-                continue
-            key = 'allow/deny' if child.tag in ('allow', 'deny') else child.tag
-            found.setdefault(key, []).append(render_element(child))
-        return found
-    old, new = buckets(old_parent), buckets(new_parent)
-    changes = []
-    for key in list(old) + [k for k in new if k not in old]:
-        if old.get(key) != new.get(key):
-            changes.append('%s -> %s' % (' '.join(old.get(key) or ['(none)']),
-                                         ' '.join(new.get(key) or ['(none)'])))
-    return changes
-
-
-def enabled_group(service):
-    enable = service.find('enable')
-    if enable is not None:
-        return enable.get('group')
-    first = service.find('group')
-    return first.get('name') if first is not None else None
-
-
 def add_host_step(service, group, host):
     params = [('service', service), ('group', group)]
     params.extend((key, host.get(key)) for key in HOST_ATTRS if host.get(key) is not None)
@@ -1904,123 +1834,113 @@ def add_host_step(service, group, host):
 
 
 def plan_changes(running, new, user=None, drain=None, rollback=None):
-    """The Plan from running to new (config_tree()s).  user is the admin user the calls
-    are made as: its own change, if any, comes last, so the calls before it still pass.
+    """The Plan from running to new (Configs, or config_tree()s), from their
+    pydirector.ConfigDiff.  user is the admin user the calls are made as: its own
+    change, if any, comes last, so the calls before it still pass.
 
     Order: new groups, their hosts, new hosts, scheduler changes and host changes first;
     then enableGroup; then delHost and delGroup (the old group is no longer enabled by
     then); users last, new ones before deleted ones (the last full-access user cannot go).
     """
+    diff = pydirector.ConfigDiff(running, new)
     plan = Plan()
     build, switch, after = [], [], []
     problem = plan.problems.append
-    for change in attribute_changes(running, new):
-        problem('<pdconfig> ' + change)
-    old_services, new_services = by_name(running, 'service'), by_name(new, 'service')
-    for name in old_services:
-        if name not in new_services:
-            problem('service %s is removed' % name)
-    for name, service in new_services.items():
-        if name not in old_services:
-            problem('service %s is added' % name)
+    for key, text in diff.settings:
+        if text.startswith('<pdconfig> '):
+            problem(text)
+    for name in diff.services_removed:
+        problem('service %s is removed' % name)
+    for name in diff.service_order:
+        if name in diff.services:
+            plan_service(name, diff.services[name], build, switch, after, problem, drain, rollback)
         else:
-            plan_service(name, old_services[name], service, build, switch, after, problem, drain, rollback)
-    for change in element_changes(running, new, ('service', 'admin')):
-        problem(change)
-    users = plan_users(running.find('admin'), new.find('admin'), user, problem)
+            problem('service %s is added' % name)
+    for key, text in diff.settings:
+        if not text.startswith('<pdconfig> '):
+            problem(text)
+    users = plan_users(diff, user, problem)
     plan.steps = build + switch + after + users
     return plan
 
 
-def plan_service(name, old, new, build, switch, after, problem, drain, rollback):
-    for change in attribute_changes(old, new, skip=('name',)):
-        problem('service %s: %s' % (name, change))
-    for change in element_changes(old, new, ('group', 'enable')):
-        problem('service %s: %s' % (name, change))
-    old_groups, new_groups = by_name(old, 'group'), by_name(new, 'group')
-    old_enabled, new_enabled = enabled_group(old), enabled_group(new)
-    for group_name, group in new_groups.items():
-        old_group = old_groups.get(group_name)
+def addable(where, name, host, old_host, problem):
+    """A new or changed host is made by addHost: it must not need anything addHost cannot set."""
+    extra = sorted(set(k for k in host.attrib if k not in HOST_ATTRS) |
+                   set(k for k in (old_host.attrib if old_host is not None else ()) if k not in HOST_ATTRS))
+    if extra:
+        problem('%s: host %s has %s, which addHost cannot set' % (where, name, ', '.join(extra)))
+    return not extra
+
+
+def plan_service(name, diff, build, switch, after, problem, drain, rollback):
+    for key, text in diff.settings:
+        problem('service %s: %s' % (name, text))
+    old_enabled, new_enabled = diff.enabled
+    for group in diff.new_groups.values():
+        group_name = group.get('name')
         where = '%s/%s' % (name, group_name)
-        hosts = by_name(group, 'host')
-        old_hosts = by_name(old_group, 'host')
-        for host_name, host in hosts.items():
-            old_host = old_hosts.get(host_name)
-            if old_host is not None and old_host.attrib == host.attrib:
-                continue
-            # A new or changed host is made by addHost: it must not need anything addHost cannot set.
-            extra = sorted(set(k for k in host.attrib if k not in HOST_ATTRS) |
-                           set(k for k in (old_host.attrib if old_host is not None else ()) if k not in HOST_ATTRS))
-            if extra:
-                problem('%s: host %s has %s, which addHost cannot set' % (where, host_name, ', '.join(extra)))
-        if old_group is None:
+        if group_name not in diff.groups:      # a new group, with its hosts
+            hosts = [host for host in group.findall('host') if addable(where, host.get('name'), host, None, problem)]
             build.append(Step('newGroup', [('service', name), ('group', group_name),
                                            ('scheduler', group.get('scheduler'))]))
-            build.extend(add_host_step(name, group_name, host) for host in hosts.values()
-                         if all(k in HOST_ATTRS for k in host.attrib))
-            for change in attribute_changes(ElementTree.Element('group'), group, skip=('name', 'scheduler')):
-                problem('%s: %s' % (where, change))
+            build.extend(add_host_step(name, group_name, host) for host in hosts)
+            for key, text in attribute_changes(ElementTree.Element('group'), group, skip=('name', 'scheduler')):
+                problem('%s: %s' % (where, text))
             continue
-        for change in attribute_changes(old_group, group, skip=('name', 'scheduler')):
-            problem('%s: %s' % (where, change))
-        if old_group.get('scheduler') != group.get('scheduler'):
+        gd = diff.groups[group_name]
+        for key, text in gd.settings:
+            problem('%s: %s' % (where, text))
+        if gd.scheduler is not None:
             build.append(Step('changeScheduler', [('service', name), ('group', group_name),
-                                                  ('scheduler', group.get('scheduler'))]))
-        added = [host for host_name, host in hosts.items() if host_name not in old_hosts]
-        build.extend(add_host_step(name, group_name, host) for host in added
-                     if all(k in HOST_ATTRS for k in host.attrib))
-        for host_name, host in hosts.items():
-            old_host = old_hosts.get(host_name)
-            if old_host is None or old_host.attrib == host.attrib:
+                                                  ('scheduler', gd.scheduler[1])]))
+        added = [host for host in gd.added if addable(where, host.get('name'), host, None, problem)]
+        build.extend(add_host_step(name, group_name, host) for host in added)
+        for host_name, old_host, host in gd.changed:
+            if not addable(where, host_name, host, old_host, problem):
                 continue
-            if any(k not in HOST_ATTRS for k in list(host.attrib) + list(old_host.attrib)):
-                continue    # a problem, above
             # No call changes a host in place: delete it and add it again.  Its open
             # connections finish; only its counters start again.
             readd = [Step(None, comment='%s host %s: %s; delete and add again' % (
-                         where, host_name, ', '.join(attribute_changes(old_host, host, defaults=HOST_DEFAULTS)))),
+                         where, host_name, ', '.join(text for _, text in
+                                                     attribute_changes(old_host, host, defaults=HOST_DEFAULTS)))),
                      Step('delHost', [('service', name), ('group', group_name), ('name', host_name)]),
                      add_host_step(name, group_name, host)]
             if group_name != old_enabled:
                 build.extend(readd)
             elif new_enabled != group_name:
                 after.extend(readd)     # once the switch is made the group may lose a host for a moment
-            elif len(old_hosts) + len(added) > 1:
+            elif len(gd.old_hosts) + len(gd.added) > 1:
                 build.extend(readd)     # the enabled group keeps its other hosts meanwhile
             else:
                 problem('%s: host %s changes but is the only host of the enabled group, which '
                         'delHost refuses to empty' % (where, host_name))
-        removed = [host_name for host_name in old_hosts if host_name not in hosts]
-        if removed and not hosts and group_name == new_enabled:
+        if gd.removed and not gd.new_hosts and group_name == new_enabled:
             problem('%s: the enabled group would have no host, and delHost refuses to remove the last one'
                     % where)
             continue
         after.extend(Step('delHost', [('service', name), ('group', group_name), ('name', host_name)])
-                     for host_name in removed)
+                     for host_name in gd.removed)
     if new_enabled != old_enabled:
         params = [('service', name), ('group', new_enabled)]
         params.extend((key, value) for key, value in (('drain', drain), ('rollback', rollback)) if value is not None)
         switch.append(Step('enableGroup', params))
-    for group_name in old_groups:
-        if group_name not in new_groups:
-            after.append(Step('delGroup', [('service', name), ('group', group_name)]))
+    for group_name in diff.removed:
+        after.append(Step('delGroup', [('service', name), ('group', group_name)]))
 
 
-def plan_users(old, new, acting_user, problem):
+def plan_users(diff, acting_user, problem):
+    old, new = diff.admin
     if old is None or new is None:
         if (old is None) != (new is None):
             problem('the <admin> block is %s' % ('added' if old is None else 'removed'))
         return []
-    for change in attribute_changes(old, new):
-        problem('<admin> ' + change)
-    for change in element_changes(old, new, ('user',)):
-        problem('<admin> ' + change)
-    old_users, new_users = by_name(old, 'user'), by_name(new, 'user')
+    for key, text in diff.admin_settings:
+        problem(text)
     adds, dels, own = [], [], []
-    for name, user in new_users.items():
-        old_user = old_users.get(name)
-        if old_user is not None and old_user.attrib == user.attrib:
-            continue
+    for user in diff.users_changed:
+        name = user.get('name')
+        old_user = diff.old_users.get(name)
         # addUser makes the user anew: it must not need anything addUser cannot set.
         extra = set(user.attrib) | set(old_user.attrib if old_user is not None else ())
         extra = sorted(k for k in extra if k not in USER_ATTRS)
@@ -2030,11 +1950,10 @@ def plan_users(old, new, acting_user, problem):
         step = Step('addUser', [('name', name), ('password_hash', user.get('password')),
                                 ('access', user.get('access'))])
         (own if name == acting_user else adds).append(step)
-    for name in old_users:
-        if name not in new_users:
-            (own if name == acting_user else dels).append(Step('delUser', [('name', name)]))
+    for name in diff.users_removed:
+        (own if name == acting_user else dels).append(Step('delUser', [('name', name)]))
     if dels or own:
-        if not any(user.get('access') == 'full' for user in new_users.values()):
+        if not any(user.get('access') == 'full' for user in diff.new_users.values()):
             problem('no user has full access, and delUser refuses to remove the last one')
             return []
     return adds + dels + own
@@ -2145,7 +2064,7 @@ class Remote(object):
 
 
 def make_plans(remotes, new_tree, drain, rollback):
-    return [(remote, plan_changes(config_tree(remote.running_config()), new_tree, remote.user, drain, rollback))
+    return [(remote, plan_changes(remote.running_config(), new_tree, remote.user, drain, rollback))
             for remote in remotes]
 
 
@@ -2238,7 +2157,7 @@ def main(argv=None, out=None, err=None):
     args = parse_cli(sys.argv[1:] if argv is None else argv)
     command = args.command
     try:
-        new_tree = config_tree(pydirector.load_config(args.new_config))
+        new_tree = pydirector.load_config(args.new_config)
         remotes = [Remote(url, args.insecure, args.timeout) for url in args.url]
         plans = make_plans(remotes, new_tree, args.drain, args.rollback)
     except (RemoteError, pydirector.ConfigError) as e:

@@ -84,7 +84,7 @@ PLAN = [
 
 
 def tree(xml):
-    return pydirector_admin.config_tree(pydirector.parse_config(xml, 'x.xml'))
+    return pydirector.config_tree(pydirector.parse_config(xml, 'x.xml'))
 
 
 def plan_lines(old, new, user='admin', **kwargs):
