@@ -788,11 +788,12 @@ class TestFaults(FaultCase):
         self.assertEqual(echo.open, 1000 if BACKGROUND <= 1000 else BACKGROUND)
         started = time.monotonic()
         proc.signal(signal.SIGTERM)
-        wait_until(lambda: 'stopping: ' in proc.output(), 2)
+        wait_until(lambda: 'stopping: ' in proc.output(), 10)
         self.assertFalse(accepts(web_port))
         self.finish_background()     # the active ones finish whole during the drain
         self.assertEqual(proc.wait(drain + 10), 0)
-        self.assertLess(time.monotonic() - started, drain + 1.5)
+        # The idle ones were cut at the drain deadline, not waited for (they would never end).
+        self.assertLess(time.monotonic() - started, drain + 8)
         out = proc.output()
         self.assertIn('stopping: %d connection(s) open, waiting up to %d s' % (max(1000, BACKGROUND), drain),
                       out)
