@@ -109,7 +109,8 @@ class Config(object):
                 ('name', service.name), ('maxconns', service.maxconns or None)], '>'))
             for listen in service.listens:
                 out.append(_xml_tag(2, 'listen', [
-                    ('ip', listen.text), ('accept_proxy', listen.accept_proxy),
+                    ('ip', listen.text), ('sni', ','.join(listen.sni) if listen.sni else None),
+                    ('accept_proxy', listen.accept_proxy),
                     ('trusted', ','.join(map(_network_text, listen.trusted)) or None)]))
             for action, network in service.acl:
                 out.append(_xml_tag(2, action, [('cidr', _network_text(network))]))
@@ -191,15 +192,24 @@ class Listen(object):
     """One <listen ip="...">: text as written, host and port to bind
     ('*' becomes '0.0.0.0', '[::]' becomes '::').  accept_proxy is None, or
     'v1', 'v2' or 'any': the PROXY protocol header versions read from each
-    peer first; trusted lists the networks that may send one (empty: any)."""
+    peer first; trusted lists the networks that may send one (empty: any).
+    sni is None, or the server name patterns (parse_sni) this service takes
+    on the address: the client's TLS hello then picks the service, and
+    several services may share the address."""
 
-    def __init__(self, text, host, port, line=None, accept_proxy=None, trusted=None):
+    def __init__(self, text, host, port, line=None, accept_proxy=None, trusted=None, sni=None):
         self.text = text
         self.host = host
         self.port = port
         self.line = line
         self.accept_proxy = accept_proxy
         self.trusted = list(trusted or [])
+        self.sni = list(sni) if sni else None
+
+    @property
+    def key(self):
+        """What makes two listens the same address (one socket)."""
+        return address_key(self.host, self.port)
 
     def __repr__(self):
         return f'Listen({self.text!r})'
@@ -917,7 +927,8 @@ class _ConfigReader(object):
     def __init__(self, path, lines):
         self.path = path
         self.lines = lines
-        self.listens = {}       # (host, port) -> who listens there, for duplicates
+        self.listens = {}       # address_key -> [(who, Listen or None for the admin)]
+        self.matchers = {}      # address_key -> SniMatcher of the service names there
 
     def error(self, elem, message):
         return ConfigError(message, self.path, self.lines.get(elem))
@@ -997,11 +1008,39 @@ class _ConfigReader(object):
     def seconds(self, elem, attr, default, zero_ok=False):
         return self.value(elem, parse_seconds, attr, default, zero_ok=zero_ok)
 
-    def claim_listen(self, elem, text, host, port, owner):
+    def claim_listen(self, elem, text, host, port, owner, listen=None, service=None):
+        """Take an address for owner ('<admin>', or "service 'web'" with its Listen and name).
+        Services share one only when every listen on it has sni, each name
+        (and '*') belongs to one of them, and they agree on the PROXY settings:
+        the hello is read before the service is known."""
         key = address_key(host, port)
-        if key in self.listens:
-            raise self.error(elem, f'listen {text!r} is already used by {self.listens[key]}')
-        self.listens[key] = owner
+        claims = self.listens.setdefault(key, [])
+        if claims:
+            other, first = claims[0]
+            if first is None or listen is None or (not first.sni and not listen.sni):
+                raise self.error(elem, f'listen {text!r} is already used by {other}')
+            share = 'services share an address only when every listen on it has sni'
+            if not first.sni:
+                raise self.error(elem, f'listen {text!r} is already used by {other}, which has no sni ({share})')
+            if not listen.sni:
+                raise self.error(elem, f'listen {text!r} has no sni, but {other} listens there with sni ({share})')
+            if any(who == owner for who, _ in claims):
+                raise self.error(elem, f'{owner} listens on {text!r} twice: give all its names in one sni')
+            for what in ('accept_proxy', 'trusted'):
+                mine, theirs = getattr(listen, what), getattr(first, what)
+                if mine != theirs:
+                    shown = [','.join(map(_network_text, v)) if what == 'trusted' else v for v in (theirs, mine)]
+                    raise self.error(elem, f'listen {text!r}: {what} must be the same on every listen of a '
+                                           f'shared address ({other} has {shown[0] or "none"!r}, '
+                                           f'this one {shown[1] or "none"!r})')
+        if listen is not None and listen.sni:
+            matcher = self.matchers.setdefault(key, SniMatcher())
+            for pattern in listen.sni:
+                try:
+                    matcher.add(pattern, service)
+                except ValueError as e:
+                    raise self.error(elem, f'listen {text!r}: {e}') from None
+        claims.append((owner, listen))
 
     def read(self, root):
         if root.tag != 'pdconfig':
@@ -1075,15 +1114,23 @@ class _ConfigReader(object):
                        maxconns=maxconns, acl=acl)
 
     def listen(self, elem, service_name):
-        self.attrs(elem, ('accept_proxy', 'ip', 'trusted'), ('ip',))
+        self.attrs(elem, ('accept_proxy', 'ip', 'sni', 'trusted'), ('ip',))
         host, port = self.address(elem, 'ip')
         text = elem.get('ip')
-        self.claim_listen(elem, text, host, port, f'service {service_name!r}')
         accept_proxy = self.choice(elem, 'accept_proxy', ('v1', 'v2', 'any'))
         trusted = self.networks(elem, 'trusted')
         if trusted is not None and accept_proxy is None:
             raise self.error(elem, '<listen> trusted is only used with accept_proxy')
-        return Listen(text, host, port, self.lines[elem], accept_proxy, trusted)
+        sni = elem.get('sni')
+        if sni is not None:
+            try:
+                sni = parse_sni(sni)
+            except ValueError as e:
+                message = str(e)
+                raise self.error(elem, '<listen> ' + (message if message.startswith('sni') else 'sni ' + message)) from None
+        listen = Listen(text, host, port, self.lines[elem], accept_proxy, trusted, sni)
+        self.claim_listen(elem, text, host, port, f'service {service_name!r}', listen, service_name)
+        return listen
 
     def group(self, elem):
         self.attrs(elem, ('name', 'scheduler'), ('name', 'scheduler'))
@@ -1410,8 +1457,7 @@ class BaseLoop(object):
         self.running = False
         self.thread_ident = None
         self._handlers = {}          # fd -> handler
-        self._stale = set()          # fds dropped while a batch of events is dispatched
-        self._dispatching = False
+        self._stale = set()          # fds dropped since the last poll
         self._timers = []
         self._timer_seq = 0
         self._compact_at = TIMER_COMPACT_MIN
@@ -1571,19 +1617,37 @@ class EpollLoop(BaseLoop):
         self.forget(fd)
 
     def forget(self, fd):
-        # Closing the fd takes it out of the epoll set; no epoll_ctl needed.
+        # Closing the fd takes it out of the epoll set; no epoll_ctl needed.  Its
+        # number may come back for a new socket before this batch of events ends.
         del self._handlers[fd]
-        if self._dispatching:
-            self._stale.add(fd)
+        self._stale.add(fd)
 
-    def _run_once(self):
-        timeout = self._timeout()
-        events = self._epoll.poll(-1 if timeout is None else timeout)
-        self.now = time.monotonic()
-        if events:
-            handlers = self._handlers
-            stale = self._stale
-            self._dispatching = True
+    def run(self):
+        # BaseLoop.run's loop, its steps written out: an iteration's own cost is paid
+        # per event when the load is light, so every call saved here counts.
+        self.thread_ident = threading.get_ident()
+        self.running = True
+        poll = self._epoll.poll
+        handlers = self._handlers
+        stale = self._stale
+        timers = self._timers
+        calls = self._calls
+        monotonic = time.monotonic
+        heappop = heapq.heappop
+        run_guarded = self._run_guarded
+        while self.running:
+            if calls:
+                timeout = 0
+            elif timers:
+                timeout = timers[0][0] - monotonic()
+                if timeout < 0:
+                    timeout = 0
+            else:
+                timeout = -1
+            events = poll(timeout)
+            now = self.now = monotonic()
+            if stale:
+                stale.clear()   # closed before this poll: nothing of theirs is in this batch
             for fd, mask in events:
                 if fd in stale:
                     continue    # closed by an earlier event of this batch (its number may be reused)
@@ -1597,10 +1661,17 @@ class EpollLoop(BaseLoop):
                     handler(mask)
                 except Exception:
                     self._handler_failed(fd, handler)
-            self._dispatching = False
-            if stale:
-                stale.clear()
-        self._run_due()
+            while timers and timers[0][0] <= now:
+                timer = heappop(timers)[2]
+                callback = timer.callback
+                if callback is not None:
+                    args = timer.args
+                    timer.callback = timer.args = None
+                    run_guarded(callback, args)
+            if calls:
+                for _ in range(len(calls)):
+                    callback, args = calls.popleft()
+                    run_guarded(callback, args)
 
     def _drop_unknown(self, fd):
         # Forgotten but never closed would wake a level-triggered poll forever.
@@ -1638,18 +1709,18 @@ class SelectorLoop(BaseLoop):
     def remove(self, fd):
         self._selector.unregister(fd)
         del self._handlers[fd]
-        if self._dispatching:
-            self._stale.add(fd)
+        self._stale.add(fd)
 
     forget = remove     # the selector keeps its own map, which closing does not clear
 
     def _run_once(self):
         events = self._selector.select(self._timeout())
         self.now = time.monotonic()
+        stale = self._stale
+        if stale:
+            stale.clear()   # closed before this poll: nothing of theirs is in this batch
         if events:
-            stale = self._stale
             convert = self._FROM_SELECTOR
-            self._dispatching = True
             for key, mask in events:
                 fd = key.fd
                 if fd in stale:
@@ -1661,9 +1732,6 @@ class SelectorLoop(BaseLoop):
                     handler(convert[mask])
                 except Exception:
                     self._handler_failed(fd, handler)
-            self._dispatching = False
-            if stale:
-                stale.clear()
         self._run_due()
 
     def _close_poller(self):
@@ -1969,6 +2037,447 @@ def _parse_v2(data, limit):
 
 
 # ---------------------------------------------------------------------------
+# TLS ClientHello and server names (SNI): one listen address in front of
+# several TLS services, the service chosen by the name the client asks for
+# (RFC 6066 server_name), read from the hello and never answered: the
+# balancer holds no key and the backend does the handshake.
+#
+# The hello travels in TLS records (RFC 8446 5.1): a 5-byte header (content
+# type 22 = handshake, a version, a 16-bit length) and a fragment of the
+# handshake message.  One message may span several records and the records
+# any split of TCP segments.  The message is a 4-byte header (type 1 =
+# ClientHello, a 24-bit length) and a body: version, random, session id,
+# cipher suites, compression methods, extensions; server_name is extension 0.
+#
+# As with the PROXY header, None means "need more bytes" and ValueError means
+# "this can never become a valid hello", raised at the first byte that proves
+# it.  Every length is checked against its container when it is read, so a
+# length that lies costs neither an over-read nor an allocation, and nothing
+# is held past TLS_HELLO_MAX bytes.
+#
+# Refused on purpose: SSLv2-format hellos (obsolete, and with no extensions
+# they carry no name), any record but a handshake one before or inside the
+# hello (an alert first, say), zero-length records (RFC 8446 forbids them for
+# handshakes), and more handshake bytes after the hello in its last record (a
+# client waits for the server's answer).  Records after the hello (0-RTT
+# early data) are not looked at.
+# ---------------------------------------------------------------------------
+
+TLS_HELLO_MAX = 16384       # record bytes of one hello, headers and all records together
+_TLS_FRAGMENT_MAX = 16384   # no TLS record carries more (RFC 8446 5.1)
+_TLS_HANDSHAKE = 22
+_TLS_RECORD_NAMES = {20: 'change_cipher_spec', 21: 'alert', 23: 'application_data', 24: 'heartbeat'}
+_TLS_VERSIONS = (1, 2, 3, 4)   # the minor of 0x0301-0x0304 (TLS 1.0-1.3)
+_CLIENT_HELLO = 1
+_EXT_SERVER_NAME = 0
+_NAME_HOST_NAME = 0         # the one name type RFC 6066 defines
+# version, random, empty session id, one cipher suite, one compression method
+_HELLO_BODY_MIN = 2 + 32 + 1 + 2 + 2 + 1 + 1
+_HOST_NAME_MAX = 253        # the longest DNS name, in text without the trailing dot
+_HOST_NAME_BYTES = frozenset(b'abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.')
+_HOST_NAME_CHARS = frozenset('abcdefghijklmnopqrstuvwxyz0123456789-_.')
+
+
+def parse_client_hello(data, limit=TLS_HELLO_MAX):
+    """Read a TLS ClientHello from the start of data (bytes or bytearray).
+
+    Returns None while more bytes are needed, else (consumed, server_name):
+    consumed is the length in bytes of the records that carried the hello,
+    server_name the first host_name of its server_name extension as
+    lower-case ASCII (A-labels) without a trailing dot, or None when the hello
+    names no host.  Raises ValueError as soon as data cannot be the start of
+    a valid hello, or when the hello would take more than limit bytes.
+
+    This reads from the start each time; a connection that calls it after
+    every recv should use one ClientHelloReader instead."""
+    return ClientHelloReader(limit).read(data)
+
+
+class ClientHelloReader(object):
+    """parse_client_hello for one connection, reading each byte once.
+
+    Call read(data) after each recv with everything received so far, the
+    hello's first byte at data[0] (a bytearray the caller extends, say: the
+    prefix must not change between calls).  It answers as
+    parse_client_hello does, doing work only for the bytes that are new: the
+    handshake fragments are copied once out of their records, and the body is
+    walked field by field as far as the bytes go, so a hello that comes a byte
+    at a time costs a microsecond or so a byte, not a fresh parse each time.
+    Once it has answered (a result or a ValueError), it keeps that answer."""
+
+    __slots__ = ('limit', '_pos', '_record_left', '_handshake', '_size', '_step', '_at',
+                 '_sni_seen', '_server_name', '_result', '_error')
+
+    def __init__(self, limit=TLS_HELLO_MAX):
+        self.limit = limit
+        self._pos = 0               # the next byte of data to look at
+        self._record_left = 0       # fragment bytes of the current record not read yet
+        self._handshake = bytearray()   # the handshake message, out of its records
+        self._size = None           # its length, header included, once known
+        self._step = 'version'      # the next field of the body
+        self._at = 4                # where that field starts in _handshake
+        self._sni_seen = False
+        self._server_name = None
+        self._result = None
+        self._error = None
+
+    def read(self, data):
+        if self._result is not None:
+            return self._result
+        if self._error is not None:
+            raise ValueError(self._error)
+        try:
+            complete = self._read_records(data)
+            if self._size is not None:
+                self._read_body()
+        except ValueError as e:
+            self._error = str(e)    # not e: its traceback would keep the frames and data alive
+            raise
+        if not complete:
+            return None
+        # Every byte of the message is in, so the walk has reached its end (or raised).
+        self._result = self._pos, self._server_name
+        return self._result
+
+    def _read_records(self, data):
+        """Copy handshake bytes out of the records in data; True once the message is whole."""
+        pos, end = self._pos, len(data)
+        handshake = self._handshake
+        while pos < end:
+            left = self._record_left
+            if not left:
+                header = data[pos:pos + 5]
+                self._check_record_header(header, pos == 0)
+                if len(header) < 5:
+                    break
+                left = header[3] << 8 | header[4]
+                if not left:
+                    raise ValueError('malformed ClientHello: an empty TLS record')
+                if left > _TLS_FRAGMENT_MAX:
+                    raise ValueError('malformed ClientHello: a TLS record of %d bytes (at most %d)'
+                                     % (left, _TLS_FRAGMENT_MAX))
+                if pos + 5 + left > self.limit:
+                    raise ValueError('TLS hello over %d bytes' % self.limit)
+                pos += 5
+                self._record_left = left
+            take = min(left, end - pos)
+            handshake += data[pos:pos + take]
+            pos += take
+            self._record_left = left - take
+            if self._size is None and handshake:
+                self._check_handshake_header(handshake)
+            if self._size is not None and len(handshake) >= self._size:
+                if len(handshake) > self._size or self._record_left:
+                    raise ValueError('malformed ClientHello: more handshake bytes after it in its record')
+                self._pos = pos
+                return True
+        self._pos = pos
+        return False
+
+    def _check_record_header(self, header, first):
+        kind = header[0]
+        if kind != _TLS_HANDSHAKE:
+            name = _TLS_RECORD_NAMES.get(kind)
+            if not first:
+                raise ValueError('malformed ClientHello: a TLS %s record inside it'
+                                 % (name or 'type %d' % kind))
+            if name:
+                raise ValueError('not a TLS hello: a TLS %s record first' % name)
+            if kind & 0x80:
+                raise ValueError('not TLS: first byte 0x%02x (an SSLv2-format hello? '
+                                 'not supported: it has no server name)' % kind)
+            shown = " '%c'" % kind if 0x20 < kind < 0x7f else ''
+            raise ValueError('not TLS: first byte 0x%02x%s' % (kind, shown))
+        if (len(header) > 1 and header[1] != 3) or (len(header) > 2 and header[2] not in _TLS_VERSIONS):
+            raise ValueError('not TLS: record version 0x%s' % bytes(header[1:3]).hex())
+
+    def _check_handshake_header(self, handshake):
+        if handshake[0] != _CLIENT_HELLO:
+            raise ValueError('not a ClientHello: handshake message type %d' % handshake[0])
+        # The smallest length the bytes so far allow: refuse a huge one before it arrives.
+        known = bytes(handshake[1:4])
+        length = int.from_bytes(known + b'\0' * (3 - len(known)), 'big')
+        if 4 + length + 5 > self.limit:
+            raise ValueError('TLS hello over %d bytes' % self.limit)
+        if len(handshake) < 4:
+            return
+        if length < _HELLO_BODY_MIN:
+            raise ValueError('malformed ClientHello: %d bytes is too short' % length)
+        self._size = 4 + length
+
+    def _read_body(self):
+        """Walk the fields of the body that have arrived; each length is checked
+        against the message when it is read, before its bytes arrive."""
+        hs, size = self._handshake, self._size
+        have = len(hs)
+        step, at = self._step, self._at
+        while step != 'end':
+            if step == 'version':
+                if not self._have(at, 2, 'its version'):
+                    break
+                if hs[at] != 3 or hs[at + 1] not in _TLS_VERSIONS:
+                    raise ValueError('malformed ClientHello: version 0x%02x%02x' % (hs[at], hs[at + 1]))
+                step, at = 'session_id', at + 2 + 32    # past the random
+            elif step == 'session_id':
+                if not self._have(at, 1, 'the session id length'):
+                    break
+                length = hs[at]
+                if length > 32:
+                    raise ValueError('malformed ClientHello: a session id of %d bytes (at most 32)' % length)
+                step, at = 'cipher_suites', self._skip(at, 1, length, 'the session id')
+            elif step == 'cipher_suites':
+                if not self._have(at, 2, 'the cipher suites length'):
+                    break
+                length = hs[at] << 8 | hs[at + 1]
+                if length < 2 or length % 2:
+                    raise ValueError('malformed ClientHello: cipher suites of %d bytes' % length)
+                step, at = 'compression_methods', self._skip(at, 2, length, 'the cipher suites')
+            elif step == 'compression_methods':
+                if not self._have(at, 1, 'the compression methods length'):
+                    break
+                length = hs[at]
+                if not length:
+                    raise ValueError('malformed ClientHello: no compression method')
+                at = self._skip(at, 1, length, 'the compression methods')
+                step = 'end' if at == size else 'extensions'   # TLS 1.0 may end here
+            elif step == 'extensions':
+                if not self._have(at, 2, 'the extensions length'):
+                    break
+                length = hs[at] << 8 | hs[at + 1]
+                if at + 2 + length != size:
+                    raise ValueError('malformed ClientHello: extensions of %d bytes where %d remain'
+                                     % (length, size - at - 2))
+                step, at = 'extension', at + 2
+            elif step == 'extension':
+                if at == size:
+                    step = 'end'
+                    break
+                if not self._have(at, 4, 'an extension header'):
+                    break
+                kind = hs[at] << 8 | hs[at + 1]
+                length = hs[at + 2] << 8 | hs[at + 3]
+                if kind == _EXT_SERVER_NAME:
+                    if self._sni_seen:
+                        raise ValueError('malformed ClientHello: two server_name extensions')
+                    self._skip(at, 4, length, 'the server_name extension')
+                    step = 'server_name'
+                else:
+                    at = self._skip(at, 4, length, 'extension %d' % kind)
+            elif step == 'server_name':
+                end = at + 4 + (hs[at + 2] << 8 | hs[at + 3])
+                if have < end:
+                    break
+                self._server_name = _server_name_of(hs[at + 4:end])
+                self._sni_seen = True
+                step, at = 'extension', end
+        self._step, self._at = step, at
+
+    def _have(self, at, count, what):
+        """Whether the count bytes at `at` have arrived; ValueError if the message ends first."""
+        if at + count > self._size:
+            raise ValueError('malformed ClientHello: it ends inside %s' % what)
+        return len(self._handshake) >= at + count
+
+    def _skip(self, at, header, length, what):
+        """Where a field of `header` length bytes and `length` data bytes ends; it must fit."""
+        end = at + header + length
+        if end > self._size:
+            raise ValueError('malformed ClientHello: %s (%d bytes) runs past its end' % (what, length))
+        return end
+
+
+def _server_name_of(data):
+    """The first host_name in a server_name extension's data; None when it has none
+    (only name types other than host_name, which RFC 6066 does not define)."""
+    if len(data) < 2 or data[0] << 8 | data[1] != len(data) - 2:
+        raise ValueError('malformed ClientHello: the server_name list does not fill its extension')
+    if len(data) == 2:
+        raise ValueError('malformed ClientHello: an empty server_name list')
+    at, name = 2, None
+    while at < len(data):
+        if at + 3 > len(data):
+            raise ValueError('malformed ClientHello: a server_name entry runs past its list')
+        kind, length = data[at], data[at + 1] << 8 | data[at + 2]
+        end = at + 3 + length
+        if end > len(data):
+            raise ValueError('malformed ClientHello: a server name (%d bytes) runs past its list' % length)
+        if not length:
+            raise ValueError('malformed ClientHello: an empty server name')
+        if kind == _NAME_HOST_NAME and name is None:
+            name = _host_name_from_wire(bytes(data[at + 3:end]))
+        at = end
+    return name
+
+
+def _host_name_from_wire(raw):
+    for byte in raw:
+        if byte not in _HOST_NAME_BYTES:
+            # Only bytes we know are harmless go into the message (and so the log).
+            raise ValueError('malformed ClientHello: byte 0x%02x in the server name' % byte)
+    name = raw.decode('ascii').lower()
+    if name.endswith('.'):
+        name = name[:-1]
+    problem = _host_name_problem(name)
+    if problem:
+        raise ValueError('malformed ClientHello: server name %r: %s' % (name[:80], problem))
+    return name
+
+
+def _host_name_problem(name):
+    """Why a lower-case ASCII name without its trailing dot is not a host name, or None.
+    Letters, digits, '-' and '_' (which some real hosts have) in labels of 1-63."""
+    if not name:
+        return 'an empty name'
+    if len(name) > _HOST_NAME_MAX:
+        return 'longer than %d characters' % _HOST_NAME_MAX
+    for char in name:
+        if char not in _HOST_NAME_CHARS:
+            return 'character %r is not allowed in a host name' % char
+    for label in name.split('.'):
+        if not label:
+            return 'an empty label'
+        if len(label) > 63:
+            return 'a label longer than 63 characters'
+    return None
+
+
+def normalize_server_name(text):
+    """A host name as a config, an admin request or a client writes it, in the
+    form names are compared in: lower case, international names as their
+    A-labels (Python's IDNA codec: 'bücher.example' -> 'xn--bcher-kva.example'),
+    no trailing dot.  Raises ValueError saying what is wrong."""
+    return _normalized(text, text)
+
+
+def _normalized(name, shown):
+    if name.endswith('.'):
+        name = name[:-1]
+    try:
+        name.encode('ascii')
+    except UnicodeEncodeError:
+        try:
+            name = name.encode('idna').decode('ascii')
+        except UnicodeError as e:
+            raise ValueError('%r is not a valid international name (%s)' % (shown, e))
+    name = name.lower()
+    problem = _host_name_problem(name)
+    if problem:
+        raise ValueError('%r: %s' % (shown, problem))
+    return name
+
+
+def sni_pattern(text):
+    """One sni pattern, normalised: '*' (the default service of the address),
+    '*.' + a name (one or more labels under that name), or an exact name."""
+    if text == '*':
+        return text
+    if text.startswith('*.') and '*' not in text[2:]:
+        return '*.' + _normalized(text[2:], text)
+    if '*' in text:
+        raise ValueError("%r: '*' may only be the whole name ('*') or its whole first label "
+                         "('*.example.com')" % text)
+    return _normalized(text, text)
+
+
+def parse_sni(text):
+    """The patterns of one sni="..." attribute, normalised, in their order.
+
+    Comma-separated, spaces around each allowed: 'api.example.com, *.api.example.com'.
+    Raises ValueError naming the first problem: an empty list or name, a bad
+    name or label, '*' anywhere but a leading '*.' label or alone, a name given
+    twice (once normalised: 'A.example.com' and 'a.example.com.' are one name)."""
+    if not text.strip():
+        raise ValueError('sni is empty: give names, "*.domain" patterns or "*"')
+    patterns = []
+    for item in text.split(','):
+        item = item.strip()
+        if not item:
+            raise ValueError('sni %r has an empty name' % text)
+        pattern = sni_pattern(item)
+        if pattern in patterns:
+            raise ValueError('sni lists %r twice' % pattern)
+        patterns.append(pattern)
+    return patterns
+
+
+class SniMatcher(object):
+    """Which service a server name lands on, for one shared listen address.
+
+    add() each pattern of each listen there; match() a name.  The most
+    specific pattern wins, whatever the order of the config: an exact name,
+    then the wildcard with the longest suffix ('*.a.example.com' before
+    '*.example.com'), then '*'.  '*.example.com' matches a.example.com and
+    a.b.example.com, not example.com.  Services are any objects but None;
+    messages name them by their .name."""
+
+    def __init__(self):
+        self.exact = {}         # name -> service
+        self.wildcards = {}     # the suffix of '*.suffix' -> service
+        self.default = None     # the service with '*'
+
+    def add(self, pattern, service):
+        """Give pattern (as parse_sni returns it, or any text sni_pattern takes)
+        to service.  ValueError if another service on the address has it (a
+        second '*', or the same name or wildcard twice)."""
+        pattern = sni_pattern(pattern)
+        owner = self.owner(pattern)
+        if owner is not None:
+            if pattern == '*':
+                raise ValueError("a second '*' on this address: service %r has it already"
+                                 % _service_label(owner))
+            raise ValueError('server name %r is already claimed by service %r on this address'
+                             % (pattern, _service_label(owner)))
+        if pattern == '*':
+            self.default = service
+        elif pattern.startswith('*.'):
+            self.wildcards[pattern[2:]] = service
+        else:
+            self.exact[pattern] = service
+
+    def owner(self, pattern):
+        """The service that has exactly this normalised pattern, or None."""
+        if pattern == '*':
+            return self.default
+        if pattern.startswith('*.'):
+            return self.wildcards.get(pattern[2:])
+        return self.exact.get(pattern)
+
+    def match(self, name):
+        """(service, pattern) for a server name as ClientHelloReader gives it
+        (normalised; None for a hello without one), or None when no pattern
+        matches and the address has no '*'.  Normalise other text first
+        (normalize_server_name)."""
+        if name is not None:
+            service = self.exact.get(name)
+            if service is not None:
+                return service, name
+            if self.wildcards:
+                dot = name.find('.')
+                while dot >= 0:     # longest suffix first
+                    suffix = name[dot + 1:]
+                    service = self.wildcards.get(suffix)
+                    if service is not None:
+                        return service, '*.' + suffix
+                    dot = name.find('.', dot + 1)
+        if self.default is not None:
+            return self.default, '*'
+        return None
+
+    def patterns(self):
+        """[(pattern, service)], most specific first (the order match tries them)."""
+        found = sorted(self.exact.items())
+        found += [('*.' + suffix, service) for suffix, service in
+                  sorted(self.wildcards.items(), key=lambda item: (-item[0].count('.'), item[0]))]
+        if self.default is not None:
+            found.append(('*', self.default))
+        return found
+
+
+def _service_label(service):
+    return getattr(service, 'name', service)
+
+
+# ---------------------------------------------------------------------------
 # Logs: one escaping style for everything a client or an operator supplies,
 # and the access log, written in batches without a LogRecord per connection.
 # ---------------------------------------------------------------------------
@@ -2047,10 +2556,11 @@ class AccessLog(object):
     def __init__(self, loop):
         self.loop = loop
         self.enabled = True
-        self.lines = []             # (epoch time, message)
+        self.kept = []              # per closed pair: the fields of its line
         self.timer = None
         self.logger = logging.getLogger('pydirector.access')
         self.escaped = {}           # text -> log_value(text), for names and addresses
+        self.host_texts = {}        # Host -> its 'host=NAME backend=IP:PORT', escaped
 
     def value(self, text):
         escaped = self.escaped.get(text)
@@ -2061,25 +2571,56 @@ class AccessLog(object):
         return escaped
 
     def connection(self, pair, how):
-        host = pair.host or (pair.tried[-1] if pair.tried else None)
-        value = self.value
+        """Keep what a line says of a closed pair; it is formatted when written."""
         loop = self.loop
-        self.lines.append((time.time(), 'access service=%s client=%s host=%s backend=%s failovers=%d '
-                           'bytes_in=%d bytes_out=%d duration=%.3f end=%s' % (
-                               value(pair.service.name), value(format_address(pair.client_ip, pair.client_port)),
-                               value(host.name) if host else '-', value(host.ip) if host else '-',
-                               len(pair.tried) - 1 if pair.tried else 0, pair.bytes_in, pair.bytes_out,
-                               loop.now - pair.started, how)))
+        self.kept.append((loop.now, pair.service.name, pair.client_ip, pair.client_port, pair.sni, pair.host or (
+            pair.tried[-1] if pair.tried else None), len(pair.tried), pair.bytes_in, pair.bytes_out,
+            loop.now - pair.started, how))
         if self.timer is None:
             self.timer = loop.call_later(ACCESS_FLUSH, self.flush)
+
+    def hello_refused(self, reader, how):
+        """A client of a listen with sni closed before any service was chosen
+        (a TLSHelloReader): service=-, and bytes_in the bytes it sent, none relayed."""
+        loop = self.loop
+        self.kept.append((loop.now, '-', reader.client_ip, reader.client_port, reader.sni, None, 0,
+                          reader.received, 0, loop.now - reader.started, how))
+        if self.timer is None:
+            self.timer = loop.call_later(ACCESS_FLUSH, self.flush)
+
+    def take_lines(self):
+        """[(epoch time, message)] for what was kept, which is forgotten."""
+        kept, self.kept = self.kept, []
+        value = self.value
+        escaped = self.escaped
+        hosts = self.host_texts
+        if len(hosts) > 10000:
+            hosts.clear()
+        offset = time.time() - time.monotonic()     # loop time -> wall time
+        lines = []
+        append = lines.append
+        for now, service, ip, port, sni, host, tried, bytes_in, bytes_out, duration, how in kept:
+            host_text = hosts.get(host)
+            if host_text is None:
+                host_text = hosts[host] = ('host=%s backend=%s' % (value(host.name), value(host.ip)) if host
+                                           else 'host=- backend=-')
+            # The client's address came from the kernel or a checked PROXY header: always plain.
+            append((now + offset, 'access service=%s client=%s sni=%s %s failovers=%d '
+                    'bytes_in=%d bytes_out=%d duration=%.3f end=%s' % (
+                        escaped.get(service) or value(service), ('[%s]:%d' if ':' in ip else '%s:%d') % (ip, port),
+                        '-' if sni is None else value(sni), host_text, tried - 1 if tried else 0,
+                        bytes_in, bytes_out, duration, how)))
+        return lines
 
     def flush(self):
         """Write what is kept; from the loop thread, or once the loop has stopped."""
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        lines, self.lines = self.lines, []
-        if not lines or not self.logger.isEnabledFor(logging.INFO):
+        if not self.kept:
+            return
+        lines = self.take_lines()
+        if not self.logger.isEnabledFor(logging.INFO):
             return
         for handler in self.handlers():
             try:
@@ -2109,14 +2650,39 @@ class AccessLog(object):
 
     @staticmethod
     def write_stream(handler, lines):
-        text = ''.join('%s INFO %s\n' % (clock_text(when), message) for when, message in lines)
+        """The batch in as few writes as keep every line whole: one to a file (opened
+        O_APPEND, where one write lands whole whoever else appends), pieces of at most
+        PIPE_BUF bytes at line ends to a pipe or terminal (stderr under systemd)."""
+        out = []
+        second, date = None, ''
+        for when, message in lines:
+            if int(when) != second:
+                second = int(when)
+                date = clock_text(second)[:-4]      # without its ',mmm'
+            out.append('%s,%03d INFO %s\n' % (date, (when - second) * 1000, message))
+        data = ''.join(out).encode('utf-8')
         handler.acquire()
         try:
             stream = handler.stream
             if stream is None:          # a FileHandler closed by a log reopen
                 stream = handler.stream = handler._open()
-            stream.write(text)
-            stream.flush()
+            stream.flush()              # what logging wrote before goes first
+            try:
+                fd = stream.fileno()
+            except (AttributeError, OSError, ValueError):
+                fd = None               # not a real file (a test's StringIO)
+            if fd is None:
+                stream.write(data.decode('utf-8'))
+                stream.flush()
+                return
+            piece = len(data) if stat.S_ISREG(os.fstat(fd).st_mode) else select.PIPE_BUF
+            start = 0
+            while start < len(data):
+                end = len(data) if len(data) - start <= piece else data.rfind(b'\n', start, start + piece) + 1
+                if end <= start:
+                    end = start + piece     # one line longer than PIPE_BUF: it cannot be whole anyway
+                while start < end:
+                    start += os.write(fd, data[start:end])
         finally:
             handler.release()
 
@@ -2262,7 +2828,11 @@ def listen_socket(host, port, backlog=None):
 
 
 class Listener(object):
-    """One listening socket of a service."""
+    """One listening socket: of one service, or, on a listen with sni, of every
+    service on that address.  There sni is the SniMatcher of their names
+    (service is None) and each client's TLS hello picks the service; the
+    counters of the clients closed before one was chosen live here, per
+    address: unmatched (a name no service claims) and bad[kind]."""
 
     def __init__(self, director, service, sock, listen):
         self.director = director
@@ -2270,6 +2840,9 @@ class Listener(object):
         self.service = service
         self.sock = sock
         self.fd = sock.fileno()
+        self.unmatched = 0
+        self.bad = {}           # kind (HELLO_PROBLEMS) -> clients closed for it
+        self.logged = {}        # kind -> [loop time of its last log line, lines left out since]
         self.configure(listen)
         self.paused = False
         self.registered = True
@@ -2278,18 +2851,22 @@ class Listener(object):
     def __repr__(self):
         return '<Listener %s>' % self.text
 
-    def configure(self, listen):
-        """Take (new) settings from its <listen>; a reload may call this again."""
+    def configure(self, listen, sni=None, hello_timeout=None):
+        """Take (new) settings from its <listen> (the first of a shared address's:
+        they agree on the PROXY settings), and on a listen with sni the matcher
+        and the seconds a client has for its hello; a reload may call this again."""
         self.listen = listen
         self.text = listen.text
         self.accept_proxy = listen.accept_proxy
         self.trusted = [('allow', net) for net in listen.trusted]
+        self.sni = sni
+        self.hello_timeout = hello_timeout
 
     def _on_readable(self, mask):
         accept = self.sock._accept
         family = self.sock.family
         new_socket = _socket.socket
-        on_accept = self.director.on_accept
+        on_accept = self.director.on_accept if self.sni is None else self.director.on_accept_sni
         for _ in range(ACCEPT_BATCH):
             try:
                 fd, client_addr = accept()
@@ -2331,6 +2908,33 @@ class Listener(object):
             self.sock.close()
 
     close_on_error = close
+
+    # -- listens with sni ---------------------------------------------------
+
+    def match(self, server_name):
+        """(service, pattern) for a hello's server name, or None: no service takes it.
+        The matcher of now, so a reload meanwhile counts; (service, None) if the
+        address lost its sni since."""
+        if self.sni is None:
+            return (self.service, None) if self.service is not None else None
+        return self.sni.match(server_name)
+
+    def complain(self, kind, client_ip, client_port, why):
+        """Count a client closed before a service was chosen, and log it: at most
+        one line a second per kind, as a flood of them would drown the log."""
+        if kind == 'unmatched':
+            self.unmatched += 1
+        else:
+            self.bad[kind] = self.bad.get(kind, 0) + 1
+        now = self.loop.now
+        last = self.logged.get(kind)
+        if last is not None and now - last[0] < HELLO_LOG_INTERVAL:
+            last[1] += 1
+            return
+        self.logged[kind] = [now, 0]
+        left_out = last[1] if last is not None else 0
+        log.warning('listen %s: client %s: %s%s', self.text, format_address(client_ip, client_port), why,
+                    ' (%d more like it not logged since the last such line)' % left_out if left_out else '')
 
 
 PROXY_HEADER, QUEUED = 'proxy-header', 'queued'
@@ -2398,6 +3002,144 @@ class ProxyHeaderReader(object):
         self.pair.close_on_error()
 
 
+HELLO_LOG_INTERVAL = 1.0   # seconds between log lines of one kind of bad client, per address
+# Why a client of a listen with sni was closed before any service was chosen
+# (the 'bad' counters; 'unmatched', a good hello that names no service, is counted apart).
+HELLO_PROBLEMS = ('not-tls', 'malformed', 'too-big', 'truncated', 'timeout', 'bad-proxy', 'untrusted-proxy')
+
+
+def hello_problem(message):
+    """The kind of a ClientHelloReader's ValueError, from its text."""
+    if message.startswith('TLS hello over'):
+        return 'too-big'
+    if message.startswith('malformed'):
+        return 'malformed'
+    return 'not-tls'
+
+
+class TLSHelloReader(object):
+    """A client of a listen with sni, before its service is known: read the
+    PROXY header first when the listen takes one, then the client's TLS
+    ClientHello, within the listener's hello_timeout and TLS_HELLO_MAX bytes
+    (plus the header's).  The hello names a service (Listener.match), and
+    the director hands the client to a Pair with every byte read still to
+    send (Pair.to_backend), so the backend sees the stream from its first
+    byte and does the handshake itself.  Bad input ends here: the client is
+    closed, counted and logged by its Listener, and never reaches a backend."""
+    __slots__ = ('director', 'listener', 'sock', 'fd', 'client_ip', 'client_port', 'proxy_dest',
+                 'proxy', 'data', 'hello', 'timer', 'started', 'received', 'sni', 'watching')
+
+    def __init__(self, director, listener, client_sock, client_addr):
+        self.director = director
+        self.listener = listener
+        self.sock = client_sock
+        self.fd = client_sock.fileno()
+        self.client_ip = client_addr[0]
+        self.client_port = client_addr[1]
+        self.proxy_dest = None
+        self.proxy = listener.accept_proxy   # the PROXY versions to read first; None once read
+        self.data = bytearray()              # what the hello reader sees: all bytes after the header
+        self.hello = ClientHelloReader()
+        self.received = 0
+        self.sni = None
+        loop = director.loop
+        self.started = loop.now
+        loop.add(self.fd, EVENT_READ, self._on_readable)
+        self.watching = True
+        self.timer = loop.call_later(listener.hello_timeout, self._on_timeout)
+
+    def __repr__(self):
+        return '<TLSHelloReader %s:%s on %s>' % (self.client_ip, self.client_port, self.listener.text)
+
+    def _on_readable(self, mask):
+        data = self.data
+        room = TLS_HELLO_MAX + 5 - len(data) + (PROXY_HEADER_LIMIT if self.proxy is not None else 0)
+        try:
+            chunk = self.sock.recv(room)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.refuse('truncated', 'reset after %d bytes, before its TLS hello ended' % self.received,
+                        'client-reset')
+            return
+        if not chunk:
+            self.refuse('truncated', 'closed after %d bytes, before its %s ended' % (
+                self.received, 'PROXY header' if self.proxy is not None else 'TLS hello'), 'bad-hello')
+            return
+        self.received += len(chunk)
+        data += chunk
+        if self.proxy is not None and not self._read_proxy_header():
+            return
+        try:
+            result = self.hello.read(data)
+        except ValueError as e:
+            message = str(e)
+            self.refuse(hello_problem(message), 'bad TLS hello: %s' % message, 'bad-hello')
+            return
+        if result is None:
+            if len(data) >= TLS_HELLO_MAX + 5:     # cannot happen: the reader refuses first
+                self.refuse('too-big', 'TLS hello over %d bytes' % TLS_HELLO_MAX, 'bad-hello')
+            return
+        self.sni = name = result[1]
+        match = self.listener.match(name)
+        if match is None:
+            self.refuse('unmatched', 'TLS hello for %r, which no service here takes (and none has \'*\')' % name
+                        if name is not None else 'TLS hello without a server name, and no service here has \'*\'',
+                        'unknown-sni')
+            return
+        self.timer.cancel()
+        self.timer = None
+        self.director.loop.remove(self.fd)
+        self.watching = False
+        self.director.hello_read(self, match[0])
+
+    def _read_proxy_header(self):
+        """True once the header is read (its bytes dropped from data), False while it is not."""
+        data = self.data
+        try:
+            header = parse_proxy_header(data, self.proxy, PROXY_HEADER_LIMIT)
+        except ValueError as e:
+            self.refuse('bad-proxy', 'bad PROXY header: %s' % e, 'bad-proxy')
+            return False
+        if header is None:
+            return False
+        size, source, dest = header
+        if source is not None:
+            self.client_ip, self.client_port = source[0], source[1]
+            self.proxy_dest = dest
+        del data[:size]
+        self.proxy = None
+        return bool(data)
+
+    def _on_timeout(self):
+        self.timer = None
+        self.refuse('timeout', 'no whole %s within %g s (%d bytes came)' % (
+            'PROXY header' if self.proxy is not None else 'TLS hello', self.listener.hello_timeout,
+            self.received), 'hello-timeout')
+
+    def refuse(self, kind, why, how):
+        """Close the client for bad input (kind: HELLO_PROBLEMS or 'unmatched'); its listener
+        counts and logs it, the access log gets its line (end=how)."""
+        self.close(how)
+        self.listener.complain(kind, self.client_ip, self.client_port, why)
+
+    def close(self, how):
+        if self.sock is None:
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.watching:
+            self.director.loop.forget(self.fd)
+            self.watching = False
+        self.sock.close()
+        self.sock = None
+        self.director.hello_closed(self, how)
+
+    def close_on_error(self):
+        self.close('error')
+
+
 class Pair(object):
     """One client connection and the backend connection made for it.
 
@@ -2416,7 +3158,7 @@ class Pair(object):
                  'client_fd', 'backend_fd', 'client_ip', 'client_port', 'state', 'tried',
                  'to_client', 'to_backend', 'client_eof', 'backend_eof', 'client_events',
                  'backend_events', 'timer', 'last_active', 'bytes_in', 'bytes_out', 'started',
-                 'proxy_dest', 'header', 'splice_up', 'splice_down')
+                 'proxy_dest', 'header', 'splice_up', 'splice_down', 'sni')
 
     def __init__(self, director, service, client_sock, client_addr):
         self.director = director
@@ -2442,6 +3184,7 @@ class Pair(object):
         self.header = None        # the ProxyHeaderReader while one reads
         self.splice_up = None     # a Splice once client->backend moves in bulk
         self.splice_down = None   # and backend->client
+        self.sni = None           # the server name of its TLS hello, on a listen with sni
 
     def __repr__(self):
         return '<Pair %s:%s in %s, %s>' % (self.client_ip, self.client_port, self.service.name, self.state)
@@ -2513,6 +3256,10 @@ class Pair(object):
             return
         if not SOCK_NONBLOCK:
             sock.setblocking(False)
+        try:
+            sock.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)    # relayed small writes go at once
+        except OSError:
+            pass
         self.backend_sock = sock
         fd = self.backend_fd = sock.fileno()
         err = sock.connect_ex(address[1])
@@ -2656,24 +3403,23 @@ class Pair(object):
                 self.splice_down = Splice.open()
 
     def _source_eof(self, upstream):
+        to_client = self.to_client or (self.splice_down is not None and self.splice_down.pending)
+        to_backend = self.to_backend or (self.splice_up is not None and self.splice_up.pending)
         if upstream:
             self.client_eof = True
-            if not self.backend_eof or self._pending(False):
-                if not self._pending(True):
-                    self._shutdown(self.backend_sock)
-                self._update_interest()
-                return
+            done, other, sock = self.backend_eof, to_backend, self.backend_sock
         else:
             self.backend_eof = True
-            if not self.client_eof or self._pending(True):
-                if not self._pending(False):
-                    self._shutdown(self.client_sock)
-                self._update_interest()
-                return
-        if self._pending(upstream):
-            self._update_interest()
-        else:
+            done, other, sock = self.client_eof, to_client, self.client_sock
+        if done and not to_client and not to_backend:
             self.close('done')      # both ends done: close() sends the FIN a shutdown would
+            return
+        if not other:
+            try:
+                sock.shutdown(SHUT_WR)      # pass the EOF on: nothing of this direction waits
+            except OSError:
+                pass    # the peer is gone already; the read side will tell us
+        self._update_interest()
 
     def _pending(self, upstream):
         """Bytes still held for the backend (upstream) or for the client."""
@@ -2996,7 +3742,10 @@ class Manager(threading.Thread):
                 except LoopTimeout:
                     continue
                 for target in due:
-                    pool.submit(self._probe, target)
+                    try:
+                        pool.submit(self._probe, target)
+                    except RuntimeError:    # the interpreter is exiting under us: so are we
+                        return
 
     def _probe(self, target):
         if self.stopped.is_set():
@@ -3137,6 +3886,18 @@ class RunningService(object):
 
     def __repr__(self):
         return '<RunningService %s>' % self.name
+
+
+def listens_by_address(services):
+    """address key -> [(service, Listen)] for every listen of the running services
+    (or of Service configs), in file order: one socket per key, shared by the
+    services whose listens have sni."""
+    found = collections.OrderedDict()
+    for service in services:
+        config = getattr(service, 'config', service)
+        for listen in config.listens:
+            found.setdefault(listen.key, []).append((service, listen))
+    return found
 
 
 def host_state(host):
@@ -3438,20 +4199,22 @@ class Reload(object):
                 part = self._update_service(service, service_config, service_diff)
                 if part:
                     changes.append('%s: %s' % (service.name, ', '.join(part)))
-            service.listeners = []
-            for listen in service_config.listens:
-                listener = listeners.pop(listen.text)
-                listener.service = service
-                listener.configure(listen)
-                service.listeners.append(listener)
             if service_diff is not None and any(key == 'listen' for key, _ in service_diff.settings):
-                changes.append('%s: listen %s' % (service.name, ', '.join(l.text for l in service.listeners)))
+                changes.append('%s: listen %s' % (service.name, ', '.join(
+                    l.text + (' sni %s' % ','.join(l.sni) if l.sni else '') for l in service_config.listens)))
+            service.listeners = []
             services[service.name] = service
+        # One listener per address; on a listen with sni, a new matcher of the new
+        # services: clients reading their hello now get the new names.
+        for key, entries in listens_by_address(services.values()).items():
+            director.attach(listeners.pop(key), entries)
         for name in diff.services_removed:
             self._retire_service(director.services[name])
             changes.append('-service %s' % name)
-        for listener in listeners.values():
-            listener.close()   # left over: listened on by no service now
+        for listener in listeners.values():   # left over: listened on by no service now
+            for reader in [r for r in director.hellos if r.listener is listener]:
+                reader.close('shutdown')
+            listener.close()
         director.services = services
         self._rest(diff)
         director.config = new
@@ -3460,19 +4223,20 @@ class Reload(object):
         return 'reloaded %s: %s' % (new.path, '; '.join(changes) or 'no changes')
 
     def _bind(self):
-        """text -> Listener for every listen of the new config, reusing open sockets; all or nothing."""
+        """address key -> Listener for every listen address of the new config, reusing
+        open sockets (those of the old listens at the same address); all or nothing."""
         director = self.director
         current = {}
         for service in director.services.values():
             for listener in service.listeners:
-                current[listener.text] = listener
+                current[listener.listen.key] = listener
         opened = {}
         try:
-            for service_config in self.new.services:
-                for listen in service_config.listens:
-                    if listen.text not in current and listen.text not in opened:
-                        sock = listen_socket(listen.host, listen.port)
-                        opened[listen.text] = Listener(director, None, sock, listen)
+            for key, entries in listens_by_address(self.new.services).items():
+                if key not in current:
+                    listen = entries[0][1]
+                    sock = listen_socket(listen.host, listen.port)
+                    opened[key] = Listener(director, None, sock, listen)
         except OSError as e:
             for listener in opened.values():
                 listener.close()
@@ -3784,8 +4548,9 @@ class Actions(object):
                 groups.append({'name': group.name, 'scheduler': group.scheduler.spec,
                                'enabled': group is service.enabled, 'hosts': hosts})
             services.append({
-                'name': service.name, 'listen': [l.text for l in service.listeners] or
-                [l.text for l in service.config.listens],
+                'name': service.name, 'listen': [l.text for l in service.config.listens],
+                'listens': [{'ip': l.text, 'sni': l.sni, 'accept_proxy': l.accept_proxy}
+                            for l in service.config.listens],
                 'enabled': service.enabled.name, 'accepted': service.accepted,
                 'failovers': service.failovers, 'refused': service.refused, 'groups': groups,
                 'maxconns': service.config.maxconns, 'open': service.open,
@@ -3798,15 +4563,118 @@ class Actions(object):
             'started': self.started, 'now': time.time(), 'services': services,
             'config_path': self.config.path, 'reloaded': self.reloaded,
             'users': [{'name': u.name, 'access': u.access} for u in self.users.values()],
+            'sni': self.sni_snapshot(),
         }
 
-    def explain(self, service, client):
-        """Which host `client` would get now, and why; changes nothing."""
-        service = self._service(service)
+    def sni_snapshot(self):
+        """Per listen address with sni: its names and the services they land on (most
+        specific first), the hello deadline, the clients reading their hello now, and
+        those closed before a service was chosen (unmatched, bad by kind)."""
+        reading = collections.Counter(reader.listener for reader in self.hellos)
+        found = []
+        seen = set()
+        for service in self.services.values():
+            for listener in service.listeners:
+                if listener.sni is None or listener in seen:
+                    continue
+                seen.add(listener)
+                bad = dict.fromkeys(HELLO_PROBLEMS, 0)
+                bad.update(listener.bad)
+                found.append({
+                    'address': listener.text,
+                    'names': [[pattern, owner.name] for pattern, owner in listener.sni.patterns()],
+                    'hello_timeout': listener.hello_timeout, 'accept_proxy': listener.accept_proxy,
+                    'reading': reading[listener], 'unmatched': listener.unmatched, 'bad': bad,
+                })
+        return found
+
+    def explain(self, service, client, sni=None, listen=None):
+        """Which host `client` would get now, and why; changes nothing.
+
+        On a listen with sni the server name comes first.  With listen (any
+        spelling of the address) sni is the name a hello carries there (None:
+        a hello without one); with service and sni, the name is matched at the
+        first listen with sni of that service.  The answer is then about the
+        service the name lands on (service None: the client would be closed),
+        and sni_reason says why.  service alone explains that service as before."""
         try:
             client_ip = str(ipaddress.ip_address(client))
         except ValueError:
             raise AdminError(400, 'client must be an IP address, not %r' % client)
+        if sni is not None:
+            try:
+                sni = normalize_server_name(sni)
+            except ValueError as e:
+                raise AdminError(400, 'sni %s' % e)
+        routing = None
+        if listen is not None and service is not None:
+            raise AdminError(400, 'give service or listen, not both')
+        if listen is not None:
+            routing = self._explain_listen(self._listener_at(listen), sni)
+        elif service is None:
+            raise AdminError(400, 'explain needs service or listen')
+        elif sni is not None:
+            asked = self._service(service)
+            for listener in asked.listeners:
+                if listener.sni is not None:
+                    routing = self._explain_listen(listener, sni)
+                    break
+            else:
+                routing = {'listen': None, 'sni': sni, 'sni_pattern': None, 'service': asked,
+                           'sni_reason': 'the listens of service %s have no sni: the name does '
+                                         'not choose its clients\' service' % asked.name}
+        if routing is None:
+            answer = self._explain_service(self._service(service), client_ip)
+            answer.update(listen=None, sni=None, sni_pattern=None, sni_reason=None)
+            return answer
+        chosen = routing.pop('service')
+        if chosen is None:
+            answer = {'service': None, 'group': None, 'client': client_ip, 'allowed': False,
+                      'scheduler': None, 'host': None, 'address': None, 'reason': routing['sni_reason'],
+                      'sticky': None, 'ranking': None, 'skipped': [], 'check': None}
+        else:
+            answer = self._explain_service(chosen, client_ip)
+        answer.update(routing)
+        return answer
+
+    def _listener_at(self, text):
+        """The open listener at an address as an admin request gives it; AdminError if none."""
+        try:
+            host, port = parse_address(text)
+        except ValueError as e:
+            raise AdminError(400, 'listen %s' % e)
+        key = address_key(host, port)
+        for service in self.services.values():
+            for listener in service.listeners:
+                if listener.listen.key == key:
+                    return listener
+        raise AdminError(404, 'no listen at %r' % text)
+
+    def _explain_listen(self, listener, name):
+        """Which service a hello naming `name` lands on at listener, and why."""
+        shown = 'server name %r' % name if name is not None else 'a hello without a server name'
+        where = listener.text
+        if listener.sni is None:
+            return {'listen': where, 'sni': name, 'sni_pattern': None, 'service': listener.service,
+                    'sni_reason': 'listen %s has no sni: every client goes to service %s'
+                                  % (where, listener.service.name)}
+        match = listener.sni.match(name)
+        if match is None:
+            why = ('no service on %s takes %s, and none has \'*\': the client is closed before any '
+                   'backend is contacted' % (where, shown))
+            return {'listen': where, 'sni': name, 'sni_pattern': None, 'service': None, 'sni_reason': why}
+        service, pattern = match
+        if pattern == '*':
+            why = ('%s matches no name or \'*.\' pattern on %s, so it goes to service %s, which has \'*\''
+                   % (shown, where, service.name))
+        elif pattern.startswith('*.'):
+            why = ('%s matches %r of service %s on %s (exact names first, then the longest \'*.\' '
+                   'suffix, then \'*\')' % (shown, pattern, service.name, where))
+        else:
+            why = '%s is claimed exactly by service %s on %s' % (shown, service.name, where)
+        return {'listen': where, 'sni': name, 'sni_pattern': pattern, 'service': service, 'sni_reason': why}
+
+    def _explain_service(self, service, client_ip):
         group = service.enabled
         scheduler = group.scheduler
         allowed = not service.config.acl or acl_allows(service.config.acl, client_ip)
@@ -3870,6 +4738,7 @@ class Director(Actions):
         self.services = collections.OrderedDict()
         self.users = collections.OrderedDict((u.name, u) for u in config.admin.users) if config.admin else {}
         self.pairs = set()
+        self.hellos = set()       # TLSHelloReaders: clients of listens with sni, before their service
         self.health = Health(self)
         self.access = AccessLog(self.loop)
         self.access.enabled = config.logging.access
@@ -3939,12 +4808,13 @@ class Director(Actions):
     # -- starting and stopping ---------------------------------------------
 
     def bind(self):
-        """Open every listening socket, or none: on an error close what was opened and raise."""
+        """Open every listening socket, or none: on an error close what was opened and raise.
+        Services that share an address (with sni) share its one socket."""
         try:
-            for service in self.services.values():
-                for listen in service.config.listens:
-                    sock = listen_socket(listen.host, listen.port)
-                    service.listeners.append(Listener(self, service, sock, listen))
+            for entries in listens_by_address(self.services.values()).values():
+                listen = entries[0][1]
+                sock = listen_socket(listen.host, listen.port)
+                self.attach(Listener(self, None, sock, listen), entries)
         except Exception:
             self._close_listeners()
             for service in self.services.values():
@@ -3958,6 +4828,25 @@ class Director(Actions):
         for service in self.services.values():
             log.info('service %s listening on %s, group %s enabled',
                      service.name, ', '.join(l.text for l in service.listeners), service.enabled.name)
+
+    def attach(self, listener, entries):
+        """Point a listener at the services on its address: entries is
+        [(RunningService, Listen)] as listens_by_address gives them.  On a listen
+        with sni the clients' hellos choose among them, within the longest
+        <timeouts connect> of theirs (none of them gets less than it asked for)."""
+        first = entries[0][1]
+        if first.sni is None:
+            listener.service = entries[0][0]
+            listener.configure(first)
+        else:
+            matcher = SniMatcher()
+            for service, listen in entries:
+                for pattern in listen.sni:
+                    matcher.add(pattern, service)
+            listener.service = None
+            listener.configure(first, matcher, max(service.timeouts.connect for service, _ in entries))
+        for service, _ in entries:
+            service.listeners.append(listener)
 
     def listen_addresses(self, service_name):
         """The (host, port) each listener of a service is bound to (tests use it)."""
@@ -3998,6 +4887,9 @@ class Director(Actions):
         for service in self.services.values():
             for listener in service.listeners:
                 listener.close()
+        # Clients still sending their hello have no service yet: nothing to drain.
+        for reader in list(self.hellos):
+            reader.close('shutdown')
 
     # -- reload -------------------------------------------------------------
 
@@ -4069,6 +4961,54 @@ class Director(Actions):
             pair.close('denied')
         else:
             pair.read_proxy_header(listener.accept_proxy)
+
+    def on_accept_sni(self, listener, client_sock, client_addr):
+        """A client of a listen with sni: its hello comes first (TLSHelloReader, then hello_read)."""
+        client_sock.setblocking(False)
+        if not NODELAY_INHERITED:
+            try:
+                client_sock.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
+            except OSError:
+                pass
+        reader = TLSHelloReader(self, listener, client_sock, client_addr)
+        self.hellos.add(reader)
+        if listener.trusted and not acl_allows(listener.trusted, reader.client_ip):
+            reader.refuse('untrusted-proxy', 'not a trusted proxy', 'denied')
+
+    def hello_read(self, reader, service):
+        """From a TLSHelloReader: the hello chose service.  From here the client is
+        any other of the service's: maxconns, allow/deny, the scheduler, failover;
+        the bytes read so far go to the backend first, and again after a failover."""
+        self.hellos.discard(reader)
+        client_sock, reader.sock = reader.sock, None
+        service.accepted += 1
+        service.open += 1
+        pair = Pair(self, service, client_sock, (reader.client_ip, reader.client_port))
+        pair.started = reader.started
+        pair.sni = reader.sni
+        pair.proxy_dest = reader.proxy_dest
+        pair.to_backend = bytes(reader.data)
+        pair.bytes_in = len(pair.to_backend)
+        self.pairs.add(pair)
+        maxconns = service.config.maxconns
+        if maxconns and service.open > maxconns:
+            self.refuse_full(service, pair)
+        else:
+            self.route(pair)
+
+    def hello_closed(self, reader, how):
+        self.hellos.discard(reader)
+        if self.access.enabled:
+            self.access.hello_refused(reader, how)
+
+    def refuse_full(self, service, pair):
+        """A client over the service's maxconns: closed at once, logged once a second."""
+        service.refused += 1
+        if self.loop.now - service.full_logged >= 1.0:
+            service.full_logged = self.loop.now
+            log.warning('service %s: %d connections open (maxconns), refusing new clients',
+                        service.name, service.config.maxconns)
+        pair.close('full')
 
     def route(self, pair):
         """A client whose address is known: check the service's rules, then find it a host."""
@@ -4171,7 +5111,8 @@ def summary(config):
     lines = ['%s: OK' % config.path]
     for service in config.services:
         lines.append('service %s: listen %s; timeouts connect %gs idle %gs%s%s%s' % (
-            service.name, ', '.join(l.text + (' (PROXY %s)' % l.accept_proxy if l.accept_proxy else '')
+            service.name, ', '.join(l.text + (' (sni %s)' % ','.join(l.sni) if l.sni else '') +
+                                    (' (PROXY %s)' % l.accept_proxy if l.accept_proxy else '')
                                     for l in service.listens),
             service.timeouts.connect, service.timeouts.idle,
             '; check every %gs' % service.check.interval if service.check else '',

@@ -28,6 +28,9 @@ Reading (GET or HEAD):
     /explain?service=S&client=IP[&format=json]
                     which host that client would get now and why, one fact
                     per line (or the director's dict as JSON); changes nothing
+    /explain?service=S&client=IP&sni=NAME, /explain?listen=ADDR&client=IP[&sni=NAME]
+                    on a listen with sni: which service a hello naming NAME
+                    (none: a hello without a name) lands on and why, then as above
     /healthz        for keepalived and load balancers in front, no credentials:
                     200 "OK" when the balancer loop answers within 1 s and
                     every service's enabled group has a host up (and not
@@ -1268,11 +1271,13 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
             self.send(200, 'OK\n', 'text/plain; charset=utf-8')
 
     def page_explain(self, params, user, access):
-        p = take(params, ('service', 'client'), ('format',))
+        p = take(params, ('client',), ('service', 'listen', 'sni', 'format'))
         if p['format'] not in (None, 'text', 'json'):
             raise Reply(400, "format must be 'text' or 'json'")
+        if p['service'] is None and p['listen'] is None:
+            raise Reply(400, 'missing parameter service (or listen)')
         try:
-            info = self.call(self.server.director.explain, p['service'], p['client'])
+            info = self.call(self.server.director.explain, p['service'], p['client'], p['sni'], p['listen'])
         except AdminError as e:
             raise Reply(e.status, e.message)
         if p['format'] == 'json':
@@ -1513,12 +1518,46 @@ def render_switch(switch, now):
     return '<p class="msg switch">%s%s.</p>' % (text, ': ' + '; '.join(parts) if parts else '')
 
 
-def explain_form(service_name):
-    """A GET form to /explain: where would this client go now, and why."""
+def explain_form(service_name, sni=False):
+    """A GET form to /explain: where would this client go now, and why (with a
+    server name field for a service on a listen with sni)."""
+    name = ('<input name="sni" placeholder="server name" size="20" aria-label="server name"> '
+            if sni else '')
     return ('<form class="inline" method="get" action="/explain">'
             '<input type="hidden" name="service" value="%s">'
-            '<input name="client" placeholder="client IP" size="16" aria-label="client IP"> '
-            '<button type="submit">explain where this client goes</button></form>' % html.escape(service_name))
+            '<input name="client" placeholder="client IP" size="16" aria-label="client IP"> %s'
+            '<button type="submit">explain where this client goes</button></form>'
+            % (html.escape(service_name), name))
+
+
+def listen_text(listen):
+    """'*:443 (sni a.example.com, *.a.example.com)' for a service's listen in the snapshot."""
+    if not listen.get('sni'):
+        return listen['ip']
+    return '%s (sni %s)' % (listen['ip'], ', '.join(listen['sni']))
+
+
+def render_sni(entries):
+    """The listen addresses with sni: which name goes where, and what was refused there."""
+    e = html.escape
+    body = ['<h2>Listen addresses with sni</h2>',
+            '<p>The server name of each client\'s TLS hello picks the service: an exact name, '
+            'then the longest <code>*.</code> suffix, then <code>*</code>.</p>']
+    for entry in entries:
+        bad = ', '.join('%s %d' % (kind, count) for kind, count in sorted(entry['bad'].items()) if count)
+        body.append('<h3>%s</h3><p>Hello within %s s; reading a hello now: %d; no service for the name: %d; '
+                    'bad: %s.</p>' % (e(entry['address']), e('%g' % entry['hello_timeout']), entry['reading'],
+                                      entry['unmatched'], e(bad or 'none')))
+        body.append('<table><tr><th>server name</th><th>service</th></tr>')
+        for pattern, service in entry['names']:
+            body.append('<tr><td>%s</td><td>%s</td></tr>' % (e(pattern), e(service)))
+        body.append('</table>')
+        body.append('<form class="inline" method="get" action="/explain">'
+                    '<input type="hidden" name="listen" value="%s">'
+                    '<input name="client" placeholder="client IP" size="16" aria-label="client IP"> '
+                    '<input name="sni" placeholder="server name" size="20" aria-label="server name"> '
+                    '<button type="submit">explain where this hello goes</button></form>' % e(entry['address']))
+    return body
 
 
 def render_running(snapshot, user, can_change, msg=None, refresh=None):
@@ -1538,14 +1577,15 @@ def render_running(snapshot, user, can_change, msg=None, refresh=None):
         body.append('<p class="note">User %s has read-only access.</p>' % e(user))
     for service in s['services']:
         body.append('<h2>Service %s</h2>' % e(service['name']))
+        listens = service.get('listens') or [{'ip': text} for text in service['listen']]
         body.append('<p>Listening on %s; enabled group <span class="enabled">%s</span>. '
                     'Accepted %d, failovers %d, refused (no host) %d%s.</p>' % (
-                        e(', '.join(service['listen'])), e(service['enabled']),
+                        e(', '.join(listen_text(l) for l in listens)), e(service['enabled']),
                         service['accepted'], service['failovers'], service['refused'],
                         e(service_counts(service))))
         if service.get('switch'):
             body.append(render_switch(service['switch'], now))
-        body.append('<p>%s</p>' % explain_form(service['name']))
+        body.append('<p>%s</p>' % explain_form(service['name'], any(l.get('sni') for l in listens)))
         for group in service['groups']:
             body.extend(render_group(service, group, now, can_change))
         if can_change:
@@ -1553,6 +1593,8 @@ def render_running(snapshot, user, can_change, msg=None, refresh=None):
                                            '<input name="group" placeholder="group name" size="12" '
                                            'aria-label="group name"> <input name="scheduler" '
                                            'value="roundrobin" size="18" aria-label="scheduler"> '))
+    if s.get('sni'):
+        body.extend(render_sni(s['sni']))
     body.append('<h2>Users</h2><table><tr><th>user</th><th>access</th>%s</tr>'
                 % ('<th></th>' if can_change else ''))
     for u in s['users']:
@@ -1579,7 +1621,8 @@ def txt_field(value):
 def render_running_txt(snapshot):
     """The original's line format, one record per line, fields separated by one space:
 
-        service NAME LISTEN ENABLEDGROUP      one line per listen address
+        service NAME LISTEN ENABLEDGROUP      one line per listen address,
+        sni LISTEN NAME,NAME,...              after it when that listen has sni
         group NAME enabled|inactive           then that group's hosts:
         host NAME IP:PORT OPEN TOTAL          a host taking new connections
         disabled NAME IP:PORT REASON -        a host that is not: down or draining
@@ -1593,8 +1636,10 @@ def render_running_txt(snapshot):
     f = txt_field
     lines = []
     for service in snapshot['services']:
-        for listen in service['listen']:
-            lines.append('service %s %s %s' % (f(service['name']), f(listen), f(service['enabled'])))
+        for listen in service.get('listens') or [{'ip': text} for text in service['listen']]:
+            lines.append('service %s %s %s' % (f(service['name']), f(listen['ip']), f(service['enabled'])))
+            if listen.get('sni'):
+                lines.append('sni %s %s' % (f(listen['ip']), f(','.join(listen['sni']))))
         for group in service['groups']:
             lines.append('group %s %s' % (f(group['name']), 'enabled' if group['enabled'] else 'inactive'))
             for host in group['hosts']:
@@ -1619,7 +1664,15 @@ def explain_number(value):
 def render_explain(info):
     """director.explain()'s dict as text, one fact per line ('key: value')."""
     t = escape_text
-    lines = ['service: %s' % t(info.get('service')), 'client: %s' % t(info.get('client'))]
+    lines = ['service: %s' % t(info.get('service') or 'none'), 'client: %s' % t(info.get('client'))]
+    if info.get('sni_reason'):
+        if info.get('listen'):
+            lines.append('listen: %s' % t(info['listen']))
+        lines.append('sni: %s' % (t(info['sni']) if info.get('sni') else 'none (a hello without a server name)'))
+        lines.append('sni match: %s' % t(info['sni_reason']))
+    if info.get('service') is None:
+        lines.append('host: none')
+        return ''.join(line + '\n' for line in lines)
     allowed = info.get('allowed', True)
     lines.append('allowed: %s' % ('yes' if allowed else 'no, denied by the service\'s allow/deny rules'))
     lines.append('group: %s' % t(info.get('group')))
@@ -1743,6 +1796,25 @@ def render_metrics(snapshot):
             continue
         family(name, kind, help_text)
         out.extend(samples)
+    addresses = snapshot.get('sni') or []
+    if addresses:
+        family('pydirector_sni_unmatched_total', 'counter',
+               'TLS hellos on a listen address with sni whose server name no service there takes '
+               '(and none has *): closed.')
+        for entry in addresses:
+            out.append('pydirector_sni_unmatched_total%s %d' % (
+                metric_labels([('address', entry['address'])]), entry['unmatched']))
+        family('pydirector_sni_bad_hellos_total', 'counter',
+               'Clients of a listen address with sni closed before a service was chosen, by reason: '
+               'not-tls, malformed, too-big, truncated, timeout, bad-proxy, untrusted-proxy.')
+        for entry in addresses:
+            for reason, count in sorted(entry['bad'].items()):
+                out.append('pydirector_sni_bad_hellos_total%s %d' % (
+                    metric_labels([('address', entry['address']), ('reason', reason)]), count))
+        family('pydirector_sni_reading', 'gauge', 'Clients of a listen address with sni still sending their hello.')
+        for entry in addresses:
+            out.append('pydirector_sni_reading%s %d' % (metric_labels([('address', entry['address'])]),
+                                                        entry['reading']))
     return ''.join(line + '\n' for line in out)
 
 

@@ -39,8 +39,10 @@ REPO = os.path.dirname(HERE)
 OUT = os.path.join(HERE, 'out')
 RESULTS_MD = os.path.join(HERE, 'RESULTS.md')
 
-TARGETS = ('direct', 'haproxy', 'pydirector')
-LABELS = {'direct': 'direct', 'haproxy': 'HAProxy', 'pydirector': 'pydirector'}
+TARGETS = ('direct', 'haproxy', 'pyfloor', 'pydirector', 'pydirector-log')
+LABELS = {'direct': 'direct', 'haproxy': 'HAProxy', 'pyfloor': 'pyfloor', 'pydirector': 'pydirector',
+          'pydirector-log': 'pydirector, access log on'}
+BALANCERS = ('haproxy', 'pyfloor', 'pydirector', 'pydirector-log')
 WORKLOADS = ('newconn', 'keepalive', 'bulk', 'idle')
 APT_PACKAGES = {'nginx': 'nginx', 'haproxy': 'haproxy', 'ab': 'apache2-utils', 'wrk': 'wrk', 'curl': 'curl'}
 SMALL_SIZE = 100
@@ -67,6 +69,10 @@ METRICS = [
 # The HAProxy targets of issue 5: (workload, metric, kind, op, value); kind 'haproxy' compares the
 # pydirector/HAProxy ratio, 'absolute' the pydirector figure itself.
 GOALS = [
+    # Issue 11: CPU against the featureless relay, in the same run.
+    ('newconn', 'cpu_us_per_conn', 'pyfloor', '<=', 1.10),
+    ('newconn', 'cpu_us_per_conn', 'pyfloor-log', '<=', 1.20),
+    ('keepalive', 'cpu_us_per_req', 'pyfloor', '<=', 1.05),
     ('newconn', 'req_s', 'haproxy', '>=', 1.0),
     ('newconn', 'cpu_us_per_conn', 'haproxy', '<=', 1.2),
     ('keepalive', 'req_s', 'haproxy', '>=', 1.0),
@@ -284,7 +290,7 @@ backend nginx
 """
 
 
-def pydirector_xml(work, port, port1, port2, maxconns, access_off):
+def pydirector_xml(work, port, port1, port2, maxconns, access_off, log_name='pydirector.log'):
     return """\
 <pdconfig drain="1">
   <service name="bench"{maxconns}>
@@ -295,9 +301,9 @@ def pydirector_xml(work, port, port1, port2, maxconns, access_off):
     </group>
     <timeouts connect="5" idle="3600"/>
   </service>
-  <logging file="{work}/pydirector.log"{access}/>
+  <logging file="{work}/{log_name}"{access}/>
 </pdconfig>
-""".format(work=work, port=port, port1=port1, port2=port2,
+""".format(work=work, port=port, port1=port1, port2=port2, log_name=log_name,
            maxconns=' maxconns="%d"' % MAXCONN if maxconns else '',
            access=' access="off"' if access_off else '')
 
@@ -314,7 +320,8 @@ class Bench(object):
         self.nofile = nofile_limit(BALANCER_NOFILE)
         self.runs = []
         self.notes = []
-        self.targets = ['pydirector'] if args.pydirector_only else list(TARGETS)
+        self.targets = ['pydirector', 'pydirector-log'] if args.pydirector_only else [
+            t for t in TARGETS if t != 'pyfloor' or args.pyfloor]
 
     # ---- servers
 
@@ -351,7 +358,12 @@ class Bench(object):
             if code != 0:
                 raise RuntimeError('haproxy -c: %s' % out)
         self.ports['pydirector'] = free_port()
+        self.ports['pydirector-log'] = free_port()
+        self.ports['pyfloor'] = free_port()
         self.write_pydirector_config()
+        with open(os.path.join(self.work, 'generated-log.xml'), 'w') as f:
+            f.write(pydirector_xml(self.work, self.ports['pydirector-log'], port1, port2, True, False,
+                                   'pydirector-log.log'))
         for target in self.targets:
             if target != 'direct':
                 self.start_balancer(target)
@@ -379,8 +391,13 @@ class Bench(object):
         if target == 'haproxy':
             argv = ['haproxy', '-db', '-f', os.path.join(self.work, 'haproxy.cfg')]
             cwd = self.work
+        elif target == 'pyfloor':
+            argv = [self.args.python, os.path.abspath(self.args.pyfloor), '127.0.0.1:%d' % self.ports['pyfloor'],
+                    '127.0.0.1:%d' % self.ports['direct'], '127.0.0.1:%d' % self.ports['backend2']]
+            cwd = self.work
         else:
-            argv = [self.args.python, 'pydirector.py', '-c', os.path.join(self.work, 'generated.xml')]
+            config = 'generated-log.xml' if target == 'pydirector-log' else 'generated.xml'
+            argv = [self.args.python, 'pydirector.py', '-c', os.path.join(self.work, config)]
             cwd = REPO
         self.procs.start(target, argv, nofile=self.nofile, cwd=cwd)
         if not wait_port(self.ports[target]):
@@ -712,8 +729,10 @@ def ratio(table, workload, metric, a, b):
 
 def goal_status(table, goal, idle_n):
     workload, metric, kind, op, value = goal
-    if kind == 'haproxy':
-        got = ratio(table, workload, metric, 'pydirector', 'haproxy')
+    if kind == 'pyfloor-log':
+        got = ratio(table, workload, metric, 'pydirector-log', 'pyfloor')
+    elif kind in ('haproxy', 'pyfloor'):
+        got = ratio(table, workload, metric, 'pydirector', kind)
     else:
         cell = table.get(workload, {}).get(metric, {}).get('pydirector')
         # Connections held: the worst round counts.
@@ -729,8 +748,10 @@ def goal_status(table, goal, idle_n):
 def goal_text(goal):
     workload, metric, kind, op, value = goal
     sign = '≥' if op == '>=' else '≤'
-    if kind == 'haproxy':
-        return '%s %g× HAProxy' % (sign, value)
+    if kind == 'pyfloor-log':
+        return '%s %g× pyfloor (access log on)' % (sign, value)
+    if kind in ('haproxy', 'pyfloor'):
+        return '%s %g× %s' % (sign, value, LABELS[kind])
     unit = [m[3] for m in METRICS if m[0] == workload and m[1] == metric][0]
     return '%s %s %s' % (sign, num(value) if value >= 100 else '%g' % value, unit)
 
@@ -739,12 +760,16 @@ def markdown(data):
     table = data['summary']
     targets = data['meta']['targets']
     idle_n = data['settings']['idle']
-    goals = {(g[0], g[1]): g for g in GOALS}
+    goals = {}
+    for g in GOALS:
+        goals.setdefault((g[0], g[1]), []).append(g)
     head = ['metric'] + [LABELS[t] for t in targets]
     if 'pydirector' in targets and 'direct' in targets:
         head.append('pyd / direct')
     if 'pydirector' in targets and 'haproxy' in targets:
         head += ['HAProxy / direct', 'pyd / HAProxy']
+    if 'pyfloor' in targets:
+        head += ['pyd / pyfloor', 'pyd log / pyfloor']
     head += ['target', 'met?']
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for workload, metric, label, unit, _ in METRICS:
@@ -765,11 +790,11 @@ def markdown(data):
         if 'pydirector' in targets and 'haproxy' in targets:
             row.append(ratio_text(ratio(table, workload, metric, 'haproxy', 'direct')))
             row.append(ratio_text(ratio(table, workload, metric, 'pydirector', 'haproxy')))
-        goal = goals.get((workload, metric))
-        if goal:
-            row += [goal_text(goal), goal_status(table, goal, idle_n)[1]]
-        else:
-            row += ['', '']
+        if 'pyfloor' in targets:
+            row.append(ratio_text(ratio(table, workload, metric, 'pydirector', 'pyfloor')))
+            row.append(ratio_text(ratio(table, workload, metric, 'pydirector-log', 'pyfloor')))
+        found = goals.get((workload, metric), [])
+        row += ['; '.join(goal_text(g) for g in found), '; '.join(goal_status(table, g, idle_n)[1] for g in found)]
         lines.append('| ' + ' | '.join(row) + ' |')
     return '\n'.join(lines)
 
@@ -900,6 +925,9 @@ def parse_args(argv):
     p.add_argument('--quick', action='store_true', help='small counts: a smoke run in about a minute')
     p.add_argument('--only', help='comma-separated workloads: ' + ','.join(WORKLOADS))
     p.add_argument('--pydirector-only', action='store_true', help='no direct or HAProxy runs (no ratios)')
+    p.add_argument('--pyfloor', metavar='PATH',
+                   help='a featureless relay (pyfloor.py LISTEN BACKEND...) run beside the balancers as the '
+                        'CPU floor of this Python; its row is left out without it')
     p.add_argument('--idle', type=int, help='idle connections to open (default 9000; --quick 1000)')
     p.add_argument('--write-results', action='store_true', help='rewrite bench/RESULTS.md with this run on top')
     p.add_argument('--note', default='', help='a note for RESULTS.md, e.g. "noisy: tests running"')

@@ -356,7 +356,7 @@ class BalancerCase(unittest.TestCase):
         return lines
 
     def check_pairs_closed(self, balancer):
-        if balancer.thread.is_alive():
+        if balancer.thread.is_alive() and balancer.director.loop.running:   # not stopped by the test
             wait_until(lambda: balancer.open_pairs() == 0, 5, message='connections left open in the balancer')
 
     def check_no_leaks(self):
@@ -1148,3 +1148,221 @@ class SpawnedBalancer(BalancerProcess):
             wait_until(lambda: accepts(wait_port) or self.proc.poll() is not None, 10)
             if self.proc.poll() is not None:
                 raise AssertionError('pydirector exited: %s' % self.output())
+
+
+# -- TLS: certificates, backends and clients (SNI, issue 13) -----------------
+
+import atexit     # noqa: E402  (kept with the helpers that use them)
+import shutil     # noqa: E402
+import ssl        # noqa: E402
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
+HELLO_FIXTURES = ('openssl', 'openssl-tls12', 'python', 'python-nosni', 'python-idna', 'curl',
+                  'chromium')
+
+
+def client_hello(name):
+    """A real ClientHello from tests/data/hello-NAME.hex: (bytes, the server name the
+    client was asked to send, or None).  tools/capture_hellos.py made them."""
+    with open(os.path.join(DATA, 'hello-%s.hex' % name)) as f:
+        lines = f.read().splitlines()
+    server_name = [l.split(':', 1)[1].strip() for l in lines if l.startswith('# server_name:')][0]
+    data = bytes.fromhex(''.join(l for l in lines if not l.startswith('#')))
+    return data, (None if server_name == 'none' else server_name)
+
+
+def need_program(name):
+    """The path of a program the test drives, or skip the test saying it is missing."""
+    path = find_binary(name)
+    if path is None:
+        raise unittest.SkipTest('%s is not installed (.ci/run installs it with apt)' % name)
+    return path
+
+
+_certs = {}           # name -> (cert path, key path), made once per process
+_cert_names = {}      # DER of each certificate -> its name
+_cert_lock = threading.Lock()
+_cert_dir = []
+
+
+def make_cert(name):
+    """A self-signed certificate for name (CN and subjectAltName DNS:name) and its key,
+    made with `openssl req` once per process: (cert_path, key_path).  Skips the test
+    when openssl is missing."""
+    with _cert_lock:
+        if name in _certs:
+            return _certs[name]
+        openssl = need_program('openssl')
+        if not _cert_dir:
+            _cert_dir.append(tempfile.mkdtemp(prefix='pydirector-certs-'))
+            atexit.register(shutil.rmtree, _cert_dir[0], True)
+        base = os.path.join(_cert_dir[0], 'cert%d' % len(_certs))   # names may hold '*'
+        cert, key = base + '.pem', base + '.key'
+        done = subprocess.run([openssl, 'req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '30',
+                               '-subj', '/CN=' + name, '-addext', 'subjectAltName=DNS:' + name,
+                               '-keyout', key, '-out', cert],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
+        if done.returncode:
+            raise AssertionError('openssl req failed for %r: %s' % (name, done.stdout.decode('utf-8', 'replace')))
+        with open(cert) as f:
+            _cert_names[ssl.PEM_cert_to_DER_cert(f.read())] = name
+        _certs[name] = cert, key
+        return _certs[name]
+
+
+def cert_name(der):
+    """The name make_cert made a certificate (DER bytes) for; None for any other."""
+    with _cert_lock:
+        return _cert_names.get(der)
+
+
+class TLSBackend(Backend):
+    """A TLS server (Python ssl, a thread per connection) on 127.0.0.1.
+
+    names: one name or a list; each gets its certificate from make_cert.  It
+    presents the certificate of the name the client asks for (SNI) when that is
+    one of names, else of names[0]; then runs handler(tls_sock, backend): echo by
+    default, say_name (self.name is names[0]) and https_say_name work too.
+    server_names lists the SNI of each handshake (None: the client sent none);
+    handshakes counts the ones that succeeded."""
+
+    def __init__(self, names, handler=echo, family=socket.AF_INET, host='127.0.0.1'):
+        self.names = [names] if isinstance(names, str) else list(names)
+        self.contexts = {}
+        for name in self.names:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*make_cert(name))
+            self.contexts[name] = context
+        self.context = self.contexts[self.names[0]]
+        if hasattr(self.context, 'sni_callback'):
+            self.context.sni_callback = self._on_server_name
+        else:   # 3.6
+            self.context.set_servername_callback(self._on_server_name)
+        self.tls_handler = handler
+        self.server_names = []
+        self.handshakes = 0
+        self._local = threading.local()
+        Backend.__init__(self, self._serve_tls, self.names[0], family, host)
+
+    def _on_server_name(self, tls, server_name, context):
+        self._local.server_name = server_name
+        if server_name in self.contexts:
+            tls.context = self.contexts[server_name]
+
+    def _serve_tls(self, conn, backend):
+        self._local.server_name = None
+        tls = self.context.wrap_socket(conn, server_side=True)
+        try:
+            with self.lock:
+                self.server_names.append(self._local.server_name)
+                self.handshakes += 1
+            self.tls_handler(tls, self)
+            try:
+                tls.unwrap()    # close_notify: Python 3.6 on OpenSSL 3 calls an EOF without it an error
+            except (OSError, ValueError):
+                pass            # the client has gone already
+        finally:
+            tls.close()
+
+
+def https_say_name(conn, backend):
+    """Answer one HTTP request with our name as the body (for curl), then close."""
+    head = b''
+    while b'\r\n\r\n' not in head and len(head) < 65536:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return
+        head += chunk
+    body = backend.name.encode()
+    conn.sendall(b'HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n'
+                 b'Connection: close\r\n\r\n%s' % (len(body), body))
+
+
+def _host_port(host, port):
+    return '[%s]:%d' % (host, port) if ':' in host else '%s:%d' % (host, port)
+
+
+def tls_connect(port, server_hostname=None, host='127.0.0.1', timeout=10):
+    """A TLS client socket (Python ssl, no verification), connected and through the
+    handshake, sending SNI only with server_hostname: (tls_sock, the name of the
+    certificate the server presented, see cert_name)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    sock = socket.create_connection((host, port), timeout=timeout)
+    try:
+        tls = context.wrap_socket(sock, server_hostname=server_hostname)
+    except BaseException:
+        sock.close()
+        raise
+    return tls, cert_name(tls.getpeercert(binary_form=True))
+
+
+def tls_exchange(port, data=b'', server_hostname=None, expect=None, host='127.0.0.1', timeout=10):
+    """Python ssl: connect, send data, read until EOF or `expect` bytes: (certificate
+    name, bytes received).  One thread does both: an SSL object must not be read and
+    written from two threads at once (OpenSSL's rule; doing it lost bytes now and then
+    under load).  data goes in pieces of 16 KiB, and after each whatever came back is
+    read without waiting, so a big echo cannot stall both ways."""
+    tls, name = tls_connect(port, server_hostname, host, timeout)
+    try:
+        chunks, n = [], 0
+
+        def drain():
+            received = 0
+            tls.setblocking(False)
+            try:
+                while True:
+                    chunk = tls.recv(65536)
+                    if not chunk:
+                        return received, True
+                    chunks.append(chunk)
+                    received += len(chunk)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                return received, False
+            finally:
+                tls.settimeout(timeout)
+
+        eof = False
+        for at in range(0, len(data), 16384):
+            tls.sendall(data[at:at + 16384])
+            got, eof = drain()
+            n += got
+            if eof:
+                break
+        while not eof and (expect is None or n < expect):
+            chunk = tls.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            n += len(chunk)
+        return name, b''.join(chunks)
+    finally:
+        tls.close()
+
+
+_SUBJECT_CN = re.compile(r'^\*?\s*subject\s*[=:].*?\bCN\s*=\s*([^,/\r\n]+)', re.M)
+
+
+def openssl_client(port, servername=None, host='127.0.0.1', timeout=20):
+    """`openssl s_client -connect HOST:PORT -servername NAME` (-noservername without a
+    name), stdin at EOF: the CN of the subject it printed, or None (no handshake)."""
+    argv = [need_program('openssl'), 's_client', '-connect', _host_port(host, port)]
+    argv += ['-servername', servername] if servername else ['-noservername']
+    done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, timeout=timeout)
+    found = _SUBJECT_CN.search(done.stdout.decode('utf-8', 'replace'))
+    return found.group(1).strip() if found else None
+
+
+def curl_client(port, name, path='/', host='127.0.0.1', timeout=20):
+    """`curl --resolve NAME:PORT:HOST -k https://NAME:PORT/PATH`: (the CN of the
+    certificate it saw or None, the body it got)."""
+    address = '[%s]' % host if ':' in host else host
+    url = 'https://%s:%d%s' % (name, port, path)
+    done = subprocess.run([need_program('curl'), '-sS', '-v', '-k', '--max-time', str(timeout),
+                           '--resolve', '%s:%d:%s' % (name, port, address), url],
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          timeout=timeout + 5)
+    found = _SUBJECT_CN.search(done.stderr.decode('utf-8', 'replace'))
+    return (found.group(1).strip() if found else None), done.stdout

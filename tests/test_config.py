@@ -8,6 +8,7 @@ import tempfile
 import unittest
 import warnings
 
+import pydirector
 from pydirector import (
     DEFAULT_CHECK, Check, Config, ConfigError, Host, Service, Group, Listen, Logging, Timeouts,
     acl_allows, check_name, check_password, hash_password, is_legacy_hash, load_config,
@@ -789,7 +790,7 @@ BAD = [
     (listen_with('trusted="127.0.0.1"'), 'x.xml:3: <listen> trusted is only used with accept_proxy'),
     (listen_with('accept_proxy="v1" trusted="127.0.0.1,,::1"'), "x.xml:3: <listen> trusted '' " + NOT_A_NETWORK),
     (listen_with('accept_proxy="v2" trusted="localhost"'), "x.xml:3: <listen> trusted 'localhost' " + NOT_A_NETWORK),
-    (listen_with('proxy="v1"'), "x.xml:3: <listen> has unknown attribute 'proxy' (known: accept_proxy, ip, trusted)"),
+    (listen_with('proxy="v1"'), "x.xml:3: <listen> has unknown attribute 'proxy' (known: accept_proxy, ip, sni, trusted)"),
     (logging_with('access="yes"'), "x.xml:8: <logging> access 'yes': must be 'on' or 'off'"),
     (logging_with('syslog="loghost"'),
      "x.xml:8: <logging> syslog 'loghost': must be a socket path starting with '/', or host:port"),
@@ -824,6 +825,86 @@ class BadConfigTest(unittest.TestCase):
         with self.assertRaises(ConfigError) as cm:
             parse_config('<x/>')
         self.assertEqual(str(cm.exception), '<config>:1: the root element must be <pdconfig>, not <x>')
+
+
+def shared(*listens, **kw):
+    """Services a, b, c... each with one listen (attrs as given); the listens are on
+    lines 3, 9, 15... (six lines a service)."""
+    services = ''.join('<service name="%s">\n<listen %s/>\n' % (chr(ord('a') + i), attrs) + GROUP + '</service>\n'
+                       for i, attrs in enumerate(listens))
+    return '<pdconfig>\n' + services + kw.get('tail', '') + '</pdconfig>\n'
+
+
+class SniConfigTest(unittest.TestCase):
+    """<listen sni>: names, the shared address, and the errors of issue 13."""
+
+    def test_shared_address(self):
+        config = parse_config(shared('ip="*:443" sni="API.example.com.,*.api.example.com"',
+                                     'ip="0.0.0.0:443" sni="www.example.com, b\u00fccher.example"',
+                                     'ip="*:443" sni="*"',
+                                     'ip="*:444"'), 'x.xml')
+        self.assertEqual([l.sni for s in config.services for l in s.listens],
+                         [['api.example.com', '*.api.example.com'], ['www.example.com', 'xn--bcher-kva.example'],
+                          ['*'], None])
+        again = parse_config(config.to_xml(), 'running.xml')
+        self.assertEqual(again.to_xml(), config.to_xml())
+        self.assertIn('<listen ip="*:443" sni="api.example.com,*.api.example.com"/>', config.to_xml())
+        summary = pydirector.summary(config)
+        self.assertIn('service a: listen *:443 (sni api.example.com,*.api.example.com); ', summary)
+        self.assertIn('service d: listen *:444; ', summary)
+
+    def test_one_service_with_sni(self):
+        config = parse_config(shared('ip="*:443" sni="a.example.com" accept_proxy="v2" trusted="10.0.0.0/8"'), 'x.xml')
+        self.assertEqual(config.services[0].listens[0].sni, ['a.example.com'])
+        # Overlapping is not claiming twice: the most specific pattern wins at run time.
+        parse_config(shared('ip="*:443" sni="*.example.com"', 'ip="*:443" sni="a.example.com,*.a.example.com"'), 'x')
+
+    def test_errors(self):
+        share = '(services share an address only when every listen on it has sni)'
+        for xml, message in [
+                (shared('ip="*:443" sni="a.example.com,*.b.example.com"', 'ip="*:443" sni="c.example.com,A.example.com."'),
+                 "x.xml:9: listen '*:443': server name 'a.example.com' is already claimed by service 'a' "
+                 "on this address"),
+                (shared('ip="*:443" sni="*.b.example.com"', 'ip="0.0.0.0:443" sni="*.B.example.com"'),
+                 "x.xml:9: listen '0.0.0.0:443': server name '*.b.example.com' is already claimed by "
+                 "service 'a' on this address"),
+                (shared('ip="*:443" sni="a.example.com"', 'ip="*:443" sni="*"', 'ip="*:443" sni="c.example.com,*"'),
+                 "x.xml:15: listen '*:443': a second '*' on this address: service 'b' has it already"),
+                (shared('ip="*:443" sni="a.example.com"', 'ip="*:443"'),
+                 "x.xml:9: listen '*:443' has no sni, but service 'a' listens there with sni " + share),
+                (shared('ip="*:443"', 'ip="*:443" sni="b.example.com"'),
+                 "x.xml:9: listen '*:443' is already used by service 'a', which has no sni " + share),
+                (shared('ip="*:443" sni="a.example.com"', 'ip="*:443" sni="b.example.com"', 'ip="*:443"'),
+                 "x.xml:15: listen '*:443' has no sni, but service 'a' listens there with sni " + share),
+                (shared('ip="*:443"', 'ip="*:443"'), "x.xml:9: listen '*:443' is already used by service 'a'"),
+                ('<pdconfig>\n<service name="a">\n<listen ip="*:443" sni="a.example.com"/>\n'
+                 '<listen ip="*:443" sni="b.example.com"/>\n' + GROUP + TAIL,
+                 "x.xml:4: service 'a' listens on '*:443' twice: give all its names in one sni"),
+                (shared('ip="*:443" sni="a.example.com" accept_proxy="v2"', 'ip="*:443" sni="b.example.com"'),
+                 "x.xml:9: listen '*:443': accept_proxy must be the same on every listen of a shared address "
+                 "(service 'a' has 'v2', this one 'none')"),
+                (shared('ip="*:443" sni="a.example.com" accept_proxy="v2"',
+                        'ip="*:443" sni="b.example.com" accept_proxy="v2" trusted="10.0.0.0/8"'),
+                 "x.xml:9: listen '*:443': trusted must be the same on every listen of a shared address "
+                 "(service 'a' has 'none', this one '10.0.0.0/8')"),
+                (shared('ip="127.0.0.1:7001" sni="a.example.com"', tail=ADMIN + USER + '</admin>\n'),
+                 "x.xml:8: listen '127.0.0.1:7001' is already used by service 'a'"),
+                (shared('ip="127.0.0.1:8443" sni=""'),
+                 'x.xml:3: <listen> sni is empty: give names, "*.domain" patterns or "*"'),
+                (shared('ip="127.0.0.1:8443" sni="a.example.com,,b.example.com"'),
+                 "x.xml:3: <listen> sni 'a.example.com,,b.example.com' has an empty name"),
+                (shared('ip="127.0.0.1:8443" sni="a..example.com"'), "x.xml:3: <listen> sni 'a..example.com': an empty label"),
+                (shared('ip="127.0.0.1:8443" sni="a.*.example.com"'),
+                 "x.xml:3: <listen> sni 'a.*.example.com': '*' may only be the whole name ('*') or its whole "
+                 "first label ('*.example.com')"),
+                (shared('ip="127.0.0.1:8443" sni="a.example.com,A.EXAMPLE.com"'),
+                 "x.xml:3: <listen> sni lists 'a.example.com' twice"),
+                (shared('ip="127.0.0.1:8443" sni="a b"'),
+                 "x.xml:3: <listen> sni 'a b': character ' ' is not allowed in a host name")]:
+            with self.subTest(message=message):
+                with self.assertRaises(ConfigError) as cm:
+                    parse_config(xml, 'x.xml')
+                self.assertEqual(str(cm.exception), message)
 
 
 class PasswordTest(unittest.TestCase):

@@ -242,6 +242,22 @@ class PlanTest(unittest.TestCase):
             'addHost service=web group=main name=one ip=127.0.0.1:1001 send_proxy=v1',
         ])
 
+    def test_sni_changes_need_a_reload(self):
+        def two(api, www):
+            return config_xml(
+                service_xml([('one', '127.0.0.1:1001')], name='api', listen_port=LISTEN).replace(
+                    '"/>', '" sni="%s"/>' % api, 1),
+                service_xml([('two', '127.0.0.1:1002')], name='www', listen_port=LISTEN).replace(
+                    '"/>', '" sni="%s"/>' % www, 1), admin_block(OLD_USERS))
+        old = two('api.example.com', 'www.example.com,moved.example.com')
+        self.assertEqual(plan_lines(old, two('API.example.com.', 'www.example.com, moved.example.com')),
+                         ['# no changes'])
+        listen = '<listen ip="127.0.0.1:%d" sni="%%s"/>' % LISTEN
+        self.assertEqual(plan_lines(old, two('api.example.com,moved.example.com', 'www.example.com')), [
+            cannot('service api: %s -> %s' % (listen % 'api.example.com', listen % 'api.example.com,moved.example.com')),
+            cannot('service www: %s -> %s' % (listen % 'www.example.com,moved.example.com', listen % 'www.example.com')),
+        ])
+
     def test_new_features_need_a_reload(self):
         # Attributes addHost cannot set, on a new host, cannot be planned either (a future
         # attribute; to_xml of this version does not write one, so the tree is edited).

@@ -182,7 +182,7 @@ class TestAccessLog(OpsTestCase):
         self.start(config_xml(service_xml([('one', b.address)], listen_port=port)))
         self.assertEqual(exchange(port, b'hello'), b'hello')
         line = LOG.wait_for('access service=web', self.mark)[-1]
-        self.assertRegex(line, r'^access service=web client=127\.0\.0\.1:[0-9]+ host=one '
+        self.assertRegex(line, r'^access service=web client=127\.0\.0\.1:[0-9]+ sni=- host=one '
                          r'backend=%s failovers=0 bytes_in=5 bytes_out=5 duration=[0-9.]+ end=done$'
                          % re.escape(b.address))
 
