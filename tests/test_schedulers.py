@@ -255,9 +255,10 @@ class SchedulerContract(object):
         return picked
 
     def state(self, scheduler):
-        return ([(h.name, h.open, h._current, h._last_pick) for h in scheduler.hosts],
+        return ([(h.name, h.open, h._last_pick) for h in scheduler.hosts],
                 [(ip, h.name, used) for ip, (h, used) in scheduler._sticky.items()],
-                scheduler.rng.getstate(), getattr(scheduler, '_picks', None))
+                scheduler.rng.getstate(), getattr(scheduler, '_picks', None),
+                scheduler._state())
 
     def test_explain_matches_the_next_pick(self):
         scheduler = self.busy_scheduler(sticky_max=6)
@@ -299,11 +300,13 @@ class SchedulerContract(object):
     def test_explain_lists_skipped_hosts(self):
         ok, down, draining, disabled, full, excluded, both = hosts = make_hosts(
             'ok', 'down', 'draining', 'disabled', 'full', 'excluded', 'both')
+        # Set before the scheduler takes the hosts: afterwards only its
+        # methods may change them.
+        disabled.admin = 'disabled'     # an admin state schedulers need not know
+        full.maxconns = 1
         scheduler = self.make(hosts)
         scheduler.mark_down(down, 'refused', 1.0)
         scheduler.set_admin(draining, DRAINING, 1.0)
-        disabled.admin = 'disabled'     # an admin state schedulers need not know
-        full.maxconns = 1
         scheduler.connection_started(full)
         scheduler.mark_down(both, 'refused', 1.0)
         result = scheduler.explain('10.0.0.1', exclude=[excluded, both])
@@ -332,7 +335,7 @@ class SchedulerContract(object):
         self.assertEqual((result['host'], result['reason'], result['skipped']),
                          (None, 'no host up', [['a', 'down'], ['b', 'down']]))
         scheduler.mark_up(b, 2.0)
-        b.maxconns = 1
+        scheduler.update_host(b, maxconns=1)
         scheduler.connection_started(b)
         result = scheduler.explain('10.0.0.1')
         self.assertEqual((result['host'], result['reason']),
@@ -428,10 +431,13 @@ class RoundRobinOrderTest(unittest.TestCase):
         scheduler = make_scheduler('roundrobin', make_hosts('a', 'b', a=3))
         self.assertEqual(sequence(scheduler, 12), 'aaba' * 3)
 
-    def test_nginx_five_one_one(self):
-        # The example in nginx's smooth weighted round robin commit.
+    def test_five_one_one(self):
+        # The example in nginx's smooth weighted round robin commit, which
+        # gives aabacaa: here a's turns are at 1/10, 3/10 ... 9/10 of the
+        # round, b's and c's at 1/2, and turns at the same moment go in
+        # host order.
         scheduler = make_scheduler('roundrobin', make_hosts('a', 'b', 'c', a=5))
-        self.assertEqual(sequence(scheduler, 14), 'aabacaa' * 2)
+        self.assertEqual(sequence(scheduler, 14), 'aaabcaa' * 2)
 
     def test_rotation_skips_ineligible_and_excluded_hosts(self):
         a, b, c = make_hosts('a', 'b', 'c')
@@ -555,8 +561,8 @@ class HashDistributionTest(unittest.TestCase):
         # hash group moves on upgrade (and Python's salted hash() would
         # make them change on every restart).
         scheduler = make_scheduler('hash', make_hosts('a', 'b', 'c', 'd', 'e'))
-        expected = {'10.0.0.1': 'cbdae', '10.0.0.2': 'dabce',
-                    '::1': 'bdeac', '192.168.1.77': 'dcbea'}
+        expected = {'10.0.0.1': 'bceda', '10.0.0.2': 'cebda',
+                    '::1': 'cdeab', '192.168.1.77': 'edcab'}
         for ip, order in expected.items():
             self.assertEqual(''.join(names(scheduler.rank(ip))), order, ip)
 
@@ -619,11 +625,13 @@ class HashDistributionTest(unittest.TestCase):
             self.assertIs(scheduler.pick(ip), eligible[0])
             self.assertIs(scheduler.pick(ip, exclude=eligible[:1]), eligible[1])
 
-    def test_score_is_inside_its_range(self):
-        scheduler = make_scheduler('hash')
-        host = Host('a', '127.0.0.1:80', weight=4)
-        for ip in client_ips(1000):
-            self.assertGreater(scheduler.score(ip, host), 0.0)
+    def test_walk_distances_are_ascending_fractions_of_the_ring(self):
+        scheduler = make_scheduler('hash', make_hosts('a', 'b', 'c', a=4))
+        for ip in client_ips(300):
+            distances = [distance for _, distance in scheduler.walk(ip)]
+            self.assertEqual(len(distances), 3)
+            self.assertEqual(distances, sorted(distances))
+            self.assertTrue(0.0 <= distances[0] and distances[-1] < 1.0, distances)
 
 
 class StickyTest(unittest.TestCase):
@@ -662,7 +670,7 @@ class StickyTest(unittest.TestCase):
     def test_full_sticky_host_is_replaced(self):
         scheduler = self.make()
         a = scheduler.pick('10.0.0.1')
-        a.maxconns = 1
+        scheduler.update_host(a, maxconns=1)
         scheduler.connection_started(a)
         self.assertIsNot(scheduler.pick('10.0.0.1'), a)
 
@@ -750,12 +758,21 @@ class ExplainTest(unittest.TestCase):
         scheduler = make_scheduler('roundrobin', make_hosts('a', 'b', a=3))
         result = scheduler.explain('10.0.0.7')
         self.assertEqual((result['host'].name, result['reason']), (
-            'a', 'smooth weighted round robin: next in turn (current weight 3 of total 4)'))
+            'a', 'weighted round robin: next in turn (turn 1 of 3 this round, total weight 4)'))
         self.assertEqual((result['sticky'], result['ranking'], result['candidates'],
                           result['skipped']), (None, None, None, []))
         self.assertEqual(sequence(scheduler, 3), 'aab')
         self.assertEqual(scheduler.explain('10.0.0.7')['reason'],
-                         'smooth weighted round robin: next in turn (current weight 4 of total 4)')
+                         'weighted round robin: next in turn (turn 3 of 3 this round, total weight 4)')
+        scheduler = make_scheduler('roundrobin', make_hosts('a', 'b', 'c'))
+        scheduler.mark_down(scheduler.get_host('a'), 'refused', 1.0)
+        self.assertEqual(scheduler.explain('10.0.0.7')['reason'],
+                         'round robin: next in turn (number 1 of 2 eligible)')
+        self.assertEqual(sequence(scheduler, 1), 'b')
+        self.assertEqual(scheduler.explain('10.0.0.7', [scheduler.get_host('c')])['reason'],
+                         'round robin: next in turn (number 1 of 2 eligible)')
+        self.assertEqual(scheduler.explain('10.0.0.7')['reason'],
+                         'round robin: next in turn (number 2 of 2 eligible)')
 
     def test_leastconns(self):
         scheduler = make_scheduler('leastconns', make_hosts('a', 'b', 'c'))
@@ -783,20 +800,32 @@ class ExplainTest(unittest.TestCase):
 
     def test_hash(self):
         scheduler = make_scheduler('hash', make_hosts('a', 'b', 'c', 'd', 'e'))
-        result = scheduler.explain('10.0.0.1')     # ranks c b d a e (see above)
+        result = scheduler.explain('10.0.0.1')     # ranks b c e d a (see above)
         self.assertEqual((result['host'].name, result['reason']),
-                         ('c', 'hash: highest rendezvous score for 10.0.0.1'))
+                         ('b', 'hash: first host on the ring for 10.0.0.1'))
         ranking = result['ranking']
-        self.assertEqual([name for name, _ in ranking], list('cbdae'))
-        self.assertEqual([score for _, score in ranking],
-                         [scheduler.score('10.0.0.1', h) for h in scheduler.rank('10.0.0.1')])
-        scheduler.mark_down(scheduler.get_host('c'), 'refused', 1.0)
+        self.assertEqual([name for name, _ in ranking], list('bceda'))
+        self.assertEqual(ranking, [[h.name, distance]
+                                   for h, distance in scheduler.walk('10.0.0.1')])
+        scheduler.mark_down(scheduler.get_host('b'), 'refused', 1.0)
         result = scheduler.explain('10.0.0.1')
         self.assertEqual((result['host'].name, result['reason']), (
-            'b', 'hash: highest rendezvous score for 10.0.0.1 among eligible hosts '
-                 '(number 2 of 5 overall)'))
+            'c', 'hash: first eligible host on the ring for 10.0.0.1 '
+                 '(number 2 of 5 in its order)'))
         self.assertEqual(result['ranking'], ranking, 'the ranking includes down hosts')
-        self.assertEqual(result['skipped'], [['c', 'down']])
+        self.assertEqual(result['skipped'], [['b', 'down']])
+
+    def test_hash_ranks_the_first_few_of_a_big_group(self):
+        scheduler = make_scheduler('hash', [Host(f'h{i}', f'127.0.{i >> 8}.{i & 255}:80')
+                                            for i in range(500)])
+        result = scheduler.explain('10.0.0.1')
+        ranking = result['ranking']
+        self.assertEqual(len(ranking), scheduler.RANKING)
+        self.assertEqual(ranking[0][0], result['host'].name)
+        self.assertEqual(len({name for name, _ in ranking}), len(ranking))
+        distances = [distance for _, distance in ranking]
+        self.assertEqual(distances, sorted(distances))
+        self.assertTrue(0.0 <= distances[0] and distances[-1] < 1.0)
 
     def test_random_foresees_a_seeded_draw(self):
         scheduler = make_scheduler('random', make_hosts('a', 'b', 'c', b=2, c=7),
@@ -835,16 +864,15 @@ class ExplainTest(unittest.TestCase):
         scheduler.mark_down(scheduler.get_host('two'), 'refused', 1.0)
         result = scheduler.explain('10.0.0.7')
         self.assertEqual((result['host'].name, result['reason'], result['sticky']), (
-            'one', 'sticky: client 10.0.0.7 was on two, now down; smooth weighted round '
-                   'robin: next in turn (current weight 1 of total 1)',
+            'one', 'sticky: client 10.0.0.7 was on two, now down; round robin: '
+                   'next in turn (number 1 of 1 eligible)',
             {'host': 'two', 'expires_in': 288.0}))
         # Expired (pick() would sweep it first): as if never seen.
         scheduler.mark_up(scheduler.get_host('two'), 2.0)
         clock.now += 289
         result = scheduler.explain('10.0.0.7')
         self.assertIsNone(result['sticky'])
-        self.assertEqual(result['reason'],
-                         'smooth weighted round robin: next in turn (current weight 1 of total 2)')
+        self.assertEqual(result['reason'], 'round robin: next in turn (number 1 of 2 eligible)')
         self.assertEqual(scheduler.sticky_size(), 2, 'explain sweeps nothing')
 
     def test_sticky_entry_behind_a_fresh_one_survives_the_sweep(self):
