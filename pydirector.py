@@ -933,14 +933,19 @@ class _ConfigReader(object):
         except ValueError as e:
             raise self.error(elem, f'group {name!r}: {e}') from None
         hosts = []
+        # Dicts, not a scan per host, so a group of 10,000 loads in linear
+        # time; when a host clashes twice, the earlier host is named, as a scan would.
+        by_name, by_ip = {}, {}
         for index, (_, child) in enumerate(self.children(elem)):
             host = self.host(child, index)
-            for other in hosts:
-                if other.name == host.name:
-                    raise self.error(child, f'group {name!r}: duplicate host {host.name!r}')
-                if (other.host.lower(), other.port) == (host.host.lower(), host.port):
-                    raise self.error(child, f'group {name!r}: hosts {other.name!r} and '
-                                            f'{host.name!r} have the same ip {host.ip!r}')
+            ip_key = (host.host.lower(), host.port)
+            same_name, same_ip = by_name.get(host.name), by_ip.get(ip_key)
+            if same_name is not None and (same_ip is None or same_name[0] <= same_ip[0]):
+                raise self.error(child, f'group {name!r}: duplicate host {host.name!r}')
+            if same_ip is not None:
+                raise self.error(child, f'group {name!r}: hosts {same_ip[1].name!r} and '
+                                        f'{host.name!r} have the same ip {host.ip!r}')
+            by_name[host.name] = by_ip[ip_key] = (index, host)
             hosts.append(host)
         return Group(name, scheduler, hosts, self.lines[elem])
 
@@ -3056,10 +3061,12 @@ class Director(object):
             for what in ('weight', 'maxconns', 'send_proxy'):
                 value = getattr(host_config, what, None)
                 if getattr(host, what, None) != value:
-                    setattr(host, what, value)
                     changes.append('host %s %s %s' % (name, what, value))
+            # Through the scheduler, which keeps its eligible set and weights in step.
+            scheduler.update_host(host, weight=host_config.weight, maxconns=host_config.maxconns)
+            host.send_proxy = host_config.send_proxy
         # The file's order is the scheduler's order (roundrobin ties, leastconns ties).
-        scheduler.hosts.sort(key=lambda h: list(wanted).index(h.name))
+        scheduler.reorder(list(wanted))
         return changes
 
     def _retire_service(self, service):

@@ -702,6 +702,8 @@ class RandomScheduler(Scheduler):
             self._add(host._slot, -host.weight)
             total -= host.weight
         try:
+            if total <= 0:
+                return None
             point = self.rng.random() * total
             if point >= total:      # float rounding: stay inside the last host
                 point = total - 0.5
@@ -737,6 +739,8 @@ class RandomScheduler(Scheduler):
             host = self._choose(client_ip, exclude)
         finally:
             self.rng.setstate(state)
+        if host is None:
+            return None, 'weighted random: no eligible weight in the tree'
         return host, (f'weighted random: the next draw gives {host.name} '
                       f'(weight {host.weight} of total {total}, '
                       f'{len(candidates)} eligible)')
@@ -847,24 +851,16 @@ class RoundRobinScheduler(Scheduler):
 
     def _choose(self, client_ip, exclude):
         if not self._weighted:
-            ring = self._ring
-            size = len(ring)
-            i = self._next
-            if i >= size:
-                i = 0
-            host = ring[i]
-            # At most len(exclude) steps: some eligible host is not excluded.
-            while exclude and host in exclude:
-                i += 1
-                if i == size:
-                    i = 0
-                host = ring[i]
+            i = self._rotation_next(exclude)
+            if i is None:
+                return None
+            host = self._ring[i]
             self._next = i + 1
             self._last = host._order
             return host
         heap = self._heap
         held = None
-        while True:
+        while heap:
             entry = heap[0]
             host = entry[4]
             if host._entry is not entry:
@@ -875,6 +871,10 @@ class RoundRobinScheduler(Scheduler):
                 held.append(heapq.heappop(heap))  # keeps its turn for later
             else:
                 break
+        else:
+            for entry in held or ():
+                heapq.heappush(heap, entry)
+            return None
         period, point, order, _, _, turn = entry
         self._time = (period, point, order)
         self._last = order
@@ -891,23 +891,41 @@ class RoundRobinScheduler(Scheduler):
                 heapq.heappush(heap, entry)
         return host
 
+    def _rotation_next(self, exclude):
+        """The ring position of the next pick, or None."""
+        ring = self._ring
+        size = len(ring)
+        if not size:
+            return None
+        i = self._next if self._next < size else 0
+        if exclude:
+            # len(exclude) steps at most, as some eligible host is not
+            # excluded; the bound is for safety only.
+            for _ in range(size):
+                if ring[i] not in exclude:
+                    break
+                i = i + 1 if i + 1 < size else 0
+            else:
+                return None
+        return i
+
     def _reweighed(self, host, old_weight):
         host._entry = None      # its turns are spaced for the old weight
         self._dirty = True
 
     def _predict(self, client_ip, exclude, candidates):
         if not self._weighted:
-            ring = self._ring
-            size = len(ring)
-            i = self._next if self._next < size else 0
-            while ring[i] in exclude:
-                i = i + 1 if i + 1 < size else 0
-            return ring[i], (f'round robin: next in turn '
-                             f'(number {i + 1} of {size} eligible)')
+            i = self._rotation_next(exclude)
+            if i is None:
+                return None, 'round robin: no eligible host in the rotation'
+            return self._ring[i], (f'round robin: next in turn '
+                                   f'(number {i + 1} of {len(self._ring)} eligible)')
         for entry in _heap_in_order(self._heap):
             host = entry[4]
             if host._entry is entry and host not in exclude:
                 break
+        else:
+            return None, 'weighted round robin: no eligible host in the heap'
         total = sum(other.weight for other in candidates)
         return host, (f'weighted round robin: next in turn (turn {entry[5]} '
                       f'of {host.weight} this round, total weight {total})')
@@ -986,24 +1004,27 @@ class LeastConnsScheduler(Scheduler):
     def _top(self, exclude):
         """The least loaded eligible host not in exclude; drops stale entries."""
         heap = self._heap
-        while heap[0][-1]._entry is not heap[0]:
+        while heap and heap[0][-1]._entry is not heap[0]:
             heapq.heappop(heap)
+        if not heap:
+            return None
         host = heap[0][-1]
         if not exclude or host not in exclude:
             return host
         held = []
-        while True:
+        found = None
+        while heap:
             entry = heapq.heappop(heap)
             host = entry[-1]
             if host._entry is not entry:
                 continue
-            if host not in exclude:
-                break
             held.append(entry)
-        heapq.heappush(heap, entry)
+            if host not in exclude:
+                found = host
+                break
         for entry in held:
             heapq.heappush(heap, entry)
-        return host
+        return found
 
     def _choose(self, client_ip, exclude):
         return self._top(exclude)
@@ -1013,6 +1034,8 @@ class LeastConnsScheduler(Scheduler):
             host = entry[-1]
             if host._entry is entry and host not in exclude:
                 break
+        else:
+            return None, f'{self._what}: no eligible host in the heap'
         return host, least_reason(self._what, host, candidates, self._tie_rule)
 
     def _structure_state(self):
@@ -1041,6 +1064,8 @@ class LeastConnsRRScheduler(LeastConnsScheduler):
 
     def _choose(self, client_ip, exclude):
         host = self._top(exclude)
+        if host is None:
+            return None
         self._picks += 1
         host._last_pick = self._picks
         self._enter(host)
@@ -1070,7 +1095,9 @@ class HashScheduler(Scheduler):
     name = 'hash'
 
     POINTS = 160                # ring points per unit of weight (nginx: 160)
-    MAX_POINTS = 1 << 20        # ring size bound: memory (8 bytes a point) and build time
+    # Ring size bound: 4 MB, and about 0.3 s to build (the first pick after
+    # a start or a scheduler change; adding a host merges, in about 1/10).
+    MAX_POINTS = 1 << 19
     RANKING = 10                # hosts explain() ranks
 
     # A ring entry is one int: the point's top 44 bits, then the host's
@@ -1197,14 +1224,16 @@ class HashScheduler(Scheduler):
         hosts = self._ring_hosts
         mask = self._SLOT_MASK
         size = len(ring)
-        # Ends: some eligible host is not excluded, and each host has points.
-        while True:
+        # Some eligible host is not excluded and every host has points, so
+        # this ends at one; the bound is for safety only.
+        for _ in range(size):
             if i >= size:
                 i = 0
             host = hosts[ring[i] & mask]
             if host is not None and host._ok and not (exclude and host in exclude):
                 return host
             i += 1
+        return None
 
     def walk(self, client_ip, count=None):
         """This client's hosts in ring order, eligible or not, with the
@@ -1244,6 +1273,8 @@ class HashScheduler(Scheduler):
 
     def _predict(self, client_ip, exclude, candidates):
         host = self._choose(client_ip, exclude)
+        if host is None:
+            return None, 'hash: no eligible host on the ring'
         place = 1
         for other, _ in self.walk(client_ip):
             if other is host:
