@@ -1171,7 +1171,10 @@ class HashScheduler(Scheduler):
         per_unit = self.POINTS
         while per_unit > 1 and self._units * per_unit > self.MAX_POINTS:
             per_unit //= 2
-        if per_unit != self._per_unit or not self._ring:
+        if (per_unit != self._per_unit or not self._ring
+                or len(self._ring_hosts) + len(self._pending) > self._SLOT_MASK):
+            # From scratch: the first time, a new number of points per
+            # unit, or slot numbers running out (a full rebuild renumbers).
             self._per_unit = per_unit
             hosts = self.hosts
             entries = []
@@ -1190,7 +1193,7 @@ class HashScheduler(Scheduler):
             live = self._ring_hosts
             mask = self._SLOT_MASK
             self._ring = array('Q', [entry for entry in self._ring if live[entry & mask] is not None])
-            self._free.extend(slot for slot, host in enumerate(live) if host is None)
+            self._free = [slot for slot, host in enumerate(live) if host is None]
             self._dead = 0
         new = []
         for host in self._pending:

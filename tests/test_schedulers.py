@@ -1056,6 +1056,27 @@ class HashPropertyTest(unittest.TestCase):
         self.assertEqual({ip: h.name for ip, h in self.assignment(scheduler).items()},
                          {ip: h.name for ip, h in self.assignment(make_scheduler('hash', hosts)).items()})
 
+    def test_slots_are_never_shared_through_sweeps(self):
+        rng = random.Random(6)
+        hosts = pool(rng, 40)
+        scheduler = make_scheduler('hash', hosts)
+        serial = itertools.count()
+        for _ in range(30):
+            for host in rng.sample(scheduler.hosts, min(rng.randrange(1, 15), len(scheduler.hosts) - 5)):
+                scheduler.remove_host(host.name)
+            scheduler.pick('10.0.0.1')
+            for _ in range(rng.randrange(1, 15)):
+                number = next(serial)
+                scheduler.add_host(Host(f'x{number}', f'127.8.{number >> 8}.{number & 255}:80'))
+            scheduler.pick('10.0.0.1')
+            slots = [host._slot for host in scheduler.hosts]
+            self.assertEqual(len(set(slots)), len(slots))
+            self.assertEqual(sorted(set(h.name for h in scheduler._ring_hosts if h is not None)),
+                             sorted(h.name for h in scheduler.hosts))
+            fresh = make_scheduler('hash', [Host(h.name, h.ip) for h in scheduler.hosts])
+            for ip in client_ips(200):
+                self.assertEqual(scheduler.pick(ip).name, fresh.pick(ip).name)
+
     def test_points_per_unit_halve_past_the_bound(self):
         scheduler = make_scheduler('hash', make_hosts('a', 'b'))
         scheduler.MAX_POINTS = 1000         # as if a group of some thousands of hosts
