@@ -740,6 +740,7 @@ class _ConfigReader(object):
         self.path = path
         self.lines = lines
         self.listens = {}       # (host, port) -> who listens there, for duplicates
+        self.service_names = set()  # for duplicates, without a scan per service
 
     def error(self, elem, message):
         return ConfigError(message, self.path, self.lines.get(elem))
@@ -867,10 +868,12 @@ class _ConfigReader(object):
     def service(self, elem, services):
         self.attrs(elem, ('maxconns', 'name'), ('name',))
         name = self.name(elem, 'service name', elem.get('name'))
-        if any(s.name == name for s in services):
+        if name in self.service_names:
             raise self.error(elem, f'duplicate service {name!r}')
+        self.service_names.add(name)
         maxconns = self.integer(elem, 'maxconns', 0, 0)
         listens, groups, enable, check, timeouts, acl = [], [], None, None, None, []
+        group_names = set()
         for tag, child in self.children(elem):
             if tag == 'listen':
                 listens.append(self.listen(child, name))
@@ -882,8 +885,9 @@ class _ConfigReader(object):
                     raise self.error(child, f'<{tag}> cidr {e}') from None
             elif tag == 'group':
                 group = self.group(child)
-                if any(g.name == group.name for g in groups):
+                if group.name in group_names:
                     raise self.error(child, f'service {name!r}: duplicate group {group.name!r}')
+                group_names.add(group.name)
                 groups.append(group)
             elif tag == 'enable':
                 if enable is not None:

@@ -969,7 +969,13 @@ class LeastConnsScheduler(Scheduler):
 
     def _enter(self, host):
         heap = self._heap
-        heapq.heappush(heap, self._key(host))
+        entry = self._key(host)
+        if heap and heap[0][-1] is host:
+            # The host just picked is usually on top: replace its old entry
+            # rather than leave it to be popped as stale (one sift, not two).
+            heapq.heapreplace(heap, entry)
+            return
+        heapq.heappush(heap, entry)
         if len(heap) > 2 * self._eligible + 64:
             # Every re-key leaves a stale entry behind; sweep them out.
             self._heap = [entry for entry in heap if entry[-1]._entry is entry]
