@@ -949,6 +949,7 @@ class LeastConnsScheduler(Scheduler):
     name = 'leastconns'
     _tie_rule = 'first'
     _what = 'least connections'
+    _lazy = False       # see LeastConnsRRScheduler
 
     def _clear_structure(self):
         self._heap = []
@@ -960,6 +961,9 @@ class LeastConnsScheduler(Scheduler):
         entry = (host.open / host.weight, host._order, next(self._seq), host)
         host._entry = entry
         return entry
+
+    def _rank_key(self, host):
+        return (host.open / host.weight, host._order)
 
     def _rebuild(self):
         for host in self.hosts:
@@ -1008,53 +1012,59 @@ class LeastConnsScheduler(Scheduler):
             self._enter(host)
 
     def _top(self, exclude):
-        """The least loaded eligible host not in exclude; drops stale entries."""
+        """The least loaded eligible host not in exclude, or None."""
         heap = self._heap
-        while heap and heap[0][-1]._entry is not heap[0]:
-            heapq.heappop(heap)
-        if not heap:
-            return None
-        host = heap[0][-1]
-        if not exclude or host not in exclude:
-            return host
-        held = []
+        lazy = self._lazy
+        held = None
         found = None
         while heap:
-            entry = heapq.heappop(heap)
+            entry = heap[0]
             host = entry[-1]
             if host._entry is not entry:
-                continue
-            held.append(entry)
-            if host not in exclude:
+                heapq.heappop(heap)                         # stale
+            elif lazy and entry[1] != host._last_pick:
+                heapq.heapreplace(heap, self._key(host))    # picked since: key went up
+            elif exclude and host in exclude:
+                if held is None:
+                    held = []
+                held.append(heapq.heappop(heap))
+            else:
                 found = host
                 break
-        for entry in held:
-            heapq.heappush(heap, entry)
+        if held:
+            for entry in held:
+                heapq.heappush(heap, entry)
         return found
 
     def _choose(self, client_ip, exclude):
         return self._top(exclude)
 
     def _predict(self, client_ip, exclude, candidates):
-        for entry in _heap_in_order(self._heap):
-            host = entry[-1]
-            if host._entry is entry and host not in exclude:
-                break
-        else:
-            return None, f'{self._what}: no eligible host in the heap'
+        # What _top() settles on: the least true key (leastconnsrr's heap
+        # keys may be low, see there).
+        host = min(candidates, key=self._rank_key)
         return host, least_reason(self._what, host, candidates, self._tie_rule)
 
     def _structure_state(self):
-        return sorted(entry[:-2] for entry in self._heap if entry[-1]._entry is entry)
+        return sorted((self._rank_key(entry[-1]), entry[-1].name)
+                      for entry in self._heap if entry[-1]._entry is entry)
 
 
 class LeastConnsRRScheduler(LeastConnsScheduler):
     """Fewest open connections per unit of weight; ties go to the host
-    picked least recently, so an idle farm is used in rotation."""
+    picked least recently, so an idle farm is used in rotation.
+
+    A pick raises the host's key (its last pick) but leaves its heap entry
+    as it was: the connection_started that follows re-keys it anyway, while
+    it is still on top (one sift for both).  A low key is no harm: the top
+    is checked against the host before it is taken, and no other host's
+    true key is below its heap key.
+    """
 
     name = 'leastconnsrr'
     _tie_rule = 'least recently picked'
     _what = 'least connections, round robin on ties'
+    _lazy = True
 
     def __init__(self, *args, **kwargs):
         # A pick counter, not the clock: two picks in the same clock tick
@@ -1068,13 +1078,14 @@ class LeastConnsRRScheduler(LeastConnsScheduler):
         host._entry = entry
         return entry
 
+    def _rank_key(self, host):
+        return (host.open / host.weight, host._last_pick, host._order)
+
     def _choose(self, client_ip, exclude):
         host = self._top(exclude)
-        if host is None:
-            return None
-        self._picks += 1
-        host._last_pick = self._picks
-        self._enter(host)
+        if host is not None:
+            self._picks += 1
+            host._last_pick = self._picks
         return host
 
 
