@@ -16,9 +16,10 @@ connections (-n, stopped after -t seconds if slower).  Balancer CPU is
 utime+stime from /proc/PID/stat before and after ab, divided by the
 connections ab completed.  Rounds are interleaved (round 1: every config,
 round 2: ...; within a round a row's sizes run back to back), and each cell
-is the median of the rounds (min..max).  The ratio columns divide a size's
-median by the 2-host median of the same row: compare ratios within one run,
-as the machine is shared.
+is the median of the rounds (min..max).  A ratio column is the median over
+rounds of that size's figure divided by the 2-host figure of the same row
+and round (run seconds apart): compare ratios within one run, as the
+machine is shared.
 
 The director's health bookkeeping also grows with the pool, with or
 without traffic; the `idle` rows show it: pydirector's CPU while idle, in
@@ -416,8 +417,17 @@ class Sweep(object):
                         cell = 'error' if errors else '-'
                     cells.append(cell)
                 for size in sizes[1:]:
-                    cells.append('%.2f×' % (medians[size] / medians[base])
-                                 if size in medians and base in medians else '-')
+                    # Paired: this size against 2 hosts in the same round (seconds
+                    # apart), then the median over rounds; steadier than a ratio
+                    # of medians when the machine's load drifts.
+                    ratios = []
+                    for round_no in range(1, self.args.rounds + 1):
+                        pair = [x['cpu_us'] for s in (size, base) for x in self.results
+                                if x['target'] == target and x['row'] == row and x['size'] == s
+                                and x['round'] == round_no and 'cpu_us' in x]
+                        if len(pair) == 2:
+                            ratios.append(pair[0] / pair[1])
+                    cells.append('%.2f×' % statistics.median(ratios) if ratios else '-')
                 lines.append('| ' + ' | '.join(cells) + ' |')
         if self.idle:
             lines.append('')
