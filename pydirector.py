@@ -929,6 +929,7 @@ class _ConfigReader(object):
         self.lines = lines
         self.listens = {}       # address_key -> [(who, Listen or None for the admin)]
         self.matchers = {}      # address_key -> SniMatcher of the service names there
+        self.service_names = set()  # for duplicates, without a scan per service
 
     def error(self, elem, message):
         return ConfigError(message, self.path, self.lines.get(elem))
@@ -1067,10 +1068,12 @@ class _ConfigReader(object):
     def service(self, elem, services):
         self.attrs(elem, ('maxconns', 'name'), ('name',))
         name = self.name(elem, 'service name', elem.get('name'))
-        if any(s.name == name for s in services):
+        if name in self.service_names:
             raise self.error(elem, f'duplicate service {name!r}')
+        self.service_names.add(name)
         maxconns = self.integer(elem, 'maxconns', 0, 0)
         listens, groups, enable, check, timeouts, acl = [], [], None, None, None, []
+        group_names = set()
         for tag, child in self.children(elem):
             if tag == 'listen':
                 listens.append(self.listen(child, name))
@@ -1082,8 +1085,9 @@ class _ConfigReader(object):
                     raise self.error(child, f'<{tag}> cidr {e}') from None
             elif tag == 'group':
                 group = self.group(child)
-                if any(g.name == group.name for g in groups):
+                if group.name in group_names:
                     raise self.error(child, f'service {name!r}: duplicate group {group.name!r}')
+                group_names.add(group.name)
                 groups.append(group)
             elif tag == 'enable':
                 if enable is not None:
@@ -1141,14 +1145,19 @@ class _ConfigReader(object):
         except ValueError as e:
             raise self.error(elem, f'group {name!r}: {e}') from None
         hosts = []
+        # Dicts, not a scan per host, so a group of 10,000 loads in linear
+        # time; when a host clashes twice, the earlier host is named, as a scan would.
+        by_name, by_ip = {}, {}
         for index, (_, child) in enumerate(self.children(elem)):
             host = self.host(child, index)
-            for other in hosts:
-                if other.name == host.name:
-                    raise self.error(child, f'group {name!r}: duplicate host {host.name!r}')
-                if (other.host.lower(), other.port) == (host.host.lower(), host.port):
-                    raise self.error(child, f'group {name!r}: hosts {other.name!r} and '
-                                            f'{host.name!r} have the same ip {host.ip!r}')
+            ip_key = address_key(host.host, host.port)     # as addHost compares them
+            same_name, same_ip = by_name.get(host.name), by_ip.get(ip_key)
+            if same_name is not None and (same_ip is None or same_name[0] <= same_ip[0]):
+                raise self.error(child, f'group {name!r}: duplicate host {host.name!r}')
+            if same_ip is not None:
+                raise self.error(child, f'group {name!r}: hosts {same_ip[1].name!r} and '
+                                        f'{host.name!r} have the same ip {host.ip!r}')
+            by_name[host.name] = by_ip[ip_key] = (index, host)
             hosts.append(host)
         return Group(name, scheduler, hosts, self.lines[elem])
 
@@ -4298,12 +4307,13 @@ class Reload(object):
                 for what in ('weight', 'maxconns', 'send_proxy'):
                     value = getattr(host_config, what)
                     if getattr(host, what) != value:
-                        setattr(host, what, value)
                         changes.append('host %s %s %s' % (name, what, value))
+                # Through the scheduler: it keeps its own structures over weights and limits.
+                scheduler.update_host(host, weight=host_config.weight, maxconns=host_config.maxconns)
+                host.send_proxy = host_config.send_proxy
         if diff.reordered or added:
             # The file's order is the scheduler's order (roundrobin ties, leastconns ties).
-            order = dict((h.name, index) for index, h in enumerate(config.hosts))
-            scheduler.hosts.sort(key=lambda h: order[h.name])
+            scheduler.reorder([h.name for h in config.hosts])
         return changes
 
     def _retire_service(self, service):
