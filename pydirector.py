@@ -3863,11 +3863,13 @@ class AdminError(Exception):
 
 
 class RunningGroup(object):
-    """A group of hosts at run time: its name and its scheduler (which holds the hosts)."""
+    """A group of hosts at run time: its name, its scheduler (which holds the
+    hosts), and its hosts by address_key, so addHost finds a duplicate at once."""
 
     def __init__(self, name, scheduler):
         self.name = name
         self.scheduler = scheduler
+        self.addresses = dict((address_key(*parse_address(h.ip)), h) for h in scheduler.hosts)
 
     def __repr__(self):
         return '<RunningGroup %s %s>' % (self.name, self.scheduler.spec)
@@ -4008,6 +4010,7 @@ class Health(object):
         heap = self.heap
         states = self.states
         due = []
+        dark = {}
         while heap and heap[0][0] <= now:
             when, _, state = heapq.heappop(heap)
             host = state.host
@@ -4017,7 +4020,7 @@ class Health(object):
             if host.health == schedulers.UP and state.service.check is None:
                 continue    # nothing to check until a failed connect takes it down
             interval = check.interval
-            if host.health == schedulers.DOWN and self._group_is_dark(state.service, state.group):
+            if host.health == schedulers.DOWN and self._group_is_dark(state.service, state.group, dark):
                 interval = min(interval, DARK_INTERVAL)
             state.next_due = now + interval     # rescheduled when the result comes
             state.in_flight = True
@@ -4025,11 +4028,16 @@ class Health(object):
             due.append((host, name, port, check))
         return due
 
-    def _group_is_dark(self, service, group):
-        """The enabled group has no host up: its hosts are probed every second."""
+    def _group_is_dark(self, service, group, seen):
+        """The enabled group has no host up: its hosts are probed every second.
+        seen keeps the answer per group for one tick: a dark group of thousands
+        would otherwise be scanned once per host due."""
         if service.enabled is not group:
             return False
-        return not any(h.health == schedulers.UP for h in group.scheduler.hosts)
+        dark = seen.get(group)
+        if dark is None:
+            dark = seen[group] = not any(h.health == schedulers.UP for h in group.scheduler.hosts)
+        return dark
 
     def result(self, host, ok, reason, address):
         """A probe's outcome, from the manager."""
@@ -4393,10 +4401,9 @@ class Actions(object):
             raise AdminError(400, str(e))
         if group.scheduler.get_host(name) is not None:
             raise AdminError(409, 'host %r already exists in %s/%s' % (name, service.name, group.name))
-        key = address_key(new.host, new.port)
-        for other in group.scheduler.hosts:
-            if address_key(*parse_address(other.ip)) == key:   # as the config refuses: running.xml must load
-                raise AdminError(409, 'host %s in %s/%s already has ip %s' % (other.name, service.name, group.name, ip))
+        other = group.addresses.get(address_key(new.host, new.port))
+        if other is not None:   # as the config refuses: running.xml must load
+            raise AdminError(409, 'host %s in %s/%s already has ip %s' % (other.name, service.name, group.name, ip))
         self.add_running_host(service, group, new, resolve_names=False)
         log.info('host %s (%s) added to %s/%s', name, ip, service.name, group.name)
         return 'added host %s (%s) to %s/%s' % (name, ip, service.name, group.name)
@@ -4805,12 +4812,14 @@ class Director(Actions):
     def add_running_host(self, service, group, config, resolve_names):
         host = self.running_host(config, resolve_names)
         group.scheduler.add_host(host)
+        group.addresses[address_key(config.host, config.port)] = host
         self.health.watch(service, group, host)
         return host
 
     def remove_host(self, service, group, host):
         # Open connections keep their Host object and finish; the scheduler just stops offering it.
         group.scheduler.remove_host(host.name)
+        group.addresses.pop(address_key(*parse_address(host.ip)), None)
         self.health.forget(host)
         log.info('host %s (%s) removed from %s/%s (%d connection(s) left to finish)',
                  host.name, host.ip, service.name, group.name, host.open)
