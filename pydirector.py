@@ -2565,7 +2565,7 @@ class AccessLog(object):
     def __init__(self, loop):
         self.loop = loop
         self.enabled = True
-        self.kept = []              # per closed pair: the fields of its line
+        self.kept = []              # (closed Pair or TLSHelloReader, how it ended, loop time)
         self.timer = None
         self.logger = logging.getLogger('pydirector.access')
         self.escaped = {}           # text -> log_value(text), for names and addresses
@@ -2580,11 +2580,9 @@ class AccessLog(object):
         return escaped
 
     def connection(self, pair, how):
-        """Keep what a line says of a closed pair; it is formatted when written."""
+        """Keep a closed pair for its line, formatted when the batch is written."""
         loop = self.loop
-        self.kept.append((loop.now, pair.service.name, pair.client_ip, pair.client_port, pair.sni, pair.host or (
-            pair.tried[-1] if pair.tried else None), len(pair.tried), pair.bytes_in, pair.bytes_out,
-            loop.now - pair.started, how))
+        self.kept.append((pair, how, loop.now))
         if self.timer is None:
             self.timer = loop.call_later(ACCESS_FLUSH, self.flush)
 
@@ -2592,13 +2590,15 @@ class AccessLog(object):
         """A client of a listen with sni closed before any service was chosen
         (a TLSHelloReader): service=-, and bytes_in the bytes it sent, none relayed."""
         loop = self.loop
-        self.kept.append((loop.now, '-', reader.client_ip, reader.client_port, reader.sni, None, 0,
-                          reader.received, 0, loop.now - reader.started, how))
+        self.kept.append((reader, how, loop.now))
         if self.timer is None:
             self.timer = loop.call_later(ACCESS_FLUSH, self.flush)
 
+    PREFIX = len('2026-12-01 21:40:00,123 INFO ')
+
     def take_lines(self):
-        """[(epoch time, message)] for what was kept, which is forgotten."""
+        """The kept connections' lines, whole ('DATE TIME,MS INFO access ...\n'), which
+        are forgotten.  One format per line: this is the access log's whole cost."""
         kept, self.kept = self.kept, []
         value = self.value
         escaped = self.escaped
@@ -2608,17 +2608,32 @@ class AccessLog(object):
         offset = time.time() - time.monotonic()     # loop time -> wall time
         lines = []
         append = lines.append
-        for now, service, ip, port, sni, host, tried, bytes_in, bytes_out, duration, how in kept:
+        second, date = None, ''
+        for pair, how, now in kept:
+            when = now + offset
+            if int(when) != second:
+                second = int(when)
+                date = clock_text(second)[:-4]      # without its ',mmm'
+            if type(pair) is Pair:
+                host = pair.host or (pair.tried[-1] if pair.tried else None)
+                service = pair.service.name
+                failovers = len(pair.tried) - 1 if pair.tried else 0
+                bytes_in, bytes_out = pair.bytes_in, pair.bytes_out
+            else:   # a TLSHelloReader: no service, nothing relayed
+                host, service, failovers, bytes_in, bytes_out = None, '-', 0, pair.received, 0
             host_text = hosts.get(host)
             if host_text is None:
                 host_text = hosts[host] = ('host=%s backend=%s' % (value(host.name), value(host.ip)) if host
                                            else 'host=- backend=-')
+            ip = pair.client_ip
+            sni = pair.sni
             # The client's address came from the kernel or a checked PROXY header: always plain.
-            append((now + offset, 'access service=%s client=%s sni=%s %s failovers=%d '
-                    'bytes_in=%d bytes_out=%d duration=%.3f end=%s' % (
-                        escaped.get(service) or value(service), ('[%s]:%d' if ':' in ip else '%s:%d') % (ip, port),
-                        '-' if sni is None else value(sni), host_text, tried - 1 if tried else 0,
-                        bytes_in, bytes_out, duration, how)))
+            append('%s,%03d INFO access service=%s client=%s:%d sni=%s %s failovers=%d bytes_in=%d '
+                   'bytes_out=%d duration=%.3f end=%s\n' % (
+                       date, (when - second) * 1000, escaped.get(service) or value(service),
+                       '[%s]' % ip if ':' in ip else ip, pair.client_port,
+                       '-' if sni is None else value(sni), host_text, failovers,
+                       bytes_in, bytes_out, now - pair.started, how))
         return lines
 
     def flush(self):
@@ -2636,12 +2651,11 @@ class AccessLog(object):
                 if isinstance(handler, logging.StreamHandler) and type(handler.formatter) is LogFormatter:
                     self.write_stream(handler, lines)
                 elif isinstance(handler, logging.handlers.SysLogHandler):
-                    self.write_syslog(handler, lines)
+                    self.write_syslog(handler, [line[self.PREFIX:-1] for line in lines])
                 else:
-                    for when, message in lines:
-                        record = self.logger.makeRecord(self.logger.name, logging.INFO, '', 0, message, (), None)
-                        record.created = when
-                        record.msecs = (when - int(when)) * 1000
+                    for line in lines:
+                        record = self.logger.makeRecord(self.logger.name, logging.INFO, '', 0,
+                                                        line[self.PREFIX:-1], (), None)
                         handler.handle(record)
             except Exception:
                 handler.handleError(None)
@@ -2662,14 +2676,7 @@ class AccessLog(object):
         """The batch in as few writes as keep every line whole: one to a file (opened
         O_APPEND, where one write lands whole whoever else appends), pieces of at most
         PIPE_BUF bytes at line ends to a pipe or terminal (stderr under systemd)."""
-        out = []
-        second, date = None, ''
-        for when, message in lines:
-            if int(when) != second:
-                second = int(when)
-                date = clock_text(second)[:-4]      # without its ',mmm'
-            out.append('%s,%03d INFO %s\n' % (date, (when - second) * 1000, message))
-        data = ''.join(out).encode('utf-8')
+        data = ''.join(lines).encode('utf-8')
         handler.acquire()
         try:
             stream = handler.stream
@@ -2703,7 +2710,7 @@ class AccessLog(object):
         end = '\000' if handler.append_nul else ''
         handler.acquire()
         try:
-            for _, message in lines:
+            for message in lines:
                 data = (prefix + message + end).encode('utf-8')
                 if handler.unixsocket:
                     try:
