@@ -1036,10 +1036,13 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
         if action.prepare is not None:
             p = action.prepare(p)
         # The parameter names are the Director method's own.
-        method = getattr(self.server.director, action.method)
-        if not action.on_loop:
-            return method(**p)
-        return self.call(method, **p)
+        director = self.server.director
+        method = getattr(director, action.method)
+        result = method(**p) if not action.on_loop else self.call(method, **p)
+        if director.workers is not None:
+            # A master: the answer waits until every live worker has made the change too.
+            director.workers.sync(self.server.loop_timeout)
+        return result
 
     # -- request pieces -----------------------------------------------------
 

@@ -253,6 +253,23 @@ class Scheduler(object):
     def sticky_size(self):
         return len(self._sticky)
 
+    def sticky_host(self, client_ip):
+        """The host client_ip's sticky entry names (live or expired), or None."""
+        entry = self._sticky.get(client_ip)
+        return entry[0] if entry is not None else None
+
+    def stick(self, client_ip, host, last_used):
+        """Take an entry made elsewhere (another process of the same balancer):
+        client_ip goes to host, as if picked at last_used (by ``clock``)."""
+        if self._by_name.get(host.name) is not host:
+            return
+        self._remember(client_ip, host, last_used)
+        self._trim_sticky()
+
+    def sticky_entries(self):
+        """[(client_ip, host, last_used)], the least recently used first."""
+        return [(ip, host, used) for ip, (host, used) in self._sticky.items()]
+
     # -- explaining --------------------------------------------------------
     #
     # explain() answers "where would this client go now, and why?" for the
