@@ -3604,7 +3604,6 @@ class Pair(object):
         if self.client_events:
             self.loop.forget(self.client_fd)
             self.client_events = 0
-        self.client_sock.close()
         host = self.host
         if host is not None:
             self.group.scheduler.connection_ended(host)
@@ -3617,6 +3616,8 @@ class Pair(object):
         if self.splice_down is not None:
             self.splice_down.close()
         self.director.pair_closed(self, how)
+        # Last: once the client sees its end, the counters (a worker's shared ones too) say so.
+        self.client_sock.close()
 
 
 class Splice(object):
@@ -5214,10 +5215,10 @@ class Director(Actions):
         self.pairs.discard(pair)
         service = pair.service
         service.open -= 1
-        if self.shared is not None:
-            self.shared.closed(pair)
         if service.queue and pair.host is not None:
             self._serve_queue(service)
+        if self.shared is not None:
+            self.shared.closed(pair)
         if self.access.enabled:
             self.access.connection(pair, how)
         if self.stopping and not self.pairs:
@@ -5272,6 +5273,8 @@ class Channel(object):
         self.events = EVENT_READ
         self.closed = False
         loop.add(self.fd, EVENT_READ, self._on_event)
+        if inbox:
+            loop.call_soon(self._deliver)   # read with the first message: no event will say so
 
     def __repr__(self):
         return '<Channel fd %d>' % self.fd
@@ -5517,7 +5520,7 @@ class SharedCounters(object):
             self.view.release()
             self.memory.close()
             self.view = None
-        os.close(self.fd)
+            os.close(self.fd)
 
 
 _ZERO_LINE = memoryview(bytes(COUNTER_FIELDS * 8)).cast('q')
@@ -5550,6 +5553,7 @@ class WorkerCounts(object):
         self.elsewhere = {}     # running object -> [the index of its line in each other row]
         self.others = {}        # host -> the other workers' open connections to it, as last read
         self.aware = []         # hosts whose load other workers need (maxconns, leastconns)
+        self.counted_services = []
         self.ticks = 0
         self.seen = None        # what the director had counted at the last tick
         self.seen_full = None
@@ -5587,6 +5591,7 @@ class WorkerCounts(object):
             self.slot_of[thing] = slot
             self.own[thing] = shared.line(slot, row)
             self.elsewhere[thing] = [shared.line(slot, r) for r in range(shared.rows - 1) if r != row]
+        self.counted_services = [s for s in self.director.services.values() if s in self.own]
         for service in self.director.services.values():
             for group in service.groups.values():
                 load_aware = group.scheduler.name in LOAD_AWARE
@@ -5725,6 +5730,7 @@ class WorkerCounts(object):
         if now != self.seen:
             self.seen = now
             self.publish_open(self.aware)
+            self.publish(self.counted_services)
         if self.ticks % self.TICKS_FULL == 0 and now != self.seen_full:
             self.seen_full = now
             self.publish(list(self.slot_of))
@@ -5735,6 +5741,7 @@ class WorkerCounts(object):
         for service in director.services.values():
             if service.queue:
                 director._serve_queue(service)
+                self.publish((service,))
         self.timer = director.loop.call_later(self.TICK, self.tick)
 
     def stop(self):

@@ -312,6 +312,8 @@ class WorkerLog(object):
             return f.read().decode('utf-8', 'replace')
 
     def close(self):
+        if self.stopping.is_set():
+            return
         self.stopping.set()
         self.thread.join(10)
         self.read()
