@@ -3776,6 +3776,11 @@ def probe(host, port, timeout, send=None, expect=None, status=None):
         sock.close()
 
 
+# Looked up now: concurrent.futures imports it at first use, which fails (a dead
+# manager, no more probes) when the process has just run out of file descriptors.
+ThreadPoolExecutor = concurrent.futures.ThreadPoolExecutor
+
+
 class Manager(threading.Thread):
     """Runs the probes the director says are due and hands each result back to the loop."""
 
@@ -3786,7 +3791,7 @@ class Manager(threading.Thread):
 
     def run(self):
         loop = self.director.loop
-        with concurrent.futures.ThreadPoolExecutor(PROBE_WORKERS) as pool:
+        with ThreadPoolExecutor(PROBE_WORKERS) as pool:
             while not self.stopped.wait(MANAGER_TICK):
                 try:
                     due = loop.call(self.director.health.due)

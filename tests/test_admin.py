@@ -717,7 +717,8 @@ class ReloadTest(AdminCase):
         self.listen = free_port()
         self.admin = admin_xml()
         self.write(service_xml([('n1', self.n1.address)], listen_port=self.listen))
-        self.bal = self.start(open(self.path).read(), path=self.path)
+        with open(self.path) as f:
+            self.bal = self.start(f.read(), path=self.path)
         self.start_admin()
 
     def write(self, service):
