@@ -5189,9 +5189,12 @@ class Director(Actions):
             self._serve_queue(service)
 
     def _serve_queue(self, service):
-        """Hand freed slots to waiting clients, first come first served."""
+        """Hand freed slots to waiting clients, first come first served (in a worker:
+        across workers, so a place goes to another's client that has waited longer)."""
         queue = service.queue
-        while queue and not service.enabled.scheduler.full_only(()):
+        shared = self.shared
+        while queue and not service.enabled.scheduler.full_only(()) and (
+                shared is None or shared.first_in_line(service)):
             queue.popleft().leave_queue()
 
     def end_switch(self, service):
@@ -5416,9 +5419,10 @@ class Channel(object):
 COUNTER_FIELDS = 16     # 128 bytes: two cache lines of its own, so no two processes write one
 HOST_OPEN, HOST_TOTAL, HOST_BYTES_IN, HOST_BYTES_OUT = 0, 1, 2, 3
 SERVICE_OPEN, SERVICE_ACCEPTED, SERVICE_FAILOVERS, SERVICE_REFUSED, SERVICE_DENIED, SERVICE_QUEUED = range(6)
+SERVICE_HEAD = 6        # when the first client of this process's queue came (monotonic µs; 0: none)
 ADDRESS_READING, ADDRESS_UNMATCHED = 0, 1      # then ADDRESS_BAD + i for HELLO_PROBLEMS[i]
 ADDRESS_BAD = 2
-GAUGES = {'host': (HOST_OPEN,), 'service': (SERVICE_OPEN, SERVICE_QUEUED), 'address': (ADDRESS_READING,)}
+GAUGES = {'host': (HOST_OPEN,), 'service': (SERVICE_OPEN, SERVICE_QUEUED, SERVICE_HEAD), 'address': (ADDRESS_READING,)}
 
 
 class SharedCounters(object):
@@ -5531,6 +5535,12 @@ class SharedCounters(object):
 _ZERO_LINE = memoryview(bytes(COUNTER_FIELDS * 8)).cast('q')
 
 LOAD_AWARE = ('leastconns', 'leastconnsrr')   # schedulers whose picks read every host's open count
+
+
+def queue_head(service):
+    """When the first client in a service's queue was accepted, in µs of the monotonic
+    clock (one clock for every process on Linux), or 0: the queue is empty."""
+    return int(service.queue[0].started * 1e6) if service.queue else 0
 
 
 class WorkerCounts(object):
@@ -5666,6 +5676,20 @@ class WorkerCounts(object):
         finally:
             shared.unlock(slot)
 
+    def first_in_line(self, service):
+        """Whether this worker's first queued client has waited longest of any worker's
+        (as far as their rows said at their last tick): only then may it take a free place."""
+        at = self.own.get(service)
+        if at is None:
+            return True
+        view = self.shared.view
+        head = view[at + SERVICE_HEAD] = queue_head(service)
+        for other in self.elsewhere[service]:
+            theirs = view[other + SERVICE_HEAD]
+            if theirs and theirs < head:
+                return False
+        return True
+
     # -- writing our row --------------------------------------------------------
 
     def closed(self, pair):
@@ -5679,6 +5703,7 @@ class WorkerCounts(object):
             view[at + SERVICE_REFUSED] = service.refused
             view[at + SERVICE_DENIED] = service.denied
             view[at + SERVICE_QUEUED] = len(service.queue)
+            view[at + SERVICE_HEAD] = queue_head(service)
             view[at + SERVICE_OPEN] = service.open
         host = pair.host
         if host is not None:
@@ -5709,6 +5734,7 @@ class WorkerCounts(object):
                 view[at + SERVICE_REFUSED] = thing.refused
                 view[at + SERVICE_DENIED] = thing.denied
                 view[at + SERVICE_QUEUED] = len(thing.queue)
+                view[at + SERVICE_HEAD] = queue_head(thing)
                 view[at + SERVICE_OPEN] = thing.open
             else:
                 if reading is None:
