@@ -2612,6 +2612,7 @@ class AccessLog(object):
         self.timer = None
         self.logger = logging.getLogger('pydirector.access')
         self.escaped = {}           # text -> log_value(text), for names and addresses
+        self.host_texts = {}        # Host -> its 'host=NAME backend=IP:PORT', escaped
 
     def value(self, text):
         escaped = self.escaped.get(text)
@@ -2643,16 +2644,24 @@ class AccessLog(object):
         """[(epoch time, message)] for what was kept, which is forgotten."""
         kept, self.kept = self.kept, []
         value = self.value
+        escaped = self.escaped
+        hosts = self.host_texts
+        if len(hosts) > 10000:
+            hosts.clear()
         offset = time.time() - time.monotonic()     # loop time -> wall time
         lines = []
+        append = lines.append
         for now, service, ip, port, sni, host, tried, bytes_in, bytes_out, duration, how in kept:
+            host_text = hosts.get(host)
+            if host_text is None:
+                host_text = hosts[host] = ('host=%s backend=%s' % (value(host.name), value(host.ip)) if host
+                                           else 'host=- backend=-')
             # The client's address came from the kernel or a checked PROXY header: always plain.
-            lines.append((now + offset, 'access service=%s client=%s sni=%s host=%s backend=%s failovers=%d '
-                          'bytes_in=%d bytes_out=%d duration=%.3f end=%s' % (
-                              value(service), ('[%s]:%d' if ':' in ip else '%s:%d') % (ip, port),
-                              value(sni) if sni is not None else '-',
-                              value(host.name) if host else '-', value(host.ip) if host else '-',
-                              tried - 1 if tried else 0, bytes_in, bytes_out, duration, how)))
+            append((now + offset, 'access service=%s client=%s sni=%s %s failovers=%d '
+                    'bytes_in=%d bytes_out=%d duration=%.3f end=%s' % (
+                        escaped.get(service) or value(service), ('[%s]:%d' if ':' in ip else '%s:%d') % (ip, port),
+                        '-' if sni is None else value(sni), host_text, tried - 1 if tried else 0,
+                        bytes_in, bytes_out, duration, how)))
         return lines
 
     def flush(self):
@@ -2696,7 +2705,14 @@ class AccessLog(object):
         """The batch in as few writes as keep every line whole: one to a file (opened
         O_APPEND, where one write lands whole whoever else appends), pieces of at most
         PIPE_BUF bytes at line ends to a pipe or terminal (stderr under systemd)."""
-        data = ''.join('%s INFO %s\n' % (clock_text(when), message) for when, message in lines).encode('utf-8')
+        out = []
+        second, date = None, ''
+        for when, message in lines:
+            if int(when) != second:
+                second = int(when)
+                date = clock_text(second)[:-4]      # without its ',mmm'
+            out.append('%s,%03d INFO %s\n' % (date, (when - second) * 1000, message))
+        data = ''.join(out).encode('utf-8')
         handler.acquire()
         try:
             stream = handler.stream

@@ -224,7 +224,7 @@ class TestOutOfFileDescriptors(BalancerCase):
                     return sock.recv(10) == b'back'
             except OSError:
                 return False
-        wait_until(echoed, 2, interval=0.05)
+        wait_until(echoed, 10, interval=0.05)
         wait_until(lambda: 'accepting again' in proc.output())
         self.assertNotIn('Traceback', proc.output())
 

@@ -687,7 +687,7 @@ class AdminRegressionTest(AdminCase):
         started = time.monotonic()
         response = self.get('/running.txt', timeout=5)
         self.assertEqual(response.status, 200, response)
-        self.assertLess(time.monotonic() - started, 0.5)
+        self.assertLess(time.monotonic() - started, 5)    # not behind the slow ones (10 s each)
 
 if __name__ == '__main__':
     unittest.main()

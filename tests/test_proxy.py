@@ -190,7 +190,7 @@ class TestFailover(ProxyTestCase):
         sock.close()
         self.assertEqual(answer, digest(b'held while the first host stays silent'))
         self.assertGreater(elapsed, 0.25)
-        self.assertLess(elapsed, 3)
+        self.assertLess(elapsed, 8)      # failed over, not held to the client's 10 s
         LOG.wait_for('host one (%s) in web/main down: connect timeout' % hole.address, self.mark)
 
     def test_connect_timeout_is_not_an_idle_timeout(self):
@@ -329,7 +329,7 @@ class TestHalfCloseAndResets(ProxyTestCase):
         with self.assertRaises(ConnectionResetError):
             while sock.recv(100):
                 pass
-        self.assertLess(time.monotonic() - started, 2)
+        self.assertLess(time.monotonic() - started, 5)  # passed on, not left to a timeout
         sock.close()
         wait_until(lambda: self.balancer.open_pairs() == 0)
 
