@@ -8,7 +8,7 @@ A revival of Python Director (Anthony Baxter, 2002-2004).
     python3 pydirector.py -c sample.xml
 
 Sections, in the order a reader meets them: Config, Loop, Proxying, Manager,
-Director, Command line.
+Director, Workers (a master and worker processes), Command line.
 """
 
 import argparse
@@ -5270,6 +5270,7 @@ class Director(Actions):
 CHANNEL_MAX = 256 << 20     # bytes of one message (a config with many hosts and sticky entries)
 CHANNEL_READ = 262144       # bytes one read takes
 CHANNEL_FDS = 64            # file descriptors one read may bring (listening sockets)
+CHANNEL_BACKLOG = 64 << 20  # bytes waiting for a peer that does not read: past it, the peer is given up
 
 
 class Channel(object):
@@ -5294,6 +5295,7 @@ class Channel(object):
         self.inbox = bytearray(inbox)
         self.fds = []                       # received, not yet taken by a message
         self.outbox = collections.deque()   # [data, fds] the kernel has not taken yet
+        self.waiting = 0                    # bytes in the outbox
         self.events = EVENT_READ
         self.closed = False
         loop.add(self.fd, EVENT_READ, self._on_event)
@@ -5308,8 +5310,13 @@ class Channel(object):
             return
         data = json.dumps(message, separators=(',', ':')).encode('utf-8')
         self.outbox.append([len(data).to_bytes(4, 'big') + data, list(fds)])
+        self.waiting += len(data) + 4
         if len(self.outbox) == 1:
             self._flush()
+        elif self.waiting > CHANNEL_BACKLOG:
+            # A peer that reads nothing (stopped, stuck): memory is not to grow without end.
+            log.error('%r: %d bytes wait for a peer that does not read; giving it up', self, self.waiting)
+            self.lost()
 
     def _flush(self):
         outbox = self.outbox
@@ -5327,6 +5334,7 @@ class Channel(object):
             except OSError:
                 self.lost()
                 return
+            self.waiting -= sent
             if sent < len(data):
                 outbox[0][0] = memoryview(data)[sent:]
                 break
@@ -5410,6 +5418,7 @@ class Channel(object):
             os.close(fd)
         self.fds = []
         self.outbox.clear()
+        self.waiting = 0
 
     close_on_error = lost
 
@@ -6097,6 +6106,7 @@ class Master(object):
         self.slot_of = {}               # the master's running object -> slot
         self.kind_of = {}               # slot -> 'host', 'service' or 'address'
         self.free = []                  # [(seq, slot)]: reusable once every worker applied seq
+        self.freed = []                 # slots of things gone, until the message telling of it is sent
         self.next_slot = 0
         self.sent_listeners = set()
         self.shared = SharedCounters.create(count + 1, max(256, 2 * len(self.things())))
@@ -6227,6 +6237,9 @@ class Master(object):
         for worker in self.workers:
             if worker.channel is not None:
                 worker.channel.send(message, fds)
+        if 'slots' in message:      # the change that freed them: once applied everywhere, reusable
+            self.free.extend((self.seq, slot) for slot in self.freed)
+            self.freed = []
         return self.seq
 
     def replay(self, method, args, kwargs):
@@ -6369,7 +6382,7 @@ class Master(object):
         things = self.things()
         current = set(thing for thing, _, _ in things)
         for thing in [t for t in self.slot_of if t not in current]:
-            self.free.append((self.seq + 1, self.slot_of.pop(thing)))
+            self.freed.append(self.slot_of.pop(thing))
         applied = min([w.acked for w in self.workers if w.channel is not None] or [self.seq])
         new = {}
         for thing, kind, names in things:
