@@ -365,6 +365,12 @@ class Balancer(object):
     def worker_pids(self):
         return [w.pid for w in self.master.workers]
 
+    def sync(self):
+        """With workers: return once each has applied what the master has told it so far
+        (a state change its checks made, say); at once without."""
+        if self.master is not None:
+            self.master.sync(10)
+
     def snapshot(self):
         return self.call(self.director.snapshot)
 

@@ -694,6 +694,7 @@ class TestFaults(FaultCase):
         for hole, name in zip(holes, ('one', 'two')):
             LOG.wait_for('host %s (%s) in web/main up: answered 2 probe(s)' % (name, hole.address),
                          self.mark, timeout=10)
+        self.balancer.sync()
         for i in range(4):
             self.assertTrue(echoes(port, pseudo_random(5000, 1400 + i)))
         least = 1 if self.workers else 2    # each worker keeps its own rotation
@@ -888,6 +889,7 @@ class TestFaults(FaultCase):
             resolvable.clear()
             LOG.wait_for('host flaky (flaky.test:%d) in web/main down: cannot resolve flaky.test'
                          % spare.port, self.mark)
+            self.balancer.sync()
             for i in range(4):
                 self.assertTrue(echoes(port, pseudo_random(2000, 2010 + i)))
             self.assertEqual(self.balancer.host('flaky')['total'], totals[2])
