@@ -5985,8 +5985,8 @@ def apply_host_states(director, states):
 def run_worker(channel_fd, verbose=False):
     """`pydirector.py --worker FD`, as the master spawns it: FD is this worker's end
     of its channel; the first message says the rest.  Returns the exit status."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, channel_fd)
     try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, channel_fd)
         first, inbox = Channel.receive(sock, WORKER_FIRST_MESSAGE)
         config = parse_config(first['xml'], first['path'])
     except (OSError, ValueError, ConfigError, KeyError) as e:

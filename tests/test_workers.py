@@ -478,6 +478,65 @@ class LogTest(WorkersCase):
             [l for l in lines() if 'client=127.0.0.1:%d ' % p in l] for p in ports))
 
 
+class ChannelTest(BalancerCase):
+    """The master-worker channel on a real socketpair and two loops."""
+
+    def loop(self):
+        loop = pydirector.Loop()
+        thread = threading.Thread(target=loop.run, daemon=True)
+        thread.start()
+        wait_until(lambda: loop.thread_ident is not None)
+
+        def stop():
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(5)
+            loop.close()
+        self.addCleanup(stop)
+        return loop
+
+    def pair(self):
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        got, lost = [], []
+        sender_loop, receiver_loop = self.loop(), self.loop()
+        sender = sender_loop.call(pydirector.Channel, sender_loop, a, lambda m, fds: None, lambda: lost.append('a'))
+        receiver = receiver_loop.call(pydirector.Channel, receiver_loop, b, lambda m, fds: got.append((m, fds)),
+                                      lambda: lost.append('b'))
+        self.addCleanup(receiver_loop.call, receiver.close)
+        self.addCleanup(sender_loop.call, sender.close)
+        return sender_loop, sender, receiver_loop, receiver, got, lost
+
+    def test_messages_whole_and_in_order_with_sockets_along(self):
+        sender_loop, sender, _, _, got, lost = self.pair()
+        big = 'x' * (8 << 20)       # far more than the socket buffer: sent in pieces as it drains
+        listener = socket.socket()
+        listener.bind(('127.0.0.1', 0))
+        listener.listen(1)
+        self.addCleanup(listener.close)
+
+        def send():
+            sender.send({'n': 0, 'big': big})
+            for n in range(1, 500):
+                sender.send({'n': n})
+            sender.send({'n': 500, 'fds': 1}, [listener.fileno()])
+        sender_loop.call(send)
+        wait_until(lambda: len(got) == 501, 30)
+        self.assertEqual([m['n'] for m, _ in got], list(range(501)))
+        self.assertEqual(got[0][0]['big'], big)
+        self.assertEqual([len(fds) for _, fds in got], [0] * 500 + [1])
+        received = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, got[-1][1][0])
+        self.addCleanup(received.close)
+        self.assertEqual(received.getsockname(), listener.getsockname())   # the same socket, another fd
+        self.assertEqual(lost, [])
+
+    def test_a_bad_length_or_a_closed_peer_is_lost_once(self):
+        _, sender, receiver_loop, receiver, got, lost = self.pair()
+        receiver_loop.call(lambda: sender.sock.send(b'\xff\xff\xff\xff'))     # 4 GiB announced
+        # The receiver gives up on nonsense; the sender then sees its peer close: each once.
+        wait_until(lambda: lost == ['b', 'a'])
+        self.assertEqual(got, [])
+        LOG.wait_for('bad message: a message of 4294967295 bytes', self.mark)
+
+
 class ConfigTest(unittest.TestCase):
 
     def parse(self, attrs):
