@@ -80,10 +80,12 @@ class ConfigError(Exception):
 class Config(object):
     """A whole <pdconfig>: services in file order, the optional admin server,
     logging, how long to let connections drain on shutdown, and the user and
-    group to run as (names or numeric ids as text; None: stay as started)."""
+    group to run as (names or numeric ids as text; None: stay as started).
+    line: where <pdconfig> starts, for errors about its attributes."""
 
     def __init__(self, path=None, services=None, admin=None, logging=None, drain=10.0,
-                 user=None, group=None, workers=None):
+                 user=None, group=None, line=None, workers=None):
+        self.line = line
         self.path = path
         self.workers = workers      # None: one process; a number or 'auto': a master and workers
         self.services = list(services or [])
@@ -1113,7 +1115,7 @@ class _ConfigReader(object):
                 logging_ = self.logging(elem)
         if not services:
             raise self.error(root, '<pdconfig> has no <service>')
-        return Config(self.path, services, admin, logging_, drain, user, group, workers)
+        return Config(self.path, services, admin, logging_, drain, user, group, self.lines[root], workers)
 
     def service(self, elem, services):
         self.attrs(elem, ('maxconns', 'name'), ('name',))
@@ -4831,7 +4833,7 @@ class Actions(object):
             admin = Admin(old.listen, old.host, old.port, list(self.users.values()), old.certfile, old.keyfile,
                           get_changes=old.get_changes)
         return Config(self.config.path, services, admin, self.config.logging, self.config.drain,
-                      self.config.user, self.config.group)
+                      self.config.user, self.config.group, workers=self.config.workers)
 
     def running_xml(self):
         return self.running_config().to_xml()
@@ -6523,20 +6525,41 @@ def summary(config):
     return '\n'.join(lines)
 
 
-def privilege_ids(user, group):
-    """(uid, gid) to switch to, from names or numbers; ValueError says what is unknown."""
+def privilege_ids(config, user=None, group=None):
+    """(uid, gid) to switch to after binding, or None to stay as started: the
+    --user and --group options (user, group) over <pdconfig user= group=>;
+    without a group, the user's own.  A user or group this system does not know
+    is a ConfigError before anything starts, --check included: at <pdconfig>'s
+    line when the file names it, else naming the option."""
     import grp
     import pwd
-    try:
-        entry = pwd.getpwuid(int(user)) if re.match(r'[0-9]+\Z', user) else pwd.getpwnam(user)
-    except KeyError:
-        raise ValueError('no user %r on this system' % user)
-    gid = entry.pw_gid
-    if group:
+    name = user or config.user
+    if not name:
+        return None
+    group_name = group or config.group
+
+    def unknown(what, text, from_file):
+        message = '%s %r: no such %s on this system' % (what, text, what)
+        if from_file:
+            return ConfigError('<pdconfig> ' + message, config.path, config.line)
+        return ConfigError('--' + message)
+
+    def lookup(by_id, by_name, text):
+        # Not on this system, or not a name at all (a NUL, an id past 32 bits on the command line).
         try:
-            gid = grp.getgrgid(int(group)).gr_gid if re.match(r'[0-9]+\Z', group) else grp.getgrnam(group).gr_gid
-        except KeyError:
-            raise ValueError('no group %r on this system' % group)
+            return by_id(int(text)) if re.match(r'[0-9]+\Z', text) else by_name(text)
+        except (KeyError, ValueError, OverflowError):
+            return None
+
+    entry = lookup(pwd.getpwuid, pwd.getpwnam, name)
+    if entry is None:
+        raise unknown('user', name, not user)
+    gid = entry.pw_gid
+    if group_name:
+        group_entry = lookup(grp.getgrgid, grp.getgrnam, group_name)
+        if group_entry is None:
+            raise unknown('group', group_name, not group)
+        gid = group_entry.gr_gid
     return entry.pw_uid, gid
 
 
@@ -6601,20 +6624,14 @@ def main(argv=None):
         return 0
     try:
         config = load_config(args.config)
+        # Here, not at startup only: --check must refuse what startup would.
+        ids = privilege_ids(config, args.user, args.group)
     except ConfigError as e:
         print('pydirector: %s' % e, file=sys.stderr)
         return 1
     if args.check:
         print(summary(config))
         return 0
-    user = args.user or config.user
-    ids = None
-    if user:
-        try:
-            ids = privilege_ids(user, args.group or config.group)
-        except ValueError as e:
-            print('pydirector: %s' % e, file=sys.stderr)
-            return 1
     workers = worker_count(args.workers if args.workers is not None else config.workers)
     lighten_logging()
     setup_logging(config, args.verbose)

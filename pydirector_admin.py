@@ -84,7 +84,9 @@ Security: every request needs HTTP Basic credentials checked against the
 password hashes of the config (pydirector.check_password, deliberately
 slow: successful checks are cached in memory, one check runs at a time,
 and an address whose logins keep failing is told to wait, 429, for a time
-that doubles up to a minute; an unknown user costs what a known one does).  A changing request that
+that doubles up to a minute, its requests held a second first unless they
+carry credentials that passed before; an unknown user costs what a known
+one does).  A changing request that
 a browser marks as cross-site (Sec-Fetch-Site) or whose Origin or Referer
 names another host than Host is refused, so a page elsewhere cannot drive a
 logged-in browser; the status page's own forms POST and pass.  Everything
@@ -182,6 +184,7 @@ PASSWORD_CHECKS = 1           # slow password checks at once: each takes a core 
 PASSWORD_CHECK_WAIT = 5.0     # seconds a request waits for its turn to check; then 503
 FREE_FAILURES = 5             # failed logins from one address before it is slowed down
 MAX_BACKOFF = 60.0            # the longest it is then told to wait (429), doubling from 1 s
+REFUSAL_DELAY = 1.0           # seconds a request from an address told to wait is held before it is answered
 FAILURE_MEMORY = 10000        # client addresses whose failures are remembered
 REALM = 'pydirector'
 HEALTHZ = '/healthz'
@@ -314,6 +317,7 @@ class AdminServer(object):
         self.request_timeout = REQUEST_TIMEOUT
         self.connection_deadline = CONNECTION_DEADLINE
         self.loop_timeout = LOOP_TIMEOUT
+        self.refusal_delay = REFUSAL_DELAY
         self.lock = threading.Lock()
         self.idle = threading.Condition(self.lock)
         self.busy = 0                       # worker threads running
@@ -417,18 +421,20 @@ class PasswordChecks(object):
     """check_password, made safe to offer to anyone who can reach the port.
 
     A check is deliberately slow (PBKDF2, a core for a moment), so: successes
-    are cached (keyed so a changed hash misses), and a cached success passes
+    are cached (a changed hash misses), and a cached success passes at once
     whatever else comes from its address; at most PASSWORD_CHECKS run
     at once, the rest wait their turn (PASSWORD_CHECK_WAIT, then 503); an
     address whose logins fail FREE_FAILURES times is told to wait (429) for a
     time that doubles with each further failure, up to MAX_BACKOFF, without a
-    check being made.  An unknown user costs a full check too, so timing does
+    check being made (and the reader holds such requests REFUSAL_DELAY before
+    a worker answers them, unless passed() says they carry cached
+    credentials).  An unknown user costs a full check too, so timing does
     not tell which names exist, and counts as a failure like any other.
     """
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.cache = set()
+        self.cache = {}         # (user, sha256 of the password) -> the stored hash it passed against
         self.turns = threading.BoundedSemaphore(PASSWORD_CHECKS)
         self.failures = collections.OrderedDict()    # client ip -> [count, blocked until]
         self.unknown_user_hash = None
@@ -444,10 +450,10 @@ class PasswordChecks(object):
     def check(self, ip, name, password, stored):
         """True if password is right for a user whose hash is stored (None: no such user).
         Reply(429) for an address that has failed too often, Reply(503) when no turn came."""
-        key = (name, stored, hashlib.sha256(password.encode('utf-8')).digest()) if stored else None
-        if key is not None:
+        key = (name, hashlib.sha256(password.encode('utf-8')).digest())
+        if stored is not None:
             with self.lock:
-                if key in self.cache:
+                if self.cache.get(key) == stored:
                     return True     # passed before: an operator is never locked out by a flood
         wait = self.blocked_for(ip)
         if wait > 0:
@@ -468,11 +474,19 @@ class PasswordChecks(object):
             if ok:
                 if len(self.cache) >= AUTH_CACHE_SIZE:
                     self.cache.clear()
-                self.cache.add(key)
+                self.cache[key] = stored
                 self.failures.pop(ip, None)
             else:
                 self._failed(ip)
         return ok
+
+    def passed(self, credentials):
+        """Whether (user, password) passed a check before, against whatever hash then."""
+        if credentials is None:
+            return False
+        key = (credentials[0], hashlib.sha256(credentials[1].encode('utf-8')).digest())
+        with self.lock:
+            return key in self.cache
 
     def _failed(self, ip):
         entry = self.failures.pop(ip, None) or [0, 0.0]
@@ -482,6 +496,23 @@ class PasswordChecks(object):
         self.failures[ip] = entry
         while len(self.failures) > FAILURE_MEMORY:
             self.failures.popitem(last=False)
+
+
+def basic_credentials(value):
+    """(user, password) from an Authorization header's value, or None unless it holds Basic ones."""
+    scheme, _, encoded = value.strip().partition(' ')
+    if scheme.lower() != 'basic':
+        return None
+    try:
+        raw = base64.b64decode(encoded.strip(), validate=True)
+    except (ValueError, binascii.Error):
+        return None
+    try:
+        text = raw.decode('utf-8')
+    except UnicodeDecodeError:
+        text = raw.decode('latin-1')
+    name, colon, password = text.partition(':')
+    return (name, password) if colon else None
 
 
 def pending_limit():
@@ -597,6 +628,17 @@ def body_length(headers):
     return length
 
 
+def request_credentials(data, scanner):
+    """The Basic credentials of a whole request (as the reader has it), or None."""
+    if scanner.head_end is None:
+        return None
+    for line in bytes(data[scanner.head_start:scanner.head_end]).split(b'\n'):
+        name, colon, value = line.partition(b':')
+        if colon and name.strip().lower() == b'authorization':
+            return basic_credentials(value.decode('latin-1'))
+    return None
+
+
 def quick_answer(sock, status, message):
     """An error answer from the reader thread, worded as AdminHandler.send_error_text
     words it: one non-blocking send, which a fresh connection always takes."""
@@ -616,7 +658,7 @@ class Pending(object):
     """A connection the reader is still reading a request from."""
 
     __slots__ = ('reader', 'sock', 'fd', 'address', 'data', 'deadline', 'idle_until', 'handshaking',
-                 'events', 'scanner')
+                 'events', 'scanner', 'held')
 
     def __init__(self, reader, sock, address, deadline, idle_until, handshaking):
         self.reader = reader
@@ -627,8 +669,9 @@ class Pending(object):
         self.deadline = deadline          # the connection's own (CONNECTION_DEADLINE)
         self.idle_until = idle_until      # no byte since request_timeout
         self.handshaking = handshaking    # TLS handshake not done yet
-        self.events = EVENT_READ
+        self.events = EVENT_READ          # 0: not watched (a request held back, see hand_over)
         self.scanner = RequestScanner()
+        self.held = False
 
     def __repr__(self):
         return '<admin connection from %s>' % (self.address[0],)
@@ -770,7 +813,7 @@ class RequestReader(object):
     def close(self, sock):
         """Forget a socket, whatever stage it is at, and close it."""
         state = self.pending.pop(sock, None) or self.lingering.pop(sock, None)
-        if state is not None:
+        if state is not None and getattr(state, 'events', True):
             self.loop.forget(state.fd)
         sock.close()
 
@@ -864,6 +907,10 @@ class RequestReader(object):
             if len(data) < 65536 and not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
                 return self.watch(p, EVENT_READ)
 
+    def release(self, p):
+        if self.pending.get(p.sock) is p:   # not closed meanwhile (its deadline, max_pending, a stop)
+            self.hand_over(p)
+
     def watch(self, p, events):
         if p.events != events:
             p.events = events
@@ -877,7 +924,21 @@ class RequestReader(object):
         self.close(p.sock)
 
     def hand_over(self, p):
-        self.loop.remove(p.fd)
+        passwords = self.server.passwords
+        if not p.held and passwords.blocked_for(p.address[0]) > 0:
+            if not passwords.passed(request_credentials(p.data, p.scanner)):
+                # The address is told to wait (429).  Hold its request here a while before
+                # a worker answers it: a client that retries at once then costs a timer,
+                # not a worker and a call to the balancer's loop each time, so a flood of
+                # them leaves the data plane alone.  Credentials that passed before go
+                # through at once: an operator is not slowed down by a flood either.
+                p.held = True
+                self.loop.remove(p.fd)
+                p.events = 0
+                self.loop.call_later(self.server.refusal_delay, self.release, p)
+                return
+        if p.events:
+            self.loop.remove(p.fd)
         del self.pending[p.sock]
         taken = self.server.take(Request(p.sock, p.address, bytes(p.data), p.deadline))
         if not taken:
@@ -1052,21 +1113,11 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
         header = self.headers.get('Authorization')
         if not header:
             raise Reply(401, 'credentials needed', challenge)
-        scheme, _, encoded = header.strip().partition(' ')
-        try:
-            if scheme.lower() != 'basic':
-                raise ValueError
-            raw = base64.b64decode(encoded.strip(), validate=True)
-        except (ValueError, binascii.Error):
+        credentials = basic_credentials(header)
+        if credentials is None:
             log.warning('admin: malformed credentials from %s', self.client_address[0])
             raise Reply(401, 'malformed credentials', challenge)
-        try:
-            text = raw.decode('utf-8')
-        except UnicodeDecodeError:
-            text = raw.decode('latin-1')
-        name, colon, password = text.partition(':')
-        if not colon:
-            raise Reply(401, 'malformed credentials', challenge)
+        name, password = credentials
         stored = access = None
         for user_name, user_hash, user_access in self.call(self.server.director.users_list):
             if user_name == name:
@@ -1646,8 +1697,10 @@ def render_explain(info):
         lines.append('host: none (if allowed: %s %s)' % (t(info['host']), t(info.get('address') or '-')))
     if info.get('reason'):
         lines.append('reason: %s' % t(info['reason']))
-    if info.get('check'):
-        lines.append('check: %s' % t(info['check']))
+    check = info.get('check')
+    if check:
+        # check_text() has escaped the bytes already (\r\n, as the config writes them): not twice.
+        lines.append('check: %s' % (check if check.isprintable() else t(check)))
     sticky = info.get('sticky')
     if sticky:
         expires = sticky.get('expires_in')

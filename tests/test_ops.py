@@ -448,7 +448,7 @@ class TestPrivilegeDrop(BalancerCase):
 
     def test_refuses_to_stay_root_and_unknown_users(self):
         from support import BalancerProcess
-        for user, message in (('root', 'refusing to run as root'), ('no-such-user-here', "no user 'no-such-user-here'")):
+        for user, message in (('root', 'refusing to run as root'), ('no-such-user-here', "<pdconfig> user 'no-such-user-here': no such user on this system")):
             port = free_port()
             proc = BalancerProcess(config_xml(service_xml([('one', '127.0.0.1:1')], listen_port=port), user=user))
             self.addCleanup(proc.close)

@@ -567,6 +567,13 @@ class ConfigTest(unittest.TestCase):
                                                 "sockets, which worker processes need")
         self.assertIsNone(pydirector.workers_unsupported())      # this one has all of it
 
+    def test_running_xml_keeps_workers(self):
+        config = self.parse({'workers': 'auto'})
+        director = pydirector.Director(config, resolve_names=False)
+        self.addCleanup(director.loop.close)
+        self.assertIn('<pdconfig workers="auto">', director.running_xml())
+        self.assertEqual(pydirector.ConfigDiff(director.running_config(), config).settings, [])
+
     def test_a_change_of_workers_is_not_applied(self):
         old, new = self.parse({}), self.parse({'workers': '2'})
         self.assertIn('<pdconfig> workers (default) -> 2', pydirector_admin.plan_changes(old, new).lines()[0])
