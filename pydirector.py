@@ -981,6 +981,7 @@ class _ConfigReader(object):
         self.lines = lines
         self.listens = {}       # address_key -> [(who, Listen or None for the admin)]
         self.matchers = {}      # address_key -> SniMatcher of the service names there
+        self.service_names = set()  # for duplicates, without a scan per service
 
     def error(self, elem, message):
         return ConfigError(message, self.path, self.lines.get(elem))
@@ -1120,10 +1121,12 @@ class _ConfigReader(object):
     def service(self, elem, services):
         self.attrs(elem, ('maxconns', 'name'), ('name',))
         name = self.name(elem, 'service name', elem.get('name'))
-        if any(s.name == name for s in services):
+        if name in self.service_names:
             raise self.error(elem, f'duplicate service {name!r}')
+        self.service_names.add(name)
         maxconns = self.integer(elem, 'maxconns', 0, 0)
         listens, groups, enable, check, timeouts, acl = [], [], None, None, None, []
+        group_names = set()
         for tag, child in self.children(elem):
             if tag == 'listen':
                 listens.append(self.listen(child, name))
@@ -1135,8 +1138,9 @@ class _ConfigReader(object):
                     raise self.error(child, f'<{tag}> cidr {e}') from None
             elif tag == 'group':
                 group = self.group(child)
-                if any(g.name == group.name for g in groups):
+                if group.name in group_names:
                     raise self.error(child, f'service {name!r}: duplicate group {group.name!r}')
+                group_names.add(group.name)
                 groups.append(group)
             elif tag == 'enable':
                 if enable is not None:
@@ -1194,14 +1198,19 @@ class _ConfigReader(object):
         except ValueError as e:
             raise self.error(elem, f'group {name!r}: {e}') from None
         hosts = []
+        # Dicts, not a scan per host, so a group of 10,000 loads in linear
+        # time; when a host clashes twice, the earlier host is named, as a scan would.
+        by_name, by_ip = {}, {}
         for index, (_, child) in enumerate(self.children(elem)):
             host = self.host(child, index)
-            for other in hosts:
-                if other.name == host.name:
-                    raise self.error(child, f'group {name!r}: duplicate host {host.name!r}')
-                if (other.host.lower(), other.port) == (host.host.lower(), host.port):
-                    raise self.error(child, f'group {name!r}: hosts {other.name!r} and '
-                                            f'{host.name!r} have the same ip {host.ip!r}')
+            ip_key = address_key(host.host, host.port)     # as addHost compares them
+            same_name, same_ip = by_name.get(host.name), by_ip.get(ip_key)
+            if same_name is not None and (same_ip is None or same_name[0] <= same_ip[0]):
+                raise self.error(child, f'group {name!r}: duplicate host {host.name!r}')
+            if same_ip is not None:
+                raise self.error(child, f'group {name!r}: hosts {same_ip[1].name!r} and '
+                                        f'{host.name!r} have the same ip {host.ip!r}')
+            by_name[host.name] = by_ip[ip_key] = (index, host)
             hosts.append(host)
         return Group(name, scheduler, hosts, self.lines[elem])
 
@@ -3928,11 +3937,13 @@ class AdminError(Exception):
 
 
 class RunningGroup(object):
-    """A group of hosts at run time: its name and its scheduler (which holds the hosts)."""
+    """A group of hosts at run time: its name, its scheduler (which holds the
+    hosts), and its hosts by address_key, so addHost finds a duplicate at once."""
 
     def __init__(self, name, scheduler):
         self.name = name
         self.scheduler = scheduler
+        self.addresses = dict((address_key(*parse_address(h.ip)), h) for h in scheduler.hosts)
 
     def __repr__(self):
         return '<RunningGroup %s %s>' % (self.name, self.scheduler.spec)
@@ -4080,6 +4091,7 @@ class Health(object):
         heap = self.heap
         states = self.states
         due = []
+        dark = {}
         while heap and heap[0][0] <= now:
             when, _, state = heapq.heappop(heap)
             host = state.host
@@ -4089,7 +4101,7 @@ class Health(object):
             if host.health == schedulers.UP and state.service.check is None:
                 continue    # nothing to check until a failed connect takes it down
             interval = check.interval
-            if host.health == schedulers.DOWN and self._group_is_dark(state.service, state.group):
+            if host.health == schedulers.DOWN and self._group_is_dark(state.service, state.group, dark):
                 interval = min(interval, DARK_INTERVAL)
             state.next_due = now + interval     # rescheduled when the result comes
             state.in_flight = True
@@ -4097,11 +4109,16 @@ class Health(object):
             due.append((host, name, port, check))
         return due
 
-    def _group_is_dark(self, service, group):
-        """The enabled group has no host up: its hosts are probed every second."""
+    def _group_is_dark(self, service, group, seen):
+        """The enabled group has no host up: its hosts are probed every second.
+        seen keeps the answer per group for one tick: a dark group of thousands
+        would otherwise be scanned once per host due."""
         if service.enabled is not group:
             return False
-        return not any(h.health == schedulers.UP for h in group.scheduler.hosts)
+        dark = seen.get(group)
+        if dark is None:
+            dark = seen[group] = not any(h.health == schedulers.UP for h in group.scheduler.hosts)
+        return dark
 
     def result(self, host, ok, reason, address):
         """A probe's outcome, from the manager."""
@@ -4383,12 +4400,13 @@ class Reload(object):
                 for what in ('weight', 'maxconns', 'send_proxy'):
                     value = getattr(host_config, what)
                     if getattr(host, what) != value:
-                        setattr(host, what, value)
                         changes.append('host %s %s %s' % (name, what, value))
+                # Through the scheduler: it keeps its own structures over weights and limits.
+                scheduler.update_host(host, weight=host_config.weight, maxconns=host_config.maxconns)
+                host.send_proxy = host_config.send_proxy
         if diff.reordered or added:
             # The file's order is the scheduler's order (roundrobin ties, leastconns ties).
-            order = dict((h.name, index) for index, h in enumerate(config.hosts))
-            scheduler.hosts.sort(key=lambda h: order[h.name])
+            scheduler.reorder([h.name for h in config.hosts])
         return changes
 
     def _retire_service(self, service):
@@ -4485,10 +4503,9 @@ class Actions(object):
             raise AdminError(400, str(e))
         if group.scheduler.get_host(name) is not None:
             raise AdminError(409, 'host %r already exists in %s/%s' % (name, service.name, group.name))
-        key = address_key(new.host, new.port)
-        for other in group.scheduler.hosts:
-            if address_key(*parse_address(other.ip)) == key:   # as the config refuses: running.xml must load
-                raise AdminError(409, 'host %s in %s/%s already has ip %s' % (other.name, service.name, group.name, ip))
+        other = group.addresses.get(address_key(new.host, new.port))
+        if other is not None:   # as the config refuses: running.xml must load
+            raise AdminError(409, 'host %s in %s/%s already has ip %s' % (other.name, service.name, group.name, ip))
         self.add_running_host(service, group, new, resolve_names=False)
         log.info('host %s (%s) added to %s/%s', name, ip, service.name, group.name)
         return 'added host %s (%s) to %s/%s' % (name, ip, service.name, group.name)
@@ -4921,12 +4938,14 @@ class Director(Actions):
     def add_running_host(self, service, group, config, resolve_names):
         host = self.running_host(config, resolve_names)
         group.scheduler.add_host(host)
+        group.addresses[address_key(config.host, config.port)] = host
         self.health.watch(service, group, host)
         return host
 
     def remove_host(self, service, group, host):
         # Open connections keep their Host object and finish; the scheduler just stops offering it.
         group.scheduler.remove_host(host.name)
+        group.addresses.pop(address_key(*parse_address(host.ip)), None)
         self.health.forget(host)
         log.info('host %s (%s) removed from %s/%s (%d connection(s) left to finish)',
                  host.name, host.ip, service.name, group.name, host.open)

@@ -64,6 +64,33 @@ class TestReload(OpsTestCase):
         self.assertEqual(names, {b'one', b'three'})
         self.assertEqual(self.reload(), 'reloaded %s: no changes' % self.path)
 
+    def test_new_order_weights_and_maxconns_reach_the_scheduler(self):
+        # The reload hands them to the scheduler (update_host, reorder),
+        # which keeps its own structures: set on the Host behind its back,
+        # they would not be seen.
+        one, two = self.backend(name='one'), self.backend(name='two')
+        port = free_port()
+        self.start(config_xml(service_xml([('one', one.address), ('two', two.address)],
+                                          listen_port=port)))
+        self.assertEqual([exchange(port) for _ in range(4)], [b'one', b'two'] * 2)
+        self.rewrite(config_xml(service_xml(
+            [('two', two.address, 'weight="3"'), ('one', one.address)], listen_port=port)))
+        self.assertIn('host two weight 3', self.reload())
+        # 3:1 in the file's new order: two two one two.
+        self.assertEqual(b''.join(exchange(port) for _ in range(8)), b'twotwoonetwo' * 2)
+        self.rewrite(config_xml(service_xml(
+            [('two', two.address, 'maxconns="1"'), ('one', one.address)],
+            scheduler='leastconns', listen_port=port)))
+        self.assertIn('host two maxconns 1', self.reload())
+        held = connect(port)             # leastconns, idle: the first host, two
+        self.addCleanup(held.close)
+        wait_until(lambda: self.balancer.host('two')['open'] == 1)
+        self.assertEqual({exchange(port) for _ in range(3)}, {b'one'}, 'two is full')
+        self.rewrite(config_xml(service_xml(
+            [('two', two.address), ('one', one.address)], scheduler='leastconns', listen_port=port)))
+        self.assertIn('host two maxconns 0', self.reload())
+        self.assertEqual(exchange(port), b'one', 'fewest open: one has none')
+
     def test_invalid_file_changes_nothing(self):
         one = self.backend(name='one')
         port = free_port()

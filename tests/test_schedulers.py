@@ -5,6 +5,8 @@ without the sticky modifier, by a short subclass each -- the pattern of
 CPython's test_selectors.  Algorithm-specific behaviour follows.
 """
 
+import collections
+import itertools
 import os
 import random
 import sys
@@ -255,9 +257,10 @@ class SchedulerContract(object):
         return picked
 
     def state(self, scheduler):
-        return ([(h.name, h.open, h._current, h._last_pick) for h in scheduler.hosts],
+        return ([(h.name, h.open, h._last_pick) for h in scheduler.hosts],
                 [(ip, h.name, used) for ip, (h, used) in scheduler._sticky.items()],
-                scheduler.rng.getstate(), getattr(scheduler, '_picks', None))
+                scheduler.rng.getstate(), getattr(scheduler, '_picks', None),
+                scheduler._state())
 
     def test_explain_matches_the_next_pick(self):
         scheduler = self.busy_scheduler(sticky_max=6)
@@ -299,11 +302,13 @@ class SchedulerContract(object):
     def test_explain_lists_skipped_hosts(self):
         ok, down, draining, disabled, full, excluded, both = hosts = make_hosts(
             'ok', 'down', 'draining', 'disabled', 'full', 'excluded', 'both')
+        # Set before the scheduler takes the hosts: afterwards only its
+        # methods may change them.
+        disabled.admin = 'disabled'     # an admin state schedulers need not know
+        full.maxconns = 1
         scheduler = self.make(hosts)
         scheduler.mark_down(down, 'refused', 1.0)
         scheduler.set_admin(draining, DRAINING, 1.0)
-        disabled.admin = 'disabled'     # an admin state schedulers need not know
-        full.maxconns = 1
         scheduler.connection_started(full)
         scheduler.mark_down(both, 'refused', 1.0)
         result = scheduler.explain('10.0.0.1', exclude=[excluded, both])
@@ -332,7 +337,7 @@ class SchedulerContract(object):
         self.assertEqual((result['host'], result['reason'], result['skipped']),
                          (None, 'no host up', [['a', 'down'], ['b', 'down']]))
         scheduler.mark_up(b, 2.0)
-        b.maxconns = 1
+        scheduler.update_host(b, maxconns=1)
         scheduler.connection_started(b)
         result = scheduler.explain('10.0.0.1')
         self.assertEqual((result['host'], result['reason']),
@@ -361,6 +366,141 @@ class SchedulerContract(object):
         self.assertIsNotNone(scheduler.pick('10.0.0.1'))
         self.assertFalse(scheduler.full_only(), 'a has room again')
         self.assertFalse(self.make().full_only(), 'no hosts at all')
+
+    # -- properties over random changes --------------------------------------
+    #
+    # Each scheduler keeps its eligible hosts in a structure it updates as
+    # hosts change; these check, after every change of a random churn,
+    # that the structure agrees with the hosts' fields.
+
+    def churn(self, scheduler, rng, steps, weighted=True):
+        """Random changes of every kind the director makes; yields after each.
+
+        Hosts go down and up, drain and come back, are added, removed (and
+        now and then the same Host object added back), get a new weight
+        (unless not ``weighted``: all stay 1) or maxconns (full and freed),
+        take and end connections, are reordered.
+        """
+        serial = itertools.count(len(scheduler.hosts))
+        removed = []
+        opened = []
+        for step in range(steps):
+            hosts = scheduler.hosts
+            op = rng.randrange(12)
+            host = rng.choice(hosts) if hosts else None
+            if host is None or op == 0:
+                if removed and rng.random() < 0.3:
+                    again = removed.pop(rng.randrange(len(removed)))
+                    if scheduler.get_host(again.name) is None:
+                        scheduler.add_host(again)
+                else:
+                    number = next(serial)
+                    scheduler.add_host(Host(f'n{number}', f'127.1.0.{number % 250}:80',
+                                            weight=rng.choice((1, 1, 2, 5)) if weighted else 1))
+            elif op == 1 and len(hosts) > 1:
+                removed.append(scheduler.remove_host(host.name))
+            elif op == 2:
+                scheduler.mark_down(host, 'refused', float(step))
+            elif op == 3:
+                scheduler.mark_up(host, float(step))
+            elif op == 4:
+                scheduler.set_admin(host, rng.choice((ENABLED, DRAINING)), float(step))
+            elif op == 5:
+                scheduler.update_host(host, maxconns=rng.choice((0, host.open, host.open + 1)))
+            elif op == 6 and weighted:
+                scheduler.update_host(host, weight=rng.choice((1, 2, 3, 7)))
+            elif op in (7, 8):
+                picked = scheduler.pick(f'10.0.0.{rng.randrange(20)}')
+                if picked is not None:
+                    scheduler.connection_started(picked)
+                    opened.append(picked)
+            elif op in (9, 10) and opened:
+                # Sometimes on a host that has been removed since.
+                scheduler.connection_ended(opened.pop(rng.randrange(len(opened))))
+            elif op == 11:
+                order = [h.name for h in hosts]
+                rng.shuffle(order)
+                scheduler.reorder(order)
+            yield step
+
+    def test_every_change_reaches_the_next_pick(self):
+        for weighted in (True, False):
+            with self.subTest(weighted=weighted):
+                self.check_every_change(weighted)
+
+    def check_every_change(self, weighted):
+        rng = random.Random(20261201)
+        hosts = make_hosts(*'abcdefghij', **(dict(b=3, e=2) if weighted else {}))
+        scheduler = self.make(hosts)
+        for step in self.churn(scheduler, rng, 400, weighted):
+            eligible = {h for h in scheduler.hosts if h.health == UP and h.admin == ENABLED
+                        and (h.maxconns == 0 or h.open < h.maxconns)}
+            # Failing over from host to host reaches exactly the eligible
+            # hosts, each once, and explain() foresees every one of the picks.
+            ip = f'10.0.0.{rng.randrange(20)}'
+            tried = []
+            while True:
+                foreseen = scheduler.explain(ip, tried)['host']
+                host = scheduler.pick(ip, tried)
+                self.assertIs(host, foreseen, step)
+                if host is None:
+                    break
+                self.assertIn(host, eligible, step)
+                self.assertNotIn(host, tried, step)
+                tried.append(host)
+            self.assertEqual(set(tried), eligible, step)
+            for exclude in ((), tried[:1], tried[1:], tried):
+                ready = [h for h in scheduler.hosts if h.health == UP and h.admin == ENABLED
+                         and h not in exclude]
+                self.assertEqual(scheduler.full_only(exclude),
+                                 bool(ready) and all(h not in eligible for h in ready), step)
+
+    def test_rebuilding_changes_no_pick(self):
+        # The structure is rebuilt after some changes and updated in place
+        # after others; the two must agree, so a rebuild forced at random
+        # moments (changes made meanwhile wait for it) changes no pick.
+        def run(force, weighted):
+            rng = random.Random(99)
+            force_rng = random.Random(5)
+            scheduler = self.make(make_hosts(*'abcdefgh', **(dict(a=2, d=4) if weighted else {})))
+            picked = []
+            for _ in self.churn(scheduler, rng, 800, weighted):
+                if force and force_rng.random() < 0.3:
+                    scheduler._dirty = True
+                if rng.random() < 0.5:
+                    continue        # more changes before the next pick
+                ip = f'10.0.0.{rng.randrange(20)}'
+                exclude = rng.sample(scheduler.hosts, min(2, len(scheduler.hosts)))
+                picked.append(getattr(scheduler.pick(ip), 'name', None))
+                picked.append(getattr(scheduler.pick(ip, exclude), 'name', None))
+            return picked, self.state(scheduler)
+
+        for weighted in (True, False):
+            with self.subTest(weighted=weighted):
+                self.assertEqual(run(True, weighted), run(False, weighted))
+
+    def test_update_host_and_reorder(self):
+        a, b, c = make_hosts('a', 'b', 'c')
+        scheduler = self.make([a, b, c])
+        self.assertTrue(scheduler.update_host(a, weight=4, maxconns=1))
+        self.assertEqual((a.weight, a.maxconns), (4, 1))
+        self.assertFalse(scheduler.update_host(a, weight=4, maxconns=1))
+        self.assertFalse(scheduler.update_host(a))
+        scheduler.connection_started(a)
+        self.assertNotIn(a, self.picks(scheduler))
+        scheduler.update_host(a, maxconns=0)
+        self.assertIs(scheduler.pick('10.0.0.1', exclude=[b, c]), a)
+        with self.assertRaises(ValueError):
+            scheduler.update_host(a, weight=0)
+        with self.assertRaises(ValueError):
+            scheduler.update_host(a, maxconns=-1)
+        self.assertTrue(scheduler.reorder(['c', 'a', 'b']))
+        self.assertEqual(names(scheduler.hosts), ['c', 'a', 'b'])
+        self.assertFalse(scheduler.reorder(['c', 'a', 'b']))
+        for bad in (['c', 'a'], ['c', 'a', 'a'], ['c', 'a', 'b', 'z'], ['c', 'a', 'z']):
+            with self.assertRaises(ValueError):
+                scheduler.reorder(bad)
+        self.assertEqual(names(scheduler.hosts), ['c', 'a', 'b'])
 
 
 class RandomTest(SchedulerContract, unittest.TestCase):
@@ -428,10 +568,13 @@ class RoundRobinOrderTest(unittest.TestCase):
         scheduler = make_scheduler('roundrobin', make_hosts('a', 'b', a=3))
         self.assertEqual(sequence(scheduler, 12), 'aaba' * 3)
 
-    def test_nginx_five_one_one(self):
-        # The example in nginx's smooth weighted round robin commit.
+    def test_five_one_one(self):
+        # The example in nginx's smooth weighted round robin commit, which
+        # gives aabacaa: here a's turns are at 1/10, 3/10 ... 9/10 of the
+        # round, b's and c's at 1/2, and turns at the same moment go in
+        # host order.
         scheduler = make_scheduler('roundrobin', make_hosts('a', 'b', 'c', a=5))
-        self.assertEqual(sequence(scheduler, 14), 'aabacaa' * 2)
+        self.assertEqual(sequence(scheduler, 14), 'aaabcaa' * 2)
 
     def test_rotation_skips_ineligible_and_excluded_hosts(self):
         a, b, c = make_hosts('a', 'b', 'c')
@@ -555,8 +698,8 @@ class HashDistributionTest(unittest.TestCase):
         # hash group moves on upgrade (and Python's salted hash() would
         # make them change on every restart).
         scheduler = make_scheduler('hash', make_hosts('a', 'b', 'c', 'd', 'e'))
-        expected = {'10.0.0.1': 'cbdae', '10.0.0.2': 'dabce',
-                    '::1': 'bdeac', '192.168.1.77': 'dcbea'}
+        expected = {'10.0.0.1': 'bceda', '10.0.0.2': 'cebda',
+                    '::1': 'cdeab', '192.168.1.77': 'edcab'}
         for ip, order in expected.items():
             self.assertEqual(''.join(names(scheduler.rank(ip))), order, ip)
 
@@ -619,11 +762,332 @@ class HashDistributionTest(unittest.TestCase):
             self.assertIs(scheduler.pick(ip), eligible[0])
             self.assertIs(scheduler.pick(ip, exclude=eligible[:1]), eligible[1])
 
-    def test_score_is_inside_its_range(self):
-        scheduler = make_scheduler('hash')
-        host = Host('a', '127.0.0.1:80', weight=4)
-        for ip in client_ips(1000):
-            self.assertGreater(scheduler.score(ip, host), 0.0)
+    def test_walk_distances_are_ascending_fractions_of_the_ring(self):
+        scheduler = make_scheduler('hash', make_hosts('a', 'b', 'c', a=4))
+        for ip in client_ips(300):
+            distances = [distance for _, distance in scheduler.walk(ip)]
+            self.assertEqual(len(distances), 3)
+            self.assertEqual(distances, sorted(distances))
+            self.assertTrue(0.0 <= distances[0] and distances[-1] < 1.0, distances)
+
+
+# -- properties of each algorithm, over random pools (fixed seeds) ------------
+
+def pool(rng, count, weights=(1,)):
+    return [Host(f'h{i}', f'127.0.{i >> 8}.{i & 255}:80', weight=rng.choice(weights))
+            for i in range(count)]
+
+
+class RoundRobinPropertyTest(unittest.TestCase):
+
+    def assertRounds(self, picks, hosts, message=''):
+        """Any sum(weights) consecutive picks give each host its weight, +-1;
+        and no host waits longer than total/weight + len(hosts) picks."""
+        weights = {host.name: host.weight for host in hosts}
+        total = sum(weights.values())
+        for start in range(len(picks) - total + 1):
+            window = collections.Counter(picks[start:start + total])
+            self.assertEqual(set(window) - set(weights), set(), message)
+            for name, weight in weights.items():
+                self.assertLessEqual(abs(window[name] - weight), 1, (message, start, name))
+        for name, weight in weights.items():
+            longest = total // weight + len(weights)
+            for start in range(len(picks) - longest + 1):
+                self.assertIn(name, picks[start:start + longest], (message, start, name))
+
+    def test_rounds_hold_through_changes(self):
+        rng = random.Random(16)
+        for trial in range(25):
+            hosts = pool(rng, rng.randrange(2, 9), (1, 1, 2, 3, 5, 8))
+            scheduler = make_scheduler('roundrobin', hosts)
+
+            def run(rounds):
+                live = [h for h in scheduler.hosts if scheduler.eligible(h)]
+                count = rounds * sum(h.weight for h in live)
+                picks = [scheduler.pick('10.0.0.1').name for _ in range(count)]
+                self.assertRounds(picks, live, trial)
+
+            run(4)
+            victim, other = rng.sample(hosts, 2)
+            scheduler.mark_down(victim, 'refused', 1.0)
+            run(3)
+            scheduler.mark_up(victim, 2.0)              # back in mid-round
+            sequence(scheduler, rng.randrange(5))
+            run(3)
+            scheduler.update_host(other, weight=rng.choice((1, 4, 9)))
+            run(3)
+            scheduler.add_host(Host('new', '127.9.9.9:80', weight=rng.choice((1, 2, 6))))
+            run(3)
+            scheduler.remove_host(other.name)
+            run(3)
+
+    def test_equal_weights_rotate_in_host_order_through_changes(self):
+        rng = random.Random(4)
+        hosts = pool(rng, 12)
+        scheduler = make_scheduler('roundrobin', hosts)
+        order = names(hosts)
+        for step in range(300):
+            what = rng.randrange(4)
+            host = rng.choice(hosts)
+            if what == 0:
+                scheduler.mark_down(host, 'refused', 1.0)
+            elif what == 1:
+                scheduler.mark_up(host, 1.0)
+            elif what == 2:
+                rng.shuffle(order)
+                scheduler.reorder(order)
+            live = [h.name for h in scheduler.hosts if scheduler.eligible(h)]
+            if not live:
+                continue
+            # Two full turns: every eligible host once per turn, in host order.
+            picks = [scheduler.pick('10.0.0.1').name for _ in range(2 * len(live))]
+            first = live.index(picks[0])
+            self.assertEqual(picks, (live[first:] + live[:first]) * 2, step)
+
+
+class RandomPropertyTest(unittest.TestCase):
+
+    def shares(self, scheduler, count, exclude=()):
+        counts = collections.Counter(scheduler.pick('10.0.0.1', exclude).name for _ in range(count))
+        return {name: n / count for name, n in counts.items()}
+
+    def test_shares_follow_the_weights_through_changes(self):
+        rng = random.Random(8)
+        hosts = pool(rng, 12, (1, 2, 3, 5))
+        scheduler = make_scheduler('random', hosts, rng=random.Random(1))
+
+        def check(exclude=()):
+            live = [h for h in scheduler.hosts if scheduler.eligible(h) and h not in exclude]
+            total = sum(h.weight for h in live)
+            shares = self.shares(scheduler, 20000, exclude)
+            self.assertEqual(set(shares) - {h.name for h in live}, set())
+            for host in live:
+                self.assertAlmostEqual(shares.get(host.name, 0.0), host.weight / total,
+                                       delta=0.015, msg=host.name)
+
+        check()
+        scheduler.mark_down(hosts[0], 'refused', 1.0)
+        scheduler.set_admin(hosts[1], DRAINING, 1.0)
+        scheduler.update_host(hosts[2], weight=20)
+        check()
+        check(exclude=hosts[2:4])
+        scheduler.update_host(hosts[3], maxconns=1)
+        scheduler.connection_started(hosts[3])
+        scheduler.remove_host(hosts[4].name)
+        scheduler.add_host(Host('new', '127.9.9.9:80', weight=7))
+        check()
+
+    def test_draws_are_the_cumulative_walk_of_before(self):
+        # The same seed gives what the plain cumulative walk over the
+        # eligible hosts in host order gave (the scheduler before issue
+        # 16), so seeded sequences did not change.
+        def reference(rng, hosts, exclude):
+            candidates = [h for h in hosts if h not in exclude and h.health == UP
+                          and h.admin == ENABLED and (not h.maxconns or h.open < h.maxconns)]
+            if not candidates:
+                return None
+            point = rng.random() * sum(h.weight for h in candidates)
+            for host in candidates:
+                point -= host.weight
+                if point < 0:
+                    return host
+            return candidates[-1]
+
+        rng = random.Random(30)
+        hosts = pool(rng, 40, (1, 2, 3, 10))
+        scheduler = make_scheduler('random', hosts, rng=random.Random(77))
+        twin = random.Random(77)
+        for step in range(3000):
+            host = rng.choice(scheduler.hosts)
+            what = rng.randrange(8)
+            if what == 0:
+                scheduler.mark_down(host, 'refused', 1.0)
+            elif what == 1:
+                scheduler.mark_up(host, 1.0)
+            elif what == 2:
+                scheduler.update_host(host, weight=rng.choice((1, 4, 9)))
+            elif what == 3:
+                order = names(scheduler.hosts)
+                rng.shuffle(order)
+                scheduler.reorder(order)
+            exclude = rng.sample(scheduler.hosts, rng.choice((0, 0, 1, 3)))
+            self.assertIs(scheduler.pick('10.0.0.1', exclude),
+                          reference(twin, scheduler.hosts, exclude), step)
+
+
+class LeastConnsPropertyTest(unittest.TestCase):
+
+    def run_against_model(self, spec, key):
+        """Random starts, ends and changes; every pick is the model's: the
+        eligible host with the least key(host, position in host order)."""
+        rng = random.Random(12)
+        hosts = pool(rng, 30, (1, 1, 2, 3))
+        scheduler = make_scheduler(spec, hosts)
+        self.last_pick = {}
+        self.picks = 0
+        opened = []
+        for step in range(3000):
+            host = rng.choice(scheduler.hosts)
+            what = rng.randrange(10)
+            if what == 0:
+                scheduler.mark_down(host, 'refused', 1.0)
+            elif what == 1:
+                scheduler.mark_up(host, 1.0)
+            elif what == 2:
+                scheduler.update_host(host, weight=rng.choice((1, 2, 3)),
+                                      maxconns=rng.choice((0, 0, host.open + 1)))
+            elif what == 3:
+                order = names(scheduler.hosts)
+                rng.shuffle(order)
+                scheduler.reorder(order)
+            elif what in (4, 5, 6) and opened:
+                scheduler.connection_ended(opened.pop(rng.randrange(len(opened))))
+            position = {h: i for i, h in enumerate(scheduler.hosts)}
+            exclude = rng.sample(scheduler.hosts, rng.choice((0, 0, 0, 1, 2)))
+            live = [h for h in scheduler.hosts if scheduler.eligible(h) and h not in exclude]
+            expected = min(live, key=lambda h: key(self, h, position[h])) if live else None
+            picked = scheduler.pick('10.0.0.1', exclude)
+            self.assertIs(picked, expected, step)
+            if picked is not None:
+                self.picks += 1
+                self.last_pick[picked] = self.picks
+                scheduler.connection_started(picked)
+                opened.append(picked)
+
+    def test_leastconns_ties_go_to_the_first_host(self):
+        self.run_against_model('leastconns', lambda t, h, position: (h.open / h.weight, position))
+
+    def test_leastconnsrr_ties_go_to_the_least_recently_picked(self):
+        self.run_against_model('leastconnsrr', lambda t, h, position: (
+            h.open / h.weight, t.last_pick.get(h, 0), position))
+
+
+class HashPropertyTest(unittest.TestCase):
+
+    ips = client_ips(20000)
+
+    def assignment(self, scheduler):
+        return {ip: scheduler.pick(ip) for ip in self.ips}
+
+    def moved(self, before, after):
+        return [ip for ip in self.ips if before[ip] is not after[ip]]
+
+    def test_adding_or_removing_one_of_n_moves_about_one_in_n(self):
+        for count in (10, 40, 200):
+            rng = random.Random(count)
+            hosts = pool(rng, count)
+            scheduler = make_scheduler('hash', hosts)
+            before = self.assignment(scheduler)
+            new = scheduler.add_host(Host('new', '127.9.9.9:80'))
+            after = self.assignment(scheduler)
+            moved = self.moved(before, after)
+            share = len(moved) / len(self.ips)
+            self.assertTrue(0.6 / (count + 1) < share < 1.5 / (count + 1), (count, share))
+            self.assertEqual({after[ip] for ip in moved}, {new})
+            gone = rng.choice(hosts)
+            scheduler.remove_host(gone.name)
+            again = self.assignment(scheduler)
+            moved = self.moved(after, again)
+            self.assertEqual(set(moved), {ip for ip in self.ips if after[ip] is gone})
+            self.assertTrue(0.6 / count < len(moved) / len(self.ips) < 1.5 / count,
+                            (count, len(moved)))
+
+    def test_weight_change_moves_clients_to_or_from_that_host_only(self):
+        rng = random.Random(3)
+        hosts = pool(rng, 20)
+        scheduler = make_scheduler('hash', hosts)
+        before = self.assignment(scheduler)
+        heavy = hosts[7]
+        scheduler.update_host(heavy, weight=3)
+        after = self.assignment(scheduler)
+        moved = self.moved(before, after)
+        self.assertEqual({after[ip] for ip in moved}, {heavy})
+        share = sum(1 for host in after.values() if host is heavy) / len(self.ips)
+        self.assertAlmostEqual(share, 3 / 22, delta=0.03)
+        scheduler.update_host(heavy, weight=1)
+        self.assertEqual(self.assignment(scheduler), before)
+
+    def test_failover_follows_each_clients_ring_order(self):
+        rng = random.Random(5)
+        hosts = pool(rng, 60)
+        scheduler = make_scheduler('hash', hosts)
+        for host in rng.sample(hosts, 15):
+            scheduler.mark_down(host, 'refused', 1.0)
+        for host in rng.sample(hosts, 5):
+            scheduler.update_host(host, maxconns=1)
+            scheduler.connection_started(host)
+        for ip in self.ips[:300]:
+            order = [h for h in scheduler.rank(ip) if scheduler.eligible(h)]
+            tried = []
+            for expected in order[:6]:
+                self.assertIs(scheduler.pick(ip, tried), expected, ip)
+                tried.append(expected)
+
+    def test_shares_follow_the_weights_in_a_big_pool(self):
+        rng = random.Random(9)
+        hosts = pool(rng, 100, (1, 2, 4))
+        scheduler = make_scheduler('hash', hosts)
+        counts = collections.Counter(self.assignment(scheduler).values())
+        total = sum(h.weight for h in hosts)
+        # The ring's points are random: a host's share is off by about
+        # 1/sqrt(160 * weight) of itself, plus the sampling of 20,000 clients.
+        for host in hosts:
+            expected = host.weight / total
+            self.assertAlmostEqual(counts[host] / len(self.ips), expected,
+                                   delta=expected * 0.35, msg=host.name)
+
+    def test_ring_sweeps_removed_hosts_and_reuses_their_slots(self):
+        rng = random.Random(2)
+        hosts = pool(rng, 40)
+        scheduler = make_scheduler('hash', hosts)
+        scheduler.pick('10.0.0.1')
+        size = len(scheduler._ring)
+        for host in hosts[:20]:
+            scheduler.remove_host(host.name)
+        reference = make_scheduler('hash', [Host(h.name, h.ip) for h in hosts[20:]])
+        self.assertEqual({ip: h.name for ip, h in self.assignment(scheduler).items()},
+                         {ip: h.name for ip, h in self.assignment(reference).items()})
+        self.assertEqual(len(scheduler._ring), size // 2, 'removed points swept')
+        for host in hosts[:20]:
+            scheduler.add_host(Host(host.name, host.ip))
+        scheduler.pick('10.0.0.1')
+        self.assertEqual(len(scheduler._ring), size)
+        self.assertEqual(len(scheduler._ring_hosts), 40, 'slots reused')
+        self.assertEqual({ip: h.name for ip, h in self.assignment(scheduler).items()},
+                         {ip: h.name for ip, h in self.assignment(make_scheduler('hash', hosts)).items()})
+
+    def test_slots_are_never_shared_through_sweeps(self):
+        rng = random.Random(6)
+        hosts = pool(rng, 40)
+        scheduler = make_scheduler('hash', hosts)
+        serial = itertools.count()
+        for _ in range(30):
+            for host in rng.sample(scheduler.hosts, min(rng.randrange(1, 15), len(scheduler.hosts) - 5)):
+                scheduler.remove_host(host.name)
+            scheduler.pick('10.0.0.1')
+            for _ in range(rng.randrange(1, 15)):
+                number = next(serial)
+                scheduler.add_host(Host(f'x{number}', f'127.8.{number >> 8}.{number & 255}:80'))
+            scheduler.pick('10.0.0.1')
+            slots = [host._slot for host in scheduler.hosts]
+            self.assertEqual(len(set(slots)), len(slots))
+            self.assertEqual(sorted(set(h.name for h in scheduler._ring_hosts if h is not None)),
+                             sorted(h.name for h in scheduler.hosts))
+            fresh = make_scheduler('hash', [Host(h.name, h.ip) for h in scheduler.hosts])
+            for ip in client_ips(200):
+                self.assertEqual(scheduler.pick(ip).name, fresh.pick(ip).name)
+
+    def test_points_per_unit_halve_past_the_bound(self):
+        scheduler = make_scheduler('hash', make_hosts('a', 'b'))
+        scheduler.MAX_POINTS = 1000         # as if a group of some thousands of hosts
+        scheduler.pick('10.0.0.1')
+        self.assertEqual((scheduler._per_unit, len(scheduler._ring)), (160, 320))
+        for i in range(5):
+            scheduler.add_host(Host(f'x{i}', f'127.9.9.{i}:80'))
+        scheduler.pick('10.0.0.1')
+        self.assertEqual((scheduler._per_unit, len(scheduler._ring)), (80, 560))
+        self.assertEqual({h.name for h in scheduler.rank('10.0.0.1')},
+                         {'a', 'b', 'x0', 'x1', 'x2', 'x3', 'x4'})
 
 
 class StickyTest(unittest.TestCase):
@@ -662,7 +1126,7 @@ class StickyTest(unittest.TestCase):
     def test_full_sticky_host_is_replaced(self):
         scheduler = self.make()
         a = scheduler.pick('10.0.0.1')
-        a.maxconns = 1
+        scheduler.update_host(a, maxconns=1)
         scheduler.connection_started(a)
         self.assertIsNot(scheduler.pick('10.0.0.1'), a)
 
@@ -750,12 +1214,21 @@ class ExplainTest(unittest.TestCase):
         scheduler = make_scheduler('roundrobin', make_hosts('a', 'b', a=3))
         result = scheduler.explain('10.0.0.7')
         self.assertEqual((result['host'].name, result['reason']), (
-            'a', 'smooth weighted round robin: next in turn (current weight 3 of total 4)'))
+            'a', 'weighted round robin: next in turn (turn 1 of 3 this round, total weight 4)'))
         self.assertEqual((result['sticky'], result['ranking'], result['candidates'],
                           result['skipped']), (None, None, None, []))
         self.assertEqual(sequence(scheduler, 3), 'aab')
         self.assertEqual(scheduler.explain('10.0.0.7')['reason'],
-                         'smooth weighted round robin: next in turn (current weight 4 of total 4)')
+                         'weighted round robin: next in turn (turn 3 of 3 this round, total weight 4)')
+        scheduler = make_scheduler('roundrobin', make_hosts('a', 'b', 'c'))
+        scheduler.mark_down(scheduler.get_host('a'), 'refused', 1.0)
+        self.assertEqual(scheduler.explain('10.0.0.7')['reason'],
+                         'round robin: next in turn (number 1 of 2 eligible)')
+        self.assertEqual(sequence(scheduler, 1), 'b')
+        self.assertEqual(scheduler.explain('10.0.0.7', [scheduler.get_host('c')])['reason'],
+                         'round robin: next in turn (number 1 of 2 eligible)')
+        self.assertEqual(scheduler.explain('10.0.0.7')['reason'],
+                         'round robin: next in turn (number 2 of 2 eligible)')
 
     def test_leastconns(self):
         scheduler = make_scheduler('leastconns', make_hosts('a', 'b', 'c'))
@@ -783,20 +1256,32 @@ class ExplainTest(unittest.TestCase):
 
     def test_hash(self):
         scheduler = make_scheduler('hash', make_hosts('a', 'b', 'c', 'd', 'e'))
-        result = scheduler.explain('10.0.0.1')     # ranks c b d a e (see above)
+        result = scheduler.explain('10.0.0.1')     # ranks b c e d a (see above)
         self.assertEqual((result['host'].name, result['reason']),
-                         ('c', 'hash: highest rendezvous score for 10.0.0.1'))
+                         ('b', 'hash: first host on the ring for 10.0.0.1'))
         ranking = result['ranking']
-        self.assertEqual([name for name, _ in ranking], list('cbdae'))
-        self.assertEqual([score for _, score in ranking],
-                         [scheduler.score('10.0.0.1', h) for h in scheduler.rank('10.0.0.1')])
-        scheduler.mark_down(scheduler.get_host('c'), 'refused', 1.0)
+        self.assertEqual([name for name, _ in ranking], list('bceda'))
+        self.assertEqual(ranking, [[h.name, distance]
+                                   for h, distance in scheduler.walk('10.0.0.1')])
+        scheduler.mark_down(scheduler.get_host('b'), 'refused', 1.0)
         result = scheduler.explain('10.0.0.1')
         self.assertEqual((result['host'].name, result['reason']), (
-            'b', 'hash: highest rendezvous score for 10.0.0.1 among eligible hosts '
-                 '(number 2 of 5 overall)'))
+            'c', 'hash: first eligible host on the ring for 10.0.0.1 '
+                 '(number 2 of 5 in its order)'))
         self.assertEqual(result['ranking'], ranking, 'the ranking includes down hosts')
-        self.assertEqual(result['skipped'], [['c', 'down']])
+        self.assertEqual(result['skipped'], [['b', 'down']])
+
+    def test_hash_ranks_the_first_few_of_a_big_group(self):
+        scheduler = make_scheduler('hash', [Host(f'h{i}', f'127.0.{i >> 8}.{i & 255}:80')
+                                            for i in range(500)])
+        result = scheduler.explain('10.0.0.1')
+        ranking = result['ranking']
+        self.assertEqual(len(ranking), scheduler.RANKING)
+        self.assertEqual(ranking[0][0], result['host'].name)
+        self.assertEqual(len({name for name, _ in ranking}), len(ranking))
+        distances = [distance for _, distance in ranking]
+        self.assertEqual(distances, sorted(distances))
+        self.assertTrue(0.0 <= distances[0] and distances[-1] < 1.0)
 
     def test_random_foresees_a_seeded_draw(self):
         scheduler = make_scheduler('random', make_hosts('a', 'b', 'c', b=2, c=7),
@@ -835,16 +1320,15 @@ class ExplainTest(unittest.TestCase):
         scheduler.mark_down(scheduler.get_host('two'), 'refused', 1.0)
         result = scheduler.explain('10.0.0.7')
         self.assertEqual((result['host'].name, result['reason'], result['sticky']), (
-            'one', 'sticky: client 10.0.0.7 was on two, now down; smooth weighted round '
-                   'robin: next in turn (current weight 1 of total 1)',
+            'one', 'sticky: client 10.0.0.7 was on two, now down; round robin: '
+                   'next in turn (number 1 of 1 eligible)',
             {'host': 'two', 'expires_in': 288.0}))
         # Expired (pick() would sweep it first): as if never seen.
         scheduler.mark_up(scheduler.get_host('two'), 2.0)
         clock.now += 289
         result = scheduler.explain('10.0.0.7')
         self.assertIsNone(result['sticky'])
-        self.assertEqual(result['reason'],
-                         'smooth weighted round robin: next in turn (current weight 1 of total 2)')
+        self.assertEqual(result['reason'], 'round robin: next in turn (number 1 of 2 eligible)')
         self.assertEqual(scheduler.sticky_size(), 2, 'explain sweeps nothing')
 
     def test_sticky_entry_behind_a_fresh_one_survives_the_sweep(self):
