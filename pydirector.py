@@ -5613,6 +5613,7 @@ class WorkerCounts(object):
         self.own = {}           # running object -> the index of its line in this worker's row
         self.elsewhere = {}     # running object -> [the index of its line in each other row]
         self.others = {}        # host -> the other workers' open connections to it, as last read
+        self.group_of = {}      # host -> its running group (whose scheduler keeps its load)
         self.aware = []         # hosts whose load other workers need (maxconns, leastconns)
         self.counted_services = []
         self.ticks = 0
@@ -5653,10 +5654,12 @@ class WorkerCounts(object):
             self.own[thing] = shared.line(slot, row)
             self.elsewhere[thing] = [shared.line(slot, r) for r in range(shared.rows - 1) if r != row]
         self.counted_services = [s for s in self.director.services.values() if s in self.own]
+        self.group_of = {}
         for service in self.director.services.values():
             for group in service.groups.values():
                 load_aware = group.scheduler.name in LOAD_AWARE
                 for host in group.scheduler.hosts:
+                    self.group_of[host] = group
                     if host in self.own and (load_aware or host.maxconns):
                         if host not in self.aware:
                             self.aware.append(host)
@@ -5671,7 +5674,11 @@ class WorkerCounts(object):
     def set_others(self, host, count):
         change = count - self.others.get(host, 0)
         if change:
-            host.open += change
+            group = self.group_of.get(host)
+            if group is not None:
+                group.scheduler.set_open(host, host.open + change)    # which keeps its structures in step
+            else:
+                host.open += change     # in no scheduler any more
             self.others[host] = count
 
     def read_others(self, host, view):
@@ -6430,19 +6437,30 @@ class Master(object):
         return [[kind] + names + [slots[thing]] for thing, kind, names in self.things() if thing in slots]
 
     def read_counts(self):
-        """The sums of every row into the master's running objects, for the pages."""
+        """The sums of every row into the master's running objects, for the pages
+        (a host's open count through its scheduler, which explain asks)."""
         sums = self.shared.sums
-        for thing, slot in self.slot_of.items():
-            values = sums(slot)
-            if isinstance(thing, schedulers.Host):
-                thing.open, thing.total, thing.bytes_in, thing.bytes_out = values[:4]
-            elif isinstance(thing, RunningService):
-                (thing.open, thing.accepted, thing.failovers, thing.refused, thing.denied,
-                 thing.waiting) = values[:6]
-            else:
-                thing.reading_elsewhere = values[ADDRESS_READING]
-                thing.unmatched = values[ADDRESS_UNMATCHED]
-                thing.bad = dict((kind, values[ADDRESS_BAD + i]) for i, kind in enumerate(HELLO_PROBLEMS))
+        slot_of = self.slot_of
+        for service in self.director.services.values():
+            slot = slot_of.get(service)
+            if slot is not None:
+                (service.open, service.accepted, service.failovers, service.refused, service.denied,
+                 service.waiting) = sums(slot)[:6]
+            for group in service.groups.values():
+                scheduler = group.scheduler
+                for host in scheduler.hosts:
+                    slot = slot_of.get(host)
+                    if slot is not None:
+                        values = sums(slot)
+                        scheduler.set_open(host, values[HOST_OPEN])
+                        host.total, host.bytes_in, host.bytes_out = values[HOST_TOTAL:HOST_BYTES_OUT + 1]
+            for listener in service.listeners:
+                slot = slot_of.get(listener)
+                if slot is not None:
+                    values = sums(slot)
+                    listener.reading_elsewhere = values[ADDRESS_READING]
+                    listener.unmatched = values[ADDRESS_UNMATCHED]
+                    listener.bad = dict((kind, values[ADDRESS_BAD + i]) for i, kind in enumerate(HELLO_PROBLEMS))
 
     def open_connections(self, worker):
         """A worker's open client connections, as its row says."""
