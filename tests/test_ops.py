@@ -64,6 +64,7 @@ class TestReload(OpsTestCase):
         self.assertEqual(names, {b'one', b'three'})
         self.assertEqual(self.reload(), 'reloaded %s: no changes' % self.path)
 
+    @single_process('exact round-robin sequences: each worker keeps its own rotation')
     def test_new_order_weights_and_maxconns_reach_the_scheduler(self):
         # The reload hands them to the scheduler (update_host, reorder),
         # which keeps its own structures: set on the Host behind its back,
