@@ -8,19 +8,22 @@ A revival of Python Director (Anthony Baxter, 2002-2004).
     python3 pydirector.py -c sample.xml
 
 Sections, in the order a reader meets them: Config, Loop, Proxying, Manager,
-Director, Command line.
+Director, Workers (a master and worker processes), Command line.
 """
 
 import argparse
+import array
 import base64
 import binascii
 import collections
 import concurrent.futures
 import errno
+import functools
 import hashlib
 import heapq
 import hmac
 import ipaddress
+import json
 import logging
 import logging.handlers
 import os
@@ -81,9 +84,10 @@ class Config(object):
     line: where <pdconfig> starts, for errors about its attributes."""
 
     def __init__(self, path=None, services=None, admin=None, logging=None, drain=10.0,
-                 user=None, group=None, line=None):
+                 user=None, group=None, line=None, workers=None):
         self.line = line
         self.path = path
+        self.workers = workers      # None: one process; a number or 'auto': a master and workers
         self.services = list(services or [])
         self.admin = admin
         self.logging = logging if logging is not None else Logging()
@@ -102,7 +106,7 @@ class Config(object):
         element per line; defaults are written only where they differ."""
         out = []
         root = [('drain', _format_seconds(self.drain) if self.drain != 10.0 else None),
-                ('user', self.user), ('group', self.group)]
+                ('user', self.user), ('group', self.group), ('workers', self.workers)]
         out.append(_xml_tag(0, 'pdconfig', root, '>'))
         for service in self.services:
             out.append(_xml_tag(1, 'service', [
@@ -524,6 +528,54 @@ def parse_choice(text, what, choices):
         return text
     shown = ', '.join(repr(c) for c in choices[:-1]) + ' or ' + repr(choices[-1])
     raise ValueError(f'{what} {text!r}: must be {shown}')
+
+
+MAX_WORKERS = 1024
+
+
+def parse_workers(text, what='workers'):
+    """<pdconfig workers> and --workers: None (absent: one process), 'auto' or a
+    number 1-MAX_WORKERS of worker processes; ValueError when it is neither, or
+    when this platform lacks what workers need (never a silent single process)."""
+    if text is None:
+        return None
+    if text != 'auto':
+        try:
+            text = parse_integer(text, what, None, 1, MAX_WORKERS)
+        except ValueError:
+            raise ValueError(f"{what} {text!r}: must be 'auto' or a number 1-{MAX_WORKERS}") from None
+    missing = workers_unsupported()
+    if missing:
+        raise ValueError(f'{what} {text!r}: this platform has no {missing}, which worker processes need')
+    return text
+
+
+def workers_unsupported():
+    """What this platform lacks for worker processes (None: nothing)."""
+    needs = [('AF_UNIX sockets', hasattr(socket, 'AF_UNIX')),
+             ('socket.sendmsg with SCM_RIGHTS', hasattr(socket.socket, 'sendmsg') and hasattr(socket, 'SCM_RIGHTS')),
+             ('subprocess pass_fds (POSIX)', os.name == 'posix')]
+    try:
+        import fcntl
+        import mmap
+        needs.append(('fcntl.lockf', hasattr(fcntl, 'lockf')))
+        needs.append(('shared mmap', hasattr(mmap, 'MAP_SHARED')))
+    except ImportError:
+        needs.append(('fcntl and mmap', False))
+    for what, present in needs:
+        if not present:
+            return what
+    return None
+
+
+def worker_count(setting):
+    """The number of workers a workers setting means: 'auto' is the CPUs this
+    process may run on (os.sched_getaffinity, else os.cpu_count()); None: none."""
+    if setting != 'auto':
+        return setting
+    if hasattr(os, 'sched_getaffinity'):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
 
 
 def parse_status(text, what='status'):
@@ -1046,8 +1098,9 @@ class _ConfigReader(object):
     def read(self, root):
         if root.tag != 'pdconfig':
             raise self.error(root, f'the root element must be <pdconfig>, not <{root.tag}>')
-        self.attrs(root, ('drain', 'group', 'user'))
+        self.attrs(root, ('drain', 'group', 'user', 'workers'))
         drain = self.seconds(root, 'drain', 10.0, zero_ok=True)
+        workers = self.value(root, parse_workers, 'workers')
         user, group = self.account(root, 'user'), self.account(root, 'group')
         services, admin, logging_ = [], None, None
         for tag, elem in self.children(root):
@@ -1063,7 +1116,7 @@ class _ConfigReader(object):
                 logging_ = self.logging(elem)
         if not services:
             raise self.error(root, '<pdconfig> has no <service>')
-        return Config(self.path, services, admin, logging_, drain, user, group, self.lines[root])
+        return Config(self.path, services, admin, logging_, drain, user, group, self.lines[root], workers)
 
     def service(self, elem, services):
         self.attrs(elem, ('maxconns', 'name'), ('name',))
@@ -2526,6 +2579,7 @@ def error_text(err):
 
 
 LOG_FORMAT = '%(asctime)s %(levelname)s %(message)s'
+LOG_PREFIX = ''         # before each message of a worker's log lines ('worker 2: '), access lines aside
 
 
 class LogFormatter(logging.Formatter):
@@ -2761,12 +2815,12 @@ def configure_log_handlers(logging_config):
     else:
         handler = None
     if handler is not None:
-        handler.setFormatter(LogFormatter(LOG_FORMAT))
+        handler.setFormatter(LogFormatter(LOG_FORMAT.replace('%(message)s', LOG_PREFIX + '%(message)s')))
         _log_handlers.append(handler)
     if logging_config.syslog is not None:
         handler = logging.handlers.SysLogHandler(
             address=logging_config.syslog_address, facility=logging_config.facility)
-        handler.setFormatter(logging.Formatter('pydirector[%d]: %%(message)s' % os.getpid()))
+        handler.setFormatter(logging.Formatter('pydirector[%d]: %s%%(message)s' % (os.getpid(), LOG_PREFIX)))
         _log_handlers.append(handler)
     for handler in _log_handlers:
         root.addHandler(handler)
@@ -2794,6 +2848,7 @@ SHUT_WR = socket.SHUT_WR
 # elsewhere each accepted socket is set on its own.
 NODELAY_INHERITED = sys.platform.startswith('linux')
 
+LISTEN_EXCLUSIVE = getattr(select, 'EPOLLEXCLUSIVE', 0) if Loop is EpollLoop else 0
 BUFFER_SIZE = 65536       # one recv; also the most a Pair holds per direction
 ACCEPT_BATCH = 64         # accepts per readable event, so one busy listener can't starve the rest
 ACCEPT_PAUSE = 0.25       # seconds to stop accepting when out of file descriptors
@@ -2852,6 +2907,7 @@ class Listener(object):
 
     def __init__(self, director, service, sock, listen):
         self.director = director
+        self.reading_elsewhere = 0      # a master's: clients of its workers reading their hello
         self.loop = director.loop
         self.service = service
         self.sock = sock
@@ -2861,8 +2917,16 @@ class Listener(object):
         self.logged = {}        # kind -> [loop time of its last log line, lines left out since]
         self.configure(listen)
         self.paused = False
-        self.registered = True
-        self.loop.add(self.fd, EVENT_READ, self._on_readable)
+        # A master's listeners are its workers' to accept on: it holds them, never watches them.
+        self.registered = director.accept
+        if self.registered:
+            self.add_to_loop()
+
+    def add_to_loop(self):
+        # EPOLLEXCLUSIVE (Linux 4.5+): of the workers waiting on a shared listening
+        # socket, a new client wakes one, not every one (the thundering herd).
+        self.loop.add(self.fd, EVENT_READ | (LISTEN_EXCLUSIVE if self.director.workers_share else 0),
+                      self._on_readable)
 
     def __repr__(self):
         return '<Listener %s>' % self.text
@@ -2913,7 +2977,7 @@ class Listener(object):
 
     def _resume(self):
         if self.sock.fileno() >= 0 and not self.registered:  # not closed by a stop meanwhile
-            self.loop.add(self.fd, EVENT_READ, self._on_readable)
+            self.add_to_loop()
             self.registered = True
 
     def close(self):
@@ -3252,7 +3316,11 @@ class Pair(object):
         """Try the next host the scheduler offers; close the client when none is left."""
         scheduler = self.group.scheduler
         tried = self.tried
-        host = scheduler.pick(self.client_ip, tried)
+        master = self.director.master
+        if master is None:
+            host = scheduler.pick(self.client_ip, tried)
+        else:
+            host = master.pick(self, scheduler)     # a worker: limits and sticky entries shared
         if host is None:
             self.director.no_host(self)
             return
@@ -3570,7 +3638,6 @@ class Pair(object):
         if self.client_events:
             self.loop.forget(self.client_fd)
             self.client_events = 0
-        self.client_sock.close()
         host = self.host
         if host is not None:
             self.group.scheduler.connection_ended(host)
@@ -3583,6 +3650,8 @@ class Pair(object):
         if self.splice_down is not None:
             self.splice_down.close()
         self.director.pair_closed(self, how)
+        # Last: once the client sees its end, the counters (a worker's shared ones too) say so.
+        self.client_sock.close()
 
 
 class Splice(object):
@@ -3741,6 +3810,11 @@ def probe(host, port, timeout, send=None, expect=None, status=None):
         sock.close()
 
 
+# Looked up now: concurrent.futures imports it at first use, which fails (a dead
+# manager, no more probes) when the process has just run out of file descriptors.
+ThreadPoolExecutor = concurrent.futures.ThreadPoolExecutor
+
+
 class Manager(threading.Thread):
     """Runs the probes the director says are due and hands each result back to the loop."""
 
@@ -3751,7 +3825,7 @@ class Manager(threading.Thread):
 
     def run(self):
         loop = self.director.loop
-        with concurrent.futures.ThreadPoolExecutor(PROBE_WORKERS) as pool:
+        with ThreadPoolExecutor(PROBE_WORKERS) as pool:
             while not self.stopped.wait(MANAGER_TICK):
                 try:
                     due = loop.call(self.director.health.due)
@@ -3900,6 +3974,7 @@ class RunningService(object):
         self.open = 0
         self.full_logged = -1e9          # when "maxconns reached" was last logged
         self.queue = collections.deque()   # Pairs waiting for a host below its maxconns
+        self.waiting = 0                   # a master's: clients its workers hold in their queues
         self.switch = None                 # the pending blue/green Switch, if any
 
     def __repr__(self):
@@ -3980,6 +4055,10 @@ class Health(object):
         self.heap = []
         self.seq = 0
         self.spread = random.Random()
+        # A worker never probes (its master does) and logs the master's changes only
+        # at debug level: the master's log line is the one.
+        self.probing = True
+        self.quiet = False
 
     def check(self, service):
         return service.check or DEFAULT_CHECK
@@ -4004,6 +4083,8 @@ class Health(object):
             state.service, state.group = service, group
 
     def _schedule(self, state, due):
+        if not self.probing:
+            return
         state.next_due = due
         self.seq += 1
         heapq.heappush(self.heap, (due, self.seq, state))
@@ -4053,8 +4134,9 @@ class Health(object):
             return  # the host was removed while the probe ran
         state.in_flight = False
         self._schedule(state, max(state.next_due, self.loop.now))
-        if address is not None:
+        if address is not None and address != host.address:
             host.address = address
+            self.director.address_changed(state.service, state.group, host)
         check = self.check(state.service)
         if ok is None:
             log.debug('probe of host %s (%s) not made: %s', host.name, host.ip, reason)
@@ -4101,7 +4183,9 @@ class Health(object):
             probe_state.changes += 1
             if state == schedulers.DOWN and not probe_state.in_flight:
                 self._schedule(probe_state, self.loop.now + self.check(service).interval)
-        log.info('host %s (%s) in %s/%s %s: %s', host.name, host.ip, service.name, group.name, state, cause)
+        log.log(logging.DEBUG if self.quiet else logging.INFO, 'host %s (%s) in %s/%s %s: %s',
+                host.name, host.ip, service.name, group.name, state, cause)
+        self.director.state_changed(service, group, host, state, cause)
         if after == 'up':
             self.director.host_up(service, group)
         return True
@@ -4139,7 +4223,8 @@ class Switch(object):
         if drain is not None:
             self.drain_until = time.time() + drain
             self.timers.append(loop.call_later(drain, self._drain))
-        if rollback is not None and not self.confirmed:
+        if rollback is not None and not self.confirmed and director.master is None:
+            # A worker's switch does not roll back on its own: its master decides, for all.
             self.rollback_until = time.time() + rollback
             self.timers.append(loop.call_later(rollback, self._check_rollback, rollback))
 
@@ -4182,6 +4267,7 @@ class Switch(object):
             service.enabled = self.from_group
             self.cancel()
             service.switch = None
+            self.director.rolled_back(service, self.from_group)
             return
         self._done()
 
@@ -4259,8 +4345,7 @@ class Reload(object):
             for key, entries in listens_by_address(self.new.services).items():
                 if key not in current:
                     listen = entries[0][1]
-                    sock = listen_socket(listen.host, listen.port)
-                    opened[key] = Listener(director, None, sock, listen)
+                    opened[key] = Listener(director, None, director.listen_socket(listen), listen)
         except OSError as e:
             for listener in opened.values():
                 listener.close()
@@ -4357,6 +4442,8 @@ class Reload(object):
         keys = [key for key, _ in diff.settings]
         if 'user' in keys or 'group' in keys:
             changes.append('user/group not changed (needs a restart)')
+        if 'workers' in keys:
+            changes.append('workers not changed (needs a restart)')
         if 'logging' in keys:
             director.access.flush()
             configure_log_handlers(new.logging)
@@ -4364,6 +4451,20 @@ class Reload(object):
             changes.append('logging')
         if 'drain' in keys:
             changes.append('drain %g s' % new.drain)
+
+
+def replayed(method):
+    """An admin change a master makes in each worker too, once it is made here
+    (with the same arguments, by the same method: see Master.replay)."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    def change(self, *args, **kwargs):
+        result = method(self, *args, **kwargs)
+        if self.workers is not None:
+            self.workers.replay(name, args, kwargs)
+        return result
+    return change
 
 
 class Actions(object):
@@ -4400,6 +4501,7 @@ class Actions(object):
 
     # -- changes ------------------------------------------------------------
 
+    @replayed
     def add_host(self, service, group, name, ip, weight=None, maxconns=None, send_proxy=None):
         service, group = self._group(service, group)
         try:
@@ -4415,6 +4517,7 @@ class Actions(object):
         log.info('host %s (%s) added to %s/%s', name, ip, service.name, group.name)
         return 'added host %s (%s) to %s/%s' % (name, ip, service.name, group.name)
 
+    @replayed
     def del_host(self, service, group, name=None, ip=None):
         if name is None and ip is None:
             raise AdminError(400, 'delHost needs name or ip')
@@ -4424,6 +4527,7 @@ class Actions(object):
         self.remove_host(service, group, host)
         return 'removed host %s (%s) from %s/%s' % (host.name, host.ip, service.name, group.name)
 
+    @replayed
     def del_all_hosts(self, service, group):
         service, group = self._group(service, group)
         if group is service.enabled:
@@ -4433,6 +4537,7 @@ class Actions(object):
             self.remove_host(service, group, host)
         return 'removed %d host(s) from %s/%s' % (len(hosts), service.name, group.name)
 
+    @replayed
     def enable_group(self, service, group, drain=None, rollback=None):
         """Switch new connections to group.  drain: seconds after which connections
         still on the old group are closed.  rollback: seconds within which the new
@@ -4457,6 +4562,7 @@ class Actions(object):
             message += '; back to %s unless a host is up within %g s' % (old.name, rollback)
         return message
 
+    @replayed
     def change_scheduler(self, service, group, scheduler):
         service, group = self._group(service, group)
         try:
@@ -4504,6 +4610,7 @@ class Actions(object):
         log.info('admin user %s deleted', escape_text(name))
         return 'deleted user %s' % name
 
+    @replayed
     def new_group(self, service, group, scheduler):
         service = self._service(service)
         try:
@@ -4517,6 +4624,7 @@ class Actions(object):
         log.info('service %s: new group %s (%s)', service.name, group, sched.spec)
         return 'created group %s in service %s (%s)' % (group, service.name, sched.spec)
 
+    @replayed
     def del_group(self, service, group):
         service, group = self._group(service, group)
         if group is service.enabled:
@@ -4527,6 +4635,7 @@ class Actions(object):
         log.info('service %s: group %s deleted', service.name, group.name)
         return 'deleted group %s from service %s' % (group.name, service.name)
 
+    @replayed
     def close_log(self):
         self.access.flush()
         reopen_logs()
@@ -4551,7 +4660,10 @@ class Actions(object):
         return self.loaded_xml
 
     def snapshot(self):
-        """Everything the admin pages show, as plain dicts and lists (nothing live)."""
+        """Everything the admin pages show, as plain dicts and lists (nothing live).
+        A master's counters are its workers' sums (Master.read_counts)."""
+        if self.workers is not None:
+            self.workers.read_counts()
         services = []
         health = self.health
         for service in self.services.values():
@@ -4578,7 +4690,7 @@ class Actions(object):
                 'enabled': service.enabled.name, 'accepted': service.accepted,
                 'failovers': service.failovers, 'refused': service.refused, 'groups': groups,
                 'maxconns': service.config.maxconns, 'open': service.open,
-                'queued': len(service.queue), 'denied': service.denied,
+                'queued': len(service.queue) + service.waiting, 'denied': service.denied,
                 'switch': service.switch.snapshot() if service.switch is not None else None,
                 'check': check_text(service.check),
             })
@@ -4588,6 +4700,7 @@ class Actions(object):
             'config_path': self.config.path, 'reloaded': self.reloaded,
             'users': [{'name': u.name, 'access': u.access} for u in self.users.values()],
             'sni': self.sni_snapshot(),
+            'workers': self.workers.snapshot() if self.workers is not None else None,
         }
 
     def sni_snapshot(self):
@@ -4608,7 +4721,8 @@ class Actions(object):
                     'address': listener.text,
                     'names': [[pattern, owner.name] for pattern, owner in listener.sni.patterns()],
                     'hello_timeout': listener.hello_timeout, 'accept_proxy': listener.accept_proxy,
-                    'reading': reading[listener], 'unmatched': listener.unmatched, 'bad': bad,
+                    'reading': reading[listener] + listener.reading_elsewhere,
+                    'unmatched': listener.unmatched, 'bad': bad,
                 })
         return found
 
@@ -4625,6 +4739,8 @@ class Actions(object):
             client_ip = str(ipaddress.ip_address(client))
         except ValueError:
             raise AdminError(400, 'client must be an IP address, not %r' % client)
+        if self.workers is not None:
+            self.workers.read_counts()      # leastconns explains with every worker's connections
         if sni is not None:
             try:
                 sni = normalize_server_name(sni)
@@ -4741,7 +4857,7 @@ class Actions(object):
             admin = Admin(old.listen, old.host, old.port, list(self.users.values()), old.certfile, old.keyfile,
                           get_changes=old.get_changes)
         return Config(self.config.path, services, admin, self.config.logging, self.config.drain,
-                      self.config.user, self.config.group)
+                      self.config.user, self.config.group, workers=self.config.workers)
 
     def running_xml(self):
         return self.running_config().to_xml()
@@ -4752,8 +4868,18 @@ class Director(Actions):
     accepts clients and finds them hosts.  Health, Switch and Reload are its
     parts; Actions holds what the admin calls."""
 
-    def __init__(self, config, loop=None, rng=None, notifier=None):
+    def __init__(self, config, loop=None, rng=None, notifier=None, accept=True, resolve_names=True):
         self.loop = loop or Loop()
+        # With worker processes (see Workers): a master's Director holds the truth and
+        # does not accept (accept False; workers is its Master); a worker's reports to
+        # its master (master, its MasterLink), counts in shared memory (shared) and
+        # listens on the master's sockets (listen_sockets: address key -> socket).
+        self.accept = accept
+        self.workers = None
+        self.master = None
+        self.shared = None
+        self.listen_sockets = None
+        self.workers_share = False
         self.notifier = notifier or Notifier({})    # main() passes the real one
         self.config = config
         self.loaded_xml = config.to_xml()
@@ -4773,7 +4899,7 @@ class Director(Actions):
         self.reload_lock = threading.Lock()
         self.epoch_offset = time.time() - time.monotonic()   # loop time -> wall time, for pages
         for service_config in config.services:
-            self.build_service(service_config, resolve_names=True)
+            self.build_service(service_config, resolve_names=resolve_names)
 
     # -- building ---------------------------------------------------------
 
@@ -4839,8 +4965,7 @@ class Director(Actions):
         try:
             for entries in listens_by_address(self.services.values()).values():
                 listen = entries[0][1]
-                sock = listen_socket(listen.host, listen.port)
-                self.attach(Listener(self, None, sock, listen), entries)
+                self.attach(Listener(self, None, self.listen_socket(listen), listen), entries)
         except Exception:
             self._close_listeners()
             for service in self.services.values():
@@ -4854,6 +4979,15 @@ class Director(Actions):
         for service in self.services.values():
             log.info('service %s listening on %s, group %s enabled',
                      service.name, ', '.join(l.text for l in service.listeners), service.enabled.name)
+
+    def listen_socket(self, listen):
+        """A listening socket for a listen address: bound now, or in a worker the master's."""
+        if self.listen_sockets is None:
+            return listen_socket(listen.host, listen.port)
+        sock = self.listen_sockets.pop(listen.key, None)
+        if sock is None:
+            raise OSError(errno.EINVAL, 'cannot listen on %s: the master sent no socket for it' % listen.text)
+        return sock
 
     def attach(self, listener, entries):
         """Point a listener at the services on its address: entries is
@@ -4887,6 +5021,9 @@ class Director(Actions):
         self._close_listeners()
         if self.manager is not None:
             self.manager.stop()
+        if self.workers is not None:
+            self.workers.stop(drain)    # the master stops once its last worker has
+            return
         log.info('stopping: %d connection(s) open, waiting up to %g s', len(self.pairs), drain)
         if not self.pairs:
             self._stopped()
@@ -4899,6 +5036,9 @@ class Director(Actions):
         self._close_listeners()
         if self.manager is not None:
             self.manager.stop()
+        if self.workers is not None:
+            self.workers.stop_now()
+            return
         if self.pairs:
             log.info('closing %d connection(s) still open', len(self.pairs))
         for pair in list(self.pairs):
@@ -4954,7 +5094,9 @@ class Director(Actions):
             log.error('reload failed: %s', e.message)
             raise
         self.access.flush()
-        log.info('%s', message)
+        log.log(logging.DEBUG if self.master is not None else logging.INFO, '%s', message)
+        if self.workers is not None:
+            self.workers.reloaded()
         return message
 
     # -- connections --------------------------------------------------------
@@ -4972,7 +5114,7 @@ class Director(Actions):
         pair = Pair(self, service, client_sock, client_addr)
         self.pairs.add(pair)
         maxconns = service.config.maxconns
-        if maxconns and service.open > maxconns:
+        if maxconns and (service.open > maxconns if self.shared is None else self.shared.service_full(service)):
             service.refused += 1
             if self.loop.now - service.full_logged >= 1.0:   # one line a second, not one per client
                 service.full_logged = self.loop.now
@@ -5017,7 +5159,7 @@ class Director(Actions):
         pair.bytes_in = len(pair.to_backend)
         self.pairs.add(pair)
         maxconns = service.config.maxconns
-        if maxconns and service.open > maxconns:
+        if maxconns and (service.open > maxconns if self.shared is None else self.shared.service_full(service)):
             self.refuse_full(service, pair)
         else:
             self.route(pair)
@@ -5061,8 +5203,27 @@ class Director(Actions):
         pair.close()
 
     def connect_failed(self, pair, host, reason):
-        """A backend refused or timed out: the host is down until its probes say otherwise."""
-        self.health.set_state(pair.service, pair.group, host, schedulers.DOWN, reason)
+        """A backend refused or timed out: the host is down until its probes say otherwise.
+        A worker marks it down at once and tells its master, which decides for all."""
+        if self.health.set_state(pair.service, pair.group, host, schedulers.DOWN, reason) and self.master is not None:
+            self.master.report_down(pair.service, pair.group, host, reason)
+
+    # Hooks for a master (workers set): what changes here is told to every worker.
+
+    def state_changed(self, service, group, host, state, cause):
+        """From Health.set_state: a host's health or admin state changed."""
+        if self.workers is not None:
+            self.workers.host_changed(service, group, host, state, cause)
+
+    def address_changed(self, service, group, host):
+        """From Health: a probe resolved a host's name to a new address."""
+        if self.workers is not None:
+            self.workers.address_changed(service, group, host)
+
+    def rolled_back(self, service, group):
+        """From Switch: the switch was undone, group is enabled again."""
+        if self.workers is not None:
+            self.workers.replay('enable_group', (service.name, group.name), {})
 
     def host_up(self, service, group):
         """From Health: a host of group came up."""
@@ -5072,9 +5233,12 @@ class Director(Actions):
             self._serve_queue(service)
 
     def _serve_queue(self, service):
-        """Hand freed slots to waiting clients, first come first served."""
+        """Hand freed slots to waiting clients, first come first served (in a worker:
+        across workers, so a place goes to another's client that has waited longer)."""
         queue = service.queue
-        while queue and not service.enabled.scheduler.full_only(()):
+        shared = self.shared
+        while queue and not service.enabled.scheduler.full_only(()) and (
+                shared is None or shared.first_in_line(service)):
             queue.popleft().leave_queue()
 
     def end_switch(self, service):
@@ -5091,6 +5255,8 @@ class Director(Actions):
     def close_host_connections(self, host):
         """<check on_down="close"> (HAProxy's on-marked-down shutdown-sessions): a host
         that stopped answering probes holds its clients hostage; reset them so they retry."""
+        if self.workers is not None:
+            self.workers.close_host(host)
         doomed = [pair for pair in self.pairs if pair.host is host and pair.state is STREAMING]
         if doomed:
             log.info('host %s (%s) down: closing its %d connection(s)', host.name, host.ip, len(doomed))
@@ -5103,12 +5269,1246 @@ class Director(Actions):
         service.open -= 1
         if service.queue and pair.host is not None:
             self._serve_queue(service)
+        if self.shared is not None:
+            self.shared.closed(pair)
         if self.access.enabled:
             self.access.connection(pair, how)
         if self.stopping and not self.pairs:
             if self.stop_timer is not None:
                 self.stop_timer.cancel()
             self._stopped()
+# ---------------------------------------------------------------------------
+# Workers: a master process and N data-plane worker processes (<pdconfig
+# workers="N|auto">, --workers).
+#
+# The master reads the config, binds every listen, drops privileges, runs the
+# manager and the admin, and alone owns configuration, host health and admin
+# state; its Director accepts nothing.  Each worker is a new interpreter
+# (spawned, never forked: a fork of a process running threads may inherit a
+# lock some other thread held), handed the master's listening sockets, one end
+# of a Channel and the SharedCounters file.  It builds its Director from the
+# config the master sends first and then accepts on those sockets, which
+# every worker shares: a worker that exits loses no connection the kernel
+# has queued.  Every change the master makes goes down each Channel as a
+# command, applied by the same Director method on the worker's own loop; a
+# worker sends up what it saw (a failed connect, a new sticky entry).
+# Counters go up through the shared file, where limits are checked too.
+# ---------------------------------------------------------------------------
+
+CHANNEL_MAX = 256 << 20     # bytes of one message (a config with many hosts and sticky entries)
+CHANNEL_READ = 262144       # bytes one read takes
+CHANNEL_FDS = 64            # file descriptors one read may bring (listening sockets)
+CHANNEL_BACKLOG = 64 << 20  # bytes waiting for a peer that does not read: past it, the peer is given up
+
+
+class Channel(object):
+    """One end of the AF_UNIX socketpair between the master and a worker.
+
+    A message is a 4-byte big-endian length and that much JSON; listening
+    sockets travel with one as SCM_RIGHTS (socket.sendmsg, 3.3+), and the
+    message says how many ('fds').  Both ends are non-blocking and watched by
+    their loop: what the kernel refuses waits in the outbox, with write
+    interest registered only while it does.  on_message(message, fds) gets
+    each message whole, in order, with the sockets sent along with it;
+    on_lost() is called once, when the peer has gone or sent nonsense.
+    """
+
+    def __init__(self, loop, sock, on_message, on_lost, inbox=b''):
+        self.loop = loop
+        self.sock = sock
+        sock.setblocking(False)
+        self.fd = sock.fileno()
+        self.on_message = on_message
+        self.on_lost = on_lost
+        self.inbox = bytearray(inbox)
+        self.fds = []                       # received, not yet taken by a message
+        self.outbox = collections.deque()   # [data, fds] the kernel has not taken yet
+        self.waiting = 0                    # bytes in the outbox
+        self.events = EVENT_READ
+        self.closed = False
+        loop.add(self.fd, EVENT_READ, self._on_event)
+        if inbox:
+            loop.call_soon(self._deliver)   # read with the first message: no event will say so
+
+    def __repr__(self):
+        return '<Channel fd %d>' % self.fd
+
+    def send(self, message, fds=()):
+        if self.closed:
+            return
+        data = json.dumps(message, separators=(',', ':')).encode('utf-8')
+        self.outbox.append([len(data).to_bytes(4, 'big') + data, list(fds)])
+        self.waiting += len(data) + 4
+        if len(self.outbox) == 1:
+            self._flush()
+        elif self.waiting > CHANNEL_BACKLOG:
+            # A peer that reads nothing (stopped, stuck): memory is not to grow without end.
+            log.error('%r: %d bytes wait for a peer that does not read; giving it up', self, self.waiting)
+            self.lost()
+
+    def _flush(self):
+        outbox = self.outbox
+        while outbox:
+            data, fds = outbox[0]
+            try:
+                if fds:
+                    sent = self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                       array.array('i', fds).tobytes())])
+                    outbox[0][1] = []       # they went with the first byte
+                else:
+                    sent = self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self.lost()
+                return
+            self.waiting -= sent
+            if sent < len(data):
+                outbox[0][0] = memoryview(data)[sent:]
+                break
+            outbox.popleft()
+        self._watch(EVENT_READ | (EVENT_WRITE if outbox else 0))
+
+    def _watch(self, events):
+        if events != self.events and not self.closed:
+            self.loop.modify(self.fd, events, self._on_event)
+            self.events = events
+
+    def _on_event(self, mask):
+        if mask & EVENT_WRITE and self.outbox:
+            self._flush()
+        if mask & EVENT_READ and not self.closed:
+            self._read()
+
+    def _read(self):
+        for _ in range(16):         # then let the loop serve the rest
+            try:
+                data, ancillary, flags, _ = self.sock.recvmsg(CHANNEL_READ, socket.CMSG_SPACE(CHANNEL_FDS * 4))
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self.lost()
+                return
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds = array.array('i')
+                    fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+                    self.fds.extend(fds)
+            if flags & getattr(socket, 'MSG_CTRUNC', 0):
+                log.error('%r: file descriptors sent along were cut off', self)
+            if not data:
+                self.lost()
+                return
+            self.inbox += data
+            if not self._deliver():
+                return
+
+    def _deliver(self):
+        inbox = self.inbox
+        start = 0
+        try:
+            while len(inbox) - start >= 4:
+                size = int.from_bytes(inbox[start:start + 4], 'big')
+                if size > CHANNEL_MAX:
+                    raise ValueError('a message of %d bytes' % size)
+                end = start + 4 + size
+                if len(inbox) < end:
+                    break
+                message = json.loads(bytes(inbox[start + 4:end]).decode('utf-8'))
+                start = end
+                count = message.get('fds', 0) if isinstance(message, dict) else 0
+                fds, self.fds = self.fds[:count], self.fds[count:]
+                self.on_message(message, fds)
+                if self.closed:
+                    return False
+        except ValueError as e:
+            log.error('%r: bad message: %s', self, e)
+            self.lost()
+            return False
+        finally:
+            del inbox[:start]
+        return True
+
+    def lost(self):
+        """Close this end and tell the owner, once."""
+        if self.closed:
+            return
+        self.close()
+        self.on_lost()
+
+    def close(self):
+        if self.closed:
+            return
+        self.closed = True
+        self.loop.forget(self.fd)
+        self.sock.close()
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+        self.outbox.clear()
+        self.waiting = 0
+
+    close_on_error = lost
+
+    @staticmethod
+    def receive(sock, timeout):
+        """The first message, read blocking (before the loop runs): (message, the bytes after it)."""
+        sock.settimeout(timeout)
+        data = b''
+        while True:
+            if len(data) >= 4:
+                size = int.from_bytes(data[:4], 'big')
+                if size > CHANNEL_MAX:
+                    raise ValueError('a message of %d bytes' % size)
+                if len(data) >= 4 + size:
+                    return json.loads(data[4:4 + size].decode('utf-8')), data[4 + size:]
+            chunk = sock.recv(CHANNEL_READ)
+            if not chunk:
+                raise ValueError('the channel closed before the first message')
+            data += chunk
+
+
+# Fields of a counted thing's line, one line of COUNTER_FIELDS int64s per process.
+COUNTER_FIELDS = 16     # 128 bytes: two cache lines of its own, so no two processes write one
+HOST_OPEN, HOST_TOTAL, HOST_BYTES_IN, HOST_BYTES_OUT = 0, 1, 2, 3
+SERVICE_OPEN, SERVICE_ACCEPTED, SERVICE_FAILOVERS, SERVICE_REFUSED, SERVICE_DENIED, SERVICE_QUEUED = range(6)
+SERVICE_HEAD = 6        # when the first client of this process's queue came (monotonic µs; 0: none)
+ADDRESS_READING, ADDRESS_UNMATCHED = 0, 1      # then ADDRESS_BAD + i for HELLO_PROBLEMS[i]
+ADDRESS_BAD = 2
+GAUGES = {'host': (HOST_OPEN,), 'service': (SERVICE_OPEN, SERVICE_QUEUED, SERVICE_HEAD), 'address': (ADDRESS_READING,)}
+
+
+class SharedCounters(object):
+    """Counters every process of a master and its workers sees: a file each of
+    them maps (mmap, MAP_SHARED), unlinked from the start and passed by fd.
+
+    Each counted thing (a service, a host, a listen address) has a slot the
+    master gives it, and each process a row: the line of (slot, row) is
+    COUNTER_FIELDS int64s at ((slot * rows) + row) * COUNTER_FIELDS, so a
+    thing's lines lie together and no two processes write the same cache
+    line.  Row i-1 is worker i's, written only by it; the last row is the
+    master's, holding what workers that died had counted, so that totals
+    never go back.  A thing with a limit is checked and taken under
+    fcntl.lockf on byte `slot` of the file: two workers never both take the
+    last free place.
+    """
+
+    def __init__(self, fd, rows, row, size):
+        import fcntl
+        import mmap
+        self._fcntl = fcntl
+        self._mmap = mmap
+        self.fd = fd
+        self.rows = rows
+        self.row = row
+        self.memory = None
+        self.view = None
+        self.remap(size)
+
+    @classmethod
+    def create(cls, rows, capacity):
+        """A new file for `rows` processes and `capacity` slots (the master's)."""
+        directory = '/dev/shm' if os.path.isdir('/dev/shm') and os.access('/dev/shm', os.W_OK) else None
+        if hasattr(os, 'memfd_create'):         # Linux, 3.8+: no file system at all
+            fd = os.memfd_create('pydirector-counters')
+        else:
+            import tempfile
+            fd, path = tempfile.mkstemp(prefix='pydirector-counters-', dir=directory)
+            os.unlink(path)
+        size = capacity * rows * COUNTER_FIELDS * 8
+        os.ftruncate(fd, size)
+        return cls(fd, rows, rows - 1, size)
+
+    def remap(self, size):
+        """Map the file again at its new size (the master grew it)."""
+        if self.view is not None:
+            self.view.release()
+            self.memory.close()
+        self.memory = self._mmap.mmap(self.fd, size)
+        self.view = memoryview(self.memory).cast('q')
+        self.size = size
+        self.capacity = size // (self.rows * COUNTER_FIELDS * 8)
+
+    def grow(self, capacity):
+        """The master: room for `capacity` slots (existing lines stay where they are)."""
+        size = capacity * self.rows * COUNTER_FIELDS * 8
+        os.ftruncate(self.fd, size)
+        self.remap(size)
+
+    def line(self, slot, row):
+        return (slot * self.rows + row) * COUNTER_FIELDS
+
+    def lock(self, slot):
+        self._fcntl.lockf(self.fd, self._fcntl.LOCK_EX, 1, slot)
+
+    def unlock(self, slot):
+        self._fcntl.lockf(self.fd, self._fcntl.LOCK_UN, 1, slot)
+
+    def sums(self, slot):
+        """The fields of a slot summed over every row."""
+        view = self.view
+        base = slot * self.rows * COUNTER_FIELDS
+        total = list(view[base:base + COUNTER_FIELDS])
+        for row in range(1, self.rows):
+            at = base + row * COUNTER_FIELDS
+            for field, value in enumerate(view[at:at + COUNTER_FIELDS]):
+                if value:
+                    total[field] += value
+        return total
+
+    def zero(self, slot, row):
+        at = self.line(slot, row)
+        self.view[at:at + COUNTER_FIELDS] = _ZERO_LINE
+
+    def fold(self, row, kinds):
+        """A worker died: add its counts (all but the gauges) to the master's row and
+        clear its row.  kinds: slot -> 'host', 'service' or 'address'."""
+        view = self.view
+        mine = self.rows - 1
+        for slot in range(self.capacity):
+            at = self.line(slot, row)
+            values = view[at:at + COUNTER_FIELDS]
+            if not any(values):
+                continue
+            gauges = GAUGES.get(kinds.get(slot), ())
+            into = self.line(slot, mine)
+            for field, value in enumerate(values):
+                if value and field not in gauges:
+                    view[into + field] += value
+            self.zero(slot, row)
+
+    def close(self):
+        if self.view is not None:
+            self.view.release()
+            self.memory.close()
+            self.view = None
+            os.close(self.fd)
+
+
+_ZERO_LINE = memoryview(bytes(COUNTER_FIELDS * 8)).cast('q')
+
+LOAD_AWARE = ('leastconns', 'leastconnsrr')   # schedulers whose picks read every host's open count
+
+
+def queue_head(service):
+    """When the first client in a service's queue was accepted, in µs of the monotonic
+    clock (one clock for every process on Linux), or 0: the queue is empty."""
+    return int(service.queue[0].started * 1e6) if service.queue else 0
+
+
+class WorkerCounts(object):
+    """A worker's side of the SharedCounters (its Director's `shared`).
+
+    It writes its own row: the line of a closed client's service and host at
+    once, the open count of every host whose load matters elsewhere (a host
+    with maxconns, a host of a leastconns group) each tick while connections
+    come and go, and everything else every TICKS_FULL ticks.  In a worker, a
+    Host's `open` counts every worker's connections to it: its own, kept
+    exactly, plus the others' as last read (others[host]), re-read each tick
+    for the hosts whose load matters, so the scheduler sees the whole load.
+    A host or service with maxconns is checked and taken under its lock.
+    """
+
+    TICK = 0.05         # seconds: others' loads re-read, queues re-checked
+    TICKS_FULL = 10     # every counter written every this many ticks (0.5 s)
+
+    def __init__(self, director, shared):
+        self.director = director
+        self.shared = shared
+        self.slots = {}         # ('host', service, group, name) / ('service', name) / ('address', key) -> slot
+        self.slot_of = {}       # running object -> slot
+        self.own = {}           # running object -> the index of its line in this worker's row
+        self.elsewhere = {}     # running object -> [the index of its line in each other row]
+        self.others = {}        # host -> the other workers' open connections to it, as last read
+        self.group_of = {}      # host -> its running group (whose scheduler keeps its load)
+        self.aware = []         # hosts whose load other workers need (maxconns, leastconns)
+        self.counted_services = []
+        self.ticks = 0
+        self.seen = None        # what the director had counted at the last tick
+        self.seen_full = None
+        self.timer = director.loop.call_later(self.TICK, self.tick)
+
+    def update(self, entries):
+        """Slots from the master ([kind, names..., slot]), then the map of running objects again."""
+        for entry in entries or ():
+            key = tuple(entry[:-1]) if entry[0] != 'address' else ('address', address_key(*entry[1:3]))
+            self.slots[key] = entry[-1]
+        self.rebuild()
+
+    def things(self):
+        """(object, slot key) of everything counted in the running config."""
+        found = []
+        for service in self.director.services.values():
+            found.append((service, ('service', service.name)))
+            for group in service.groups.values():
+                for host in group.scheduler.hosts:
+                    found.append((host, ('host', service.name, group.name, host.name)))
+            for listener in service.listeners:
+                found.append((listener, ('address', listener.listen.key)))
+        return found
+
+    def rebuild(self):
+        shared = self.shared
+        row = shared.row
+        old = self.slot_of
+        self.slot_of, self.own, self.elsewhere = {}, {}, {}
+        self.aware = []
+        for thing, key in self.things():
+            slot = self.slots.get(key)
+            if slot is None or slot >= shared.capacity:
+                continue
+            self.slot_of[thing] = slot
+            self.own[thing] = shared.line(slot, row)
+            self.elsewhere[thing] = [shared.line(slot, r) for r in range(shared.rows - 1) if r != row]
+        self.counted_services = [s for s in self.director.services.values() if s in self.own]
+        self.group_of = {}
+        for service in self.director.services.values():
+            for group in service.groups.values():
+                load_aware = group.scheduler.name in LOAD_AWARE
+                for host in group.scheduler.hosts:
+                    self.group_of[host] = group
+                    if host in self.own and (load_aware or host.maxconns):
+                        if host not in self.aware:
+                            self.aware.append(host)
+        for thing, slot in old.items():
+            if self.slot_of.get(thing) != slot:
+                shared.zero(slot, row)      # no longer ours to count: the master may reuse it
+                if thing in self.others and thing not in self.slot_of:
+                    self.set_others(thing, 0)
+                    del self.others[thing]
+        self.publish(list(self.slot_of))
+
+    def set_others(self, host, count):
+        change = count - self.others.get(host, 0)
+        if change:
+            group = self.group_of.get(host)
+            if group is not None:
+                group.scheduler.set_open(host, host.open + change)    # which keeps its structures in step
+            else:
+                host.open += change     # in no scheduler any more
+            self.others[host] = count
+
+    def read_others(self, host, view):
+        total = 0
+        for at in self.elsewhere[host]:
+            total += view[at + HOST_OPEN]
+        return total
+
+    # -- limits -------------------------------------------------------------
+
+    def take_host(self, host):
+        """A host with maxconns was picked: take one of its places across every worker,
+        or (False) learn that it is full and let the scheduler see so."""
+        slot = self.slot_of.get(host)
+        if slot is None:
+            return True
+        shared = self.shared
+        view = shared.view
+        shared.lock(slot)
+        try:
+            others = self.read_others(host, view)
+            own = host.open - self.others.get(host, 0)
+            self.set_others(host, others)
+            if own + others >= host.maxconns:
+                return False
+            view[self.own[host] + HOST_OPEN] = own + 1     # connection_started counts it here next
+            return True
+        finally:
+            shared.unlock(slot)
+
+    def service_full(self, service):
+        """A client was accepted (counted in service.open already): over the service's
+        maxconns across every worker?  If not, its place is taken."""
+        slot = self.slot_of.get(service)
+        if slot is None:
+            return service.open > service.config.maxconns
+        shared = self.shared
+        view = shared.view
+        shared.lock(slot)
+        try:
+            others = 0
+            for at in self.elsewhere[service]:
+                others += view[at + SERVICE_OPEN]
+            if service.open + others > service.config.maxconns:
+                return True
+            view[self.own[service] + SERVICE_OPEN] = service.open
+            return False
+        finally:
+            shared.unlock(slot)
+
+    def first_in_line(self, service):
+        """Whether this worker's first queued client has waited longest of any worker's
+        (as far as their rows said at their last tick): only then may it take a free place."""
+        at = self.own.get(service)
+        if at is None:
+            return True
+        view = self.shared.view
+        head = view[at + SERVICE_HEAD] = queue_head(service)
+        for other in self.elsewhere[service]:
+            theirs = view[other + SERVICE_HEAD]
+            if theirs and theirs < head:
+                return False
+        return True
+
+    # -- writing our row --------------------------------------------------------
+
+    def closed(self, pair):
+        """A client closed: its service's and host's lines now, before the master is asked."""
+        view = self.shared.view
+        service = pair.service
+        at = self.own.get(service)
+        if at is not None:
+            view[at + SERVICE_ACCEPTED] = service.accepted
+            view[at + SERVICE_FAILOVERS] = service.failovers
+            view[at + SERVICE_REFUSED] = service.refused
+            view[at + SERVICE_DENIED] = service.denied
+            view[at + SERVICE_QUEUED] = len(service.queue)
+            view[at + SERVICE_HEAD] = queue_head(service)
+            view[at + SERVICE_OPEN] = service.open
+        host = pair.host
+        if host is not None:
+            at = self.own.get(host)
+            if at is not None:
+                view[at + HOST_TOTAL] = host.total
+                view[at + HOST_BYTES_IN] = host.bytes_in
+                view[at + HOST_BYTES_OUT] = host.bytes_out
+                view[at + HOST_OPEN] = host.open - self.others.get(host, 0)
+
+    def publish(self, things):
+        view = self.shared.view
+        own = self.own
+        others = self.others
+        reading = None
+        for thing in things:
+            at = own.get(thing)
+            if at is None:
+                continue
+            if isinstance(thing, schedulers.Host):
+                view[at + HOST_TOTAL] = thing.total
+                view[at + HOST_BYTES_IN] = thing.bytes_in
+                view[at + HOST_BYTES_OUT] = thing.bytes_out
+                view[at + HOST_OPEN] = thing.open - others.get(thing, 0)
+            elif isinstance(thing, RunningService):
+                view[at + SERVICE_ACCEPTED] = thing.accepted
+                view[at + SERVICE_FAILOVERS] = thing.failovers
+                view[at + SERVICE_REFUSED] = thing.refused
+                view[at + SERVICE_DENIED] = thing.denied
+                view[at + SERVICE_QUEUED] = len(thing.queue)
+                view[at + SERVICE_HEAD] = queue_head(thing)
+                view[at + SERVICE_OPEN] = thing.open
+            else:
+                if reading is None:
+                    reading = collections.Counter(reader.listener for reader in self.director.hellos)
+                view[at + ADDRESS_READING] = reading[thing]
+                view[at + ADDRESS_UNMATCHED] = thing.unmatched
+                for index, kind in enumerate(HELLO_PROBLEMS):
+                    view[at + ADDRESS_BAD + index] = thing.bad.get(kind, 0)
+
+    def publish_open(self, hosts):
+        view = self.shared.view
+        for host in hosts:
+            at = self.own.get(host)
+            if at is not None:
+                view[at + HOST_OPEN] = host.open - self.others.get(host, 0)
+
+    def tick(self):
+        """Every TICK: our loads out and the others' in (hosts whose load matters), while
+        clients come and go; every counter now and then; queued clients served when
+        a place freed in any worker."""
+        director = self.director
+        self.ticks += 1
+        now = (sum(s.accepted for s in director.services.values()), len(director.pairs), len(director.hellos))
+        if now != self.seen:
+            self.seen = now
+            self.publish_open(self.aware)
+            self.publish(self.counted_services)
+        if self.ticks % self.TICKS_FULL == 0 and now != self.seen_full:
+            self.seen_full = now
+            self.publish(list(self.slot_of))
+        if self.aware:
+            view = self.shared.view
+            for host in self.aware:
+                self.set_others(host, self.read_others(host, view))
+        for service in director.services.values():
+            if service.queue:
+                director._serve_queue(service)
+                self.publish((service,))
+        self.timer = director.loop.call_later(self.TICK, self.tick)
+
+    def stop(self):
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.publish(list(self.slot_of))
+
+
+WORKER_FIRST_MESSAGE = 60.0     # seconds a new worker waits for its config
+
+
+class Worker(object):
+    """A worker process's link to its master (its Director's `master`).
+
+    It applies each command from the master (on_message: a method do_KIND per
+    kind of message) with the Director's own methods, acknowledging each by
+    its sequence number once applied; it tells the master of the hosts it
+    found down and the sticky entries it made.  If the master goes (its
+    channel closes: it exited or was killed), the worker stops accepting,
+    lets its connections finish for up to <pdconfig drain>, and exits.
+    """
+
+    def __init__(self, director, sock, first, inbox):
+        self.director = director
+        self.loop = director.loop
+        self.index = first['worker']
+        self.acked = first['seq']
+        self.ack_due = False
+        self.sticky_out = []
+        self.applying = False       # while a change from the master is made: its info lines are the master's
+        director.master = self
+        self.channel = Channel(self.loop, sock, self.on_message, self.master_gone, inbox)
+        log.addFilter(self.not_repeated)
+
+    def not_repeated(self, record):
+        """A logging filter: the master has logged what it asked for already."""
+        return record.levelno > logging.INFO or not self.applying
+
+    # -- from the master ------------------------------------------------------
+
+    def on_message(self, message, fds):
+        kind = message.get('t')
+        handler = getattr(self, 'do_' + str(kind), None)
+        self.applying = kind in ('do', 'host', 'reload')
+        try:
+            if handler is None:
+                raise AdminError(400, 'unknown message %r' % kind)
+            handler(message, fds)
+        except AdminError as e:
+            # The master made this change already: a worker that cannot has strayed from it.
+            log.error('cannot apply %s from the master: %s', log_value(message.get('method', kind)), e.message)
+        finally:
+            self.applying = False
+        seq = message.get('seq')
+        if seq is not None:
+            self.acked = seq
+            if not self.ack_due:
+                self.ack_due = True
+                self.loop.call_soon(self.send_ack)
+
+    def send_ack(self):
+        self.ack_due = False
+        self.channel.send({'t': 'ack', 'seq': self.acked})
+
+    def do_do(self, message, fds):
+        try:
+            getattr(self.director, message['method'])(*message['args'], **message['kwargs'])
+        finally:
+            self.director.shared.update(message.get('slots'))
+
+    def do_host(self, message, fds):
+        service, group, host = self.director._host(message['service'], message['group'], message['host'])
+        self.director.health.set_state(service, group, host, message['state'], message['cause'])
+
+    def do_address(self, message, fds):
+        _, _, host = self.director._host(message['service'], message['group'], message['host'])
+        host.address = address_from_json(message['address'])
+
+    def do_close_host(self, message, fds):
+        _, _, host = self.director._host(message['service'], message['group'], message['host'])
+        self.director.close_host_connections(host)
+
+    def do_sticky(self, message, fds):
+        now = time.monotonic()
+        for service_name, group_name, client_ip, host_name in message['entries']:
+            service = self.director.services.get(service_name)
+            group = service.groups.get(group_name) if service is not None else None
+            host = group.scheduler.get_host(host_name) if group is not None else None
+            if host is not None:
+                group.scheduler.stick(client_ip, host, now)
+
+    def do_reload(self, message, fds):
+        director = self.director
+        director.listen_sockets = listen_sockets(message['listens'], fds)
+        try:
+            director.apply_reload(parse_config(message['xml'], message['path']))
+        finally:
+            for sock in director.listen_sockets.values():
+                sock.close()
+            director.listen_sockets = {}
+            director.shared.update(message['slots'])
+        apply_host_states(director, message['hosts'])
+
+    def do_counters(self, message, fds):
+        self.director.shared.shared.remap(message['size'])
+
+    def do_stop(self, message, fds):
+        self.director.begin_stop(message['drain'])
+
+    def do_stop_now(self, message, fds):
+        self.director.stop_now()
+
+    def master_gone(self):
+        director = self.director
+        if not director.stopping:
+            log.warning('the master has gone: not accepting, letting %d connection(s) finish within %g s',
+                        len(director.pairs), director.config.drain)
+            director.begin_stop(director.config.drain)
+
+    # -- to the master --------------------------------------------------------
+
+    def report_down(self, service, group, host, reason):
+        self.channel.send({'t': 'down', 'service': service.name, 'group': group.name, 'host': host.name,
+                           'cause': reason})
+
+    def pick(self, pair, scheduler):
+        """Pair.connect_next's pick in a worker: a host with maxconns is taken across
+        workers (another is picked while the one picked is full everywhere), and a new
+        sticky entry is told to the master, which tells every worker."""
+        client_ip = pair.client_ip
+        sticky = scheduler.sticky
+        if sticky:
+            before = scheduler.sticky_host(client_ip)
+        host = scheduler.pick(client_ip, pair.tried)
+        while host is not None and host.maxconns and not self.director.shared.take_host(host):
+            host = scheduler.pick(client_ip, pair.tried)
+        if sticky and host is not None and host is not before:
+            if not self.sticky_out:
+                self.loop.call_soon(self.send_sticky)
+            self.sticky_out.append([pair.service.name, pair.group.name, client_ip, host.name])
+        return host
+
+    def send_sticky(self):
+        entries, self.sticky_out = self.sticky_out, []
+        self.channel.send({'t': 'sticky', 'entries': entries})
+
+
+def address_to_json(address):
+    return None if address is None else [address[0], list(address[1])]
+
+
+def address_from_json(value):
+    return None if value is None else (value[0], tuple(value[1]))
+
+
+def listen_sockets(listens, fds):
+    """address key -> socket for the listening sockets a worker got: [[host, port, family, fd]]
+    (fd None: the next of fds, which came with the message)."""
+    found = {}
+    fds = list(fds)
+    for host, port, family, fd in listens:
+        if fd is None:
+            fd = fds.pop(0)
+        found[address_key(host, port)] = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+    for fd in fds:
+        os.close(fd)
+    return found
+
+
+def apply_host_states(director, states):
+    """The master's word on each host: [[service, group, host, health, reason, admin, address]]."""
+    health = director.health
+    for service_name, group_name, name, state, reason, admin, address in states:
+        try:
+            service, group, host = director._host(service_name, group_name, name)
+        except AdminError:
+            continue
+        if address is not None:
+            host.address = address_from_json(address)
+        health.set_state(service, group, host, state, reason or 'as the master has it')
+        health.set_state(service, group, host, admin, 'as the master has it')
+
+
+def run_worker(channel_fd, verbose=False):
+    """`pydirector.py --worker FD`, as the master spawns it: FD is this worker's end
+    of its channel; the first message says the rest.  Returns the exit status."""
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, channel_fd)
+        first, inbox = Channel.receive(sock, WORKER_FIRST_MESSAGE)
+        config = parse_config(first['xml'], first['path'])
+    except (OSError, ValueError, ConfigError, KeyError) as e:
+        print('pydirector worker: no config from the master: %s' % e, file=sys.stderr)
+        return 1
+    global LOG_PREFIX
+    LOG_PREFIX = 'worker %d: ' % first['worker']
+    lighten_logging()
+    setup_logging(config, verbose)
+    raise_fd_limit()
+    director = Director(config, notifier=Notifier({}), resolve_names=False)
+    director.health.probing = False
+    director.health.quiet = True
+    director.workers_share = True
+    director.listen_sockets = listen_sockets(first['listens'], ())
+    fd, size = first['counters']
+    director.shared = WorkerCounts(director, SharedCounters(fd, first['workers'] + 1, first['worker'] - 1, size))
+    worker = Worker(director, sock, first, inbox)
+    apply_host_states(director, first['hosts'])
+    now = time.monotonic()
+    for service_name, group_name, client_ip, host_name, age in first['sticky']:
+        try:
+            _, group, host = director._host(service_name, group_name, host_name)
+        except AdminError:
+            continue
+        group.scheduler.stick(client_ip, host, now - age)
+
+    def on_signal(signum, frame):
+        director.loop.call_soon_threadsafe(handle_signal, signum)
+
+    def handle_signal(signum):
+        # As the master gets these too when the whole group is signalled (Ctrl-C, systemd).
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            if director.stopping:
+                director.stop_now()
+            else:
+                director.begin_stop(director.config.drain)
+        elif signum == signal.SIGUSR1:
+            director.close_log()
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(signum, on_signal)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)    # a reload is the master's
+    try:
+        director.bind()
+    except OSError as e:
+        log.error('%s', e.strerror or e)
+        return 1
+    director.shared.update(first['slots'])
+    worker.channel.send({'t': 'ready', 'pid': os.getpid(), 'seq': worker.acked})
+    try:
+        director.loop.run()
+    finally:
+        director.access.flush()
+        director.shared.stop()
+    return 0
+
+
+WORKER_QUICK_DEATH = 1.0    # seconds: a worker that dies sooner after starting is restarted after a pause
+WORKER_MAX_PAUSE = 30.0     # the longest such pause (it doubles from 1 s)
+WORKER_STOP_GRACE = 5.0     # seconds past the drain before a worker still running is killed
+WORKER_REAP_WAIT = 5.0      # seconds between a worker's channel closing and a kill, if it has not exited
+
+
+def worker_command():
+    """How to start a worker: this interpreter on this file, or on the .pyz holding it."""
+    here = os.path.abspath(__file__)
+    archive = os.path.dirname(here)
+    return [sys.executable, archive if os.path.isfile(archive) else here]
+
+
+class WorkerProcess(object):
+    """The master's record of one worker, numbered from 1."""
+
+    def __init__(self, index):
+        self.index = index
+        self.proc = None
+        self.pid = None
+        self.channel = None
+        self.ready = False
+        self.acked = 0          # the last command it has applied
+        self.restarts = 0
+        self.started = None     # epoch time of its start
+        self.quick_deaths = 0   # deaths in a row soon after starting
+        self.timer = None       # a pending restart or reap
+
+    def __repr__(self):
+        return 'worker %d (pid %s)' % (self.index, self.pid)
+
+
+class Master(object):
+    """The master's side of its workers (its Director's `workers`).
+
+    It spawns them (start), sends each a config first and then every change the
+    Director makes (the hooks host_changed, address_changed, close_host, replay
+    and reloaded), each with a sequence number the worker acknowledges once it
+    has applied it; sync() waits for that, so an admin change answers only
+    after every live worker has made it.  A worker that dies is restarted at
+    once (after a pause if it keeps dying at start), logged and counted, and
+    what it had counted is kept.  The master assigns the SharedCounters slots
+    and reads the sums there for the pages (read_counts).
+    """
+
+    def __init__(self, director, count, verbose=False, output=None, command=None):
+        self.director = director
+        self.loop = director.loop
+        self.count = count
+        self.verbose = verbose
+        self.output = output            # the workers' stdout and stderr (None: the master's)
+        self.command = command or worker_command()
+        self.seq = 0
+        self.workers = [WorkerProcess(i) for i in range(1, count + 1)]
+        self.changed = threading.Condition()
+        self.stopping = False
+        self.stop_timer = None
+        self.on_ready = None            # called once, when every worker is first ready
+        self.slot_of = {}               # the master's running object -> slot
+        self.kind_of = {}               # slot -> 'host', 'service' or 'address'
+        self.free = []                  # [(seq, slot)]: reusable once every worker applied seq
+        self.freed = []                 # slots of things gone, until the message telling of it is sent
+        self.next_slot = 0
+        self.sent_listeners = set()
+        self.shared = SharedCounters.create(count + 1, max(256, 2 * len(self.things())))
+        self.assign()
+        director.workers = self
+
+    # -- the workers' lives ---------------------------------------------------
+
+    def start(self):
+        """Spawn every worker (on the loop thread, or before the loop runs)."""
+        self.sent_listeners = set(self.listeners())
+        for worker in self.workers:
+            self.spawn(worker)
+
+    def listeners(self):
+        found = []
+        for service in self.director.services.values():
+            for listener in service.listeners:
+                if listener not in found:
+                    found.append(listener)
+        return found
+
+    def spawn(self, worker):
+        import subprocess
+        worker.timer = None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        listens = [[l.listen.host, l.listen.port, l.sock.family, l.sock.fileno()] for l in self.listeners()]
+        env = dict((k, v) for k, v in os.environ.items()
+                   if k not in ('NOTIFY_SOCKET', 'WATCHDOG_USEC', 'WATCHDOG_PID', 'LISTEN_FDS', 'LISTEN_PID'))
+        try:
+            worker.proc = subprocess.Popen(
+                self.command + ['--worker', str(theirs.fileno())] + (['-v'] if self.verbose else []),
+                pass_fds=[theirs.fileno(), self.shared.fd] + [entry[3] for entry in listens],
+                stdin=subprocess.DEVNULL, stdout=self.output, stderr=self.output, env=env)
+        except OSError as e:
+            ours.close()
+            theirs.close()
+            log.error('cannot start worker %d: %s', worker.index, e)
+            self.restart_later(worker)
+            return
+        theirs.close()
+        worker.pid = worker.proc.pid
+        worker.started = time.time()
+        worker.ready = False
+        worker.acked = self.seq     # it starts from everything sent so far
+        worker.channel = Channel(self.loop, ours, lambda m, fds: self.on_message(worker, m),
+                                 lambda: self.lost(worker))
+        worker.channel.send({
+            't': 'config', 'seq': self.seq, 'worker': worker.index, 'workers': self.count,
+            'xml': self.director.running_xml(), 'path': self.director.config.path,
+            'listens': listens, 'counters': [self.shared.fd, self.shared.size],
+            'slots': self.slot_entries(self.slot_of), 'hosts': self.host_states(),
+            'sticky': self.sticky_entries()})
+
+    def on_message(self, worker, message):
+        kind = message.get('t')
+        if kind == 'ack':
+            with self.changed:
+                worker.acked = max(worker.acked, message['seq'])
+                self.changed.notify_all()
+        elif kind == 'down':
+            try:
+                service, group, host = self.director._host(message['service'], message['group'], message['host'])
+            except AdminError:
+                return      # removed since
+            # A failed connect there: the master decides, and tells every worker.
+            self.director.health.set_state(service, group, host, schedulers.DOWN, message['cause'])
+        elif kind == 'sticky':
+            self.sticky(message['entries'])
+        elif kind == 'ready':
+            with self.changed:
+                worker.ready = True
+                worker.acked = max(worker.acked, message['seq'])
+                self.changed.notify_all()
+            log.info('%r ready', worker)
+            if self.on_ready is not None and all(w.ready for w in self.workers):
+                on_ready, self.on_ready = self.on_ready, None
+                on_ready()
+        else:
+            log.error('%r sent an unknown message %s', worker, log_value(kind))
+
+    def lost(self, worker):
+        """Its channel closed: it has exited, or is about to."""
+        with self.changed:
+            worker.channel = None
+            worker.ready = False
+            self.changed.notify_all()
+        self.reap(worker, self.loop.now + WORKER_REAP_WAIT)
+
+    def reap(self, worker, deadline):
+        status = worker.proc.poll()
+        if status is None:
+            if self.loop.now >= deadline:
+                log.warning('%r closed its channel but has not exited: killing it', worker)
+                worker.proc.kill()
+                deadline = float('inf')
+            worker.timer = self.loop.call_later(0.01, self.reap, worker, deadline)
+            return
+        self.shared.fold(worker.index - 1, self.kind_of)
+        worker.proc = None
+        if self.stopping:
+            log.info('%r exited', worker)
+            self.check_stopped()
+            return
+        how = 'with status %d' % status if status >= 0 else 'on signal %d (%s)' % (
+            -status, signal.Signals(-status).name if -status in signal.Signals._value2member_map_ else '?')
+        worker.restarts += 1
+        quick = time.time() - worker.started < WORKER_QUICK_DEATH
+        worker.quick_deaths = worker.quick_deaths + 1 if quick else 0
+        log.warning('%r exited %s; restarting it (restart %d)', worker, how, worker.restarts)
+        if worker.quick_deaths > 2:
+            self.restart_later(worker)
+        else:
+            self.spawn(worker)
+
+    def restart_later(self, worker):
+        pause = min(WORKER_MAX_PAUSE, 2.0 ** max(0, worker.quick_deaths - 3))
+        log.warning('worker %d keeps dying as it starts: next try in %g s', worker.index, pause)
+        worker.timer = self.loop.call_later(pause, self.spawn, worker)
+
+    # -- commands down --------------------------------------------------------
+
+    def send_all(self, message, fds=()):
+        self.seq += 1
+        message['seq'] = self.seq
+        if fds:
+            message['fds'] = len(fds)
+        for worker in self.workers:
+            if worker.channel is not None:
+                worker.channel.send(message, fds)
+        if 'slots' in message:      # the change that freed them: once applied everywhere, reusable
+            self.free.extend((self.seq, slot) for slot in self.freed)
+            self.freed = []
+        return self.seq
+
+    def replay(self, method, args, kwargs):
+        """An Actions method the master has just run (see replayed): the same call in every worker."""
+        self.send_all({'t': 'do', 'method': method, 'args': list(args), 'kwargs': kwargs,
+                       'slots': self.assign()})
+
+    def host_changed(self, service, group, host, state, cause):
+        self.send_all({'t': 'host', 'service': service.name, 'group': group.name, 'host': host.name,
+                       'state': state, 'cause': cause})
+
+    def address_changed(self, service, group, host):
+        self.send_all({'t': 'address', 'service': service.name, 'group': group.name, 'host': host.name,
+                       'address': address_to_json(host.address)})
+
+    def close_host(self, host):
+        for service in self.director.services.values():
+            for group in service.groups.values():
+                if group.scheduler.get_host(host.name) is host:
+                    self.send_all({'t': 'close_host', 'service': service.name, 'group': group.name,
+                                   'host': host.name})
+                    return
+
+    def reloaded(self):
+        """The master reloaded: every worker reloads to its running config, taking the
+        new listening sockets with it (those removed every process closes itself)."""
+        current = self.listeners()
+        new = [l for l in current if l not in self.sent_listeners]
+        self.sent_listeners = set(current)
+        slots = self.assign()
+        self.send_all({'t': 'reload', 'xml': self.director.running_xml(), 'path': self.director.config.path,
+                       'listens': [[l.listen.host, l.listen.port, l.sock.family, None] for l in new],
+                       'slots': slots, 'hosts': self.host_states()}, [l.sock.fileno() for l in new])
+
+    def sticky(self, entries):
+        """New sticky entries a worker made: kept here and told to every worker (the one
+        that made them too, so that all end with the last one the master saw)."""
+        now = time.monotonic()
+        for service_name, group_name, client_ip, host_name in entries:
+            service = self.director.services.get(service_name)
+            group = service.groups.get(group_name) if service is not None else None
+            host = group.scheduler.get_host(host_name) if group is not None else None
+            if host is not None:
+                group.scheduler.stick(client_ip, host, now)
+        self.send_all({'t': 'sticky', 'entries': entries})
+
+    def sync(self, timeout):
+        """From a thread other than the loop's: wait until every live worker has applied
+        what the master sent so far; AdminError 503 naming a worker that did not."""
+        if threading.get_ident() == self.loop.thread_ident:
+            return
+        target = self.seq
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while True:
+                late = [w for w in self.workers if w.channel is not None and w.acked < target]
+                if not late:
+                    return
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AdminError(503, '%r did not answer within %g s' % (late[0], timeout))
+                self.changed.wait(left)
+
+    def wait_ready(self, timeout):
+        """From another thread: wait until every worker is ready (False if not in time)."""
+        with self.changed:
+            return self.changed.wait_for(lambda: all(w.ready for w in self.workers), timeout)
+
+    # -- stopping ---------------------------------------------------------------
+
+    def stop(self, drain):
+        self.stopping = True
+        self.read_counts()
+        log.info('stopping: %d connection(s) open in %d worker(s), waiting up to %g s',
+                 sum(s.open for s in self.director.services.values()), self.count, drain)
+        self.send_all({'t': 'stop', 'drain': drain})
+        self._stop_within(drain + WORKER_STOP_GRACE)
+
+    def stop_now(self):
+        self.stopping = True
+        self.send_all({'t': 'stop_now'})
+        self._stop_within(WORKER_STOP_GRACE)
+
+    def _stop_within(self, seconds):
+        if self.stop_timer is not None:
+            self.stop_timer.cancel()
+        self.stop_timer = self.loop.call_later(seconds, self.kill_all)
+        for worker in self.workers:
+            if worker.proc is None and worker.timer is not None:
+                worker.timer.cancel()       # a restart that was to come
+                worker.timer = None
+        self.check_stopped()
+
+    def kill_all(self):
+        for worker in self.workers:
+            if worker.proc is not None:
+                log.warning('%r still running: killing it', worker)
+                worker.proc.kill()
+
+    def check_stopped(self):
+        if all(w.proc is None for w in self.workers):
+            if self.stop_timer is not None:
+                self.stop_timer.cancel()
+                self.stop_timer = None
+            self.director._stopped()
+
+    def close(self):
+        """Once the loop has stopped: let go of the channels and the counters."""
+        for worker in self.workers:
+            if worker.channel is not None:
+                worker.channel.close()
+                worker.channel = None
+            if worker.proc is not None:
+                worker.proc.kill()
+                worker.proc.wait()
+                worker.proc = None
+        self.shared.close()
+
+    # -- counters ---------------------------------------------------------------
+
+    def things(self):
+        """(running object, kind, names) of everything counted."""
+        found = []
+        seen = set()
+        for service in self.director.services.values():
+            found.append((service, 'service', [service.name]))
+            for group in service.groups.values():
+                for host in group.scheduler.hosts:
+                    found.append((host, 'host', [service.name, group.name, host.name]))
+            for listener in service.listeners:
+                if listener not in seen:
+                    seen.add(listener)
+                    found.append((listener, 'address', [listener.listen.host, listener.listen.port]))
+        return found
+
+    def assign(self):
+        """Give each counted thing of the running config a slot; the [kind, names...,
+        slot] of those new since last time.  Slots of things gone are reused once every
+        worker has applied the change that removed them (and cleared its line)."""
+        things = self.things()
+        current = set(thing for thing, _, _ in things)
+        for thing in [t for t in self.slot_of if t not in current]:
+            self.freed.append(self.slot_of.pop(thing))
+        applied = min([w.acked for w in self.workers if w.channel is not None] or [self.seq])
+        new = {}
+        for thing, kind, names in things:
+            if thing in self.slot_of:
+                continue
+            reusable = [entry for entry in self.free if entry[0] <= applied]
+            if reusable:
+                self.free.remove(reusable[0])
+                slot = reusable[0][1]
+            else:
+                if self.next_slot >= self.shared.capacity:
+                    self.shared.grow(2 * self.shared.capacity)
+                    self.send_all({'t': 'counters', 'size': self.shared.size})
+                slot = self.next_slot
+                self.next_slot += 1
+            for row in range(self.shared.rows):
+                self.shared.zero(slot, row)
+            self.slot_of[thing] = slot
+            self.kind_of[slot] = kind
+            new[thing] = slot
+        return self.slot_entries(new)
+
+    def slot_entries(self, slots):
+        return [[kind] + names + [slots[thing]] for thing, kind, names in self.things() if thing in slots]
+
+    def read_counts(self):
+        """The sums of every row into the master's running objects, for the pages
+        (a host's open count through its scheduler, which explain asks)."""
+        sums = self.shared.sums
+        slot_of = self.slot_of
+        for service in self.director.services.values():
+            slot = slot_of.get(service)
+            if slot is not None:
+                (service.open, service.accepted, service.failovers, service.refused, service.denied,
+                 service.waiting) = sums(slot)[:6]
+            for group in service.groups.values():
+                scheduler = group.scheduler
+                for host in scheduler.hosts:
+                    slot = slot_of.get(host)
+                    if slot is not None:
+                        values = sums(slot)
+                        scheduler.set_open(host, values[HOST_OPEN])
+                        host.total, host.bytes_in, host.bytes_out = values[HOST_TOTAL:HOST_BYTES_OUT + 1]
+            for listener in service.listeners:
+                slot = slot_of.get(listener)
+                if slot is not None:
+                    values = sums(slot)
+                    listener.reading_elsewhere = values[ADDRESS_READING]
+                    listener.unmatched = values[ADDRESS_UNMATCHED]
+                    listener.bad = dict((kind, values[ADDRESS_BAD + i]) for i, kind in enumerate(HELLO_PROBLEMS))
+
+    def open_connections(self, worker):
+        """A worker's open client connections, as its row says."""
+        view = self.shared.view
+        total = 0
+        for thing, slot in self.slot_of.items():
+            if isinstance(thing, RunningService):
+                total += view[self.shared.line(slot, worker.index - 1) + SERVICE_OPEN]
+        return total
+
+    def snapshot(self):
+        return [{'worker': w.index, 'pid': w.pid, 'up': w.ready, 'started': w.started, 'restarts': w.restarts,
+                 'open': self.open_connections(w),
+                 'accepted': self.row_accepted(w)} for w in self.workers]
+
+    def row_accepted(self, worker):
+        view = self.shared.view
+        return sum(view[self.shared.line(slot, worker.index - 1) + SERVICE_ACCEPTED]
+                   for thing, slot in self.slot_of.items() if isinstance(thing, RunningService))
+
+    def host_states(self):
+        return [[service.name, group.name, host.name, host.health, host.reason, host.admin,
+                 address_to_json(host.address)]
+                for service in self.director.services.values() for group in service.groups.values()
+                for host in group.scheduler.hosts]
+
+    def sticky_entries(self):
+        """[service, group, client, host, seconds since last used] of every sticky table."""
+        now = time.monotonic()
+        return [[service.name, group.name, ip, host.name, now - used]
+                for service in self.director.services.values() for group in service.groups.values()
+                if group.scheduler.sticky for ip, host, used in group.scheduler.sticky_entries()]
+
+
+def start_workers(director, count, verbose=False, output=None):
+    """Make director a master with `count` workers and spawn them; the Master."""
+    master = Master(director, count, verbose, output)
+    master.start()
+    return master
+
+
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
@@ -5161,6 +6561,9 @@ def summary(config):
     lines.append('logging: %s%s%s' % (config.logging.file or ('stderr' if not config.logging.syslog else ''),
                                       ' syslog %s' % config.logging.syslog if config.logging.syslog else '',
                                       '' if config.logging.access else ', no access log'))
+    if config.workers is not None:
+        lines.append('workers: %s' % (config.workers if config.workers != 'auto' else
+                                      'auto (%d here)' % worker_count('auto')))
     if config.user:
         lines.append('runs as: user %s%s' % (config.user, ' group %s' % config.group if config.group else ''))
     return '\n'.join(lines)
@@ -5226,6 +6629,13 @@ def read_password():
     return sys.stdin.readline().rstrip('\r\n')
 
 
+def workers_option(text):
+    try:
+        return parse_workers(text, '--workers')
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog=os.path.basename(sys.argv[0]) or 'pydirector.py', description='A TCP load balancer in pure Python.')
     parser.add_argument('config_file', nargs='?', help='the XML config (same as -c)')
@@ -5235,19 +6645,24 @@ def parse_args(argv):
                         help='read a password (prompt or stdin) and print its hash for <user password=...>')
     parser.add_argument('--user', help='switch to this user after binding (overrides <pdconfig user=>)')
     parser.add_argument('--group', help='and to this group (default: the user\'s own)')
+    parser.add_argument('--workers', type=workers_option, metavar='N|auto',
+                        help='a master and N worker processes (auto: one per CPU); overrides <pdconfig workers=>')
+    parser.add_argument('--worker', type=int, metavar='FD', help=argparse.SUPPRESS)    # how the master starts one
     parser.add_argument('-v', '--verbose', action='store_true', help='log debug detail')
     parser.add_argument('--version', action='version', version='pydirector ' + VERSION)
     args = parser.parse_args(argv)
     if args.config and args.config_file and args.config != args.config_file:
         parser.error('give the config once: -c FILE or FILE')
     args.config = args.config or args.config_file
-    if not args.config and not args.hash_password:
+    if not args.config and not args.hash_password and args.worker is None:
         parser.error('a config file is needed: -c FILE')
     return args
 
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.worker is not None:
+        return run_worker(args.worker, args.verbose)
     if args.hash_password:
         print(hash_password(read_password()))
         return 0
@@ -5261,11 +6676,12 @@ def main(argv=None):
     if args.check:
         print(summary(config))
         return 0
+    workers = worker_count(args.workers if args.workers is not None else config.workers)
     lighten_logging()
     setup_logging(config, args.verbose)
     raise_fd_limit()
     notifier = Notifier()
-    director = Director(config, notifier=notifier)
+    director = Director(config, notifier=notifier, accept=workers is None)
 
     def on_signal(signum, frame):
         # Only hand the loop a call: handlers must not touch state mid-event.
@@ -5316,7 +6732,15 @@ def main(argv=None):
             return 1
         log.info('running as uid %d, gid %d', os.getuid(), os.getgid())
 
-    notifier.ready()    # listening, admin too, privileges dropped
+    master = None
+    if workers is None:
+        notifier.ready()    # listening, admin too, privileges dropped
+    else:
+        # Spawned now, as the user the master became; ready once they all accept.
+        master = Master(director, workers, verbose=args.verbose)
+        master.on_ready = notifier.ready
+        master.start()
+        log.info('started %d worker(s)', workers)
     notifier.start_watchdog(director.loop)
     try:
         director.loop.run()
@@ -5324,6 +6748,8 @@ def main(argv=None):
         director.access.flush()     # a fatal error too: what was logged is written
         if admin_server is not None:
             admin_server.stop()
+        if master is not None:
+            master.close()
     log.info('stopped')
     return 0
 

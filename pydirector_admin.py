@@ -1097,10 +1097,13 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
         if action.prepare is not None:
             p = action.prepare(p)
         # The parameter names are the Director method's own.
-        method = getattr(self.server.director, action.method)
-        if not action.on_loop:
-            return method(**p)
-        return self.call(method, **p)
+        director = self.server.director
+        method = getattr(director, action.method)
+        result = method(**p) if not action.on_loop else self.call(method, **p)
+        if director.workers is not None:
+            # A master: the answer waits until every live worker has made the change too.
+            director.workers.sync(self.server.loop_timeout)
+        return result
 
     # -- request pieces -----------------------------------------------------
 
@@ -1595,6 +1598,15 @@ def render_running(snapshot, user, can_change, msg=None, refresh=None):
                                            'value="roundrobin" size="18" aria-label="scheduler"> '))
     if s.get('sni'):
         body.extend(render_sni(s['sni']))
+    if s.get('workers'):
+        body.append('<h2>Workers</h2><p>The counters above are the sums of these processes.</p>'
+                    '<table><tr><th>worker</th><th>pid</th><th>state</th><th>open</th><th>accepted</th>'
+                    '<th>restarts</th><th>started</th></tr>')
+        for w in s['workers']:
+            body.append('<tr><td>%d</td><td>%s</td><td>%s</td><td>%d</td><td>%d</td><td>%d</td><td>%s</td></tr>' % (
+                w['worker'], w['pid'] or '-', 'up' if w['up'] else 'starting', w['open'], w['accepted'],
+                w['restarts'], e(when(w['started'])) if w['started'] else '-'))
+        body.append('</table>')
     body.append('<h2>Users</h2><table><tr><th>user</th><th>access</th>%s</tr>'
                 % ('<th></th>' if can_change else ''))
     for u in s['users']:
@@ -1728,6 +1740,15 @@ SERVICE_METRICS = [
     ('pydirector_service_maxconns', 'gauge', 'The service\'s connection limit; 0 means unlimited.', 'maxconns'),
 ]
 
+# With worker processes: one sample per worker (label worker="N"); the totals above are their sums.
+WORKER_METRICS = [
+    ('pydirector_worker_up', 'gauge', '1 if the worker process is running and accepting, else 0.', 'up'),
+    ('pydirector_worker_open_connections', 'gauge', 'Client connections the worker has open now.', 'open'),
+    ('pydirector_worker_connections_total', 'counter',
+     'Client connections the worker process accepted (since it started).', 'accepted'),
+    ('pydirector_worker_restarts_total', 'counter', 'Times the worker died and was started again.', 'restarts'),
+]
+
 # Each value is a function of (host snapshot, snapshot time); None leaves the sample out
 # (no probe planned, no state change yet).
 HOST_METRICS = [
@@ -1796,6 +1817,12 @@ def render_metrics(snapshot):
             continue
         family(name, kind, help_text)
         out.extend(samples)
+    workers = snapshot.get('workers') or []
+    for name, kind, help_text, key in WORKER_METRICS:
+        if workers:
+            family(name, kind, help_text)
+        for worker in workers:
+            out.append('%s%s %d' % (name, metric_labels([('worker', worker['worker'])]), worker[key]))
     addresses = snapshot.get('sni') or []
     if addresses:
         family('pydirector_sni_unmatched_total', 'counter',

@@ -397,6 +397,23 @@ class Scheduler(object):
             if host.maxconns and not host._ok and host._owner is self:
                 self._refresh(host)
 
+    def set_open(self, host, count):
+        """A host's open connections are now ``count``: some are counted
+        elsewhere (the other worker processes of one balancer), so the load
+        moves by more than one connection_started or ended says."""
+        if count == host.open:
+            return
+        host.open = count
+        if host._owner is not self:
+            return
+        was_ok = host._ok
+        self._refresh(host)     # maxconns: filled or freed
+        if was_ok and host._ok and not self._dirty:
+            self._loaded(host)
+
+    def _loaded(self, host):
+        """An eligible host's load changed through set_open (leastconns re-keys it)."""
+
     # -- picking -----------------------------------------------------------
 
     def pick(self, client_ip, exclude=()):
@@ -493,6 +510,23 @@ class Scheduler(object):
 
     def sticky_size(self):
         return len(self._sticky)
+
+    def sticky_host(self, client_ip):
+        """The host client_ip's sticky entry names (live or expired), or None."""
+        entry = self._sticky.get(client_ip)
+        return entry[0] if entry is not None else None
+
+    def stick(self, client_ip, host, last_used):
+        """Take an entry made elsewhere (another process of the same balancer):
+        client_ip goes to host, as if picked at last_used (by ``clock``)."""
+        if self._by_name.get(host.name) is not host:
+            return
+        self._remember(client_ip, host, last_used)
+        self._trim_sticky()
+
+    def sticky_entries(self):
+        """[(client_ip, host, last_used)], the least recently used first."""
+        return [(ip, host, used) for ip, (host, used) in self._sticky.items()]
 
     # -- explaining --------------------------------------------------------
     #
@@ -1010,6 +1044,9 @@ class LeastConnsScheduler(Scheduler):
     def _reweighed(self, host, old_weight):
         if host._ok and not self._dirty:
             self._enter(host)
+
+    def _loaded(self, host):
+        self._enter(host)
 
     def _top(self, exclude):
         """The least loaded eligible host not in exclude, or None."""

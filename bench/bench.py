@@ -5,10 +5,12 @@
     python3 bench/bench.py --quick         smoke run (small counts, about a minute)
     python3 bench/bench.py --python /root/.pyenv/versions/3.6.15/bin/python3.6
     python3 bench/bench.py --write-results --note "noisy: other jobs running"
+    python3 bench/bench.py --workers 4     pydirector with 4 worker processes, HAProxy nbthread 4 (default 2)
 
 Installs what is missing (apt: nginx, haproxy, apache2-utils, wrk, curl), starts nginx with
 two ports, HAProxy (mode tcp, roundrobin, nbthread 1) and pydirector (roundrobin over the
-same two ports), then runs every workload on every target interleaved (round 1: direct,
+same two ports), and beside them pydirector as a master and N worker processes (--workers, default 2,
+0 leaves it out) with HAProxy nbthread N as its reference, then runs every workload on every target interleaved (round 1: direct,
 HAProxy, pydirector; round 2: ...).  Writes bench/out/results.json, bench/out/results.md
 and (with matplotlib from a venv of its own) bench/out/ratios.png.  Every subprocess has a
 timeout and everything started here is stopped at the end, on errors and on Ctrl-C too.
@@ -39,10 +41,20 @@ REPO = os.path.dirname(HERE)
 OUT = os.path.join(HERE, 'out')
 RESULTS_MD = os.path.join(HERE, 'RESULTS.md')
 
-TARGETS = ('direct', 'haproxy', 'pyfloor', 'pydirector', 'pydirector-log')
+TARGETS = ('direct', 'haproxy', 'haproxy-nt', 'pyfloor', 'pydirector', 'pydirector-log', 'pydirector-w')
 LABELS = {'direct': 'direct', 'haproxy': 'HAProxy', 'pyfloor': 'pyfloor', 'pydirector': 'pydirector',
-          'pydirector-log': 'pydirector, access log on'}
-BALANCERS = ('haproxy', 'pyfloor', 'pydirector', 'pydirector-log')
+          'pydirector-log': 'pydirector, access log on',
+          'haproxy-nt': 'HAProxy nbthread N', 'pydirector-w': 'pydirector, N workers'}   # N: set_workers()
+BALANCERS = ('haproxy', 'haproxy-nt', 'pyfloor', 'pydirector', 'pydirector-log', 'pydirector-w')
+WORKERS = 2             # --workers: pydirector-w's worker processes and haproxy-nt's threads
+ADMIN_PASSWORD = 'bench'
+
+
+def set_workers(count):
+    global WORKERS
+    WORKERS = count
+    LABELS['haproxy-nt'] = 'HAProxy nbthread %d' % count
+    LABELS['pydirector-w'] = 'pydirector, %d workers' % count
 WORKLOADS = ('newconn', 'keepalive', 'bulk', 'idle')
 APT_PACKAGES = {'nginx': 'nginx', 'haproxy': 'haproxy', 'ab': 'apache2-utils', 'wrk': 'wrk', 'curl': 'curl'}
 SMALL_SIZE = 100
@@ -64,6 +76,10 @@ METRICS = [
     ('bulk', 'cpu_s_per_gb', 'balancer CPU per GB (bulk)', 's/GB', False),
     ('idle', 'kib_per_conn', 'RSS per idle connection', 'KiB', False),
     ('idle', 'held', 'idle connections held', 'conns', True),
+    # With worker processes (pydirector-w; for the one process, the process itself):
+    ('newconn', 'worker_cpu_us_per_conn', 'CPU per new connection in the busiest worker', 'µs', False),
+    ('newconn', 'spread_pct', 'new connections per worker: largest gap from the mean', '%', False),
+    ('idle', 'rss_after_kib', 'RSS of the largest process holding the idle connections', 'KiB', False),
 ]
 
 # The HAProxy targets of issue 5: (workload, metric, kind, op, value); kind 'haproxy' compares the
@@ -81,6 +97,13 @@ GOALS = [
     ('keepalive', 'p99_ms', 'haproxy', '<=', 1.5),
     ('idle', 'kib_per_conn', 'absolute', '<=', 2.0),
     ('idle', 'held', 'absolute', '>=', 9000),
+    # Issue 12: N workers against HAProxy nbthread 1 and against the one process, in the same run.
+    ('newconn', 'req_s', 'workers:haproxy', '>=', 0.9),
+    ('keepalive', 'req_s', 'workers:haproxy', '>=', 1.0),
+    ('newconn', 'worker_cpu_us_per_conn', 'workers:pydirector', '<=', 1.05),
+    ('newconn', 'spread_pct', 'workers:absolute', '<=', 20),
+    ('idle', 'rss_after_kib', 'workers:pydirector', '<=', 1.0),
+    ('idle', 'held', 'workers:absolute', '>=', 9000),
 ]
 
 
@@ -269,7 +292,7 @@ http {{
 
 HAPROXY_CONF = """\
 global
-    nbthread 1
+    nbthread {nbthread}
     maxconn {maxconn}
 
 defaults
@@ -290,9 +313,14 @@ backend nginx
 """
 
 
-def pydirector_xml(work, port, port1, port2, maxconns, access_off, log_name='pydirector.log'):
+def pydirector_xml(work, port, port1, port2, maxconns, access_off, log_name='pydirector.log', workers=None,
+                   admin_port=None):
+    admin = ''
+    if admin_port:
+        admin = ('  <admin listen="127.0.0.1:%d">\n    <user name="bench" password="%s" access="readonly"/>\n'
+                 '  </admin>\n' % (admin_port, admin_hash()))
     return """\
-<pdconfig drain="1">
+<pdconfig drain="1"{workers}>
   <service name="bench"{maxconns}>
     <listen ip="127.0.0.1:{port}"/>
     <group name="main" scheduler="roundrobin">
@@ -302,10 +330,37 @@ def pydirector_xml(work, port, port1, port2, maxconns, access_off, log_name='pyd
     <timeouts connect="5" idle="3600"/>
   </service>
   <logging file="{work}/{log_name}"{access}/>
-</pdconfig>
-""".format(work=work, port=port, port1=port1, port2=port2, log_name=log_name,
+{admin}</pdconfig>
+""".format(work=work, port=port, port1=port1, port2=port2, log_name=log_name, admin=admin,
+           workers=' workers="%d"' % workers if workers else '',
            maxconns=' maxconns="%d"' % MAXCONN if maxconns else '',
            access=' access="off"' if access_off else '')
+
+
+_ADMIN_HASH = []
+
+
+def admin_hash():
+    """The bench user's password hash, as pydirector --hash-password makes it (once)."""
+    if not _ADMIN_HASH:
+        done = subprocess.run([sys.executable, os.path.join(REPO, 'pydirector.py'), '--hash-password'],
+                              input=ADMIN_PASSWORD + '\n', stdout=subprocess.PIPE, universal_newlines=True,
+                              timeout=60, check=True)
+        _ADMIN_HASH.append(done.stdout.strip())
+    return _ADMIN_HASH[0]
+
+
+def child_pids(pid):
+    found = []
+    for name in os.listdir('/proc'):
+        if name.isdigit():
+            try:
+                with open('/proc/%s/stat' % name) as f:
+                    if int(f.read().rsplit(')', 1)[1].split()[1]) == pid:
+                        found.append(int(name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return sorted(found)
 
 
 class Bench(object):
@@ -319,9 +374,12 @@ class Bench(object):
         self.ports = {}
         self.nofile = nofile_limit(BALANCER_NOFILE)
         self.runs = []
+        self.last_workers = None
         self.notes = []
-        self.targets = ['pydirector', 'pydirector-log'] if args.pydirector_only else [
+        self.targets = ['pydirector', 'pydirector-log', 'pydirector-w'] if args.pydirector_only else [
             t for t in TARGETS if t != 'pyfloor' or args.pyfloor]
+        if not WORKERS:
+            self.targets = [t for t in self.targets if t not in ('haproxy-nt', 'pydirector-w')]
 
     # ---- servers
 
@@ -350,20 +408,30 @@ class Bench(object):
             if not wait_port(port):
                 raise RuntimeError('nginx did not listen on %d: %s' % (port, self.tail('nginx.out')))
             check_target(port)
-        if 'haproxy' in self.targets:
-            self.ports['haproxy'] = free_port()
-            with open(os.path.join(self.work, 'haproxy.cfg'), 'w') as f:
-                f.write(HAPROXY_CONF.format(port=self.ports['haproxy'], port1=port1, port2=port2, maxconn=MAXCONN))
-            code, out = run(['haproxy', '-c', '-f', os.path.join(self.work, 'haproxy.cfg')], 30)
+        for name, threads in (('haproxy', 1), ('haproxy-nt', WORKERS)):
+            if name not in self.targets:
+                continue
+            self.ports[name] = free_port()
+            with open(os.path.join(self.work, name + '.cfg'), 'w') as f:
+                f.write(HAPROXY_CONF.format(port=self.ports[name], port1=port1, port2=port2, maxconn=MAXCONN,
+                                            nbthread=threads))
+            code, out = run(['haproxy', '-c', '-f', os.path.join(self.work, name + '.cfg')], 30)
             if code != 0:
                 raise RuntimeError('haproxy -c: %s' % out)
         self.ports['pydirector'] = free_port()
         self.ports['pydirector-log'] = free_port()
         self.ports['pyfloor'] = free_port()
+        self.ports['pydirector-w'] = free_port()
+        self.ports['pydirector-w-admin'] = free_port()
         self.write_pydirector_config()
         with open(os.path.join(self.work, 'generated-log.xml'), 'w') as f:
             f.write(pydirector_xml(self.work, self.ports['pydirector-log'], port1, port2, True, False,
                                    'pydirector-log.log'))
+        if 'pydirector-w' in self.targets:
+            # Access log off as for 'pydirector'; an admin (read-only) for each worker's counts.
+            with open(os.path.join(self.work, 'generated-w.xml'), 'w') as f:
+                f.write(pydirector_xml(self.work, self.ports['pydirector-w'], port1, port2, True, True,
+                                       'pydirector-w.log', WORKERS, self.ports['pydirector-w-admin']))
         for target in self.targets:
             if target != 'direct':
                 self.start_balancer(target)
@@ -388,23 +456,28 @@ class Bench(object):
 
     def start_balancer(self, target):
         self.procs.stop(target)
-        if target == 'haproxy':
-            argv = ['haproxy', '-db', '-f', os.path.join(self.work, 'haproxy.cfg')]
+        if target in ('haproxy', 'haproxy-nt'):
+            argv = ['haproxy', '-db', '-f', os.path.join(self.work, target + '.cfg')]
             cwd = self.work
         elif target == 'pyfloor':
             argv = [self.args.python, os.path.abspath(self.args.pyfloor), '127.0.0.1:%d' % self.ports['pyfloor'],
                     '127.0.0.1:%d' % self.ports['direct'], '127.0.0.1:%d' % self.ports['backend2']]
             cwd = self.work
         else:
-            config = 'generated-log.xml' if target == 'pydirector-log' else 'generated.xml'
+            config = {'pydirector-log': 'generated-log.xml', 'pydirector-w': 'generated-w.xml'}.get(
+                target, 'generated.xml')
             argv = [self.args.python, 'pydirector.py', '-c', os.path.join(self.work, config)]
             cwd = REPO
         self.procs.start(target, argv, nofile=self.nofile, cwd=cwd)
         if not wait_port(self.ports[target]):
             raise RuntimeError('%s did not listen: %s' % (target, self.tail(target + '.out')))
-        # Both backends once, so lazy setup is done before any measurement.
-        check_target(self.ports[target])
-        check_target(self.ports[target])
+        if target == 'pydirector-w':
+            deadline = time.monotonic() + 60
+            while len(self.worker_counts(target)) < WORKERS and time.monotonic() < deadline:
+                time.sleep(0.1)
+        # Both backends once, so lazy setup is done before any measurement (each worker's too).
+        for _ in range(2 * (WORKERS if target == 'pydirector-w' else 1)):
+            check_target(self.ports[target])
 
     def balancer_pid(self, target):
         proc = self.procs.running.get(target)
@@ -416,6 +489,27 @@ class Bench(object):
             self.start_balancer(target)
             proc = self.procs.running[target]
         return proc.pid
+
+    def data_pids(self, target):
+        """The processes that carry the connections: the workers of pydirector-w, else the one."""
+        pid = self.balancer_pid(target)
+        if target == 'pydirector-w':
+            return child_pids(pid)
+        return [pid]
+
+    def worker_counts(self, target):
+        """pid -> connections accepted, per worker, from the admin's /running.json ({} if not yet)."""
+        import base64
+        import urllib.request
+        request = urllib.request.Request('http://127.0.0.1:%d/running.json' % self.ports[target + '-admin'])
+        request.add_header('Authorization', 'Basic ' + base64.b64encode(
+            ('bench:' + ADMIN_PASSWORD).encode()).decode())
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                workers = json.loads(answer.read().decode())['workers'] or []
+        except (OSError, ValueError, KeyError):
+            return {}
+        return dict((w['pid'], w['accepted']) for w in workers if w['up'])
 
     def tail(self, name, lines=15):
         try:
@@ -430,15 +524,25 @@ class Bench(object):
     # ---- workloads; each returns a dict of metrics (or {'error': ...})
 
     def measure(self, target, fn):
-        """Run fn() with the balancer's CPU seconds around it."""
+        """Run fn() with the balancer's CPU seconds around it (all its processes); for
+        pydirector-w also each worker's CPU seconds and connections accepted."""
         pid = self.balancer_pid(target) if target != 'direct' else None
-        before = cpu_seconds(pid) if pid else None
+        pids = [pid] + (child_pids(pid) if target == 'pydirector-w' else []) if pid else []
+        before = dict((p, cpu_seconds(p)) for p in pids)
+        accepted = self.worker_counts(target) if target == 'pydirector-w' else None
         result = fn()
         if pid:
             try:
-                result['cpu_s'] = cpu_seconds(pid) - before
+                spent = dict((p, cpu_seconds(p) - before[p]) for p in pids)
             except OSError:
                 result.setdefault('error', '%s died during the run' % target)
+                return result
+            result['cpu_s'] = sum(spent.values())
+            if accepted is not None:
+                now = self.worker_counts(target)
+                result['workers'] = [{'pid': p, 'cpu_s': spent[p], 'accepted': now.get(p, 0) - accepted.get(p, 0)}
+                                     for p in pids[1:]]
+                result['master_cpu_s'] = spent[pid]
         return result
 
     def newconn(self, target):
@@ -462,6 +566,14 @@ class Bench(object):
         result['p99_ms'] = float(rows['99'])
         if cpu is not None and result['complete']:
             result['cpu_us_per_conn'] = result['cpu_s'] * 1e6 / result['complete']
+            if target == 'pydirector':
+                result['worker_cpu_us_per_conn'] = result['cpu_us_per_conn']
+        workers = self.last_workers
+        if workers and all(w['accepted'] for w in workers):
+            result['workers'] = workers
+            result['worker_cpu_us_per_conn'] = max(w['cpu_s'] * 1e6 / w['accepted'] for w in workers)
+            mean = sum(w['accepted'] for w in workers) / float(len(workers))
+            result['spread_pct'] = max(abs(w['accepted'] - mean) for w in workers) * 100 / mean
         if result['failed'] or result['non_2xx']:
             result['error'] = '%d failed, %d non-2xx of %d' % (result['failed'], result['non_2xx'], result['complete'])
         return result
@@ -493,13 +605,15 @@ class Bench(object):
         return result
 
     def measure_run(self, target, argv, timeout):
-        """(exit code, output, balancer CPU seconds or None) of one client command."""
+        """(exit code, output, balancer CPU seconds or None) of one client command; each
+        worker's figures (pydirector-w) in self.last_workers."""
         box = {}
 
         def go():
             box['code'], box['out'] = run(argv, timeout)
             return {}
         cpu = self.measure(target, go)
+        self.last_workers = cpu.get('workers')
         return box['code'], box['out'], cpu.get('cpu_s')
 
     def bulk(self, target):
@@ -555,14 +669,19 @@ class Bench(object):
         return result
 
     def idle(self, target):
-        """N idle connections through a fresh balancer: RSS per connection, then check each still works."""
+        """N idle connections through a fresh balancer: RSS per connection, then check each still works.
+        With workers, the processes that hold them are the workers: their fds and RSS are summed,
+        and rss_after_kib is the largest one's."""
         n = self.settings['idle']
         self.start_balancer(target)
-        pid = self.balancer_pid(target)
+        pids = self.data_pids(target)
         port = self.ports[target]
+
+        def fds():
+            return sum(fd_count(p) for p in pids)
         time.sleep(0.5)  # let a fresh process settle (not synchronisation: RSS drift)
-        base_fds, rss_before = fd_count(pid), rss_kib(pid)
-        cpu_before = cpu_seconds(pid)
+        base_fds, rss_before = fds(), sum(rss_kib(p) for p in pids)
+        cpu_before = sum(cpu_seconds(p) for p in pids)
         socks = []
         result = {'rss_before_kib': rss_before}
         deadline = time.monotonic() + self.settings['idle_timeout']
@@ -577,24 +696,27 @@ class Bench(object):
                         break
                 if 'connect_error' in result:
                     break
-                while fd_count(pid) < base_fds + 2 * len(socks) and time.monotonic() < deadline:
+                while fds() < base_fds + 2 * len(socks) and time.monotonic() < deadline:
                     time.sleep(0.02)
             # Every client accepted and its backend connected (2 fds each), or the deadline passed.
-            while fd_count(pid) < base_fds + 2 * len(socks) and time.monotonic() < deadline:
+            while fds() < base_fds + 2 * len(socks) and time.monotonic() < deadline:
                 time.sleep(0.05)
             result['opened'] = len(socks)
-            result['balancer_pairs'] = (fd_count(pid) - base_fds) // 2
+            result['balancer_pairs'] = (fds() - base_fds) // 2
             time.sleep(0.5)
-            rss_after = rss_kib(pid)
-            result['rss_after_kib'] = rss_after
-            result['kib_per_conn'] = (rss_after - rss_before) / max(1, len(socks))
+            each = [rss_kib(p) for p in pids]
+            result['rss_after_kib'] = max(each)
+            if len(pids) > 1:
+                result['worker_rss_kib'] = each
+                result['worker_pairs'] = [(fd_count(p) - 8) // 2 for p in pids]   # roughly: its idle fds aside
+            result['kib_per_conn'] = (sum(each) - rss_before) / max(1, len(socks))
             result['held'] = self.answer_all(socks, deadline)
-            result['cpu_s'] = cpu_seconds(pid) - cpu_before
+            result['cpu_s'] = sum(cpu_seconds(p) for p in pids) - cpu_before
         finally:
             for s in socks:
                 s.close()
         wait_end = time.monotonic() + 20
-        while fd_count(pid) > base_fds + 4 and time.monotonic() < wait_end:
+        while fds() > base_fds + 4 * len(pids) and time.monotonic() < wait_end:
             time.sleep(0.05)
         if result.get('held', 0) < n:
             result['error'] = 'held %d of %d (opened %d, balancer saw %d)%s' % (
@@ -729,12 +851,20 @@ def ratio(table, workload, metric, a, b):
 
 def goal_status(table, goal, idle_n):
     workload, metric, kind, op, value = goal
-    if kind == 'pyfloor-log':
+    target = 'pydirector'
+    if kind.startswith('workers:'):
+        target, kind = 'pydirector-w', kind.split(':', 1)[1]
+        if kind == 'pydirector':
+            got = ratio(table, workload, metric, target, 'pydirector')
+            kind = None
+    if kind is None:
+        pass
+    elif kind == 'pyfloor-log':
         got = ratio(table, workload, metric, 'pydirector-log', 'pyfloor')
     elif kind in ('haproxy', 'pyfloor'):
-        got = ratio(table, workload, metric, 'pydirector', kind)
+        got = ratio(table, workload, metric, target, kind)
     else:
-        cell = table.get(workload, {}).get(metric, {}).get('pydirector')
+        cell = table.get(workload, {}).get(metric, {}).get(target)
         # Connections held: the worst round counts.
         got = None if cell is None else (cell['min'] if metric == 'held' else cell['median'])
         if metric == 'held' and idle_n < value:
@@ -748,6 +878,14 @@ def goal_status(table, goal, idle_n):
 def goal_text(goal):
     workload, metric, kind, op, value = goal
     sign = '≥' if op == '>=' else '≤'
+    if kind.startswith('workers:'):
+        other = kind.split(':', 1)[1]
+        if other == 'haproxy':
+            return '%d workers %s %g× HAProxy (nbthread 1)' % (WORKERS, sign, value)
+        if other == 'pydirector':
+            return '%d workers %s %g× one process' % (WORKERS, sign, value)
+        unit = [m[3] for m in METRICS if m[0] == workload and m[1] == metric][0]
+        return '%d workers %s %s %s' % (WORKERS, sign, num(value) if value >= 100 else '%g' % value, unit)
     if kind == 'pyfloor-log':
         return '%s %g× pyfloor (access log on)' % (sign, value)
     if kind in ('haproxy', 'pyfloor'):
@@ -770,6 +908,8 @@ def markdown(data):
         head += ['HAProxy / direct', 'pyd / HAProxy']
     if 'pyfloor' in targets:
         head += ['pyd / pyfloor', 'pyd log / pyfloor']
+    if 'pydirector-w' in targets:
+        head += ['workers / HAProxy', 'workers / pyd']
     head += ['target', 'met?']
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for workload, metric, label, unit, _ in METRICS:
@@ -793,6 +933,9 @@ def markdown(data):
         if 'pyfloor' in targets:
             row.append(ratio_text(ratio(table, workload, metric, 'pydirector', 'pyfloor')))
             row.append(ratio_text(ratio(table, workload, metric, 'pydirector-log', 'pyfloor')))
+        if 'pydirector-w' in targets:
+            row.append(ratio_text(ratio(table, workload, metric, 'pydirector-w', 'haproxy')))
+            row.append(ratio_text(ratio(table, workload, metric, 'pydirector-w', 'pydirector')))
         found = goals.get((workload, metric), [])
         row += ['; '.join(goal_text(g) for g in found), '; '.join(goal_status(table, g, idle_n)[1] for g in found)]
         lines.append('| ' + ' | '.join(row) + ' |')
@@ -905,8 +1048,9 @@ def finish(data, args):
         for goal in [g for g in GOALS if g[0] in data['summary']]:
             got, status = goal_status(data['summary'], goal, data['settings']['idle'])
             label = [m[2] for m in METRICS if m[0] == goal[0] and m[1] == goal[1]][0]
+            relative = goal[2] in ('haproxy', 'pyfloor', 'pyfloor-log', 'workers:haproxy', 'workers:pydirector')
             log('%-7s %s: %s (target %s)' % (status.split()[0], label,
-                                            '-' if got is None else (ratio_text(got) if goal[2] == 'haproxy' else num(got)),
+                                            '-' if got is None else (ratio_text(got) if relative else num(got)),
                                             goal_text(goal)))
     log('wrote %s and %s' % (json_path, os.path.join(OUT, 'results.md')))
     if args.write_results:
@@ -929,6 +1073,9 @@ def parse_args(argv):
                    help='a featureless relay (pyfloor.py LISTEN BACKEND...) run beside the balancers as the '
                         'CPU floor of this Python; its row is left out without it')
     p.add_argument('--idle', type=int, help='idle connections to open (default 9000; --quick 1000)')
+    p.add_argument('--workers', type=int, default=2,
+                   help='worker processes of the pydirector-w target and threads of haproxy-nt (default 2; '
+                        '0 leaves both out)')
     p.add_argument('--write-results', action='store_true', help='rewrite bench/RESULTS.md with this run on top')
     p.add_argument('--note', default='', help='a note for RESULTS.md, e.g. "noisy: tests running"')
     p.add_argument('--from-json', metavar='PATH', help='run nothing: report (and --write-results) from a results.json')
@@ -966,6 +1113,7 @@ def python_version(python):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    set_workers(args.workers)
     if args.from_json:
         with open(args.from_json) as f:
             data = json.load(f)

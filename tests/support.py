@@ -2,9 +2,11 @@
 subprocess, and wait_until().  Everything listens on 127.0.0.1 ephemeral ports."""
 
 import fcntl
+import functools
 import hashlib
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -113,6 +115,11 @@ class LogRecorder(logging.Handler):
             self.lines.append(record.getMessage())
             if record.exc_info:
                 self.lines.append('TRACEBACK ' + self.format(record))
+
+    def add_line(self, text):
+        """A line logged by another process (a worker: see WorkerLog)."""
+        with self.lines_lock:
+            self.lines.append(text)
 
     def mark(self):
         with self.lines_lock:
@@ -264,27 +271,105 @@ class Blackhole(object):
 
 # -- the balancer ----------------------------------------------------------
 
-class Balancer(object):
-    """pydirector in this process: its loop runs in a thread, tests talk to real sockets."""
+class WorkerLog(object):
+    """The workers' stderr, in a file: each line they log goes into LOG as if logged
+    here ('DATE LEVEL worker N: message' becomes 'message'; a traceback, 'TRACEBACK ...'),
+    so tests wait for worker lines as for the master's."""
 
-    def __init__(self, xml, rng=None, path=None):
+    LINE = re.compile(r'\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ (?:worker \d+: )?(.*)\Z')
+
+    def __init__(self):
+        fd, self.path = tempfile.mkstemp(prefix='pydirector-workers-', suffix='.log')
+        os.close(fd)
+        self.file = open(self.path, 'ab')       # O_APPEND: every worker's writes land whole
+        self.reader = open(self.path, 'rb')
+        self.rest = b''
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.run, name='worker-log', daemon=True)
+        self.thread.start()
+
+    def run(self):
+        while not self.stopping.wait(0.01):
+            self.read()
+
+    def read(self):
+        data = self.rest + self.reader.read()
+        lines = data.split(b'\n')
+        self.rest = lines.pop()
+        for raw in lines:
+            line = raw.decode('utf-8', 'replace')
+            if line.startswith('Traceback (most recent call last)'):
+                LOG.add_line('TRACEBACK ' + line)
+                continue
+            match = self.LINE.match(line)
+            if match:
+                LOG.add_line(match.group(1))
+            elif line and not line.startswith(' '):
+                LOG.add_line(line)
+
+    def text(self):
+        with open(self.path, 'rb') as f:
+            return f.read().decode('utf-8', 'replace')
+
+    def close(self):
+        if self.stopping.is_set():
+            return
+        self.stopping.set()
+        self.thread.join(10)
+        self.read()
+        self.file.close()
+        self.reader.close()
+        os.unlink(self.path)
+
+
+class Balancer(object):
+    """pydirector in this process: its loop runs in a thread, tests talk to real sockets.
+
+    workers=N: this process is the master (its Director, manager and admin here)
+    of N real worker processes (pydirector.Master), which accept; call() then
+    returns once every worker has made the change too, and WorkerLog brings
+    their log lines here."""
+
+    def __init__(self, xml, rng=None, path=None, workers=None):
         if path:  # a real file, so director.reload() can read it again
             with open(path, 'w') as f:
                 f.write(xml)
             self.config = pydirector.load_config(path)
         else:
             self.config = pydirector.parse_config(xml, 'test.xml')
-        self.director = pydirector.Director(self.config, rng=rng)
+        workers = workers or pydirector.worker_count(self.config.workers)
+        self.director = pydirector.Director(self.config, rng=rng, accept=not workers)
         self.director.start()
+        self.master = self.worker_log = None
+        if workers:
+            self.worker_log = WorkerLog()
+            self.master = pydirector.Master(self.director, workers, output=self.worker_log.file)
         self.thread = threading.Thread(target=self.director.loop.run, daemon=True)
         self.thread.start()
         wait_until(lambda: self.director.loop.thread_ident is not None)
+        if self.master is not None:
+            self.director.loop.call(self.master.start)
+            if not self.master.wait_ready(60):
+                raise AssertionError('the workers did not start: %s' % self.worker_log.text()[-3000:])
 
     def port(self, service='web', index=0):
         return self.director.listen_addresses(service)[index][1]
 
     def call(self, fn, *args, **kwargs):
-        return self.director.loop.call(fn, *args, **kwargs)
+        """fn on the loop; with workers, once each has applied what it changed."""
+        result = self.director.loop.call(fn, *args, **kwargs)
+        if self.master is not None:
+            self.master.sync(10)
+        return result
+
+    def worker_pids(self):
+        return [w.pid for w in self.master.workers]
+
+    def sync(self):
+        """With workers: return once each has applied what the master has told it so far
+        (a state change its checks made, say); at once without."""
+        if self.master is not None:
+            self.master.sync(10)
 
     def snapshot(self):
         return self.call(self.director.snapshot)
@@ -300,17 +385,43 @@ class Balancer(object):
         raise KeyError(name)
 
     def open_pairs(self):
+        if self.master is not None:     # every worker's, as their counters say
+            return self.call(lambda: self.master.read_counts() or sum(
+                s.open for s in self.director.services.values()))
         return self.call(lambda: len(self.director.pairs))
 
     def stop(self):
         if self.thread.is_alive():
             self.director.loop.call_soon_threadsafe(self.director.stop_now)
             self.thread.join(10)
+        if self.master is not None:
+            self.master.close()
         self.director.loop.close()
+        if self.worker_log is not None:
+            self.worker_log.close()
 
 
 HAVE_PROC = os.path.isdir('/proc/self/fd')
 FAST_HASH_ITERATIONS = 1000     # admin users in tests: the default strength costs a core for 0.2 s a login
+
+
+def single_process(why):
+    """A test of something only one process has (its internals, a patched module
+    global, an order across processes): skipped in a suite run with workers."""
+    def decorate(test):
+        @functools.wraps(test)
+        def run(self, *args, **kwargs):
+            if self.workers:
+                self.skipTest('one process only: %s' % why)
+            return test(self, *args, **kwargs)
+        return run
+    return decorate
+
+
+class WorkersMixin(object):
+    """A suite again with a master (this process) and two worker processes, as
+    CPython's test_selectors runs one suite per selector: class X(WorkersMixin, Suite)."""
+    workers = 2
 
 
 class BalancerCase(unittest.TestCase):
@@ -322,6 +433,8 @@ class BalancerCase(unittest.TestCase):
     every fd and thread the test made must be gone and no traceback logged,
     so a leak or a swallowed bug fails the test that caused it.
     """
+
+    workers = None      # WorkersMixin: a master and worker processes
 
     def setUp(self):
         self.mark = LOG.mark()
@@ -341,7 +454,7 @@ class BalancerCase(unittest.TestCase):
         path = root.pop('path', None)
         xml = services[0] if len(services) == 1 and services[0].startswith('<pdconfig') else \
             config_xml(*services, **root)
-        self.balancer = Balancer(xml, path=path)
+        self.balancer = Balancer(xml, path=path, workers=self.workers)
         self.addCleanup(self.balancer.stop)
         self.addCleanup(self.check_pairs_closed, self.balancer)
         return self.balancer

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -29,8 +30,9 @@ from unittest import mock
 
 import support
 from support import (BalancerCase, LOG, AdoptedBackend, Background, Balancer, Blackhole, EchoServer,
-                     SpawnedBalancer, accepts, config_xml, cpu_seconds_of, digest_until_eof, exchange,
-                     fd_count, free_port, recv_all, rss_bytes, service_xml, thread_count, wait_until)
+                     SpawnedBalancer, WorkersMixin, accepts, config_xml, cpu_seconds_of, digest_until_eof,
+                     exchange, fd_count, free_port, recv_all, rss_bytes, service_xml, single_process,
+                     thread_count, wait_until)
 
 import pydirector
 
@@ -114,6 +116,7 @@ class FaultCase(BalancerCase):
             services = services + (self.bg_service(),)
         BalancerCase.start(self, *services, **root)
         self.loop_stat = '/proc/%s/stat' % self.balancer.call(lambda: os.readlink('/proc/thread-self'))
+        self.worker_fds = dict((pid, fd_count(pid)) for pid in self.balancer.worker_pids()) if self.workers else {}
         self.addCleanup(self.check_balancer)
         if background:
             self.start_background(self.balancer.port(background))
@@ -128,24 +131,42 @@ class FaultCase(BalancerCase):
             bg_port = free_port()
             services = services + (self.bg_service(bg_port),)
         xml = config_xml(*services, **root)
-        self.proc = SpawnedBalancer(xml)
+        self.proc = SpawnedBalancer(xml, args=['--workers', str(self.workers)] if self.workers else ())
         self.addCleanup(self.proc.close)
         pid = self.proc.proc.pid
         # Not a probe connection (it would linger as a pair for a moment): the log line
-        # that follows binding every listener.
+        # that follows binding every listener (and with workers, each one's "ready").
         wait_until(lambda: xml.count('<service ') == (read_text(log_path) if log_path else
                                                      self.proc.output()).count(' listening on ')
-                   or self.proc.proc.poll() is not None, 10)
+                   and len(self.worker_pids(log_path)) == (self.workers or 0)
+                   or self.proc.proc.poll() is not None, 30)
         self.assertIsNone(self.proc.proc.poll(), self.proc.output())
-        idle_sockets = xml.count('<listen ') + 2    # the listeners and the loop's wake-up socketpair
+        # The listeners and the loop's wake-up socketpair; a master's channel to each worker.
+        idle_sockets = xml.count('<listen ') + 2 + (self.workers or 0)
         self.assertEqual(self.sockets_of(pid), idle_sockets)
         self.proc_fds = fd_count(pid)
+        self.worker_fds = dict((wpid, fd_count(wpid)) for wpid in self.worker_pids(log_path))
         self.addCleanup(self.check_process)
         if background == 'bg':
             self.start_background(bg_port)
         elif background:
             self.start_background(background)
         return self.proc
+
+    def worker_pids(self, log_path=None):
+        """The pids of a subprocess master's workers, from their "ready" lines."""
+        text = read_text(log_path) if log_path else self.proc.output()
+        return [int(pid) for pid in re.findall(r'worker \d+ \(pid (\d+)\) ready', text)]
+
+    def check_workers(self):
+        """Every worker: its fds back to what it had once started, not spinning."""
+        for pid, fds in self.worker_fds.items():
+            wait_until(lambda: fd_count(pid) <= fds, 5, message='worker %d fds not back to %d' % (pid, fds))
+            path = '/proc/%d/stat' % pid
+            before, started = cpu_seconds_of(path), time.monotonic()
+            time.sleep(0.2)   # the measurement window itself
+            self.assertLess((cpu_seconds_of(path) - before) / (time.monotonic() - started), 0.5,
+                            'idle worker %d spins' % pid)
 
     def sockets_of(self, pid):
         count = 0
@@ -173,6 +194,10 @@ class FaultCase(BalancerCase):
         self.assertGreaterEqual(rounds, background.count)
 
     def web_pairs(self, service='web'):
+        """The service's open pairs (with workers: as many Nones as their counters say)."""
+        if self.workers:
+            return [None] * self.balancer.call(lambda: self.balancer.master.read_counts() or
+                                               self.balancer.director.services[service].open)
         return self.balancer.call(lambda: [p for p in self.balancer.director.pairs
                                            if p.service.name == service])
 
@@ -204,6 +229,7 @@ class FaultCase(BalancerCase):
         wait_until(lambda: self.balancer.open_pairs() == 0, 5,
                    message='connections left open in the balancer')
         self.assertLess(self.loop_cpu(0.2), 0.5, 'the idle loop thread spins')
+        self.check_workers()
 
     def check_process(self):
         """Subprocess balancer, before it is killed: fds back, threads bounded, no spin."""
@@ -216,6 +242,7 @@ class FaultCase(BalancerCase):
                    message='balancer fds not back to %d' % self.proc_fds)
         self.assertLessEqual(thread_count(pid), 2 + pydirector.PROBE_WORKERS)
         self.assertLess(self.process_cpu(0.2), 0.5, 'the idle balancer spins')
+        self.check_workers()
         self.assertNotIn('Traceback', self.proc.output())
 
 
@@ -488,6 +515,7 @@ class TestFaults(FaultCase):
         reset_close(sock)
         self.finish_background()
 
+    @single_process('lowers the fd limit of the process it starts, the master')
     def test_10_emfile_at_accept(self):
         import resource
         echo = self.echo_server('one')
@@ -558,6 +586,7 @@ class TestFaults(FaultCase):
         self.assertEqual(got['tracebacks'], [])
         self.assertEqual(got['pairs_left'], 0)
 
+    @single_process('reads the pairs of the balancer')
     def test_12_hangup_with_only_write_interest_does_not_spin(self):
         # (a) The client half-closes and stops reading: its socket is watched for writing
         # only; then it resets.
@@ -665,9 +694,11 @@ class TestFaults(FaultCase):
         for hole, name in zip(holes, ('one', 'two')):
             LOG.wait_for('host %s (%s) in web/main up: answered 2 probe(s)' % (name, hole.address),
                          self.mark, timeout=10)
+        self.balancer.sync()
         for i in range(4):
             self.assertTrue(echoes(port, pseudo_random(5000, 1400 + i)))
-        self.assertEqual([self.balancer.host(n)['total'] >= 2 for n in ('one', 'two')], [True, True])
+        least = 1 if self.workers else 2    # each worker keeps its own rotation
+        self.assertEqual([self.balancer.host(n)['total'] >= least for n in ('one', 'two')], [True, True])
         self.finish_background()
 
     def test_15_health_check_flapping(self):
@@ -712,7 +743,11 @@ class TestFaults(FaultCase):
         streams = Background(port, 200, seed=16)
         self.addCleanup(streams.stop)
         streams.start()
-        self.assertEqual(sorted([a.open, b.open, c.open]), [66, 67, 67])
+        opens = sorted([a.open, b.open, c.open])
+        if self.workers:    # each worker's rotation is even to within one
+            self.assertEqual((sum(opens), opens[-1] - opens[0] <= self.workers), (200, True), opens)
+        else:
+            self.assertEqual(opens, [66, 67, 67])
         director = self.balancer.director
         self.balancer.call(director.host_admin_down, 'web', 'main', 'a')
         self.balancer.call(director.del_host, 'web', 'main', 'b')
@@ -775,6 +810,7 @@ class TestFaults(FaultCase):
         self.assertGreaterEqual(two.accepted, 4)
         self.finish_background()    # not one of them was cut by the reload
 
+    @single_process('counts in one log line; test_workers has its own')
     def test_19_sigterm_with_1000_open_connections(self):
         echo = self.echo_server('one')
         web_port = free_port()
@@ -830,7 +866,11 @@ class TestFaults(FaultCase):
         director = self.balancer.director
         for i in range(6):
             self.assertTrue(echoes(port, pseudo_random(2000, 2000 + i)))
-        self.assertEqual([self.balancer.host(n)['total'] for n in ('one', 'again', 'flaky')], [2, 2, 2])
+        totals = [self.balancer.host(n)['total'] for n in ('one', 'again', 'flaky')]
+        if self.workers:    # each worker keeps its own rotation
+            self.assertEqual((sum(totals), min(totals) > 0), (6, True), totals)
+        else:
+            self.assertEqual(totals, [2, 2, 2])
         with self.subTest('the same address added again through the admin'):
             try:
                 self.balancer.call(director.add_host, 'web', 'main', 'twin', echo.address)
@@ -849,9 +889,10 @@ class TestFaults(FaultCase):
             resolvable.clear()
             LOG.wait_for('host flaky (flaky.test:%d) in web/main down: cannot resolve flaky.test'
                          % spare.port, self.mark)
+            self.balancer.sync()
             for i in range(4):
                 self.assertTrue(echoes(port, pseudo_random(2000, 2010 + i)))
-            self.assertEqual(self.balancer.host('flaky')['total'], 2)
+            self.assertEqual(self.balancer.host('flaky')['total'], totals[2])
         with self.subTest('a name that never resolved, added at run time'):
             self.balancer.call(director.add_host, 'web', 'main', 'ghost', 'nonexistent.invalid:80')
             for i in range(4):
@@ -861,6 +902,7 @@ class TestFaults(FaultCase):
             LOG.wait_for('cannot resolve nonexistent.invalid', self.mark, timeout=2)
         self.finish_background()
 
+    @single_process('reads the pairs of the balancer')
     def test_21_backend_never_reads(self):
         release = threading.Event()
         self.addCleanup(release.set)
@@ -1003,6 +1045,10 @@ def namespace_scenario():
                       'background': problems, 'pairs_left': pairs_left,
                       'tracebacks': [l for l in log if l.startswith('TRACEBACK')],
                       'log': [l for l in log if 'TRACEBACK' not in l and not l.startswith('access ')][-40:]}))
+
+
+class TestFaultsWorkers(WorkersMixin, TestFaults):
+    """The scenarios again with a master and two worker processes."""
 
 
 if __name__ == '__main__':

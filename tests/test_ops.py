@@ -10,8 +10,8 @@ import tempfile
 import threading
 import unittest
 
-from support import (BalancerCase, Backend, LOG, config_xml, connect, echo, exchange, free_port,
-                     say_name, service_xml, wait_until)
+from support import (BalancerCase, Backend, LOG, WorkersMixin, config_xml, connect, echo, exchange, free_port,
+                     say_name, service_xml, single_process, wait_until)
 
 import pydirector
 
@@ -64,6 +64,7 @@ class TestReload(OpsTestCase):
         self.assertEqual(names, {b'one', b'three'})
         self.assertEqual(self.reload(), 'reloaded %s: no changes' % self.path)
 
+    @single_process('exact round-robin sequences: each worker keeps its own rotation')
     def test_new_order_weights_and_maxconns_reach_the_scheduler(self):
         # The reload hands them to the scheduler (update_host, reorder),
         # which keeps its own structures: set on the Host behind its back,
@@ -645,6 +646,48 @@ class TestHostDownClosesConnections(OpsTestCase):
         sock.sendall(b'y')
         self.assertEqual(sock.recv(10), b'y')
         sock.close()
+
+
+# The same operations with a master and two worker processes.
+
+class TestReloadWorkers(WorkersMixin, TestReload):
+    pass
+
+
+class TestAccessLogWorkers(WorkersMixin, TestAccessLog):
+    pass
+
+
+class TestTimelineWorkers(WorkersMixin, TestTimeline):
+    pass
+
+
+class TestBlueGreenWorkers(WorkersMixin, TestBlueGreen):
+    pass
+
+
+class TestLimitsWorkers(WorkersMixin, TestLimits):
+    pass
+
+
+class TestAllowDenyWorkers(WorkersMixin, TestAllowDeny):
+    pass
+
+
+class TestExplainWorkers(WorkersMixin, TestExplain):
+    pass
+
+
+class TestAccessLogEndingsWorkers(WorkersMixin, TestAccessLogEndings):
+    pass
+
+
+class TestSyslogWorkers(WorkersMixin, TestSyslog):
+    pass
+
+
+class TestHostDownClosesConnectionsWorkers(WorkersMixin, TestHostDownClosesConnections):
+    pass
 
 
 if __name__ == '__main__':

@@ -9,9 +9,9 @@ import threading
 import time
 import unittest
 
-from support import (BalancerCase, Backend, Blackhole, LOG, connect, digest_until_eof,
+from support import (BalancerCase, Backend, Blackhole, LOG, WorkersMixin, connect, digest_until_eof,
                      echo, exchange, free_port, hold_open, recv_all, say_name, service_xml,
-                     wait_until)
+                     single_process, wait_until)
 
 import pydirector
 
@@ -111,6 +111,7 @@ class TestRelay(ProxyTestCase):
 
 class TestSchedulingOverSockets(ProxyTestCase):
 
+    @single_process('each worker keeps its own rotation')
     def test_roundrobin_order(self):
         names = ['s1', 's2', 's3']
         hosts = [(n, self.backend(say_name, n).address) for n in names]
@@ -118,6 +119,7 @@ class TestSchedulingOverSockets(ProxyTestCase):
         got = [exchange(self.balancer.port()).decode() for _ in range(7)]
         self.assertEqual(got, ['s1', 's2', 's3', 's1', 's2', 's3', 's1'])
 
+    @single_process('each worker keeps its own rotation')
     def test_weights_over_sockets(self):
         a = self.backend(say_name, 'a')
         b = self.backend(say_name, 'b')
@@ -242,8 +244,12 @@ class TestFailover(ProxyTestCase):
         revived.thread.start()
         self.addCleanup(revived.close)
         LOG.wait_for('host one (127.0.0.1:%d) in web/main up: answered 2 probe(s)' % port, self.mark)
-        got = sorted(exchange(self.balancer.port()).decode() for _ in range(4))
-        self.assertEqual(got, ['one', 'one', 'two', 'two'])
+        self.balancer.sync()    # with workers: each has heard of it (a moment after the master's line)
+        if self.workers:        # each rotates on its own: both hosts, not two each
+            self.assertEqual({exchange(self.balancer.port()).decode() for _ in range(4)}, {'one', 'two'})
+        else:
+            got = sorted(exchange(self.balancer.port()).decode() for _ in range(4))
+            self.assertEqual(got, ['one', 'one', 'two', 'two'])
 
     def test_health_check_takes_an_up_host_down_after_fall(self):
         a = self.backend(hold_open, 'a')
@@ -354,6 +360,7 @@ class TestHalfCloseAndResets(ProxyTestCase):
 
 class TestFlowControlAndTimeouts(ProxyTestCase):
 
+    @single_process('reads the pairs of the balancer')
     def test_client_that_never_reads_holds_bounded_memory(self):
         pushed = [0]
         stalled = threading.Event()
@@ -467,6 +474,28 @@ class TestFlowControlPlain(PlainPath, TestFlowControlAndTimeouts):
 
 
 class TestFlowControlSplice(SplicePath, TestFlowControlAndTimeouts):
+    pass
+
+
+# The same suites with a master and two worker processes (support.WorkersMixin).
+
+class TestRelayWorkers(WorkersMixin, TestRelay):
+    pass
+
+
+class TestSchedulingOverSocketsWorkers(WorkersMixin, TestSchedulingOverSockets):
+    pass
+
+
+class TestFailoverWorkers(WorkersMixin, TestFailover):
+    pass
+
+
+class TestHalfCloseAndResetsWorkers(WorkersMixin, TestHalfCloseAndResets):
+    pass
+
+
+class TestFlowControlWorkers(WorkersMixin, TestFlowControlAndTimeouts):
     pass
 
 

@@ -479,6 +479,35 @@ class SchedulerContract(object):
             with self.subTest(weighted=weighted):
                 self.assertEqual(run(True, weighted), run(False, weighted))
 
+    def test_set_open_reaches_the_next_pick(self):
+        # Connections other worker processes hold (set_open) count as this one's own:
+        # for maxconns, and for the least-connections schedulers' ranking.
+        rng = random.Random(12)
+        hosts = make_hosts(*'abcdef', b=2, e=3)
+        for host in hosts[:3]:
+            host.maxconns = 4
+        scheduler = self.make(hosts)
+        for step in range(300):
+            scheduler.set_open(rng.choice(scheduler.hosts), rng.randrange(7))
+            if step % 7 == 0:
+                host = scheduler.pick('10.0.0.9')
+                if host is not None:
+                    scheduler.connection_started(host)
+            eligible = {h for h in scheduler.hosts if h.maxconns == 0 or h.open < h.maxconns}
+            ip = f'10.0.0.{rng.randrange(20)}'
+            tried = []
+            while True:
+                foreseen = scheduler.explain(ip, tried)['host']
+                host = scheduler.pick(ip, tried)
+                self.assertIs(host, foreseen, step)
+                if host is None:
+                    break
+                self.assertIn(host, eligible, step)
+                if not tried and self.spec.startswith('leastconns') and not scheduler.sticky:
+                    self.assertEqual(host.open / host.weight, min(h.open / h.weight for h in eligible), step)
+                tried.append(host)
+            self.assertEqual(set(tried), eligible, step)
+
     def test_update_host_and_reorder(self):
         a, b, c = make_hosts('a', 'b', 'c')
         scheduler = self.make([a, b, c])

@@ -5,6 +5,7 @@
     python3 tools/soak.py g2 --minutes 10   # 1,500 new connections/s: failures, connect-to-first-byte
     python3 tools/soak.py g3                # 9,000 concurrent connections + one past maxconns
     python3 tools/soak.py g6 --minutes 10   # SIGKILL / SIGSTOP one of 3 backends every 2 s, 500 clients
+    python3 tools/soak.py g1 --workers 2    # any of them with a master and 2 worker processes
 
 Every scenario starts `PYTHON pydirector.py -c generated.xml` as a subprocess
 (--python picks the interpreter), its own tiny backends (separate processes
@@ -13,7 +14,9 @@ process.  It prints a table (criterion, figure, limit, pass/fail) and one JSON
 line, and exits 1 when a criterion fails.  --scale multiplies the load
 (streams, connections/s, connections, clients); --duration / --minutes set
 the length.  Standard library only, Python 3.6+, Linux (/proc is read for the
-balancer's RSS, fds and CPU).
+balancer's RSS, fds and CPU).  With --workers N the balancer is a master and N
+worker processes (`--workers N`); its RSS, fds and CPU are the sums over all of
+them, and the run waits for every worker's "ready" line before it starts.
 
 The wire protocol of the backends: on accept they send `soak NAME\\n`.  In
 `echo` mode they then echo every byte and, after the client's EOF, send
@@ -60,6 +63,7 @@ BLOCK_SIZE = 1 << 20          # the pseudo-random data every stream sends a wind
 MAX_RECV = 65536
 BACKEND_HIGH_WATER = 256 * 1024
 GREETING_PREFIX = b'soak '
+WORKERS = None                # --workers: run the balancer as a master and this many workers
 
 
 # ---------------------------------------------------------------------------
@@ -93,6 +97,20 @@ def proc_rss(pid):
 
 def proc_fds(pid):
     return len(os.listdir('/proc/%d/fd' % pid))
+
+
+def child_pids(pid):
+    """The processes whose parent is pid (a master's workers), from /proc."""
+    found = []
+    for name in os.listdir('/proc'):
+        if name.isdigit():
+            try:
+                with open('/proc/%s/stat' % name) as f:
+                    if int(f.read().rsplit(')', 1)[1].split()[1]) == pid:
+                        found.append(int(name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return found
 
 
 def proc_pipe_bytes(pid):
@@ -425,7 +443,8 @@ class BalancerProcess(object):
             with open(self.config_path, 'w') as f:
                 f.write(xml)
             stderr = open(self.stderr_path, 'ab')
-            self.proc = subprocess.Popen([self.python, self.script, '-c', self.config_path],
+            workers = ['--workers', str(WORKERS)] if WORKERS else []
+            self.proc = subprocess.Popen([self.python, self.script, '-c', self.config_path] + workers,
                                          stdin=subprocess.DEVNULL, stdout=stderr, stderr=subprocess.STDOUT,
                                          cwd=workdir, preexec_fn=_raise_nofile_in_child)
             stderr.close()
@@ -433,7 +452,8 @@ class BalancerProcess(object):
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
                     break
-                if 'listening on' in self.log_text():
+                text = self.log_text()
+                if 'listening on' in text and text.count(') ready') >= (WORKERS or 0):
                     self.started = time.monotonic()
                     self.pressure0 = cpu_pressure()
                     self.delay0 = run_delay(self.proc.pid)
@@ -466,17 +486,30 @@ class BalancerProcess(object):
         except IOError:
             return ''
 
+    def pids(self):
+        """The balancer's processes: the master and its workers (or the one process)."""
+        return [self.pid] + (child_pids(self.pid) if WORKERS else [])
+
+    def total(self, figure):
+        found = 0
+        for pid in self.pids():
+            try:
+                found += figure(pid)
+            except (OSError, IOError):
+                pass    # a worker restarted meanwhile
+        return found
+
     def rss(self):
-        return proc_rss(self.pid)
+        return self.total(proc_rss)
 
     def fds(self):
-        return proc_fds(self.pid)
+        return self.total(proc_fds)
 
     def pipe_bytes(self):
-        return proc_pipe_bytes(self.pid)
+        return self.total(proc_pipe_bytes)
 
     def cpu(self):
-        return proc_cpu(self.pid)
+        return self.total(proc_cpu)
 
     def wait_fds(self, target, timeout=10.0):
         """Poll until the balancer has `target` fds open (or fewer); return the last count."""
@@ -940,6 +973,8 @@ class Report(object):
     def __init__(self, scenario, params):
         self.scenario = scenario
         self.params = params
+        if WORKERS:
+            params['workers'] = WORKERS
         self.rows = []
         self.figures = collections.OrderedDict()
         self.notes = []
@@ -1836,6 +1871,7 @@ def parse_args(argv):
     common.add_argument('--keep', action='store_true',
                         help='keep the temp dir (config, logs) even on success (it is always kept on failure)')
     common.add_argument('--quiet', action='store_true', help='no progress lines on stderr')
+    common.add_argument('--workers', type=int, help='a master and N worker processes (pydirector --workers N)')
     g1 = sub.add_parser('g1', parents=[common], help='2,000 checksummed echo streams for 30 min')
     g1.add_argument('--streams', type=int)
     g1.add_argument('--rate', type=float, default=8e6, help='bytes/s sent by all streams together (0 = flat out)')
@@ -1886,6 +1922,8 @@ def main(argv=None):
         serve_backend(args.name, args.mode, args.port, args.watch_stdin)
         return 0
     PYDIRECTOR = os.path.abspath(args.pydirector)
+    global WORKERS
+    WORKERS = getattr(args, 'workers', None)
     # A plain `kill` (or Ctrl-C in a shell that ignores SIGINT for background jobs) still
     # unwinds through Rig, so the balancer and the backends go with us.
     signal.signal(signal.SIGTERM, _exit_on_signal)
