@@ -27,7 +27,7 @@ import urllib.parse
 
 import support
 from support import (BalancerCase, Backend, LOG, WorkersMixin, config_xml, exchange, free_port, service_xml,
-                     single_process, wait_until)
+                     wait_until)
 
 import pydirector
 import pydirector_admin

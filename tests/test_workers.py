@@ -10,8 +10,6 @@ client to a worker that is.  The life-cycle tests run a real master process
 """
 
 import contextlib
-import hashlib
-import json
 import os
 import re
 import shutil
