@@ -335,6 +335,8 @@ class Scheduler(object):
                 self._eligible += 1
                 if not self._dirty:
                     self._enter(host)
+                else:
+                    self._enter_pending(host)
             else:
                 self._eligible -= 1
                 host._entry = None      # an ineligible host has no live heap entry
@@ -457,6 +459,11 @@ class Scheduler(object):
 
     def _enter(self, host):
         raise NotImplementedError
+
+    def _enter_pending(self, host):
+        """A host became eligible while the structure waits for a rebuild:
+        note now what joining now would decide, if anything (a rebuild must
+        give the picks that updating in place would)."""
 
     def _leave(self, host):
         raise NotImplementedError
@@ -811,6 +818,7 @@ class RoundRobinScheduler(Scheduler):
         self._keys = []
         self._next = 0
         self._last = -1
+        self._last_host = None  # the last pick: its order is _last once reordered
         # unequal weights: a heap of (round, point, order, seq, host, turn),
         # and the (round, point, order) of the last turn taken
         self._heap = []
@@ -823,14 +831,29 @@ class RoundRobinScheduler(Scheduler):
         self._ring = []
         self._keys = []
         self._heap = []
+        last = self._last_host
+        if last is not None and last._owner is self:
+            # Orders change on reorder: the last pick and every kept turn
+            # are placed by the hosts' orders now.
+            self._last = last._order
+            self._time = self._time[:2] + (last._order,)
         if weighted:
             # A host keeps the turn it is waiting for (one skipped while
             # excluded may lie before the last turn taken): a rebuild must
             # not change what comes next.  The rest join as they would now.
             keep = self._weighted
-            self._heap = [host._entry if keep and host._entry is not None else self._first_turn(host)
-                          for host in hosts if host._ok]
-            heapq.heapify(self._heap)
+            heap = []
+            for host in hosts:
+                if host._ok:
+                    entry = host._entry if keep else None
+                    if entry is None:
+                        entry = self._first_turn(host)
+                    elif entry[2] != host._order:
+                        entry = entry[:2] + (host._order,) + entry[3:]
+                        host._entry = entry
+                    heap.append(entry)
+            heapq.heapify(heap)
+            self._heap = heap
         else:
             for host in hosts:
                 host._entry = None
@@ -869,6 +892,10 @@ class RoundRobinScheduler(Scheduler):
             if host._order <= self._last:
                 self._next += 1
 
+    def _enter_pending(self, host):
+        if self._weighted:
+            self._first_turn(host)  # its turn as of now; the rebuild keeps it
+
     def _leave(self, host):
         if self._weighted:
             host._entry = None      # its heap entry is stale now
@@ -891,6 +918,7 @@ class RoundRobinScheduler(Scheduler):
             host = self._ring[i]
             self._next = i + 1
             self._last = host._order
+            self._last_host = host
             return host
         heap = self._heap
         held = None
@@ -912,6 +940,7 @@ class RoundRobinScheduler(Scheduler):
         period, point, order, _, _, turn = entry
         self._time = (period, point, order)
         self._last = order
+        self._last_host = host
         weight = host.weight
         if turn < weight:
             turn += 1
