@@ -420,8 +420,16 @@ def single_process(why):
 
 class WorkersMixin(object):
     """A suite again with a master (this process) and two worker processes, as
-    CPython's test_selectors runs one suite per selector: class X(WorkersMixin, Suite)."""
+    CPython's test_selectors runs one suite per selector: class X(WorkersMixin, Suite).
+
+    PYDIRECTOR_TEST_WORKERS=0 skips these second runs (CI keeps them to its
+    default Python, inside its time); tests/test_workers.py runs regardless."""
     workers = 2
+
+    def setUp(self):
+        if os.environ.get('PYDIRECTOR_TEST_WORKERS') == '0':
+            self.skipTest('worker runs of this suite are off (PYDIRECTOR_TEST_WORKERS=0)')
+        super(WorkersMixin, self).setUp()
 
 
 class BalancerCase(unittest.TestCase):
