@@ -3379,6 +3379,9 @@ class Pair(object):
         self.group.scheduler.connection_ended(host)
         host.total -= 1  # an attempt that never connected is not a served connection
         self.host = None
+        if self.director.shared is not None:
+            # The close will not name this host: its line is brought up to date now.
+            self.director.shared.publish((host,))
         if err in OUT_OF_FDS:
             self.director.pause_accepting(err)
         if err in LOCAL_CONNECT_ERRORS:
