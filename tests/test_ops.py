@@ -426,6 +426,9 @@ class TestAllowDeny(OpsTestCase):
             sock.close()
         self.assertEqual(b.accepted, 2)
         self.assertEqual(self.balancer.snapshot()['services'][0]['denied'], 2)
+        # Both lines, not the first: with workers each comes from its own process's
+        # buffered access log, a flush apart.
+        wait_until(lambda: len(LOG.wait_for('end=denied', self.mark)) >= 2)
         self.assertEqual(len(LOG.wait_for('end=denied', self.mark)), 2)
 
     def test_ipv6_rules(self):
