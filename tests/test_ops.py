@@ -428,7 +428,7 @@ class TestAllowDeny(OpsTestCase):
         self.assertEqual(self.balancer.snapshot()['services'][0]['denied'], 2)
         # Both lines, not the first: with workers each comes from its own process's
         # buffered access log, a flush apart.
-        wait_until(lambda: len(LOG.wait_for('end=denied', self.mark)) >= 2)
+        wait_until(lambda: len([l for l in LOG.since(self.mark) if 'end=denied' in l]) >= 2)
         self.assertEqual(len(LOG.wait_for('end=denied', self.mark)), 2)
 
     def test_ipv6_rules(self):
