@@ -1532,7 +1532,10 @@ class BaseLoop(object):
     # -- timers and calls ---------------------------------------------------
 
     def call_later(self, delay, callback, *args):
-        timer = Timer(time.monotonic() + delay, callback, args)
+        # Running, the loop's clock is read once per iteration: a timer set by a
+        # handler counts from when its batch of events came (at most one
+        # iteration early), at no call of its own.
+        timer = Timer((self.now if self.running else time.monotonic()) + delay, callback, args)
         self._timer_seq += 1
         heapq.heappush(self._timers, (timer.when, self._timer_seq, timer))
         if len(self._timers) >= self._compact_at:
@@ -1649,6 +1652,7 @@ class BaseLoop(object):
 
     def run(self):
         self.thread_ident = threading.get_ident()
+        self.now = time.monotonic()
         self.running = True
         while self.running:
             self._run_once()
@@ -1697,11 +1701,14 @@ class EpollLoop(BaseLoop):
         monotonic = time.monotonic
         heappop = heapq.heappop
         run_guarded = self._run_guarded
+        now = self.now = monotonic()
         while self.running:
             if calls:
                 timeout = 0
             elif timers:
-                timeout = timers[0][0] - monotonic()
+                # From the clock of this iteration's start, not a fresh reading: a
+                # timer is late by at most the time its batch took to run.
+                timeout = timers[0][0] - now
                 if timeout < 0:
                     timeout = 0
             else:
@@ -1713,8 +1720,9 @@ class EpollLoop(BaseLoop):
             for fd, mask in events:
                 if fd in stale:
                     continue    # closed by an earlier event of this batch (its number may be reused)
-                handler = handlers.get(fd)
-                if handler is None:
+                try:
+                    handler = handlers[fd]
+                except KeyError:
                     self._drop_unknown(fd)
                     continue
                 if mask & EVENT_ERROR:
@@ -3603,8 +3611,9 @@ class Pair(object):
     # -- closing ----------------------------------------------------------
 
     def _drop_backend(self):
-        if self.timer is not None:
-            self.timer.cancel()
+        timer = self.timer
+        if timer is not None:
+            timer.callback = timer.args = None  # timer.cancel(), written out: once a connection
             self.timer = None
         sock = self.backend_sock
         if sock is not None:

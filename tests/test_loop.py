@@ -193,6 +193,32 @@ class LoopContract(object):
         self.assertTrue(done.wait(5))
         self.assertEqual(order, [1, 2])
 
+    def test_timer_counts_from_the_loop_clock_running_and_from_now_before(self):
+        # Running, call_later reads the iteration's clock (loop.now), not a fresh
+        # one; before run() that clock may be stale, and must not be used.
+        idle = self.loop_class()
+        self.addCleanup(idle.close)
+        idle.now -= 100.0                   # as if built long before it runs
+        before = time.monotonic()
+        timer = idle.call_later(5.0, lambda: None)
+        self.assertGreaterEqual(timer.when, before + 5.0)
+
+        loop = self.make_loop()
+        seen = {}
+        fired = threading.Event()
+
+        def fire():
+            seen['fired'] = loop.now
+            fired.set()
+
+        def setup():
+            seen['set'] = loop.now
+            seen['timer'] = loop.call_later(0.05, fire)
+        loop.call(setup)
+        self.assertTrue(fired.wait(5))
+        self.assertEqual(seen['timer'].when, seen['set'] + 0.05)
+        self.assertGreaterEqual(seen['fired'], seen['set'] + 0.05)
+
 
 @unittest.skipUnless(hasattr(pydirector, 'EpollLoop') and hasattr(__import__('select'), 'epoll'), 'needs epoll')
 class EpollLoopTest(LoopContract, BalancerCase):

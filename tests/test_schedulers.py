@@ -617,6 +617,25 @@ class RoundRobinOrderTest(unittest.TestCase):
         scheduler.mark_up(b, 2.0)
         self.assertEqual(sorted(sequence(scheduler, 3)), ['a', 'b', 'c'])
 
+    def test_written_out_pick_is_the_general_pick(self):
+        # RoundRobinScheduler.pick writes the common case out; through every
+        # change the director makes, it must pick what Scheduler.pick would.
+        def run(general, seed):
+            rng = random.Random(seed)
+            scheduler = make_scheduler('roundrobin', make_hosts(*'abcdef'))
+            pick = (lambda *args: schedulers.Scheduler.pick(scheduler, *args)) if general else scheduler.pick
+            picked = []
+            for _ in SchedulerContract.churn(self, scheduler, rng, 600, weighted=seed % 2 == 0):
+                host = pick('10.0.0.1')
+                picked.append(getattr(host, 'name', None))
+                if host is not None and rng.random() < 0.5:
+                    scheduler.connection_started(host)
+            return picked
+
+        for seed in (1, 2, 3, 4):
+            with self.subTest(seed=seed):
+                self.assertEqual(run(False, seed), run(True, seed))
+
     def test_new_scheduler_over_same_hosts_starts_fresh(self):
         hosts = make_hosts('a', 'b', 'c')
         old = make_scheduler('roundrobin', hosts)
