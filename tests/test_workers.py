@@ -178,25 +178,35 @@ class AdminWorkersCase(WorkersCase):
 
 class SpreadTest(WorkersCase):
 
-    def test_connections_spread_over_both_workers(self):
+    def test_each_worker_takes_clients_from_the_shared_socket(self):
+        # Which worker the kernel wakes for a client is the one waiting in epoll_wait
+        # (EPOLLEXCLUSIVE), so how a burst spreads depends on timing: a worker that
+        # keeps up takes it all.  bench/bench.py measures the spread under load; here,
+        # with the other worker stopped, each takes its own clients from the one
+        # listening socket, and the master's table counts each worker's own.
         e = EchoServer()
         self.addCleanup(e.close)
         self.start(service_xml([('echo', e.address)], scheduler='leastconns'))
         port = self.balancer.port()
-        # A burst faster than one worker takes it (each wake-up accepts at most 64, then that
-        # worker is busy connecting them): the kernel hands the rest to the one waiting.
-        background = Background(port, 400, interval=3600)
-        self.addCleanup(background.stop)
-        background.start()
-        held = dict((pid, 0) for pid in self.pids())
-        for pid in holders(self.pids(), port, [s.sock for s in background.streams]):
+        pids = self.pids()
+        clients = []
+        backgrounds = []
+        for pid, count, seed in ((pids[0], 150, 1), (pids[1], 250, 2)):
+            with only(pids, pid):
+                background = Background(port, count, seed=seed, interval=3600)
+                self.addCleanup(background.stop)
+                background.start()      # every client has had its round trip: accepted
+            backgrounds.append(background)
+            clients.extend(s.sock for s in background.streams)
+        held = dict((pid, 0) for pid in pids)
+        for pid in holders(pids, port, clients):
             held[pid] += 1
-        self.assertEqual(sum(held.values()), 400)
-        self.assertTrue(min(held.values()) >= 40, held)
-        workers = wait_until(lambda: [w for w in self.balancer.snapshot()['workers']
-                                      if w['open'] == held[w['pid']]] and self.balancer.snapshot()['workers'])
-        self.assertEqual(sorted(w['open'] for w in workers), sorted(held.values()))
-        self.assertEqual(background.finish(), [])
+        self.assertEqual(held, {pids[0]: 150, pids[1]: 250})
+        # Each worker's line in shared memory is published within half a second.
+        wait_until(lambda: sorted((w['pid'], w['open']) for w in self.balancer.snapshot()['workers'])
+                   == sorted(held.items()))
+        for background in backgrounds:
+            self.assertEqual(background.finish(), [])
         wait_until(lambda: self.balancer.open_pairs() == 0)
 
 
