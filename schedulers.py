@@ -826,10 +826,11 @@ class RoundRobinScheduler(Scheduler):
         self._seq = itertools.count()
 
     def pick(self, client_ip, exclude=()):
-        # The common case written out (one call a connection, not four): equal
-        # weights, nothing excluded, no sticky clients, nothing waiting to rebuild.
+        # The common case written out (one call a connection, not four): nothing
+        # excluded, no sticky clients, nothing waiting to rebuild.  A ring is kept
+        # only for equal weights, so a ring with hosts says the weights are equal.
         ring = self._ring
-        if ring and not exclude and not self._dirty and not self.sticky and not self._weighted:
+        if ring and not exclude and not self._dirty and not self.sticky:
             i = self._next if self._next < len(ring) else 0
             host = ring[i]
             self._next = i + 1

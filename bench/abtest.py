@@ -16,33 +16,16 @@ to round on a shared machine.  /proc tick resolution: 1/CLK_TCK over n.
 import argparse
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import free_port, wait_port  # noqa: E402
+
 TICK = os.sysconf('SC_CLK_TCK')
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-def wait_listening(port, deadline=10.0):
-    end = time.monotonic() + deadline
-    while True:
-        try:
-            socket.create_connection(('127.0.0.1', port), 1).close()
-            return
-        except OSError:
-            if time.monotonic() > end:
-                raise
-            time.sleep(0.05)
 
 
 def cpu(pid):
@@ -89,13 +72,15 @@ def main():
     pydirector('old-log', args.old, True)
     pydirector('new-log', HERE, True)
     try:
-        wait_listening(b1)
+        if not wait_port(b1):
+            sys.exit('abtest: nginx did not start')
         running = {}
         for name, cmd, port in targets:
             running[name] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             procs.append(running[name])
         for name, cmd, port in targets:
-            wait_listening(port)
+            if not wait_port(port):
+                sys.exit('abtest: %s did not start' % name)
         results = {name: [] for name, _, _ in targets}
         for _ in range(args.rounds):
             for name, cmd, port in targets:

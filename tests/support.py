@@ -1211,22 +1211,6 @@ def fd_count(pid='self'):
     return len(os.listdir('/proc/%s/fd' % pid))
 
 
-def listen_backlog(port):
-    """Connections the kernel holds for a listening port, not yet accepted (Linux /proc:
-    a LISTEN socket's rx_queue is its accept queue); None if nothing listens there."""
-    for name in ('/proc/net/tcp', '/proc/net/tcp6'):
-        try:
-            with open(name) as f:
-                lines = f.readlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if fields[3] == '0A' and int(fields[1].rsplit(':', 1)[1], 16) == port:
-                return int(fields[4].split(':')[1], 16)
-    return None
-
-
 def thread_count(pid):
     return len(os.listdir('/proc/%s/task' % pid))
 

@@ -549,7 +549,7 @@ class TestFaults(FaultCase):
         # The fds come back once the balancer has worked through the closed clients still
         # in the listen backlog: each takes an fd again when accepted.  A client connecting
         # before then queues behind them and may meet EMFILE at its connect.
-        wait_until(lambda: support.listen_backlog(web_port) == 0 and fd_count(pid) <= held + 4, 15)
+        wait_until(lambda: support.accept_queue_length(web_port) == 0 and fd_count(pid) <= held + 4, 15)
         sock = self.client(web_port, timeout=5)
         sock.sendall(b'back')
         self.assertEqual(answer_or_nothing(sock, 4), b'back', 'not served after the fds came back: %s'
