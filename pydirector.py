@@ -3732,11 +3732,12 @@ class Splice(object):
         os.close(self.w)
         Splice.count -= 1
 # ---------------------------------------------------------------------------
-# Manager: the health-check thread.  It probes with blocking sockets and hands
-# each result to the loop; it never touches balancer state itself.
+# Manager: the health checks.  A loop timer picks the probes due; threads run
+# them with blocking sockets and hand each result to the loop, never touching
+# balancer state themselves.
 # ---------------------------------------------------------------------------
 
-MANAGER_TICK = 0.1        # how often the manager asks the loop which hosts are due
+MANAGER_TICK = 0.1        # how often the manager looks for hosts due a probe
 PROBE_WORKERS = 8         # probes run in parallel so one blackholed host can't delay the rest
 PROBE_READ_LIMIT = 16384  # bytes of an answer a probe reads at most, whatever the host sends
 _HTTP_STATUS = re.compile(rb'HTTP/[0-9]\.[0-9] ([0-9]{3})(?:[ \r\n]|\Z)')
@@ -3827,27 +3828,37 @@ def probe(host, port, timeout, send=None, expect=None, status=None):
 ThreadPoolExecutor = concurrent.futures.ThreadPoolExecutor
 
 
-class Manager(threading.Thread):
-    """Runs the probes the director says are due and hands each result back to the loop."""
+class Manager(object):
+    """Runs the probes the director says are due and hands each result back to the loop.
+
+    The tick that asks which hosts are due is a loop timer; only the probes
+    themselves run in threads, in a pool started at the first probe.  A
+    balancer with nothing to probe runs no thread at all, which on Python 3.6
+    (its GIL is made at the first thread) spares every blocking call a lock.
+    """
 
     def __init__(self, director):
-        threading.Thread.__init__(self, name='pydirector-manager', daemon=True)
         self.director = director
         self.stopped = threading.Event()
+        self.pool = None
+        self.timer = None
 
-    def run(self):
-        loop = self.director.loop
-        with ThreadPoolExecutor(PROBE_WORKERS) as pool:
-            while not self.stopped.wait(MANAGER_TICK):
-                try:
-                    due = loop.call(self.director.health.due)
-                except LoopTimeout:
-                    continue
-                for target in due:
-                    try:
-                        pool.submit(self._probe, target)
-                    except RuntimeError:    # the interpreter is exiting under us: so are we
-                        return
+    def start(self):
+        self.timer = self.director.loop.call_later(MANAGER_TICK, self.tick)
+
+    def tick(self):
+        self.timer = self.director.loop.call_later(MANAGER_TICK, self.tick)
+        due = self.director.health.due()
+        if not due:
+            return
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(PROBE_WORKERS)
+        for target in due:
+            try:
+                self.pool.submit(self._probe, target)
+            except RuntimeError:    # the interpreter is exiting under us: so are we
+                self.stop()
+                return
 
     def _probe(self, target):
         if self.stopped.is_set():
@@ -3861,7 +3872,14 @@ class Manager(threading.Thread):
         self.director.loop.call_soon_threadsafe(self.director.health.result, token, ok, reason, address)
 
     def stop(self):
+        # Probes out finish in their threads (each within its check's timeout); their
+        # results reach a loop that has stopped listening, and are dropped.
         self.stopped.set()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.pool is not None:
+            self.pool.shutdown(wait=False)
 # ---------------------------------------------------------------------------
 # systemd: readiness, reloads, the stop and the watchdog, told to a Type=notify unit.
 # ---------------------------------------------------------------------------
@@ -3940,7 +3958,7 @@ class Notifier(object):
 
 # ---------------------------------------------------------------------------
 # Director: the running services, and every change to them.  All of it runs
-# on the loop thread; the admin server and the manager reach it through
+# on the loop thread; the admin server and the probe threads reach it through
 # loop.call() / loop.call_soon_threadsafe().  In parts: the running objects
 # and host health (here), blue/green switches, reload, the Director itself
 # (life cycle, accepting, the queue), and its admin actions and pages.

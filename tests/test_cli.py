@@ -229,5 +229,42 @@ class TestOutOfFileDescriptors(BalancerCase):
         self.assertNotIn('Traceback', proc.output())
 
 
+
+def thread_count(pid):
+    return len(os.listdir('/proc/%d/task' % pid))
+
+
+@unittest.skipUnless(os.path.isdir('/proc/self/task'), 'needs /proc')
+class TestThreads(BalancerCase):
+
+    def test_no_thread_until_a_probe_is_due(self):
+        """No admin and nothing to probe: the loop's thread alone, so Python 3.6 (whose GIL
+        is made at the first thread) runs without one.  With a <check>, the probes run in threads."""
+        backend = Backend(echo)
+        self.addCleanup(backend.close)
+        port = free_port()
+        proc = BalancerProcess(config_xml(service_xml([('one', backend.address)], listen_port=port)),
+                               wait_port=port)
+        self.addCleanup(proc.close)
+        # Traffic for half a second: several of the manager's 0.1 s ticks pass meanwhile.
+        listening = time.monotonic()
+        while time.monotonic() - listening < 0.5:
+            with connect(port) as sock:
+                sock.sendall(b'ping')
+                self.assertEqual(sock.recv(10), b'ping')
+            self.assertEqual(thread_count(proc.proc.pid), 1)
+        proc.close()
+        # With a <check>, probes start at once, in their own threads, and still take a host down.
+        port = free_port()
+        check = '    <check interval="0.1" timeout="0.5" fall="1"/>\n'
+        proc = BalancerProcess(config_xml(service_xml([('one', backend.address)], listen_port=port, extra=check)),
+                               wait_port=port)
+        self.addCleanup(proc.close)
+        wait_until(lambda: thread_count(proc.proc.pid) > 1)
+        backend.close()
+        wait_until(lambda: 'failed probes' in proc.output())
+        self.assertNotIn('Traceback', proc.output())
+
+
 if __name__ == '__main__':
     unittest.main()
