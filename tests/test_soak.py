@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import unittest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,6 +70,16 @@ class SoakTest(BalancerCase):
         self.assertTrue(all(f['detected_after'] is not None for f in faults if f['kind'] == 'kill'), report.table())
         self.assertGreater(report.figures['kill_orphans'], 0, report.table())
         self.assertGreater(report.figures['after_detection'], 0, report.table())
+
+    def test_wall_offset_survives_a_preemption_between_the_clock_reads(self):
+        # G6 once took SIGKILL orphans for ordinary failures: the client's offset was read
+        # across a 50 ms preemption, so its stamps fell before the kill they followed.
+        # The first pair straddles a 50 ms preemption; the second is read at once.
+        readings = iter([100.0, 100.05, 100.0501, 100.05015])
+        walls = iter([5000.0, 5000.0502])
+        offset = soak.wall_offset(wall=lambda: next(walls), mono=lambda: next(readings))
+        self.assertLess(abs(offset - 4900.0), 0.001)   # the one-shot reading: 4899.95
+        self.assertLess(abs(soak.wall_offset() - (time.time() - time.monotonic())), 0.05)
 
     def test_cli_exits_non_zero_when_a_criterion_fails(self):
         # No drift is below 0%: the run must say FAIL, print the table and JSON, and exit 1.
