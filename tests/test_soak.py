@@ -84,34 +84,37 @@ class SoakTest(BalancerCase):
     def test_g6_a_stream_started_in_its_detection_lines_millisecond_is_at_risk(self):
         # G6 once counted the connect whose reset made b3's 'down' line as "made after
         # detection": the line's stamp is cut to the ms, the client's is not.
+        reset = 'reset: Connection reset by peer in phase greeting'
+
         class Driver(object):
-            faults = [soak.Fault('b3', 'kill', 100.0)]
             errors = []
+
+            def __init__(self):
+                self.faults = [soak.Fault('b3', 'kill', 100.0)]   # g6_classify marks it detected
 
         class Balancer(object):
             def host_events(self):
                 return [(100.208, 'b3', 'down', 'connection reset by peer')]
 
         class Stats(object):
-            records = [(None, 'reset: Connection reset by peer in phase greeting', 100.2085, 100.209, None),
-                       ('b1', None, 100.30, 100.40, 100.31)]
             ok, failed, failures = 1, 1, {}
+
+            def __init__(self, records):
+                self.records = records
 
         class Engine(object):
             wall = staticmethod(lambda t: t)
 
-        def classify(stats):
+        def classify(*records):
             report = soak.Report('G6', {})
-            soak.g6_classify(report, Driver(), Balancer(), stats, Engine(), 1.0, False)
+            soak.g6_classify(report, Driver(), Balancer(), Stats(records), Engine(), 1.0, False)
             return report
 
-        report = classify(Stats())
+        report = classify((None, reset, 100.2085, 100.209, None), ('b1', None, 100.30, 100.40, 100.31))
         self.assertEqual(report.row('connections made after detection served')[3], 'pass', report.table())
         self.assertEqual(report.figures['at_risk'], 1, report.table())
         # 2 ms after the line is past the log's resolution: that failure is the balancer's.
-        Stats.records = [(None, 'reset: Connection reset by peer in phase greeting', 100.210, 100.211, None)]
-        Driver.faults = [soak.Fault('b3', 'kill', 100.0)]
-        report = classify(Stats())
+        report = classify((None, reset, 100.210, 100.211, None))
         self.assertEqual(report.row('connections made after detection served')[3], 'FAIL', report.table())
 
     def test_cli_exits_non_zero_when_a_criterion_fails(self):
