@@ -2,7 +2,7 @@
 """Old against new: CPU per connection of two pydirector trees and pyfloor, interleaved.
 
     python3 bench/abtest.py --old DIR [--pyfloor PATH] [--python PY] [--rounds 7]
-                            [--n 20000] [--workload newconn|keepalive]
+                            [--n 20000] [--workload newconn|keepalive] [--tree NAME=DIR ...]
 
 Needs nginx, ab and wrk (bench/bench.py installs them).  Starts nginx on two
 loopback ports, then each target (pyfloor, old, new, old and new with the access
@@ -10,7 +10,9 @@ log on) once, and runs ab -c 50 (or wrk -c 50 for 4 s) against each in turn,
 round after round, so the machine's drift hits every target alike.  Prints the
 median CPU per connection (or request), total and user space apart: the user
 part is the interpreter's, and it moves much less than the kernel's from round
-to round on a shared machine.  /proc tick resolution: 1/CLK_TCK over n.
+to round on a shared machine.  --tree NAME=DIR adds a tree (access log off),
+such as one patched to leave one thing out, which prices that thing.  /proc
+tick resolution: 1/CLK_TCK over n.
 """
 
 import argparse
@@ -41,7 +43,13 @@ def main():
     parser.add_argument('--rounds', type=int, default=7)
     parser.add_argument('--n', type=int, default=20000)
     parser.add_argument('--workload', choices=('newconn', 'keepalive'), default='newconn')
+    parser.add_argument('--tree', action='append', default=[], metavar='NAME=DIR',
+                        help='another tree to run beside old and new, access log off (repeatable)')
     args = parser.parse_args()
+    trees = [spec.partition('=')[::2] for spec in args.tree]
+    for spec, (name, tree) in zip(args.tree, trees):
+        if name in ('', 'pyfloor', 'old', 'new', 'old-log', 'new-log') or not os.path.isfile(os.path.join(tree, 'pydirector.py')):
+            sys.exit('abtest: --tree wants NAME=DIR, a new NAME and a DIR holding pydirector.py: %r' % spec)
     work = tempfile.mkdtemp(prefix='pydirector-abtest-')
     b1, b2 = free_port(), free_port()
     with open(os.path.join(work, 'nginx.conf'), 'w') as f:
@@ -71,6 +79,8 @@ def main():
     pydirector('new', HERE, False)
     pydirector('old-log', args.old, True)
     pydirector('new-log', HERE, True)
+    for name, tree in trees:
+        pydirector(name, tree, False)
     try:
         if not wait_port(b1):
             sys.exit('abtest: nginx did not start')
