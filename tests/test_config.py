@@ -850,7 +850,9 @@ class SniConfigTest(unittest.TestCase):
         self.assertEqual(again.to_xml(), config.to_xml())
         self.assertIn('<listen ip="*:443" sni="api.example.com,*.api.example.com"/>', config.to_xml())
         summary = pydirector.summary(config)
-        self.assertIn('service a: listen *:443 (sni api.example.com,*.api.example.com); ', summary)
+        self.assertIn('service a: listen *:443 (sni api.example.com, *.api.example.com); ', summary)
+        self.assertIn('service b: listen 0.0.0.0:443 (sni www.example.com, b\u00fccher.example -> '
+                      'xn--bcher-kva.example); ', summary)
         self.assertIn('service d: listen *:444; ', summary)
 
     def test_one_service_with_sni(self):

@@ -375,12 +375,73 @@ class LimitsTest(SniCase):
         self.assertEqual(held.recv(100), b'still')
         held.close()
 
-    def test_international_names(self):
-        shop = self.own(TLSBackend(['xn--bcher-kva.example'], say_name))
+
+class InternationalNamesTest(SniCase):
+    """Names in the config as people write them (U-labels, any case) reach the clients
+    that ask for them: clients send A-labels made by UTS #46 non-transitional
+    processing (curl with libidn2, browsers), so 'fa\u00df.de' is xn--fa-hia.de, a
+    name other than fass.de (issue 25, F8: IDNA 2003 made it fass.de)."""
+
+    def sharp_s(self, *extra):
+        """Services fass (fa\u00df.de), default (*) and extra [(name, sni, cert name)] on one port."""
+        backends = [('fass', 'FA\u00df.de', 'xn--fa-hia.de'), ('default', '*', 'other.example')] + list(extra)
         port = free_port()
-        self.start(config(service('shop', 'B\u00fccher.example', [('s1', shop.address)], port)))
-        self.assertEqual(tls_exchange(port, server_hostname='b\u00fccher.example'),
-                         ('xn--bcher-kva.example', b'xn--bcher-kva.example'))
+        services = []
+        for name, sni, cert in backends:
+            backend = self.own(TLSBackend([cert], support.https_say_name))
+            services.append(service(name, sni, [(name + '1', backend.address)], port))
+        self.start(config(*services))
+        return port
+
+    def cert(self, port, name):
+        """The name of the certificate Python ssl sees when it sends name."""
+        tls, seen = tls_connect(port, name)
+        tls.close()
+        return seen
+
+    def test_curl_sends_the_a_label_of_a_sharp_s(self):
+        support.need_curl_idn()
+        port = self.sharp_s()
+        self.assertEqual(support.curl_client(port, 'fa\u00df.de'), ('xn--fa-hia.de', b'xn--fa-hia.de'))
+        self.assertEqual(support.curl_client(port, 'FA\u00df.DE'), ('xn--fa-hia.de', b'xn--fa-hia.de'))
+        # fass.de is another name: nobody here claims it.
+        self.assertEqual(support.curl_client(port, 'fass.de'), ('other.example', b'other.example'))
+        lines = wait_until(lambda: self.access_lines(' sni=') if len(self.access_lines(' sni=')) == 3 else None)
+        self.assertEqual([line.split(' sni=')[1].split()[0] for line in lines if ' service=fass ' in line],
+                         ['xn--fa-hia.de', 'xn--fa-hia.de'])
+        self.assertEqual(len([line for line in lines if ' service=default ' in line and ' sni=fass.de ' in line]), 1)
+
+    def test_python_ssl_with_the_a_label(self):
+        port = self.sharp_s()
+        for name, cert in [('xn--fa-hia.de', 'xn--fa-hia.de'), ('XN--FA-HIA.de.', 'xn--fa-hia.de'),
+                           ('fass.de', 'other.example')]:
+            with self.subTest(name=name):
+                self.assertEqual(self.cert(port, name), cert)
+
+    def test_sharp_s_and_ss_are_two_names(self):
+        port = self.sharp_s(('ss', 'fass.de', 'fass.de'))
+        self.assertEqual(self.cert(port, 'xn--fa-hia.de'), 'xn--fa-hia.de')
+        self.assertEqual(self.cert(port, 'fass.de'), 'fass.de')
+        support.need_curl_idn()
+        self.assertEqual(support.curl_client(port, 'fa\u00df.de')[0], 'xn--fa-hia.de')
+        self.assertEqual(support.curl_client(port, 'fass.de')[0], 'fass.de')
+
+    def test_more_names(self):
+        """Upper case, final sigma, a wildcard over a U-label; curl and Python ssl agree."""
+        support.need_curl_idn()
+        port = self.sharp_s(('shop', 'B\u00fccher.example', 'xn--bcher-kva.example'),
+                            ('sigma', '\u03a3\u0391\u03a3.gr', 'sigma'), ('final', '\u03c3\u03b1\u03c2.gr', 'final'),
+                            ('wild', '*.\u00c4rzte.example', 'wild'))
+        for name, cert in [('b\u00fccher.example', 'xn--bcher-kva.example'),
+                           ('\u03a3\u0391\u03a3.gr', 'sigma'),      # every capital sigma becomes \u03c3
+                           ('\u03c3\u03b1\u03c2.gr', 'final'),      # a final sigma stays one
+                           ('www.\u00e4rzte.example', 'wild'), ('a.b.\u00c4RZTE.example', 'wild')]:
+            with self.subTest(name=name):
+                self.assertEqual(support.curl_client(port, name)[0], cert)
+        self.assertEqual(self.cert(port, 'xn--bcher-kva.example'), 'xn--bcher-kva.example')
+        self.assertEqual(self.cert(port, 'b\u00fccher.example'), 'xn--bcher-kva.example')   # IDNA 2003 agrees here
+        self.assertEqual(self.cert(port, 'xn--mxa9ab.gr'), 'sigma')
+        self.assertEqual(self.cert(port, 'xn--mxa8ab.gr'), 'final')
         self.assertEqual(support.openssl_client(port, 'xn--bcher-kva.example'), 'xn--bcher-kva.example')
 
 
