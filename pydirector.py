@@ -2412,10 +2412,11 @@ def _host_name_problem(name):
 
 
 def normalize_server_name(text):
-    """A host name as a config, an admin request or a client writes it, in the
-    form names are compared in: what clients send (lower case, each
-    international label as its A-label: 'Fa\u00df.de' -> 'xn--fa-hia.de'), no
-    trailing dot.  Raises ValueError saying what is wrong."""
+    """A host name as an admin request or a client writes it, in the form names
+    are compared in: as clients send it (lower case, each international label
+    as its A-label: 'Fa\u00df.de' -> 'xn--fa-hia.de'), no trailing dot.  An
+    xn-- label is taken as it is, as in a hello; sni patterns check theirs
+    (sni_pattern).  Raises ValueError saying what is wrong."""
     return _normalized(text, text)
 
 
@@ -2433,6 +2434,13 @@ def _normalized(name, shown):
     problem = _host_name_problem(name)
     if problem:
         raise ValueError('%r: %s' % (shown, problem))
+    return name
+
+
+def _config_name(name, shown):
+    """_normalized, with each xn-- label one a client could send: a name in the
+    config that no client sends is a mistake to report."""
+    name = _normalized(name, shown)
     for label in name.split('.'):
         if label.startswith('xn--'):
             _check_a_label(label, shown)
@@ -2481,7 +2489,7 @@ def _check_a_label(label, shown):
     valid label, already mapped, that encodes back to the same label."""
     try:
         decoded = label[4:].encode('ascii').decode('punycode')
-    except UnicodeError:
+    except (UnicodeError, IndexError):      # IndexError: Python 3.6's decoder, on a bad last digit
         raise ValueError('%r: label %r is not valid punycode' % (shown, label)) from None
     try:
         if _is_ascii(decoded):
@@ -2561,11 +2569,11 @@ def sni_pattern(text):
     if text == '*':
         return text
     if text.startswith('*.') and '*' not in text[2:]:
-        return '*.' + _normalized(text[2:], text)
+        return '*.' + _config_name(text[2:], text)
     if '*' in text:
         raise ValueError("%r: '*' may only be the whole name ('*') or its whole first label "
                          "('*.example.com')" % text)
-    return _normalized(text, text)
+    return _config_name(text, text)
 
 
 def parse_sni(text):
