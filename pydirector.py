@@ -2543,6 +2543,7 @@ def _folded(char):
 
 
 def _idna_char_problem(char, joiners):
+    """Why char may not be in a label as clients send it, or None."""
     if char < '\x80':
         if char in _HOST_NAME_CHARS and char != '_':
             return None
