@@ -442,6 +442,19 @@ class InternationalNamesTest(SniCase):
             with self.subTest(name=name):
                 self.assertEqual(support.curl_client(port, name)[0], cert)
 
+    def test_explain(self):
+        """explain takes a name as written, or any A-label a hello may carry."""
+        port = self.sharp_s(('ss', 'fass.de', 'fass.de'))
+        for name, sni, service, pattern in [
+                ('FA\u00df.de', 'xn--fa-hia.de', 'fass', 'xn--fa-hia.de'),
+                ('XN--FA-HIA.de', 'xn--fa-hia.de', 'fass', 'xn--fa-hia.de'),
+                ('fass.de', 'fass.de', 'ss', 'fass.de'),
+                ('xn--zz-zz.de', 'xn--zz-zz.de', 'default', '*')]:      # not punycode, yet curl sends it
+            with self.subTest(name=name):
+                info = self.balancer.call(self.balancer.director.explain, None, '10.0.0.1', sni=name,
+                                          listen='127.0.0.1:%d' % port)
+                self.assertEqual((info['sni'], info['service'], info['sni_pattern']), (sni, service, pattern))
+
     def test_more_names(self):
         """Upper case, a wildcard over a U-label; curl, openssl and Python ssl agree."""
         support.need_curl_idn()
