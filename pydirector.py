@@ -2412,28 +2412,156 @@ def _host_name_problem(name):
 
 
 def normalize_server_name(text):
-    """A host name as a config, an admin request or a client writes it, in the
-    form names are compared in: lower case, international names as their
-    A-labels (Python's IDNA codec: 'bücher.example' -> 'xn--bcher-kva.example'),
-    no trailing dot.  Raises ValueError saying what is wrong."""
+    """A host name as an admin request or a client writes it, in the form names
+    are compared in: as clients send it (lower case, each international label
+    as its A-label: 'Fa\u00df.de' -> 'xn--fa-hia.de'), no trailing dot.  An
+    xn-- label is taken as it is, as in a hello; sni patterns check theirs
+    (sni_pattern).  Raises ValueError saying what is wrong."""
     return _normalized(text, text)
 
 
 def _normalized(name, shown):
+    if len(name) > _HOST_NAME_MAX + 1:      # a trailing dot; this bounds the work below
+        raise ValueError('%r: longer than %d characters' % (shown, _HOST_NAME_MAX))
+    if not _is_ascii(name):
+        try:
+            name = '.'.join(_a_label(label) for label in name.translate(_IDNA_DOTS).split('.'))
+        except ValueError as e:
+            raise ValueError('%r: %s' % (shown, e)) from None
     if name.endswith('.'):
         name = name[:-1]
-    try:
-        name.encode('ascii')
-    except UnicodeEncodeError:
-        try:
-            name = name.encode('idna').decode('ascii')
-        except UnicodeError as e:
-            raise ValueError('%r is not a valid international name (%s)' % (shown, e))
     name = name.lower()
     problem = _host_name_problem(name)
     if problem:
         raise ValueError('%r: %s' % (shown, problem))
     return name
+
+
+def _config_name(name, shown):
+    """_normalized, with each xn-- label one a client could send: a name in the
+    config that no client sends is a mistake to report."""
+    name = _normalized(name, shown)
+    for label in name.split('.'):
+        if label.startswith('xn--'):
+            _check_a_label(label, shown)
+    return name
+
+
+def _is_ascii(text):
+    return not text or max(text) < '\x80'
+
+
+# International names.  Clients send what UTS #46 non-transitional processing
+# makes of a name (curl with libidn2, browsers): each label mapped (lower
+# case...), NFC, checked, and if it is not ASCII then 'xn--' + punycode.
+# Python's 'idna' codec is IDNA 2003 instead, which makes 'fa\u00df.de' the
+# other name 'fass.de'.  The stdlib has NFC, case and punycode but not the
+# UTS #46 mapping table, so a config label keeps only characters the stdlib
+# can judge as the table does: letters, marks and digits (the RFC 5892
+# categories) already in the form clients send, and capitals whose lower
+# case is their case fold (\u00dc -> \u00fc).  Anything else (ligatures,
+# full-width forms, joiners, symbols, \u1e9e...) is refused, never guessed:
+# a name mapped otherwise than clients map it would route them elsewhere.
+# Bidi and CONTEXTJ/CONTEXTO rules are not checked: a name that breaks them is
+# one clients refuse to send, so accepting it misroutes no one.
+_IDNA_DOTS = {0x3002: '.', 0xff0e: '.', 0xff61: '.'}     # full stops UTS #46 maps to '.'
+_IDNA_DEVIATIONS = frozenset('\u00df\u03c2')  # \u00df, final \u03c2: kept (IDNA 2003 made them ss, \u03c3)
+_IDNA_JOINERS = frozenset('\u200c\u200d')     # kept by non-transitional clients, dropped by others
+_IDNA_CATEGORIES = frozenset(('Ll', 'Lu', 'Lo', 'Lm', 'Mn', 'Mc', 'Nd'))
+# Letters and marks of those categories that RFC 5892 disallows (2.6, old
+# Hangul jamo) or that clients drop (Default_Ignorable_Code_Point).
+_IDNA_REFUSED = ((0x034f, 0x034f), (0x0640, 0x0640), (0x07fa, 0x07fa), (0x1100, 0x11ff), (0x17b4, 0x17b5),
+                 (0x180b, 0x180f), (0x302e, 0x302f), (0x3031, 0x3035), (0x303b, 0x303b), (0xa960, 0xa97f),
+                 (0xd7b0, 0xd7ff), (0xfe00, 0xfe0f), (0xe0100, 0xe01ef))
+
+
+def _a_label(label, joiners=False):
+    """One label as clients send it: ASCII ones as they are, others mapped and
+    checked (_u_label) and then their A-label.  ValueError says what is wrong."""
+    if _is_ascii(label):
+        return label
+    label = _u_label(label, joiners)
+    return label if _is_ascii(label) else 'xn--' + label.encode('punycode').decode('ascii')
+
+
+def _check_a_label(label, shown):
+    """An xn-- label must be one a client could send: punycode that decodes to a
+    valid label, already mapped, that encodes back to the same label."""
+    try:
+        decoded = label[4:].encode('ascii').decode('punycode')
+    except (UnicodeError, IndexError):      # IndexError: Python 3.6's decoder, on a bad last digit
+        raise ValueError('%r: label %r is not valid punycode' % (shown, label)) from None
+    try:
+        if _is_ascii(decoded):
+            raise ValueError('an A-label stands for a name that is not ASCII')
+        again = _a_label(decoded, joiners=True)
+    except ValueError as e:
+        raise ValueError('%r: label %r decodes to %r: %s' % (shown, label, decoded, e)) from None
+    if again != label:
+        raise ValueError('%r: label %r decodes to %r, which clients send as %r' % (shown, label, decoded, again))
+
+
+def _u_label(label, joiners):
+    """A label that is not ASCII, mapped as UTS #46 maps it and checked."""
+    if len(label) > 63:
+        raise ValueError('a label longer than 63 characters')
+    mapped = []
+    for char in unicodedata.normalize('NFC', label):
+        if char < '\x80':
+            char = char.lower()
+        else:
+            problem = _idna_char_problem(char, joiners)
+            if problem:
+                folded = _folded(char)
+                if char.lower() == folded:
+                    char = folded           # a capital (or no change: checked again below)
+                elif unicodedata.category(char) in _IDNA_CATEGORIES or unicodedata.category(char) == 'Lt':
+                    raise ValueError('character %s: clients map it in ways not repeated here; write the '
+                                     'name as they send it (lower case) or as its A-label' % _char(char))
+                else:
+                    raise ValueError('character %s %s' % (_char(char), problem))
+        mapped.append(char)
+    label = unicodedata.normalize('NFC', ''.join(mapped))
+    for char in label:
+        problem = _idna_char_problem(char, joiners)
+        if problem:
+            raise ValueError('character %s %s' % (_char(char), problem))
+    if unicodedata.category(label[0]).startswith('M'):
+        problem = 'starts with a combining mark'
+    elif label.startswith('-') or label.endswith('-'):
+        problem = "starts or ends with '-'"
+    elif label[2:4] == '--':
+        problem = "has '--' in positions 3 and 4"
+    else:
+        return label
+    raise ValueError('label %r %s' % (label, problem))
+
+
+def _folded(char):
+    # RFC 5892's stability test; the UTS #46 table maps what fails it (mostly to this).
+    return unicodedata.normalize('NFKC', unicodedata.normalize('NFKC', char).casefold())
+
+
+def _idna_char_problem(char, joiners):
+    """Why char may not be in a label as clients send it, or None."""
+    if char < '\x80':
+        if char in _HOST_NAME_CHARS and char != '_':
+            return None
+        return "is not allowed in an international label (letters, digits and '-')"
+    if char in _IDNA_JOINERS:
+        return None if joiners else 'is dropped by some clients and kept by others: give the name as its A-label'
+    category = unicodedata.category(char)
+    if category == 'Cn':
+        return "is not assigned in Unicode %s (this Python's)" % unicodedata.unidata_version
+    point = ord(char)
+    if (category not in _IDNA_CATEGORIES or any(low <= point <= high for low, high in _IDNA_REFUSED)
+            or (_folded(char) != char and char not in _IDNA_DEVIATIONS)):
+        return 'is not allowed in an international name'
+    return None
+
+
+def _char(char):
+    return '%r (U+%04X)' % (char, ord(char))
 
 
 def sni_pattern(text):
@@ -2442,11 +2570,11 @@ def sni_pattern(text):
     if text == '*':
         return text
     if text.startswith('*.') and '*' not in text[2:]:
-        return '*.' + _normalized(text[2:], text)
+        return '*.' + _config_name(text[2:], text)
     if '*' in text:
         raise ValueError("%r: '*' may only be the whole name ('*') or its whole first label "
                          "('*.example.com')" % text)
-    return _normalized(text, text)
+    return _config_name(text, text)
 
 
 def parse_sni(text):
@@ -2541,6 +2669,17 @@ class SniMatcher(object):
         if self.default is not None:
             found.append(('*', self.default))
         return found
+
+
+def sni_text(patterns):
+    """sni patterns for people: each with an international label shown as
+    written and as sent ('fa\u00df.de -> xn--fa-hia.de'), comma-separated."""
+    shown = []
+    for pattern in patterns:
+        written = '.'.join(label[4:].encode('ascii').decode('punycode') if label.startswith('xn--') else label
+                           for label in pattern.split('.'))
+        shown.append(pattern if written == pattern else '%s -> %s' % (written, pattern))
+    return ', '.join(shown)
 
 
 def _service_label(service):
@@ -6567,7 +6706,7 @@ def summary(config):
     lines = ['%s: OK' % config.path]
     for service in config.services:
         lines.append('service %s: listen %s; timeouts connect %gs idle %gs%s%s%s' % (
-            service.name, ', '.join(l.text + (' (sni %s)' % ','.join(l.sni) if l.sni else '') +
+            service.name, ', '.join(l.text + (' (sni %s)' % sni_text(l.sni) if l.sni else '') +
                                     (' (PROXY %s)' % l.accept_proxy if l.accept_proxy else '')
                                     for l in service.listens),
             service.timeouts.connect, service.timeouts.idle,

@@ -1279,7 +1279,7 @@ import ssl        # noqa: E402
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
 HELLO_FIXTURES = ('openssl', 'openssl-tls12', 'python', 'python-nosni', 'python-idna', 'curl',
-                  'chromium')
+                  'curl-idna', 'chromium')
 
 
 def client_hello(name):
@@ -1477,13 +1477,27 @@ def openssl_client(port, servername=None, host='127.0.0.1', timeout=20):
 
 
 def curl_client(port, name, path='/', host='127.0.0.1', timeout=20):
-    """`curl --resolve NAME:PORT:HOST -k https://NAME:PORT/PATH`: (the CN of the
-    certificate it saw or None, the body it got)."""
+    """`curl --connect-to ::HOST:PORT -k https://NAME:PORT/PATH`: (the CN of the
+    certificate it saw or None, the body it got).  NAME may be international
+    (need_curl_idn): curl then sends its A-label, as browsers do; --connect-to
+    sends any name to HOST, where --resolve would need the A-label spelled out."""
     address = '[%s]' % host if ':' in host else host
     url = 'https://%s:%d%s' % (name, port, path)
     done = subprocess.run([need_program('curl'), '-sS', '-v', '-k', '--max-time', str(timeout),
-                           '--resolve', '%s:%d:%s' % (name, port, address), url],
+                           '--connect-to', '::%s:%d' % (address, port), url],
                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          timeout=timeout + 5)
+                          timeout=timeout + 5, env=dict(os.environ, LC_ALL='C.UTF-8'))  # libidn2 reads UTF-8 names
     found = _SUBJECT_CN.search(done.stderr.decode('utf-8', 'replace'))
     return (found.group(1).strip() if found else None), done.stdout
+
+
+def need_curl_idn():
+    """Skip the test unless curl is installed and built with IDN (libidn2), which
+    turns an international name into the A-label it sends."""
+    curl = need_program('curl')
+    done = subprocess.run([curl, '-V'], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, timeout=30)
+    features = [l for l in done.stdout.decode('utf-8', 'replace').splitlines() if l.startswith('Features:')]
+    if not features or 'IDN' not in features[0].split():
+        raise unittest.SkipTest('curl here has no IDN support (`curl -V` lists no IDN feature): '
+                                'it cannot send an international name')

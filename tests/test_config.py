@@ -850,7 +850,9 @@ class SniConfigTest(unittest.TestCase):
         self.assertEqual(again.to_xml(), config.to_xml())
         self.assertIn('<listen ip="*:443" sni="api.example.com,*.api.example.com"/>', config.to_xml())
         summary = pydirector.summary(config)
-        self.assertIn('service a: listen *:443 (sni api.example.com,*.api.example.com); ', summary)
+        self.assertIn('service a: listen *:443 (sni api.example.com, *.api.example.com); ', summary)
+        self.assertIn('service b: listen 0.0.0.0:443 (sni www.example.com, b\u00fccher.example -> '
+                      'xn--bcher-kva.example); ', summary)
         self.assertIn('service d: listen *:444; ', summary)
 
     def test_one_service_with_sni(self):
@@ -900,7 +902,17 @@ class SniConfigTest(unittest.TestCase):
                 (shared('ip="127.0.0.1:8443" sni="a.example.com,A.EXAMPLE.com"'),
                  "x.xml:3: <listen> sni lists 'a.example.com' twice"),
                 (shared('ip="127.0.0.1:8443" sni="a b"'),
-                 "x.xml:3: <listen> sni 'a b': character ' ' is not allowed in a host name")]:
+                 "x.xml:3: <listen> sni 'a b': character ' ' is not allowed in a host name"),
+                # International names (issue 25 F8): the A-label is the name.
+                (shared('ip="*:443" sni="Fa\u00df.de"', 'ip="*:443" sni="b.example,xn--fa-hia.de"'),
+                 "x.xml:9: listen '*:443': server name 'xn--fa-hia.de' is already claimed by service 'a' "
+                 "on this address"),
+                (shared('ip="127.0.0.1:8443" sni="a.example,\ufb01.de"'),
+                 "x.xml:3: <listen> sni '\ufb01.de': character '\ufb01' (U+FB01): clients map it in ways not "
+                 "repeated here; write the name as they send it (lower case) or as its A-label"),
+                (shared('ip="127.0.0.1:8443" sni="*.xn--wca.de"'),
+                 "x.xml:3: <listen> sni '*.xn--wca.de': label 'xn--wca' decodes to '\u00dc', which clients "
+                 "send as 'xn--tda'")]:
             with self.subTest(message=message):
                 with self.assertRaises(ConfigError) as cm:
                     parse_config(xml, 'x.xml')

@@ -702,11 +702,86 @@ class SniPatternTest(unittest.TestCase):
                 ('www.example.com,WWW.example.com.', "sni lists 'www.example.com' twice"),
                 ('*,*', "sni lists '*' twice"),
                 ('*.a.example,*.A.example', "sni lists '*.a.example' twice"),
-                ('\u00fc' * 70 + '.example', 'is not a valid international name')]:
+                ('\u00fc' * 70 + '.example', 'a label longer than 63 characters'),
+                (''.join(chr(0x4e00 + 997 * i) for i in range(20)), 'a label longer than 63 characters'),  # once encoded
+                ('*.fa\u00df.de,*.FA\u00df.DE', "sni lists '*.xn--fa-hia.de' twice")]:
             with self.subTest(text=text):
                 with self.assertRaises(ValueError) as caught:
                     pydirector.parse_sni(text)
                 self.assertIn(message, str(caught.exception))
+
+    # Each checked against the A-label curl 7.88.1 with libidn2 2.3.3 sends (UTS #46
+    # non-transitional, as browsers): 'curl -k --connect-to ::127.0.0.1:PORT https://NAME/'.
+    INTERNATIONAL = [
+        ('fa\u00df.de', 'xn--fa-hia.de'),               # \u00df kept: IDNA 2003 made it fass.de
+        ('FA\u00df.DE', 'xn--fa-hia.de'),
+        ('\u03a3\u0391\u03a3.gr', 'xn--mxa9ab.gr'),       # each capital sigma alone: \u03c3\u03b1\u03c3
+        ('\u03c3\u03b1\u03c2.gr', 'xn--mxa8ab.gr'),       # a final sigma is kept
+        ('\u0130stanbul.tr', 'xn--istanbul-o0e.tr'),    # \u0130 -> i + U+0307
+        ('\u0131.tr', 'xn--cfa.tr'),
+        ('\u212a.example', 'k.example'),                # the Kelvin sign is a K
+        ('\u4f8b\u3048\u3002jp', 'xn--r8jz45g.jp'),       # an ideographic full stop is a dot
+        ('\u13a0.de', 'xn--58d.de'),                    # Cherokee folds to its capitals
+        ('\u0390.gr', 'xn--owa.gr'),
+        ('U\u0308.de', 'xn--tda.de'),                   # NFC
+        ('\u00c5\u00c4\u00d6.se', 'xn--4cab6c.se'),
+        ('\u041c\u041e\u0421\u041a\u0412\u0410.\u0440\u0444', 'xn--80adxhks.xn--p1ai'),
+        ('\u65e5\u672c\u8a9e.jp', 'xn--wgv71a119e.jp'),
+        ('\ud55c\uad6d.kr', 'xn--3e0b707e.kr'),
+        ('b\u00fccher.Example.COM.', 'xn--bcher-kva.example.com'),
+        ('XN--FA-HIA.de', 'xn--fa-hia.de'),              # A-labels as they are, in any case
+        ('xn--1ug.example', 'xn--1ug.example')]          # a joiner is allowed in an A-label
+
+    def test_international(self):
+        for text, expected in self.INTERNATIONAL:
+            with self.subTest(text=text):
+                self.assertEqual(pydirector.normalize_server_name(text), expected)
+        self.assertEqual(pydirector.parse_sni('*.fa\u00df.de, fass.de'), ['*.xn--fa-hia.de', 'fass.de'])
+
+    def test_international_refused(self):
+        """What clients map in ways the stdlib cannot repeat, what they refuse, and A-labels
+        no client sends.  curl sends ss.de, fi.de, xn--xxa.de, a.de and xn--58d.de for the first five."""
+        mapped = 'clients map it in ways not repeated here'
+        for text, message in [
+                ('\u1e9e.de', "character '\u1e9e' (U+1E9E): " + mapped),   # capital \u00df: ss or \u00df
+                ('\ufb01.de', mapped), ('\u00b5.de', mapped), ('\uff21.de', mapped), ('\uab70.de', mapped),
+                ('\u01c5.hr', mapped),
+                ('a\u200db.example', "character '\\u200d' (U+200D) is dropped by some clients and kept by others"),
+                ('\u0378.example', "character '\\u0378' (U+0378) is not assigned in Unicode"),
+                ('\u00fc\u3000.de', "character '\\u3000' (U+3000) is not allowed in an international name"),
+                ('\u00fc\x85.de', "character '\\x85' (U+0085) is not allowed in an international name"),
+                ('\u2603.de', "character '\u2603' (U+2603) is not allowed"),
+                ('\u00bd.de', "character '\u00bd' (U+00BD) is not allowed"),
+                ('a\ufe0f\u00fc.de', "character '\ufe0f' (U+FE0F) is not allowed"),   # ignored by clients
+                ('\u0640\u0628.example', "character '\u0640' (U+0640) is not allowed"),
+                ('a_\u00fc.de', "character '_' (U+005F) is not allowed in an international label"),
+                ('a b.\u00fc', "character ' ' is not allowed in a host name"),
+                ('-\u00fc.de', "label '-\u00fc' starts or ends with '-'"),
+                ('\u00fc-.de', "label '\u00fc-' starts or ends with '-'"),
+                ('ab--\u00fc.de', "label 'ab--\u00fc' has '--' in positions 3 and 4"),
+                ('\u0308a.de', "label '\u0308a' starts with a combining mark"),
+                ('\u00fc..de', "'\u00fc..de': an empty label"),
+                ('xn--zz-zz.de', "label 'xn--zz-zz' is not valid punycode"),
+                ('xn--a_.de', "label 'xn--a_' is not valid punycode"),     # IndexError in Python 3.6's codec
+                ('xn--a-.de', "label 'xn--a-' decodes to 'a': an A-label stands for a name that is not ASCII"),
+                ('xn--.de', "label 'xn--' decodes to ''"),
+                ('xn--abc.de', "label 'xn--abc' decodes to '\\x82\\x81\\x80': character '\\x82' (U+0082) is not"),
+                ('xn---tda.de', "label 'xn---tda' decodes to '\u00fc', which clients send as 'xn--tda'"),
+                ('xn--wca.de', "label 'xn--wca' decodes to '\u00dc', which clients send as 'xn--tda'"),   # not mapped yet
+                ('xn--fa-hia.xn--ab\u00fc', "label 'xn--ab\u00fc' has '--' in positions 3 and 4"),
+                ('a' * 300, 'longer than 253 characters')]:
+            with self.subTest(text=text):
+                with self.assertRaises(ValueError) as caught:
+                    pydirector.parse_sni(text)
+                self.assertIn(message, str(caught.exception))
+                self.assertTrue(str(caught.exception).startswith(repr(text)[:40]), str(caught.exception))
+        # A hello may carry any xn-- label (curl -k https://xn--a-.de/ sends it): explain takes one.
+        self.assertEqual(pydirector.normalize_server_name('XN--A-.de'), 'xn--a-.de')
+
+    def test_sni_text(self):
+        self.assertEqual(pydirector.sni_text(pydirector.parse_sni('FA\u00df.de,*.B\u00fccher.example,www.example.com,*')),
+                         'fa\u00df.de -> xn--fa-hia.de, *.b\u00fccher.example -> *.xn--bcher-kva.example, '
+                         'www.example.com, *')
 
     def test_normalize(self):
         n = pydirector.normalize_server_name
@@ -775,11 +850,19 @@ class SniMatcherTest(unittest.TestCase):
         m = self.matcher([('shop', 'b\u00fccher.example'), ('other', '*')])
         self.assertEqual(m.match(pydirector.parse_client_hello(data)[1]), ('shop', 'xn--bcher-kva.example'))
 
+    def test_curl_idna_hello_lands_on_the_sharp_s(self):
+        """curl asked for fa\u00df.de sends xn--fa-hia.de (IDNA 2003 would say fass.de)."""
+        data, name = support.client_hello('curl-idna')
+        self.assertEqual(pydirector.parse_client_hello(data)[1], 'xn--fa-hia.de')
+        m = self.matcher([('sharp', 'FA\u00df.de'), ('ss', 'fass.de'), ('other', '*')])
+        self.assertEqual(m.match(pydirector.parse_client_hello(data)[1]), ('sharp', 'xn--fa-hia.de'))
+        self.assertEqual(m.match('fass.de'), ('ss', 'fass.de'))
+
     def test_real_hellos_land(self):
         m = self.matcher([('o', 'openssl.example.com'), ('c', '*.example.com'), ('d', '*')])
         landed = {name: m.match(pydirector.parse_client_hello(data)[1])[0] for name, data, _ in fixtures()}
         self.assertEqual(landed, {'openssl': 'o', 'openssl-tls12': 'c', 'python': 'c', 'python-nosni': 'd',
-                                  'python-idna': 'd', 'curl': 'c', 'chromium': 'c'})
+                                  'python-idna': 'd', 'curl': 'c', 'curl-idna': 'd', 'chromium': 'c'})
 
     def test_claimed_twice(self):
         class Service(object):

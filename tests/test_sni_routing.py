@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import ssl
+import sys
 import tempfile
 import unittest
 import urllib.error
@@ -375,12 +376,96 @@ class LimitsTest(SniCase):
         self.assertEqual(held.recv(100), b'still')
         held.close()
 
-    def test_international_names(self):
-        shop = self.own(TLSBackend(['xn--bcher-kva.example'], say_name))
+
+class InternationalNamesTest(SniCase):
+    """Names in the config as people write them (U-labels, any case) reach the clients
+    that ask for them: clients send A-labels made by UTS #46 non-transitional
+    processing (curl with libidn2, browsers), so 'fa\u00df.de' is xn--fa-hia.de, a
+    name other than fass.de (issue 25, F8: IDNA 2003 made it fass.de)."""
+
+    def sharp_s(self, *extra):
+        """Services fass (fa\u00df.de), default (*) and extra [(name, sni, cert name)] on one port."""
+        backends = [('fass', 'FA\u00df.de', 'xn--fa-hia.de'), ('default', '*', 'other.example')] + list(extra)
         port = free_port()
-        self.start(config(service('shop', 'B\u00fccher.example', [('s1', shop.address)], port)))
-        self.assertEqual(tls_exchange(port, server_hostname='b\u00fccher.example'),
-                         ('xn--bcher-kva.example', b'xn--bcher-kva.example'))
+        services = []
+        for name, sni, cert in backends:
+            backend = self.own(TLSBackend([cert], support.https_say_name))
+            services.append(service(name, sni, [(name + '1', backend.address)], port))
+        self.start(config(*services))
+        return port
+
+    def cert(self, port, name):
+        """The name of the certificate Python ssl sees when it sends name."""
+        tls, seen = tls_connect(port, name)
+        tls.close()
+        return seen
+
+    def need_idna2008_ssl(self):
+        # The TLS backends and the Python client are Python ssl.
+        if sys.version_info < (3, 7):
+            self.skipTest("Python 3.6's ssl decodes server names with IDNA 2003 and fails the handshake "
+                          "on xn--fa-hia.de or xn--mxa8ab.gr, as client and as server (bpo-28414, fixed in 3.7)")
+
+    def test_curl_sends_the_a_label_of_a_sharp_s(self):
+        support.need_curl_idn()
+        self.need_idna2008_ssl()
+        port = self.sharp_s()
+        self.assertEqual(support.curl_client(port, 'fa\u00df.de'), ('xn--fa-hia.de', b'xn--fa-hia.de'))
+        self.assertEqual(support.curl_client(port, 'FA\u00df.DE'), ('xn--fa-hia.de', b'xn--fa-hia.de'))
+        # fass.de is another name: nobody here claims it.
+        self.assertEqual(support.curl_client(port, 'fass.de'), ('other.example', b'other.example'))
+        lines = wait_until(lambda: self.access_lines(' sni=') if len(self.access_lines(' sni=')) == 3 else None)
+        self.assertEqual([line.split(' sni=')[1].split()[0] for line in lines if ' service=fass ' in line],
+                         ['xn--fa-hia.de', 'xn--fa-hia.de'])
+        self.assertEqual(len([line for line in lines if ' service=default ' in line and ' sni=fass.de ' in line]), 1)
+
+    def test_python_ssl_with_the_a_label(self):
+        self.need_idna2008_ssl()
+        port = self.sharp_s()
+        for name, cert in [('xn--fa-hia.de', 'xn--fa-hia.de'), ('XN--FA-HIA.de.', 'xn--fa-hia.de'),
+                           ('fass.de', 'other.example')]:
+            with self.subTest(name=name):
+                self.assertEqual(self.cert(port, name), cert)
+
+    def test_deviations_are_names_of_their_own(self):
+        """\u00df and a final \u03c2 are kept: fa\u00df.de and fass.de, \u03c3\u03b1\u03c2.gr and \u03c3\u03b1\u03c3.gr are four names."""
+        self.need_idna2008_ssl()
+        port = self.sharp_s(('ss', 'fass.de', 'fass.de'), ('final', '\u03c3\u03b1\u03c2.gr', 'final'),
+                            ('sigma', '\u03a3\u0391\u03a3.gr', 'sigma'))
+        for name, cert in [('xn--fa-hia.de', 'xn--fa-hia.de'), ('fass.de', 'fass.de'),
+                           ('xn--mxa8ab.gr', 'final'), ('xn--mxa9ab.gr', 'sigma')]:
+            with self.subTest(name=name):
+                self.assertEqual(self.cert(port, name), cert)
+        support.need_curl_idn()
+        for name, cert in [('fa\u00df.de', 'xn--fa-hia.de'), ('fass.de', 'fass.de'),
+                           ('\u03c3\u03b1\u03c2.gr', 'final'), ('\u03a3\u0391\u03a3.gr', 'sigma')]:
+            with self.subTest(name=name):
+                self.assertEqual(support.curl_client(port, name)[0], cert)
+
+    def test_explain(self):
+        """explain takes a name as written, or any A-label a hello may carry."""
+        port = self.sharp_s(('ss', 'fass.de', 'fass.de'))
+        for name, sni, service, pattern in [
+                ('FA\u00df.de', 'xn--fa-hia.de', 'fass', 'xn--fa-hia.de'),
+                ('XN--FA-HIA.de', 'xn--fa-hia.de', 'fass', 'xn--fa-hia.de'),
+                ('fass.de', 'fass.de', 'ss', 'fass.de'),
+                ('xn--zz-zz.de', 'xn--zz-zz.de', 'default', '*')]:      # not punycode, yet curl sends it
+            with self.subTest(name=name):
+                info = self.balancer.call(self.balancer.director.explain, None, '10.0.0.1', sni=name,
+                                          listen='127.0.0.1:%d' % port)
+                self.assertEqual((info['sni'], info['service'], info['sni_pattern']), (sni, service, pattern))
+
+    def test_more_names(self):
+        """Upper case, a wildcard over a U-label; curl, openssl and Python ssl agree."""
+        support.need_curl_idn()
+        port = self.sharp_s(('shop', 'B\u00fccher.example', 'xn--bcher-kva.example'),
+                            ('wild', '*.\u00c4rzte.example', 'wild'))
+        for name, cert in [('b\u00fccher.example', 'xn--bcher-kva.example'), ('B\u00dcCHER.example', 'xn--bcher-kva.example'),
+                           ('www.\u00e4rzte.example', 'wild'), ('a.b.\u00c4RZTE.example', 'wild')]:
+            with self.subTest(name=name):
+                self.assertEqual(support.curl_client(port, name)[0], cert)
+        self.assertEqual(self.cert(port, 'xn--bcher-kva.example'), 'xn--bcher-kva.example')
+        self.assertEqual(self.cert(port, 'b\u00fccher.example'), 'xn--bcher-kva.example')   # IDNA 2003 agrees here
         self.assertEqual(support.openssl_client(port, 'xn--bcher-kva.example'), 'xn--bcher-kva.example')
 
 

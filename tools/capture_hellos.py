@@ -70,10 +70,10 @@ class Recorder(object):
         self.done.set()
 
 
-def run_program(argv, recorder, stdin=subprocess.DEVNULL):
+def run_program(argv, recorder, stdin=subprocess.DEVNULL, env=None):
     """Run a client until the recorder has its hello, then stop it (and its children)."""
     proc = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+                            stderr=subprocess.DEVNULL, start_new_session=True, env=env)
     recorder.done.wait(DEADLINE + QUIET)
     try:
         os.killpg(proc.pid, signal.SIGTERM)     # the session this script made for it
@@ -110,10 +110,12 @@ def openssl(name, *extra):
 
 
 def curl(name):
+    # --connect-to takes any name (--resolve would want an international one's
+    # A-label); libidn2 reads the name in the locale's charset, so UTF-8.
     def client(recorder):
-        run_program(['curl', '-sk', '--max-time', str(DEADLINE), '--resolve',
-                     '%s:%d:127.0.0.1' % (name, recorder.port),
-                     'https://%s:%d/' % (name, recorder.port)], recorder)
+        run_program(['curl', '-sk', '--max-time', str(DEADLINE), '--connect-to',
+                     '::127.0.0.1:%d' % recorder.port, 'https://%s:%d/' % (name, recorder.port)],
+                    recorder, env=dict(os.environ, LC_ALL='C.UTF-8'))
     return client
 
 
@@ -145,7 +147,9 @@ CLIENTS = [
     ('python-nosni', None, None, 'Python ssl, no server_hostname', python_ssl(None)),
     ('python-idna', None, 'xn--bcher-kva.example', "Python ssl, server_hostname='b\\u00fccher.example'",
      python_ssl('b\u00fccher.example')),
-    ('curl', 'curl', 'curl.example.com', 'curl --resolve -k https://NAME:PORT/', curl('curl.example.com')),
+    ('curl', 'curl', 'curl.example.com', 'curl --connect-to -k https://NAME:PORT/', curl('curl.example.com')),
+    ('curl-idna', 'curl', 'xn--fa-hia.de', "curl https://fa\\u00df.de (libidn2: UTS #46 non-transitional)",
+     curl('fa\u00df.de')),
     ('chromium', CHROMIUM, 'chromium.example.com', 'headless Chromium (post-quantum key share)',
      chromium('chromium.example.com')),
 ]
