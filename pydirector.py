@@ -6705,10 +6705,9 @@ def summary(config):
         parts += shown_attrs(service, skip=('name',))
         if service.acl:
             parts.append('%d allow/deny rule(s)' % len(service.acl))
-        parts.append('timeouts ' + ' '.join(shown_attrs(service.timeouts, every=True)))
+        parts.append('timeouts ' + ', '.join(shown_attrs(service.timeouts, every=True)))
         if service.check:
-            parts.append('check every %gs' % service.check.interval +
-                         extra(shown_attrs(service.check, skip=('interval',))))
+            parts.append('check ' + ', '.join(shown_attrs(service.check, every=True)))
         lines.append('service %s: %s' % (service.name, '; '.join(parts)))
         for group in service.groups:
             mark = ' (enabled)' if group.name == service.enabled else ''
