@@ -554,7 +554,9 @@ def check_text(check):
         parts.append('status %s on the first line' % status_text(check.status))
     if check.expect:
         parts.append('expect %s anywhere in the answer' % _escape_bytes(check.expect))
-    if not check.status and not check.expect:
+    if check.port:
+        parts.insert(0, 'connect to port %d' % check.port)
+    elif not check.status and not check.expect:
         parts.append('connect')
     return ', then '.join(parts)
 
@@ -1110,6 +1112,7 @@ CHECK_ATTRS = (
     Attr('status', parse_status, write=status_text, example='200-299,302'),
     Attr('expect', _escapes, spelling='expect_text', write=_bytes_text, example='caf\u00e9\\x00'),
     Attr('on_down', choice('keep', 'close'), 'keep', example='close'),
+    Attr('port', integer(1, 65535), example='7'),    # probe this port on the host's address
 )
 TIMEOUTS_ATTRS = (
     Attr('connect', seconds, 3.0, example='0.5'),
@@ -3886,11 +3889,13 @@ def judge_answer(data, status, expect, complete):
     return True, 'probe ok' + (' (%s)' % ', '.join(found) if found else '')
 
 
-def probe(host, port, timeout, send=None, expect=None, status=None):
+def probe(host, port, timeout, send=None, expect=None, status=None, check_port=None):
     """Connect (and send, then check the answer) once.  Returns (ok, reason,
     address); ok is None when our side ran out of something (fds, ports): no
     verdict on the host.  At most PROBE_READ_LIMIT bytes are read, and reading
-    stops as soon as the answer decides, so a host streaming junk costs little."""
+    stops as soon as the answer decides, so a host streaming junk costs little.
+    check_port: probe that port on the host's address instead (address is still
+    the host's, with its own port: what clients connect to)."""
     deadline = time.monotonic() + timeout
     try:
         infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
@@ -3898,6 +3903,8 @@ def probe(host, port, timeout, send=None, expect=None, status=None):
         return False, 'cannot resolve %s: %s' % (host, e), None
     family, _, _, _, sockaddr = infos[0]
     address = (family, sockaddr)
+    if check_port:
+        sockaddr = (sockaddr[0], check_port) + tuple(sockaddr[2:])
     try:
         sock = socket.socket(family, socket.SOCK_STREAM)
     except OSError as e:
@@ -3978,7 +3985,8 @@ class Manager(object):
             return
         token, host, port, check = target
         try:
-            ok, reason, address = probe(host, port, check.timeout, check.send, check.expect, check.status)
+            ok, reason, address = probe(host, port, check.timeout, check.send, check.expect, check.status,
+                                        check.port)
         except Exception as e:  # a bug here must not kill probing for good
             log.exception('probe of %s:%s failed unexpectedly', host, port)
             ok, reason, address = False, 'probe error: %s' % e, None

@@ -730,8 +730,11 @@ BAD = [
     (check('send="GET \\q"'), "x.xml:7: <check> send: unknown escape '\\q' (use \\r \\n \\t \\\\ or \\xNN)"),
     (check('expect="\\x4"'), "x.xml:7: <check> expect: unknown escape '\\x4' (use \\r \\n \\t \\\\ or \\xNN)"),
     (check('send="abc\\"'), "x.xml:7: <check> send: ends with a lone '\\' (write \\\\ for a backslash)"),
-    (check('port="80"'),
-     "x.xml:7: <check> has unknown attribute 'port' (known: expect, fall, interval, on_down, rise, send, status, timeout)"),
+    (check('prot="80"'),
+     "x.xml:7: <check> has unknown attribute 'prot' "
+     "(known: expect, fall, interval, on_down, port, rise, send, status, timeout)"),
+    (check('port="0"'), "x.xml:7: <check> port '0': must be an integer 1-65535"),
+    (check('port="http"'), "x.xml:7: <check> port 'http': must be an integer 1-65535"),
     (HEAD + GROUP + '<check/>\n<check/>\n' + TAIL, "x.xml:8: service 'web': more than one <check>"),
     (HEAD + GROUP + '<timeouts connect="abc"/>\n' + TAIL,
      "x.xml:7: <timeouts> connect 'abc': must be a number of seconds > 0 and <= 86400"),

@@ -21,7 +21,7 @@ from xml.etree import ElementTree
 from xml.sax.saxutils import quoteattr
 
 import support
-from support import BalancerCase, free_port
+from support import LOG, BalancerCase, WorkersMixin, echo, exchange, free_port, service_xml, wait_until
 
 import pydirector
 
@@ -200,6 +200,57 @@ class WorkerViewTest(BalancerCase):
         self.assertEqual(len(views), 2)
         for pid, xml in views.items():
             self.assertEqual(xml, master, 'worker %d' % pid)
+
+
+# ---------------------------------------------------------------------------
+# A row added the table's way: <check port="N">, the probe to that port on
+# the host's address (HAProxy's `port` on a server line).
+# ---------------------------------------------------------------------------
+
+HTTP_OK = b'HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok'
+
+
+def answer_ok(conn, backend):
+    conn.recv(65536)
+    conn.sendall(HTTP_OK)
+
+
+class CheckPortTest(BalancerCase):
+    """The host's own port echoes (so an HTTP check there fails); its health
+    answers on another port.  Probes go there, clients still go to the host."""
+
+    def start_checked(self, check_port, fall=1):
+        service = self.backend(echo, 'service')
+        check = ('    <check interval="0.1" timeout="2" rise="1" fall="%d" send="GET / HTTP/1.0\\r\\n\\r\\n" '
+                 'status="200-399" port="%d"/>\n' % (fall, check_port))
+        balancer = self.start(service_xml([('one', service.address)], extra=check))
+        return balancer, service
+
+    def test_probes_go_to_the_check_port(self):
+        health = self.backend(answer_ok, 'health')
+        balancer, service = self.start_checked(health.port)
+        wait_until(lambda: health.accepted >= 3, 10)          # three probes, each passed
+        self.assertEqual(balancer.host('one')['state'], 'up')
+        self.assertEqual(service.accepted, 0)                  # not one probe reached the host's port
+        # Clients still reach the host's own port, in every worker too: the probe's
+        # address (the host's, resolved) is not the check port.
+        self.assertEqual(exchange(balancer.port(), b'ping'), b'ping')
+        self.assertEqual(service.accepted, 1)
+        self.assertEqual(balancer.snapshot()['services'][0]['check'],
+                         'connect to port %d, then send GET / HTTP/1.0\\r\\n\\r\\n, '
+                         'then status 200-399 on the first line' % health.port)
+
+    def test_a_closed_check_port_takes_the_host_down(self):
+        closed = free_port()
+        balancer, service = self.start_checked(closed)
+        wait_until(lambda: balancer.host('one')['state'] == 'down', 10)
+        self.assertEqual(balancer.host('one')['reason'], 'connection refused (1 failed probes)')
+        self.assertEqual(service.accepted, 0)
+        LOG.wait_for('host one (%s) in web/main down: connection refused' % service.address, self.mark)
+
+
+class CheckPortWorkersTest(WorkersMixin, CheckPortTest):
+    pass
 
 
 if __name__ == '__main__':
