@@ -953,10 +953,6 @@ def integer(low, high=None):
     return lambda text, what: parse_integer(text, what, None, low, high)
 
 
-def seconds(text, what):
-    return parse_seconds(text, what)
-
-
 def seconds_or_zero(text, what):
     return parse_seconds(text, what, zero_ok=True)
 
@@ -970,21 +966,21 @@ def switch(text, what):
 
 
 def _named(parse):
-    """parse(text) made a row parser whose ValueError starts with the attribute's name."""
+    """parse(text, what) made a row parser whose ValueError starts with the attribute's name."""
     def parse_attr(text, what):
         try:
-            return parse(text)
+            return parse(text, what)
         except ValueError as e:
             raise ValueError(f'{what} {e}') from None
     return parse_attr
 
 
-def _address_text(text):
+def _address_text(text, what):
     parse_address(text)
     return text
 
 
-def _host_address(text):
+def _host_address(text, what):
     host, _ = parse_address(text)
     if text.startswith('*:'):
         raise ValueError(f"{text!r}: '*' is for listening; a host needs an address")
@@ -993,7 +989,11 @@ def _host_address(text):
     return text
 
 
-def _networks(text):
+def _network(text, what):
+    return parse_network(text)
+
+
+def _networks(text, what):
     return [parse_network(part.strip()) for part in text.split(',')]
 
 
@@ -1002,14 +1002,11 @@ def _networks_text(networks):
 
 
 def _account(text, what):
-    try:
-        check_account(text, what)
-    except ValueError as e:
-        raise ValueError(f'{what} {e}') from None
+    check_account(text, what)
     return text
 
 
-def _syslog(text):
+def _syslog(text, what):
     parse_syslog(text)
     return text
 
@@ -1072,8 +1069,8 @@ def _scheduler(text, what):
 
 CONFIG_ATTRS = (
     Attr('drain', seconds_or_zero, 10.0, example='2.5'),
-    Attr('user', _account, example='0'),        # ids that exist everywhere: --check looks them up
-    Attr('group', _account, example='0'),
+    Attr('user', _named(_account), example='0'),        # ids that exist everywhere: --check looks them up
+    Attr('group', _named(_account), example='0'),
     Attr('workers', parse_workers, example='3'),
 )
 SERVICE_ATTRS = (
@@ -1087,7 +1084,7 @@ LISTEN_ATTRS = (
     Attr('trusted', _named(_networks), (), write=_networks_text, example='10.0.0.0/8,::1'),
 )
 ACL_ATTRS = (     # <allow> and <deny>
-    Attr('cidr', _named(parse_network), required=True, write=_network_text, example='10.0.0.0/8'),
+    Attr('cidr', _named(_network), required=True, write=_network_text, example='10.0.0.0/8'),
 )
 GROUP_ATTRS = (
     Attr('name', _name('group name'), required=True, error='{error}', example='blue'),
@@ -1104,8 +1101,8 @@ ENABLE_ATTRS = (
     Attr('group', required=True, example='blue'),     # GROUP_ATTRS' example: a group of the service
 )
 CHECK_ATTRS = (
-    Attr('interval', seconds, 5.0, example='1.5'),
-    Attr('timeout', seconds, 2.0, example='0.25'),
+    Attr('interval', parse_seconds, 5.0, example='1.5'),
+    Attr('timeout', parse_seconds, 2.0, example='0.25'),
     Attr('rise', integer(1, 100), 2, example='4'),
     Attr('fall', integer(1, 100), 3, example='1'),
     Attr('send', _escapes, spelling='send_text', write=_bytes_text, example='GET / HTTP/1.0\\r\\n\\r\\n'),
@@ -1115,9 +1112,9 @@ CHECK_ATTRS = (
     Attr('port', integer(1, 65535), example='7'),    # probe this port on the host's address
 )
 TIMEOUTS_ATTRS = (
-    Attr('connect', seconds, 3.0, example='0.5'),
-    Attr('idle', seconds, 3600.0, example='60'),
-    Attr('queue', seconds, 5.0, example='30'),
+    Attr('connect', parse_seconds, 3.0, example='0.5'),
+    Attr('idle', parse_seconds, 3600.0, example='60'),
+    Attr('queue', parse_seconds, 5.0, example='30'),
 )
 ADMIN_ATTRS = (
     Attr('listen', _named(_address_text), required=True, example='127.0.0.1:7001'),
@@ -4558,9 +4555,9 @@ class Reload(object):
                 changes.append('host %s ip %s' % (name, host_config.ip) if name in moved else '+host %s' % name)
             elif name in changed:
                 host = scheduler.get_host(name)
-                for row in HOST_ATTRS[2:]:     # past name and ip: a new ip is a new host
+                for row in HOST_ATTRS:
                     value = getattr(host_config, row.field)
-                    if getattr(host.config, row.field) != value:
+                    if row.name not in ('name', 'ip') and getattr(host.config, row.field) != value:
                         changes.append('host %s %s %s' % (name, row.name, value))
                 host.config = host_config
                 # Through the scheduler: it keeps its own structures over weights and limits.
