@@ -17,6 +17,7 @@ import base64
 import binascii
 import collections
 import concurrent.futures
+import copy
 import errno
 import functools
 import hashlib
@@ -77,23 +78,43 @@ class ConfigError(Exception):
         Exception.__init__(self, text)
 
 
-class Config(object):
-    """A whole <pdconfig>: services in file order, the optional admin server,
-    logging, how long to let connections drain on shutdown, and the user and
-    group to run as (names or numeric ids as text; None: stay as started).
-    line: where <pdconfig> starts, for errors about its attributes."""
+class ConfigElement(object):
+    """The base of the value classes: a field for each row of the element's
+    attribute table (ELEMENT_ATTRS[TAG]), given as a keyword argument or else
+    the row's default.  line: where the element starts in the file (None when
+    made by code)."""
 
-    def __init__(self, path=None, services=None, admin=None, logging=None, drain=10.0,
-                 user=None, group=None, line=None, workers=None):
+    TAG = None
+
+    def __init__(self, line=None, **values):
         self.line = line
+        for row in ELEMENT_ATTRS[self.TAG]:
+            setattr(self, row.field, values.pop(row.field, row.default))
+            if row.spelling:
+                setattr(self, row.spelling, values.pop(row.spelling, None))
+        if values:
+            raise TypeError(f'<{self.TAG}> has no attribute {", ".join(sorted(values))}')
+
+    def xml_attrs(self):
+        """[(name, text)] of the attributes running.xml writes for this element."""
+        return attr_texts(ELEMENT_ATTRS[self.TAG], vars(self))
+
+
+class Config(ConfigElement):
+    """A whole <pdconfig>: services in file order, the optional admin server,
+    logging, and CONFIG_ATTRS: how long to let connections drain on shutdown,
+    the user and group to run as (names or numeric ids as text; None: stay as
+    started), workers (None: one process; a number or 'auto': a master and
+    workers).  line: where <pdconfig> starts, for errors about its attributes."""
+
+    TAG = 'pdconfig'
+
+    def __init__(self, path=None, services=(), admin=None, logging=None, line=None, **values):
+        ConfigElement.__init__(self, line, **values)
         self.path = path
-        self.workers = workers      # None: one process; a number or 'auto': a master and workers
-        self.services = list(services or [])
+        self.services = list(services or ())
         self.admin = admin
         self.logging = logging if logging is not None else Logging()
-        self.drain = drain
-        self.user = user
-        self.group = group
 
     def service(self, name):
         for service in self.services:
@@ -104,79 +125,64 @@ class Config(object):
     def to_xml(self):
         """The config as a file parse_config accepts (running.xml), one
         element per line; defaults are written only where they differ."""
-        out = []
-        root = [('drain', _format_seconds(self.drain) if self.drain != 10.0 else None),
-                ('user', self.user), ('group', self.group), ('workers', self.workers)]
-        out.append(_xml_tag(0, 'pdconfig', root, '>'))
+        out = [_xml_tag(0, 'pdconfig', self.xml_attrs(), '>')]
         for service in self.services:
-            out.append(_xml_tag(1, 'service', [
-                ('name', service.name), ('maxconns', service.maxconns or None)], '>'))
+            out.append(_xml_tag(1, 'service', service.xml_attrs(), '>'))
             for listen in service.listens:
-                out.append(_xml_tag(2, 'listen', [
-                    ('ip', listen.text), ('sni', ','.join(listen.sni) if listen.sni else None),
-                    ('accept_proxy', listen.accept_proxy),
-                    ('trusted', ','.join(map(_network_text, listen.trusted)) or None)]))
+                out.append(_xml_tag(2, 'listen', listen.xml_attrs()))
             for action, network in service.acl:
-                out.append(_xml_tag(2, action, [('cidr', _network_text(network))]))
+                out.append(_xml_tag(2, action, attr_texts(ACL_ATTRS, {'cidr': network})))
             for group in service.groups:
-                attrs = [('name', group.name), ('scheduler', group.scheduler)]
                 if not group.hosts:
-                    out.append(_xml_tag(2, 'group', attrs))
+                    out.append(_xml_tag(2, 'group', group.xml_attrs()))
                     continue
-                out.append(_xml_tag(2, 'group', attrs, '>'))
+                out.append(_xml_tag(2, 'group', group.xml_attrs(), '>'))
                 for host in group.hosts:
-                    out.append(_xml_tag(3, 'host', [
-                        ('name', host.name), ('ip', host.ip),
-                        ('weight', host.weight if host.weight != 1 else None),
-                        ('maxconns', host.maxconns if host.maxconns != 0 else None),
-                        ('send_proxy', host.send_proxy)]))
+                    out.append(_xml_tag(3, 'host', host.xml_attrs()))
                 out.append('    </group>')
             # Always written, though it defaults to the first group: which
             # group is live is the one thing an operator reads running.xml for.
             if service.enabled is not None:
-                out.append(_xml_tag(2, 'enable', [('group', service.enabled)]))
+                out.append(_xml_tag(2, 'enable', attr_texts(ENABLE_ATTRS, {'group': service.enabled})))
             if service.check is not None:
-                out.append(_xml_tag(2, 'check', service.check._xml_attrs()))
-            attrs = service.timeouts._xml_attrs() if service.timeouts is not None else []
-            if any(value is not None for _, value in attrs):
+                out.append(_xml_tag(2, 'check', service.check.xml_attrs()))
+            attrs = service.timeouts.xml_attrs() if service.timeouts is not None else []
+            if attrs:
                 out.append(_xml_tag(2, 'timeouts', attrs))
             out.append('  </service>')
         if self.admin is not None:
-            admin = self.admin
-            out.append(_xml_tag(1, 'admin', [
-                ('listen', admin.listen), ('certfile', admin.certfile),
-                ('keyfile', admin.keyfile), ('get_changes', 'on' if admin.get_changes else None)], '>'))
-            for user in admin.users:
-                out.append(_xml_tag(2, 'user', [
-                    ('name', user.name), ('password', user.password), ('access', user.access)]))
+            out.append(_xml_tag(1, 'admin', self.admin.xml_attrs(), '>'))
+            for user in self.admin.users:
+                out.append(_xml_tag(2, 'user', user.xml_attrs()))
             out.append('  </admin>')
-        attrs = self.logging._xml_attrs() if self.logging is not None else []
-        if any(value is not None for _, value in attrs):
+        attrs = self.logging.xml_attrs() if self.logging is not None else []
+        if attrs:
             out.append(_xml_tag(1, 'logging', attrs))
         out.append('</pdconfig>')
         return '\n'.join(out) + '\n'
 
 
-class Service(object):
-    """A <service>: where it listens, its groups of hosts, and which group is
+class Service(ConfigElement):
+    """A <service>: SERVICE_ATTRS (its name; maxconns caps its open clients,
+    0 = unlimited), where it listens, its groups of hosts, and which group is
     enabled (a group name).  check is None when the file has no <check>
-    (DEFAULT_CHECK applies then); timeouts is always set.  maxconns caps the
-    service's open clients (0 = unlimited); acl is the <allow>/<deny> rules
-    in file order, as ('allow' or 'deny', ipaddress network) pairs."""
+    (DEFAULT_CHECK applies then); timeouts is always set.  acl is the
+    <allow>/<deny> rules in file order, as ('allow' or 'deny', ipaddress
+    network) pairs."""
 
-    def __init__(self, name, listens=None, groups=None, enabled=None, check=None,
-                 timeouts=None, line=None, maxconns=0, acl=None):
-        self.name = name
-        self.listens = list(listens or [])
-        self.groups = list(groups or [])
+    TAG = 'service'
+
+    def __init__(self, listens=(), groups=(), enabled=None, check=None, timeouts=None, acl=(), line=None,
+                 **values):
+        ConfigElement.__init__(self, line, **values)
+        self.listens = list(listens or ())
+        self.groups = list(groups or ())
         if enabled is None and self.groups:
             enabled = self.groups[0].name
         self.enabled = enabled
         self.check = check
         self.timeouts = timeouts if timeouts is not None else Timeouts()
-        self.line = line
-        self.maxconns = maxconns
-        self.acl = list(acl or [])
+        self.acl = list(acl or ())
 
     def group(self, name):
         for group in self.groups:
@@ -192,8 +198,8 @@ class Service(object):
         return f'Service({self.name!r})'
 
 
-class Listen(object):
-    """One <listen ip="...">: text as written, host and port to bind
+class Listen(ConfigElement):
+    """One <listen>: text is its ip as written, host and port what to bind
     ('*' becomes '0.0.0.0', '[::]' becomes '::').  accept_proxy is None, or
     'v1', 'v2' or 'any': the PROXY protocol header versions read from each
     peer first; trusted lists the networks that may send one (empty: any).
@@ -201,14 +207,13 @@ class Listen(object):
     on the address: the client's TLS hello then picks the service, and
     several services may share the address."""
 
-    def __init__(self, text, host, port, line=None, accept_proxy=None, trusted=None, sni=None):
-        self.text = text
-        self.host = host
-        self.port = port
-        self.line = line
-        self.accept_proxy = accept_proxy
-        self.trusted = list(trusted or [])
-        self.sni = list(sni) if sni else None
+    TAG = 'listen'
+
+    def __init__(self, line=None, **values):
+        ConfigElement.__init__(self, line, **values)
+        self.host, self.port = parse_address(self.text)
+        self.trusted = list(self.trusted or ())
+        self.sni = list(self.sni) if self.sni else None
 
     @property
     def key(self):
@@ -219,14 +224,14 @@ class Listen(object):
         return f'Listen({self.text!r})'
 
 
-class Group(object):
+class Group(ConfigElement):
     """A <group> of hosts and the scheduler spec that picks among them."""
 
-    def __init__(self, name, scheduler, hosts=None, line=None):
-        self.name = name
-        self.scheduler = scheduler
-        self.hosts = list(hosts or [])
-        self.line = line
+    TAG = 'group'
+
+    def __init__(self, hosts=(), line=None, **values):
+        ConfigElement.__init__(self, line, **values)
+        self.hosts = list(hosts or ())
 
     def host(self, name):
         for host in self.hosts:
@@ -238,94 +243,55 @@ class Group(object):
         return f'Group({self.name!r}, {self.scheduler!r})'
 
 
-class Host(object):
+class Host(ConfigElement):
     """A backend <host>: ip as written, host (no brackets) and port to
     connect to.  Names are not resolved here; that happens at run time.
-    send_proxy is None, 'v1' or 'v2': the PROXY header version to send it."""
+    maxconns 0 is unlimited; send_proxy is None, 'v1' or 'v2': the PROXY
+    header version to send it."""
 
-    def __init__(self, name, ip, host, port, weight=1, maxconns=0, line=None, send_proxy=None):
-        self.name = name
-        self.ip = ip
-        self.host = host
-        self.port = port
-        self.weight = weight
-        self.maxconns = maxconns     # 0 = unlimited
-        self.line = line
-        self.send_proxy = send_proxy
+    TAG = 'host'
+
+    def __init__(self, line=None, **values):
+        ConfigElement.__init__(self, line, **values)
+        self.host, self.port = parse_address(self.ip)
 
     def __repr__(self):
         return f'Host({self.name!r}, {self.ip!r})'
 
 
-class Check(object):
+class Check(ConfigElement):
     """How the manager probes a service's hosts.  send and expect are bytes
     (or None: connect only); send_text and expect_text keep the escaped
     text from the file so to_xml writes it back as the operator wrote it.
-    status: the HTTP status codes the answer's first line must carry;
-    expect: bytes that must appear anywhere in the answer (a substring)."""
+    status: None, or the ranges ((low, high), ...) of HTTP status codes the
+    answer's first line must carry; expect: bytes that must appear anywhere
+    in the answer (a substring).  on_down 'close': a host the checks take
+    down loses its connections."""
 
-    def __init__(self, interval=5.0, timeout=2.0, rise=2, fall=3, send=None, expect=None,
-                 line=None, send_text=None, expect_text=None, on_down='keep', status=None):
-        self.status = status      # None, or ((low, high), ...): HTTP status codes that pass
-        self.interval = interval
-        self.timeout = timeout
-        self.rise = rise
-        self.fall = fall
-        self.send = send
-        self.expect = expect
-        self.line = line
-        self.send_text = send_text
-        self.expect_text = expect_text
-        self.on_down = on_down    # 'close': a host the checks take down loses its connections
-
-    def _xml_attrs(self):
-        return [
-            ('interval', _format_seconds(self.interval) if self.interval != 5.0 else None),
-            ('timeout', _format_seconds(self.timeout) if self.timeout != 2.0 else None),
-            ('rise', self.rise if self.rise != 2 else None),
-            ('fall', self.fall if self.fall != 3 else None),
-            ('send', _bytes_text(self.send, self.send_text)),
-            ('status', status_text(self.status) if self.status else None),
-            ('expect', _bytes_text(self.expect, self.expect_text)),
-            ('on_down', self.on_down if self.on_down != 'keep' else None),
-        ]
+    TAG = 'check'
 
 
-DEFAULT_CHECK = Check()
-
-
-class Timeouts(object):
+class Timeouts(ConfigElement):
     """Seconds allowed to connect to a host, for a connection to sit idle,
     and for a client to wait in the queue while every host is full."""
 
-    def __init__(self, connect=3.0, idle=3600.0, line=None, queue=5.0):
-        self.connect = connect
-        self.idle = idle
-        self.line = line
-        self.queue = queue
-
-    def _xml_attrs(self):
-        return [
-            ('connect', _format_seconds(self.connect) if self.connect != 3.0 else None),
-            ('idle', _format_seconds(self.idle) if self.idle != 3600.0 else None),
-            ('queue', _format_seconds(self.queue) if self.queue != 5.0 else None),
-        ]
+    TAG = 'timeouts'
 
 
-class Admin(object):
-    """The <admin> web server: where it listens, its users, the TLS certificate
-    and key (both None for plain HTTP), and whether changes may come as GET."""
+class Admin(ConfigElement):
+    """The <admin> web server: where it listens (host and port to bind: from
+    listen unless given), its users, the TLS certificate and key (both None
+    for plain HTTP), and whether changes may come as GET (1.0's style)."""
 
-    def __init__(self, listen, host, port, users=None, certfile=None, keyfile=None, line=None,
-                 get_changes=False):
-        self.get_changes = get_changes   # changes as GET with a query string too (1.0's style)
-        self.listen = listen
+    TAG = 'admin'
+
+    def __init__(self, listen, host=None, port=None, users=(), line=None, **values):
+        ConfigElement.__init__(self, line, listen=listen, **values)
+        if host is None:
+            host, port = parse_address(listen)
         self.host = host
         self.port = port
-        self.users = list(users or [])
-        self.certfile = certfile
-        self.keyfile = keyfile
-        self.line = line
+        self.users = list(users or ())
 
     def user(self, name):
         for user in self.users:
@@ -334,43 +300,26 @@ class Admin(object):
         return None
 
 
-class User(object):
+class User(ConfigElement):
     """An admin <user>; password is the stored hash, access 'full' or 'readonly'."""
 
-    def __init__(self, name, password, access='full', line=None):
-        self.name = name
-        self.password = password
-        self.access = access
-        self.line = line
+    TAG = 'user'
 
     def __repr__(self):
         return f'User({self.name!r}, access={self.access!r})'
 
 
-class Logging(object):
+class Logging(ConfigElement):
     """Where the log goes: a file path, or None for stderr; and/or syslog.
     syslog is the text as written (None: no syslog) and syslog_address what
     SysLogHandler takes: the socket path, or (host, port) for UDP.  access
     is whether to log one line per client connection."""
 
-    def __init__(self, file=None, line=None, access=True, syslog=None, facility='daemon'):
-        self.file = file
-        self.line = line
-        self.access = access
-        self.syslog = syslog
-        self.facility = facility
+    TAG = 'logging'
 
     @property
     def syslog_address(self):
         return parse_syslog(self.syslog) if self.syslog is not None else None
-
-    def _xml_attrs(self):
-        return [
-            ('file', self.file or None),
-            ('access', 'off' if not self.access else None),
-            ('syslog', self.syslog),
-            ('facility', self.facility if self.facility != 'daemon' else None),
-        ]
 
 
 def load_config(path):
@@ -605,7 +554,9 @@ def check_text(check):
         parts.append('status %s on the first line' % status_text(check.status))
     if check.expect:
         parts.append('expect %s anywhere in the answer' % _escape_bytes(check.expect))
-    if not check.status and not check.expect:
+    if check.port:
+        parts.insert(0, 'connect to port %d' % check.port)
+    elif not check.status and not check.expect:
         parts.append('connect')
     return ', then '.join(parts)
 
@@ -618,41 +569,19 @@ def address_key(host, port):
         return (host.lower().rstrip('.'), port)
 
 
-def host_config(name, ip, weight=None, maxconns=None, send_proxy=None):
+def host_config(**texts):
     """The one check of a backend host, whichever way it comes: the config file, the
     admin's addHost, a reload, diff/apply (which read running.xml back).  Takes the
-    text as written (None: the default) and returns a Host; ValueError says what is
-    wrong.  Whatever one path accepts, every other accepts, so running.xml loads."""
-    check_name(name, 'host name')
-    if not isinstance(ip, str):
-        raise ValueError(f'ip {ip!r} needs host:port')
-    try:
-        host, port = parse_address(ip)
-    except ValueError as e:
-        raise ValueError(f'ip {e}') from None
-    if ip.startswith('*:'):
-        raise ValueError(f"ip {ip!r}: '*' is for listening; a host needs an address")
-    if host in ('0.0.0.0', '::'):
-        raise ValueError(f"ip {ip!r}: {host!r} means any address, for listening; a host needs an address")
-    weight = parse_integer(weight, 'weight', 1, 1, 1000)
-    maxconns = parse_integer(maxconns, 'maxconns', 0, 0)
-    send_proxy = parse_choice(send_proxy, 'send_proxy', ('v1', 'v2'))
-    return Host(name, ip, host, port, weight, maxconns, send_proxy=send_proxy)
+    attributes as written ({name: text}, absent: the default) and returns a Host;
+    ValueError says what is wrong.  All of them read HOST_ATTRS, so whatever one
+    path accepts, every other accepts, and running.xml loads."""
+    return Host(**read_values(HOST_ATTRS, texts))
 
 
-def user_config(name, password, access):
+def user_config(**texts):
     """The one check of an admin user (config file, addUser, reload): returns a User,
     or ValueError.  password is the stored hash."""
-    check_name(name, 'user name')
-    if ':' in name:
-        # RFC 7617: the user-id of Basic credentials ends at the first colon.
-        raise ValueError(f"user name {name!r} contains ':', which HTTP Basic credentials cannot carry")
-    if access not in ('full', 'readonly'):
-        raise ValueError(f"user {name!r}: access must be 'full' or 'readonly', not {access!r}")
-    problem = password_hash_problem(password)
-    if problem:
-        raise ValueError(f'user {name!r}: {problem}')
-    return User(name, password, access)
+    return User(**read_values(USER_ATTRS, texts))
 
 
 def check_account(text, what):
@@ -910,6 +839,313 @@ def password_hash_problem(stored):
     return None
 
 
+# -- the attributes of each element ---------------------------------------------
+#
+# One table per element: each row is one attribute, the one place it is
+# described.  The value classes above take their fields from it, the reader
+# checks and parses by it, to_xml (running.xml, which workers are configured
+# from) writes by it, and --check shows it.  A new attribute is a row here
+# plus the code that uses it; tests/test_schema.py covers the row by itself.
+
+class Attr(object):
+    """One attribute of a config element.
+
+    name: as the file spells it; field: the value class's attribute (name
+    unless told).  parse(text, name) -> the value, or ValueError saying what
+    is wrong, which the file's message puts after '<tag> '; error: a message
+    format of its own instead, over the values read before ("user {name!r}:
+    {error}"), for messages that name the element themselves.  default: the
+    value when absent; running.xml writes only what differs from it.
+    write(value) -> the text running.xml writes.  required: never absent in a
+    file.  spelling: the field that keeps the text as written, which write
+    gets too (send's escapes come back as the operator wrote them).  example:
+    a valid text other than the default, which the generated test sets."""
+
+    def __init__(self, name, parse=None, default=None, write=None, example=None, required=False,
+                 field=None, spelling=None, error=None):
+        self.name = name
+        self.field = field or name
+        self.parse = parse or as_written
+        self.default = default
+        self.write = write or value_text
+        self.example = example
+        self.required = required
+        self.spelling = spelling
+        self.error = error
+
+    def __repr__(self):
+        return f'Attr({self.name!r})'
+
+
+class AttrError(ValueError):
+    """A bad attribute: str() is the message as the admin gives it; text(tag)
+    as the config file's error gives it."""
+
+    def __init__(self, message, named=False):
+        ValueError.__init__(self, message)
+        self.named = named      # the message names its element already
+
+    def text(self, tag):
+        return str(self) if self.named else f'<{tag}> {self}'
+
+
+def read_values(table, texts):
+    """{field: value} for each row of table, from texts ({name: text as written},
+    absent: the row's default); AttrError for the first that is wrong."""
+    values = {}
+    for row in table:
+        text = texts.get(row.name)
+        if text is None:
+            if row.required:
+                raise AttrError(f'needs attribute {row.name!r}')
+            value = row.default
+        else:
+            try:
+                value = row.parse(text, row.name)
+            except ValueError as e:
+                if row.error is None:
+                    raise AttrError(str(e)) from None
+                raise AttrError(row.error.format(error=e, **values), named=True) from None
+        values[row.field] = value
+        if row.spelling:
+            values[row.spelling] = text if value is not None else None
+    return values
+
+
+def attr_texts(table, values):
+    """[(name, text)] as running.xml writes values ({field: value}): each set
+    attribute that differs from its default."""
+    return [(row.name, text) for row, _, text in written_attrs(table, values)]
+
+
+def written_attrs(table, values, every=False):
+    """(row, value, text) of each attribute attr_texts writes (every: each set one,
+    default or not)."""
+    for row in table:
+        value = values.get(row.field, row.default)
+        if value is None or value == row.default and not every:
+            continue
+        text = row.write(value, values.get(row.spelling)) if row.spelling else row.write(value)
+        if text is not None:
+            yield row, value, text
+
+
+def value_text(value):
+    """A value as running.xml writes it: seconds as few digits as keep it, switches on/off."""
+    if isinstance(value, bool):
+        return 'on' if value else 'off'
+    if isinstance(value, float):
+        return _format_seconds(value)
+    return str(value)
+
+
+# Parsers for rows: (text, name) -> value, ValueError naming the attribute.
+
+def as_written(text, what):
+    return text
+
+
+def optional_text(text, what):
+    return text or None     # an empty path means none, as 1.0 wrote it
+
+
+def integer(low, high=None):
+    return lambda text, what: parse_integer(text, what, None, low, high)
+
+
+def seconds_or_zero(text, what):
+    return parse_seconds(text, what, zero_ok=True)
+
+
+def choice(*choices):
+    return lambda text, what: parse_choice(text, what, choices)
+
+
+def switch(text, what):
+    return parse_choice(text, what, ('on', 'off')) == 'on'
+
+
+def _named(parse):
+    """parse(text, what) made a row parser whose ValueError starts with the attribute's name."""
+    def parse_attr(text, what):
+        try:
+            return parse(text, what)
+        except ValueError as e:
+            raise ValueError(f'{what} {e}') from None
+    return parse_attr
+
+
+def _address_text(text, what):
+    parse_address(text)
+    return text
+
+
+def _host_address(text, what):
+    host, _ = parse_address(text)
+    if text.startswith('*:'):
+        raise ValueError(f"{text!r}: '*' is for listening; a host needs an address")
+    if host in ('0.0.0.0', '::'):
+        raise ValueError(f"{text!r}: {host!r} means any address, for listening; a host needs an address")
+    return text
+
+
+def _network(text, what):
+    return parse_network(text)
+
+
+def _networks(text, what):
+    return [parse_network(part.strip()) for part in text.split(',')]
+
+
+def _networks_text(networks):
+    return ','.join(map(_network_text, networks)) or None
+
+
+def _account(text, what):
+    check_account(text, what)
+    return text
+
+
+def _syslog(text, what):
+    parse_syslog(text)
+    return text
+
+
+def _facility(text, what):
+    if text not in logging.handlers.SysLogHandler.facility_names:
+        raise ValueError(f'{what} {text!r}: not a syslog facility (like daemon, user or local0-local7)')
+    return text
+
+
+def _sni(text, what):
+    try:
+        return parse_sni(text)
+    except ValueError as e:
+        message = str(e)
+        raise ValueError(message if message.startswith('sni') else 'sni ' + message) from None
+
+
+def _escapes(text, what):
+    if not text:
+        return None         # empty means nothing: connect only
+    try:
+        return _unescape_bytes(text)
+    except ValueError as e:
+        raise ValueError(f'{what}: {e}') from None
+
+
+def _name(what):
+    def parse(text, _):
+        check_name(text, what)
+        return text
+    return parse
+
+
+def _user_name(text, what):
+    check_name(text, 'user name')
+    if ':' in text:
+        # RFC 7617: the user-id of Basic credentials ends at the first colon.
+        raise ValueError(f"user name {text!r} contains ':', which HTTP Basic credentials cannot carry")
+    return text
+
+
+def _password(text, what):
+    problem = password_hash_problem(text)
+    if problem:
+        raise ValueError(problem)
+    return text
+
+
+def _access(text, what):
+    if text not in ('full', 'readonly'):
+        raise ValueError(f"access must be 'full' or 'readonly', not {text!r}")
+    return text
+
+
+def _scheduler(text, what):
+    schedulers.parse_spec(text)
+    return text     # as written: running.xml keeps the operator's spelling
+
+
+CONFIG_ATTRS = (
+    Attr('drain', seconds_or_zero, 10.0, example='2.5'),
+    Attr('user', _named(_account), example='0'),        # ids that exist everywhere: --check looks them up
+    Attr('group', _named(_account), example='0'),
+    Attr('workers', parse_workers, example='3'),
+)
+SERVICE_ATTRS = (
+    Attr('name', _name('service name'), required=True, error='{error}', example='caf\u00e9 & "co"'),
+    Attr('maxconns', integer(0), 0, example='500'),
+)
+LISTEN_ATTRS = (
+    Attr('ip', _named(_address_text), required=True, field='text', example='127.0.0.1:8443'),
+    Attr('sni', _sni, write=','.join, example='www.example.com,*.example.com'),
+    Attr('accept_proxy', choice('v1', 'v2', 'any'), example='v2'),
+    Attr('trusted', _named(_networks), (), write=_networks_text, example='10.0.0.0/8,::1'),
+)
+ACL_ATTRS = (     # <allow> and <deny>
+    Attr('cidr', _named(_network), required=True, write=_network_text, example='10.0.0.0/8'),
+)
+GROUP_ATTRS = (
+    Attr('name', _name('group name'), required=True, error='{error}', example='blue'),
+    Attr('scheduler', _scheduler, required=True, error='group {name!r}: {error}', example='leastconns,sticky'),
+)
+HOST_ATTRS = (    # the name is optional in a file (1.0 named hosts host.N), not in addHost
+    Attr('name', _name('host name'), error='{error}', example='one'),
+    Attr('ip', _named(_host_address), required=True, example='127.0.0.1:9'),
+    Attr('weight', integer(1, 1000), 1, example='3'),
+    Attr('maxconns', integer(0), 0, example='100'),
+    Attr('send_proxy', choice('v1', 'v2'), example='v1'),
+)
+ENABLE_ATTRS = (
+    Attr('group', required=True, example='blue'),     # GROUP_ATTRS' example: a group of the service
+)
+CHECK_ATTRS = (
+    Attr('interval', parse_seconds, 5.0, example='1.5'),
+    Attr('timeout', parse_seconds, 2.0, example='0.25'),
+    Attr('rise', integer(1, 100), 2, example='4'),
+    Attr('fall', integer(1, 100), 3, example='1'),
+    Attr('send', _escapes, spelling='send_text', write=_bytes_text, example='GET / HTTP/1.0\\r\\n\\r\\n'),
+    Attr('status', parse_status, write=status_text, example='200-299,302'),
+    Attr('expect', _escapes, spelling='expect_text', write=_bytes_text, example='caf\u00e9\\x00'),
+    Attr('on_down', choice('keep', 'close'), 'keep', example='close'),
+    Attr('port', integer(1, 65535), example='7'),    # probe this port on the host's address
+)
+TIMEOUTS_ATTRS = (
+    Attr('connect', parse_seconds, 3.0, example='0.5'),
+    Attr('idle', parse_seconds, 3600.0, example='60'),
+    Attr('queue', parse_seconds, 5.0, example='30'),
+)
+ADMIN_ATTRS = (
+    Attr('listen', _named(_address_text), required=True, example='127.0.0.1:7001'),
+    Attr('certfile', optional_text, example='/etc/pydirector/cert.pem'),
+    Attr('keyfile', optional_text, example='/etc/pydirector/key.pem'),
+    Attr('get_changes', switch, False, example='on'),
+)
+USER_ATTRS = (
+    Attr('name', _user_name, required=True, error='{error}', example='ops'),
+    Attr('password', _password, required=True, error='user {name!r}: {error}',
+         example='pbkdf2_sha256$1000$xu5uu/A7NiIxNdZWjYAy3w$cdJfkueTyP3W/GvvGIK0V4GT+3lA5HUlkLjl5r4H39I'),
+    Attr('access', _access, required=True, error='user {name!r}: {error}', example='readonly'),
+)
+LOGGING_ATTRS = (
+    Attr('file', optional_text, example='/dev/stderr'),     # harmless where a worker opens it
+    Attr('access', switch, True, example='off'),
+    Attr('syslog', _named(_syslog), example='127.0.0.1:514'),
+    Attr('facility', _facility, 'daemon', example='local3'),
+)
+
+# Element -> its table (what the reader checks, the value classes hold, to_xml writes).
+ELEMENT_ATTRS = {
+    'pdconfig': CONFIG_ATTRS, 'service': SERVICE_ATTRS, 'listen': LISTEN_ATTRS,
+    'allow': ACL_ATTRS, 'deny': ACL_ATTRS, 'group': GROUP_ATTRS, 'host': HOST_ATTRS,
+    'enable': ENABLE_ATTRS, 'check': CHECK_ATTRS, 'timeouts': TIMEOUTS_ATTRS,
+    'admin': ADMIN_ATTRS, 'user': USER_ATTRS, 'logging': LOGGING_ATTRS,
+}
+
+DEFAULT_CHECK = Check()     # probes of a down host in a service with no <check>
+
+
 # -- reading the XML ----------------------------------------------------------
 
 def _read_xml(data, path):
@@ -986,18 +1222,25 @@ class _ConfigReader(object):
     def error(self, elem, message):
         return ConfigError(message, self.path, self.lines.get(elem))
 
-    def attrs(self, elem, known, required=()):
+    def values(self, elem, texts=None):
+        """elem's attributes read by its table ({field: value}), texts: elem's own unless
+        given.  Unknown or missing attributes, and any child of a leaf, are errors."""
+        table = ELEMENT_ATTRS['host' if elem.tag == 'client' else elem.tag]
         if elem.tag not in _CHILDREN:
             for _ in self.children(elem):    # a leaf: refuses any child element
                 pass
+        known = sorted(row.name for row in table)
         for name in elem.attrib:
             if name not in known:
                 raise self.error(elem, f"<{elem.tag}> has unknown attribute {name!r} "
-                                       f"(known: {', '.join(sorted(known))})")
-        for name in required:
-            if name not in elem.attrib:
-                raise self.error(elem, f'<{elem.tag}> needs attribute {name!r}')
-        return elem.attrib
+                                       f"(known: {', '.join(known)})")
+        for row in table:
+            if row.required and row.name not in elem.attrib:
+                raise self.error(elem, f'<{elem.tag}> needs attribute {row.name!r}')
+        try:
+            return read_values(table, elem.attrib if texts is None else texts)
+        except AttrError as e:
+            raise self.error(elem, e.text(elem.tag)) from None
 
     def children(self, elem):
         """elem's child elements, refusing unknown ones.  1.0 allowed <note>
@@ -1012,54 +1255,6 @@ class _ConfigReader(object):
                 raise self.error(child, f'unknown element <{child.tag}> in <{elem.tag}> '
                                         f'(expected: {expected})')
             yield tag, child
-
-    def name(self, elem, what, text):
-        try:
-            check_name(text, what)
-        except ValueError as e:
-            raise self.error(elem, str(e)) from None
-        return text
-
-    def address(self, elem, attr):
-        try:
-            return parse_address(elem.get(attr))
-        except ValueError as e:
-            raise self.error(elem, f'<{elem.tag}> {attr} {e}') from None
-
-    def value(self, elem, parse, attr, *args, **kwargs):
-        """parse(text, attr, ...) of one attribute, its ValueError as '<tag> ...' at elem's line."""
-        try:
-            return parse(elem.get(attr), attr, *args, **kwargs)
-        except ValueError as e:
-            raise self.error(elem, f'<{elem.tag}> {e}') from None
-
-    def integer(self, elem, attr, default, low, high=None):
-        return self.value(elem, parse_integer, attr, default, low, high)
-
-    def choice(self, elem, attr, choices):
-        return self.value(elem, parse_choice, attr, choices)
-
-    def networks(self, elem, attr):
-        """A comma-separated list of networks; None when attr is absent."""
-        text = elem.get(attr)
-        if text is None:
-            return None
-        try:
-            return [parse_network(part.strip()) for part in text.split(',')]
-        except ValueError as e:
-            raise self.error(elem, f'<{elem.tag}> {attr} {e}') from None
-
-    def account(self, elem, attr):
-        text = elem.get(attr)
-        if text is not None:
-            try:
-                check_account(text, attr)
-            except ValueError as e:
-                raise self.error(elem, f'<{elem.tag}> {attr} {e}') from None
-        return text
-
-    def seconds(self, elem, attr, default, zero_ok=False):
-        return self.value(elem, parse_seconds, attr, default, zero_ok=zero_ok)
 
     def claim_listen(self, elem, text, host, port, owner, listen=None, service=None):
         """Take an address for owner ('<admin>', or "service 'web'" with its Listen and name).
@@ -1098,10 +1293,7 @@ class _ConfigReader(object):
     def read(self, root):
         if root.tag != 'pdconfig':
             raise self.error(root, f'the root element must be <pdconfig>, not <{root.tag}>')
-        self.attrs(root, ('drain', 'group', 'user', 'workers'))
-        drain = self.seconds(root, 'drain', 10.0, zero_ok=True)
-        workers = self.value(root, parse_workers, 'workers')
-        user, group = self.account(root, 'user'), self.account(root, 'group')
+        values = self.values(root)
         services, admin, logging_ = [], None, None
         for tag, elem in self.children(root):
             if tag == 'service':
@@ -1116,26 +1308,21 @@ class _ConfigReader(object):
                 logging_ = self.logging(elem)
         if not services:
             raise self.error(root, '<pdconfig> has no <service>')
-        return Config(self.path, services, admin, logging_, drain, user, group, self.lines[root], workers)
+        return Config(self.path, services, admin, logging_, self.lines[root], **values)
 
     def service(self, elem, services):
-        self.attrs(elem, ('maxconns', 'name'), ('name',))
-        name = self.name(elem, 'service name', elem.get('name'))
+        values = self.values(elem)
+        name = values['name']
         if name in self.service_names:
             raise self.error(elem, f'duplicate service {name!r}')
         self.service_names.add(name)
-        maxconns = self.integer(elem, 'maxconns', 0, 0)
         listens, groups, enable, check, timeouts, acl = [], [], None, None, None, []
         group_names = set()
         for tag, child in self.children(elem):
             if tag == 'listen':
                 listens.append(self.listen(child, name))
             elif tag in ('allow', 'deny'):
-                self.attrs(child, ('cidr',), ('cidr',))
-                try:
-                    acl.append((tag, parse_network(child.get('cidr'))))
-                except ValueError as e:
-                    raise self.error(child, f'<{tag}> cidr {e}') from None
+                acl.append((tag, self.values(child)['cidr']))
             elif tag == 'group':
                 group = self.group(child)
                 if group.name in group_names:
@@ -1145,19 +1332,16 @@ class _ConfigReader(object):
             elif tag == 'enable':
                 if enable is not None:
                     raise self.error(child, f'service {name!r}: more than one <enable>')
-                self.attrs(child, ('group',), ('group',))
+                self.values(child)
                 enable = child
             elif tag == 'check':
                 if check is not None:
                     raise self.error(child, f'service {name!r}: more than one <check>')
-                check = self.check(child)
+                check = Check(self.lines[child], **self.values(child))
             else:
                 if timeouts is not None:
                     raise self.error(child, f'service {name!r}: more than one <timeouts>')
-                self.attrs(child, ('connect', 'idle', 'queue'))
-                timeouts = Timeouts(self.seconds(child, 'connect', 3.0),
-                                    self.seconds(child, 'idle', 3600.0), self.lines[child],
-                                    queue=self.seconds(child, 'queue', 5.0))
+                timeouts = Timeouts(self.lines[child], **self.values(child))
         if not listens:
             raise self.error(elem, f'service {name!r} has no <listen>')
         if not groups:
@@ -1167,36 +1351,18 @@ class _ConfigReader(object):
             enabled = enable.get('group')
             if not any(g.name == enabled for g in groups):
                 raise self.error(enable, f'service {name!r}: <enable> names unknown group {enabled!r}')
-        return Service(name, listens, groups, enabled, check, timeouts, self.lines[elem],
-                       maxconns=maxconns, acl=acl)
+        return Service(listens, groups, enabled, check, timeouts, acl, self.lines[elem], **values)
 
     def listen(self, elem, service_name):
-        self.attrs(elem, ('accept_proxy', 'ip', 'sni', 'trusted'), ('ip',))
-        host, port = self.address(elem, 'ip')
-        text = elem.get('ip')
-        accept_proxy = self.choice(elem, 'accept_proxy', ('v1', 'v2', 'any'))
-        trusted = self.networks(elem, 'trusted')
-        if trusted is not None and accept_proxy is None:
+        listen = Listen(self.lines[elem], **self.values(elem))
+        if listen.trusted and listen.accept_proxy is None:
             raise self.error(elem, '<listen> trusted is only used with accept_proxy')
-        sni = elem.get('sni')
-        if sni is not None:
-            try:
-                sni = parse_sni(sni)
-            except ValueError as e:
-                message = str(e)
-                raise self.error(elem, '<listen> ' + (message if message.startswith('sni') else 'sni ' + message)) from None
-        listen = Listen(text, host, port, self.lines[elem], accept_proxy, trusted, sni)
-        self.claim_listen(elem, text, host, port, f'service {service_name!r}', listen, service_name)
+        self.claim_listen(elem, listen.text, listen.host, listen.port, f'service {service_name!r}', listen,
+                          service_name)
         return listen
 
     def group(self, elem):
-        self.attrs(elem, ('name', 'scheduler'), ('name', 'scheduler'))
-        name = self.name(elem, 'group name', elem.get('name'))
-        scheduler = elem.get('scheduler')
-        try:
-            schedulers.parse_spec(scheduler)
-        except ValueError as e:
-            raise self.error(elem, f'group {name!r}: {e}') from None
+        group = Group(line=self.lines[elem], **self.values(elem))
         hosts = []
         # Dicts, not a scan per host, so a group of 10,000 loads in linear
         # time; when a host clashes twice, the earlier host is named, as a scan would.
@@ -1206,64 +1372,25 @@ class _ConfigReader(object):
             ip_key = address_key(host.host, host.port)     # as addHost compares them
             same_name, same_ip = by_name.get(host.name), by_ip.get(ip_key)
             if same_name is not None and (same_ip is None or same_name[0] <= same_ip[0]):
-                raise self.error(child, f'group {name!r}: duplicate host {host.name!r}')
+                raise self.error(child, f'group {group.name!r}: duplicate host {host.name!r}')
             if same_ip is not None:
-                raise self.error(child, f'group {name!r}: hosts {same_ip[1].name!r} and '
+                raise self.error(child, f'group {group.name!r}: hosts {same_ip[1].name!r} and '
                                         f'{host.name!r} have the same ip {host.ip!r}')
             by_name[host.name] = by_ip[ip_key] = (index, host)
             hosts.append(host)
-        return Group(name, scheduler, hosts, self.lines[elem])
+        group.hosts = hosts
+        return group
 
     def host(self, elem, index):
-        self.attrs(elem, ('ip', 'maxconns', 'name', 'send_proxy', 'weight'), ('ip',))
-        name = elem.get('name') or f'host.{index}'     # as 1.0 named hosts without a name
-        try:
-            host = host_config(name, elem.get('ip'), elem.get('weight'), elem.get('maxconns'),
-                               elem.get('send_proxy'))
-        except ValueError as e:
-            message = str(e)
-            raise self.error(elem, message if message.startswith('host name') else f'<{elem.tag}> {message}') from None
-        host.line = self.lines[elem]
-        return host
-
-    def check(self, elem):
-        self.attrs(elem, ('expect', 'fall', 'interval', 'on_down', 'rise', 'send', 'status', 'timeout'))
-        interval = self.seconds(elem, 'interval', 5.0)
-        timeout = self.seconds(elem, 'timeout', 2.0)
-        rise = self.integer(elem, 'rise', 2, 1, 100)
-        fall = self.integer(elem, 'fall', 3, 1, 100)
-        data = {}
-        for attr in ('send', 'expect'):
-            text = elem.get(attr) or None       # empty means "nothing": connect only
-            try:
-                data[attr] = _unescape_bytes(text) if text is not None else None
-            except ValueError as e:
-                raise self.error(elem, f'<check> {attr}: {e}') from None
-            data[attr + '_text'] = text
-        on_down = self.choice(elem, 'on_down', ('keep', 'close')) or 'keep'
-        status = elem.get('status')
-        if status is not None:
-            status = self.value(elem, lambda text, what: parse_status(text, what), 'status')
-        return Check(interval, timeout, rise, fall, data['send'], data['expect'],
-                     self.lines[elem], data['send_text'], data['expect_text'], on_down, status)
+        texts = dict(elem.attrib)
+        texts['name'] = texts.get('name') or f'host.{index}'     # as 1.0 named hosts without a name
+        return Host(self.lines[elem], **self.values(elem, texts))
 
     def logging(self, elem):
-        self.attrs(elem, ('access', 'facility', 'file', 'syslog'))
-        access = self.choice(elem, 'access', ('on', 'off')) != 'off'
-        syslog = elem.get('syslog')
-        if syslog is not None:
-            try:
-                parse_syslog(syslog)
-            except ValueError as e:
-                raise self.error(elem, f'<logging> syslog {e}') from None
-        facility = elem.get('facility')
-        if facility is not None:
-            if syslog is None:
-                raise self.error(elem, '<logging> facility is only used with syslog')
-            if facility not in logging.handlers.SysLogHandler.facility_names:
-                raise self.error(elem, f'<logging> facility {facility!r}: not a syslog facility '
-                                       f'(like daemon, user or local0-local7)')
-        return Logging(elem.get('file') or None, self.lines[elem], access, syslog, facility or 'daemon')
+        values = self.values(elem)
+        if values['syslog'] is None and 'facility' in elem.attrib:
+            raise self.error(elem, '<logging> facility is only used with syslog')
+        return Logging(self.lines[elem], **values)
 
     def admin(self, elem):
         if 'secure' in elem.attrib:
@@ -1271,33 +1398,19 @@ class _ConfigReader(object):
             # plain HTTP instead would be worse than refusing.
             raise self.error(elem, "<admin secure=...> is no longer supported; "
                                    "use certfile=... keyfile=... for HTTPS")
-        self.attrs(elem, ('certfile', 'get_changes', 'keyfile', 'listen'), ('listen',))
-        listen = elem.get('listen')
-        host, port = self.address(elem, 'listen')
-        self.claim_listen(elem, listen, host, port, '<admin>')
-        certfile = elem.get('certfile') or None
-        keyfile = elem.get('keyfile') or None
-        if (certfile is None) != (keyfile is None):
+        values = self.values(elem)
+        admin = Admin(line=self.lines[elem], **values)
+        self.claim_listen(elem, admin.listen, admin.host, admin.port, '<admin>')
+        if (admin.certfile is None) != (admin.keyfile is None):
             raise self.error(elem, '<admin> needs both certfile and keyfile, or neither')
-        users = []
         for _, child in self.children(elem):
-            user = self.user(child)
-            if any(u.name == user.name for u in users):
+            user = User(self.lines[child], **self.values(child))
+            if admin.user(user.name) is not None:
                 raise self.error(child, f'duplicate user {user.name!r}')
-            users.append(user)
-        if not users:
+            admin.users.append(user)
+        if not admin.users:
             raise self.error(elem, '<admin> has no <user>')
-        get_changes = self.choice(elem, 'get_changes', ('on', 'off')) == 'on'
-        return Admin(listen, host, port, users, certfile, keyfile, self.lines[elem], get_changes)
-
-    def user(self, elem):
-        self.attrs(elem, ('access', 'name', 'password'), ('name', 'password', 'access'))
-        try:
-            user = user_config(elem.get('name'), elem.get('password'), elem.get('access'))
-        except ValueError as e:
-            raise self.error(elem, str(e)) from None
-        user.line = self.lines[elem]
-        return user
+        return admin
 
 
 # -- differences between two configs --------------------------------------------
@@ -3912,11 +4025,13 @@ def judge_answer(data, status, expect, complete):
     return True, 'probe ok' + (' (%s)' % ', '.join(found) if found else '')
 
 
-def probe(host, port, timeout, send=None, expect=None, status=None):
+def probe(host, port, timeout, send=None, expect=None, status=None, check_port=None):
     """Connect (and send, then check the answer) once.  Returns (ok, reason,
     address); ok is None when our side ran out of something (fds, ports): no
     verdict on the host.  At most PROBE_READ_LIMIT bytes are read, and reading
-    stops as soon as the answer decides, so a host streaming junk costs little."""
+    stops as soon as the answer decides, so a host streaming junk costs little.
+    check_port: probe that port on the host's address instead (address is still
+    the host's, with its own port: what clients connect to)."""
     deadline = time.monotonic() + timeout
     try:
         infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
@@ -3924,6 +4039,8 @@ def probe(host, port, timeout, send=None, expect=None, status=None):
         return False, 'cannot resolve %s: %s' % (host, e), None
     family, _, _, _, sockaddr = infos[0]
     address = (family, sockaddr)
+    if check_port:
+        sockaddr = (sockaddr[0], check_port) + tuple(sockaddr[2:])
     try:
         sock = socket.socket(family, socket.SOCK_STREAM)
     except OSError as e:
@@ -4004,7 +4121,8 @@ class Manager(object):
             return
         token, host, port, check = target
         try:
-            ok, reason, address = probe(host, port, check.timeout, check.send, check.expect, check.status)
+            ok, reason, address = probe(host, port, check.timeout, check.send, check.expect, check.status,
+                                        check.port)
         except Exception as e:  # a bug here must not kill probing for good
             log.exception('probe of %s:%s failed unexpectedly', host, port)
             ok, reason, address = False, 'probe error: %s' % e, None
@@ -4113,11 +4231,13 @@ class AdminError(Exception):
 
 
 class RunningGroup(object):
-    """A group of hosts at run time: its name, its scheduler (which holds the
-    hosts), and its hosts by address_key, so addHost finds a duplicate at once."""
+    """A group of hosts at run time: its name, its config (a Group, whose hosts
+    are not kept up to date: the scheduler holds them), its scheduler, and its
+    hosts by address_key, so addHost finds a duplicate at once."""
 
-    def __init__(self, name, scheduler):
-        self.name = name
+    def __init__(self, config, scheduler):
+        self.name = config.name
+        self.config = config
         self.scheduler = scheduler
         self.addresses = dict((address_key(*parse_address(h.ip)), h) for h in scheduler.hosts)
 
@@ -4553,6 +4673,7 @@ class Reload(object):
     def _update_group(self, service, group, config, diff):
         director = self.director
         changes = []
+        group.config = config
         if diff.scheduler is not None:
             new = director.make_scheduler(config.scheduler)
             new.take_state_from(group.scheduler)
@@ -4573,10 +4694,11 @@ class Reload(object):
                 changes.append('host %s ip %s' % (name, host_config.ip) if name in moved else '+host %s' % name)
             elif name in changed:
                 host = scheduler.get_host(name)
-                for what in ('weight', 'maxconns', 'send_proxy'):
-                    value = getattr(host_config, what)
-                    if getattr(host, what) != value:
-                        changes.append('host %s %s %s' % (name, what, value))
+                for row in HOST_ATTRS:
+                    value = getattr(host_config, row.field)
+                    if row.name not in ('name', 'ip') and getattr(host.config, row.field) != value:
+                        changes.append('host %s %s %s' % (name, row.name, value))
+                host.config = host_config
                 # Through the scheduler: it keeps its own structures over weights and limits.
                 scheduler.update_host(host, weight=host_config.weight, maxconns=host_config.maxconns)
                 host.send_proxy = host_config.send_proxy
@@ -4674,7 +4796,8 @@ class Actions(object):
     def add_host(self, service, group, name, ip, weight=None, maxconns=None, send_proxy=None):
         service, group = self._group(service, group)
         try:
-            new = host_config(name, ip, weight or None, maxconns or None, send_proxy or None)
+            new = host_config(name=name, ip=ip, weight=weight or None, maxconns=maxconns or None,
+                              send_proxy=send_proxy or None)
         except ValueError as e:
             raise AdminError(400, str(e))
         if group.scheduler.get_host(name) is not None:
@@ -4761,7 +4884,7 @@ class Actions(object):
 
     def add_user(self, name, password_hash, access):
         try:
-            user = user_config(name, password_hash, access)
+            user = user_config(name=name, password=password_hash, access=access)
         except ValueError as e:
             raise AdminError(400, str(e))
         verb = 'changed' if name in self.users else 'added'
@@ -4789,7 +4912,7 @@ class Actions(object):
             raise AdminError(400, str(e))
         if group in service.groups:
             raise AdminError(409, 'group %r already exists in service %s' % (group, service.name))
-        service.groups[group] = RunningGroup(group, sched)
+        service.groups[group] = RunningGroup(Group(name=group, scheduler=sched.spec), sched)
         log.info('service %s: new group %s (%s)', service.name, group, sched.spec)
         return 'created group %s in service %s (%s)' % (group, service.name, sched.spec)
 
@@ -5008,25 +5131,29 @@ class Actions(object):
         return answer
 
     def running_config(self):
-        """The running state as a Config, so it serialises to a loadable running.xml."""
+        """The running state as a Config, so it serialises to a loadable running.xml
+        (which is also how workers are configured).  Copies of the config objects
+        with what runs in place of what was read: the hosts, groups, schedulers,
+        enabled groups and users.  Every other attribute is carried over as read,
+        so none is lost on the way to the workers."""
         services = []
         for service in self.services.values():
             groups = []
             for group in service.groups.values():
-                hosts = [Host(host.name, host.ip, *parse_address(host.ip), weight=host.weight,
-                              maxconns=host.maxconns, send_proxy=host.send_proxy)
-                         for host in group.scheduler.hosts]
-                groups.append(Group(group.name, group.scheduler.spec, hosts))
-            old = service.config
-            services.append(Service(service.name, old.listens, groups, service.enabled.name,
-                                    old.check, old.timeouts, maxconns=old.maxconns, acl=old.acl))
-        admin = None
-        if self.config.admin is not None:
-            old = self.config.admin
-            admin = Admin(old.listen, old.host, old.port, list(self.users.values()), old.certfile, old.keyfile,
-                          get_changes=old.get_changes)
-        return Config(self.config.path, services, admin, self.config.logging, self.config.drain,
-                      self.config.user, self.config.group, workers=self.config.workers)
+                config = copy.copy(group.config)
+                config.scheduler = group.scheduler.spec
+                config.hosts = [host.config for host in group.scheduler.hosts]
+                groups.append(config)
+            config = copy.copy(service.config)
+            config.groups = groups
+            config.enabled = service.enabled.name
+            services.append(config)
+        config = copy.copy(self.config)
+        config.services = services
+        if config.admin is not None:
+            config.admin = copy.copy(config.admin)
+            config.admin.users = list(self.users.values())
+        return config
 
     def running_xml(self):
         return self.running_config().to_xml()
@@ -5079,6 +5206,7 @@ class Director(Actions):
         """A scheduler Host for a config Host; a name is resolved now only at start."""
         c = config
         live = schedulers.Host(c.name, c.ip, weight=c.weight, maxconns=c.maxconns)
+        live.config = c
         live.send_proxy = c.send_proxy
         address = resolve_now(c.host, c.port)
         if address is None and resolve_names:
@@ -5106,7 +5234,7 @@ class Director(Actions):
 
     def build_group(self, service, group_config, resolve_names):
         hosts = [self.running_host(h, resolve_names) for h in group_config.hosts]
-        group = RunningGroup(group_config.name, self.make_scheduler(group_config.scheduler, hosts))
+        group = RunningGroup(group_config, self.make_scheduler(group_config.scheduler, hosts))
         for host in hosts:
             self.health.watch(service, group, host)
         return group
@@ -6701,35 +6829,45 @@ def raise_fd_limit():
         log.warning('cannot raise the open-file limit from %d to %d: %s', soft, hard, e)
 
 
+def shown_attrs(element, skip=(), every=False):
+    """An element's attributes in words for --check, as its table writes them:
+    ['weight 3', 'interval 1.5s', ...]; those that differ from their defaults
+    (every: each set one), but skip."""
+    return ['%s %s%s' % (row.name, text, 's' if isinstance(value, float) else '')
+            for row, value, text in written_attrs(ELEMENT_ATTRS[element.TAG], vars(element), every)
+            if row.name not in skip]
+
+
 def summary(config):
     """The one-screen --check summary."""
+    def extra(parts, before=' (', after=')', sep=', '):
+        return before + sep.join(parts) + after if parts else ''
+
     lines = ['%s: OK' % config.path]
     for service in config.services:
-        lines.append('service %s: listen %s; timeouts connect %gs idle %gs%s%s%s' % (
-            service.name, ', '.join(l.text + (' (sni %s)' % sni_text(l.sni) if l.sni else '') +
-                                    (' (PROXY %s)' % l.accept_proxy if l.accept_proxy else '')
-                                    for l in service.listens),
-            service.timeouts.connect, service.timeouts.idle,
-            '; check every %gs' % service.check.interval if service.check else '',
-            '; maxconns %d' % service.maxconns if service.maxconns else '',
-            '; %d allow/deny rule(s)' % len(service.acl) if service.acl else ''))
+        parts = ['listen ' + ', '.join(l.text + extra((['sni ' + sni_text(l.sni)] if l.sni else []) +
+                                                      shown_attrs(l, skip=('ip', 'sni')))
+                                       for l in service.listens)]
+        parts += shown_attrs(service, skip=('name',))
+        if service.acl:
+            parts.append('%d allow/deny rule(s)' % len(service.acl))
+        parts.append('timeouts ' + ', '.join(shown_attrs(service.timeouts, every=True)))
+        if service.check:
+            parts.append('check ' + ', '.join(shown_attrs(service.check, every=True)))
+        lines.append('service %s: %s' % (service.name, '; '.join(parts)))
         for group in service.groups:
             mark = ' (enabled)' if group.name == service.enabled else ''
             lines.append('  group %s%s: scheduler %s, %d host(s)' % (group.name, mark, group.scheduler, len(group.hosts)))
             for host in group.hosts:
-                extra = ''
-                if host.weight != 1:
-                    extra += ' weight %d' % host.weight
-                if host.maxconns:
-                    extra += ' maxconns %d' % host.maxconns
-                if host.send_proxy:
-                    extra += ' send_proxy %s' % host.send_proxy
-                lines.append('    host %s %s%s' % (host.name, host.ip, extra))
+                lines.append('    host %s %s%s' % (host.name, host.ip,
+                                                   extra(shown_attrs(host, skip=('name', 'ip')), ' ', '', ' ')))
     if config.admin:
-        lines.append('admin: listen %s; %d user(s)' % (config.admin.listen, len(config.admin.users)))
-    lines.append('logging: %s%s%s' % (config.logging.file or ('stderr' if not config.logging.syslog else ''),
-                                      ' syslog %s' % config.logging.syslog if config.logging.syslog else '',
-                                      '' if config.logging.access else ', no access log'))
+        lines.append('admin: listen %s%s; %d user(s)' % (
+            config.admin.listen, extra(shown_attrs(config.admin, skip=('listen',))), len(config.admin.users)))
+    lines.append('logging: %s' % (', '.join(shown_attrs(config.logging)) or 'stderr'))
+    root = shown_attrs(config, skip=('user', 'group', 'workers'))
+    if root:
+        lines.append('pdconfig: %s' % ', '.join(root))
     if config.workers is not None:
         lines.append('workers: %s' % (config.workers if config.workers != 'auto' else
                                       'auto (%d here)' % worker_count('auto')))

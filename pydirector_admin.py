@@ -1852,7 +1852,9 @@ def render_metrics(snapshot):
 
 CANNOT = '# cannot apply through the admin API: %s; edit the file on the balancer and reload'
 HOST_ATTRS = ('name', 'ip', 'weight', 'maxconns', 'send_proxy')    # what addHost can set
-HOST_DEFAULTS = {'weight': '1', 'maxconns': '0', 'send_proxy': 'none'}
+# A host setting's default as a plan shows it ('weight 1 -> 3', 'send_proxy none -> v1').
+HOST_DEFAULTS = dict((row.name, 'none' if row.default is None else pydirector.value_text(row.default))
+                     for row in pydirector.HOST_ATTRS)
 USER_ATTRS = ('name', 'password', 'access')                         # what addUser can set
 
 

@@ -51,6 +51,7 @@ class Host(object):
         'open', 'total', 'bytes_in', 'bytes_out',
         'address', 'probe_ok', 'probe_fail',
         'send_proxy',   # None, 'v1' or 'v2': the balancer's PROXY protocol setting
+        'config',       # the balancer's: the config it was made from (its other settings)
         # The owning scheduler's bookkeeping:
         '_owner',       # the Scheduler it is in; None when in none
         '_order',       # its place in host (config) order: increasing, not contiguous
@@ -81,6 +82,7 @@ class Host(object):
         self.probe_ok = 0
         self.probe_fail = 0
         self.send_proxy = send_proxy
+        self.config = None
         self._owner = None
         self._order = 0
         self._ok = False

@@ -1174,7 +1174,8 @@ class LimitsTest(AdminCase):
                                '-addext', 'subjectAltName=IP:127.0.0.1'],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         a = self.admin_config
-        server = pydirector_admin.start(self.bal.director, pydirector.Admin(a.listen, a.host, 0, a.users, cert, key))
+        server = pydirector_admin.start(self.bal.director, pydirector.Admin(
+                                        a.listen, a.host, 0, a.users, certfile=cert, keyfile=key))
         self.addCleanup(server.stop)
         port = server.server_address[1]
         context = ssl.create_default_context(cafile=cert)

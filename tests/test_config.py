@@ -240,11 +240,13 @@ class ExtendedTest(unittest.TestCase):
 
     def test_built_from_code(self):
         # The director builds running.xml from objects it makes itself.
-        host = Host('h', '[::1]:80', '::1', 80, 5, 7)
-        service = Service('s', [Listen('*:1', '0.0.0.0', 1)], [Group('g', 'random', [host])],
-                          None, Check(send=b'\x00\\hi\r\n\xff'), Timeouts(1.25, 3600.0))
+        host = Host(name='h', ip='[::1]:80', weight=5, maxconns=7)
+        service = Service([Listen(text='*:1')], [Group([host], name='g', scheduler='random')],
+                          check=Check(send=b'\x00\\hi\r\n\xff'), timeouts=Timeouts(connect=1.25, idle=3600.0),
+                          name='s')
         config = Config('mem', [service])
         self.assertEqual(service.enabled, 'g')
+        self.assertEqual((host.host, host.port), ('::1', 80))
         xml = config.to_xml()
         self.assertIn('<host name="h" ip="[::1]:80" weight="5" maxconns="7"/>', xml)
         self.assertIn('<check send="\\x00\\\\hi\\r\\n\\xff"/>', xml)
@@ -452,11 +454,11 @@ class Issue4ConfigTest(unittest.TestCase):
                 self.assertIn('<pdconfig user="%s" group="%s">' % (text, text), config.to_xml())
 
     def test_built_from_code(self):
-        # The positional signatures the director uses keep working, with the new defaults.
-        host = Host('h', '10.0.0.1:80', '10.0.0.1', 80, 1, 0)
-        service = Service('s', [Listen('*:1', '0.0.0.0', 1)], [Group('g', 'random', [host])],
-                          'g', None, Timeouts(3.0, 3600.0))
-        config = Config('mem', [service], None, Logging('x.log'), 10.0)
+        # Keywords from the tables, with their defaults for what is not given.
+        host = Host(name='h', ip='10.0.0.1:80', weight=1, maxconns=0)
+        service = Service([Listen(text='*:1')], [Group([host], name='g', scheduler='random')], 'g', None,
+                          Timeouts(connect=3.0, idle=3600.0), name='s')
+        config = Config('mem', [service], logging=Logging(file='x.log'), drain=10.0)
         self.assertEqual((host.send_proxy, service.maxconns, service.acl, service.timeouts.queue),
                          (None, 0, [], 5.0))
         self.assertEqual((config.user, config.group, config.logging.access, config.logging.facility),
@@ -467,7 +469,7 @@ class Issue4ConfigTest(unittest.TestCase):
         host.send_proxy = 'v1'
         service.maxconns = 3
         service.acl = [('deny', net('192.0.2.0/24'))]
-        service.listens[0] = Listen('*:1', '0.0.0.0', 1, accept_proxy='v2', trusted=[net('::1/128')])
+        service.listens[0] = Listen(text='*:1', accept_proxy='v2', trusted=[net('::1/128')])
         service.timeouts = Timeouts(queue=30)
         config = Config('mem', [service], logging=Logging(syslog='log:514', access=False), user='u', group='g')
         xml = config.to_xml()
@@ -728,8 +730,11 @@ BAD = [
     (check('send="GET \\q"'), "x.xml:7: <check> send: unknown escape '\\q' (use \\r \\n \\t \\\\ or \\xNN)"),
     (check('expect="\\x4"'), "x.xml:7: <check> expect: unknown escape '\\x4' (use \\r \\n \\t \\\\ or \\xNN)"),
     (check('send="abc\\"'), "x.xml:7: <check> send: ends with a lone '\\' (write \\\\ for a backslash)"),
-    (check('port="80"'),
-     "x.xml:7: <check> has unknown attribute 'port' (known: expect, fall, interval, on_down, rise, send, status, timeout)"),
+    (check('prot="80"'),
+     "x.xml:7: <check> has unknown attribute 'prot' "
+     "(known: expect, fall, interval, on_down, port, rise, send, status, timeout)"),
+    (check('port="0"'), "x.xml:7: <check> port '0': must be an integer 1-65535"),
+    (check('port="http"'), "x.xml:7: <check> port 'http': must be an integer 1-65535"),
     (HEAD + GROUP + '<check/>\n<check/>\n' + TAIL, "x.xml:8: service 'web': more than one <check>"),
     (HEAD + GROUP + '<timeouts connect="abc"/>\n' + TAIL,
      "x.xml:7: <timeouts> connect 'abc': must be a number of seconds > 0 and <= 86400"),

@@ -558,7 +558,8 @@ class HttpsTest(FleetCase):
                                '-out', cert, '-days', '2', '-subj', '/CN=localhost'],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         a = self.a.config.admin
-        self.tls = pydirector_admin.start(self.a.director, pydirector.Admin(a.listen, a.host, 0, a.users, cert, key))
+        self.tls = pydirector_admin.start(self.a.director, pydirector.Admin(
+                                          a.listen, a.host, 0, a.users, certfile=cert, keyfile=key))
         self.addCleanup(self.tls.stop)
         self.tls_url = 'https://admin:%s@127.0.0.1:%d' % (PASSWORD.replace(' ', '%20'), self.tls.server_address[1])
 

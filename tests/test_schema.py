@@ -1,0 +1,259 @@
+"""The config schema (issue 26): tests generated from the attribute tables.
+
+Each element's attributes are rows of one table (pydirector.ELEMENT_ATTRS).
+Here every row of every table is set to its example, a valid text other than
+its default, all in one config.  Each value must come back from running.xml
+as it went in: written by a Director in this process, by a Director built
+from that running.xml as a worker builds one, and by real worker processes
+(with workers="2"); and running.xml must pass `--check`, whose summary shows
+every optional attribute.  A new row is covered here with no change.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import unittest
+from unittest import mock
+from xml.etree import ElementTree
+from xml.sax.saxutils import quoteattr
+
+import support
+from support import LOG, BalancerCase, WorkersMixin, echo, exchange, free_port, service_xml, wait_until
+
+import pydirector
+
+TABLES = pydirector.ELEMENT_ATTRS
+
+
+def attrs(tag, **texts):
+    """' name="example" ...' for every row of tag's table; texts replace examples."""
+    values = dict((row.name, row.example) for row in TABLES[tag])
+    values.update(texts)
+    return ''.join(' %s=%s' % (name, quoteattr(text)) for name, text in values.items())
+
+
+def full_config(listen=None):
+    """Every element once, every attribute at its example (listen: its ip instead)."""
+    listen_attrs = attrs('listen', ip=listen) if listen else attrs('listen')
+    return ('<pdconfig%s>\n' % attrs('pdconfig') +
+            '  <service%s>\n' % attrs('service') +
+            '    <listen%s/>\n' % listen_attrs +
+            '    <allow%s/>\n' % attrs('allow') +
+            '    <deny%s/>\n' % attrs('deny') +
+            '    <group%s>\n' % attrs('group') +
+            '      <host%s/>\n' % attrs('host') +
+            '    </group>\n' +
+            '    <enable%s/>\n' % attrs('enable') +
+            '    <check%s/>\n' % attrs('check') +
+            '    <timeouts%s/>\n' % attrs('timeouts') +
+            '  </service>\n' +
+            '  <admin%s>\n' % attrs('admin') +
+            '    <user%s/>\n' % attrs('user') +
+            '  </admin>\n' +
+            '  <logging%s/>\n' % attrs('logging') +
+            '</pdconfig>\n')
+
+
+def expected_values(tag, listen=None):
+    """{field: value} of tag's examples, as the reader reads them (listen: full_config's)."""
+    texts = dict((row.name, row.example) for row in TABLES[tag])
+    if tag == 'listen' and listen:
+        texts['ip'] = listen
+    return pydirector.read_values(TABLES[tag], texts)
+
+
+def director_xml(config):
+    """running.xml as a Director built from config writes it (not accepting, names not
+    resolved: as a worker builds its own from the master's running.xml)."""
+    director = pydirector.Director(config, accept=False, resolve_names=False)
+    try:
+        return director.running_xml()
+    finally:
+        director.loop.close()
+
+
+def check_values(test, xml, where, listen=None):
+    """Each element of xml (one of each) carries every example's value (listen: full_config's)."""
+    root = ElementTree.fromstring(xml)
+    for tag in TABLES:
+        found = list(root.iter(tag))
+        test.assertEqual(len(found), 1, '%s: <%s> %d times' % (where, tag, len(found)))
+        with test.subTest(where=where, tag=tag):
+            test.assertEqual(pydirector.read_values(TABLES[tag], found[0].attrib), expected_values(tag, listen))
+
+
+class SchemaTest(unittest.TestCase):
+    """The tables themselves, and what reads them: one process, no sockets."""
+
+    def test_every_row_has_an_example_that_is_not_its_default(self):
+        for tag, table in TABLES.items():
+            self.assertEqual(len(set(row.name for row in table)), len(table), tag)
+            for row in table:
+                with self.subTest(tag=tag, attr=row.name):
+                    self.assertIsNotNone(row.example, 'give the row an example')
+                    value = pydirector.read_values([row], {row.name: row.example})[row.field]
+                    self.assertNotEqual(value, row.default)
+                    self.assertIsNotNone(value)
+
+    def test_the_full_config_has_every_element(self):
+        # A new element (not a new row) needs a line in full_config().
+        root = ElementTree.fromstring(full_config())
+        self.assertEqual(set(TABLES), set(elem.tag for elem in root.iter()))
+
+    def test_values_survive_running_xml(self):
+        config = pydirector.parse_config(full_config(), 'full.xml')
+        xml = config.to_xml()
+        check_values(self, xml, 'to_xml')
+        master = director_xml(config)      # Actions.running_config: what the workers get
+        self.assertEqual(master, xml)
+        check_values(self, master, 'running.xml')
+        worker = director_xml(pydirector.parse_config(master, 'running.xml'))
+        self.assertEqual(worker, master)
+        check_values(self, worker, 'a worker')
+
+    def test_value_objects_hold_every_field(self):
+        config = pydirector.parse_config(full_config(), 'full.xml')
+        service = config.services[0]
+        objects = {'pdconfig': config, 'service': service, 'listen': service.listens[0],
+                   'group': service.groups[0], 'host': service.groups[0].hosts[0], 'check': service.check,
+                   'timeouts': service.timeouts, 'admin': config.admin, 'user': config.admin.users[0],
+                   'logging': config.logging}
+        for tag, obj in objects.items():
+            for field, value in expected_values(tag).items():
+                with self.subTest(tag=tag, field=field):
+                    self.assertEqual(getattr(obj, field), value)
+            # Built from code with the same keywords, it writes the same attributes.
+            self.assertEqual(type(obj)(**expected_values(tag)).xml_attrs(), obj.xml_attrs())
+        self.assertEqual(service.acl, [('allow', expected_values('allow')['cidr']),
+                                       ('deny', expected_values('deny')['cidr'])])
+        self.assertEqual(service.enabled, expected_values('enable')['group'])
+
+    def test_unknown_attribute_names_the_known_ones(self):
+        xml = full_config()
+        for tag, table in TABLES.items():
+            with self.subTest(tag=tag):
+                bad = re.sub(r'<%s ' % tag, '<%s bogus="1" ' % tag, xml, count=1)
+                with self.assertRaises(pydirector.ConfigError) as cm:
+                    pydirector.parse_config(bad, 'x.xml')
+                line = bad[:bad.index('bogus=')].count('\n') + 1
+                self.assertEqual(str(cm.exception), "x.xml:%d: <%s> has unknown attribute 'bogus' (known: %s)"
+                                 % (line, tag, ', '.join(sorted(row.name for row in table))))
+
+    def test_running_xml_passes_check(self):
+        directory = tempfile.mkdtemp(prefix='pydirector-schema-')
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, 'running.xml')
+        with open(path, 'w', encoding='utf-8') as f:
+            f.write(director_xml(pydirector.parse_config(full_config(), 'full.xml')))
+        result = subprocess.run([sys.executable, support.PYDIRECTOR, '--check', path], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, timeout=30)
+        out = result.stdout.decode('utf-8')
+        self.assertEqual((result.returncode, result.stderr), (0, b''))
+        self.assertTrue(out.startswith('%s: OK\n' % path), out)
+        # The summary shows every attribute a file may leave out, as running.xml writes it.
+        for tag, table in TABLES.items():
+            for row in table:
+                if row.required or tag == 'host' and row.name == 'name':
+                    continue        # names and addresses: the summary's own words
+                text = dict(pydirector.attr_texts([row], expected_values(tag)))[row.name]
+                if (tag, row.name) == ('listen', 'sni'):    # names shown as written and as sent
+                    text = pydirector.sni_text(expected_values(tag)['sni'])
+                with self.subTest(tag=tag, attr=row.name):
+                    self.assertRegex(out, r'\b%s:? %s' % (re.escape(row.name), re.escape(text)))
+
+
+@unittest.skipIf(pydirector.workers_unsupported(), 'no worker processes here')
+class WorkerViewTest(BalancerCase):
+    """Real worker processes get the master's running.xml and build their Director
+    from it; each writes what it built (its own running.xml) before it binds."""
+
+    workers = 2
+
+    def test_every_value_reaches_the_workers(self):
+        directory = tempfile.mkdtemp(prefix='pydirector-schema-')
+        self.addCleanup(shutil.rmtree, directory)
+        # The real worker code, told to say what it built: Director.bind, wrapped.
+        code = ('import os, sys\n'
+                'sys.path.insert(0, %r)\n'
+                'import pydirector\n'
+                'out = sys.argv.pop(1)\n'
+                'bind = pydirector.Director.bind\n'
+                'def bind_and_tell(self):\n'
+                '    path = os.path.join(out, "worker-%%d.xml" %% os.getpid())\n'
+                '    with open(path + ".part", "w", encoding="utf-8") as f:\n'
+                '        f.write(self.running_xml())\n'
+                '    os.rename(path + ".part", path)\n'
+                '    return bind(self)\n'
+                'pydirector.Director.bind = bind_and_tell\n'
+                'sys.exit(pydirector.main(sys.argv[1:]))\n' % support.REPO)
+        command = [sys.executable, '-c', code, directory]
+        listen = '127.0.0.1:%d' % free_port()
+        with mock.patch.object(pydirector, 'worker_command', lambda: command):
+            self.start(full_config(listen))
+        master = self.balancer.call(self.balancer.director.running_xml)
+        check_values(self, master, 'the master', listen)
+        views = {}
+        for pid in self.balancer.worker_pids():
+            with open(os.path.join(directory, 'worker-%d.xml' % pid), encoding='utf-8') as f:
+                views[pid] = f.read()
+        self.assertEqual(len(views), 2)
+        for pid, xml in views.items():
+            self.assertEqual(xml, master, 'worker %d' % pid)
+
+
+# ---------------------------------------------------------------------------
+# A row added the table's way: <check port="N">, the probe to that port on
+# the host's address (HAProxy's `port` on a server line).
+# ---------------------------------------------------------------------------
+
+HTTP_OK = b'HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok'
+
+
+def answer_ok(conn, backend):
+    conn.recv(65536)
+    conn.sendall(HTTP_OK)
+
+
+class CheckPortTest(BalancerCase):
+    """The host's own port echoes (so an HTTP check there fails); its health
+    answers on another port.  Probes go there, clients still go to the host."""
+
+    def start_checked(self, check_port, fall=1):
+        service = self.backend(echo, 'service')
+        check = ('    <check interval="0.1" timeout="2" rise="1" fall="%d" send="GET / HTTP/1.0\\r\\n\\r\\n" '
+                 'status="200-399" port="%d"/>\n' % (fall, check_port))
+        balancer = self.start(service_xml([('one', service.address)], extra=check))
+        return balancer, service
+
+    def test_probes_go_to_the_check_port(self):
+        health = self.backend(answer_ok, 'health')
+        balancer, service = self.start_checked(health.port)
+        wait_until(lambda: health.accepted >= 3, 10)          # three probes, each passed
+        self.assertEqual(balancer.host('one')['state'], 'up')
+        self.assertEqual(service.accepted, 0)                  # not one probe reached the host's port
+        # Clients still reach the host's own port, in every worker too: the probe's
+        # address (the host's, resolved) is not the check port.
+        self.assertEqual(exchange(balancer.port(), b'ping'), b'ping')
+        self.assertEqual(service.accepted, 1)
+        self.assertEqual(balancer.snapshot()['services'][0]['check'],
+                         'connect to port %d, then send GET / HTTP/1.0\\r\\n\\r\\n, '
+                         'then status 200-399 on the first line' % health.port)
+
+    def test_a_closed_check_port_takes_the_host_down(self):
+        closed = free_port()
+        balancer, service = self.start_checked(closed)
+        wait_until(lambda: balancer.host('one')['state'] == 'down', 10)
+        self.assertEqual(balancer.host('one')['reason'], 'connection refused (1 failed probes)')
+        self.assertEqual(service.accepted, 0)
+        LOG.wait_for('host one (%s) in web/main down: connection refused' % service.address, self.mark)
+
+
+class CheckPortWorkersTest(WorkersMixin, CheckPortTest):
+    pass
+
+
+if __name__ == '__main__':
+    unittest.main()
