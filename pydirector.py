@@ -6927,13 +6927,25 @@ def drop_privileges(uid, gid):
 
 
 def read_password():
+    """A password from the prompt (twice) or from stdin's first line; SystemExit with a
+    one-line message on Ctrl-C, Ctrl-D, end of input or an empty password."""
     import getpass
-    if sys.stdin.isatty():
-        first = getpass.getpass('Password: ')
-        if getpass.getpass('Again: ') != first:
-            raise SystemExit('pydirector: the passwords differ')
-        return first
-    return sys.stdin.readline().rstrip('\r\n')
+    try:
+        if sys.stdin.isatty():
+            first = getpass.getpass('Password: ')
+            if getpass.getpass('Again: ') != first:
+                raise SystemExit('pydirector: the passwords differ')
+        else:
+            first = sys.stdin.readline()
+            if not first:
+                raise SystemExit('pydirector: no password on stdin')
+            first = first.rstrip('\r\n')
+    except (EOFError, KeyboardInterrupt):
+        print(file=sys.stderr)      # end the prompt's line
+        raise SystemExit('pydirector: no password given')
+    if not first:
+        raise SystemExit('pydirector: an empty password is refused')
+    return first
 
 
 def workers_option(text):
@@ -6981,7 +6993,11 @@ def main(argv=None):
         print('pydirector: %s' % e, file=sys.stderr)
         return 1
     if args.check:
-        print(summary(config))
+        try:
+            print(summary(config))
+            sys.stdout.flush()
+        except BrokenPipeError:     # `--check x.xml | head`: the reader had enough
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     workers = worker_count(args.workers if args.workers is not None else config.workers)
     lighten_logging()
@@ -7015,7 +7031,9 @@ def main(argv=None):
         log.error('%s', e.strerror if (e.strerror or '').startswith('cannot listen') else 'cannot listen: %s' % e)
         return 1
     admin_server = None
-    if config.admin is not None:
+    if config.admin is None:
+        log.info('no <admin> in %s: the admin interface is off', log_value(config.path))
+    else:
         # Run as a script this module is __main__; the admin must see these same classes.
         sys.modules.setdefault('pydirector', sys.modules[__name__])
         import pydirector_admin

@@ -67,7 +67,9 @@ admin on HTTPS or on loopback):
 Answers to a change: a browser (its Accept names text/html) is redirected
 (303) to /running?msg=... showing the result; anything else gets text/plain
 "OK <what was done>" with 200, or "ERROR <why>" with a 4xx status, so
-`wget -q -O - URL` prints the result and exits non-zero on failure.
+`wget -q -O - --content-on-error URL` prints the result and exits non-zero
+on failure (without --content-on-error, wget prints nothing on a 4xx), as
+does `curl -sS URL` (add --fail-with-body for the exit status).
 
 Statuses: 400 bad, missing or unknown parameter; 401 no or bad credentials
 (with the Basic challenge wget waits for); 403 read-only user, or a
@@ -134,7 +136,8 @@ removed, listen addresses, checks, timeouts, maxconns, allow/deny rules,
 PROXY settings, logging, the <admin> block, the only host of the enabled
 group changing -- is printed as `# cannot apply through the admin API:
 ...`, and `apply` then changes nothing: copy the file to the balancer and
-call /reload (or send SIGHUP).  Exit status: 0 done, 1 failed, 2 usage.
+call /reload (or send SIGHUP).  Exit status of `diff`: 0 no differences, 1 differences, 2 trouble (as
+diff(1) has it); of `apply`: 0 done, 1 failed, 2 usage.
 """
 
 import argparse
@@ -1400,10 +1403,11 @@ def render_index(snapshot, user, access):
     ]
     body.extend('<li><a href="%s">%s</a></li>' % (e(href), e(text)) for href, text in links)
     body.append('</ul>')
-    body.append('<p class="note">Scripts: every change is also a GET with a query string, e.g. '
-                '<code>wget -q -O - --user=NAME --password=PW '
-                '&#x27;http://HOST:PORT/hostAdminDown?service=S&amp;group=G&amp;name=N&#x27;</code> '
-                'prints <code>OK ...</code>.</p>')
+    body.append('<p class="note">Scripts: every change is a POST with a form body, e.g. '
+                '<code>wget -q -O - --content-on-error --user=NAME --password=PW '
+                '--post-data=&#x27;service=S&amp;group=G&amp;name=N&#x27; '
+                'http://HOST:PORT/hostAdminDown</code> '
+                'prints <code>OK ...</code> (or <code>ERROR ...</code>).</p>')
     return page('pydirector on %s' % s['hostname'], body)
 
 
@@ -1636,14 +1640,16 @@ def render_running_txt(snapshot):
         service NAME LISTEN ENABLEDGROUP      one line per listen address,
         sni LISTEN NAME,NAME,...              after it when that listen has sni
         group NAME enabled|inactive           then that group's hosts:
-        host NAME IP:PORT OPEN TOTAL          a host taking new connections
-        disabled NAME IP:PORT REASON -        a host that is not: down or draining
+        host NAME IP:PORT OPEN TOTAL up       a host taking new connections
+        disabled NAME IP:PORT REASON - OPEN TOTAL
+                                              a host that is not: down or draining
 
     REASON is 'draining' (an operator drained it), the health check's reason
     for a down host, or both joined by ','.  No field ever contains
     whitespace: runs of it become '_' (so 'connection refused' reads
     'connection_refused'), control characters are backslash-escaped, and an
-    empty field is '-'.  The trailing '-' is kept from the original format.
+    empty field is '-'.  The original's fields come first, its '-' too, so
+    its scripts still read them; the fields after them are new.
     """
     f = txt_field
     lines = []
@@ -1656,14 +1662,15 @@ def render_running_txt(snapshot):
             lines.append('group %s %s' % (f(group['name']), 'enabled' if group['enabled'] else 'inactive'))
             for host in group['hosts']:
                 if host['health'] == 'up' and host['admin'] == 'enabled':
-                    lines.append('host %s %s %d %d' % (f(host['name']), f(host['ip']), host['open'], host['total']))
+                    lines.append('host %s %s %d %d up' % (f(host['name']), f(host['ip']), host['open'], host['total']))
                     continue
                 reasons = []
                 if host['admin'] != 'enabled':
                     reasons.append(host['admin'])
                 if host['health'] != 'up':
                     reasons.append(host['reason'] or host['health'])
-                lines.append('disabled %s %s %s -' % (f(host['name']), f(host['ip']), f(','.join(reasons))))
+                lines.append('disabled %s %s %s - %d %d' % (f(host['name']), f(host['ip']), f(','.join(reasons)),
+                                                            host['open'], host['total']))
     return ''.join(line + '\n' for line in lines)
 
 
@@ -2201,7 +2208,8 @@ def parse_cli(argv):
         prog='pydirector_admin.py',
         description='Plan (diff) or make (apply) the admin calls that turn the running config of '
                     'one or more pydirector balancers into a new config file.',
-        epilog='Exit status: 0 done (diff: whether or not there are differences), 1 failed, 2 usage. '
+        epilog='Exit status of diff: 0 no differences, 1 differences, 2 trouble (as diff(1)); of apply: '
+               '0 done, 1 failed, 2 usage. '
                'See the module docstring for the order of the calls.')
     commands = parser.add_subparsers(dest='command', metavar='COMMAND')
     for name, text in (('diff', 'print the admin calls that would turn the running config into NEW.xml'),
@@ -2244,10 +2252,10 @@ def main(argv=None, out=None, err=None):
         plans = make_plans(remotes, new_tree, args.drain, args.rollback)
     except (RemoteError, pydirector.ConfigError) as e:
         print('%s: %s' % (command, e), file=err)
-        return 1
+        return 2 if command == 'diff' else 1
     if command == 'diff':
         print_plans(plans, out)
-        return 0
+        return 1 if any(plan.calls or plan.problems for _, plan in plans) else 0     # as diff(1)
     problems = sum(len(plan.problems) for _, plan in plans)
     if problems:
         print_plans(plans, out)

@@ -234,15 +234,15 @@ class ReadingTest(AdminCase):
         listen = '127.0.0.1:%d' % self.bal.port()
         self.assertEqual(lines[0], 'service web %s main' % listen)
         self.assertEqual(lines[1], 'group main enabled')
-        self.assertRegex(lines[2], r'^host n1 %s \d+ [1-9]\d*$' % re.escape(self.n1.address))
-        self.assertRegex(lines[3], r'^host n2 %s \d+ [1-9]\d*$' % re.escape(self.n2.address))
-        self.assertEqual(lines[4], 'disabled dead 127.0.0.1:%d connection_refused -' % self.dead_port)
+        self.assertRegex(lines[2], r'^host n1 %s \d+ [1-9]\d* up$' % re.escape(self.n1.address))
+        self.assertRegex(lines[3], r'^host n2 %s \d+ [1-9]\d* up$' % re.escape(self.n2.address))
+        self.assertEqual(lines[4], 'disabled dead 127.0.0.1:%d connection_refused - 0 0' % self.dead_port)
         self.assertEqual(lines[5], 'group spare inactive')
-        self.assertEqual(lines[6], 'host s1 %s 0 0' % self.s1.address)
+        self.assertEqual(lines[6], 'host s1 %s 0 0 up' % self.s1.address)
         self.assertEqual(len(lines), 7)
         # Totals are the balancer's own: compare with a snapshot taken now (no traffic in between).
         snap = {h['name']: h for h in self.bal.snapshot()['services'][0]['groups'][0]['hosts']}
-        self.assertEqual(lines[2].split()[3:], [str(snap['n1']['open']), str(snap['n1']['total'])])
+        self.assertEqual(lines[2].split()[3:5], [str(snap['n1']['open']), str(snap['n1']['total'])])
 
     def test_running_json(self):
         resp = self.fetch('/running.json')
@@ -565,7 +565,10 @@ class ChangeTest(AdminCase):
         self.change('/hostAdminDown?service=web&group=main&name=n2')
         try:
             self.assertEqual(self.host('n2')['state'], 'draining')
-            self.assertIn('disabled n2 %s draining -' % self.n2.address, self.fetch('/running.txt').body)
+            # A drained host still shows its open and total connections.
+            total = self.host('n2')['total']
+            self.assertIn('disabled n2 %s draining - 0 %d\n' % (self.n2.address, total),
+                          self.fetch('/running.txt').body)
             self.assertEqual({exchange(self.bal.port()) for _ in range(4)}, {b'n1'})
         finally:
             self.change('/hostAdminUp?service=web&group=main&name=n2')
@@ -1338,15 +1341,18 @@ class ToolsTest(AdminCase):
         self.assertEqual((rc, out), (0, 'OK added host w1 (%s) to web/main\n' % backend.address), err)
         rc, out, err = self.wget('/running.txt')
         self.assertEqual(rc, 0)
-        self.assertIn('host w1 %s 0 0\n' % backend.address, out)
+        self.assertIn('host w1 %s 0 0 up\n' % backend.address, out)
         rc, out, err = self.wget('/hostAdminDown', '--post-data=' + q)
         self.assertEqual((rc, out), (0, 'OK draining host w1 in web/main (0 open)\n'))
-        self.assertIn('disabled w1 %s draining -\n' % backend.address, self.wget('/running.txt')[1])
+        self.assertIn('disabled w1 %s draining - 0 0\n' % backend.address, self.wget('/running.txt')[1])
         rc, out, err = self.wget('/delHost', '--post-data=' + q)
         self.assertEqual((rc, out), (0, 'OK removed host w1 (%s) from web/main\n' % backend.address))
         self.assertNotIn('w1', self.wget('/running.txt')[1])
-        # Failures exit non-zero (wget: 8 = the server answered with an error).
-        self.assertEqual(self.wget('/delHost', '--post-data=' + q)[0], 8)
+        # Failures exit non-zero (wget: 8 = the server answered with an error); the reason
+        # shows only with --content-on-error, as the README has it.
+        self.assertEqual(self.wget('/delHost', '--post-data=' + q)[:2], (8, ''))
+        rc, out, err = self.wget('/delHost', '--content-on-error', '--post-data=' + q)
+        self.assertEqual((rc, out), (8, "ERROR no host 'w1' in web/main\n"))
         # A change as a plain GET (1.0's style) is refused unless <admin get_changes="on">.
         rc, out, err = self.run_tool(['wget', '-O', '-', '--content-on-error', '--user=admin',
                                       '--password=' + PASSWORD, self.base + '/hostAdminDown?' + q])
@@ -1363,9 +1369,9 @@ class ToolsTest(AdminCase):
         self.addCleanup(backend.close)
         rc, out, err = self.curl('/addHost', '--data', 'service=web&group=main&name=c1&ip=' + backend.address)
         self.assertEqual((rc, out), (0, 'OK added host c1 (%s) to web/main\n' % backend.address), err)
-        self.assertIn('host c1 %s 0 0\n' % backend.address, self.curl('/running.txt')[1])
+        self.assertIn('host c1 %s 0 0 up\n' % backend.address, self.curl('/running.txt')[1])
         self.assertEqual(self.curl('/hostAdminDown', '-d', 'service=web&group=main&name=c1')[0], 0)
-        self.assertIn('disabled c1 %s draining -\n' % backend.address, self.curl('/running.txt')[1])
+        self.assertIn('disabled c1 %s draining - 0 0\n' % backend.address, self.curl('/running.txt')[1])
         self.assertEqual(self.curl('/delHost', '--data', 'service=web&group=main&name=c1')[0], 0)
         self.assertNotIn('c1', self.curl('/running.txt')[1])
         rc, out, err = self.curl('/delHost', '-d', 'service=web&group=main&name=c1')

@@ -7,6 +7,7 @@ copies of the modules can be imported.
 """
 
 import base64
+import glob
 import os
 import shutil
 import signal
@@ -97,6 +98,19 @@ class BundleTest(BalancerCase):
                                 universal_newlines=True, timeout=30, cwd=self.dir, env=clean_env())
         self.assertEqual((result.returncode, result.stdout.strip()), (0, 'pydirector ' + pydirector.VERSION),
                          result.stderr)
+
+    def test_an_old_python_is_told_plainly(self):
+        # Python 2.7 (or a 3.5) parsing the modules would die on an f-string's SyntaxError.
+        found = sorted(glob.glob(os.path.join(os.environ.get('PYENV_ROOT', os.path.expanduser('~/.pyenv')),
+                                              'versions', '2.*', 'bin', 'python2.*')))
+        found += [path for path in (shutil.which('python2'),) if path]
+        if not found:
+            self.skipTest('no Python 2 here')
+        result = subprocess.run([found[0], self.pyz, '--version'], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                universal_newlines=True, timeout=30, cwd=self.dir, env=clean_env())
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertEqual(result.stdout, '')
+        self.assertRegex(result.stderr, r'^pydirector needs Python 3.6 or newer; this is Python 2\.\d+ \(.*\)\n$')
 
     # -- the command line, as pydirector.py ---------------------------------------
 

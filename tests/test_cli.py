@@ -1,6 +1,8 @@
 """The command line, signals and resource limits, with pydirector as a subprocess."""
 
 import os
+import re
+import select
 import signal
 import socket
 import subprocess
@@ -44,6 +46,30 @@ class TestCommandLine(BalancerCase):
         result = run('--check', os.path.join(support.REPO, 'sample.xml'))
         self.assertEqual(result.returncode, 0, result.stderr)
 
+    def test_sample_admin_block_as_the_readme_says(self):
+        # Uncommented, with the hash --hash-password prints in place of the placeholder.
+        with open(os.path.join(support.REPO, 'sample.xml')) as f:
+            sample = f.read()
+        block = re.search(r'  <!--\n(  <admin .*?</admin>\n)  -->\n', sample, re.S)
+        self.assertIsNotNone(block, 'no commented <admin> block in sample.xml')
+        self.assertIn('pbkdf2_sha256$...', block.group(1))
+        stored = run('--hash-password', input='secret\n').stdout.strip()
+        path = self.write('sample.xml', sample.replace(block.group(0),
+                                                       block.group(1).replace('pbkdf2_sha256$...', stored)))
+        result = run('--check', path)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn('admin: listen 127.0.0.1:7001', result.stdout)
+
+    def test_check_into_a_closed_pipe(self):
+        reader, writer = os.pipe()
+        os.close(reader)
+        try:
+            result = subprocess.run([sys.executable, PYDIRECTOR, '--check', os.path.join(support.REPO, 'sample.xml')],
+                                    stdout=writer, stderr=subprocess.PIPE, universal_newlines=True, timeout=30)
+        finally:
+            os.close(writer)
+        self.assertEqual((result.returncode, result.stderr), (0, ''))
+
     def test_bad_config_exits_1_with_file_and_line(self):
         port = free_port()
         xml = config_xml(service_xml([('one', '127.0.0.1:9')], listen_port=port, scheduler='leastconn'))
@@ -77,6 +103,63 @@ class TestCommandLine(BalancerCase):
         import pydirector
         self.assertTrue(pydirector.check_password('s3cret', stored))
         self.assertFalse(pydirector.check_password('s3cret ', stored))
+
+    def test_hash_password_refuses_no_password(self):
+        for given in ('', '\n', '\r\n'):
+            result = run('--hash-password', input=given)
+            self.assertEqual(result.returncode, 1, given)
+            self.assertEqual(result.stdout, '')
+            self.assertEqual(result.stderr, 'pydirector: no password on stdin\n' if not given
+                             else 'pydirector: an empty password is refused\n')
+
+    def test_hash_password_prompt_ctrl_d_and_ctrl_c(self):
+        import fcntl
+        import pty
+        import termios
+
+        def on_a_terminal(steps):
+            """Run --hash-password on a terminal of its own; at each (prompt, keys) step wait
+            for the prompt, then type the keys.  (exit status, what the terminal showed)"""
+            controller, terminal = pty.openpty()
+            self.addCleanup(os.close, controller)
+
+            def take_terminal():
+                os.setsid()
+                fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+            proc = subprocess.Popen([sys.executable, PYDIRECTOR, '--hash-password'], stdin=terminal,
+                                    stdout=terminal, stderr=terminal, preexec_fn=take_terminal)
+            self.addCleanup(proc.kill)
+            os.close(terminal)
+            shown = b''
+            deadline = time.monotonic() + 20
+
+            def read_more():
+                if not select.select([controller], [], [], max(0, deadline - time.monotonic()))[0]:
+                    raise AssertionError('the terminal showed only %r' % shown)
+                try:
+                    return os.read(controller, 1024)
+                except OSError:     # EIO: the child has closed the terminal
+                    return b''
+
+            for prompt, keys in steps:
+                while prompt not in shown:
+                    shown += read_more()
+                os.write(controller, keys)
+            while True:
+                chunk = read_more()
+                if not chunk:
+                    break
+                shown += chunk
+            return proc.wait(20), shown.decode().replace('\r\n', '\n')
+
+        # Each prompt flushes what was typed ahead, so the keys wait for theirs.
+        for steps in ([(b'Password: ', b'\x04')], [(b'Password: ', b'\x03')],
+                      [(b'Password: ', b'secret\n'), (b'Again: ', b'\x04')]):
+            status, shown = on_a_terminal(steps)
+            self.assertEqual(status, 1, shown)
+            self.assertTrue(shown.endswith('pydirector: no password given\n'), shown)
+            self.assertNotIn('Traceback', shown)
 
     def test_port_in_use_exits_1(self):
         taken = socket.socket()
@@ -125,6 +208,7 @@ class TestSignals(BalancerCase):
         out = proc.output()
         # The readiness probe's own connection may still be counted: 1 or 2.
         self.assertRegex(out, r'stopping: [0-9]+ connection\(s\) open, waiting up to 10 s')
+        self.assertRegex(out, r'no <admin> in \S+\.xml: the admin interface is off')
         self.assertNotIn('Traceback', out)
 
     def test_drain_deadline_closes_what_is_left(self):

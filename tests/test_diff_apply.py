@@ -367,7 +367,7 @@ class FleetTest(FleetCase):
         path = self.write(new_xml())
         before = [m.running() for m in self.members]
         rc, out, err = self.run_cli('diff', *self.urls() + [path])
-        self.assertEqual((rc, err), (0, ''))
+        self.assertEqual((rc, err), (1, ''))
         self.assertEqual(out.splitlines(), ['# balancer ' + self.a.shown()] + PLAN +
                          ['# balancer ' + self.b.shown()] + PLAN)
         self.assertEqual([m.running() for m in self.members], before)    # diff changes nothing
@@ -406,7 +406,7 @@ class FleetTest(FleetCase):
         finally:
             del os.environ['PYDIRECTOR_ADMIN_PASSWORD']
         rc, out, err = self.run_main('diff', '--url', url, path)
-        self.assertEqual(rc, 1)
+        self.assertEqual(rc, 2)
         self.assertIn('user admin was refused (401 ERROR bad credentials)', err)
 
     def test_apply_reads_back(self):
@@ -437,7 +437,7 @@ class FleetTest(FleetCase):
         rc, out, err = self.run_main('diff', '--url', self.a.url('viewer', 'viewer pw'), path)
         self.assertEqual((rc, out, err), (0, '# no changes\n', ''))
         rc, out, err = self.run_main('diff', '--url', self.a.url('gone'), path)
-        self.assertEqual(rc, 1)
+        self.assertEqual(rc, 2)
 
     def test_apply_stops_at_the_first_failure(self):
         # Between planning and applying someone adds host 'four' to balancer b by hand, under
@@ -474,7 +474,7 @@ class FleetTest(FleetCase):
         self.assertEqual(b.service('web').enabled, 'main')
         # diff now shows b's remaining work, with four as a changed host.
         rc, out, err = self.run_main('diff', '--url', self.b.url(), path)
-        self.assertEqual(rc, 0)
+        self.assertEqual(rc, 1)
         self.assertIn('# web/main host four: ip 127.0.0.1:1099 -> 127.0.0.1:1005, weight 1 -> 2; '
                       'delete and add again', out)
 
@@ -482,7 +482,7 @@ class FleetTest(FleetCase):
         path = self.write(new_xml(service_extra='    <timeouts idle="60"/>\n'))
         before = [m.running() for m in self.members]
         rc, out, err = self.run_cli('diff', *self.urls() + [path])
-        self.assertEqual(rc, 0)
+        self.assertEqual(rc, 1)
         self.assertEqual(out.splitlines()[1], cannot('service web: (none) -> <timeouts idle="60"/>'))
         self.assertEqual(out.splitlines()[2:2 + len(PLAN)], PLAN)
         rc, out, err = self.run_cli('apply', *self.urls() + [path])
@@ -512,7 +512,7 @@ class FleetTest(FleetCase):
         ]
         for args, message in cases:
             rc, out, err = self.run_main('diff', *args + [path])
-            self.assertEqual((rc, out), (1, ''), args)
+            self.assertEqual((rc, out), (2, ''), args)
             self.assertTrue(err.startswith(message), (err, message))
             self.assertEqual(len(err.splitlines()), 1, err)
             self.assertNotIn('Traceback', err)
@@ -522,6 +522,8 @@ class FleetTest(FleetCase):
         bad = self.write('<pdconfig>\n  <service name="web"/>\n</pdconfig>\n', 'bad.xml')
         rc, out, err = self.run_main('apply', '--url', self.a.url(), bad)
         self.assertEqual((rc, out, err), (1, '', "apply: %s:2: service 'web' has no <listen>\n" % bad))
+        rc, out, err = self.run_main('diff', '--url', self.a.url(), bad)
+        self.assertEqual((rc, out, err), (2, '', "diff: %s:2: service 'web' has no <listen>\n" % bad))
         rc, out, err = self.run_main('diff', bad)
         self.assertEqual(rc, 2)
         self.assertIn('the following arguments are required: --url', err)
@@ -566,14 +568,14 @@ class HttpsTest(FleetCase):
     def test_self_signed_needs_insecure(self):
         path = self.write(old_xml())
         rc, out, err = self.run_cli('diff', '--url', self.tls_url, path)
-        self.assertEqual(rc, 1)
+        self.assertEqual(rc, 2)
         self.assertRegex(err, r'^diff: https://admin@127\.0\.0\.1:\d+: the TLS certificate does not verify '
                               r'\(.*\); --insecure skips the check\n$')
         rc, out, err = self.run_main('diff', '--insecure', '--url', self.tls_url, path)
         self.assertEqual((rc, out, err), (0, '# no changes\n', ''))
         # Plain HTTP spoken to the TLS port: a clear message, not a traceback.
         rc, out, err = self.run_main('diff', '--url', self.tls_url.replace('https', 'http'), path)
-        self.assertEqual(rc, 1)
+        self.assertEqual(rc, 2)
         self.assertNotIn('Traceback', err)
         self.assertTrue(err.startswith('diff: '), err)
 

@@ -54,6 +54,12 @@ import sys
 
 
 def run():
+    # This file must stay valid Python 2 too: an old python3 (or python) is told plainly,
+    # before the modules' f-strings meet its parser.
+    if sys.version_info < (3, 6):
+        sys.stderr.write('pydirector needs Python 3.6 or newer; this is Python %d.%d (%s)\\n'
+                         % (sys.version_info[0], sys.version_info[1], sys.executable))
+        return 1
     if len(sys.argv) > 1 and sys.argv[1] == 'admin':
         import runpy
         del sys.argv[1]
