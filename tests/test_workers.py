@@ -10,6 +10,7 @@ client to a worker that is.  The life-cycle tests run a real master process
 """
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -535,8 +536,15 @@ class StaleWorkerTest(WorkersCase):
         master.command = ['sh', '-c', 'read line < "$0"; exec "$@"', self.gate_path] + master.command
 
     def open_gate(self):
-        with open(self.gate_path, 'w') as f:      # blocks until the worker's shell reads
-            f.write('go\n')
+        def writer():
+            try:
+                return os.open(self.gate_path, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as e:
+                if e.errno != errno.ENXIO:      # ENXIO: the worker's shell is not reading yet
+                    raise
+        fd = wait_until(writer, 30)
+        os.write(fd, b'go\n')
+        os.close(fd)
 
     def generations(self):
         return [(w['generation'], w['behind']) for w in self.balancer.snapshot()['workers']]
@@ -968,6 +976,32 @@ class LifeCycleTest(BalancerCase):
         wait_until(lambda: 'reloaded ' in proc.output(), 10)
         # A signal has no answer to wait for: each worker takes the new config a moment later.
         wait_until(lambda: set(exchange(port) for _ in range(10)) == {b'two'}, 10)
+        proc.signal(signal.SIGTERM)
+        self.assertEqual(proc.wait(15), 0)
+
+    def test_sighup_just_as_a_killed_worker_restarts(self):
+        # As issue 25 reproduced it: the reload adding a listen reaches the new worker
+        # while it starts; it must serve the new port, and the next reload too.
+        one, two = support.Backend(say_name, 'one'), support.Backend(say_name, 'two')
+        for b in (one, two):
+            self.addCleanup(b.close)
+        port, new_port = free_port(), free_port()
+        proc = self.spawn(config_xml(service_xml([('one', one.address)], listen_port=port)), port)
+        victim, other = self.worker_pids(proc)
+        with open(proc.config_path, 'w') as f:
+            f.write(config_xml(service_xml([('one', one.address)], listen_port=port),
+                               service_xml([('two', two.address)], name='more', listen_port=new_port)))
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: 'restarting it' in proc.output(), 10)
+        proc.signal(signal.SIGHUP)
+        wait_until(lambda: len(self.worker_pids(proc)) == 3 and 'reloaded ' in proc.output(), 30)
+        new = self.worker_pids(proc)[2]
+        self.addCleanup(lambda: alive(new) and os.kill(new, signal.SIGKILL))
+        for pid in (new, other):
+            with only((new, other), pid):
+                wait_until(lambda: accepts(new_port) and exchange(new_port) == b'two', 10,
+                           message='worker pid %d does not serve the new listen: %s' % (pid, proc.output()))
+        self.assertNotIn('could not apply', proc.output())
         proc.signal(signal.SIGTERM)
         self.assertEqual(proc.wait(15), 0)
 
