@@ -6029,6 +6029,11 @@ class Worker(object):
         """A reload, or the master's repair of this worker: the whole running config and
         every listening socket (those this worker holds already are closed again)."""
         director = self.director
+        if director.stopping:
+            # Draining (to be restarted): new listeners would take clients.
+            for fd in fds:
+                os.close(fd)
+            return
         director.listen_sockets = {}
         try:
             director.listen_sockets = listen_sockets(message['listens'], fds)
@@ -6304,6 +6309,7 @@ class Master(object):
         worker.pid = worker.proc.pid
         worker.started = time.time()
         worker.ready = False
+        worker.generation = None
         worker.acked = self.seq     # it starts from everything sent so far
         worker.channel = Channel(self.loop, ours, lambda m, fds: self.on_message(worker, m),
                                  lambda: self.lost(worker))

@@ -67,6 +67,16 @@ def tcp_connections(local_port):
     return found
 
 
+def listening_inode(port):
+    """The inode of the socket listening on this port (/proc/net/tcp)."""
+    with open('/proc/net/tcp') as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[3] == '0A' and int(fields[1].rsplit(':', 1)[1], 16) == port:
+                return fields[9]
+    return None
+
+
 def tcp_inodes(local_port):
     return set(tcp_connections(local_port).values())
 
@@ -607,6 +617,32 @@ class StaleWorkerTest(WorkersCase):
         # Repaired: the master's config again, the stray host gone.
         self.assertEqual([self.name_via(pid) for pid in (first, second, first)], ['a', 'a', 'a'])
         self.assertEqual(self.pids(), [first, second])      # by a resend: nothing restarted
+
+    def test_a_draining_worker_takes_no_new_listen(self):
+        # A worker being restarted drains its connections; a reload meanwhile must
+        # not make it accept again on the sockets the reload brings.
+        a, two = self.backend(name_then_echo, 'a'), self.backend(say_name, 'two')
+        port, new_port = free_port(), free_port()
+        self.rewrite(service_xml([('a', a.address)], listen_port=port))
+        with open(self.path) as f:
+            self.start(f.read(), path=self.path)
+        master = self.balancer.master
+        first, second = self.pids()
+        held, _ = self.via(first)
+        mark = LOG.mark()
+        self.balancer.call(lambda: master.workers[0].channel.send({'t': 'stop', 'drain': 30}))
+        LOG.wait_for('stopping: 1 connection(s) open, waiting up to 30 s', mark)
+        self.rewrite(service_xml([('a', a.address)], listen_port=port),
+                     service_xml([('two', two.address)], name='more', listen_port=new_port))
+        self.balancer.call(self.balancer.director.reload)
+        inode = listening_inode(new_port)
+        self.assertIn(inode, socket_inodes(second))
+        self.assertNotIn(inode, socket_inodes(first))
+        held.close()
+        LOG.wait_for('worker 1 (pid %d) exited with status 0; restarting it' % first, mark, timeout=15)
+        new = wait_until(lambda: self.pids()[0] != first and self.pids()[0])
+        LOG.wait_for('worker 1 (pid %d) ready' % new, mark, timeout=30)
+        self.assertEqual(self.name_via(new, new_port), 'two')
 
     def test_a_worker_that_cannot_apply_its_repair_is_restarted(self):
         a = self.backend(name_then_echo, 'a')
