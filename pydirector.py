@@ -3243,7 +3243,9 @@ class Listener(object):
     def close(self):
         if self.sock.fileno() >= 0:
             if self.registered:
-                self.loop.forget(self.fd)
+                # Not forget: a worker's listening socket is open in other processes too,
+                # so closing this fd would leave it in our epoll set, waking us for clients.
+                self.loop.remove(self.fd)
                 self.registered = False
             self.sock.close()
 
@@ -4613,7 +4615,10 @@ class Reload(object):
         for listener in listeners.values():   # left over: listened on by no service now
             for reader in [r for r in director.hellos if r.listener is listener]:
                 reader.close('shutdown')
-            listener.close()
+            if director.workers is not None:
+                director.workers.retire(listener)   # its workers may listen on it still
+            else:
+                listener.close()
         director.services = services
         self._rest(diff)
         director.config = new
@@ -5193,6 +5198,9 @@ class Director(Actions):
         self.stop_timer = None
         self.reloaded = None
         self.reload_lock = threading.Lock()
+        self.reload_state = threading.Lock()    # over the two below: SIGHUPs coalesce
+        self.reload_wanted = False
+        self.reload_thread = False
         self.epoch_offset = time.time() - time.monotonic()   # loop time -> wall time, for pages
         for service_config in config.services:
             self.build_service(service_config, resolve_names=resolve_names)
@@ -5280,7 +5288,9 @@ class Director(Actions):
     def listen_socket(self, listen):
         """A listening socket for a listen address: bound now, or in a worker the master's."""
         if self.listen_sockets is None:
-            return listen_socket(listen.host, listen.port)
+            # A master reuses a listen's socket it removed but its workers may still hold.
+            sock = self.workers.reuse(listen.key) if self.workers is not None else None
+            return sock if sock is not None else listen_socket(listen.host, listen.port)
         sock = self.listen_sockets.pop(listen.key, None)
         if sock is None:
             raise OSError(errno.EINVAL, 'cannot listen on %s: the master sent no socket for it' % listen.text)
@@ -5373,15 +5383,29 @@ class Director(Actions):
                 self.notifier.ready()   # after a failed reload too: the old config keeps running
 
     def reload_in_background(self):
-        """SIGHUP: read the file in a thread of its own, so the loop never waits on it."""
-        def run():
+        """SIGHUP: read the file in a thread of its own, so the loop never waits on it.
+        Those that come while it runs make one more reload after it, not one each:
+        that one reads the file as it is by then."""
+        with self.reload_state:
+            self.reload_wanted = True
+            if self.reload_thread:
+                return
+            self.reload_thread = True
+        threading.Thread(target=self._reload_while_wanted, name='pydirector-reload', daemon=True).start()
+
+    def _reload_while_wanted(self):
+        while True:
+            with self.reload_state:
+                if not self.reload_wanted:
+                    self.reload_thread = False
+                    return
+                self.reload_wanted = False
             try:
                 self.reload()
             except (AdminError, LoopTimeout):
                 pass    # logged; the old config keeps running
             except Exception:
                 log.exception('reload failed unexpectedly')
-        threading.Thread(target=run, name='pydirector-reload', daemon=True).start()
 
     def apply_reload(self, new):
         """On the loop: make the running services what the new Config says."""
@@ -5594,7 +5618,7 @@ class Director(Actions):
 
 CHANNEL_MAX = 256 << 20     # bytes of one message (a config with many hosts and sticky entries)
 CHANNEL_READ = 262144       # bytes one read takes
-CHANNEL_FDS = 64            # file descriptors one read may bring (listening sockets)
+CHANNEL_FDS = 64            # file descriptors one read may bring (listening sockets), and one send takes
 CHANNEL_BACKLOG = 64 << 20  # bytes waiting for a peer that does not read: past it, the peer is given up
 
 
@@ -5603,14 +5627,18 @@ class Channel(object):
 
     A message is a 4-byte big-endian length and that much JSON; listening
     sockets travel with one as SCM_RIGHTS (socket.sendmsg, 3.3+), and the
-    message says how many ('fds').  Both ends are non-blocking and watched by
-    their loop: what the kernel refuses waits in the outbox, with write
-    interest registered only while it does.  on_message(message, fds) gets
-    each message whole, in order, with the sockets sent along with it;
-    on_lost() is called once, when the peer has gone or sent nonsense.
+    message says how many ('fds').  They go CHANNEL_FDS at a time, each batch
+    with one byte of the message (the last with the rest): one read takes at
+    most one batch, as Linux ends a read after data that brought fds.  Both
+    ends are non-blocking and watched by their loop: what the kernel refuses
+    waits in the outbox, with write interest registered only while it does.
+    on_message(message, fds) gets each message whole, in order, with the
+    sockets sent along with it; on_lost() is called once, when the peer has
+    gone or sent nonsense.  A read whose fds were cut off is nonsense too: the
+    messages after it would take the wrong sockets.
     """
 
-    def __init__(self, loop, sock, on_message, on_lost, inbox=b''):
+    def __init__(self, loop, sock, on_message, on_lost, inbox=b'', fds=()):
         self.loop = loop
         self.sock = sock
         sock.setblocking(False)
@@ -5618,7 +5646,7 @@ class Channel(object):
         self.on_message = on_message
         self.on_lost = on_lost
         self.inbox = bytearray(inbox)
-        self.fds = []                       # received, not yet taken by a message
+        self.fds = list(fds)                # received, not yet taken by a message
         self.outbox = collections.deque()   # [data, fds] the kernel has not taken yet
         self.waiting = 0                    # bytes in the outbox
         self.events = EVENT_READ
@@ -5633,10 +5661,18 @@ class Channel(object):
     def send(self, message, fds=()):
         if self.closed:
             return
+        if fds:
+            message['fds'] = len(fds)
         data = json.dumps(message, separators=(',', ':')).encode('utf-8')
-        self.outbox.append([len(data).to_bytes(4, 'big') + data, list(fds)])
-        self.waiting += len(data) + 4
-        if len(self.outbox) == 1:
+        data = len(data).to_bytes(4, 'big') + data
+        self.waiting += len(data)
+        idle = not self.outbox
+        fds = list(fds)
+        while len(fds) > CHANNEL_FDS:       # (a message is far longer than its count of batches)
+            self.outbox.append([data[:1], fds[:CHANNEL_FDS]])
+            data, fds = data[1:], fds[CHANNEL_FDS:]
+        self.outbox.append([data, fds])
+        if idle:
             self._flush()
         elif self.waiting > CHANNEL_BACKLOG:
             # A peer that reads nothing (stopped, stuck): memory is not to grow without end.
@@ -5680,25 +5716,37 @@ class Channel(object):
     def _read(self):
         for _ in range(16):         # then let the loop serve the rest
             try:
-                data, ancillary, flags, _ = self.sock.recvmsg(CHANNEL_READ, socket.CMSG_SPACE(CHANNEL_FDS * 4))
+                data, fds = self.recv(self.sock)
             except (BlockingIOError, InterruptedError):
+                return
+            except ValueError as e:
+                log.error('%r: %s', self, e)
+                self.lost()
                 return
             except OSError:
                 self.lost()
                 return
-            for level, kind, payload in ancillary:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds = array.array('i')
-                    fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
-                    self.fds.extend(fds)
-            if flags & getattr(socket, 'MSG_CTRUNC', 0):
-                log.error('%r: file descriptors sent along were cut off', self)
+            self.fds.extend(fds)
             if not data:
                 self.lost()
                 return
             self.inbox += data
             if not self._deliver():
                 return
+
+    @staticmethod
+    def recv(sock):
+        """One read: (bytes, the fds that came with them); ValueError if fds were cut off."""
+        data, ancillary, flags, _ = sock.recvmsg(CHANNEL_READ, socket.CMSG_SPACE(CHANNEL_FDS * 4))
+        fds = array.array('i')
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+        if flags & getattr(socket, 'MSG_CTRUNC', 0):
+            for fd in fds:
+                os.close(fd)
+            raise ValueError('file descriptors sent along were cut off')
+        return data, list(fds)
 
     def _deliver(self):
         inbox = self.inbox
@@ -5747,22 +5795,31 @@ class Channel(object):
 
     close_on_error = lost
 
-    @staticmethod
-    def receive(sock, timeout):
-        """The first message, read blocking (before the loop runs): (message, the bytes after it)."""
+    @classmethod
+    def receive(cls, sock, timeout):
+        """The first message, read blocking (before the loop runs): (message, the bytes
+        after it, the fds that came with those), for the Channel made next.  A message
+        the master sent meanwhile may have come in the same read, with its sockets."""
         sock.settimeout(timeout)
         data = b''
-        while True:
-            if len(data) >= 4:
-                size = int.from_bytes(data[:4], 'big')
-                if size > CHANNEL_MAX:
-                    raise ValueError('a message of %d bytes' % size)
-                if len(data) >= 4 + size:
-                    return json.loads(data[4:4 + size].decode('utf-8')), data[4 + size:]
-            chunk = sock.recv(CHANNEL_READ)
-            if not chunk:
-                raise ValueError('the channel closed before the first message')
-            data += chunk
+        fds = []
+        try:
+            while True:
+                if len(data) >= 4:
+                    size = int.from_bytes(data[:4], 'big')
+                    if size > CHANNEL_MAX:
+                        raise ValueError('a message of %d bytes' % size)
+                    if len(data) >= 4 + size:
+                        return json.loads(data[4:4 + size].decode('utf-8')), data[4 + size:], fds
+                chunk, more = cls.recv(sock)
+                fds.extend(more)
+                if not chunk:
+                    raise ValueError('the channel closed before the first message')
+                data += chunk
+        except Exception:
+            for fd in fds:
+                os.close(fd)
+            raise
 
 
 # Fields of a counted thing's line, one line of COUNTER_FIELDS int64s per process.
@@ -6147,22 +6204,26 @@ class Worker(object):
 
     It applies each command from the master (on_message: a method do_KIND per
     kind of message) with the Director's own methods, acknowledging each by
-    its sequence number once applied; it tells the master of the hosts it
-    found down and the sticky entries it made.  If the master goes (its
-    channel closes: it exited or was killed), the worker stops accepting,
-    lets its connections finish for up to <pdconfig drain>, and exits.
+    its sequence number once applied, with the config generation it runs (the
+    master's count of reloads); one it cannot apply it reports ('failed'),
+    and runs no generation until the master has sent it the whole config
+    again.  It tells the master of the hosts it found down and the sticky
+    entries it made.  If the master goes (its channel closes: it exited or
+    was killed), the worker stops accepting, lets its connections finish for
+    up to <pdconfig drain>, and exits.
     """
 
-    def __init__(self, director, sock, first, inbox):
+    def __init__(self, director, sock, first, inbox, fds):
         self.director = director
         self.loop = director.loop
         self.index = first['worker']
         self.acked = first['seq']
+        self.generation = first['generation']
         self.ack_due = False
         self.sticky_out = []
         self.applying = False       # while a change from the master is made: its info lines are the master's
         director.master = self
-        self.channel = Channel(self.loop, sock, self.on_message, self.master_gone, inbox)
+        self.channel = Channel(self.loop, sock, self.on_message, self.master_gone, inbox, fds)
         log.addFilter(self.not_repeated)
 
     def not_repeated(self, record):
@@ -6179,9 +6240,18 @@ class Worker(object):
             if handler is None:
                 raise AdminError(400, 'unknown message %r' % kind)
             handler(message, fds)
-        except AdminError as e:
+        except Exception as e:
             # The master made this change already: a worker that cannot has strayed from it.
-            log.error('cannot apply %s from the master: %s', log_value(message.get('method', kind)), e.message)
+            # It says so, and the master sends it the whole config again (or restarts it).
+            what = message.get('method', kind)
+            error = e.message if isinstance(e, AdminError) else str(e)
+            if isinstance(e, (AdminError, ConfigError)):
+                log.error('cannot apply %s from the master: %s', log_value(what), escape_text(error))
+            else:
+                log.exception('cannot apply %s from the master', log_value(what))
+            self.generation = None
+            self.channel.send({'t': 'failed', 'what': what, 'error': error or type(e).__name__,
+                               'repair': message.get('repair', False)})
         finally:
             self.applying = False
         seq = message.get('seq')
@@ -6193,7 +6263,7 @@ class Worker(object):
 
     def send_ack(self):
         self.ack_due = False
-        self.channel.send({'t': 'ack', 'seq': self.acked})
+        self.channel.send({'t': 'ack', 'seq': self.acked, 'generation': self.generation})
 
     def do_do(self, message, fds):
         try:
@@ -6223,9 +6293,17 @@ class Worker(object):
                 group.scheduler.stick(client_ip, host, now)
 
     def do_reload(self, message, fds):
+        """A reload, or the master's repair of this worker: the whole running config and
+        every listening socket (those this worker holds already are closed again)."""
         director = self.director
-        director.listen_sockets = listen_sockets(message['listens'], fds)
+        if director.stopping:
+            # Draining (to be restarted): new listeners would take clients.
+            for fd in fds:
+                os.close(fd)
+            return
+        director.listen_sockets = {}
         try:
+            director.listen_sockets = listen_sockets(message['listens'], fds)
             director.apply_reload(parse_config(message['xml'], message['path']))
         finally:
             for sock in director.listen_sockets.values():
@@ -6233,6 +6311,7 @@ class Worker(object):
             director.listen_sockets = {}
             director.shared.update(message['slots'])
         apply_host_states(director, message['hosts'])
+        self.generation = message['generation']
 
     def do_counters(self, message, fds):
         self.director.shared.shared.remap(message['size'])
@@ -6291,12 +6370,20 @@ def listen_sockets(listens, fds):
     (fd None: the next of fds, which came with the message)."""
     found = {}
     fds = list(fds)
-    for host, port, family, fd in listens:
-        if fd is None:
-            fd = fds.pop(0)
-        found[address_key(host, port)] = socket.socket(family, socket.SOCK_STREAM, 0, fd)
-    for fd in fds:
-        os.close(fd)
+    try:
+        for host, port, family, fd in listens:
+            if fd is None:
+                if not fds:
+                    raise ValueError('fewer sockets came than the message says')
+                fd = fds.pop(0)
+            found[address_key(host, port)] = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+    except ValueError:
+        for sock in found.values():
+            sock.close()
+        raise
+    finally:
+        for fd in fds:
+            os.close(fd)
     return found
 
 
@@ -6319,7 +6406,7 @@ def run_worker(channel_fd, verbose=False):
     of its channel; the first message says the rest.  Returns the exit status."""
     try:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, channel_fd)
-        first, inbox = Channel.receive(sock, WORKER_FIRST_MESSAGE)
+        first, inbox, fds = Channel.receive(sock, WORKER_FIRST_MESSAGE)
         config = parse_config(first['xml'], first['path'])
     except (OSError, ValueError, ConfigError, KeyError) as e:
         print('pydirector worker: no config from the master: %s' % e, file=sys.stderr)
@@ -6336,7 +6423,7 @@ def run_worker(channel_fd, verbose=False):
     director.listen_sockets = listen_sockets(first['listens'], ())
     fd, size = first['counters']
     director.shared = WorkerCounts(director, SharedCounters(fd, first['workers'] + 1, first['worker'] - 1, size))
-    worker = Worker(director, sock, first, inbox)
+    worker = Worker(director, sock, first, inbox, fds)
     apply_host_states(director, first['hosts'])
     now = time.monotonic()
     for service_name, group_name, client_ip, host_name, age in first['sticky']:
@@ -6368,7 +6455,7 @@ def run_worker(channel_fd, verbose=False):
         log.error('%s', e.strerror or e)
         return 1
     director.shared.update(first['slots'])
-    worker.channel.send({'t': 'ready', 'pid': os.getpid(), 'seq': worker.acked})
+    worker.channel.send({'t': 'ready', 'pid': os.getpid(), 'seq': worker.acked, 'generation': worker.generation})
     try:
         director.loop.run()
     finally:
@@ -6400,6 +6487,7 @@ class WorkerProcess(object):
         self.channel = None
         self.ready = False
         self.acked = 0          # the last command it has applied
+        self.generation = None  # the config generation it runs, as it last said (None: none whole)
         self.restarts = 0
         self.started = None     # epoch time of its start
         self.quick_deaths = 0   # deaths in a row soon after starting
@@ -6416,10 +6504,13 @@ class Master(object):
     Director makes (the hooks host_changed, address_changed, close_host, replay
     and reloaded), each with a sequence number the worker acknowledges once it
     has applied it; sync() waits for that, so an admin change answers only
-    after every live worker has made it.  A worker that dies is restarted at
-    once (after a pause if it keeps dying at start), logged and counted, and
-    what it had counted is kept.  The master assigns the SharedCounters slots
-    and reads the sums there for the pages (read_counts).
+    after every live worker has made it.  Each reload makes a new config
+    generation, which every worker says it runs; one that could not apply a
+    change is sent the whole config again, and restarted if it cannot apply
+    that either (repair).  A worker that dies is restarted at once (after a
+    pause if it keeps dying at start), logged and counted, and what it had
+    counted is kept.  The master assigns the SharedCounters slots and reads
+    the sums there for the pages (read_counts).
     """
 
     def __init__(self, director, count, verbose=False, output=None, command=None):
@@ -6430,6 +6521,7 @@ class Master(object):
         self.output = output            # the workers' stdout and stderr (None: the master's)
         self.command = command or worker_command()
         self.seq = 0
+        self.generation = 1             # of the running config: one more each reload
         self.workers = [WorkerProcess(i) for i in range(1, count + 1)]
         self.changed = threading.Condition()
         self.stopping = False
@@ -6441,6 +6533,7 @@ class Master(object):
         self.freed = []                 # slots of things gone, until the message telling of it is sent
         self.next_slot = 0
         self.sent_listeners = set()
+        self.retired = []               # [listen key, socket, seq] of removed listens (see retire)
         self.shared = SharedCounters.create(count + 1, max(256, 2 * len(self.things())))
         self.assign()
         director.workers = self
@@ -6483,11 +6576,13 @@ class Master(object):
         worker.pid = worker.proc.pid
         worker.started = time.time()
         worker.ready = False
+        worker.generation = None
         worker.acked = self.seq     # it starts from everything sent so far
         worker.channel = Channel(self.loop, ours, lambda m, fds: self.on_message(worker, m),
                                  lambda: self.lost(worker))
         worker.channel.send({
-            't': 'config', 'seq': self.seq, 'worker': worker.index, 'workers': self.count,
+            't': 'config', 'seq': self.seq, 'generation': self.generation, 'worker': worker.index,
+            'workers': self.count,
             'xml': self.director.running_xml(), 'path': self.director.config.path,
             'listens': listens, 'counters': [self.shared.fd, self.shared.size],
             'slots': self.slot_entries(self.slot_of), 'hosts': self.host_states(),
@@ -6498,7 +6593,11 @@ class Master(object):
         if kind == 'ack':
             with self.changed:
                 worker.acked = max(worker.acked, message['seq'])
+                worker.generation = message.get('generation')
                 self.changed.notify_all()
+            self.let_go()
+        elif kind == 'failed':
+            self.repair(worker, message)
         elif kind == 'down':
             try:
                 service, group, host = self.director._host(message['service'], message['group'], message['host'])
@@ -6512,6 +6611,7 @@ class Master(object):
             with self.changed:
                 worker.ready = True
                 worker.acked = max(worker.acked, message['seq'])
+                worker.generation = message.get('generation')
                 self.changed.notify_all()
             log.info('%r ready', worker)
             if self.on_ready is not None and all(w.ready for w in self.workers):
@@ -6539,6 +6639,7 @@ class Master(object):
             return
         self.shared.fold(worker.index - 1, self.kind_of)
         worker.proc = None
+        self.let_go()
         if self.stopping:
             log.info('%r exited', worker)
             self.check_stopped()
@@ -6564,8 +6665,6 @@ class Master(object):
     def send_all(self, message, fds=()):
         self.seq += 1
         message['seq'] = self.seq
-        if fds:
-            message['fds'] = len(fds)
         for worker in self.workers:
             if worker.channel is not None:
                 worker.channel.send(message, fds)
@@ -6596,15 +6695,72 @@ class Master(object):
                     return
 
     def reloaded(self):
-        """The master reloaded: every worker reloads to its running config, taking the
-        new listening sockets with it (those removed every process closes itself)."""
+        """The master reloaded: every worker reloads to its running config, the next
+        generation, taking the new listening sockets with it (those removed every
+        process closes itself)."""
         current = self.listeners()
         new = [l for l in current if l not in self.sent_listeners]
         self.sent_listeners = set(current)
-        slots = self.assign()
-        self.send_all({'t': 'reload', 'xml': self.director.running_xml(), 'path': self.director.config.path,
-                       'listens': [[l.listen.host, l.listen.port, l.sock.family, None] for l in new],
-                       'slots': slots, 'hosts': self.host_states()}, [l.sock.fileno() for l in new])
+        self.generation += 1
+        message = self.reload_message(new)
+        message['slots'] = self.assign()
+        seq = self.send_all(message, [l.sock.fileno() for l in new])
+        for entry in self.retired:
+            if entry[2] is None:
+                entry[2] = seq
+        self.let_go()
+
+    def reload_message(self, listeners):
+        """A reload to the running config, sending the sockets of these listeners."""
+        return {'t': 'reload', 'xml': self.director.running_xml(), 'path': self.director.config.path,
+                'generation': self.generation, 'hosts': self.host_states(),
+                'listens': [[l.listen.host, l.listen.port, l.sock.family, None] for l in listeners]}
+
+    def repair(self, worker, failed):
+        """A worker could not apply what the master sent (it said so): it has strayed
+        from the master's config.  It is sent the whole running config again, with
+        every listening socket; one that cannot apply that either is restarted,
+        once its connections have finished (its row of counters is its own)."""
+        error = escape_text(failed.get('error'))
+        if self.stopping:
+            log.error('%r could not apply %s: %s', worker, log_value(failed.get('what')), error)
+            return
+        if failed.get('repair'):
+            log.error('%r could not apply the running config either: %s; restarting it', worker, error)
+            worker.channel.send({'t': 'stop', 'drain': self.director.config.drain})
+            return
+        log.error('%r could not apply %s: %s; sending it the running config again',
+                  worker, log_value(failed.get('what')), error)
+        listeners = self.listeners()
+        message = self.reload_message(listeners)
+        # The number of what was sent last: it has that too once it acknowledges this.
+        message.update(slots=self.slot_entries(self.slot_of), seq=self.seq, repair=True)
+        worker.channel.send(message, [l.sock.fileno() for l in listeners])
+
+    def retire(self, listener):
+        """A listen a reload removed: its socket is kept until every worker has let
+        go of it, so that a reload adding it back meanwhile takes it (reuse) rather
+        than fail to bind the address a worker still listens on."""
+        self.retired.append([listener.listen.key, listener.sock, None])
+
+    def reuse(self, key):
+        """A retired socket of this address, or None."""
+        for entry in reversed(self.retired):
+            if entry[0] == key:
+                return entry[1].dup()
+        return None
+
+    def let_go(self):
+        """Close the retired sockets every worker has let go of."""
+        if self.retired:
+            applied = self.applied()
+            for entry in [e for e in self.retired if e[2] is not None and e[2] <= applied]:
+                self.retired.remove(entry)
+                entry[1].close()
+
+    def applied(self):
+        """The last message every worker still running has applied."""
+        return min([w.acked for w in self.workers if w.proc is not None] or [self.seq])
 
     def sticky(self, entries):
         """New sticky entries a worker made: kept here and told to every worker (the one
@@ -6688,6 +6844,9 @@ class Master(object):
                 worker.proc.kill()
                 worker.proc.wait()
                 worker.proc = None
+        for entry in self.retired:
+            entry[1].close()
+        self.retired = []
         self.shared.close()
 
     # -- counters ---------------------------------------------------------------
@@ -6715,7 +6874,7 @@ class Master(object):
         current = set(thing for thing, _, _ in things)
         for thing in [t for t in self.slot_of if t not in current]:
             self.freed.append(self.slot_of.pop(thing))
-        applied = min([w.acked for w in self.workers if w.channel is not None] or [self.seq])
+        applied = self.applied()
         new = {}
         for thing, kind, names in things:
             if thing in self.slot_of:
@@ -6777,6 +6936,7 @@ class Master(object):
 
     def snapshot(self):
         return [{'worker': w.index, 'pid': w.pid, 'up': w.ready, 'started': w.started, 'restarts': w.restarts,
+                 'generation': w.generation, 'behind': w.ready and w.generation != self.generation,
                  'open': self.open_connections(w),
                  'accepted': self.row_accepted(w)} for w in self.workers]
 

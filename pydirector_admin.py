@@ -1605,11 +1605,12 @@ def render_running(snapshot, user, can_change, msg=None, refresh=None):
     if s.get('workers'):
         body.append('<h2>Workers</h2><p>The counters above are the sums of these processes.</p>'
                     '<table><tr><th>worker</th><th>pid</th><th>state</th><th>open</th><th>accepted</th>'
-                    '<th>restarts</th><th>started</th></tr>')
+                    '<th>restarts</th><th>started</th><th>config</th></tr>')
         for w in s['workers']:
-            body.append('<tr><td>%d</td><td>%s</td><td>%s</td><td>%d</td><td>%d</td><td>%d</td><td>%s</td></tr>' % (
-                w['worker'], w['pid'] or '-', 'up' if w['up'] else 'starting', w['open'], w['accepted'],
-                w['restarts'], e(when(w['started'])) if w['started'] else '-'))
+            body.append('<tr><td>%d</td><td>%s</td><td>%s</td><td>%d</td><td>%d</td><td>%d</td><td>%s</td>'
+                        '<td>%s</td></tr>' % (
+                            w['worker'], w['pid'] or '-', 'up' if w['up'] else 'starting', w['open'], w['accepted'],
+                            w['restarts'], e(when(w['started'])) if w['started'] else '-', worker_generation(w)))
         body.append('</table>')
     body.append('<h2>Users</h2><table><tr><th>user</th><th>access</th>%s</tr>'
                 % ('<th></th>' if can_change else ''))
@@ -1632,6 +1633,14 @@ def render_running(snapshot, user, can_change, msg=None, refresh=None):
 def txt_field(value):
     """One whitespace-free field: whitespace runs become '_', control chars are escaped, empty is '-'."""
     return '_'.join(escape_text(value).split()) or '-'
+
+
+def worker_generation(worker):
+    """The config generation a worker runs, as /running shows it."""
+    if worker['generation'] is None:
+        return '<strong>none (being repaired)</strong>' if worker['up'] else '-'
+    text = 'generation %d' % worker['generation']
+    return '<strong>%s (behind)</strong>' % text if worker['behind'] else text
 
 
 def render_running_txt(snapshot):

@@ -193,6 +193,31 @@ class TestReload(OpsTestCase):
         self.assertEqual(errors, [])
         self.assertFalse([l for l in LOG.since(self.mark) if 'TRACEBACK' in l])
 
+    def test_sighups_during_a_reload_make_one_more_not_one_each(self):
+        # 300 SIGHUPs back to back once started 300 threads queued on the reload
+        # lock.  Held here, the first reload waits; the 299 signals behind it make
+        # one more reload, which reads the file as it is when it runs.
+        one, two = self.backend(name='one'), self.backend(name='two')
+        port = free_port()
+        self.start(config_xml(service_xml([('one', one.address)], listen_port=port)))
+        director = self.balancer.director
+
+        def reloading():
+            return [t for t in threading.enumerate() if t.name == 'pydirector-reload']
+        with director.reload_lock:
+            # As main()'s SIGHUP handler does, on the loop, once per signal.
+            director.loop.call(lambda: [director.reload_in_background() for _ in range(300)])
+            self.assertEqual(len(reloading()), 1)
+            self.rewrite(config_xml(service_xml([('two', two.address)], listen_port=port)))
+        wait_until(lambda: not reloading(), 30)
+        self.balancer.sync()
+        self.assertEqual(len([l for l in LOG.since(self.mark) if 'reloaded %s' % self.path in l]), 2)
+        self.assertEqual({exchange(port) for _ in range(4)}, {b'two'})
+        # A signal after that starts a reload of its own.
+        self.rewrite(config_xml(service_xml([('one', one.address)], listen_port=port)))
+        director.loop.call(director.reload_in_background)
+        wait_until(lambda: {exchange(port) for _ in range(4)} == {b'one'}, 10)
+
 
 def _accepts(port):
     try:

@@ -10,6 +10,8 @@ client to a worker that is.  The life-cycle tests run a real master process
 """
 
 import contextlib
+import errno
+import json
 import os
 import re
 import shutil
@@ -63,6 +65,16 @@ def tcp_connections(local_port):
                 if local == local_port and fields[3] != '0A':      # not the listening socket
                     found[remote] = fields[9]
     return found
+
+
+def listening_inode(port):
+    """The inode of the socket listening on this port (/proc/net/tcp)."""
+    with open('/proc/net/tcp') as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[3] == '0A' and int(fields[1].rsplit(':', 1)[1], 16) == port:
+                return fields[9]
+    return None
 
 
 def tcp_inodes(local_port):
@@ -446,6 +458,256 @@ class ReloadTest(WorkersCase):
         self.assertEqual(background.finish(), [])                   # not one cut
 
 
+    def test_a_reload_adding_200_listens_cuts_nothing(self):
+        # More sockets than one read of the channel takes (64): sent in batches.
+        directory = tempfile.mkdtemp(prefix='pydirector-workers-')
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = os.path.join(directory, 'live.xml')
+        support.raise_open_files(4096)
+        e = EchoServer()
+        self.addCleanup(e.close)
+        one = self.backend(say_name, 'one')
+        bg = service_xml([('echo', e.address)], name='bg')
+        self.start(config_xml(bg), path=path)
+        pids = self.pids()
+        streams = []
+        for seed, pid in enumerate(pids):      # open connections in each worker
+            with only(pids, pid):
+                streams.append(Background(self.balancer.port('bg'), 3, seed=seed, interval=0.05))
+                self.addCleanup(streams[-1].stop)
+                streams[-1].start()
+        port = free_port()
+        many = service_xml([('one', one.address)], name='many', listen_port=port).replace(
+            '    <listen ip="127.0.0.1:%d"/>\n' % port,
+            ''.join('    <listen ip="127.0.1.%d:%d"/>\n' % (n, port) for n in range(1, 201)))
+        with open(path, 'w') as f:
+            f.write(config_xml(bg, many))
+        self.assertIn('+service many', self.balancer.call(self.balancer.director.reload))
+        for pid in pids:
+            with only(pids, pid):
+                for n in (1, 64, 65, 128, 129, 200):
+                    sock = connect(port, host='127.0.1.%d' % n)
+                    self.assertEqual(recv_all(sock), b'one', (pid, n))
+                    sock.close()
+        self.assertEqual(self.pids(), pids)                                     # none restarted
+        self.assertEqual([b.finish() for b in streams], [[], []])               # not one cut
+        self.assertEqual([w['restarts'] for w in self.balancer.snapshot()['workers']], [0, 0])
+
+    def test_a_listen_removed_and_added_again_keeps_its_socket(self):
+        # A worker that has not yet let go of a removed listen's socket once made the
+        # reload adding it back fail ("Address already in use"): the master reuses it.
+        directory = tempfile.mkdtemp(prefix='pydirector-workers-')
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = os.path.join(directory, 'live.xml')
+        one, two = self.backend(say_name, 'one'), self.backend(say_name, 'two')
+        port, extra = free_port(), free_port()
+        web = service_xml([('one', one.address)], listen_port=port)
+        more = service_xml([('two', two.address)], name='more', listen_port=extra)
+        self.start(config_xml(web, more), path=path)
+        director = self.balancer.director
+        first, second = self.pids()
+        os.kill(second, signal.SIGSTOP)     # it applies nothing meanwhile
+        try:
+            with open(path, 'w') as f:
+                f.write(config_xml(web))
+            self.assertIn('-service more', director.reload())
+            with open(path, 'w') as f:
+                f.write(config_xml(web, more))
+            self.assertIn('+service more', director.reload())
+        finally:
+            os.kill(second, signal.SIGCONT)
+        self.balancer.sync()
+        self.assertEqual([self.name_via(pid, extra) for pid in (first, second)], ['two', 'two'])
+        self.assertEqual([l for l in LOG.since(self.mark) if 'already in use' in l or 'cannot apply' in l], [])
+        # Removed for good: once every worker has let go, so has the master.
+        with open(path, 'w') as f:
+            f.write(config_xml(web))
+        self.balancer.call(director.reload)
+        wait_until(lambda: not accepts(extra))
+
+class StaleWorkerTest(WorkersCase):
+    """Issue 25: no worker stays on an old config, and none is left behind silently."""
+
+    def setUp(self):
+        WorkersCase.setUp(self)
+        directory = tempfile.mkdtemp(prefix='pydirector-workers-')
+        self.addCleanup(shutil.rmtree, directory, True)
+        self.path = os.path.join(directory, 'live.xml')
+        self.gate_path = os.path.join(directory, 'gate')
+
+    def rewrite(self, *services):
+        with open(self.path, 'w') as f:
+            f.write(config_xml(*services))
+
+    def gate(self):
+        """Workers the master starts from now on wait before running until open_gate()."""
+        os.mkfifo(self.gate_path)
+        master = self.balancer.master
+        master.command = ['sh', '-c', 'read line < "$0"; exec "$@"', self.gate_path] + master.command
+
+    def open_gate(self):
+        def writer():
+            try:
+                return os.open(self.gate_path, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as e:
+                if e.errno != errno.ENXIO:      # ENXIO: the worker's shell is not reading yet
+                    raise
+        fd = wait_until(writer, 30)
+        os.write(fd, b'go\n')
+        os.close(fd)
+
+    def generations(self):
+        return [(w['generation'], w['behind']) for w in self.balancer.snapshot()['workers']]
+
+    def test_a_listen_added_while_a_worker_starts_reaches_it(self):
+        # The reload that adds a listen reaches a new worker's channel before the worker
+        # has read its config: the new socket rides with it, and was once dropped by the
+        # worker's first read, leaving that worker on the old config for good.
+        one, two, three = (self.backend(say_name, n) for n in ('one', 'two', 'three'))
+        port, new_port = free_port(), free_port()
+        self.rewrite(service_xml([('one', one.address)], listen_port=port))
+        with open(self.path) as f:
+            self.start(f.read(), path=self.path)
+        self.assertEqual(self.generations(), [(1, False), (1, False)])
+        self.gate()
+        victim = self.pids()[0]
+        mark = LOG.mark()
+        os.kill(victim, signal.SIGKILL)
+        LOG.wait_for('worker 1 (pid %d) exited on signal 9' % victim, mark)
+        # Started again, and held at the gate: the reload goes down its channel now.
+        self.rewrite(service_xml([('two', two.address)], listen_port=port),
+                     service_xml([('two', two.address)], name='more', listen_port=new_port))
+        self.assertIn('+service more', self.balancer.director.reload())
+        self.open_gate()
+        new = self.pids()[0]
+        LOG.wait_for('worker 1 (pid %d) ready' % new, mark, timeout=30)
+        self.balancer.sync()
+        for pid in self.pids():
+            self.assertEqual(self.name_via(pid, new_port), 'two')
+            self.assertEqual(self.name_via(pid, port), 'two')
+        self.assertEqual(self.generations(), [(2, False), (2, False)])
+        # And the next reload, which moves web again, reaches it too.
+        self.rewrite(service_xml([('three', three.address)], listen_port=port),
+                     service_xml([('two', two.address)], name='more', listen_port=new_port))
+        self.balancer.call(self.balancer.director.reload)
+        self.assertEqual([self.name_via(pid, port) for pid in self.pids()], ['three', 'three'])
+        self.assertEqual(self.generations(), [(3, False), (3, False)])
+        self.assertEqual([l for l in LOG.since(mark) if 'cannot apply' in l or 'could not apply' in l], [])
+
+    def test_a_worker_that_cannot_apply_a_change_says_so_and_is_repaired(self):
+        a, stray = self.backend(say_name, 'a'), self.backend(say_name, 'stray')
+        self.start(service_xml([('a', a.address)]))
+        master = self.balancer.master
+        first, second = self.pids()
+        mark = LOG.mark()
+
+        def stray_worker_1():
+            # A change the master never made (worker 1 strays), then one it cannot apply.
+            channel = master.workers[0].channel
+            channel.send({'t': 'do', 'method': 'add_host', 'args': ['web', 'main', 'stray', stray.address],
+                          'kwargs': {'weight': 1000}, 'seq': master.seq})
+            channel.send({'t': 'do', 'method': 'del_host', 'args': ['web', 'main', 'nosuch'], 'kwargs': {},
+                          'seq': master.seq})
+        self.balancer.call(stray_worker_1)
+        LOG.wait_for("worker 1 (pid %d) could not apply del_host: no host 'nosuch' in web/main; "
+                     "sending it the running config again" % first, mark)
+        # Anything sent after the repair is acknowledged once the repair is applied.
+        self.balancer.call(master.send_all, {'t': 'sticky', 'entries': []})
+        self.assertEqual(self.generations(), [(1, False), (1, False)])
+        # Repaired: the master's config again, the stray host gone.
+        self.assertEqual([self.name_via(pid) for pid in (first, second, first)], ['a', 'a', 'a'])
+        self.assertEqual(self.pids(), [first, second])      # by a resend: nothing restarted
+
+    def test_a_draining_worker_takes_no_new_listen(self):
+        # A worker being restarted drains its connections; a reload meanwhile must
+        # not make it accept again on the sockets the reload brings.
+        a, two = self.backend(name_then_echo, 'a'), self.backend(say_name, 'two')
+        port, new_port = free_port(), free_port()
+        self.rewrite(service_xml([('a', a.address)], listen_port=port))
+        with open(self.path) as f:
+            self.start(f.read(), path=self.path)
+        master = self.balancer.master
+        first, second = self.pids()
+        held, _ = self.via(first)
+        mark = LOG.mark()
+        self.balancer.call(lambda: master.workers[0].channel.send({'t': 'stop', 'drain': 30}))
+        LOG.wait_for('stopping: 1 connection(s) open, waiting up to 30 s', mark)
+        self.rewrite(service_xml([('a', a.address)], listen_port=port),
+                     service_xml([('two', two.address)], name='more', listen_port=new_port))
+        self.balancer.call(self.balancer.director.reload)
+        inode = listening_inode(new_port)
+        self.assertIn(inode, socket_inodes(second))
+        self.assertNotIn(inode, socket_inodes(first))
+        held.close()
+        LOG.wait_for('worker 1 (pid %d) exited with status 0; restarting it' % first, mark, timeout=15)
+        new = wait_until(lambda: self.pids()[0] != first and self.pids()[0])
+        LOG.wait_for('worker 1 (pid %d) ready' % new, mark, timeout=30)
+        self.assertEqual(self.name_via(new, new_port), 'two')
+
+    def test_a_worker_that_cannot_apply_its_repair_is_restarted(self):
+        a = self.backend(name_then_echo, 'a')
+        self.start(service_xml([('a', a.address)]))
+        master = self.balancer.master
+        director = self.balancer.director
+        first, second = self.pids()
+        held, name = self.via(first)
+        self.assertEqual(name, 'a')
+        running_xml = director.running_xml
+        sent = []
+
+        def broken_once():
+            if not sent:
+                sent.append(1)
+                return '<pdconfig><broken/>'
+            return running_xml()
+        mark = LOG.mark()
+        with mock.patch.object(director, 'running_xml', broken_once):
+            self.balancer.director.loop.call(lambda: master.workers[0].channel.send(
+                {'t': 'do', 'method': 'del_host', 'args': ['web', 'main', 'nosuch'], 'kwargs': {}, 'seq': master.seq}))
+            line = LOG.wait_for('worker 1 (pid %d) could not apply the running config either: ' % first, mark)[0]
+        self.assertRegex(line, r': test\.xml:1: .*; restarting it\Z')
+        # It lets its connection finish first.
+        held.sendall(b'still\n')
+        self.assertEqual(read_line(held), 'still')
+        held.close()
+        LOG.wait_for('worker 1 (pid %d) exited with status 0; restarting it (restart 1)' % first, mark, timeout=15)
+        new = wait_until(lambda: self.pids()[0] != first and self.pids()[0])
+        LOG.wait_for('worker 1 (pid %d) ready' % new, mark, timeout=30)
+        self.assertEqual(self.name_via(new), 'a')
+        self.assertEqual(self.generations(), [(1, False), (1, False)])
+
+
+class RunningPageTest(AdminWorkersCase):
+
+    def test_running_shows_each_workers_config_generation(self):
+        directory = tempfile.mkdtemp(prefix='pydirector-workers-')
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = os.path.join(directory, 'live.xml')
+        one, two = self.backend(say_name, 'one'), self.backend(say_name, 'two')
+        port = free_port()
+        admin = self.admin_xml()
+        self.start(config_xml(service_xml([('one', one.address)], listen_port=port)).replace(
+            '</pdconfig>', admin + '</pdconfig>'), path=path)
+        self.start_admin(self.balancer)
+        self.assertEqual(self.admin('/running').count('<td>generation 1</td>'), 2)
+        first, second = self.pids()
+        with open(path, 'w') as f:
+            f.write(config_xml(service_xml([('two', two.address)], listen_port=port)).replace(
+                '</pdconfig>', admin + '</pdconfig>'))
+        os.kill(second, signal.SIGSTOP)
+        try:
+            self.balancer.director.reload()
+            wait_until(lambda: [(w['generation'], w['behind']) for w in json.loads(
+                self.admin('/running.json'))['workers']] == [(2, False), (1, True)])
+            page = self.admin('/running')
+            self.assertIn('<td>generation 2</td>', page)
+            self.assertIn('<td><strong>generation 1 (behind)</strong></td>', page)
+        finally:
+            os.kill(second, signal.SIGCONT)
+        self.balancer.sync()
+        self.assertEqual(self.admin('/running').count('<td>generation 2</td>'), 2)
+
+
 class LogTest(WorkersCase):
 
     def test_lines_whole_in_one_file_and_reopened_everywhere(self):
@@ -535,6 +797,54 @@ class ChannelTest(BalancerCase):
         self.addCleanup(received.close)
         self.assertEqual(received.getsockname(), listener.getsockname())   # the same socket, another fd
         self.assertEqual(lost, [])
+
+    def listeners(self, count):
+        found = []
+        for _ in range(count):
+            sock = socket.socket()
+            self.addCleanup(sock.close)
+            sock.bind(('127.0.0.1', 0))
+            sock.listen(1)
+            found.append(sock)
+        return found
+
+    def same_sockets(self, fds, listeners):
+        received = [socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd) for fd in fds]
+        for sock in received:
+            self.addCleanup(sock.close)
+        return [s.getsockname() for s in received] == [s.getsockname() for s in listeners]
+
+    def test_more_sockets_than_one_read_takes(self):
+        sender_loop, sender, _, _, got, lost = self.pair()
+        many = self.listeners(3 * pydirector.CHANNEL_FDS + 5)
+        sender_loop.call(lambda: [sender.send({'n': 0}, [s.fileno() for s in many]),
+                                  sender.send({'n': 1}, [many[0].fileno()])])
+        wait_until(lambda: len(got) == 2)
+        self.assertEqual([len(fds) for _, fds in got], [len(many), 1])
+        self.assertTrue(self.same_sockets(got[0][1] + got[1][1], many + many[:1]))
+        self.assertEqual(lost, [])
+
+    def test_the_first_read_keeps_the_sockets_of_what_follows(self):
+        # A worker reads its first message blocking; the next, sent meanwhile, may come
+        # in the same read, with the sockets that ride on it.
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(a.close)
+        many = self.listeners(100)
+        loop = self.loop()
+        sender = loop.call(pydirector.Channel, loop, a, lambda m, fds: None, lambda: None)
+        self.addCleanup(loop.call, sender.close)
+        loop.call(lambda: [sender.send({'t': 'config'}), sender.send({'t': 'reload'}, [s.fileno() for s in many])])
+        wait_until(lambda: not sender.outbox)
+        first, inbox, fds = pydirector.Channel.receive(b, 5)
+        self.assertEqual(first, {'t': 'config'})
+        got = []
+        receiver_loop = self.loop()
+        receiver = receiver_loop.call(pydirector.Channel, receiver_loop, b, lambda m, fds: got.append((m, fds)),
+                                      lambda: None, inbox, fds)
+        self.addCleanup(receiver_loop.call, receiver.close)
+        wait_until(lambda: got)
+        self.assertEqual(got[0][0], {'t': 'reload', 'fds': 100})
+        self.assertTrue(self.same_sockets(got[0][1], many))
 
     def test_a_bad_length_or_a_closed_peer_is_lost_once(self):
         _, sender, receiver_loop, receiver, got, lost = self.pair()
@@ -702,6 +1012,32 @@ class LifeCycleTest(BalancerCase):
         wait_until(lambda: 'reloaded ' in proc.output(), 10)
         # A signal has no answer to wait for: each worker takes the new config a moment later.
         wait_until(lambda: set(exchange(port) for _ in range(10)) == {b'two'}, 10)
+        proc.signal(signal.SIGTERM)
+        self.assertEqual(proc.wait(15), 0)
+
+    def test_sighup_just_as_a_killed_worker_restarts(self):
+        # As issue 25 reproduced it: the reload adding a listen reaches the new worker
+        # while it starts; it must serve the new port, and the next reload too.
+        one, two = support.Backend(say_name, 'one'), support.Backend(say_name, 'two')
+        for b in (one, two):
+            self.addCleanup(b.close)
+        port, new_port = free_port(), free_port()
+        proc = self.spawn(config_xml(service_xml([('one', one.address)], listen_port=port)), port)
+        victim, other = self.worker_pids(proc)
+        with open(proc.config_path, 'w') as f:
+            f.write(config_xml(service_xml([('one', one.address)], listen_port=port),
+                               service_xml([('two', two.address)], name='more', listen_port=new_port)))
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: 'restarting it' in proc.output(), 10)
+        proc.signal(signal.SIGHUP)
+        wait_until(lambda: len(self.worker_pids(proc)) == 3 and 'reloaded ' in proc.output(), 30)
+        new = self.worker_pids(proc)[2]
+        self.addCleanup(lambda: alive(new) and os.kill(new, signal.SIGKILL))
+        for pid in (new, other):
+            with only((new, other), pid):
+                wait_until(lambda: accepts(new_port) and exchange(new_port) == b'two', 10,
+                           message='worker pid %d does not serve the new listen: %s' % (pid, proc.output()))
+        self.assertNotIn('could not apply', proc.output())
         proc.signal(signal.SIGTERM)
         self.assertEqual(proc.wait(15), 0)
 
