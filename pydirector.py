@@ -558,8 +558,11 @@ WORKER_TIMEOUT_MIN = 1.0   # seconds: a loop's heartbeat comes every 50 ms, but 
 def parse_worker_timeout(text, what='worker_timeout'):
     """<pdconfig worker_timeout>: seconds a worker's loop may go without its heartbeat
     before the master kills it (default 5), at least WORKER_TIMEOUT_MIN."""
-    value = parse_seconds(text, what, 5.0)
-    if value < WORKER_TIMEOUT_MIN:
+    try:
+        value = parse_seconds(text, what, 5.0)
+    except ValueError:
+        value = None
+    if value is None or value < WORKER_TIMEOUT_MIN:
         raise ValueError(f'{what} {text!r}: must be a number of seconds >= {WORKER_TIMEOUT_MIN:g} '
                          f'and <= {MAX_SECONDS}')
     return value

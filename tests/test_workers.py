@@ -827,6 +827,23 @@ class ConfigTest(unittest.TestCase):
             self.assertEqual(str(caught.exception),
                              "w.xml:1: <pdconfig> workers %r: must be 'auto' or a number 1-1024" % bad)
 
+    def test_worker_timeout_attribute(self):
+        self.assertEqual(self.parse({}).worker_timeout, 5.0)
+        self.assertNotIn('worker_timeout', self.parse({}).to_xml())
+        config = self.parse({'worker_timeout': '2.5'})
+        self.assertEqual(config.worker_timeout, 2.5)
+        self.assertIn('<pdconfig worker_timeout="2.5">', config.to_xml())
+        director = pydirector.Director(config, resolve_names=False)
+        self.addCleanup(director.loop.close)
+        self.assertIn('<pdconfig worker_timeout="2.5">', director.running_xml())
+        self.assertIn('<pdconfig> worker_timeout (default) -> 2.5',
+                      pydirector_admin.plan_changes(self.parse({}), config).lines()[0])
+        for bad in ('0', '0.5', '-1', 'soon', '86401'):
+            with self.assertRaises(pydirector.ConfigError) as caught:
+                self.parse({'worker_timeout': bad})
+            self.assertEqual(str(caught.exception), "w.xml:1: <pdconfig> worker_timeout %r: must be a number "
+                                                    "of seconds >= 1 and <= 86400" % bad)
+
     def test_auto_is_the_cpus_this_process_may_use(self):
         expected = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
         self.assertEqual(pydirector.worker_count('auto'), expected)
