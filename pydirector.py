@@ -4485,7 +4485,7 @@ class Reload(object):
             for host in group.scheduler.hosts:
                 director.health.forget(host)
         while service.queue:
-            service.queue.popleft().close('shutdown')
+            service.queue[0].close('shutdown')     # which takes it off the queue
         log.info('service %s removed (%d connection(s) left to finish)', service.name, service.open)
 
     def _rest(self, diff):
