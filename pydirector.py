@@ -5563,7 +5563,8 @@ class SharedCounters(object):
     thing's lines lie together and no two processes write the same cache
     line.  Row i-1 is worker i's, written only by it; the last row is the
     master's, holding what workers that died had counted, so that totals
-    never go back.  A thing with a limit is checked and taken under
+    never go back.  Slot 0 is no thing's: there each worker stamps its
+    heartbeat.  A thing with a limit is checked and taken under
     fcntl.lockf on byte `slot` of the file: two workers never both take the
     last free place.
     """
@@ -6260,10 +6261,9 @@ class Master(object):
         self.stop_timer = None
         self.on_ready = None            # called once, when every worker is first ready
         self.slot_of = {}               # the master's running object -> slot
-        self.kind_of = {}               # slot -> 'host', 'service' or 'address'
+        self.kind_of = {HEARTBEAT_SLOT: 'process'}     # slot -> 'host', 'service', 'address' or 'process'
         self.free = []                  # [(seq, slot)]: reusable once every worker applied seq
         self.freed = []                 # slots of things gone, until the message telling of it is sent
-        self.kind_of[HEARTBEAT_SLOT] = 'process'
         self.next_slot = HEARTBEAT_SLOT + 1
         self.sent_listeners = set()
         self.beat_timer = None
@@ -6389,7 +6389,7 @@ class Master(object):
         if not worker.ready or worker.proc is None:
             return None
         beat = self.shared.view[self.shared.line(HEARTBEAT_SLOT, worker.index - 1) + HEARTBEAT]
-        return max(0.0, time.monotonic() - beat / 1e6) if beat else None
+        return round(max(0.0, time.monotonic() - beat / 1e6), 3) if beat else None
 
     def live(self):
         """The workers serving clients: ready, and their loop ran within worker_timeout."""
