@@ -499,6 +499,22 @@ def parse_workers(text, what='workers'):
     return text
 
 
+WORKER_TIMEOUT_MIN = 1.0   # seconds: a loop's heartbeat comes every 50 ms, but a burst may hold it longer
+
+
+def parse_worker_timeout(text, what='worker_timeout'):
+    """<pdconfig worker_timeout>: seconds a worker's loop may go without its heartbeat
+    before the master kills it (default 5), at least WORKER_TIMEOUT_MIN."""
+    try:
+        value = parse_seconds(text, what, 5.0)
+    except ValueError:
+        value = None
+    if value is None or value < WORKER_TIMEOUT_MIN:
+        raise ValueError(f'{what} {text!r}: must be a number of seconds >= {WORKER_TIMEOUT_MIN:g} '
+                         f'and <= {MAX_SECONDS}')
+    return value
+
+
 def workers_unsupported():
     """What this platform lacks for worker processes (None: nothing)."""
     needs = [('AF_UNIX sockets', hasattr(socket, 'AF_UNIX')),
@@ -1072,6 +1088,7 @@ CONFIG_ATTRS = (
     Attr('user', _named(_account), example='0'),        # ids that exist everywhere: --check looks them up
     Attr('group', _named(_account), example='0'),
     Attr('workers', parse_workers, example='3'),
+    Attr('worker_timeout', parse_worker_timeout, 5.0, example='7'),
 )
 SERVICE_ATTRS = (
     Attr('name', _name('service name'), required=True, error='{error}', example='caf\u00e9 & "co"'),
@@ -3282,7 +3299,7 @@ class Listener(object):
 PROXY_HEADER, QUEUED = 'proxy-header', 'queued'
 CONNECTING, STREAMING, CLOSED = 'connecting', 'streaming', 'closed'
 PROXY_HEADER_LIMIT = 4096  # bytes of PROXY header (TLVs included) we accept; HAProxy's buffer is as small
-QUEUE_LIMIT = 1000        # clients a service may hold waiting for a free host
+QUEUE_LIMIT = 1000        # clients a service may hold waiting for a free host (in total, over workers)
 
 
 class ProxyHeaderReader(object):
@@ -3550,14 +3567,18 @@ class Pair(object):
         self.director.route(self)
 
     def wait_in_queue(self):
-        queue = self.service.queue
-        if len(queue) >= QUEUE_LIMIT:
-            self.service.refused += 1
+        service = self.service
+        queue = service.queue
+        shared = self.director.shared
+        if len(queue) >= QUEUE_LIMIT if shared is None else shared.queue_full(service):
+            service.refused += 1
             self.close('full')
             return
         self.state = QUEUED
         queue.append(self)
-        self.timer = self.loop.call_later(self.service.timeouts.queue, self._on_queue_timeout)
+        self.timer = self.loop.call_later(service.timeouts.queue, self._on_queue_timeout)
+        if shared is not None:
+            shared.queue_changed(service)
 
     def leave_queue(self):
         """A slot is free: connect (the director has taken us off the queue)."""
@@ -4151,7 +4172,8 @@ class Notifier(object):
     Without it (not started by a Type=notify unit) every method does nothing.
     WATCHDOG=1 goes out from a timer on the loop, every half $WATCHDOG_USEC:
     a loop that stops running its timers stops the pings, and systemd
-    restarts the service.
+    restarts the service.  With workers the master's loop runs whether they
+    serve or not: it pings only while one does (serving).
     """
 
     def __init__(self, environ=None):
@@ -4200,12 +4222,18 @@ class Notifier(object):
             self.stopped = True
             self.send('STOPPING=1')
 
-    def start_watchdog(self, loop):
+    def start_watchdog(self, loop, serving=None):
         if self.watchdog is None:
             return
+        fed = [False]
 
         def ping():
-            self.send('WATCHDOG=1')
+            if serving is None or serving():
+                self.send('WATCHDOG=1')
+                fed[0] = True
+            elif fed[0]:
+                fed[0] = False
+                log.error('no worker is serving: not feeding the systemd watchdog')
             loop.call_later(self.watchdog, ping)
         loop.call_later(0, ping)
 
@@ -4720,7 +4748,7 @@ class Reload(object):
             for host in group.scheduler.hosts:
                 director.health.forget(host)
         while service.queue:
-            service.queue.popleft().close('shutdown')
+            service.queue[0].close('shutdown')     # which takes it off the queue
         log.info('service %s removed (%d connection(s) left to finish)', service.name, service.open)
 
     def _rest(self, diff):
@@ -4747,6 +4775,8 @@ class Reload(object):
             changes.append('logging')
         if 'drain' in keys:
             changes.append('drain %g s' % new.drain)
+        if 'worker_timeout' in keys:
+            changes.append('worker_timeout %g s' % new.worker_timeout)
 
 
 def replayed(method):
@@ -4946,11 +4976,17 @@ class Actions(object):
 
     def services_down(self):
         """For /healthz: the services whose enabled group has no host up; all of them
-        once stopping (draining, no new clients), so a VRRP peer takes the address."""
-        if self.stopping:
+        once stopping (draining, no new clients) or while no worker serves, so a VRRP
+        peer takes the address."""
+        if self.stopping or not self.serving():
             return len(self.services)
         return sum(1 for service in self.services.values()
                    if not any(host_state(host) == 'up' for host in service.enabled.scheduler.hosts))
+
+    def serving(self):
+        """Whether clients are served: in one process, while this loop runs (it runs
+        this); with workers, while at least one of them runs its loop (Master.live)."""
+        return self.workers is None or bool(self.workers.live())
 
     def loaded_config_xml(self):
         """The config file as last loaded (at start or by the last reload)."""
@@ -5561,6 +5597,8 @@ class Director(Actions):
         while queue and not service.enabled.scheduler.full_only(()) and (
                 shared is None or shared.first_in_line(service)):
             queue.popleft().leave_queue()
+        if shared is not None:
+            shared.queue_changed(service)
 
     def end_switch(self, service):
         if service.switch is not None:
@@ -5829,7 +5867,10 @@ SERVICE_OPEN, SERVICE_ACCEPTED, SERVICE_FAILOVERS, SERVICE_REFUSED, SERVICE_DENI
 SERVICE_HEAD = 6        # when the first client of this process's queue came (monotonic µs; 0: none)
 ADDRESS_READING, ADDRESS_UNMATCHED = 0, 1      # then ADDRESS_BAD + i for HELLO_PROBLEMS[i]
 ADDRESS_BAD = 2
-GAUGES = {'host': (HOST_OPEN,), 'service': (SERVICE_OPEN, SERVICE_QUEUED, SERVICE_HEAD), 'address': (ADDRESS_READING,)}
+HEARTBEAT_SLOT = 0      # slot 0 is the processes' own: the line of each holds...
+HEARTBEAT = 0           # ...when its loop last ran its tick (monotonic µs; 0: not yet)
+GAUGES = {'host': (HOST_OPEN,), 'service': (SERVICE_OPEN, SERVICE_QUEUED, SERVICE_HEAD), 'address': (ADDRESS_READING,),
+          'process': (HEARTBEAT,)}
 
 
 class SharedCounters(object):
@@ -5842,7 +5883,8 @@ class SharedCounters(object):
     thing's lines lie together and no two processes write the same cache
     line.  Row i-1 is worker i's, written only by it; the last row is the
     master's, holding what workers that died had counted, so that totals
-    never go back.  A thing with a limit is checked and taken under
+    never go back.  Slot 0 is no thing's: there each worker stamps its
+    heartbeat.  A thing with a limit is checked and taken under
     fcntl.lockf on byte `slot` of the file: two workers never both take the
     last free place.
     """
@@ -5963,8 +6005,9 @@ class WorkerCounts(object):
     A host or service with maxconns is checked and taken under its lock.
     """
 
-    TICK = 0.05         # seconds: others' loads re-read, queues re-checked
+    TICK = 0.05         # seconds: others' loads re-read, queues re-checked, our heartbeat stamped
     TICKS_FULL = 10     # every counter written every this many ticks (0.5 s)
+    HEAD_FRESH = 0.5    # seconds: a worker silent for longer cannot serve its queue, so takes no turn
 
     def __init__(self, director, shared):
         self.director = director
@@ -5980,6 +6023,10 @@ class WorkerCounts(object):
         self.ticks = 0
         self.seen = None        # what the director had counted at the last tick
         self.seen_full = None
+        row = shared.row
+        self.heartbeat = shared.line(HEARTBEAT_SLOT, row) + HEARTBEAT
+        # The other workers' heartbeats, in the order of each elsewhere list.
+        self.heartbeats = [shared.line(HEARTBEAT_SLOT, r) + HEARTBEAT for r in range(shared.rows - 1) if r != row]
         self.timer = director.loop.call_later(self.TICK, self.tick)
 
     def update(self, entries):
@@ -6092,17 +6139,51 @@ class WorkerCounts(object):
 
     def first_in_line(self, service):
         """Whether this worker's first queued client has waited longest of any worker's
-        (as far as their rows said at their last tick): only then may it take a free place."""
+        (their rows say at once: queue_changed): only then may it take a free place.  A
+        worker whose loop has not run for HEAD_FRESH (stopped, stuck) could not take the
+        place: its head is passed over, and the place is not left idle."""
         at = self.own.get(service)
         if at is None:
             return True
         view = self.shared.view
-        head = view[at + SERVICE_HEAD] = queue_head(service)
-        for other in self.elsewhere[service]:
+        head = queue_head(service)
+        fresh = int((time.monotonic() - self.HEAD_FRESH) * 1e6)
+        for other, beat in zip(self.elsewhere[service], self.heartbeats):
             theirs = view[other + SERVICE_HEAD]
-            if theirs and theirs < head:
+            if theirs and theirs < head and view[beat] >= fresh:
                 return False
         return True
+
+    def queue_full(self, service):
+        """A client is to wait in the service's queue: is the queue full, counting every
+        worker's (QUEUE_LIMIT holds in total)?  If not, its place is counted, under the
+        service's lock, so two workers never both take the last one."""
+        at = self.own.get(service)
+        waiting = len(service.queue)
+        if at is None:
+            return waiting >= QUEUE_LIMIT
+        slot = self.slot_of[service]
+        shared = self.shared
+        view = shared.view
+        shared.lock(slot)
+        try:
+            for other in self.elsewhere[service]:
+                waiting += view[other + SERVICE_QUEUED]
+            if waiting >= QUEUE_LIMIT:
+                return True
+            view[at + SERVICE_QUEUED] = len(service.queue) + 1
+            return False
+        finally:
+            shared.unlock(slot)
+
+    def queue_changed(self, service):
+        """A client joined or left this worker's queue: the other workers see it at once
+        (whose turn it is, the queue limit), not at the next tick."""
+        at = self.own.get(service)
+        if at is not None:
+            view = self.shared.view
+            view[at + SERVICE_QUEUED] = len(service.queue)
+            view[at + SERVICE_HEAD] = queue_head(service)
 
     # -- writing our row --------------------------------------------------------
 
@@ -6165,11 +6246,16 @@ class WorkerCounts(object):
             if at is not None:
                 view[at + HOST_OPEN] = host.open - self.others.get(host, 0)
 
+    def beat(self):
+        """Our heartbeat: the master kills a worker whose loop stops stamping it."""
+        self.shared.view[self.heartbeat] = int(time.monotonic() * 1e6)
+
     def tick(self):
-        """Every TICK: our loads out and the others' in (hosts whose load matters), while
-        clients come and go; every counter now and then; queued clients served when
-        a place freed in any worker."""
+        """Every TICK: the heartbeat; our loads out and the others' in (hosts whose load
+        matters), while clients come and go; every counter now and then; queued clients
+        served when a place freed in any worker."""
         director = self.director
+        self.beat()
         self.ticks += 1
         now = (sum(s.accepted for s in director.services.values()), len(director.pairs), len(director.hellos))
         if now != self.seen:
@@ -6186,7 +6272,6 @@ class WorkerCounts(object):
         for service in director.services.values():
             if service.queue:
                 director._serve_queue(service)
-                self.publish((service,))
         self.timer = director.loop.call_later(self.TICK, self.tick)
 
     def stop(self):
@@ -6455,6 +6540,7 @@ def run_worker(channel_fd, verbose=False):
         log.error('%s', e.strerror or e)
         return 1
     director.shared.update(first['slots'])
+    director.shared.beat()
     worker.channel.send({'t': 'ready', 'pid': os.getpid(), 'seq': worker.acked, 'generation': worker.generation})
     try:
         director.loop.run()
@@ -6468,6 +6554,7 @@ WORKER_QUICK_DEATH = 1.0    # seconds: a worker that dies sooner after starting 
 WORKER_MAX_PAUSE = 30.0     # the longest such pause (it doubles from 1 s)
 WORKER_STOP_GRACE = 5.0     # seconds past the drain before a worker still running is killed
 WORKER_REAP_WAIT = 5.0      # seconds between a worker's channel closing and a kill, if it has not exited
+HEARTBEAT_CHECK = 0.25      # seconds between the master's looks at its workers' heartbeats
 
 
 def worker_command():
@@ -6492,6 +6579,7 @@ class WorkerProcess(object):
         self.started = None     # epoch time of its start
         self.quick_deaths = 0   # deaths in a row soon after starting
         self.timer = None       # a pending restart or reap
+        self.stuck = False      # killed for its silent heartbeat, not reaped yet
 
     def __repr__(self):
         return 'worker %d (pid %s)' % (self.index, self.pid)
@@ -6528,12 +6616,13 @@ class Master(object):
         self.stop_timer = None
         self.on_ready = None            # called once, when every worker is first ready
         self.slot_of = {}               # the master's running object -> slot
-        self.kind_of = {}               # slot -> 'host', 'service' or 'address'
+        self.kind_of = {HEARTBEAT_SLOT: 'process'}     # slot -> 'host', 'service', 'address' or 'process'
         self.free = []                  # [(seq, slot)]: reusable once every worker applied seq
         self.freed = []                 # slots of things gone, until the message telling of it is sent
-        self.next_slot = 0
+        self.next_slot = HEARTBEAT_SLOT + 1
         self.sent_listeners = set()
         self.retired = []               # [listen key, socket, seq] of removed listens (see retire)
+        self.beat_timer = None
         self.shared = SharedCounters.create(count + 1, max(256, 2 * len(self.things())))
         self.assign()
         director.workers = self
@@ -6545,6 +6634,7 @@ class Master(object):
         self.sent_listeners = set(self.listeners())
         for worker in self.workers:
             self.spawn(worker)
+        self.beat_timer = self.loop.call_later(HEARTBEAT_CHECK, self.check_heartbeats)
 
     def listeners(self):
         found = []
@@ -6577,6 +6667,7 @@ class Master(object):
         worker.started = time.time()
         worker.ready = False
         worker.generation = None
+        worker.stuck = False
         worker.acked = self.seq     # it starts from everything sent so far
         worker.channel = Channel(self.loop, ours, lambda m, fds: self.on_message(worker, m),
                                  lambda: self.lost(worker))
@@ -6654,6 +6745,41 @@ class Master(object):
             self.restart_later(worker)
         else:
             self.spawn(worker)
+
+    def silence(self, worker):
+        """Seconds since the worker's loop last stamped its heartbeat (WorkerCounts.beat,
+        every tick); None until it is ready and after it has gone.  The clock is the
+        monotonic one, which every process shares."""
+        if not worker.ready or worker.proc is None:
+            return None
+        beat = self.shared.view[self.shared.line(HEARTBEAT_SLOT, worker.index - 1) + HEARTBEAT]
+        return round(max(0.0, time.monotonic() - beat / 1e6), 3) if beat else None
+
+    def live(self):
+        """The workers serving clients: ready, and their loop ran within worker_timeout."""
+        timeout = self.director.config.worker_timeout
+        found = []
+        for worker in self.workers:
+            silent = self.silence(worker)
+            if silent is not None and silent <= timeout and not worker.stuck:
+                found.append(worker)
+        return found
+
+    def check_heartbeats(self):
+        """Every HEARTBEAT_CHECK: a worker whose loop has not run for worker_timeout (a
+        handler that never returns, a stopped process) accepts no client, even one the
+        kernel woke it for, and frees no place: kill it, and reap starts another like
+        for any worker that died.  The listening sockets are the master's: the clients
+        waiting there go to the other workers or to the new one."""
+        self.beat_timer = self.loop.call_later(HEARTBEAT_CHECK, self.check_heartbeats)
+        timeout = self.director.config.worker_timeout
+        for worker in self.workers:
+            silent = self.silence(worker)
+            if silent is not None and silent > timeout and not worker.stuck:
+                worker.stuck = True
+                log.error('%r has not run its loop for %.1f s (worker_timeout %g s): killing it',
+                          worker, silent, timeout)
+                worker.proc.kill()      # SIGKILL: a stopped process dies too
 
     def restart_later(self, worker):
         pause = min(WORKER_MAX_PAUSE, 2.0 ** max(0, worker.quick_deaths - 3))
@@ -6836,6 +6962,9 @@ class Master(object):
 
     def close(self):
         """Once the loop has stopped: let go of the channels and the counters."""
+        if self.beat_timer is not None:
+            self.beat_timer.cancel()
+            self.beat_timer = None
         for worker in self.workers:
             if worker.channel is not None:
                 worker.channel.close()
@@ -6935,10 +7064,12 @@ class Master(object):
         return total
 
     def snapshot(self):
-        return [{'worker': w.index, 'pid': w.pid, 'up': w.ready, 'started': w.started, 'restarts': w.restarts,
+        live = self.live()
+        return [{'worker': w.index, 'pid': w.pid, 'up': w in live, 'started': w.started, 'restarts': w.restarts,
                  'generation': w.generation, 'behind': w.ready and w.generation != self.generation,
                  'open': self.open_connections(w),
-                 'accepted': self.row_accepted(w)} for w in self.workers]
+                 'accepted': self.row_accepted(w),
+                 'heartbeat': self.silence(w)} for w in self.workers]
 
     def row_accepted(self, worker):
         view = self.shared.view
@@ -7226,7 +7357,7 @@ def main(argv=None):
         master.on_ready = notifier.ready
         master.start()
         log.info('started %d worker(s)', workers)
-    notifier.start_watchdog(director.loop)
+    notifier.start_watchdog(director.loop, director.serving)
     try:
         director.loop.run()
     finally:

@@ -35,8 +35,9 @@ Reading (GET or HEAD):
                     200 "OK" when the balancer loop answers within 1 s and
                     every service's enabled group has a host up (and not
                     draining); else 503 "DOWN N", N the services with none
-                    (all of them once stopping), or "DOWN" alone when the
-                    loop did not answer
+                    (all of them once stopping, or with workers while none
+                    runs its loop), or "DOWN" alone when the loop did not
+                    answer
 
 Changing (POST with a form body, as `wget --post-data=...` and `curl -d ...`
 send it; the ACTIONS table maps each onto one Director method.  GET with a
@@ -1263,7 +1264,8 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
         """OK when the loop answers within a second and every service's enabled group
         has a host up (healthy, not draining); else 503 DOWN and how many services have
         none, or DOWN alone when the loop did not answer.  Once stopping (SIGTERM:
-        draining, no new clients) every service counts as down."""
+        draining, no new clients), or with workers while none runs its loop, every
+        service counts as down."""
         take(params)
         try:
             down = self.server.director.loop.call(self.server.director.services_down, timeout=HEALTHZ_LOOP_TIMEOUT)
@@ -1605,12 +1607,16 @@ def render_running(snapshot, user, can_change, msg=None, refresh=None):
     if s.get('workers'):
         body.append('<h2>Workers</h2><p>The counters above are the sums of these processes.</p>'
                     '<table><tr><th>worker</th><th>pid</th><th>state</th><th>open</th><th>accepted</th>'
-                    '<th>restarts</th><th>started</th><th>config</th></tr>')
+                    '<th>restarts</th><th>started</th><th>heartbeat</th><th>config</th></tr>')
         for w in s['workers']:
+            # heartbeat: seconds since its loop last ran (None: not running yet); past worker_timeout, stuck.
+            beat = w.get('heartbeat')
+            state = 'up' if w['up'] else 'starting' if beat is None else 'stuck'
             body.append('<tr><td>%d</td><td>%s</td><td>%s</td><td>%d</td><td>%d</td><td>%d</td><td>%s</td>'
-                        '<td>%s</td></tr>' % (
-                            w['worker'], w['pid'] or '-', 'up' if w['up'] else 'starting', w['open'], w['accepted'],
-                            w['restarts'], e(when(w['started'])) if w['started'] else '-', worker_generation(w)))
+                        '<td>%s</td><td>%s</td></tr>' % (
+                            w['worker'], w['pid'] or '-', state, w['open'], w['accepted'],
+                            w['restarts'], e(when(w['started'])) if w['started'] else '-',
+                            '-' if beat is None else '%.1f s ago' % beat, worker_generation(w)))
         body.append('</table>')
     body.append('<h2>Users</h2><table><tr><th>user</th><th>access</th>%s</tr>'
                 % ('<th></th>' if can_change else ''))
@@ -1763,6 +1769,8 @@ WORKER_METRICS = [
     ('pydirector_worker_connections_total', 'counter',
      'Client connections the worker process accepted (since it started).', 'accepted'),
     ('pydirector_worker_restarts_total', 'counter', 'Times the worker died and was started again.', 'restarts'),
+    ('pydirector_worker_heartbeat_age_seconds', 'gauge',
+     'Seconds since the worker\'s loop last stamped its heartbeat; past worker_timeout it is killed.', 'heartbeat'),
 ]
 
 # Each value is a function of (host snapshot, snapshot time); None leaves the sample out
@@ -1838,7 +1846,10 @@ def render_metrics(snapshot):
         if workers:
             family(name, kind, help_text)
         for worker in workers:
-            out.append('%s%s %d' % (name, metric_labels([('worker', worker['worker'])]), worker[key]))
+            value = worker.get(key)
+            if value is not None:       # no heartbeat before the worker runs
+                out.append('%s%s %s' % (name, metric_labels([('worker', worker['worker'])]),
+                                        '%.3f' % value if isinstance(value, float) else '%d' % value))
     addresses = snapshot.get('sni') or []
     if addresses:
         family('pydirector_sni_unmatched_total', 'counter',

@@ -149,6 +149,26 @@ class TestReload(OpsTestCase):
         self.assertEqual(held.recv(10), b'')
         held.close()
 
+    def test_a_removed_service_closes_its_queued_clients(self):
+        one = self.backend(echo, 'one')
+        port = free_port()
+        other = service_xml([('one', one.address)], name='other')
+        self.start(config_xml(service_xml([('one', one.address, 'maxconns="1"')], listen_port=port,
+                                          extra='    <timeouts queue="30"/>\n'), other))
+        held = connect(port)
+        self.addCleanup(held.close)
+        held.sendall(b'1')
+        self.assertEqual(held.recv(10), b'1')
+        queued = connect(port)
+        self.addCleanup(queued.close)
+        wait_until(lambda: self.balancer.snapshot()['services'][0]['queued'] == 1)
+        self.rewrite(config_xml(other))
+        self.assertIn('-service web', self.reload())
+        self.assertEqual(queued.recv(10), b'')      # closed at once, not after its queue timeout
+        LOG.wait_for('end=shutdown', self.mark)
+        held.sendall(b'2')
+        self.assertEqual(held.recv(10), b'2')       # an open connection finishes as ever
+
     def test_reload_under_live_traffic_cuts_nothing(self):
         one, two = Backend(echo, 'one'), Backend(echo, 'two')
         self.addCleanup(one.close)

@@ -133,9 +133,29 @@ def alive(pid):
         return False
 
 
+def stop(pid):
+    """SIGSTOP pid and wait until it has stopped (out of epoll_wait); SIGCONT is resume's."""
+    os.kill(pid, signal.SIGSTOP)
+    wait_until(lambda: process_state(pid) == 'T', 5)
+
+
+def resume(pid):
+    """SIGCONT pid, unless the master has killed it since."""
+    try:
+        os.kill(pid, signal.SIGCONT)
+    except ProcessLookupError:
+        pass
+
+
 class WorkersCase(BalancerCase):
     """A master here and two worker processes, per test."""
     workers = 2
+
+    def start(self, *services, **root):
+        # Steering stops workers (SIGSTOP) for as long as a test takes, on a busy box
+        # too: not what a stuck worker is, unless a test says so.
+        root.setdefault('worker_timeout', '60')
+        return BalancerCase.start(self, *services, **root)
 
     def pids(self):
         return self.balancer.worker_pids()
@@ -409,6 +429,260 @@ class LimitsTest(WorkersCase):
         waiting.settimeout(10)
         self.assertEqual(read_line(waiting), 'one')
         waiting.close()
+
+
+class QueueTest(WorkersCase):
+    """One queue over every worker (issue 25, F7): each worker publishes its queue at
+    every change, a worker whose loop does not run takes no turn, and the limit holds
+    in total."""
+
+    def start_queue(self, *hosts):
+        backends = [self.backend(name_then_echo, name) for name in hosts]
+        self.start(service_xml([(name, b.address, 'maxconns="1"') for name, b in zip(hosts, backends)],
+                               extra='    <timeouts queue="30"/>\n'))
+
+    def queued(self):
+        return self.balancer.snapshot()['services'][0]['queued']
+
+    def queue_via(self, pid, count):
+        """A client that worker pid accepts and queues (count: the queue over every worker then)."""
+        return self.via(pid, handled=lambda sock: wait_until(lambda: self.queued() == count))[0]
+
+    def served_within(self, sock, seconds, since):
+        sock.settimeout(10)
+        self.assertEqual(read_line(sock), 'h1')
+        waited = time.monotonic() - since
+        self.assertLess(waited, seconds, 'served %.2f s after the place freed' % waited)
+
+    def test_a_queue_that_a_host_coming_up_emptied_is_out_of_line(self):
+        self.start_queue('h1', 'h2')
+        director = self.balancer.director
+        self.balancer.call(director.host_admin_down, 'web', 'main', 'h2')
+        first, second = self.pids()
+        held, name = self.via(second)
+        self.assertEqual(name, 'h1')
+        early = self.queue_via(first, 1)
+        # Not synchronisation: the scenario.  Past a full publish of the first worker's
+        # counters (every TICKS_FULL ticks), only a change to them would publish its queue again.
+        time.sleep(1.2 * pydirector.WorkerCounts.TICK * pydirector.WorkerCounts.TICKS_FULL)
+        # h2 comes back: the first worker's client takes it, and its queue is empty at once
+        # (it was left saying 1 client, waiting since then, until some other counter moved).
+        self.balancer.call(director.host_admin_up, 'web', 'main', 'h2')
+        self.assertEqual(self.queued(), 0)
+        self.assertEqual(read_line(early), 'h2')
+        late = self.queue_via(second, 1)
+        # So the second worker's client is first in line when h1 frees.
+        freed = time.monotonic()
+        held.close()
+        self.served_within(late, 1.0, freed)
+        for sock in (early, late):
+            sock.close()
+
+    def test_a_stopped_workers_client_does_not_hold_up_the_others(self):
+        self.start_queue('h1')
+        first, second = self.pids()
+        held, _ = self.via(second)
+        early = self.queue_via(first, 1)
+        late = self.queue_via(second, 2)
+        stop(first)
+        try:
+            # The first worker's client has waited longest, but its loop is not running:
+            # the place goes to the second worker's, not to no one until the queue timeout.
+            freed = time.monotonic()
+            held.close()
+            self.served_within(late, 1.0, freed)
+        finally:
+            resume(first)
+        late.close()
+        early.settimeout(10)
+        self.assertEqual(read_line(early), 'h1')     # its turn once running again
+        early.close()
+
+    def test_the_queue_limit_holds_over_every_worker(self):
+        support.raise_open_files(4096)
+        self.start_queue('h1')
+        first, second = self.pids()
+        held, _ = self.via(second)
+        waiting = []
+        with only(self.pids(), first):
+            for _ in range(pydirector.QUEUE_LIMIT):
+                sock = connect(self.balancer.port())
+                self.addCleanup(sock.close)
+                waiting.append(sock)
+            wait_until(lambda: self.queued() == pydirector.QUEUE_LIMIT, 30)
+        # The queue is full, all of it in the first worker: the second refuses at once too.
+        for _ in range(3):
+            sock, answer = self.via(second, handled=recv_all)
+            self.assertEqual(answer, b'')
+            sock.close()
+        self.assertEqual(self.balancer.snapshot()['services'][0]['refused'], 3)
+        self.assertEqual(self.queued(), pydirector.QUEUE_LIMIT)
+        for sock in waiting:
+            sock.close()
+        held.close()        # the queue drains through h1 (each waiting client has gone)
+        wait_until(lambda: self.balancer.open_pairs() == 0, 60)
+
+
+@unittest.skipUnless(os.path.isdir('/proc/self/fd'), 'needs Linux /proc')
+class StuckWorkerTest(AdminWorkersCase):
+    """A worker whose loop stops (issue 25, F3 and F9): its heartbeat goes silent, the
+    master kills it after <pdconfig worker_timeout> and starts another, which takes
+    the clients waiting on the listening sockets; meanwhile /healthz and the systemd
+    watchdog count only the workers that serve."""
+
+    def stop_all(self):
+        pids = self.pids()
+        for pid in pids:
+            self.addCleanup(resume, pid)
+            stop(pid)
+        return pids
+
+    def test_stopped_workers_are_killed_and_restarted_and_waiting_clients_served(self):
+        b = self.backend(name_then_echo, 'one')
+        self.start(service_xml([('one', b.address)]), worker_timeout='1')
+        mark = LOG.mark()
+        old = self.stop_all()
+        since = time.monotonic()
+        clients = []
+        for _ in range(5):      # taken by the kernel: they wait in the listening socket
+            clients.append(connect(self.balancer.port(), timeout=20))
+            self.addCleanup(clients[-1].close)
+        for index, pid in enumerate(old, 1):
+            LOG.wait_for('worker %d (pid %d) has not run its loop for ' % (index, pid), mark, timeout=10)
+            LOG.wait_for('worker %d (pid %d) exited on signal 9 (SIGKILL); restarting it' % (index, pid), mark)
+        for sock in clients:
+            self.assertEqual(read_line(sock), 'one')
+            sock.sendall(b'still here')
+            sock.shutdown(socket.SHUT_WR)
+            self.assertEqual(recv_all(sock), b'still here')
+            sock.close()
+        self.assertLess(time.monotonic() - since, 10)
+        new = self.pids()
+        self.assertEqual([n != o for n, o in zip(new, old)], [True, True])
+        self.assertEqual([w['restarts'] for w in self.balancer.snapshot()['workers']], [1, 1])
+
+    def test_no_worker_serving_is_down_for_healthz_and_the_watchdog(self):
+        from test_systemd import NotifySocket
+        b = self.backend(say_name, 'one')
+        self.start(service_xml([('one', b.address)]), self.admin_xml(), worker_timeout='1')
+        self.start_admin(self.balancer)
+        notify = NotifySocket()
+        self.addCleanup(notify.close)
+        notifier = pydirector.Notifier({'NOTIFY_SOCKET': notify.env, 'WATCHDOG_USEC': '100000'})
+        self.addCleanup(notifier.close)
+        director = self.balancer.director
+        director.loop.call(notifier.start_watchdog, director.loop, director.serving)    # as main() does
+        self.assertEqual(notify.next(), 'WATCHDOG=1')
+        self.assertEqual(self.admin('/healthz'), 'OK\n')
+        # Every worker stops, and those started in their place die at once.
+        master = self.balancer.master
+        command, master.command = master.command, [sys.executable, '-c', 'raise SystemExit(3)']
+        mark = LOG.mark()
+        self.stop_all()
+        LOG.wait_for('no worker is serving: not feeding the systemd watchdog', mark, timeout=10)
+        self.assertEqual(self.admin('/healthz', expect=503), 'DOWN 1\n')
+        notify.waiting()
+        with self.assertRaises(socket.timeout):
+            notify.next(timeout=0.5)        # ten ping intervals
+        # Workers that start again: OK, fed, served.
+        master.command = command
+        wait_until(lambda: self.healthz() == 200, 30)
+        notify.waiting()
+        self.assertEqual(notify.next(), 'WATCHDOG=1')
+        self.assertEqual(exchange(self.balancer.port()), b'one')
+
+    def healthz(self):
+        try:
+            with urllib.request.urlopen('http://127.0.0.1:%d/healthz' % self.server.server_address[1],
+                                        timeout=10) as answer:
+                return answer.status
+        except urllib.error.HTTPError as e:
+            e.close()
+            return e.code
+
+    def test_each_workers_heartbeat_on_the_pages(self):
+        b = self.backend(say_name, 'one')
+        self.start(service_xml([('one', b.address)]), self.admin_xml(), worker_timeout='30')
+        self.start_admin(self.balancer)
+        second = self.pids()[1]
+        self.addCleanup(resume, second)
+        stop(second)
+
+        def heartbeats():
+            return [w['heartbeat'] for w in json.loads(self.admin('/running.json'))['workers']]
+        wait_until(lambda: heartbeats()[1] >= 1.0, 10)
+        running, stopped = heartbeats()
+        self.assertLess(running, 1.0)
+        metrics = self.admin('/metrics')
+        ages = dict(re.findall(r'^pydirector_worker_heartbeat_age_seconds\{worker="(\d)"\} ([0-9.]+)$', metrics, re.M))
+        self.assertLess(float(ages['1']), 1.0)
+        self.assertGreaterEqual(float(ages['2']), 1.0)
+        self.assertRegex(self.admin('/running'), r'<td>2</td><td>%d</td><td>up</td>(<td>[^<]*</td>){4}'
+                                                 r'<td>\d+\.\d s ago</td>' % second)
+        resume(second)
+        wait_until(lambda: heartbeats()[1] < 1.0, 10)
+
+    @unittest.skipUnless(hasattr(os, 'sched_setaffinity'), 'needs sched_setaffinity')
+    def test_a_client_the_kernel_gave_a_stalled_worker_is_served(self):
+        # F9: the kernel wakes one worker for a new client (EPOLLEXCLUSIVE); if that one
+        # stalls before it accepts, no other is woken until the next client comes.  The
+        # stalled worker is killed after worker_timeout, and the one started in its
+        # place takes the client.
+        b = self.backend(say_name, 'one')
+        self.start(service_xml([('one', b.address)]), worker_timeout='1')
+        mark = LOG.mark()
+        for attempt in range(40):
+            wait_until(lambda: all(w.ready for w in self.balancer.master.workers), 30)
+            pids = self.pids()
+            index = attempt % 2 + 1
+            sock = self.stranded(pids[index - 1])
+            if sock is not None:
+                break
+        else:
+            self.skipTest('no client stranded in 40 tries')
+        since = time.monotonic()
+        sock.settimeout(20)
+        self.assertEqual(read_line(sock), 'one')
+        self.assertLess(time.monotonic() - since, 10)
+        LOG.wait_for('worker %d (pid %d) has not run its loop for ' % (index, pids[index - 1]), mark)
+
+    def stranded(self, pid):
+        """A client the kernel hands worker pid, stopped (SIGSTOP) as it wakes: its socket if
+        the other worker did not take it within 0.5 s (else None, pid running again)."""
+        cpus = os.sched_getaffinity(0)
+        cpu = min(cpus)
+        # On this thread's CPU, and unable to preempt it: woken for the client, the worker
+        # does not run before the SIGSTOP.  (Without these it does, now and then.)
+        os.sched_setaffinity(pid, {cpu})
+        try:
+            os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
+        except (AttributeError, OSError):
+            pass
+        os.sched_setaffinity(0, {cpu})
+        try:
+            sock = socket.create_connection(('127.0.0.1', self.balancer.port()), timeout=10)
+            os.kill(pid, signal.SIGSTOP)
+        finally:
+            os.sched_setaffinity(0, cpus)
+        self.addCleanup(sock.close)
+        self.addCleanup(resume, pid)
+        sock.settimeout(0.5)
+        try:
+            name = read_line(sock)
+        except socket.timeout:
+            return sock
+        resume(pid)
+        try:
+            os.sched_setscheduler(pid, os.SCHED_OTHER, os.sched_param(0))
+        except (AttributeError, OSError):
+            pass
+        try:
+            os.sched_setaffinity(pid, cpus)
+        except OSError:
+            pass        # killed meanwhile, its loop silent too long on a busy box
+        self.assertEqual(name, 'one')
+        sock.close()
+        return None
 
 
 class StickyTest(WorkersCase):
@@ -871,6 +1145,23 @@ class ConfigTest(unittest.TestCase):
                 self.parse({'workers': bad})
             self.assertEqual(str(caught.exception),
                              "w.xml:1: <pdconfig> workers %r: must be 'auto' or a number 1-1024" % bad)
+
+    def test_worker_timeout_attribute(self):
+        self.assertEqual(self.parse({}).worker_timeout, 5.0)
+        self.assertNotIn('worker_timeout', self.parse({}).to_xml())
+        config = self.parse({'worker_timeout': '2.5'})
+        self.assertEqual(config.worker_timeout, 2.5)
+        self.assertIn('<pdconfig worker_timeout="2.5">', config.to_xml())
+        director = pydirector.Director(config, resolve_names=False)
+        self.addCleanup(director.loop.close)
+        self.assertIn('<pdconfig worker_timeout="2.5">', director.running_xml())
+        self.assertIn('<pdconfig> worker_timeout (default) -> 2.5',
+                      pydirector_admin.plan_changes(self.parse({}), config).lines()[0])
+        for bad in ('0', '0.5', '-1', 'soon', '86401'):
+            with self.assertRaises(pydirector.ConfigError) as caught:
+                self.parse({'worker_timeout': bad})
+            self.assertEqual(str(caught.exception), "w.xml:1: <pdconfig> worker_timeout %r: must be a number "
+                                                    "of seconds >= 1 and <= 86400" % bad)
 
     def test_auto_is_the_cpus_this_process_may_use(self):
         expected = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
