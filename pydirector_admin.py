@@ -679,8 +679,13 @@ class RequestScanner(object):
                 self.error = Reply(431, 'headers over %d bytes' % MAX_HEADER_BYTES)
             elif line in (b'\r\n', b'\n'):
                 self.head_end = self.at
+                head = bytes(data[self.head_start:self.at])
+                lowered = head.lower()
+                if b'content-length' not in lowered and b'transfer-encoding' not in lowered:
+                    self.end = self.at      # no body, nor headers to parse for one: a flood's requests cost less
+                    break
                 try:
-                    length = body_length(http.client.parse_headers(io.BytesIO(bytes(data[self.head_start:self.at]))))
+                    length = body_length(http.client.parse_headers(io.BytesIO(head)))
                 except Reply as e:
                     self.error = e
                 except http.client.HTTPException:
@@ -1018,7 +1023,11 @@ class RequestReader(object):
         server = self.server
         cut = 0
         while len(self.pending) >= max(1, server.max_pending):
-            self.close(next(iter(self.pending)))
+            oldest = next(iter(self.pending.values()))
+            if oldest.held:
+                self.refuse(oldest)     # its 429 now, not after the whole delay: no need to close it
+                continue
+            self.close(oldest.sock)
             cut += 1
         now = time.monotonic()
         if cut and now - self.last_cut_log > 10.0:

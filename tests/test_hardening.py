@@ -665,6 +665,31 @@ class LoginFloodTest(BalancerCase):
             self.assertEqual(sum(int(n) for n, _ in parts), int(m.group(1)), line)
             self.assertLessEqual(set(kind for _, kind in parts), {'told to wait', 'malformed credentials'}, line)
 
+    def test_f6_a_held_request_past_the_cap_is_answered_not_cut(self):
+        # 1,000 requests a second held a second each fill the table of connections still
+        # being read (max_pending): the oldest held one then gets its 429 at once, where
+        # it was closed unanswered.
+        self.server.refusal_delay = 60
+        for _ in range(12):
+            self.server.passwords._failed('127.0.0.16')      # told to wait for a minute
+        self.addCleanup(setattr, self.server, 'max_pending', self.server.max_pending)
+        self.server.max_pending = 2
+        held = []
+        for _ in range(2):
+            sock = socket.socket()
+            self.addCleanup(sock.close)
+            sock.settimeout(10)
+            sock.bind(('127.0.0.16', 0))
+            sock.connect(('127.0.0.1', self.port))
+            sock.sendall(b'GET /running.txt HTTP/1.0\r\n\r\n')
+            held.append(sock)
+            wait_until(lambda: len([p for p in list(self.server.reader.pending.values()) if p.held]) == len(held))
+        status, _, body = fetch(self.port, '/running.txt', source='127.0.0.17')
+        self.assertEqual(status, 200, body)
+        answer = recv_all(held[0])
+        self.assertTrue(answer.startswith(b'HTTP/1.0 429 '), answer)
+        self.assertTrue(answer.endswith(b'ERROR too many failed logins from 127.0.0.16; try again in 60 s\n'), answer)
+
     def test_f6_healthz_asks_the_loop_once_for_many(self):
         # /healthz needs no credentials, so anyone may send many: they share one question
         # to the balancer's loop at a time, and a stuck loop is DOWN within the second.
