@@ -845,6 +845,10 @@ class HealthAnswers(object):
         self.late_logged = False
 
     def ask(self, p, head_only):
+        pending = self.reader.pending
+        if len(self.waiting) >= self.reader.server.max_pending:
+            # A loop stuck a long while: drop those answered DOWN meanwhile (live ones are pending).
+            self.waiting = [w for w in self.waiting if pending.get(w[0].sock) is w[0]]
         self.waiting.append((p, head_only))
         self.reader.loop.call_later(HEALTHZ_LOOP_TIMEOUT, self.late, p, head_only)
         if self.asked is None:

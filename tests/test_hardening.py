@@ -564,10 +564,12 @@ class LoginFloodTest(BalancerCase):
         self.server.max_workers, self.server.max_queued = 4, 4
         flood = self.flood(24, ['127.0.1.%d' % i for i in range(1, 17)], basic('admin', 'wrong'))
         wait_until(lambda: flood.answers() >= 48, 30)
+        # The target is 1 s (bench/hardening.py --only f5 measures it); 2 s here, keepalived's
+        # own limit (contrib/keepalived.conf), so a loaded test machine cannot fail it.
         for _ in range(3):
-            status, body, took = timed_fetch(self.port, '/healthz', 1.0, user=None)
+            status, body, took = timed_fetch(self.port, '/healthz', 2.0, user=None)
             self.assertEqual((status, body), (200, 'OK\n'), 'after %.2f s' % took)
-            status, body, took = timed_fetch(self.port, '/running.txt', 1.0, source='127.0.0.2')
+            status, body, took = timed_fetch(self.port, '/running.txt', 2.0, source='127.0.0.2')
             self.assertEqual(status, 200, 'after %.2f s: %r' % (took, body))
             self.assertIn('service web', body)
         flood.close()
@@ -710,6 +712,12 @@ class LoginFloodTest(BalancerCase):
             thread.join(30)
         self.assertEqual(sorted(set(a[:2] for a in answers)), [(503, 'DOWN\n')])
         self.assertLess(max(a[2] for a in answers), 3.0)
+        # Those answered DOWN while a question is out are not kept past the pending cap.
+        self.addCleanup(setattr, self.server, 'max_pending', self.server.max_pending)
+        self.server.max_pending = 2
+        for _ in range(3):
+            self.assertEqual(fetch(self.port, '/healthz', user=None)[::2], (503, 'DOWN\n'))
+        self.assertLessEqual(len(self.server.reader.health.waiting), 2)
         release.set()
         wait_until(lambda: fetch(self.port, '/healthz', user=None)[2] == 'OK\n', 5)
         self.assertLessEqual(len(calls), 3, calls)
