@@ -750,7 +750,9 @@ def quick_error(sock, reply):
 
 
 def healthz_answer(down):
-    """/healthz's (status, text) for services_down()'s count; None: the loop did not answer in time."""
+    """/healthz's (status, text) for services_down()'s count (None: the loop did not answer
+    within HEALTHZ_LOOP_TIMEOUT): OK, else DOWN and how many services have no host up
+    (all of them once stopping), or DOWN alone."""
     if down is None:
         return 503, 'DOWN\n'
     return (503, 'DOWN %d\n' % down) if down else (200, 'OK\n')
