@@ -6,9 +6,10 @@ calls start(director, admin_config) and, at shutdown, server.stop().
 
 Threads: one reader thread accepts connections and reads each request
 whole (TLS handshake included) on a pydirector Loop of its own, so a slow
-client costs a socket, not a thread; complete requests are answered by at
-most 32 worker threads (more wait in a short queue; past it, 503).  The workers never touch
-balancer state: every page is rendered from director.snapshot() and every
+client costs a socket, not a thread; /healthz is answered there too,
+never behind the workers; other complete requests are answered by at most
+32 worker threads (more wait in a short queue, those with credentials that
+passed before at its head; past it, 503).  The workers never touch balancer state: every page is rendered from director.snapshot() and every
 change is one Director method, both run on the loop thread through
 director.loop.call().  A loop that does not answer in time gives 503.
 
@@ -78,18 +79,22 @@ cross-site change; 404 unknown page, service, group, host or user; 405
 wrong method (a change as GET: it names --post-data and get_changes); 409
 refused by a rule (last host of the enabled group, last full user, ...);
 411/413/414/415/431 a request we will not read; 429 too many failed logins
-from this address (Retry-After says how long); 503 the balancer loop did
-not answer in time, every worker is busy, or no turn came to check a
-password.  500 only ever means a bug here, and is logged once with its
+from this address, or another password being checked (Retry-After says
+how long); 503 the balancer loop did not answer in time, or every worker
+is busy.  500 only ever means a bug here, and is logged once with its
 traceback.
 
 Security: every request needs HTTP Basic credentials checked against the
 password hashes of the config (pydirector.check_password, deliberately
-slow: successful checks are cached in memory, one check runs at a time,
-and an address whose logins keep failing is told to wait, 429, for a time
-that doubles up to a minute, its requests held a second first unless they
-carry credentials that passed before; an unknown user costs what a known
-one does).  A changing request that
+slow: successful checks are cached in memory, one check runs at a time and
+a login that finds it busy is refused at once, 429; an unknown user costs
+what a known one does).  Every request that does not authenticate -- no,
+malformed or wrong credentials, or a bad request -- counts against its
+address: after 5, it is told to wait, 429, for a time that doubles up to a
+minute, its requests held a second and answered by the reader unless they
+carry credentials that passed before; a login that passes forgives its
+address (wget asks without credentials first).  The log has a line for an
+address's first failure, then a summary every 10 s while it goes on.  A changing request that
 a browser marks as cross-site (Sec-Fetch-Site) or whose Origin or Referer
 names another host than Host is refused, so a page elsewhere cannot drive a
 logged-in browser; the status page's own forms POST and pass.  Everything
@@ -184,12 +189,13 @@ MAX_WORKERS = 32              # requests answered at once, a thread each
 MAX_QUEUED = 64               # complete requests waiting for a worker; past it 503
 LISTEN_BACKLOG = 128
 AUTH_CACHE_SIZE = 1024
-PASSWORD_CHECKS = 1           # slow password checks at once: each takes a core while it runs
-PASSWORD_CHECK_WAIT = 5.0     # seconds a request waits for its turn to check; then 503
+PASSWORD_CHECKS = 1           # slow password checks at once: each takes a core while it runs; past it 429
 FREE_FAILURES = 5             # failed logins from one address before it is slowed down
 MAX_BACKOFF = 60.0            # the longest it is then told to wait (429), doubling from 1 s
 REFUSAL_DELAY = 1.0           # seconds a request from an address told to wait is held before it is answered
 FAILURE_MEMORY = 10000        # client addresses whose failures are remembered
+LOG_INTERVAL = 10.0           # seconds: an address's failed logins get a line, then a summary per interval
+LOG_ADDRESSES = 100           # addresses with lines of their own per interval; the rest are summed up
 REALM = 'pydirector'
 HEALTHZ = '/healthz'
 HEALTHZ_LOOP_TIMEOUT = 1.0    # seconds; a loop slower than that is a node to fail over from
@@ -352,14 +358,19 @@ class AdminServer(object):
 
     # -- workers ------------------------------------------------------------
 
-    def take(self, request):
+    def take(self, request, operator=False):
         """From the reader: answer a complete request in a worker thread, or queue it.
-        False when every worker is busy and the queue is full too."""
+        False when every worker is busy and the queue is full too.  operator: its
+        credentials passed before; it goes before every request waiting, and may
+        fill the queue to twice its size, so a flood never stands in its way."""
         with self.lock:
             if self.busy >= self.max_workers:
-                if len(self.queue) >= self.max_queued:
+                if len(self.queue) >= self.max_queued * (2 if operator else 1):
                     return False
-                self.queue.append(request)
+                if operator:
+                    self.queue.appendleft(request)
+                else:
+                    self.queue.append(request)
                 return True
             self.busy += 1
         try:
@@ -421,26 +432,51 @@ class AdminServer(object):
             log.exception('admin: unexpected error serving %s', client_address[0])
 
 
+# Why a request did not authenticate: kind -> (whether it counts toward the wait its
+# address is told, the line logged for the first of its kind from an address in an
+# interval (None: only summed up, see PasswordChecks.failed)).
+FAILURES = {
+    'no credentials': (True, None),     # a browser's or wget's first request: not worth a line
+    'malformed credentials': (True, 'malformed credentials from %(ip)s'),
+    'bad credentials': (True, 'bad credentials for user %(user)s from %(ip)s'),
+    'no turn to check': (True, 'too many logins being checked; refused user %(user)s from %(ip)s'),
+    'bad request': (True, None),        # refused before its credentials were looked at
+    'told to wait': (False, 'too many failed logins from %(ip)s; it is told to wait'),
+}
+
+
 class PasswordChecks(object):
     """check_password, made safe to offer to anyone who can reach the port.
 
     A check is deliberately slow (PBKDF2, a core for a moment), so: successes
     are cached (a changed hash misses), and a cached success passes at once
-    whatever else comes from its address; at most PASSWORD_CHECKS run
-    at once, the rest wait their turn (PASSWORD_CHECK_WAIT, then 503); an
-    address whose logins fail FREE_FAILURES times is told to wait (429) for a
-    time that doubles with each further failure, up to MAX_BACKOFF, without a
-    check being made (and the reader holds such requests REFUSAL_DELAY before
-    a worker answers them, unless passed() says they carry cached
-    credentials).  An unknown user costs a full check too, so timing does
-    not tell which names exist, and counts as a failure like any other.
+    whatever else comes from its address; at most PASSWORD_CHECKS run at
+    once, and a login that finds none free is refused at once (429), never
+    queued: a queue of them held every worker.  Every request that does not
+    authenticate -- no credentials, malformed ones, wrong ones, no turn to
+    check them, a bad request -- counts against its address (failed()), and
+    after FREE_FAILURES the address is told to wait (429) for a time that
+    doubles with each further failure, up to MAX_BACKOFF, without a check
+    being made; the reader holds such requests REFUSAL_DELAY and answers
+    them itself, unless passed() says they carry cached credentials.  A
+    login that passes forgives its address: wget asks without credentials
+    first, every time.  An unknown user costs a full check too, so timing
+    does not tell which names exist, and counts as a failure like any other.
+
+    The log has one line for an address's first failure (of a kind worth
+    one, FAILURES) and then, per LOG_INTERVAL while it goes on, one summary
+    of what followed; at most LOG_ADDRESSES addresses get lines of their own
+    per interval, the rest are summed up in one.
     """
 
     def __init__(self):
         self.lock = threading.Lock()
         self.cache = {}         # (user, sha256 of the password) -> the stored hash it passed against
         self.turns = threading.BoundedSemaphore(PASSWORD_CHECKS)
-        self.failures = collections.OrderedDict()    # client ip -> [count, blocked until]
+        self.failures = collections.OrderedDict()    # client ip -> [count, blocked until], oldest first
+        self.logged = {}        # client ip -> {kind: count} since its last line: at most LOG_ADDRESSES
+        self.unlisted = 0       # failures from addresses past LOG_ADDRESSES since the last summary
+        self.last_summary = time.monotonic()
         self.unknown_user_hash = None
 
     def blocked_for(self, ip):
@@ -453,18 +489,20 @@ class PasswordChecks(object):
 
     def check(self, ip, name, password, stored):
         """True if password is right for a user whose hash is stored (None: no such user).
-        Reply(429) for an address that has failed too often, Reply(503) when no turn came."""
+        Reply(429) for an address told to wait, or when no check can start at once."""
         key = (name, hashlib.sha256(password.encode('utf-8')).digest())
         if stored is not None:
             with self.lock:
                 if self.cache.get(key) == stored:
+                    self.failures.pop(ip, None)
                     return True     # passed before: an operator is never locked out by a flood
         wait = self.blocked_for(ip)
         if wait > 0:
-            raise Reply(429, 'too many failed logins from %s; try again in %d s' % (ip, wait + 0.999),
-                        [('Retry-After', '%d' % (wait + 0.999))])
-        if not self.turns.acquire(timeout=PASSWORD_CHECK_WAIT):
-            raise Reply(503, 'too many logins being checked; try again')
+            self.failed(ip, 'told to wait')
+            raise too_many_failures(ip, wait)
+        if not self.turns.acquire(blocking=False):
+            self.failed(ip, 'no turn to check', name)
+            raise Reply(429, 'too many logins being checked; try again in 1 s', [('Retry-After', '1')])
         try:
             if stored is None and self.unknown_user_hash is None:
                 self.unknown_user_hash = hash_password('no such user')
@@ -474,15 +512,15 @@ class PasswordChecks(object):
             ok = False
         finally:
             self.turns.release()
+        if not ok:
+            self.failed(ip, 'bad credentials', name)
+            return False
         with self.lock:
-            if ok:
-                if len(self.cache) >= AUTH_CACHE_SIZE:
-                    self.cache.clear()
-                self.cache[key] = stored
-                self.failures.pop(ip, None)
-            else:
-                self._failed(ip)
-        return ok
+            if len(self.cache) >= AUTH_CACHE_SIZE:
+                self.cache.clear()
+            self.cache[key] = stored
+            self.failures.pop(ip, None)
+        return True
 
     def passed(self, credentials):
         """Whether (user, password) passed a check before, against whatever hash then."""
@@ -492,6 +530,25 @@ class PasswordChecks(object):
         with self.lock:
             return key in self.cache
 
+    def failed(self, ip, kind, user=None):
+        """A request from ip did not authenticate, for the reason `kind` (a row of FAILURES):
+        count it toward the wait its address is told, and log it or sum it up."""
+        counts, line = FAILURES[kind]
+        with self.lock:
+            if counts:
+                self._failed(ip)
+            tally = self.logged.get(ip)
+            if tally is not None:
+                tally[kind] = tally.get(kind, 0) + 1
+                return
+            if line is None:
+                return
+            if len(self.logged) >= LOG_ADDRESSES:
+                self.unlisted += 1
+                return
+            self.logged[ip] = {}
+        log.warning('admin: ' + line, {'ip': ip, 'user': escape_text(user or '')})
+
     def _failed(self, ip):
         entry = self.failures.pop(ip, None) or [0, 0.0]
         entry[0] += 1
@@ -500,6 +557,34 @@ class PasswordChecks(object):
         self.failures[ip] = entry
         while len(self.failures) > FAILURE_MEMORY:
             self.failures.popitem(last=False)
+
+    def log_summaries(self, now):
+        """Called by the reader's sweep: once per LOG_INTERVAL, a line per address on the
+        failures since its last line; one still failing keeps its place for the next."""
+        if now - self.last_summary < LOG_INTERVAL:
+            return
+        with self.lock:
+            self.last_summary = now
+            logged, self.logged = self.logged, {}
+            unlisted, self.unlisted = self.unlisted, 0
+            lines = []
+            for ip, tally in logged.items():
+                if tally:
+                    self.logged[ip] = {}
+                    kinds = sorted(tally.items(), key=lambda kind_count: -kind_count[1])
+                    lines.append('admin: %s: %d more failed logins: %s' % (
+                        ip, sum(tally.values()), ', '.join('%d %s' % (n, kind) for kind, n in kinds)))
+        for line in lines:
+            log.warning(line)
+        if unlisted:
+            log.warning('admin: %d more failed logins from addresses past the first %d', unlisted, LOG_ADDRESSES)
+
+
+def too_many_failures(ip, wait):
+    """The 429 for an address told to wait `wait` more seconds."""
+    seconds = max(1, int(wait + 0.999))
+    return Reply(429, 'too many failed logins from %s; try again in %d s' % (ip, seconds),
+                 [('Retry-After', '%d' % seconds)])
 
 
 def basic_credentials(value):
@@ -598,8 +683,13 @@ class RequestScanner(object):
                 self.error = Reply(431, 'headers over %d bytes' % MAX_HEADER_BYTES)
             elif line in (b'\r\n', b'\n'):
                 self.head_end = self.at
+                head = bytes(data[self.head_start:self.at])
+                lowered = head.lower()
+                if b'content-length' not in lowered and b'transfer-encoding' not in lowered:
+                    self.end = self.at      # no body, nor headers to parse for one: a flood's requests cost less
+                    break
                 try:
-                    length = body_length(http.client.parse_headers(io.BytesIO(bytes(data[self.head_start:self.at]))))
+                    length = body_length(http.client.parse_headers(io.BytesIO(head)))
                 except Reply as e:
                     self.error = e
                 except http.client.HTTPException:
@@ -643,19 +733,44 @@ def request_credentials(data, scanner):
     return None
 
 
-def quick_answer(sock, status, message):
-    """An error answer from the reader thread, worded as AdminHandler.send_error_text
-    words it: one non-blocking send, which a fresh connection always takes."""
-    body = ('ERROR %s\n' % message).encode('utf-8')
+def quick_answer(sock, status, text, headers=(), head_only=False):
+    """A text/plain answer from the reader thread, worded as AdminHandler.send words
+    it: one non-blocking send, which a fresh connection always takes."""
+    body = text.encode('utf-8')
     head = ('HTTP/1.0 %d %s\r\nServer: %s\r\nDate: %s\r\nContent-Type: text/plain; charset=utf-8\r\n'
             'Content-Length: %d\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n'
-            'Connection: close\r\n\r\n' % (status, http.server.BaseHTTPRequestHandler.responses[status][0],
-                                           AdminHandler.server_version, email.utils.formatdate(usegmt=True),
-                                           len(body)))
+            'Connection: close\r\n%s\r\n' % (status, http.server.BaseHTTPRequestHandler.responses[status][0],
+                                             AdminHandler.server_version, email.utils.formatdate(usegmt=True),
+                                             len(body), ''.join('%s: %s\r\n' % h for h in headers)))
     try:
-        sock.send(head.encode('latin-1') + body)
+        sock.send(head.encode('latin-1') + (b'' if head_only else body))
     except OSError:
         pass
+
+
+def quick_error(sock, reply):
+    """A Reply answered from the reader thread, as AdminHandler.send_error_text words it."""
+    quick_answer(sock, reply.status, 'ERROR %s\n' % escape_text(reply.message), reply.headers)
+
+
+def healthz_answer(down):
+    """/healthz's (status, text) for services_down()'s count (None: the loop did not answer
+    within HEALTHZ_LOOP_TIMEOUT): OK, else DOWN and how many services have no host up
+    (every service once stopping, or with workers while none runs its loop), or DOWN
+    alone."""
+    if down is None:
+        return 503, 'DOWN\n'
+    return (503, 'DOWN %d\n' % down) if down else (200, 'OK\n')
+
+
+def healthz_method(data, scanner):
+    """'GET' or 'HEAD' for a whole request of /healthz as keepalived's curl sends it, else None."""
+    if scanner.error is not None:
+        return None
+    method, target, version = bytes(data[:scanner.line_end]).split()
+    if target == HEALTHZ.encode() and method in (b'GET', b'HEAD') and version in (b'HTTP/1.0', b'HTTP/1.1'):
+        return method.decode()
+    return None
 
 
 class Pending(object):
@@ -673,9 +788,9 @@ class Pending(object):
         self.deadline = deadline          # the connection's own (CONNECTION_DEADLINE)
         self.idle_until = idle_until      # no byte since request_timeout
         self.handshaking = handshaking    # TLS handshake not done yet
-        self.events = EVENT_READ          # 0: not watched (a request held back, see hand_over)
+        self.events = EVENT_READ          # 0: not watched (a whole request waiting here, see hand_over)
         self.scanner = RequestScanner()
-        self.held = False
+        self.held = False                 # told to wait: answered 429 after server.refusal_delay
 
     def __repr__(self):
         return '<admin connection from %s>' % (self.address[0],)
@@ -720,6 +835,69 @@ class Lingering(object):
 SWEEP_INTERVAL = 0.25     # seconds between the reader's deadline checks
 
 
+class HealthAnswers(object):
+    """/healthz, answered by the reader thread itself: keepalived's check never waits
+    behind the workers, however many requests they have (a worker-wide queue of
+    password checks once took the virtual address down with it).
+
+    Anyone may ask it, without credentials, so it asks the balancer's loop at most
+    one question at a time: requests that come while one is out wait for the next,
+    each at most HEALTHZ_LOOP_TIMEOUT, then it is DOWN (a stuck loop).
+    """
+
+    def __init__(self, reader):
+        self.reader = reader
+        self.asked = None       # (Pending, head only) waiting for the question out now; None: none out
+        self.waiting = []       # those that came after it: for the next question
+        self.late_logged = False
+
+    def ask(self, p, head_only):
+        pending = self.reader.pending
+        if len(self.waiting) >= self.reader.server.max_pending:
+            # A loop stuck a long while: drop those answered DOWN meanwhile (live ones are pending).
+            self.waiting = [w for w in self.waiting if pending.get(w[0].sock) is w[0]]
+        self.waiting.append((p, head_only))
+        self.reader.loop.call_later(HEALTHZ_LOOP_TIMEOUT, self.late, p, head_only)
+        if self.asked is None:
+            self.ask_loop()
+
+    def ask_loop(self):
+        self.asked, self.waiting = self.waiting, []
+        director = self.reader.server.director
+        reply = self.reader.loop.call_soon_threadsafe
+
+        def on_loop():      # on the balancer's loop thread
+            down = None
+            try:
+                down = director.services_down()
+            finally:        # a bug is logged by the loop; DOWN meanwhile
+                reply(self.answered, down)
+        director.loop.call_soon_threadsafe(on_loop)
+
+    def answered(self, down):
+        asked, self.asked = self.asked, None
+        self.late_logged = False
+        for p, head_only in asked:
+            self.answer(p, head_only, down)
+        if self.waiting:
+            self.ask_loop()
+
+    def late(self, p, head_only):
+        if self.reader.pending.get(p.sock) is p and not self.late_logged:
+            self.late_logged = True     # once per question, not per request
+            log.warning('admin: the loop did not answer /healthz within %g s', HEALTHZ_LOOP_TIMEOUT)
+        self.answer(p, head_only, None)
+
+    def answer(self, p, head_only, down):
+        reader = self.reader
+        if reader.pending.get(p.sock) is not p:
+            return      # answered already, or closed meanwhile (its deadline, max_pending, a stop)
+        del reader.pending[p.sock]
+        status, text = healthz_answer(down)
+        quick_answer(p.sock, status, text, head_only=head_only)
+        reader.half_close(p.sock)
+
+
 class RequestReader(object):
     """Accepts the admin connections and reads each request whole before a thread is spent on it.
 
@@ -739,6 +917,7 @@ class RequestReader(object):
         self.pending = collections.OrderedDict()     # socket -> Pending, oldest first
         self.lingering = collections.OrderedDict()   # socket -> Lingering, oldest first
         self.returning = set()                       # sockets handed back by workers, not taken yet
+        self.health = HealthAnswers(self)
         self.accept_paused = False
         self.last_cut_log = 0.0
         self.closed = False
@@ -812,6 +991,7 @@ class RequestReader(object):
         if late:
             log.info('admin: closed %d connection(s) that sent no complete request in time', len(late))
         self.server.cut_late_answers(now)
+        self.server.passwords.log_summaries(now)
         self.loop.call_later(SWEEP_INTERVAL, self.sweep)
 
     def close(self, sock):
@@ -854,7 +1034,11 @@ class RequestReader(object):
         server = self.server
         cut = 0
         while len(self.pending) >= max(1, server.max_pending):
-            self.close(next(iter(self.pending)))
+            oldest = next(iter(self.pending.values()))
+            if oldest.held:
+                self.refuse(oldest)     # its 429 now, not after the whole delay: no need to close it
+                continue
+            self.close(oldest.sock)
             cut += 1
         now = time.monotonic()
         if cut and now - self.last_cut_log > 10.0:
@@ -911,10 +1095,6 @@ class RequestReader(object):
             if len(data) < 65536 and not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
                 return self.watch(p, EVENT_READ)
 
-    def release(self, p):
-        if self.pending.get(p.sock) is p:   # not closed meanwhile (its deadline, max_pending, a stop)
-            self.hand_over(p)
-
     def watch(self, p, events):
         if p.events != events:
             p.events = events
@@ -924,32 +1104,49 @@ class RequestReader(object):
         """The client ended its side before the request was complete."""
         if p.data:
             # What the handler would answer, read to the end of what was sent.
-            quick_answer(p.sock, 400, p.scanner.cut_short().message)
+            self.server.passwords.failed(p.address[0], 'bad request')
+            quick_error(p.sock, p.scanner.cut_short())
         self.close(p.sock)
 
     def hand_over(self, p):
-        passwords = self.server.passwords
-        if not p.held and passwords.blocked_for(p.address[0]) > 0:
-            if not passwords.passed(request_credentials(p.data, p.scanner)):
-                # The address is told to wait (429).  Hold its request here a while before
-                # a worker answers it: a client that retries at once then costs a timer,
-                # not a worker and a call to the balancer's loop each time, so a flood of
-                # them leaves the data plane alone.  Credentials that passed before go
-                # through at once: an operator is not slowed down by a flood either.
-                p.held = True
-                self.loop.remove(p.fd)
-                p.events = 0
-                self.loop.call_later(self.server.refusal_delay, self.release, p)
-                return
+        """A whole request: /healthz is answered here, a request from an address told
+        to wait is held and refused here, the rest go to the workers."""
         if p.events:
             self.loop.remove(p.fd)
+            p.events = 0
+        method = healthz_method(p.data, p.scanner)
+        if method is not None:
+            return self.health.ask(p, method == 'HEAD')
+        passwords = self.server.passwords
+        operator = passwords.passed(request_credentials(p.data, p.scanner))
+        if not operator and passwords.blocked_for(p.address[0]) > 0:
+            # Told to wait (429).  Hold the request here a while, then answer it here:
+            # a client that retries at once then costs a timer, not a worker and a
+            # call to the balancer's loop each time, so a flood of them leaves the
+            # data plane alone.  Credentials that passed before go through at once:
+            # an operator is not slowed down by a flood either.
+            p.held = True
+            del p.data[:]
+            self.loop.call_later(self.server.refusal_delay, self.refuse, p)
+            return
         del self.pending[p.sock]
-        taken = self.server.take(Request(p.sock, p.address, bytes(p.data), p.deadline))
+        taken = self.server.take(Request(p.sock, p.address, bytes(p.data), p.deadline), operator)
         if not taken:
             log.warning('admin: all %d workers busy and %d requests waiting; answering 503',
                         self.server.max_workers, len(self.server.queue))
-            quick_answer(p.sock, 503, 'the admin server is busy; try again')
+            quick_error(p.sock, Reply(503, 'the admin server is busy; try again'))
             self.half_close(p.sock)
+
+    def refuse(self, p):
+        """A held request, answered 429 (see hand_over)."""
+        if self.pending.get(p.sock) is not p:
+            return      # closed meanwhile (its deadline, max_pending, a stop)
+        del self.pending[p.sock]
+        ip = p.address[0]
+        passwords = self.server.passwords
+        passwords.failed(ip, 'told to wait')
+        quick_error(p.sock, too_many_failures(ip, passwords.blocked_for(ip)))
+        self.half_close(p.sock)
 
     def half_close(self, sock):
         """Our side is done but the client may still be sending: linger (see linger())."""
@@ -1013,6 +1210,7 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
         self.requestline = ''
         self.close_connection = True
         self.replied = False
+        self.authenticated = None       # None: not looked at (yet); see send_error_text
         data = self.data
         if not data:
             return
@@ -1112,14 +1310,19 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
     # -- request pieces -----------------------------------------------------
 
     def authenticate(self):
-        """(user name, access) from the Basic credentials, or Reply(401 / 429 / 503)."""
+        """(user name, access) from the Basic credentials, or Reply(401 / 429); either
+        way, self.server.passwords has counted a failure."""
+        self.authenticated = False
         challenge = [('WWW-Authenticate', 'Basic realm="%s"' % REALM)]
+        passwords = self.server.passwords
+        ip = self.client_address[0]
         header = self.headers.get('Authorization')
         if not header:
+            passwords.failed(ip, 'no credentials')
             raise Reply(401, 'credentials needed', challenge)
         credentials = basic_credentials(header)
         if credentials is None:
-            log.warning('admin: malformed credentials from %s', self.client_address[0])
+            passwords.failed(ip, 'malformed credentials')
             raise Reply(401, 'malformed credentials', challenge)
         name, password = credentials
         stored = access = None
@@ -1127,10 +1330,10 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
             if user_name == name:
                 stored, access = user_hash, user_access
                 break
-        if self.server.passwords.check(self.client_address[0], name, password, stored):
-            return name, access
-        log.warning('admin: bad credentials for user %s from %s', escape_text(name), self.client_address[0])
-        raise Reply(401, 'bad credentials', challenge)
+        if not passwords.check(ip, name, password, stored):
+            raise Reply(401, 'bad credentials', challenge)
+        self.authenticated = True
+        return name, access
 
     def check_same_origin(self):
         """Refuse a change a browser made on behalf of another site (CSRF)."""
@@ -1198,6 +1401,10 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
         ])
 
     def send_error_text(self, status, message, headers=()):
+        if self.authenticated is None and 400 <= status < 500:
+            # Refused before its credentials were looked at: counted as a failed login,
+            # or a flood of bad requests would cost what one without credentials did.
+            self.server.passwords.failed(self.client_address[0], 'bad request')
         self.send(status, 'ERROR %s\n' % escape_text(message), 'text/plain; charset=utf-8', headers)
 
     def send_error(self, code, message=None, explain=None):
@@ -1261,22 +1468,15 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
                   'text/plain; version=0.0.4; charset=utf-8')
 
     def page_healthz(self, params, user, access):
-        """OK when the loop answers within a second and every service's enabled group
-        has a host up (healthy, not draining); else 503 DOWN and how many services have
-        none, or DOWN alone when the loop did not answer.  Once stopping (SIGTERM:
-        draining, no new clients), or with workers while none runs its loop, every
-        service counts as down."""
+        """/healthz as the reader answers it (HealthAnswers), for what it leaves to a
+        worker: a request of it in another form than keepalived's."""
         take(params)
         try:
             down = self.server.director.loop.call(self.server.director.services_down, timeout=HEALTHZ_LOOP_TIMEOUT)
         except LoopTimeout:
             log.warning('admin: the loop did not answer /healthz within %g s', HEALTHZ_LOOP_TIMEOUT)
-            self.send(503, 'DOWN\n', 'text/plain; charset=utf-8')
-            return
-        if down:
-            self.send(503, 'DOWN %d\n' % down, 'text/plain; charset=utf-8')
-        else:
-            self.send(200, 'OK\n', 'text/plain; charset=utf-8')
+            down = None
+        self.send(*healthz_answer(down), 'text/plain; charset=utf-8')
 
     def page_explain(self, params, user, access):
         p = take(params, ('client',), ('service', 'listen', 'sni', 'format'))

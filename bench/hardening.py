@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""Before/after figures for issue 17 (hardening), measured as the issue describes.
-Run by hand, from the repo root:
+"""Before/after figures for issue 17 (hardening) and issue 25's admin floods (F5, F6),
+measured as the issues describe.  Run by hand, from the repo root:
 
-    python3 bench/hardening.py                        old = commit cdbcd1a, new = this checkout
-    python3 bench/hardening.py --only reload,pipes    some of: reload, probe, password, pipes
+    python3 bench/hardening.py                        old = the commit before each item's fixes, new = this checkout
+    python3 bench/hardening.py --only reload,pipes    some of: reload, probe, password, pipes, f5, f6
     python3 bench/hardening.py --old DIR --new DIR    any two checkouts (a pydirector.py in each)
 
 For each item it runs the old balancer, then the new one, back to back, on the same
@@ -20,7 +20,16 @@ loopback setup, and prints one table (with ratios new/old where both are numbers
   concurrent clients sending wrong admin passwords (from one address, and from 64);
 - pipes: 20 clients that stop reading after 3 MiB of a bulk download: the pipe buffer
   bytes the balancer holds (F_GETPIPE_SZ of each pipe, and FIONREAD: bytes in them) and
-  its file descriptors.
+  its file descriptors;
+- f5 (issue 25): 150 clients sending wrong admin passwords from 100 source addresses,
+  while /healthz is checked once a second as keepalived does and an operator already
+  logged in (cached credentials) asks for /running.txt once a second: how many of each
+  got 200 within 1 s, the slowest, and the data plane (as for password) against no
+  flood; one process, and workers="2";
+- f6 (issue 25): 1,000 admin GETs a second from one address, paced (a new connection
+  each, whatever the answers), without credentials and with `Authorization: Basic !!`:
+  the data plane against no flood, the answers, and the balancer's log lines about
+  that address per 10 s; one process, and workers="2".
 
 The machine is shared and small (2 cores): compare each old/new pair, not absolute
 numbers.  Every balancer, backend and load process runs on its own (python3 by default,
@@ -47,7 +56,10 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-ITEMS = ('reload', 'probe', 'password', 'pipes')
+ITEMS = ('reload', 'probe', 'password', 'pipes', 'f5', 'f6')
+# The commit before each item's fixes: the default old tree (--old-commit or --old: all items).
+OLD_COMMITS = {'reload': 'cdbcd1a', 'probe': 'cdbcd1a', 'password': 'cdbcd1a', 'pipes': 'cdbcd1a',
+               'f5': 'fd5593f', 'f6': 'fd5593f'}
 PASSWORD = 'right one'
 F_GETPIPE_SZ = getattr(fcntl, 'F_GETPIPE_SZ', 1032)
 PACED_RATE = 200          # requests a second of the paced data-plane client (the issue's was ~177/s)
@@ -112,31 +124,122 @@ def serve_stream(port, wait_for_request):
         threading.Thread(target=stream, args=(conn,), daemon=True).start()
 
 
-def serve_flood(port, clients, addresses):
+class FloodStats(object):
+    """What a flood's answers were, written to `path` as JSON once a second (if a path)."""
+
+    def __init__(self, path):
+        self.path = path
+        self.lock = threading.Lock()
+        self.statuses = {}      # status line's code (or 'none') -> count
+        self.sent = 0
+
+    def answered(self, data):
+        status = data[9:12].decode('latin-1') if data[:5] == b'HTTP/' else 'none'
+        with self.lock:
+            self.statuses[status] = self.statuses.get(status, 0) + 1
+
+    def write_forever(self):
+        while True:
+            time.sleep(1.0)
+            if self.path:
+                with self.lock:
+                    text = json.dumps({'sent': self.sent, 'statuses': self.statuses})
+                with open(self.path + '.new', 'w') as f:
+                    f.write(text)
+                os.rename(self.path + '.new', self.path)
+
+
+def read_stats(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {'sent': 0, 'statuses': {}}
+
+
+def admin_request(auth):
+    """An admin GET of /running.txt; auth: the Authorization value, or '-' for none."""
+    header = '' if auth == '-' else 'Authorization: %s\r\n' % auth
+    return ('GET /running.txt HTTP/1.0\r\n%s\r\n' % header).encode()
+
+
+WRONG_PASSWORD = 'Basic ' + base64.b64encode(b'admin:wrong password').decode()
+
+
+def serve_flood(port, clients, addresses, stats_path=''):
     """`clients` threads, each sending wrong-password admin requests as fast as answers come,
     from the given source addresses in turn (a comma-separated list)."""
     sources = addresses.split(',')
-    auth = 'Basic ' + base64.b64encode(b'admin:wrong password').decode()
-    request = ('GET /running.txt HTTP/1.0\r\nAuthorization: %s\r\n\r\n' % auth).encode()
+    request = admin_request(WRONG_PASSWORD)
+    stats = FloodStats(stats_path)
 
     def attacker(source):
         while True:
+            data = b''
             try:
                 sock = socket.socket()
                 sock.bind((source, 0))
                 sock.settimeout(30)
                 sock.connect(('127.0.0.1', port))
                 sock.sendall(request)
-                while sock.recv(65536):
-                    pass
+                while True:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
             except OSError:
                 time.sleep(0.01)
             finally:
                 sock.close()
+            stats.answered(data)
     for i in range(clients):
         threading.Thread(target=attacker, args=(sources[i % len(sources)],), daemon=True).start()
+    stats.write_forever()
+
+
+def serve_paced(port, rate, source, auth, stats_path=''):
+    """`rate` admin requests a second from one address, each on a new connection, sent on
+    time however slowly they are answered (at most 5,000 open at once).  One thread."""
+    request = admin_request(auth)
+    stats = FloodStats(stats_path)
+    threading.Thread(target=stats.write_forever, daemon=True).start()
+    selector = selectors.DefaultSelector()
+    interval = 1.0 / rate
+    next_at = time.monotonic()
     while True:
-        time.sleep(3600)
+        now = time.monotonic()
+        while next_at <= now:
+            next_at += interval
+            if len(selector.get_map()) >= 5000:
+                continue
+            sock = socket.socket()
+            sock.setblocking(False)
+            try:
+                sock.bind((source, 0))
+                sock.connect_ex(('127.0.0.1', port))
+            except OSError:
+                sock.close()
+                continue
+            stats.sent += 1
+            selector.register(sock, selectors.EVENT_WRITE, [b''])
+        for key, mask in selector.select(max(0.0, next_at - time.monotonic())):
+            sock, got = key.fileobj, key.data
+            try:
+                if mask & selectors.EVENT_WRITE:
+                    sock.send(request)
+                    selector.modify(sock, selectors.EVENT_READ, got)
+                    continue
+                chunk = sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                chunk = b''
+            if chunk:
+                got[0] += chunk
+                continue
+            selector.unregister(sock)
+            sock.close()
+            stats.answered(got[0])
 
 
 def serve(argv):
@@ -146,7 +249,9 @@ def serve(argv):
     elif kind == 'stream':
         serve_stream(int(argv[1]), argv[2] == 'request')
     elif kind == 'flood':
-        serve_flood(int(argv[1]), int(argv[2]), argv[3])
+        serve_flood(int(argv[1]), int(argv[2]), argv[3], *argv[4:])
+    elif kind == 'paced':
+        serve_paced(int(argv[1]), float(argv[2]), argv[3], argv[4], *argv[5:])
     raise SystemExit('unknown helper %r' % kind)
 
 
@@ -277,8 +382,9 @@ def service(name, port, hosts, extra='', scheduler='roundrobin'):
             '%s    </group>\n%s  </service>\n' % (name, port, scheduler, lines, extra))
 
 
-def pdconfig(*parts):
-    return '<pdconfig>\n%s  <logging access="off"/>\n</pdconfig>\n' % ''.join(parts)
+def pdconfig(*parts, workers=None):
+    root = '<pdconfig workers="%s">' % workers if workers else '<pdconfig>'
+    return '%s\n%s  <logging access="off"/>\n</pdconfig>\n' % (root, ''.join(parts))
 
 
 def cpu_seconds(pid):
@@ -448,29 +554,162 @@ def data_plane(port, seconds):
     return figures
 
 
+def admin_balancer(run, tree, stored, workers=None):
+    """A balancer with service web (one backend that answers) and an admin: (listen port, admin port)."""
+    backend_port, listen, admin_port = free_port(), free_port(), free_port()
+    run.helper('answer', backend_port)
+    wait_listening(backend_port)
+    admin = ('  <admin listen="127.0.0.1:%d">\n    <user name="admin" password="%s" access="full"/>\n'
+             '  </admin>\n' % (admin_port, stored))
+    proc = run.balancer(tree, pdconfig(service('web', listen, [('one', '127.0.0.1:%d' % backend_port)]), admin,
+                                       workers=workers))
+    wait_listening(listen, proc)
+    wait_listening(admin_port, proc)
+    return listen, admin_port
+
+
+def compare_data_plane(quiet, flood):
+    """Figures of the data plane without and with a flood, and their ratios."""
+    figures = {}
+    for key in quiet:
+        figures['no flood: ' + key] = quiet[key]
+        figures['flood: ' + key] = flood[key]
+    for key in ('back-to-back req/s', 'paced req/s'):
+        figures['flood/no flood: ' + key] = flood[key] / quiet[key] if quiet[key] else None
+    return figures
+
+
 def password_flood(tree, python, stored, clients, addresses, seconds=5.0):
     """The data plane without a flood, then (same balancer) with one: both, and their ratio."""
     run = Run(python)
     try:
-        backend_port, listen, admin_port = free_port(), free_port(), free_port()
-        run.helper('answer', backend_port)
-        wait_listening(backend_port)
-        admin = ('  <admin listen="127.0.0.1:%d">\n    <user name="admin" password="%s" access="full"/>\n'
-                 '  </admin>\n' % (admin_port, stored))
-        proc = run.balancer(tree, pdconfig(service('web', listen, [('one', '127.0.0.1:%d' % backend_port)]), admin))
-        wait_listening(listen, proc)
-        wait_listening(admin_port, proc)
+        listen, admin_port = admin_balancer(run, tree, stored)
         quiet = data_plane(listen, seconds)
         run.helper('flood', admin_port, clients, ','.join(addresses))
         time.sleep(2.0)     # the flood in full swing (and past the first five failures)
-        cpu = cpu_seconds(proc.pid)
+        cpu = cpu_seconds(run.proc.pid)
         flood = data_plane(listen, seconds)
-        figures = {'balancer_cpu in the flood': (cpu_seconds(proc.pid) - cpu) / (2 * seconds)}
-        for key in quiet:
-            figures['no flood: ' + key] = quiet[key]
-            figures['flood: ' + key] = flood[key]
-        for key in ('back-to-back req/s', 'paced req/s'):
-            figures['flood/no flood: ' + key] = flood[key] / quiet[key] if quiet[key] else None
+        figures = {'balancer_cpu in the flood': (cpu_seconds(run.proc.pid) - cpu) / (2 * seconds)}
+        figures.update(compare_data_plane(quiet, flood))
+        return figures
+    finally:
+        run.stop()
+
+
+# ---------------------------------------------------------------------------
+# 6. Issue 25: floods of the admin (F5: wrong passwords from many addresses,
+#    F6: requests without credentials from one), with /healthz and an operator
+# ---------------------------------------------------------------------------
+
+def admin_get(port, path, auth=None, timeout=5.0):
+    """(status or None, seconds) of one admin GET from 127.0.0.1."""
+    start = time.monotonic()
+    try:
+        sock = socket.create_connection(('127.0.0.1', port), timeout=timeout)
+        try:
+            header = 'Authorization: %s\r\n' % auth if auth else ''
+            sock.sendall(('GET %s HTTP/1.0\r\n%s\r\n' % (path, header)).encode())
+            data = b''
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        finally:
+            sock.close()
+        status = int(data[9:12]) if data[:5] == b'HTTP/' else None
+    except (OSError, ValueError):
+        status = None
+    return status, time.monotonic() - start
+
+
+class Poller(object):
+    """A GET of path once a second, in a thread, as keepalived checks /healthz: each (status, seconds)."""
+
+    def __init__(self, port, path, auth=None):
+        self.results = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, args=(port, path, auth), daemon=True)
+        self.thread.start()
+
+    def run(self, port, path, auth):
+        next_at = time.monotonic()
+        while not self.stop.is_set():
+            self.results.append(admin_get(port, path, auth))
+            next_at += 1.0
+            self.stop.wait(max(0.0, next_at - time.monotonic()))
+
+    def figures(self, name):
+        self.stop.set()
+        self.thread.join(10)
+        good = [took for status, took in self.results if status == 200 and took <= 1.0]
+        return {'%s: asked' % name: len(self.results), '%s: 200 within 1 s' % name: len(good),
+                '%s: slowest s' % name: max(took for _, took in self.results) if self.results else None}
+
+
+def flood_figures(stats, seconds):
+    """A flood's answers a second and its share of each status (from a FloodStats file)."""
+    total = sum(stats['statuses'].values())
+    figures = {'flood: answers/s': total / seconds}
+    for status, count in stats['statuses'].items():
+        figures['flood: share %s' % status] = count / float(total)
+    return figures
+
+
+def f5_flood(tree, python, stored, workers, seconds=5.0, clients=150, addresses=100):
+    """Issue 25 F5: wrong passwords from `clients` clients over `addresses` addresses; /healthz
+    and a logged-in operator polled once a second from its start; the data plane after 2 s."""
+    run = Run(python)
+    try:
+        listen, admin_port = admin_balancer(run, tree, stored, workers)
+        operator = 'Basic ' + base64.b64encode(('admin:' + PASSWORD).encode()).decode()
+        if admin_get(admin_port, '/running.txt', operator, timeout=30)[0] != 200:    # logged in: cached
+            raise RuntimeError('the operator cannot log in')
+        quiet = data_plane(listen, seconds)
+        stats_path = os.path.join(run.dir, 'flood.json')
+        sources = ['127.0.%d.%d' % (1 + i // 250, 1 + i % 250) for i in range(addresses)]
+        run.helper('flood', admin_port, clients, ','.join(sources), stats_path)
+        started = time.monotonic()
+        pollers = Poller(admin_port, '/healthz'), Poller(admin_port, '/running.txt', operator)
+        time.sleep(2.0)     # the flood in full swing
+        flood = data_plane(listen, seconds)
+        time.sleep(1.0)     # a last flood stats write
+        figures = pollers[0].figures('healthz')
+        figures.update(pollers[1].figures('operator'))
+        figures.update(compare_data_plane(quiet, flood))
+        figures.update(flood_figures(read_stats(stats_path), time.monotonic() - started))
+        return figures
+    finally:
+        run.stop()
+
+
+def log_lines_about(run, address, start_at):
+    """Lines of the balancer's log after byte start_at that name address."""
+    with open(run.log_path, 'rb') as f:
+        f.seek(start_at)
+        return [line for line in f.read().decode('utf-8', 'replace').splitlines() if address in line]
+
+
+def f6_flood(tree, python, stored, auth, workers, seconds=5.0, rate=1000, source='127.0.0.2'):
+    """Issue 25 F6: `rate` admin GETs a second from one address (auth: '-' none), paced;
+    the data plane against no flood, the answers, and the log lines about that address."""
+    run = Run(python)
+    try:
+        listen, admin_port = admin_balancer(run, tree, stored, workers)
+        quiet = data_plane(listen, seconds)
+        stats_path = os.path.join(run.dir, 'flood.json')
+        log_at = os.path.getsize(run.log_path)
+        started = time.monotonic()
+        run.helper('paced', admin_port, rate, source, auth, stats_path)
+        time.sleep(2.0)     # the flood in full swing (and past the first five failures)
+        flood = data_plane(listen, seconds)
+        time.sleep(1.0)     # a last flood stats write
+        took = time.monotonic() - started
+        figures = compare_data_plane(quiet, flood)
+        stats = read_stats(stats_path)
+        figures['flood: sent/s'] = stats['sent'] / took
+        figures.update(flood_figures(stats, took))
+        figures['log lines about it per 10 s'] = 10 * len(log_lines_about(run, source, log_at)) / took
         return figures
     finally:
         run.stop()
@@ -570,11 +809,13 @@ def median(values):
     return statistics.median(values) if values else None
 
 
-def measure(items, old, new, python, rounds):
+def measure(items, olds, new, python, rounds):
+    """olds: item name -> the old tree for it."""
     rows = []   # (item, what, old, new)
 
     def pair(item, label, fn, *args):
         """Old then new, `rounds` times over; each figure is the median of its rounds."""
+        old = olds[item.split()[1]]     # '3 password': the old tree of item password
         runs = {old: [], new: []}
         for round_ in range(rounds):
             for tree in (old, new):
@@ -597,13 +838,20 @@ def measure(items, old, new, python, rounds):
     if 'probe' in items:
         pair('2 probe', 'no streaming backend', probe_load, False)
         pair('2 probe', 'streaming backend checked', probe_load, True)
-    if 'password' in items:
+    if set(items) & {'password', 'f5', 'f6'}:
         stored = password_hash(new, python)
+    if 'password' in items:
         pair('3 password', '64 clients, one address', password_flood, stored, 64, ['127.0.0.1'])
         pair('3 password', '64 clients, 64 addresses', password_flood, stored, 64,
              ['127.0.%d.%d' % (1 + i // 250, 1 + i % 250) for i in range(64)])
     if 'pipes' in items:
         pair('5 pipes', '20 readers stopped after 3 MiB', slow_readers)
+    for workers, mode in ((None, 'one process'), (2, 'workers="2"')):
+        if 'f5' in items:
+            pair('6 f5', '150 clients, 100 addresses, wrong passwords; %s' % mode, f5_flood, stored, workers)
+        if 'f6' in items:
+            pair('6 f6', '1,000/s from one address, no credentials; %s' % mode, f6_flood, stored, '-', workers)
+            pair('6 f6', "1,000/s from one address, 'Basic !!'; %s" % mode, f6_flood, stored, 'Basic !!', workers)
     return rows
 
 
@@ -630,8 +878,9 @@ def main(argv=None):
         serve(argv[1:])
         return 0
     p = argparse.ArgumentParser(description='Before/after figures for issue 17 (hardening).')
-    p.add_argument('--old', help='a checkout with the old pydirector.py (default: --old-commit)')
-    p.add_argument('--old-commit', default='cdbcd1a', help='the commit before the fixes (default cdbcd1a)')
+    p.add_argument('--old', help='a checkout with the old pydirector.py, for every item (default: --old-commit)')
+    p.add_argument('--old-commit', help='the commit before the fixes, for every item (default: each '
+                   "item's own: %s)" % ', '.join('%s %s' % kv for kv in sorted(OLD_COMMITS.items())))
     p.add_argument('--new', default=REPO, help='the checkout with the fixes (default: this one)')
     p.add_argument('--python', default=sys.executable, help='the Python that runs everything (3.10+ for splice)')
     p.add_argument('--only', help='comma-separated: ' + ','.join(ITEMS))
@@ -642,13 +891,18 @@ def main(argv=None):
     for item in items:
         if item not in ITEMS:
             p.error('unknown item %r' % item)
-    old = args.old or old_tree(args.old_commit)
+    commits = dict((item, args.old or args.old_commit or OLD_COMMITS[item]) for item in items)
+    trees = {}      # commit (or --old) -> its tree
     try:
-        rows = measure(items, old, args.new, args.python, args.rounds)
+        for commit in set(commits.values()):
+            trees[commit] = args.old or old_tree(commit)
+        rows = measure(items, dict((item, trees[commits[item]]) for item in items), args.new, args.python,
+                       args.rounds)
     finally:
         if not args.old:
-            shutil.rmtree(old, ignore_errors=True)
-    print(table(rows, args.old or args.old_commit, 'this checkout' if args.new == REPO else args.new))
+            for tree in trees.values():
+                shutil.rmtree(tree, ignore_errors=True)
+    print(table(rows, ', '.join(sorted(set(commits.values()))), 'this checkout' if args.new == REPO else args.new))
     if args.json:
         with open(args.json, 'w') as f:
             json.dump([{'item': i, 'figure': w, 'old': a, 'new': b} for i, w, a, b in rows], f, indent=1)

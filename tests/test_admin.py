@@ -7,6 +7,7 @@ Chromium.
 """
 
 import base64
+import collections
 import contextlib
 import html.parser
 import http.client
@@ -113,8 +114,8 @@ class AdminCase(BalancerCase):
     # -- helpers ------------------------------------------------------------
 
     def fetch(self, path, method='GET', body=None, headers=None, user='admin', password=PASSWORD, port=None,
-              timeout=10):
-        conn = http.client.HTTPConnection('127.0.0.1', port or self.port, timeout=timeout)
+              timeout=10, source='127.0.0.1'):
+        conn = http.client.HTTPConnection('127.0.0.1', port or self.port, timeout=timeout, source_address=(source, 0))
         sent = {}
         if user is not None:
             sent['Authorization'] = basic(user, password)
@@ -414,9 +415,9 @@ class AuthTest(AdminCase):
     def test_wrong_password_and_unknown_user(self):
         mark = LOG.mark()
         self.assertEqual(self.fetch('/running.txt', password='wrong').status, 401)
-        self.assertEqual(self.fetch('/running.txt', user='nobody').status, 401)
+        self.assertEqual(self.fetch('/running.txt', user='nobody', source='127.0.0.2').status, 401)
         LOG.wait_for("admin: bad credentials for user admin from 127.0.0.1", mark)
-        LOG.wait_for("admin: bad credentials for user nobody from 127.0.0.1", mark)
+        LOG.wait_for("admin: bad credentials for user nobody from 127.0.0.2", mark)
 
     def test_readonly_user_reads_but_cannot_change(self):
         self.assertEqual(self.fetch('/running.txt', user='viewer').status, 200)
@@ -1108,6 +1109,8 @@ class LimitsTest(AdminCase):
     def test_busy_workers_answer_503(self):
         # Every worker busy (on a stuck loop) and the queue full: a further request
         # is told so at once instead of hanging; the queued one is answered later.
+        # One with credentials that passed before goes first, past a full queue (to
+        # twice its size): an operator is never behind a flood of others.
         self.fetch('/running.txt')  # credentials cached, so each request waits on the loop once
         # The worker of that fetch may still be closing its connection: with one worker
         # allowed, a request arriving meanwhile would be queued behind it, and the next
@@ -1122,25 +1125,35 @@ class LimitsTest(AdminCase):
         release = threading.Event()
         self.addCleanup(release.set)
         self.bal.director.loop.call_soon_threadsafe(release.wait, 60)
-        answers = {}
+        answers = collections.OrderedDict()
 
-        def fetch(name):
-            answers[name] = self.fetch('/running.txt', timeout=90)
-        threads = [threading.Thread(target=fetch, args=(name,)) for name in ('answered', 'queued')]
+        def fetch(name, **kwargs):
+            response = self.fetch('/running.txt', timeout=90, **kwargs)
+            with lock:
+                answers[name] = response
+        lock = threading.Lock()
+        threads = [threading.Thread(target=fetch, args=('answered',)),
+                   threading.Thread(target=fetch, args=('queued',), kwargs={'user': 'viewer'}),
+                   threading.Thread(target=fetch, args=('operator',))]
         threads[0].start()
         wait_until(lambda: len(self.server.answering) == 1)     # the first is in its worker
-        threads[1].start()
+        threads[1].start()                                      # (viewer's credentials: not checked yet)
         wait_until(lambda: len(self.server.queue) == 1)
         started = time.monotonic()
-        refused = self.fetch('/running.txt')
+        refused = self.fetch('/running.txt', user=None)
         self.assertLess(time.monotonic() - started, 30)   # at once, not when the loop is back
         self.assertEqual((refused.status, refused.body), (503, 'ERROR the admin server is busy; try again\n'))
         self.assertEqual(refused.headers['X-Content-Type-Options'], 'nosniff')
         self.assertEqual(refused.headers['Content-Type'], 'text/plain; charset=utf-8')
+        threads[2].start()
+        wait_until(lambda: len(self.server.queue) == 2)
+        self.assertEqual(self.fetch('/running.txt').status, 503)     # the queue at twice its size
         release.set()
         for thread in threads:
             thread.join(10)
-        self.assertEqual((answers['answered'].status, answers['queued'].status), (200, 200))
+        self.assertEqual(dict((name, r.status) for name, r in answers.items()),
+                         {'answered': 200, 'operator': 200, 'queued': 200})
+        self.assertLess(list(answers).index('operator'), list(answers).index('queued'))     # went first
 
     def test_stuck_loop_is_503(self):
         self.fetch('/running.txt')  # credentials cached, so only the snapshot waits on the loop

@@ -65,8 +65,8 @@ class HealthzTest(unittest.TestCase):
         self.addCleanup(self.server.stop)
         self.port = self.server.server_address[1]
 
-    def fetch(self, path, method='GET', credentials=False):
-        conn = http.client.HTTPConnection('127.0.0.1', self.port, timeout=10)
+    def fetch(self, path, method='GET', credentials=False, source='127.0.0.1'):
+        conn = http.client.HTTPConnection('127.0.0.1', self.port, timeout=10, source_address=(source, 0))
         headers = {}
         if credentials:
             headers['Authorization'] = 'Basic ' + base64.b64encode(('admin:' + PASSWORD).encode()).decode()
@@ -151,8 +151,10 @@ class HealthzTest(unittest.TestCase):
         self.assertEqual(self.fetch('/healthz'), (503, 'text/plain; charset=utf-8', b'DOWN 2\n'))
 
     def test_every_other_page_needs_credentials(self):
-        for path in sorted((set(pydirector_admin.PAGES) | set(pydirector_admin.ACTIONS)) - {'/healthz'}) + ['/healthz/', '/HEALTHZ', '/nothing']:
-            status, _, body = self.fetch(path)
+        # Each from an address of its own: past 5 failed logins an address is told to wait (429).
+        paths = sorted((set(pydirector_admin.PAGES) | set(pydirector_admin.ACTIONS)) - {'/healthz'})
+        for number, path in enumerate(paths + ['/healthz/', '/HEALTHZ', '/nothing']):
+            status, _, body = self.fetch(path, source='127.0.3.%d' % (number + 1))
             self.assertEqual((status, body), (401, b'ERROR credentials needed\n'), path)
 
     def test_same_request_rules_and_limits(self):
@@ -165,20 +167,26 @@ class HealthzTest(unittest.TestCase):
         answer = self.raw(b'GET /healthz HTTP/1.0\r\n' + b'X-Big: ' + b'b' * 9000 + b'\r\n\r\n')
         self.assertTrue(answer.startswith(b'HTTP/1.0 431 '), answer[:100])
 
-    def test_busy_workers_answer_503(self):
-        # One worker, no queue: while a /healthz waits on a stuck loop, the next is refused.
+    def test_not_behind_busy_workers(self):
+        # One worker, waiting on a stuck loop for a page, and no queue: the next page is
+        # refused as busy, but /healthz is answered by the reader (DOWN: the loop is stuck).
+        self.assertEqual(self.fetch('/running.txt', credentials=True)[0], 200)     # cached: no check below
+        wait_until(lambda: self.server.busy == 0)
         self.server.max_workers, self.server.max_queued = 1, 0
         release = threading.Event()
         self.addCleanup(release.set)
         self.bal.director.loop.call_soon_threadsafe(release.wait, 30)
         first = []
-        thread = threading.Thread(target=lambda: first.append(self.fetch('/healthz')))
+        thread = threading.Thread(target=lambda: first.append(self.fetch('/running.txt', credentials=True)))
         thread.start()
         wait_until(lambda: self.server.busy == 1)
-        self.assertEqual(self.fetch('/healthz'),
+        self.assertEqual(self.fetch('/running.txt', credentials=True),
                          (503, 'text/plain; charset=utf-8', b'ERROR the admin server is busy; try again\n'))
+        self.assertEqual(self.fetch('/healthz'), (503, 'text/plain; charset=utf-8', b'DOWN\n'))
+        release.set()
+        self.assertEqual(self.fetch('/healthz'), (200, 'text/plain; charset=utf-8', b'OK\n'))
         thread.join(10)
-        self.assertEqual(first, [(503, 'text/plain; charset=utf-8', b'DOWN\n')])
+        self.assertEqual(first[0][0], 200)
 
     def test_contrib_check_command(self):
         """The vrrp_script's curl, pointed at this server: exit 0 on OK, non-zero on DOWN."""
