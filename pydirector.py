@@ -1155,14 +1155,17 @@ def _read_xml(data, path):
     parser = expat.ParserCreate()
     lines = {}
     open_tags = []
+    open_lines = []     # where each element open now starts, for an error about it
 
     def start(tag, attrs):
-        lines[builder.start(tag, attrs)] = parser.CurrentLineNumber
+        line = lines[builder.start(tag, attrs)] = parser.CurrentLineNumber
         open_tags.append(tag)
+        open_lines.append(line)
 
     def end(tag):
         builder.end(tag)
         open_tags.pop()
+        open_lines.pop()
 
     def text(chunk):
         # 1.0 files may carry free text in <note> elements.
@@ -1185,7 +1188,7 @@ def _read_xml(data, path):
     try:
         parser.Parse(data, True)
     except expat.ExpatError as e:
-        raise ConfigError(f'XML error: {expat.ErrorString(e.code)}', path, e.lineno) from None
+        raise _xml_error(data, path, e, parser.ErrorByteIndex, list(zip(open_tags, open_lines))) from None
     except UnicodeError as e:
         # A str with a lone surrogate cannot be UTF-8 at all; and Python 3.6's
         # pyexpat decodes names itself, so bad bytes in a tag name land here.
@@ -1199,6 +1202,42 @@ def _read_xml(data, path):
         # cannot use (ValueError: multi-byte encodings are not supported).
         raise ConfigError(f'XML error: unusable encoding: {e}', path, parser.CurrentLineNumber) from None
     return builder.close(), lines
+
+
+_TAG_MISMATCH = expat.errors.codes[expat.errors.XML_ERROR_TAG_MISMATCH]
+_NO_ELEMENTS = expat.errors.codes[expat.errors.XML_ERROR_NO_ELEMENTS]
+_XML_NAME = re.compile(rb'[A-Za-z_][A-Za-z0-9_.:-]*')    # the names a config's tags use
+
+
+def _xml_error(data, path, error, index, open_elements):
+    """The ConfigError for an expat error, at the line where the broken element
+    starts.  Expat names where it noticed: for an element never closed, where
+    its parent ends (or the end of the file); for a start tag missing its '>'
+    or a quote, the next tag.  index: expat's byte offset of the error;
+    open_elements: [(tag, line)] of the elements open then."""
+    what = expat.ErrorString(error.code)
+    noticed = error.lineno
+    raw = data.encode('utf-8', 'surrogatepass') if isinstance(data, str) else data
+    # Bytes are read as ASCII below: not in UTF-16, where '<' may be half a character.
+    ascii = raw.find(b'\0', 0, index) < 0
+    if error.code in (_TAG_MISMATCH, _NO_ELEMENTS) and open_elements:
+        tag, line = open_elements[-1]
+        if error.code == _NO_ELEMENTS:
+            why = f'the file ends at line {noticed}'
+        else:
+            closing = _XML_NAME.match(raw, index) if ascii else None
+            why = f'expat noticed at line {noticed}: {what}' + (
+                f' </{closing.group(0).decode()}>' if closing else '')
+        return ConfigError(f'XML error: <{tag}> started here is not closed ({why})', path, line)
+    start = raw.rfind(b'<', 0, index) if ascii else -1
+    if start >= 0 and raw.find(b'>', start, index) < 0:
+        # Inside a tag that has not reached its '>': it may have started lines before.
+        line = raw.count(b'\n', 0, start) + 1
+        tag = _XML_NAME.match(raw, start + 1)
+        if line != noticed and tag:
+            return ConfigError(f'XML error: the tag <{tag.group(0).decode()}> started here is broken '
+                               f'(expat noticed at line {noticed}: {what})', path, line)
+    return ConfigError(f'XML error: {what}', path, noticed)
 
 
 _CHILDREN = {
