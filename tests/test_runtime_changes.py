@@ -14,7 +14,6 @@ import base64
 import http.client
 import json
 import os
-import re
 import signal
 import stat
 import subprocess
@@ -169,7 +168,7 @@ class TestRuntimeChanges(RuntimeCase):
         self.rewrite(edited)
         body = self.change('/saveConfig', 409)
         self.assertEqual(body, 'ERROR %s changed on disk since it was last loaded; reload it, or saveConfig '
-                               'with force=1 to write over it\n'.rstrip('\n') % self.path)
+                               'with force=1 to write over it' % self.path)
         with open(self.path) as f:
             self.assertEqual(f.read(), edited)
         self.change('/saveConfig', 400, force='yes')
