@@ -37,6 +37,7 @@ import socket
 import stat
 import sys
 import _socket
+import tempfile
 import threading
 import time
 import unicodedata
@@ -115,6 +116,7 @@ class Config(ConfigElement):
         self.services = list(services or ())
         self.admin = admin
         self.logging = logging if logging is not None else Logging()
+        self.digest = None      # load_config: the sha256 of the file's bytes, to tell when it changes
 
     def service(self, name):
         for service in self.services:
@@ -326,7 +328,10 @@ def load_config(path):
     """Read and check the config file at path; ConfigError for anything wrong.
     Only a regular file is read (see read_config_file), so --check and a reload
     never hang on a FIFO or read /dev/zero forever."""
-    return parse_config(read_config_file(path), path)
+    data = read_config_file(path)
+    config = parse_config(data, path)
+    config.digest = hashlib.sha256(data).hexdigest()
+    return config
 
 
 MAX_CONFIG_BYTES = 64 << 20     # a config file larger than this is refused
@@ -366,6 +371,53 @@ def read_config_file(path, limit=MAX_CONFIG_BYTES, timeout=CONFIG_READ_TIMEOUT):
         return b''.join(chunks)
     finally:
         os.close(fd)
+
+
+def write_config_file(path, data, previous):
+    """Replace the config file at path with data, so that path always holds a
+    whole file: each of PATH.bak (previous: the bytes the file held, None for no
+    file) and then PATH is written to a temp file beside it, with the old
+    file's mode and owner, fsync'ed and renamed into place; then the directory
+    is fsync'ed.  A symlink's target is what is replaced.  Returns the path of
+    the .bak (None when there was no file); OSError if it cannot."""
+    path = os.path.realpath(path)
+    try:
+        like = os.stat(path)
+    except FileNotFoundError:
+        like = None
+    backup = None
+    if previous is not None:
+        backup = path + '.bak'
+        _write_beside(backup, previous, like)
+    _write_beside(path, data, like)
+    fd = os.open(os.path.dirname(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return backup
+
+
+def _write_beside(path, data, like):
+    fd, temp = tempfile.mkstemp(dir=os.path.dirname(path), prefix='.%s.' % os.path.basename(path))
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            if like is not None:
+                os.fchmod(f.fileno(), stat.S_IMODE(like.st_mode))
+                try:
+                    os.fchown(f.fileno(), like.st_uid, like.st_gid)
+                except OSError:
+                    pass    # only root gives files away: then the file is ours
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise
 
 
 def parse_config(data, path='<config>'):
@@ -875,10 +927,11 @@ class Attr(object):
     write(value) -> the text running.xml writes.  required: never absent in a
     file.  spelling: the field that keeps the text as written, which write
     gets too (send's escapes come back as the operator wrote them).  example:
-    a valid text other than the default, which the generated test sets."""
+    a valid text other than the default, which the generated test sets.
+    secret: its value is never shown in a message (a reload's list of what it undid)."""
 
     def __init__(self, name, parse=None, default=None, write=None, example=None, required=False,
-                 field=None, spelling=None, error=None):
+                 field=None, spelling=None, error=None, secret=False):
         self.name = name
         self.field = field or name
         self.parse = parse or as_written
@@ -888,6 +941,7 @@ class Attr(object):
         self.required = required
         self.spelling = spelling
         self.error = error
+        self.secret = secret
 
     def __repr__(self):
         return f'Attr({self.name!r})'
@@ -944,6 +998,13 @@ def written_attrs(table, values, every=False):
         text = row.write(value, values.get(row.spelling)) if row.spelling else row.write(value)
         if text is not None:
             yield row, value, text
+
+
+def default_texts(table):
+    """{name: its default as running.xml would write it, 'none' for no value}: what a
+    difference shows for an attribute running.xml leaves out."""
+    return dict((row.name, value_text(row.default) if row.default not in (None, ()) else 'none')
+                for row in table)
 
 
 def value_text(value):
@@ -1141,7 +1202,7 @@ ADMIN_ATTRS = (
 )
 USER_ATTRS = (
     Attr('name', _user_name, required=True, error='{error}', example='ops'),
-    Attr('password', _password, required=True, error='user {name!r}: {error}',
+    Attr('password', _password, required=True, error='user {name!r}: {error}', secret=True,
          example='pbkdf2_sha256$1000$xu5uu/A7NiIxNdZWjYAy3w$cdJfkueTyP3W/GvvGIK0V4GT+3lA5HUlkLjl5r4H39I'),
     Attr('access', _access, required=True, error='user {name!r}: {error}', example='readonly'),
 )
@@ -1172,14 +1233,17 @@ def _read_xml(data, path):
     parser = expat.ParserCreate()
     lines = {}
     open_tags = []
+    open_lines = []     # where each element open now starts, for an error about it
 
     def start(tag, attrs):
-        lines[builder.start(tag, attrs)] = parser.CurrentLineNumber
+        line = lines[builder.start(tag, attrs)] = parser.CurrentLineNumber
         open_tags.append(tag)
+        open_lines.append(line)
 
     def end(tag):
         builder.end(tag)
         open_tags.pop()
+        open_lines.pop()
 
     def text(chunk):
         # 1.0 files may carry free text in <note> elements.
@@ -1202,7 +1266,7 @@ def _read_xml(data, path):
     try:
         parser.Parse(data, True)
     except expat.ExpatError as e:
-        raise ConfigError(f'XML error: {expat.ErrorString(e.code)}', path, e.lineno) from None
+        raise _xml_error(data, path, e, parser.ErrorByteIndex, list(zip(open_tags, open_lines))) from None
     except UnicodeError as e:
         # A str with a lone surrogate cannot be UTF-8 at all; and Python 3.6's
         # pyexpat decodes names itself, so bad bytes in a tag name land here.
@@ -1216,6 +1280,42 @@ def _read_xml(data, path):
         # cannot use (ValueError: multi-byte encodings are not supported).
         raise ConfigError(f'XML error: unusable encoding: {e}', path, parser.CurrentLineNumber) from None
     return builder.close(), lines
+
+
+_TAG_MISMATCH = expat.errors.codes[expat.errors.XML_ERROR_TAG_MISMATCH]
+_NO_ELEMENTS = expat.errors.codes[expat.errors.XML_ERROR_NO_ELEMENTS]
+_XML_NAME = re.compile(rb'[A-Za-z_][A-Za-z0-9_.:-]*')    # the names a config's tags use
+
+
+def _xml_error(data, path, error, index, open_elements):
+    """The ConfigError for an expat error, at the line where the broken element
+    starts.  Expat names where it noticed: for an element never closed, where
+    its parent ends (or the end of the file); for a start tag missing its '>'
+    or a quote, the next tag.  index: expat's byte offset of the error;
+    open_elements: [(tag, line)] of the elements open then."""
+    what = expat.ErrorString(error.code)
+    noticed = error.lineno
+    raw = data.encode('utf-8', 'surrogatepass') if isinstance(data, str) else data
+    # Bytes are read as ASCII below: not in UTF-16, where '<' may be half a character.
+    ascii = raw.find(b'\0', 0, index) < 0
+    if error.code in (_TAG_MISMATCH, _NO_ELEMENTS) and open_elements:
+        tag, line = open_elements[-1]
+        if error.code == _NO_ELEMENTS:
+            why = f'the file ends at line {noticed}'
+        else:
+            closing = _XML_NAME.match(raw, index) if ascii else None
+            why = f'expat noticed at line {noticed}: {what}' + (
+                f' </{closing.group(0).decode()}>' if closing else '')
+        return ConfigError(f'XML error: <{tag}> started here is not closed ({why})', path, line)
+    start = raw.rfind(b'<', 0, index) if ascii else -1
+    if start >= 0 and raw.find(b'>', start, index) < 0:
+        # Inside a tag that has not reached its '>': it may have started lines before.
+        line = raw.count(b'\n', 0, start) + 1
+        tag = _XML_NAME.match(raw, start + 1)
+        if line != noticed and tag:
+            return ConfigError(f'XML error: the tag <{tag.group(0).decode()}> started here is broken '
+                               f'(expat noticed at line {noticed}: {what})', path, line)
+    return ConfigError(f'XML error: {what}', path, noticed)
 
 
 _CHILDREN = {
@@ -1449,6 +1549,11 @@ def config_tree(config):
     return root
 
 
+def config_tree_text(config):
+    """The canonical text of a config: equal for configs that run the same."""
+    return ElementTree.tostring(config_tree(config))
+
+
 def by_name(parent, tag, key='name'):
     items = collections.OrderedDict()
     if parent is not None:
@@ -1581,6 +1686,59 @@ class ConfigDiff(object):
         self.users_removed = [name for name in old_users if name not in new_users]
         self.old_users = old_users
         self.new_users = new_users
+
+
+def config_items(root):
+    """{path: element} of every element of a config_tree, in file order; a path is
+    ((tag, name), ...) from the root down, name an element's own or else its index
+    among its parent's children of that tag."""
+    items = collections.OrderedDict()
+
+    def walk(elem, path):
+        items[path] = elem
+        seen = collections.Counter()
+        for child in elem:
+            name = child.get('name')
+            if name is None:
+                name = seen[child.tag]
+                seen[child.tag] += 1
+            walk(child, path + ((child.tag, name),))
+    walk(root, ())
+    return items
+
+
+def undone_changes(loaded, running, new):
+    """What a reload from running to new undoes of the changes made at run time
+    (config_trees; loaded: the file as last loaded, so a runtime change is where
+    running differs from it), one text each: 'host web/main/extra (added at
+    runtime): removed'.  A change the new file makes too is kept, not undone; an
+    element added or deleted at run time is named without its children."""
+    before, now, after = config_items(loaded), config_items(running), config_items(new)
+
+    def same(a, b):
+        return a is b is None or a is not None and b is not None and a.attrib == b.attrib
+
+    texts, whole = [], []
+    for path in list(now) + [p for p in before if p not in now]:
+        old, ran, comes = before.get(path), now.get(path), after.get(path)
+        if same(old, ran) or same(ran, comes) or any(path[:len(w)] == w for w in whole):
+            continue
+        if old is None or ran is None or comes is None:
+            whole.append(path)
+        tag = path[-1][0] if path else 'pdconfig'
+        where = '/'.join(name for _, name in path if isinstance(name, str))
+        origin = 'added' if old is None else 'deleted' if ran is None else 'changed'
+        if comes is None:
+            outcome = 'removed'
+        elif ran is None:
+            outcome = 'back'
+        else:
+            table = ELEMENT_ATTRS.get(tag, ())
+            secret = set(row.name for row in table if row.secret)
+            outcome = ', '.join(key + ' replaced' if key in secret else text
+                                for key, text in attribute_changes(ran, comes, defaults=default_texts(table)))
+        texts.append('%s %s (%s at runtime): %s' % (tag, where, origin, outcome))
+    return texts
 
 
 # ---------------------------------------------------------------------------
@@ -4600,20 +4758,25 @@ class Reload(object):
     It makes every difference a ConfigDiff of the running state and the new
     file shows (diff and apply read the same ConfigDiff).  New listen
     addresses are bound first, so a port in use changes nothing.  Hosts that
-    did not change keep their Host object, health and counters; open
-    connections are never cut, and those of removed hosts and services are
-    left to finish.  apply() returns the one-line summary of what changed.
+    did not change keep their Host object, health, admin state and counters
+    (a host whose ip changed is a new host); open connections are never cut,
+    and those of removed hosts and services are left to finish.  apply()
+    returns the one-line summary of what changed, and of the changes made at
+    run time it undid (undone_changes: what the admin changed since the file
+    was last loaded, director.config, that the new file does not do too).
     """
 
     def __init__(self, director, new):
         self.director = director
         self.new = new
         self.changes = []
+        self.undone = []
 
     def apply(self):
         director = self.director
         new = self.new
         diff = ConfigDiff(director.running_config(), new)
+        self.undone = undone_changes(config_tree(director.config), diff.old, diff.new)
         listeners = self._bind()
         changes = self.changes
         services = collections.OrderedDict()
@@ -4652,7 +4815,8 @@ class Reload(object):
         director.config = new
         director.loaded_xml = new.to_xml()
         director.reloaded = time.time()
-        return 'reloaded %s: %s' % (new.path, '; '.join(changes) or 'no changes')
+        message = 'reloaded %s: %s' % (new.path, '; '.join(changes) or 'no changes')
+        return message + ('; undid: ' + ', '.join(self.undone) if self.undone else '')
 
     def _bind(self):
         """address key -> Listener for every listen address of the new config, reusing
@@ -4716,9 +4880,14 @@ class Reload(object):
         changed = dict((name, (old, new)) for name, old, new in diff.changed)
         moved = set(name for name, (old, new) in changed.items() if old.get('ip') != new.get('ip'))
         for name in diff.removed + sorted(moved):
-            director.remove_host(service, group, scheduler.get_host(name))
+            host = scheduler.get_host(name)
+            director.remove_host(service, group, host)
             if name not in moved:
                 changes.append('-host %s' % name)
+            elif host.admin != schedulers.ENABLED:
+                # A new address is a new host: the state an operator gave the old one goes.
+                self.undone.append('host %s/%s/%s %s (by admin): dropped, its ip changed'
+                                   % (service.name, group.name, name, host.admin))
         added = set(host.get('name') for host in diff.added) | moved
         for host_config in config.hosts:
             name = host_config.name
@@ -5030,7 +5199,7 @@ class Actions(object):
         return {
             'version': VERSION, 'hostname': socket.gethostname(), 'pid': os.getpid(),
             'started': self.started, 'now': time.time(), 'services': services,
-            'config_path': self.config.path, 'reloaded': self.reloaded,
+            'config_path': self.config.path, 'reloaded': self.reloaded, 'reload': dict(self.last_reload),
             'users': [{'name': u.name, 'access': u.access} for u in self.users.values()],
             'sni': self.sni_snapshot(),
             'workers': self.workers.snapshot() if self.workers is not None else None,
@@ -5233,6 +5402,9 @@ class Director(Actions):
         self.stopping = False
         self.stop_timer = None
         self.reloaded = None
+        # The last reload's outcome, for the pages; the config loaded at start counts as one.
+        self.last_reload = {'time': self.started, 'ok': True, 'error': None, 'success_time': self.started,
+                            'undone': []}
         self.reload_lock = threading.Lock()
         self.reload_state = threading.Lock()    # over the two below: SIGHUPs coalesce
         self.reload_wanted = False
@@ -5413,10 +5585,61 @@ class Director(Actions):
                     new = load_config(path)
                 except ConfigError as e:
                     log.error('reload failed: %s', e)
+                    self.loop.call_soon_threadsafe(self.reload_failed, str(e))
                     raise AdminError(400, str(e))
-                return self.loop.call(self.apply_reload, new, timeout=60.0)
+                try:
+                    return self.loop.call(self.apply_reload, new, timeout=60.0)
+                except LoopTimeout:
+                    self.loop.call_soon_threadsafe(self.reload_failed, 'the loop did not answer within 60 s')
+                    raise
             finally:
                 self.notifier.ready()   # after a failed reload too: the old config keeps running
+
+    def save_config(self, force=None):
+        """Write the running config to the config file (write_config_file: atomically,
+        the previous file kept as FILE.bak), which is then the file as last loaded.
+        AdminError 409 when the file changed on disk since it was last loaded, unless
+        force is '1'.  In this thread (never on the loop): the loop only hands over
+        the running config."""
+        if force not in (None, '0', '1'):
+            raise AdminError(400, 'force must be 1 or 0, not %r' % force)
+        with self.reload_lock:
+            xml, loaded, path = self.loop.call(self._running_and_loaded, timeout=60.0)
+            previous = problem = None
+            try:
+                if os.path.lexists(path):
+                    previous = read_config_file(path)
+                else:
+                    problem = '%s is missing' % path
+            except ConfigError as e:
+                problem = str(e)
+            if previous is not None and hashlib.sha256(previous).hexdigest() != loaded.digest:
+                problem = '%s changed on disk since it was last loaded' % path
+            if problem is not None and force != '1':
+                raise AdminError(409, '%s; reload it, or saveConfig with force=1 to write over it' % problem)
+            data = xml.encode('utf-8')
+            try:
+                saved = parse_config(data, path)
+            except ConfigError as e:    # a bug: running.xml must always load
+                raise AdminError(500, 'the running config does not load: %s' % e)
+            saved.digest = hashlib.sha256(data).hexdigest()
+            if problem is None and config_tree_text(saved) == config_tree_text(loaded):
+                return 'the config file %s holds the running config already: not written' % path
+            try:
+                backup = write_config_file(path, data, previous)
+            except OSError as e:
+                raise AdminError(500, 'cannot write %s: %s' % (path, e.strerror or e))
+            self.loop.call(self._loaded, saved, timeout=60.0)
+            return 'saved the running config to %s%s' % (path, '' if backup is None else
+                                                          '; the previous file is %s' % backup)
+
+    def _running_and_loaded(self):
+        return self.running_xml(), self.config, self.config.path
+
+    def _loaded(self, config):
+        """The config file now holds config: runtime changes count from it."""
+        self.config = config
+        self.loaded_xml = config.to_xml()
 
     def reload_in_background(self):
         """SIGHUP: read the file in a thread of its own, so the loop never waits on it.
@@ -5445,16 +5668,27 @@ class Director(Actions):
 
     def apply_reload(self, new):
         """On the loop: make the running services what the new Config says."""
+        reload = Reload(self, new)
         try:
-            message = Reload(self, new).apply()
+            message = reload.apply()
         except AdminError as e:
             log.error('reload failed: %s', e.message)
+            self.reload_failed(e.message)
             raise
         self.access.flush()
-        log.log(logging.DEBUG if self.master is not None else logging.INFO, '%s', message)
+        self.last_reload = {'time': self.reloaded, 'ok': True, 'error': None, 'success_time': self.reloaded,
+                            'undone': reload.undone}
+        # Undone runtime changes are a warning: someone's change is gone.
+        level = logging.WARNING if reload.undone else logging.INFO
+        log.log(logging.DEBUG if self.master is not None else level, '%s', message)
         if self.workers is not None:
             self.workers.reloaded()
         return message
+
+    def reload_failed(self, error):
+        """On the loop: the last reload failed (error: 'FILE:LINE: why'); the config
+        running stays, and so does the time of the last success."""
+        self.last_reload = dict(self.last_reload, time=time.time(), ok=False, error=error, undone=[])
 
     # -- connections --------------------------------------------------------
 

@@ -64,7 +64,11 @@ admin on HTTPS or on loopback):
     newGroup?service=S&group=G&scheduler=X
     delGroup?service=S&group=G
     closeLog                                   (reopen the log file, for logrotate)
-    reload                                     (re-read the config file, as SIGHUP does)
+    reload                                     (re-read the config file, as SIGHUP does; the
+                    answer ends with the runtime changes it undid: "; undid: ...")
+    saveConfig[?force=1]                       (write the running config to the config file,
+                    atomically, the previous one kept as FILE.bak; 409 when the file
+                    changed on disk since it was last loaded, unless force=1)
 
 Answers to a change: a browser (its Accept names text/html) is redirected
 (303) to /running?msg=... showing the result; anything else gets text/plain
@@ -77,12 +81,13 @@ Statuses: 400 bad, missing or unknown parameter; 401 no or bad credentials
 (with the Basic challenge wget waits for); 403 read-only user, or a
 cross-site change; 404 unknown page, service, group, host or user; 405
 wrong method (a change as GET: it names --post-data and get_changes); 409
-refused by a rule (last host of the enabled group, last full user, ...);
-411/413/414/415/431 a request we will not read; 429 too many failed logins
-from this address, or another password being checked (Retry-After says
-how long); 503 the balancer loop did not answer in time, or every worker
-is busy.  500 only ever means a bug here, and is logged once with its
-traceback.
+refused by a rule (last host of the enabled group, last full user, a
+config file changed on disk for saveConfig, ...); 411/413/414/415/431 a
+request we will not read; 429 too many failed logins from this address, or
+another password being checked (Retry-After says how long); 503 the
+balancer loop did not answer in time, or every worker is busy.  500 means
+a config file saveConfig cannot write (the answer says why), or else a bug
+here, logged once with its traceback.
 
 Security: every request needs HTTP Basic credentials checked against the
 password hashes of the config (pydirector.check_password, deliberately
@@ -260,6 +265,7 @@ ACTIONS = {
     '/delGroup': _action('del_group', ('service', 'group')),
     '/closeLog': _action('close_log'),
     '/reload': _action('reload', on_loop=False),
+    '/saveConfig': _action('save_config', optional=('force',), on_loop=False),
 }
 
 
@@ -1782,6 +1788,7 @@ def render_running(snapshot, user, can_change, msg=None, refresh=None):
     ]
     if msg:
         body.append('<p class="msg %s">%s</p>' % ('ok' if msg.startswith('OK') else 'error', e(msg)))
+    body.append(render_reload(s))
     if not can_change:
         body.append('<p class="note">User %s has read-only access.</p>' % e(user))
     for service in s['services']:
@@ -1831,9 +1838,29 @@ def render_running(snapshot, user, can_change, msg=None, refresh=None):
                                        'autocomplete="new-password" aria-label="password"> '
                                        '<select name="access" aria-label="access"><option>readonly</option>'
                                        '<option>full</option></select> '))
+        body.append('<h2>Config</h2><p>%s %s</p>' % (
+            form('reload', [], 'reload the config file'),
+            form('saveConfig', [], 'save the running config to the config file')))
         body.append('<h2>Log</h2><p>%s</p>' % form('closeLog', [], 'reopen the log file'))
     refresh_url = '/running?refresh=%d' % refresh if refresh else None
     return page('pydirector on %s' % s['hostname'], body, refresh_url, refresh)
+
+
+def render_reload(snapshot):
+    """The config file and how its last reload went (a failure in red, with its file:line)."""
+    e = html.escape
+    r = snapshot.get('reload')
+    if r is None:
+        return ''
+    where = e(snapshot['config_path'] or '-')
+    if not r['ok']:
+        return ('<p class="msg error">The reload of %s at %s failed: %s. Running the config loaded at %s.</p>'
+                % (where, e(when(r['time'])), e(r['error']), e(when(r['success_time']))))
+    text = 'Config %s loaded at %s%s.' % (where, e(when(r['success_time'])),
+                                          ' (by a reload)' if snapshot.get('reloaded') else '')
+    if r['undone']:
+        text += ' The reload undid runtime changes: %s.' % e('; '.join(r['undone']))
+    return '<p>%s</p>' % text
 
 
 def txt_field(value):
@@ -2014,6 +2041,13 @@ def render_metrics(snapshot):
                                                        ('hostname', snapshot['hostname'])]))
     family('pydirector_start_time_seconds', 'gauge', 'When the balancer started, in seconds since the epoch.')
     out.append('pydirector_start_time_seconds %.3f' % snapshot['started'])
+    reload = snapshot['reload']     # Prometheus's own names for these
+    family('pydirector_config_last_reload_successful', 'gauge',
+           '1 if the last config reload succeeded (the load at start counts), 0 if it failed.')
+    out.append('pydirector_config_last_reload_successful %d' % reload['ok'])
+    family('pydirector_config_last_reload_success_timestamp_seconds', 'gauge',
+           'When the config was last loaded successfully (at start or by a reload), in seconds since the epoch.')
+    out.append('pydirector_config_last_reload_success_timestamp_seconds %.3f' % reload['success_time'])
     services = snapshot['services']
     for name, kind, help_text, key in SERVICE_METRICS:
         family(name, kind, help_text)
@@ -2080,8 +2114,7 @@ def render_metrics(snapshot):
 CANNOT = '# cannot apply through the admin API: %s; edit the file on the balancer and reload'
 HOST_ATTRS = ('name', 'ip', 'weight', 'maxconns', 'send_proxy')    # what addHost can set
 # A host setting's default as a plan shows it ('weight 1 -> 3', 'send_proxy none -> v1').
-HOST_DEFAULTS = dict((row.name, 'none' if row.default is None else pydirector.value_text(row.default))
-                     for row in pydirector.HOST_ATTRS)
+HOST_DEFAULTS = pydirector.default_texts(pydirector.HOST_ATTRS)
 USER_ATTRS = ('name', 'password', 'access')                         # what addUser can set
 
 

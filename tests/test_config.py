@@ -644,7 +644,18 @@ NOT_A_NETWORK = 'is not an IP network (like 10.0.0.0/8, 2001:db8::/32 or 127.0.0
 
 BAD = [
     # XML itself
-    ('<pdconfig>\n<service>\n</pdconfig>', 'x.xml:3: XML error: mismatched tag'),
+    # An element never closed is named where it starts, not where expat noticed (issue 27).
+    ('<pdconfig>\n<service>\n</pdconfig>',
+     'x.xml:2: XML error: <service> started here is not closed (expat noticed at line 3: mismatched tag </pdconfig>)'),
+    (HEAD + '<group name="main" scheduler="roundrobin">\n<host name="one" ip="10.0.0.1:80"/>\n'
+     '<host name="two" ip="10.0.0.2:80">\n<host name="three" ip="10.0.0.3:80"/>\n</group>\n' + TAIL,
+     'x.xml:6: XML error: <host> started here is not closed (expat noticed at line 8: mismatched tag </group>)'),
+    (HEAD + '<group name="main" scheduler="roundrobin">\n<host name="one"\n ip="10.0.0.1:80"\n'
+     '<host name="two" ip="10.0.0.2:80"/>\n</group>\n' + TAIL,
+     'x.xml:5: XML error: the tag <host> started here is broken '
+     '(expat noticed at line 7: not well-formed (invalid token))'),
+    (HEAD + '<group name="main" scheduler="roundrobin">\n<host name="one" ip="10.0.0.1:80"/>\n',
+     'x.xml:4: XML error: <group> started here is not closed (the file ends at line 6)'),
     (b'<pdconfig>\n\xff\xfe</pdconfig>', 'x.xml:2: XML error: not well-formed (invalid token)'),
     ('', 'x.xml:1: XML error: no element found'),
     ('<?xml version="1.0"?>\n<!DOCTYPE pdconfig [\n<!ENTITY lol "lol">\n]>\n<pdconfig/>',

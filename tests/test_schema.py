@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import unittest
 from unittest import mock
 from xml.etree import ElementTree
@@ -141,6 +142,35 @@ class SchemaTest(unittest.TestCase):
                 line = bad[:bad.index('bogus=')].count('\n') + 1
                 self.assertEqual(str(cm.exception), "x.xml:%d: <%s> has unknown attribute 'bogus' (known: %s)"
                                  % (line, tag, ', '.join(sorted(row.name for row in table))))
+
+    def test_values_survive_save_config(self):
+        # saveConfig writes running.xml over the file: every value, the password hash too.
+        directory = tempfile.mkdtemp(prefix='pydirector-schema-')
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, 'full.xml')
+        with open(path, 'w', encoding='utf-8') as f:
+            f.write(full_config())
+        director = pydirector.Director(pydirector.load_config(path), accept=False, resolve_names=False)
+        with open(path, 'a', encoding='utf-8') as f:
+            f.write('<!-- changed on disk: saveConfig needs force=1 -->\n')
+        thread = threading.Thread(target=director.loop.run)
+        thread.start()
+        try:
+            with self.assertRaises(pydirector.AdminError) as cm:
+                director.save_config()
+            self.assertEqual(cm.exception.status, 409)
+            director.save_config(force='1')
+            running = director.loop.call(director.running_xml)
+        finally:
+            director.loop.call_soon_threadsafe(director.loop.stop)
+            thread.join(10)
+            director.loop.close()
+        with open(path, encoding='utf-8') as f:
+            saved = f.read()
+        self.assertEqual(saved, running)
+        check_values(self, saved, 'saveConfig')
+        with open(path + '.bak', encoding='utf-8') as f:
+            self.assertEqual(f.read(), full_config() + '<!-- changed on disk: saveConfig needs force=1 -->\n')
 
     def test_running_xml_passes_check(self):
         directory = tempfile.mkdtemp(prefix='pydirector-schema-')
