@@ -1790,6 +1790,10 @@ def render_metrics(snapshot):
                                                        ('hostname', snapshot['hostname'])]))
     family('pydirector_start_time_seconds', 'gauge', 'When the balancer started, in seconds since the epoch.')
     out.append('pydirector_start_time_seconds %.3f' % snapshot['started'])
+    family('pydirector_log_lines_dropped_total', 'counter',
+           'Log lines dropped because their target (stderr, the log file, syslog) took no more '
+           'or failed; with workers, every process\'s.')
+    out.append('pydirector_log_lines_dropped_total %d' % snapshot.get('log_lines_dropped', 0))
     services = snapshot['services']
     for name, kind, help_text, key in SERVICE_METRICS:
         family(name, kind, help_text)
