@@ -2615,6 +2615,7 @@ LOG_BUFFER = 1 << 20     # bytes of lines a log target may hold while it takes n
 LOG_ERROR_INTERVAL = 10.0    # seconds: a log target's failing writes are reported at most this often
 LOG_EXIT_WAIT = 1.0      # seconds an exiting process waits, in all, for slow log targets to take their lines
 LOG_FILE_WRITE = 1 << 18     # bytes of one write to a regular file (to a pipe: PIPE_BUF, so lines stay whole)
+LOG_HANDED = 10000       # records other threads may have waiting for the loop (past it: dropped)
 
 
 class AccessLog(object):
@@ -2633,7 +2634,7 @@ class AccessLog(object):
     def __init__(self, loop):
         self.loop = loop
         self.enabled = True
-        self.kept = []              # (closed Pair or TLSHelloReader, how it ended, loop time)
+        self.kept = []              # (closed Pair or TLSHelloReader, how it ended, time.time())
         self.timer = None
         self.logger = logging.getLogger('pydirector.access')
         self.escaped = {}           # text -> log_value(text), for names and addresses
@@ -2650,18 +2651,16 @@ class AccessLog(object):
 
     def connection(self, pair, how):
         """Keep a closed pair for its line, formatted when the batch is written."""
-        loop = self.loop
-        self.kept.append((pair, how, loop.now))
+        # The wall clock now, as a LogRecord's: not the loop's time (read as this iteration
+        # began), so a record logged before in this iteration cannot carry a later time.
+        self.kept.append((pair, how, time.time()))
         if self.timer is None:
-            self.timer = loop.call_later(ACCESS_FLUSH, self.flush)
+            self.timer = self.loop.call_later(ACCESS_FLUSH, self.flush)
 
     def hello_refused(self, reader, how):
         """A client of a listen with sni closed before any service was chosen
         (a TLSHelloReader): service=-, and bytes_in the bytes it sent, none relayed."""
-        loop = self.loop
-        self.kept.append((reader, how, loop.now))
-        if self.timer is None:
-            self.timer = loop.call_later(ACCESS_FLUSH, self.flush)
+        self.connection(reader, how)
 
     PREFIX = len('2026-12-01 21:40:00,123 INFO ')
 
@@ -2674,12 +2673,11 @@ class AccessLog(object):
         hosts = self.host_texts
         if len(hosts) > 10000:
             hosts.clear()
-        offset = time.time() - time.monotonic()     # loop time -> wall time
+        offset = time.time() - time.monotonic()     # wall time -> loop time, for durations
         lines = []
         append = lines.append
         second, date = None, ''
-        for pair, how, now in kept:
-            when = now + offset
+        for pair, how, when in kept:
             if int(when) != second:
                 second = int(when)
                 date = clock_text(second)[:-4]      # without its ',mmm'
@@ -2702,7 +2700,7 @@ class AccessLog(object):
                        date, (when - second) * 1000, escaped.get(service) or value(service),
                        '[%s]' % ip if ':' in ip else ip, pair.client_port,
                        '-' if sni is None else value(sni), host_text, failovers,
-                       bytes_in, bytes_out, now - pair.started, how))
+                       bytes_in, bytes_out, when - offset - pair.started, how))
         return lines
 
     def flush(self):
@@ -3117,7 +3115,14 @@ class SyslogTarget(LogTarget):
             return self.sock.sendto(data, self.to)
         if self.sock is None:
             self.connect()
-        return self.sock.send(data)
+        try:
+            return self.sock.send(data)
+        except BlockingIOError:
+            raise
+        except OSError:     # syslogd restarted: its socket is a new one (SysLogHandler too retries once)
+            self.reset()
+            self.connect()
+            return self.sock.send(data)
 
     def reset(self):
         if self.to is None and self.sock is not None:
@@ -3178,6 +3183,9 @@ class LogOutput(object):
                 access.flush()      # the connections that closed before this record come first
             elif loop.running:
                 with self.lock:
+                    if len(self.handed) >= LOG_HANDED:
+                        target.drop(1)      # the loop is not taking them: memory stays bounded
+                        return
                     self.handed.append((target, text))
                     if self.handing:
                         return

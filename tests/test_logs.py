@@ -216,6 +216,26 @@ class StuckSyslogTest(StuckTargetCase):
         self.check_drops_add_up(LogReader(sock=receiver))
 
 
+    def test_syslogd_restarted(self):
+        # Its socket goes and a new one is bound at the path: the next line connects again.
+        path = os.path.join(self.dir, 'log')
+        first = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(first.close)
+        first.bind(path)
+        self.spawn('  <logging syslog="%s"/>\n' % path, host_name='one')
+        self.assertEqual(exchange(self.port, b'x'), b'x')
+        wait_until(lambda: LogReader(sock=first).read().access() == 1)
+        first.close()
+        os.unlink(path)
+        second = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(second.close)
+        second.bind(path)
+        self.assertEqual(exchange(self.port, b'x'), b'x')
+        got = LogReader(sock=second)
+        wait_until(lambda: got.read().access() == 1)
+        self.assertEqual([l for l in got.lines if 'dropped' in l or 'cannot' in l], [])
+
+
 class FullDiskTest(StuckTargetCase):
 
     def test_one_error_line_and_no_traceback(self):
