@@ -167,12 +167,15 @@ class StuckTargetCase(BalancerCase):
         return json.loads(body) if status == 200 else None
 
     def dropped(self):
-        """pydirector_log_lines_dropped_total, and the same on running.json."""
-        status, body = self.fetch('/metrics')
-        self.assertEqual(status, 200)
-        value = [int(l.split()[1]) for l in body.splitlines() if l.startswith('pydirector_log_lines_dropped_total ')]
-        self.assertEqual(value, [self.running()['log_lines_dropped']])
-        return value[0]
+        """pydirector_log_lines_dropped_total, once running.json says the same (a drop may
+        come between the two pages)."""
+        def both():
+            status, body = self.fetch('/metrics')
+            self.assertEqual(status, 200)
+            value = [int(l.split()[1]) for l in body.splitlines()
+                     if l.startswith('pydirector_log_lines_dropped_total ')]
+            return value if value == [self.running()['log_lines_dropped']] else None
+        return wait_until(both, 10)[0]
 
     def check_drops_add_up(self, reader):
         """Read the target again: every client's access line arrives or is counted dropped,
