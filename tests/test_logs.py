@@ -206,6 +206,19 @@ class StuckStderrTest(StuckTargetCase):
         fcntl.fcntl(read_end, fcntl.F_SETFL, os.O_NONBLOCK)
         self.check_drops_add_up(LogReader(fd=read_end))
 
+    def test_stderr_socket_nobody_reads(self):
+        # As systemd gives it: a stream socket to the journal.
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        try:
+            self.spawn(stderr=theirs.fileno())
+            served = serve_clients(self.port, CLIENTS)
+            self.assertFalse(fcntl.fcntl(theirs.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK)
+        finally:
+            theirs.close()
+        self.assertEqual(served, CLIENTS)
+        self.check_drops_add_up(LogReader(fd=ours.fileno()))
+
 
 class StuckSyslogTest(StuckTargetCase):
 
