@@ -2783,11 +2783,9 @@ class LogTarget(logging.Handler):
 
     def emit(self, record):
         try:
-            text = self.text(record)
+            log_output.add(self, self.text(record))
         except Exception:
             self.handleError(record)
-            return
-        log_output.add(self, text)
 
     # -- pending lines (under log_output.lock) ------------------------------------
 
