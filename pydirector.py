@@ -2598,6 +2598,11 @@ class LogFormatter(logging.Formatter):
         return clock_text(record.created)
 
 
+def stream_formatter():
+    """'DATE TIME,MS LEVEL message', a worker's message after its LOG_PREFIX."""
+    return LogFormatter(LOG_FORMAT.replace('%(message)s', LOG_PREFIX + '%(message)s'))
+
+
 _clock = [None, '']     # the second, and its date text
 
 
@@ -2970,7 +2975,7 @@ class StreamTarget(LogTarget):
         self.label = escape_text(path) if path else 'stderr'
         self.fd = None
         self.sock = None
-        self.setFormatter(LogFormatter(LOG_FORMAT.replace('%(message)s', LOG_PREFIX + '%(message)s')))
+        self.setFormatter(stream_formatter())
         self.use(*self.open())
 
     def open(self):
@@ -3285,7 +3290,7 @@ def stderr_target():
         return StreamTarget()
     except (AttributeError, ValueError, OSError):   # no stderr of the OS's (pythonw, a StringIO)
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(LogFormatter(LOG_FORMAT.replace('%(message)s', LOG_PREFIX + '%(message)s')))
+        handler.setFormatter(stream_formatter())
         return handler
 
 
