@@ -13,6 +13,7 @@ Director, Workers (a master and worker processes), Command line.
 
 import argparse
 import array
+import atexit
 import base64
 import binascii
 import collections
@@ -3024,6 +3025,11 @@ class LogFormatter(logging.Formatter):
         return clock_text(record.created)
 
 
+def stream_formatter():
+    """'DATE TIME,MS LEVEL message', a worker's message after its LOG_PREFIX."""
+    return LogFormatter(LOG_FORMAT.replace('%(message)s', LOG_PREFIX + '%(message)s'))
+
+
 _clock = [None, '']     # the second, and its date text
 
 
@@ -3037,6 +3043,11 @@ def clock_text(when):
 
 
 ACCESS_FLUSH = 0.05      # seconds an access line may wait in memory before it is written
+LOG_BUFFER = 1 << 20     # bytes of lines a log target may hold while it takes none; past it, lines are dropped
+LOG_ERROR_INTERVAL = 10.0    # seconds: a log target's failing writes are reported at most this often
+LOG_EXIT_WAIT = 1.0      # seconds an exiting process waits, in all, for slow log targets to take their lines
+LOG_FILE_WRITE = 1 << 18     # bytes of one write to a regular file (to a pipe: PIPE_BUF, so lines stay whole)
+LOG_HANDED = 10000       # records other threads may have waiting for the loop (past it: dropped)
 
 
 class AccessLog(object):
@@ -3044,21 +3055,23 @@ class AccessLog(object):
     'pydirector.access' logger's handlers, at INFO.
 
     Lines are formatted here, straight from the connection, and kept in a
-    list; they are written every ACCESS_FLUSH seconds, a batch in one write
-    per file or stream (one datagram per line to syslog), and at every stop,
-    reload and log reopen.  A SIGKILL loses at most the last ACCESS_FLUSH
-    seconds of lines.  A handler this does not know (a test's recorder) gets
-    a LogRecord per line, as logging would give it.
+    list; they go to the log targets (LogTarget, which write a batch at a
+    time) every ACCESS_FLUSH seconds, before any other record the loop thread
+    logs (so lines come out in time order), and at every stop, reload and log
+    reopen.  A SIGKILL loses at most the last ACCESS_FLUSH seconds of lines.
+    A handler this does not know (a test's recorder) gets a LogRecord per
+    line, as logging would give it.
     """
 
     def __init__(self, loop):
         self.loop = loop
         self.enabled = True
-        self.kept = []              # (closed Pair or TLSHelloReader, how it ended, loop time)
+        self.kept = []              # (closed Pair or TLSHelloReader, how it ended, time.time())
         self.timer = None
         self.logger = logging.getLogger('pydirector.access')
         self.escaped = {}           # text -> log_value(text), for names and addresses
         self.host_texts = {}        # Host -> its 'host=NAME backend=IP:PORT', escaped
+        log_output.attach(self)
 
     def value(self, text):
         escaped = self.escaped.get(text)
@@ -3070,18 +3083,16 @@ class AccessLog(object):
 
     def connection(self, pair, how):
         """Keep a closed pair for its line, formatted when the batch is written."""
-        loop = self.loop
-        self.kept.append((pair, how, loop.now))
+        # The wall clock now, as a LogRecord's: not the loop's time (read as this iteration
+        # began), so a record logged before in this iteration cannot carry a later time.
+        self.kept.append((pair, how, time.time()))
         if self.timer is None:
-            self.timer = loop.call_later(ACCESS_FLUSH, self.flush)
+            self.timer = self.loop.call_later(ACCESS_FLUSH, self.flush)
 
     def hello_refused(self, reader, how):
         """A client of a listen with sni closed before any service was chosen
         (a TLSHelloReader): service=-, and bytes_in the bytes it sent, none relayed."""
-        loop = self.loop
-        self.kept.append((reader, how, loop.now))
-        if self.timer is None:
-            self.timer = loop.call_later(ACCESS_FLUSH, self.flush)
+        self.connection(reader, how)
 
     PREFIX = len('2026-12-01 21:40:00,123 INFO ')
 
@@ -3094,12 +3105,11 @@ class AccessLog(object):
         hosts = self.host_texts
         if len(hosts) > 10000:
             hosts.clear()
-        offset = time.time() - time.monotonic()     # loop time -> wall time
+        offset = time.time() - time.monotonic()     # wall time -> loop time, for durations
         lines = []
         append = lines.append
         second, date = None, ''
-        for pair, how, now in kept:
-            when = now + offset
+        for pair, how, when in kept:
             if int(when) != second:
                 second = int(when)
                 date = clock_text(second)[:-4]      # without its ',mmm'
@@ -3122,11 +3132,11 @@ class AccessLog(object):
                        date, (when - second) * 1000, escaped.get(service) or value(service),
                        '[%s]' % ip if ':' in ip else ip, pair.client_port,
                        '-' if sni is None else value(sni), host_text, failovers,
-                       bytes_in, bytes_out, now - pair.started, how))
+                       bytes_in, bytes_out, when - offset - pair.started, how))
         return lines
 
     def flush(self):
-        """Write what is kept; from the loop thread, or once the loop has stopped."""
+        """Hand what is kept to the log targets; from the loop thread, or once the loop has stopped."""
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -3136,16 +3146,14 @@ class AccessLog(object):
         if not self.logger.isEnabledFor(logging.INFO):
             return
         for handler in self.handlers():
+            if isinstance(handler, LogTarget):
+                log_output.put(handler, handler.access_texts(lines))
+                continue
             try:
-                if isinstance(handler, logging.StreamHandler) and type(handler.formatter) is LogFormatter:
-                    self.write_stream(handler, lines)
-                elif isinstance(handler, logging.handlers.SysLogHandler):
-                    self.write_syslog(handler, [line[self.PREFIX:-1] for line in lines])
-                else:
-                    for line in lines:
-                        record = self.logger.makeRecord(self.logger.name, logging.INFO, '', 0,
-                                                        line[self.PREFIX:-1], (), None)
-                        handler.handle(record)
+                for line in lines:
+                    record = self.logger.makeRecord(self.logger.name, logging.INFO, '', 0,
+                                                    line[self.PREFIX:-1], (), None)
+                    handler.handle(record)
             except Exception:
                 handler.handleError(None)
 
@@ -3160,62 +3168,528 @@ class AccessLog(object):
             logger = logger.parent
         return found
 
-    @staticmethod
-    def write_stream(handler, lines):
-        """The batch in as few writes as keep every line whole: one to a file (opened
-        O_APPEND, where one write lands whole whoever else appends), pieces of at most
-        PIPE_BUF bytes at line ends to a pipe or terminal (stderr under systemd)."""
-        data = ''.join(lines).encode('utf-8')
-        handler.acquire()
+
+class DropNote(bytes):
+    """A target's line saying how many lines it dropped (`count`): if it is dropped
+    in turn, its count goes back to the lines no note has told of."""
+
+
+SEND_FLAGS = getattr(socket, 'MSG_DONTWAIT', 0)
+
+
+class LogTarget(logging.Handler):
+    """One place log lines go: stderr, the file of <logging file>, or syslog.
+    Nothing written to it ever blocks: a log reader that stops reading, a
+    syslog socket nobody reads or a full disk must not stop the data plane.
+
+    Lines (each a whole line, or a datagram) wait in `pending`, in order,
+    until the target takes them: each batch is written at once as far as
+    the kernel takes it without waiting, and the rest when the loop says the
+    target has room.  At most LOG_BUFFER bytes wait; past that, new lines are
+    dropped and counted (log_output.dropped, the admin's
+    pydirector_log_lines_dropped_total) until half of them have gone out, and
+    then a line says how many were dropped.  A write that fails (a full disk,
+    syslog gone) drops what waits the same way and is reported at most once
+    per LOG_ERROR_INTERVAL, without a traceback, on the other targets and on
+    stderr.  pending changes only under log_output.lock, and log_output
+    decides the order of the lines.
+    """
+
+    label = 'log'
+    datagrams = False       # one item per send (syslog); else whole lines joined up to `piece` bytes
+    piece = select.PIPE_BUF     # the kernel keeps a pipe write of at most PIPE_BUF bytes whole
+    watchable = True        # the loop can watch it for room (anything but a regular file)
+    check_first = False     # a blocking descriptor we share: write only once poll says there is room
+
+    def __init__(self):
+        logging.Handler.__init__(self)
+        self.pending = collections.deque()
+        self.size = 0           # bytes in pending
+        self.dropping = False   # lines are dropped until half of LOG_BUFFER is free (or a write works)
+        self.unreported = 0     # lines dropped that no note has told of yet
+        self.dropped = 0        # lines this target dropped, ever
+        self.reported = None    # when a failing write was last reported (monotonic)
+        self.watched = None     # the loop watching the descriptor for room
+        self.poller = None
+        self.closed = False
+
+    def emit(self, record):
         try:
-            stream = handler.stream
-            if stream is None:          # a FileHandler closed by a log reopen
-                stream = handler.stream = handler._open()
-            stream.flush()              # what logging wrote before goes first
-            try:
-                fd = stream.fileno()
-            except (AttributeError, OSError, ValueError):
-                fd = None               # not a real file (a test's StringIO)
-            if fd is None:
-                stream.write(data.decode('utf-8'))
-                stream.flush()
+            log_output.add(self, self.text(record))
+        except Exception:
+            self.handleError(record)
+
+    # -- pending lines (under log_output.lock) ------------------------------------
+
+    def put(self, texts):
+        """Queue these texts, or drop and count those past LOG_BUFFER."""
+        if self.closed:
+            self.drop(len(texts))
+            return
+        if self.dropping:
+            if self.size > LOG_BUFFER // 2:
+                self.drop(len(texts))
                 return
-            piece = len(data) if stat.S_ISREG(os.fstat(fd).st_mode) else select.PIPE_BUF
-            start = 0
-            while start < len(data):
-                end = len(data) if len(data) - start <= piece else data.rfind(b'\n', start, start + piece) + 1
-                if end <= start:
-                    end = start + piece     # one line longer than PIPE_BUF: it cannot be whole anyway
-                while start < end:
-                    start += os.write(fd, data[start:end])
-        finally:
-            handler.release()
+            self.resume()
+        room = LOG_BUFFER - self.size
+        pending = self.pending
+        for index, text in enumerate(texts):
+            data = text.encode('utf-8', 'backslashreplace')
+            if len(data) > room:
+                self.dropping = True
+                self.drop(len(texts) - index)
+                break
+            room -= len(data)
+            pending.append(data)
+        self.size = LOG_BUFFER - room
 
-    @staticmethod
-    def write_syslog(handler, lines):
-        # As SysLogHandler.emit words a record formatted 'pydirector[PID]: message'.
-        prefix = '<%d>%spydirector[%d]: ' % (handler.encodePriority(handler.facility, 'info'),
-                                            handler.ident or '', os.getpid())
-        end = '\000' if handler.append_nul else ''
-        handler.acquire()
-        try:
-            for message in lines:
-                data = (prefix + message + end).encode('utf-8')
-                if handler.unixsocket:
+    def drop(self, count):
+        self.unreported += count
+        self.dropped += count
+        log_output.dropped += count
+
+    def resume(self):
+        """Taking lines again: first the line saying how many were dropped."""
+        self.dropping = False
+        if self.unreported:
+            record = logging.LogRecord('pydirector', logging.WARNING, '', 0, 'log to %s: %d line(s) dropped',
+                                       (self.label, self.unreported), None)
+            note = DropNote(self.text(record).encode('utf-8', 'backslashreplace'))
+            note.count = self.unreported
+            self.unreported = 0
+            self.pending.append(note)
+            self.size += len(note)
+
+    def write(self):
+        """Write what waits, as far as the target takes it without waiting; then
+        have the loop watch for room while some is left."""
+        pending = self.pending
+        while pending and not self.closed:
+            if self.check_first and not self.has_room(0):
+                break
+            data = pending[0] if self.datagrams else self.joined()
+            try:
+                sent = self.send(data)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                if e.errno == errno.EMSGSIZE and self.datagrams:    # this one line is too long for syslog
+                    self.size -= len(pending.popleft())
+                    self.drop(1)
+                    continue
+                self.failed(e)
+                break
+            self.sent(sent)
+            if sent < len(data) and (self.watchable or not sent):
+                break
+            if self.dropping and self.size <= LOG_BUFFER // 2:
+                self.resume()
+        self.update_watch()
+
+    def joined(self):
+        """The first waiting lines, whole, in one piece of at most `piece` bytes (or one longer line)."""
+        pending = self.pending
+        first = pending[0]
+        if len(pending) == 1 or len(first) >= self.piece:
+            return first
+        parts = []
+        total = 0
+        for data in pending:
+            total += len(data)
+            if total > self.piece:
+                break
+            parts.append(data)
+        return b''.join(parts)
+
+    def sent(self, count):
+        """count bytes of the first waiting lines went out."""
+        pending = self.pending
+        self.size -= count
+        while count:
+            first = pending[0]
+            if count < len(first):
+                pending[0] = first[count:]      # a note begun is told: the rest is plain bytes
+                return
+            count -= len(first)
+            pending.popleft()
+
+    def failed(self, error):
+        """A write failed for another reason than no room: what waits is dropped, the
+        next line to go out is the note, and the failure is reported."""
+        count = 0
+        for data in self.pending:
+            if type(data) is DropNote:
+                self.unreported += data.count
+            else:
+                count += 1
+        self.pending.clear()
+        self.size = 0
+        self.drop(count)
+        self.dropping = True
+        self.reset()
+        log_output.report(self, 'cannot write: %s' % (error_text(error.errno) if error.errno else error))
+
+    def reset(self):
+        """After a failed write (syslog: connect again at the next line)."""
+
+    def close_fd(self):
+        """Close the descriptor (not logging's Handler.release, which is its lock's)."""
+
+    def update_watch(self):
+        if self.pending and self.watchable and not self.closed:
+            if self.watched is None:
+                loop = log_output.loop()
+                if loop is not None and loop.running and threading.get_ident() == loop.thread_ident:
                     try:
-                        handler.socket.send(data)
-                    except OSError:
-                        handler.socket.close()
-                        handler._connect_unixsocket(handler.address)
-                        handler.socket.send(data)
-                elif handler.socktype == socket.SOCK_DGRAM:
-                    handler.socket.sendto(data, handler.address)
-                else:
-                    handler.socket.sendall(data)
+                        loop.add(self.fileno(), EVENT_WRITE, self.on_writable)
+                    except (OSError, ValueError, TypeError):
+                        return      # it cannot be polled: the next line tries again
+                    self.watched = loop
+        elif self.watched is not None:
+            self.unwatch()
+
+    def unwatch(self):
+        loop, self.watched = self.watched, None
+        if loop is not None:
+            try:
+                loop.remove(self.fileno())
+            except (KeyError, ValueError, OSError):
+                pass    # that loop is closed
+
+    def on_writable(self, mask):
+        with log_output.lock:
+            self.write()
+
+    def has_room(self, timeout):
+        """Whether the target takes a write now, waiting up to timeout seconds."""
+        fd = self.fileno()
+        if fd is None:
+            return False
+        if self.poller is None:
+            self.poller = select.poll()
+            self.poller.register(fd, select.POLLOUT)
+        return bool(self.poller.poll(timeout * 1000))
+
+    def finish(self, deadline):
+        """At exit: write what waits, waiting for room until deadline (monotonic)."""
+        self.write()
+        while self.pending and self.watchable and not self.closed:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.has_room(left):
+                break
+            self.write()
+
+    def close(self):
+        """What it takes now is written, the rest dropped and counted."""
+        with log_output.lock:
+            if not self.closed:
+                self.write()
+                self.drop(sum(1 for data in self.pending if type(data) is not DropNote))
+                self.pending.clear()
+                self.size = 0
+                self.unwatch()
+                self.closed = True
+                self.close_fd()
+        logging.Handler.close(self)
+
+
+class StreamTarget(LogTarget):
+    """stderr (no path) or the file of <logging file>: 'DATE TIME,MS LEVEL message' lines."""
+
+    def __init__(self, path=None):
+        LogTarget.__init__(self)
+        self.path = path
+        self.label = escape_text(path) if path else 'stderr'
+        self.fd = None
+        self.sock = None
+        self.setFormatter(stream_formatter())
+        self.use(*self.open())
+
+    def open(self):
+        """A descriptor of our own, and whether to poll before each write (see own_stderr)."""
+        if not self.path:
+            return own_stderr()
+        # O_NONBLOCK: on a FIFO or a device; a regular file never waits for a reader.
+        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_NOCTTY |
+                       os.O_CLOEXEC, 0o666), False
+
+    def use(self, fd, check_first):
+        mode = os.fstat(fd).st_mode
+        self.fd = fd
+        self.poller = None
+        self.watchable = not stat.S_ISREG(mode)
+        self.piece = select.PIPE_BUF if self.watchable else LOG_FILE_WRITE
+        self.check_first = check_first
+        if stat.S_ISSOCK(mode):
+            # stderr under systemd: a stream socket to the journal, which other processes
+            # share; MSG_DONTWAIT makes our sends alone non-blocking.
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fd)
+            self.check_first = check_first or not SEND_FLAGS
+
+    def fileno(self):
+        return self.fd
+
+    def send(self, data):
+        if self.sock is not None:
+            return self.sock.send(data, SEND_FLAGS)
+        return os.write(self.fd, data)
+
+    def text(self, record):
+        return self.format(record) + '\n'
+
+    def access_texts(self, lines):
+        return lines
+
+    def reopen(self):
+        """SIGUSR1 (logrotate): the file again by its name; what waits goes there."""
+        if not self.path:
+            return
+        with log_output.lock:
+            try:
+                opened = self.open()
+            except OSError as e:
+                log_output.report(self, 'cannot reopen: %s' % error_text(e.errno))
+                return
+            self.unwatch()
+            self.close_fd()
+            self.use(*opened)
+            self.write()
+
+    def close_fd(self):
+        if self.sock is not None:
+            self.sock.close()
+        elif self.fd is not None:
+            os.close(self.fd)
+        self.fd = self.sock = None
+
+
+def own_stderr():
+    """stderr as a descriptor of our own, and whether to poll before each write.
+
+    O_NONBLOCK belongs to the open file description, which our stderr shares
+    with whoever else holds it: the terminal's shell, the other processes of
+    a pipeline, our workers.  Set there, their reads and writes would fail
+    with EAGAIN.  So a pipe or a terminal is opened again through
+    /proc/self/fd (Linux): a new description of the same pipe or terminal,
+    ours alone, made non-blocking.  A regular file never waits (its copy
+    shares the offset, as before); a socket (systemd's journal) is sent to
+    with MSG_DONTWAIT.  Where none of that works (no /proc, or a terminal of
+    another user after dropping privileges) each write of at most PIPE_BUF
+    bytes waits for poll to say there is room, which only a writer filling
+    the pipe in between could still block.
+    """
+    import fcntl
+    fd = sys.stderr.fileno()
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISREG(mode) or stat.S_ISSOCK(mode) or fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK:
+        return os.dup(fd), False
+    try:
+        return os.open('/proc/self/fd/%d' % fd, os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC), False
+    except OSError:
+        return os.dup(fd), True
+
+
+class SyslogTarget(LogTarget):
+    """<logging syslog>: a datagram per line, '<PRI>pydirector[PID]: message\\0' as
+    logging.handlers.SysLogHandler words it, to a unix socket (datagram, else
+    stream, as SysLogHandler tries) or over UDP.  A unix socket that fails is
+    connected again at the next line (syslogd restarted)."""
+
+    datagrams = True
+
+    def __init__(self, address, facility, text):
+        LogTarget.__init__(self)
+        self.address = address
+        self.label = 'syslog ' + escape_text(text)
+        self.facility = logging.handlers.SysLogHandler.facility_names[facility]
+        self.sock = None
+        self.to = None          # the UDP address
+        self.setFormatter(logging.Formatter('pydirector[%d]: %s%%(message)s' % (os.getpid(), LOG_PREFIX)))
+        self.access_prefix = '<%d>pydirector[%d]: ' % (self.priority('INFO'), os.getpid())
+        if isinstance(address, str):
+            try:
+                self.connect()
+            except OSError:
+                pass    # syslogd may start after us (C's openlog ignores this too): the first line tries again
+        else:           # resolved once, here: never on the loop
+            host, port = address
+            family, kind, proto, _, self.to = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM)[0]
+            self.sock = socket.socket(family, kind, proto)
+            self.sock.setblocking(False)
+
+    def priority(self, levelname):
+        names = logging.handlers.SysLogHandler
+        return (self.facility << 3) | names.priority_names[names.priority_map.get(levelname, 'warning')]
+
+    def connect(self):
+        error = None
+        for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+            sock = socket.socket(socket.AF_UNIX, kind)
+            sock.setblocking(False)
+            try:
+                sock.connect(self.address)
+            except OSError as e:
+                sock.close()
+                error = e
+                continue
+            self.sock = sock
+            self.poller = None
+            return
+        raise error
+
+    def fileno(self):
+        return self.sock.fileno() if self.sock is not None else None
+
+    def send(self, data):
+        if self.to is not None:
+            return self.sock.sendto(data, self.to)
+        if self.sock is None:
+            self.connect()
+        try:
+            return self.sock.send(data)
+        except BlockingIOError:
+            raise
+        except OSError:     # syslogd restarted: its socket is a new one (SysLogHandler too retries once)
+            self.reset()
+            self.connect()
+            return self.sock.send(data)
+
+    def reset(self):
+        if self.to is None and self.sock is not None:
+            self.unwatch()
+            self.close_fd()
+
+    def text(self, record):
+        return '<%d>%s\000' % (self.priority(record.levelname), self.format(record))
+
+    def access_texts(self, lines):
+        prefix = self.access_prefix
+        start = AccessLog.PREFIX
+        return [prefix + line[start:-1] + '\000' for line in lines]
+
+    def close_fd(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+class LogOutput(object):
+    """This process's log lines on their way to the targets, in time order.
+
+    A record the loop thread logs goes after the access lines kept so far
+    (AccessLog.flush first) and is written at once, as far as each target
+    takes it.  A record of another thread (the admin's, a reload's) is
+    handed to the loop, which puts it in line the same way; with no loop
+    running, it is written from its own thread.  `dropped` counts the lines
+    every target dropped (a master adds its workers': Master.log_lines_dropped).
+    """
+
+    def __init__(self):
+        self.lock = threading.RLock()
+        self.access = None                  # the AccessLog of the loop that writes
+        self.handed = collections.deque()   # (target, text) other threads logged, for the loop
+        self.handing = False                # a call to take them is queued on the loop
+        self.dropped = 0
+        self.fallback = None                # stderr for reports, when stderr is no target itself
+        self.reporting = False
+
+    def attach(self, access):
+        self.access = access
+        access.loop.call_soon(self.write_all)   # lines logged before the loop ran, if there was no room
+
+    def loop(self):
+        return self.access.loop if self.access is not None else None
+
+    def targets(self):
+        found = [h for h in _log_handlers if isinstance(h, LogTarget)]
+        return found + [self.fallback] if self.fallback is not None else found
+
+    def add(self, target, text):
+        """A record's text for a target (LogTarget.emit)."""
+        access = self.access
+        if access is not None:
+            loop = access.loop
+            if threading.get_ident() == loop.thread_ident:
+                access.flush()      # the connections that closed before this record come first
+            elif loop.running:
+                with self.lock:
+                    if len(self.handed) >= LOG_HANDED:
+                        target.drop(1)      # the loop is not taking them: memory stays bounded
+                        return
+                    self.handed.append((target, text))
+                    if self.handing:
+                        return
+                    self.handing = True
+                loop.call_soon_threadsafe(self.take_handed)
+                return
+        self.put(target, [text])
+
+    def put(self, target, texts):
+        with self.lock:
+            if self.handed:
+                self.put_handed()
+            target.put(texts)
+            target.write()
+
+    def take_handed(self):
+        """On the loop: what other threads logged, after the access lines kept so far."""
+        if self.access is not None:
+            self.access.flush()
+        with self.lock:
+            self.put_handed()
+
+    def put_handed(self):
+        handed = list(self.handed)
+        self.handed.clear()
+        self.handing = False
+        targets = []
+        for target, text in handed:
+            target.put([text])
+            if target not in targets:
+                targets.append(target)
+        for target in targets:
+            target.write()
+
+    def write_all(self):
+        with self.lock:
+            for target in self.targets():
+                target.write()
+
+    def report(self, target, problem):
+        """A target's writes fail: said at most once per LOG_ERROR_INTERVAL, without a
+        traceback, on every other target and on stderr (where systemd keeps it)."""
+        now = time.monotonic()
+        if self.reporting or (target.reported is not None and now - target.reported < LOG_ERROR_INTERVAL):
+            return
+        target.reported = now
+        self.reporting = True
+        try:
+            others = [t for t in self.targets() if t is not target]
+            if not any(isinstance(t, StreamTarget) and not t.path for t in others + [target]):
+                try:
+                    self.fallback = StreamTarget()
+                    others.append(self.fallback)
+                except (AttributeError, ValueError, OSError):
+                    pass    # no stderr
+            record = logging.LogRecord('pydirector', logging.ERROR, '', 0, 'log to %s: %s (%d line(s) dropped so far)',
+                                       (target.label, problem, target.dropped), None)
+            for other in others:
+                other.put([other.text(record)])
+                other.write()
         finally:
-            handler.release()
+            self.reporting = False
+
+    def finish(self, wait=LOG_EXIT_WAIT):
+        """At exit: what every target holds, waiting up to `wait` seconds in all for room."""
+        deadline = time.monotonic() + wait
+        with self.lock:
+            if self.handed:
+                self.put_handed()
+            for target in self.targets():
+                target.finish(deadline)
 
 
+log_output = LogOutput()
 _log_handlers = []   # the handlers we installed, so a reload replaces only those
 
 
@@ -3229,43 +3703,55 @@ def lighten_logging():
 
 
 def setup_logging(config, verbose=False):
+    """The process's logging, once: OSError if the log file cannot be opened."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
     configure_log_handlers(config.logging)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    atexit.register(log_output.finish)      # before logging's own shutdown, which closes the targets
+
+
+def stderr_target():
+    try:
+        return StreamTarget()
+    except (AttributeError, ValueError, OSError):   # no stderr of the OS's (pythonw, a StringIO)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(stream_formatter())
+        return handler
 
 
 def configure_log_handlers(logging_config):
-    """Install handlers for <logging>: a file (else stderr), and syslog when asked."""
+    """Install targets for <logging>: a file (else stderr), and syslog when asked.
+    The new ones are made before the old ones go: OSError (a file that cannot
+    be opened, a syslog host with no address) changes nothing."""
+    made = []
+    if logging_config.file:
+        made.append(StreamTarget(logging_config.file))
+    elif logging_config.syslog is None:
+        made.append(stderr_target())
+    if logging_config.syslog is not None:
+        try:
+            made.append(SyslogTarget(logging_config.syslog_address, logging_config.facility,
+                                     logging_config.syslog))
+        except OSError:
+            for handler in made:
+                handler.close()
+            raise
     root = logging.getLogger()
     for handler in _log_handlers:
         root.removeHandler(handler)
         handler.close()
-    del _log_handlers[:]
-    if logging_config.file:
-        handler = logging.FileHandler(logging_config.file)
-    elif logging_config.syslog is None:
-        handler = logging.StreamHandler(sys.stderr)
-    else:
-        handler = None
-    if handler is not None:
-        handler.setFormatter(LogFormatter(LOG_FORMAT.replace('%(message)s', LOG_PREFIX + '%(message)s')))
-        _log_handlers.append(handler)
-    if logging_config.syslog is not None:
-        handler = logging.handlers.SysLogHandler(
-            address=logging_config.syslog_address, facility=logging_config.facility)
-        handler.setFormatter(logging.Formatter('pydirector[%d]: %s%%(message)s' % (os.getpid(), LOG_PREFIX)))
-        _log_handlers.append(handler)
-    for handler in _log_handlers:
+    _log_handlers[:] = made
+    for handler in made:
         root.addHandler(handler)
 
 
 def reopen_logs():
-    """For logrotate: a FileHandler reopens its file on the next record after close()."""
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.close()
+    """SIGUSR1, for logrotate: the log file again, by its name."""
+    for handler in _log_handlers:
+        if isinstance(handler, StreamTarget):
+            handler.reopen()
 # ---------------------------------------------------------------------------
 # Proxying: a Listener accepts clients, a Pair relays one client to one backend.
 # ---------------------------------------------------------------------------
@@ -4939,9 +5425,13 @@ class Reload(object):
             changes.append('workers not changed (needs a restart)')
         if 'logging' in keys:
             director.access.flush()
-            configure_log_handlers(new.logging)
+            try:
+                configure_log_handlers(new.logging)
+                changes.append('logging')
+            except OSError as e:
+                log.error('the log stays where it was: %s', e)
+                changes.append('logging not changed (%s)' % e)
             director.access.enabled = new.logging.access
-            changes.append('logging')
         if 'drain' in keys:
             changes.append('drain %g s' % new.drain)
         if 'worker_timeout' in keys:
@@ -5203,6 +5693,8 @@ class Actions(object):
             'users': [{'name': u.name, 'access': u.access} for u in self.users.values()],
             'sni': self.sni_snapshot(),
             'workers': self.workers.snapshot() if self.workers is not None else None,
+            'log_lines_dropped': log_output.dropped + (self.workers.log_lines_dropped()
+                                                       if self.workers is not None else 0),
         }
 
     def sni_snapshot(self):
@@ -6103,6 +6595,7 @@ ADDRESS_READING, ADDRESS_UNMATCHED = 0, 1      # then ADDRESS_BAD + i for HELLO_
 ADDRESS_BAD = 2
 HEARTBEAT_SLOT = 0      # slot 0 is the processes' own: the line of each holds...
 HEARTBEAT = 0           # ...when its loop last ran its tick (monotonic µs; 0: not yet)
+LOG_DROPPED = 1         # ...and the log lines its targets dropped (log_output.dropped), a count
 GAUGES = {'host': (HOST_OPEN,), 'service': (SERVICE_OPEN, SERVICE_QUEUED, SERVICE_HEAD), 'address': (ADDRESS_READING,),
           'process': (HEARTBEAT,)}
 
@@ -6261,6 +6754,7 @@ class WorkerCounts(object):
         self.heartbeat = shared.line(HEARTBEAT_SLOT, row) + HEARTBEAT
         # The other workers' heartbeats, in the order of each elsewhere list.
         self.heartbeats = [shared.line(HEARTBEAT_SLOT, r) + HEARTBEAT for r in range(shared.rows - 1) if r != row]
+        self.process_line = shared.line(HEARTBEAT_SLOT, row)
         self.timer = director.loop.call_later(self.TICK, self.tick)
 
     def update(self, entries):
@@ -6491,6 +6985,7 @@ class WorkerCounts(object):
         director = self.director
         self.beat()
         self.ticks += 1
+        self.shared.view[self.process_line + LOG_DROPPED] = log_output.dropped
         now = (sum(s.accepted for s in director.services.values()), len(director.pairs), len(director.hellos))
         if now != self.seen:
             self.seen = now
@@ -6513,6 +7008,7 @@ class WorkerCounts(object):
             self.timer.cancel()
             self.timer = None
         self.publish(list(self.slot_of))
+        self.shared.view[self.process_line + LOG_DROPPED] = log_output.dropped
 
 
 WORKER_FIRST_MESSAGE = 60.0     # seconds a new worker waits for its config
@@ -6733,7 +7229,11 @@ def run_worker(channel_fd, verbose=False):
     global LOG_PREFIX
     LOG_PREFIX = 'worker %d: ' % first['worker']
     lighten_logging()
-    setup_logging(config, verbose)
+    try:
+        setup_logging(config, verbose)
+    except OSError as e:
+        print('pydirector worker: cannot open the log: %s' % e, file=sys.stderr)
+        return 1
     raise_fd_limit()
     director = Director(config, notifier=Notifier({}), resolve_names=False)
     director.health.probing = False
@@ -7288,6 +7788,10 @@ class Master(object):
                     listener.unmatched = values[ADDRESS_UNMATCHED]
                     listener.bad = dict((kind, values[ADDRESS_BAD + i]) for i, kind in enumerate(HELLO_PROBLEMS))
 
+    def log_lines_dropped(self):
+        """What the workers' log targets dropped, dead workers' too."""
+        return self.shared.sums(HEARTBEAT_SLOT)[LOG_DROPPED]
+
     def open_connections(self, worker):
         """A worker's open client connections, as its row says."""
         view = self.shared.view
@@ -7526,7 +8030,11 @@ def main(argv=None):
         return 0
     workers = worker_count(args.workers if args.workers is not None else config.workers)
     lighten_logging()
-    setup_logging(config, args.verbose)
+    try:
+        setup_logging(config, args.verbose)
+    except OSError as e:
+        print('pydirector: cannot open the log: %s' % e, file=sys.stderr)
+        return 1
     raise_fd_limit()
     notifier = Notifier()
     director = Director(config, notifier=notifier, accept=workers is None)

@@ -2048,6 +2048,10 @@ def render_metrics(snapshot):
     family('pydirector_config_last_reload_success_timestamp_seconds', 'gauge',
            'When the config was last loaded successfully (at start or by a reload), in seconds since the epoch.')
     out.append('pydirector_config_last_reload_success_timestamp_seconds %.3f' % reload['success_time'])
+    family('pydirector_log_lines_dropped_total', 'counter',
+           'Log lines dropped because their target (stderr, the log file, syslog) took no more '
+           'or failed; with workers, every process\'s.')
+    out.append('pydirector_log_lines_dropped_total %d' % snapshot.get('log_lines_dropped', 0))
     services = snapshot['services']
     for name, kind, help_text, key in SERVICE_METRICS:
         family(name, kind, help_text)
