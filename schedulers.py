@@ -118,6 +118,11 @@ class Host(object):
         self._ramp = None
         self._fell = False
 
+    @property
+    def effective_weight(self):
+        """The part of its weight the host takes now: all of it, but during slow start."""
+        return self.weight * self._share
+
     def __repr__(self):
         return (f'<Host {self.name} {self.ip} weight={self.weight} '
                 f'{self.health} {self.admin}{" backup" if self.backup else ""} open={self.open}>')
@@ -311,9 +316,20 @@ class Scheduler(object):
                 self._rescale()
         self._check_backups()
 
-    def update_host(self, host, weight=None, maxconns=None):
-        """Change a host's weight and/or maxconns (None: keep); True if either changed."""
+    def update_host(self, host, weight=None, maxconns=None, backup=None):
+        """Change a host's weight, maxconns and/or backup (None: keep); True if any changed."""
         changed = False
+        if backup is not None and backup != host.backup:
+            if host._owner is self:
+                self._count_ready(host, -1)
+                self._backups += 1 if backup else -1
+                host.backup = backup
+                self._count_ready(host, 1)
+                self._refresh(host)
+                self._check_backups()
+            else:
+                host.backup = backup
+            changed = True
         if weight is not None and weight != host.weight:
             if weight < 1:
                 raise ValueError(f"host '{host.name}': weight must be at least 1")
@@ -582,7 +598,7 @@ class Scheduler(object):
         if not self._ramping:
             return []
         now = self.clock()
-        return [(host, host.weight * host._share, max(0.0, host._ramp[0] + host._ramp[1] - now))
+        return [(host, host.effective_weight, max(0.0, host._ramp[0] + host._ramp[1] - now))
                 for host in sorted(self._ramping, key=lambda h: h._order)]
 
     def connection_started(self, host):

@@ -388,7 +388,7 @@ class SchedulerContract(object):
         opened = []
         for step in range(steps):
             hosts = scheduler.hosts
-            op = rng.randrange(15 if controls else 12)
+            op = rng.randrange(16 if controls else 12)
             host = rng.choice(hosts) if hosts else None
             if host is None or op == 0:
                 if removed and rng.random() < 0.3:
@@ -432,6 +432,8 @@ class SchedulerContract(object):
                 scheduler.step_ramps()
             elif op == 14:
                 scheduler.set_admin(host, ENABLED, float(step), slowstart=3.0)
+            elif op == 15:
+                scheduler.update_host(host, backup=not host.backup)
             yield step
 
     def expected_eligible(self, scheduler):
