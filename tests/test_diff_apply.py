@@ -421,6 +421,21 @@ class FleetTest(FleetCase):
         self.assertEqual(rc, 2)
         self.assertIn('user admin was refused (401 ERROR bad credentials)', err)
 
+    def test_apply_sets_a_new_weight_in_place(self):
+        path = self.write(old_xml().replace('weight="2"', 'weight="5" maxconns="4"'))
+        host = self.a.call(lambda: self.a.director.services['web'].groups['main'].scheduler.get_host('three'))
+        self.a.call(self.a.director.health.set_state, self.a.director.services['web'],
+                    self.a.director.services['web'].groups['main'], host, pydirector.schedulers.DRAINING, 'test')
+        self.a.call(lambda: setattr(host, 'total', 42))
+        rc, out, err = self.run_main('apply', '--url', self.a.url(), path)
+        self.assertEqual((rc, err), (0, ''), out)
+        self.assertEqual(out.splitlines()[0], 'setHost service=web group=main name=three weight=5 maxconns=4')
+        # The same Host, with its counters and state: changed, not deleted and added again.
+        self.assertIs(self.a.call(lambda: self.a.director.services['web'].groups['main'].scheduler.get_host('three')),
+                      host)
+        self.assertEqual((host.weight, host.maxconns, host.total, host.admin), (5, 4, 42, 'draining'))
+        self.assertEqual(self.run_main('diff', '--url', self.a.url(), path), (0, '# no changes\n', ''))
+
     def test_apply_reads_back(self):
         # Someone changes balancer a while apply runs: the read-back sees it.
         path = self.write(new_xml())
