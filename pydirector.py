@@ -4453,8 +4453,8 @@ class ProbeState(object):
         self.timeline = collections.deque(maxlen=TIMELINE_LENGTH)
         self.changes = 0          # state changes in all, for /metrics (the timeline keeps 10)
         self.once = False         # probe it at its next due time even if up and unchecked
-        self.started = None       # loop time the probe in flight started
-        self.passed = None        # loop time the last probe that passed started
+        self.started = 0          # the number (Health.probes) of the probe in flight
+        self.passed = 0           # the number of the last probe that passed
 
 
 class Health(object):
@@ -4477,6 +4477,7 @@ class Health(object):
         self.states = {}          # Host -> ProbeState
         self.heap = []
         self.seq = 0
+        self.probes = 0           # probes handed out so far: each one's number
         self.spread = random.Random()
         # A worker never probes (its master does) and logs the master's changes only
         # at debug level: the master's log line is the one.
@@ -4519,10 +4520,10 @@ class Health(object):
         state.once = True
         self._schedule(state, self.loop.now)
 
-    def passed_since(self, host, when):
-        """Whether a probe that started at `when` (loop time) or later has passed."""
+    def passed_since(self, host, probes):
+        """Whether a probe handed out after the first `probes` (self.probes then) has passed."""
         state = self.states.get(host)
-        return state is not None and state.passed is not None and state.passed >= when
+        return state is not None and state.passed > probes
 
     def due(self):
         """Called by the manager each tick: the probes to run now, marked in flight."""
@@ -4542,7 +4543,8 @@ class Health(object):
             if host.health == schedulers.UP and state.service.check is None and not state.once:
                 continue    # nothing to check until a failed connect takes it down
             state.once = False
-            state.started = now
+            self.probes += 1
+            state.started = self.probes
             interval = check.interval
             if host.health == schedulers.DOWN and self._group_is_dark(state.service, state.group, dark):
                 interval = min(interval, DARK_INTERVAL)
@@ -4672,7 +4674,7 @@ class Switch(object):
         self.rollback_until = None   # epoch: switch back unless to_group has a host up then
         self.timers = []
         loop = director.loop
-        self.started = loop.now
+        self.probes = director.health.probes     # the new group is judged on the probes after these
         if drain is not None:
             self.drain_until = time.time() + drain
             self.timers.append(loop.call_later(drain, self._drain))
@@ -4710,7 +4712,7 @@ class Switch(object):
     def confirmed(self):
         """A host of the new group is up now, by a probe that started after the switch."""
         health = self.director.health
-        return any(host_state(h) == 'up' and health.passed_since(h, self.started)
+        return any(host_state(h) == 'up' and health.passed_since(h, self.probes)
                    for h in self.to_group.scheduler.hosts)
 
     def _check_rollback(self, window):

@@ -141,7 +141,7 @@ class RollbackTest(ControlsCase):
         service, group, g1 = self.running('green', 'g1')
         health = balancer.director.health
         balancer.call(health.probe_now, g1)
-        wait_until(lambda: balancer.call(lambda: health.states[g1].passed is not None and
+        wait_until(lambda: balancer.call(lambda: health.states[g1].passed > 0 and
                                          not health.states[g1].in_flight))
         self.green.close()
         mark = LOG.mark()
