@@ -5085,7 +5085,7 @@ class Actions(object):
         if changes:
             log.info('host %s (%s) in %s/%s: %s', host.name, host.ip, service.name, group.name, ', '.join(changes))
         if admin is not None and admin != host.admin:
-            changes.append('state %s (was %s)' % (state, ADMIN_STATE_NAMES[host.admin]))
+            changes.append('state %s (was %s)' % (state, ADMIN_STATE_NAMES.get(host.admin, host.admin)))
             self.health.set_state(service, group, host, admin, 'by admin')
         return 'set host %s in %s/%s: %s (%d open)' % (host.name, service.name, group.name,
                                                         ', '.join(changes) or 'no change', host.open)
