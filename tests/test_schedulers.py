@@ -514,12 +514,12 @@ class SchedulerContract(object):
         # moments (changes made meanwhile wait for it) changes no pick.
         # Seeds 4 and 11 caught weighted round robin taking a host's first
         # turn at the rebuild, not when it came back, with a reorder between.
-        def run(force, weighted, seed):
+        def run(force, weighted, seed, controls=False):
             rng = random.Random(seed)
             force_rng = random.Random(5)
             scheduler = self.make(make_hosts(*'abcdefgh', **(dict(a=2, d=4) if weighted else {})))
             picked = []
-            for _ in self.churn(scheduler, rng, 800, weighted):
+            for _ in self.churn(scheduler, rng, 800, weighted, controls):
                 if force and force_rng.random() < 0.3:
                     scheduler._dirty = True
                 if rng.random() < 0.5:
@@ -534,6 +534,10 @@ class SchedulerContract(object):
             for weighted in (True, False):
                 with self.subTest(seed=seed, weighted=weighted):
                     self.assertEqual(run(True, weighted, seed), run(False, weighted, seed))
+        # Backups, maint and slow start steps too (each step changes a structure in place).
+        for weighted in (True, False):
+            with self.subTest(seed=21, weighted=weighted, controls=True):
+                self.assertEqual(run(True, weighted, 21, True), run(False, weighted, 21, True))
 
     def test_set_open_reaches_the_next_pick(self):
         # Connections other worker processes hold (set_open) count as this one's own:
