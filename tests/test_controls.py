@@ -25,7 +25,7 @@ import urllib.parse
 
 import support
 from support import (AdoptedBackend, BalancerCase, LOG, WorkersMixin, config_xml, exchange, free_port, say_name,
-                     service_xml, single_process, wait_until)
+                     service_xml, wait_until)
 
 import pydirector
 import pydirector_admin
@@ -466,3 +466,7 @@ class LoopCheckTest(ControlsCase):
         self.assertEqual(status, 400, text)
         self.assertIn('%s:5: ' % path, text)
         self.assertEqual(exchange(port), b'a')
+
+
+if __name__ == '__main__':
+    unittest.main()
