@@ -250,7 +250,8 @@ class Host(ConfigElement):
     """A backend <host>: ip as written, host (no brackets) and port to
     connect to.  Names are not resolved here; that happens at run time.
     maxconns 0 is unlimited; send_proxy is None, 'v1' or 'v2': the PROXY
-    header version to send it."""
+    header version to send it; backup: it takes clients only while no
+    other host of its group is up (HAProxy's backup)."""
 
     TAG = 'host'
 
@@ -269,7 +270,9 @@ class Check(ConfigElement):
     status: None, or the ranges ((low, high), ...) of HTTP status codes the
     answer's first line must carry; expect: bytes that must appear anywhere
     in the answer (a substring).  on_down 'close': a host the checks take
-    down loses its connections."""
+    down loses its connections.  port: probe that port of the host's address.
+    slowstart: seconds over which a host that comes back takes its full
+    weight (0: at once)."""
 
     TAG = 'check'
 
@@ -1175,6 +1178,7 @@ HOST_ATTRS = (    # the name is optional in a file (1.0 named hosts host.N), not
     Attr('weight', integer(1, 1000), 1, example='3'),
     Attr('maxconns', integer(0), 0, example='100'),
     Attr('send_proxy', choice('v1', 'v2'), example='v1'),
+    Attr('backup', switch, False, example='on'),
 )
 ENABLE_ATTRS = (
     Attr('group', required=True, example='blue'),     # GROUP_ATTRS' example: a group of the service
@@ -1189,6 +1193,7 @@ CHECK_ATTRS = (
     Attr('expect', _escapes, spelling='expect_text', write=_bytes_text, example='caf\u00e9\\x00'),
     Attr('on_down', choice('keep', 'close'), 'keep', example='close'),
     Attr('port', integer(1, 65535), example='7'),    # probe this port on the host's address
+    Attr('slowstart', seconds_or_zero, 0.0, example='30'),
 )
 TIMEOUTS_ATTRS = (
     Attr('connect', parse_seconds, 3.0, example='0.5'),
@@ -1426,6 +1431,8 @@ class _ConfigReader(object):
                 logging_ = self.logging(elem)
         if not services:
             raise self.error(root, '<pdconfig> has no <service>')
+        for host, message in host_loops(services)[0][:1]:
+            raise ConfigError(message, self.path, host.line)
         return Config(self.path, services, admin, logging_, self.lines[root], **values)
 
     def service(self, elem, services):
@@ -1529,6 +1536,107 @@ class _ConfigReader(object):
         if not admin.users:
             raise self.error(elem, '<admin> has no <user>')
         return admin
+
+
+# -- what a valid config may still do wrong ------------------------------------
+
+def _same_machine_names(host):
+    """The addresses a host of a listen or <host> stands for, as far as can be told
+    without a lookup: an IP itself; localhost (RFC 6761) both loopbacks."""
+    name = host.lower().rstrip('.')
+    if name == 'localhost' or name.endswith('.localhost'):
+        return {'127.0.0.1', '::1'}
+    try:
+        return {ipaddress.ip_address(name).compressed}
+    except ValueError:
+        return {name}
+
+
+def reaches_listen(listen, host, port):
+    """Whether connecting to host:port lands on listen: the same address, or a
+    loopback address of the family a wildcard listen takes."""
+    if listen.port != port:
+        return False
+    targets = _same_machine_names(host)
+    if listen.host not in ('0.0.0.0', '::'):
+        return bool(targets & _same_machine_names(listen.host))
+    for text in targets:
+        try:
+            ip = ipaddress.ip_address(text)
+        except ValueError:
+            continue
+        if ip.is_loopback and ip.version == (4 if listen.host == '0.0.0.0' else 6):
+            return True
+    return False
+
+
+def host_loops(services):
+    """([(Host, error)], [(Host, warning)]) for the hosts of services (configs) that point
+    at a listen of these same services.  A host whose service is reached again that
+    way is a loop: each client would come back until the file descriptors run out.
+    A host that only points on at another service is not, but its clients cross
+    the balancer twice: a warning."""
+    by_port = {}
+    for service in services:
+        for listen in service.listens:
+            by_port.setdefault(listen.port, []).append((service.name, listen))
+    edges = collections.OrderedDict()     # service name -> [(Host, Group, service names it reaches)]
+    for service in services:
+        for group in service.groups:
+            for host in group.hosts:
+                targets = []
+                for name, listen in by_port.get(host.port, ()):
+                    if name not in targets and reaches_listen(listen, host.host, host.port):
+                        targets.append(name)
+                if targets:
+                    edges.setdefault(service.name, []).append((host, group, targets))
+
+    def leads_to(start, goal):
+        seen, todo = set(), [start]
+        while todo:
+            name = todo.pop()
+            if name == goal:
+                return True
+            if name not in seen:
+                seen.add(name)
+                todo.extend(t for _, _, targets in edges.get(name, ()) for t in targets)
+        return False
+
+    errors, warnings = [], []
+    for name, hosts in edges.items():
+        for host, group, targets in hosts:
+            where = 'service %r group %r: host %r ip %r' % (name, group.name, host.name, host.ip)
+            back = [t for t in targets if leads_to(t, name)]
+            if name in back:
+                errors.append((host, '%s is a listen of service %r itself: a loop (each client would '
+                                     'come back here until file descriptors run out)' % (where, name)))
+            elif back:
+                errors.append((host, '%s is a listen of service %r, whose hosts lead back to service %r: '
+                                     'a loop' % (where, back[0], name)))
+            else:
+                warnings.append((host, '%s is a listen of service %r of this balancer: its clients cross '
+                                       'it twice' % (where, targets[0])))
+    return errors, warnings
+
+
+def config_warnings(config):
+    """'FILE:LINE: warning: ...' for what a config may do but probably should not: an
+    enabled group with no hosts (every client refused), a host that points on at
+    another service of this balancer."""
+    lines = []
+
+    def warn(element, message):
+        where = '%s:%s' % (config.path, element.line) if element.line is not None else str(config.path)
+        lines.append('%s: warning: %s' % (where, message))
+
+    for service in config.services:
+        group = service.group(service.enabled)
+        if group is not None and not group.hosts:
+            warn(group, 'service %r: the enabled group %r has no hosts: every client is refused'
+                 % (service.name, group.name))
+    for host, message in host_loops(config.services)[1]:
+        warn(host, message)
+    return lines
 
 
 # -- differences between two configs --------------------------------------------
@@ -4957,12 +5065,33 @@ def listens_by_address(services):
 
 
 def host_state(host):
-    """One word for a host, as /running shows it: up, down, draining or disabled."""
+    """One word for a host, as /running shows it: up, down, draining or maint."""
     if host.health == schedulers.DOWN:
         return 'down'
     if host.admin != schedulers.ENABLED:
         return host.admin
     return 'up'
+
+
+def host_states_text(group):
+    """'2 down, 1 maint' for a group's hosts ('no hosts' for none)."""
+    counts = collections.Counter(host_state(h) for h in group.scheduler.hosts)
+    return ', '.join('%d %s' % (counts[state], state) for state in sorted(counts)) or 'no hosts'
+
+
+# setHost's states (HAProxy's set server state) -> the admin state they set.
+SET_HOST_STATES = collections.OrderedDict([
+    ('ready', schedulers.ENABLED), ('drain', schedulers.DRAINING), ('maint', schedulers.MAINT)])
+ADMIN_STATE_NAMES = dict((admin, name) for name, admin in SET_HOST_STATES.items())
+
+
+def parse_force(value):
+    """An admin call's force: '1' goes past a rule's 409; '0', empty or absent does not."""
+    if value in (None, '', '0', False):
+        return False
+    if value in ('1', True):
+        return True
+    raise AdminError(400, 'force must be 1 or 0, not %r' % (value,))
 
 
 def resolve_now(host, port):
@@ -4986,7 +5115,8 @@ DARK_INTERVAL = 1.0      # seconds between probes of a group with no host up
 
 class ProbeState(object):
     """The health bookkeeping of one host."""
-    __slots__ = ('service', 'group', 'host', 'next_due', 'in_flight', 'timeline', 'changes')
+    __slots__ = ('service', 'group', 'host', 'next_due', 'in_flight', 'timeline', 'changes',
+                 'once', 'started', 'passed')
 
     def __init__(self, service, group, host, next_due):
         self.service = service
@@ -4996,6 +5126,9 @@ class ProbeState(object):
         self.in_flight = False
         self.timeline = collections.deque(maxlen=TIMELINE_LENGTH)
         self.changes = 0          # state changes in all, for /metrics (the timeline keeps 10)
+        self.once = False         # probe it at its next due time even if up and unchecked
+        self.started = 0          # the number (Health.probes) of the probe in flight
+        self.passed = 0           # the number of the last probe that passed
 
 
 class Health(object):
@@ -5003,7 +5136,8 @@ class Health(object):
     set_state(), the one way a host's health or admin state changes.
 
     Kept apart, as HAProxy does: health (up / down, from failed connects and
-    probes) and admin state (enabled / draining, from the operator).  The
+    probes) and admin state (enabled / draining / maint, from the operator;
+    a host in maint is not probed at all).  The
     probe schedule is a heap of (due, seq, ProbeState); an entry whose state
     was rescheduled or forgotten since is dropped when it comes up, so a tick
     costs what is due, not what is watched.  First probes are spread over
@@ -5017,6 +5151,7 @@ class Health(object):
         self.states = {}          # Host -> ProbeState
         self.heap = []
         self.seq = 0
+        self.probes = 0           # probes handed out so far: each one's number
         self.spread = random.Random()
         # A worker never probes (its master does) and logs the master's changes only
         # at debug level: the master's log line is the one.
@@ -5053,7 +5188,16 @@ class Health(object):
         heapq.heappush(self.heap, (due, self.seq, state))
 
     def probe_now(self, host):
-        self._schedule(self.states[host], self.loop.now)
+        """Probe the host at once, even an up host of a service with no <check>
+        (once; a probe out already is followed by another at once)."""
+        state = self.states[host]
+        state.once = True
+        self._schedule(state, self.loop.now)
+
+    def passed_since(self, host, probes):
+        """Whether a probe handed out after the first `probes` (self.probes then) has passed."""
+        state = self.states.get(host)
+        return state is not None and state.passed > probes
 
     def due(self):
         """Called by the manager each tick: the probes to run now, marked in flight."""
@@ -5067,9 +5211,14 @@ class Health(object):
             host = state.host
             if states.get(host) is not state or state.next_due != when or state.in_flight:
                 continue    # forgotten, rescheduled since, or a probe is out already
+            if host.admin == schedulers.MAINT:
+                continue    # not probed in maint; leaving it plans a probe
             check = self.check(state.service)
-            if host.health == schedulers.UP and state.service.check is None:
+            if host.health == schedulers.UP and state.service.check is None and not state.once:
                 continue    # nothing to check until a failed connect takes it down
+            state.once = False
+            self.probes += 1
+            state.started = self.probes
             interval = check.interval
             if host.health == schedulers.DOWN and self._group_is_dark(state.service, state.group, dark):
                 interval = min(interval, DARK_INTERVAL)
@@ -5096,7 +5245,9 @@ class Health(object):
         if state is None:
             return  # the host was removed while the probe ran
         state.in_flight = False
-        self._schedule(state, max(state.next_due, self.loop.now))
+        if host.admin == schedulers.MAINT:
+            return  # it went into maint while the probe ran: not probed, nor judged
+        self._schedule(state, self.loop.now if state.once else max(state.next_due, self.loop.now))
         if address is not None and address != host.address:
             host.address = address
             self.director.address_changed(state.service, state.group, host)
@@ -5105,6 +5256,7 @@ class Health(object):
             log.debug('probe of host %s (%s) not made: %s', host.name, host.ip, reason)
         elif ok:
             host.probe_fail = 0
+            state.passed = state.started
             if host.health == schedulers.DOWN:
                 host.probe_ok += 1
                 if host.probe_ok >= check.rise:
@@ -5126,16 +5278,19 @@ class Health(object):
                 host.reason = reason
 
     def set_state(self, service, group, host, state, cause):
-        """The one way a host's health or admin state changes: tells the scheduler, logs once."""
+        """The one way a host's health or admin state changes: tells the scheduler, logs once.
+        A host that comes back (up again, or out of maint) ramps up over the check's slowstart."""
         scheduler = group.scheduler
         when = time.time()
         before = host_state(host)
+        was_maint = host.admin == schedulers.MAINT
+        slowstart = self.check(service).slowstart
         if state == schedulers.UP:
-            changed = scheduler.mark_up(host, when)
+            changed = scheduler.mark_up(host, when, slowstart)
         elif state == schedulers.DOWN:
             changed = scheduler.mark_down(host, cause, when)
         else:
-            changed = scheduler.set_admin(host, state, when)
+            changed = scheduler.set_admin(host, state, when, slowstart)
         if not changed:
             return False
         host.probe_ok = host.probe_fail = 0
@@ -5146,6 +5301,10 @@ class Health(object):
             probe_state.changes += 1
             if state == schedulers.DOWN and not probe_state.in_flight:
                 self._schedule(probe_state, self.loop.now + self.check(service).interval)
+        if was_maint and host.admin != schedulers.MAINT and probe_state is not None and not probe_state.in_flight:
+            self._schedule(probe_state, self.loop.now)      # probes start again at once
+        if host in scheduler.ramping:
+            self.director.ramp_started()
         log.log(logging.DEBUG if self.quiet else logging.INFO, 'host %s (%s) in %s/%s %s: %s',
                 host.name, host.ip, service.name, group.name, state, cause)
         self.director.state_changed(service, group, host, state, cause)
@@ -5156,7 +5315,8 @@ class Health(object):
     def next_probe(self, service, host):
         """Epoch time of the host's next probe; None when it is not probed (up, no <check>)."""
         state = self.states.get(host)
-        if state is None or (host.health == schedulers.UP and service.check is None):
+        if state is None or (host.health == schedulers.UP and service.check is None) or (
+                host.admin == schedulers.MAINT):
             return None
         return round(self.director.epoch_offset + max(state.next_due, self.loop.now), 3)
 
@@ -5171,7 +5331,13 @@ class Health(object):
 class Switch(object):
     """A blue/green switch still in its drain or rollback window: it owns the
     timers that close what is left on the old group (drain) and switch back
-    when the new group had no host up in time (rollback)."""
+    when the new group has no host up at the end of the window (rollback).
+
+    The new group is judged by what its probes find after the switch, never
+    by the state it had then, which may be stale (a host killed a moment
+    before is still up until a probe says otherwise): each of its hosts is
+    probed at once (with a <check> or not), and at the end of the window
+    some host must be up, by a probe that started after the switch."""
 
     def __init__(self, director, service, from_group, to_group, drain, rollback):
         self.director = director
@@ -5179,25 +5345,23 @@ class Switch(object):
         self.from_group = from_group
         self.to_group = to_group
         self.drain_until = None      # epoch: connections left on from_group are closed then
-        self.rollback_until = None   # epoch: switch back unless to_group had a host up by then
-        self.confirmed = any(host_state(h) == 'up' for h in to_group.scheduler.hosts)
+        self.rollback_until = None   # epoch: switch back unless to_group has a host up then
         self.timers = []
         loop = director.loop
+        self.probes = director.health.probes     # the new group is judged on the probes after these
         if drain is not None:
             self.drain_until = time.time() + drain
             self.timers.append(loop.call_later(drain, self._drain))
-        if rollback is not None and not self.confirmed and director.master is None:
+        if rollback is not None and director.master is None:
             # A worker's switch does not roll back on its own: its master decides, for all.
             self.rollback_until = time.time() + rollback
             self.timers.append(loop.call_later(rollback, self._check_rollback, rollback))
+            for host in to_group.scheduler.hosts:
+                director.health.probe_now(host)
 
     @property
     def pending(self):
         return self.drain_until is not None or self.rollback_until is not None
-
-    def host_up(self, group):
-        if group is self.to_group:
-            self.confirmed = True
 
     def cancel(self):
         for timer in self.timers:
@@ -5219,12 +5383,16 @@ class Switch(object):
         self.drain_until = None
         self._done()
 
+    def confirmed(self):
+        """A host of the new group is up now, by a probe that started after the switch."""
+        health = self.director.health
+        return any(host_state(h) == 'up' and health.passed_since(h, self.probes)
+                   for h in self.to_group.scheduler.hosts)
+
     def _check_rollback(self, window):
         service = self.service
         self.rollback_until = None
-        if self.confirmed or any(host_state(h) == 'up' for h in self.to_group.scheduler.hosts):
-            self.confirmed = True
-        elif service.enabled is self.to_group:
+        if service.enabled is self.to_group and not self.confirmed():
             log.warning('service %s: rollback to group %s: group %s had no host up within %g s',
                         service.name, self.from_group.name, self.to_group.name, window)
             service.enabled = self.from_group
@@ -5388,7 +5556,8 @@ class Reload(object):
                         changes.append('host %s %s %s' % (name, row.name, value))
                 host.config = host_config
                 # Through the scheduler: it keeps its own structures over weights and limits.
-                scheduler.update_host(host, weight=host_config.weight, maxconns=host_config.maxconns)
+                scheduler.update_host(host, weight=host_config.weight, maxconns=host_config.maxconns,
+                                      backup=host_config.backup)
                 host.send_proxy = host_config.send_proxy
         if diff.reordered or added:
             # The file's order is the scheduler's order (roundrobin ties, leastconns ties).
@@ -5487,11 +5656,11 @@ class Actions(object):
     # -- changes ------------------------------------------------------------
 
     @replayed
-    def add_host(self, service, group, name, ip, weight=None, maxconns=None, send_proxy=None):
+    def add_host(self, service, group, name, ip, weight=None, maxconns=None, send_proxy=None, backup=None):
         service, group = self._group(service, group)
         try:
             new = host_config(name=name, ip=ip, weight=weight or None, maxconns=maxconns or None,
-                              send_proxy=send_proxy or None)
+                              send_proxy=send_proxy or None, backup=backup or None)
         except ValueError as e:
             raise AdminError(400, str(e))
         if group.scheduler.get_host(name) is not None:
@@ -5499,6 +5668,7 @@ class Actions(object):
         other = group.addresses.get(address_key(new.host, new.port))
         if other is not None:   # as the config refuses: running.xml must load
             raise AdminError(409, 'host %s in %s/%s already has ip %s' % (other.name, service.name, group.name, ip))
+        self._refuse_loop(service, group, new)
         self.add_running_host(service, group, new, resolve_names=False)
         log.info('host %s (%s) added to %s/%s', name, ip, service.name, group.name)
         return 'added host %s (%s) to %s/%s' % (name, ip, service.name, group.name)
@@ -5523,18 +5693,35 @@ class Actions(object):
             self.remove_host(service, group, host)
         return 'removed %d host(s) from %s/%s' % (len(hosts), service.name, group.name)
 
+    def _refuse_loop(self, service, group, host):
+        """As the config refuses it: a new host that would send clients back here."""
+        config = self.running_config()
+        for service_config in config.services:
+            if service_config.name == service.name:
+                service_config.group(group.name).hosts.append(host)
+        for looped, message in host_loops(config.services)[0]:
+            if looped is host:
+                raise AdminError(400, message)
+
     @replayed
-    def enable_group(self, service, group, drain=None, rollback=None):
+    def enable_group(self, service, group, drain=None, rollback=None, force=None):
         """Switch new connections to group.  drain: seconds after which connections
-        still on the old group are closed.  rollback: seconds within which the new
-        group must have a host up, or the switch is undone."""
+        still on the old group are closed.  rollback: seconds after which the switch
+        is undone unless the new group has a host up by its probes since.  A group
+        with no host up is refused (409) unless force."""
         service, group = self._group(service, group)
+        force = parse_force(force)
         try:
             drain = parse_seconds(drain or None, 'drain', zero_ok=True)
             rollback = parse_seconds(rollback or None, 'rollback', zero_ok=True)
         except ValueError as e:
             raise AdminError(400, str(e))
         old = service.enabled
+        if group is not old and not force and self.master is None and not any(
+                host_state(h) == 'up' for h in group.scheduler.hosts):
+            # (A worker takes its master's word: the master has checked.)
+            raise AdminError(409, 'refusing to enable group %s of service %s: it has no host up (%s); '
+                                  'force=1 enables it anyway' % (group.name, service.name, host_states_text(group)))
         self.end_switch(service)
         service.enabled = group
         log.info('service %s: group %s enabled (was %s)', service.name, group.name, old.name)
@@ -5561,12 +5748,64 @@ class Actions(object):
         log.info('%s/%s: scheduler %s (was %s)', service.name, group.name, new.spec, old)
         return 'changed scheduler of %s/%s to %s (was %s)' % (service.name, group.name, new.spec, old)
 
-    def host_admin_down(self, service, group, name):
+    @replayed
+    def set_host(self, service, group, name, weight=None, maxconns=None, state=None, force=None):
+        """Change a host in place (HAProxy's set server weight / maxconn / state): its
+        health, counters and connections stay.  state: ready, drain (only its sticky
+        clients come) or maint (no clients, no probes).  Draining or maint for the last
+        host up of the enabled group is refused (409) unless force."""
         service, group, host = self._host(service, group, name)
+        force = parse_force(force)
+        asked = dict((key, value) for key, value in (('weight', weight), ('maxconns', maxconns))
+                     if value not in (None, ''))
+        if not asked and state in (None, ''):
+            raise AdminError(400, 'setHost needs weight, maxconns or state')
+        texts = dict(attr_texts(HOST_ATTRS, vars(host.config)))
+        texts.update(asked)
+        try:
+            new = host_config(**texts)
+        except ValueError as e:
+            raise AdminError(400, str(e))
+        admin = None
+        if state not in (None, ''):
+            admin = SET_HOST_STATES.get(state)
+            if admin is None:
+                raise AdminError(400, "state must be 'ready', 'drain' or 'maint', not %r" % state)
+            self._refuse_last_up(service, group, host, admin, force)
+        changes = ['%s %s (was %s)' % (key, getattr(new, key), getattr(host, key))
+                   for key in ('weight', 'maxconns') if getattr(new, key) != getattr(host, key)]
+        host.config = new
+        group.scheduler.update_host(host, weight=new.weight, maxconns=new.maxconns)
+        if changes:
+            log.info('host %s (%s) in %s/%s: %s', host.name, host.ip, service.name, group.name, ', '.join(changes))
+        if admin is not None and admin != host.admin:
+            changes.append('state %s (was %s)' % (state, ADMIN_STATE_NAMES.get(host.admin, host.admin)))
+            self.health.set_state(service, group, host, admin, 'by admin')
+        return 'set host %s in %s/%s: %s (%d open)' % (host.name, service.name, group.name,
+                                                        ', '.join(changes) or 'no change', host.open)
+
+    def _refuse_last_up(self, service, group, host, admin, force):
+        """Draining or maint for the enabled group's last host up leaves the service none."""
+        if admin == schedulers.ENABLED or force or self.master is not None:
+            return
+        if group is not service.enabled or host_state(host) != 'up':
+            return
+        if any(host_state(h) == 'up' for h in group.scheduler.hosts if h is not host):
+            return
+        raise AdminError(409, 'refusing to %s host %s: it is the last host up in the enabled group %s of '
+                              'service %s; force=1 does it anyway' % (
+                                  'drain' if admin == schedulers.DRAINING else 'put into maint', host.name,
+                                  group.name, service.name))
+
+    def host_admin_down(self, service, group, name, force=None):
+        """Python Director 1.0's call: setHost state=drain (no new clients, as 1.0 had it)."""
+        service, group, host = self._host(service, group, name)
+        self._refuse_last_up(service, group, host, schedulers.DRAINING, parse_force(force))
         self.health.set_state(service, group, host, schedulers.DRAINING, 'by admin')
         return 'draining host %s in %s/%s (%d open)' % (host.name, service.name, group.name, host.open)
 
     def host_admin_up(self, service, group, name):
+        """Python Director 1.0's call: setHost state=ready (out of drain or maint)."""
         service, group, host = self._host(service, group, name)
         self.health.set_state(service, group, host, schedulers.ENABLED, 'by admin')
         return 'enabled host %s in %s/%s' % (host.name, service.name, group.name)
@@ -5666,6 +5905,7 @@ class Actions(object):
                     timeline, changes = health.timeline(host)
                     hosts.append({
                         'name': host.name, 'ip': host.ip, 'weight': host.weight, 'maxconns': host.maxconns,
+                        'effective_weight': host.effective_weight, 'backup': host.backup,
                         'health': host.health, 'admin': host.admin, 'state': host_state(host),
                         'reason': host.reason, 'since': host.since,
                         'open': host.open, 'total': host.total,
@@ -5765,7 +6005,7 @@ class Actions(object):
         if chosen is None:
             answer = {'service': None, 'group': None, 'client': client_ip, 'allowed': False,
                       'scheduler': None, 'host': None, 'address': None, 'reason': routing['sni_reason'],
-                      'sticky': None, 'ranking': None, 'skipped': [], 'check': None}
+                      'sticky': None, 'ranking': None, 'skipped': [], 'check': None, 'ramping': []}
         else:
             answer = self._explain_service(chosen, client_ip)
         answer.update(routing)
@@ -5815,7 +6055,9 @@ class Actions(object):
         answer = {'service': service.name, 'group': group.name, 'client': client_ip,
                   'allowed': allowed, 'scheduler': scheduler.spec,
                   'host': None, 'address': None, 'reason': '', 'sticky': None,
-                  'ranking': None, 'skipped': [], 'check': check_text(service.check)}
+                  'ranking': None, 'skipped': [], 'check': check_text(service.check),
+                  # slow start: [host, effective weight, weight, seconds left] of each ramping host
+                  'ramping': [[h.name, effective, h.weight, left] for h, effective, left in scheduler.ramps()]}
         detail = scheduler.explain(client_ip)
         host = detail.get('host')
         answer.update((k, v) for k, v in detail.items() if k in ('reason', 'sticky', 'ranking', 'skipped'))
@@ -5893,6 +6135,7 @@ class Director(Actions):
         self.manager = None
         self.stopping = False
         self.stop_timer = None
+        self.ramp_timer = None      # the next slow start step (see ramp_started)
         self.reloaded = None
         # The last reload's outcome, for the pages; the config loaded at start counts as one.
         self.last_reload = {'time': self.started, 'ok': True, 'error': None, 'success_time': self.started,
@@ -5913,7 +6156,7 @@ class Director(Actions):
     def running_host(self, config, resolve_names):
         """A scheduler Host for a config Host; a name is resolved now only at start."""
         c = config
-        live = schedulers.Host(c.name, c.ip, weight=c.weight, maxconns=c.maxconns)
+        live = schedulers.Host(c.name, c.ip, weight=c.weight, maxconns=c.maxconns, backup=c.backup)
         live.config = c
         live.send_proxy = c.send_proxy
         address = resolve_now(c.host, c.port)
@@ -6173,6 +6416,9 @@ class Director(Actions):
         # Undone runtime changes are a warning: someone's change is gone.
         level = logging.WARNING if reload.undone else logging.INFO
         log.log(logging.DEBUG if self.master is not None else level, '%s', message)
+        if self.master is None:
+            for line in config_warnings(new):
+                log.warning('%s', line)
         if self.workers is not None:
             self.workers.reloaded()
         return message
@@ -6310,10 +6556,26 @@ class Director(Actions):
 
     def host_up(self, service, group):
         """From Health: a host of group came up."""
-        if service.switch is not None:
-            service.switch.host_up(group)
         if service.queue:
             self._serve_queue(service)
+
+    def ramp_started(self):
+        """From Health: a host began a slow start ramp; its steps are made on a timer
+        (not by the picks), until no scheduler has a ramp left."""
+        if self.ramp_timer is None:
+            self.ramp_timer = self.loop.call_later(0, self._step_ramps)
+
+    def _step_ramps(self):
+        self.ramp_timer = None
+        due = None
+        for service in self.services.values():
+            for group in service.groups.values():
+                at = group.scheduler.step_ramps()
+                if at is not None and (due is None or at < due):
+                    due = at
+        if due is not None:
+            # The schedulers' clock is time.monotonic, as the loop's.
+            self.ramp_timer = self.loop.call_later(max(0.0, due - time.monotonic()), self._step_ramps)
 
     def _serve_queue(self, service):
         """Hand freed slots to waiting clients, first come first served (in a worker:
@@ -7902,6 +8164,7 @@ def summary(config):
                                       'auto (%d here)' % worker_count('auto')))
     if config.user:
         lines.append('runs as: user %s%s' % (config.user, ' group %s' % config.group if config.group else ''))
+    lines.extend(config_warnings(config))
     return '\n'.join(lines)
 
 
@@ -8035,6 +8298,8 @@ def main(argv=None):
     except OSError as e:
         print('pydirector: cannot open the log: %s' % e, file=sys.stderr)
         return 1
+    for line in config_warnings(config):
+        log.warning('%s', line)
     raise_fd_limit()
     notifier = Notifier()
     director = Director(config, notifier=notifier, accept=workers is None)

@@ -46,16 +46,27 @@ query string, Python Director 1.0's style, only where <admin get_changes="on">:
 a GET can be made by any page in the operator's browser, and over plain HTTP
 nothing tells such a request from the operator's own, so keep that to an
 admin on HTTPS or on loopback):
-    addHost?service=S&group=G&name=N&ip=H:P[&weight=W][&maxconns=M][&send_proxy=v1|v2]
+    addHost?service=S&group=G&name=N&ip=H:P[&weight=W][&maxconns=M][&send_proxy=v1|v2][&backup=on]
+                    (an ip that is a listen of this balancer's, so that
+                    clients would come back, is refused as the config refuses it)
     delHost?service=S&group=G&name=N     (or &ip=H:P instead of name)
     delAllHosts?service=S&group=G
-    enableGroup?service=S&group=G[&drain=SECONDS][&rollback=SECONDS]
+    enableGroup?service=S&group=G[&drain=SECONDS][&rollback=SECONDS][&force=1]
                     drain: close the connections left on the old group after
                     that long; rollback: switch back unless a host of G is up
-                    within that long
+                    at the end of that window, by probes made since the switch
+                    (every host of G is probed at once); a group with no host
+                    up is refused (409) unless force=1
     changeScheduler?service=S&group=G&scheduler=X
-    hostAdminDown?service=S&group=G&name=N     (drain: no new connections)
-    hostAdminUp?service=S&group=G&name=N
+    setHost?service=S&group=G&name=N[&weight=W][&maxconns=M][&state=ready|drain|maint][&force=1]
+                    change a host in place, keeping its health, counters and
+                    connections (HAProxy's set server weight / maxconn /
+                    state): drain takes no new clients but its sticky ones,
+                    maint takes none and stops its probes; drain or maint for
+                    the last host up of the enabled group is refused (409)
+                    unless force=1
+    hostAdminDown?service=S&group=G&name=N[&force=1]   (Python Director 1.0's: setHost state=drain)
+    hostAdminUp?service=S&group=G&name=N       (1.0's: setHost state=ready, from drain or maint)
     retryHost?service=S&group=G&name=N         (health-check it now)
     addUser?name=N&password=P&access=full|readonly
                     (or password_hash=H instead of password: a hash as a
@@ -81,8 +92,9 @@ Statuses: 400 bad, missing or unknown parameter; 401 no or bad credentials
 (with the Basic challenge wget waits for); 403 read-only user, or a
 cross-site change; 404 unknown page, service, group, host or user; 405
 wrong method (a change as GET: it names --post-data and get_changes); 409
-refused by a rule (last host of the enabled group, last full user, a
-config file changed on disk for saveConfig, ...); 411/413/414/415/431 a
+refused by a rule (last host of the enabled group, a group with no host up,
+draining the last host up, last full user, a config file changed on disk
+for saveConfig, ...; force=1 where the call says); 411/413/414/415/431 a
 request we will not read; 429 too many failed logins from this address, or
 another password being checked (Retry-After says how long); 503 the
 balancer loop did not answer in time, or every worker is busy.  500 means
@@ -138,8 +150,9 @@ then enableGroup (with --drain/--rollback if given); then delHost and
 delGroup, once what they remove no longer takes new connections; users
 last (addUser before delUser, as the last full-access user cannot go, and
 the calling user's own change at the very end, as later calls would not
-pass with its old password).  No call changes a host in place, so a host
-whose ip, weight, maxconns or send_proxy changes is deleted and added again
+pass with its old password).  A host whose weight or maxconns changes is
+changed in place by setHost (its health, counters and connections stay); a
+host whose ip, send_proxy or backup changes is deleted and added again
 (its open connections finish; its counters restart): after the switch when
 its group stops being the enabled one, else at once when the group has
 other hosts to serve meanwhile.  What no call can do -- a service added or
@@ -251,12 +264,14 @@ def _action(method, required=(), optional=(), prepare=None, on_loop=True):
 # The changes: path -> Action.  POST (and GET with a query string where
 # <admin get_changes="on">), full access only, and the cross-site check.
 ACTIONS = {
-    '/addHost': _action('add_host', ('service', 'group', 'name', 'ip'), ('weight', 'maxconns', 'send_proxy')),
+    '/addHost': _action('add_host', ('service', 'group', 'name', 'ip'),
+                        ('weight', 'maxconns', 'send_proxy', 'backup')),
     '/delHost': _action('del_host', ('service', 'group'), ('name', 'ip'), _delhost_params),
     '/delAllHosts': _action('del_all_hosts', ('service', 'group')),
-    '/enableGroup': _action('enable_group', ('service', 'group'), ('drain', 'rollback')),
+    '/enableGroup': _action('enable_group', ('service', 'group'), ('drain', 'rollback', 'force')),
     '/changeScheduler': _action('change_scheduler', ('service', 'group', 'scheduler')),
-    '/hostAdminDown': _action('host_admin_down', ('service', 'group', 'name')),
+    '/setHost': _action('set_host', ('service', 'group', 'name'), ('weight', 'maxconns', 'state', 'force')),
+    '/hostAdminDown': _action('host_admin_down', ('service', 'group', 'name'), ('force',)),
     '/hostAdminUp': _action('host_admin_up', ('service', 'group', 'name')),
     '/retryHost': _action('retry_host', ('service', 'group', 'name')),
     '/addUser': _action('add_user', ('name', 'access'), ('password', 'password_hash'), _adduser_params),
@@ -1569,7 +1584,7 @@ form.inline { display: inline; margin: 0; }
 .msg { padding: 0.4em 0.8em; border: 1px solid; }
 .ok { background: #e8f6e8; border-color: #7c7; }
 .error { background: #fbe9e9; border-color: #d77; }
-.up { color: #070; } .down { color: #b00; } .draining { color: #a60; }
+.up { color: #070; } .down { color: #b00; } .draining { color: #a60; } .maint { color: #555; }
 .enabled { font-weight: bold; }
 .switch { background: #fff6e0; border-color: #db7; }
 ol.timeline { margin: 0.2em 0; padding-left: 1.2em; font-size: 0.9em; }
@@ -1622,7 +1637,7 @@ def render_index(snapshot, user, access):
 def render_host_state(host, now):
     e = html.escape
     state = host['state']
-    css = state if state in ('up', 'down', 'draining') else 'down'
+    css = state if state in ('up', 'down', 'draining', 'maint') else 'down'
     text = e(state)
     if host['reason'] and state != 'up':
         text += ': ' + e(host['reason'])
@@ -1679,8 +1694,13 @@ def render_group(service, group, now, can_change):
         address = e(host['ip'])
         if host.get('send_proxy'):
             address += ' <span class="note">(sends PROXY %s)</span>' % e(host['send_proxy'])
+        if host.get('backup'):
+            address += ' <span class="note">(backup)</span>'
         cells = ['<td>%s</td>' % e(host['name']), '<td>%s</td>' % address, render_host_state(host, now)]
-        numbers = [host['open'], host['total'], host['weight'], host['maxconns'] or '-',
+        weight = str(host['weight'])
+        if host.get('effective_weight', host['weight']) != host['weight']:
+            weight += ' (slow start: %s)' % explain_number(host['effective_weight'])
+        numbers = [host['open'], host['total'], weight, host['maxconns'] or '-',
                    host['bytes_in'], host['bytes_out']]
         cells.extend('<td class="n">%s</td>' % e(str(n)) for n in numbers)
         cells.append(render_checks(host, now))
@@ -1691,6 +1711,10 @@ def render_group(service, group, now, can_change):
                 actions.append(form('hostAdminDown', sgh, 'drain'))
             else:
                 actions.append(form('hostAdminUp', sgh, 'enable'))
+            if host['admin'] != 'maint':
+                actions.append(form('setHost', sgh + [('state', 'maint')], 'maint'))
+            actions.append(form('setHost', sgh, 'set weight',
+                                '<input name="weight" value="%s" size="5" aria-label="weight"> ' % host['weight']))
             if host['health'] == 'down':
                 actions.append(form('retryHost', sgh, 'retry now'))
             actions.append(form('delHost', sgh, 'delete'))
@@ -1708,7 +1732,8 @@ def render_group(service, group, now, can_change):
                                       'aria-label="max conns"> '
                                       '<select name="send_proxy" aria-label="PROXY header to the host">'
                                       '<option value="">no PROXY header</option><option>v1</option>'
-                                      '<option>v2</option></select> '))
+                                      '<option>v2</option></select> '
+                                      '<label><input type="checkbox" name="backup" value="on"> backup</label> '))
     return out
 
 
@@ -1884,10 +1909,10 @@ def render_running_txt(snapshot):
         group NAME enabled|inactive           then that group's hosts:
         host NAME IP:PORT OPEN TOTAL up       a host taking new connections
         disabled NAME IP:PORT REASON - OPEN TOTAL
-                                              a host that is not: down or draining
+                                              a host that is not: down, draining or in maint
 
-    REASON is 'draining' (an operator drained it), the health check's reason
-    for a down host, or both joined by ','.  No field ever contains
+    REASON is 'draining' or 'maint' (an operator's setHost or hostAdminDown),
+    the health check's reason for a down host, or both joined by ','.  No field ever contains
     whitespace: runs of it become '_' (so 'connection refused' reads
     'connection_refused'), control characters are backslash-escaped, and an
     empty field is '-'.  The original's fields come first, its '-' too, so
@@ -1964,6 +1989,9 @@ def render_explain(info):
         lines.append('skipped: %s (%s)' % (t(name), t(why)))
     if not info.get('skipped'):
         lines.append('skipped: none')
+    for name, effective, weight, left in info.get('ramping') or ():
+        lines.append('slow start: %s at effective weight %s of %s, %s s left' % (
+            t(name), explain_number(effective), weight, explain_number(round(left, 1))))
     return ''.join(line + '\n' for line in lines)
 
 
@@ -2005,8 +2033,12 @@ WORKER_METRICS = [
 HOST_METRICS = [
     ('pydirector_host_up', 'gauge', '1 if the host passes its health checks, else 0.',
      lambda h, now: 1 if h['health'] == 'up' else 0),
-    ('pydirector_host_draining', 'gauge', '1 if an operator drained the host (no new connections).',
-     lambda h, now: 0 if h['admin'] == 'enabled' else 1),
+    ('pydirector_host_draining', 'gauge', '1 if an operator drained the host (no new clients but its sticky ones).',
+     lambda h, now: 1 if h['admin'] == 'draining' else 0),
+    ('pydirector_host_maint', 'gauge', '1 if an operator put the host in maint (no clients, no probes).',
+     lambda h, now: 1 if h['admin'] == 'maint' else 0),
+    ('pydirector_host_backup', 'gauge', '1 for a backup host (used only while no other host of its group is up).',
+     lambda h, now: 1 if h.get('backup') else 0),
     ('pydirector_host_open_connections', 'gauge', 'Connections open to the host now.',
      lambda h, now: h['open']),
     ('pydirector_host_connections_total', 'counter', 'Connections made to the host.',
@@ -2016,6 +2048,9 @@ HOST_METRICS = [
     ('pydirector_host_bytes_out_total', 'counter', 'Bytes relayed from the host to clients (closed connections).',
      lambda h, now: h['bytes_out']),
     ('pydirector_host_weight', 'gauge', 'The host\'s scheduler weight.', lambda h, now: h['weight']),
+    ('pydirector_host_effective_weight', 'gauge',
+     'The part of its weight the host takes now: its weight, less during slow start.',
+     lambda h, now: float(h.get('effective_weight', h['weight']))),
     # Only from a true count: the timeline keeps the last few changes, and a counter that
     # stops there would hide exactly the flapping it is for.
     ('pydirector_host_state_changes_total', 'counter', 'Times the host changed state (up, down, draining).',
@@ -2116,7 +2151,8 @@ def render_metrics(snapshot):
 # ---------------------------------------------------------------------------
 
 CANNOT = '# cannot apply through the admin API: %s; edit the file on the balancer and reload'
-HOST_ATTRS = ('name', 'ip', 'weight', 'maxconns', 'send_proxy')    # what addHost can set
+HOST_ATTRS = ('name', 'ip', 'weight', 'maxconns', 'send_proxy', 'backup')    # what addHost can set
+SET_HOST_ATTRS = ('weight', 'maxconns')                                      # what setHost changes in place
 # A host setting's default as a plan shows it ('weight 1 -> 3', 'send_proxy none -> v1').
 HOST_DEFAULTS = pydirector.default_texts(pydirector.HOST_ATTRS)
 USER_ATTRS = ('name', 'password', 'access')                         # what addUser can set
@@ -2184,7 +2220,8 @@ def plan_changes(running, new, user=None, drain=None, rollback=None):
     pydirector.ConfigDiff.  user is the admin user the calls are made as: its own
     change, if any, comes last, so the calls before it still pass.
 
-    Order: new groups, their hosts, new hosts, scheduler changes and host changes first;
+    Order: new groups, their hosts, new hosts, scheduler changes and host changes (setHost,
+    or delete and add) first;
     then enableGroup; then delHost and delGroup (the old group is no longer enabled by
     then); users last, new ones before deleted ones (the last full-access user cannot go).
     """
@@ -2245,11 +2282,16 @@ def plan_service(name, diff, build, switch, after, problem, drain, rollback):
         for host_name, old_host, host in gd.changed:
             if not addable(where, host_name, host, old_host, problem):
                 continue
-            # No call changes a host in place: delete it and add it again.  Its open
-            # connections finish; only its counters start again.
+            changes = attribute_changes(old_host, host, defaults=HOST_DEFAULTS)
+            if all(key in SET_HOST_ATTRS for key, _ in changes):
+                # In place: its health, counters and connections stay.
+                build.append(Step('setHost', [('service', name), ('group', group_name), ('name', host_name)] +
+                                  [(key, host.get(key, HOST_DEFAULTS[key])) for key, _ in changes]))
+                continue
+            # What setHost cannot change (ip, send_proxy, backup): delete it and add it
+            # again.  Its open connections finish; only its counters start again.
             readd = [Step(None, comment='%s host %s: %s; delete and add again' % (
-                         where, host_name, ', '.join(text for _, text in
-                                                     attribute_changes(old_host, host, defaults=HOST_DEFAULTS)))),
+                         where, host_name, ', '.join(text for _, text in changes))),
                      Step('delHost', [('service', name), ('group', group_name), ('name', host_name)]),
                      add_host_step(name, group_name, host)]
             if group_name != old_enabled:

@@ -313,9 +313,22 @@ class AdminEverywhereTest(AdminWorkersCase):
         self.admin('/addHost', 'service=web&group=main&name=b&ip=%s' % self.b.address)
         self.admin('/hostAdminDown', 'service=web&group=main&name=a')
         self.assertEqual(self.names() + self.names(), ['b', 'b', 'b', 'b'])
-        self.admin('/hostAdminDown', 'service=web&group=main&name=b')
+        self.admin('/hostAdminDown', 'service=web&group=main&name=b', expect=409)     # the last host up
+        self.admin('/hostAdminDown', 'service=web&group=main&name=b&force=1')
         self.admin('/hostAdminUp', 'service=web&group=main&name=a')
         self.assertEqual(self.names() + self.names(), ['a', 'a', 'a', 'a'])
+
+    def test_set_host_reaches_every_worker(self):
+        self.admin('/addHost', 'service=web&group=main&name=b&ip=%s' % self.b.address)
+        answer = self.admin('/setHost', 'service=web&group=main&name=a&weight=3')
+        self.assertEqual(answer, 'OK set host a in web/main: weight 3 (was 1) (0 open)\n')
+        for pid in self.pids():
+            # Any 4 picks in a row of a 3:1 round robin: a three times, b once.
+            names = [self.name_via(pid) for _ in range(8)]
+            self.assertEqual(sorted(names), ['a'] * 6 + ['b'] * 2, (pid, names))
+        self.admin('/setHost', 'service=web&group=main&name=a&state=maint')
+        self.assertEqual(self.names() + self.names(), ['b', 'b', 'b', 'b'])
+        self.admin('/setHost', 'service=web&group=main&name=b&state=drain', expect=409)
 
     def test_enable_group(self):
         self.admin('/enableGroup', 'service=web&group=green')
@@ -329,7 +342,7 @@ class AdminEverywhereTest(AdminWorkersCase):
         self.balancer.call(self.balancer.director.health.set_state, *self.running('green', 'dead') +
                            (pydirector.schedulers.DOWN, 'test'))
         mark = LOG.mark()
-        answer = self.admin('/enableGroup', 'service=web&group=green&rollback=0.3')
+        answer = self.admin('/enableGroup', 'service=web&group=green&rollback=0.3&force=1')
         self.assertIn('back to main unless a host is up within 0.3 s', answer)
         LOG.wait_for('service web: rollback to group main', mark)
         self.balancer.master.sync(10)
