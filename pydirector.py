@@ -7,7 +7,7 @@ A revival of Python Director (Anthony Baxter, 2002-2004).
 
     python3 pydirector.py -c sample.xml
 
-Sections, in the order a reader meets them: Config, Loop, Proxying, Manager,
+Sections, in the order a reader meets them: Config, Loop, Proxying, Manager, DNS,
 Director, Workers (a master and worker processes), Command line.
 """
 
@@ -4256,7 +4256,8 @@ class Splice(object):
 # ---------------------------------------------------------------------------
 # Manager: the health checks.  A loop timer picks the probes due; threads run
 # them with blocking sockets and hand each result to the loop, never touching
-# balancer state themselves.
+# balancer state themselves.  The DNS queries of <discover> (Discovery) run in
+# the same threads.
 # ---------------------------------------------------------------------------
 
 MANAGER_TICK = 0.1        # how often the manager looks for hosts due a probe
@@ -4355,7 +4356,8 @@ ThreadPoolExecutor = concurrent.futures.ThreadPoolExecutor
 
 
 class Manager(object):
-    """Runs the probes the director says are due and hands each result back to the loop.
+    """Runs the probes the director says are due and hands each result back to the loop;
+    starts and stops the Discovery, whose queries run in the same pool (submit).
 
     The tick that asks which hosts are due is a loop timer; only the probes
     themselves run in threads, in a pool started at the first probe.  A
@@ -6342,8 +6344,10 @@ class Director(Actions):
         if added or removed:
             shown = ['+' + n for n in added[:5]] + ['-' + n for n in removed[:5]]
             more = len(added) + len(removed) - len(shown)
-            log.info('discover %s in %s/%s: %d host(s) from DNS: %s%s', discover, service.name, group.name,
-                     len(wanted), ', '.join(shown), ' and %d more' % more if more else '')
+            # A worker's are its master's: said there.
+            log.log(logging.DEBUG if self.health.quiet else logging.INFO, 'discover %s in %s/%s: %d host(s) from '
+                    'DNS: %s%s', discover, service.name, group.name, len(wanted), ', '.join(shown),
+                    ' and %d more' % more if more else '')
         return added, removed
 
     # -- starting and stopping ---------------------------------------------

@@ -115,13 +115,19 @@ class OwnDns(object):
         self.tcp_answer = tcp
         self.queries = []
         self.stopping = threading.Event()
+        # A port of this process's block (free_port): nothing else takes it over UDP or TCP.
+        self.port = free_port()
         self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.udp.bind(('127.0.0.1', 0))
-        self.port = self.udp.getsockname()[1]
         self.tcp = socket.socket()
-        self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.tcp.bind(('127.0.0.1', self.port))
-        self.tcp.listen(8)
+        try:
+            self.udp.bind(('127.0.0.1', self.port))
+            self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.tcp.bind(('127.0.0.1', self.port))
+            self.tcp.listen(8)
+        except OSError:
+            self.udp.close()
+            self.tcp.close()
+            raise
         for sock in (self.udp, self.tcp):
             sock.settimeout(0.05)      # to see stopping
         self.threads = [threading.Thread(target=self.serve_udp, daemon=True),
