@@ -482,6 +482,34 @@ class DnsmasqTest(DiscoveryCase):
             os.kill(pids[1], signal.SIGCONT)
 
 
+    def test_a_repaired_worker_gets_the_hosts_from_dns(self):
+        if not self.workers:
+            self.skipTest('workers only')
+        self.start_a()
+        master = self.balancer.master
+        first, second = self.balancer.worker_pids()
+        mark = LOG.mark()
+
+        def stray_worker_1():
+            # Worker 1 loses its hosts from DNS (a change the master never made), then
+            # cannot apply a change: the master sends it the whole running config again.
+            channel = master.workers[0].channel
+            channel.send({'t': 'do', 'method': 'set_discovered', 'args': ['web', 'main', 'web.test', []],
+                          'kwargs': {}, 'seq': master.seq})
+            channel.send({'t': 'do', 'method': 'del_host', 'args': ['web', 'main', 'nosuch'], 'kwargs': {},
+                          'seq': master.seq})
+        self.balancer.call(stray_worker_1)
+        LOG.wait_for("worker 1 (pid %d) could not apply del_host: no host 'nosuch' in web/main; "
+                     "sending it the running config again" % first, mark)
+        self.balancer.call(master.send_all, {'t': 'sticky', 'entries': []})     # acknowledged after the repair
+        os.kill(second, signal.SIGSTOP)
+        try:
+            wait_until(lambda: process_state(second) == 'T', 5)
+            self.assertEqual(sorted(self.served_by(4)), ['11', '11', '12', '12'])
+        finally:
+            os.kill(second, signal.SIGCONT)
+
+
 def process_state(pid):
     with open('/proc/%d/stat' % pid) as f:
         return f.read().rsplit(')', 1)[1].split()[0]
