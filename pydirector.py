@@ -255,8 +255,8 @@ class Host(ConfigElement):
     connect to.  Names are not resolved here; that happens at run time.
     maxconns 0 is unlimited; send_proxy is None, 'v1' or 'v2': the PROXY
     header version to send it.  discovered: None for a host of the file or
-    of addHost; for one a <discover> found, that discover's name (such hosts
-    are the discover's, never written to running.xml)."""
+    of addHost; for one a <discover> found, that discover's key (Discover.key;
+    such hosts are the discover's, never written to running.xml)."""
 
     TAG = 'host'
 
@@ -1555,12 +1555,11 @@ class _ConfigReader(object):
         # Dicts, not a scan per host, so a group of 10,000 loads in linear
         # time; when a host clashes twice, the earlier host is named, as a scan would.
         by_name, by_ip = {}, {}
-        index = -1
         for tag, child in self.children(elem):
             if tag == 'discover':
                 group.discovers.append(self.discover(child, group))
                 continue
-            index += 1
+            index = len(hosts)
             host = self.host(child, index)
             ip_key = address_key(host.host, host.port)     # as addHost compares them
             same_name, same_ip = by_name.get(host.name), by_ip.get(ip_key)
@@ -4416,6 +4415,8 @@ class Manager(object):
             self.timer = None
         if self.pool is not None:
             self.pool.shutdown(wait=False)
+
+
 # ---------------------------------------------------------------------------
 # DNS: a small stub resolver for <discover> (hosts from DNS), speaking the
 # wire format itself: RFC 1035, EDNS0 (RFC 6891), SRV (RFC 2782).  It blocks,
@@ -5493,13 +5494,18 @@ class Discovery(object):
                 '%s failed (%s): %s; %s', state.where(), error.kind, error, what)
 
     def room(self, state, group, backends):
-        """The backends as set_discovered takes them ([['ip:port', weight]]), at most
-        what the group has room for: MAX_DISCOVERED less what its other discovers
-        hold.  Those it holds already come first, so a cut does not churn."""
+        """The backends as set_discovered takes them ([['ip:port', weight]]): not those
+        whose address another host of the group holds (a <host>, another discover's),
+        and at most what the group has room for: MAX_DISCOVERED less what its other
+        discovers hold.  Those it holds already come first, so a cut does not churn."""
         key = state.config.key
         others = sum(1 for h in group.scheduler.hosts if h.config.discovered not in (None, key))
         room = max(0, MAX_DISCOVERED - others)
-        found = [[format_address(address, port), weight] for address, port, weight in backends]
+        found = []
+        for address, port, weight in backends:
+            holder = group.addresses.get(address_key(address, port))
+            if holder is None or holder.config.discovered == key:
+                found.append([format_address(address, port), weight])
         left_out = max(0, len(found) - room)
         if left_out:
             held = set(h.ip for h in self.hosts_of(group, key))
@@ -5700,9 +5706,9 @@ class Reload(object):
             name = host_config.name
             if name in added:
                 # A host of the file comes before one from DNS with its name or address.
-                for taken in (scheduler.get_host(name), group.addresses.get(address_key(host_config.host,
-                                                                                         host_config.port))):
-                    if taken is not None and taken.config.discovered is not None and scheduler.get_host(taken.name) is taken:
+                key = address_key(host_config.host, host_config.port)
+                for taken in (scheduler.get_host(name), group.addresses.get(key)):
+                    if taken is not None and taken.config.discovered and scheduler.get_host(taken.name) is taken:
                         director.remove_host(service, group, taken)
                 director.add_running_host(service, group, host_config, resolve_names=False)
                 changes.append('host %s ip %s' % (name, host_config.ip) if name in moved else '+host %s' % name)

@@ -371,6 +371,22 @@ class DnsmasqTest(DiscoveryCase):
         self.assertEqual([(c['from'], c['to']) for c in host['timeline']], [('down', 'up')])
         self.assertEqual(host['discovered'], 'web.test')
 
+    def test_an_address_a_host_of_the_file_holds_stays_its(self):
+        self.port = free_port()
+        self.dns = self.dnsmasq(['127.0.0.11 web.test', '127.0.0.12 web.test'])
+        self.backend_at('127.0.0.11', self.port)
+        self.backend_at('127.0.0.12', self.port)
+        mark = LOG.mark()
+        self.start(discover_xml('name="web.test" port="%d" resolver="%s"' % (self.port, self.dns.address),
+                                hosts='      <host name="static" ip="127.0.0.11:%d"/>\n' % self.port))
+        wait_until(lambda: len(self.hosts()) == 2, 10)
+        self.assertEqual(sorted(h['name'] for h in self.group()['hosts']),
+                         ['static', 'web.test-127.0.0.12-%d' % self.port])
+        answers = self.discover()['answers']
+        wait_until(lambda: self.discover()['answers'] >= answers + 2, 10)    # asked again: nothing changes
+        self.assertEqual(len([l for l in LOG.since(mark) if 'host(s) from DNS' in l]), 1)
+        self.assertEqual(self.serving(2), {'11', '12'})
+
     def test_running_xml_keeps_the_discover_and_the_pages_show_it(self):
         self.start_a()
         director = self.balancer.director
