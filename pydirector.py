@@ -7,7 +7,7 @@ A revival of Python Director (Anthony Baxter, 2002-2004).
 
     python3 pydirector.py -c sample.xml
 
-Sections, in the order a reader meets them: Config, Loop, Proxying, Manager,
+Sections, in the order a reader meets them: Config, Loop, Proxying, Manager, DNS,
 Director, Workers (a master and worker processes), Command line.
 """
 
@@ -36,6 +36,7 @@ import selectors
 import signal
 import socket
 import stat
+import struct
 import sys
 import _socket
 import tempfile
@@ -136,12 +137,14 @@ class Config(ConfigElement):
             for action, network in service.acl:
                 out.append(_xml_tag(2, action, attr_texts(ACL_ATTRS, {'cidr': network})))
             for group in service.groups:
-                if not group.hosts:
+                if not group.hosts and not group.discovers:
                     out.append(_xml_tag(2, 'group', group.xml_attrs()))
                     continue
                 out.append(_xml_tag(2, 'group', group.xml_attrs(), '>'))
                 for host in group.hosts:
                     out.append(_xml_tag(3, 'host', host.xml_attrs()))
+                for discover in group.discovers:
+                    out.append(_xml_tag(3, 'discover', discover.xml_attrs()))
                 out.append('    </group>')
             # Always written, though it defaults to the first group: which
             # group is live is the one thing an operator reads running.xml for.
@@ -228,13 +231,15 @@ class Listen(ConfigElement):
 
 
 class Group(ConfigElement):
-    """A <group> of hosts and the scheduler spec that picks among them."""
+    """A <group> of hosts and the scheduler spec that picks among them; discovers:
+    its <discover> elements, whose hosts come from DNS at run time."""
 
     TAG = 'group'
 
-    def __init__(self, hosts=(), line=None, **values):
+    def __init__(self, hosts=(), discovers=(), line=None, **values):
         ConfigElement.__init__(self, line, **values)
         self.hosts = list(hosts or ())
+        self.discovers = list(discovers or ())
 
     def host(self, name):
         for host in self.hosts:
@@ -251,16 +256,41 @@ class Host(ConfigElement):
     connect to.  Names are not resolved here; that happens at run time.
     maxconns 0 is unlimited; send_proxy is None, 'v1' or 'v2': the PROXY
     header version to send it; backup: it takes clients only while no
-    other host of its group is up (HAProxy's backup)."""
+    other host of its group is up (HAProxy's backup).  discovered: None for a
+    host of the file or of addHost; for one a <discover> found, that
+    discover's key (Discover.key; such hosts are the discover's, never
+    written to running.xml)."""
 
     TAG = 'host'
 
-    def __init__(self, line=None, **values):
+    def __init__(self, line=None, discovered=None, **values):
         ConfigElement.__init__(self, line, **values)
         self.host, self.port = parse_address(self.ip)
+        self.discovered = discovered
 
     def __repr__(self):
         return f'Host({self.name!r}, {self.ip!r})'
+
+
+class Discover(ConfigElement):
+    """A <discover> in a group: hosts from DNS.  name is the name asked, type
+    'a' (its A and AAAA records, each at port) or 'srv' (each target's
+    address, port and weight; port, if given, replaces the records' ports);
+    resolver the server asked ('ADDR' or 'ADDR:PORT'; None: the first
+    nameserver of /etc/resolv.conf).  An answer is asked again after its
+    TTL, clamped to [min_ttl, max_ttl]; a failed query after interval.  keep
+    'last' keeps the hosts of the last good answer through a failure,
+    'empty' removes them.  See the DNS section."""
+
+    TAG = 'discover'
+
+    @property
+    def key(self):
+        """What tells two discovers of a group apart: the name asked, as DNS compares it."""
+        return self.name.lower().rstrip('.')
+
+    def __repr__(self):
+        return f'Discover({self.name!r}, {self.type!r})'
 
 
 class Check(ConfigElement):
@@ -1148,6 +1178,38 @@ def _scheduler(text, what):
     return text     # as written: running.xml keeps the operator's spelling
 
 
+def _dns_name(text, what):
+    # ASCII only: a name goes on the wire as it is written (an IDN as its xn-- A-labels).
+    if not _HOST_NAME.fullmatch(text) or len(text.rstrip('.')) > 253:
+        raise ValueError(f'{what} {text!r}: not a DNS name (letters, digits, - and _, in labels of '
+                         f'1-63 separated by dots, at most 253 in all)')
+    return text
+
+
+def resolver_address(text):
+    """'10.0.0.2', '10.0.0.2:5353', 'fd00::2' or '[fd00::2]:53' -> (ip, port): a DNS
+    server by number (its name would need a resolver); ValueError otherwise."""
+    host, port = text, 53
+    if not _is_ip(text):
+        host, port = parse_address(text)
+        if not _is_ip(host):
+            raise ValueError(f'{text!r}: must be an IP address, with :PORT or without (port 53)')
+    return host, port
+
+
+def _is_ip(text):
+    try:
+        ipaddress.ip_address(text.partition('%')[0])
+        return True
+    except ValueError:
+        return False
+
+
+def _resolver(text, what):
+    resolver_address(text)
+    return text
+
+
 CONFIG_ATTRS = (
     Attr('drain', seconds_or_zero, 10.0, example='2.5'),
     Attr('user', _named(_account), example='0'),        # ids that exist everywhere: --check looks them up
@@ -1179,6 +1241,16 @@ HOST_ATTRS = (    # the name is optional in a file (1.0 named hosts host.N), not
     Attr('maxconns', integer(0), 0, example='100'),
     Attr('send_proxy', choice('v1', 'v2'), example='v1'),
     Attr('backup', switch, False, example='on'),
+)
+DISCOVER_ATTRS = (   # hosts from DNS: see the DNS section
+    Attr('name', _dns_name, required=True, example='_web._tcp.service.consul'),
+    Attr('type', choice('a', 'srv'), 'a', example='srv'),
+    Attr('resolver', _named(_resolver), example='127.0.0.1:8600'),
+    Attr('port', integer(1, 65535), example='8080'),     # type a: required; srv: replaces the records' ports
+    Attr('interval', parse_seconds, 5.0, example='2'),
+    Attr('min_ttl', parse_seconds, 1.0, example='2'),
+    Attr('max_ttl', parse_seconds, 300.0, example='60'),
+    Attr('keep', choice('last', 'empty'), 'last', example='empty'),
 )
 ENABLE_ATTRS = (
     Attr('group', required=True, example='blue'),     # GROUP_ATTRS' example: a group of the service
@@ -1223,7 +1295,7 @@ LOGGING_ATTRS = (
 ELEMENT_ATTRS = {
     'pdconfig': CONFIG_ATTRS, 'service': SERVICE_ATTRS, 'listen': LISTEN_ATTRS,
     'allow': ACL_ATTRS, 'deny': ACL_ATTRS, 'group': GROUP_ATTRS, 'host': HOST_ATTRS,
-    'enable': ENABLE_ATTRS, 'check': CHECK_ATTRS, 'timeouts': TIMEOUTS_ATTRS,
+    'discover': DISCOVER_ATTRS, 'enable': ENABLE_ATTRS, 'check': CHECK_ATTRS, 'timeouts': TIMEOUTS_ATTRS,
     'admin': ADMIN_ATTRS, 'user': USER_ATTRS, 'logging': LOGGING_ATTRS,
 }
 
@@ -1327,7 +1399,7 @@ def _xml_error(data, path, error, index, open_elements):
 _CHILDREN = {
     'pdconfig': ('service', 'admin', 'logging'),
     'service': ('listen', 'group', 'enable', 'check', 'timeouts', 'allow', 'deny'),
-    'group': ('host',),
+    'group': ('host', 'discover'),
     'admin': ('user',),
 }
 
@@ -1492,7 +1564,11 @@ class _ConfigReader(object):
         # Dicts, not a scan per host, so a group of 10,000 loads in linear
         # time; when a host clashes twice, the earlier host is named, as a scan would.
         by_name, by_ip = {}, {}
-        for index, (_, child) in enumerate(self.children(elem)):
+        for tag, child in self.children(elem):
+            if tag == 'discover':
+                group.discovers.append(self.discover(child, group))
+                continue
+            index = len(hosts)
             host = self.host(child, index)
             ip_key = address_key(host.host, host.port)     # as addHost compares them
             same_name, same_ip = by_name.get(host.name), by_ip.get(ip_key)
@@ -1505,6 +1581,17 @@ class _ConfigReader(object):
             hosts.append(host)
         group.hosts = hosts
         return group
+
+    def discover(self, elem, group):
+        discover = Discover(self.lines[elem], **self.values(elem))
+        if discover.type == 'a' and discover.port is None:
+            raise self.error(elem, f'<discover> {discover.name!r}: type a needs port (the port of every address)')
+        if discover.min_ttl > discover.max_ttl:
+            raise self.error(elem, f'<discover> {discover.name!r}: min_ttl {discover.min_ttl:g} is more than '
+                                   f'max_ttl {discover.max_ttl:g}')
+        if any(other.key == discover.key for other in group.discovers):
+            raise self.error(elem, f'group {group.name!r}: duplicate discover {discover.name!r}')
+        return discover
 
     def host(self, elem, index):
         texts = dict(elem.attrib)
@@ -1722,14 +1809,16 @@ def enabled_group(service):
 
 
 class GroupDiff(object):
-    """How one group that both configs have differs: settings [(key, text)],
-    scheduler (old, new) or None, the hosts added (elements, in the new order),
-    removed (names) and changed ((name, old element, new element)), and whether
-    the order of the hosts differs."""
+    """How one group that both configs have differs: settings [(key, text)]
+    (its attributes, and its <discover> elements), scheduler (old, new) or
+    None, the hosts added (elements, in the new order), removed (names) and
+    changed ((name, old element, new element)), and whether the order of the
+    hosts differs."""
 
     def __init__(self, old, new):
         self.old, self.new = old, new
-        self.settings = attribute_changes(old, new, skip=('name', 'scheduler'))
+        self.settings = (attribute_changes(old, new, skip=('name', 'scheduler')) +
+                         element_changes(old, new, ('host',)))
         self.scheduler = None
         if old.get('scheduler') != new.get('scheduler'):
             self.scheduler = (old.get('scheduler'), new.get('scheduler'))
@@ -4761,7 +4850,8 @@ class Splice(object):
 # ---------------------------------------------------------------------------
 # Manager: the health checks.  A loop timer picks the probes due; threads run
 # them with blocking sockets and hand each result to the loop, never touching
-# balancer state themselves.
+# balancer state themselves.  The DNS queries of <discover> (Discovery) run in
+# the same threads.
 # ---------------------------------------------------------------------------
 
 MANAGER_TICK = 0.1        # how often the manager looks for hosts due a probe
@@ -4860,7 +4950,8 @@ ThreadPoolExecutor = concurrent.futures.ThreadPoolExecutor
 
 
 class Manager(object):
-    """Runs the probes the director says are due and hands each result back to the loop.
+    """Runs the probes the director says are due and hands each result back to the loop;
+    starts and stops the Discovery, whose queries run in the same pool (submit).
 
     The tick that asks which hosts are due is a loop timer; only the probes
     themselves run in threads, in a pool started at the first probe.  A
@@ -4876,20 +4967,26 @@ class Manager(object):
 
     def start(self):
         self.timer = self.director.loop.call_later(MANAGER_TICK, self.tick)
+        self.director.discovery.start()
 
     def tick(self):
         self.timer = self.director.loop.call_later(MANAGER_TICK, self.tick)
-        due = self.director.health.due()
-        if not due:
-            return
+        for target in self.director.health.due():
+            if not self.submit(self._probe, target):
+                return
+
+    def submit(self, fn, *args):
+        """Run fn(*args) in the pool (a probe, a DNS query); False once that cannot be."""
+        if self.stopped.is_set():
+            return False
         if self.pool is None:
             self.pool = ThreadPoolExecutor(PROBE_WORKERS)
-        for target in due:
-            try:
-                self.pool.submit(self._probe, target)
-            except RuntimeError:    # the interpreter is exiting under us: so are we
-                self.stop()
-                return
+        try:
+            self.pool.submit(fn, *args)
+        except RuntimeError:    # the interpreter is exiting under us: so are we
+            self.stop()
+            return False
+        return True
 
     def _probe(self, target):
         if self.stopped.is_set():
@@ -4907,11 +5004,486 @@ class Manager(object):
         # Probes out finish in their threads (each within its check's timeout); their
         # results reach a loop that has stopped listening, and are dropped.
         self.stopped.set()
+        self.director.discovery.stop()
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
         if self.pool is not None:
             self.pool.shutdown(wait=False)
+
+
+# ---------------------------------------------------------------------------
+# DNS: a small stub resolver for <discover> (hosts from DNS), speaking the
+# wire format itself: RFC 1035, EDNS0 (RFC 6891), SRV (RFC 2782).  It blocks,
+# with deadlines, so it runs in the manager's threads, never on the loop
+# (Discovery, in the Director section, applies what it finds).  Each query has
+# a random ID and a socket of its own (so a random source port too); a
+# datagram counts as the answer only when its ID and question are the query's.
+# Whatever a datagram holds, malformed or not ours, it is ignored with a
+# reason, never raised; an answer marked truncated is asked again over TCP.
+# ---------------------------------------------------------------------------
+
+DNS_A, DNS_CNAME, DNS_AAAA, DNS_SRV, DNS_OPT = 1, 5, 28, 33, 41
+DNS_IN = 1
+DNS_TYPES = {DNS_A: 'A', DNS_CNAME: 'CNAME', DNS_AAAA: 'AAAA', DNS_SRV: 'SRV'}
+# rcode -> (name, how a failure of that kind is counted)
+DNS_RCODES = {1: ('FORMERR', 'error'), 2: ('SERVFAIL', 'servfail'), 3: ('NXDOMAIN', 'nxdomain'),
+              4: ('NOTIMP', 'error'), 5: ('REFUSED', 'error')}
+DNS_FAILURES = ('timeout', 'refused', 'servfail', 'nxdomain', 'empty', 'error')     # the kinds, for pages
+DNS_PAYLOAD = 4096          # the UDP answer size EDNS0 offers the server
+DNS_TIMEOUT = 2.0           # seconds one query waits for its answer
+DNS_DEADLINE = 10.0         # seconds one discovery may take in all (an SRV answer's targets too)
+MAX_DISCOVERED = 1000       # hosts from DNS a group holds at most; more are left out, and logged
+RESOLV_CONF = '/etc/resolv.conf'
+_HEADER = struct.Struct('!HHHHHH')
+_RR_FIXED = struct.Struct('!HHIH')
+_query_ids = random.SystemRandom()
+
+
+class DnsError(Exception):
+    """A query that got no usable answer, or a message that cannot be read:
+    str() is the reason, kind how it is counted (one of DNS_FAILURES)."""
+
+    def __init__(self, reason, kind='error'):
+        Exception.__init__(self, reason)
+        self.kind = kind
+
+
+class DnsRecord(object):
+    """A resource record: name (wire form, uncompressed), type, ttl, and value:
+    the address text (A, AAAA), the target name (CNAME), (priority, weight,
+    port, target) (SRV), or None for a type not read."""
+    __slots__ = ('name', 'type', 'ttl', 'value')
+
+    def __init__(self, name, rtype, ttl, value):
+        self.name = name
+        self.type = rtype
+        self.ttl = ttl
+        self.value = value
+
+
+class DnsMessage(object):
+    """A parsed DNS message.  question: (name, type, class) when there is exactly
+    one, else None; records: the answer section, extra: the additional one."""
+    __slots__ = ('id', 'flags', 'question', 'records', 'extra')
+
+    @property
+    def rcode(self):
+        return self.flags & 0xF
+
+    @property
+    def truncated(self):
+        return bool(self.flags & 0x0200)
+
+
+def dns_name(text):
+    """A name as written ('web.example.com', a trailing dot or not) in wire form;
+    ValueError when it cannot be one."""
+    out = bytearray()
+    stripped = text.rstrip('.')
+    for label in stripped.split('.') if stripped else ():
+        raw = label.encode('ascii')
+        if not 0 < len(raw) <= 63:
+            raise ValueError('%r: a label of %d characters' % (text, len(raw)))
+        out.append(len(raw))
+        out += raw
+    out.append(0)
+    if len(out) > 255:
+        raise ValueError('%r: longer than 255 octets' % text)
+    return bytes(out).lower()     # as read_dns_name gives names, to compare
+
+
+def dns_name_text(wire):
+    """A wire-form name as text, for pages and logs: 'one.example', '.' for the root;
+    bytes other than printable ASCII escaped."""
+    labels = []
+    at = 0
+    while wire[at]:
+        size = wire[at]
+        labels.append(escape_text(wire[at + 1:at + 1 + size].decode('ascii', 'backslashreplace')))
+        at += 1 + size
+    return '.'.join(labels) or '.'
+
+
+def dns_query(query_id, qname, qtype, edns=True):
+    """A query message: recursion desired, one question, and an EDNS0 OPT record
+    offering DNS_PAYLOAD bytes (edns False: without it, for a server that
+    answers FORMERR to it)."""
+    header = _HEADER.pack(query_id, 0x0100, 1, 0, 0, 1 if edns else 0)
+    opt = b'\0' + _RR_FIXED.pack(DNS_OPT, DNS_PAYLOAD, 0, 0) if edns else b''
+    return header + qname + struct.pack('!HH', qtype, DNS_IN) + opt
+
+
+def read_dns_name(data, at):
+    """(name in wire form, lower-cased, uncompressed; offset after it) of the name
+    at offset at, following compression pointers.  A pointer must point before the
+    labels it ends, so each jump goes back and no message can make it loop.
+    DnsError for a name running past the end, a reserved label type, or one
+    longer than 255 octets."""
+    out = bytearray()
+    end = None
+    start = at
+    while True:
+        if at >= len(data):
+            raise DnsError('a name runs past the end of the message')
+        size = data[at]
+        if size >= 0xC0:
+            if at + 1 >= len(data):
+                raise DnsError('a name runs past the end of the message')
+            target = (size & 0x3F) << 8 | data[at + 1]
+            if target >= start:
+                raise DnsError('a compression pointer that does not point back')
+            if end is None:
+                end = at + 2
+            at = start = target
+            continue
+        if size > 63:
+            raise DnsError('a label of a reserved type (0x%02x)' % size)
+        if at + 1 + size > len(data):
+            raise DnsError('a name runs past the end of the message')
+        out += data[at:at + 1 + size]
+        at += 1 + size
+        if len(out) > 255:
+            raise DnsError('a name longer than 255 octets')
+        if size == 0:
+            return bytes(out).lower(), at if end is None else end
+
+
+def _read_record(data, at):
+    name, at = read_dns_name(data, at)
+    if at + 10 > len(data):
+        raise DnsError('a record runs past the end of the message')
+    rtype, rclass, ttl, size = _RR_FIXED.unpack_from(data, at)
+    at += 10
+    end = at + size
+    if end > len(data):
+        raise DnsError('a record runs past the end of the message')
+    value = None
+    if rclass == DNS_IN and rtype in DNS_TYPES:
+        what = DNS_TYPES[rtype]
+        if rtype == DNS_A or rtype == DNS_AAAA:
+            if size != (4 if rtype == DNS_A else 16):
+                raise DnsError('an %s record of %d bytes' % (what, size))
+            value = str(ipaddress.ip_address(bytes(data[at:end])))
+        else:
+            fixed = 6 if rtype == DNS_SRV else 0
+            if size < fixed + 1:
+                raise DnsError('a %s record of %d bytes' % (what, size))
+            target, after = read_dns_name(data, at + fixed)
+            if after != end:
+                raise DnsError('a %s record whose name does not fill it' % what)
+            value = struct.unpack_from('!HHH', data, at) + (target,) if fixed else target
+    # RFC 2181 8: a TTL with the top bit set is read as zero.
+    return DnsRecord(name, rtype, ttl if ttl < 0x80000000 else 0, value), end
+
+
+def parse_dns_message(data, records=True):
+    """A DnsMessage from bytes; records False reads the header and question only
+    (a truncated answer's records may be cut short).  DnsError for anything that
+    cannot be read: counts larger than the message, records past its end, names
+    that loop... (each record takes at least 11 bytes, so a count costs at most
+    what the message's length allows)."""
+    if len(data) < 12:
+        raise DnsError('shorter than a DNS header')
+    message = DnsMessage()
+    message.id, message.flags, questions, answers, authority, additional = _HEADER.unpack_from(data)
+    at = 12
+    message.question = None
+    message.records = message.extra = ()
+    for _ in range(questions):
+        name, at = read_dns_name(data, at)
+        if at + 4 > len(data):
+            raise DnsError('a question runs past the end of the message')
+        qtype, qclass = struct.unpack_from('!HH', data, at)
+        at += 4
+        message.question = (name, qtype, qclass) if questions == 1 else None
+    if not records:
+        return message
+    sections = []
+    for count in (answers, authority, additional):
+        section = []
+        for _ in range(count):
+            record, at = _read_record(data, at)
+            section.append(record)
+        sections.append(section)
+    message.records, _, message.extra = sections
+    return message
+
+
+def dns_problem(message, query_id, qname, qtype):
+    """Why a message is not the answer to our query (None: it is)."""
+    if message.id != query_id:
+        return 'wrong ID'
+    if not message.flags & 0x8000:
+        return 'not a response'
+    if message.flags & 0x7800:
+        return 'not a standard query (opcode %d)' % (message.flags >> 11 & 0xF)
+    if message.question != (qname, qtype, DNS_IN):
+        return 'a question not ours'
+    return None
+
+
+def default_resolver(path=RESOLV_CONF):
+    """(ip, 53) of the first nameserver in resolv.conf; 127.0.0.1 when it names
+    none, as the C library does."""
+    try:
+        with open(path, 'rb') as f:
+            lines = f.read(65536).decode('ascii', 'replace').splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 2 and fields[0] == 'nameserver' and _is_ip(fields[1]):
+            return fields[1], 53
+    return '127.0.0.1', 53
+
+
+class DnsClient(object):
+    """Queries to one server (ip, port) until a deadline (time.monotonic()), each
+    within timeout.  ignored: the reason for each datagram that was not our
+    answer; tcp: the answers that came over TCP."""
+
+    def __init__(self, server, deadline, timeout=DNS_TIMEOUT):
+        infos = socket.getaddrinfo(server[0], server[1], 0, socket.SOCK_DGRAM, 0, socket.AI_NUMERICHOST)
+        self.family, self.sockaddr = infos[0][0], infos[0][4]
+        self.where = format_address(server[0], server[1])
+        self.deadline = deadline
+        self.timeout = timeout
+        self.ignored = []
+        self.tcp = 0
+
+    def ask(self, qname, qtype):
+        """The answer (DnsMessage, records read) to qname's records of qtype: over UDP,
+        then over TCP when truncated, and again without EDNS0 after a FORMERR.
+        DnsError when none comes in time."""
+        edns = True
+        while True:
+            query_id = _query_ids.getrandbits(16)
+            query = dns_query(query_id, qname, qtype, edns)
+            message = self._udp(query, query_id, qname, qtype)
+            if message.truncated:
+                self.tcp += 1
+                message = self._tcp(query, query_id, qname, qtype)
+            if message.rcode == 1 and edns:
+                edns = False        # RFC 6891 7: a server that does not know EDNS0
+                continue
+            return message
+
+    def _time_left(self, until):
+        left = min(until, self.deadline) - time.monotonic()
+        if left <= 0:
+            raise DnsError('no answer from %s within %g s' % (self.where, self.timeout), 'timeout')
+        return left
+
+    def _failed(self, error):
+        if isinstance(error, socket.timeout):
+            return DnsError('no answer from %s within %g s' % (self.where, self.timeout), 'timeout')
+        if isinstance(error, ConnectionRefusedError):
+            return DnsError('%s refused the query (nothing listens there)' % self.where, 'refused')
+        return DnsError('%s: %s' % (self.where, error_text(error.errno) if error.errno else error))
+
+    def _udp(self, query, query_id, qname, qtype):
+        until = time.monotonic() + self.timeout
+        sock = socket.socket(self.family, socket.SOCK_DGRAM)
+        try:
+            # Connected: only the server's datagrams arrive, and its port's ICMP error too.
+            sock.connect(self.sockaddr)
+            sock.send(query)
+            while True:
+                sock.settimeout(self._time_left(until))
+                data = sock.recv(65535)
+                try:
+                    message = parse_dns_message(data, records=False)
+                    problem = dns_problem(message, query_id, qname, qtype)
+                    if problem is None and not message.truncated:
+                        message = parse_dns_message(data)
+                except DnsError as e:
+                    problem = 'malformed: %s' % e
+                if problem is None:
+                    return message
+                self.ignored.append('%s from %s' % (problem, self.where))
+        except OSError as e:
+            raise self._failed(e) from None
+        finally:
+            sock.close()
+
+    def _tcp(self, query, query_id, qname, qtype):
+        until = time.monotonic() + self.timeout
+        sock = socket.socket(self.family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self._time_left(until))
+            sock.connect(self.sockaddr)
+            sock.sendall(struct.pack('!H', len(query)) + query)
+            size = struct.unpack('!H', self._read(sock, 2, until))[0]
+            data = self._read(sock, size, until)
+        except OSError as e:
+            raise self._failed(e) from None
+        finally:
+            sock.close()
+        try:
+            message = parse_dns_message(data)
+        except DnsError as e:
+            raise DnsError('a malformed answer over TCP from %s: %s' % (self.where, e)) from None
+        problem = dns_problem(message, query_id, qname, qtype)
+        if problem is not None:
+            raise DnsError('an answer over TCP from %s with %s' % (self.where, problem))
+        return message
+
+    def _read(self, sock, size, until):
+        data = bytearray()
+        while len(data) < size:
+            sock.settimeout(self._time_left(until))
+            chunk = sock.recv(size - len(data))
+            if not chunk:
+                raise DnsError('%s closed the TCP connection mid-answer' % self.where)
+            data += chunk
+        return bytes(data)
+
+    def answers(self, qname, qtype):
+        """(the records of qtype that answer qname, following the answer's CNAMEs;
+        the least TTL of those and of the CNAMEs followed, None without records;
+        the message).  An error rcode (NXDOMAIN too) is a DnsError."""
+        message = self.ask(qname, qtype)
+        if message.rcode:
+            name, kind = DNS_RCODES.get(message.rcode, ('rcode %d' % message.rcode, 'error'))
+            raise DnsError('%s for %s %s from %s' % (name, dns_name_text(qname), DNS_TYPES[qtype], self.where),
+                           kind)
+        aliases = {}
+        for record in message.records:
+            if record.type == DNS_CNAME and record.value is not None:
+                aliases.setdefault(record.name, record)
+        name, ttls = qname, []
+        for _ in range(len(aliases)):
+            alias = aliases.get(name)
+            if alias is None:
+                break
+            ttls.append(alias.ttl)
+            name = alias.value
+        found = [record for record in message.records if record.type == qtype and record.name == name
+                 and record.value is not None]
+        ttls.extend(record.ttl for record in found)
+        return found, min(ttls) if found else None, message
+
+    def addresses(self, qname):
+        """([address text], ttl) of qname's A and AAAA records; DnsError when it has none."""
+        found, ttls = [], []
+        for qtype in (DNS_A, DNS_AAAA):
+            records, ttl, _ = self.answers(qname, qtype)
+            found.extend(record.value for record in records)
+            if ttl is not None:
+                ttls.append(ttl)
+        if not found:
+            raise DnsError('no A or AAAA record for %s' % dns_name_text(qname), 'empty')
+        return found, min(ttls)
+
+    def services(self, qname, port=None):
+        """([(address, port, weight)], ttl, notes) of qname's SRV records: those of the
+        lowest priority, each target's addresses from the additional section or
+        else asked; port, if given, replaces the records'.  notes: what was left
+        out, and why.  DnsError when no target has an address."""
+        records, ttl, message = self.answers(qname, DNS_SRV)
+        shown = dns_name_text(qname)
+        if not records:
+            raise DnsError('no SRV record for %s' % shown, 'empty')
+        # RFC 2782: the target '.' means the service is decidedly not there.
+        usable = [r for r in records if r.value[3] != b'\0' and r.value[2]]
+        if not usable:
+            raise DnsError('the SRV records of %s say the service is not available (target ".")' % shown, 'empty')
+        notes = []
+        lowest = min(r.value[0] for r in usable)
+        chosen = [r for r in usable if r.value[0] == lowest]
+        if len(chosen) < len(usable):
+            notes.append('%d record(s) of a priority after %d left out' % (len(usable) - len(chosen), lowest))
+        extra = {}
+        for record in message.extra:
+            if record.type in (DNS_A, DNS_AAAA) and record.value is not None:
+                extra.setdefault(record.name, []).append(record)
+        ttls = [ttl]
+        places = {}     # target -> its addresses
+        for record in chosen:
+            target = record.value[3]
+            if target in places:
+                continue
+            if len(places) >= MAX_DISCOVERED:
+                notes.append('targets past the first %d left out' % MAX_DISCOVERED)
+                break
+            if target in extra:
+                places[target] = [r.value for r in extra[target]]
+                ttls.extend(r.ttl for r in extra[target])
+                continue
+            try:
+                places[target], target_ttl = self.addresses(target)
+                ttls.append(target_ttl)
+            except DnsError as e:
+                if e.kind not in ('nxdomain', 'empty'):
+                    raise       # a failure to ask is no answer: the last good one stays
+                places[target] = []
+                notes.append('target %s left out: %s' % (dns_name_text(target), e))
+        weights = srv_weights([r.value[1] for r in chosen])
+        found = [(address, port or r.value[2], weight) for r, weight in zip(chosen, weights)
+                 for address in places.get(r.value[3], ())]
+        if not found:
+            raise DnsError('no target of the SRV records of %s has an address' % shown, 'empty')
+        return found, min(ttls), notes
+
+
+def srv_weights(weights):
+    """SRV weights (0-65535) as host weights (1-1000), in the same proportions where
+    they fit: weight 0 (RFC 2782: picked very rarely) is the least, 1."""
+    top = max(weights)
+    if top <= 1000:
+        return [max(1, w) for w in weights]
+    return [max(1, int(round(w * 1000.0 / top))) for w in weights]
+
+
+class DnsAnswer(object):
+    """What one discovery found: backends [(address, port, weight)], each address
+    and port once, in address order; ttl (seconds, the least of the records
+    used); or error, a DnsError.  server: the server asked ('ip:port'); ignored:
+    a reason per datagram ignored; tcp: answers that came over TCP; notes: what
+    was left out of the answer, and why."""
+
+    def __init__(self):
+        self.backends = []
+        self.ttl = None
+        self.error = None
+        self.server = None
+        self.ignored = []
+        self.tcp = 0
+        self.notes = []
+
+
+def discover_hosts(discover, resolv_conf=RESOLV_CONF):
+    """Ask DNS what a <discover> finds now: a DnsAnswer.  Blocking, within DNS_DEADLINE."""
+    answer = DnsAnswer()
+    try:
+        server = resolver_address(discover.resolver) if discover.resolver else default_resolver(resolv_conf)
+        answer.server = format_address(*server)
+        client = DnsClient(server, time.monotonic() + DNS_DEADLINE)
+    except (ValueError, OSError) as e:
+        answer.error = DnsError('cannot ask %s: %s' % (answer.server or discover.resolver, e))
+        return answer
+    try:
+        qname = dns_name(discover.name)
+        if discover.type == 'a':
+            addresses, answer.ttl = client.addresses(qname)
+            found = [(address, discover.port, 1) for address in addresses]
+        else:
+            found, answer.ttl, answer.notes = client.services(qname, discover.port)
+        unique = collections.OrderedDict()
+        for address, port, weight in found:
+            unique.setdefault((address, port), weight)
+        answer.backends = sorted(((a, p, w) for (a, p), w in unique.items()),
+                                 key=lambda b: (ipaddress.ip_address(b[0]).version, ipaddress.ip_address(b[0]), b[1]))
+    except DnsError as e:
+        answer.error = e
+    except ValueError as e:     # a name that cannot go on the wire: the config reader lets none through
+        answer.error = DnsError(str(e))
+    answer.ignored = client.ignored
+    answer.tcp = client.tcp
+    return answer
+
+
 # ---------------------------------------------------------------------------
 # systemd: readiness, reloads, the stop and the watchdog, told to a Type=notify unit.
 # ---------------------------------------------------------------------------
@@ -5405,6 +5977,247 @@ class Switch(object):
     def snapshot(self):
         return {'from': self.from_group.name, 'to': self.to_group.name,
                 'drain_until': self.drain_until, 'rollback_until': self.rollback_until}
+class DiscoverState(object):
+    """One <discover> of a running group: key (service name, group name, the
+    discover's key), its config, when it is asked next, and what it found."""
+
+    def __init__(self, key, config):
+        self.key = key
+        self.config = config
+        self.timer = None
+        self.next_query = None      # epoch of the next query; None while one runs, or never
+        self.server = None          # 'ip:port' last asked
+        self.answered = None        # epoch of the last good answer
+        self.ttl = None             # that answer's TTL, as the server gave it
+        self.found = 0              # backends in it, before any were left out
+        self.left_out = 0           # over MAX_DISCOVERED
+        self.notes = []             # what else it left out, and why
+        self.failing = False        # the last query failed
+        self.error = None           # the last failure's reason (kept once answered again)
+        self.error_time = None
+        self.answers = 0
+        self.failures = collections.Counter()   # by kind (DNS_FAILURES)
+        self.ignored = 0            # datagrams that were not the answer (wrong ID or question, malformed)
+        self.tcp = 0                # answers that came over TCP, the UDP one being truncated
+
+    def carry(self, other):
+        """A changed discover: the counts go on, the answer goes with the old config."""
+        self.answers, self.failures, self.ignored, self.tcp = other.answers, other.failures, other.ignored, other.tcp
+
+    def where(self):
+        return 'discover %s in %s/%s' % (self.config.name, self.key[0], self.key[1])
+
+
+class Discovery(object):
+    """The <discover> elements of the running groups: hosts from DNS (see the DNS
+    section).  Each is asked in a manager thread (discover_hosts), when its last
+    answer's TTL has run out, clamped to [min_ttl, max_ttl], or its interval after
+    a failure; each answer is applied on the loop by Actions.set_discovered, which
+    a master replays in its workers.  Only a process that runs the manager asks
+    (Director.start): a worker's hosts from DNS come from its master, as the
+    discovered sets (sets, restore) in its config and reload messages and as
+    replayed set_discovered calls."""
+
+    def __init__(self, director):
+        self.director = director
+        self.loop = director.loop
+        self.states = collections.OrderedDict()
+        self.asking = False
+
+    def start(self):
+        self.asking = True
+        for state in self.states.values():
+            self.schedule(state, 0)
+
+    def stop(self):
+        self.asking = False
+        for state in self.states.values():
+            self._cancel(state)
+
+    def _cancel(self, state):
+        if state.timer is not None:
+            state.timer.cancel()
+            state.timer = None
+        state.next_query = None
+
+    def sync(self):
+        """A state for each <discover> of the running groups: kept where it did not
+        change, new (and asked at once) where it is new or changed.  Hosts of a
+        discover gone are removed.  At start, after a reload or a group deleted;
+        returns what changed, in words, for the reload's line."""
+        director = self.director
+        old, self.states = self.states, collections.OrderedDict()
+        changes = []
+        for service in director.services.values():
+            for group in service.groups.values():
+                keys = set()
+                for config in group.config.discovers:
+                    key = (service.name, group.name, config.key)
+                    keys.add(config.key)
+                    state = old.pop(key, None)
+                    if state is not None and state.config.xml_attrs() == config.xml_attrs():
+                        self.states[key] = state
+                        continue
+                    new = self.states[key] = DiscoverState(key, config)
+                    if state is not None:
+                        new.carry(state)
+                        self._cancel(state)
+                    changes.append('%sdiscover %s/%s' % ('+' if state is None else '', group.name, config.name))
+                    if self.asking:
+                        self.schedule(new, 0)
+                for host in [h for h in group.scheduler.hosts if h.config.discovered not in keys | {None}]:
+                    director.remove_host(service, group, host)
+        for state in old.values():
+            self._cancel(state)
+            changes.append('-discover %s/%s' % (state.key[1], state.config.name))
+        return changes
+
+    def schedule(self, state, delay):
+        self._cancel(state)
+        state.next_query = time.time() + delay
+        state.timer = self.loop.call_later(delay, self.ask, state)
+
+    def ask(self, state):
+        state.timer = None
+        state.next_query = None
+        if self.asking and self.states.get(state.key) is state:
+            self.director.manager.submit(self._resolve, state)
+
+    def _resolve(self, state):
+        """In a manager thread: ask, and hand the answer to the loop."""
+        try:
+            answer = discover_hosts(state.config)
+        except Exception as e:      # a bug here must not end discovery for good
+            log.exception('%s failed unexpectedly', state.where())
+            answer = DnsAnswer()
+            answer.error = DnsError('discovery error: %s' % e)
+        self.loop.call_soon_threadsafe(self.answered, state, answer)
+
+    def answered(self, state, answer):
+        """On the loop: what discover_hosts found for state, made the group's hosts."""
+        director = self.director
+        if not self.asking or self.states.get(state.key) is not state:
+            return      # stopping, or the discover changed or went while it was asked
+        service = director.services.get(state.key[0])
+        group = service.groups.get(state.key[1]) if service is not None else None
+        if group is None:
+            return
+        config = state.config
+        where = state.where()
+        state.server = answer.server
+        state.ignored += len(answer.ignored)
+        state.tcp += answer.tcp
+        if answer.ignored:
+            # One line per query, however many datagrams: a flood of forgeries is one line.
+            log.warning('%s: ignored %d DNS message(s) that were not the answer: %s', where,
+                        len(answer.ignored), '; '.join(answer.ignored[:3]) + ('...' if len(answer.ignored) > 3 else ''))
+        if answer.error is not None:
+            self.failed(state, service, group, answer.error)
+            self.schedule(state, config.interval)
+            return
+        if state.failing:
+            log.info('%s answers again (ttl %d s)', where, answer.ttl)
+        state.failing = False
+        state.answers += 1
+        state.answered = time.time()
+        state.ttl = answer.ttl
+        state.notes = answer.notes
+        state.found = len(answer.backends)
+        backends = self.room(state, group, answer.backends)
+        held = dict((h.ip, h.weight) for h in self.hosts_of(group, config.key))
+        if dict(map(tuple, backends)) != held:     # the same answer again changes nothing, and tells no worker
+            director.set_discovered(service.name, group.name, config.key, backends)
+        self.schedule(state, min(max(answer.ttl, config.min_ttl), config.max_ttl))
+
+    def failed(self, state, service, group, error):
+        """A query that got no usable answer: keep="last" keeps the hosts, "empty" removes them."""
+        config = state.config
+        repeated = state.failing and state.error == str(error)
+        state.failing = True
+        state.error, state.error_time = str(error), time.time()
+        state.failures[error.kind] += 1
+        hosts = len(self.hosts_of(group, config.key))
+        if config.keep == 'empty' and hosts:
+            self.director.set_discovered(service.name, group.name, config.key, [])
+            what = 'keep="empty": removed its %d host(s)' % hosts
+        elif state.answers:
+            what = 'keeping the %d host(s) of its last answer' % hosts
+        else:
+            what = 'no hosts from it yet'
+        # Said once, and again when the reason changes; counted every time.
+        log.log(logging.DEBUG if repeated and not (config.keep == 'empty' and hosts) else logging.WARNING,
+                '%s failed (%s): %s; %s', state.where(), error.kind, error, what)
+
+    def room(self, state, group, backends):
+        """The backends as set_discovered takes them ([['ip:port', weight]]): not those
+        whose address another host of the group holds (a <host>, another discover's),
+        and at most what the group has room for: MAX_DISCOVERED less what its other
+        discovers hold.  Those it holds already come first, so a cut does not churn."""
+        key = state.config.key
+        others = sum(1 for h in group.scheduler.hosts if h.config.discovered not in (None, key))
+        room = max(0, MAX_DISCOVERED - others)
+        found = []
+        for address, port, weight in backends:
+            holder = group.addresses.get(address_key(address, port))
+            if holder is None or holder.config.discovered == key:
+                found.append([format_address(address, port), weight])
+        left_out = max(0, len(found) - room)
+        if left_out:
+            held = set(h.ip for h in self.hosts_of(group, key))
+            found.sort(key=lambda b: b[0] not in held)
+            found = found[:room]
+        if left_out != state.left_out:
+            if left_out:
+                log.warning('%s: %d backend(s), more than the group has room for (%d in all from DNS): '
+                            '%d left out', state.where(), len(backends), MAX_DISCOVERED, left_out)
+            state.left_out = left_out
+        return found
+
+    def hosts_of(self, group, key):
+        return [h for h in group.scheduler.hosts if h.config.discovered == key]
+
+    def snapshot(self, service, group):
+        """The discovers of a group, for the pages."""
+        found = []
+        for config in group.config.discovers:
+            state = self.states.get((service.name, group.name, config.key))
+            if state is None:
+                continue
+            failures = dict.fromkeys(DNS_FAILURES, 0)
+            failures.update(state.failures)
+            found.append({
+                'name': config.name, 'type': config.type, 'port': config.port, 'keep': config.keep,
+                'resolver': config.resolver, 'server': state.server,
+                'hosts': len(self.hosts_of(group, config.key)), 'found': state.found,
+                'left_out': state.left_out, 'notes': list(state.notes),
+                'last_answer': state.answered, 'ttl': state.ttl, 'next_query': state.next_query,
+                'failing': state.failing, 'last_error': state.error, 'last_error_time': state.error_time,
+                'answers': state.answers, 'failures': failures, 'ignored': state.ignored, 'tcp': state.tcp,
+            })
+        return found
+
+    def sets(self):
+        """[[service, group, discover key, backends]] of the hosts from DNS, for a worker."""
+        found = []
+        for service in self.director.services.values():
+            for group in service.groups.values():
+                for config in group.config.discovers:
+                    found.append([service.name, group.name, config.key,
+                                  [[h.ip, h.weight] for h in self.hosts_of(group, config.key)]])
+        return found
+
+    def restore(self, sets):
+        """In a worker: the hosts from DNS as its master has them (sets), every
+        discover's (one not in sets has none)."""
+        given = dict(((s, g, d), backends) for s, g, d, backends in sets)
+        director = self.director
+        for service in director.services.values():
+            for group in service.groups.values():
+                for config in group.config.discovers:
+                    director.apply_discovered(service, group, config.key,
+                                              given.get((service.name, group.name, config.key), []))
+
+
 class Reload(object):
     """Bring the running services in line with a new Config, read and checked
     off the loop (Director.reload); this part runs on the loop.
@@ -5465,6 +6278,7 @@ class Reload(object):
             else:
                 listener.close()
         director.services = services
+        changes.extend(director.discovery.sync())
         self._rest(diff)
         director.config = new
         director.loaded_xml = new.to_xml()
@@ -5546,6 +6360,11 @@ class Reload(object):
         for host_config in config.hosts:
             name = host_config.name
             if name in added:
+                # A host of the file comes before one from DNS with its name or address.
+                key = address_key(host_config.host, host_config.port)
+                for taken in (scheduler.get_host(name), group.addresses.get(key)):
+                    if taken is not None and taken.config.discovered and scheduler.get_host(taken.name) is taken:
+                        director.remove_host(service, group, taken)
                 director.add_running_host(service, group, host_config, resolve_names=False)
                 changes.append('host %s ip %s' % (name, host_config.ip) if name in moved else '+host %s' % name)
             elif name in changed:
@@ -5560,8 +6379,9 @@ class Reload(object):
                                       backup=host_config.backup)
                 host.send_proxy = host_config.send_proxy
         if diff.reordered or added:
-            # The file's order is the scheduler's order (roundrobin ties, leastconns ties).
-            scheduler.reorder([h.name for h in config.hosts])
+            # The file's order is the scheduler's order (roundrobin ties, leastconns ties); hosts from DNS after.
+            scheduler.reorder([h.name for h in config.hosts] +
+                              [h.name for h in scheduler.hosts if h.config.discovered is not None])
         return changes
 
     def _retire_service(self, service):
@@ -5682,6 +6502,15 @@ class Actions(object):
             raise AdminError(409, 'refusing to remove the last host of the enabled group %s' % group.name)
         self.remove_host(service, group, host)
         return 'removed host %s (%s) from %s/%s' % (host.name, host.ip, service.name, group.name)
+
+    @replayed
+    def set_discovered(self, service, group, discover, backends):
+        """What a <discover> found (Discovery, on the master), made the group's hosts
+        from it by apply_discovered; a worker makes the same change when replayed."""
+        service, group = self._group(service, group)
+        added, removed = self.apply_discovered(service, group, discover, backends)
+        return 'discover %s in %s/%s: %d added, %d removed' % (discover, service.name, group.name,
+                                                              len(added), len(removed))
 
     @replayed
     def del_all_hosts(self, service, group):
@@ -5857,6 +6686,7 @@ class Actions(object):
         for host in list(group.scheduler.hosts):
             self.health.forget(host)
         del service.groups[group.name]
+        self.discovery.sync()
         log.info('service %s: group %s deleted', service.name, group.name)
         return 'deleted group %s from service %s' % (group.name, service.name)
 
@@ -5912,9 +6742,11 @@ class Actions(object):
                         'bytes_in': host.bytes_in, 'bytes_out': host.bytes_out,
                         'send_proxy': host.send_proxy, 'timeline': timeline,
                         'next_probe': health.next_probe(service, host), 'state_changes': changes,
+                        'discovered': host.config.discovered,
                     })
                 groups.append({'name': group.name, 'scheduler': group.scheduler.spec,
-                               'enabled': group is service.enabled, 'hosts': hosts})
+                               'enabled': group is service.enabled, 'hosts': hosts,
+                               'discover': self.discovery.snapshot(service, group)})
             services.append({
                 'name': service.name, 'listen': [l.text for l in service.config.listens],
                 'listens': [{'ip': l.text, 'sni': l.sni, 'accept_proxy': l.accept_proxy}
@@ -6005,7 +6837,7 @@ class Actions(object):
         if chosen is None:
             answer = {'service': None, 'group': None, 'client': client_ip, 'allowed': False,
                       'scheduler': None, 'host': None, 'address': None, 'reason': routing['sni_reason'],
-                      'sticky': None, 'ranking': None, 'skipped': [], 'check': None, 'ramping': []}
+                      'sticky': None, 'ranking': None, 'skipped': [], 'check': None, 'ramping': [], 'from_dns': {}}
         else:
             answer = self._explain_service(chosen, client_ip)
         answer.update(routing)
@@ -6069,6 +6901,9 @@ class Actions(object):
         if host is not None:
             answer['host'] = host.name
             answer['address'] = host.ip
+        # Which hosts came from DNS, and from which <discover>.
+        answer['from_dns'] = dict((h.name, h.config.discovered) for h in scheduler.hosts
+                                  if h.config.discovered is not None)
         if not allowed:
             answer['reason'] = 'denied by the allow/deny rules of service %s (would be: %s)' % (
                 service.name, answer['reason'])
@@ -6086,7 +6921,8 @@ class Actions(object):
             for group in service.groups.values():
                 config = copy.copy(group.config)
                 config.scheduler = group.scheduler.spec
-                config.hosts = [host.config for host in group.scheduler.hosts]
+                # A <discover> is written, not the hosts it found (they are the DNS's).
+                config.hosts = [host.config for host in group.scheduler.hosts if host.config.discovered is None]
                 groups.append(config)
             config = copy.copy(service.config)
             config.groups = groups
@@ -6130,6 +6966,7 @@ class Director(Actions):
         self.pairs = set()
         self.hellos = set()       # TLSHelloReaders: clients of listens with sni, before their service
         self.health = Health(self)
+        self.discovery = Discovery(self)
         self.access = AccessLog(self.loop)
         self.access.enabled = config.logging.access
         self.manager = None
@@ -6147,6 +6984,7 @@ class Director(Actions):
         self.epoch_offset = time.time() - time.monotonic()   # loop time -> wall time, for pages
         for service_config in config.services:
             self.build_service(service_config, resolve_names=resolve_names)
+        self.discovery.sync()
 
     # -- building ---------------------------------------------------------
 
@@ -6190,8 +7028,14 @@ class Director(Actions):
             self.health.watch(service, group, host)
         return group
 
-    def add_running_host(self, service, group, config, resolve_names):
+    def add_running_host(self, service, group, config, resolve_names, checked_first=False):
+        """checked_first: the host is down until its health checks pass (a host from DNS
+        in a service with a <check>)."""
         host = self.running_host(config, resolve_names)
+        if checked_first and host.health == schedulers.UP:
+            host.health = schedulers.DOWN
+            host.reason = 'new from DNS, not checked yet'
+            host.since = time.time()
         group.scheduler.add_host(host)
         group.addresses[address_key(config.host, config.port)] = host
         self.health.watch(service, group, host)
@@ -6200,10 +7044,53 @@ class Director(Actions):
     def remove_host(self, service, group, host):
         # Open connections keep their Host object and finish; the scheduler just stops offering it.
         group.scheduler.remove_host(host.name)
-        group.addresses.pop(address_key(*parse_address(host.ip)), None)
+        key = address_key(*parse_address(host.ip))
+        if group.addresses.get(key) is host:    # not a host of the file that took its address
+            del group.addresses[key]
         self.health.forget(host)
         log.info('host %s (%s) removed from %s/%s (%d connection(s) left to finish)',
                  host.name, host.ip, service.name, group.name, host.open)
+
+    def apply_discovered(self, service, group, discover, backends):
+        """Make group's hosts from a <discover> (its key) these: [['ip:port', weight]].
+        A host from DNS is known by its address and port, which its name says
+        (discover-address-port): one that stays keeps its health, admin state and
+        counters (its weight follows the answer); one gone is removed as a reload
+        removes a host (no new clients, its connections finish); a new one is down
+        until its health checks pass if the service has a <check>.  An address or
+        name another host of the group holds (one of the file) is left to it.
+        Returns (names added, names removed)."""
+        scheduler = group.scheduler
+        mine = collections.OrderedDict((h.name, h) for h in scheduler.hosts if h.config.discovered == discover)
+        wanted = collections.OrderedDict()
+        for ip, weight in backends:
+            host, port = parse_address(ip)
+            wanted['%s-%s-%d' % (discover, host, port)] = (ip, weight)
+        removed = []
+        for name, host in mine.items():
+            if name not in wanted or group.addresses.get(address_key(host.config.host, host.config.port)) is not host:
+                self.remove_host(service, group, host)
+                removed.append(name)
+        added = []
+        for name, (ip, weight) in wanted.items():
+            host = scheduler.get_host(name)
+            if host is not None:
+                if host.config.discovered == discover and host.weight != weight:
+                    host.config = Host(name=name, ip=ip, weight=weight, discovered=discover)
+                    scheduler.update_host(host, weight=weight)
+                continue
+            config = Host(name=name, ip=ip, weight=weight, discovered=discover)
+            if address_key(config.host, config.port) not in group.addresses:
+                self.add_running_host(service, group, config, False, checked_first=service.check is not None)
+                added.append(name)
+        if added or removed:
+            shown = ['+' + n for n in added[:5]] + ['-' + n for n in removed[:5]]
+            more = len(added) + len(removed) - len(shown)
+            # A worker's are its master's: said there.
+            log.log(logging.DEBUG if self.health.quiet else logging.INFO, 'discover %s in %s/%s: %d host(s) from '
+                    'DNS: %s%s', discover, service.name, group.name, len(wanted), ', '.join(shown),
+                    ' and %d more' % more if more else '')
+        return added, removed
 
     # -- starting and stopping ---------------------------------------------
 
@@ -7382,6 +8269,7 @@ class Worker(object):
         try:
             director.listen_sockets = listen_sockets(message['listens'], fds)
             director.apply_reload(parse_config(message['xml'], message['path']))
+            director.discovery.restore(message['discovered'])
         finally:
             for sock in director.listen_sockets.values():
                 sock.close()
@@ -7505,6 +8393,7 @@ def run_worker(channel_fd, verbose=False):
     fd, size = first['counters']
     director.shared = WorkerCounts(director, SharedCounters(fd, first['workers'] + 1, first['worker'] - 1, size))
     worker = Worker(director, sock, first, inbox, fds)
+    director.discovery.restore(first['discovered'])     # the hosts from DNS, before their states
     apply_host_states(director, first['hosts'])
     now = time.monotonic()
     for service_name, group_name, client_ip, host_name, age in first['sticky']:
@@ -7673,7 +8562,7 @@ class Master(object):
             'xml': self.director.running_xml(), 'path': self.director.config.path,
             'listens': listens, 'counters': [self.shared.fd, self.shared.size],
             'slots': self.slot_entries(self.slot_of), 'hosts': self.host_states(),
-            'sticky': self.sticky_entries()})
+            'sticky': self.sticky_entries(), 'discovered': self.director.discovery.sets()})
 
     def on_message(self, worker, message):
         kind = message.get('t')
@@ -7836,6 +8725,7 @@ class Master(object):
         """A reload to the running config, sending the sockets of these listeners."""
         return {'t': 'reload', 'xml': self.director.running_xml(), 'path': self.director.config.path,
                 'generation': self.generation, 'hosts': self.host_states(),
+                'discovered': self.director.discovery.sets(),
                 'listens': [[l.listen.host, l.listen.port, l.sock.family, None] for l in listeners]}
 
     def repair(self, worker, failed):
@@ -8152,6 +9042,9 @@ def summary(config):
             for host in group.hosts:
                 lines.append('    host %s %s%s' % (host.name, host.ip,
                                                    extra(shown_attrs(host, skip=('name', 'ip')), ' ', '', ' ')))
+            for discover in group.discovers:
+                lines.append('    discover %s: %s' % (discover.name, ', '.join(
+                    shown_attrs(discover, skip=('name',), every=True))))
     if config.admin:
         lines.append('admin: listen %s%s; %d user(s)' % (
             config.admin.listen, extra(shown_attrs(config.admin, skip=('listen',))), len(config.admin.users)))

@@ -1692,6 +1692,8 @@ def render_group(service, group, now, can_change):
                % ('<th>actions</th>' if can_change else ''))
     for host in group['hosts']:
         address = e(host['ip'])
+        if host.get('discovered'):
+            address += ' <span class="note">(from DNS: %s)</span>' % e(host['discovered'])
         if host.get('send_proxy'):
             address += ' <span class="note">(sends PROXY %s)</span>' % e(host['send_proxy'])
         if host.get('backup'):
@@ -1723,6 +1725,8 @@ def render_group(service, group, now, can_change):
     if not group['hosts']:
         out.append('<tr><td colspan="%d" class="note">no hosts</td></tr>' % (11 if can_change else 10))
     out.append('</table>')
+    if group.get('discover'):
+        out.extend(render_discover(group['discover'], now))
     if can_change:
         out.append('<p>%s</p>' % form('addHost', sg, 'add host',
                                       '<input name="name" placeholder="name" size="12" aria-label="host name"> '
@@ -1734,6 +1738,38 @@ def render_group(service, group, now, can_change):
                                       '<option value="">no PROXY header</option><option>v1</option>'
                                       '<option>v2</option></select> '
                                       '<label><input type="checkbox" name="backup" value="on"> backup</label> '))
+    return out
+
+
+def render_discover(discovers, now):
+    """A group's <discover> elements: what each last found, and how its queries went."""
+    e = html.escape
+    out = ['<table><tr><th>from DNS</th><th>server</th><th>hosts</th><th>last answer</th><th>TTL</th>'
+           '<th>next query</th><th>last error</th><th>answers</th><th>failures</th><th>ignored</th></tr>']
+    for d in discovers:
+        name = '%s <span class="note">(%s%s, keep %s)</span>' % (
+            e(d['name']), e(d['type'].upper()), ' port %d' % d['port'] if d['port'] else '', e(d['keep']))
+        hosts = '%d' % d['hosts']
+        if d['left_out'] or d['notes']:
+            hosts += '<br><span class="note">%s</span>' % e('; '.join(
+                (['%d left out: a group holds %d from DNS' % (d['left_out'], pydirector.MAX_DISCOVERED)]
+                 if d['left_out'] else []) + d['notes']))
+        if d['last_answer'] is None:
+            answered = '<span class="note">none yet</span>'
+        else:
+            answered = '%s (%s ago)' % (e(when(d['last_answer'])), e(duration(now - d['last_answer'])))
+        error = '-'
+        if d['last_error']:
+            error = '<span class="%s">%s</span><br><span class="note">%s</span>' % (
+                'down' if d['failing'] else 'note', e(d['last_error']), e(when(d['last_error_time'])))
+        failures = ', '.join('%s %d' % (kind, n) for kind, n in sorted(d['failures'].items()) if n) or '0'
+        cells = [name, e(d['server'] or d['resolver'] or 'resolv.conf'), hosts, answered,
+                 '-' if d['ttl'] is None else '%d s' % d['ttl'],
+                 '-' if d['next_query'] is None else 'in %s' % e(duration(d['next_query'] - now)),
+                 error, '%d' % d['answers'], e(failures),
+                 '%d%s' % (d['ignored'], ' (%d over TCP)' % d['tcp'] if d['tcp'] else '')]
+        out.append('<tr>%s</tr>' % ''.join('<td>%s</td>' % cell for cell in cells))
+    out.append('</table>')
     return out
 
 
@@ -1966,7 +2002,7 @@ def render_explain(info):
     if info.get('host') is None:
         lines.append('host: none')
     elif allowed:
-        lines.append('host: %s %s' % (t(info['host']), t(info.get('address') or '-')))
+        lines.append('host: %s %s%s' % (t(info['host']), t(info.get('address') or '-'), from_dns(info, info['host'])))
     else:
         lines.append('host: none (if allowed: %s %s)' % (t(info['host']), t(info.get('address') or '-')))
     if info.get('reason'):
@@ -1986,13 +2022,22 @@ def render_explain(info):
         lines.append('ranking: %s' % ', '.join('%s %s' % (t(name), explain_number(score))
                                                for name, score in info['ranking']))
     for name, why in info.get('skipped') or ():
-        lines.append('skipped: %s (%s)' % (t(name), t(why)))
+        lines.append('skipped: %s (%s)%s' % (t(name), t(why), from_dns(info, name)))
     if not info.get('skipped'):
         lines.append('skipped: none')
     for name, effective, weight, left in info.get('ramping') or ():
         lines.append('slow start: %s at effective weight %s of %s, %s s left' % (
             t(name), explain_number(effective), weight, explain_number(round(left, 1))))
+    discovered = collections.Counter((info.get('from_dns') or {}).values())
+    for discover, count in sorted(discovered.items()):
+        lines.append('from DNS: %d host(s) of the group from discover %s' % (count, t(discover)))
     return ''.join(line + '\n' for line in lines)
+
+
+def from_dns(info, host):
+    """' (from DNS: NAME)' for a host a <discover> found, else ''."""
+    discover = (info.get('from_dns') or {}).get(host)
+    return ' (from DNS: %s)' % escape_text(discover) if discover else ''
 
 
 def metric_label(value):
@@ -2063,6 +2108,25 @@ HOST_METRICS = [
 ]
 
 
+# One sample per <discover> (labels service, group, discover); failures one per reason.
+DISCOVER_METRICS = [
+    ('pydirector_discover_hosts', 'gauge', 'Hosts of the group that came from this DNS name.',
+     lambda d: d['hosts']),
+    ('pydirector_discover_failing', 'gauge', '1 if the last query of the name failed, else 0.',
+     lambda d: 1 if d['failing'] else 0),
+    ('pydirector_discover_answers_total', 'counter', 'Good answers to the queries of the name.',
+     lambda d: d['answers']),
+    ('pydirector_discover_failures_total', 'counter',
+     'Queries of the name that failed, by reason: timeout, refused, servfail, nxdomain, empty, error.', None),
+    ('pydirector_discover_ignored_total', 'counter',
+     'DNS messages ignored as not the answer: a wrong ID or question, or malformed.', lambda d: d['ignored']),
+    ('pydirector_discover_ttl_seconds', 'gauge', 'The TTL of the last good answer.', lambda d: d['ttl']),
+    ('pydirector_discover_last_answer_timestamp_seconds', 'gauge',
+     'When the last good answer came, in seconds since the epoch.',
+     lambda d: None if d['last_answer'] is None else float(d['last_answer'])),
+]
+
+
 def render_metrics(snapshot):
     """Prometheus text exposition format 0.0.4: each family's HELP and TYPE, then its samples."""
     out = []
@@ -2114,6 +2178,21 @@ def render_metrics(snapshot):
             continue
         family(name, kind, help_text)
         out.extend(samples)
+    discovers = [(service, group, d) for service in services for group in service['groups']
+                 for d in group.get('discover') or ()]
+    for name, kind, help_text, value in DISCOVER_METRICS:
+        if discovers:
+            family(name, kind, help_text)
+        for service, group, d in discovers:
+            labels = [('service', service['name']), ('group', group['name']), ('discover', d['name'])]
+            if name == 'pydirector_discover_failures_total':
+                for reason, count in sorted(d['failures'].items()):
+                    out.append('%s%s %d' % (name, metric_labels(labels + [('reason', reason)]), count))
+                continue
+            number = value(d)
+            if number is not None:
+                out.append('%s%s %s' % (name, metric_labels(labels), '%.3f' % number if isinstance(number, float)
+                                        else '%d' % number))
     workers = snapshot.get('workers') or []
     for name, kind, help_text, key in WORKER_METRICS:
         if workers:
@@ -2268,7 +2347,8 @@ def plan_service(name, diff, build, switch, after, problem, drain, rollback):
             build.append(Step('newGroup', [('service', name), ('group', group_name),
                                            ('scheduler', group.get('scheduler'))]))
             build.extend(add_host_step(name, group_name, host) for host in hosts)
-            for key, text in attribute_changes(ElementTree.Element('group'), group, skip=('name', 'scheduler')):
+            for key, text in (attribute_changes(ElementTree.Element('group'), group, skip=('name', 'scheduler')) +
+                              pydirector.element_changes(ElementTree.Element('group'), group, ('host',))):
                 problem('%s: %s' % (where, text))
             continue
         gd = diff.groups[group_name]

@@ -670,7 +670,7 @@ BAD = [
     ('<pdconfig>\n</pdconfig>', 'x.xml:1: <pdconfig> has no <service>'),
     ('<pdconfig bogus="1">\n</pdconfig>', "x.xml:1: <pdconfig> has unknown attribute 'bogus' (known: drain, group, user, worker_timeout, workers)"),
     (HEAD + '<group name="main" scheduler="roundrobin">\n<hots ip="10.0.0.1:80"/>\n</group>\n' + TAIL,
-     'x.xml:5: unknown element <hots> in <group> (expected: host)'),
+     'x.xml:5: unknown element <hots> in <group> (expected: discover, host)'),
     (HEAD + '<grup name="main"/>\n' + TAIL,
      'x.xml:4: unknown element <grup> in <service> (expected: allow, check, deny, enable, group, listen, timeouts)'),
     (HEAD + '<group name="main" scheduler="roundrobin">\n<host ip="10.0.0.1:80"><x/></host>\n</group>\n' + TAIL,

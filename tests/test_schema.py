@@ -46,6 +46,7 @@ def full_config(listen=None):
             '    <deny%s/>\n' % attrs('deny') +
             '    <group%s>\n' % attrs('group') +
             '      <host%s/>\n' % attrs('host') +
+            '      <discover%s/>\n' % attrs('discover') +
             '    </group>\n' +
             '    <enable%s/>\n' % attrs('enable') +
             '    <check%s/>\n' % attrs('check') +
@@ -119,7 +120,8 @@ class SchemaTest(unittest.TestCase):
         config = pydirector.parse_config(full_config(), 'full.xml')
         service = config.services[0]
         objects = {'pdconfig': config, 'service': service, 'listen': service.listens[0],
-                   'group': service.groups[0], 'host': service.groups[0].hosts[0], 'check': service.check,
+                   'group': service.groups[0], 'host': service.groups[0].hosts[0],
+                   'discover': service.groups[0].discovers[0], 'check': service.check,
                    'timeouts': service.timeouts, 'admin': config.admin, 'user': config.admin.users[0],
                    'logging': config.logging}
         for tag, obj in objects.items():
