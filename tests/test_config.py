@@ -8,6 +8,7 @@ import tempfile
 import unittest
 import warnings
 
+import support  # noqa: F401  (puts the repository on sys.path, run alone too)
 import pydirector
 from pydirector import (
     DEFAULT_CHECK, Check, Config, ConfigError, Host, Service, Group, Listen, Logging, Timeouts,
