@@ -3202,7 +3202,7 @@ class Listener(object):
     def add_to_loop(self):
         # EPOLLEXCLUSIVE (Linux 4.5+): of the workers waiting on a shared listening
         # socket, a new client wakes one, not every one (the thundering herd).
-        self.loop.add(self.fd, EVENT_READ | (LISTEN_EXCLUSIVE if self.director.workers_share else 0),
+        self.loop.add(self.fd, EVENT_READ | (LISTEN_EXCLUSIVE if self.director.worker is not None else 0),
                       self._on_readable)
 
     def __repr__(self):
@@ -3239,7 +3239,14 @@ class Listener(object):
             if self.paused:
                 self.paused = False
                 log.info('listen %s: accepting again', self.text)
-            on_accept(self, new_socket(family, SOCK_STREAM, 0, fd), client_addr)
+            client_sock = new_socket(family, SOCK_STREAM, 0, fd)
+            client_sock.setblocking(False)
+            if not NODELAY_INHERITED:
+                try:
+                    client_sock.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
+                except OSError:
+                    pass
+            on_accept(self, client_sock, client_addr)
 
     def pause(self, err):
         """Out of fds: a pending client stays queued and would wake us forever; look again shortly."""
@@ -3569,16 +3576,16 @@ class Pair(object):
     def wait_in_queue(self):
         service = self.service
         queue = service.queue
-        shared = self.director.shared
-        if len(queue) >= QUEUE_LIMIT if shared is None else shared.queue_full(service):
+        counts = self.director.worker_counts
+        if len(queue) >= QUEUE_LIMIT if counts is None else counts.queue_full(service):
             service.refused += 1
             self.close('full')
             return
         self.state = QUEUED
         queue.append(self)
         self.timer = self.loop.call_later(service.timeouts.queue, self._on_queue_timeout)
-        if shared is not None:
-            shared.queue_changed(service)
+        if counts is not None:
+            counts.queue_changed(service)
 
     def leave_queue(self):
         """A slot is free: connect (the director has taken us off the queue)."""
@@ -3599,11 +3606,11 @@ class Pair(object):
         """Try the next host the scheduler offers; close the client when none is left."""
         scheduler = self.group.scheduler
         tried = self.tried
-        master = self.director.master
-        if master is None:
+        worker = self.director.worker
+        if worker is None:
             host = scheduler.pick(self.client_ip, tried)
         else:
-            host = master.pick(self, scheduler)     # a worker: limits and sticky entries shared
+            host = worker.pick(self, scheduler)     # limits and sticky entries shared with the other workers
         if host is None:
             self.director.no_host(self)
             return
@@ -3662,9 +3669,9 @@ class Pair(object):
         self.group.scheduler.connection_ended(host)
         host.total -= 1  # an attempt that never connected is not a served connection
         self.host = None
-        if self.director.shared is not None:
+        if self.director.worker_counts is not None:
             # The close will not name this host: its line is brought up to date now.
-            self.director.shared.publish((host,))
+            self.director.worker_counts.publish((host,))
         if err in OUT_OF_FDS:
             self.director.pause_accepting(err)
         if err in LOCAL_CONNECT_ERRORS:
@@ -4542,7 +4549,7 @@ class Switch(object):
         if drain is not None:
             self.drain_until = time.time() + drain
             self.timers.append(loop.call_later(drain, self._drain))
-        if rollback is not None and not self.confirmed and director.master is None:
+        if rollback is not None and not self.confirmed and director.worker is None:
             # A worker's switch does not roll back on its own: its master decides, for all.
             self.rollback_until = time.time() + rollback
             self.timers.append(loop.call_later(rollback, self._check_rollback, rollback))
@@ -4643,8 +4650,8 @@ class Reload(object):
         for listener in listeners.values():   # left over: listened on by no service now
             for reader in [r for r in director.hellos if r.listener is listener]:
                 reader.close('shutdown')
-            if director.workers is not None:
-                director.workers.retire(listener)   # its workers may listen on it still
+            if director.master is not None:
+                director.master.retire(listener)   # its workers may listen on it still
             else:
                 listener.close()
         director.services = services
@@ -4787,8 +4794,8 @@ def replayed(method):
     @functools.wraps(method)
     def change(self, *args, **kwargs):
         result = method(self, *args, **kwargs)
-        if self.workers is not None:
-            self.workers.replay(name, args, kwargs)
+        if self.master is not None:
+            self.master.replay(name, args, kwargs)
         return result
     return change
 
@@ -4986,7 +4993,7 @@ class Actions(object):
     def serving(self):
         """Whether clients are served: in one process, while this loop runs (it runs
         this); with workers, while at least one of them runs its loop (Master.live)."""
-        return self.workers is None or bool(self.workers.live())
+        return self.master is None or bool(self.master.live())
 
     def loaded_config_xml(self):
         """The config file as last loaded (at start or by the last reload)."""
@@ -4995,8 +5002,8 @@ class Actions(object):
     def snapshot(self):
         """Everything the admin pages show, as plain dicts and lists (nothing live).
         A master's counters are its workers' sums (Master.read_counts)."""
-        if self.workers is not None:
-            self.workers.read_counts()
+        if self.master is not None:
+            self.master.read_counts()
         services = []
         health = self.health
         for service in self.services.values():
@@ -5033,7 +5040,7 @@ class Actions(object):
             'config_path': self.config.path, 'reloaded': self.reloaded,
             'users': [{'name': u.name, 'access': u.access} for u in self.users.values()],
             'sni': self.sni_snapshot(),
-            'workers': self.workers.snapshot() if self.workers is not None else None,
+            'workers': self.master.snapshot() if self.master is not None else None,
         }
 
     def sni_snapshot(self):
@@ -5072,8 +5079,8 @@ class Actions(object):
             client_ip = str(ipaddress.ip_address(client))
         except ValueError:
             raise AdminError(400, 'client must be an IP address, not %r' % client)
-        if self.workers is not None:
-            self.workers.read_counts()      # leastconns explains with every worker's connections
+        if self.master is not None:
+            self.master.read_counts()      # leastconns explains with every worker's connections
         if sni is not None:
             try:
                 sni = normalize_server_name(sni)
@@ -5208,15 +5215,15 @@ class Director(Actions):
     def __init__(self, config, loop=None, rng=None, notifier=None, accept=True, resolve_names=True):
         self.loop = loop or Loop()
         # With worker processes (see Workers): a master's Director holds the truth and
-        # does not accept (accept False; workers is its Master); a worker's reports to
-        # its master (master, its MasterLink), counts in shared memory (shared) and
-        # listens on the master's sockets (listen_sockets: address key -> socket).
+        # does not accept (accept False; master is its side of the workers, a Master);
+        # a worker's reports to its master (worker, its link to the master, a Worker),
+        # counts in shared memory (worker_counts, a WorkerCounts) and listens on the
+        # master's sockets (listen_sockets: address key -> socket).
         self.accept = accept
-        self.workers = None
         self.master = None
-        self.shared = None
+        self.worker = None
+        self.worker_counts = None
         self.listen_sockets = None
-        self.workers_share = False
         self.notifier = notifier or Notifier({})    # main() passes the real one
         self.config = config
         self.loaded_xml = config.to_xml()
@@ -5325,7 +5332,7 @@ class Director(Actions):
         """A listening socket for a listen address: bound now, or in a worker the master's."""
         if self.listen_sockets is None:
             # A master reuses a listen's socket it removed but its workers may still hold.
-            sock = self.workers.reuse(listen.key) if self.workers is not None else None
+            sock = self.master.reuse(listen.key) if self.master is not None else None
             return sock if sock is not None else listen_socket(listen.host, listen.port)
         sock = self.listen_sockets.pop(listen.key, None)
         if sock is None:
@@ -5364,8 +5371,8 @@ class Director(Actions):
         self._close_listeners()
         if self.manager is not None:
             self.manager.stop()
-        if self.workers is not None:
-            self.workers.stop(drain)    # the master stops once its last worker has
+        if self.master is not None:
+            self.master.stop(drain)    # the master stops once its last worker has
             return
         log.info('stopping: %d connection(s) open, waiting up to %g s', len(self.pairs), drain)
         if not self.pairs:
@@ -5379,8 +5386,8 @@ class Director(Actions):
         self._close_listeners()
         if self.manager is not None:
             self.manager.stop()
-        if self.workers is not None:
-            self.workers.stop_now()
+        if self.master is not None:
+            self.master.stop_now()
             return
         if self.pairs:
             log.info('closing %d connection(s) still open', len(self.pairs))
@@ -5451,9 +5458,9 @@ class Director(Actions):
             log.error('reload failed: %s', e.message)
             raise
         self.access.flush()
-        log.log(logging.DEBUG if self.master is not None else logging.INFO, '%s', message)
-        if self.workers is not None:
-            self.workers.reloaded()
+        log.log(logging.DEBUG if self.worker is not None else logging.INFO, '%s', message)
+        if self.master is not None:
+            self.master.reloaded()
         return message
 
     # -- connections --------------------------------------------------------
@@ -5462,22 +5469,11 @@ class Director(Actions):
         service = listener.service
         service.accepted += 1
         service.open += 1
-        client_sock.setblocking(False)
-        if not NODELAY_INHERITED:
-            try:
-                client_sock.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
-            except OSError:
-                pass
         pair = Pair(self, service, client_sock, client_addr)
         self.pairs.add(pair)
         maxconns = service.config.maxconns
-        if maxconns and (service.open > maxconns if self.shared is None else self.shared.service_full(service)):
-            service.refused += 1
-            if self.loop.now - service.full_logged >= 1.0:   # one line a second, not one per client
-                service.full_logged = self.loop.now
-                log.warning('service %s: %d connections open (maxconns), refusing new clients',
-                            service.name, maxconns)
-            pair.close('full')
+        if maxconns and (service.open > maxconns if self.worker_counts is None else self.worker_counts.service_full(service)):
+            self.refuse_full(service, pair)
         elif listener.accept_proxy is None:
             self.route(pair)
         elif listener.trusted and not acl_allows(listener.trusted, pair.client_ip):
@@ -5489,12 +5485,6 @@ class Director(Actions):
 
     def on_accept_sni(self, listener, client_sock, client_addr):
         """A client of a listen with sni: its hello comes first (TLSHelloReader, then hello_read)."""
-        client_sock.setblocking(False)
-        if not NODELAY_INHERITED:
-            try:
-                client_sock.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
-            except OSError:
-                pass
         reader = TLSHelloReader(self, listener, client_sock, client_addr)
         self.hellos.add(reader)
         if listener.trusted and not acl_allows(listener.trusted, reader.client_ip):
@@ -5516,7 +5506,7 @@ class Director(Actions):
         pair.bytes_in = len(pair.to_backend)
         self.pairs.add(pair)
         maxconns = service.config.maxconns
-        if maxconns and (service.open > maxconns if self.shared is None else self.shared.service_full(service)):
+        if maxconns and (service.open > maxconns if self.worker_counts is None else self.worker_counts.service_full(service)):
             self.refuse_full(service, pair)
         else:
             self.route(pair)
@@ -5529,7 +5519,7 @@ class Director(Actions):
     def refuse_full(self, service, pair):
         """A client over the service's maxconns: closed at once, logged once a second."""
         service.refused += 1
-        if self.loop.now - service.full_logged >= 1.0:
+        if self.loop.now - service.full_logged >= 1.0:   # one line a second, not one per client
             service.full_logged = self.loop.now
             log.warning('service %s: %d connections open (maxconns), refusing new clients',
                         service.name, service.config.maxconns)
@@ -5562,25 +5552,25 @@ class Director(Actions):
     def connect_failed(self, pair, host, reason):
         """A backend refused or timed out: the host is down until its probes say otherwise.
         A worker marks it down at once and tells its master, which decides for all."""
-        if self.health.set_state(pair.service, pair.group, host, schedulers.DOWN, reason) and self.master is not None:
-            self.master.report_down(pair.service, pair.group, host, reason)
+        if self.health.set_state(pair.service, pair.group, host, schedulers.DOWN, reason) and self.worker is not None:
+            self.worker.report_down(pair.service, pair.group, host, reason)
 
     # Hooks for a master (workers set): what changes here is told to every worker.
 
     def state_changed(self, service, group, host, state, cause):
         """From Health.set_state: a host's health or admin state changed."""
-        if self.workers is not None:
-            self.workers.host_changed(service, group, host, state, cause)
+        if self.master is not None:
+            self.master.host_changed(service, group, host, state, cause)
 
     def address_changed(self, service, group, host):
         """From Health: a probe resolved a host's name to a new address."""
-        if self.workers is not None:
-            self.workers.address_changed(service, group, host)
+        if self.master is not None:
+            self.master.address_changed(service, group, host)
 
     def rolled_back(self, service, group):
         """From Switch: the switch was undone, group is enabled again."""
-        if self.workers is not None:
-            self.workers.replay('enable_group', (service.name, group.name), {})
+        if self.master is not None:
+            self.master.replay('enable_group', (service.name, group.name), {})
 
     def host_up(self, service, group):
         """From Health: a host of group came up."""
@@ -5593,12 +5583,12 @@ class Director(Actions):
         """Hand freed slots to waiting clients, first come first served (in a worker:
         across workers, so a place goes to another's client that has waited longer)."""
         queue = service.queue
-        shared = self.shared
+        counts = self.worker_counts
         while queue and not service.enabled.scheduler.full_only(()) and (
-                shared is None or shared.first_in_line(service)):
+                counts is None or counts.first_in_line(service)):
             queue.popleft().leave_queue()
-        if shared is not None:
-            shared.queue_changed(service)
+        if counts is not None:
+            counts.queue_changed(service)
 
     def end_switch(self, service):
         if service.switch is not None:
@@ -5614,8 +5604,8 @@ class Director(Actions):
     def close_host_connections(self, host):
         """<check on_down="close"> (HAProxy's on-marked-down shutdown-sessions): a host
         that stopped answering probes holds its clients hostage; reset them so they retry."""
-        if self.workers is not None:
-            self.workers.close_host(host)
+        if self.master is not None:
+            self.master.close_host(host)
         doomed = [pair for pair in self.pairs if pair.host is host and pair.state is STREAMING]
         if doomed:
             log.info('host %s (%s) down: closing its %d connection(s)', host.name, host.ip, len(doomed))
@@ -5628,8 +5618,8 @@ class Director(Actions):
         service.open -= 1
         if service.queue and pair.host is not None:
             self._serve_queue(service)
-        if self.shared is not None:
-            self.shared.closed(pair)
+        if self.worker_counts is not None:
+            self.worker_counts.closed(pair)
         if self.access.enabled:
             self.access.connection(pair, how)
         if self.stopping and not self.pairs:
@@ -5993,7 +5983,7 @@ def queue_head(service):
 
 
 class WorkerCounts(object):
-    """A worker's side of the SharedCounters (its Director's `shared`).
+    """A worker's side of the SharedCounters (its Director's `worker_counts`).
 
     It writes its own row: the line of a closed client's service and host at
     once, the open count of every host whose load matters elsewhere (a host
@@ -6009,9 +5999,9 @@ class WorkerCounts(object):
     TICKS_FULL = 10     # every counter written every this many ticks (0.5 s)
     HEAD_FRESH = 0.5    # seconds: a worker silent for longer cannot serve its queue, so takes no turn
 
-    def __init__(self, director, shared):
+    def __init__(self, director, counters):
         self.director = director
-        self.shared = shared
+        self.counters = counters
         self.slots = {}         # ('host', service, group, name) / ('service', name) / ('address', key) -> slot
         self.slot_of = {}       # running object -> slot
         self.own = {}           # running object -> the index of its line in this worker's row
@@ -6023,10 +6013,10 @@ class WorkerCounts(object):
         self.ticks = 0
         self.seen = None        # what the director had counted at the last tick
         self.seen_full = None
-        row = shared.row
-        self.heartbeat = shared.line(HEARTBEAT_SLOT, row) + HEARTBEAT
+        row = counters.row
+        self.heartbeat = counters.line(HEARTBEAT_SLOT, row) + HEARTBEAT
         # The other workers' heartbeats, in the order of each elsewhere list.
-        self.heartbeats = [shared.line(HEARTBEAT_SLOT, r) + HEARTBEAT for r in range(shared.rows - 1) if r != row]
+        self.heartbeats = [counters.line(HEARTBEAT_SLOT, r) + HEARTBEAT for r in range(counters.rows - 1) if r != row]
         self.timer = director.loop.call_later(self.TICK, self.tick)
 
     def update(self, entries):
@@ -6049,18 +6039,18 @@ class WorkerCounts(object):
         return found
 
     def rebuild(self):
-        shared = self.shared
-        row = shared.row
+        counters = self.counters
+        row = counters.row
         old = self.slot_of
         self.slot_of, self.own, self.elsewhere = {}, {}, {}
         self.aware = []
         for thing, key in self.things():
             slot = self.slots.get(key)
-            if slot is None or slot >= shared.capacity:
+            if slot is None or slot >= counters.capacity:
                 continue
             self.slot_of[thing] = slot
-            self.own[thing] = shared.line(slot, row)
-            self.elsewhere[thing] = [shared.line(slot, r) for r in range(shared.rows - 1) if r != row]
+            self.own[thing] = counters.line(slot, row)
+            self.elsewhere[thing] = [counters.line(slot, r) for r in range(counters.rows - 1) if r != row]
         self.counted_services = [s for s in self.director.services.values() if s in self.own]
         self.group_of = {}
         for service in self.director.services.values():
@@ -6073,7 +6063,7 @@ class WorkerCounts(object):
                             self.aware.append(host)
         for thing, slot in old.items():
             if self.slot_of.get(thing) != slot:
-                shared.zero(slot, row)      # no longer ours to count: the master may reuse it
+                counters.zero(slot, row)      # no longer ours to count: the master may reuse it
                 if thing in self.others and thing not in self.slot_of:
                     self.set_others(thing, 0)
                     del self.others[thing]
@@ -6103,9 +6093,9 @@ class WorkerCounts(object):
         slot = self.slot_of.get(host)
         if slot is None:
             return True
-        shared = self.shared
-        view = shared.view
-        shared.lock(slot)
+        counters = self.counters
+        view = counters.view
+        counters.lock(slot)
         try:
             others = self.read_others(host, view)
             own = host.open - self.others.get(host, 0)
@@ -6115,7 +6105,7 @@ class WorkerCounts(object):
             view[self.own[host] + HOST_OPEN] = own + 1     # connection_started counts it here next
             return True
         finally:
-            shared.unlock(slot)
+            counters.unlock(slot)
 
     def service_full(self, service):
         """A client was accepted (counted in service.open already): over the service's
@@ -6123,9 +6113,9 @@ class WorkerCounts(object):
         slot = self.slot_of.get(service)
         if slot is None:
             return service.open > service.config.maxconns
-        shared = self.shared
-        view = shared.view
-        shared.lock(slot)
+        counters = self.counters
+        view = counters.view
+        counters.lock(slot)
         try:
             others = 0
             for at in self.elsewhere[service]:
@@ -6135,7 +6125,7 @@ class WorkerCounts(object):
             view[self.own[service] + SERVICE_OPEN] = service.open
             return False
         finally:
-            shared.unlock(slot)
+            counters.unlock(slot)
 
     def first_in_line(self, service):
         """Whether this worker's first queued client has waited longest of any worker's
@@ -6145,7 +6135,7 @@ class WorkerCounts(object):
         at = self.own.get(service)
         if at is None:
             return True
-        view = self.shared.view
+        view = self.counters.view
         head = queue_head(service)
         fresh = int((time.monotonic() - self.HEAD_FRESH) * 1e6)
         for other, beat in zip(self.elsewhere[service], self.heartbeats):
@@ -6163,9 +6153,9 @@ class WorkerCounts(object):
         if at is None:
             return waiting >= QUEUE_LIMIT
         slot = self.slot_of[service]
-        shared = self.shared
-        view = shared.view
-        shared.lock(slot)
+        counters = self.counters
+        view = counters.view
+        counters.lock(slot)
         try:
             for other in self.elsewhere[service]:
                 waiting += view[other + SERVICE_QUEUED]
@@ -6174,14 +6164,14 @@ class WorkerCounts(object):
             view[at + SERVICE_QUEUED] = len(service.queue) + 1
             return False
         finally:
-            shared.unlock(slot)
+            counters.unlock(slot)
 
     def queue_changed(self, service):
         """A client joined or left this worker's queue: the other workers see it at once
         (whose turn it is, the queue limit), not at the next tick."""
         at = self.own.get(service)
         if at is not None:
-            view = self.shared.view
+            view = self.counters.view
             view[at + SERVICE_QUEUED] = len(service.queue)
             view[at + SERVICE_HEAD] = queue_head(service)
 
@@ -6189,7 +6179,7 @@ class WorkerCounts(object):
 
     def closed(self, pair):
         """A client closed: its service's and host's lines now, before the master is asked."""
-        view = self.shared.view
+        view = self.counters.view
         service = pair.service
         at = self.own.get(service)
         if at is not None:
@@ -6210,7 +6200,7 @@ class WorkerCounts(object):
                 view[at + HOST_OPEN] = host.open - self.others.get(host, 0)
 
     def publish(self, things):
-        view = self.shared.view
+        view = self.counters.view
         own = self.own
         others = self.others
         reading = None
@@ -6240,7 +6230,7 @@ class WorkerCounts(object):
                     view[at + ADDRESS_BAD + index] = thing.bad.get(kind, 0)
 
     def publish_open(self, hosts):
-        view = self.shared.view
+        view = self.counters.view
         for host in hosts:
             at = self.own.get(host)
             if at is not None:
@@ -6248,7 +6238,7 @@ class WorkerCounts(object):
 
     def beat(self):
         """Our heartbeat: the master kills a worker whose loop stops stamping it."""
-        self.shared.view[self.heartbeat] = int(time.monotonic() * 1e6)
+        self.counters.view[self.heartbeat] = int(time.monotonic() * 1e6)
 
     def tick(self):
         """Every TICK: the heartbeat; our loads out and the others' in (hosts whose load
@@ -6266,7 +6256,7 @@ class WorkerCounts(object):
             self.seen_full = now
             self.publish(list(self.slot_of))
         if self.aware:
-            view = self.shared.view
+            view = self.counters.view
             for host in self.aware:
                 self.set_others(host, self.read_others(host, view))
         for service in director.services.values():
@@ -6285,7 +6275,7 @@ WORKER_FIRST_MESSAGE = 60.0     # seconds a new worker waits for its config
 
 
 class Worker(object):
-    """A worker process's link to its master (its Director's `master`).
+    """A worker process's link to its master (its Director's `worker`).
 
     It applies each command from the master (on_message: a method do_KIND per
     kind of message) with the Director's own methods, acknowledging each by
@@ -6307,7 +6297,7 @@ class Worker(object):
         self.ack_due = False
         self.sticky_out = []
         self.applying = False       # while a change from the master is made: its info lines are the master's
-        director.master = self
+        director.worker = self
         self.channel = Channel(self.loop, sock, self.on_message, self.master_gone, inbox, fds)
         log.addFilter(self.not_repeated)
 
@@ -6354,7 +6344,7 @@ class Worker(object):
         try:
             getattr(self.director, message['method'])(*message['args'], **message['kwargs'])
         finally:
-            self.director.shared.update(message.get('slots'))
+            self.director.worker_counts.update(message.get('slots'))
 
     def do_host(self, message, fds):
         service, group, host = self.director._host(message['service'], message['group'], message['host'])
@@ -6369,13 +6359,7 @@ class Worker(object):
         self.director.close_host_connections(host)
 
     def do_sticky(self, message, fds):
-        now = time.monotonic()
-        for service_name, group_name, client_ip, host_name in message['entries']:
-            service = self.director.services.get(service_name)
-            group = service.groups.get(group_name) if service is not None else None
-            host = group.scheduler.get_host(host_name) if group is not None else None
-            if host is not None:
-                group.scheduler.stick(client_ip, host, now)
+        stick_entries(self.director, message['entries'])
 
     def do_reload(self, message, fds):
         """A reload, or the master's repair of this worker: the whole running config and
@@ -6394,12 +6378,12 @@ class Worker(object):
             for sock in director.listen_sockets.values():
                 sock.close()
             director.listen_sockets = {}
-            director.shared.update(message['slots'])
+            director.worker_counts.update(message['slots'])
         apply_host_states(director, message['hosts'])
         self.generation = message['generation']
 
     def do_counters(self, message, fds):
-        self.director.shared.shared.remap(message['size'])
+        self.director.worker_counts.counters.remap(message['size'])
 
     def do_stop(self, message, fds):
         self.director.begin_stop(message['drain'])
@@ -6429,7 +6413,7 @@ class Worker(object):
         if sticky:
             before = scheduler.sticky_host(client_ip)
         host = scheduler.pick(client_ip, pair.tried)
-        while host is not None and host.maxconns and not self.director.shared.take_host(host):
+        while host is not None and host.maxconns and not self.director.worker_counts.take_host(host):
             host = scheduler.pick(client_ip, pair.tried)
         if sticky and host is not None and host is not before:
             if not self.sticky_out:
@@ -6472,6 +6456,18 @@ def listen_sockets(listens, fds):
     return found
 
 
+def stick_entries(director, entries):
+    """Sticky entries from the other side: [service, group, client ip, host], used now,
+    or with a fifth, the seconds since; those of a host gone are passed over."""
+    now = time.monotonic()
+    for entry in entries:
+        try:
+            _, group, host = director._host(entry[0], entry[1], entry[3])
+        except AdminError:
+            continue
+        group.scheduler.stick(entry[2], host, now - entry[4] if len(entry) > 4 else now)
+
+
 def apply_host_states(director, states):
     """The master's word on each host: [[service, group, host, health, reason, admin, address]]."""
     health = director.health
@@ -6504,49 +6500,27 @@ def run_worker(channel_fd, verbose=False):
     director = Director(config, notifier=Notifier({}), resolve_names=False)
     director.health.probing = False
     director.health.quiet = True
-    director.workers_share = True
     director.listen_sockets = listen_sockets(first['listens'], ())
     fd, size = first['counters']
-    director.shared = WorkerCounts(director, SharedCounters(fd, first['workers'] + 1, first['worker'] - 1, size))
+    director.worker_counts = WorkerCounts(director, SharedCounters(fd, first['workers'] + 1, first['worker'] - 1, size))
     worker = Worker(director, sock, first, inbox, fds)
     apply_host_states(director, first['hosts'])
-    now = time.monotonic()
-    for service_name, group_name, client_ip, host_name, age in first['sticky']:
-        try:
-            _, group, host = director._host(service_name, group_name, host_name)
-        except AdminError:
-            continue
-        group.scheduler.stick(client_ip, host, now - age)
-
-    def on_signal(signum, frame):
-        director.loop.call_soon_threadsafe(handle_signal, signum)
-
-    def handle_signal(signum):
-        # As the master gets these too when the whole group is signalled (Ctrl-C, systemd).
-        if signum in (signal.SIGTERM, signal.SIGINT):
-            if director.stopping:
-                director.stop_now()
-            else:
-                director.begin_stop(director.config.drain)
-        elif signum == signal.SIGUSR1:
-            director.close_log()
-
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-        signal.signal(signum, on_signal)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)    # a reload is the master's
+    stick_entries(director, first['sticky'])
+    # As the master's: a whole process group is signalled (Ctrl-C, systemd).  A reload is the master's.
+    handle_signals(director, reload=False)
     try:
         director.bind()
     except OSError as e:
         log.error('%s', e.strerror or e)
         return 1
-    director.shared.update(first['slots'])
-    director.shared.beat()
+    director.worker_counts.update(first['slots'])
+    director.worker_counts.beat()
     worker.channel.send({'t': 'ready', 'pid': os.getpid(), 'seq': worker.acked, 'generation': worker.generation})
     try:
         director.loop.run()
     finally:
         director.access.flush()
-        director.shared.stop()
+        director.worker_counts.stop()
     return 0
 
 
@@ -6586,7 +6560,7 @@ class WorkerProcess(object):
 
 
 class Master(object):
-    """The master's side of its workers (its Director's `workers`).
+    """The master's side of its workers (its Director's `master`).
 
     It spawns them (start), sends each a config first and then every change the
     Director makes (the hooks host_changed, address_changed, close_host, replay
@@ -6623,9 +6597,9 @@ class Master(object):
         self.sent_listeners = set()
         self.retired = []               # [listen key, socket, seq] of removed listens (see retire)
         self.beat_timer = None
-        self.shared = SharedCounters.create(count + 1, max(256, 2 * len(self.things())))
+        self.counters = SharedCounters.create(count + 1, max(256, 2 * len(self.things())))
         self.assign()
-        director.workers = self
+        director.master = self
 
     # -- the workers' lives ---------------------------------------------------
 
@@ -6654,7 +6628,7 @@ class Master(object):
         try:
             worker.proc = subprocess.Popen(
                 self.command + ['--worker', str(theirs.fileno())] + (['-v'] if self.verbose else []),
-                pass_fds=[theirs.fileno(), self.shared.fd] + [entry[3] for entry in listens],
+                pass_fds=[theirs.fileno(), self.counters.fd] + [entry[3] for entry in listens],
                 stdin=subprocess.DEVNULL, stdout=self.output, stderr=self.output, env=env)
         except OSError as e:
             ours.close()
@@ -6675,7 +6649,7 @@ class Master(object):
             't': 'config', 'seq': self.seq, 'generation': self.generation, 'worker': worker.index,
             'workers': self.count,
             'xml': self.director.running_xml(), 'path': self.director.config.path,
-            'listens': listens, 'counters': [self.shared.fd, self.shared.size],
+            'listens': listens, 'counters': [self.counters.fd, self.counters.size],
             'slots': self.slot_entries(self.slot_of), 'hosts': self.host_states(),
             'sticky': self.sticky_entries()})
 
@@ -6728,7 +6702,7 @@ class Master(object):
                 deadline = float('inf')
             worker.timer = self.loop.call_later(0.01, self.reap, worker, deadline)
             return
-        self.shared.fold(worker.index - 1, self.kind_of)
+        self.counters.fold(worker.index - 1, self.kind_of)
         worker.proc = None
         self.let_go()
         if self.stopping:
@@ -6752,7 +6726,7 @@ class Master(object):
         monotonic one, which every process shares."""
         if not worker.ready or worker.proc is None:
             return None
-        beat = self.shared.view[self.shared.line(HEARTBEAT_SLOT, worker.index - 1) + HEARTBEAT]
+        beat = self.counters.view[self.counters.line(HEARTBEAT_SLOT, worker.index - 1) + HEARTBEAT]
         return round(max(0.0, time.monotonic() - beat / 1e6), 3) if beat else None
 
     def live(self):
@@ -6891,13 +6865,7 @@ class Master(object):
     def sticky(self, entries):
         """New sticky entries a worker made: kept here and told to every worker (the one
         that made them too, so that all end with the last one the master saw)."""
-        now = time.monotonic()
-        for service_name, group_name, client_ip, host_name in entries:
-            service = self.director.services.get(service_name)
-            group = service.groups.get(group_name) if service is not None else None
-            host = group.scheduler.get_host(host_name) if group is not None else None
-            if host is not None:
-                group.scheduler.stick(client_ip, host, now)
+        stick_entries(self.director, entries)
         self.send_all({'t': 'sticky', 'entries': entries})
 
     def sync(self, timeout):
@@ -6976,7 +6944,7 @@ class Master(object):
         for entry in self.retired:
             entry[1].close()
         self.retired = []
-        self.shared.close()
+        self.counters.close()
 
     # -- counters ---------------------------------------------------------------
 
@@ -7013,13 +6981,13 @@ class Master(object):
                 self.free.remove(reusable[0])
                 slot = reusable[0][1]
             else:
-                if self.next_slot >= self.shared.capacity:
-                    self.shared.grow(2 * self.shared.capacity)
-                    self.send_all({'t': 'counters', 'size': self.shared.size})
+                if self.next_slot >= self.counters.capacity:
+                    self.counters.grow(2 * self.counters.capacity)
+                    self.send_all({'t': 'counters', 'size': self.counters.size})
                 slot = self.next_slot
                 self.next_slot += 1
-            for row in range(self.shared.rows):
-                self.shared.zero(slot, row)
+            for row in range(self.counters.rows):
+                self.counters.zero(slot, row)
             self.slot_of[thing] = slot
             self.kind_of[slot] = kind
             new[thing] = slot
@@ -7031,7 +6999,7 @@ class Master(object):
     def read_counts(self):
         """The sums of every row into the master's running objects, for the pages
         (a host's open count through its scheduler, which explain asks)."""
-        sums = self.shared.sums
+        sums = self.counters.sums
         slot_of = self.slot_of
         for service in self.director.services.values():
             slot = slot_of.get(service)
@@ -7056,11 +7024,11 @@ class Master(object):
 
     def open_connections(self, worker):
         """A worker's open client connections, as its row says."""
-        view = self.shared.view
+        view = self.counters.view
         total = 0
         for thing, slot in self.slot_of.items():
             if isinstance(thing, RunningService):
-                total += view[self.shared.line(slot, worker.index - 1) + SERVICE_OPEN]
+                total += view[self.counters.line(slot, worker.index - 1) + SERVICE_OPEN]
         return total
 
     def snapshot(self):
@@ -7072,8 +7040,8 @@ class Master(object):
                  'heartbeat': self.silence(w)} for w in self.workers]
 
     def row_accepted(self, worker):
-        view = self.shared.view
-        return sum(view[self.shared.line(slot, worker.index - 1) + SERVICE_ACCEPTED]
+        view = self.counters.view
+        return sum(view[self.counters.line(slot, worker.index - 1) + SERVICE_ACCEPTED]
                    for thing, slot in self.slot_of.items() if isinstance(thing, RunningService))
 
     def host_states(self):
@@ -7090,17 +7058,34 @@ class Master(object):
                 if group.scheduler.sticky for ip, host, used in group.scheduler.sticky_entries()]
 
 
-def start_workers(director, count, verbose=False, output=None):
-    """Make director a master with `count` workers and spawn them; the Master."""
-    master = Master(director, count, verbose, output)
-    master.start()
-    return master
-
-
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
 
+
+
+def handle_signals(director, reload=True):
+    """The signals of a process (main's, and run_worker's): SIGTERM and SIGINT drain
+    for <pdconfig drain> (as now loaded) and stop, a second one stops at once;
+    SIGUSR1 reopens the logs; SIGHUP reloads (reload False: ignored)."""
+    def on_signal(signum, frame):
+        # Only hand the loop a call: handlers must not touch state mid-event.
+        director.loop.call_soon_threadsafe(handle, signum)
+
+    def handle(signum):
+        if signum == signal.SIGUSR1:
+            director.close_log()
+        elif signum == signal.SIGHUP:
+            director.reload_in_background()
+        elif director.stopping:
+            log.info('second stop signal: stopping now')
+            director.stop_now()
+        else:
+            director.begin_stop(director.config.drain)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(signum, on_signal)
+    signal.signal(signal.SIGHUP, on_signal if reload else signal.SIG_IGN)
 
 
 def raise_fd_limit():
@@ -7296,26 +7281,7 @@ def main(argv=None):
     raise_fd_limit()
     notifier = Notifier()
     director = Director(config, notifier=notifier, accept=workers is None)
-
-    def on_signal(signum, frame):
-        # Only hand the loop a call: handlers must not touch state mid-event.
-        director.loop.call_soon_threadsafe(handle_signal, signum)
-
-    def handle_signal(signum):
-        if signum in (signal.SIGTERM, signal.SIGINT):
-            if director.stopping:
-                log.info('second stop signal: stopping now')
-                director.stop_now()
-            else:
-                director.begin_stop(config.drain)
-        elif signum == signal.SIGUSR1:
-            director.close_log()
-        elif signum == signal.SIGHUP:
-            director.reload_in_background()
-
-    # Before binding: once a port answers, a signal must find its handler.
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
-        signal.signal(signum, on_signal)
+    handle_signals(director)    # before binding: once a port answers, a signal must find its handler
     try:
         director.start()
     except OSError as e:
