@@ -4481,7 +4481,7 @@ class Health(object):
                     self.set_state(state.service, state.group, host, schedulers.DOWN,
                                    '%s (%d failed probes)' % (reason, host.probe_fail))
                     if check.on_down == 'close':
-                        self.director.close_host_connections(host)
+                        self.director.close_host_connections(state.service, state.group, host)
             elif not (host.reason or '').startswith(reason):
                 # Still down, for a new reason (a name that stopped resolving...): say so once.
                 log.info('host %s (%s) in %s/%s still down: %s', host.name, host.ip,
@@ -5560,12 +5560,14 @@ class Director(Actions):
     def state_changed(self, service, group, host, state, cause):
         """From Health.set_state: a host's health or admin state changed."""
         if self.master is not None:
-            self.master.host_changed(service, group, host, state, cause)
+            self.master.send_all('host', service=service.name, group=group.name, host=host.name,
+                                 state=state, cause=cause)
 
     def address_changed(self, service, group, host):
         """From Health: a probe resolved a host's name to a new address."""
         if self.master is not None:
-            self.master.address_changed(service, group, host)
+            self.master.send_all('address', service=service.name, group=group.name, host=host.name,
+                                 address=address_to_json(host.address))
 
     def rolled_back(self, service, group):
         """From Switch: the switch was undone, group is enabled again."""
@@ -5601,11 +5603,11 @@ class Director(Actions):
             for listener in service.listeners:
                 listener.pause(err)
 
-    def close_host_connections(self, host):
+    def close_host_connections(self, service, group, host):
         """<check on_down="close"> (HAProxy's on-marked-down shutdown-sessions): a host
         that stopped answering probes holds its clients hostage; reset them so they retry."""
         if self.master is not None:
-            self.master.close_host(host)
+            self.master.send_all('close_host', service=service.name, group=group.name, host=host.name)
         doomed = [pair for pair in self.pairs if pair.host is host and pair.state is STREAMING]
         if doomed:
             log.info('host %s (%s) down: closing its %d connection(s)', host.name, host.ip, len(doomed))
@@ -6026,6 +6028,10 @@ class WorkerCounts(object):
             self.slots[key] = entry[-1]
         self.rebuild()
 
+    def remap(self, size):
+        """The master grew the file: the lines stay where they were."""
+        self.counters.remap(size)
+
     def things(self):
         """(object, slot key) of everything counted in the running config."""
         found = []
@@ -6273,12 +6279,112 @@ class WorkerCounts(object):
 
 WORKER_FIRST_MESSAGE = 60.0     # seconds a new worker waits for its config
 
+DOWN, UP = 'down', 'up'         # a message from the master to a worker, from a worker to the master
+
+
+class Message(object):
+    """A kind of message between the master and a worker: a row of MESSAGES.
+
+    A DOWN message is the master's to a worker, handled by Worker.<handler>; an
+    UP one a worker's to its master, handled by Master.<handler>, given the
+    WorkerProcess first.  Each field goes to the handler as a keyword argument
+    (an optional one may be left out), and with fds the sockets sent along go
+    as `fds`.  A DOWN message sent to every worker (Master.send_all) carries a
+    sequence number too, 'seq', which the worker acknowledges once applied
+    (Master.sync waits for that).  quiet: the master logs the change itself,
+    so the worker applying it logs at debug level only (Worker.not_repeated).
+    """
+
+    __slots__ = ('kind', 'direction', 'handler', 'fields', 'optional', 'fds', 'quiet')
+
+    def __init__(self, kind, direction, handler, fields='', optional='', fds=False, quiet=False):
+        self.kind = kind
+        self.direction = direction
+        self.handler = handler
+        self.fields = frozenset(fields.split())
+        self.optional = frozenset(optional.split() + (['seq'] if direction == DOWN else []))
+        self.fds = fds
+        self.quiet = quiet
+
+    def problem(self, names, fds):
+        """What is wrong with a message of these field names (and sockets), or None."""
+        missing = self.fields.difference(names)
+        if missing:
+            return 'no %s' % ', '.join(sorted(missing))
+        unknown = names - self.fields - self.optional
+        if unknown:
+            return 'unknown %s' % ', '.join(sorted(unknown))
+        if fds and not self.fds:
+            return 'sockets sent along'
+        return None
+
+
+MESSAGES = dict((row.kind, row) for row in (
+    # The first, read by run_worker before its loop runs: everything a worker starts from.
+    Message('config', DOWN, None, 'seq generation worker workers xml path listens counters slots hosts sticky'),
+    Message('call', DOWN, 'on_call', 'method args kwargs slots', quiet=True),   # a replayed Actions method
+    Message('host', DOWN, 'on_host', 'service group host state cause', quiet=True),
+    Message('address', DOWN, 'on_address', 'service group host address'),
+    Message('close_host', DOWN, 'on_close_host', 'service group host'),
+    Message('sticky', DOWN, 'on_sticky', 'entries'),
+    Message('reload', DOWN, 'on_reload', 'xml path generation hosts listens slots', 'repair', fds=True, quiet=True),
+    Message('counters', DOWN, 'on_counters', 'size'),
+    Message('stop', DOWN, 'on_stop', 'drain'),
+    Message('stop_now', DOWN, 'on_stop_now'),
+    Message('ready', UP, 'on_ready', 'pid seq generation'),
+    Message('ack', UP, 'on_ack', 'seq generation'),
+    Message('failed', UP, 'on_failed', 'what error repair'),
+    Message('connect_failed', UP, 'on_connect_failed', 'service group host cause'),
+    Message('new_sticky', UP, 'on_new_sticky', 'entries'),
+))
+
+
+def new_message(kind, direction, fields, fds=()):
+    """fields (a dict of its own) as a message of this kind for Channel.send, checked
+    against its row: ValueError says what is wrong."""
+    row = MESSAGES.get(kind)
+    if row is None or row.direction != direction:
+        raise ValueError('no %s message %r' % (direction, kind))
+    problem = row.problem(fields.keys(), fds)
+    if problem is not None:
+        raise ValueError('%s message: %s' % (kind, problem))
+    fields['t'] = kind
+    return fields
+
+
+class MessageError(ValueError):
+    """A message that is not what its row in MESSAGES says (or has no row)."""
+
+
+def received(message, direction, fds):
+    """(row, fields) of a message the other side sent: the fields are what its handler
+    takes (a DOWN message's 'seq' left out).  MessageError if it is no such message;
+    the sockets that came with it are closed then."""
+    kind = message.pop('t', None)
+    message.pop('fds', None)
+    if direction == DOWN:
+        message.pop('seq', None)
+    row = MESSAGES.get(kind)
+    if row is None or row.direction != direction or row.handler is None:
+        problem = 'unknown message %r' % (kind,)
+    else:
+        problem = row.problem(message.keys(), fds)
+        if problem is not None:
+            problem = '%s message: %s' % (kind, problem)
+    if problem is not None:
+        for fd in fds:
+            os.close(fd)
+        raise MessageError(problem)
+    if row.fds:
+        message['fds'] = fds
+    return row, message
+
 
 class Worker(object):
     """A worker process's link to its master (its Director's `worker`).
 
-    It applies each command from the master (on_message: a method do_KIND per
-    kind of message) with the Director's own methods, acknowledging each by
+    It applies each command from the master (on_message: the handler of its
+    row in MESSAGES) with the Director's own methods, acknowledging each by
     its sequence number once applied, with the config generation it runs (the
     master's count of reloads); one it cannot apply it reports ('failed'),
     and runs no generation until the master has sent it the whole config
@@ -6305,31 +6411,31 @@ class Worker(object):
         """A logging filter: the master has logged what it asked for already."""
         return record.levelno > logging.INFO or not self.applying
 
+    def send(self, kind, **fields):
+        self.channel.send(new_message(kind, UP, fields))
+
     # -- from the master ------------------------------------------------------
 
     def on_message(self, message, fds):
-        kind = message.get('t')
-        handler = getattr(self, 'do_' + str(kind), None)
-        self.applying = kind in ('do', 'host', 'reload')
+        what = message.get('method', message.get('t'))
+        repair = message.get('repair', False)
+        seq = message.get('seq')
         try:
-            if handler is None:
-                raise AdminError(400, 'unknown message %r' % kind)
-            handler(message, fds)
+            row, fields = received(message, DOWN, fds)
+            self.applying = row.quiet
+            getattr(self, row.handler)(**fields)
         except Exception as e:
             # The master made this change already: a worker that cannot has strayed from it.
             # It says so, and the master sends it the whole config again (or restarts it).
-            what = message.get('method', kind)
             error = e.message if isinstance(e, AdminError) else str(e)
-            if isinstance(e, (AdminError, ConfigError)):
+            if isinstance(e, (AdminError, ConfigError, MessageError)):
                 log.error('cannot apply %s from the master: %s', log_value(what), escape_text(error))
             else:
                 log.exception('cannot apply %s from the master', log_value(what))
             self.generation = None
-            self.channel.send({'t': 'failed', 'what': what, 'error': error or type(e).__name__,
-                               'repair': message.get('repair', False)})
+            self.send('failed', what=what, error=error or type(e).__name__, repair=repair)
         finally:
             self.applying = False
-        seq = message.get('seq')
         if seq is not None:
             self.acked = seq
             if not self.ack_due:
@@ -6338,30 +6444,29 @@ class Worker(object):
 
     def send_ack(self):
         self.ack_due = False
-        self.channel.send({'t': 'ack', 'seq': self.acked, 'generation': self.generation})
+        self.send('ack', seq=self.acked, generation=self.generation)
 
-    def do_do(self, message, fds):
+    def on_call(self, method, args, kwargs, slots):
         try:
-            getattr(self.director, message['method'])(*message['args'], **message['kwargs'])
+            getattr(self.director, method)(*args, **kwargs)
         finally:
-            self.director.worker_counts.update(message.get('slots'))
+            self.director.worker_counts.update(slots)
 
-    def do_host(self, message, fds):
-        service, group, host = self.director._host(message['service'], message['group'], message['host'])
-        self.director.health.set_state(service, group, host, message['state'], message['cause'])
+    def on_host(self, service, group, host, state, cause):
+        service, group, host = self.director._host(service, group, host)
+        self.director.health.set_state(service, group, host, state, cause)
 
-    def do_address(self, message, fds):
-        _, _, host = self.director._host(message['service'], message['group'], message['host'])
-        host.address = address_from_json(message['address'])
+    def on_address(self, service, group, host, address):
+        _, _, host = self.director._host(service, group, host)
+        host.address = address_from_json(address)
 
-    def do_close_host(self, message, fds):
-        _, _, host = self.director._host(message['service'], message['group'], message['host'])
-        self.director.close_host_connections(host)
+    def on_close_host(self, service, group, host):
+        self.director.close_host_connections(*self.director._host(service, group, host))
 
-    def do_sticky(self, message, fds):
-        stick_entries(self.director, message['entries'])
+    def on_sticky(self, entries):
+        stick_entries(self.director, entries)
 
-    def do_reload(self, message, fds):
+    def on_reload(self, xml, path, generation, hosts, listens, slots, fds, repair=False):
         """A reload, or the master's repair of this worker: the whole running config and
         every listening socket (those this worker holds already are closed again)."""
         director = self.director
@@ -6372,23 +6477,23 @@ class Worker(object):
             return
         director.listen_sockets = {}
         try:
-            director.listen_sockets = listen_sockets(message['listens'], fds)
-            director.apply_reload(parse_config(message['xml'], message['path']))
+            director.listen_sockets = listen_sockets(listens, fds)
+            director.apply_reload(parse_config(xml, path))
         finally:
             for sock in director.listen_sockets.values():
                 sock.close()
             director.listen_sockets = {}
-            director.worker_counts.update(message['slots'])
-        apply_host_states(director, message['hosts'])
-        self.generation = message['generation']
+            director.worker_counts.update(slots)
+        apply_host_states(director, hosts)
+        self.generation = generation
 
-    def do_counters(self, message, fds):
-        self.director.worker_counts.counters.remap(message['size'])
+    def on_counters(self, size):
+        self.director.worker_counts.remap(size)
 
-    def do_stop(self, message, fds):
-        self.director.begin_stop(message['drain'])
+    def on_stop(self, drain):
+        self.director.begin_stop(drain)
 
-    def do_stop_now(self, message, fds):
+    def on_stop_now(self):
         self.director.stop_now()
 
     def master_gone(self):
@@ -6401,8 +6506,7 @@ class Worker(object):
     # -- to the master --------------------------------------------------------
 
     def report_down(self, service, group, host, reason):
-        self.channel.send({'t': 'down', 'service': service.name, 'group': group.name, 'host': host.name,
-                           'cause': reason})
+        self.send('connect_failed', service=service.name, group=group.name, host=host.name, cause=reason)
 
     def pick(self, pair, scheduler):
         """Pair.connect_next's pick in a worker: a host with maxconns is taken across
@@ -6423,7 +6527,7 @@ class Worker(object):
 
     def send_sticky(self):
         entries, self.sticky_out = self.sticky_out, []
-        self.channel.send({'t': 'sticky', 'entries': entries})
+        self.send('new_sticky', entries=entries)
 
 
 def address_to_json(address):
@@ -6488,6 +6592,9 @@ def run_worker(channel_fd, verbose=False):
     try:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, channel_fd)
         first, inbox, fds = Channel.receive(sock, WORKER_FIRST_MESSAGE)
+        problem = MESSAGES['config'].problem(set(first) - {'t'}, ()) if first.get('t') == 'config' else 'not a config'
+        if problem is not None:
+            raise ValueError(problem)
         config = parse_config(first['xml'], first['path'])
     except (OSError, ValueError, ConfigError, KeyError) as e:
         print('pydirector worker: no config from the master: %s' % e, file=sys.stderr)
@@ -6515,7 +6622,7 @@ def run_worker(channel_fd, verbose=False):
         return 1
     director.worker_counts.update(first['slots'])
     director.worker_counts.beat()
-    worker.channel.send({'t': 'ready', 'pid': os.getpid(), 'seq': worker.acked, 'generation': worker.generation})
+    worker.send('ready', pid=os.getpid(), seq=worker.acked, generation=worker.generation)
     try:
         director.loop.run()
     finally:
@@ -6563,9 +6670,10 @@ class Master(object):
     """The master's side of its workers (its Director's `master`).
 
     It spawns them (start), sends each a config first and then every change the
-    Director makes (the hooks host_changed, address_changed, close_host, replay
-    and reloaded), each with a sequence number the worker acknowledges once it
-    has applied it; sync() waits for that, so an admin change answers only
+    Director makes (send_all, from the Director's hooks, replay and reloaded;
+    the messages are the rows of MESSAGES, and what the workers send up goes
+    to the handler its row names, on_message), each with a sequence number the
+    worker acknowledges once it has applied it; sync() waits for that, so an admin change answers only
     after every live worker has made it.  Each reload makes a new config
     generation, which every worker says it runs; one that could not apply a
     change is sent the whole config again, and restarted if it cannot apply
@@ -6588,7 +6696,7 @@ class Master(object):
         self.changed = threading.Condition()
         self.stopping = False
         self.stop_timer = None
-        self.on_ready = None            # called once, when every worker is first ready
+        self.when_ready = None          # called once, when every worker is first ready
         self.slot_of = {}               # the master's running object -> slot
         self.kind_of = {HEARTBEAT_SLOT: 'process'}     # slot -> 'host', 'service', 'address' or 'process'
         self.free = []                  # [(seq, slot)]: reusable once every worker applied seq
@@ -6643,47 +6751,78 @@ class Master(object):
         worker.generation = None
         worker.stuck = False
         worker.acked = self.seq     # it starts from everything sent so far
-        worker.channel = Channel(self.loop, ours, lambda m, fds: self.on_message(worker, m),
+        worker.channel = Channel(self.loop, ours, lambda m, fds: self.on_message(worker, m, fds),
                                  lambda: self.lost(worker))
-        worker.channel.send({
-            't': 'config', 'seq': self.seq, 'generation': self.generation, 'worker': worker.index,
-            'workers': self.count,
-            'xml': self.director.running_xml(), 'path': self.director.config.path,
-            'listens': listens, 'counters': [self.counters.fd, self.counters.size],
-            'slots': self.slot_entries(self.slot_of), 'hosts': self.host_states(),
-            'sticky': self.sticky_entries()})
+        self.send_to(worker, 'config', seq=self.seq, generation=self.generation, worker=worker.index,
+                     workers=self.count, xml=self.director.running_xml(), path=self.director.config.path,
+                     listens=listens, counters=[self.counters.fd, self.counters.size],
+                     slots=self.slot_entries(self.slot_of), hosts=self.host_states(),
+                     sticky=self.sticky_entries())
 
-    def on_message(self, worker, message):
-        kind = message.get('t')
-        if kind == 'ack':
-            with self.changed:
-                worker.acked = max(worker.acked, message['seq'])
-                worker.generation = message.get('generation')
-                self.changed.notify_all()
-            self.let_go()
-        elif kind == 'failed':
-            self.repair(worker, message)
-        elif kind == 'down':
-            try:
-                service, group, host = self.director._host(message['service'], message['group'], message['host'])
-            except AdminError:
-                return      # removed since
-            # A failed connect there: the master decides, and tells every worker.
-            self.director.health.set_state(service, group, host, schedulers.DOWN, message['cause'])
-        elif kind == 'sticky':
-            self.sticky(message['entries'])
-        elif kind == 'ready':
-            with self.changed:
-                worker.ready = True
-                worker.acked = max(worker.acked, message['seq'])
-                worker.generation = message.get('generation')
-                self.changed.notify_all()
-            log.info('%r ready', worker)
-            if self.on_ready is not None and all(w.ready for w in self.workers):
-                on_ready, self.on_ready = self.on_ready, None
-                on_ready()
+    # -- reports up -------------------------------------------------------------
+
+    def on_message(self, worker, message, fds):
+        try:
+            row, fields = received(message, UP, fds)
+        except MessageError as e:
+            log.error('%r sent %s', worker, escape_text(e))
+            return
+        getattr(self, row.handler)(worker, **fields)
+
+    def on_ready(self, worker, pid, seq, generation):
+        with self.changed:
+            worker.ready = True
+            worker.acked = max(worker.acked, seq)
+            worker.generation = generation
+            self.changed.notify_all()
+        log.info('%r ready', worker)
+        if self.when_ready is not None and all(w.ready for w in self.workers):
+            when_ready, self.when_ready = self.when_ready, None
+            when_ready()
+
+    def on_ack(self, worker, seq, generation):
+        with self.changed:
+            worker.acked = max(worker.acked, seq)
+            worker.generation = generation
+            self.changed.notify_all()
+        self.let_go()
+
+    def on_connect_failed(self, worker, service, group, host, cause):
+        """A failed connect there: the master decides, and tells every worker."""
+        try:
+            service, group, host = self.director._host(service, group, host)
+        except AdminError:
+            return      # removed since
+        self.director.health.set_state(service, group, host, schedulers.DOWN, cause)
+
+    def on_new_sticky(self, worker, entries):
+        """New sticky entries a worker made: kept here and told to every worker (the one
+        that made them too, so that all end with the last one the master saw)."""
+        stick_entries(self.director, entries)
+        self.send_all('sticky', entries=entries)
+
+    def on_failed(self, worker, what, error, repair):
+        """A worker could not apply what the master sent (it said so): it has strayed
+        from the master's config.  It is sent the whole running config again, with
+        every listening socket (repair); one that cannot apply that either is
+        restarted, once its connections have finished (its row of counters is its own)."""
+        error = escape_text(error)
+        if self.stopping:
+            log.error('%r could not apply %s: %s', worker, log_value(what), error)
+        elif repair:
+            log.error('%r could not apply the running config either: %s; restarting it', worker, error)
+            self.send_to(worker, 'stop', drain=self.director.config.drain)
         else:
-            log.error('%r sent an unknown message %s', worker, log_value(kind))
+            log.error('%r could not apply %s: %s; sending it the running config again',
+                      worker, log_value(what), error)
+            self.repair(worker)
+
+    def repair(self, worker):
+        """The whole running config to one worker, every listening socket with it."""
+        listeners = self.listeners()
+        # The number of what was sent last: it has that too once it acknowledges this.
+        self.send_to(worker, 'reload', [l.sock.fileno() for l in listeners], seq=self.seq, repair=True,
+                     slots=self.slot_entries(self.slot_of), **self.reload_fields(listeners))
 
     def lost(self, worker):
         """Its channel closed: it has exited, or is about to."""
@@ -6762,7 +6901,9 @@ class Master(object):
 
     # -- commands down --------------------------------------------------------
 
-    def send_all(self, message, fds=()):
+    def send_all(self, kind, fds=(), **fields):
+        """A message to every worker, with the next sequence number; that number."""
+        message = new_message(kind, DOWN, fields, fds)
         self.seq += 1
         message['seq'] = self.seq
         for worker in self.workers:
@@ -6773,26 +6914,13 @@ class Master(object):
             self.freed = []
         return self.seq
 
+    def send_to(self, to, kind, fds=(), **fields):
+        """A message to one worker (a number in it is the caller's)."""
+        to.channel.send(new_message(kind, DOWN, fields, fds), fds)
+
     def replay(self, method, args, kwargs):
         """An Actions method the master has just run (see replayed): the same call in every worker."""
-        self.send_all({'t': 'do', 'method': method, 'args': list(args), 'kwargs': kwargs,
-                       'slots': self.assign()})
-
-    def host_changed(self, service, group, host, state, cause):
-        self.send_all({'t': 'host', 'service': service.name, 'group': group.name, 'host': host.name,
-                       'state': state, 'cause': cause})
-
-    def address_changed(self, service, group, host):
-        self.send_all({'t': 'address', 'service': service.name, 'group': group.name, 'host': host.name,
-                       'address': address_to_json(host.address)})
-
-    def close_host(self, host):
-        for service in self.director.services.values():
-            for group in service.groups.values():
-                if group.scheduler.get_host(host.name) is host:
-                    self.send_all({'t': 'close_host', 'service': service.name, 'group': group.name,
-                                   'host': host.name})
-                    return
+        self.send_all('call', method=method, args=list(args), kwargs=kwargs, slots=self.assign())
 
     def reloaded(self):
         """The master reloaded: every worker reloads to its running config, the next
@@ -6802,40 +6930,17 @@ class Master(object):
         new = [l for l in current if l not in self.sent_listeners]
         self.sent_listeners = set(current)
         self.generation += 1
-        message = self.reload_message(new)
-        message['slots'] = self.assign()
-        seq = self.send_all(message, [l.sock.fileno() for l in new])
+        seq = self.send_all('reload', [l.sock.fileno() for l in new], slots=self.assign(), **self.reload_fields(new))
         for entry in self.retired:
             if entry[2] is None:
                 entry[2] = seq
         self.let_go()
 
-    def reload_message(self, listeners):
-        """A reload to the running config, sending the sockets of these listeners."""
-        return {'t': 'reload', 'xml': self.director.running_xml(), 'path': self.director.config.path,
-                'generation': self.generation, 'hosts': self.host_states(),
-                'listens': [[l.listen.host, l.listen.port, l.sock.family, None] for l in listeners]}
-
-    def repair(self, worker, failed):
-        """A worker could not apply what the master sent (it said so): it has strayed
-        from the master's config.  It is sent the whole running config again, with
-        every listening socket; one that cannot apply that either is restarted,
-        once its connections have finished (its row of counters is its own)."""
-        error = escape_text(failed.get('error'))
-        if self.stopping:
-            log.error('%r could not apply %s: %s', worker, log_value(failed.get('what')), error)
-            return
-        if failed.get('repair'):
-            log.error('%r could not apply the running config either: %s; restarting it', worker, error)
-            worker.channel.send({'t': 'stop', 'drain': self.director.config.drain})
-            return
-        log.error('%r could not apply %s: %s; sending it the running config again',
-                  worker, log_value(failed.get('what')), error)
-        listeners = self.listeners()
-        message = self.reload_message(listeners)
-        # The number of what was sent last: it has that too once it acknowledges this.
-        message.update(slots=self.slot_entries(self.slot_of), seq=self.seq, repair=True)
-        worker.channel.send(message, [l.sock.fileno() for l in listeners])
+    def reload_fields(self, listeners):
+        """Of a reload to the running config, sending the sockets of these listeners."""
+        return dict(xml=self.director.running_xml(), path=self.director.config.path,
+                    generation=self.generation, hosts=self.host_states(),
+                    listens=[[l.listen.host, l.listen.port, l.sock.family, None] for l in listeners])
 
     def retire(self, listener):
         """A listen a reload removed: its socket is kept until every worker has let
@@ -6861,12 +6966,6 @@ class Master(object):
     def applied(self):
         """The last message every worker still running has applied."""
         return min([w.acked for w in self.workers if w.proc is not None] or [self.seq])
-
-    def sticky(self, entries):
-        """New sticky entries a worker made: kept here and told to every worker (the one
-        that made them too, so that all end with the last one the master saw)."""
-        stick_entries(self.director, entries)
-        self.send_all({'t': 'sticky', 'entries': entries})
 
     def sync(self, timeout):
         """From a thread other than the loop's: wait until every live worker has applied
@@ -6897,12 +6996,12 @@ class Master(object):
         self.read_counts()
         log.info('stopping: %d connection(s) open in %d worker(s), waiting up to %g s',
                  sum(s.open for s in self.director.services.values()), self.count, drain)
-        self.send_all({'t': 'stop', 'drain': drain})
+        self.send_all('stop', drain=drain)
         self._stop_within(drain + WORKER_STOP_GRACE)
 
     def stop_now(self):
         self.stopping = True
-        self.send_all({'t': 'stop_now'})
+        self.send_all('stop_now')
         self._stop_within(WORKER_STOP_GRACE)
 
     def _stop_within(self, seconds):
@@ -6983,7 +7082,7 @@ class Master(object):
             else:
                 if self.next_slot >= self.counters.capacity:
                     self.counters.grow(2 * self.counters.capacity)
-                    self.send_all({'t': 'counters', 'size': self.counters.size})
+                    self.send_all('counters', size=self.counters.size)
                 slot = self.next_slot
                 self.next_slot += 1
             for row in range(self.counters.rows):
@@ -7320,7 +7419,7 @@ def main(argv=None):
     else:
         # Spawned now, as the user the master became; ready once they all accept.
         master = Master(director, workers, verbose=args.verbose)
-        master.on_ready = notifier.ready
+        master.when_ready = notifier.ready
         master.start()
         log.info('started %d worker(s)', workers)
     notifier.start_watchdog(director.loop, director.serving)

@@ -11,6 +11,7 @@ client to a worker that is.  The life-cycle tests run a real master process
 
 import contextlib
 import errno
+import inspect
 import json
 import os
 import re
@@ -877,16 +878,16 @@ class StaleWorkerTest(WorkersCase):
 
         def stray_worker_1():
             # A change the master never made (worker 1 strays), then one it cannot apply.
-            channel = master.workers[0].channel
-            channel.send({'t': 'do', 'method': 'add_host', 'args': ['web', 'main', 'stray', stray.address],
-                          'kwargs': {'weight': 1000}, 'seq': master.seq})
-            channel.send({'t': 'do', 'method': 'del_host', 'args': ['web', 'main', 'nosuch'], 'kwargs': {},
-                          'seq': master.seq})
+            worker = master.workers[0]
+            master.send_to(worker, 'call', method='add_host', args=['web', 'main', 'stray', stray.address],
+                           kwargs={'weight': 1000}, slots=[], seq=master.seq)
+            master.send_to(worker, 'call', method='del_host', args=['web', 'main', 'nosuch'], kwargs={},
+                           slots=[], seq=master.seq)
         self.balancer.call(stray_worker_1)
         LOG.wait_for("worker 1 (pid %d) could not apply del_host: no host 'nosuch' in web/main; "
                      "sending it the running config again" % first, mark)
         # Anything sent after the repair is acknowledged once the repair is applied.
-        self.balancer.call(master.send_all, {'t': 'sticky', 'entries': []})
+        self.balancer.call(lambda: master.send_all('sticky', entries=[]))
         self.assertEqual(self.generations(), [(1, False), (1, False)])
         # Repaired: the master's config again, the stray host gone.
         self.assertEqual([self.name_via(pid) for pid in (first, second, first)], ['a', 'a', 'a'])
@@ -904,7 +905,7 @@ class StaleWorkerTest(WorkersCase):
         first, second = self.pids()
         held, _ = self.via(first)
         mark = LOG.mark()
-        self.balancer.call(lambda: master.workers[0].channel.send({'t': 'stop', 'drain': 30}))
+        self.balancer.call(lambda: master.send_to(master.workers[0], 'stop', drain=30))
         LOG.wait_for('stopping: 1 connection(s) open, waiting up to 30 s', mark)
         self.rewrite(service_xml([('a', a.address)], listen_port=port),
                      service_xml([('two', two.address)], name='more', listen_port=new_port))
@@ -936,8 +937,9 @@ class StaleWorkerTest(WorkersCase):
             return running_xml()
         mark = LOG.mark()
         with mock.patch.object(director, 'running_xml', broken_once):
-            self.balancer.director.loop.call(lambda: master.workers[0].channel.send(
-                {'t': 'do', 'method': 'del_host', 'args': ['web', 'main', 'nosuch'], 'kwargs': {}, 'seq': master.seq}))
+            self.balancer.director.loop.call(lambda: master.send_to(
+                master.workers[0], 'call', method='del_host', args=['web', 'main', 'nosuch'], kwargs={}, slots=[],
+                seq=master.seq))
             line = LOG.wait_for('worker 1 (pid %d) could not apply the running config either: ' % first, mark)[0]
         self.assertRegex(line, r': test\.xml:1: .*; restarting it\Z')
         # It lets its connection finish first.
@@ -1127,6 +1129,78 @@ class ChannelTest(BalancerCase):
         wait_until(lambda: sorted(lost) == ['a', 'b'])   # (either may be told first)
         self.assertEqual(got, [])
         LOG.wait_for('bad message: a message of 4294967295 bytes', self.mark)
+
+
+class MessageTableTest(unittest.TestCase):
+    """Generated from pydirector.MESSAGES: a new row is covered with no change here."""
+
+    def handler(self, row):
+        """The handler's parameters after self (and a Master's worker): (required, optional)."""
+        side = pydirector.Worker if row.direction == pydirector.DOWN else pydirector.Master
+        params = list(inspect.signature(getattr(side, row.handler)).parameters.values())[1:]
+        if side is pydirector.Master:
+            self.assertEqual(params.pop(0).name, 'worker')
+        return (set(p.name for p in params if p.default is p.empty),
+                set(p.name for p in params if p.default is not p.empty))
+
+    def test_every_row_has_its_handler_on_its_side_taking_its_fields(self):
+        for kind, row in pydirector.MESSAGES.items():
+            with self.subTest(kind=kind):
+                self.assertEqual(row.kind, kind)
+                self.assertIn(row.direction, (pydirector.DOWN, pydirector.UP))
+                # Names the wire or the send methods take for themselves (send_to(to, kind, fds)).
+                self.assertFalse((row.fields | row.optional) & {'t', 'fds', 'kind', 'to'})
+                if row.handler is None:
+                    self.assertEqual(kind, 'config')    # the first, which run_worker reads
+                    continue
+                required, optional = self.handler(row)
+                self.assertEqual(required, row.fields | ({'fds'} if row.fds else set()))
+                self.assertEqual(optional, row.optional - {'seq'})
+
+    def test_every_handler_has_a_row(self):
+        handlers = set((row.direction, row.handler) for row in pydirector.MESSAGES.values())
+        for side, direction in ((pydirector.Worker, pydirector.DOWN), (pydirector.Master, pydirector.UP)):
+            for name in dir(side):
+                if name.startswith('on_') and name != 'on_message':
+                    self.assertIn((direction, name), handlers)
+
+    def test_a_message_unlike_its_row_is_not_sent(self):
+        new = pydirector.new_message
+        down, up = pydirector.DOWN, pydirector.UP
+        self.assertEqual(new('stop', down, {'drain': 1}), {'t': 'stop', 'drain': 1})
+        self.assertEqual(new('reload', down, dict.fromkeys(['xml', 'path', 'generation', 'hosts', 'listens', 'slots']),
+                             [7])['t'], 'reload')
+        for kind, direction, fields, fds, problem in [
+                ('stop', down, {}, (), 'stop message: no drain'),
+                ('stop', down, {'drain': 1, 'when': 2}, (), 'stop message: unknown when'),
+                ('stop', down, {'drain': 1}, [7], 'stop message: sockets sent along'),
+                ('stop', up, {'drain': 1}, (), "no up message 'stop'"),
+                ('nosuch', down, {}, (), "no down message 'nosuch'")]:
+            with self.subTest(kind=kind, fields=fields):
+                with self.assertRaises(ValueError) as caught:
+                    new(kind, direction, fields, fds)
+                self.assertEqual(str(caught.exception), problem)
+
+    def test_a_message_unlike_its_row_is_refused_on_receipt_and_its_sockets_closed(self):
+        received = pydirector.received
+        row, fields = received({'t': 'stop', 'drain': 1, 'seq': 4}, pydirector.DOWN, [])
+        self.assertEqual((row.handler, fields), ('on_stop', {'drain': 1}))      # seq is the dispatcher's
+        row, fields = received({'t': 'ack', 'seq': 4, 'generation': 2}, pydirector.UP, [])
+        self.assertEqual((row.handler, fields), ('on_ack', {'seq': 4, 'generation': 2}))
+        for message, direction, problem in [
+                ({'t': 'stop'}, pydirector.DOWN, 'stop message: no drain'),
+                ({'t': 'ack', 'seq': 4, 'generation': 2}, pydirector.DOWN, "unknown message 'ack'"),
+                ({'t': 'config'}, pydirector.DOWN, "unknown message 'config'"),    # only ever the first
+                ({'drain': 1}, pydirector.DOWN, 'unknown message None'),
+                ({'t': 'stop', 'drain': 1, 'fds': 1}, pydirector.DOWN, 'stop message: sockets sent along')]:
+            with self.subTest(message=message):
+                read, write = os.pipe()
+                os.close(write)
+                with self.assertRaises(pydirector.MessageError) as caught:
+                    received(message, direction, [read])
+                self.assertEqual(str(caught.exception), problem)
+                with self.assertRaises(OSError):
+                    os.fstat(read)
 
 
 class ConfigTest(unittest.TestCase):
