@@ -27,6 +27,7 @@ import ipaddress
 import json
 import logging
 import logging.handlers
+import operator
 import os
 import random
 import re
@@ -5852,17 +5853,103 @@ class Channel(object):
             raise
 
 
-# Fields of a counted thing's line, one line of COUNTER_FIELDS int64s per process.
-COUNTER_FIELDS = 16     # 128 bytes: two cache lines of its own, so no two processes write one
-HOST_OPEN, HOST_TOTAL, HOST_BYTES_IN, HOST_BYTES_OUT = 0, 1, 2, 3
-SERVICE_OPEN, SERVICE_ACCEPTED, SERVICE_FAILOVERS, SERVICE_REFUSED, SERVICE_DENIED, SERVICE_QUEUED = range(6)
-SERVICE_HEAD = 6        # when the first client of this process's queue came (monotonic µs; 0: none)
-ADDRESS_READING, ADDRESS_UNMATCHED = 0, 1      # then ADDRESS_BAD + i for HELLO_PROBLEMS[i]
-ADDRESS_BAD = 2
-HEARTBEAT_SLOT = 0      # slot 0 is the processes' own: the line of each holds...
-HEARTBEAT = 0           # ...when its loop last ran its tick (monotonic µs; 0: not yet)
-GAUGES = {'host': (HOST_OPEN,), 'service': (SERVICE_OPEN, SERVICE_QUEUED, SERVICE_HEAD), 'address': (ADDRESS_READING,),
-          'process': (HEARTBEAT,)}
+COUNTER_FIELDS = 16     # int64s in a line: 128 bytes, two cache lines of its own, so no two processes write one
+HEARTBEAT_SLOT = 0      # slot 0 is the processes' own: see the 'process' rows below
+
+
+class Counter(object):
+    """A field of a counted thing's line in the SharedCounters: a row of COUNTERS.
+
+    kind: of the thing ('service', 'host', 'address'; 'process', the line of
+    each process in slot 0); a kind's fields take the places of its line in
+    the table's order.  gauge: a value of now (open connections, a queue),
+    not a count that only grows: a worker that dies takes it along, where its
+    counts are kept (SharedCounters.fold).  value: what a worker writes, the
+    attribute of its running object by that name or a function of (its
+    WorkerCounts, the object); None: code of its own writes it.  into: where
+    the master puts the sum over every process, the attribute by that name
+    or a function of (the object, the sum, the host's group); by default the
+    attribute value names, if it names one (else nowhere).
+    """
+
+    __slots__ = ('kind', 'name', 'value', 'gauge', 'into')
+
+    def __init__(self, kind, name, value, gauge=False, into=None):
+        self.kind = kind
+        self.name = name
+        self.value = value
+        self.gauge = gauge
+        self.into = into if into is not None or not isinstance(value, str) else value
+
+
+def worker_open(counts, host):
+    """A worker's own connections to a host: its Host counts the other workers' too."""
+    return host.open - counts.others.get(host, 0)
+
+
+def hellos_reading(counts, listener):
+    """A listener's clients reading their hello (counted once a publish, which resets counts.reading)."""
+    if counts.reading is None:
+        counts.reading = collections.Counter(reader.listener for reader in counts.director.hellos)
+    return counts.reading[listener]
+
+
+def _set_bad(kind):
+    def into(listener, value, group):
+        listener.bad[kind] = value
+    return into
+
+
+COUNTERS = (
+    Counter('process', 'heartbeat', None, gauge=True),     # when its loop last ran its tick (monotonic µs; 0: not yet)
+    Counter('service', 'open', 'open', gauge=True),
+    Counter('service', 'accepted', 'accepted'),
+    Counter('service', 'failovers', 'failovers'),
+    Counter('service', 'refused', 'refused'),
+    Counter('service', 'denied', 'denied'),
+    Counter('service', 'queued', lambda counts, service: len(service.queue), gauge=True, into='waiting'),
+    # When the first client of this process's queue came (monotonic µs; 0: none): whose turn it is.
+    Counter('service', 'head', lambda counts, service: queue_head(service), gauge=True),
+    Counter('host', 'open', worker_open, gauge=True,
+            into=lambda host, value, group: group.scheduler.set_open(host, value)),   # its structures kept in step
+    Counter('host', 'total', 'total'),
+    Counter('host', 'bytes_in', 'bytes_in'),
+    Counter('host', 'bytes_out', 'bytes_out'),
+    Counter('address', 'reading', hellos_reading, gauge=True, into='reading_elsewhere'),
+    Counter('address', 'unmatched', 'unmatched'),
+) + tuple(Counter('address', 'bad ' + kind, lambda counts, listener, kind=kind: listener.bad.get(kind, 0),
+                  into=_set_bad(kind)) for kind in HELLO_PROBLEMS)
+
+
+def _counter_places():
+    places = {}
+    for row in COUNTERS:
+        places[row.kind, row.name] = sum(1 for key in places if key[0] == row.kind)
+    return places
+
+
+COUNTER_PLACE = _counter_places()       # (kind, name) -> its place in the kind's line
+GAUGES = dict((kind, frozenset(COUNTER_PLACE[kind, row.name] for row in COUNTERS if row.kind == kind and row.gauge))
+              for kind in set(row.kind for row in COUNTERS))
+
+
+def _reads():
+    reads = collections.defaultdict(list)
+    for row in COUNTERS:
+        if isinstance(row.into, str):
+            reads[row.kind].append((COUNTER_PLACE[row.kind, row.name],
+                                    lambda thing, value, group, name=row.into: setattr(thing, name, value)))
+        elif row.into is not None:
+            reads[row.kind].append((COUNTER_PLACE[row.kind, row.name], row.into))
+    return reads
+
+
+COUNTER_READS = _reads()    # kind -> [(place, a function of (object, sum, group) that puts it)]: Master.read_counts
+# The places the limits and the pages read by themselves.
+HEARTBEAT = COUNTER_PLACE['process', 'heartbeat']
+SERVICE_OPEN, SERVICE_ACCEPTED, SERVICE_QUEUED, SERVICE_HEAD = (
+    COUNTER_PLACE['service', name] for name in ('open', 'accepted', 'queued', 'head'))
+HOST_OPEN = COUNTER_PLACE['host', 'open']
 
 
 class SharedCounters(object):
@@ -5984,6 +6071,25 @@ def queue_head(service):
     return int(service.queue[0].started * 1e6) if service.queue else 0
 
 
+def counted_things(services):
+    """(running object, slot key, the host's group or None) of everything counted:
+    each service, host and listen address once.  The key names it in every process:
+    ('service', name), ('host', service, group, name), ('address', host, port) as
+    Listen.key compares addresses."""
+    found = []
+    seen = set()
+    for service in services:
+        found.append((service, ('service', service.name), None))
+        for group in service.groups.values():
+            for host in group.scheduler.hosts:
+                found.append((host, ('host', service.name, group.name, host.name), group))
+        for listener in service.listeners:
+            if listener not in seen:
+                seen.add(listener)
+                found.append((listener, ('address',) + listener.listen.key, None))
+    return found
+
+
 class WorkerCounts(object):
     """A worker's side of the SharedCounters (its Director's `worker_counts`).
 
@@ -6008,10 +6114,20 @@ class WorkerCounts(object):
         self.slot_of = {}       # running object -> slot
         self.own = {}           # running object -> the index of its line in this worker's row
         self.elsewhere = {}     # running object -> [the index of its line in each other row]
+        self.kind_of = {}       # running object -> its kind ('service', 'host', 'address')
         self.others = {}        # host -> the other workers' open connections to it, as last read
         self.group_of = {}      # host -> its running group (whose scheduler keeps its load)
         self.aware = []         # hosts whose load other workers need (maxconns, leastconns)
         self.counted_services = []
+        self.reading = None     # listener -> clients reading their hello, while a publish writes
+        # kind -> [(place, a function giving its value from the running object)], as COUNTERS says.
+        self.fields = collections.defaultdict(list)
+        for row in COUNTERS:
+            if row.value is not None:
+                get = operator.attrgetter(row.value) if isinstance(row.value, str) else row.value.__get__(self)
+                self.fields[row.kind].append((COUNTER_PLACE[row.kind, row.name], get))
+        self.service_fields = self.fields['service']
+        self.host_fields = self.fields['host']
         self.ticks = 0
         self.seen = None        # what the director had counted at the last tick
         self.seen_full = None
@@ -6022,51 +6138,35 @@ class WorkerCounts(object):
         self.timer = director.loop.call_later(self.TICK, self.tick)
 
     def update(self, entries):
-        """Slots from the master ([kind, names..., slot]), then the map of running objects again."""
+        """Slots from the master ([kind, names..., slot]: see counted_things), then the
+        map of running objects again."""
         for entry in entries or ():
-            key = tuple(entry[:-1]) if entry[0] != 'address' else ('address', address_key(*entry[1:3]))
-            self.slots[key] = entry[-1]
+            self.slots[tuple(entry[:-1])] = entry[-1]
         self.rebuild()
 
     def remap(self, size):
         """The master grew the file: the lines stay where they were."""
         self.counters.remap(size)
 
-    def things(self):
-        """(object, slot key) of everything counted in the running config."""
-        found = []
-        for service in self.director.services.values():
-            found.append((service, ('service', service.name)))
-            for group in service.groups.values():
-                for host in group.scheduler.hosts:
-                    found.append((host, ('host', service.name, group.name, host.name)))
-            for listener in service.listeners:
-                found.append((listener, ('address', listener.listen.key)))
-        return found
-
     def rebuild(self):
         counters = self.counters
         row = counters.row
         old = self.slot_of
-        self.slot_of, self.own, self.elsewhere = {}, {}, {}
+        self.slot_of, self.own, self.elsewhere, self.kind_of, self.group_of = {}, {}, {}, {}, {}
         self.aware = []
-        for thing, key in self.things():
+        for thing, key, group in counted_things(self.director.services.values()):
+            if group is not None:
+                self.group_of[thing] = group
             slot = self.slots.get(key)
             if slot is None or slot >= counters.capacity:
                 continue
             self.slot_of[thing] = slot
+            self.kind_of[thing] = key[0]
             self.own[thing] = counters.line(slot, row)
             self.elsewhere[thing] = [counters.line(slot, r) for r in range(counters.rows - 1) if r != row]
+            if group is not None and (thing.maxconns or group.scheduler.name in LOAD_AWARE):
+                self.aware.append(thing)
         self.counted_services = [s for s in self.director.services.values() if s in self.own]
-        self.group_of = {}
-        for service in self.director.services.values():
-            for group in service.groups.values():
-                load_aware = group.scheduler.name in LOAD_AWARE
-                for host in group.scheduler.hosts:
-                    self.group_of[host] = group
-                    if host in self.own and (load_aware or host.maxconns):
-                        if host not in self.aware:
-                            self.aware.append(host)
         for thing, slot in old.items():
             if self.slot_of.get(thing) != slot:
                 counters.zero(slot, row)      # no longer ours to count: the master may reuse it
@@ -6104,7 +6204,7 @@ class WorkerCounts(object):
         counters.lock(slot)
         try:
             others = self.read_others(host, view)
-            own = host.open - self.others.get(host, 0)
+            own = worker_open(self, host)
             self.set_others(host, others)
             if own + others >= host.maxconns:
                 return False
@@ -6186,61 +6286,37 @@ class WorkerCounts(object):
     def closed(self, pair):
         """A client closed: its service's and host's lines now, before the master is asked."""
         view = self.counters.view
+        own = self.own
         service = pair.service
-        at = self.own.get(service)
+        at = own.get(service)
         if at is not None:
-            view[at + SERVICE_ACCEPTED] = service.accepted
-            view[at + SERVICE_FAILOVERS] = service.failovers
-            view[at + SERVICE_REFUSED] = service.refused
-            view[at + SERVICE_DENIED] = service.denied
-            view[at + SERVICE_QUEUED] = len(service.queue)
-            view[at + SERVICE_HEAD] = queue_head(service)
-            view[at + SERVICE_OPEN] = service.open
+            for place, get in self.service_fields:
+                view[at + place] = get(service)
         host = pair.host
         if host is not None:
-            at = self.own.get(host)
+            at = own.get(host)
             if at is not None:
-                view[at + HOST_TOTAL] = host.total
-                view[at + HOST_BYTES_IN] = host.bytes_in
-                view[at + HOST_BYTES_OUT] = host.bytes_out
-                view[at + HOST_OPEN] = host.open - self.others.get(host, 0)
+                for place, get in self.host_fields:
+                    view[at + place] = get(host)
 
     def publish(self, things):
         view = self.counters.view
         own = self.own
-        others = self.others
-        reading = None
+        kind_of = self.kind_of
+        fields = self.fields
+        self.reading = None
         for thing in things:
             at = own.get(thing)
-            if at is None:
-                continue
-            if isinstance(thing, schedulers.Host):
-                view[at + HOST_TOTAL] = thing.total
-                view[at + HOST_BYTES_IN] = thing.bytes_in
-                view[at + HOST_BYTES_OUT] = thing.bytes_out
-                view[at + HOST_OPEN] = thing.open - others.get(thing, 0)
-            elif isinstance(thing, RunningService):
-                view[at + SERVICE_ACCEPTED] = thing.accepted
-                view[at + SERVICE_FAILOVERS] = thing.failovers
-                view[at + SERVICE_REFUSED] = thing.refused
-                view[at + SERVICE_DENIED] = thing.denied
-                view[at + SERVICE_QUEUED] = len(thing.queue)
-                view[at + SERVICE_HEAD] = queue_head(thing)
-                view[at + SERVICE_OPEN] = thing.open
-            else:
-                if reading is None:
-                    reading = collections.Counter(reader.listener for reader in self.director.hellos)
-                view[at + ADDRESS_READING] = reading[thing]
-                view[at + ADDRESS_UNMATCHED] = thing.unmatched
-                for index, kind in enumerate(HELLO_PROBLEMS):
-                    view[at + ADDRESS_BAD + index] = thing.bad.get(kind, 0)
+            if at is not None:
+                for place, get in fields[kind_of[thing]]:
+                    view[at + place] = get(thing)
 
     def publish_open(self, hosts):
         view = self.counters.view
         for host in hosts:
             at = self.own.get(host)
             if at is not None:
-                view[at + HOST_OPEN] = host.open - self.others.get(host, 0)
+                view[at + HOST_OPEN] = worker_open(self, host)
 
     def beat(self):
         """Our heartbeat: the master kills a worker whose loop stops stamping it."""
@@ -6705,7 +6781,7 @@ class Master(object):
         self.sent_listeners = set()
         self.retired = []               # [listen key, socket, seq] of removed listens (see retire)
         self.beat_timer = None
-        self.counters = SharedCounters.create(count + 1, max(256, 2 * len(self.things())))
+        self.counters = SharedCounters.create(count + 1, max(256, 2 * len(counted_things(director.services.values()))))
         self.assign()
         director.master = self
 
@@ -7047,32 +7123,17 @@ class Master(object):
 
     # -- counters ---------------------------------------------------------------
 
-    def things(self):
-        """(running object, kind, names) of everything counted."""
-        found = []
-        seen = set()
-        for service in self.director.services.values():
-            found.append((service, 'service', [service.name]))
-            for group in service.groups.values():
-                for host in group.scheduler.hosts:
-                    found.append((host, 'host', [service.name, group.name, host.name]))
-            for listener in service.listeners:
-                if listener not in seen:
-                    seen.add(listener)
-                    found.append((listener, 'address', [listener.listen.host, listener.listen.port]))
-        return found
-
     def assign(self):
         """Give each counted thing of the running config a slot; the [kind, names...,
         slot] of those new since last time.  Slots of things gone are reused once every
         worker has applied the change that removed them (and cleared its line)."""
-        things = self.things()
+        things = counted_things(self.director.services.values())
         current = set(thing for thing, _, _ in things)
         for thing in [t for t in self.slot_of if t not in current]:
             self.freed.append(self.slot_of.pop(thing))
         applied = self.applied()
         new = {}
-        for thing, kind, names in things:
+        for thing, key, _ in things:
             if thing in self.slot_of:
                 continue
             reusable = [entry for entry in self.free if entry[0] <= applied]
@@ -7088,38 +7149,26 @@ class Master(object):
             for row in range(self.counters.rows):
                 self.counters.zero(slot, row)
             self.slot_of[thing] = slot
-            self.kind_of[slot] = kind
+            self.kind_of[slot] = key[0]
             new[thing] = slot
         return self.slot_entries(new)
 
     def slot_entries(self, slots):
-        return [[kind] + names + [slots[thing]] for thing, kind, names in self.things() if thing in slots]
+        return [list(key) + [slots[thing]] for thing, key, _ in counted_things(self.director.services.values())
+                if thing in slots]
 
     def read_counts(self):
         """The sums of every row into the master's running objects, for the pages
-        (a host's open count through its scheduler, which explain asks)."""
+        (a host's open count through its scheduler, which explain asks), as
+        COUNTERS says where."""
         sums = self.counters.sums
         slot_of = self.slot_of
-        for service in self.director.services.values():
-            slot = slot_of.get(service)
+        for thing, key, group in counted_things(self.director.services.values()):
+            slot = slot_of.get(thing)
             if slot is not None:
-                (service.open, service.accepted, service.failovers, service.refused, service.denied,
-                 service.waiting) = sums(slot)[:6]
-            for group in service.groups.values():
-                scheduler = group.scheduler
-                for host in scheduler.hosts:
-                    slot = slot_of.get(host)
-                    if slot is not None:
-                        values = sums(slot)
-                        scheduler.set_open(host, values[HOST_OPEN])
-                        host.total, host.bytes_in, host.bytes_out = values[HOST_TOTAL:HOST_BYTES_OUT + 1]
-            for listener in service.listeners:
-                slot = slot_of.get(listener)
-                if slot is not None:
-                    values = sums(slot)
-                    listener.reading_elsewhere = values[ADDRESS_READING]
-                    listener.unmatched = values[ADDRESS_UNMATCHED]
-                    listener.bad = dict((kind, values[ADDRESS_BAD + i]) for i, kind in enumerate(HELLO_PROBLEMS))
+                values = sums(slot)
+                for place, into in COUNTER_READS[key[0]]:
+                    into(thing, values[place], group)
 
     def open_connections(self, worker):
         """A worker's open client connections, as its row says."""

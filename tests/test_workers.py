@@ -1203,6 +1203,114 @@ class MessageTableTest(unittest.TestCase):
                     os.fstat(read)
 
 
+class CounterTableTest(BalancerCase):
+    """Generated from pydirector.COUNTERS: a new field is covered with no change here,
+    unless a function gives its value (then a line saying how to set it up)."""
+
+    def two_sides(self):
+        """A master's Director and Master, and a worker's Director and WorkerCounts on
+        the same counters, in this process (no worker process, no loop running)."""
+        xml = config_xml(service_xml([('one', '127.0.0.1:1'), ('two', '127.0.0.1:2')], listen_port=free_port()))
+        master_director = pydirector.Director(pydirector.parse_config(xml, 'test.xml'), accept=False)
+        self.addCleanup(master_director.loop.close)
+        self.addCleanup(master_director._close_listeners)
+        master_director.bind()
+        master = pydirector.Master(master_director, 1)
+        self.addCleanup(master.close)
+        director = pydirector.Director(pydirector.parse_config(xml, 'test.xml'), resolve_names=False)
+        self.addCleanup(director.loop.close)
+        self.addCleanup(director._close_listeners)
+        director.listen_sockets = dict((l.listen.key, l.sock.dup()) for l in master_director.services['web'].listeners)
+        director.bind()
+        counters = pydirector.SharedCounters(os.dup(master.counters.fd), 2, 0, master.counters.size)
+        self.addCleanup(counters.close)
+        counts = director.worker_counts = pydirector.WorkerCounts(director, counters)
+        self.addCleanup(counts.timer.cancel)
+        counts.update(master.slot_entries(master.slot_of))
+        return master, master_director, counts, director
+
+    def test_each_field_a_worker_writes_reaches_the_master(self):
+        master, master_director, counts, director = self.two_sides()
+        service = director.services['web']
+        host = service.groups['main'].scheduler.hosts[0]
+        listener = service.listeners[0]
+        things = {'service': service, 'host': host, 'address': listener}
+
+        class Queued(object):
+            started = 12.5
+
+        class Reader(object):
+            pass
+        reader = Reader()
+        reader.listener = listener
+        # How each field a function gives is set up, and the value it should give.
+        computed = {
+            ('service', 'queued'): (lambda: service.queue.extend([Queued(), Queued()]), 2),
+            ('service', 'head'): (lambda: None, 12500000),      # the first queued client's start, in µs
+            ('host', 'open'): (lambda: (service.groups['main'].scheduler.set_open(host, 7),
+                                        counts.others.__setitem__(host, 3)), 4),
+            ('address', 'reading'): (lambda: director.hellos.add(reader), 1),
+        }
+        for i, kind in enumerate(pydirector.HELLO_PROBLEMS):
+            computed['address', 'bad ' + kind] = (lambda kind=kind, i=i: listener.bad.__setitem__(kind, 50 + i), 50 + i)
+        written = {}
+        for n, row in enumerate(pydirector.COUNTERS):
+            if row.value is None:
+                continue
+            with self.subTest(kind=row.kind, name=row.name):
+                if isinstance(row.value, str):
+                    setattr(things[row.kind], row.value, 1000 + n)
+                    written[row] = 1000 + n
+                else:
+                    self.assertIn((row.kind, row.name), computed, 'say here how to set it up')
+                    setup, written[row] = computed[row.kind, row.name]
+                    setup()
+        counts.publish(list(counts.slot_of))
+        service.queue.clear()
+        director.hellos.clear()
+        master.read_counts()
+        master_things = {'service': master_director.services['web'], 'address': master_director.services['web'].listeners[0],
+                         'host': master_director.services['web'].groups['main'].scheduler.hosts[0]}
+        # Where each field a function puts it, to read it back.
+        put = {('host', 'open'): lambda host: host.open}
+        for kind in pydirector.HELLO_PROBLEMS:
+            put['address', 'bad ' + kind] = lambda listener, kind=kind: listener.bad[kind]
+        for row, value in written.items():
+            with self.subTest(kind=row.kind, name=row.name):
+                thing = master_things[row.kind]
+                self.assertEqual(master.counters.sums(master.slot_of[thing])[
+                    pydirector.COUNTER_PLACE[row.kind, row.name]], value)
+                if isinstance(row.into, str):
+                    self.assertEqual(getattr(thing, row.into), value)
+                elif row.into is not None:
+                    self.assertIn((row.kind, row.name), put, 'say here where it goes')
+                    self.assertEqual(put[row.kind, row.name](thing), value)
+
+    def test_a_dead_workers_counts_are_kept_and_its_gauges_dropped(self):
+        rows = 3
+        counters = pydirector.SharedCounters.create(rows, 4)
+        self.addCleanup(counters.close)
+        kinds = sorted(set(row.kind for row in pydirector.COUNTERS))
+        slot_kinds = dict(enumerate(kinds))
+        for slot, kind in slot_kinds.items():
+            for place in range(pydirector.COUNTER_FIELDS):
+                counters.view[counters.line(slot, 0) + place] = 10 + place
+                counters.view[counters.line(slot, rows - 1) + place] = 1
+        counters.fold(0, slot_kinds)
+        for row in pydirector.COUNTERS:
+            with self.subTest(kind=row.kind, name=row.name):
+                slot = kinds.index(row.kind)
+                place = pydirector.COUNTER_PLACE[row.kind, row.name]
+                self.assertEqual(counters.view[counters.line(slot, 0) + place], 0)
+                self.assertEqual(counters.view[counters.line(slot, rows - 1) + place], 1 if row.gauge else 11 + place)
+
+    def test_each_kind_fits_its_line(self):
+        for kind in set(row.kind for row in pydirector.COUNTERS):
+            places = sorted(place for (k, _), place in pydirector.COUNTER_PLACE.items() if k == kind)
+            self.assertEqual(places, list(range(len(places))))
+            self.assertLessEqual(len(places), pydirector.COUNTER_FIELDS)
+
+
 class ConfigTest(unittest.TestCase):
 
     def parse(self, attrs):
