@@ -6749,8 +6749,8 @@ class Master(object):
     Director makes (send_all, from the Director's hooks, replay and reloaded;
     the messages are the rows of MESSAGES, and what the workers send up goes
     to the handler its row names, on_message), each with a sequence number the
-    worker acknowledges once it has applied it; sync() waits for that, so an admin change answers only
-    after every live worker has made it.  Each reload makes a new config
+    worker acknowledges once it has applied it; sync() waits for that, so an
+    admin change answers only after every live worker has made it.  Each reload makes a new config
     generation, which every worker says it runs; one that could not apply a
     change is sent the whole config again, and restarted if it cannot apply
     that either (repair).  A worker that dies is restarted at once (after a
