@@ -28,6 +28,7 @@ import ipaddress
 import json
 import logging
 import logging.handlers
+import operator
 import os
 import random
 import re
@@ -4043,7 +4044,7 @@ class Listener(object):
     def add_to_loop(self):
         # EPOLLEXCLUSIVE (Linux 4.5+): of the workers waiting on a shared listening
         # socket, a new client wakes one, not every one (the thundering herd).
-        self.loop.add(self.fd, EVENT_READ | (LISTEN_EXCLUSIVE if self.director.workers_share else 0),
+        self.loop.add(self.fd, EVENT_READ | (LISTEN_EXCLUSIVE if self.director.worker is not None else 0),
                       self._on_readable)
 
     def __repr__(self):
@@ -4080,7 +4081,14 @@ class Listener(object):
             if self.paused:
                 self.paused = False
                 log.info('listen %s: accepting again', self.text)
-            on_accept(self, new_socket(family, SOCK_STREAM, 0, fd), client_addr)
+            client_sock = new_socket(family, SOCK_STREAM, 0, fd)
+            client_sock.setblocking(False)
+            if not NODELAY_INHERITED:
+                try:
+                    client_sock.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
+                except OSError:
+                    pass
+            on_accept(self, client_sock, client_addr)
 
     def pause(self, err):
         """Out of fds: a pending client stays queued and would wake us forever; look again shortly."""
@@ -4410,16 +4418,16 @@ class Pair(object):
     def wait_in_queue(self):
         service = self.service
         queue = service.queue
-        shared = self.director.shared
-        if len(queue) >= QUEUE_LIMIT if shared is None else shared.queue_full(service):
+        counts = self.director.worker_counts
+        if len(queue) >= QUEUE_LIMIT if counts is None else counts.queue_full(service):
             service.refused += 1
             self.close('full')
             return
         self.state = QUEUED
         queue.append(self)
         self.timer = self.loop.call_later(service.timeouts.queue, self._on_queue_timeout)
-        if shared is not None:
-            shared.queue_changed(service)
+        if counts is not None:
+            counts.queue_changed(service)
 
     def leave_queue(self):
         """A slot is free: connect (the director has taken us off the queue)."""
@@ -4440,11 +4448,11 @@ class Pair(object):
         """Try the next host the scheduler offers; close the client when none is left."""
         scheduler = self.group.scheduler
         tried = self.tried
-        master = self.director.master
-        if master is None:
+        worker = self.director.worker
+        if worker is None:
             host = scheduler.pick(self.client_ip, tried)
         else:
-            host = master.pick(self, scheduler)     # a worker: limits and sticky entries shared
+            host = worker.pick(self, scheduler)     # limits and sticky entries shared with the other workers
         if host is None:
             self.director.no_host(self)
             return
@@ -4503,9 +4511,9 @@ class Pair(object):
         self.group.scheduler.connection_ended(host)
         host.total -= 1  # an attempt that never connected is not a served connection
         self.host = None
-        if self.director.shared is not None:
+        if self.director.worker_counts is not None:
             # The close will not name this host: its line is brought up to date now.
-            self.director.shared.publish((host,))
+            self.director.worker_counts.publish((host,))
         if err in OUT_OF_FDS:
             self.director.pause_accepting(err)
         if err in LOCAL_CONNECT_ERRORS:
@@ -5842,7 +5850,7 @@ class Health(object):
                     self.set_state(state.service, state.group, host, schedulers.DOWN,
                                    '%s (%d failed probes)' % (reason, host.probe_fail))
                     if check.on_down == 'close':
-                        self.director.close_host_connections(host)
+                        self.director.close_host_connections(state.service, state.group, host)
             elif not (host.reason or '').startswith(reason):
                 # Still down, for a new reason (a name that stopped resolving...): say so once.
                 log.info('host %s (%s) in %s/%s still down: %s', host.name, host.ip,
@@ -5924,7 +5932,7 @@ class Switch(object):
         if drain is not None:
             self.drain_until = time.time() + drain
             self.timers.append(loop.call_later(drain, self._drain))
-        if rollback is not None and director.master is None:
+        if rollback is not None and director.worker is None:
             # A worker's switch does not roll back on its own: its master decides, for all.
             self.rollback_until = time.time() + rollback
             self.timers.append(loop.call_later(rollback, self._check_rollback, rollback))
@@ -6273,8 +6281,8 @@ class Reload(object):
         for listener in listeners.values():   # left over: listened on by no service now
             for reader in [r for r in director.hellos if r.listener is listener]:
                 reader.close('shutdown')
-            if director.workers is not None:
-                director.workers.retire(listener)   # its workers may listen on it still
+            if director.master is not None:
+                director.master.retire(listener)   # its workers may listen on it still
             else:
                 listener.close()
         director.services = services
@@ -6435,8 +6443,8 @@ def replayed(method):
     @functools.wraps(method)
     def change(self, *args, **kwargs):
         result = method(self, *args, **kwargs)
-        if self.workers is not None:
-            self.workers.replay(name, args, kwargs)
+        if self.master is not None:
+            self.master.replay(name, args, kwargs)
         return result
     return change
 
@@ -6546,7 +6554,7 @@ class Actions(object):
         except ValueError as e:
             raise AdminError(400, str(e))
         old = service.enabled
-        if group is not old and not force and self.master is None and not any(
+        if group is not old and not force and self.worker is None and not any(
                 host_state(h) == 'up' for h in group.scheduler.hosts):
             # (A worker takes its master's word: the master has checked.)
             raise AdminError(409, 'refusing to enable group %s of service %s: it has no host up (%s); '
@@ -6615,7 +6623,7 @@ class Actions(object):
 
     def _refuse_last_up(self, service, group, host, admin, force):
         """Draining or maint for the enabled group's last host up leaves the service none."""
-        if admin == schedulers.ENABLED or force or self.master is not None:
+        if admin == schedulers.ENABLED or force or self.worker is not None:
             return
         if group is not service.enabled or host_state(host) != 'up':
             return
@@ -6714,7 +6722,7 @@ class Actions(object):
     def serving(self):
         """Whether clients are served: in one process, while this loop runs (it runs
         this); with workers, while at least one of them runs its loop (Master.live)."""
-        return self.workers is None or bool(self.workers.live())
+        return self.master is None or bool(self.master.live())
 
     def loaded_config_xml(self):
         """The config file as last loaded (at start or by the last reload)."""
@@ -6723,8 +6731,8 @@ class Actions(object):
     def snapshot(self):
         """Everything the admin pages show, as plain dicts and lists (nothing live).
         A master's counters are its workers' sums (Master.read_counts)."""
-        if self.workers is not None:
-            self.workers.read_counts()
+        if self.master is not None:
+            self.master.read_counts()
         services = []
         health = self.health
         for service in self.services.values():
@@ -6764,9 +6772,9 @@ class Actions(object):
             'config_path': self.config.path, 'reloaded': self.reloaded, 'reload': dict(self.last_reload),
             'users': [{'name': u.name, 'access': u.access} for u in self.users.values()],
             'sni': self.sni_snapshot(),
-            'workers': self.workers.snapshot() if self.workers is not None else None,
-            'log_lines_dropped': log_output.dropped + (self.workers.log_lines_dropped()
-                                                       if self.workers is not None else 0),
+            'workers': self.master.snapshot() if self.master is not None else None,
+            'log_lines_dropped': log_output.dropped + (self.master.log_lines_dropped()
+                                                       if self.master is not None else 0),
         }
 
     def sni_snapshot(self):
@@ -6805,8 +6813,8 @@ class Actions(object):
             client_ip = str(ipaddress.ip_address(client))
         except ValueError:
             raise AdminError(400, 'client must be an IP address, not %r' % client)
-        if self.workers is not None:
-            self.workers.read_counts()      # leastconns explains with every worker's connections
+        if self.master is not None:
+            self.master.read_counts()      # leastconns explains with every worker's connections
         if sni is not None:
             try:
                 sni = normalize_server_name(sni)
@@ -6947,15 +6955,15 @@ class Director(Actions):
     def __init__(self, config, loop=None, rng=None, notifier=None, accept=True, resolve_names=True):
         self.loop = loop or Loop()
         # With worker processes (see Workers): a master's Director holds the truth and
-        # does not accept (accept False; workers is its Master); a worker's reports to
-        # its master (master, its MasterLink), counts in shared memory (shared) and
-        # listens on the master's sockets (listen_sockets: address key -> socket).
+        # does not accept (accept False; master is its side of the workers, a Master);
+        # a worker's reports to its master (worker, its link to the master, a Worker),
+        # counts in shared memory (worker_counts, a WorkerCounts) and listens on the
+        # master's sockets (listen_sockets: address key -> socket).
         self.accept = accept
-        self.workers = None
         self.master = None
-        self.shared = None
+        self.worker = None
+        self.worker_counts = None
         self.listen_sockets = None
-        self.workers_share = False
         self.notifier = notifier or Notifier({})    # main() passes the real one
         self.config = config
         self.loaded_xml = config.to_xml()
@@ -7119,7 +7127,7 @@ class Director(Actions):
         """A listening socket for a listen address: bound now, or in a worker the master's."""
         if self.listen_sockets is None:
             # A master reuses a listen's socket it removed but its workers may still hold.
-            sock = self.workers.reuse(listen.key) if self.workers is not None else None
+            sock = self.master.reuse(listen.key) if self.master is not None else None
             return sock if sock is not None else listen_socket(listen.host, listen.port)
         sock = self.listen_sockets.pop(listen.key, None)
         if sock is None:
@@ -7158,8 +7166,8 @@ class Director(Actions):
         self._close_listeners()
         if self.manager is not None:
             self.manager.stop()
-        if self.workers is not None:
-            self.workers.stop(drain)    # the master stops once its last worker has
+        if self.master is not None:
+            self.master.stop(drain)    # the master stops once its last worker has
             return
         log.info('stopping: %d connection(s) open, waiting up to %g s', len(self.pairs), drain)
         if not self.pairs:
@@ -7173,8 +7181,8 @@ class Director(Actions):
         self._close_listeners()
         if self.manager is not None:
             self.manager.stop()
-        if self.workers is not None:
-            self.workers.stop_now()
+        if self.master is not None:
+            self.master.stop_now()
             return
         if self.pairs:
             log.info('closing %d connection(s) still open', len(self.pairs))
@@ -7302,12 +7310,12 @@ class Director(Actions):
                             'undone': reload.undone}
         # Undone runtime changes are a warning: someone's change is gone.
         level = logging.WARNING if reload.undone else logging.INFO
-        log.log(logging.DEBUG if self.master is not None else level, '%s', message)
-        if self.master is None:
+        log.log(logging.DEBUG if self.worker is not None else level, '%s', message)
+        if self.worker is None:
             for line in config_warnings(new):
                 log.warning('%s', line)
-        if self.workers is not None:
-            self.workers.reloaded()
+        if self.master is not None:
+            self.master.reloaded()
         return message
 
     def reload_failed(self, error):
@@ -7321,22 +7329,11 @@ class Director(Actions):
         service = listener.service
         service.accepted += 1
         service.open += 1
-        client_sock.setblocking(False)
-        if not NODELAY_INHERITED:
-            try:
-                client_sock.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
-            except OSError:
-                pass
         pair = Pair(self, service, client_sock, client_addr)
         self.pairs.add(pair)
         maxconns = service.config.maxconns
-        if maxconns and (service.open > maxconns if self.shared is None else self.shared.service_full(service)):
-            service.refused += 1
-            if self.loop.now - service.full_logged >= 1.0:   # one line a second, not one per client
-                service.full_logged = self.loop.now
-                log.warning('service %s: %d connections open (maxconns), refusing new clients',
-                            service.name, maxconns)
-            pair.close('full')
+        if maxconns and (service.open > maxconns if self.worker_counts is None else self.worker_counts.service_full(service)):
+            self.refuse_full(service, pair)
         elif listener.accept_proxy is None:
             self.route(pair)
         elif listener.trusted and not acl_allows(listener.trusted, pair.client_ip):
@@ -7348,12 +7345,6 @@ class Director(Actions):
 
     def on_accept_sni(self, listener, client_sock, client_addr):
         """A client of a listen with sni: its hello comes first (TLSHelloReader, then hello_read)."""
-        client_sock.setblocking(False)
-        if not NODELAY_INHERITED:
-            try:
-                client_sock.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
-            except OSError:
-                pass
         reader = TLSHelloReader(self, listener, client_sock, client_addr)
         self.hellos.add(reader)
         if listener.trusted and not acl_allows(listener.trusted, reader.client_ip):
@@ -7375,7 +7366,7 @@ class Director(Actions):
         pair.bytes_in = len(pair.to_backend)
         self.pairs.add(pair)
         maxconns = service.config.maxconns
-        if maxconns and (service.open > maxconns if self.shared is None else self.shared.service_full(service)):
+        if maxconns and (service.open > maxconns if self.worker_counts is None else self.worker_counts.service_full(service)):
             self.refuse_full(service, pair)
         else:
             self.route(pair)
@@ -7388,7 +7379,7 @@ class Director(Actions):
     def refuse_full(self, service, pair):
         """A client over the service's maxconns: closed at once, logged once a second."""
         service.refused += 1
-        if self.loop.now - service.full_logged >= 1.0:
+        if self.loop.now - service.full_logged >= 1.0:   # one line a second, not one per client
             service.full_logged = self.loop.now
             log.warning('service %s: %d connections open (maxconns), refusing new clients',
                         service.name, service.config.maxconns)
@@ -7421,25 +7412,27 @@ class Director(Actions):
     def connect_failed(self, pair, host, reason):
         """A backend refused or timed out: the host is down until its probes say otherwise.
         A worker marks it down at once and tells its master, which decides for all."""
-        if self.health.set_state(pair.service, pair.group, host, schedulers.DOWN, reason) and self.master is not None:
-            self.master.report_down(pair.service, pair.group, host, reason)
+        if self.health.set_state(pair.service, pair.group, host, schedulers.DOWN, reason) and self.worker is not None:
+            self.worker.report_down(pair.service, pair.group, host, reason)
 
     # Hooks for a master (workers set): what changes here is told to every worker.
 
     def state_changed(self, service, group, host, state, cause):
         """From Health.set_state: a host's health or admin state changed."""
-        if self.workers is not None:
-            self.workers.host_changed(service, group, host, state, cause)
+        if self.master is not None:
+            self.master.send_all('host', service=service.name, group=group.name, host=host.name,
+                                 state=state, cause=cause)
 
     def address_changed(self, service, group, host):
         """From Health: a probe resolved a host's name to a new address."""
-        if self.workers is not None:
-            self.workers.address_changed(service, group, host)
+        if self.master is not None:
+            self.master.send_all('address', service=service.name, group=group.name, host=host.name,
+                                 address=address_to_json(host.address))
 
     def rolled_back(self, service, group):
         """From Switch: the switch was undone, group is enabled again."""
-        if self.workers is not None:
-            self.workers.replay('enable_group', (service.name, group.name), {})
+        if self.master is not None:
+            self.master.replay('enable_group', (service.name, group.name), {})
 
     def host_up(self, service, group):
         """From Health: a host of group came up."""
@@ -7468,12 +7461,12 @@ class Director(Actions):
         """Hand freed slots to waiting clients, first come first served (in a worker:
         across workers, so a place goes to another's client that has waited longer)."""
         queue = service.queue
-        shared = self.shared
+        counts = self.worker_counts
         while queue and not service.enabled.scheduler.full_only(()) and (
-                shared is None or shared.first_in_line(service)):
+                counts is None or counts.first_in_line(service)):
             queue.popleft().leave_queue()
-        if shared is not None:
-            shared.queue_changed(service)
+        if counts is not None:
+            counts.queue_changed(service)
 
     def end_switch(self, service):
         if service.switch is not None:
@@ -7486,11 +7479,11 @@ class Director(Actions):
             for listener in service.listeners:
                 listener.pause(err)
 
-    def close_host_connections(self, host):
+    def close_host_connections(self, service, group, host):
         """<check on_down="close"> (HAProxy's on-marked-down shutdown-sessions): a host
         that stopped answering probes holds its clients hostage; reset them so they retry."""
-        if self.workers is not None:
-            self.workers.close_host(host)
+        if self.master is not None:
+            self.master.send_all('close_host', service=service.name, group=group.name, host=host.name)
         doomed = [pair for pair in self.pairs if pair.host is host and pair.state is STREAMING]
         if doomed:
             log.info('host %s (%s) down: closing its %d connection(s)', host.name, host.ip, len(doomed))
@@ -7503,8 +7496,8 @@ class Director(Actions):
         service.open -= 1
         if service.queue and pair.host is not None:
             self._serve_queue(service)
-        if self.shared is not None:
-            self.shared.closed(pair)
+        if self.worker_counts is not None:
+            self.worker_counts.closed(pair)
         if self.access.enabled:
             self.access.connection(pair, how)
         if self.stopping and not self.pairs:
@@ -7735,18 +7728,105 @@ class Channel(object):
             raise
 
 
-# Fields of a counted thing's line, one line of COUNTER_FIELDS int64s per process.
-COUNTER_FIELDS = 16     # 128 bytes: two cache lines of its own, so no two processes write one
-HOST_OPEN, HOST_TOTAL, HOST_BYTES_IN, HOST_BYTES_OUT = 0, 1, 2, 3
-SERVICE_OPEN, SERVICE_ACCEPTED, SERVICE_FAILOVERS, SERVICE_REFUSED, SERVICE_DENIED, SERVICE_QUEUED = range(6)
-SERVICE_HEAD = 6        # when the first client of this process's queue came (monotonic µs; 0: none)
-ADDRESS_READING, ADDRESS_UNMATCHED = 0, 1      # then ADDRESS_BAD + i for HELLO_PROBLEMS[i]
-ADDRESS_BAD = 2
-HEARTBEAT_SLOT = 0      # slot 0 is the processes' own: the line of each holds...
-HEARTBEAT = 0           # ...when its loop last ran its tick (monotonic µs; 0: not yet)
-LOG_DROPPED = 1         # ...and the log lines its targets dropped (log_output.dropped), a count
-GAUGES = {'host': (HOST_OPEN,), 'service': (SERVICE_OPEN, SERVICE_QUEUED, SERVICE_HEAD), 'address': (ADDRESS_READING,),
-          'process': (HEARTBEAT,)}
+COUNTER_FIELDS = 16     # int64s in a line: 128 bytes, two cache lines of its own, so no two processes write one
+HEARTBEAT_SLOT = 0      # slot 0 is the processes' own: see the 'process' rows below
+
+
+class Counter(object):
+    """A field of a counted thing's line in the SharedCounters: a row of COUNTERS.
+
+    kind: of the thing ('service', 'host', 'address'; 'process', the line of
+    each process in slot 0); a kind's fields take the places of its line in
+    the table's order.  gauge: a value of now (open connections, a queue),
+    not a count that only grows: a worker that dies takes it along, where its
+    counts are kept (SharedCounters.fold).  value: what a worker writes, the
+    attribute of its running object by that name or a function of (its
+    WorkerCounts, the object); None: code of its own writes it.  into: where
+    the master puts the sum over every process, the attribute by that name
+    or a function of (the object, the sum, the host's group); by default the
+    attribute value names, if it names one (else nowhere).
+    """
+
+    __slots__ = ('kind', 'name', 'value', 'gauge', 'into')
+
+    def __init__(self, kind, name, value, gauge=False, into=None):
+        self.kind = kind
+        self.name = name
+        self.value = value
+        self.gauge = gauge
+        self.into = into if into is not None or not isinstance(value, str) else value
+
+
+def worker_open(counts, host):
+    """A worker's own connections to a host: its Host counts the other workers' too."""
+    return host.open - counts.others.get(host, 0)
+
+
+def hellos_reading(counts, listener):
+    """A listener's clients reading their hello (counted once a publish, which resets counts.reading)."""
+    if counts.reading is None:
+        counts.reading = collections.Counter(reader.listener for reader in counts.director.hellos)
+    return counts.reading[listener]
+
+
+def _set_bad(kind):
+    def into(listener, value, group):
+        listener.bad[kind] = value
+    return into
+
+
+COUNTERS = (
+    Counter('process', 'heartbeat', None, gauge=True),     # when its loop last ran its tick (monotonic µs; 0: not yet)
+    Counter('process', 'log_dropped', None),    # the log lines its targets dropped (log_output.dropped), a count
+    Counter('service', 'open', 'open', gauge=True),
+    Counter('service', 'accepted', 'accepted'),
+    Counter('service', 'failovers', 'failovers'),
+    Counter('service', 'refused', 'refused'),
+    Counter('service', 'denied', 'denied'),
+    Counter('service', 'queued', lambda counts, service: len(service.queue), gauge=True, into='waiting'),
+    # When the first client of this process's queue came (monotonic µs; 0: none): whose turn it is.
+    Counter('service', 'head', lambda counts, service: queue_head(service), gauge=True),
+    Counter('host', 'open', worker_open, gauge=True,
+            into=lambda host, value, group: group.scheduler.set_open(host, value)),   # its structures kept in step
+    Counter('host', 'total', 'total'),
+    Counter('host', 'bytes_in', 'bytes_in'),
+    Counter('host', 'bytes_out', 'bytes_out'),
+    Counter('address', 'reading', hellos_reading, gauge=True, into='reading_elsewhere'),
+    Counter('address', 'unmatched', 'unmatched'),
+) + tuple(Counter('address', 'bad ' + kind, lambda counts, listener, kind=kind: listener.bad.get(kind, 0),
+                  into=_set_bad(kind)) for kind in HELLO_PROBLEMS)
+
+
+def _counter_places():
+    places = {}
+    for row in COUNTERS:
+        places[row.kind, row.name] = sum(1 for key in places if key[0] == row.kind)
+    return places
+
+
+COUNTER_PLACE = _counter_places()       # (kind, name) -> its place in the kind's line
+GAUGES = dict((kind, frozenset(COUNTER_PLACE[kind, row.name] for row in COUNTERS if row.kind == kind and row.gauge))
+              for kind in set(row.kind for row in COUNTERS))
+
+
+def _reads():
+    reads = collections.defaultdict(list)
+    for row in COUNTERS:
+        if isinstance(row.into, str):
+            reads[row.kind].append((COUNTER_PLACE[row.kind, row.name],
+                                    lambda thing, value, group, name=row.into: setattr(thing, name, value)))
+        elif row.into is not None:
+            reads[row.kind].append((COUNTER_PLACE[row.kind, row.name], row.into))
+    return reads
+
+
+COUNTER_READS = _reads()    # kind -> [(place, a function of (object, sum, group) that puts it)]: Master.read_counts
+# The places the limits and the pages read by themselves.
+HEARTBEAT = COUNTER_PLACE['process', 'heartbeat']
+LOG_DROPPED = COUNTER_PLACE['process', 'log_dropped']
+SERVICE_OPEN, SERVICE_ACCEPTED, SERVICE_QUEUED, SERVICE_HEAD = (
+    COUNTER_PLACE['service', name] for name in ('open', 'accepted', 'queued', 'head'))
+HOST_OPEN = COUNTER_PLACE['host', 'open']
 
 
 class SharedCounters(object):
@@ -7868,8 +7948,27 @@ def queue_head(service):
     return int(service.queue[0].started * 1e6) if service.queue else 0
 
 
+def counted_things(services):
+    """(running object, slot key, the host's group or None) of everything counted:
+    each service, host and listen address once.  The key names it in every process:
+    ('service', name), ('host', service, group, name), ('address', host, port) as
+    Listen.key compares addresses."""
+    found = []
+    seen = set()
+    for service in services:
+        found.append((service, ('service', service.name), None))
+        for group in service.groups.values():
+            for host in group.scheduler.hosts:
+                found.append((host, ('host', service.name, group.name, host.name), group))
+        for listener in service.listeners:
+            if listener not in seen:
+                seen.add(listener)
+                found.append((listener, ('address',) + listener.listen.key, None))
+    return found
+
+
 class WorkerCounts(object):
-    """A worker's side of the SharedCounters (its Director's `shared`).
+    """A worker's side of the SharedCounters (its Director's `worker_counts`).
 
     It writes its own row: the line of a closed client's service and host at
     once, the open count of every host whose load matters elsewhere (a host
@@ -7885,72 +7984,70 @@ class WorkerCounts(object):
     TICKS_FULL = 10     # every counter written every this many ticks (0.5 s)
     HEAD_FRESH = 0.5    # seconds: a worker silent for longer cannot serve its queue, so takes no turn
 
-    def __init__(self, director, shared):
+    def __init__(self, director, counters):
         self.director = director
-        self.shared = shared
+        self.counters = counters
         self.slots = {}         # ('host', service, group, name) / ('service', name) / ('address', key) -> slot
         self.slot_of = {}       # running object -> slot
         self.own = {}           # running object -> the index of its line in this worker's row
         self.elsewhere = {}     # running object -> [the index of its line in each other row]
+        self.kind_of = {}       # running object -> its kind ('service', 'host', 'address')
         self.others = {}        # host -> the other workers' open connections to it, as last read
         self.group_of = {}      # host -> its running group (whose scheduler keeps its load)
         self.aware = []         # hosts whose load other workers need (maxconns, leastconns)
         self.counted_services = []
+        self.reading = None     # listener -> clients reading their hello, while a publish writes
+        # kind -> [(place, a function giving its value from the running object)], as COUNTERS says.
+        self.fields = collections.defaultdict(list)
+        for row in COUNTERS:
+            if row.value is not None:
+                get = operator.attrgetter(row.value) if isinstance(row.value, str) else row.value.__get__(self)
+                self.fields[row.kind].append((COUNTER_PLACE[row.kind, row.name], get))
+        self.service_fields = self.fields['service']
+        self.host_fields = self.fields['host']
         self.ticks = 0
         self.seen = None        # what the director had counted at the last tick
         self.seen_full = None
-        row = shared.row
-        self.heartbeat = shared.line(HEARTBEAT_SLOT, row) + HEARTBEAT
+        row = counters.row
+        self.heartbeat = counters.line(HEARTBEAT_SLOT, row) + HEARTBEAT
         # The other workers' heartbeats, in the order of each elsewhere list.
-        self.heartbeats = [shared.line(HEARTBEAT_SLOT, r) + HEARTBEAT for r in range(shared.rows - 1) if r != row]
-        self.process_line = shared.line(HEARTBEAT_SLOT, row)
+        self.heartbeats = [counters.line(HEARTBEAT_SLOT, r) + HEARTBEAT for r in range(counters.rows - 1) if r != row]
+        self.process_line = counters.line(HEARTBEAT_SLOT, row)
         self.timer = director.loop.call_later(self.TICK, self.tick)
 
     def update(self, entries):
-        """Slots from the master ([kind, names..., slot]), then the map of running objects again."""
+        """Slots from the master ([kind, names..., slot]: see counted_things), then the
+        map of running objects again."""
         for entry in entries or ():
-            key = tuple(entry[:-1]) if entry[0] != 'address' else ('address', address_key(*entry[1:3]))
-            self.slots[key] = entry[-1]
+            self.slots[tuple(entry[:-1])] = entry[-1]
         self.rebuild()
 
-    def things(self):
-        """(object, slot key) of everything counted in the running config."""
-        found = []
-        for service in self.director.services.values():
-            found.append((service, ('service', service.name)))
-            for group in service.groups.values():
-                for host in group.scheduler.hosts:
-                    found.append((host, ('host', service.name, group.name, host.name)))
-            for listener in service.listeners:
-                found.append((listener, ('address', listener.listen.key)))
-        return found
+    def remap(self, size):
+        """The master grew the file: the lines stay where they were."""
+        self.counters.remap(size)
 
     def rebuild(self):
-        shared = self.shared
-        row = shared.row
+        counters = self.counters
+        row = counters.row
         old = self.slot_of
-        self.slot_of, self.own, self.elsewhere = {}, {}, {}
+        self.slot_of, self.own, self.elsewhere, self.kind_of, self.group_of = {}, {}, {}, {}, {}
         self.aware = []
-        for thing, key in self.things():
+        for thing, key, group in counted_things(self.director.services.values()):
+            if group is not None:
+                self.group_of[thing] = group
             slot = self.slots.get(key)
-            if slot is None or slot >= shared.capacity:
+            if slot is None or slot >= counters.capacity:
                 continue
             self.slot_of[thing] = slot
-            self.own[thing] = shared.line(slot, row)
-            self.elsewhere[thing] = [shared.line(slot, r) for r in range(shared.rows - 1) if r != row]
+            self.kind_of[thing] = key[0]
+            self.own[thing] = counters.line(slot, row)
+            self.elsewhere[thing] = [counters.line(slot, r) for r in range(counters.rows - 1) if r != row]
+            if group is not None and (thing.maxconns or group.scheduler.name in LOAD_AWARE):
+                self.aware.append(thing)
         self.counted_services = [s for s in self.director.services.values() if s in self.own]
-        self.group_of = {}
-        for service in self.director.services.values():
-            for group in service.groups.values():
-                load_aware = group.scheduler.name in LOAD_AWARE
-                for host in group.scheduler.hosts:
-                    self.group_of[host] = group
-                    if host in self.own and (load_aware or host.maxconns):
-                        if host not in self.aware:
-                            self.aware.append(host)
         for thing, slot in old.items():
             if self.slot_of.get(thing) != slot:
-                shared.zero(slot, row)      # no longer ours to count: the master may reuse it
+                counters.zero(slot, row)      # no longer ours to count: the master may reuse it
                 if thing in self.others and thing not in self.slot_of:
                     self.set_others(thing, 0)
                     del self.others[thing]
@@ -7980,19 +8077,19 @@ class WorkerCounts(object):
         slot = self.slot_of.get(host)
         if slot is None:
             return True
-        shared = self.shared
-        view = shared.view
-        shared.lock(slot)
+        counters = self.counters
+        view = counters.view
+        counters.lock(slot)
         try:
             others = self.read_others(host, view)
-            own = host.open - self.others.get(host, 0)
+            own = worker_open(self, host)
             self.set_others(host, others)
             if own + others >= host.maxconns:
                 return False
             view[self.own[host] + HOST_OPEN] = own + 1     # connection_started counts it here next
             return True
         finally:
-            shared.unlock(slot)
+            counters.unlock(slot)
 
     def service_full(self, service):
         """A client was accepted (counted in service.open already): over the service's
@@ -8000,9 +8097,9 @@ class WorkerCounts(object):
         slot = self.slot_of.get(service)
         if slot is None:
             return service.open > service.config.maxconns
-        shared = self.shared
-        view = shared.view
-        shared.lock(slot)
+        counters = self.counters
+        view = counters.view
+        counters.lock(slot)
         try:
             others = 0
             for at in self.elsewhere[service]:
@@ -8012,7 +8109,7 @@ class WorkerCounts(object):
             view[self.own[service] + SERVICE_OPEN] = service.open
             return False
         finally:
-            shared.unlock(slot)
+            counters.unlock(slot)
 
     def first_in_line(self, service):
         """Whether this worker's first queued client has waited longest of any worker's
@@ -8022,7 +8119,7 @@ class WorkerCounts(object):
         at = self.own.get(service)
         if at is None:
             return True
-        view = self.shared.view
+        view = self.counters.view
         head = queue_head(service)
         fresh = int((time.monotonic() - self.HEAD_FRESH) * 1e6)
         for other, beat in zip(self.elsewhere[service], self.heartbeats):
@@ -8040,9 +8137,9 @@ class WorkerCounts(object):
         if at is None:
             return waiting >= QUEUE_LIMIT
         slot = self.slot_of[service]
-        shared = self.shared
-        view = shared.view
-        shared.lock(slot)
+        counters = self.counters
+        view = counters.view
+        counters.lock(slot)
         try:
             for other in self.elsewhere[service]:
                 waiting += view[other + SERVICE_QUEUED]
@@ -8051,14 +8148,14 @@ class WorkerCounts(object):
             view[at + SERVICE_QUEUED] = len(service.queue) + 1
             return False
         finally:
-            shared.unlock(slot)
+            counters.unlock(slot)
 
     def queue_changed(self, service):
         """A client joined or left this worker's queue: the other workers see it at once
         (whose turn it is, the queue limit), not at the next tick."""
         at = self.own.get(service)
         if at is not None:
-            view = self.shared.view
+            view = self.counters.view
             view[at + SERVICE_QUEUED] = len(service.queue)
             view[at + SERVICE_HEAD] = queue_head(service)
 
@@ -8066,66 +8163,42 @@ class WorkerCounts(object):
 
     def closed(self, pair):
         """A client closed: its service's and host's lines now, before the master is asked."""
-        view = self.shared.view
+        view = self.counters.view
+        own = self.own
         service = pair.service
-        at = self.own.get(service)
+        at = own.get(service)
         if at is not None:
-            view[at + SERVICE_ACCEPTED] = service.accepted
-            view[at + SERVICE_FAILOVERS] = service.failovers
-            view[at + SERVICE_REFUSED] = service.refused
-            view[at + SERVICE_DENIED] = service.denied
-            view[at + SERVICE_QUEUED] = len(service.queue)
-            view[at + SERVICE_HEAD] = queue_head(service)
-            view[at + SERVICE_OPEN] = service.open
+            for place, get in self.service_fields:
+                view[at + place] = get(service)
         host = pair.host
         if host is not None:
-            at = self.own.get(host)
+            at = own.get(host)
             if at is not None:
-                view[at + HOST_TOTAL] = host.total
-                view[at + HOST_BYTES_IN] = host.bytes_in
-                view[at + HOST_BYTES_OUT] = host.bytes_out
-                view[at + HOST_OPEN] = host.open - self.others.get(host, 0)
+                for place, get in self.host_fields:
+                    view[at + place] = get(host)
 
     def publish(self, things):
-        view = self.shared.view
+        view = self.counters.view
         own = self.own
-        others = self.others
-        reading = None
+        kind_of = self.kind_of
+        fields = self.fields
+        self.reading = None
         for thing in things:
             at = own.get(thing)
-            if at is None:
-                continue
-            if isinstance(thing, schedulers.Host):
-                view[at + HOST_TOTAL] = thing.total
-                view[at + HOST_BYTES_IN] = thing.bytes_in
-                view[at + HOST_BYTES_OUT] = thing.bytes_out
-                view[at + HOST_OPEN] = thing.open - others.get(thing, 0)
-            elif isinstance(thing, RunningService):
-                view[at + SERVICE_ACCEPTED] = thing.accepted
-                view[at + SERVICE_FAILOVERS] = thing.failovers
-                view[at + SERVICE_REFUSED] = thing.refused
-                view[at + SERVICE_DENIED] = thing.denied
-                view[at + SERVICE_QUEUED] = len(thing.queue)
-                view[at + SERVICE_HEAD] = queue_head(thing)
-                view[at + SERVICE_OPEN] = thing.open
-            else:
-                if reading is None:
-                    reading = collections.Counter(reader.listener for reader in self.director.hellos)
-                view[at + ADDRESS_READING] = reading[thing]
-                view[at + ADDRESS_UNMATCHED] = thing.unmatched
-                for index, kind in enumerate(HELLO_PROBLEMS):
-                    view[at + ADDRESS_BAD + index] = thing.bad.get(kind, 0)
+            if at is not None:
+                for place, get in fields[kind_of[thing]]:
+                    view[at + place] = get(thing)
 
     def publish_open(self, hosts):
-        view = self.shared.view
+        view = self.counters.view
         for host in hosts:
             at = self.own.get(host)
             if at is not None:
-                view[at + HOST_OPEN] = host.open - self.others.get(host, 0)
+                view[at + HOST_OPEN] = worker_open(self, host)
 
     def beat(self):
         """Our heartbeat: the master kills a worker whose loop stops stamping it."""
-        self.shared.view[self.heartbeat] = int(time.monotonic() * 1e6)
+        self.counters.view[self.heartbeat] = int(time.monotonic() * 1e6)
 
     def tick(self):
         """Every TICK: the heartbeat; our loads out and the others' in (hosts whose load
@@ -8134,7 +8207,7 @@ class WorkerCounts(object):
         director = self.director
         self.beat()
         self.ticks += 1
-        self.shared.view[self.process_line + LOG_DROPPED] = log_output.dropped
+        self.counters.view[self.process_line + LOG_DROPPED] = log_output.dropped
         now = (sum(s.accepted for s in director.services.values()), len(director.pairs), len(director.hellos))
         if now != self.seen:
             self.seen = now
@@ -8144,7 +8217,7 @@ class WorkerCounts(object):
             self.seen_full = now
             self.publish(list(self.slot_of))
         if self.aware:
-            view = self.shared.view
+            view = self.counters.view
             for host in self.aware:
                 self.set_others(host, self.read_others(host, view))
         for service in director.services.values():
@@ -8157,17 +8230,119 @@ class WorkerCounts(object):
             self.timer.cancel()
             self.timer = None
         self.publish(list(self.slot_of))
-        self.shared.view[self.process_line + LOG_DROPPED] = log_output.dropped
+        self.counters.view[self.process_line + LOG_DROPPED] = log_output.dropped
 
 
 WORKER_FIRST_MESSAGE = 60.0     # seconds a new worker waits for its config
 
+DOWN, UP = 'down', 'up'         # a message from the master to a worker, from a worker to the master
+
+
+class Message(object):
+    """A kind of message between the master and a worker: a row of MESSAGES.
+
+    A DOWN message is the master's to a worker, handled by Worker.<handler>; an
+    UP one a worker's to its master, handled by Master.<handler>, given the
+    WorkerProcess first.  Each field goes to the handler as a keyword argument
+    (an optional one may be left out), and with fds the sockets sent along go
+    as `fds`.  A DOWN message sent to every worker (Master.send_all) carries a
+    sequence number too, 'seq', which the worker acknowledges once applied
+    (Master.sync waits for that).  quiet: the master logs the change itself,
+    so the worker applying it logs at debug level only (Worker.not_repeated).
+    """
+
+    __slots__ = ('kind', 'direction', 'handler', 'fields', 'optional', 'fds', 'quiet')
+
+    def __init__(self, kind, direction, handler, fields='', optional='', fds=False, quiet=False):
+        self.kind = kind
+        self.direction = direction
+        self.handler = handler
+        self.fields = frozenset(fields.split())
+        self.optional = frozenset(optional.split() + (['seq'] if direction == DOWN else []))
+        self.fds = fds
+        self.quiet = quiet
+
+    def problem(self, names, fds):
+        """What is wrong with a message of these field names (and sockets), or None."""
+        missing = self.fields.difference(names)
+        if missing:
+            return 'no %s' % ', '.join(sorted(missing))
+        unknown = names - self.fields - self.optional
+        if unknown:
+            return 'unknown %s' % ', '.join(sorted(unknown))
+        if fds and not self.fds:
+            return 'sockets sent along'
+        return None
+
+
+MESSAGES = dict((row.kind, row) for row in (
+    # The first, read by run_worker before its loop runs: everything a worker starts from.
+    Message('config', DOWN, None, 'seq generation worker workers xml path listens counters slots hosts sticky '
+                                  'discovered'),
+    Message('call', DOWN, 'on_call', 'method args kwargs slots', quiet=True),   # a replayed Actions method
+    Message('host', DOWN, 'on_host', 'service group host state cause', quiet=True),
+    Message('address', DOWN, 'on_address', 'service group host address'),
+    Message('close_host', DOWN, 'on_close_host', 'service group host'),
+    Message('sticky', DOWN, 'on_sticky', 'entries'),
+    Message('reload', DOWN, 'on_reload', 'xml path generation hosts discovered listens slots', 'repair', fds=True,
+            quiet=True),
+    Message('counters', DOWN, 'on_counters', 'size'),
+    Message('stop', DOWN, 'on_stop', 'drain'),
+    Message('stop_now', DOWN, 'on_stop_now'),
+    Message('ready', UP, 'on_ready', 'pid seq generation'),
+    Message('ack', UP, 'on_ack', 'seq generation'),
+    Message('failed', UP, 'on_failed', 'what error repair'),
+    Message('connect_failed', UP, 'on_connect_failed', 'service group host cause'),
+    Message('new_sticky', UP, 'on_new_sticky', 'entries'),
+))
+
+
+def new_message(kind, direction, fields, fds=()):
+    """fields (a dict of its own) as a message of this kind for Channel.send, checked
+    against its row: ValueError says what is wrong."""
+    row = MESSAGES.get(kind)
+    if row is None or row.direction != direction:
+        raise ValueError('no %s message %r' % (direction, kind))
+    problem = row.problem(fields.keys(), fds)
+    if problem is not None:
+        raise ValueError('%s message: %s' % (kind, problem))
+    fields['t'] = kind
+    return fields
+
+
+class MessageError(ValueError):
+    """A message that is not what its row in MESSAGES says (or has no row)."""
+
+
+def received(message, direction, fds):
+    """(row, fields) of a message the other side sent: the fields are what its handler
+    takes (a DOWN message's 'seq' left out).  MessageError if it is no such message;
+    the sockets that came with it are closed then."""
+    kind = message.pop('t', None)
+    message.pop('fds', None)
+    if direction == DOWN:
+        message.pop('seq', None)
+    row = MESSAGES.get(kind)
+    if row is None or row.direction != direction or row.handler is None:
+        problem = 'unknown message %r' % (kind,)
+    else:
+        problem = row.problem(message.keys(), fds)
+        if problem is not None:
+            problem = '%s message: %s' % (kind, problem)
+    if problem is not None:
+        for fd in fds:
+            os.close(fd)
+        raise MessageError(problem)
+    if row.fds:
+        message['fds'] = fds
+    return row, message
+
 
 class Worker(object):
-    """A worker process's link to its master (its Director's `master`).
+    """A worker process's link to its master (its Director's `worker`).
 
-    It applies each command from the master (on_message: a method do_KIND per
-    kind of message) with the Director's own methods, acknowledging each by
+    It applies each command from the master (on_message: the handler of its
+    row in MESSAGES) with the Director's own methods, acknowledging each by
     its sequence number once applied, with the config generation it runs (the
     master's count of reloads); one it cannot apply it reports ('failed'),
     and runs no generation until the master has sent it the whole config
@@ -8186,7 +8361,7 @@ class Worker(object):
         self.ack_due = False
         self.sticky_out = []
         self.applying = False       # while a change from the master is made: its info lines are the master's
-        director.master = self
+        director.worker = self
         self.channel = Channel(self.loop, sock, self.on_message, self.master_gone, inbox, fds)
         log.addFilter(self.not_repeated)
 
@@ -8194,31 +8369,31 @@ class Worker(object):
         """A logging filter: the master has logged what it asked for already."""
         return record.levelno > logging.INFO or not self.applying
 
+    def send(self, kind, **fields):
+        self.channel.send(new_message(kind, UP, fields))
+
     # -- from the master ------------------------------------------------------
 
     def on_message(self, message, fds):
-        kind = message.get('t')
-        handler = getattr(self, 'do_' + str(kind), None)
-        self.applying = kind in ('do', 'host', 'reload')
+        what = message.get('method', message.get('t'))
+        repair = message.get('repair', False)
+        seq = message.get('seq')
         try:
-            if handler is None:
-                raise AdminError(400, 'unknown message %r' % kind)
-            handler(message, fds)
+            row, fields = received(message, DOWN, fds)
+            self.applying = row.quiet
+            getattr(self, row.handler)(**fields)
         except Exception as e:
             # The master made this change already: a worker that cannot has strayed from it.
             # It says so, and the master sends it the whole config again (or restarts it).
-            what = message.get('method', kind)
             error = e.message if isinstance(e, AdminError) else str(e)
-            if isinstance(e, (AdminError, ConfigError)):
+            if isinstance(e, (AdminError, ConfigError, MessageError)):
                 log.error('cannot apply %s from the master: %s', log_value(what), escape_text(error))
             else:
                 log.exception('cannot apply %s from the master', log_value(what))
             self.generation = None
-            self.channel.send({'t': 'failed', 'what': what, 'error': error or type(e).__name__,
-                               'repair': message.get('repair', False)})
+            self.send('failed', what=what, error=error or type(e).__name__, repair=repair)
         finally:
             self.applying = False
-        seq = message.get('seq')
         if seq is not None:
             self.acked = seq
             if not self.ack_due:
@@ -8227,36 +8402,29 @@ class Worker(object):
 
     def send_ack(self):
         self.ack_due = False
-        self.channel.send({'t': 'ack', 'seq': self.acked, 'generation': self.generation})
+        self.send('ack', seq=self.acked, generation=self.generation)
 
-    def do_do(self, message, fds):
+    def on_call(self, method, args, kwargs, slots):
         try:
-            getattr(self.director, message['method'])(*message['args'], **message['kwargs'])
+            getattr(self.director, method)(*args, **kwargs)
         finally:
-            self.director.shared.update(message.get('slots'))
+            self.director.worker_counts.update(slots)
 
-    def do_host(self, message, fds):
-        service, group, host = self.director._host(message['service'], message['group'], message['host'])
-        self.director.health.set_state(service, group, host, message['state'], message['cause'])
+    def on_host(self, service, group, host, state, cause):
+        service, group, host = self.director._host(service, group, host)
+        self.director.health.set_state(service, group, host, state, cause)
 
-    def do_address(self, message, fds):
-        _, _, host = self.director._host(message['service'], message['group'], message['host'])
-        host.address = address_from_json(message['address'])
+    def on_address(self, service, group, host, address):
+        _, _, host = self.director._host(service, group, host)
+        host.address = address_from_json(address)
 
-    def do_close_host(self, message, fds):
-        _, _, host = self.director._host(message['service'], message['group'], message['host'])
-        self.director.close_host_connections(host)
+    def on_close_host(self, service, group, host):
+        self.director.close_host_connections(*self.director._host(service, group, host))
 
-    def do_sticky(self, message, fds):
-        now = time.monotonic()
-        for service_name, group_name, client_ip, host_name in message['entries']:
-            service = self.director.services.get(service_name)
-            group = service.groups.get(group_name) if service is not None else None
-            host = group.scheduler.get_host(host_name) if group is not None else None
-            if host is not None:
-                group.scheduler.stick(client_ip, host, now)
+    def on_sticky(self, entries):
+        stick_entries(self.director, entries)
 
-    def do_reload(self, message, fds):
+    def on_reload(self, xml, path, generation, hosts, discovered, listens, slots, fds, repair=False):
         """A reload, or the master's repair of this worker: the whole running config and
         every listening socket (those this worker holds already are closed again)."""
         director = self.director
@@ -8267,24 +8435,24 @@ class Worker(object):
             return
         director.listen_sockets = {}
         try:
-            director.listen_sockets = listen_sockets(message['listens'], fds)
-            director.apply_reload(parse_config(message['xml'], message['path']))
-            director.discovery.restore(message['discovered'])
+            director.listen_sockets = listen_sockets(listens, fds)
+            director.apply_reload(parse_config(xml, path))
+            director.discovery.restore(discovered)
         finally:
             for sock in director.listen_sockets.values():
                 sock.close()
             director.listen_sockets = {}
-            director.shared.update(message['slots'])
-        apply_host_states(director, message['hosts'])
-        self.generation = message['generation']
+            director.worker_counts.update(slots)
+        apply_host_states(director, hosts)
+        self.generation = generation
 
-    def do_counters(self, message, fds):
-        self.director.shared.shared.remap(message['size'])
+    def on_counters(self, size):
+        self.director.worker_counts.remap(size)
 
-    def do_stop(self, message, fds):
-        self.director.begin_stop(message['drain'])
+    def on_stop(self, drain):
+        self.director.begin_stop(drain)
 
-    def do_stop_now(self, message, fds):
+    def on_stop_now(self):
         self.director.stop_now()
 
     def master_gone(self):
@@ -8297,8 +8465,7 @@ class Worker(object):
     # -- to the master --------------------------------------------------------
 
     def report_down(self, service, group, host, reason):
-        self.channel.send({'t': 'down', 'service': service.name, 'group': group.name, 'host': host.name,
-                           'cause': reason})
+        self.send('connect_failed', service=service.name, group=group.name, host=host.name, cause=reason)
 
     def pick(self, pair, scheduler):
         """Pair.connect_next's pick in a worker: a host with maxconns is taken across
@@ -8309,7 +8476,7 @@ class Worker(object):
         if sticky:
             before = scheduler.sticky_host(client_ip)
         host = scheduler.pick(client_ip, pair.tried)
-        while host is not None and host.maxconns and not self.director.shared.take_host(host):
+        while host is not None and host.maxconns and not self.director.worker_counts.take_host(host):
             host = scheduler.pick(client_ip, pair.tried)
         if sticky and host is not None and host is not before:
             if not self.sticky_out:
@@ -8319,7 +8486,7 @@ class Worker(object):
 
     def send_sticky(self):
         entries, self.sticky_out = self.sticky_out, []
-        self.channel.send({'t': 'sticky', 'entries': entries})
+        self.send('new_sticky', entries=entries)
 
 
 def address_to_json(address):
@@ -8352,6 +8519,18 @@ def listen_sockets(listens, fds):
     return found
 
 
+def stick_entries(director, entries):
+    """Sticky entries from the other side: [service, group, client ip, host], used now,
+    or with a fifth, the seconds since; those of a host gone are passed over."""
+    now = time.monotonic()
+    for entry in entries:
+        try:
+            _, group, host = director._host(entry[0], entry[1], entry[3])
+        except AdminError:
+            continue
+        group.scheduler.stick(entry[2], host, now - entry[4] if len(entry) > 4 else now)
+
+
 def apply_host_states(director, states):
     """The master's word on each host: [[service, group, host, health, reason, admin, address]]."""
     health = director.health
@@ -8372,6 +8551,9 @@ def run_worker(channel_fd, verbose=False):
     try:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, channel_fd)
         first, inbox, fds = Channel.receive(sock, WORKER_FIRST_MESSAGE)
+        problem = MESSAGES['config'].problem(set(first) - {'t'}, ()) if first.get('t') == 'config' else 'not a config'
+        if problem is not None:
+            raise ValueError(problem)
         config = parse_config(first['xml'], first['path'])
     except (OSError, ValueError, ConfigError, KeyError) as e:
         print('pydirector worker: no config from the master: %s' % e, file=sys.stderr)
@@ -8388,50 +8570,28 @@ def run_worker(channel_fd, verbose=False):
     director = Director(config, notifier=Notifier({}), resolve_names=False)
     director.health.probing = False
     director.health.quiet = True
-    director.workers_share = True
     director.listen_sockets = listen_sockets(first['listens'], ())
     fd, size = first['counters']
-    director.shared = WorkerCounts(director, SharedCounters(fd, first['workers'] + 1, first['worker'] - 1, size))
+    director.worker_counts = WorkerCounts(director, SharedCounters(fd, first['workers'] + 1, first['worker'] - 1, size))
     worker = Worker(director, sock, first, inbox, fds)
     director.discovery.restore(first['discovered'])     # the hosts from DNS, before their states
     apply_host_states(director, first['hosts'])
-    now = time.monotonic()
-    for service_name, group_name, client_ip, host_name, age in first['sticky']:
-        try:
-            _, group, host = director._host(service_name, group_name, host_name)
-        except AdminError:
-            continue
-        group.scheduler.stick(client_ip, host, now - age)
-
-    def on_signal(signum, frame):
-        director.loop.call_soon_threadsafe(handle_signal, signum)
-
-    def handle_signal(signum):
-        # As the master gets these too when the whole group is signalled (Ctrl-C, systemd).
-        if signum in (signal.SIGTERM, signal.SIGINT):
-            if director.stopping:
-                director.stop_now()
-            else:
-                director.begin_stop(director.config.drain)
-        elif signum == signal.SIGUSR1:
-            director.close_log()
-
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-        signal.signal(signum, on_signal)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)    # a reload is the master's
+    stick_entries(director, first['sticky'])
+    # As the master's: a whole process group is signalled (Ctrl-C, systemd).  A reload is the master's.
+    handle_signals(director, reload=False)
     try:
         director.bind()
     except OSError as e:
         log.error('%s', e.strerror or e)
         return 1
-    director.shared.update(first['slots'])
-    director.shared.beat()
-    worker.channel.send({'t': 'ready', 'pid': os.getpid(), 'seq': worker.acked, 'generation': worker.generation})
+    director.worker_counts.update(first['slots'])
+    director.worker_counts.beat()
+    worker.send('ready', pid=os.getpid(), seq=worker.acked, generation=worker.generation)
     try:
         director.loop.run()
     finally:
         director.access.flush()
-        director.shared.stop()
+        director.worker_counts.stop()
     return 0
 
 
@@ -8471,13 +8631,14 @@ class WorkerProcess(object):
 
 
 class Master(object):
-    """The master's side of its workers (its Director's `workers`).
+    """The master's side of its workers (its Director's `master`).
 
     It spawns them (start), sends each a config first and then every change the
-    Director makes (the hooks host_changed, address_changed, close_host, replay
-    and reloaded), each with a sequence number the worker acknowledges once it
-    has applied it; sync() waits for that, so an admin change answers only
-    after every live worker has made it.  Each reload makes a new config
+    Director makes (send_all, from the Director's hooks, replay and reloaded;
+    the messages are the rows of MESSAGES, and what the workers send up goes
+    to the handler its row names, on_message), each with a sequence number the
+    worker acknowledges once it has applied it; sync() waits for that, so an
+    admin change answers only after every live worker has made it.  Each reload makes a new config
     generation, which every worker says it runs; one that could not apply a
     change is sent the whole config again, and restarted if it cannot apply
     that either (repair).  A worker that dies is restarted at once (after a
@@ -8499,7 +8660,7 @@ class Master(object):
         self.changed = threading.Condition()
         self.stopping = False
         self.stop_timer = None
-        self.on_ready = None            # called once, when every worker is first ready
+        self.when_ready = None          # called once, when every worker is first ready
         self.slot_of = {}               # the master's running object -> slot
         self.kind_of = {HEARTBEAT_SLOT: 'process'}     # slot -> 'host', 'service', 'address' or 'process'
         self.free = []                  # [(seq, slot)]: reusable once every worker applied seq
@@ -8508,9 +8669,9 @@ class Master(object):
         self.sent_listeners = set()
         self.retired = []               # [listen key, socket, seq] of removed listens (see retire)
         self.beat_timer = None
-        self.shared = SharedCounters.create(count + 1, max(256, 2 * len(self.things())))
+        self.counters = SharedCounters.create(count + 1, max(256, 2 * len(counted_things(director.services.values()))))
         self.assign()
-        director.workers = self
+        director.master = self
 
     # -- the workers' lives ---------------------------------------------------
 
@@ -8539,7 +8700,7 @@ class Master(object):
         try:
             worker.proc = subprocess.Popen(
                 self.command + ['--worker', str(theirs.fileno())] + (['-v'] if self.verbose else []),
-                pass_fds=[theirs.fileno(), self.shared.fd] + [entry[3] for entry in listens],
+                pass_fds=[theirs.fileno(), self.counters.fd] + [entry[3] for entry in listens],
                 stdin=subprocess.DEVNULL, stdout=self.output, stderr=self.output, env=env)
         except OSError as e:
             ours.close()
@@ -8554,47 +8715,78 @@ class Master(object):
         worker.generation = None
         worker.stuck = False
         worker.acked = self.seq     # it starts from everything sent so far
-        worker.channel = Channel(self.loop, ours, lambda m, fds: self.on_message(worker, m),
+        worker.channel = Channel(self.loop, ours, lambda m, fds: self.on_message(worker, m, fds),
                                  lambda: self.lost(worker))
-        worker.channel.send({
-            't': 'config', 'seq': self.seq, 'generation': self.generation, 'worker': worker.index,
-            'workers': self.count,
-            'xml': self.director.running_xml(), 'path': self.director.config.path,
-            'listens': listens, 'counters': [self.shared.fd, self.shared.size],
-            'slots': self.slot_entries(self.slot_of), 'hosts': self.host_states(),
-            'sticky': self.sticky_entries(), 'discovered': self.director.discovery.sets()})
+        self.send_to(worker, 'config', seq=self.seq, generation=self.generation, worker=worker.index,
+                     workers=self.count, xml=self.director.running_xml(), path=self.director.config.path,
+                     listens=listens, counters=[self.counters.fd, self.counters.size],
+                     slots=self.slot_entries(self.slot_of), hosts=self.host_states(),
+                     sticky=self.sticky_entries(), discovered=self.director.discovery.sets())
 
-    def on_message(self, worker, message):
-        kind = message.get('t')
-        if kind == 'ack':
-            with self.changed:
-                worker.acked = max(worker.acked, message['seq'])
-                worker.generation = message.get('generation')
-                self.changed.notify_all()
-            self.let_go()
-        elif kind == 'failed':
-            self.repair(worker, message)
-        elif kind == 'down':
-            try:
-                service, group, host = self.director._host(message['service'], message['group'], message['host'])
-            except AdminError:
-                return      # removed since
-            # A failed connect there: the master decides, and tells every worker.
-            self.director.health.set_state(service, group, host, schedulers.DOWN, message['cause'])
-        elif kind == 'sticky':
-            self.sticky(message['entries'])
-        elif kind == 'ready':
-            with self.changed:
-                worker.ready = True
-                worker.acked = max(worker.acked, message['seq'])
-                worker.generation = message.get('generation')
-                self.changed.notify_all()
-            log.info('%r ready', worker)
-            if self.on_ready is not None and all(w.ready for w in self.workers):
-                on_ready, self.on_ready = self.on_ready, None
-                on_ready()
+    # -- reports up -------------------------------------------------------------
+
+    def on_message(self, worker, message, fds):
+        try:
+            row, fields = received(message, UP, fds)
+        except MessageError as e:
+            log.error('%r sent %s', worker, escape_text(e))
+            return
+        getattr(self, row.handler)(worker, **fields)
+
+    def on_ready(self, worker, pid, seq, generation):
+        with self.changed:
+            worker.ready = True
+            worker.acked = max(worker.acked, seq)
+            worker.generation = generation
+            self.changed.notify_all()
+        log.info('%r ready', worker)
+        if self.when_ready is not None and all(w.ready for w in self.workers):
+            when_ready, self.when_ready = self.when_ready, None
+            when_ready()
+
+    def on_ack(self, worker, seq, generation):
+        with self.changed:
+            worker.acked = max(worker.acked, seq)
+            worker.generation = generation
+            self.changed.notify_all()
+        self.let_go()
+
+    def on_connect_failed(self, worker, service, group, host, cause):
+        """A failed connect there: the master decides, and tells every worker."""
+        try:
+            service, group, host = self.director._host(service, group, host)
+        except AdminError:
+            return      # removed since
+        self.director.health.set_state(service, group, host, schedulers.DOWN, cause)
+
+    def on_new_sticky(self, worker, entries):
+        """New sticky entries a worker made: kept here and told to every worker (the one
+        that made them too, so that all end with the last one the master saw)."""
+        stick_entries(self.director, entries)
+        self.send_all('sticky', entries=entries)
+
+    def on_failed(self, worker, what, error, repair):
+        """A worker could not apply what the master sent (it said so): it has strayed
+        from the master's config.  It is sent the whole running config again, with
+        every listening socket (repair); one that cannot apply that either is
+        restarted, once its connections have finished (its row of counters is its own)."""
+        error = escape_text(error)
+        if self.stopping:
+            log.error('%r could not apply %s: %s', worker, log_value(what), error)
+        elif repair:
+            log.error('%r could not apply the running config either: %s; restarting it', worker, error)
+            self.send_to(worker, 'stop', drain=self.director.config.drain)
         else:
-            log.error('%r sent an unknown message %s', worker, log_value(kind))
+            log.error('%r could not apply %s: %s; sending it the running config again',
+                      worker, log_value(what), error)
+            self.repair(worker)
+
+    def repair(self, worker):
+        """The whole running config to one worker, every listening socket with it."""
+        listeners = self.listeners()
+        # The number of what was sent last: it has that too once it acknowledges this.
+        self.send_to(worker, 'reload', [l.sock.fileno() for l in listeners], seq=self.seq, repair=True,
+                     slots=self.slot_entries(self.slot_of), **self.reload_fields(listeners))
 
     def lost(self, worker):
         """Its channel closed: it has exited, or is about to."""
@@ -8613,7 +8805,7 @@ class Master(object):
                 deadline = float('inf')
             worker.timer = self.loop.call_later(0.01, self.reap, worker, deadline)
             return
-        self.shared.fold(worker.index - 1, self.kind_of)
+        self.counters.fold(worker.index - 1, self.kind_of)
         worker.proc = None
         self.let_go()
         if self.stopping:
@@ -8637,7 +8829,7 @@ class Master(object):
         monotonic one, which every process shares."""
         if not worker.ready or worker.proc is None:
             return None
-        beat = self.shared.view[self.shared.line(HEARTBEAT_SLOT, worker.index - 1) + HEARTBEAT]
+        beat = self.counters.view[self.counters.line(HEARTBEAT_SLOT, worker.index - 1) + HEARTBEAT]
         return round(max(0.0, time.monotonic() - beat / 1e6), 3) if beat else None
 
     def live(self):
@@ -8673,7 +8865,9 @@ class Master(object):
 
     # -- commands down --------------------------------------------------------
 
-    def send_all(self, message, fds=()):
+    def send_all(self, kind, fds=(), **fields):
+        """A message to every worker, with the next sequence number; that number."""
+        message = new_message(kind, DOWN, fields, fds)
         self.seq += 1
         message['seq'] = self.seq
         for worker in self.workers:
@@ -8684,26 +8878,13 @@ class Master(object):
             self.freed = []
         return self.seq
 
+    def send_to(self, to, kind, fds=(), **fields):
+        """A message to one worker (a number in it is the caller's)."""
+        to.channel.send(new_message(kind, DOWN, fields, fds), fds)
+
     def replay(self, method, args, kwargs):
         """An Actions method the master has just run (see replayed): the same call in every worker."""
-        self.send_all({'t': 'do', 'method': method, 'args': list(args), 'kwargs': kwargs,
-                       'slots': self.assign()})
-
-    def host_changed(self, service, group, host, state, cause):
-        self.send_all({'t': 'host', 'service': service.name, 'group': group.name, 'host': host.name,
-                       'state': state, 'cause': cause})
-
-    def address_changed(self, service, group, host):
-        self.send_all({'t': 'address', 'service': service.name, 'group': group.name, 'host': host.name,
-                       'address': address_to_json(host.address)})
-
-    def close_host(self, host):
-        for service in self.director.services.values():
-            for group in service.groups.values():
-                if group.scheduler.get_host(host.name) is host:
-                    self.send_all({'t': 'close_host', 'service': service.name, 'group': group.name,
-                                   'host': host.name})
-                    return
+        self.send_all('call', method=method, args=list(args), kwargs=kwargs, slots=self.assign())
 
     def reloaded(self):
         """The master reloaded: every worker reloads to its running config, the next
@@ -8713,41 +8894,18 @@ class Master(object):
         new = [l for l in current if l not in self.sent_listeners]
         self.sent_listeners = set(current)
         self.generation += 1
-        message = self.reload_message(new)
-        message['slots'] = self.assign()
-        seq = self.send_all(message, [l.sock.fileno() for l in new])
+        seq = self.send_all('reload', [l.sock.fileno() for l in new], slots=self.assign(), **self.reload_fields(new))
         for entry in self.retired:
             if entry[2] is None:
                 entry[2] = seq
         self.let_go()
 
-    def reload_message(self, listeners):
-        """A reload to the running config, sending the sockets of these listeners."""
-        return {'t': 'reload', 'xml': self.director.running_xml(), 'path': self.director.config.path,
-                'generation': self.generation, 'hosts': self.host_states(),
-                'discovered': self.director.discovery.sets(),
-                'listens': [[l.listen.host, l.listen.port, l.sock.family, None] for l in listeners]}
-
-    def repair(self, worker, failed):
-        """A worker could not apply what the master sent (it said so): it has strayed
-        from the master's config.  It is sent the whole running config again, with
-        every listening socket; one that cannot apply that either is restarted,
-        once its connections have finished (its row of counters is its own)."""
-        error = escape_text(failed.get('error'))
-        if self.stopping:
-            log.error('%r could not apply %s: %s', worker, log_value(failed.get('what')), error)
-            return
-        if failed.get('repair'):
-            log.error('%r could not apply the running config either: %s; restarting it', worker, error)
-            worker.channel.send({'t': 'stop', 'drain': self.director.config.drain})
-            return
-        log.error('%r could not apply %s: %s; sending it the running config again',
-                  worker, log_value(failed.get('what')), error)
-        listeners = self.listeners()
-        message = self.reload_message(listeners)
-        # The number of what was sent last: it has that too once it acknowledges this.
-        message.update(slots=self.slot_entries(self.slot_of), seq=self.seq, repair=True)
-        worker.channel.send(message, [l.sock.fileno() for l in listeners])
+    def reload_fields(self, listeners):
+        """Of a reload to the running config, sending the sockets of these listeners."""
+        return dict(xml=self.director.running_xml(), path=self.director.config.path,
+                    generation=self.generation, hosts=self.host_states(),
+                    discovered=self.director.discovery.sets(),
+                    listens=[[l.listen.host, l.listen.port, l.sock.family, None] for l in listeners])
 
     def retire(self, listener):
         """A listen a reload removed: its socket is kept until every worker has let
@@ -8773,18 +8931,6 @@ class Master(object):
     def applied(self):
         """The last message every worker still running has applied."""
         return min([w.acked for w in self.workers if w.proc is not None] or [self.seq])
-
-    def sticky(self, entries):
-        """New sticky entries a worker made: kept here and told to every worker (the one
-        that made them too, so that all end with the last one the master saw)."""
-        now = time.monotonic()
-        for service_name, group_name, client_ip, host_name in entries:
-            service = self.director.services.get(service_name)
-            group = service.groups.get(group_name) if service is not None else None
-            host = group.scheduler.get_host(host_name) if group is not None else None
-            if host is not None:
-                group.scheduler.stick(client_ip, host, now)
-        self.send_all({'t': 'sticky', 'entries': entries})
 
     def sync(self, timeout):
         """From a thread other than the loop's: wait until every live worker has applied
@@ -8815,12 +8961,12 @@ class Master(object):
         self.read_counts()
         log.info('stopping: %d connection(s) open in %d worker(s), waiting up to %g s',
                  sum(s.open for s in self.director.services.values()), self.count, drain)
-        self.send_all({'t': 'stop', 'drain': drain})
+        self.send_all('stop', drain=drain)
         self._stop_within(drain + WORKER_STOP_GRACE)
 
     def stop_now(self):
         self.stopping = True
-        self.send_all({'t': 'stop_now'})
+        self.send_all('stop_now')
         self._stop_within(WORKER_STOP_GRACE)
 
     def _stop_within(self, seconds):
@@ -8862,36 +9008,21 @@ class Master(object):
         for entry in self.retired:
             entry[1].close()
         self.retired = []
-        self.shared.close()
+        self.counters.close()
 
     # -- counters ---------------------------------------------------------------
-
-    def things(self):
-        """(running object, kind, names) of everything counted."""
-        found = []
-        seen = set()
-        for service in self.director.services.values():
-            found.append((service, 'service', [service.name]))
-            for group in service.groups.values():
-                for host in group.scheduler.hosts:
-                    found.append((host, 'host', [service.name, group.name, host.name]))
-            for listener in service.listeners:
-                if listener not in seen:
-                    seen.add(listener)
-                    found.append((listener, 'address', [listener.listen.host, listener.listen.port]))
-        return found
 
     def assign(self):
         """Give each counted thing of the running config a slot; the [kind, names...,
         slot] of those new since last time.  Slots of things gone are reused once every
         worker has applied the change that removed them (and cleared its line)."""
-        things = self.things()
+        things = counted_things(self.director.services.values())
         current = set(thing for thing, _, _ in things)
         for thing in [t for t in self.slot_of if t not in current]:
             self.freed.append(self.slot_of.pop(thing))
         applied = self.applied()
         new = {}
-        for thing, kind, names in things:
+        for thing, key, _ in things:
             if thing in self.slot_of:
                 continue
             reusable = [entry for entry in self.free if entry[0] <= applied]
@@ -8899,58 +9030,46 @@ class Master(object):
                 self.free.remove(reusable[0])
                 slot = reusable[0][1]
             else:
-                if self.next_slot >= self.shared.capacity:
-                    self.shared.grow(2 * self.shared.capacity)
-                    self.send_all({'t': 'counters', 'size': self.shared.size})
+                if self.next_slot >= self.counters.capacity:
+                    self.counters.grow(2 * self.counters.capacity)
+                    self.send_all('counters', size=self.counters.size)
                 slot = self.next_slot
                 self.next_slot += 1
-            for row in range(self.shared.rows):
-                self.shared.zero(slot, row)
+            for row in range(self.counters.rows):
+                self.counters.zero(slot, row)
             self.slot_of[thing] = slot
-            self.kind_of[slot] = kind
+            self.kind_of[slot] = key[0]
             new[thing] = slot
         return self.slot_entries(new)
 
     def slot_entries(self, slots):
-        return [[kind] + names + [slots[thing]] for thing, kind, names in self.things() if thing in slots]
+        return [list(key) + [slots[thing]] for thing, key, _ in counted_things(self.director.services.values())
+                if thing in slots]
 
     def read_counts(self):
         """The sums of every row into the master's running objects, for the pages
-        (a host's open count through its scheduler, which explain asks)."""
-        sums = self.shared.sums
+        (a host's open count through its scheduler, which explain asks), as
+        COUNTERS says where."""
+        sums = self.counters.sums
         slot_of = self.slot_of
-        for service in self.director.services.values():
-            slot = slot_of.get(service)
+        for thing, key, group in counted_things(self.director.services.values()):
+            slot = slot_of.get(thing)
             if slot is not None:
-                (service.open, service.accepted, service.failovers, service.refused, service.denied,
-                 service.waiting) = sums(slot)[:6]
-            for group in service.groups.values():
-                scheduler = group.scheduler
-                for host in scheduler.hosts:
-                    slot = slot_of.get(host)
-                    if slot is not None:
-                        values = sums(slot)
-                        scheduler.set_open(host, values[HOST_OPEN])
-                        host.total, host.bytes_in, host.bytes_out = values[HOST_TOTAL:HOST_BYTES_OUT + 1]
-            for listener in service.listeners:
-                slot = slot_of.get(listener)
-                if slot is not None:
-                    values = sums(slot)
-                    listener.reading_elsewhere = values[ADDRESS_READING]
-                    listener.unmatched = values[ADDRESS_UNMATCHED]
-                    listener.bad = dict((kind, values[ADDRESS_BAD + i]) for i, kind in enumerate(HELLO_PROBLEMS))
+                values = sums(slot)
+                for place, into in COUNTER_READS[key[0]]:
+                    into(thing, values[place], group)
 
     def log_lines_dropped(self):
         """What the workers' log targets dropped, dead workers' too."""
-        return self.shared.sums(HEARTBEAT_SLOT)[LOG_DROPPED]
+        return self.counters.sums(HEARTBEAT_SLOT)[LOG_DROPPED]
 
     def open_connections(self, worker):
         """A worker's open client connections, as its row says."""
-        view = self.shared.view
+        view = self.counters.view
         total = 0
         for thing, slot in self.slot_of.items():
             if isinstance(thing, RunningService):
-                total += view[self.shared.line(slot, worker.index - 1) + SERVICE_OPEN]
+                total += view[self.counters.line(slot, worker.index - 1) + SERVICE_OPEN]
         return total
 
     def snapshot(self):
@@ -8962,8 +9081,8 @@ class Master(object):
                  'heartbeat': self.silence(w)} for w in self.workers]
 
     def row_accepted(self, worker):
-        view = self.shared.view
-        return sum(view[self.shared.line(slot, worker.index - 1) + SERVICE_ACCEPTED]
+        view = self.counters.view
+        return sum(view[self.counters.line(slot, worker.index - 1) + SERVICE_ACCEPTED]
                    for thing, slot in self.slot_of.items() if isinstance(thing, RunningService))
 
     def host_states(self):
@@ -8980,17 +9099,34 @@ class Master(object):
                 if group.scheduler.sticky for ip, host, used in group.scheduler.sticky_entries()]
 
 
-def start_workers(director, count, verbose=False, output=None):
-    """Make director a master with `count` workers and spawn them; the Master."""
-    master = Master(director, count, verbose, output)
-    master.start()
-    return master
-
-
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
 
+
+
+def handle_signals(director, reload=True):
+    """The signals of a process (main's, and run_worker's): SIGTERM and SIGINT drain
+    for <pdconfig drain> (as now loaded) and stop, a second one stops at once;
+    SIGUSR1 reopens the logs; SIGHUP reloads (reload False: ignored)."""
+    def on_signal(signum, frame):
+        # Only hand the loop a call: handlers must not touch state mid-event.
+        director.loop.call_soon_threadsafe(handle, signum)
+
+    def handle(signum):
+        if signum == signal.SIGUSR1:
+            director.close_log()
+        elif signum == signal.SIGHUP:
+            director.reload_in_background()
+        elif director.stopping:
+            log.info('second stop signal: stopping now')
+            director.stop_now()
+        else:
+            director.begin_stop(director.config.drain)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(signum, on_signal)
+    signal.signal(signal.SIGHUP, on_signal if reload else signal.SIG_IGN)
 
 
 def raise_fd_limit():
@@ -9196,26 +9332,7 @@ def main(argv=None):
     raise_fd_limit()
     notifier = Notifier()
     director = Director(config, notifier=notifier, accept=workers is None)
-
-    def on_signal(signum, frame):
-        # Only hand the loop a call: handlers must not touch state mid-event.
-        director.loop.call_soon_threadsafe(handle_signal, signum)
-
-    def handle_signal(signum):
-        if signum in (signal.SIGTERM, signal.SIGINT):
-            if director.stopping:
-                log.info('second stop signal: stopping now')
-                director.stop_now()
-            else:
-                director.begin_stop(config.drain)
-        elif signum == signal.SIGUSR1:
-            director.close_log()
-        elif signum == signal.SIGHUP:
-            director.reload_in_background()
-
-    # Before binding: once a port answers, a signal must find its handler.
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
-        signal.signal(signum, on_signal)
+    handle_signals(director)    # before binding: once a port answers, a signal must find its handler
     try:
         director.start()
     except OSError as e:
@@ -9254,7 +9371,7 @@ def main(argv=None):
     else:
         # Spawned now, as the user the master became; ready once they all accept.
         master = Master(director, workers, verbose=args.verbose)
-        master.on_ready = notifier.ready
+        master.when_ready = notifier.ready
         master.start()
         log.info('started %d worker(s)', workers)
     notifier.start_watchdog(director.loop, director.serving)

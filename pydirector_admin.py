@@ -1323,9 +1323,9 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
         director = self.server.director
         method = getattr(director, action.method)
         result = method(**p) if not action.on_loop else self.call(method, **p)
-        if director.workers is not None:
+        if director.master is not None:
             # A master: the answer waits until every live worker has made the change too.
-            director.workers.sync(self.server.loop_timeout)
+            director.master.sync(self.server.loop_timeout)
         return result
 
     # -- request pieces -----------------------------------------------------
