@@ -509,15 +509,15 @@ class DnsmasqTest(DiscoveryCase):
         def stray_worker_1():
             # Worker 1 loses its hosts from DNS (a change the master never made), then
             # cannot apply a change: the master sends it the whole running config again.
-            channel = master.workers[0].channel
-            channel.send({'t': 'do', 'method': 'set_discovered', 'args': ['web', 'main', 'web.test', []],
-                          'kwargs': {}, 'seq': master.seq})
-            channel.send({'t': 'do', 'method': 'del_host', 'args': ['web', 'main', 'nosuch'], 'kwargs': {},
-                          'seq': master.seq})
+            worker = master.workers[0]
+            master.send_to(worker, 'call', method='set_discovered', args=['web', 'main', 'web.test', []],
+                           kwargs={}, slots=[], seq=master.seq)
+            master.send_to(worker, 'call', method='del_host', args=['web', 'main', 'nosuch'], kwargs={},
+                           slots=[], seq=master.seq)
         self.balancer.call(stray_worker_1)
         LOG.wait_for("worker 1 (pid %d) could not apply del_host: no host 'nosuch' in web/main; "
                      "sending it the running config again" % first, mark)
-        self.balancer.call(master.send_all, {'t': 'sticky', 'entries': []})     # acknowledged after the repair
+        self.balancer.call(lambda: master.send_all('sticky', entries=[]))     # acknowledged after the repair
         os.kill(second, signal.SIGSTOP)
         try:
             wait_until(lambda: process_state(second) == 'T', 5)

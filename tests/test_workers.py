@@ -1181,7 +1181,8 @@ class MessageTableTest(unittest.TestCase):
         new = pydirector.new_message
         down, up = pydirector.DOWN, pydirector.UP
         self.assertEqual(new('stop', down, {'drain': 1}), {'t': 'stop', 'drain': 1})
-        self.assertEqual(new('reload', down, dict.fromkeys(['xml', 'path', 'generation', 'hosts', 'listens', 'slots']),
+        self.assertEqual(new('reload', down, dict.fromkeys(['xml', 'path', 'generation', 'hosts', 'discovered',
+                                                           'listens', 'slots']),
                              [7])['t'], 'reload')
         for kind, direction, fields, fds, problem in [
                 ('stop', down, {}, (), 'stop message: no drain'),
