@@ -6166,7 +6166,11 @@ def listen_sockets(listens, fds):
     for host, port, family, fd in listens:
         if fd is None:
             fd = fds.pop(0)
-        found[address_key(host, port)] = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+        sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+        # PyPy makes a socket built on an fd blocking (CPython leaves the flag alone),
+        # and the flag belongs to the listening socket every process shares.
+        sock.setblocking(False)
+        found[address_key(host, port)] = sock
     for fd in fds:
         os.close(fd)
     return found
