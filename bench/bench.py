@@ -61,6 +61,10 @@ WORKLOADS = ('newconn', 'keepalive', 'bulk', 'idle', 'open25', 'open50', 'open90
 # fraction of HAProxy's new-connection rate (ab -c 50) measured in the same run.
 OPEN_RATES = {'open25': 0.25, 'open50': 0.5, 'open90': 0.9}
 OPEN_TARGETS = ('direct', 'haproxy', 'pydirector', 'pydirector-log', 'pydirector-pypy')
+
+
+def open_target(target):
+    return target in OPEN_TARGETS or target.startswith('tree-')
 APT_PACKAGES = {'nginx': 'nginx', 'haproxy': 'haproxy', 'ab': 'apache2-utils', 'wrk': 'wrk', 'curl': 'curl'}
 SMALL_SIZE = 100
 BIG_SIZE = 64 << 20
@@ -406,6 +410,15 @@ class Bench(object):
         self.haproxy_rates = []     # new connections/s of HAProxy's newconn runs: the open-loop rates' base
         if not WORKERS:
             self.targets = [t for t in self.targets if t not in ('haproxy-nt', 'pydirector-w')]
+        # --tree NAME=DIR: another pydirector (access log off) beside this one, e.g. patched to
+        # change one thing, so the run prices that thing in place.
+        self.trees = {}
+        for name, tree in args.trees:
+            target = 'tree-' + name
+            self.trees[target] = os.path.abspath(tree)
+            LABELS[target] = 'pydirector ' + name
+            self.targets.insert(self.targets.index('pydirector-log') + 1 if 'pydirector-log' in self.targets
+                                else len(self.targets), target)
 
     # ---- servers
 
@@ -451,6 +464,12 @@ class Bench(object):
         self.ports['pydirector-w-admin'] = free_port()
         self.ports['pydirector-pypy'] = free_port()
         self.write_pydirector_config()
+        for target in self.trees:
+            self.ports[target] = free_port()
+            with open(os.path.join(self.work, 'generated-%s.xml' % target), 'w') as f:
+                f.write(pydirector_xml(self.work, self.ports[target], port1, port2,
+                                       self.pydirector_features['maxconns'], self.pydirector_features['access_off'],
+                                       '%s.log' % target))
         if 'pydirector-pypy' in self.targets:
             # As 'pydirector' (access log off), on the other interpreter.
             with open(os.path.join(self.work, 'generated-pypy.xml'), 'w') as f:
@@ -500,8 +519,10 @@ class Bench(object):
             config = {'pydirector-log': 'generated-log.xml', 'pydirector-w': 'generated-w.xml',
                       'pydirector-pypy': 'generated-pypy.xml'}.get(target, 'generated.xml')
             python = self.args.pypy if target == 'pydirector-pypy' else self.args.python
+            if target in self.trees:
+                config = 'generated-%s.xml' % target
             argv = [python, 'pydirector.py', '-c', os.path.join(self.work, config)]
-            cwd = REPO
+            cwd = self.trees.get(target, REPO)
         self.procs.start(target, argv, nofile=self.nofile, cwd=cwd)
         if not wait_port(self.ports[target]):
             raise RuntimeError('%s did not listen: %s' % (target, self.tail(target + '.out')))
@@ -859,7 +880,7 @@ class Bench(object):
                 for target in targets:
                     if workload == 'idle' and target == 'direct':
                         continue
-                    if workload in OPEN_RATES and target not in OPEN_TARGETS:
+                    if workload in OPEN_RATES and not open_target(target):
                         continue
                     started = time.monotonic()
                     try:
@@ -1054,7 +1075,7 @@ def openloop_markdown(data):
     """The open-loop workloads, one row per rate and target: medians over the rounds (of
     each round's percentile), the ratios to HAProxy, and the issue 33 targets."""
     table = data['summary']
-    targets = [t for t in data['meta']['targets'] if t in OPEN_TARGETS]
+    targets = [t for t in data['meta']['targets'] if open_target(t)]
     head = ['rate', 'target', 'asked /s', 'answered /s', 'p50 ms', 'p99 ms', 'p99.9 ms', 'max ms',
             'p99 / HAProxy', 'max / HAProxy', 'generator late p99 ms', 'met?']
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
@@ -1187,6 +1208,9 @@ def plot(json_path, png_path):
 
 
 def finish(data, args):
+    for target in data['meta']['targets']:
+        if target.startswith('tree-'):      # --tree's, from a results.json too
+            LABELS.setdefault(target, 'pydirector ' + target[len('tree-'):])
     os.makedirs(OUT, exist_ok=True)
     json_path = os.path.join(OUT, 'results.json')
     if not args.from_json:
@@ -1238,6 +1262,9 @@ def parse_args(argv):
     p.add_argument('--workers', type=int, default=2,
                    help='worker processes of the pydirector-w target and threads of haproxy-nt (default 2; '
                         '0 leaves both out)')
+    p.add_argument('--tree', action='append', default=[], metavar='NAME=DIR',
+                   help='another pydirector tree (a DIR holding pydirector.py) run beside this one, access log '
+                        'off, as target "pydirector NAME" (repeatable)')
     p.add_argument('--write-results', action='store_true', help='rewrite bench/RESULTS.md with this run on top')
     p.add_argument('--note', default='', help='a note for RESULTS.md, e.g. "noisy: tests running"')
     p.add_argument('--from-json', metavar='PATH', help='run nothing: report (and --write-results) from a results.json')
@@ -1249,6 +1276,12 @@ def parse_args(argv):
             p.error('unknown workload(s) %s; choose from %s' % (','.join(bad), ','.join(WORKLOADS)))
     if args.rounds < 1:
         p.error('--rounds must be at least 1')
+    args.trees = [spec.partition('=')[::2] for spec in args.tree]
+    for spec, (name, tree) in zip(args.tree, args.trees):
+        if not name or not re.match(r'^[\w.-]+$', name) or not os.path.isfile(os.path.join(tree, 'pydirector.py')):
+            p.error('--tree wants NAME=DIR, NAME letters, digits . - _ and DIR holding pydirector.py: %r' % spec)
+    if len(set(name for name, _ in args.trees)) < len(args.trees):
+        p.error('--tree: each NAME once')
     return args
 
 
