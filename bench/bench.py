@@ -61,6 +61,9 @@ WORKLOADS = ('newconn', 'keepalive', 'bulk', 'idle', 'open25', 'open50', 'open90
 # fraction of HAProxy's new-connection rate (ab -c 50) measured in the same run.
 OPEN_RATES = {'open25': 0.25, 'open50': 0.5, 'open90': 0.9}
 OPEN_TARGETS = ('direct', 'haproxy', 'pydirector', 'pydirector-log', 'pydirector-pypy')
+# The idle workload holds its connections through the warm balancer too (before a fresh
+# one) for these: PyPy's memory grows as its JIT warms up, CPython's is its reference.
+WARM_IDLE_TARGETS = ('pydirector', 'pydirector-pypy')
 
 
 def open_target(target):
@@ -779,20 +782,23 @@ class Bench(object):
         return result
 
     def idle(self, target):
-        """N idle connections, first through the balancer the workloads before ran on (warm),
-        then through a fresh one: RSS per connection, then check each still works.  With
+        """N idle connections, first (WARM_IDLE_TARGETS) through the balancer the workloads
+        before ran on, then through a fresh one: RSS per connection, then check each still works.  With
         workers, the processes that hold them are the workers: their fds and RSS are summed,
         and rss_after_kib is the largest one's."""
         n = self.settings['idle']
-        warm = self.hold_idle(self.data_pids(target), self.ports[target], n)
+        warm = None
+        if target in WARM_IDLE_TARGETS:
+            warm = self.hold_idle(self.data_pids(target), self.ports[target], n)
         self.start_balancer(target)
         time.sleep(0.5)  # let a fresh process settle (not synchronisation: RSS drift)
         result = self.hold_idle(self.data_pids(target), self.ports[target], n)
-        result['rss_warm_kib'] = warm['rss_before_kib']
-        result['rss_warm_idle_kib'] = warm.get('rss_after_kib')
-        result['warm_held'] = warm.get('held', 0)
-        if 'error' not in result and 'error' in warm:
-            result['error'] = 'warm: ' + warm['error']
+        if warm is not None:
+            result['rss_warm_kib'] = warm['rss_before_kib']
+            result['rss_warm_idle_kib'] = warm.get('rss_after_kib')
+            result['warm_held'] = warm.get('held', 0)
+            if 'error' not in result and 'error' in warm:
+                result['error'] = 'warm: ' + warm['error']
         return result
 
     def hold_idle(self, pids, port, n):
