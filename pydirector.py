@@ -8508,7 +8508,11 @@ def listen_sockets(listens, fds):
                 if not fds:
                     raise ValueError('fewer sockets came than the message says')
                 fd = fds.pop(0)
-            found[address_key(host, port)] = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+            sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+            # PyPy makes a socket built on an fd blocking (CPython leaves the flag alone),
+            # and the flag belongs to the listening socket every process shares.
+            sock.setblocking(False)
+            found[address_key(host, port)] = sock
     except ValueError:
         for sock in found.values():
             sock.close()

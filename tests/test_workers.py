@@ -11,6 +11,7 @@ client to a worker that is.  The life-cycle tests run a real master process
 
 import contextlib
 import errno
+import fcntl
 import inspect
 import json
 import os
@@ -1142,6 +1143,21 @@ class ChannelTest(BalancerCase):
         wait_until(lambda: sorted(lost) == ['a', 'b'])   # (either may be told first)
         self.assertEqual(got, [])
         LOG.wait_for('bad message: a message of 4294967295 bytes', self.mark)
+
+    def test_a_listening_socket_a_worker_gets_is_non_blocking(self):
+        # PyPy makes a socket built on an fd blocking: a worker then blocked in accept()
+        # after its first client, and served nobody (every worker suite hung on PyPy).
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(('127.0.0.1', 0))
+        listener.listen(1)
+        listener.setblocking(True)
+        host, port = listener.getsockname()
+        got = pydirector.listen_sockets([[host, port, listener.family, os.dup(listener.fileno())]], ())
+        sock = got[pydirector.address_key(host, port)]
+        self.addCleanup(sock.close)
+        self.assertTrue(fcntl.fcntl(sock.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK)
+        self.assertTrue(fcntl.fcntl(listener.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK)   # one flag for both
 
 
 class MessageTableTest(unittest.TestCase):
