@@ -6079,12 +6079,14 @@ class History(object):
                 'times': [round(t, 3) for t in self.ordered(self.times)[HISTORY_SAMPLES - count:]]}
 
     def series(self, thing, intervals):
-        """A service's or host's {'connections_per_s', 'errors_per_s', 'open'} oldest first,
-        'rate' (new connections per second in the last sample) and 'rate_peak' (the most
-        of any sample since it was first counted); intervals: from intervals()."""
+        """A service's or host's 'rate' (new connections per second in the last sample),
+        'rate_peak' (the most of any sample since it was first counted) and 'history':
+        {'connections_per_s', 'errors_per_s', 'open'}, oldest first; intervals: from
+        intervals()."""
         at = self.index.get(thing)
         count = len(intervals)
-        found = {'rate': 0.0, 'rate_peak': 0.0, 'connections_per_s': [], 'errors_per_s': [], 'open': []}
+        series = {'connections_per_s': [], 'errors_per_s': [], 'open': []}
+        found = {'rate': 0.0, 'rate_peak': 0.0, 'history': series}
         if at is None or not count:
             return found
         size = HISTORY_SAMPLES * len(HISTORY_SERIES)
@@ -6095,8 +6097,8 @@ class History(object):
             values = self.ordered(samples[start:start + HISTORY_SAMPLES])[HISTORY_SAMPLES - count:]
             if k < 2:
                 values = [round(max(0, v) / t, 3) for v, t in zip(values, intervals)]
-            found[name] = values
-        found['rate'] = found['connections_per_s'][-1]
+            series[name] = values
+        found['rate'] = series['connections_per_s'][-1]
         found['rate_peak'] = round(self.peaks[at], 3)
         return found
 

@@ -1593,10 +1593,11 @@ tr.row-down td, tr.row-degraded td { border-color: #bbb; }
 table.summary td a { font-weight: bold; }
 .degraded { color: #a60; } .spark { vertical-align: middle; } .err { color: #b00; }
 .key { display: inline-block; width: 1.2em; height: 0.25em; vertical-align: middle; }
+td.actions, td.checks { white-space: nowrap; } table.hosts td:nth-child(3) { min-width: 12em; }
 h1 { font-size: 1.4em; } h2 { font-size: 1.2em; margin-top: 1.5em; } h3 { font-size: 1.05em; }
 table { border-collapse: collapse; margin: 0.4em 0; }
 th, td { border: 1px solid #ccc; padding: 0.2em 0.5em; text-align: left; vertical-align: top; }
-td.n { text-align: right; font-variant-numeric: tabular-nums; }
+td.n { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 form.inline { display: inline; margin: 0; }
 .msg { padding: 0.4em 0.8em; border: 1px solid; }
 .ok { background: #e8f6e8; border-color: #7c7; }
@@ -1651,6 +1652,12 @@ def service_anchor(name):
     return 'service-' + name
 
 
+def rate_html(thing):
+    """The rate, its peak below it."""
+    return '%s<br><span class="note">peak %s</span>' % (number(thing.get('rate', 0.0)),
+                                                        number(thing.get('rate_peak', 0.0)))
+
+
 def rate_text(thing):
     """'12.4 (peak 80.2)': new connections per second in the last sample, and the most."""
     return '%s (peak %s)' % (number(thing.get('rate', 0.0)), number(thing.get('rate_peak', 0.0)))
@@ -1663,7 +1670,7 @@ def number(value):
     return ('%.2f' % value).rstrip('0').rstrip('.') if value else '0'
 
 
-SPARK_WIDTH, SPARK_HEIGHT = 160, 28
+SPARK_WIDTH, SPARK_HEIGHT = 144, 28
 SPARK_COLOURS = (('connections_per_s', '#1f5fbf', 'new connections/s'), ('errors_per_s', '#c00', 'errors/s'),
                  ('open', '#999', 'open connections'))
 
@@ -1674,7 +1681,8 @@ def sparkline(thing, history):
     and errors/s in red (on one scale).  history: the snapshot's; the drawing is as
     wide as the samples it keeps, the newest at the right edge."""
     samples = history['samples']
-    series = dict((name, thing.get(name) or []) for name, _, _ in SPARK_COLOURS)
+    series = thing.get('history') or {}
+    series = dict((name, series.get(name) or []) for name, _, _ in SPARK_COLOURS)
     count = len(series['open'])
     if not count:
         return '<span class="note">no samples yet</span>'
@@ -1785,9 +1793,9 @@ def render_checks(host, now):
     last = host.get('last_check')
     if last is not None:
         verdict = 'ok' if last['ok'] else 'not made' if last['ok'] is None else 'failed'
-        out.append('<span class="%s">last probe %s</span> in %s ms, %s ago%s<br>' % (
+        out.append('<span class="%s">probe %s</span>, %s ms, %s ago%s<br>' % (
             'up' if last['ok'] else 'down', verdict, e('%.1f' % (last['took'] * 1000)),
-            e(duration(now - last['when'])), '' if last['ok'] else ': ' + e(str(last['reason']))))
+            e(duration(now - last['when'])), '' if last['ok'] else ':<br>' + e(str(last['reason']))))
     if host['next_probe'] is not None:
         out.append('next probe in %s' % e(duration(host['next_probe'] - now)))
     else:
@@ -1803,7 +1811,7 @@ def render_checks(host, now):
             len(timeline), '' if len(timeline) == 1 else 's', e(duration(now - timeline[-1]['when'])), items))
     else:
         out.append('<br><span class="note">no state changes</span>')
-    return '<td>%s</td>' % (''.join(out) or '-')
+    return '<td class="checks">%s</td>' % (''.join(out) or '-')
 
 
 def render_group(service, group, now, can_change, history):
@@ -1826,7 +1834,7 @@ def render_group(service, group, now, can_change, history):
                                 confirm='Delete every host of group %s?' % where))
             actions.append(form('delGroup', sg, 'delete group', confirm='Delete group %s?' % where))
         out.append('<p>%s</p>' % ' '.join(actions))
-    out.append('<table><tr><th>host</th><th>address</th><th>state</th><th>open</th><th>connections/s</th>'
+    out.append('<table class="hosts"><tr><th>host</th><th>address</th><th>state</th><th>open</th><th>conn/s</th>'
                '<th>total</th><th>connect errors</th><th>retries</th><th>bytes in</th><th>bytes out</th>'
                '<th>weight</th><th>max conns</th><th>health checks</th><th>last 15 min</th>%s</tr>'
                % ('<th>actions</th>' if can_change else ''))
@@ -1847,6 +1855,7 @@ def render_group(service, group, now, can_change, history):
                    host.get('retries', 0), host['bytes_in'] + host.get('live_bytes_in', 0),
                    host['bytes_out'] + host.get('live_bytes_out', 0), weight, host['maxconns'] or '-']
         cells.extend('<td class="n">%s</td>' % e(str(n)) for n in numbers)
+        cells[4] = '<td class="n">%s</td>' % rate_html(host)
         cells.append(render_checks(host, now))
         cells.append('<td>%s</td>' % sparkline(host, history))
         if can_change:
@@ -1858,13 +1867,14 @@ def render_group(service, group, now, can_change, history):
                 actions.append(form('hostAdminUp', sgh, 'enable'))
             if host['admin'] != 'maint':
                 actions.append(form('setHost', sgh + [('state', 'maint')], 'maint'))
-            actions.append(form('setHost', sgh, 'set weight',
-                                '<input name="weight" value="%s" size="5" aria-label="weight"> ' % host['weight']))
             if host['health'] == 'down':
                 actions.append(form('retryHost', sgh, 'retry now'))
+            actions.append('<br>' + form('setHost', sgh, 'set weight',
+                                         '<input name="weight" value="%s" size="3" aria-label="weight"> '
+                                         % host['weight']))
             actions.append(form('delHost', sgh, 'delete', confirm='Delete host %s from %s/%s?' % (
                 host['name'], service['name'], group['name'])))
-            cells.append('<td>%s</td>' % ' '.join(actions))
+            cells.append('<td class="actions">%s</td>' % ' '.join(actions))
         out.append('<tr class="row-%s">%s</tr>' % (e(host['state']), ''.join(cells)))
     if not group['hosts']:
         out.append('<tr><td colspan="%d" class="note">no hosts</td></tr>' % (15 if can_change else 14))

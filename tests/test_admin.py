@@ -57,7 +57,7 @@ def admin_xml(port=None):
             '  </admin>\n' % (port or free_port(), password_hash(), password_hash()))
 
 
-HISTORY_KEYS = ('connections_per_s', 'errors_per_s', 'open', 'rate', 'rate_peak')
+HISTORY_KEYS = ('history', 'rate', 'rate_peak')
 
 
 def steady(snapshot):
@@ -904,18 +904,18 @@ class TimelineTest(AdminCase):
         n1 = [h for h in snap['services'][0]['groups'][0]['hosts'] if h['name'] == 'n1'][0]
         self.assertEqual((n1['timeline'], n1['next_probe']), ([], None))  # up, and no <check>: not probed
         page = self.fetch('/running').body
-        self.assertRegex(page, r'<td>next probe in \d+s<br>down \d+s in all<details><summary>1 change, '
+        self.assertRegex(page, r'<td class="checks">next probe in \d+s<br>down \d+s in all<details><summary>1 change, '
                                r'last \d+s ago</summary>'
                                r'<ol class="timeline"><li>[0-9: -]+ up&rarr;down: connection refused</li></ol>'
                                r'</details></td>')
-        self.assertIn('<td><span class="note">no probe planned</span><br><span class="note">no state changes'
-                      '</span></td>', page)
+        self.assertIn('<td class="checks"><span class="note">no probe planned</span><br>'
+                      '<span class="note">no state changes</span></td>', page)
         # Draining is a state change too, newest first on the page.
         self.change('/hostAdminDown?service=web&group=main&name=n2')
         self.change('/hostAdminUp?service=web&group=main&name=n2')
         page = self.fetch('/running').body
-        self.assertRegex(page, r'<td><span class="note">no probe planned</span><details><summary>2 changes, '
-                               r'last \d+s ago</summary><ol class="timeline">'
+        self.assertRegex(page, r'<td class="checks"><span class="note">no probe planned</span><details>'
+                               r'<summary>2 changes, last \d+s ago</summary><ol class="timeline">'
                                r'<li>[0-9: -]+ draining&rarr;up: by admin</li>'
                                r'<li>[0-9: -]+ up&rarr;draining: by admin</li></ol></details></td>')
 
