@@ -1593,7 +1593,7 @@ tr.row-down td, tr.row-degraded td { border-color: #bbb; }
 table.summary td a { font-weight: bold; }
 .degraded { color: #a60; } .spark { vertical-align: middle; } .err { color: #b00; }
 .key { display: inline-block; width: 1.2em; height: 0.25em; vertical-align: middle; }
-td.actions, td.checks { white-space: nowrap; } table.hosts td:nth-child(3) { min-width: 12em; }
+td.actions, td.checks { white-space: nowrap; } table.hosts td:nth-child(3) { min-width: 10em; }
 h1 { font-size: 1.4em; } h2 { font-size: 1.2em; margin-top: 1.5em; } h3 { font-size: 1.05em; }
 table { border-collapse: collapse; margin: 0.4em 0; }
 th, td { border: 1px solid #ccc; padding: 0.2em 0.5em; text-align: left; vertical-align: top; }
@@ -1664,7 +1664,7 @@ def rate_text(thing):
 
 
 def number(value):
-    """A rate for a person: 3 significant digits, no exponent below a million."""
+    """A rate for a person: whole from 100 up, else at most two decimals."""
     if value >= 100:
         return '%d' % round(value)
     return ('%.2f' % value).rstrip('0').rstrip('.') if value else '0'

@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import tempfile
+import time
 import unittest
 import urllib.parse
 
@@ -330,10 +331,36 @@ class ChromiumStatusTest(test_admin.AdminCase):
     """/running in headless Chromium: the summary, a sparkline, a delete that asks
     first.  PYDIRECTOR_SCREENSHOT=FILE also writes the page as a PNG there (docs/running.png)."""
 
+    def backends(self):
+        """Hosts that say their name and then echo: a client stays as long as it likes."""
+        self.n1 = self.backend(test_admin.name_then_echo, 'n1')
+        self.n2 = self.backend(test_admin.name_then_echo, 'n2')
+        self.s1 = self.backend(test_admin.name_then_echo, 's1')
+        self.dead_port = support.free_port()
+
+    def fill_history(self):
+        """For the screenshot: a history worth looking at, traffic that rises and falls
+        and clients that stay, sampled faster than the balancer would."""
+        held = []
+        try:
+            for step in range(120):
+                for _ in range(2 + (step % 40 if step % 80 < 40 else 40 - step % 40) // 4):
+                    exchange(self.bal.port(), b'hello' * 20)
+                if step % 12 == 0:
+                    held.append(support.connect(self.bal.port()))
+                    held[-1].sendall(b'a long one\n' * 100)
+                time.sleep(0.02)
+                self.bal.call(self.bal.director.history.sample)
+        finally:
+            for sock in held:
+                sock.close()
+        wait_until(lambda: self.bal.open_pairs() == 0)
+
     def test_summary_sparkline_and_confirmation(self):
         self.wait_dead_down()
         for _ in range(3):      # a history to draw
             exchange(self.bal.port())
+            time.sleep(0.02)
             self.bal.call(self.bal.director.history.sample)
         profile = tempfile.mkdtemp(prefix='pydirector-chromium-')
         self.addCleanup(shutil.rmtree, profile, True)
@@ -356,8 +383,11 @@ class ChromiumStatusTest(test_admin.AdminCase):
         self.assertRegex(spark[2], r'^last 15 min: up to [0-9.]+ new connections/s')
         shot = os.environ.get('PYDIRECTOR_SCREENSHOT')
         if shot:
+            self.fill_history()
+            browser.navigate(page)
             with open(shot, 'wb') as f:
-                f.write(browser.screenshot(1600, 1150))
+                f.write(browser.screenshot(1600, 1200))
+            browser.navigate(page)
         # Delete asks first; "Cancel" sends nothing.
         browser.evaluate(CONFIRM_JS)
         browser.evaluate(DELETE_JS)
