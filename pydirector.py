@@ -5955,12 +5955,14 @@ class History(object):
     is the merge of theirs; workers keep none.
 
     Memory is fixed per thing: the samples live in one array of C ints, thing
-    after thing (HISTORY_SAMPLES of each series, in HISTORY_SERIES order), with
-    the running totals and peaks beside it, and a sample is a few strided
-    slice assignments over every thing at once, so its cost on the loop is C
-    loops, not a Python loop per host (but the one gathering the counts).  The
-    layout is made again only when the services or hosts change (a reload, an
-    addHost, discovery), copying each kept thing's block.
+    after thing (HISTORY_SAMPLES of each series, in HISTORY_SERIES order; a
+    ring, the same place newest for all), with the running totals and peaks
+    beside it, and a sample is a few strided slice assignments over every thing
+    at once: C loops, not a Python loop per host (but the one gathering the
+    counts).  The layout is made again only when the services or hosts change
+    (a reload, an addHost, discovery), copying each run of things kept in order
+    with one slice.  A snapshot copies each thing's block as it is (a memcpy);
+    expand_history makes the lists from it off the loop, in the admin's thread.
     """
 
     def __init__(self, director, step=None):
@@ -5974,7 +5976,7 @@ class History(object):
         self.totals = array.array('q')      # each thing's connections then errors, at the last sample
         self.peaks = array.array('d')       # the most new connections per second of any sample
         self.times = array.array('d', bytes(8 * HISTORY_SAMPLES))     # epoch of each sample
-        self.last = 0               # the place of the newest sample
+        self.last = -1              # the place of the newest sample
         self.taken = 0              # samples taken so far
         self.since = None           # epoch of the last sample (or of the start)
         self.started = None         # epoch of the start
@@ -6020,20 +6022,34 @@ class History(object):
         """Blocks for these things: a kept one's samples, totals and peak go along."""
         size = HISTORY_SAMPLES * len(HISTORY_SERIES)
         n = len(things)
+        before = len(self.things)
         samples = array.array('i', bytes(4 * size * n))
         totals = array.array('q', counts[0] + counts[1])
         peaks = array.array('d', bytes(8 * n))
-        old, old_samples, old_totals, old_peaks = self.index, self.samples, self.totals, self.peaks
-        before = len(self.things)
-        for at, thing in enumerate(things):
-            was = old.get(thing)
-            if was is not None:
-                samples[at * size:(at + 1) * size] = old_samples[was * size:(was + 1) * size]
-                totals[at] = old_totals[was]
-                totals[n + at] = old_totals[before + was]
-                peaks[at] = old_peaks[was]
+        old = self.index
+        was = [old.get(thing, -1) for thing in things]
+        # memoryviews: each run is copied once, with no array made for it on the way.
+        into = (memoryview(samples), memoryview(totals), memoryview(peaks))
+        fro = (memoryview(self.samples), memoryview(self.totals), memoryview(self.peaks))
+        at = 0
+        while at < n:
+            first = was[at]
+            if first < 0:
+                at += 1
+                continue
+            end = at + 1
+            while end < n and was[end] == first + end - at:
+                end += 1
+            last = first + end - at
+            into[0][at * size:end * size] = fro[0][first * size:last * size]
+            into[1][at:end] = fro[1][first:last]
+            into[1][n + at:n + end] = fro[1][before + first:before + last]
+            into[2][at:end] = fro[2][first:last]
+            at = end
+        for view in into + fro:
+            view.release()
         self.things = things
-        self.index = dict((thing, at) for at, thing in enumerate(things))
+        self.index = dict(zip(things, range(n)))
         self.samples, self.totals, self.peaks = samples, totals, peaks
 
     def sample(self):
@@ -6058,49 +6074,59 @@ class History(object):
         self.peaks = array.array('d', map(max, self.peaks, map(operator.truediv, change[:n],
                                                                  itertools.repeat(interval))))
 
-    def intervals(self):
-        """The seconds each kept sample covers, oldest first."""
-        count = min(self.taken, HISTORY_SAMPLES)
-        if not count:
-            return []
-        times = self.ordered(self.times)[HISTORY_SAMPLES - count:]
-        first = self.started if self.taken == count else times[0] - self.step
-        return [max(b - a, 1e-3) for a, b in zip([first] + times, times)]
-
-    def ordered(self, ring):
-        """A ring of HISTORY_SAMPLES, oldest first."""
-        after = self.last + 1
-        return ring[after:].tolist() + ring[:after].tolist()
-
     def snapshot(self):
-        """The sample times, for the pages; each thing's series come from series()."""
+        """The samples' times and the seconds each covers, oldest first, and where the
+        newest is in a block and how many there are (ring), for expand_history."""
         count = min(self.taken, HISTORY_SAMPLES)
-        return {'step': self.step, 'samples': HISTORY_SAMPLES,
-                'times': [round(t, 3) for t in self.ordered(self.times)[HISTORY_SAMPLES - count:]]}
+        times = self.oldest_first(self.times, self.last, count).tolist()
+        first = self.started if self.taken == count else times[0] - self.step if times else None
+        return {'step': self.step, 'samples': HISTORY_SAMPLES, 'times': [round(t, 3) for t in times],
+                'intervals': [round(max(b - a, 1e-3), 3) for a, b in zip([first] + times, times)],
+                'ring': [self.last, count]}
 
-    def series(self, thing, intervals):
-        """A service's or host's 'rate' (new connections per second in the last sample),
-        'rate_peak' (the most of any sample since it was first counted) and 'history':
-        {'connections_per_s', 'errors_per_s', 'open'}, oldest first; intervals: from
-        intervals()."""
+    @staticmethod
+    def oldest_first(ring, last, count):
+        """The last count values of a ring of HISTORY_SAMPLES whose newest is at last."""
+        return (ring[last + 1:] + ring[:last + 1])[HISTORY_SAMPLES - count:]
+
+    def rates(self, thing, series=True):
+        """A service's or host's new connections per second in the last sample, the most
+        of any sample since it was first counted, and (with series; else None) its block
+        of samples as it is (a copy), which expand_history reads."""
         at = self.index.get(thing)
-        count = len(intervals)
-        series = {'connections_per_s': [], 'errors_per_s': [], 'open': []}
-        found = {'rate': 0.0, 'rate_peak': 0.0, 'history': series}
-        if at is None or not count:
-            return found
+        if at is None:
+            return 0.0, 0.0, None
         size = HISTORY_SAMPLES * len(HISTORY_SERIES)
-        base = at * size
-        samples = self.samples
-        for k, name in enumerate(('connections_per_s', 'errors_per_s', 'open')):
-            start = base + k * HISTORY_SAMPLES
-            values = self.ordered(samples[start:start + HISTORY_SAMPLES])[HISTORY_SAMPLES - count:]
-            if k < 2:
-                values = [round(max(0, v) / t, 3) for v, t in zip(values, intervals)]
-            series[name] = values
-        found['rate'] = series['connections_per_s'][-1]
-        found['rate_peak'] = round(self.peaks[at], 3)
-        return found
+        rate = peak = 0.0
+        if self.taken:
+            last = self.last
+            interval = self.since - (self.times[last - 1] if self.taken > 1 else self.started)
+            rate = round(max(0, self.samples[at * size + last]) / max(interval, 1e-3), 3)
+            peak = round(self.peaks[at], 3)
+        return rate, peak, self.samples[at * size:(at + 1) * size] if series else None
+
+
+def expand_history(snapshot):
+    """A snapshot's history as lists, off the loop (the admin's thread): each service's
+    and host's 'history' becomes {'connections': [...], 'errors': [...], 'open': [...]},
+    oldest first: the new connections and errors of each sample (divide by its
+    interval for a rate) and the connections open at its end.  Done once; a snapshot
+    taken without series keeps none."""
+    ring = snapshot['history'].pop('ring', None)
+    if ring is None:
+        return snapshot
+    last, count = ring
+    things = list(snapshot['services'])
+    for service in snapshot['services']:
+        for group in service['groups']:
+            things += group['hosts']
+    for thing in things:
+        block = thing.get('history')
+        if block is not None:
+            thing['history'] = dict(
+                (name, History.oldest_first(block[k * HISTORY_SAMPLES:(k + 1) * HISTORY_SAMPLES], last,
+                                            count).tolist()) for k, name in enumerate(HISTORY_SERIES))
+    return snapshot
 
 
 class Switch(object):
@@ -6923,9 +6949,11 @@ class Actions(object):
         """The config file as last loaded (at start or by the last reload)."""
         return self.loaded_xml
 
-    def snapshot(self):
+    def snapshot(self, series=True):
         """Everything the admin pages show, as plain dicts and lists (nothing live).
-        A master's counters are its workers' sums (Master.read_counts)."""
+        A master's counters are its workers' sums (Master.read_counts).  series: each
+        service's and host's samples too, as copies of the history's arrays, which
+        expand_history makes lists of (off the loop)."""
         if self.master is not None:
             self.master.read_counts()
         else:
@@ -6933,7 +6961,6 @@ class Actions(object):
         services = []
         health = self.health
         history = self.history
-        intervals = history.intervals()
         for service in self.services.values():
             groups = []
             connect_errors = 0
@@ -6943,7 +6970,8 @@ class Actions(object):
                     timeline, changes = health.timeline(host)
                     last_check, downtime = health.checks(host)
                     connect_errors += host.connect_errors
-                    hosts.append(dict(history.series(host, intervals), **{
+                    rate, peak, samples = history.rates(host, series)
+                    hosts.append({
                         'name': host.name, 'ip': host.ip, 'weight': host.weight, 'maxconns': host.maxconns,
                         'effective_weight': host.effective_weight, 'backup': host.backup,
                         'health': host.health, 'admin': host.admin, 'state': host_state(host),
@@ -6956,13 +6984,15 @@ class Actions(object):
                         'connect_errors': host.connect_errors, 'retries': host.retries,
                         'live_bytes_in': host.live_in, 'live_bytes_out': host.live_out,
                         'last_check': last_check, 'downtime': downtime,
-                    }))
+                        'rate': rate, 'rate_peak': peak, 'history': samples,
+                    })
                 groups.append({'name': group.name, 'scheduler': group.scheduler.spec,
                                'enabled': group is service.enabled, 'hosts': hosts,
                                'discover': self.discovery.snapshot(service, group)})
             enabled = [host_state(h) for h in service.enabled.scheduler.hosts]
             up = enabled.count('up')
-            services.append(dict(history.series(service, intervals), **{
+            rate, peak, samples = history.rates(service, series)
+            services.append({
                 'name': service.name, 'listen': [l.text for l in service.config.listens],
                 'listens': [{'ip': l.text, 'sni': l.sni, 'accept_proxy': l.accept_proxy}
                             for l in service.config.listens],
@@ -6976,7 +7006,8 @@ class Actions(object):
                 # Of the enabled group: the hosts that take its clients.
                 'hosts_up': up, 'hosts_total': len(enabled),
                 'state': 'up' if up == len(enabled) and up else 'down' if not up else 'degraded',
-            }))
+                'rate': rate, 'rate_peak': peak, 'history': samples,
+            })
         return {
             'version': VERSION, 'hostname': socket.gethostname(), 'pid': os.getpid(),
             'started': self.started, 'now': time.time(), 'services': services, 'history': history.snapshot(),

@@ -192,7 +192,7 @@ from xml.etree import ElementTree
 
 import pydirector
 from pydirector import (AdminError, attribute_changes, LoopTimeout, VERSION, EVENT_READ, EVENT_WRITE, check_password, escape_text,
-                        format_address, hash_password, has_control_chars)
+                        expand_history, format_address, hash_password, has_control_chars)
 
 log = logging.getLogger('pydirector.admin')
 
@@ -1457,7 +1457,7 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
 
     def page_index(self, params, user, access):
         take(params)
-        self.send_html(render_index(self.call(self.server.director.snapshot), user, access))
+        self.send_html(render_index(self.call(self.server.director.snapshot, series=False), user, access))
 
     def page_running(self, params, user, access):
         params = take(params, optional=('msg', 'refresh'))
@@ -1471,17 +1471,17 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
 
     def page_running_txt(self, params, user, access):
         take(params)
-        self.send(200, render_running_txt(self.call(self.server.director.snapshot)),
+        self.send(200, render_running_txt(self.call(self.server.director.snapshot, series=False)),
                   'text/plain; charset=utf-8')
 
     def page_running_json(self, params, user, access):
         take(params)
-        snapshot = self.call(self.server.director.snapshot)
+        snapshot = expand_history(self.call(self.server.director.snapshot))
         self.send(200, json.dumps(snapshot, indent=1, sort_keys=True) + '\n', 'application/json')
 
     def page_running_csv(self, params, user, access):
         take(params)
-        self.send(200, render_running_csv(self.call(self.server.director.snapshot)), 'text/csv; charset=utf-8',
+        self.send(200, render_running_csv(self.call(self.server.director.snapshot, series=False)), 'text/csv; charset=utf-8',
                   [('Content-Disposition', 'inline; filename="running.csv"')])
 
     def page_running_xml(self, params, user, access):
@@ -1496,7 +1496,7 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
 
     def page_metrics(self, params, user, access):
         take(params)
-        self.send(200, render_metrics(self.call(self.server.director.snapshot)),
+        self.send(200, render_metrics(self.call(self.server.director.snapshot, series=False)),
                   'text/plain; version=0.0.4; charset=utf-8')
 
     def page_healthz(self, params, user, access):
@@ -1671,21 +1671,23 @@ def number(value):
 
 
 SPARK_WIDTH, SPARK_HEIGHT = 144, 28
-SPARK_COLOURS = (('connections_per_s', '#1f5fbf', 'new connections/s'), ('errors_per_s', '#c00', 'errors/s'),
-                 ('open', '#999', 'open connections'))
 
 
 def sparkline(thing, history):
     """The last 15 minutes of a service or host as an inline SVG, drawn here, no script:
     open connections as a grey area (on their own scale), new connections/s in blue
-    and errors/s in red (on one scale).  history: the snapshot's; the drawing is as
-    wide as the samples it keeps, the newest at the right edge."""
+    and errors/s in red (on one scale).  history: the snapshot's (its samples' intervals
+    make the counts rates); the drawing is as wide as the samples it keeps, the newest
+    at the right edge."""
     samples = history['samples']
     series = thing.get('history') or {}
-    series = dict((name, series.get(name) or []) for name, _, _ in SPARK_COLOURS)
-    count = len(series['open'])
+    opens = series.get('open') or []
+    count = len(opens)
     if not count:
         return '<span class="note">no samples yet</span>'
+    intervals = history['intervals'][-count:]
+    connections, errors = ([max(0, n) / t for n, t in zip(series[name], intervals)]
+                           for name in ('connections', 'errors'))
     width, height = SPARK_WIDTH, SPARK_HEIGHT
     top = height - 2.0
 
@@ -1699,18 +1701,17 @@ def sparkline(thing, history):
             found.insert(0, '%s,%s' % (max(0.0, x(0) - 2), found[0].split(',')[1]))
         return ' '.join(found)
 
-    rate_most = max(max(series['connections_per_s']), max(series['errors_per_s']))
-    open_most = max(series['open'])
+    rate_most = max(max(connections), max(errors))
+    open_most = max(opens)
     title = 'last %d min: up to %s new connections/s, %s errors/s, %d open' % (
-        round(samples * history['step'] / 60.0), number(max(series['connections_per_s'])),
-        number(max(series['errors_per_s'])), open_most)
+        round(samples * history['step'] / 60.0), number(max(connections)), number(max(errors)), open_most)
     shapes = ['<polygon fill="#e4e4e4" points="%s,%d %s %s,%d"/>' % (
-        x(0), height, points(series['open'], open_most), x(count - 1), height)]
+        x(0), height, points(opens, open_most), x(count - 1), height)]
     shapes.append('<polyline fill="none" stroke="#1f5fbf" stroke-width="1.5" points="%s"/>'
-                  % points(series['connections_per_s'], rate_most))
-    if max(series['errors_per_s']) > 0:
+                  % points(connections, rate_most))
+    if max(errors) > 0:
         shapes.append('<polyline fill="none" stroke="#c00" stroke-width="1.5" points="%s"/>'
-                      % points(series['errors_per_s'], rate_most))
+                      % points(errors, rate_most))
     return ('<svg class="spark" xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" viewBox="0 0 %d %d" '
             'role="img" aria-label="%s"><title>%s</title><rect width="%d" height="%d" fill="#fafafa" '
             'stroke="#ddd"/>%s</svg>' % (width, height, width, height, html.escape(title), html.escape(title),
@@ -1992,7 +1993,7 @@ def render_sni(entries):
 
 def render_running(snapshot, user, can_change, msg=None, refresh=None):
     e = html.escape
-    s = snapshot
+    s = expand_history(snapshot)
     now = s['now']
     refresh_links = ' '.join('<a href="/running?refresh=%d">%d s</a>' % (n, n) for n in (2, 5, 30))
     body = [

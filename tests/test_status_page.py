@@ -40,14 +40,11 @@ def host_of(snapshot, name):
 
 
 def counted(director):
-    """Each series of every service and host, as the count of each sample (rate x the
-    seconds it covers), summed: what the history saw since it started."""
-    intervals = director.history.intervals()
-    snapshot = director.snapshot()
+    """The new connections and errors every service and host had, as its history saw them."""
+    snapshot = pydirector.expand_history(director.snapshot())
     things = [s for s in snapshot['services']] + [h for s in snapshot['services'] for g in s['groups']
                                                   for h in g['hosts']]
-    return dict((thing['name'], dict((name, round(sum(v * t for v, t in zip(thing['history'][name], intervals))))
-                                     for name in ('connections_per_s', 'errors_per_s')))
+    return dict((thing['name'], dict((name, sum(thing['history'][name])) for name in ('connections', 'errors')))
                 for thing in things)
 
 
@@ -77,17 +74,17 @@ class HistoryTest(BalancerCase):
             service.refused += 2
             b.open = step
             history.sample()
-        intervals = history.intervals()
+        snapshot = pydirector.expand_history(director.snapshot())
+        intervals = snapshot['history']['intervals']
         self.assertEqual(len(intervals), 5)
-        snapshot = director.snapshot()
         series = host_of(snapshot, 'a')['history']
-        self.assertEqual([round(v * t) for v, t in zip(series['connections_per_s'], intervals)], [0, 1, 2, 3, 4])
-        self.assertEqual([round(v * t) for v, t in zip(series['errors_per_s'], intervals)], [1] * 5)
+        self.assertEqual(series['connections'], [0, 1, 2, 3, 4])
+        self.assertEqual(series['errors'], [1] * 5)
         self.assertEqual(host_of(snapshot, 'b')['history']['open'], [0, 1, 2, 3, 4])
         web = snapshot['services'][0]
         # A service's errors: its clients refused and its hosts' failed connects.
-        self.assertEqual([round(v * t) for v, t in zip(web['history']['errors_per_s'], intervals)], [3] * 5)
-        self.assertEqual(web['rate'], web['history']['connections_per_s'][-1])
+        self.assertEqual(web['history']['errors'], [3] * 5)
+        self.assertAlmostEqual(web['rate'], 4 / intervals[-1], delta=0.01 * 4 / intervals[-1])
         self.assertAlmostEqual(host_of(snapshot, 'a')['rate_peak'], 4 / intervals[-1], delta=0.01 * 4 / intervals[-1])
         self.assertEqual(len(snapshot['history']['times']), 5)
 
@@ -101,8 +98,9 @@ class HistoryTest(BalancerCase):
             host.open = step
             history.sample()
         self.assertEqual((len(history.samples), history.samples.buffer_info()), sizes)   # the same array, no bigger
-        self.assertEqual(host_of(director.snapshot(), 'a')['history']['open'], list(range(20, SAMPLES + 20)))
-        self.assertEqual(len(history.intervals()), SAMPLES)
+        snapshot = pydirector.expand_history(director.snapshot())
+        self.assertEqual(host_of(snapshot, 'a')['history']['open'], list(range(20, SAMPLES + 20)))
+        self.assertEqual(len(snapshot['history']['intervals']), SAMPLES)
 
     def test_a_host_keeps_its_history_when_others_come_and_go(self):
         director = self.director([('a', '127.0.0.1:1'), ('b', '127.0.0.1:2')])
@@ -115,7 +113,7 @@ class HistoryTest(BalancerCase):
         director.remove_host(service, group, group.scheduler.get_host('b'))
         director.add_running_host(service, group, pydirector.host_config(name='c', ip='127.0.0.1:3'), False)
         director.history.sample()
-        snapshot = director.snapshot()
+        snapshot = pydirector.expand_history(director.snapshot())
         self.assertEqual(host_of(snapshot, 'a')['history']['open'], [1, 2, 3, 3])
         # A host new since is counted from when it came: nothing before it.
         self.assertEqual(host_of(snapshot, 'c')['history']['open'], [0, 0, 0, 0])
@@ -158,9 +156,9 @@ class HostCountsTest(BalancerCase):
         # The history (a master's: the sum of its workers') saw the same.
         self.bal.call(self.bal.director.history.sample)
         seen = self.bal.call(counted, self.bal.director)
-        self.assertEqual(seen['web'], {'connections_per_s': 1, 'errors_per_s': 1})
-        self.assertEqual(seen['dead'], {'connections_per_s': 0, 'errors_per_s': 1})
-        self.assertEqual(seen['live'], {'connections_per_s': 1, 'errors_per_s': 0})
+        self.assertEqual(seen['web'], {'connections': 1, 'errors': 1})
+        self.assertEqual(seen['dead'], {'connections': 0, 'errors': 1})
+        self.assertEqual(seen['live'], {'connections': 1, 'errors': 0})
 
     def test_bytes_of_an_open_connection_show_before_it_closes(self):
         sock = support.connect(self.bal.port())
@@ -253,7 +251,8 @@ class StatusPageTest(test_admin.AdminCase):
         data = json.loads(self.fetch('/running.json').body)
         self.assertEqual(len(data['history']['times']), 2)
         self.assertEqual((data['history']['step'], data['history']['samples']), (pydirector.HISTORY_STEP, SAMPLES))
-        self.assertEqual(len(data['services'][0]['history']['connections_per_s']), 2)
+        self.assertEqual(len(data['services'][0]['history']['connections']), 2)
+        self.assertEqual(len(data['history']['intervals']), 2)
 
     def test_scheduler_is_a_select_and_deletes_ask_first(self):
         body = self.fetch('/running').body
