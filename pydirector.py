@@ -8246,7 +8246,8 @@ class WorkerCounts(object):
     It writes its own row: the line of a closed client's service and host at
     once, the open count of every host whose load matters elsewhere (a host
     with maxconns, a host of a leastconns group) each tick while connections
-    come and go, and everything else every TICKS_FULL ticks.  In a worker, a
+    come and go, and everything else every TICKS_FULL ticks, the bytes of the
+    open connections too (Director.count_live).  In a worker, a
     Host's `open` counts every worker's connections to it: its own, kept
     exactly, plus the others' as last read (others[host]), re-read each tick
     for the hosts whose load matters, so the scheduler sees the whole load.
