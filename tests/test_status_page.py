@@ -126,13 +126,15 @@ class HistoryTest(BalancerCase):
 # ---------------------------------------------------------------------------
 
 class HostCountsTest(BalancerCase):
+    """Service web, roundrobin over dead (refuses) and live (echoes)."""
+    extra = ''      # more of the service
 
     def setUp(self):
         BalancerCase.setUp(self)
         self.live = self.backend(support.echo, 'live')
         self.dead, address = refused_address()
         self.addCleanup(self.dead.close)
-        self.bal = self.start(service_xml([('dead', address), ('live', self.live.address)]))
+        self.bal = self.start(service_xml([('dead', address), ('live', self.live.address)], extra=self.extra))
 
     def test_a_failover_counts_a_connect_error_and_a_retry(self):
         # roundrobin tries dead first: refused, the client goes on to live.
@@ -183,14 +185,8 @@ class HostCountsWorkersTest(WorkersMixin, HostCountsTest):
 
 class ChecksTest(BalancerCase):
     """The last probe of each host, what it found and how long it took; time down in all."""
-
-    def setUp(self):
-        BalancerCase.setUp(self)
-        self.live = self.backend(support.echo, 'live')
-        self.dead, address = refused_address()
-        self.addCleanup(self.dead.close)
-        self.bal = self.start(service_xml([('dead', address), ('live', self.live.address)],
-                                          extra='    <check interval="0.2" timeout="1" fall="1" rise="1"/>\n'))
+    extra = '    <check interval="0.2" timeout="1" fall="1" rise="1"/>\n'
+    setUp = HostCountsTest.setUp
 
     def test_last_check_and_downtime(self):
         wait_until(lambda: self.bal.host('dead')['health'] == 'down' and self.bal.host('live')['last_check'])
