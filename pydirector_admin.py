@@ -1481,8 +1481,8 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
 
     def page_running_csv(self, params, user, access):
         take(params)
-        self.send(200, render_running_csv(self.call(self.server.director.snapshot, series=False)), 'text/csv; charset=utf-8',
-                  [('Content-Disposition', 'inline; filename="running.csv"')])
+        self.send(200, render_running_csv(self.call(self.server.director.snapshot, series=False)),
+                  'text/csv; charset=utf-8', [('Content-Disposition', 'inline; filename="running.csv"')])
 
     def page_running_xml(self, params, user, access):
         take(params)
@@ -1591,7 +1591,7 @@ tr.row-up { background: #eef8ee; } tr.row-degraded, tr.row-draining { background
 tr.row-down { background: #fce8e8; } tr.row-maint { background: #eeeeee; }
 tr.row-down td, tr.row-degraded td { border-color: #bbb; }
 table.summary td a { font-weight: bold; }
-.degraded { color: #a60; } .spark { vertical-align: middle; } .err { color: #b00; }
+.degraded { color: #a60; } .spark { vertical-align: middle; }
 .key { display: inline-block; width: 1.2em; height: 0.25em; vertical-align: middle; }
 td.actions, td.checks { white-space: nowrap; } table.hosts td:nth-child(3) { min-width: 10em; }
 h1 { font-size: 1.4em; } h2 { font-size: 1.2em; margin-top: 1.5em; } h3 { font-size: 1.05em; }
