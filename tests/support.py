@@ -1,7 +1,7 @@
 """Shared test helpers.  Everything listens on 127.0.0.1, on ports from free_port().
 
 In groups, in this order:
-- waiting and ports: wait_until, free_port (a block of ports per test process), accepts;
+- waiting and ports: wait_until, free_port (a block of ports per test process);
 - log capture: LOG (every line the balancer logs), WorkerLog (its workers' lines);
 - backends: Backend and its handlers (echo, say_name, hold_open, digest_until_eof,
   report_proxy_header, https_say_name), Blackhole, AdoptedBackend, EchoServer,
@@ -11,8 +11,9 @@ In groups, in this order:
   SpawnedBalancer);
 - clients: connect, exchange, recv_all, raw_exchanges, Background, tls_connect,
   tls_exchange;
-- /proc and processes: fd_count, open_fds, thread_count, cpu_seconds_of, rss_bytes,
-  accept_queue_length, raise_open_files;
+- /proc and processes: open_fds, accept_queue_length, raise_open_files, and from
+  tools/processes.py (which bench/ and tools/ share) accepts, fd_count, thread_count,
+  cpu_seconds, cpu_seconds_of, rss_bytes, process_state, child_pids, stop_process;
 - external programs and recorded data: need_program, find_binary, ExternalServer,
   openssl_client, curl_client, need_curl_idn, client_hello.
 """
@@ -44,8 +45,14 @@ import unittest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
+TOOLS = os.path.join(REPO, 'tools')
+if TOOLS not in sys.path:
+    sys.path.append(TOOLS)
 
 import pydirector  # noqa: E402
+import processes  # noqa: E402  (tools/processes.py: what bench/ and tools/ use too)
+from processes import (accepts, child_pids, cpu_seconds, cpu_seconds_of, fd_count,  # noqa: E402
+                       process_state, rss_bytes, stop_process, thread_count)
 
 PYDIRECTOR = os.path.join(REPO, 'pydirector.py')
 
@@ -117,23 +124,10 @@ def free_port():
             finally:
                 sock.close()
             return port
-    sock = socket.socket()
-    sock.bind(('127.0.0.1', 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return port
+    return processes.free_port()
 
 
 _port_state['start'] = _port_block()    # now, so its lock file's fd is there before any test counts fds
-
-
-def accepts(port):
-    """Whether something listens on 127.0.0.1:port."""
-    try:
-        socket.create_connection(('127.0.0.1', port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 # -- log capture --------------------------------------------------------------
@@ -1323,11 +1317,6 @@ def tls_exchange(port, data=b'', server_hostname=None, expect=None, host='127.0.
 HAVE_PROC = os.path.isdir('/proc/self/fd')
 
 
-def fd_count(pid='self'):
-    """Open file descriptors of a process (Linux /proc)."""
-    return len(os.listdir('/proc/%s/fd' % pid))
-
-
 def open_fds():
     """What this process's fds are (for a leak message)."""
     found = {}
@@ -1337,25 +1326,6 @@ def open_fds():
         except OSError:
             pass
     return found
-
-
-def thread_count(pid):
-    return len(os.listdir('/proc/%s/task' % pid))
-
-
-def cpu_seconds_of(stat_path):
-    """utime + stime from a /proc/.../stat file (a process or one thread)."""
-    with open(stat_path) as f:
-        fields = f.read().rsplit(')', 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / float(os.sysconf('SC_CLK_TCK'))
-
-
-def rss_bytes(pid):
-    with open('/proc/%d/status' % pid) as f:
-        for line in f:
-            if line.startswith('VmRSS:'):
-                return int(line.split()[1]) * 1024
-    raise AssertionError('no VmRSS for pid %d' % pid)
 
 
 def accept_queue_length(port):
@@ -1453,13 +1423,7 @@ class ExternalServer(object):
         return self.read('output.log')
 
     def close(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)
         self.log_file.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
