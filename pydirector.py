@@ -7939,9 +7939,6 @@ class SharedCounters(object):
 
 _ZERO_LINE = memoryview(bytes(COUNTER_FIELDS * 8)).cast('q')
 
-LOAD_AWARE = ('leastconns', 'leastconnsrr')   # schedulers whose picks read every host's open count
-
-
 def queue_head(service):
     """When the first client in a service's queue was accepted, in µs of the monotonic
     clock (one clock for every process on Linux), or 0: the queue is empty."""
@@ -7972,8 +7969,9 @@ class WorkerCounts(object):
 
     It writes its own row: the line of a closed client's service and host at
     once, the open count of every host whose load matters elsewhere (a host
-    with maxconns, a host of a leastconns group) each tick while connections
-    come and go, and everything else every TICKS_FULL ticks.  In a worker, a
+    with maxconns, a host of a group whose scheduler reads_load: leastconns)
+    each tick while connections come and go, and everything else every
+    TICKS_FULL ticks.  In a worker, a
     Host's `open` counts every worker's connections to it: its own, kept
     exactly, plus the others' as last read (others[host]), re-read each tick
     for the hosts whose load matters, so the scheduler sees the whole load.
@@ -7994,7 +7992,7 @@ class WorkerCounts(object):
         self.kind_of = {}       # running object -> its kind ('service', 'host', 'address')
         self.others = {}        # host -> the other workers' open connections to it, as last read
         self.group_of = {}      # host -> its running group (whose scheduler keeps its load)
-        self.aware = []         # hosts whose load other workers need (maxconns, leastconns)
+        self.aware = []         # hosts whose load other workers need (maxconns, reads_load)
         self.counted_services = []
         self.reading = None     # listener -> clients reading their hello, while a publish writes
         # kind -> [(place, a function giving its value from the running object)], as COUNTERS says.
@@ -8042,7 +8040,7 @@ class WorkerCounts(object):
             self.kind_of[thing] = key[0]
             self.own[thing] = counters.line(slot, row)
             self.elsewhere[thing] = [counters.line(slot, r) for r in range(counters.rows - 1) if r != row]
-            if group is not None and (thing.maxconns or group.scheduler.name in LOAD_AWARE):
+            if group is not None and (thing.maxconns or group.scheduler.reads_load):
                 self.aware.append(thing)
         self.counted_services = [s for s in self.director.services.values() if s in self.own]
         for thing, slot in old.items():
