@@ -7,8 +7,10 @@ A revival of Python Director (Anthony Baxter, 2002-2004).
 
     python3 pydirector.py -c sample.xml
 
-Sections, in the order a reader meets them: Config, Loop, Proxying, Manager, DNS,
-Director, Workers (a master and worker processes), Command line.
+Sections, in the order a reader meets them: Config, Loop, PROXY protocol, TLS
+ClientHello and server names (SNI), Logs, Proxying, Manager (health checks), DNS,
+systemd, Director, Workers (a master and worker processes), Command line.
+docs/ARCHITECTURE.md walks through them.
 """
 
 import argparse

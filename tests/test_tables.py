@@ -7,6 +7,8 @@
 - pydirector's END_REASONS (the access log's end=): each END_ constant is a row, the
   code closes connections with the constants, never with text of its own, and
   README's table says every row in the same words, in the same order.
+- pydirector.py's banner sections: its docstring and docs/ARCHITECTURE.md name each,
+  in order; schedulers.SCHEDULERS: README's table has a row for each.
 
 The other tables check themselves elsewhere: the config attributes in
 test_schema.py, the worker messages and counters in test_workers.py
@@ -24,6 +26,7 @@ import support
 
 import pydirector
 import pydirector_admin
+import schedulers
 
 # Public Actions methods that are neither a change nor read by the admin's pages: who calls them.
 OTHER_USES = {
@@ -139,6 +142,46 @@ class EndReasonsTest(unittest.TestCase):
         expected = list(pydirector.END_REASONS.items())
         self.assertEqual(rows, expected, "README's end= table; it should read:\n%s" % ''.join(
             '| `%s` | %s |\n' % row for row in expected))
+
+
+class DocsTest(unittest.TestCase):
+
+    def read(self, *path):
+        with open(os.path.join(support.REPO, *path)) as f:
+            return f.read()
+
+    def banner_titles(self):
+        """pydirector.py's sections: the line after each opening '# ----' banner, up to
+        its ':', without a '(...)' at its end."""
+        lines = self.read('pydirector.py').splitlines()
+        titles = [re.sub(r' \(.*\)$', '', after[2:].split(':')[0])
+                  for line, after in zip(lines, lines[1:])
+                  if re.match(r'# -{20,}$', line) and re.match(r'# [^-]', after)]
+        self.assertIn('Config', titles)
+        return titles
+
+    def assert_in_order(self, titles, text, where):
+        text = ' '.join(text.replace('**', '').split())
+        at = 0
+        for title in titles:
+            found = text.find(title, at)
+            self.assertNotEqual(found, -1, '%s does not name the section %r after %r (sections: %s)'
+                                % (where, title, text[max(0, at - 40):at], ', '.join(titles)))
+            at = found + len(title)
+
+    def test_the_docstring_names_every_section(self):
+        self.assert_in_order(self.banner_titles(), pydirector.__doc__.split('Sections,')[1],
+                             "pydirector.py's docstring")
+
+    def test_the_architecture_note_names_every_section(self):
+        note = self.read('docs', 'ARCHITECTURE.md')
+        self.assert_in_order(self.banner_titles(), note.split('reads top to bottom in sections')[1].split('\n\n')[0],
+                             'docs/ARCHITECTURE.md')
+
+    def test_readme_has_a_row_for_every_scheduler(self):
+        section = self.read('README.md').split('\n## Schedulers\n')[1].split('\n## ')[0]
+        rows = re.findall(r'^\| `([a-z]+)` \|', section, re.M)
+        self.assertEqual(sorted(rows), sorted(schedulers.SCHEDULERS), "README's table of schedulers")
 
 
 def is_text(node):
