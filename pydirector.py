@@ -7,8 +7,10 @@ A revival of Python Director (Anthony Baxter, 2002-2004).
 
     python3 pydirector.py -c sample.xml
 
-Sections, in the order a reader meets them: Config, Loop, Proxying, Manager, DNS,
-Director, Workers (a master and worker processes), Command line.
+Sections, in the order a reader meets them: Config, Loop, PROXY protocol, TLS
+ClientHello and server names (SNI), Logs, Proxying, Manager (health checks), DNS,
+systemd, Director, Workers (a master and worker processes), Command line.
+docs/ARCHITECTURE.md walks through them.
 """
 
 import argparse
@@ -3248,6 +3250,37 @@ LOG_FILE_WRITE = 1 << 18     # bytes of one write to a regular file (to a pipe: 
 LOG_HANDED = 10000       # records other threads may have waiting for the loop (past it: dropped)
 
 
+# How a client's connection ended: the access log's end= field.  One line a reason:
+# its constant, which the code closes with, its text and what it means, which
+# README's table says in the same words (tests/test_tables.py holds them together).
+END_REASONS = collections.OrderedDict()
+
+
+def end_reason(text, meaning):
+    END_REASONS[text] = meaning
+    return text
+
+
+END_DONE = end_reason('done', 'both sides closed, every byte passed on')
+END_CLIENT_RESET = end_reason('client-reset', 'the client reset it (the backend, if any, was reset too)')
+END_BACKEND_RESET = end_reason('backend-reset', 'the backend reset it (the client was reset too)')
+END_IDLE_TIMEOUT = end_reason('idle-timeout', 'no byte either way for `<timeouts idle>`')
+END_NO_BACKEND = end_reason('no-backend', 'no host took it: none was eligible, or every one tried failed')
+END_HOST_DOWN = end_reason('host-down', 'its host went down by its checks, with `<check on_down="close">`')
+END_FULL = end_reason('full', "refused at once: the service's `maxconns` or its queue was full")
+END_QUEUE_TIMEOUT = end_reason('queue-timeout', 'no host had room within `<timeouts queue>`')
+END_DENIED = end_reason('denied', 'refused by the allow/deny rules, or not a `trusted` PROXY sender')
+END_BAD_PROXY = end_reason('bad-proxy', 'a bad PROXY header, or none within `<timeouts connect>`')
+END_DRAINED = end_reason('drained', "still on the old group when `enableGroup`'s drain time ran out")
+END_SHUTDOWN = end_reason('shutdown', 'still open when the balancer stopped, or still waiting (queued, or '
+                                      'reading its hello) when a reload removed its service or listen')
+END_ERROR = end_reason('error', 'a bug in its handling (logged with the traceback)')
+END_BAD_HELLO = end_reason('bad-hello', 'on a listen with `sni`: no TLS hello, a malformed or too big one, '
+                                        'or the client closed before it ended')
+END_HELLO_TIMEOUT = end_reason('hello-timeout', 'on a listen with `sni`: no whole hello within `<timeouts connect>`')
+END_UNKNOWN_SNI = end_reason('unknown-sni', 'on a listen with `sni`: the hello named no service here')
+
+
 class AccessLog(object):
     """The access log: one line per finished client connection, on the
     'pydirector.access' logger's handlers, at INFO.
@@ -3280,17 +3313,14 @@ class AccessLog(object):
         return escaped
 
     def connection(self, pair, how):
-        """Keep a closed pair for its line, formatted when the batch is written."""
+        """Keep a closed pair for its line, formatted when the batch is written; how: one
+        of END_REASONS.  Or a TLSHelloReader: a client of a listen with sni closed before
+        any service was chosen (service=-, bytes_in the bytes it sent, none relayed)."""
         # The wall clock now, as a LogRecord's: not the loop's time (read as this iteration
         # began), so a record logged before in this iteration cannot carry a later time.
         self.kept.append((pair, how, time.time()))
         if self.timer is None:
             self.timer = self.loop.call_later(ACCESS_FLUSH, self.flush)
-
-    def hello_refused(self, reader, how):
-        """A client of a listen with sni closed before any service was chosen
-        (a TLSHelloReader): service=-, and bytes_in the bytes it sent, none relayed."""
-        self.connection(reader, how)
 
     PREFIX = len('2026-12-01 21:40:00,123 INFO ')
 
@@ -4176,7 +4206,7 @@ class ProxyHeaderReader(object):
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            pair.abort('client-reset')
+            pair.abort(END_CLIENT_RESET)
             return
         if not data:
             self._fail('closed before the header ended')
@@ -4199,7 +4229,7 @@ class ProxyHeaderReader(object):
         pair = self.pair
         log.warning('client %s:%s in %s: bad PROXY header: %s',
                     pair.client_ip, pair.client_port, pair.service.name, why)
-        pair.close('bad-proxy')
+        pair.close(END_BAD_PROXY)
 
     def cancel(self):
         if self.timer is not None:
@@ -4268,11 +4298,11 @@ class TLSHelloReader(object):
             return
         except OSError:
             self.refuse('truncated', 'reset after %d bytes, before its TLS hello ended' % self.received,
-                        'client-reset')
+                        END_CLIENT_RESET)
             return
         if not chunk:
             self.refuse('truncated', 'closed after %d bytes, before its %s ended' % (
-                self.received, 'PROXY header' if self.proxy is not None else 'TLS hello'), 'bad-hello')
+                self.received, 'PROXY header' if self.proxy is not None else 'TLS hello'), END_BAD_HELLO)
             return
         self.received += len(chunk)
         data += chunk
@@ -4282,18 +4312,18 @@ class TLSHelloReader(object):
             result = self.hello.read(data)
         except ValueError as e:
             message = str(e)
-            self.refuse(hello_problem(message), 'bad TLS hello: %s' % message, 'bad-hello')
+            self.refuse(hello_problem(message), 'bad TLS hello: %s' % message, END_BAD_HELLO)
             return
         if result is None:
             if len(data) >= TLS_HELLO_MAX + 5:     # cannot happen: the reader refuses first
-                self.refuse('too-big', 'TLS hello over %d bytes' % TLS_HELLO_MAX, 'bad-hello')
+                self.refuse('too-big', 'TLS hello over %d bytes' % TLS_HELLO_MAX, END_BAD_HELLO)
             return
         self.sni = name = result[1]
         match = self.listener.match(name)
         if match is None:
             self.refuse('unmatched', 'TLS hello for %r, which no service here takes (and none has \'*\')' % name
                         if name is not None else 'TLS hello without a server name, and no service here has \'*\'',
-                        'unknown-sni')
+                        END_UNKNOWN_SNI)
             return
         self.timer.cancel()
         self.timer = None
@@ -4307,7 +4337,7 @@ class TLSHelloReader(object):
         try:
             header = parse_proxy_header(data, self.proxy, PROXY_HEADER_LIMIT)
         except ValueError as e:
-            self.refuse('bad-proxy', 'bad PROXY header: %s' % e, 'bad-proxy')
+            self.refuse('bad-proxy', 'bad PROXY header: %s' % e, END_BAD_PROXY)
             return False
         if header is None:
             return False
@@ -4323,7 +4353,7 @@ class TLSHelloReader(object):
         self.timer = None
         self.refuse('timeout', 'no whole %s within %g s (%d bytes came)' % (
             'PROXY header' if self.proxy is not None else 'TLS hello', self.listener.hello_timeout,
-            self.received), 'hello-timeout')
+            self.received), END_HELLO_TIMEOUT)
 
     def refuse(self, kind, why, how):
         """Close the client for bad input (kind: HELLO_PROBLEMS or 'unmatched'); its listener
@@ -4345,7 +4375,7 @@ class TLSHelloReader(object):
         self.director.hello_closed(self, how)
 
     def close_on_error(self):
-        self.close('error')
+        self.close(END_ERROR)
 
 
 class Pair(object):
@@ -4421,7 +4451,7 @@ class Pair(object):
         counts = self.director.worker_counts
         if len(queue) >= QUEUE_LIMIT if counts is None else counts.queue_full(service):
             service.refused += 1
-            self.close('full')
+            self.close(END_FULL)
             return
         self.state = QUEUED
         queue.append(self)
@@ -4440,7 +4470,7 @@ class Pair(object):
         self.timer = None
         log.info('client %s:%s in %s: no host free within %g s',
                  self.client_ip, self.client_port, self.service.name, self.service.timeouts.queue)
-        self.close('queue-timeout')
+        self.close(END_QUEUE_TIMEOUT)
 
     # -- connecting -------------------------------------------------------
 
@@ -4499,7 +4529,7 @@ class Pair(object):
             self.timer = None
             log.info('client %s:%s in %s: idle for %.0f s, closing',
                      self.client_ip, self.client_port, self.service.name, idle_for)
-            self.close('idle-timeout')
+            self.close(END_IDLE_TIMEOUT)
         else:
             # Re-arming once per idle period is cheaper than a timer per byte.
             self.timer = self.loop.call_later(limit - idle_for, self._on_timer)
@@ -4592,7 +4622,7 @@ class Pair(object):
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            self.abort('client-reset' if upstream else 'backend-reset')
+            self.abort(END_CLIENT_RESET if upstream else END_BACKEND_RESET)
             return
         if not data:
             self._source_eof(upstream)
@@ -4604,7 +4634,7 @@ class Pair(object):
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:
-            self.abort('backend-reset' if upstream else 'client-reset')
+            self.abort(END_BACKEND_RESET if upstream else END_CLIENT_RESET)
             return
         if upstream:
             self.bytes_in += size
@@ -4631,7 +4661,7 @@ class Pair(object):
             self.backend_eof = True
             done, other, sock = self.client_eof, to_client, self.client_sock
         if done and not to_client and not to_backend:
-            self.close('done')      # both ends done: close() sends the FIN a shutdown would
+            self.close(END_DONE)      # both ends done: close() sends the FIN a shutdown would
             return
         if not other:
             try:
@@ -4664,7 +4694,7 @@ class Pair(object):
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            self.abort('backend-reset' if upstream else 'client-reset')
+            self.abort(END_BACKEND_RESET if upstream else END_CLIENT_RESET)
             return
         self.last_active = self.loop.now
         if upstream:
@@ -4695,7 +4725,7 @@ class Pair(object):
         to_client = self.to_client or (self.splice_down is not None and self.splice_down.pending)
         to_backend = self.to_backend or (self.splice_up is not None and self.splice_up.pending)
         if self.client_eof and self.backend_eof and not to_client and not to_backend:
-            self.close('done')
+            self.close(END_DONE)
             return
         client = backend = 0
         if to_client:
@@ -4759,9 +4789,9 @@ class Pair(object):
         self.close(how)
 
     def close_on_error(self):
-        self.abort('error')
+        self.abort(END_ERROR)
 
-    def close(self, how='no-backend'):
+    def close(self, how=END_NO_BACKEND):
         state = self.state
         if state is CLOSED:
             return
@@ -4825,7 +4855,7 @@ class Splice(object):
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            pair.abort('client-reset' if upstream else 'backend-reset')
+            pair.abort(END_CLIENT_RESET if upstream else END_BACKEND_RESET)
             return
         if not size:
             pair._source_eof(upstream)
@@ -4846,7 +4876,7 @@ class Splice(object):
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:
-            pair.abort('backend-reset' if upstream else 'client-reset')
+            pair.abort(END_BACKEND_RESET if upstream else END_CLIENT_RESET)
             return
         self.pending -= sent
         pair._sent_all_or_wait(upstream, dest, was_pending)
@@ -5959,7 +5989,7 @@ class Switch(object):
             log.info('service %s: drain of group %s over, closing %d connection(s)',
                      service.name, self.from_group.name, len(doomed))
             for pair in doomed:
-                pair.close('drained')
+                pair.close(END_DRAINED)
         self.drain_until = None
         self._done()
 
@@ -6280,7 +6310,7 @@ class Reload(object):
             changes.append('-service %s' % name)
         for listener in listeners.values():   # left over: listened on by no service now
             for reader in [r for r in director.hellos if r.listener is listener]:
-                reader.close('shutdown')
+                reader.close(END_SHUTDOWN)
             if director.master is not None:
                 director.master.retire(listener)   # its workers may listen on it still
             else:
@@ -6400,7 +6430,7 @@ class Reload(object):
             for host in group.scheduler.hosts:
                 director.health.forget(host)
         while service.queue:
-            service.queue[0].close('shutdown')     # which takes it off the queue
+            service.queue[0].close(END_SHUTDOWN)     # which takes it off the queue
         log.info('service %s removed (%d connection(s) left to finish)', service.name, service.open)
 
     def _rest(self, diff):
@@ -7187,7 +7217,7 @@ class Director(Actions):
         if self.pairs:
             log.info('closing %d connection(s) still open', len(self.pairs))
         for pair in list(self.pairs):
-            pair.close('shutdown')
+            pair.close(END_SHUTDOWN)
         self._stopped()
 
     def _stopped(self):
@@ -7200,7 +7230,7 @@ class Director(Actions):
                 listener.close()
         # Clients still sending their hello have no service yet: nothing to drain.
         for reader in list(self.hellos):
-            reader.close('shutdown')
+            reader.close(END_SHUTDOWN)
 
     # -- reload -------------------------------------------------------------
 
@@ -7339,7 +7369,7 @@ class Director(Actions):
         elif listener.trusted and not acl_allows(listener.trusted, pair.client_ip):
             service.denied += 1
             log.warning('client %s:%s in %s: not a trusted proxy', pair.client_ip, pair.client_port, service.name)
-            pair.close('denied')
+            pair.close(END_DENIED)
         else:
             pair.read_proxy_header(listener.accept_proxy)
 
@@ -7348,7 +7378,7 @@ class Director(Actions):
         reader = TLSHelloReader(self, listener, client_sock, client_addr)
         self.hellos.add(reader)
         if listener.trusted and not acl_allows(listener.trusted, reader.client_ip):
-            reader.refuse('untrusted-proxy', 'not a trusted proxy', 'denied')
+            reader.refuse('untrusted-proxy', 'not a trusted proxy', END_DENIED)
 
     def hello_read(self, reader, service):
         """From a TLSHelloReader: the hello chose service.  From here the client is
@@ -7374,7 +7404,7 @@ class Director(Actions):
     def hello_closed(self, reader, how):
         self.hellos.discard(reader)
         if self.access.enabled:
-            self.access.hello_refused(reader, how)
+            self.access.connection(reader, how)
 
     def refuse_full(self, service, pair):
         """A client over the service's maxconns: closed at once, logged once a second."""
@@ -7383,14 +7413,14 @@ class Director(Actions):
             service.full_logged = self.loop.now
             log.warning('service %s: %d connections open (maxconns), refusing new clients',
                         service.name, service.config.maxconns)
-        pair.close('full')
+        pair.close(END_FULL)
 
     def route(self, pair):
         """A client whose address is known: check the service's rules, then find it a host."""
         acl = pair.service.config.acl
         if acl and not acl_allows(acl, pair.client_ip):
             pair.service.denied += 1
-            pair.close('denied')
+            pair.close(END_DENIED)
             return
         pair.connect_next()
 
@@ -7488,7 +7518,7 @@ class Director(Actions):
         if doomed:
             log.info('host %s (%s) down: closing its %d connection(s)', host.name, host.ip, len(doomed))
         for pair in doomed:
-            pair.abort('host-down')
+            pair.abort(END_HOST_DOWN)
 
     def pair_closed(self, pair, how):
         self.pairs.discard(pair)
@@ -7939,9 +7969,6 @@ class SharedCounters(object):
 
 _ZERO_LINE = memoryview(bytes(COUNTER_FIELDS * 8)).cast('q')
 
-LOAD_AWARE = ('leastconns', 'leastconnsrr')   # schedulers whose picks read every host's open count
-
-
 def queue_head(service):
     """When the first client in a service's queue was accepted, in µs of the monotonic
     clock (one clock for every process on Linux), or 0: the queue is empty."""
@@ -7972,8 +7999,9 @@ class WorkerCounts(object):
 
     It writes its own row: the line of a closed client's service and host at
     once, the open count of every host whose load matters elsewhere (a host
-    with maxconns, a host of a leastconns group) each tick while connections
-    come and go, and everything else every TICKS_FULL ticks.  In a worker, a
+    with maxconns, a host of a group whose scheduler reads_load: leastconns)
+    each tick while connections come and go, and everything else every
+    TICKS_FULL ticks.  In a worker, a
     Host's `open` counts every worker's connections to it: its own, kept
     exactly, plus the others' as last read (others[host]), re-read each tick
     for the hosts whose load matters, so the scheduler sees the whole load.
@@ -7994,7 +8022,7 @@ class WorkerCounts(object):
         self.kind_of = {}       # running object -> its kind ('service', 'host', 'address')
         self.others = {}        # host -> the other workers' open connections to it, as last read
         self.group_of = {}      # host -> its running group (whose scheduler keeps its load)
-        self.aware = []         # hosts whose load other workers need (maxconns, leastconns)
+        self.aware = []         # hosts whose load other workers need (maxconns, reads_load)
         self.counted_services = []
         self.reading = None     # listener -> clients reading their hello, while a publish writes
         # kind -> [(place, a function giving its value from the running object)], as COUNTERS says.
@@ -8042,7 +8070,7 @@ class WorkerCounts(object):
             self.kind_of[thing] = key[0]
             self.own[thing] = counters.line(slot, row)
             self.elsewhere[thing] = [counters.line(slot, r) for r in range(counters.rows - 1) if r != row]
-            if group is not None and (thing.maxconns or group.scheduler.name in LOAD_AWARE):
+            if group is not None and (thing.maxconns or group.scheduler.reads_load):
                 self.aware.append(thing)
         self.counted_services = [s for s in self.director.services.values() if s in self.own]
         for thing, slot in old.items():

@@ -2230,8 +2230,10 @@ def render_metrics(snapshot):
 # ---------------------------------------------------------------------------
 
 CANNOT = '# cannot apply through the admin API: %s; edit the file on the balancer and reload'
-HOST_ATTRS = ('name', 'ip', 'weight', 'maxconns', 'send_proxy', 'backup')    # what addHost can set
-SET_HOST_ATTRS = ('weight', 'maxconns')                                      # what setHost changes in place
+# The host attributes addHost sets and those setHost changes in place: their calls' parameters.
+HOST_ATTRS = tuple(name for name in ACTIONS['/addHost'].required + ACTIONS['/addHost'].optional
+                   if name not in ('service', 'group'))
+SET_HOST_ATTRS = tuple(name for name in ACTIONS['/setHost'].optional if name in HOST_ATTRS)
 # A host setting's default as a plan shows it ('weight 1 -> 3', 'send_proxy none -> v1').
 HOST_DEFAULTS = pydirector.default_texts(pydirector.HOST_ATTRS)
 USER_ATTRS = ('name', 'password', 'access')                         # what addUser can set

@@ -27,8 +27,8 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import free_port, wait_port  # noqa: E402
+sys.path.append(os.path.join(HERE, 'tools'))
+from processes import child_pids, free_port, stat_fields, wait_listening  # noqa: E402
 
 TICK = os.sysconf('SC_CLK_TCK')
 
@@ -36,17 +36,13 @@ TICK = os.sysconf('SC_CLK_TCK')
 def cpu(pid):
     """(user, system) ticks of a process and its children (a master's workers)."""
     user = system = 0
-    for name in os.listdir('/proc'):
-        if not name.isdigit():
-            continue
+    for each in [pid] + child_pids(pid):
         try:
-            with open('/proc/%s/stat' % name) as f:
-                fields = f.read().rsplit(')', 1)[1].split()
+            fields = stat_fields('/proc/%d/stat' % each)
         except OSError:
             continue
-        if int(name) == pid or int(fields[1]) == pid:
-            user += int(fields[11])
-            system += int(fields[12])
+        user += int(fields[11])
+        system += int(fields[12])
     return user, system
 
 
@@ -99,14 +95,14 @@ def main():
     for name, tree in trees:
         pydirector(name, tree, False)
     try:
-        if not wait_port(b1):
+        if not wait_listening(b1):
             sys.exit('abtest: nginx did not start')
         running = {}
         for name, cmd, port in targets:
             running[name] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             procs.append(running[name])
         for name, cmd, port in targets:
-            if not wait_port(port):
+            if not wait_listening(port):
                 sys.exit('abtest: %s did not start' % name)
             if args.workers:
                 subprocess.run(['ab', '-q', '-c', '10', '-n', '500', 'http://127.0.0.1:%d/' % port],

@@ -31,7 +31,7 @@ from unittest import mock
 
 import support
 from support import (BalancerCase, Background, EchoServer, LOG, SpawnedBalancer, accepts, config_xml, connect,
-                     echo, exchange, fd_count, free_port, recv_all, say_name, service_xml, wait_until)
+                     echo, exchange, fd_count, free_port, process_state, recv_all, say_name, service_xml, wait_until)
 
 import pydirector
 import pydirector_admin
@@ -122,15 +122,9 @@ def only(pids, pid):
             os.kill(other, signal.SIGCONT)
 
 
-def process_state(pid):
-    with open('/proc/%d/stat' % pid) as f:
-        return f.read().rsplit(')', 1)[1].split()[0]
-
-
 def alive(pid):
     try:
-        with open('/proc/%d/stat' % pid) as f:
-            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+        return process_state(pid) != 'Z'
     except OSError:
         return False
 
