@@ -4365,15 +4365,28 @@ class DatagramListener(object):
     def _on_readable(self, mask):
         receive = self.sock.recvfrom_into
         table = self.service.udp
-        for _ in range(DATAGRAM_BATCH):
-            try:
-                size, client = receive(_datagram)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                log.debug('listen %s: %s', self.text, e)    # an error queued on the socket: it is read now
-                continue
-            table.datagram(self, client, size)
+        sessions = table.sessions
+        count = 0
+        try:
+            for count in range(DATAGRAM_BATCH):
+                try:
+                    size, client = receive(_datagram)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as e:
+                    log.debug('listen %s: %s', self.text, e)    # an error queued on the socket: it is read now
+                    continue
+                # SessionTable.datagram, written out: this is once a datagram.
+                key = (client, self)
+                session = sessions.get(key)
+                if session is not None:
+                    sessions.move_to_end(key)
+                    session.forward(size)
+                else:
+                    table.open(key, self, size)
+            count += 1
+        finally:
+            table.datagrams_in += count
 
     def pause(self, err):
         """Out of fds: a TCP listener stops accepting; here sessions make room (SessionTable.evict)."""
@@ -4424,17 +4437,6 @@ class SessionTable(object):
         self.responses = config.udp.responses
         while len(self.sessions) > self.limit:
             self.evict()
-
-    def datagram(self, listener, client, size):
-        """A client's datagram: the first `size` bytes of the shared buffer."""
-        self.datagrams_in += 1
-        key = (client, listener)
-        session = self.sessions.get(key)
-        if session is not None:
-            self.sessions.move_to_end(key)
-            session.forward(size)
-        else:
-            self.open(key, listener, size)
 
     def open(self, key, listener, size):
         """A new client: the service's rules, a place in the table, a host, then its datagram."""
@@ -5956,7 +5958,7 @@ class Actions(object):
         key = address_key(host, port)
         for service in self.services.values():
             for listener in service.listeners:
-                if listener.listen.key == key:
+                if listener.listen.key[:2] == key:    # TCP's first, then UDP's (service order)
                     return listener
         raise AdminError(404, 'no listen at %r' % text)
 
