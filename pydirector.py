@@ -4304,6 +4304,7 @@ class Splice(object):
 SOCK_DGRAM_NONBLOCK = socket.SOCK_DGRAM | SOCK_NONBLOCK
 DATAGRAM_MAX = 65535       # the largest datagram read (one over IPv4 carries at most 65,507 bytes)
 DATAGRAM_BATCH = 64        # datagrams a listener reads per readable event, so a flood cannot starve the rest
+BATCH_STREAK = 4           # readable events that each find a whole batch before the listener reads twice as many
 REPLY_BATCH = 16           # replies a session reads per readable event
 KEEP_REQUEST = 1232        # bytes: a request up to this size is kept until its reply, to re-send it to
                            # another host after an ICMP error (DNS's EDNS size); a longer one is not
@@ -4325,8 +4326,13 @@ class DatagramListener(object):
     addresses to one socket of the group, so all of a client's datagrams
     reach one worker and its session) and reads none; each worker reads the
     one of its slot, which outlives it: a restarted worker gets the same
-    socket back, and the kernel's spread does not change.  A readable event
-    reads at most DATAGRAM_BATCH datagrams."""
+    socket back, and the kernel's spread does not change.
+
+    A readable event reads `batch` datagrams at most: one while they come one
+    at a time, doubling (up to DATAGRAM_BATCH) after BATCH_STREAK events that
+    each found a whole batch, and back to what one found when it ran dry.
+    Reading until the socket is empty costs a failed read (and Python's
+    exception) per event, which at a low rate is one per datagram."""
 
     sni = None              # as a TCP Listener without sni, to the code both serve
     accept_proxy = None
@@ -4338,6 +4344,8 @@ class DatagramListener(object):
         self.sock = sock
         self.socks = [sock]
         self.fd = sock.fileno()
+        self.batch = 1
+        self.streak = 0
         self.configure(listen)
         self.registered = director.accept
         if self.registered:
@@ -4367,11 +4375,14 @@ class DatagramListener(object):
         table = self.service.udp
         sessions = table.sessions
         count = 0
+        batch = self.batch
         try:
-            for count in range(DATAGRAM_BATCH):
+            for count in range(batch):
                 try:
                     size, client = receive(_datagram)
                 except (BlockingIOError, InterruptedError):
+                    self.batch = count or 1
+                    self.streak = 0
                     return
                 except OSError as e:
                     log.debug('listen %s: %s', self.text, e)    # an error queued on the socket: it is read now
@@ -4385,6 +4396,10 @@ class DatagramListener(object):
                 else:
                     table.open(key, self, size)
             count += 1
+            self.streak += 1
+            if self.streak >= BATCH_STREAK and batch < DATAGRAM_BATCH:
+                self.batch = batch * 2
+                self.streak = 0
         finally:
             table.datagrams_in += count
 

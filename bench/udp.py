@@ -13,7 +13,11 @@ round:
 - nginx: `stream { listen ... udp; proxy_pass; proxy_responses 1; }` over both,
   1 worker (libnginx-mod-stream);
 - pydirector: <service protocol="udp"> over both, roundrobin, <udp responses="1">,
-  access log off.
+  access log off;
+- pyfloor: the least a Python relay can do (FLOOR, 25 lines: epoll, a socket
+  connected per client datagram, the reply sent back, the socket closed): what
+  pydirector costs beyond it is its own; what the floor costs beyond nginx is
+  Python's.
 
 Each run is `dnsperf -c 4 -q 50 -l SECONDS -Q RATE` (4 client sockets, at most
 50 queries out), at a fixed rate both balancers sustain, so that CPU per query
@@ -54,7 +58,34 @@ sys.path.insert(0, REPO)
 import pydirector  # noqa: E402  (its dns_query, for the idle clients)
 
 NGINX_MODULES = ('/usr/lib/nginx/modules/ngx_stream_module.so', '/usr/share/nginx/modules/ngx_stream_module.so')
-TARGETS = ('direct', 'nginx', 'pydirector')
+TARGETS = ('direct', 'nginx', 'pydirector', 'pyfloor')
+
+FLOOR = """
+import itertools, select, socket, sys
+port, backends = int(sys.argv[1]), itertools.cycle(int(p) for p in sys.argv[2:])
+listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+listener.bind(('127.0.0.1', port))
+listener.setblocking(False)
+poller = select.epoll()
+poller.register(listener.fileno(), select.EPOLLIN)
+buffer = bytearray(65535)
+view = memoryview(buffer)
+upstream = {}
+while True:
+    for fd, events in poller.poll():
+        if fd == listener.fileno():
+            size, client = listener.recvfrom_into(buffer)
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+            sock.connect(('127.0.0.1', next(backends)))
+            sock.send(view[:size])
+            upstream[sock.fileno()] = (sock, client)
+            poller.register(sock.fileno(), select.EPOLLIN)
+        else:
+            sock, client = upstream.pop(fd)
+            size = sock.recv_into(buffer)
+            listener.sendto(view[:size], client)
+            sock.close()
+"""
 
 
 def log(text):
@@ -76,9 +107,11 @@ def free_port():
 
 
 def cpu_seconds(pid):
+    """(user, system) CPU seconds of the process."""
     with open('/proc/%d/stat' % pid) as f:
         fields = f.read().rsplit(')', 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+    tick = float(os.sysconf('SC_CLK_TCK'))
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def rss_kib(pid):
@@ -212,11 +245,22 @@ class UdpBench(object):
         answers(port)
         return proc, port
 
+    def start_floor(self):
+        port = free_port()
+        path = os.path.join(self.work, 'pyfloor.py')
+        with open(path, 'w') as f:
+            f.write(FLOOR)
+        proc = self.procs.start('pyfloor', [self.args.python, path, str(port)] + [str(p) for p in self.dns_ports])
+        answers(port)
+        return proc, port
+
     def start_target(self, target, idle=False):
         if target == 'direct':
             return self.procs.running['dnsmasq0'], self.dns_ports[0]
         if target == 'nginx':
             return self.start_nginx(idle)
+        if target == 'pyfloor':
+            return self.start_floor()
         return self.start_pydirector(idle)
 
     def stop_target(self, target):
@@ -244,9 +288,12 @@ class UdpBench(object):
     def load_run(self, target, rate):
         proc, port = self.start_target(target)
         try:
-            before = cpu_seconds(proc.pid)
+            user, system = cpu_seconds(proc.pid)
             result = self.dnsperf(port, self.args.seconds, rate)
-            result['cpu_us'] = (cpu_seconds(proc.pid) - before) * 1e6 / max(1, result['completed'])
+            user_after, system_after = cpu_seconds(proc.pid)
+            count = max(1, result['completed'])
+            result['cpu_us'] = (user_after - user + system_after - system) * 1e6 / count
+            result['user_us'] = (user_after - user) * 1e6 / count
             return result
         finally:
             self.stop_target(target)
@@ -308,9 +355,9 @@ class UdpBench(object):
                     key = (target, 'max' if rate is None else 'rate')
                     result = self.load_run(target, rate)
                     runs.setdefault(key, []).append(result)
-                    log('round %d %-10s %-4s %8.0f q/s  %6.3f ms  lost %d  %5.1f us CPU/query' % (
+                    log('round %d %-10s %-4s %8.0f q/s  %6.3f ms  lost %d  %5.1f us CPU/query (user %.1f)' % (
                         round_ + 1, target, key[1], result['qps'], result['latency_ms'], result['lost'],
-                        result['cpu_us']))
+                        result['cpu_us'], result['user_us']))
         idle = {}
         for target in ('nginx', 'pydirector'):
             idle[target] = result = self.idle_run(target, args.idle)
@@ -335,20 +382,22 @@ def report(args, runs, idle):
              args.rounds, args.seconds, subprocess.run([args.python, '-c', 'import sys; print(sys.version.split()[0])'],
                                                        stdout=subprocess.PIPE).stdout.decode().strip(),
              time.strftime('%Y-%m-%d')), '',
-             '| target | load | queries/s | latency ms | lost | CPU µs per query |', '|---|---|---|---|---|---|']
+             '| target | load | queries/s | latency ms | lost | CPU µs per query | user CPU µs |',
+             '|---|---|---|---|---|---|---|']
     for target in TARGETS:
         for load in ('rate', 'max'):
             rows = runs.get((target, load), [])
-            lines.append('| %s | %s | %s | %s | %d | %s |' % (
+            lines.append('| %s | %s | %s | %s | %d | %s | %s |' % (
                 target, '%d/s' % args.rate if load == 'rate' else 'max', spread([r['qps'] for r in rows], '%.0f'),
                 spread([r['latency_ms'] for r in rows], '%.2f'), sum(r['lost'] for r in rows),
-                spread([r['cpu_us'] for r in rows], '%.1f')))
+                spread([r['cpu_us'] for r in rows], '%.1f'), spread([r['user_us'] for r in rows], '%.1f')))
     lines.append('')
     for load in ('rate', 'max'):
-        nginx = median([r['cpu_us'] for r in runs.get(('nginx', load), [])])
-        pyd = median([r['cpu_us'] for r in runs.get(('pydirector', load), [])])
-        lines.append('- CPU per query, pydirector / nginx at %s: %.2f (target <= 1.5: %s)' % (
-            '%d/s' % args.rate if load == 'rate' else 'max rate', pyd / nginx, 'met' if pyd <= 1.5 * nginx else 'MISSED'))
+        nginx, pyd, floor = (median([r['cpu_us'] for r in runs.get((target, load), [])])
+                             for target in ('nginx', 'pydirector', 'pyfloor'))
+        lines.append('- CPU per query at %s: pydirector / nginx %.2f (target <= 1.5: %s); pydirector / pyfloor %.2f; '
+                     'pyfloor / nginx %.2f' % ('%d/s' % args.rate if load == 'rate' else 'max rate', pyd / nginx,
+                                               'met' if pyd <= 1.5 * nginx else 'MISSED', pyd / floor, floor / nginx))
     for target, result in idle.items():
         lines.append('- idle sessions, %s: %d held (%d answered, %d again through them, +%d fds), '
                      '%.2f KiB each (VmRSS +%d KiB over %d KiB)%s' % (
@@ -392,7 +441,7 @@ def main(argv=None):
         return 130
     except (RuntimeError, OSError, subprocess.SubprocessError) as e:
         log('failed: %s' % e)
-        for name in ('pydirector', 'nginx', 'dnsmasq0', 'dnsmasq1'):
+        for name in ('pydirector', 'nginx', 'pyfloor', 'dnsmasq0', 'dnsmasq1'):
             output = bench.procs.output(name)
             if output:
                 log('--- %s:\n%s' % (name, output))

@@ -499,6 +499,8 @@ class SessionTest(UdpCase):
             ask(self.udp_port(), b'q', sock)
         finally:
             sock.close()
+        # (A worker writes its counters as the session ends, just after the reply went.)
+        wait_until(lambda: self.service_snapshot()['udp']['datagrams_out'] == 1)
         self.wait_sessions(0)
         snapshot = self.balancer.snapshot()
         service = snapshot['services'][0]
