@@ -4652,14 +4652,10 @@ class Session(object):
         except (BlockingIOError, InterruptedError):
             table.drop('the socket to host %s is full' % self.host.name)
             return
-        except ConnectionRefusedError:
-            # An ICMP error that an earlier datagram met: refused() re-sends this one.
-            self.request = bytes(data) if size <= KEEP_REQUEST else None
-            self.refused()
-            return
         except OSError as e:
-            table.drop('host %s: %s' % (self.host.name, oserror_text(e)))
-            self.close('error')
+            # ECONNREFUSED: an ICMP error that an earlier datagram met; refused() re-sends this one.
+            self.request = bytes(data) if size <= KEEP_REQUEST else None
+            self._failed(e)
             return
         responses = table.responses
         if responses == 0:
@@ -4680,12 +4676,8 @@ class Session(object):
                 size = receive(_datagram)
             except (BlockingIOError, InterruptedError):
                 break
-            except ConnectionRefusedError:
-                self.refused()
-                return
             except OSError as e:
-                table.drop('host %s: %s' % (self.host.name, oserror_text(e)))
-                self.close('error')
+                self._failed(e)
                 return
             self.datagrams_out += 1
             self.bytes_out += size
@@ -4702,6 +4694,14 @@ class Session(object):
                     self.close('responses')
                     return
         table.touch(self)
+
+    def _failed(self, e):
+        """A send or receive on the host's socket failed: an ICMP error (refused), or the end."""
+        if isinstance(e, ConnectionRefusedError):
+            self.refused()
+        else:
+            self.table.drop('host %s: %s' % (self.host.name, oserror_text(e)))
+            self.close('error')
 
     def refused(self):
         """The host's port is closed (an ICMP error came back): the host is down, and the
@@ -4725,8 +4725,7 @@ class Session(object):
         try:
             self.sock.send(request)
         except OSError as e:
-            self.table.drop('host %s: %s' % (self.host.name, oserror_text(e)))
-            self.close('error')
+            self._failed(e)     # refused again: that host is down too, and the request is not kept
 
     def _drop_socket(self):
         if self.sock is not None:
