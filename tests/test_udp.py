@@ -234,6 +234,17 @@ class UdpConfigTest(unittest.TestCase):
                      "x.xml:7: <check> dns 'no space.test': not a DNS name (letters, digits, - and _ in labels "
                      "of 1-63, dot-separated)")
 
+    def test_diff_names_what_the_admin_cannot_change(self):
+        hosts = [('a', '127.0.0.1:5301')]
+        old = self.parse(udp_service(hosts, listen_port=5300, udp='responses="1"'))
+        new = self.parse(udp_service(hosts, listen_port=5300, udp='responses="2"'))
+        self.assertEqual(pydirector_admin.plan_changes(old, new).problems,
+                         ['service dns: <udp responses="1"/> -> <udp responses="2"/>'])
+        tcp = self.parse(service_xml(hosts, name='dns', listen_port=5300))
+        self.assertEqual(pydirector_admin.plan_changes(old, tcp).problems,
+                         ['service dns: protocol udp -> (default)', 'service dns: <timeouts idle="60"/> -> (none)',
+                          'service dns: <udp responses="1"/> -> (none)'])
+
     def test_the_dns_query_and_its_verdicts(self):
         query = pydirector.dns_query('svc.test.', 0x1234)
         self.assertEqual(query, b'\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00'
@@ -410,6 +421,50 @@ class SessionTest(UdpCase):
         self.assertEqual(self.service_snapshot()['failovers'], 1)
         self.wait_sessions(0)
 
+    def test_a_host_the_checks_take_down_loses_its_sessions_with_on_down_close(self):
+        state = {'healthy': True}
+
+        def answer(backend, data):
+            if data == b'ping':
+                return [b'OK'] if state['healthy'] else [b'NO']
+            return [b'one:' + data]
+        backend = self.udp_backend('one', answer)
+        self.start(udp_service([('one', backend.address)], extra=IDLE + '    <check interval="0.1" timeout="1" '
+                               'fall="1" send="ping" expect="OK" on_down="close"/>\n'))
+        mark = LOG.mark()
+        sock = client()
+        try:
+            self.assertEqual(ask(self.udp_port(), b'q', sock), b'one:q')
+            self.wait_sessions(1)
+            state['healthy'] = False
+            line = LOG.wait_for('end=host-down', mark, 10)[0]
+            self.assertIn('client=127.0.0.1:%d ' % sock.getsockname()[1], line)
+        finally:
+            sock.close()
+        self.wait_sessions(0)
+
+    def test_an_ipv6_client(self):
+        if not socket.has_ipv6:
+            self.skipTest('no IPv6')
+        try:
+            probe = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            probe.bind(('::1', 0))
+            probe.close()
+        except OSError:
+            self.skipTest('no ::1 here')
+        backend = self.udp_backend('one')
+        port = free_port()
+        mark = LOG.mark()
+        self.start(udp_service([('one', backend.address)], listen_port=port, udp='responses="1"')
+                   .replace('127.0.0.1:%d' % port, '[::1]:%d' % port))
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(3)
+            sock.bind(('::1', 0))
+            sock.sendto(b'q', ('::1', port))
+            self.assertEqual(sock.recvfrom(100)[0], b'one:q')
+            LOG.wait_for('access service=dns client=[::1]:%d protocol=udp host=one' % sock.getsockname()[1], mark)
+        self.wait_sessions(0)
+
     def test_denied_clients_make_no_session(self):
         backend = self.udp_backend('one')
         self.start(udp_service([('one', backend.address)], extra='    <deny cidr="127.0.0.0/8"/>\n'))
@@ -577,6 +632,28 @@ class SessionTest(UdpCase):
         self.assertEqual(self.service_snapshot()['udp']['sessions_max'], 7)
         self.assertEqual(ask(listen, b'again'), b'one:again')
         self.end_sessions()
+
+    def test_a_reload_turns_a_service_to_udp_and_back(self):
+        backend = self.udp_backend('one')
+        tcp = self.backend()
+        path = os.path.join(self.tempdir(), 'pd.xml')
+        listen = free_port()
+        tcp_service = service_xml([('echo', tcp.address)], name='dns', listen_port=listen)
+        self.start(tcp_service, path=path)
+        self.assertEqual(exchange(listen, b'x'), b'x')
+        with open(path, 'w') as f:
+            f.write(config_xml(udp_service([('one', backend.address)], listen_port=listen, extra=IDLE)))
+        self.assertIn('dns: protocol, timeouts, -host echo, +host one', self.reload())
+        self.assertEqual(ask(listen, b'q'), b'one:q')
+        self.assertFalse(support.accepts(listen))       # the TCP listener is gone
+        self.wait_sessions(1)
+        with open(path, 'w') as f:
+            f.write(config_xml(tcp_service))
+        self.reload()
+        self.assertEqual(exchange(listen, b'y'), b'y')
+        self.wait_sessions(0)       # ended with their listener
+        with self.assertRaises(socket.timeout):
+            ask(listen, b'q', timeout=0.3)
 
     def reload(self):
         message = self.balancer.director.reload()      # from this thread, as SIGHUP's does
