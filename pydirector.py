@@ -4311,6 +4311,10 @@ KEEP_REQUEST = 1232        # bytes: a request up to this size is kept until its 
 SWEEP_GRAIN = 0.05         # seconds: the idle sweep of a table runs at most this often
 UDP_LOG_INTERVAL = 1.0     # seconds between a service's lines of one kind (evictions, drops, no host)
 REUSEPORT = hasattr(socket, 'SO_REUSEPORT')
+# What a connected UDP socket reports of an ICMP error: the host's port is closed, or it
+# cannot be reached.  Each marks the host down, as a failed TCP connect does.
+ICMP_ERRORS = frozenset([errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH,
+                         getattr(errno, 'EHOSTDOWN', errno.EHOSTUNREACH)])
 
 # One buffer for every datagram: the loop handles one at a time, and sends it on from
 # here, never copied (but for the small copy KEEP_REQUEST allows).
@@ -4653,7 +4657,7 @@ class Session(object):
             table.drop('the socket to host %s is full' % self.host.name)
             return
         except OSError as e:
-            # ECONNREFUSED: an ICMP error that an earlier datagram met; refused() re-sends this one.
+            # ECONNREFUSED: an ICMP error that an earlier datagram met; unreachable() re-sends this one.
             self.request = bytes(data) if size <= KEEP_REQUEST else None
             self._failed(e)
             return
@@ -4696,21 +4700,21 @@ class Session(object):
         table.touch(self)
 
     def _failed(self, e):
-        """A send or receive on the host's socket failed: an ICMP error (refused), or the end."""
-        if isinstance(e, ConnectionRefusedError):
-            self.refused()
+        """A send or receive on the host's socket failed: an ICMP error (unreachable), or the end."""
+        if e.errno in ICMP_ERRORS:
+            self.unreachable(error_text(e.errno))
         else:
             self.table.drop('host %s: %s' % (self.host.name, oserror_text(e)))
             self.close('error')
 
-    def refused(self):
-        """The host's port is closed (an ICMP error came back): the host is down, and the
-        request it refused goes once to another host, as a TCP client fails over."""
+    def unreachable(self, reason):
+        """An ICMP error came back (the host's port is closed: ECONNREFUSED): the host is
+        down, and the request it refused goes once to another host, as a TCP client fails over."""
         host = self.host
         director = self.table.director
         request, self.request = self.request, None
         self._forget_host(host)
-        director.connect_failed(self, host, 'connection refused')
+        director.connect_failed(self, host, reason)
         if request is None:
             self.close('error')
             return
@@ -4725,7 +4729,7 @@ class Session(object):
         try:
             self.sock.send(request)
         except OSError as e:
-            self._failed(e)     # refused again: that host is down too, and the request is not kept
+            self._failed(e)     # unreachable too: that host is down, and the request is not kept
 
     def _drop_socket(self):
         if self.sock is not None:
