@@ -645,7 +645,8 @@ class SessionTest(UdpCase):
             f.write(config_xml(udp_service([('one', backend.address)], listen_port=listen, extra=IDLE)))
         self.assertIn('dns: protocol, timeouts, -host echo, +host one', self.reload())
         self.assertEqual(ask(listen, b'q'), b'one:q')
-        self.assertFalse(support.accepts(listen))       # the TCP listener is gone
+        wait_until(lambda: not support.accepts(listen))     # the TCP listener is gone (a master's: once
+                                                            # every worker let go of it)
         self.wait_sessions(1)
         with open(path, 'w') as f:
             f.write(config_xml(tcp_service))
