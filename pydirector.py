@@ -3206,14 +3206,14 @@ class AccessLog(object):
             if int(when) != second:
                 second = int(when)
                 date = clock_text(second)[:-4]      # without its ',mmm'
-            if type(pair) is Session:
-                append(self.session_line(pair, how, now, '%s,%03d' % (date, (when - second) * 1000)))
-                continue
             if type(pair) is Pair:
                 host = pair.host or (pair.tried[-1] if pair.tried else None)
                 service = pair.service.name
                 failovers = len(pair.tried) - 1 if pair.tried else 0
                 bytes_in, bytes_out = pair.bytes_in, pair.bytes_out
+            elif type(pair) is Session:
+                append(self.session_line(pair, how, now, '%s,%03d' % (date, (when - second) * 1000)))
+                continue
             else:   # a TLSHelloReader: no service, nothing relayed
                 host, service, failovers, bytes_in, bytes_out = None, '-', 0, pair.received, 0
             host_text = hosts.get(host)
