@@ -7,12 +7,13 @@ A revival of Python Director (Anthony Baxter, 2002-2004).
 
     python3 pydirector.py -c sample.xml
 
-Sections, in the order a reader meets them: Config, Loop, Proxying, Manager,
+Sections, in the order a reader meets them: Config, Loop, Proxying, Manager, DNS,
 Director, Workers (a master and worker processes), Command line.
 """
 
 import argparse
 import array
+import atexit
 import base64
 import binascii
 import collections
@@ -27,6 +28,7 @@ import ipaddress
 import json
 import logging
 import logging.handlers
+import operator
 import os
 import random
 import re
@@ -35,6 +37,7 @@ import selectors
 import signal
 import socket
 import stat
+import struct
 import sys
 import _socket
 import tempfile
@@ -135,12 +138,14 @@ class Config(ConfigElement):
             for action, network in service.acl:
                 out.append(_xml_tag(2, action, attr_texts(ACL_ATTRS, {'cidr': network})))
             for group in service.groups:
-                if not group.hosts:
+                if not group.hosts and not group.discovers:
                     out.append(_xml_tag(2, 'group', group.xml_attrs()))
                     continue
                 out.append(_xml_tag(2, 'group', group.xml_attrs(), '>'))
                 for host in group.hosts:
                     out.append(_xml_tag(3, 'host', host.xml_attrs()))
+                for discover in group.discovers:
+                    out.append(_xml_tag(3, 'discover', discover.xml_attrs()))
                 out.append('    </group>')
             # Always written, though it defaults to the first group: which
             # group is live is the one thing an operator reads running.xml for.
@@ -236,13 +241,15 @@ class Listen(ConfigElement):
 
 
 class Group(ConfigElement):
-    """A <group> of hosts and the scheduler spec that picks among them."""
+    """A <group> of hosts and the scheduler spec that picks among them; discovers:
+    its <discover> elements, whose hosts come from DNS at run time."""
 
     TAG = 'group'
 
-    def __init__(self, hosts=(), line=None, **values):
+    def __init__(self, hosts=(), discovers=(), line=None, **values):
         ConfigElement.__init__(self, line, **values)
         self.hosts = list(hosts or ())
+        self.discovers = list(discovers or ())
 
     def host(self, name):
         for host in self.hosts:
@@ -258,16 +265,42 @@ class Host(ConfigElement):
     """A backend <host>: ip as written, host (no brackets) and port to
     connect to.  Names are not resolved here; that happens at run time.
     maxconns 0 is unlimited; send_proxy is None, 'v1' or 'v2': the PROXY
-    header version to send it."""
+    header version to send it; backup: it takes clients only while no
+    other host of its group is up (HAProxy's backup).  discovered: None for a
+    host of the file or of addHost; for one a <discover> found, that
+    discover's key (Discover.key; such hosts are the discover's, never
+    written to running.xml)."""
 
     TAG = 'host'
 
-    def __init__(self, line=None, **values):
+    def __init__(self, line=None, discovered=None, **values):
         ConfigElement.__init__(self, line, **values)
         self.host, self.port = parse_address(self.ip)
+        self.discovered = discovered
 
     def __repr__(self):
         return f'Host({self.name!r}, {self.ip!r})'
+
+
+class Discover(ConfigElement):
+    """A <discover> in a group: hosts from DNS.  name is the name asked, type
+    'a' (its A and AAAA records, each at port) or 'srv' (each target's
+    address, port and weight; port, if given, replaces the records' ports);
+    resolver the server asked ('ADDR' or 'ADDR:PORT'; None: the first
+    nameserver of /etc/resolv.conf).  An answer is asked again after its
+    TTL, clamped to [min_ttl, max_ttl]; a failed query after interval.  keep
+    'last' keeps the hosts of the last good answer through a failure,
+    'empty' removes them.  See the DNS section."""
+
+    TAG = 'discover'
+
+    @property
+    def key(self):
+        """What tells two discovers of a group apart: the name asked, as DNS compares it."""
+        return self.name.lower().rstrip('.')
+
+    def __repr__(self):
+        return f'Discover({self.name!r}, {self.type!r})'
 
 
 class Check(ConfigElement):
@@ -277,7 +310,9 @@ class Check(ConfigElement):
     status: None, or the ranges ((low, high), ...) of HTTP status codes the
     answer's first line must carry; expect: bytes that must appear anywhere
     in the answer (a substring).  on_down 'close': a host the checks take
-    down loses its connections."""
+    down loses its connections.  port: probe that port of the host's address.
+    slowstart: seconds over which a host that comes back takes its full
+    weight (0: at once)."""
 
     TAG = 'check'
 
@@ -1179,9 +1214,34 @@ def _scheduler(text, what):
 
 
 def _dns_name(text, what):
-    if not _HOST_NAME.fullmatch(text) or len(text.rstrip('.')) > 253 or text == '.':
-        raise ValueError(f'{what} {text!r}: not a DNS name (letters, digits, - and _ in labels of 1-63, '
-                         f'dot-separated)')
+    # ASCII only: a name goes on the wire as it is written (an IDN as its xn-- A-labels).
+    if not _HOST_NAME.fullmatch(text) or len(text.rstrip('.')) > 253:
+        raise ValueError(f'{what} {text!r}: not a DNS name (letters, digits, - and _, in labels of '
+                         f'1-63 separated by dots, at most 253 in all)')
+    return text
+
+
+def resolver_address(text):
+    """'10.0.0.2', '10.0.0.2:5353', 'fd00::2' or '[fd00::2]:53' -> (ip, port): a DNS
+    server by number (its name would need a resolver); ValueError otherwise."""
+    host, port = text, 53
+    if not _is_ip(text):
+        host, port = parse_address(text)
+        if not _is_ip(host):
+            raise ValueError(f'{text!r}: must be an IP address, with :PORT or without (port 53)')
+    return host, port
+
+
+def _is_ip(text):
+    try:
+        ipaddress.ip_address(text.partition('%')[0])
+        return True
+    except ValueError:
+        return False
+
+
+def _resolver(text, what):
+    resolver_address(text)
     return text
 
 
@@ -1220,6 +1280,17 @@ HOST_ATTRS = (    # the name is optional in a file (1.0 named hosts host.N), not
     Attr('weight', integer(1, 1000), 1, example='3'),
     Attr('maxconns', integer(0), 0, example='100'),
     Attr('send_proxy', choice('v1', 'v2'), example='v1'),
+    Attr('backup', switch, False, example='on'),
+)
+DISCOVER_ATTRS = (   # hosts from DNS: see the DNS section
+    Attr('name', _dns_name, required=True, example='_web._tcp.service.consul'),
+    Attr('type', choice('a', 'srv'), 'a', example='srv'),
+    Attr('resolver', _named(_resolver), example='127.0.0.1:8600'),
+    Attr('port', integer(1, 65535), example='8080'),     # type a: required; srv: replaces the records' ports
+    Attr('interval', parse_seconds, 5.0, example='2'),
+    Attr('min_ttl', parse_seconds, 1.0, example='2'),
+    Attr('max_ttl', parse_seconds, 300.0, example='60'),
+    Attr('keep', choice('last', 'empty'), 'last', example='empty'),
 )
 ENABLE_ATTRS = (
     Attr('group', required=True, example='blue'),     # GROUP_ATTRS' example: a group of the service
@@ -1235,6 +1306,7 @@ CHECK_ATTRS = (
     Attr('on_down', choice('keep', 'close'), 'keep', example='close'),
     Attr('port', integer(1, 65535), example='7'),    # probe this port on the host's address
     Attr('dns', _dns_name, example='svc.example.com'),  # a DNS query, its answer's id and rcode checked
+    Attr('slowstart', seconds_or_zero, 0.0, example='30'),
 )
 TIMEOUTS_ATTRS = (
     Attr('connect', parse_seconds, 3.0, example='0.5'),
@@ -1268,8 +1340,8 @@ LOGGING_ATTRS = (
 ELEMENT_ATTRS = {
     'pdconfig': CONFIG_ATTRS, 'service': SERVICE_ATTRS, 'listen': LISTEN_ATTRS,
     'allow': ACL_ATTRS, 'deny': ACL_ATTRS, 'group': GROUP_ATTRS, 'host': HOST_ATTRS,
-    'enable': ENABLE_ATTRS, 'check': CHECK_ATTRS, 'timeouts': TIMEOUTS_ATTRS, 'udp': UDP_ATTRS,
-    'admin': ADMIN_ATTRS, 'user': USER_ATTRS, 'logging': LOGGING_ATTRS,
+    'discover': DISCOVER_ATTRS, 'enable': ENABLE_ATTRS, 'check': CHECK_ATTRS, 'timeouts': TIMEOUTS_ATTRS,
+    'udp': UDP_ATTRS, 'admin': ADMIN_ATTRS, 'user': USER_ATTRS, 'logging': LOGGING_ATTRS,
 }
 
 # Attributes a protocol="udp" service refuses: they speak TCP (TLS hellos, PROXY headers).
@@ -1377,7 +1449,7 @@ def _xml_error(data, path, error, index, open_elements):
 _CHILDREN = {
     'pdconfig': ('service', 'admin', 'logging'),
     'service': ('listen', 'group', 'enable', 'check', 'timeouts', 'udp', 'allow', 'deny'),
-    'group': ('host',),
+    'group': ('host', 'discover'),
     'admin': ('user',),
 }
 
@@ -1481,6 +1553,8 @@ class _ConfigReader(object):
                 logging_ = self.logging(elem)
         if not services:
             raise self.error(root, '<pdconfig> has no <service>')
+        for host, message in host_loops(services)[0][:1]:
+            raise ConfigError(message, self.path, host.line)
         return Config(self.path, services, admin, logging_, self.lines[root], **values)
 
     def service(self, elem, services):
@@ -1565,7 +1639,11 @@ class _ConfigReader(object):
         # Dicts, not a scan per host, so a group of 10,000 loads in linear
         # time; when a host clashes twice, the earlier host is named, as a scan would.
         by_name, by_ip = {}, {}
-        for index, (_, child) in enumerate(self.children(elem)):
+        for tag, child in self.children(elem):
+            if tag == 'discover':
+                group.discovers.append(self.discover(child, group))
+                continue
+            index = len(hosts)
             self.refuse_tcp_only(child, 'host', protocol, service_name)
             host = self.host(child, index)
             ip_key = address_key(host.host, host.port)     # as addHost compares them
@@ -1579,6 +1657,17 @@ class _ConfigReader(object):
             hosts.append(host)
         group.hosts = hosts
         return group
+
+    def discover(self, elem, group):
+        discover = Discover(self.lines[elem], **self.values(elem))
+        if discover.type == 'a' and discover.port is None:
+            raise self.error(elem, f'<discover> {discover.name!r}: type a needs port (the port of every address)')
+        if discover.min_ttl > discover.max_ttl:
+            raise self.error(elem, f'<discover> {discover.name!r}: min_ttl {discover.min_ttl:g} is more than '
+                                   f'max_ttl {discover.max_ttl:g}')
+        if any(other.key == discover.key for other in group.discovers):
+            raise self.error(elem, f'group {group.name!r}: duplicate discover {discover.name!r}')
+        return discover
 
     def host(self, elem, index):
         texts = dict(elem.attrib)
@@ -1610,6 +1699,107 @@ class _ConfigReader(object):
         if not admin.users:
             raise self.error(elem, '<admin> has no <user>')
         return admin
+
+
+# -- what a valid config may still do wrong ------------------------------------
+
+def _same_machine_names(host):
+    """The addresses a host of a listen or <host> stands for, as far as can be told
+    without a lookup: an IP itself; localhost (RFC 6761) both loopbacks."""
+    name = host.lower().rstrip('.')
+    if name == 'localhost' or name.endswith('.localhost'):
+        return {'127.0.0.1', '::1'}
+    try:
+        return {ipaddress.ip_address(name).compressed}
+    except ValueError:
+        return {name}
+
+
+def reaches_listen(listen, host, port):
+    """Whether connecting to host:port lands on listen: the same address, or a
+    loopback address of the family a wildcard listen takes."""
+    if listen.port != port:
+        return False
+    targets = _same_machine_names(host)
+    if listen.host not in ('0.0.0.0', '::'):
+        return bool(targets & _same_machine_names(listen.host))
+    for text in targets:
+        try:
+            ip = ipaddress.ip_address(text)
+        except ValueError:
+            continue
+        if ip.is_loopback and ip.version == (4 if listen.host == '0.0.0.0' else 6):
+            return True
+    return False
+
+
+def host_loops(services):
+    """([(Host, error)], [(Host, warning)]) for the hosts of services (configs) that point
+    at a listen of these same services.  A host whose service is reached again that
+    way is a loop: each client would come back until the file descriptors run out.
+    A host that only points on at another service is not, but its clients cross
+    the balancer twice: a warning."""
+    by_port = {}
+    for service in services:
+        for listen in service.listens:
+            by_port.setdefault(listen.port, []).append((service.name, listen))
+    edges = collections.OrderedDict()     # service name -> [(Host, Group, service names it reaches)]
+    for service in services:
+        for group in service.groups:
+            for host in group.hosts:
+                targets = []
+                for name, listen in by_port.get(host.port, ()):
+                    if name not in targets and reaches_listen(listen, host.host, host.port):
+                        targets.append(name)
+                if targets:
+                    edges.setdefault(service.name, []).append((host, group, targets))
+
+    def leads_to(start, goal):
+        seen, todo = set(), [start]
+        while todo:
+            name = todo.pop()
+            if name == goal:
+                return True
+            if name not in seen:
+                seen.add(name)
+                todo.extend(t for _, _, targets in edges.get(name, ()) for t in targets)
+        return False
+
+    errors, warnings = [], []
+    for name, hosts in edges.items():
+        for host, group, targets in hosts:
+            where = 'service %r group %r: host %r ip %r' % (name, group.name, host.name, host.ip)
+            back = [t for t in targets if leads_to(t, name)]
+            if name in back:
+                errors.append((host, '%s is a listen of service %r itself: a loop (each client would '
+                                     'come back here until file descriptors run out)' % (where, name)))
+            elif back:
+                errors.append((host, '%s is a listen of service %r, whose hosts lead back to service %r: '
+                                     'a loop' % (where, back[0], name)))
+            else:
+                warnings.append((host, '%s is a listen of service %r of this balancer: its clients cross '
+                                       'it twice' % (where, targets[0])))
+    return errors, warnings
+
+
+def config_warnings(config):
+    """'FILE:LINE: warning: ...' for what a config may do but probably should not: an
+    enabled group with no hosts (every client refused), a host that points on at
+    another service of this balancer."""
+    lines = []
+
+    def warn(element, message):
+        where = '%s:%s' % (config.path, element.line) if element.line is not None else str(config.path)
+        lines.append('%s: warning: %s' % (where, message))
+
+    for service in config.services:
+        group = service.group(service.enabled)
+        if group is not None and not group.hosts:
+            warn(group, 'service %r: the enabled group %r has no hosts: every client is refused'
+                 % (service.name, group.name))
+    for host, message in host_loops(config.services)[1]:
+        warn(host, message)
+    return lines
 
 
 # -- differences between two configs --------------------------------------------
@@ -1695,14 +1885,16 @@ def enabled_group(service):
 
 
 class GroupDiff(object):
-    """How one group that both configs have differs: settings [(key, text)],
-    scheduler (old, new) or None, the hosts added (elements, in the new order),
-    removed (names) and changed ((name, old element, new element)), and whether
-    the order of the hosts differs."""
+    """How one group that both configs have differs: settings [(key, text)]
+    (its attributes, and its <discover> elements), scheduler (old, new) or
+    None, the hosts added (elements, in the new order), removed (names) and
+    changed ((name, old element, new element)), and whether the order of the
+    hosts differs."""
 
     def __init__(self, old, new):
         self.old, self.new = old, new
-        self.settings = attribute_changes(old, new, skip=('name', 'scheduler'))
+        self.settings = (attribute_changes(old, new, skip=('name', 'scheduler')) +
+                         element_changes(old, new, ('host',)))
         self.scheduler = None
         if old.get('scheduler') != new.get('scheduler'):
             self.scheduler = (old.get('scheduler'), new.get('scheduler'))
@@ -3127,6 +3319,11 @@ class LogFormatter(logging.Formatter):
         return clock_text(record.created)
 
 
+def stream_formatter():
+    """'DATE TIME,MS LEVEL message', a worker's message after its LOG_PREFIX."""
+    return LogFormatter(LOG_FORMAT.replace('%(message)s', LOG_PREFIX + '%(message)s'))
+
+
 _clock = [None, '']     # the second, and its date text
 
 
@@ -3140,6 +3337,11 @@ def clock_text(when):
 
 
 ACCESS_FLUSH = 0.05      # seconds an access line may wait in memory before it is written
+LOG_BUFFER = 1 << 20     # bytes of lines a log target may hold while it takes none; past it, lines are dropped
+LOG_ERROR_INTERVAL = 10.0    # seconds: a log target's failing writes are reported at most this often
+LOG_EXIT_WAIT = 1.0      # seconds an exiting process waits, in all, for slow log targets to take their lines
+LOG_FILE_WRITE = 1 << 18     # bytes of one write to a regular file (to a pipe: PIPE_BUF, so lines stay whole)
+LOG_HANDED = 10000       # records other threads may have waiting for the loop (past it: dropped)
 
 
 class AccessLog(object):
@@ -3147,21 +3349,23 @@ class AccessLog(object):
     'pydirector.access' logger's handlers, at INFO.
 
     Lines are formatted here, straight from the connection, and kept in a
-    list; they are written every ACCESS_FLUSH seconds, a batch in one write
-    per file or stream (one datagram per line to syslog), and at every stop,
-    reload and log reopen.  A SIGKILL loses at most the last ACCESS_FLUSH
-    seconds of lines.  A handler this does not know (a test's recorder) gets
-    a LogRecord per line, as logging would give it.
+    list; they go to the log targets (LogTarget, which write a batch at a
+    time) every ACCESS_FLUSH seconds, before any other record the loop thread
+    logs (so lines come out in time order), and at every stop, reload and log
+    reopen.  A SIGKILL loses at most the last ACCESS_FLUSH seconds of lines.
+    A handler this does not know (a test's recorder) gets a LogRecord per
+    line, as logging would give it.
     """
 
     def __init__(self, loop):
         self.loop = loop
         self.enabled = True
-        self.kept = []              # (closed Pair or TLSHelloReader, how it ended, loop time)
+        self.kept = []              # (closed Pair or TLSHelloReader, how it ended, time.time())
         self.timer = None
         self.logger = logging.getLogger('pydirector.access')
         self.escaped = {}           # text -> log_value(text), for names and addresses
         self.host_texts = {}        # Host -> its 'host=NAME backend=IP:PORT', escaped
+        log_output.attach(self)
 
     def value(self, text):
         escaped = self.escaped.get(text)
@@ -3173,18 +3377,16 @@ class AccessLog(object):
 
     def connection(self, pair, how):
         """Keep a closed pair (or UDP Session) for its line, formatted when the batch is written."""
-        loop = self.loop
-        self.kept.append((pair, how, loop.now))
+        # The wall clock now, as a LogRecord's: not the loop's time (read as this iteration
+        # began), so a record logged before in this iteration cannot carry a later time.
+        self.kept.append((pair, how, time.time()))
         if self.timer is None:
-            self.timer = loop.call_later(ACCESS_FLUSH, self.flush)
+            self.timer = self.loop.call_later(ACCESS_FLUSH, self.flush)
 
     def hello_refused(self, reader, how):
         """A client of a listen with sni closed before any service was chosen
         (a TLSHelloReader): service=-, and bytes_in the bytes it sent, none relayed."""
-        loop = self.loop
-        self.kept.append((reader, how, loop.now))
-        if self.timer is None:
-            self.timer = loop.call_later(ACCESS_FLUSH, self.flush)
+        self.connection(reader, how)
 
     PREFIX = len('2026-12-01 21:40:00,123 INFO ')
 
@@ -3197,12 +3399,11 @@ class AccessLog(object):
         hosts = self.host_texts
         if len(hosts) > 10000:
             hosts.clear()
-        offset = time.time() - time.monotonic()     # loop time -> wall time
+        offset = time.time() - time.monotonic()     # wall time -> loop time, for durations
         lines = []
         append = lines.append
         second, date = None, ''
-        for pair, how, now in kept:
-            when = now + offset
+        for pair, how, when in kept:
             if int(when) != second:
                 second = int(when)
                 date = clock_text(second)[:-4]      # without its ',mmm'
@@ -3212,7 +3413,7 @@ class AccessLog(object):
                 failovers = len(pair.tried) - 1 if pair.tried else 0
                 bytes_in, bytes_out = pair.bytes_in, pair.bytes_out
             elif type(pair) is Session:
-                append(self.session_line(pair, how, now, '%s,%03d' % (date, (when - second) * 1000)))
+                append(self.session_line(pair, how, when - offset, '%s,%03d' % (date, (when - second) * 1000)))
                 continue
             else:   # a TLSHelloReader: no service, nothing relayed
                 host, service, failovers, bytes_in, bytes_out = None, '-', 0, pair.received, 0
@@ -3228,11 +3429,11 @@ class AccessLog(object):
                        date, (when - second) * 1000, escaped.get(service) or value(service),
                        '[%s]' % ip if ':' in ip else ip, pair.client_port,
                        '-' if sni is None else value(sni), host_text, failovers,
-                       bytes_in, bytes_out, now - pair.started, how))
+                       bytes_in, bytes_out, when - offset - pair.started, how))
         return lines
 
     def session_line(self, session, how, now, stamp):
-        """The line of an ended UDP session: its datagrams and bytes each way."""
+        """The line of an ended UDP session: its datagrams and bytes each way (now: its end, in loop time)."""
         host = session.host or (session.tried[-1] if session.tried else None)
         host_text = self.host_texts.get(host)
         if host_text is None:
@@ -3246,7 +3447,7 @@ class AccessLog(object):
                     session.bytes_in, session.bytes_out, now - session.started, how))
 
     def flush(self):
-        """Write what is kept; from the loop thread, or once the loop has stopped."""
+        """Hand what is kept to the log targets; from the loop thread, or once the loop has stopped."""
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -3256,16 +3457,14 @@ class AccessLog(object):
         if not self.logger.isEnabledFor(logging.INFO):
             return
         for handler in self.handlers():
+            if isinstance(handler, LogTarget):
+                log_output.put(handler, handler.access_texts(lines))
+                continue
             try:
-                if isinstance(handler, logging.StreamHandler) and type(handler.formatter) is LogFormatter:
-                    self.write_stream(handler, lines)
-                elif isinstance(handler, logging.handlers.SysLogHandler):
-                    self.write_syslog(handler, [line[self.PREFIX:-1] for line in lines])
-                else:
-                    for line in lines:
-                        record = self.logger.makeRecord(self.logger.name, logging.INFO, '', 0,
-                                                        line[self.PREFIX:-1], (), None)
-                        handler.handle(record)
+                for line in lines:
+                    record = self.logger.makeRecord(self.logger.name, logging.INFO, '', 0,
+                                                    line[self.PREFIX:-1], (), None)
+                    handler.handle(record)
             except Exception:
                 handler.handleError(None)
 
@@ -3280,62 +3479,528 @@ class AccessLog(object):
             logger = logger.parent
         return found
 
-    @staticmethod
-    def write_stream(handler, lines):
-        """The batch in as few writes as keep every line whole: one to a file (opened
-        O_APPEND, where one write lands whole whoever else appends), pieces of at most
-        PIPE_BUF bytes at line ends to a pipe or terminal (stderr under systemd)."""
-        data = ''.join(lines).encode('utf-8')
-        handler.acquire()
+
+class DropNote(bytes):
+    """A target's line saying how many lines it dropped (`count`): if it is dropped
+    in turn, its count goes back to the lines no note has told of."""
+
+
+SEND_FLAGS = getattr(socket, 'MSG_DONTWAIT', 0)
+
+
+class LogTarget(logging.Handler):
+    """One place log lines go: stderr, the file of <logging file>, or syslog.
+    Nothing written to it ever blocks: a log reader that stops reading, a
+    syslog socket nobody reads or a full disk must not stop the data plane.
+
+    Lines (each a whole line, or a datagram) wait in `pending`, in order,
+    until the target takes them: each batch is written at once as far as
+    the kernel takes it without waiting, and the rest when the loop says the
+    target has room.  At most LOG_BUFFER bytes wait; past that, new lines are
+    dropped and counted (log_output.dropped, the admin's
+    pydirector_log_lines_dropped_total) until half of them have gone out, and
+    then a line says how many were dropped.  A write that fails (a full disk,
+    syslog gone) drops what waits the same way and is reported at most once
+    per LOG_ERROR_INTERVAL, without a traceback, on the other targets and on
+    stderr.  pending changes only under log_output.lock, and log_output
+    decides the order of the lines.
+    """
+
+    label = 'log'
+    datagrams = False       # one item per send (syslog); else whole lines joined up to `piece` bytes
+    piece = select.PIPE_BUF     # the kernel keeps a pipe write of at most PIPE_BUF bytes whole
+    watchable = True        # the loop can watch it for room (anything but a regular file)
+    check_first = False     # a blocking descriptor we share: write only once poll says there is room
+
+    def __init__(self):
+        logging.Handler.__init__(self)
+        self.pending = collections.deque()
+        self.size = 0           # bytes in pending
+        self.dropping = False   # lines are dropped until half of LOG_BUFFER is free (or a write works)
+        self.unreported = 0     # lines dropped that no note has told of yet
+        self.dropped = 0        # lines this target dropped, ever
+        self.reported = None    # when a failing write was last reported (monotonic)
+        self.watched = None     # the loop watching the descriptor for room
+        self.poller = None
+        self.closed = False
+
+    def emit(self, record):
         try:
-            stream = handler.stream
-            if stream is None:          # a FileHandler closed by a log reopen
-                stream = handler.stream = handler._open()
-            stream.flush()              # what logging wrote before goes first
-            try:
-                fd = stream.fileno()
-            except (AttributeError, OSError, ValueError):
-                fd = None               # not a real file (a test's StringIO)
-            if fd is None:
-                stream.write(data.decode('utf-8'))
-                stream.flush()
+            log_output.add(self, self.text(record))
+        except Exception:
+            self.handleError(record)
+
+    # -- pending lines (under log_output.lock) ------------------------------------
+
+    def put(self, texts):
+        """Queue these texts, or drop and count those past LOG_BUFFER."""
+        if self.closed:
+            self.drop(len(texts))
+            return
+        if self.dropping:
+            if self.size > LOG_BUFFER // 2:
+                self.drop(len(texts))
                 return
-            piece = len(data) if stat.S_ISREG(os.fstat(fd).st_mode) else select.PIPE_BUF
-            start = 0
-            while start < len(data):
-                end = len(data) if len(data) - start <= piece else data.rfind(b'\n', start, start + piece) + 1
-                if end <= start:
-                    end = start + piece     # one line longer than PIPE_BUF: it cannot be whole anyway
-                while start < end:
-                    start += os.write(fd, data[start:end])
-        finally:
-            handler.release()
+            self.resume()
+        room = LOG_BUFFER - self.size
+        pending = self.pending
+        for index, text in enumerate(texts):
+            data = text.encode('utf-8', 'backslashreplace')
+            if len(data) > room:
+                self.dropping = True
+                self.drop(len(texts) - index)
+                break
+            room -= len(data)
+            pending.append(data)
+        self.size = LOG_BUFFER - room
 
-    @staticmethod
-    def write_syslog(handler, lines):
-        # As SysLogHandler.emit words a record formatted 'pydirector[PID]: message'.
-        prefix = '<%d>%spydirector[%d]: ' % (handler.encodePriority(handler.facility, 'info'),
-                                            handler.ident or '', os.getpid())
-        end = '\000' if handler.append_nul else ''
-        handler.acquire()
-        try:
-            for message in lines:
-                data = (prefix + message + end).encode('utf-8')
-                if handler.unixsocket:
+    def drop(self, count):
+        self.unreported += count
+        self.dropped += count
+        log_output.dropped += count
+
+    def resume(self):
+        """Taking lines again: first the line saying how many were dropped."""
+        self.dropping = False
+        if self.unreported:
+            record = logging.LogRecord('pydirector', logging.WARNING, '', 0, 'log to %s: %d line(s) dropped',
+                                       (self.label, self.unreported), None)
+            note = DropNote(self.text(record).encode('utf-8', 'backslashreplace'))
+            note.count = self.unreported
+            self.unreported = 0
+            self.pending.append(note)
+            self.size += len(note)
+
+    def write(self):
+        """Write what waits, as far as the target takes it without waiting; then
+        have the loop watch for room while some is left."""
+        pending = self.pending
+        while pending and not self.closed:
+            if self.check_first and not self.has_room(0):
+                break
+            data = pending[0] if self.datagrams else self.joined()
+            try:
+                sent = self.send(data)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                if e.errno == errno.EMSGSIZE and self.datagrams:    # this one line is too long for syslog
+                    self.size -= len(pending.popleft())
+                    self.drop(1)
+                    continue
+                self.failed(e)
+                break
+            self.sent(sent)
+            if sent < len(data) and (self.watchable or not sent):
+                break
+            if self.dropping and self.size <= LOG_BUFFER // 2:
+                self.resume()
+        self.update_watch()
+
+    def joined(self):
+        """The first waiting lines, whole, in one piece of at most `piece` bytes (or one longer line)."""
+        pending = self.pending
+        first = pending[0]
+        if len(pending) == 1 or len(first) >= self.piece:
+            return first
+        parts = []
+        total = 0
+        for data in pending:
+            total += len(data)
+            if total > self.piece:
+                break
+            parts.append(data)
+        return b''.join(parts)
+
+    def sent(self, count):
+        """count bytes of the first waiting lines went out."""
+        pending = self.pending
+        self.size -= count
+        while count:
+            first = pending[0]
+            if count < len(first):
+                pending[0] = first[count:]      # a note begun is told: the rest is plain bytes
+                return
+            count -= len(first)
+            pending.popleft()
+
+    def failed(self, error):
+        """A write failed for another reason than no room: what waits is dropped, the
+        next line to go out is the note, and the failure is reported."""
+        count = 0
+        for data in self.pending:
+            if type(data) is DropNote:
+                self.unreported += data.count
+            else:
+                count += 1
+        self.pending.clear()
+        self.size = 0
+        self.drop(count)
+        self.dropping = True
+        self.reset()
+        log_output.report(self, 'cannot write: %s' % (error_text(error.errno) if error.errno else error))
+
+    def reset(self):
+        """After a failed write (syslog: connect again at the next line)."""
+
+    def close_fd(self):
+        """Close the descriptor (not logging's Handler.release, which is its lock's)."""
+
+    def update_watch(self):
+        if self.pending and self.watchable and not self.closed:
+            if self.watched is None:
+                loop = log_output.loop()
+                if loop is not None and loop.running and threading.get_ident() == loop.thread_ident:
                     try:
-                        handler.socket.send(data)
-                    except OSError:
-                        handler.socket.close()
-                        handler._connect_unixsocket(handler.address)
-                        handler.socket.send(data)
-                elif handler.socktype == socket.SOCK_DGRAM:
-                    handler.socket.sendto(data, handler.address)
-                else:
-                    handler.socket.sendall(data)
+                        loop.add(self.fileno(), EVENT_WRITE, self.on_writable)
+                    except (OSError, ValueError, TypeError):
+                        return      # it cannot be polled: the next line tries again
+                    self.watched = loop
+        elif self.watched is not None:
+            self.unwatch()
+
+    def unwatch(self):
+        loop, self.watched = self.watched, None
+        if loop is not None:
+            try:
+                loop.remove(self.fileno())
+            except (KeyError, ValueError, OSError):
+                pass    # that loop is closed
+
+    def on_writable(self, mask):
+        with log_output.lock:
+            self.write()
+
+    def has_room(self, timeout):
+        """Whether the target takes a write now, waiting up to timeout seconds."""
+        fd = self.fileno()
+        if fd is None:
+            return False
+        if self.poller is None:
+            self.poller = select.poll()
+            self.poller.register(fd, select.POLLOUT)
+        return bool(self.poller.poll(timeout * 1000))
+
+    def finish(self, deadline):
+        """At exit: write what waits, waiting for room until deadline (monotonic)."""
+        self.write()
+        while self.pending and self.watchable and not self.closed:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.has_room(left):
+                break
+            self.write()
+
+    def close(self):
+        """What it takes now is written, the rest dropped and counted."""
+        with log_output.lock:
+            if not self.closed:
+                self.write()
+                self.drop(sum(1 for data in self.pending if type(data) is not DropNote))
+                self.pending.clear()
+                self.size = 0
+                self.unwatch()
+                self.closed = True
+                self.close_fd()
+        logging.Handler.close(self)
+
+
+class StreamTarget(LogTarget):
+    """stderr (no path) or the file of <logging file>: 'DATE TIME,MS LEVEL message' lines."""
+
+    def __init__(self, path=None):
+        LogTarget.__init__(self)
+        self.path = path
+        self.label = escape_text(path) if path else 'stderr'
+        self.fd = None
+        self.sock = None
+        self.setFormatter(stream_formatter())
+        self.use(*self.open())
+
+    def open(self):
+        """A descriptor of our own, and whether to poll before each write (see own_stderr)."""
+        if not self.path:
+            return own_stderr()
+        # O_NONBLOCK: on a FIFO or a device; a regular file never waits for a reader.
+        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_NOCTTY |
+                       os.O_CLOEXEC, 0o666), False
+
+    def use(self, fd, check_first):
+        mode = os.fstat(fd).st_mode
+        self.fd = fd
+        self.poller = None
+        self.watchable = not stat.S_ISREG(mode)
+        self.piece = select.PIPE_BUF if self.watchable else LOG_FILE_WRITE
+        self.check_first = check_first
+        if stat.S_ISSOCK(mode):
+            # stderr under systemd: a stream socket to the journal, which other processes
+            # share; MSG_DONTWAIT makes our sends alone non-blocking.
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fd)
+            self.check_first = check_first or not SEND_FLAGS
+
+    def fileno(self):
+        return self.fd
+
+    def send(self, data):
+        if self.sock is not None:
+            return self.sock.send(data, SEND_FLAGS)
+        return os.write(self.fd, data)
+
+    def text(self, record):
+        return self.format(record) + '\n'
+
+    def access_texts(self, lines):
+        return lines
+
+    def reopen(self):
+        """SIGUSR1 (logrotate): the file again by its name; what waits goes there."""
+        if not self.path:
+            return
+        with log_output.lock:
+            try:
+                opened = self.open()
+            except OSError as e:
+                log_output.report(self, 'cannot reopen: %s' % error_text(e.errno))
+                return
+            self.unwatch()
+            self.close_fd()
+            self.use(*opened)
+            self.write()
+
+    def close_fd(self):
+        if self.sock is not None:
+            self.sock.close()
+        elif self.fd is not None:
+            os.close(self.fd)
+        self.fd = self.sock = None
+
+
+def own_stderr():
+    """stderr as a descriptor of our own, and whether to poll before each write.
+
+    O_NONBLOCK belongs to the open file description, which our stderr shares
+    with whoever else holds it: the terminal's shell, the other processes of
+    a pipeline, our workers.  Set there, their reads and writes would fail
+    with EAGAIN.  So a pipe or a terminal is opened again through
+    /proc/self/fd (Linux): a new description of the same pipe or terminal,
+    ours alone, made non-blocking.  A regular file never waits (its copy
+    shares the offset, as before); a socket (systemd's journal) is sent to
+    with MSG_DONTWAIT.  Where none of that works (no /proc, or a terminal of
+    another user after dropping privileges) each write of at most PIPE_BUF
+    bytes waits for poll to say there is room, which only a writer filling
+    the pipe in between could still block.
+    """
+    import fcntl
+    fd = sys.stderr.fileno()
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISREG(mode) or stat.S_ISSOCK(mode) or fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK:
+        return os.dup(fd), False
+    try:
+        return os.open('/proc/self/fd/%d' % fd, os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC), False
+    except OSError:
+        return os.dup(fd), True
+
+
+class SyslogTarget(LogTarget):
+    """<logging syslog>: a datagram per line, '<PRI>pydirector[PID]: message\\0' as
+    logging.handlers.SysLogHandler words it, to a unix socket (datagram, else
+    stream, as SysLogHandler tries) or over UDP.  A unix socket that fails is
+    connected again at the next line (syslogd restarted)."""
+
+    datagrams = True
+
+    def __init__(self, address, facility, text):
+        LogTarget.__init__(self)
+        self.address = address
+        self.label = 'syslog ' + escape_text(text)
+        self.facility = logging.handlers.SysLogHandler.facility_names[facility]
+        self.sock = None
+        self.to = None          # the UDP address
+        self.setFormatter(logging.Formatter('pydirector[%d]: %s%%(message)s' % (os.getpid(), LOG_PREFIX)))
+        self.access_prefix = '<%d>pydirector[%d]: ' % (self.priority('INFO'), os.getpid())
+        if isinstance(address, str):
+            try:
+                self.connect()
+            except OSError:
+                pass    # syslogd may start after us (C's openlog ignores this too): the first line tries again
+        else:           # resolved once, here: never on the loop
+            host, port = address
+            family, kind, proto, _, self.to = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM)[0]
+            self.sock = socket.socket(family, kind, proto)
+            self.sock.setblocking(False)
+
+    def priority(self, levelname):
+        names = logging.handlers.SysLogHandler
+        return (self.facility << 3) | names.priority_names[names.priority_map.get(levelname, 'warning')]
+
+    def connect(self):
+        error = None
+        for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+            sock = socket.socket(socket.AF_UNIX, kind)
+            sock.setblocking(False)
+            try:
+                sock.connect(self.address)
+            except OSError as e:
+                sock.close()
+                error = e
+                continue
+            self.sock = sock
+            self.poller = None
+            return
+        raise error
+
+    def fileno(self):
+        return self.sock.fileno() if self.sock is not None else None
+
+    def send(self, data):
+        if self.to is not None:
+            return self.sock.sendto(data, self.to)
+        if self.sock is None:
+            self.connect()
+        try:
+            return self.sock.send(data)
+        except BlockingIOError:
+            raise
+        except OSError:     # syslogd restarted: its socket is a new one (SysLogHandler too retries once)
+            self.reset()
+            self.connect()
+            return self.sock.send(data)
+
+    def reset(self):
+        if self.to is None and self.sock is not None:
+            self.unwatch()
+            self.close_fd()
+
+    def text(self, record):
+        return '<%d>%s\000' % (self.priority(record.levelname), self.format(record))
+
+    def access_texts(self, lines):
+        prefix = self.access_prefix
+        start = AccessLog.PREFIX
+        return [prefix + line[start:-1] + '\000' for line in lines]
+
+    def close_fd(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+class LogOutput(object):
+    """This process's log lines on their way to the targets, in time order.
+
+    A record the loop thread logs goes after the access lines kept so far
+    (AccessLog.flush first) and is written at once, as far as each target
+    takes it.  A record of another thread (the admin's, a reload's) is
+    handed to the loop, which puts it in line the same way; with no loop
+    running, it is written from its own thread.  `dropped` counts the lines
+    every target dropped (a master adds its workers': Master.log_lines_dropped).
+    """
+
+    def __init__(self):
+        self.lock = threading.RLock()
+        self.access = None                  # the AccessLog of the loop that writes
+        self.handed = collections.deque()   # (target, text) other threads logged, for the loop
+        self.handing = False                # a call to take them is queued on the loop
+        self.dropped = 0
+        self.fallback = None                # stderr for reports, when stderr is no target itself
+        self.reporting = False
+
+    def attach(self, access):
+        self.access = access
+        access.loop.call_soon(self.write_all)   # lines logged before the loop ran, if there was no room
+
+    def loop(self):
+        return self.access.loop if self.access is not None else None
+
+    def targets(self):
+        found = [h for h in _log_handlers if isinstance(h, LogTarget)]
+        return found + [self.fallback] if self.fallback is not None else found
+
+    def add(self, target, text):
+        """A record's text for a target (LogTarget.emit)."""
+        access = self.access
+        if access is not None:
+            loop = access.loop
+            if threading.get_ident() == loop.thread_ident:
+                access.flush()      # the connections that closed before this record come first
+            elif loop.running:
+                with self.lock:
+                    if len(self.handed) >= LOG_HANDED:
+                        target.drop(1)      # the loop is not taking them: memory stays bounded
+                        return
+                    self.handed.append((target, text))
+                    if self.handing:
+                        return
+                    self.handing = True
+                loop.call_soon_threadsafe(self.take_handed)
+                return
+        self.put(target, [text])
+
+    def put(self, target, texts):
+        with self.lock:
+            if self.handed:
+                self.put_handed()
+            target.put(texts)
+            target.write()
+
+    def take_handed(self):
+        """On the loop: what other threads logged, after the access lines kept so far."""
+        if self.access is not None:
+            self.access.flush()
+        with self.lock:
+            self.put_handed()
+
+    def put_handed(self):
+        handed = list(self.handed)
+        self.handed.clear()
+        self.handing = False
+        targets = []
+        for target, text in handed:
+            target.put([text])
+            if target not in targets:
+                targets.append(target)
+        for target in targets:
+            target.write()
+
+    def write_all(self):
+        with self.lock:
+            for target in self.targets():
+                target.write()
+
+    def report(self, target, problem):
+        """A target's writes fail: said at most once per LOG_ERROR_INTERVAL, without a
+        traceback, on every other target and on stderr (where systemd keeps it)."""
+        now = time.monotonic()
+        if self.reporting or (target.reported is not None and now - target.reported < LOG_ERROR_INTERVAL):
+            return
+        target.reported = now
+        self.reporting = True
+        try:
+            others = [t for t in self.targets() if t is not target]
+            if not any(isinstance(t, StreamTarget) and not t.path for t in others + [target]):
+                try:
+                    self.fallback = StreamTarget()
+                    others.append(self.fallback)
+                except (AttributeError, ValueError, OSError):
+                    pass    # no stderr
+            record = logging.LogRecord('pydirector', logging.ERROR, '', 0, 'log to %s: %s (%d line(s) dropped so far)',
+                                       (target.label, problem, target.dropped), None)
+            for other in others:
+                other.put([other.text(record)])
+                other.write()
         finally:
-            handler.release()
+            self.reporting = False
+
+    def finish(self, wait=LOG_EXIT_WAIT):
+        """At exit: what every target holds, waiting up to `wait` seconds in all for room."""
+        deadline = time.monotonic() + wait
+        with self.lock:
+            if self.handed:
+                self.put_handed()
+            for target in self.targets():
+                target.finish(deadline)
 
 
+log_output = LogOutput()
 _log_handlers = []   # the handlers we installed, so a reload replaces only those
 
 
@@ -3349,43 +4014,55 @@ def lighten_logging():
 
 
 def setup_logging(config, verbose=False):
+    """The process's logging, once: OSError if the log file cannot be opened."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
     configure_log_handlers(config.logging)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    atexit.register(log_output.finish)      # before logging's own shutdown, which closes the targets
+
+
+def stderr_target():
+    try:
+        return StreamTarget()
+    except (AttributeError, ValueError, OSError):   # no stderr of the OS's (pythonw, a StringIO)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(stream_formatter())
+        return handler
 
 
 def configure_log_handlers(logging_config):
-    """Install handlers for <logging>: a file (else stderr), and syslog when asked."""
+    """Install targets for <logging>: a file (else stderr), and syslog when asked.
+    The new ones are made before the old ones go: OSError (a file that cannot
+    be opened, a syslog host with no address) changes nothing."""
+    made = []
+    if logging_config.file:
+        made.append(StreamTarget(logging_config.file))
+    elif logging_config.syslog is None:
+        made.append(stderr_target())
+    if logging_config.syslog is not None:
+        try:
+            made.append(SyslogTarget(logging_config.syslog_address, logging_config.facility,
+                                     logging_config.syslog))
+        except OSError:
+            for handler in made:
+                handler.close()
+            raise
     root = logging.getLogger()
     for handler in _log_handlers:
         root.removeHandler(handler)
         handler.close()
-    del _log_handlers[:]
-    if logging_config.file:
-        handler = logging.FileHandler(logging_config.file)
-    elif logging_config.syslog is None:
-        handler = logging.StreamHandler(sys.stderr)
-    else:
-        handler = None
-    if handler is not None:
-        handler.setFormatter(LogFormatter(LOG_FORMAT.replace('%(message)s', LOG_PREFIX + '%(message)s')))
-        _log_handlers.append(handler)
-    if logging_config.syslog is not None:
-        handler = logging.handlers.SysLogHandler(
-            address=logging_config.syslog_address, facility=logging_config.facility)
-        handler.setFormatter(logging.Formatter('pydirector[%d]: %s%%(message)s' % (os.getpid(), LOG_PREFIX)))
-        _log_handlers.append(handler)
-    for handler in _log_handlers:
+    _log_handlers[:] = made
+    for handler in made:
         root.addHandler(handler)
 
 
 def reopen_logs():
-    """For logrotate: a FileHandler reopens its file on the next record after close()."""
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.close()
+    """SIGUSR1, for logrotate: the log file again, by its name."""
+    for handler in _log_handlers:
+        if isinstance(handler, StreamTarget):
+            handler.reopen()
 # ---------------------------------------------------------------------------
 # Proxying: a Listener accepts clients, a Pair relays one client to one backend.
 # ---------------------------------------------------------------------------
@@ -3488,7 +4165,7 @@ class Listener(object):
     def add_to_loop(self):
         # EPOLLEXCLUSIVE (Linux 4.5+): of the workers waiting on a shared listening
         # socket, a new client wakes one, not every one (the thundering herd).
-        self.loop.add(self.fd, EVENT_READ | (LISTEN_EXCLUSIVE if self.director.workers_share else 0),
+        self.loop.add(self.fd, EVENT_READ | (LISTEN_EXCLUSIVE if self.director.worker is not None else 0),
                       self._on_readable)
 
     def __repr__(self):
@@ -3525,7 +4202,14 @@ class Listener(object):
             if self.paused:
                 self.paused = False
                 log.info('listen %s: accepting again', self.text)
-            on_accept(self, new_socket(family, SOCK_STREAM, 0, fd), client_addr)
+            client_sock = new_socket(family, SOCK_STREAM, 0, fd)
+            client_sock.setblocking(False)
+            if not NODELAY_INHERITED:
+                try:
+                    client_sock.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
+                except OSError:
+                    pass
+            on_accept(self, client_sock, client_addr)
 
     def pause(self, err):
         """Out of fds: a pending client stays queued and would wake us forever; look again shortly."""
@@ -3850,16 +4534,16 @@ class Pair(object):
     def wait_in_queue(self):
         service = self.service
         queue = service.queue
-        shared = self.director.shared
-        if len(queue) >= QUEUE_LIMIT if shared is None else shared.queue_full(service):
+        counts = self.director.worker_counts
+        if len(queue) >= QUEUE_LIMIT if counts is None else counts.queue_full(service):
             service.refused += 1
             self.close('full')
             return
         self.state = QUEUED
         queue.append(self)
         self.timer = self.loop.call_later(service.timeouts.queue, self._on_queue_timeout)
-        if shared is not None:
-            shared.queue_changed(service)
+        if counts is not None:
+            counts.queue_changed(service)
 
     def leave_queue(self):
         """A slot is free: connect (the director has taken us off the queue)."""
@@ -3880,11 +4564,11 @@ class Pair(object):
         """Try the next host the scheduler offers; close the client when none is left."""
         scheduler = self.group.scheduler
         tried = self.tried
-        master = self.director.master
-        if master is None:
+        worker = self.director.worker
+        if worker is None:
             host = scheduler.pick(self.client_ip, tried)
         else:
-            host = master.pick(self, scheduler)     # a worker: limits and sticky entries shared
+            host = worker.pick(self, scheduler)     # limits and sticky entries shared with the other workers
         if host is None:
             self.director.no_host(self)
             return
@@ -3943,9 +4627,9 @@ class Pair(object):
         self.group.scheduler.connection_ended(host)
         host.total -= 1  # an attempt that never connected is not a served connection
         self.host = None
-        if self.director.shared is not None:
+        if self.director.worker_counts is not None:
             # The close will not name this host: its line is brought up to date now.
-            self.director.shared.publish((host,))
+            self.director.worker_counts.publish((host,))
         if err in OUT_OF_FDS:
             self.director.pause_accepting(err)
         if err in LOCAL_CONNECT_ERRORS:
@@ -4354,7 +5038,7 @@ class DatagramListener(object):
         self.registered = director.accept
         if self.registered:
             self.loop.add(self.fd, EVENT_READ, self._on_readable)
-        self.widen(director.workers.count if director.workers is not None else director.udp_slots)
+        self.widen(director.master.count if director.master is not None else director.udp_slots)
 
     def __repr__(self):
         return '<DatagramListener %s>' % self.text
@@ -4405,7 +5089,7 @@ class DatagramListener(object):
                 self.batch = batch * 2
                 self.streak = 0
         finally:
-            table.datagrams_in += count
+            self.service.datagrams_in += count
 
     def pause(self, err):
         """Out of fds: a TCP listener stops accepting; here sessions make room (SessionTable.evict)."""
@@ -4431,18 +5115,14 @@ class SessionTable(object):
     session to the end, so the idle sweep and eviction only ever look at the
     front: each costs what it ends, never a scan, and one timer serves the
     whole table.  At most `limit` (<udp sessions>) are held; a new client
-    past it evicts the oldest.  It also counts the service's datagrams and
-    what was dropped."""
+    past it evicts the oldest.  What it counts goes into its RunningService
+    (evicted, dropped, datagrams_in, datagrams_out: rows of COUNTERS)."""
 
     def __init__(self, director, service):
         self.director = director
         self.loop = director.loop
         self.service = service
         self.sessions = collections.OrderedDict()
-        self.evicted = 0
-        self.dropped = 0            # datagrams not relayed (a full socket buffer, an unreachable client...)
-        self.datagrams_in = 0       # from clients
-        self.datagrams_out = 0      # to clients
         self.timer = None
         self.logged = {}            # kind -> [loop time of its last line, lines left out since]
         self.configure(service.config)
@@ -4467,8 +5147,8 @@ class SessionTable(object):
             return
         maxconns = service.config.maxconns
         service.open += 1
-        shared = director.shared
-        if maxconns and (service.open > maxconns if shared is None else shared.service_full(service)):
+        counts = director.worker_counts
+        if maxconns and (service.open > maxconns if counts is None else counts.service_full(service)):
             service.open -= 1
             service.refused += 1
             self.complain('full', '%d sessions open (maxconns): dropping the datagrams of new clients' % maxconns)
@@ -4497,7 +5177,7 @@ class SessionTable(object):
                 break
         else:
             return False
-        self.evicted += 1
+        self.service.evicted += 1
         self.complain('evicted', '%d sessions held (<udp sessions>): evicting the least recently used'
                       % len(self.sessions))
         session.close('evicted')
@@ -4526,7 +5206,7 @@ class SessionTable(object):
         self.arm()
 
     def drop(self, why):
-        self.dropped += 1
+        self.service.dropped += 1
         self.complain('dropped', 'dropped a datagram: %s' % why)
 
     def complain(self, kind, text):
@@ -4542,8 +5222,10 @@ class SessionTable(object):
             self.timer = None
 
     def snapshot(self):
-        return {'responses': self.responses, 'sessions_max': self.limit, 'evicted': self.evicted,
-                'dropped': self.dropped, 'datagrams_in': self.datagrams_in, 'datagrams_out': self.datagrams_out}
+        service = self.service
+        return {'responses': self.responses, 'sessions_max': self.limit, 'evicted': service.evicted,
+                'dropped': service.dropped, 'datagrams_in': service.datagrams_in,
+                'datagrams_out': service.datagrams_out}
 
 
 class Session(object):
@@ -4586,9 +5268,9 @@ class Session(object):
         None once connected, else why not."""
         director = self.table.director
         scheduler = self.group.scheduler
-        master = director.master
+        worker = director.worker
         while True:
-            host = scheduler.pick(self.client_ip, self.tried) if master is None else master.pick(self, scheduler)
+            host = scheduler.pick(self.client_ip, self.tried) if worker is None else worker.pick(self, scheduler)
             if host is None:
                 if self.tried:
                     return 'no host left after %d failed' % len(self.tried)
@@ -4637,8 +5319,8 @@ class Session(object):
         if not self.datagrams_out:
             host.total -= 1
         self.host = None
-        if self.table.director.shared is not None:
-            self.table.director.shared.publish((host,))
+        if self.table.director.worker_counts is not None:
+            self.table.director.worker_counts.publish((host,))
 
     def watch(self):
         self.fd = self.sock.fileno()
@@ -4685,7 +5367,7 @@ class Session(object):
                 return
             self.datagrams_out += 1
             self.bytes_out += size
-            table.datagrams_out += 1
+            self.service.datagrams_out += 1
             self.request = None
             try:
                 send(_datagram_view[:size], client)
@@ -4762,7 +5444,8 @@ class Session(object):
 # ---------------------------------------------------------------------------
 # Manager: the health checks.  A loop timer picks the probes due; threads run
 # them with blocking sockets and hand each result to the loop, never touching
-# balancer state themselves.
+# balancer state themselves.  The DNS queries of <discover> (Discovery) run in
+# the same threads.
 # ---------------------------------------------------------------------------
 
 MANAGER_TICK = 0.1        # how often the manager looks for hosts due a probe
@@ -4824,10 +5507,10 @@ def probe(host, port, timeout, send=None, expect=None, status=None, check_port=N
         sockaddr = (sockaddr[0], check_port) + tuple(sockaddr[2:])
     judge = waiting_for = None
     if dns:
-        ident = random.getrandbits(16)
-        query = dns_query(dns, ident)
-        send = query if udp else len(query).to_bytes(2, 'big') + query    # RFC 1035 4.2.2: length first over TCP
-        judge = functools.partial(judge_dns, ident=ident, framed=not udp)
+        query_id, qname = _query_ids.getrandbits(16), dns_name(dns)
+        query = dns_query(query_id, qname, DNS_A, edns=False)
+        send = query if udp else struct.pack('!H', len(query)) + query    # RFC 1035 4.2.2: length first over TCP
+        judge = functools.partial(judge_dns, query_id=query_id, qname=qname, framed=not udp)
         waiting_for = 'the DNS answer'
     elif expect or status:
         judge = functools.partial(judge_answer, status=status, expect=expect)
@@ -4905,46 +5588,14 @@ def probe_datagram(sock, sockaddr, deadline, timeout, send, judge):
         return (None if e.errno in LOCAL_CONNECT_ERRORS else False), oserror_text(e)
 
 
-DNS_RCODES = {1: 'FORMERR', 2: 'SERVFAIL', 3: 'NXDOMAIN', 4: 'NOTIMP', 5: 'REFUSED'}
-
-
-def dns_query(name, ident):
-    """A DNS query (RFC 1035) for name's A record, recursion desired, with id ident."""
-    labels = [label.encode('ascii') for label in name.rstrip('.').split('.')]
-    header = ident.to_bytes(2, 'big') + b'\x01\x00' + b'\x00\x01' + bytes(6)    # RD; one question
-    return header + b''.join(bytes([len(label)]) + label for label in labels) + b'\x00' + b'\x00\x01\x00\x01'
-
-
-def judge_dns(data, ident, framed, complete):
-    """The verdict on a DNS answer: (ok, reason), or None while more may come.  It
-    must carry the query's id, be an answer (QR) and say NOERROR.  framed: over TCP,
-    after its 2-byte length.  Over UDP a datagram with another id is not ours (a
-    late answer to an earlier probe): None, wait for ours."""
-    if framed:
-        length = int.from_bytes(data[:2], 'big') if len(data) >= 2 else None
-        if length is None or len(data) < 2 + length:
-            return (False, 'a DNS answer cut short (%d bytes)' % len(data)) if complete else None
-        data = data[2:2 + length]
-    if len(data) < 12:
-        return False, 'not a DNS answer (%d bytes)' % len(data)
-    if int.from_bytes(data[:2], 'big') != ident:
-        return (False, 'a DNS answer with another id') if framed else None
-    flags = int.from_bytes(data[2:4], 'big')
-    if not flags & 0x8000:
-        return False, 'not a DNS answer (QR not set)'
-    rcode = flags & 0xF
-    if rcode:
-        return False, 'DNS answer %s' % DNS_RCODES.get(rcode, 'rcode %d' % rcode)
-    return True, 'probe ok (DNS NOERROR, %d answer record(s))' % int.from_bytes(data[6:8], 'big')
-
-
 # Looked up now: concurrent.futures imports it at first use, which fails (a dead
 # manager, no more probes) when the process has just run out of file descriptors.
 ThreadPoolExecutor = concurrent.futures.ThreadPoolExecutor
 
 
 class Manager(object):
-    """Runs the probes the director says are due and hands each result back to the loop.
+    """Runs the probes the director says are due and hands each result back to the loop;
+    starts and stops the Discovery, whose queries run in the same pool (submit).
 
     The tick that asks which hosts are due is a loop timer; only the probes
     themselves run in threads, in a pool started at the first probe.  A
@@ -4960,20 +5611,26 @@ class Manager(object):
 
     def start(self):
         self.timer = self.director.loop.call_later(MANAGER_TICK, self.tick)
+        self.director.discovery.start()
 
     def tick(self):
         self.timer = self.director.loop.call_later(MANAGER_TICK, self.tick)
-        due = self.director.health.due()
-        if not due:
-            return
+        for target in self.director.health.due():
+            if not self.submit(self._probe, target):
+                return
+
+    def submit(self, fn, *args):
+        """Run fn(*args) in the pool (a probe, a DNS query); False once that cannot be."""
+        if self.stopped.is_set():
+            return False
         if self.pool is None:
             self.pool = ThreadPoolExecutor(PROBE_WORKERS)
-        for target in due:
-            try:
-                self.pool.submit(self._probe, target)
-            except RuntimeError:    # the interpreter is exiting under us: so are we
-                self.stop()
-                return
+        try:
+            self.pool.submit(fn, *args)
+        except RuntimeError:    # the interpreter is exiting under us: so are we
+            self.stop()
+            return False
+        return True
 
     def _probe(self, target):
         if self.stopped.is_set():
@@ -4991,11 +5648,512 @@ class Manager(object):
         # Probes out finish in their threads (each within its check's timeout); their
         # results reach a loop that has stopped listening, and are dropped.
         self.stopped.set()
+        self.director.discovery.stop()
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
         if self.pool is not None:
             self.pool.shutdown(wait=False)
+
+
+# ---------------------------------------------------------------------------
+# DNS: a small stub resolver for <discover> (hosts from DNS), and the query
+# and verdict of a <check dns> (judge_dns), speaking the wire format itself:
+# RFC 1035, EDNS0 (RFC 6891), SRV (RFC 2782).  It blocks, with deadlines, so
+# it runs in the manager's threads, never on the loop (Discovery, in the
+# Director section, applies what it finds).  Each query has
+# a random ID and a socket of its own (so a random source port too); a
+# datagram counts as the answer only when its ID and question are the query's.
+# Whatever a datagram holds, malformed or not ours, it is ignored with a
+# reason, never raised; an answer marked truncated is asked again over TCP.
+# ---------------------------------------------------------------------------
+
+DNS_A, DNS_CNAME, DNS_AAAA, DNS_SRV, DNS_OPT = 1, 5, 28, 33, 41
+DNS_IN = 1
+DNS_TYPES = {DNS_A: 'A', DNS_CNAME: 'CNAME', DNS_AAAA: 'AAAA', DNS_SRV: 'SRV'}
+# rcode -> (name, how a failure of that kind is counted)
+DNS_RCODES = {1: ('FORMERR', 'error'), 2: ('SERVFAIL', 'servfail'), 3: ('NXDOMAIN', 'nxdomain'),
+              4: ('NOTIMP', 'error'), 5: ('REFUSED', 'error')}
+DNS_FAILURES = ('timeout', 'refused', 'servfail', 'nxdomain', 'empty', 'error')     # the kinds, for pages
+DNS_PAYLOAD = 4096          # the UDP answer size EDNS0 offers the server
+DNS_TIMEOUT = 2.0           # seconds one query waits for its answer
+DNS_DEADLINE = 10.0         # seconds one discovery may take in all (an SRV answer's targets too)
+MAX_DISCOVERED = 1000       # hosts from DNS a group holds at most; more are left out, and logged
+RESOLV_CONF = '/etc/resolv.conf'
+_HEADER = struct.Struct('!HHHHHH')
+_RR_FIXED = struct.Struct('!HHIH')
+_query_ids = random.SystemRandom()
+
+
+class DnsError(Exception):
+    """A query that got no usable answer, or a message that cannot be read:
+    str() is the reason, kind how it is counted (one of DNS_FAILURES)."""
+
+    def __init__(self, reason, kind='error'):
+        Exception.__init__(self, reason)
+        self.kind = kind
+
+
+class DnsRecord(object):
+    """A resource record: name (wire form, uncompressed), type, ttl, and value:
+    the address text (A, AAAA), the target name (CNAME), (priority, weight,
+    port, target) (SRV), or None for a type not read."""
+    __slots__ = ('name', 'type', 'ttl', 'value')
+
+    def __init__(self, name, rtype, ttl, value):
+        self.name = name
+        self.type = rtype
+        self.ttl = ttl
+        self.value = value
+
+
+class DnsMessage(object):
+    """A parsed DNS message.  question: (name, type, class) when there is exactly
+    one, else None; records: the answer section, extra: the additional one."""
+    __slots__ = ('id', 'flags', 'question', 'records', 'extra')
+
+    @property
+    def rcode(self):
+        return self.flags & 0xF
+
+    @property
+    def truncated(self):
+        return bool(self.flags & 0x0200)
+
+
+def dns_name(text):
+    """A name as written ('web.example.com', a trailing dot or not) in wire form;
+    ValueError when it cannot be one."""
+    out = bytearray()
+    stripped = text.rstrip('.')
+    for label in stripped.split('.') if stripped else ():
+        raw = label.encode('ascii')
+        if not 0 < len(raw) <= 63:
+            raise ValueError('%r: a label of %d characters' % (text, len(raw)))
+        out.append(len(raw))
+        out += raw
+    out.append(0)
+    if len(out) > 255:
+        raise ValueError('%r: longer than 255 octets' % text)
+    return bytes(out).lower()     # as read_dns_name gives names, to compare
+
+
+def dns_name_text(wire):
+    """A wire-form name as text, for pages and logs: 'one.example', '.' for the root;
+    bytes other than printable ASCII escaped."""
+    labels = []
+    at = 0
+    while wire[at]:
+        size = wire[at]
+        labels.append(escape_text(wire[at + 1:at + 1 + size].decode('ascii', 'backslashreplace')))
+        at += 1 + size
+    return '.'.join(labels) or '.'
+
+
+def dns_query(query_id, qname, qtype, edns=True):
+    """A query message: recursion desired, one question, and an EDNS0 OPT record
+    offering DNS_PAYLOAD bytes (edns False: without it, for a server that
+    answers FORMERR to it)."""
+    header = _HEADER.pack(query_id, 0x0100, 1, 0, 0, 1 if edns else 0)
+    opt = b'\0' + _RR_FIXED.pack(DNS_OPT, DNS_PAYLOAD, 0, 0) if edns else b''
+    return header + qname + struct.pack('!HH', qtype, DNS_IN) + opt
+
+
+def read_dns_name(data, at):
+    """(name in wire form, lower-cased, uncompressed; offset after it) of the name
+    at offset at, following compression pointers.  A pointer must point before the
+    labels it ends, so each jump goes back and no message can make it loop.
+    DnsError for a name running past the end, a reserved label type, or one
+    longer than 255 octets."""
+    out = bytearray()
+    end = None
+    start = at
+    while True:
+        if at >= len(data):
+            raise DnsError('a name runs past the end of the message')
+        size = data[at]
+        if size >= 0xC0:
+            if at + 1 >= len(data):
+                raise DnsError('a name runs past the end of the message')
+            target = (size & 0x3F) << 8 | data[at + 1]
+            if target >= start:
+                raise DnsError('a compression pointer that does not point back')
+            if end is None:
+                end = at + 2
+            at = start = target
+            continue
+        if size > 63:
+            raise DnsError('a label of a reserved type (0x%02x)' % size)
+        if at + 1 + size > len(data):
+            raise DnsError('a name runs past the end of the message')
+        out += data[at:at + 1 + size]
+        at += 1 + size
+        if len(out) > 255:
+            raise DnsError('a name longer than 255 octets')
+        if size == 0:
+            return bytes(out).lower(), at if end is None else end
+
+
+def _read_record(data, at):
+    name, at = read_dns_name(data, at)
+    if at + 10 > len(data):
+        raise DnsError('a record runs past the end of the message')
+    rtype, rclass, ttl, size = _RR_FIXED.unpack_from(data, at)
+    at += 10
+    end = at + size
+    if end > len(data):
+        raise DnsError('a record runs past the end of the message')
+    value = None
+    if rclass == DNS_IN and rtype in DNS_TYPES:
+        what = DNS_TYPES[rtype]
+        if rtype == DNS_A or rtype == DNS_AAAA:
+            if size != (4 if rtype == DNS_A else 16):
+                raise DnsError('an %s record of %d bytes' % (what, size))
+            value = str(ipaddress.ip_address(bytes(data[at:end])))
+        else:
+            fixed = 6 if rtype == DNS_SRV else 0
+            if size < fixed + 1:
+                raise DnsError('a %s record of %d bytes' % (what, size))
+            target, after = read_dns_name(data, at + fixed)
+            if after != end:
+                raise DnsError('a %s record whose name does not fill it' % what)
+            value = struct.unpack_from('!HHH', data, at) + (target,) if fixed else target
+    # RFC 2181 8: a TTL with the top bit set is read as zero.
+    return DnsRecord(name, rtype, ttl if ttl < 0x80000000 else 0, value), end
+
+
+def parse_dns_message(data, records=True):
+    """A DnsMessage from bytes; records False reads the header and question only
+    (a truncated answer's records may be cut short).  DnsError for anything that
+    cannot be read: counts larger than the message, records past its end, names
+    that loop... (each record takes at least 11 bytes, so a count costs at most
+    what the message's length allows)."""
+    if len(data) < 12:
+        raise DnsError('shorter than a DNS header')
+    message = DnsMessage()
+    message.id, message.flags, questions, answers, authority, additional = _HEADER.unpack_from(data)
+    at = 12
+    message.question = None
+    message.records = message.extra = ()
+    for _ in range(questions):
+        name, at = read_dns_name(data, at)
+        if at + 4 > len(data):
+            raise DnsError('a question runs past the end of the message')
+        qtype, qclass = struct.unpack_from('!HH', data, at)
+        at += 4
+        message.question = (name, qtype, qclass) if questions == 1 else None
+    if not records:
+        return message
+    sections = []
+    for count in (answers, authority, additional):
+        section = []
+        for _ in range(count):
+            record, at = _read_record(data, at)
+            section.append(record)
+        sections.append(section)
+    message.records, _, message.extra = sections
+    return message
+
+
+def dns_problem(message, query_id, qname, qtype):
+    """Why a message is not the answer to our query (None: it is)."""
+    if message.id != query_id:
+        return 'wrong ID'
+    if not message.flags & 0x8000:
+        return 'not a response'
+    if message.flags & 0x7800:
+        return 'not a standard query (opcode %d)' % (message.flags >> 11 & 0xF)
+    if message.question != (qname, qtype, DNS_IN):
+        return 'a question not ours'
+    return None
+
+
+def judge_dns(data, query_id, qname, framed, complete):
+    """A health check's verdict (<check dns>) on what answered its query for qname's A
+    records: (ok, reason), or None while more may come.  It must be the answer to the
+    query (dns_problem) and say NOERROR.  framed: over TCP, after its 2-byte length.
+    Over UDP a datagram with another ID is not ours (a late answer to an earlier
+    probe): None, wait for ours."""
+    if framed:
+        size = struct.unpack_from('!H', data)[0] if len(data) >= 2 else None
+        if size is None or len(data) < 2 + size:
+            return (False, 'a DNS answer cut short (%d bytes)' % len(data)) if complete else None
+        data = data[2:2 + size]
+    try:
+        message = parse_dns_message(data, records=False)
+    except DnsError as e:
+        return False, 'not a DNS answer: %s' % e
+    problem = dns_problem(message, query_id, qname, DNS_A)
+    if problem == 'wrong ID' and not framed:
+        return None
+    if problem is not None:
+        return False, 'not the DNS answer: %s' % problem
+    if message.rcode:
+        return False, 'DNS answer %s' % DNS_RCODES.get(message.rcode, ('rcode %d' % message.rcode,))[0]
+    return True, 'probe ok (DNS NOERROR, %d answer record(s))' % _HEADER.unpack_from(data)[3]
+
+
+def default_resolver(path=RESOLV_CONF):
+    """(ip, 53) of the first nameserver in resolv.conf; 127.0.0.1 when it names
+    none, as the C library does."""
+    try:
+        with open(path, 'rb') as f:
+            lines = f.read(65536).decode('ascii', 'replace').splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 2 and fields[0] == 'nameserver' and _is_ip(fields[1]):
+            return fields[1], 53
+    return '127.0.0.1', 53
+
+
+class DnsClient(object):
+    """Queries to one server (ip, port) until a deadline (time.monotonic()), each
+    within timeout.  ignored: the reason for each datagram that was not our
+    answer; tcp: the answers that came over TCP."""
+
+    def __init__(self, server, deadline, timeout=DNS_TIMEOUT):
+        infos = socket.getaddrinfo(server[0], server[1], 0, socket.SOCK_DGRAM, 0, socket.AI_NUMERICHOST)
+        self.family, self.sockaddr = infos[0][0], infos[0][4]
+        self.where = format_address(server[0], server[1])
+        self.deadline = deadline
+        self.timeout = timeout
+        self.ignored = []
+        self.tcp = 0
+
+    def ask(self, qname, qtype):
+        """The answer (DnsMessage, records read) to qname's records of qtype: over UDP,
+        then over TCP when truncated, and again without EDNS0 after a FORMERR.
+        DnsError when none comes in time."""
+        edns = True
+        while True:
+            query_id = _query_ids.getrandbits(16)
+            query = dns_query(query_id, qname, qtype, edns)
+            message = self._udp(query, query_id, qname, qtype)
+            if message.truncated:
+                self.tcp += 1
+                message = self._tcp(query, query_id, qname, qtype)
+            if message.rcode == 1 and edns:
+                edns = False        # RFC 6891 7: a server that does not know EDNS0
+                continue
+            return message
+
+    def _time_left(self, until):
+        left = min(until, self.deadline) - time.monotonic()
+        if left <= 0:
+            raise DnsError('no answer from %s within %g s' % (self.where, self.timeout), 'timeout')
+        return left
+
+    def _failed(self, error):
+        if isinstance(error, socket.timeout):
+            return DnsError('no answer from %s within %g s' % (self.where, self.timeout), 'timeout')
+        if isinstance(error, ConnectionRefusedError):
+            return DnsError('%s refused the query (nothing listens there)' % self.where, 'refused')
+        return DnsError('%s: %s' % (self.where, error_text(error.errno) if error.errno else error))
+
+    def _udp(self, query, query_id, qname, qtype):
+        until = time.monotonic() + self.timeout
+        sock = socket.socket(self.family, socket.SOCK_DGRAM)
+        try:
+            # Connected: only the server's datagrams arrive, and its port's ICMP error too.
+            sock.connect(self.sockaddr)
+            sock.send(query)
+            while True:
+                sock.settimeout(self._time_left(until))
+                data = sock.recv(65535)
+                try:
+                    message = parse_dns_message(data, records=False)
+                    problem = dns_problem(message, query_id, qname, qtype)
+                    if problem is None and not message.truncated:
+                        message = parse_dns_message(data)
+                except DnsError as e:
+                    problem = 'malformed: %s' % e
+                if problem is None:
+                    return message
+                self.ignored.append('%s from %s' % (problem, self.where))
+        except OSError as e:
+            raise self._failed(e) from None
+        finally:
+            sock.close()
+
+    def _tcp(self, query, query_id, qname, qtype):
+        until = time.monotonic() + self.timeout
+        sock = socket.socket(self.family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self._time_left(until))
+            sock.connect(self.sockaddr)
+            sock.sendall(struct.pack('!H', len(query)) + query)
+            size = struct.unpack('!H', self._read(sock, 2, until))[0]
+            data = self._read(sock, size, until)
+        except OSError as e:
+            raise self._failed(e) from None
+        finally:
+            sock.close()
+        try:
+            message = parse_dns_message(data)
+        except DnsError as e:
+            raise DnsError('a malformed answer over TCP from %s: %s' % (self.where, e)) from None
+        problem = dns_problem(message, query_id, qname, qtype)
+        if problem is not None:
+            raise DnsError('an answer over TCP from %s with %s' % (self.where, problem))
+        return message
+
+    def _read(self, sock, size, until):
+        data = bytearray()
+        while len(data) < size:
+            sock.settimeout(self._time_left(until))
+            chunk = sock.recv(size - len(data))
+            if not chunk:
+                raise DnsError('%s closed the TCP connection mid-answer' % self.where)
+            data += chunk
+        return bytes(data)
+
+    def answers(self, qname, qtype):
+        """(the records of qtype that answer qname, following the answer's CNAMEs;
+        the least TTL of those and of the CNAMEs followed, None without records;
+        the message).  An error rcode (NXDOMAIN too) is a DnsError."""
+        message = self.ask(qname, qtype)
+        if message.rcode:
+            name, kind = DNS_RCODES.get(message.rcode, ('rcode %d' % message.rcode, 'error'))
+            raise DnsError('%s for %s %s from %s' % (name, dns_name_text(qname), DNS_TYPES[qtype], self.where),
+                           kind)
+        aliases = {}
+        for record in message.records:
+            if record.type == DNS_CNAME and record.value is not None:
+                aliases.setdefault(record.name, record)
+        name, ttls = qname, []
+        for _ in range(len(aliases)):
+            alias = aliases.get(name)
+            if alias is None:
+                break
+            ttls.append(alias.ttl)
+            name = alias.value
+        found = [record for record in message.records if record.type == qtype and record.name == name
+                 and record.value is not None]
+        ttls.extend(record.ttl for record in found)
+        return found, min(ttls) if found else None, message
+
+    def addresses(self, qname):
+        """([address text], ttl) of qname's A and AAAA records; DnsError when it has none."""
+        found, ttls = [], []
+        for qtype in (DNS_A, DNS_AAAA):
+            records, ttl, _ = self.answers(qname, qtype)
+            found.extend(record.value for record in records)
+            if ttl is not None:
+                ttls.append(ttl)
+        if not found:
+            raise DnsError('no A or AAAA record for %s' % dns_name_text(qname), 'empty')
+        return found, min(ttls)
+
+    def services(self, qname, port=None):
+        """([(address, port, weight)], ttl, notes) of qname's SRV records: those of the
+        lowest priority, each target's addresses from the additional section or
+        else asked; port, if given, replaces the records'.  notes: what was left
+        out, and why.  DnsError when no target has an address."""
+        records, ttl, message = self.answers(qname, DNS_SRV)
+        shown = dns_name_text(qname)
+        if not records:
+            raise DnsError('no SRV record for %s' % shown, 'empty')
+        # RFC 2782: the target '.' means the service is decidedly not there.
+        usable = [r for r in records if r.value[3] != b'\0' and r.value[2]]
+        if not usable:
+            raise DnsError('the SRV records of %s say the service is not available (target ".")' % shown, 'empty')
+        notes = []
+        lowest = min(r.value[0] for r in usable)
+        chosen = [r for r in usable if r.value[0] == lowest]
+        if len(chosen) < len(usable):
+            notes.append('%d record(s) of a priority after %d left out' % (len(usable) - len(chosen), lowest))
+        extra = {}
+        for record in message.extra:
+            if record.type in (DNS_A, DNS_AAAA) and record.value is not None:
+                extra.setdefault(record.name, []).append(record)
+        ttls = [ttl]
+        places = {}     # target -> its addresses
+        for record in chosen:
+            target = record.value[3]
+            if target in places:
+                continue
+            if len(places) >= MAX_DISCOVERED:
+                notes.append('targets past the first %d left out' % MAX_DISCOVERED)
+                break
+            if target in extra:
+                places[target] = [r.value for r in extra[target]]
+                ttls.extend(r.ttl for r in extra[target])
+                continue
+            try:
+                places[target], target_ttl = self.addresses(target)
+                ttls.append(target_ttl)
+            except DnsError as e:
+                if e.kind not in ('nxdomain', 'empty'):
+                    raise       # a failure to ask is no answer: the last good one stays
+                places[target] = []
+                notes.append('target %s left out: %s' % (dns_name_text(target), e))
+        weights = srv_weights([r.value[1] for r in chosen])
+        found = [(address, port or r.value[2], weight) for r, weight in zip(chosen, weights)
+                 for address in places.get(r.value[3], ())]
+        if not found:
+            raise DnsError('no target of the SRV records of %s has an address' % shown, 'empty')
+        return found, min(ttls), notes
+
+
+def srv_weights(weights):
+    """SRV weights (0-65535) as host weights (1-1000), in the same proportions where
+    they fit: weight 0 (RFC 2782: picked very rarely) is the least, 1."""
+    top = max(weights)
+    if top <= 1000:
+        return [max(1, w) for w in weights]
+    return [max(1, int(round(w * 1000.0 / top))) for w in weights]
+
+
+class DnsAnswer(object):
+    """What one discovery found: backends [(address, port, weight)], each address
+    and port once, in address order; ttl (seconds, the least of the records
+    used); or error, a DnsError.  server: the server asked ('ip:port'); ignored:
+    a reason per datagram ignored; tcp: answers that came over TCP; notes: what
+    was left out of the answer, and why."""
+
+    def __init__(self):
+        self.backends = []
+        self.ttl = None
+        self.error = None
+        self.server = None
+        self.ignored = []
+        self.tcp = 0
+        self.notes = []
+
+
+def discover_hosts(discover, resolv_conf=RESOLV_CONF):
+    """Ask DNS what a <discover> finds now: a DnsAnswer.  Blocking, within DNS_DEADLINE."""
+    answer = DnsAnswer()
+    try:
+        server = resolver_address(discover.resolver) if discover.resolver else default_resolver(resolv_conf)
+        answer.server = format_address(*server)
+        client = DnsClient(server, time.monotonic() + DNS_DEADLINE)
+    except (ValueError, OSError) as e:
+        answer.error = DnsError('cannot ask %s: %s' % (answer.server or discover.resolver, e))
+        return answer
+    try:
+        qname = dns_name(discover.name)
+        if discover.type == 'a':
+            addresses, answer.ttl = client.addresses(qname)
+            found = [(address, discover.port, 1) for address in addresses]
+        else:
+            found, answer.ttl, answer.notes = client.services(qname, discover.port)
+        unique = collections.OrderedDict()
+        for address, port, weight in found:
+            unique.setdefault((address, port), weight)
+        answer.backends = sorted(((a, p, w) for (a, p), w in unique.items()),
+                                 key=lambda b: (ipaddress.ip_address(b[0]).version, ipaddress.ip_address(b[0]), b[1]))
+    except DnsError as e:
+        answer.error = e
+    except ValueError as e:     # a name that cannot go on the wire: the config reader lets none through
+        answer.error = DnsError(str(e))
+    answer.ignored = client.ignored
+    answer.tcp = client.tcp
+    return answer
+
+
 # ---------------------------------------------------------------------------
 # systemd: readiness, reloads, the stop and the watchdog, told to a Type=notify unit.
 # ---------------------------------------------------------------------------
@@ -5132,6 +6290,9 @@ class RunningService(object):
         self.waiting = 0                   # a master's: clients its workers hold in their queues
         self.switch = None                 # the pending blue/green Switch, if any
         self.udp = None                    # a UDP service's SessionTable
+        # A UDP service's: sessions evicted, datagrams not relayed (a full socket buffer, a
+        # client that cannot be reached...), datagrams from clients and to them.
+        self.evicted = self.dropped = self.datagrams_in = self.datagrams_out = 0
 
     def __repr__(self):
         return '<RunningService %s>' % self.name
@@ -5150,12 +6311,33 @@ def listens_by_address(services):
 
 
 def host_state(host):
-    """One word for a host, as /running shows it: up, down, draining or disabled."""
+    """One word for a host, as /running shows it: up, down, draining or maint."""
     if host.health == schedulers.DOWN:
         return 'down'
     if host.admin != schedulers.ENABLED:
         return host.admin
     return 'up'
+
+
+def host_states_text(group):
+    """'2 down, 1 maint' for a group's hosts ('no hosts' for none)."""
+    counts = collections.Counter(host_state(h) for h in group.scheduler.hosts)
+    return ', '.join('%d %s' % (counts[state], state) for state in sorted(counts)) or 'no hosts'
+
+
+# setHost's states (HAProxy's set server state) -> the admin state they set.
+SET_HOST_STATES = collections.OrderedDict([
+    ('ready', schedulers.ENABLED), ('drain', schedulers.DRAINING), ('maint', schedulers.MAINT)])
+ADMIN_STATE_NAMES = dict((admin, name) for name, admin in SET_HOST_STATES.items())
+
+
+def parse_force(value):
+    """An admin call's force: '1' goes past a rule's 409; '0', empty or absent does not."""
+    if value in (None, '', '0', False):
+        return False
+    if value in ('1', True):
+        return True
+    raise AdminError(400, 'force must be 1 or 0, not %r' % (value,))
 
 
 def resolve_now(host, port):
@@ -5179,7 +6361,8 @@ DARK_INTERVAL = 1.0      # seconds between probes of a group with no host up
 
 class ProbeState(object):
     """The health bookkeeping of one host."""
-    __slots__ = ('service', 'group', 'host', 'next_due', 'in_flight', 'timeline', 'changes')
+    __slots__ = ('service', 'group', 'host', 'next_due', 'in_flight', 'timeline', 'changes',
+                 'once', 'started', 'passed')
 
     def __init__(self, service, group, host, next_due):
         self.service = service
@@ -5189,6 +6372,9 @@ class ProbeState(object):
         self.in_flight = False
         self.timeline = collections.deque(maxlen=TIMELINE_LENGTH)
         self.changes = 0          # state changes in all, for /metrics (the timeline keeps 10)
+        self.once = False         # probe it at its next due time even if up and unchecked
+        self.started = 0          # the number (Health.probes) of the probe in flight
+        self.passed = 0           # the number of the last probe that passed
 
 
 class Health(object):
@@ -5196,7 +6382,8 @@ class Health(object):
     set_state(), the one way a host's health or admin state changes.
 
     Kept apart, as HAProxy does: health (up / down, from failed connects and
-    probes) and admin state (enabled / draining, from the operator).  The
+    probes) and admin state (enabled / draining / maint, from the operator;
+    a host in maint is not probed at all).  The
     probe schedule is a heap of (due, seq, ProbeState); an entry whose state
     was rescheduled or forgotten since is dropped when it comes up, so a tick
     costs what is due, not what is watched.  First probes are spread over
@@ -5210,6 +6397,7 @@ class Health(object):
         self.states = {}          # Host -> ProbeState
         self.heap = []
         self.seq = 0
+        self.probes = 0           # probes handed out so far: each one's number
         self.spread = random.Random()
         # A worker never probes (its master does) and logs the master's changes only
         # at debug level: the master's log line is the one.
@@ -5246,7 +6434,16 @@ class Health(object):
         heapq.heappush(self.heap, (due, self.seq, state))
 
     def probe_now(self, host):
-        self._schedule(self.states[host], self.loop.now)
+        """Probe the host at once, even an up host of a service with no <check>
+        (once; a probe out already is followed by another at once)."""
+        state = self.states[host]
+        state.once = True
+        self._schedule(state, self.loop.now)
+
+    def passed_since(self, host, probes):
+        """Whether a probe handed out after the first `probes` (self.probes then) has passed."""
+        state = self.states.get(host)
+        return state is not None and state.passed > probes
 
     def due(self):
         """Called by the manager each tick: the probes to run now, marked in flight."""
@@ -5260,9 +6457,14 @@ class Health(object):
             host = state.host
             if states.get(host) is not state or state.next_due != when or state.in_flight:
                 continue    # forgotten, rescheduled since, or a probe is out already
+            if host.admin == schedulers.MAINT:
+                continue    # not probed in maint; leaving it plans a probe
             check = self.check(state.service)
-            if host.health == schedulers.UP and state.service.check is None:
+            if host.health == schedulers.UP and state.service.check is None and not state.once:
                 continue    # nothing to check until a failed connect takes it down
+            state.once = False
+            self.probes += 1
+            state.started = self.probes
             interval = check.interval
             if host.health == schedulers.DOWN and self._group_is_dark(state.service, state.group, dark):
                 interval = min(interval, DARK_INTERVAL)
@@ -5289,7 +6491,9 @@ class Health(object):
         if state is None:
             return  # the host was removed while the probe ran
         state.in_flight = False
-        self._schedule(state, max(state.next_due, self.loop.now))
+        if host.admin == schedulers.MAINT:
+            return  # it went into maint while the probe ran: not probed, nor judged
+        self._schedule(state, self.loop.now if state.once else max(state.next_due, self.loop.now))
         if address is not None and address != host.address:
             host.address = address
             self.director.address_changed(state.service, state.group, host)
@@ -5298,6 +6502,7 @@ class Health(object):
             log.debug('probe of host %s (%s) not made: %s', host.name, host.ip, reason)
         elif ok:
             host.probe_fail = 0
+            state.passed = state.started
             if host.health == schedulers.DOWN:
                 host.probe_ok += 1
                 if host.probe_ok >= check.rise:
@@ -5311,7 +6516,7 @@ class Health(object):
                     self.set_state(state.service, state.group, host, schedulers.DOWN,
                                    '%s (%d failed probes)' % (reason, host.probe_fail))
                     if check.on_down == 'close':
-                        self.director.close_host_connections(host)
+                        self.director.close_host_connections(state.service, state.group, host)
             elif not (host.reason or '').startswith(reason):
                 # Still down, for a new reason (a name that stopped resolving...): say so once.
                 log.info('host %s (%s) in %s/%s still down: %s', host.name, host.ip,
@@ -5319,16 +6524,19 @@ class Health(object):
                 host.reason = reason
 
     def set_state(self, service, group, host, state, cause):
-        """The one way a host's health or admin state changes: tells the scheduler, logs once."""
+        """The one way a host's health or admin state changes: tells the scheduler, logs once.
+        A host that comes back (up again, or out of maint) ramps up over the check's slowstart."""
         scheduler = group.scheduler
         when = time.time()
         before = host_state(host)
+        was_maint = host.admin == schedulers.MAINT
+        slowstart = self.check(service).slowstart
         if state == schedulers.UP:
-            changed = scheduler.mark_up(host, when)
+            changed = scheduler.mark_up(host, when, slowstart)
         elif state == schedulers.DOWN:
             changed = scheduler.mark_down(host, cause, when)
         else:
-            changed = scheduler.set_admin(host, state, when)
+            changed = scheduler.set_admin(host, state, when, slowstart)
         if not changed:
             return False
         host.probe_ok = host.probe_fail = 0
@@ -5339,6 +6547,10 @@ class Health(object):
             probe_state.changes += 1
             if state == schedulers.DOWN and not probe_state.in_flight:
                 self._schedule(probe_state, self.loop.now + self.check(service).interval)
+        if was_maint and host.admin != schedulers.MAINT and probe_state is not None and not probe_state.in_flight:
+            self._schedule(probe_state, self.loop.now)      # probes start again at once
+        if host in scheduler.ramping:
+            self.director.ramp_started()
         log.log(logging.DEBUG if self.quiet else logging.INFO, 'host %s (%s) in %s/%s %s: %s',
                 host.name, host.ip, service.name, group.name, state, cause)
         self.director.state_changed(service, group, host, state, cause)
@@ -5349,7 +6561,8 @@ class Health(object):
     def next_probe(self, service, host):
         """Epoch time of the host's next probe; None when it is not probed (up, no <check>)."""
         state = self.states.get(host)
-        if state is None or (host.health == schedulers.UP and service.check is None):
+        if state is None or (host.health == schedulers.UP and service.check is None) or (
+                host.admin == schedulers.MAINT):
             return None
         return round(self.director.epoch_offset + max(state.next_due, self.loop.now), 3)
 
@@ -5364,7 +6577,13 @@ class Health(object):
 class Switch(object):
     """A blue/green switch still in its drain or rollback window: it owns the
     timers that close what is left on the old group (drain) and switch back
-    when the new group had no host up in time (rollback)."""
+    when the new group has no host up at the end of the window (rollback).
+
+    The new group is judged by what its probes find after the switch, never
+    by the state it had then, which may be stale (a host killed a moment
+    before is still up until a probe says otherwise): each of its hosts is
+    probed at once (with a <check> or not), and at the end of the window
+    some host must be up, by a probe that started after the switch."""
 
     def __init__(self, director, service, from_group, to_group, drain, rollback):
         self.director = director
@@ -5372,25 +6591,23 @@ class Switch(object):
         self.from_group = from_group
         self.to_group = to_group
         self.drain_until = None      # epoch: connections left on from_group are closed then
-        self.rollback_until = None   # epoch: switch back unless to_group had a host up by then
-        self.confirmed = any(host_state(h) == 'up' for h in to_group.scheduler.hosts)
+        self.rollback_until = None   # epoch: switch back unless to_group has a host up then
         self.timers = []
         loop = director.loop
+        self.probes = director.health.probes     # the new group is judged on the probes after these
         if drain is not None:
             self.drain_until = time.time() + drain
             self.timers.append(loop.call_later(drain, self._drain))
-        if rollback is not None and not self.confirmed and director.master is None:
+        if rollback is not None and director.worker is None:
             # A worker's switch does not roll back on its own: its master decides, for all.
             self.rollback_until = time.time() + rollback
             self.timers.append(loop.call_later(rollback, self._check_rollback, rollback))
+            for host in to_group.scheduler.hosts:
+                director.health.probe_now(host)
 
     @property
     def pending(self):
         return self.drain_until is not None or self.rollback_until is not None
-
-    def host_up(self, group):
-        if group is self.to_group:
-            self.confirmed = True
 
     def cancel(self):
         for timer in self.timers:
@@ -5413,12 +6630,16 @@ class Switch(object):
         self.drain_until = None
         self._done()
 
+    def confirmed(self):
+        """A host of the new group is up now, by a probe that started after the switch."""
+        health = self.director.health
+        return any(host_state(h) == 'up' and health.passed_since(h, self.probes)
+                   for h in self.to_group.scheduler.hosts)
+
     def _check_rollback(self, window):
         service = self.service
         self.rollback_until = None
-        if self.confirmed or any(host_state(h) == 'up' for h in self.to_group.scheduler.hosts):
-            self.confirmed = True
-        elif service.enabled is self.to_group:
+        if service.enabled is self.to_group and not self.confirmed():
             log.warning('service %s: rollback to group %s: group %s had no host up within %g s',
                         service.name, self.from_group.name, self.to_group.name, window)
             service.enabled = self.from_group
@@ -5431,6 +6652,247 @@ class Switch(object):
     def snapshot(self):
         return {'from': self.from_group.name, 'to': self.to_group.name,
                 'drain_until': self.drain_until, 'rollback_until': self.rollback_until}
+class DiscoverState(object):
+    """One <discover> of a running group: key (service name, group name, the
+    discover's key), its config, when it is asked next, and what it found."""
+
+    def __init__(self, key, config):
+        self.key = key
+        self.config = config
+        self.timer = None
+        self.next_query = None      # epoch of the next query; None while one runs, or never
+        self.server = None          # 'ip:port' last asked
+        self.answered = None        # epoch of the last good answer
+        self.ttl = None             # that answer's TTL, as the server gave it
+        self.found = 0              # backends in it, before any were left out
+        self.left_out = 0           # over MAX_DISCOVERED
+        self.notes = []             # what else it left out, and why
+        self.failing = False        # the last query failed
+        self.error = None           # the last failure's reason (kept once answered again)
+        self.error_time = None
+        self.answers = 0
+        self.failures = collections.Counter()   # by kind (DNS_FAILURES)
+        self.ignored = 0            # datagrams that were not the answer (wrong ID or question, malformed)
+        self.tcp = 0                # answers that came over TCP, the UDP one being truncated
+
+    def carry(self, other):
+        """A changed discover: the counts go on, the answer goes with the old config."""
+        self.answers, self.failures, self.ignored, self.tcp = other.answers, other.failures, other.ignored, other.tcp
+
+    def where(self):
+        return 'discover %s in %s/%s' % (self.config.name, self.key[0], self.key[1])
+
+
+class Discovery(object):
+    """The <discover> elements of the running groups: hosts from DNS (see the DNS
+    section).  Each is asked in a manager thread (discover_hosts), when its last
+    answer's TTL has run out, clamped to [min_ttl, max_ttl], or its interval after
+    a failure; each answer is applied on the loop by Actions.set_discovered, which
+    a master replays in its workers.  Only a process that runs the manager asks
+    (Director.start): a worker's hosts from DNS come from its master, as the
+    discovered sets (sets, restore) in its config and reload messages and as
+    replayed set_discovered calls."""
+
+    def __init__(self, director):
+        self.director = director
+        self.loop = director.loop
+        self.states = collections.OrderedDict()
+        self.asking = False
+
+    def start(self):
+        self.asking = True
+        for state in self.states.values():
+            self.schedule(state, 0)
+
+    def stop(self):
+        self.asking = False
+        for state in self.states.values():
+            self._cancel(state)
+
+    def _cancel(self, state):
+        if state.timer is not None:
+            state.timer.cancel()
+            state.timer = None
+        state.next_query = None
+
+    def sync(self):
+        """A state for each <discover> of the running groups: kept where it did not
+        change, new (and asked at once) where it is new or changed.  Hosts of a
+        discover gone are removed.  At start, after a reload or a group deleted;
+        returns what changed, in words, for the reload's line."""
+        director = self.director
+        old, self.states = self.states, collections.OrderedDict()
+        changes = []
+        for service in director.services.values():
+            for group in service.groups.values():
+                keys = set()
+                for config in group.config.discovers:
+                    key = (service.name, group.name, config.key)
+                    keys.add(config.key)
+                    state = old.pop(key, None)
+                    if state is not None and state.config.xml_attrs() == config.xml_attrs():
+                        self.states[key] = state
+                        continue
+                    new = self.states[key] = DiscoverState(key, config)
+                    if state is not None:
+                        new.carry(state)
+                        self._cancel(state)
+                    changes.append('%sdiscover %s/%s' % ('+' if state is None else '', group.name, config.name))
+                    if self.asking:
+                        self.schedule(new, 0)
+                for host in [h for h in group.scheduler.hosts if h.config.discovered not in keys | {None}]:
+                    director.remove_host(service, group, host)
+        for state in old.values():
+            self._cancel(state)
+            changes.append('-discover %s/%s' % (state.key[1], state.config.name))
+        return changes
+
+    def schedule(self, state, delay):
+        self._cancel(state)
+        state.next_query = time.time() + delay
+        state.timer = self.loop.call_later(delay, self.ask, state)
+
+    def ask(self, state):
+        state.timer = None
+        state.next_query = None
+        if self.asking and self.states.get(state.key) is state:
+            self.director.manager.submit(self._resolve, state)
+
+    def _resolve(self, state):
+        """In a manager thread: ask, and hand the answer to the loop."""
+        try:
+            answer = discover_hosts(state.config)
+        except Exception as e:      # a bug here must not end discovery for good
+            log.exception('%s failed unexpectedly', state.where())
+            answer = DnsAnswer()
+            answer.error = DnsError('discovery error: %s' % e)
+        self.loop.call_soon_threadsafe(self.answered, state, answer)
+
+    def answered(self, state, answer):
+        """On the loop: what discover_hosts found for state, made the group's hosts."""
+        director = self.director
+        if not self.asking or self.states.get(state.key) is not state:
+            return      # stopping, or the discover changed or went while it was asked
+        service = director.services.get(state.key[0])
+        group = service.groups.get(state.key[1]) if service is not None else None
+        if group is None:
+            return
+        config = state.config
+        where = state.where()
+        state.server = answer.server
+        state.ignored += len(answer.ignored)
+        state.tcp += answer.tcp
+        if answer.ignored:
+            # One line per query, however many datagrams: a flood of forgeries is one line.
+            log.warning('%s: ignored %d DNS message(s) that were not the answer: %s', where,
+                        len(answer.ignored), '; '.join(answer.ignored[:3]) + ('...' if len(answer.ignored) > 3 else ''))
+        if answer.error is not None:
+            self.failed(state, service, group, answer.error)
+            self.schedule(state, config.interval)
+            return
+        if state.failing:
+            log.info('%s answers again (ttl %d s)', where, answer.ttl)
+        state.failing = False
+        state.answers += 1
+        state.answered = time.time()
+        state.ttl = answer.ttl
+        state.notes = answer.notes
+        state.found = len(answer.backends)
+        backends = self.room(state, group, answer.backends)
+        held = dict((h.ip, h.weight) for h in self.hosts_of(group, config.key))
+        if dict(map(tuple, backends)) != held:     # the same answer again changes nothing, and tells no worker
+            director.set_discovered(service.name, group.name, config.key, backends)
+        self.schedule(state, min(max(answer.ttl, config.min_ttl), config.max_ttl))
+
+    def failed(self, state, service, group, error):
+        """A query that got no usable answer: keep="last" keeps the hosts, "empty" removes them."""
+        config = state.config
+        repeated = state.failing and state.error == str(error)
+        state.failing = True
+        state.error, state.error_time = str(error), time.time()
+        state.failures[error.kind] += 1
+        hosts = len(self.hosts_of(group, config.key))
+        if config.keep == 'empty' and hosts:
+            self.director.set_discovered(service.name, group.name, config.key, [])
+            what = 'keep="empty": removed its %d host(s)' % hosts
+        elif state.answers:
+            what = 'keeping the %d host(s) of its last answer' % hosts
+        else:
+            what = 'no hosts from it yet'
+        # Said once, and again when the reason changes; counted every time.
+        log.log(logging.DEBUG if repeated and not (config.keep == 'empty' and hosts) else logging.WARNING,
+                '%s failed (%s): %s; %s', state.where(), error.kind, error, what)
+
+    def room(self, state, group, backends):
+        """The backends as set_discovered takes them ([['ip:port', weight]]): not those
+        whose address another host of the group holds (a <host>, another discover's),
+        and at most what the group has room for: MAX_DISCOVERED less what its other
+        discovers hold.  Those it holds already come first, so a cut does not churn."""
+        key = state.config.key
+        others = sum(1 for h in group.scheduler.hosts if h.config.discovered not in (None, key))
+        room = max(0, MAX_DISCOVERED - others)
+        found = []
+        for address, port, weight in backends:
+            holder = group.addresses.get(address_key(address, port))
+            if holder is None or holder.config.discovered == key:
+                found.append([format_address(address, port), weight])
+        left_out = max(0, len(found) - room)
+        if left_out:
+            held = set(h.ip for h in self.hosts_of(group, key))
+            found.sort(key=lambda b: b[0] not in held)
+            found = found[:room]
+        if left_out != state.left_out:
+            if left_out:
+                log.warning('%s: %d backend(s), more than the group has room for (%d in all from DNS): '
+                            '%d left out', state.where(), len(backends), MAX_DISCOVERED, left_out)
+            state.left_out = left_out
+        return found
+
+    def hosts_of(self, group, key):
+        return [h for h in group.scheduler.hosts if h.config.discovered == key]
+
+    def snapshot(self, service, group):
+        """The discovers of a group, for the pages."""
+        found = []
+        for config in group.config.discovers:
+            state = self.states.get((service.name, group.name, config.key))
+            if state is None:
+                continue
+            failures = dict.fromkeys(DNS_FAILURES, 0)
+            failures.update(state.failures)
+            found.append({
+                'name': config.name, 'type': config.type, 'port': config.port, 'keep': config.keep,
+                'resolver': config.resolver, 'server': state.server,
+                'hosts': len(self.hosts_of(group, config.key)), 'found': state.found,
+                'left_out': state.left_out, 'notes': list(state.notes),
+                'last_answer': state.answered, 'ttl': state.ttl, 'next_query': state.next_query,
+                'failing': state.failing, 'last_error': state.error, 'last_error_time': state.error_time,
+                'answers': state.answers, 'failures': failures, 'ignored': state.ignored, 'tcp': state.tcp,
+            })
+        return found
+
+    def sets(self):
+        """[[service, group, discover key, backends]] of the hosts from DNS, for a worker."""
+        found = []
+        for service in self.director.services.values():
+            for group in service.groups.values():
+                for config in group.config.discovers:
+                    found.append([service.name, group.name, config.key,
+                                  [[h.ip, h.weight] for h in self.hosts_of(group, config.key)]])
+        return found
+
+    def restore(self, sets):
+        """In a worker: the hosts from DNS as its master has them (sets), every
+        discover's (one not in sets has none)."""
+        given = dict(((s, g, d), backends) for s, g, d, backends in sets)
+        director = self.director
+        for service in director.services.values():
+            for group in service.groups.values():
+                for config in group.config.discovers:
+                    director.apply_discovered(service, group, config.key,
+                                              given.get((service.name, group.name, config.key), []))
+
+
 class Reload(object):
     """Bring the running services in line with a new Config, read and checked
     off the loop (Director.reload); this part runs on the loop.
@@ -5486,11 +6948,12 @@ class Reload(object):
         for listener in listeners.values():   # left over: listened on by no service now
             for reader in [r for r in director.hellos if r.listener is listener]:
                 reader.close('shutdown')
-            if director.workers is not None:
-                director.workers.retire(listener)   # its workers may listen on it still
+            if director.master is not None:
+                director.master.retire(listener)   # its workers may listen on it still
             else:
                 listener.close()
         director.services = services
+        changes.extend(director.discovery.sync())
         self._rest(diff)
         director.config = new
         director.loaded_xml = new.to_xml()
@@ -5573,6 +7036,11 @@ class Reload(object):
         for host_config in config.hosts:
             name = host_config.name
             if name in added:
+                # A host of the file comes before one from DNS with its name or address.
+                key = address_key(host_config.host, host_config.port)
+                for taken in (scheduler.get_host(name), group.addresses.get(key)):
+                    if taken is not None and taken.config.discovered and scheduler.get_host(taken.name) is taken:
+                        director.remove_host(service, group, taken)
                 director.add_running_host(service, group, host_config, resolve_names=False)
                 changes.append('host %s ip %s' % (name, host_config.ip) if name in moved else '+host %s' % name)
             elif name in changed:
@@ -5583,11 +7051,13 @@ class Reload(object):
                         changes.append('host %s %s %s' % (name, row.name, value))
                 host.config = host_config
                 # Through the scheduler: it keeps its own structures over weights and limits.
-                scheduler.update_host(host, weight=host_config.weight, maxconns=host_config.maxconns)
+                scheduler.update_host(host, weight=host_config.weight, maxconns=host_config.maxconns,
+                                      backup=host_config.backup)
                 host.send_proxy = host_config.send_proxy
         if diff.reordered or added:
-            # The file's order is the scheduler's order (roundrobin ties, leastconns ties).
-            scheduler.reorder([h.name for h in config.hosts])
+            # The file's order is the scheduler's order (roundrobin ties, leastconns ties); hosts from DNS after.
+            scheduler.reorder([h.name for h in config.hosts] +
+                              [h.name for h in scheduler.hosts if h.config.discovered is not None])
         return changes
 
     def _retire_service(self, service):
@@ -5622,9 +7092,13 @@ class Reload(object):
             changes.append('workers not changed (needs a restart)')
         if 'logging' in keys:
             director.access.flush()
-            configure_log_handlers(new.logging)
+            try:
+                configure_log_handlers(new.logging)
+                changes.append('logging')
+            except OSError as e:
+                log.error('the log stays where it was: %s', e)
+                changes.append('logging not changed (%s)' % e)
             director.access.enabled = new.logging.access
-            changes.append('logging')
         if 'drain' in keys:
             changes.append('drain %g s' % new.drain)
         if 'worker_timeout' in keys:
@@ -5639,8 +7113,8 @@ def replayed(method):
     @functools.wraps(method)
     def change(self, *args, **kwargs):
         result = method(self, *args, **kwargs)
-        if self.workers is not None:
-            self.workers.replay(name, args, kwargs)
+        if self.master is not None:
+            self.master.replay(name, args, kwargs)
         return result
     return change
 
@@ -5680,11 +7154,11 @@ class Actions(object):
     # -- changes ------------------------------------------------------------
 
     @replayed
-    def add_host(self, service, group, name, ip, weight=None, maxconns=None, send_proxy=None):
+    def add_host(self, service, group, name, ip, weight=None, maxconns=None, send_proxy=None, backup=None):
         service, group = self._group(service, group)
         try:
             new = host_config(name=name, ip=ip, weight=weight or None, maxconns=maxconns or None,
-                              send_proxy=send_proxy or None)
+                              send_proxy=send_proxy or None, backup=backup or None)
         except ValueError as e:
             raise AdminError(400, str(e))
         if new.send_proxy and service.config.protocol == 'udp':
@@ -5694,6 +7168,7 @@ class Actions(object):
         other = group.addresses.get(address_key(new.host, new.port))
         if other is not None:   # as the config refuses: running.xml must load
             raise AdminError(409, 'host %s in %s/%s already has ip %s' % (other.name, service.name, group.name, ip))
+        self._refuse_loop(service, group, new)
         self.add_running_host(service, group, new, resolve_names=False)
         log.info('host %s (%s) added to %s/%s', name, ip, service.name, group.name)
         return 'added host %s (%s) to %s/%s' % (name, ip, service.name, group.name)
@@ -5709,6 +7184,15 @@ class Actions(object):
         return 'removed host %s (%s) from %s/%s' % (host.name, host.ip, service.name, group.name)
 
     @replayed
+    def set_discovered(self, service, group, discover, backends):
+        """What a <discover> found (Discovery, on the master), made the group's hosts
+        from it by apply_discovered; a worker makes the same change when replayed."""
+        service, group = self._group(service, group)
+        added, removed = self.apply_discovered(service, group, discover, backends)
+        return 'discover %s in %s/%s: %d added, %d removed' % (discover, service.name, group.name,
+                                                              len(added), len(removed))
+
+    @replayed
     def del_all_hosts(self, service, group):
         service, group = self._group(service, group)
         if group is service.enabled:
@@ -5718,18 +7202,35 @@ class Actions(object):
             self.remove_host(service, group, host)
         return 'removed %d host(s) from %s/%s' % (len(hosts), service.name, group.name)
 
+    def _refuse_loop(self, service, group, host):
+        """As the config refuses it: a new host that would send clients back here."""
+        config = self.running_config()
+        for service_config in config.services:
+            if service_config.name == service.name:
+                service_config.group(group.name).hosts.append(host)
+        for looped, message in host_loops(config.services)[0]:
+            if looped is host:
+                raise AdminError(400, message)
+
     @replayed
-    def enable_group(self, service, group, drain=None, rollback=None):
+    def enable_group(self, service, group, drain=None, rollback=None, force=None):
         """Switch new connections to group.  drain: seconds after which connections
-        still on the old group are closed.  rollback: seconds within which the new
-        group must have a host up, or the switch is undone."""
+        still on the old group are closed.  rollback: seconds after which the switch
+        is undone unless the new group has a host up by its probes since.  A group
+        with no host up is refused (409) unless force."""
         service, group = self._group(service, group)
+        force = parse_force(force)
         try:
             drain = parse_seconds(drain or None, 'drain', zero_ok=True)
             rollback = parse_seconds(rollback or None, 'rollback', zero_ok=True)
         except ValueError as e:
             raise AdminError(400, str(e))
         old = service.enabled
+        if group is not old and not force and self.worker is None and not any(
+                host_state(h) == 'up' for h in group.scheduler.hosts):
+            # (A worker takes its master's word: the master has checked.)
+            raise AdminError(409, 'refusing to enable group %s of service %s: it has no host up (%s); '
+                                  'force=1 enables it anyway' % (group.name, service.name, host_states_text(group)))
         self.end_switch(service)
         service.enabled = group
         log.info('service %s: group %s enabled (was %s)', service.name, group.name, old.name)
@@ -5756,12 +7257,64 @@ class Actions(object):
         log.info('%s/%s: scheduler %s (was %s)', service.name, group.name, new.spec, old)
         return 'changed scheduler of %s/%s to %s (was %s)' % (service.name, group.name, new.spec, old)
 
-    def host_admin_down(self, service, group, name):
+    @replayed
+    def set_host(self, service, group, name, weight=None, maxconns=None, state=None, force=None):
+        """Change a host in place (HAProxy's set server weight / maxconn / state): its
+        health, counters and connections stay.  state: ready, drain (only its sticky
+        clients come) or maint (no clients, no probes).  Draining or maint for the last
+        host up of the enabled group is refused (409) unless force."""
         service, group, host = self._host(service, group, name)
+        force = parse_force(force)
+        asked = dict((key, value) for key, value in (('weight', weight), ('maxconns', maxconns))
+                     if value not in (None, ''))
+        if not asked and state in (None, ''):
+            raise AdminError(400, 'setHost needs weight, maxconns or state')
+        texts = dict(attr_texts(HOST_ATTRS, vars(host.config)))
+        texts.update(asked)
+        try:
+            new = host_config(**texts)
+        except ValueError as e:
+            raise AdminError(400, str(e))
+        admin = None
+        if state not in (None, ''):
+            admin = SET_HOST_STATES.get(state)
+            if admin is None:
+                raise AdminError(400, "state must be 'ready', 'drain' or 'maint', not %r" % state)
+            self._refuse_last_up(service, group, host, admin, force)
+        changes = ['%s %s (was %s)' % (key, getattr(new, key), getattr(host, key))
+                   for key in ('weight', 'maxconns') if getattr(new, key) != getattr(host, key)]
+        host.config = new
+        group.scheduler.update_host(host, weight=new.weight, maxconns=new.maxconns)
+        if changes:
+            log.info('host %s (%s) in %s/%s: %s', host.name, host.ip, service.name, group.name, ', '.join(changes))
+        if admin is not None and admin != host.admin:
+            changes.append('state %s (was %s)' % (state, ADMIN_STATE_NAMES.get(host.admin, host.admin)))
+            self.health.set_state(service, group, host, admin, 'by admin')
+        return 'set host %s in %s/%s: %s (%d open)' % (host.name, service.name, group.name,
+                                                        ', '.join(changes) or 'no change', host.open)
+
+    def _refuse_last_up(self, service, group, host, admin, force):
+        """Draining or maint for the enabled group's last host up leaves the service none."""
+        if admin == schedulers.ENABLED or force or self.worker is not None:
+            return
+        if group is not service.enabled or host_state(host) != 'up':
+            return
+        if any(host_state(h) == 'up' for h in group.scheduler.hosts if h is not host):
+            return
+        raise AdminError(409, 'refusing to %s host %s: it is the last host up in the enabled group %s of '
+                              'service %s; force=1 does it anyway' % (
+                                  'drain' if admin == schedulers.DRAINING else 'put into maint', host.name,
+                                  group.name, service.name))
+
+    def host_admin_down(self, service, group, name, force=None):
+        """Python Director 1.0's call: setHost state=drain (no new clients, as 1.0 had it)."""
+        service, group, host = self._host(service, group, name)
+        self._refuse_last_up(service, group, host, schedulers.DRAINING, parse_force(force))
         self.health.set_state(service, group, host, schedulers.DRAINING, 'by admin')
         return 'draining host %s in %s/%s (%d open)' % (host.name, service.name, group.name, host.open)
 
     def host_admin_up(self, service, group, name):
+        """Python Director 1.0's call: setHost state=ready (out of drain or maint)."""
         service, group, host = self._host(service, group, name)
         self.health.set_state(service, group, host, schedulers.ENABLED, 'by admin')
         return 'enabled host %s in %s/%s' % (host.name, service.name, group.name)
@@ -5813,6 +7366,7 @@ class Actions(object):
         for host in list(group.scheduler.hosts):
             self.health.forget(host)
         del service.groups[group.name]
+        self.discovery.sync()
         log.info('service %s: group %s deleted', service.name, group.name)
         return 'deleted group %s from service %s' % (group.name, service.name)
 
@@ -5840,7 +7394,7 @@ class Actions(object):
     def serving(self):
         """Whether clients are served: in one process, while this loop runs (it runs
         this); with workers, while at least one of them runs its loop (Master.live)."""
-        return self.workers is None or bool(self.workers.live())
+        return self.master is None or bool(self.master.live())
 
     def loaded_config_xml(self):
         """The config file as last loaded (at start or by the last reload)."""
@@ -5849,8 +7403,8 @@ class Actions(object):
     def snapshot(self):
         """Everything the admin pages show, as plain dicts and lists (nothing live).
         A master's counters are its workers' sums (Master.read_counts)."""
-        if self.workers is not None:
-            self.workers.read_counts()
+        if self.master is not None:
+            self.master.read_counts()
         services = []
         health = self.health
         for service in self.services.values():
@@ -5861,15 +7415,18 @@ class Actions(object):
                     timeline, changes = health.timeline(host)
                     hosts.append({
                         'name': host.name, 'ip': host.ip, 'weight': host.weight, 'maxconns': host.maxconns,
+                        'effective_weight': host.effective_weight, 'backup': host.backup,
                         'health': host.health, 'admin': host.admin, 'state': host_state(host),
                         'reason': host.reason, 'since': host.since,
                         'open': host.open, 'total': host.total,
                         'bytes_in': host.bytes_in, 'bytes_out': host.bytes_out,
                         'send_proxy': host.send_proxy, 'timeline': timeline,
                         'next_probe': health.next_probe(service, host), 'state_changes': changes,
+                        'discovered': host.config.discovered,
                     })
                 groups.append({'name': group.name, 'scheduler': group.scheduler.spec,
-                               'enabled': group is service.enabled, 'hosts': hosts})
+                               'enabled': group is service.enabled, 'hosts': hosts,
+                               'discover': self.discovery.snapshot(service, group)})
             services.append({
                 'name': service.name, 'listen': [l.text for l in service.config.listens],
                 'listens': [{'ip': l.text, 'sni': l.sni, 'accept_proxy': l.accept_proxy}
@@ -5889,7 +7446,9 @@ class Actions(object):
             'config_path': self.config.path, 'reloaded': self.reloaded, 'reload': dict(self.last_reload),
             'users': [{'name': u.name, 'access': u.access} for u in self.users.values()],
             'sni': self.sni_snapshot(),
-            'workers': self.workers.snapshot() if self.workers is not None else None,
+            'workers': self.master.snapshot() if self.master is not None else None,
+            'log_lines_dropped': log_output.dropped + (self.master.log_lines_dropped()
+                                                       if self.master is not None else 0),
         }
 
     def sni_snapshot(self):
@@ -5928,8 +7487,8 @@ class Actions(object):
             client_ip = str(ipaddress.ip_address(client))
         except ValueError:
             raise AdminError(400, 'client must be an IP address, not %r' % client)
-        if self.workers is not None:
-            self.workers.read_counts()      # leastconns explains with every worker's connections
+        if self.master is not None:
+            self.master.read_counts()      # leastconns explains with every worker's connections
         if sni is not None:
             try:
                 sni = normalize_server_name(sni)
@@ -5960,8 +7519,8 @@ class Actions(object):
         if chosen is None:
             answer = {'service': None, 'group': None, 'client': client_ip, 'allowed': False,
                       'scheduler': None, 'host': None, 'address': None, 'reason': routing['sni_reason'],
-                      'sticky': None, 'ranking': None, 'skipped': [], 'check': None, 'protocol': None,
-                      'sessions': None}
+                      'sticky': None, 'ranking': None, 'skipped': [], 'check': None, 'ramping': [], 'from_dns': {},
+                      'protocol': None, 'sessions': None}
         else:
             answer = self._explain_service(chosen, client_ip)
         answer.update(routing)
@@ -6013,8 +7572,10 @@ class Actions(object):
                   'allowed': allowed, 'scheduler': scheduler.spec,
                   'host': None, 'address': None, 'reason': '', 'sticky': None,
                   'ranking': None, 'skipped': [], 'check': check_text(service.check, protocol),
+                  # slow start: [host, effective weight, weight, seconds left] of each ramping host
+                  'ramping': [[h.name, effective, h.weight, left] for h, effective, left in scheduler.ramps()],
                   'protocol': protocol, 'sessions': None}
-        if service.udp is not None and self.workers is None:
+        if service.udp is not None and self.master is None:
             # The client's open sessions keep their hosts: only a new client address is picked for.
             answer['sessions'] = [[format_address(s.client_ip, s.client_port), s.listener.text, s.host.name]
                                   for s in service.udp.sessions.values()
@@ -6030,6 +7591,9 @@ class Actions(object):
         if host is not None:
             answer['host'] = host.name
             answer['address'] = host.ip
+        # Which hosts came from DNS, and from which <discover>.
+        answer['from_dns'] = dict((h.name, h.config.discovered) for h in scheduler.hosts
+                                  if h.config.discovered is not None)
         if not allowed:
             answer['reason'] = 'denied by the allow/deny rules of service %s (would be: %s)' % (
                 service.name, answer['reason'])
@@ -6047,7 +7611,8 @@ class Actions(object):
             for group in service.groups.values():
                 config = copy.copy(group.config)
                 config.scheduler = group.scheduler.spec
-                config.hosts = [host.config for host in group.scheduler.hosts]
+                # A <discover> is written, not the hosts it found (they are the DNS's).
+                config.hosts = [host.config for host in group.scheduler.hosts if host.config.discovered is None]
                 groups.append(config)
             config = copy.copy(service.config)
             config.groups = groups
@@ -6072,15 +7637,15 @@ class Director(Actions):
     def __init__(self, config, loop=None, rng=None, notifier=None, accept=True, resolve_names=True):
         self.loop = loop or Loop()
         # With worker processes (see Workers): a master's Director holds the truth and
-        # does not accept (accept False; workers is its Master); a worker's reports to
-        # its master (master, its MasterLink), counts in shared memory (shared) and
-        # listens on the master's sockets (listen_sockets: address key -> socket).
+        # does not accept (accept False; master is its side of the workers, a Master);
+        # a worker's reports to its master (worker, its link to the master, a Worker),
+        # counts in shared memory (worker_counts, a WorkerCounts) and listens on the
+        # master's sockets (listen_sockets: address key -> socket).
         self.accept = accept
-        self.workers = None
         self.master = None
-        self.shared = None
+        self.worker = None
+        self.worker_counts = None
         self.listen_sockets = None
-        self.workers_share = False
         self.udp_slots = 1          # a master's: sockets per UDP listen, one per worker (see DatagramListener)
         self.notifier = notifier or Notifier({})    # main() passes the real one
         self.config = config
@@ -6092,11 +7657,13 @@ class Director(Actions):
         self.pairs = set()
         self.hellos = set()       # TLSHelloReaders: clients of listens with sni, before their service
         self.health = Health(self)
+        self.discovery = Discovery(self)
         self.access = AccessLog(self.loop)
         self.access.enabled = config.logging.access
         self.manager = None
         self.stopping = False
         self.stop_timer = None
+        self.ramp_timer = None      # the next slow start step (see ramp_started)
         self.reloaded = None
         # The last reload's outcome, for the pages; the config loaded at start counts as one.
         self.last_reload = {'time': self.started, 'ok': True, 'error': None, 'success_time': self.started,
@@ -6108,6 +7675,7 @@ class Director(Actions):
         self.epoch_offset = time.time() - time.monotonic()   # loop time -> wall time, for pages
         for service_config in config.services:
             self.build_service(service_config, resolve_names=resolve_names)
+        self.discovery.sync()
 
     # -- building ---------------------------------------------------------
 
@@ -6117,7 +7685,7 @@ class Director(Actions):
     def running_host(self, config, resolve_names):
         """A scheduler Host for a config Host; a name is resolved now only at start."""
         c = config
-        live = schedulers.Host(c.name, c.ip, weight=c.weight, maxconns=c.maxconns)
+        live = schedulers.Host(c.name, c.ip, weight=c.weight, maxconns=c.maxconns, backup=c.backup)
         live.config = c
         live.send_proxy = c.send_proxy
         address = resolve_now(c.host, c.port)
@@ -6164,8 +7732,14 @@ class Director(Actions):
             service.udp.close_all('shutdown')
             service.udp = None
 
-    def add_running_host(self, service, group, config, resolve_names):
+    def add_running_host(self, service, group, config, resolve_names, checked_first=False):
+        """checked_first: the host is down until its health checks pass (a host from DNS
+        in a service with a <check>)."""
         host = self.running_host(config, resolve_names)
+        if checked_first and host.health == schedulers.UP:
+            host.health = schedulers.DOWN
+            host.reason = 'new from DNS, not checked yet'
+            host.since = time.time()
         group.scheduler.add_host(host)
         group.addresses[address_key(config.host, config.port)] = host
         self.health.watch(service, group, host)
@@ -6174,10 +7748,53 @@ class Director(Actions):
     def remove_host(self, service, group, host):
         # Open connections keep their Host object and finish; the scheduler just stops offering it.
         group.scheduler.remove_host(host.name)
-        group.addresses.pop(address_key(*parse_address(host.ip)), None)
+        key = address_key(*parse_address(host.ip))
+        if group.addresses.get(key) is host:    # not a host of the file that took its address
+            del group.addresses[key]
         self.health.forget(host)
         log.info('host %s (%s) removed from %s/%s (%d connection(s) left to finish)',
                  host.name, host.ip, service.name, group.name, host.open)
+
+    def apply_discovered(self, service, group, discover, backends):
+        """Make group's hosts from a <discover> (its key) these: [['ip:port', weight]].
+        A host from DNS is known by its address and port, which its name says
+        (discover-address-port): one that stays keeps its health, admin state and
+        counters (its weight follows the answer); one gone is removed as a reload
+        removes a host (no new clients, its connections finish); a new one is down
+        until its health checks pass if the service has a <check>.  An address or
+        name another host of the group holds (one of the file) is left to it.
+        Returns (names added, names removed)."""
+        scheduler = group.scheduler
+        mine = collections.OrderedDict((h.name, h) for h in scheduler.hosts if h.config.discovered == discover)
+        wanted = collections.OrderedDict()
+        for ip, weight in backends:
+            host, port = parse_address(ip)
+            wanted['%s-%s-%d' % (discover, host, port)] = (ip, weight)
+        removed = []
+        for name, host in mine.items():
+            if name not in wanted or group.addresses.get(address_key(host.config.host, host.config.port)) is not host:
+                self.remove_host(service, group, host)
+                removed.append(name)
+        added = []
+        for name, (ip, weight) in wanted.items():
+            host = scheduler.get_host(name)
+            if host is not None:
+                if host.config.discovered == discover and host.weight != weight:
+                    host.config = Host(name=name, ip=ip, weight=weight, discovered=discover)
+                    scheduler.update_host(host, weight=weight)
+                continue
+            config = Host(name=name, ip=ip, weight=weight, discovered=discover)
+            if address_key(config.host, config.port) not in group.addresses:
+                self.add_running_host(service, group, config, False, checked_first=service.check is not None)
+                added.append(name)
+        if added or removed:
+            shown = ['+' + n for n in added[:5]] + ['-' + n for n in removed[:5]]
+            more = len(added) + len(removed) - len(shown)
+            # A worker's are its master's: said there.
+            log.log(logging.DEBUG if self.health.quiet else logging.INFO, 'discover %s in %s/%s: %d host(s) from '
+                    'DNS: %s%s', discover, service.name, group.name, len(wanted), ', '.join(shown),
+                    ' and %d more' % more if more else '')
+        return added, removed
 
     # -- starting and stopping ---------------------------------------------
 
@@ -6216,7 +7833,7 @@ class Director(Actions):
             return listen_socket(listen.host, listen.port, protocol='udp', reuseport=REUSEPORT and not self.accept)
         if self.listen_sockets is None:
             # A master reuses a listen's socket it removed but its workers may still hold.
-            sock = self.workers.reuse(listen.key) if self.workers is not None else None
+            sock = self.master.reuse(listen.key) if self.master is not None else None
             return sock if sock is not None else listen_socket(listen.host, listen.port)
         sock = self.listen_sockets.pop(listen.key, None)
         if sock is None:
@@ -6255,8 +7872,8 @@ class Director(Actions):
         self._close_listeners()
         if self.manager is not None:
             self.manager.stop()
-        if self.workers is not None:
-            self.workers.stop(drain)    # the master stops once its last worker has
+        if self.master is not None:
+            self.master.stop(drain)    # the master stops once its last worker has
             return
         log.info('stopping: %d connection(s) open, waiting up to %g s', len(self.pairs), drain)
         if not self.pairs:
@@ -6270,8 +7887,8 @@ class Director(Actions):
         self._close_listeners()
         if self.manager is not None:
             self.manager.stop()
-        if self.workers is not None:
-            self.workers.stop_now()
+        if self.master is not None:
+            self.master.stop_now()
             return
         if self.pairs:
             log.info('closing %d connection(s) still open', len(self.pairs))
@@ -6399,9 +8016,12 @@ class Director(Actions):
                             'undone': reload.undone}
         # Undone runtime changes are a warning: someone's change is gone.
         level = logging.WARNING if reload.undone else logging.INFO
-        log.log(logging.DEBUG if self.master is not None else level, '%s', message)
-        if self.workers is not None:
-            self.workers.reloaded()
+        log.log(logging.DEBUG if self.worker is not None else level, '%s', message)
+        if self.worker is None:
+            for line in config_warnings(new):
+                log.warning('%s', line)
+        if self.master is not None:
+            self.master.reloaded()
         return message
 
     def reload_failed(self, error):
@@ -6415,22 +8035,11 @@ class Director(Actions):
         service = listener.service
         service.accepted += 1
         service.open += 1
-        client_sock.setblocking(False)
-        if not NODELAY_INHERITED:
-            try:
-                client_sock.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
-            except OSError:
-                pass
         pair = Pair(self, service, client_sock, client_addr)
         self.pairs.add(pair)
         maxconns = service.config.maxconns
-        if maxconns and (service.open > maxconns if self.shared is None else self.shared.service_full(service)):
-            service.refused += 1
-            if self.loop.now - service.full_logged >= 1.0:   # one line a second, not one per client
-                service.full_logged = self.loop.now
-                log.warning('service %s: %d connections open (maxconns), refusing new clients',
-                            service.name, maxconns)
-            pair.close('full')
+        if maxconns and (service.open > maxconns if self.worker_counts is None else self.worker_counts.service_full(service)):
+            self.refuse_full(service, pair)
         elif listener.accept_proxy is None:
             self.route(pair)
         elif listener.trusted and not acl_allows(listener.trusted, pair.client_ip):
@@ -6442,12 +8051,6 @@ class Director(Actions):
 
     def on_accept_sni(self, listener, client_sock, client_addr):
         """A client of a listen with sni: its hello comes first (TLSHelloReader, then hello_read)."""
-        client_sock.setblocking(False)
-        if not NODELAY_INHERITED:
-            try:
-                client_sock.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)
-            except OSError:
-                pass
         reader = TLSHelloReader(self, listener, client_sock, client_addr)
         self.hellos.add(reader)
         if listener.trusted and not acl_allows(listener.trusted, reader.client_ip):
@@ -6469,7 +8072,7 @@ class Director(Actions):
         pair.bytes_in = len(pair.to_backend)
         self.pairs.add(pair)
         maxconns = service.config.maxconns
-        if maxconns and (service.open > maxconns if self.shared is None else self.shared.service_full(service)):
+        if maxconns and (service.open > maxconns if self.worker_counts is None else self.worker_counts.service_full(service)):
             self.refuse_full(service, pair)
         else:
             self.route(pair)
@@ -6482,7 +8085,7 @@ class Director(Actions):
     def refuse_full(self, service, pair):
         """A client over the service's maxconns: closed at once, logged once a second."""
         service.refused += 1
-        if self.loop.now - service.full_logged >= 1.0:
+        if self.loop.now - service.full_logged >= 1.0:   # one line a second, not one per client
             service.full_logged = self.loop.now
             log.warning('service %s: %d connections open (maxconns), refusing new clients',
                         service.name, service.config.maxconns)
@@ -6515,43 +8118,61 @@ class Director(Actions):
     def connect_failed(self, pair, host, reason):
         """A backend refused or timed out: the host is down until its probes say otherwise.
         A worker marks it down at once and tells its master, which decides for all."""
-        if self.health.set_state(pair.service, pair.group, host, schedulers.DOWN, reason) and self.master is not None:
-            self.master.report_down(pair.service, pair.group, host, reason)
+        if self.health.set_state(pair.service, pair.group, host, schedulers.DOWN, reason) and self.worker is not None:
+            self.worker.report_down(pair.service, pair.group, host, reason)
 
     # Hooks for a master (workers set): what changes here is told to every worker.
 
     def state_changed(self, service, group, host, state, cause):
         """From Health.set_state: a host's health or admin state changed."""
-        if self.workers is not None:
-            self.workers.host_changed(service, group, host, state, cause)
+        if self.master is not None:
+            self.master.send_all('host', service=service.name, group=group.name, host=host.name,
+                                 state=state, cause=cause)
 
     def address_changed(self, service, group, host):
         """From Health: a probe resolved a host's name to a new address."""
-        if self.workers is not None:
-            self.workers.address_changed(service, group, host)
+        if self.master is not None:
+            self.master.send_all('address', service=service.name, group=group.name, host=host.name,
+                                 address=address_to_json(host.address))
 
     def rolled_back(self, service, group):
         """From Switch: the switch was undone, group is enabled again."""
-        if self.workers is not None:
-            self.workers.replay('enable_group', (service.name, group.name), {})
+        if self.master is not None:
+            self.master.replay('enable_group', (service.name, group.name), {})
 
     def host_up(self, service, group):
         """From Health: a host of group came up."""
-        if service.switch is not None:
-            service.switch.host_up(group)
         if service.queue:
             self._serve_queue(service)
+
+    def ramp_started(self):
+        """From Health: a host began a slow start ramp; its steps are made on a timer
+        (not by the picks), until no scheduler has a ramp left."""
+        if self.ramp_timer is None:
+            self.ramp_timer = self.loop.call_later(0, self._step_ramps)
+
+    def _step_ramps(self):
+        self.ramp_timer = None
+        due = None
+        for service in self.services.values():
+            for group in service.groups.values():
+                at = group.scheduler.step_ramps()
+                if at is not None and (due is None or at < due):
+                    due = at
+        if due is not None:
+            # The schedulers' clock is time.monotonic, as the loop's.
+            self.ramp_timer = self.loop.call_later(max(0.0, due - time.monotonic()), self._step_ramps)
 
     def _serve_queue(self, service):
         """Hand freed slots to waiting clients, first come first served (in a worker:
         across workers, so a place goes to another's client that has waited longer)."""
         queue = service.queue
-        shared = self.shared
+        counts = self.worker_counts
         while queue and not service.enabled.scheduler.full_only(()) and (
-                shared is None or shared.first_in_line(service)):
+                counts is None or counts.first_in_line(service)):
             queue.popleft().leave_queue()
-        if shared is not None:
-            shared.queue_changed(service)
+        if counts is not None:
+            counts.queue_changed(service)
 
     def end_switch(self, service):
         if service.switch is not None:
@@ -6564,11 +8185,11 @@ class Director(Actions):
             for listener in service.listeners:
                 listener.pause(err)
 
-    def close_host_connections(self, host):
+    def close_host_connections(self, service, group, host):
         """<check on_down="close"> (HAProxy's on-marked-down shutdown-sessions): a host
         that stopped answering probes holds its clients hostage; reset them so they retry."""
-        if self.workers is not None:
-            self.workers.close_host(host)
+        if self.master is not None:
+            self.master.send_all('close_host', service=service.name, group=group.name, host=host.name)
         doomed = [pair for pair in self.pairs if pair.host is host and pair.state is STREAMING]
         if doomed:
             log.info('host %s (%s) down: closing its %d connection(s)', host.name, host.ip, len(doomed))
@@ -6582,8 +8203,8 @@ class Director(Actions):
         service.open -= 1
         if service.queue and pair.host is not None:
             self._serve_queue(service)
-        if self.shared is not None:
-            self.shared.closed(pair)
+        if self.worker_counts is not None:
+            self.worker_counts.closed(pair)
         if self.access.enabled:
             self.access.connection(pair, how)
         if self.stopping and not self.pairs:
@@ -6594,8 +8215,8 @@ class Director(Actions):
     # UDP sessions (see Datagrams); a stop ends them with their listeners, at once.
 
     def session_closed(self, session, how):
-        if self.shared is not None:
-            self.shared.closed(session)
+        if self.worker_counts is not None:
+            self.worker_counts.closed(session)
         if self.access.enabled:
             self.access.connection(session, how)
 
@@ -6829,19 +8450,110 @@ class Channel(object):
             raise
 
 
-# Fields of a counted thing's line, one line of COUNTER_FIELDS int64s per process.
-COUNTER_FIELDS = 16     # 128 bytes: two cache lines of its own, so no two processes write one
-HOST_OPEN, HOST_TOTAL, HOST_BYTES_IN, HOST_BYTES_OUT = 0, 1, 2, 3
-SERVICE_OPEN, SERVICE_ACCEPTED, SERVICE_FAILOVERS, SERVICE_REFUSED, SERVICE_DENIED, SERVICE_QUEUED = range(6)
-SERVICE_HEAD = 6        # when the first client of this process's queue came (monotonic µs; 0: none)
-# A UDP service's: sessions evicted, datagrams dropped, datagrams from clients and to them.
-SERVICE_EVICTED, SERVICE_DROPPED, SERVICE_DATAGRAMS_IN, SERVICE_DATAGRAMS_OUT = 7, 8, 9, 10
-ADDRESS_READING, ADDRESS_UNMATCHED = 0, 1      # then ADDRESS_BAD + i for HELLO_PROBLEMS[i]
-ADDRESS_BAD = 2
-HEARTBEAT_SLOT = 0      # slot 0 is the processes' own: the line of each holds...
-HEARTBEAT = 0           # ...when its loop last ran its tick (monotonic µs; 0: not yet)
-GAUGES = {'host': (HOST_OPEN,), 'service': (SERVICE_OPEN, SERVICE_QUEUED, SERVICE_HEAD), 'address': (ADDRESS_READING,),
-          'process': (HEARTBEAT,)}
+COUNTER_FIELDS = 16     # int64s in a line: 128 bytes, two cache lines of its own, so no two processes write one
+HEARTBEAT_SLOT = 0      # slot 0 is the processes' own: see the 'process' rows below
+
+
+class Counter(object):
+    """A field of a counted thing's line in the SharedCounters: a row of COUNTERS.
+
+    kind: of the thing ('service', 'host', 'address'; 'process', the line of
+    each process in slot 0); a kind's fields take the places of its line in
+    the table's order.  gauge: a value of now (open connections, a queue),
+    not a count that only grows: a worker that dies takes it along, where its
+    counts are kept (SharedCounters.fold).  value: what a worker writes, the
+    attribute of its running object by that name or a function of (its
+    WorkerCounts, the object); None: code of its own writes it.  into: where
+    the master puts the sum over every process, the attribute by that name
+    or a function of (the object, the sum, the host's group); by default the
+    attribute value names, if it names one (else nowhere).
+    """
+
+    __slots__ = ('kind', 'name', 'value', 'gauge', 'into')
+
+    def __init__(self, kind, name, value, gauge=False, into=None):
+        self.kind = kind
+        self.name = name
+        self.value = value
+        self.gauge = gauge
+        self.into = into if into is not None or not isinstance(value, str) else value
+
+
+def worker_open(counts, host):
+    """A worker's own connections to a host: its Host counts the other workers' too."""
+    return host.open - counts.others.get(host, 0)
+
+
+def hellos_reading(counts, listener):
+    """A listener's clients reading their hello (counted once a publish, which resets counts.reading)."""
+    if counts.reading is None:
+        counts.reading = collections.Counter(reader.listener for reader in counts.director.hellos)
+    return counts.reading[listener]
+
+
+def _set_bad(kind):
+    def into(listener, value, group):
+        listener.bad[kind] = value
+    return into
+
+
+COUNTERS = (
+    Counter('process', 'heartbeat', None, gauge=True),     # when its loop last ran its tick (monotonic µs; 0: not yet)
+    Counter('process', 'log_dropped', None),    # the log lines its targets dropped (log_output.dropped), a count
+    Counter('service', 'open', 'open', gauge=True),
+    Counter('service', 'accepted', 'accepted'),
+    Counter('service', 'failovers', 'failovers'),
+    Counter('service', 'refused', 'refused'),
+    Counter('service', 'denied', 'denied'),
+    Counter('service', 'queued', lambda counts, service: len(service.queue), gauge=True, into='waiting'),
+    # When the first client of this process's queue came (monotonic µs; 0: none): whose turn it is.
+    Counter('service', 'head', lambda counts, service: queue_head(service), gauge=True),
+    # A UDP service's (a TCP one's stay 0): sessions evicted, datagrams dropped, from clients and to them.
+    Counter('service', 'evicted', 'evicted'),
+    Counter('service', 'dropped', 'dropped'),
+    Counter('service', 'datagrams_in', 'datagrams_in'),
+    Counter('service', 'datagrams_out', 'datagrams_out'),
+    Counter('host', 'open', worker_open, gauge=True,
+            into=lambda host, value, group: group.scheduler.set_open(host, value)),   # its structures kept in step
+    Counter('host', 'total', 'total'),
+    Counter('host', 'bytes_in', 'bytes_in'),
+    Counter('host', 'bytes_out', 'bytes_out'),
+    Counter('address', 'reading', hellos_reading, gauge=True, into='reading_elsewhere'),
+    Counter('address', 'unmatched', 'unmatched'),
+) + tuple(Counter('address', 'bad ' + kind, lambda counts, listener, kind=kind: listener.bad.get(kind, 0),
+                  into=_set_bad(kind)) for kind in HELLO_PROBLEMS)
+
+
+def _counter_places():
+    places = {}
+    for row in COUNTERS:
+        places[row.kind, row.name] = sum(1 for key in places if key[0] == row.kind)
+    return places
+
+
+COUNTER_PLACE = _counter_places()       # (kind, name) -> its place in the kind's line
+GAUGES = dict((kind, frozenset(COUNTER_PLACE[kind, row.name] for row in COUNTERS if row.kind == kind and row.gauge))
+              for kind in set(row.kind for row in COUNTERS))
+
+
+def _reads():
+    reads = collections.defaultdict(list)
+    for row in COUNTERS:
+        if isinstance(row.into, str):
+            reads[row.kind].append((COUNTER_PLACE[row.kind, row.name],
+                                    lambda thing, value, group, name=row.into: setattr(thing, name, value)))
+        elif row.into is not None:
+            reads[row.kind].append((COUNTER_PLACE[row.kind, row.name], row.into))
+    return reads
+
+
+COUNTER_READS = _reads()    # kind -> [(place, a function of (object, sum, group) that puts it)]: Master.read_counts
+# The places the limits and the pages read by themselves.
+HEARTBEAT = COUNTER_PLACE['process', 'heartbeat']
+LOG_DROPPED = COUNTER_PLACE['process', 'log_dropped']
+SERVICE_OPEN, SERVICE_ACCEPTED, SERVICE_QUEUED, SERVICE_HEAD = (
+    COUNTER_PLACE['service', name] for name in ('open', 'accepted', 'queued', 'head'))
+HOST_OPEN = COUNTER_PLACE['host', 'open']
 
 
 class SharedCounters(object):
@@ -6963,8 +8675,27 @@ def queue_head(service):
     return int(service.queue[0].started * 1e6) if service.queue else 0
 
 
+def counted_things(services):
+    """(running object, slot key, the host's group or None) of everything counted:
+    each service, host and TCP listen address once (a UDP one has no hellos to count).
+    The key names it in every process: ('service', name), ('host', service, group,
+    name), ('address', host, port) as Listen.key compares addresses."""
+    found = []
+    seen = set()
+    for service in services:
+        found.append((service, ('service', service.name), None))
+        for group in service.groups.values():
+            for host in group.scheduler.hosts:
+                found.append((host, ('host', service.name, group.name, host.name), group))
+        for listener in service.listeners:
+            if listener not in seen and listener.listen.protocol == 'tcp':
+                seen.add(listener)
+                found.append((listener, ('address',) + listener.listen.key, None))
+    return found
+
+
 class WorkerCounts(object):
-    """A worker's side of the SharedCounters (its Director's `shared`).
+    """A worker's side of the SharedCounters (its Director's `worker_counts`).
 
     It writes its own row: the line of a closed client's service and host at
     once, the open count of every host whose load matters elsewhere (a host
@@ -6980,72 +8711,70 @@ class WorkerCounts(object):
     TICKS_FULL = 10     # every counter written every this many ticks (0.5 s)
     HEAD_FRESH = 0.5    # seconds: a worker silent for longer cannot serve its queue, so takes no turn
 
-    def __init__(self, director, shared):
+    def __init__(self, director, counters):
         self.director = director
-        self.shared = shared
+        self.counters = counters
         self.slots = {}         # ('host', service, group, name) / ('service', name) / ('address', key) -> slot
         self.slot_of = {}       # running object -> slot
         self.own = {}           # running object -> the index of its line in this worker's row
         self.elsewhere = {}     # running object -> [the index of its line in each other row]
+        self.kind_of = {}       # running object -> its kind ('service', 'host', 'address')
         self.others = {}        # host -> the other workers' open connections to it, as last read
         self.group_of = {}      # host -> its running group (whose scheduler keeps its load)
         self.aware = []         # hosts whose load other workers need (maxconns, leastconns)
         self.counted_services = []
+        self.reading = None     # listener -> clients reading their hello, while a publish writes
+        # kind -> [(place, a function giving its value from the running object)], as COUNTERS says.
+        self.fields = collections.defaultdict(list)
+        for row in COUNTERS:
+            if row.value is not None:
+                get = operator.attrgetter(row.value) if isinstance(row.value, str) else row.value.__get__(self)
+                self.fields[row.kind].append((COUNTER_PLACE[row.kind, row.name], get))
+        self.service_fields = self.fields['service']
+        self.host_fields = self.fields['host']
         self.ticks = 0
         self.seen = None        # what the director had counted at the last tick
         self.seen_full = None
-        row = shared.row
-        self.heartbeat = shared.line(HEARTBEAT_SLOT, row) + HEARTBEAT
+        row = counters.row
+        self.heartbeat = counters.line(HEARTBEAT_SLOT, row) + HEARTBEAT
         # The other workers' heartbeats, in the order of each elsewhere list.
-        self.heartbeats = [shared.line(HEARTBEAT_SLOT, r) + HEARTBEAT for r in range(shared.rows - 1) if r != row]
+        self.heartbeats = [counters.line(HEARTBEAT_SLOT, r) + HEARTBEAT for r in range(counters.rows - 1) if r != row]
+        self.process_line = counters.line(HEARTBEAT_SLOT, row)
         self.timer = director.loop.call_later(self.TICK, self.tick)
 
     def update(self, entries):
-        """Slots from the master ([kind, names..., slot]), then the map of running objects again."""
+        """Slots from the master ([kind, names..., slot]: see counted_things), then the
+        map of running objects again."""
         for entry in entries or ():
-            key = tuple(entry[:-1]) if entry[0] != 'address' else ('address', address_key(*entry[1:3]))
-            self.slots[key] = entry[-1]
+            self.slots[tuple(entry[:-1])] = entry[-1]
         self.rebuild()
 
-    def things(self):
-        """(object, slot key) of everything counted in the running config."""
-        found = []
-        for service in self.director.services.values():
-            found.append((service, ('service', service.name)))
-            for group in service.groups.values():
-                for host in group.scheduler.hosts:
-                    found.append((host, ('host', service.name, group.name, host.name)))
-            for listener in service.listeners:
-                if listener.listen.protocol == 'tcp':
-                    found.append((listener, ('address', listener.listen.key)))
-        return found
+    def remap(self, size):
+        """The master grew the file: the lines stay where they were."""
+        self.counters.remap(size)
 
     def rebuild(self):
-        shared = self.shared
-        row = shared.row
+        counters = self.counters
+        row = counters.row
         old = self.slot_of
-        self.slot_of, self.own, self.elsewhere = {}, {}, {}
+        self.slot_of, self.own, self.elsewhere, self.kind_of, self.group_of = {}, {}, {}, {}, {}
         self.aware = []
-        for thing, key in self.things():
+        for thing, key, group in counted_things(self.director.services.values()):
+            if group is not None:
+                self.group_of[thing] = group
             slot = self.slots.get(key)
-            if slot is None or slot >= shared.capacity:
+            if slot is None or slot >= counters.capacity:
                 continue
             self.slot_of[thing] = slot
-            self.own[thing] = shared.line(slot, row)
-            self.elsewhere[thing] = [shared.line(slot, r) for r in range(shared.rows - 1) if r != row]
+            self.kind_of[thing] = key[0]
+            self.own[thing] = counters.line(slot, row)
+            self.elsewhere[thing] = [counters.line(slot, r) for r in range(counters.rows - 1) if r != row]
+            if group is not None and (thing.maxconns or group.scheduler.name in LOAD_AWARE):
+                self.aware.append(thing)
         self.counted_services = [s for s in self.director.services.values() if s in self.own]
-        self.group_of = {}
-        for service in self.director.services.values():
-            for group in service.groups.values():
-                load_aware = group.scheduler.name in LOAD_AWARE
-                for host in group.scheduler.hosts:
-                    self.group_of[host] = group
-                    if host in self.own and (load_aware or host.maxconns):
-                        if host not in self.aware:
-                            self.aware.append(host)
         for thing, slot in old.items():
             if self.slot_of.get(thing) != slot:
-                shared.zero(slot, row)      # no longer ours to count: the master may reuse it
+                counters.zero(slot, row)      # no longer ours to count: the master may reuse it
                 if thing in self.others and thing not in self.slot_of:
                     self.set_others(thing, 0)
                     del self.others[thing]
@@ -7075,19 +8804,19 @@ class WorkerCounts(object):
         slot = self.slot_of.get(host)
         if slot is None:
             return True
-        shared = self.shared
-        view = shared.view
-        shared.lock(slot)
+        counters = self.counters
+        view = counters.view
+        counters.lock(slot)
         try:
             others = self.read_others(host, view)
-            own = host.open - self.others.get(host, 0)
+            own = worker_open(self, host)
             self.set_others(host, others)
             if own + others >= host.maxconns:
                 return False
             view[self.own[host] + HOST_OPEN] = own + 1     # connection_started counts it here next
             return True
         finally:
-            shared.unlock(slot)
+            counters.unlock(slot)
 
     def service_full(self, service):
         """A client was accepted (counted in service.open already): over the service's
@@ -7095,9 +8824,9 @@ class WorkerCounts(object):
         slot = self.slot_of.get(service)
         if slot is None:
             return service.open > service.config.maxconns
-        shared = self.shared
-        view = shared.view
-        shared.lock(slot)
+        counters = self.counters
+        view = counters.view
+        counters.lock(slot)
         try:
             others = 0
             for at in self.elsewhere[service]:
@@ -7107,7 +8836,7 @@ class WorkerCounts(object):
             view[self.own[service] + SERVICE_OPEN] = service.open
             return False
         finally:
-            shared.unlock(slot)
+            counters.unlock(slot)
 
     def first_in_line(self, service):
         """Whether this worker's first queued client has waited longest of any worker's
@@ -7117,7 +8846,7 @@ class WorkerCounts(object):
         at = self.own.get(service)
         if at is None:
             return True
-        view = self.shared.view
+        view = self.counters.view
         head = queue_head(service)
         fresh = int((time.monotonic() - self.HEAD_FRESH) * 1e6)
         for other, beat in zip(self.elsewhere[service], self.heartbeats):
@@ -7135,9 +8864,9 @@ class WorkerCounts(object):
         if at is None:
             return waiting >= QUEUE_LIMIT
         slot = self.slot_of[service]
-        shared = self.shared
-        view = shared.view
-        shared.lock(slot)
+        counters = self.counters
+        view = counters.view
+        counters.lock(slot)
         try:
             for other in self.elsewhere[service]:
                 waiting += view[other + SERVICE_QUEUED]
@@ -7146,14 +8875,14 @@ class WorkerCounts(object):
             view[at + SERVICE_QUEUED] = len(service.queue) + 1
             return False
         finally:
-            shared.unlock(slot)
+            counters.unlock(slot)
 
     def queue_changed(self, service):
         """A client joined or left this worker's queue: the other workers see it at once
         (whose turn it is, the queue limit), not at the next tick."""
         at = self.own.get(service)
         if at is not None:
-            view = self.shared.view
+            view = self.counters.view
             view[at + SERVICE_QUEUED] = len(service.queue)
             view[at + SERVICE_HEAD] = queue_head(service)
 
@@ -7161,77 +8890,42 @@ class WorkerCounts(object):
 
     def closed(self, pair):
         """A client closed: its service's and host's lines now, before the master is asked."""
-        view = self.shared.view
+        view = self.counters.view
+        own = self.own
         service = pair.service
-        at = self.own.get(service)
+        at = own.get(service)
         if at is not None:
-            view[at + SERVICE_ACCEPTED] = service.accepted
-            view[at + SERVICE_FAILOVERS] = service.failovers
-            view[at + SERVICE_REFUSED] = service.refused
-            view[at + SERVICE_DENIED] = service.denied
-            view[at + SERVICE_QUEUED] = len(service.queue)
-            view[at + SERVICE_HEAD] = queue_head(service)
-            view[at + SERVICE_OPEN] = service.open
-            if service.udp is not None:
-                self.publish_udp(view, at, service.udp)
+            for place, get in self.service_fields:
+                view[at + place] = get(service)
         host = pair.host
         if host is not None:
-            at = self.own.get(host)
+            at = own.get(host)
             if at is not None:
-                view[at + HOST_TOTAL] = host.total
-                view[at + HOST_BYTES_IN] = host.bytes_in
-                view[at + HOST_BYTES_OUT] = host.bytes_out
-                view[at + HOST_OPEN] = host.open - self.others.get(host, 0)
+                for place, get in self.host_fields:
+                    view[at + place] = get(host)
 
     def publish(self, things):
-        view = self.shared.view
+        view = self.counters.view
         own = self.own
-        others = self.others
-        reading = None
+        kind_of = self.kind_of
+        fields = self.fields
+        self.reading = None
         for thing in things:
             at = own.get(thing)
-            if at is None:
-                continue
-            if isinstance(thing, schedulers.Host):
-                view[at + HOST_TOTAL] = thing.total
-                view[at + HOST_BYTES_IN] = thing.bytes_in
-                view[at + HOST_BYTES_OUT] = thing.bytes_out
-                view[at + HOST_OPEN] = thing.open - others.get(thing, 0)
-            elif isinstance(thing, RunningService):
-                view[at + SERVICE_ACCEPTED] = thing.accepted
-                view[at + SERVICE_FAILOVERS] = thing.failovers
-                view[at + SERVICE_REFUSED] = thing.refused
-                view[at + SERVICE_DENIED] = thing.denied
-                view[at + SERVICE_QUEUED] = len(thing.queue)
-                view[at + SERVICE_HEAD] = queue_head(thing)
-                view[at + SERVICE_OPEN] = thing.open
-                if thing.udp is not None:
-                    self.publish_udp(view, at, thing.udp)
-            else:
-                if reading is None:
-                    reading = collections.Counter(reader.listener for reader in self.director.hellos)
-                view[at + ADDRESS_READING] = reading[thing]
-                view[at + ADDRESS_UNMATCHED] = thing.unmatched
-                for index, kind in enumerate(HELLO_PROBLEMS):
-                    view[at + ADDRESS_BAD + index] = thing.bad.get(kind, 0)
-
-    @staticmethod
-    def publish_udp(view, at, table):
-        view[at + SERVICE_EVICTED] = table.evicted
-        view[at + SERVICE_DROPPED] = table.dropped
-        view[at + SERVICE_DATAGRAMS_IN] = table.datagrams_in
-        view[at + SERVICE_DATAGRAMS_OUT] = table.datagrams_out
+            if at is not None:
+                for place, get in fields[kind_of[thing]]:
+                    view[at + place] = get(thing)
 
     def publish_open(self, hosts):
-        view = self.shared.view
+        view = self.counters.view
         for host in hosts:
             at = self.own.get(host)
             if at is not None:
-                view[at + HOST_OPEN] = host.open - self.others.get(host, 0)
+                view[at + HOST_OPEN] = worker_open(self, host)
 
     def beat(self):
         """Our heartbeat: the master kills a worker whose loop stops stamping it."""
-        self.shared.view[self.heartbeat] = int(time.monotonic() * 1e6)
+        self.counters.view[self.heartbeat] = int(time.monotonic() * 1e6)
 
     def tick(self):
         """Every TICK: the heartbeat; our loads out and the others' in (hosts whose load
@@ -7240,8 +8934,10 @@ class WorkerCounts(object):
         director = self.director
         self.beat()
         self.ticks += 1
-        now = (sum(s.accepted for s in director.services.values()), len(director.pairs), len(director.hellos),
-               sum(s.udp.datagrams_in + s.udp.datagrams_out for s in director.services.values() if s.udp))
+        self.counters.view[self.process_line + LOG_DROPPED] = log_output.dropped
+        # What changed since the last tick; a UDP session may serve many datagrams.
+        now = (sum(s.accepted + s.datagrams_in + s.datagrams_out for s in director.services.values()),
+               len(director.pairs), len(director.hellos))
         if now != self.seen:
             self.seen = now
             self.publish_open(self.aware)
@@ -7250,7 +8946,7 @@ class WorkerCounts(object):
             self.seen_full = now
             self.publish(list(self.slot_of))
         if self.aware:
-            view = self.shared.view
+            view = self.counters.view
             for host in self.aware:
                 self.set_others(host, self.read_others(host, view))
         for service in director.services.values():
@@ -7263,16 +8959,119 @@ class WorkerCounts(object):
             self.timer.cancel()
             self.timer = None
         self.publish(list(self.slot_of))
+        self.counters.view[self.process_line + LOG_DROPPED] = log_output.dropped
 
 
 WORKER_FIRST_MESSAGE = 60.0     # seconds a new worker waits for its config
 
+DOWN, UP = 'down', 'up'         # a message from the master to a worker, from a worker to the master
+
+
+class Message(object):
+    """A kind of message between the master and a worker: a row of MESSAGES.
+
+    A DOWN message is the master's to a worker, handled by Worker.<handler>; an
+    UP one a worker's to its master, handled by Master.<handler>, given the
+    WorkerProcess first.  Each field goes to the handler as a keyword argument
+    (an optional one may be left out), and with fds the sockets sent along go
+    as `fds`.  A DOWN message sent to every worker (Master.send_all) carries a
+    sequence number too, 'seq', which the worker acknowledges once applied
+    (Master.sync waits for that).  quiet: the master logs the change itself,
+    so the worker applying it logs at debug level only (Worker.not_repeated).
+    """
+
+    __slots__ = ('kind', 'direction', 'handler', 'fields', 'optional', 'fds', 'quiet')
+
+    def __init__(self, kind, direction, handler, fields='', optional='', fds=False, quiet=False):
+        self.kind = kind
+        self.direction = direction
+        self.handler = handler
+        self.fields = frozenset(fields.split())
+        self.optional = frozenset(optional.split() + (['seq'] if direction == DOWN else []))
+        self.fds = fds
+        self.quiet = quiet
+
+    def problem(self, names, fds):
+        """What is wrong with a message of these field names (and sockets), or None."""
+        missing = self.fields.difference(names)
+        if missing:
+            return 'no %s' % ', '.join(sorted(missing))
+        unknown = names - self.fields - self.optional
+        if unknown:
+            return 'unknown %s' % ', '.join(sorted(unknown))
+        if fds and not self.fds:
+            return 'sockets sent along'
+        return None
+
+
+MESSAGES = dict((row.kind, row) for row in (
+    # The first, read by run_worker before its loop runs: everything a worker starts from.
+    Message('config', DOWN, None, 'seq generation worker workers xml path listens counters slots hosts sticky '
+                                  'discovered'),
+    Message('call', DOWN, 'on_call', 'method args kwargs slots', quiet=True),   # a replayed Actions method
+    Message('host', DOWN, 'on_host', 'service group host state cause', quiet=True),
+    Message('address', DOWN, 'on_address', 'service group host address'),
+    Message('close_host', DOWN, 'on_close_host', 'service group host'),
+    Message('sticky', DOWN, 'on_sticky', 'entries'),
+    Message('reload', DOWN, 'on_reload', 'xml path generation hosts discovered listens slots', 'repair', fds=True,
+            quiet=True),
+    Message('counters', DOWN, 'on_counters', 'size'),
+    Message('stop', DOWN, 'on_stop', 'drain'),
+    Message('stop_now', DOWN, 'on_stop_now'),
+    Message('ready', UP, 'on_ready', 'pid seq generation'),
+    Message('ack', UP, 'on_ack', 'seq generation'),
+    Message('failed', UP, 'on_failed', 'what error repair'),
+    Message('connect_failed', UP, 'on_connect_failed', 'service group host cause'),
+    Message('new_sticky', UP, 'on_new_sticky', 'entries'),
+))
+
+
+def new_message(kind, direction, fields, fds=()):
+    """fields (a dict of its own) as a message of this kind for Channel.send, checked
+    against its row: ValueError says what is wrong."""
+    row = MESSAGES.get(kind)
+    if row is None or row.direction != direction:
+        raise ValueError('no %s message %r' % (direction, kind))
+    problem = row.problem(fields.keys(), fds)
+    if problem is not None:
+        raise ValueError('%s message: %s' % (kind, problem))
+    fields['t'] = kind
+    return fields
+
+
+class MessageError(ValueError):
+    """A message that is not what its row in MESSAGES says (or has no row)."""
+
+
+def received(message, direction, fds):
+    """(row, fields) of a message the other side sent: the fields are what its handler
+    takes (a DOWN message's 'seq' left out).  MessageError if it is no such message;
+    the sockets that came with it are closed then."""
+    kind = message.pop('t', None)
+    message.pop('fds', None)
+    if direction == DOWN:
+        message.pop('seq', None)
+    row = MESSAGES.get(kind)
+    if row is None or row.direction != direction or row.handler is None:
+        problem = 'unknown message %r' % (kind,)
+    else:
+        problem = row.problem(message.keys(), fds)
+        if problem is not None:
+            problem = '%s message: %s' % (kind, problem)
+    if problem is not None:
+        for fd in fds:
+            os.close(fd)
+        raise MessageError(problem)
+    if row.fds:
+        message['fds'] = fds
+    return row, message
+
 
 class Worker(object):
-    """A worker process's link to its master (its Director's `master`).
+    """A worker process's link to its master (its Director's `worker`).
 
-    It applies each command from the master (on_message: a method do_KIND per
-    kind of message) with the Director's own methods, acknowledging each by
+    It applies each command from the master (on_message: the handler of its
+    row in MESSAGES) with the Director's own methods, acknowledging each by
     its sequence number once applied, with the config generation it runs (the
     master's count of reloads); one it cannot apply it reports ('failed'),
     and runs no generation until the master has sent it the whole config
@@ -7291,7 +9090,7 @@ class Worker(object):
         self.ack_due = False
         self.sticky_out = []
         self.applying = False       # while a change from the master is made: its info lines are the master's
-        director.master = self
+        director.worker = self
         self.channel = Channel(self.loop, sock, self.on_message, self.master_gone, inbox, fds)
         log.addFilter(self.not_repeated)
 
@@ -7299,31 +9098,31 @@ class Worker(object):
         """A logging filter: the master has logged what it asked for already."""
         return record.levelno > logging.INFO or not self.applying
 
+    def send(self, kind, **fields):
+        self.channel.send(new_message(kind, UP, fields))
+
     # -- from the master ------------------------------------------------------
 
     def on_message(self, message, fds):
-        kind = message.get('t')
-        handler = getattr(self, 'do_' + str(kind), None)
-        self.applying = kind in ('do', 'host', 'reload')
+        what = message.get('method', message.get('t'))
+        repair = message.get('repair', False)
+        seq = message.get('seq')
         try:
-            if handler is None:
-                raise AdminError(400, 'unknown message %r' % kind)
-            handler(message, fds)
+            row, fields = received(message, DOWN, fds)
+            self.applying = row.quiet
+            getattr(self, row.handler)(**fields)
         except Exception as e:
             # The master made this change already: a worker that cannot has strayed from it.
             # It says so, and the master sends it the whole config again (or restarts it).
-            what = message.get('method', kind)
             error = e.message if isinstance(e, AdminError) else str(e)
-            if isinstance(e, (AdminError, ConfigError)):
+            if isinstance(e, (AdminError, ConfigError, MessageError)):
                 log.error('cannot apply %s from the master: %s', log_value(what), escape_text(error))
             else:
                 log.exception('cannot apply %s from the master', log_value(what))
             self.generation = None
-            self.channel.send({'t': 'failed', 'what': what, 'error': error or type(e).__name__,
-                               'repair': message.get('repair', False)})
+            self.send('failed', what=what, error=error or type(e).__name__, repair=repair)
         finally:
             self.applying = False
-        seq = message.get('seq')
         if seq is not None:
             self.acked = seq
             if not self.ack_due:
@@ -7332,36 +9131,29 @@ class Worker(object):
 
     def send_ack(self):
         self.ack_due = False
-        self.channel.send({'t': 'ack', 'seq': self.acked, 'generation': self.generation})
+        self.send('ack', seq=self.acked, generation=self.generation)
 
-    def do_do(self, message, fds):
+    def on_call(self, method, args, kwargs, slots):
         try:
-            getattr(self.director, message['method'])(*message['args'], **message['kwargs'])
+            getattr(self.director, method)(*args, **kwargs)
         finally:
-            self.director.shared.update(message.get('slots'))
+            self.director.worker_counts.update(slots)
 
-    def do_host(self, message, fds):
-        service, group, host = self.director._host(message['service'], message['group'], message['host'])
-        self.director.health.set_state(service, group, host, message['state'], message['cause'])
+    def on_host(self, service, group, host, state, cause):
+        service, group, host = self.director._host(service, group, host)
+        self.director.health.set_state(service, group, host, state, cause)
 
-    def do_address(self, message, fds):
-        _, _, host = self.director._host(message['service'], message['group'], message['host'])
-        host.address = address_from_json(message['address'])
+    def on_address(self, service, group, host, address):
+        _, _, host = self.director._host(service, group, host)
+        host.address = address_from_json(address)
 
-    def do_close_host(self, message, fds):
-        _, _, host = self.director._host(message['service'], message['group'], message['host'])
-        self.director.close_host_connections(host)
+    def on_close_host(self, service, group, host):
+        self.director.close_host_connections(*self.director._host(service, group, host))
 
-    def do_sticky(self, message, fds):
-        now = time.monotonic()
-        for service_name, group_name, client_ip, host_name in message['entries']:
-            service = self.director.services.get(service_name)
-            group = service.groups.get(group_name) if service is not None else None
-            host = group.scheduler.get_host(host_name) if group is not None else None
-            if host is not None:
-                group.scheduler.stick(client_ip, host, now)
+    def on_sticky(self, entries):
+        stick_entries(self.director, entries)
 
-    def do_reload(self, message, fds):
+    def on_reload(self, xml, path, generation, hosts, discovered, listens, slots, fds, repair=False):
         """A reload, or the master's repair of this worker: the whole running config and
         every listening socket (those this worker holds already are closed again)."""
         director = self.director
@@ -7372,23 +9164,24 @@ class Worker(object):
             return
         director.listen_sockets = {}
         try:
-            director.listen_sockets = listen_sockets(message['listens'], fds)
-            director.apply_reload(parse_config(message['xml'], message['path']))
+            director.listen_sockets = listen_sockets(listens, fds)
+            director.apply_reload(parse_config(xml, path))
+            director.discovery.restore(discovered)
         finally:
             for sock in director.listen_sockets.values():
                 sock.close()
             director.listen_sockets = {}
-            director.shared.update(message['slots'])
-        apply_host_states(director, message['hosts'])
-        self.generation = message['generation']
+            director.worker_counts.update(slots)
+        apply_host_states(director, hosts)
+        self.generation = generation
 
-    def do_counters(self, message, fds):
-        self.director.shared.shared.remap(message['size'])
+    def on_counters(self, size):
+        self.director.worker_counts.remap(size)
 
-    def do_stop(self, message, fds):
-        self.director.begin_stop(message['drain'])
+    def on_stop(self, drain):
+        self.director.begin_stop(drain)
 
-    def do_stop_now(self, message, fds):
+    def on_stop_now(self):
         self.director.stop_now()
 
     def master_gone(self):
@@ -7401,8 +9194,7 @@ class Worker(object):
     # -- to the master --------------------------------------------------------
 
     def report_down(self, service, group, host, reason):
-        self.channel.send({'t': 'down', 'service': service.name, 'group': group.name, 'host': host.name,
-                           'cause': reason})
+        self.send('connect_failed', service=service.name, group=group.name, host=host.name, cause=reason)
 
     def pick(self, pair, scheduler):
         """Pair.connect_next's pick in a worker: a host with maxconns is taken across
@@ -7413,7 +9205,7 @@ class Worker(object):
         if sticky:
             before = scheduler.sticky_host(client_ip)
         host = scheduler.pick(client_ip, pair.tried)
-        while host is not None and host.maxconns and not self.director.shared.take_host(host):
+        while host is not None and host.maxconns and not self.director.worker_counts.take_host(host):
             host = scheduler.pick(client_ip, pair.tried)
         if sticky and host is not None and host is not before:
             if not self.sticky_out:
@@ -7423,7 +9215,7 @@ class Worker(object):
 
     def send_sticky(self):
         entries, self.sticky_out = self.sticky_out, []
-        self.channel.send({'t': 'sticky', 'entries': entries})
+        self.send('new_sticky', entries=entries)
 
 
 def address_to_json(address):
@@ -7432,6 +9224,13 @@ def address_to_json(address):
 
 def address_from_json(value):
     return None if value is None else (value[0], tuple(value[1]))
+
+
+def listen_entries(listeners, fds=None):
+    """What a worker is told of listeners: [host, port, family, fd], and 'udp' after a UDP
+    one's (listen_sockets reads them); without fds each fd is None: it comes with the message."""
+    return [[l.listen.host, l.listen.port, l.sock.family, fds[i] if fds else None] +
+            ([] if l.listen.protocol == 'tcp' else [l.listen.protocol]) for i, l in enumerate(listeners)]
 
 
 def listen_sockets(listens, fds):
@@ -7449,7 +9248,11 @@ def listen_sockets(listens, fds):
                     raise ValueError('fewer sockets came than the message says')
                 fd = fds.pop(0)
             kind = socket.SOCK_DGRAM if protocol == 'udp' else socket.SOCK_STREAM
-            found[listen_key(host, port, protocol)] = socket.socket(family, kind, 0, fd)
+            sock = socket.socket(family, kind, 0, fd)
+            # PyPy makes a socket built on an fd blocking (CPython leaves the flag alone),
+            # and the flag belongs to the listening socket every process shares.
+            sock.setblocking(False)
+            found[listen_key(host, port, protocol)] = sock
     except ValueError:
         for sock in found.values():
             sock.close()
@@ -7458,6 +9261,18 @@ def listen_sockets(listens, fds):
         for fd in fds:
             os.close(fd)
     return found
+
+
+def stick_entries(director, entries):
+    """Sticky entries from the other side: [service, group, client ip, host], used now,
+    or with a fifth, the seconds since; those of a host gone are passed over."""
+    now = time.monotonic()
+    for entry in entries:
+        try:
+            _, group, host = director._host(entry[0], entry[1], entry[3])
+        except AdminError:
+            continue
+        group.scheduler.stick(entry[2], host, now - entry[4] if len(entry) > 4 else now)
 
 
 def apply_host_states(director, states):
@@ -7480,6 +9295,9 @@ def run_worker(channel_fd, verbose=False):
     try:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, channel_fd)
         first, inbox, fds = Channel.receive(sock, WORKER_FIRST_MESSAGE)
+        problem = MESSAGES['config'].problem(set(first) - {'t'}, ()) if first.get('t') == 'config' else 'not a config'
+        if problem is not None:
+            raise ValueError(problem)
         config = parse_config(first['xml'], first['path'])
     except (OSError, ValueError, ConfigError, KeyError) as e:
         print('pydirector worker: no config from the master: %s' % e, file=sys.stderr)
@@ -7487,54 +9305,37 @@ def run_worker(channel_fd, verbose=False):
     global LOG_PREFIX
     LOG_PREFIX = 'worker %d: ' % first['worker']
     lighten_logging()
-    setup_logging(config, verbose)
+    try:
+        setup_logging(config, verbose)
+    except OSError as e:
+        print('pydirector worker: cannot open the log: %s' % e, file=sys.stderr)
+        return 1
     raise_fd_limit()
     director = Director(config, notifier=Notifier({}), resolve_names=False)
     director.health.probing = False
     director.health.quiet = True
-    director.workers_share = True
     director.listen_sockets = listen_sockets(first['listens'], ())
     fd, size = first['counters']
-    director.shared = WorkerCounts(director, SharedCounters(fd, first['workers'] + 1, first['worker'] - 1, size))
+    director.worker_counts = WorkerCounts(director, SharedCounters(fd, first['workers'] + 1, first['worker'] - 1, size))
     worker = Worker(director, sock, first, inbox, fds)
+    director.discovery.restore(first['discovered'])     # the hosts from DNS, before their states
     apply_host_states(director, first['hosts'])
-    now = time.monotonic()
-    for service_name, group_name, client_ip, host_name, age in first['sticky']:
-        try:
-            _, group, host = director._host(service_name, group_name, host_name)
-        except AdminError:
-            continue
-        group.scheduler.stick(client_ip, host, now - age)
-
-    def on_signal(signum, frame):
-        director.loop.call_soon_threadsafe(handle_signal, signum)
-
-    def handle_signal(signum):
-        # As the master gets these too when the whole group is signalled (Ctrl-C, systemd).
-        if signum in (signal.SIGTERM, signal.SIGINT):
-            if director.stopping:
-                director.stop_now()
-            else:
-                director.begin_stop(director.config.drain)
-        elif signum == signal.SIGUSR1:
-            director.close_log()
-
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-        signal.signal(signum, on_signal)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)    # a reload is the master's
+    stick_entries(director, first['sticky'])
+    # As the master's: a whole process group is signalled (Ctrl-C, systemd).  A reload is the master's.
+    handle_signals(director, reload=False)
     try:
         director.bind()
     except OSError as e:
         log.error('%s', e.strerror or e)
         return 1
-    director.shared.update(first['slots'])
-    director.shared.beat()
-    worker.channel.send({'t': 'ready', 'pid': os.getpid(), 'seq': worker.acked, 'generation': worker.generation})
+    director.worker_counts.update(first['slots'])
+    director.worker_counts.beat()
+    worker.send('ready', pid=os.getpid(), seq=worker.acked, generation=worker.generation)
     try:
         director.loop.run()
     finally:
         director.access.flush()
-        director.shared.stop()
+        director.worker_counts.stop()
     return 0
 
 
@@ -7574,13 +9375,14 @@ class WorkerProcess(object):
 
 
 class Master(object):
-    """The master's side of its workers (its Director's `workers`).
+    """The master's side of its workers (its Director's `master`).
 
     It spawns them (start), sends each a config first and then every change the
-    Director makes (the hooks host_changed, address_changed, close_host, replay
-    and reloaded), each with a sequence number the worker acknowledges once it
-    has applied it; sync() waits for that, so an admin change answers only
-    after every live worker has made it.  Each reload makes a new config
+    Director makes (send_all, from the Director's hooks, replay and reloaded;
+    the messages are the rows of MESSAGES, and what the workers send up goes
+    to the handler its row names, on_message), each with a sequence number the
+    worker acknowledges once it has applied it; sync() waits for that, so an
+    admin change answers only after every live worker has made it.  Each reload makes a new config
     generation, which every worker says it runs; one that could not apply a
     change is sent the whole config again, and restarted if it cannot apply
     that either (repair).  A worker that dies is restarted at once (after a
@@ -7602,7 +9404,7 @@ class Master(object):
         self.changed = threading.Condition()
         self.stopping = False
         self.stop_timer = None
-        self.on_ready = None            # called once, when every worker is first ready
+        self.when_ready = None          # called once, when every worker is first ready
         self.slot_of = {}               # the master's running object -> slot
         self.kind_of = {HEARTBEAT_SLOT: 'process'}     # slot -> 'host', 'service', 'address' or 'process'
         self.free = []                  # [(seq, slot)]: reusable once every worker applied seq
@@ -7614,9 +9416,9 @@ class Master(object):
         for listener in self.listeners():
             if isinstance(listener, DatagramListener):
                 listener.widen(count)       # OSError if it cannot: before anything else is made
-        self.shared = SharedCounters.create(count + 1, max(256, 2 * len(self.things())))
+        self.counters = SharedCounters.create(count + 1, max(256, 2 * len(counted_things(director.services.values()))))
         self.assign()
-        director.workers = self
+        director.master = self
 
     # -- the workers' lives ---------------------------------------------------
 
@@ -7635,32 +9437,26 @@ class Master(object):
                     found.append(listener)
         return found
 
-    def listen_entries(self, listeners, worker, fds=True):
-        """What a worker is told of these listeners ([host, port, family, fd], 'udp' after
-        a UDP one's: listen_sockets reads it), and the sockets it gets: a TCP listen's one,
-        which every worker shares; a UDP listen's of the worker's slot (DatagramListener).
-        fds False: the fd of each is None (they come with the message)."""
-        entries, socks = [], []
-        for listener in listeners:
-            sock = listener.socket_for(worker.index) if isinstance(listener, DatagramListener) else listener.sock
-            entry = [listener.listen.host, listener.listen.port, sock.family, sock.fileno() if fds else None]
-            if listener.listen.protocol != 'tcp':
-                entry.append(listener.listen.protocol)
-            entries.append(entry)
-            socks.append(sock.fileno())
-        return entries, socks
+    @staticmethod
+    def listen_fds(listeners, worker):
+        """The fd of each listener's socket a worker gets: a TCP listen's one, which every
+        worker shares; a UDP listen's of the worker's slot (DatagramListener.socket_for)."""
+        return [(l.socket_for(worker.index) if isinstance(l, DatagramListener) else l.sock).fileno()
+                for l in listeners]
 
     def spawn(self, worker):
         import subprocess
         worker.timer = None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        listens, listen_fds = self.listen_entries(self.listeners(), worker)
+        listeners = self.listeners()
+        listen_fds = self.listen_fds(listeners, worker)
+        listens = listen_entries(listeners, listen_fds)
         env = dict((k, v) for k, v in os.environ.items()
                    if k not in ('NOTIFY_SOCKET', 'WATCHDOG_USEC', 'WATCHDOG_PID', 'LISTEN_FDS', 'LISTEN_PID'))
         try:
             worker.proc = subprocess.Popen(
                 self.command + ['--worker', str(theirs.fileno())] + (['-v'] if self.verbose else []),
-                pass_fds=[theirs.fileno(), self.shared.fd] + listen_fds,
+                pass_fds=[theirs.fileno(), self.counters.fd] + listen_fds,
                 stdin=subprocess.DEVNULL, stdout=self.output, stderr=self.output, env=env)
         except OSError as e:
             ours.close()
@@ -7675,47 +9471,78 @@ class Master(object):
         worker.generation = None
         worker.stuck = False
         worker.acked = self.seq     # it starts from everything sent so far
-        worker.channel = Channel(self.loop, ours, lambda m, fds: self.on_message(worker, m),
+        worker.channel = Channel(self.loop, ours, lambda m, fds: self.on_message(worker, m, fds),
                                  lambda: self.lost(worker))
-        worker.channel.send({
-            't': 'config', 'seq': self.seq, 'generation': self.generation, 'worker': worker.index,
-            'workers': self.count,
-            'xml': self.director.running_xml(), 'path': self.director.config.path,
-            'listens': listens, 'counters': [self.shared.fd, self.shared.size],
-            'slots': self.slot_entries(self.slot_of), 'hosts': self.host_states(),
-            'sticky': self.sticky_entries()})
+        self.send_to(worker, 'config', seq=self.seq, generation=self.generation, worker=worker.index,
+                     workers=self.count, xml=self.director.running_xml(), path=self.director.config.path,
+                     listens=listens, counters=[self.counters.fd, self.counters.size],
+                     slots=self.slot_entries(self.slot_of), hosts=self.host_states(),
+                     sticky=self.sticky_entries(), discovered=self.director.discovery.sets())
 
-    def on_message(self, worker, message):
-        kind = message.get('t')
-        if kind == 'ack':
-            with self.changed:
-                worker.acked = max(worker.acked, message['seq'])
-                worker.generation = message.get('generation')
-                self.changed.notify_all()
-            self.let_go()
-        elif kind == 'failed':
-            self.repair(worker, message)
-        elif kind == 'down':
-            try:
-                service, group, host = self.director._host(message['service'], message['group'], message['host'])
-            except AdminError:
-                return      # removed since
-            # A failed connect there: the master decides, and tells every worker.
-            self.director.health.set_state(service, group, host, schedulers.DOWN, message['cause'])
-        elif kind == 'sticky':
-            self.sticky(message['entries'])
-        elif kind == 'ready':
-            with self.changed:
-                worker.ready = True
-                worker.acked = max(worker.acked, message['seq'])
-                worker.generation = message.get('generation')
-                self.changed.notify_all()
-            log.info('%r ready', worker)
-            if self.on_ready is not None and all(w.ready for w in self.workers):
-                on_ready, self.on_ready = self.on_ready, None
-                on_ready()
+    # -- reports up -------------------------------------------------------------
+
+    def on_message(self, worker, message, fds):
+        try:
+            row, fields = received(message, UP, fds)
+        except MessageError as e:
+            log.error('%r sent %s', worker, escape_text(e))
+            return
+        getattr(self, row.handler)(worker, **fields)
+
+    def on_ready(self, worker, pid, seq, generation):
+        with self.changed:
+            worker.ready = True
+            worker.acked = max(worker.acked, seq)
+            worker.generation = generation
+            self.changed.notify_all()
+        log.info('%r ready', worker)
+        if self.when_ready is not None and all(w.ready for w in self.workers):
+            when_ready, self.when_ready = self.when_ready, None
+            when_ready()
+
+    def on_ack(self, worker, seq, generation):
+        with self.changed:
+            worker.acked = max(worker.acked, seq)
+            worker.generation = generation
+            self.changed.notify_all()
+        self.let_go()
+
+    def on_connect_failed(self, worker, service, group, host, cause):
+        """A failed connect there: the master decides, and tells every worker."""
+        try:
+            service, group, host = self.director._host(service, group, host)
+        except AdminError:
+            return      # removed since
+        self.director.health.set_state(service, group, host, schedulers.DOWN, cause)
+
+    def on_new_sticky(self, worker, entries):
+        """New sticky entries a worker made: kept here and told to every worker (the one
+        that made them too, so that all end with the last one the master saw)."""
+        stick_entries(self.director, entries)
+        self.send_all('sticky', entries=entries)
+
+    def on_failed(self, worker, what, error, repair):
+        """A worker could not apply what the master sent (it said so): it has strayed
+        from the master's config.  It is sent the whole running config again, with
+        every listening socket (repair); one that cannot apply that either is
+        restarted, once its connections have finished (its row of counters is its own)."""
+        error = escape_text(error)
+        if self.stopping:
+            log.error('%r could not apply %s: %s', worker, log_value(what), error)
+        elif repair:
+            log.error('%r could not apply the running config either: %s; restarting it', worker, error)
+            self.send_to(worker, 'stop', drain=self.director.config.drain)
         else:
-            log.error('%r sent an unknown message %s', worker, log_value(kind))
+            log.error('%r could not apply %s: %s; sending it the running config again',
+                      worker, log_value(what), error)
+            self.repair(worker)
+
+    def repair(self, worker):
+        """The whole running config to one worker, every listening socket with it."""
+        listeners = self.listeners()
+        # The number of what was sent last: it has that too once it acknowledges this.
+        self.send_to(worker, 'reload', self.listen_fds(listeners, worker), seq=self.seq, repair=True,
+                     slots=self.slot_entries(self.slot_of), **self.reload_fields(listeners))
 
     def lost(self, worker):
         """Its channel closed: it has exited, or is about to."""
@@ -7734,7 +9561,7 @@ class Master(object):
                 deadline = float('inf')
             worker.timer = self.loop.call_later(0.01, self.reap, worker, deadline)
             return
-        self.shared.fold(worker.index - 1, self.kind_of)
+        self.counters.fold(worker.index - 1, self.kind_of)
         worker.proc = None
         self.let_go()
         if self.stopping:
@@ -7758,7 +9585,7 @@ class Master(object):
         monotonic one, which every process shares."""
         if not worker.ready or worker.proc is None:
             return None
-        beat = self.shared.view[self.shared.line(HEARTBEAT_SLOT, worker.index - 1) + HEARTBEAT]
+        beat = self.counters.view[self.counters.line(HEARTBEAT_SLOT, worker.index - 1) + HEARTBEAT]
         return round(max(0.0, time.monotonic() - beat / 1e6), 3) if beat else None
 
     def live(self):
@@ -7794,8 +9621,10 @@ class Master(object):
 
     # -- commands down --------------------------------------------------------
 
-    def send_all(self, message, fds=()):
-        """A message to every worker, with fds (or fds(worker): each its own)."""
+    def send_all(self, kind, fds=(), **fields):
+        """A message to every worker, with the next sequence number; that number.
+        fds: the sockets sent along, or a function of the worker giving its own."""
+        message = new_message(kind, DOWN, fields, fds)
         self.seq += 1
         message['seq'] = self.seq
         for worker in self.workers:
@@ -7806,26 +9635,13 @@ class Master(object):
             self.freed = []
         return self.seq
 
+    def send_to(self, to, kind, fds=(), **fields):
+        """A message to one worker (a number in it is the caller's)."""
+        to.channel.send(new_message(kind, DOWN, fields, fds), fds)
+
     def replay(self, method, args, kwargs):
         """An Actions method the master has just run (see replayed): the same call in every worker."""
-        self.send_all({'t': 'do', 'method': method, 'args': list(args), 'kwargs': kwargs,
-                       'slots': self.assign()})
-
-    def host_changed(self, service, group, host, state, cause):
-        self.send_all({'t': 'host', 'service': service.name, 'group': group.name, 'host': host.name,
-                       'state': state, 'cause': cause})
-
-    def address_changed(self, service, group, host):
-        self.send_all({'t': 'address', 'service': service.name, 'group': group.name, 'host': host.name,
-                       'address': address_to_json(host.address)})
-
-    def close_host(self, host):
-        for service in self.director.services.values():
-            for group in service.groups.values():
-                if group.scheduler.get_host(host.name) is host:
-                    self.send_all({'t': 'close_host', 'service': service.name, 'group': group.name,
-                                   'host': host.name})
-                    return
+        self.send_all('call', method=method, args=list(args), kwargs=kwargs, slots=self.assign())
 
     def reloaded(self):
         """The master reloaded: every worker reloads to its running config, the next
@@ -7835,40 +9651,19 @@ class Master(object):
         new = [l for l in current if l not in self.sent_listeners]
         self.sent_listeners = set(current)
         self.generation += 1
-        message = self.reload_message(new)
-        message['slots'] = self.assign()
-        seq = self.send_all(message, lambda worker: self.listen_entries(new, worker)[1])
+        seq = self.send_all('reload', lambda worker: self.listen_fds(new, worker), slots=self.assign(),
+                            **self.reload_fields(new))
         for entry in self.retired:
             if entry[2] is None:
                 entry[2] = seq
         self.let_go()
 
-    def reload_message(self, listeners):
-        """A reload to the running config, sending the sockets of these listeners."""
-        return {'t': 'reload', 'xml': self.director.running_xml(), 'path': self.director.config.path,
-                'generation': self.generation, 'hosts': self.host_states(),
-                'listens': self.listen_entries(listeners, self.workers[0], fds=False)[0]}
-
-    def repair(self, worker, failed):
-        """A worker could not apply what the master sent (it said so): it has strayed
-        from the master's config.  It is sent the whole running config again, with
-        every listening socket; one that cannot apply that either is restarted,
-        once its connections have finished (its row of counters is its own)."""
-        error = escape_text(failed.get('error'))
-        if self.stopping:
-            log.error('%r could not apply %s: %s', worker, log_value(failed.get('what')), error)
-            return
-        if failed.get('repair'):
-            log.error('%r could not apply the running config either: %s; restarting it', worker, error)
-            worker.channel.send({'t': 'stop', 'drain': self.director.config.drain})
-            return
-        log.error('%r could not apply %s: %s; sending it the running config again',
-                  worker, log_value(failed.get('what')), error)
-        listeners = self.listeners()
-        message = self.reload_message(listeners)
-        # The number of what was sent last: it has that too once it acknowledges this.
-        message.update(slots=self.slot_entries(self.slot_of), seq=self.seq, repair=True)
-        worker.channel.send(message, self.listen_entries(listeners, worker)[1])
+    def reload_fields(self, listeners):
+        """Of a reload to the running config, sending the sockets of these listeners."""
+        return dict(xml=self.director.running_xml(), path=self.director.config.path,
+                    generation=self.generation, hosts=self.host_states(),
+                    discovered=self.director.discovery.sets(),
+                    listens=listen_entries(listeners))
 
     def retire(self, listener):
         """A listen a reload removed: its socket is kept until every worker has let
@@ -7895,18 +9690,6 @@ class Master(object):
     def applied(self):
         """The last message every worker still running has applied."""
         return min([w.acked for w in self.workers if w.proc is not None] or [self.seq])
-
-    def sticky(self, entries):
-        """New sticky entries a worker made: kept here and told to every worker (the one
-        that made them too, so that all end with the last one the master saw)."""
-        now = time.monotonic()
-        for service_name, group_name, client_ip, host_name in entries:
-            service = self.director.services.get(service_name)
-            group = service.groups.get(group_name) if service is not None else None
-            host = group.scheduler.get_host(host_name) if group is not None else None
-            if host is not None:
-                group.scheduler.stick(client_ip, host, now)
-        self.send_all({'t': 'sticky', 'entries': entries})
 
     def sync(self, timeout):
         """From a thread other than the loop's: wait until every live worker has applied
@@ -7937,12 +9720,12 @@ class Master(object):
         self.read_counts()
         log.info('stopping: %d connection(s) open in %d worker(s), waiting up to %g s',
                  sum(s.open for s in self.director.services.values()), self.count, drain)
-        self.send_all({'t': 'stop', 'drain': drain})
+        self.send_all('stop', drain=drain)
         self._stop_within(drain + WORKER_STOP_GRACE)
 
     def stop_now(self):
         self.stopping = True
-        self.send_all({'t': 'stop_now'})
+        self.send_all('stop_now')
         self._stop_within(WORKER_STOP_GRACE)
 
     def _stop_within(self, seconds):
@@ -7984,36 +9767,21 @@ class Master(object):
         for entry in self.retired:
             entry[1].close()
         self.retired = []
-        self.shared.close()
+        self.counters.close()
 
     # -- counters ---------------------------------------------------------------
-
-    def things(self):
-        """(running object, kind, names) of everything counted."""
-        found = []
-        seen = set()
-        for service in self.director.services.values():
-            found.append((service, 'service', [service.name]))
-            for group in service.groups.values():
-                for host in group.scheduler.hosts:
-                    found.append((host, 'host', [service.name, group.name, host.name]))
-            for listener in service.listeners:
-                if listener not in seen and listener.listen.protocol == 'tcp':    # a UDP one has no hellos to count
-                    seen.add(listener)
-                    found.append((listener, 'address', [listener.listen.host, listener.listen.port]))
-        return found
 
     def assign(self):
         """Give each counted thing of the running config a slot; the [kind, names...,
         slot] of those new since last time.  Slots of things gone are reused once every
         worker has applied the change that removed them (and cleared its line)."""
-        things = self.things()
+        things = counted_things(self.director.services.values())
         current = set(thing for thing, _, _ in things)
         for thing in [t for t in self.slot_of if t not in current]:
             self.freed.append(self.slot_of.pop(thing))
         applied = self.applied()
         new = {}
-        for thing, kind, names in things:
+        for thing, key, _ in things:
             if thing in self.slot_of:
                 continue
             reusable = [entry for entry in self.free if entry[0] <= applied]
@@ -8021,59 +9789,46 @@ class Master(object):
                 self.free.remove(reusable[0])
                 slot = reusable[0][1]
             else:
-                if self.next_slot >= self.shared.capacity:
-                    self.shared.grow(2 * self.shared.capacity)
-                    self.send_all({'t': 'counters', 'size': self.shared.size})
+                if self.next_slot >= self.counters.capacity:
+                    self.counters.grow(2 * self.counters.capacity)
+                    self.send_all('counters', size=self.counters.size)
                 slot = self.next_slot
                 self.next_slot += 1
-            for row in range(self.shared.rows):
-                self.shared.zero(slot, row)
+            for row in range(self.counters.rows):
+                self.counters.zero(slot, row)
             self.slot_of[thing] = slot
-            self.kind_of[slot] = kind
+            self.kind_of[slot] = key[0]
             new[thing] = slot
         return self.slot_entries(new)
 
     def slot_entries(self, slots):
-        return [[kind] + names + [slots[thing]] for thing, kind, names in self.things() if thing in slots]
+        return [list(key) + [slots[thing]] for thing, key, _ in counted_things(self.director.services.values())
+                if thing in slots]
 
     def read_counts(self):
         """The sums of every row into the master's running objects, for the pages
-        (a host's open count through its scheduler, which explain asks)."""
-        sums = self.shared.sums
+        (a host's open count through its scheduler, which explain asks), as
+        COUNTERS says where."""
+        sums = self.counters.sums
         slot_of = self.slot_of
-        for service in self.director.services.values():
-            slot = slot_of.get(service)
+        for thing, key, group in counted_things(self.director.services.values()):
+            slot = slot_of.get(thing)
             if slot is not None:
                 values = sums(slot)
-                (service.open, service.accepted, service.failovers, service.refused, service.denied,
-                 service.waiting) = values[:6]
-                if service.udp is not None:
-                    table = service.udp
-                    (table.evicted, table.dropped, table.datagrams_in,
-                     table.datagrams_out) = values[SERVICE_EVICTED:SERVICE_DATAGRAMS_OUT + 1]
-            for group in service.groups.values():
-                scheduler = group.scheduler
-                for host in scheduler.hosts:
-                    slot = slot_of.get(host)
-                    if slot is not None:
-                        values = sums(slot)
-                        scheduler.set_open(host, values[HOST_OPEN])
-                        host.total, host.bytes_in, host.bytes_out = values[HOST_TOTAL:HOST_BYTES_OUT + 1]
-            for listener in service.listeners:
-                slot = slot_of.get(listener)
-                if slot is not None:
-                    values = sums(slot)
-                    listener.reading_elsewhere = values[ADDRESS_READING]
-                    listener.unmatched = values[ADDRESS_UNMATCHED]
-                    listener.bad = dict((kind, values[ADDRESS_BAD + i]) for i, kind in enumerate(HELLO_PROBLEMS))
+                for place, into in COUNTER_READS[key[0]]:
+                    into(thing, values[place], group)
+
+    def log_lines_dropped(self):
+        """What the workers' log targets dropped, dead workers' too."""
+        return self.counters.sums(HEARTBEAT_SLOT)[LOG_DROPPED]
 
     def open_connections(self, worker):
         """A worker's open client connections, as its row says."""
-        view = self.shared.view
+        view = self.counters.view
         total = 0
         for thing, slot in self.slot_of.items():
             if isinstance(thing, RunningService):
-                total += view[self.shared.line(slot, worker.index - 1) + SERVICE_OPEN]
+                total += view[self.counters.line(slot, worker.index - 1) + SERVICE_OPEN]
         return total
 
     def snapshot(self):
@@ -8085,8 +9840,8 @@ class Master(object):
                  'heartbeat': self.silence(w)} for w in self.workers]
 
     def row_accepted(self, worker):
-        view = self.shared.view
-        return sum(view[self.shared.line(slot, worker.index - 1) + SERVICE_ACCEPTED]
+        view = self.counters.view
+        return sum(view[self.counters.line(slot, worker.index - 1) + SERVICE_ACCEPTED]
                    for thing, slot in self.slot_of.items() if isinstance(thing, RunningService))
 
     def host_states(self):
@@ -8103,17 +9858,34 @@ class Master(object):
                 if group.scheduler.sticky for ip, host, used in group.scheduler.sticky_entries()]
 
 
-def start_workers(director, count, verbose=False, output=None):
-    """Make director a master with `count` workers and spawn them; the Master."""
-    master = Master(director, count, verbose, output)
-    master.start()
-    return master
-
-
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
 
+
+
+def handle_signals(director, reload=True):
+    """The signals of a process (main's, and run_worker's): SIGTERM and SIGINT drain
+    for <pdconfig drain> (as now loaded) and stop, a second one stops at once;
+    SIGUSR1 reopens the logs; SIGHUP reloads (reload False: ignored)."""
+    def on_signal(signum, frame):
+        # Only hand the loop a call: handlers must not touch state mid-event.
+        director.loop.call_soon_threadsafe(handle, signum)
+
+    def handle(signum):
+        if signum == signal.SIGUSR1:
+            director.close_log()
+        elif signum == signal.SIGHUP:
+            director.reload_in_background()
+        elif director.stopping:
+            log.info('second stop signal: stopping now')
+            director.stop_now()
+        else:
+            director.begin_stop(director.config.drain)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(signum, on_signal)
+    signal.signal(signal.SIGHUP, on_signal if reload else signal.SIG_IGN)
 
 
 def raise_fd_limit():
@@ -8167,6 +9939,9 @@ def summary(config):
             for host in group.hosts:
                 lines.append('    host %s %s%s' % (host.name, host.ip,
                                                    extra(shown_attrs(host, skip=('name', 'ip')), ' ', '', ' ')))
+            for discover in group.discovers:
+                lines.append('    discover %s: %s' % (discover.name, ', '.join(
+                    shown_attrs(discover, skip=('name',), every=True))))
     if config.admin:
         lines.append('admin: listen %s%s; %d user(s)' % (
             config.admin.listen, extra(shown_attrs(config.admin, skip=('listen',))), len(config.admin.users)))
@@ -8179,6 +9954,7 @@ def summary(config):
                                       'auto (%d here)' % worker_count('auto')))
     if config.user:
         lines.append('runs as: user %s%s' % (config.user, ' group %s' % config.group if config.group else ''))
+    lines.extend(config_warnings(config))
     return '\n'.join(lines)
 
 
@@ -8307,31 +10083,18 @@ def main(argv=None):
         return 0
     workers = worker_count(args.workers if args.workers is not None else config.workers)
     lighten_logging()
-    setup_logging(config, args.verbose)
+    try:
+        setup_logging(config, args.verbose)
+    except OSError as e:
+        print('pydirector: cannot open the log: %s' % e, file=sys.stderr)
+        return 1
+    for line in config_warnings(config):
+        log.warning('%s', line)
     raise_fd_limit()
     notifier = Notifier()
     director = Director(config, notifier=notifier, accept=workers is None)
     director.udp_slots = workers or 1     # bound at start, with the rest: root may be dropped after
-
-    def on_signal(signum, frame):
-        # Only hand the loop a call: handlers must not touch state mid-event.
-        director.loop.call_soon_threadsafe(handle_signal, signum)
-
-    def handle_signal(signum):
-        if signum in (signal.SIGTERM, signal.SIGINT):
-            if director.stopping:
-                log.info('second stop signal: stopping now')
-                director.stop_now()
-            else:
-                director.begin_stop(config.drain)
-        elif signum == signal.SIGUSR1:
-            director.close_log()
-        elif signum == signal.SIGHUP:
-            director.reload_in_background()
-
-    # Before binding: once a port answers, a signal must find its handler.
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
-        signal.signal(signum, on_signal)
+    handle_signals(director)    # before binding: once a port answers, a signal must find its handler
     try:
         director.start()
     except OSError as e:
@@ -8377,7 +10140,7 @@ def main(argv=None):
             if admin_server is not None:
                 admin_server.stop()
             return 1
-        master.on_ready = notifier.ready
+        master.when_ready = notifier.ready
         master.start()
         log.info('started %d worker(s)', workers)
     notifier.start_watchdog(director.loop, director.serving)

@@ -46,16 +46,27 @@ query string, Python Director 1.0's style, only where <admin get_changes="on">:
 a GET can be made by any page in the operator's browser, and over plain HTTP
 nothing tells such a request from the operator's own, so keep that to an
 admin on HTTPS or on loopback):
-    addHost?service=S&group=G&name=N&ip=H:P[&weight=W][&maxconns=M][&send_proxy=v1|v2]
+    addHost?service=S&group=G&name=N&ip=H:P[&weight=W][&maxconns=M][&send_proxy=v1|v2][&backup=on]
+                    (an ip that is a listen of this balancer's, so that
+                    clients would come back, is refused as the config refuses it)
     delHost?service=S&group=G&name=N     (or &ip=H:P instead of name)
     delAllHosts?service=S&group=G
-    enableGroup?service=S&group=G[&drain=SECONDS][&rollback=SECONDS]
+    enableGroup?service=S&group=G[&drain=SECONDS][&rollback=SECONDS][&force=1]
                     drain: close the connections left on the old group after
                     that long; rollback: switch back unless a host of G is up
-                    within that long
+                    at the end of that window, by probes made since the switch
+                    (every host of G is probed at once); a group with no host
+                    up is refused (409) unless force=1
     changeScheduler?service=S&group=G&scheduler=X
-    hostAdminDown?service=S&group=G&name=N     (drain: no new connections)
-    hostAdminUp?service=S&group=G&name=N
+    setHost?service=S&group=G&name=N[&weight=W][&maxconns=M][&state=ready|drain|maint][&force=1]
+                    change a host in place, keeping its health, counters and
+                    connections (HAProxy's set server weight / maxconn /
+                    state): drain takes no new clients but its sticky ones,
+                    maint takes none and stops its probes; drain or maint for
+                    the last host up of the enabled group is refused (409)
+                    unless force=1
+    hostAdminDown?service=S&group=G&name=N[&force=1]   (Python Director 1.0's: setHost state=drain)
+    hostAdminUp?service=S&group=G&name=N       (1.0's: setHost state=ready, from drain or maint)
     retryHost?service=S&group=G&name=N         (health-check it now)
     addUser?name=N&password=P&access=full|readonly
                     (or password_hash=H instead of password: a hash as a
@@ -81,8 +92,9 @@ Statuses: 400 bad, missing or unknown parameter; 401 no or bad credentials
 (with the Basic challenge wget waits for); 403 read-only user, or a
 cross-site change; 404 unknown page, service, group, host or user; 405
 wrong method (a change as GET: it names --post-data and get_changes); 409
-refused by a rule (last host of the enabled group, last full user, a
-config file changed on disk for saveConfig, ...); 411/413/414/415/431 a
+refused by a rule (last host of the enabled group, a group with no host up,
+draining the last host up, last full user, a config file changed on disk
+for saveConfig, ...; force=1 where the call says); 411/413/414/415/431 a
 request we will not read; 429 too many failed logins from this address, or
 another password being checked (Retry-After says how long); 503 the
 balancer loop did not answer in time, or every worker is busy.  500 means
@@ -138,8 +150,9 @@ then enableGroup (with --drain/--rollback if given); then delHost and
 delGroup, once what they remove no longer takes new connections; users
 last (addUser before delUser, as the last full-access user cannot go, and
 the calling user's own change at the very end, as later calls would not
-pass with its old password).  No call changes a host in place, so a host
-whose ip, weight, maxconns or send_proxy changes is deleted and added again
+pass with its old password).  A host whose weight or maxconns changes is
+changed in place by setHost (its health, counters and connections stay); a
+host whose ip, send_proxy or backup changes is deleted and added again
 (its open connections finish; its counters restart): after the switch when
 its group stops being the enabled one, else at once when the group has
 other hosts to serve meanwhile.  What no call can do -- a service added or
@@ -251,12 +264,14 @@ def _action(method, required=(), optional=(), prepare=None, on_loop=True):
 # The changes: path -> Action.  POST (and GET with a query string where
 # <admin get_changes="on">), full access only, and the cross-site check.
 ACTIONS = {
-    '/addHost': _action('add_host', ('service', 'group', 'name', 'ip'), ('weight', 'maxconns', 'send_proxy')),
+    '/addHost': _action('add_host', ('service', 'group', 'name', 'ip'),
+                        ('weight', 'maxconns', 'send_proxy', 'backup')),
     '/delHost': _action('del_host', ('service', 'group'), ('name', 'ip'), _delhost_params),
     '/delAllHosts': _action('del_all_hosts', ('service', 'group')),
-    '/enableGroup': _action('enable_group', ('service', 'group'), ('drain', 'rollback')),
+    '/enableGroup': _action('enable_group', ('service', 'group'), ('drain', 'rollback', 'force')),
     '/changeScheduler': _action('change_scheduler', ('service', 'group', 'scheduler')),
-    '/hostAdminDown': _action('host_admin_down', ('service', 'group', 'name')),
+    '/setHost': _action('set_host', ('service', 'group', 'name'), ('weight', 'maxconns', 'state', 'force')),
+    '/hostAdminDown': _action('host_admin_down', ('service', 'group', 'name'), ('force',)),
     '/hostAdminUp': _action('host_admin_up', ('service', 'group', 'name')),
     '/retryHost': _action('retry_host', ('service', 'group', 'name')),
     '/addUser': _action('add_user', ('name', 'access'), ('password', 'password_hash'), _adduser_params),
@@ -1308,9 +1323,9 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
         director = self.server.director
         method = getattr(director, action.method)
         result = method(**p) if not action.on_loop else self.call(method, **p)
-        if director.workers is not None:
+        if director.master is not None:
             # A master: the answer waits until every live worker has made the change too.
-            director.workers.sync(self.server.loop_timeout)
+            director.master.sync(self.server.loop_timeout)
         return result
 
     # -- request pieces -----------------------------------------------------
@@ -1569,7 +1584,7 @@ form.inline { display: inline; margin: 0; }
 .msg { padding: 0.4em 0.8em; border: 1px solid; }
 .ok { background: #e8f6e8; border-color: #7c7; }
 .error { background: #fbe9e9; border-color: #d77; }
-.up { color: #070; } .down { color: #b00; } .draining { color: #a60; }
+.up { color: #070; } .down { color: #b00; } .draining { color: #a60; } .maint { color: #555; }
 .enabled { font-weight: bold; }
 .switch { background: #fff6e0; border-color: #db7; }
 ol.timeline { margin: 0.2em 0; padding-left: 1.2em; font-size: 0.9em; }
@@ -1622,7 +1637,7 @@ def render_index(snapshot, user, access):
 def render_host_state(host, now):
     e = html.escape
     state = host['state']
-    css = state if state in ('up', 'down', 'draining') else 'down'
+    css = state if state in ('up', 'down', 'draining', 'maint') else 'down'
     text = e(state)
     if host['reason'] and state != 'up':
         text += ': ' + e(host['reason'])
@@ -1677,10 +1692,17 @@ def render_group(service, group, now, can_change):
                % ('<th>actions</th>' if can_change else ''))
     for host in group['hosts']:
         address = e(host['ip'])
+        if host.get('discovered'):
+            address += ' <span class="note">(from DNS: %s)</span>' % e(host['discovered'])
         if host.get('send_proxy'):
             address += ' <span class="note">(sends PROXY %s)</span>' % e(host['send_proxy'])
+        if host.get('backup'):
+            address += ' <span class="note">(backup)</span>'
         cells = ['<td>%s</td>' % e(host['name']), '<td>%s</td>' % address, render_host_state(host, now)]
-        numbers = [host['open'], host['total'], host['weight'], host['maxconns'] or '-',
+        weight = str(host['weight'])
+        if host.get('effective_weight', host['weight']) != host['weight']:
+            weight += ' (slow start: %s)' % explain_number(host['effective_weight'])
+        numbers = [host['open'], host['total'], weight, host['maxconns'] or '-',
                    host['bytes_in'], host['bytes_out']]
         cells.extend('<td class="n">%s</td>' % e(str(n)) for n in numbers)
         cells.append(render_checks(host, now))
@@ -1691,6 +1713,10 @@ def render_group(service, group, now, can_change):
                 actions.append(form('hostAdminDown', sgh, 'drain'))
             else:
                 actions.append(form('hostAdminUp', sgh, 'enable'))
+            if host['admin'] != 'maint':
+                actions.append(form('setHost', sgh + [('state', 'maint')], 'maint'))
+            actions.append(form('setHost', sgh, 'set weight',
+                                '<input name="weight" value="%s" size="5" aria-label="weight"> ' % host['weight']))
             if host['health'] == 'down':
                 actions.append(form('retryHost', sgh, 'retry now'))
             actions.append(form('delHost', sgh, 'delete'))
@@ -1699,6 +1725,8 @@ def render_group(service, group, now, can_change):
     if not group['hosts']:
         out.append('<tr><td colspan="%d" class="note">no hosts</td></tr>' % (11 if can_change else 10))
     out.append('</table>')
+    if group.get('discover'):
+        out.extend(render_discover(group['discover'], now))
     if can_change:
         out.append('<p>%s</p>' % form('addHost', sg, 'add host',
                                       '<input name="name" placeholder="name" size="12" aria-label="host name"> '
@@ -1708,7 +1736,40 @@ def render_group(service, group, now, can_change):
                                       'aria-label="max conns"> '
                                       '<select name="send_proxy" aria-label="PROXY header to the host">'
                                       '<option value="">no PROXY header</option><option>v1</option>'
-                                      '<option>v2</option></select> '))
+                                      '<option>v2</option></select> '
+                                      '<label><input type="checkbox" name="backup" value="on"> backup</label> '))
+    return out
+
+
+def render_discover(discovers, now):
+    """A group's <discover> elements: what each last found, and how its queries went."""
+    e = html.escape
+    out = ['<table><tr><th>from DNS</th><th>server</th><th>hosts</th><th>last answer</th><th>TTL</th>'
+           '<th>next query</th><th>last error</th><th>answers</th><th>failures</th><th>ignored</th></tr>']
+    for d in discovers:
+        name = '%s <span class="note">(%s%s, keep %s)</span>' % (
+            e(d['name']), e(d['type'].upper()), ' port %d' % d['port'] if d['port'] else '', e(d['keep']))
+        hosts = '%d' % d['hosts']
+        if d['left_out'] or d['notes']:
+            hosts += '<br><span class="note">%s</span>' % e('; '.join(
+                (['%d left out: a group holds %d from DNS' % (d['left_out'], pydirector.MAX_DISCOVERED)]
+                 if d['left_out'] else []) + d['notes']))
+        if d['last_answer'] is None:
+            answered = '<span class="note">none yet</span>'
+        else:
+            answered = '%s (%s ago)' % (e(when(d['last_answer'])), e(duration(now - d['last_answer'])))
+        error = '-'
+        if d['last_error']:
+            error = '<span class="%s">%s</span><br><span class="note">%s</span>' % (
+                'down' if d['failing'] else 'note', e(d['last_error']), e(when(d['last_error_time'])))
+        failures = ', '.join('%s %d' % (kind, n) for kind, n in sorted(d['failures'].items()) if n) or '0'
+        cells = [name, e(d['server'] or d['resolver'] or 'resolv.conf'), hosts, answered,
+                 '-' if d['ttl'] is None else '%d s' % d['ttl'],
+                 '-' if d['next_query'] is None else 'in %s' % e(duration(d['next_query'] - now)),
+                 error, '%d' % d['answers'], e(failures),
+                 '%d%s' % (d['ignored'], ' (%d over TCP)' % d['tcp'] if d['tcp'] else '')]
+        out.append('<tr>%s</tr>' % ''.join('<td>%s</td>' % cell for cell in cells))
+    out.append('</table>')
     return out
 
 
@@ -1899,10 +1960,10 @@ def render_running_txt(snapshot):
         group NAME enabled|inactive           then that group's hosts:
         host NAME IP:PORT OPEN TOTAL up       a host taking new connections
         disabled NAME IP:PORT REASON - OPEN TOTAL
-                                              a host that is not: down or draining
+                                              a host that is not: down, draining or in maint
 
-    REASON is 'draining' (an operator drained it), the health check's reason
-    for a down host, or both joined by ','.  No field ever contains
+    REASON is 'draining' or 'maint' (an operator's setHost or hostAdminDown),
+    the health check's reason for a down host, or both joined by ','.  No field ever contains
     whitespace: runs of it become '_' (so 'connection refused' reads
     'connection_refused'), control characters are backslash-escaped, and an
     empty field is '-'.  The original's fields come first, its '-' too, so
@@ -1959,7 +2020,7 @@ def render_explain(info):
     if info.get('host') is None:
         lines.append('host: none')
     elif allowed:
-        lines.append('host: %s %s' % (t(info['host']), t(info.get('address') or '-')))
+        lines.append('host: %s %s%s' % (t(info['host']), t(info.get('address') or '-'), from_dns(info, info['host'])))
     else:
         lines.append('host: none (if allowed: %s %s)' % (t(info['host']), t(info.get('address') or '-')))
     if info.get('reason'):
@@ -1979,12 +2040,24 @@ def render_explain(info):
         lines.append('ranking: %s' % ', '.join('%s %s' % (t(name), explain_number(score))
                                                for name, score in info['ranking']))
     for name, why in info.get('skipped') or ():
-        lines.append('skipped: %s (%s)' % (t(name), t(why)))
+        lines.append('skipped: %s (%s)%s' % (t(name), t(why), from_dns(info, name)))
     if not info.get('skipped'):
         lines.append('skipped: none')
+    for name, effective, weight, left in info.get('ramping') or ():
+        lines.append('slow start: %s at effective weight %s of %s, %s s left' % (
+            t(name), explain_number(effective), weight, explain_number(round(left, 1))))
+    discovered = collections.Counter((info.get('from_dns') or {}).values())
+    for discover, count in sorted(discovered.items()):
+        lines.append('from DNS: %d host(s) of the group from discover %s' % (count, t(discover)))
     for client, listen, host in info.get('sessions') or ():
         lines.append('session: %s on %s goes to %s' % (t(client), t(listen), t(host)))
     return ''.join(line + '\n' for line in lines)
+
+
+def from_dns(info, host):
+    """' (from DNS: NAME)' for a host a <discover> found, else ''."""
+    discover = (info.get('from_dns') or {}).get(host)
+    return ' (from DNS: %s)' % escape_text(discover) if discover else ''
 
 
 def metric_label(value):
@@ -2038,8 +2111,12 @@ WORKER_METRICS = [
 HOST_METRICS = [
     ('pydirector_host_up', 'gauge', '1 if the host passes its health checks, else 0.',
      lambda h, now: 1 if h['health'] == 'up' else 0),
-    ('pydirector_host_draining', 'gauge', '1 if an operator drained the host (no new connections).',
-     lambda h, now: 0 if h['admin'] == 'enabled' else 1),
+    ('pydirector_host_draining', 'gauge', '1 if an operator drained the host (no new clients but its sticky ones).',
+     lambda h, now: 1 if h['admin'] == 'draining' else 0),
+    ('pydirector_host_maint', 'gauge', '1 if an operator put the host in maint (no clients, no probes).',
+     lambda h, now: 1 if h['admin'] == 'maint' else 0),
+    ('pydirector_host_backup', 'gauge', '1 for a backup host (used only while no other host of its group is up).',
+     lambda h, now: 1 if h.get('backup') else 0),
     ('pydirector_host_open_connections', 'gauge', 'Connections open to the host now.',
      lambda h, now: h['open']),
     ('pydirector_host_connections_total', 'counter', 'Connections made to the host.',
@@ -2049,6 +2126,9 @@ HOST_METRICS = [
     ('pydirector_host_bytes_out_total', 'counter', 'Bytes relayed from the host to clients (closed connections).',
      lambda h, now: h['bytes_out']),
     ('pydirector_host_weight', 'gauge', 'The host\'s scheduler weight.', lambda h, now: h['weight']),
+    ('pydirector_host_effective_weight', 'gauge',
+     'The part of its weight the host takes now: its weight, less during slow start.',
+     lambda h, now: float(h.get('effective_weight', h['weight']))),
     # Only from a true count: the timeline keeps the last few changes, and a counter that
     # stops there would hide exactly the flapping it is for.
     ('pydirector_host_state_changes_total', 'counter', 'Times the host changed state (up, down, draining).',
@@ -2058,6 +2138,25 @@ HOST_METRICS = [
      lambda h, now: float(h['timeline'][-1]['when']) if h['timeline'] else None),
     ('pydirector_host_next_probe_seconds', 'gauge', 'Seconds until the host\'s next health check.',
      lambda h, now: None if h['next_probe'] is None else max(0.0, h['next_probe'] - now)),
+]
+
+
+# One sample per <discover> (labels service, group, discover); failures one per reason.
+DISCOVER_METRICS = [
+    ('pydirector_discover_hosts', 'gauge', 'Hosts of the group that came from this DNS name.',
+     lambda d: d['hosts']),
+    ('pydirector_discover_failing', 'gauge', '1 if the last query of the name failed, else 0.',
+     lambda d: 1 if d['failing'] else 0),
+    ('pydirector_discover_answers_total', 'counter', 'Good answers to the queries of the name.',
+     lambda d: d['answers']),
+    ('pydirector_discover_failures_total', 'counter',
+     'Queries of the name that failed, by reason: timeout, refused, servfail, nxdomain, empty, error.', None),
+    ('pydirector_discover_ignored_total', 'counter',
+     'DNS messages ignored as not the answer: a wrong ID or question, or malformed.', lambda d: d['ignored']),
+    ('pydirector_discover_ttl_seconds', 'gauge', 'The TTL of the last good answer.', lambda d: d['ttl']),
+    ('pydirector_discover_last_answer_timestamp_seconds', 'gauge',
+     'When the last good answer came, in seconds since the epoch.',
+     lambda d: None if d['last_answer'] is None else float(d['last_answer'])),
 ]
 
 
@@ -2081,6 +2180,10 @@ def render_metrics(snapshot):
     family('pydirector_config_last_reload_success_timestamp_seconds', 'gauge',
            'When the config was last loaded successfully (at start or by a reload), in seconds since the epoch.')
     out.append('pydirector_config_last_reload_success_timestamp_seconds %.3f' % reload['success_time'])
+    family('pydirector_log_lines_dropped_total', 'counter',
+           'Log lines dropped because their target (stderr, the log file, syslog) took no more '
+           'or failed; with workers, every process\'s.')
+    out.append('pydirector_log_lines_dropped_total %d' % snapshot.get('log_lines_dropped', 0))
     services = snapshot['services']
     for name, kind, help_text, key in SERVICE_METRICS:
         family(name, kind, help_text)
@@ -2113,6 +2216,21 @@ def render_metrics(snapshot):
             continue
         family(name, kind, help_text)
         out.extend(samples)
+    discovers = [(service, group, d) for service in services for group in service['groups']
+                 for d in group.get('discover') or ()]
+    for name, kind, help_text, value in DISCOVER_METRICS:
+        if discovers:
+            family(name, kind, help_text)
+        for service, group, d in discovers:
+            labels = [('service', service['name']), ('group', group['name']), ('discover', d['name'])]
+            if name == 'pydirector_discover_failures_total':
+                for reason, count in sorted(d['failures'].items()):
+                    out.append('%s%s %d' % (name, metric_labels(labels + [('reason', reason)]), count))
+                continue
+            number = value(d)
+            if number is not None:
+                out.append('%s%s %s' % (name, metric_labels(labels), '%.3f' % number if isinstance(number, float)
+                                        else '%d' % number))
     workers = snapshot.get('workers') or []
     for name, kind, help_text, key in WORKER_METRICS:
         if workers:
@@ -2150,7 +2268,8 @@ def render_metrics(snapshot):
 # ---------------------------------------------------------------------------
 
 CANNOT = '# cannot apply through the admin API: %s; edit the file on the balancer and reload'
-HOST_ATTRS = ('name', 'ip', 'weight', 'maxconns', 'send_proxy')    # what addHost can set
+HOST_ATTRS = ('name', 'ip', 'weight', 'maxconns', 'send_proxy', 'backup')    # what addHost can set
+SET_HOST_ATTRS = ('weight', 'maxconns')                                      # what setHost changes in place
 # A host setting's default as a plan shows it ('weight 1 -> 3', 'send_proxy none -> v1').
 HOST_DEFAULTS = pydirector.default_texts(pydirector.HOST_ATTRS)
 USER_ATTRS = ('name', 'password', 'access')                         # what addUser can set
@@ -2218,7 +2337,8 @@ def plan_changes(running, new, user=None, drain=None, rollback=None):
     pydirector.ConfigDiff.  user is the admin user the calls are made as: its own
     change, if any, comes last, so the calls before it still pass.
 
-    Order: new groups, their hosts, new hosts, scheduler changes and host changes first;
+    Order: new groups, their hosts, new hosts, scheduler changes and host changes (setHost,
+    or delete and add) first;
     then enableGroup; then delHost and delGroup (the old group is no longer enabled by
     then); users last, new ones before deleted ones (the last full-access user cannot go).
     """
@@ -2265,7 +2385,8 @@ def plan_service(name, diff, build, switch, after, problem, drain, rollback):
             build.append(Step('newGroup', [('service', name), ('group', group_name),
                                            ('scheduler', group.get('scheduler'))]))
             build.extend(add_host_step(name, group_name, host) for host in hosts)
-            for key, text in attribute_changes(ElementTree.Element('group'), group, skip=('name', 'scheduler')):
+            for key, text in (attribute_changes(ElementTree.Element('group'), group, skip=('name', 'scheduler')) +
+                              pydirector.element_changes(ElementTree.Element('group'), group, ('host',))):
                 problem('%s: %s' % (where, text))
             continue
         gd = diff.groups[group_name]
@@ -2279,11 +2400,16 @@ def plan_service(name, diff, build, switch, after, problem, drain, rollback):
         for host_name, old_host, host in gd.changed:
             if not addable(where, host_name, host, old_host, problem):
                 continue
-            # No call changes a host in place: delete it and add it again.  Its open
-            # connections finish; only its counters start again.
+            changes = attribute_changes(old_host, host, defaults=HOST_DEFAULTS)
+            if all(key in SET_HOST_ATTRS for key, _ in changes):
+                # In place: its health, counters and connections stay.
+                build.append(Step('setHost', [('service', name), ('group', group_name), ('name', host_name)] +
+                                  [(key, host.get(key, HOST_DEFAULTS[key])) for key, _ in changes]))
+                continue
+            # What setHost cannot change (ip, send_proxy, backup): delete it and add it
+            # again.  Its open connections finish; only its counters start again.
             readd = [Step(None, comment='%s host %s: %s; delete and add again' % (
-                         where, host_name, ', '.join(text for _, text in
-                                                     attribute_changes(old_host, host, defaults=HOST_DEFAULTS)))),
+                         where, host_name, ', '.join(text for _, text in changes))),
                      Step('delHost', [('service', name), ('group', group_name), ('name', host_name)]),
                      add_host_step(name, group_name, host)]
             if group_name != old_enabled:

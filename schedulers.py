@@ -14,6 +14,12 @@ updates it when a host changes, not on every pick.  So every change to a host
 that can move connections goes through the scheduler's methods, never through
 the Host's fields (see Scheduler).
 
+Two things shape the eligible set beyond each host's own state: backup hosts
+(``Host.backup``) take clients only while no other host of the scheduler is
+up and enabled, and slow start lets a host that comes back take a growing
+part of its weight (``mark_up(..., slowstart=S)``; step_ramps() moves the
+ramps on, in steps, so a pick never computes a weight).
+
 The loop thread owns the schedulers and the Host objects in them; nothing here
 is thread-safe, by design.
 """
@@ -28,8 +34,18 @@ import struct
 from array import array
 
 UP, DOWN = 'up', 'down'                     # health: set by probes and failed connects
-ENABLED, DRAINING = 'enabled', 'draining'   # admin state: set by the operator
-ADMIN_STATES = (ENABLED, DRAINING)
+# Admin state, set by the operator (HAProxy's ready, drain, maint): enabled takes
+# clients; draining takes only its sticky clients; maint takes none at all.
+ENABLED, DRAINING, MAINT = 'enabled', 'draining', 'maint'
+ADMIN_STATES = (ENABLED, DRAINING, MAINT)
+
+# Slow start: a ramp is RAMP_STEPS steps (fewer when that would make them shorter
+# than RAMP_MIN_STEP seconds); the host's share of its weight grows by one step's
+# part at each.  While a host of a scheduler ramps, the structures that need whole
+# weights work on weights times RAMP_SCALE (so a 5% step of weight 1 is whole).
+RAMP_STEPS = 20
+RAMP_MIN_STEP = 0.1
+RAMP_SCALE = 20
 
 
 class Host(object):
@@ -41,6 +57,9 @@ class Host(object):
     a scheduler, ``weight``, ``maxconns``, ``health``, ``admin`` and ``open``
     change only through that scheduler (update_host, mark_up, ...), which
     keeps its structures in step; a host belongs to one scheduler at a time.
+    ``backup``: the host takes clients only while no normal host of its
+    scheduler is up and enabled.  ``eweight`` is the weight the scheduler's
+    structure works with: ``weight``, but for slow start (see Scheduler).
     """
 
     # __slots__ because a large farm keeps one of these per host per group,
@@ -52,6 +71,7 @@ class Host(object):
         'address', 'probe_ok', 'probe_fail',
         'send_proxy',   # None, 'v1' or 'v2': the balancer's PROXY protocol setting
         'config',       # the balancer's: the config it was made from (its other settings)
+        'backup', 'eweight',
         # The owning scheduler's bookkeeping:
         '_owner',       # the Scheduler it is in; None when in none
         '_order',       # its place in host (config) order: increasing, not contiguous
@@ -59,9 +79,12 @@ class Host(object):
         '_entry',       # its live entry in the scheduler's heap (older ones are stale)
         '_slot',        # random: its position in the weight tree; hash: its ring slot
         '_last_pick',   # leastconnsrr's tie-break: the scheduler's pick number
+        '_share',       # slow start: the part of its weight it takes now (1.0: all)
+        '_ramp',        # slow start: (start, seconds) by the scheduler's clock, or None
+        '_fell',        # it went down from up once: slow start applies when it returns
     )
 
-    def __init__(self, name, ip, weight=1, maxconns=0, send_proxy=None):
+    def __init__(self, name, ip, weight=1, maxconns=0, send_proxy=None, backup=False):
         if weight < 1:
             raise ValueError(f"host '{name}': weight must be at least 1")
         if maxconns < 0:
@@ -83,16 +106,26 @@ class Host(object):
         self.probe_fail = 0
         self.send_proxy = send_proxy
         self.config = None
+        self.backup = backup
+        self.eweight = weight
         self._owner = None
         self._order = 0
         self._ok = False
         self._entry = None
         self._slot = -1
         self._last_pick = 0
+        self._share = 1.0
+        self._ramp = None
+        self._fell = False
+
+    @property
+    def effective_weight(self):
+        """The part of its weight the host takes now: all of it, but during slow start."""
+        return self.weight * self._share
 
     def __repr__(self):
         return (f'<Host {self.name} {self.ip} weight={self.weight} '
-                f'{self.health} {self.admin} open={self.open}>')
+                f'{self.health} {self.admin}{" backup" if self.backup else ""} open={self.open}>')
 
 
 def _heap_in_order(heap):
@@ -141,13 +174,29 @@ class Scheduler(object):
       _choose() would return, with no side effects.
 
     ``sticky=True`` adds client affinity on top of any algorithm: a client IP
-    goes back to the host it last used while that host stays eligible, and
-    the memory of it expires after ``sticky_timeout`` idle seconds by
-    ``clock`` (required when sticky).  At most ``sticky_max`` clients are
-    remembered; the least recently seen are forgotten first.
+    goes back to the host it last used while that host stays eligible (or
+    draining: a draining host takes only these), and the memory of it
+    expires after ``sticky_timeout`` idle seconds by ``clock`` (required
+    when sticky).  At most ``sticky_max`` clients are remembered; the least
+    recently seen are forgotten first.
+
+    Backup hosts (``host.backup``) are eligible only while no normal host is
+    up and enabled (HAProxy's ``backup``): when the last one goes, every
+    backup host is brought in, and out again when one returns; full normal
+    hosts keep the backups out (the client waits for a place instead).
+
+    Slow start: mark_up() with ``slowstart`` seconds (and set_admin() out
+    of maint) starts a ramp for a host that has been down before (never at
+    its first coming up): its ``eweight`` grows in RAMP_STEPS steps from a
+    small part of its weight to all of it, each step made by step_ramps(),
+    which the owner calls at the time it returns (by ``clock``, required).
+    Structures work on ``eweight``, so no pick computes a weight; while a
+    host ramps they work on weights times RAMP_SCALE (unless ``_scaled`` is
+    False: the hash ring gives a ramping host part of its points instead).
     """
 
     name = None
+    _scaled = True      # see slow start
 
     def __init__(self, hosts=(), sticky=False, sticky_timeout=3600.0,
                  clock=None, rng=None, sticky_max=100000):
@@ -176,6 +225,10 @@ class Scheduler(object):
         self._next_order = 0
         self._eligible = 0      # hosts with _ok
         self._ready = 0         # hosts up and enabled, full or not
+        self._normal_ready = 0  # of those, the ones that are not backups
+        self._backups = 0       # backup hosts
+        self._backups_on = True  # no normal host up and enabled: the backups are eligible
+        self._ramping = set()   # hosts on a slow start ramp
         self._dirty = True
         self._sticky.clear()
         self._clients = {}
@@ -224,10 +277,15 @@ class Scheduler(object):
         host._last_pick = 0
         hosts.append(host)
         self._by_name[host.name] = host
-        if host.health == UP and host.admin == ENABLED:
-            self._ready += 1
+        if host.backup:
+            self._backups += 1
+        if host._ramp is not None:
+            self._ramp_joined(host)
+        host.eweight = self._eweight(host)
+        self._count_ready(host, 1)
         self._joined(host)
         self._refresh(host)
+        self._check_backups()
         return host
 
     def remove_host(self, name):
@@ -241,8 +299,9 @@ class Scheduler(object):
         del self._by_name[host.name]
         for client_ip in self._clients.pop(host, ()):
             del self._sticky[client_ip]
-        if host.health == UP and host.admin == ENABLED:
-            self._ready -= 1
+        self._count_ready(host, -1)
+        if host.backup:
+            self._backups -= 1
         if host._ok:
             self._eligible -= 1
         self._left(host)
@@ -250,17 +309,37 @@ class Scheduler(object):
         host._ok = False
         host._entry = None
         self._gone += 1
+        if host in self._ramping:
+            # Its ramp goes with it (take_state_from, a reload); only the scale is ours.
+            self._ramping.discard(host)
+            if not self._ramping:
+                self._rescale()
+        self._check_backups()
 
-    def update_host(self, host, weight=None, maxconns=None):
-        """Change a host's weight and/or maxconns (None: keep); True if either changed."""
+    def update_host(self, host, weight=None, maxconns=None, backup=None):
+        """Change a host's weight, maxconns and/or backup (None: keep); True if any changed."""
         changed = False
+        if backup is not None and backup != host.backup:
+            if host._owner is self:
+                self._count_ready(host, -1)
+                self._backups += 1 if backup else -1
+                host.backup = backup
+                self._count_ready(host, 1)
+                self._refresh(host)
+                self._check_backups()
+            else:
+                host.backup = backup
+            changed = True
         if weight is not None and weight != host.weight:
             if weight < 1:
                 raise ValueError(f"host '{host.name}': weight must be at least 1")
             old = host.weight
             host.weight = weight
             if host._owner is self:
+                host.eweight = self._eweight(host)
                 self._reweighed(host, old)
+            else:
+                host.eweight = weight
             changed = True
         if maxconns is not None and maxconns != host.maxconns:
             if maxconns < 0:
@@ -321,6 +400,11 @@ class Scheduler(object):
         self._dirty = True
 
     def _reweighed(self, host, old_weight):
+        """The host's weight changed (and its eweight with it)."""
+        self._dirty = True
+
+    def _reshared(self, host, old_eweight):
+        """Slow start moved the host's eweight."""
         self._dirty = True
 
     def _reordered(self):
@@ -345,13 +429,34 @@ class Scheduler(object):
                 if not self._dirty:
                     self._leave(host)
 
+    def _count_ready(self, host, delta):
+        if host.health == UP and host.admin == ENABLED:
+            self._ready_by(host, delta)
+
+    def _ready_by(self, host, delta):
+        self._ready += delta
+        if not host.backup:
+            self._normal_ready += delta
+
+    def _check_backups(self):
+        """Bring the backup hosts in when the last normal host stops being up and
+        enabled, and out when one is again (O(hosts), at those moments only)."""
+        on = not self._normal_ready
+        if on is not self._backups_on:
+            self._backups_on = on
+            if self._backups:
+                for host in self.hosts:
+                    if host.backup:
+                        self._refresh(host)
+
     def _set_ready(self, host, was_ready):
         if host._owner is not self:
             return
         ready = host.health == UP and host.admin == ENABLED
         if ready is not was_ready:
-            self._ready += 1 if ready else -1
+            self._ready_by(host, 1 if ready else -1)
         self._refresh(host)
+        self._check_backups()
 
     def mark_down(self, host, reason, when):
         if host.health == DOWN:
@@ -360,34 +465,141 @@ class Scheduler(object):
         host.health = DOWN
         host.reason = reason
         host.since = when
+        host._fell = True
+        self._end_ramp(host)
         self._set_ready(host, was_ready)
         return True
 
-    def mark_up(self, host, when):
+    def mark_up(self, host, when, slowstart=0):
+        """slowstart: seconds of slow start, for a host that has been down before."""
         if host.health == UP:
             return False
         was_ready = host.health == UP and host.admin == ENABLED
         host.health = UP
         host.reason = ''
         host.since = when
+        if slowstart and host._fell and host.admin != MAINT and host._owner is self:
+            self._start_ramp(host, slowstart)
         self._set_ready(host, was_ready)
         return True
 
-    def set_admin(self, host, state, when):
+    def set_admin(self, host, state, when, slowstart=0):
+        """slowstart: seconds of slow start, for an up host that leaves maint."""
         if state not in ADMIN_STATES:
             raise ValueError(f"unknown admin state '{state}' "
                              f"(known: {', '.join(ADMIN_STATES)})")
         if host.admin == state:
             return False
         was_ready = host.health == UP and host.admin == ENABLED
+        old = host.admin
         host.admin = state
         host.since = when
+        if state == MAINT:
+            self._end_ramp(host)
+        elif old == MAINT and slowstart and host.health == UP and host._owner is self:
+            self._start_ramp(host, slowstart)
         self._set_ready(host, was_ready)
         return True
 
     def eligible(self, host):
         return (host.health == UP and host.admin == ENABLED
-                and (host.maxconns == 0 or host.open < host.maxconns))
+                and (host.maxconns == 0 or host.open < host.maxconns)
+                and (self._backups_on or not host.backup))
+
+    def _takes_sticky(self, host):
+        """A client's sticky host takes it: eligible, or draining and otherwise
+        able (HAProxy's drain: only the clients that persist on it)."""
+        return host._ok or (host.admin == DRAINING and host.health == UP
+                            and (host.maxconns == 0 or host.open < host.maxconns)
+                            and (self._backups_on or not host.backup))
+
+    # -- slow start ----------------------------------------------------------
+
+    @property
+    def ramping(self):
+        """The hosts on a slow start ramp now (a set: read it, do not change it)."""
+        return self._ramping
+
+    def _eweight(self, host):
+        if not self._ramping or not self._scaled:
+            return host.weight
+        return max(1, round(host.weight * RAMP_SCALE * host._share))
+
+    def _start_ramp(self, host, seconds):
+        if self.clock is None:
+            raise ValueError('slow start needs a clock')
+        now = self.clock()
+        host._ramp = (now, float(seconds))
+        self._ramp_joined(host)
+        self._ramp_to(host, now)
+
+    def _ramp_joined(self, host):
+        first = not self._ramping
+        self._ramping.add(host)
+        if first:
+            self._rescale()
+
+    def _end_ramp(self, host):
+        if host._ramp is not None or host._share != 1.0:
+            self._set_share(host, 1.0)
+
+    def _ramp_to(self, host, now):
+        """Set the host's share for its ramp at now; when its next step is due (None: done)."""
+        start, seconds = host._ramp
+        step = max(seconds / RAMP_STEPS, RAMP_MIN_STEP)
+        done = max(0, int((now - start) / step)) + 1     # steps taken: the first at once
+        share = done * step / seconds
+        if share > 0.999999:
+            share = 1.0
+        self._set_share(host, share)
+        return start + done * step if share < 1.0 else None
+
+    def _set_share(self, host, share):
+        if share >= 1.0:
+            share = 1.0
+            host._ramp = None
+        changed = share != host._share
+        host._share = share
+        if host._ramp is None and host in self._ramping:
+            self._ramping.discard(host)
+            if not self._ramping:
+                self._rescale()         # the last ramp ended: every host back to its weight
+        if changed:
+            self._share_changed(host)
+
+    def _rescale(self):
+        """A first ramp began or the last ended: the scale of every eweight changed."""
+        if self._scaled:
+            for host in self.hosts:
+                self._share_changed(host)
+
+    def _share_changed(self, host):
+        old = host.eweight
+        host.eweight = self._eweight(host)
+        if host.eweight != old and host._owner is self:
+            self._reshared(host, old)
+
+    def step_ramps(self):
+        """Move every slow start ramp on to now (by clock); returns when the next
+        step is due (by clock), or None when no host ramps any more."""
+        if not self._ramping:
+            return None
+        now = self.clock()
+        due = None
+        for host in sorted(self._ramping, key=lambda h: h._order):
+            at = self._ramp_to(host, now)
+            if at is not None and (due is None or at < due):
+                due = at
+        return due
+
+    def ramps(self):
+        """[(host, effective weight, seconds left)] of the hosts on a ramp, in host
+        order: effective weight is the part of its weight a host takes now."""
+        if not self._ramping:
+            return []
+        now = self.clock()
+        return [(host, host.effective_weight, max(0.0, host._ramp[0] + host._ramp[1] - now))
+                for host in sorted(self._ramping, key=lambda h: h._order)]
 
     def connection_started(self, host):
         host.open += 1
@@ -486,7 +698,7 @@ class Scheduler(object):
         entry = table.get(client_ip)
         if entry is not None:
             host = entry[0]
-            if host._owner is self and host._ok and host not in exclude:
+            if host._owner is self and self._takes_sticky(host) and host not in exclude:
                 self._remember(client_ip, host, now)
                 return host
         host = self._pick_fresh(client_ip, exclude)
@@ -549,14 +761,17 @@ class Scheduler(object):
     def skip_reason(self, host, exclude=()):
         """Why pick() would pass over ``host`` now, or None if it would not.
 
-        One of 'down', the admin state ('draining', or any other that is not
-        enabled), 'full' (at maxconns) or 'excluded' (already tried), in that
-        order: what the operator can act on comes first.
+        One of 'down', the admin state ('draining', 'maint', or any other that
+        is not enabled), 'backup' (a backup host while a normal one is up),
+        'full' (at maxconns) or 'excluded' (already tried), in that order:
+        what the operator can act on comes first.
         """
         if host.health != UP:
             return 'down'
         if host.admin != ENABLED:
             return host.admin
+        if host.backup and not self._backups_on:
+            return 'backup'
         if host.maxconns and host.open >= host.maxconns:
             return 'full'
         if host in exclude:
@@ -614,6 +829,8 @@ class Scheduler(object):
                 result['sticky'] = {'host': host.name, 'expires_in': expires_in}
                 if host._owner is not self:
                     why = 'gone'
+                elif host not in exclude and self._takes_sticky(host):
+                    why = None
                 else:
                     why = self.skip_reason(host, exclude)
                 if why is None:
@@ -621,6 +838,9 @@ class Scheduler(object):
                     result['reason'] = (
                         f'sticky: client {client_ip} was on {host.name} '
                         f'{age:.0f} s ago (expires in {expires_in:.0f} s)')
+                    if host.admin == DRAINING:
+                        result['reason'] += '; draining, it takes only its sticky clients'
+                    self._explain_backup(result)
                     self._explain_extra(result, client_ip)
                     return result
                 prefix = f'sticky: client {client_ip} was on {host.name}, now {why}; '
@@ -631,8 +851,14 @@ class Scheduler(object):
         else:
             reason = self._explain_none(exclude)
         result['reason'] = prefix + reason
+        self._explain_backup(result)
         self._explain_extra(result, client_ip, candidates)
         return result
+
+    def _explain_backup(self, result):
+        host = result['host']
+        if host is not None and host.backup:
+            result['reason'] += '; a backup host: no normal host is up'
 
     def _explain_none(self, exclude):
         if not self.hosts:
@@ -711,8 +937,8 @@ class RandomScheduler(Scheduler):
         for i, host in enumerate(hosts):
             host._slot = i
             if host._ok:
-                tree[i + 1] = host.weight
-                total += host.weight
+                tree[i + 1] = host.eweight
+                total += host.eweight
         for i in range(1, size + 1):        # O(n) build: push each sum to its parent
             parent = i + (i & -i)
             if parent <= size:
@@ -731,19 +957,24 @@ class RandomScheduler(Scheduler):
             i += i & -i
 
     def _enter(self, host):
-        self._add(host._slot, host.weight)
-        self._total += host.weight
+        self._add(host._slot, host.eweight)
+        self._total += host.eweight
 
     def _leave(self, host):
-        self._add(host._slot, -host.weight)
-        self._total -= host.weight
+        self._add(host._slot, -host.eweight)
+        self._total -= host.eweight
+
+    def _reshared(self, host, old_eweight):
+        if host._ok and not self._dirty:     # a slow start step: one path of the tree
+            self._add(host._slot, host.eweight - old_eweight)
+            self._total += host.eweight - old_eweight
 
     def _choose(self, client_ip, exclude):
         total = self._total
         held = [host for host in exclude if host._ok and host._owner is self] if exclude else ()
         for host in held:           # out of the tree for this one draw
-            self._add(host._slot, -host.weight)
-            total -= host.weight
+            self._add(host._slot, -host.eweight)
+            total -= host.eweight
         try:
             if total <= 0:
                 return None
@@ -765,10 +996,10 @@ class RandomScheduler(Scheduler):
             return self._slots[pos]
         finally:
             for host in held:
-                self._add(host._slot, host.weight)
+                self._add(host._slot, host.eweight)
 
     def _predict(self, client_ip, exclude, candidates):
-        total = sum(host.weight for host in candidates)
+        total = sum(host.eweight for host in candidates)
         try:
             state = self.rng.getstate()
         except (AttributeError, NotImplementedError):
@@ -785,7 +1016,7 @@ class RandomScheduler(Scheduler):
         if host is None:
             return None, 'weighted random: no eligible weight in the tree'
         return host, (f'weighted random: the next draw gives {host.name} '
-                      f'(weight {host.weight} of total {total}, '
+                      f'(weight {host.eweight} of total {total}, '
                       f'{len(candidates)} eligible)')
 
     def _explain_extra(self, result, client_ip, candidates=None):
@@ -843,7 +1074,7 @@ class RoundRobinScheduler(Scheduler):
 
     def _rebuild(self):
         hosts = self.hosts
-        weighted = len({host.weight for host in hosts}) > 1
+        weighted = len({host.eweight for host in hosts}) > 1
         self._ring = []
         self._keys = []
         self._heap = []
@@ -881,7 +1112,7 @@ class RoundRobinScheduler(Scheduler):
     def _first_turn(self, host):
         """The host's first turn after the last one taken: its entry."""
         period, point, order = self._time
-        weight = host.weight
+        weight = host.eweight
         # About how many of its turns this round are at or before point;
         # the loop settles float rounding and ties (host order).
         turn = max(int(point * weight + 0.5) - 2, 0)
@@ -957,7 +1188,7 @@ class RoundRobinScheduler(Scheduler):
         self._time = (period, point, order)
         self._last = order
         self._last_host = host
-        weight = host.weight
+        weight = host.eweight
         if turn < weight:
             turn += 1
         else:
@@ -992,6 +1223,9 @@ class RoundRobinScheduler(Scheduler):
         host._entry = None      # its turns are spaced for the old weight
         self._dirty = True
 
+    def _reshared(self, host, old_eweight):
+        self._reweighed(host, old_eweight)
+
     def _predict(self, client_ip, exclude, candidates):
         if not self._weighted:
             i = self._rotation_next(exclude)
@@ -1005,9 +1239,9 @@ class RoundRobinScheduler(Scheduler):
                 break
         else:
             return None, 'weighted round robin: no eligible host in the heap'
-        total = sum(other.weight for other in candidates)
+        total = sum(other.eweight for other in candidates)
         return host, (f'weighted round robin: next in turn (turn {entry[5]} '
-                      f'of {host.weight} this round, total weight {total})')
+                      f'of {host.eweight} this round, total weight {total})')
 
     def _structure_state(self):
         if not self._weighted:
@@ -1037,12 +1271,12 @@ class LeastConnsScheduler(Scheduler):
     # open/weight compares exactly for equal ratios because IEEE division
     # is correctly rounded; seq keeps entries unique, so Hosts never compare.
     def _key(self, host):
-        entry = (host.open / host.weight, host._order, next(self._seq), host)
+        entry = (host.open / host.eweight, host._order, next(self._seq), host)
         host._entry = entry
         return entry
 
     def _rank_key(self, host):
-        return (host.open / host.weight, host._order)
+        return (host.open / host.eweight, host._order)
 
     def _rebuild(self):
         for host in self.hosts:
@@ -1089,6 +1323,9 @@ class LeastConnsScheduler(Scheduler):
     def _reweighed(self, host, old_weight):
         if host._ok and not self._dirty:
             self._enter(host)
+
+    def _reshared(self, host, old_eweight):
+        self._reweighed(host, old_eweight)
 
     def _loaded(self, host):
         self._enter(host)
@@ -1156,12 +1393,12 @@ class LeastConnsRRScheduler(LeastConnsScheduler):
 
     def _key(self, host):
         # Never-picked hosts (0) tie among themselves: host order decides.
-        entry = (host.open / host.weight, host._last_pick, host._order, next(self._seq), host)
+        entry = (host.open / host.eweight, host._last_pick, host._order, next(self._seq), host)
         host._entry = entry
         return entry
 
     def _rank_key(self, host):
-        return (host.open / host.weight, host._last_pick, host._order)
+        return (host.open / host.eweight, host._last_pick, host._order)
 
     def _choose(self, client_ip, exclude):
         host = self._top(exclude)
@@ -1189,9 +1426,16 @@ class HashScheduler(Scheduler):
     random: about 1/sqrt(points) apart).  A group with more than
     MAX_POINTS / POINTS units of weight gets half as many points per unit
     (again, as needed), which moves about half its clients once.
+
+    Slow start gives a returning host the first part of its points (its
+    share of its weight), then more at each step: a host's points are a
+    fixed sequence, so each step adds points and takes none away, and its
+    clients come back to it a few at a time, each once, while the others
+    stay where they are.
     """
 
     name = 'hash'
+    _scaled = False
 
     POINTS = 160                # ring points per unit of weight (nginx: 160)
     # Ring size bound: 4 MB, and about 0.3 s to build (the first pick after
@@ -1247,6 +1491,12 @@ class HashScheduler(Scheduler):
     def _reordered(self):
         pass        # the ring does not depend on host order
 
+    def _share_changed(self, host):
+        if host._owner is self:       # its points are redrawn at the next pick
+            self._bury(host)
+            self._pending.append(host)
+            self._dirty = True
+
     def _enter(self, host):
         pass        # eligibility is read while walking the ring
 
@@ -1255,6 +1505,8 @@ class HashScheduler(Scheduler):
 
     def _points(self, host, slot):
         count = self._per_unit * host.weight
+        if host._share < 1.0:
+            count = max(1, int(count * host._share + 0.999999))    # the first of them
         name = host.name
         values = []
         # 8 points per 64-byte blake2b digest; hashlib, not hash(): str
@@ -1394,13 +1646,13 @@ class HashScheduler(Scheduler):
 
 def least_reason(what, host, candidates, tie_rule):
     """The explain() sentence of the least-connections schedulers."""
-    load = host.open / host.weight
-    weighted = any(other.weight != 1 for other in candidates)
+    load = host.open / host.eweight
+    weighted = any(other.eweight != 1 for other in candidates)
     text = f'{what}: {host.open} open'
     if weighted:
-        text += f' (weight {host.weight})'
+        text += f' (weight {host.eweight})'
     text += f', fewest{" per weight" if weighted else ""} of {len(candidates)} eligible'
-    tied = sum(1 for other in candidates if other.open / other.weight == load)
+    tied = sum(1 for other in candidates if other.open / other.eweight == load)
     if tied > 1:
         text += f' ({tie_rule} of {tied} tied)'
     return text

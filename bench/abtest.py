@@ -3,6 +3,7 @@
 
     python3 bench/abtest.py --old DIR [--pyfloor PATH] [--python PY] [--rounds 7]
                             [--n 20000] [--workload newconn|keepalive] [--tree NAME=DIR ...]
+                            [--workers N]
 
 Needs nginx, ab and wrk (bench/bench.py installs them).  Starts nginx on two
 loopback ports, then each target (pyfloor, old, new, old and new with the access
@@ -12,7 +13,9 @@ median CPU per connection (or request), total and user space apart: the user
 part is the interpreter's, and it moves much less than the kernel's from round
 to round on a shared machine.  --tree NAME=DIR adds a tree (access log off),
 such as one patched to leave one thing out, which prices that thing.  /proc
-tick resolution: 1/CLK_TCK over n.
+tick resolution: 1/CLK_TCK over n.  --workers N runs each pydirector as a
+master and N workers, its CPU the sum over them all (each target is warmed
+up first, so the workers' start is not counted).
 """
 
 import argparse
@@ -31,8 +34,20 @@ TICK = os.sysconf('SC_CLK_TCK')
 
 
 def cpu(pid):
-    fields = open('/proc/%d/stat' % pid).read().rsplit(')', 1)[1].split()
-    return int(fields[11]), int(fields[12])
+    """(user, system) ticks of a process and its children (a master's workers)."""
+    user = system = 0
+    for name in os.listdir('/proc'):
+        if not name.isdigit():
+            continue
+        try:
+            with open('/proc/%s/stat' % name) as f:
+                fields = f.read().rsplit(')', 1)[1].split()
+        except OSError:
+            continue
+        if int(name) == pid or int(fields[1]) == pid:
+            user += int(fields[11])
+            system += int(fields[12])
+    return user, system
 
 
 def main():
@@ -45,6 +60,7 @@ def main():
     parser.add_argument('--workload', choices=('newconn', 'keepalive'), default='newconn')
     parser.add_argument('--tree', action='append', default=[], metavar='NAME=DIR',
                         help='another tree to run beside old and new, access log off (repeatable)')
+    parser.add_argument('--workers', type=int, help='run each pydirector with this many worker processes')
     args = parser.parse_args()
     trees = [spec.partition('=')[::2] for spec in args.tree]
     for spec, (name, tree) in zip(args.tree, trees):
@@ -64,11 +80,12 @@ def main():
         port = free_port()
         path = os.path.join(work, '%s.xml' % name)
         with open(path, 'w') as f:
-            f.write('<pdconfig drain="1"><service name="ab" maxconns="9500"><listen ip="127.0.0.1:%d"/>'
+            f.write('<pdconfig drain="1"%s><service name="ab" maxconns="9500"><listen ip="127.0.0.1:%d"/>'
                     '<group name="g" scheduler="roundrobin"><host name="one" ip="127.0.0.1:%d"/>'
                     '<host name="two" ip="127.0.0.1:%d"/></group><timeouts connect="5" idle="3600"/>'
                     '</service><logging file="%s/%s.log"%s/></pdconfig>'
-                    % (port, b1, b2, work, name, '' if log else ' access="off"'))
+                    % (' workers="%d"' % args.workers if args.workers else '',
+                       port, b1, b2, work, name, '' if log else ' access="off"'))
         targets.append((name, [args.python, os.path.join(tree, 'pydirector.py'), '-c', path], port))
 
     if args.pyfloor:
@@ -91,6 +108,9 @@ def main():
         for name, cmd, port in targets:
             if not wait_port(port):
                 sys.exit('abtest: %s did not start' % name)
+            if args.workers:
+                subprocess.run(['ab', '-q', '-c', '10', '-n', '500', 'http://127.0.0.1:%d/' % port],
+                               stdout=subprocess.DEVNULL)
         results = {name: [] for name, _, _ in targets}
         for _ in range(args.rounds):
             for name, cmd, port in targets:

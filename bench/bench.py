@@ -41,11 +41,12 @@ REPO = os.path.dirname(HERE)
 OUT = os.path.join(HERE, 'out')
 RESULTS_MD = os.path.join(HERE, 'RESULTS.md')
 
-TARGETS = ('direct', 'haproxy', 'haproxy-nt', 'pyfloor', 'pydirector', 'pydirector-log', 'pydirector-w')
+TARGETS = ('direct', 'haproxy', 'haproxy-nt', 'pyfloor', 'pydirector', 'pydirector-log', 'pydirector-pypy',
+           'pydirector-w')
 LABELS = {'direct': 'direct', 'haproxy': 'HAProxy', 'pyfloor': 'pyfloor', 'pydirector': 'pydirector',
-          'pydirector-log': 'pydirector, access log on',
+          'pydirector-log': 'pydirector, access log on', 'pydirector-pypy': 'pydirector on PyPy',
           'haproxy-nt': 'HAProxy nbthread N', 'pydirector-w': 'pydirector, N workers'}   # N: set_workers()
-BALANCERS = ('haproxy', 'haproxy-nt', 'pyfloor', 'pydirector', 'pydirector-log', 'pydirector-w')
+BALANCERS = ('haproxy', 'haproxy-nt', 'pyfloor', 'pydirector', 'pydirector-log', 'pydirector-pypy', 'pydirector-w')
 WORKERS = 2             # --workers: pydirector-w's worker processes and haproxy-nt's threads
 ADMIN_PASSWORD = 'bench'
 
@@ -55,7 +56,18 @@ def set_workers(count):
     WORKERS = count
     LABELS['haproxy-nt'] = 'HAProxy nbthread %d' % count
     LABELS['pydirector-w'] = 'pydirector, %d workers' % count
-WORKLOADS = ('newconn', 'keepalive', 'bulk', 'idle')
+WORKLOADS = ('newconn', 'keepalive', 'bulk', 'idle', 'open25', 'open50', 'open90')
+# The open-loop workloads: new connections at a fixed rate (bench/openloop.py), this
+# fraction of HAProxy's new-connection rate (ab -c 50) measured in the same run.
+OPEN_RATES = {'open25': 0.25, 'open50': 0.5, 'open90': 0.9}
+OPEN_TARGETS = ('direct', 'haproxy', 'pydirector', 'pydirector-log', 'pydirector-pypy')
+# The idle workload holds its connections through the warm balancer too (before a fresh
+# one) for these: PyPy's memory grows as its JIT warms up, CPython's is its reference.
+WARM_IDLE_TARGETS = ('pydirector', 'pydirector-pypy')
+
+
+def open_target(target):
+    return target in OPEN_TARGETS or target.startswith('tree-')
 APT_PACKAGES = {'nginx': 'nginx', 'haproxy': 'haproxy', 'ab': 'apache2-utils', 'wrk': 'wrk', 'curl': 'curl'}
 SMALL_SIZE = 100
 BIG_SIZE = 64 << 20
@@ -74,13 +86,26 @@ METRICS = [
     ('keepalive', 'p99_ms', 'keep-alive p99 latency (wrk)', 'ms', False),
     ('bulk', 'mb_s', 'bulk throughput (64 MiB downloads)', 'MB/s', True),
     ('bulk', 'cpu_s_per_gb', 'balancer CPU per GB (bulk)', 's/GB', False),
+    ('idle', 'rss_before_kib', 'RSS at start', 'KiB', False),
     ('idle', 'kib_per_conn', 'RSS per idle connection', 'KiB', False),
+    ('idle', 'rss_warm_kib', 'RSS warm (after the workloads before)', 'KiB', False),
+    ('idle', 'rss_warm_idle_kib', 'RSS warm, holding the idle connections', 'KiB', False),
     ('idle', 'held', 'idle connections held', 'conns', True),
     # With worker processes (pydirector-w; for the one process, the process itself):
     ('newconn', 'worker_cpu_us_per_conn', 'CPU per new connection in the busiest worker', 'µs', False),
     ('newconn', 'spread_pct', 'new connections per worker: largest gap from the mean', '%', False),
     ('idle', 'rss_after_kib', 'RSS of the largest process holding the idle connections', 'KiB', False),
 ]
+for _workload, _fraction in sorted(OPEN_RATES.items()):
+    _at = '%d%% of HAProxy\'s rate' % (_fraction * 100)
+    METRICS += [
+        (_workload, 'rate_answered', 'open loop at %s: answered' % _at, 'conn/s', True),
+        (_workload, 'p50_ms', 'open loop at %s: p50' % _at, 'ms', False),
+        (_workload, 'p99_ms', 'open loop at %s: p99' % _at, 'ms', False),
+        (_workload, 'p999_ms', 'open loop at %s: p99.9' % _at, 'ms', False),
+        (_workload, 'max_ms', 'open loop at %s: max' % _at, 'ms', False),
+        (_workload, 'late_p99_ms', 'open loop at %s: generator start lateness p99' % _at, 'ms', False),
+    ]
 
 # The HAProxy targets of issue 5: (workload, metric, kind, op, value); kind 'haproxy' compares the
 # pydirector/HAProxy ratio, 'absolute' the pydirector figure itself.
@@ -104,6 +129,14 @@ GOALS = [
     ('newconn', 'spread_pct', 'workers:absolute', '<=', 20),
     ('idle', 'rss_after_kib', 'workers:pydirector', '<=', 1.0),
     ('idle', 'held', 'workers:absolute', '>=', 9000),
+    # Issue 33: the tail at a fixed rate of new connections, against HAProxy in the same run;
+    # PyPy's memory against CPython's (pydirector) in the same run.
+    ('open25', 'p99_ms', 'haproxy', '<=', 1.2),
+    ('open25', 'max_ms', 'haproxy', '<=', 1.5),
+    ('open50', 'p99_ms', 'haproxy', '<=', 1.2),
+    ('open50', 'max_ms', 'haproxy', '<=', 1.5),
+    ('idle', 'rss_after_kib', 'pypy:pydirector', '<=', 2.0),
+    ('idle', 'rss_warm_idle_kib', 'pypy:pydirector', '<=', 2.0),
 ]
 
 
@@ -376,10 +409,21 @@ class Bench(object):
         self.runs = []
         self.last_workers = None
         self.notes = []
-        self.targets = ['pydirector', 'pydirector-log', 'pydirector-w'] if args.pydirector_only else [
-            t for t in TARGETS if t != 'pyfloor' or args.pyfloor]
+        self.targets = ['pydirector', 'pydirector-log', 'pydirector-pypy', 'pydirector-w'] if args.pydirector_only \
+            else list(TARGETS)
+        self.targets = [t for t in self.targets if (t != 'pyfloor' or args.pyfloor) and (t != 'pydirector-pypy' or args.pypy)]
+        self.haproxy_rates = []     # new connections/s of HAProxy's newconn runs: the open-loop rates' base
         if not WORKERS:
             self.targets = [t for t in self.targets if t not in ('haproxy-nt', 'pydirector-w')]
+        # --tree NAME=DIR: another pydirector (access log off) beside this one, e.g. patched to
+        # change one thing, so the run prices that thing in place.
+        self.trees = {}
+        for name, tree in args.trees:
+            target = 'tree-' + name
+            self.trees[target] = os.path.abspath(tree)
+            LABELS[target] = 'pydirector ' + name
+            self.targets.insert(self.targets.index('pydirector-log') + 1 if 'pydirector-log' in self.targets
+                                else len(self.targets), target)
 
     # ---- servers
 
@@ -423,7 +467,20 @@ class Bench(object):
         self.ports['pyfloor'] = free_port()
         self.ports['pydirector-w'] = free_port()
         self.ports['pydirector-w-admin'] = free_port()
+        self.ports['pydirector-pypy'] = free_port()
         self.write_pydirector_config()
+        for target in self.trees:
+            self.ports[target] = free_port()
+            with open(os.path.join(self.work, 'generated-%s.xml' % target), 'w') as f:
+                f.write(pydirector_xml(self.work, self.ports[target], port1, port2,
+                                       self.pydirector_features['maxconns'], self.pydirector_features['access_off'],
+                                       '%s.log' % target))
+        if 'pydirector-pypy' in self.targets:
+            # As 'pydirector' (access log off), on the other interpreter.
+            with open(os.path.join(self.work, 'generated-pypy.xml'), 'w') as f:
+                f.write(pydirector_xml(self.work, self.ports['pydirector-pypy'], port1, port2,
+                                       self.pydirector_features['maxconns'], self.pydirector_features['access_off'],
+                                       'pydirector-pypy.log'))
         with open(os.path.join(self.work, 'generated-log.xml'), 'w') as f:
             f.write(pydirector_xml(self.work, self.ports['pydirector-log'], port1, port2, True, False,
                                    'pydirector-log.log'))
@@ -464,10 +521,13 @@ class Bench(object):
                     '127.0.0.1:%d' % self.ports['direct'], '127.0.0.1:%d' % self.ports['backend2']]
             cwd = self.work
         else:
-            config = {'pydirector-log': 'generated-log.xml', 'pydirector-w': 'generated-w.xml'}.get(
-                target, 'generated.xml')
-            argv = [self.args.python, 'pydirector.py', '-c', os.path.join(self.work, config)]
-            cwd = REPO
+            config = {'pydirector-log': 'generated-log.xml', 'pydirector-w': 'generated-w.xml',
+                      'pydirector-pypy': 'generated-pypy.xml'}.get(target, 'generated.xml')
+            python = self.args.pypy if target == 'pydirector-pypy' else self.args.python
+            if target in self.trees:
+                config = 'generated-%s.xml' % target
+            argv = [python, 'pydirector.py', '-c', os.path.join(self.work, config)]
+            cwd = self.trees.get(target, REPO)
         self.procs.start(target, argv, nofile=self.nofile, cwd=cwd)
         if not wait_port(self.ports[target]):
             raise RuntimeError('%s did not listen: %s' % (target, self.tail(target + '.out')))
@@ -576,7 +636,60 @@ class Bench(object):
             result['spread_pct'] = max(abs(w['accepted'] - mean) for w in workers) * 100 / mean
         if result['failed'] or result['non_2xx']:
             result['error'] = '%d failed, %d non-2xx of %d' % (result['failed'], result['non_2xx'], result['complete'])
+        elif target == 'haproxy':
+            self.haproxy_rates.append(result['req_s'])
         return result
+
+    def open_base(self):
+        """The rate the open-loop fractions are of: --open-base, else HAProxy's new-connection
+        rate in this run (the median of its newconn runs so far, or one measured now)."""
+        if self.args.open_base:
+            return self.args.open_base
+        if not self.haproxy_rates:
+            if 'haproxy' not in self.targets:
+                raise RuntimeError('the open-loop workloads need HAProxy in the run, or --open-base RATE')
+            result = self.newconn('haproxy')
+            log('  HAProxy new-connection rate for the open-loop workloads: %s' % brief(result))
+            if 'req_s' not in result:
+                raise RuntimeError('cannot measure HAProxy\'s rate: %s' % result.get('error'))
+        return statistics.median(self.haproxy_rates)
+
+    def openloop(self, target, workload):
+        """New connections at a fixed rate (bench/openloop.py): latency from each one's due time."""
+        s = self.settings
+        rate = int(round(self.open_base() * OPEN_RATES[workload]))
+        argv = [self.args.gen_python, os.path.join(HERE, 'openloop.py'), '--port', str(self.ports[target]),
+                '--rate', str(rate), '--seconds', str(s['open_seconds']), '--warmup', str(s['open_warmup']),
+                '--procs', str(self.args.gen_procs), '--json']
+        timeout = s['open_seconds'] + s['open_warmup'] + 60
+        code, out, cpu = self.measure_run(target, argv, timeout)
+        result = {'code': code, 'rate_asked': rate}
+        try:
+            got = json.loads(out.strip().split('\n')[-1])
+        except (ValueError, IndexError):
+            result['error'] = 'openloop.py %s: %s' % (code, out.strip()[-500:])
+            return result
+        spread = got['latency_ms']
+        result.update(rate_started=got['rate_started'], rate_answered=got['rate_answered'], due=got['due'],
+                      answered=got['ok'], p50_ms=spread['p50'], p99_ms=spread['p99'], p999_ms=spread['p99.9'],
+                      max_ms=spread['max'], late_p99_ms=got['late_ms']['p99'], late_max_ms=got['late_ms']['max'],
+                      late_over_1ms=got['late_over_1ms'], service_p99_ms=got['service_ms']['p99'],
+                      service_max_ms=got['service_ms']['max'])
+        if cpu is not None:
+            result['cpu_s'] = cpu     # the warm-up's too
+        if got['failed']:
+            result['error'] = '%d of %d failed: %s' % (sum(got['failed'].values()), got['due'], ', '.join(
+                '%s x%d' % kv for kv in sorted(got['failed'].items())[:5]))
+        return result
+
+    def open25(self, target):
+        return self.openloop(target, 'open25')
+
+    def open50(self, target):
+        return self.openloop(target, 'open50')
+
+    def open90(self, target):
+        return self.openloop(target, 'open90')
 
     def keepalive(self, target):
         s = self.settings
@@ -669,17 +782,30 @@ class Bench(object):
         return result
 
     def idle(self, target):
-        """N idle connections through a fresh balancer: RSS per connection, then check each still works.
-        With workers, the processes that hold them are the workers: their fds and RSS are summed,
+        """N idle connections, first (WARM_IDLE_TARGETS) through the balancer the workloads
+        before ran on, then through a fresh one: RSS per connection, then check each still works.  With
+        workers, the processes that hold them are the workers: their fds and RSS are summed,
         and rss_after_kib is the largest one's."""
         n = self.settings['idle']
+        warm = None
+        if target in WARM_IDLE_TARGETS:
+            warm = self.hold_idle(self.data_pids(target), self.ports[target], n)
         self.start_balancer(target)
-        pids = self.data_pids(target)
-        port = self.ports[target]
+        time.sleep(0.5)  # let a fresh process settle (not synchronisation: RSS drift)
+        result = self.hold_idle(self.data_pids(target), self.ports[target], n)
+        if warm is not None:
+            result['rss_warm_kib'] = warm['rss_before_kib']
+            result['rss_warm_idle_kib'] = warm.get('rss_after_kib')
+            result['warm_held'] = warm.get('held', 0)
+            if 'error' not in result and 'error' in warm:
+                result['error'] = 'warm: ' + warm['error']
+        return result
 
+    def hold_idle(self, pids, port, n):
+        """Open n idle connections through the balancer (pids: the processes that carry
+        them), read their RSS, then check each still works."""
         def fds():
             return sum(fd_count(p) for p in pids)
-        time.sleep(0.5)  # let a fresh process settle (not synchronisation: RSS drift)
         base_fds, rss_before = fds(), sum(rss_kib(p) for p in pids)
         cpu_before = sum(cpu_seconds(p) for p in pids)
         socks = []
@@ -770,6 +896,8 @@ class Bench(object):
                 for target in targets:
                     if workload == 'idle' and target == 'direct':
                         continue
+                    if workload in OPEN_RATES and not open_target(target):
+                        continue
                     started = time.monotonic()
                     try:
                         result = getattr(self, workload)(target)
@@ -782,8 +910,10 @@ class Bench(object):
 
     def warm_up(self):
         for target in self.targets:
-            run(['ab', '-q', '-c', '10', '-n', '500', self.url(target, 'small')], 60)
-            run(['wrk', '-t1', '-c10', '-d1s', self.url(target, 'small')], 30)
+            # PyPy's JIT compiles the hot paths over its first thousands of connections.
+            pypy = target == 'pydirector-pypy'
+            run(['ab', '-q', '-c', '10', '-n', '5000' if pypy else '500', self.url(target, 'small')], 60)
+            run(['wrk', '-t1', '-c10', '-d3s' if pypy else '-d1s', self.url(target, 'small')], 30)
 
     def collect_versions(self, info):
         for name, argv in (('nginx', ['nginx', '-v']), ('haproxy', ['haproxy', '-v']), ('ab', ['ab', '-V']),
@@ -793,7 +923,11 @@ class Bench(object):
 
 
 def brief(result):
-    if 'req_s' in result:
+    if 'rate_asked' in result and 'p99_ms' in result:
+        text = '%s/s asked, %s answered/s; p50 %s, p99 %s, p99.9 %s, max %s ms; generator late p99 %s ms' % (
+            num(result['rate_asked']), num(result['rate_answered']), num(result['p50_ms']), num(result['p99_ms']),
+            num(result['p999_ms']), num(result['max_ms']), num(result['late_p99_ms']))
+    elif 'req_s' in result:
         text = '%s req/s, p50 %s ms, p99 %s ms' % (num(result['req_s']), num(result.get('p50_ms')),
                                                      num(result.get('p99_ms')))
         cpu = result.get('cpu_us_per_conn', result.get('cpu_us_per_req'))
@@ -849,11 +983,15 @@ def ratio(table, workload, metric, a, b):
     return None
 
 
-def goal_status(table, goal, idle_n):
+# A goal's kind 'PREFIX:KIND' is KIND for another target than 'pydirector'.
+GOAL_TARGETS = {'workers': 'pydirector-w', 'pypy': 'pydirector-pypy'}
+
+
+def goal_status(table, goal, idle_n, target='pydirector'):
     workload, metric, kind, op, value = goal
-    target = 'pydirector'
-    if kind.startswith('workers:'):
-        target, kind = 'pydirector-w', kind.split(':', 1)[1]
+    if ':' in kind:
+        prefix, kind = kind.split(':', 1)
+        target = GOAL_TARGETS[prefix]
         if kind == 'pydirector':
             got = ratio(table, workload, metric, target, 'pydirector')
             kind = None
@@ -878,6 +1016,8 @@ def goal_status(table, goal, idle_n):
 def goal_text(goal):
     workload, metric, kind, op, value = goal
     sign = '≥' if op == '>=' else '≤'
+    if kind.startswith('pypy:'):
+        return 'PyPy %s %g× CPython' % (sign, value)
     if kind.startswith('workers:'):
         other = kind.split(':', 1)[1]
         if other == 'haproxy':
@@ -910,10 +1050,12 @@ def markdown(data):
         head += ['pyd / pyfloor', 'pyd log / pyfloor']
     if 'pydirector-w' in targets:
         head += ['workers / HAProxy', 'workers / pyd']
+    if 'pydirector-pypy' in targets:
+        head += ['PyPy / HAProxy', 'PyPy / pyd']
     head += ['target', 'met?']
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for workload, metric, label, unit, _ in METRICS:
-        if workload not in table:
+        if workload not in table or workload in OPEN_RATES:     # those: openloop_markdown()
             continue
         cells = table[workload].get(metric, {})
         row = ['%s (%s)' % (label, unit)]
@@ -936,9 +1078,48 @@ def markdown(data):
         if 'pydirector-w' in targets:
             row.append(ratio_text(ratio(table, workload, metric, 'pydirector-w', 'haproxy')))
             row.append(ratio_text(ratio(table, workload, metric, 'pydirector-w', 'pydirector')))
+        if 'pydirector-pypy' in targets:
+            row.append(ratio_text(ratio(table, workload, metric, 'pydirector-pypy', 'haproxy')))
+            row.append(ratio_text(ratio(table, workload, metric, 'pydirector-pypy', 'pydirector')))
         found = goals.get((workload, metric), [])
         row += ['; '.join(goal_text(g) for g in found), '; '.join(goal_status(table, g, idle_n)[1] for g in found)]
         lines.append('| ' + ' | '.join(row) + ' |')
+    return '\n'.join(lines)
+
+
+def openloop_markdown(data):
+    """The open-loop workloads, one row per rate and target: medians over the rounds (of
+    each round's percentile), the ratios to HAProxy, and the issue 33 targets."""
+    table = data['summary']
+    targets = [t for t in data['meta']['targets'] if open_target(t)]
+    head = ['rate', 'target', 'asked /s', 'answered /s', 'p50 ms', 'p99 ms', 'p99.9 ms', 'max ms',
+            'p99 / HAProxy', 'max / HAProxy', 'generator late p99 ms', 'met?']
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    runs = data['runs']
+    for workload in sorted(OPEN_RATES):
+        if workload not in table:
+            continue
+        cells = table[workload]
+        for target in targets:
+            if target not in cells.get('p99_ms', {}):
+                continue
+            asked = [r['rate_asked'] for r in runs if r['workload'] == workload and r['target'] == target
+                     and 'rate_asked' in r]
+            row = ['%d%%' % (OPEN_RATES[workload] * 100), LABELS[target],
+                   num(statistics.median(asked)) if asked else '-']
+            for metric in ('rate_answered', 'p50_ms', 'p99_ms', 'p999_ms', 'max_ms'):
+                c = cells.get(metric, {}).get(target)
+                row.append('-' if c is None else num(c['median']) if num(c['min']) == num(c['max']) else
+                           '%s (%s..%s)' % (num(c['median']), num(c['min']), num(c['max'])))
+            for metric in ('p99_ms', 'max_ms'):
+                row.append(ratio_text(ratio(table, workload, metric, target, 'haproxy')) if target != 'haproxy'
+                           else '')
+            c = cells.get('late_p99_ms', {}).get(target)
+            row.append('-' if c is None else num(c['median']))
+            goals = [g for g in GOALS if g[0] == workload and g[2] == 'haproxy']
+            row.append('; '.join(goal_status(table, g, 0, target)[1] for g in goals)
+                       if target.startswith('pydirector') else '')
+            lines.append('| ' + ' | '.join(row) + ' |')
     return '\n'.join(lines)
 
 
@@ -952,7 +1133,16 @@ def report_text(data):
     parts = [markdown(data), '',
              'Medians of %d round(s), (min..max) across rounds; ratios are of medians.  '
              'Balancer CPU from /proc/PID/stat (utime+stime), RSS from VmRSS of a freshly started balancer '
-             'before/after %d idle connections.' % (settings['rounds'], settings['idle'])]
+             'before/after %d idle connections (warm: of the balancer the workloads before ran on, before it '
+             'is restarted).' % (settings['rounds'], settings['idle'])]
+    if any(w in data['summary'] for w in OPEN_RATES):
+        parts += ['', openloop_markdown(data), '',
+                  'Open loop (bench/openloop.py, %d process(es) on %s): new connections at a fixed rate, a '
+                  'fraction of HAProxy\'s ab -c 50 rate in this run, %g s counted after %g s of warm-up; '
+                  'latency from each connection\'s due time to the end of its answer (met?: p99 ≤ 1.2× and max '
+                  '≤ 1.5× HAProxy\'s at 25%% and 50%%).' % (
+                      meta.get('gen_procs', 0), meta.get('gen_python', '?'), settings.get('open_seconds', 0),
+                      settings.get('open_warmup', 0))]
     errors = [r for r in data['runs'] if 'error' in r]
     if errors:
         parts.append('')
@@ -999,6 +1189,8 @@ def write_results_md(data, note):
            '- %d rounds interleaved; ab -c 50 -n %d; wrk -t1 -c50 -d%ds; bulk %d parallel curl × %d × 64 MiB; '
            '%d idle connections' % (settings['rounds'], settings['ab_n'], settings['wrk_seconds'],
                                     settings['bulk_parallel'], settings['bulk_repeat'], settings['idle'])]
+    if meta.get('pypy'):
+        new.append('- pydirector on PyPy: %s (%s)' % (meta['pypy'], meta.get('pypy_version', '?')))
     if note:
         new.append('- note: %s' % note)
     new += ['', report_text(data), '']
@@ -1033,6 +1225,9 @@ def plot(json_path, png_path):
 
 
 def finish(data, args):
+    for target in data['meta']['targets']:
+        if target.startswith('tree-'):      # --tree's, from a results.json too
+            LABELS.setdefault(target, 'pydirector ' + target[len('tree-'):])
     os.makedirs(OUT, exist_ok=True)
     json_path = os.path.join(OUT, 'results.json')
     if not args.from_json:
@@ -1048,7 +1243,7 @@ def finish(data, args):
         for goal in [g for g in GOALS if g[0] in data['summary']]:
             got, status = goal_status(data['summary'], goal, data['settings']['idle'])
             label = [m[2] for m in METRICS if m[0] == goal[0] and m[1] == goal[1]][0]
-            relative = goal[2] in ('haproxy', 'pyfloor', 'pyfloor-log', 'workers:haproxy', 'workers:pydirector')
+            relative = goal[2].split(':')[-1] in ('haproxy', 'pyfloor', 'pyfloor-log', 'pydirector')
             log('%-7s %s: %s (target %s)' % (status.split()[0], label,
                                             '-' if got is None else (ratio_text(got) if relative else num(got)),
                                             goal_text(goal)))
@@ -1073,9 +1268,20 @@ def parse_args(argv):
                    help='a featureless relay (pyfloor.py LISTEN BACKEND...) run beside the balancers as the '
                         'CPU floor of this Python; its row is left out without it')
     p.add_argument('--idle', type=int, help='idle connections to open (default 9000; --quick 1000)')
+    p.add_argument('--pypy', metavar='PATH',
+                   help='a second interpreter (e.g. pypy3) for one more target, pydirector on it (access log off)')
+    p.add_argument('--gen-python', metavar='PATH', default=sys.executable,
+                   help='the Python that runs bench/openloop.py, the open-loop generator (default: this one)')
+    p.add_argument('--gen-procs', type=int, default=2, help='open-loop generator processes (default 2)')
+    p.add_argument('--open-base', type=float, metavar='RATE',
+                   help='new connections/s the open-loop fractions are of (default: HAProxy\'s ab -c 50 rate '
+                        'in this run)')
     p.add_argument('--workers', type=int, default=2,
                    help='worker processes of the pydirector-w target and threads of haproxy-nt (default 2; '
                         '0 leaves both out)')
+    p.add_argument('--tree', action='append', default=[], metavar='NAME=DIR',
+                   help='another pydirector tree (a DIR holding pydirector.py) run beside this one, access log '
+                        'off, as target "pydirector NAME" (repeatable)')
     p.add_argument('--write-results', action='store_true', help='rewrite bench/RESULTS.md with this run on top')
     p.add_argument('--note', default='', help='a note for RESULTS.md, e.g. "noisy: tests running"')
     p.add_argument('--from-json', metavar='PATH', help='run nothing: report (and --write-results) from a results.json')
@@ -1087,16 +1293,22 @@ def parse_args(argv):
             p.error('unknown workload(s) %s; choose from %s' % (','.join(bad), ','.join(WORKLOADS)))
     if args.rounds < 1:
         p.error('--rounds must be at least 1')
+    args.trees = [spec.partition('=')[::2] for spec in args.tree]
+    for spec, (name, tree) in zip(args.tree, args.trees):
+        if not name or not re.match(r'^[\w.-]+$', name) or not os.path.isfile(os.path.join(tree, 'pydirector.py')):
+            p.error('--tree wants NAME=DIR, NAME letters, digits . - _ and DIR holding pydirector.py: %r' % spec)
+    if len(set(name for name, _ in args.trees)) < len(args.trees):
+        p.error('--tree: each NAME once')
     return args
 
 
 def settings_for(args):
     if args.quick:
         s = dict(ab_n=3000, ab_timeout=60, wrk_seconds=1, bulk_parallel=4, bulk_repeat=1, bulk_timeout=60,
-                 idle=1000, idle_timeout=60)
+                 idle=1000, idle_timeout=60, open_seconds=2, open_warmup=1)
     else:
         s = dict(ab_n=30000, ab_timeout=180, wrk_seconds=5, bulk_parallel=4, bulk_repeat=4, bulk_timeout=180,
-                 idle=9000, idle_timeout=120)
+                 idle=9000, idle_timeout=120, open_seconds=5, open_warmup=1)
     if args.idle is not None:
         s['idle'] = args.idle
     s['rounds'] = args.rounds
@@ -1148,8 +1360,14 @@ def main(argv=None):
         'pydirector_commit': commit.strip() if code == 0 else '?',
         'targets': bench.targets, 'workloads': bench.workloads,
         'balancer_nofile': bench.nofile, 'maxconn': MAXCONN,
+        'gen_python': args.gen_python, 'gen_procs': args.gen_procs, 'pypy': args.pypy,
     }
     bench.collect_versions(meta)
+    if args.pypy:
+        code, out = run([args.pypy, '-c', 'import sys; print(sys.version.replace(chr(10), " "))'], 30)
+        if code != 0:
+            sys.exit('bench: cannot run %s: %s' % (args.pypy, out))
+        meta['pypy_version'] = out.strip()
     log('pydirector on Python %s (%s); %s; %s; %s' % (version, path, meta['haproxy'], meta['nginx'], machine_text(meta)))
     log('work dir %s (removed at the end)' % bench.work)
     try:

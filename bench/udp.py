@@ -54,8 +54,10 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
+sys.path.insert(0, HERE)
 
 import pydirector  # noqa: E402  (its dns_query, for the idle clients)
+from bench import fd_count, rss_kib  # noqa: E402
 
 NGINX_MODULES = ('/usr/lib/nginx/modules/ngx_stream_module.so', '/usr/share/nginx/modules/ngx_stream_module.so')
 TARGETS = ('direct', 'nginx', 'pydirector', 'pyfloor')
@@ -114,18 +116,6 @@ def cpu_seconds(pid):
     return int(fields[11]) / tick, int(fields[12]) / tick
 
 
-def rss_kib(pid):
-    with open('/proc/%d/status' % pid) as f:
-        for line in f:
-            if line.startswith('VmRSS:'):
-                return int(line.split()[1])
-    return 0
-
-
-def fd_count(pid):
-    return len(os.listdir('/proc/%d/fd' % pid))
-
-
 class Stop(Exception):
     """SIGTERM: unwind like Ctrl-C so the finally blocks stop what we started."""
 
@@ -178,7 +168,7 @@ class Processes(object):
 
 def answers(port, timeout=10.0):
     """Wait until a DNS query to 127.0.0.1:port is answered; the answer's address."""
-    query = pydirector.dns_query('svc.test', 7)
+    query = pydirector.dns_query(7, pydirector.dns_name('svc.test'), pydirector.DNS_A, edns=False)
     deadline = time.monotonic() + timeout
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.settimeout(0.2)
@@ -300,7 +290,7 @@ class UdpBench(object):
 
     def idle_run(self, target, count):
         proc, port = self.start_target(target, idle=True)
-        query = pydirector.dns_query('svc.test', 9)
+        query = pydirector.dns_query(9, pydirector.dns_name('svc.test'), pydirector.DNS_A, edns=False)
         socks = []
         try:
             self.exchange_all(self.open_clients(socks, 100), port, query)     # warm: buffers, first allocations

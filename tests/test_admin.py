@@ -837,7 +837,7 @@ class SwitchTest(AdminCase):
         self.change('/addHost?service=web&group=dark&name=d1&ip=127.0.0.1:%d' % self.dead_port)
         self.change('/hostAdminDown?service=web&group=dark&name=d1')
         body = self.change('/enableGroup', method='POST',
-                           body={'service': 'web', 'group': 'dark', 'drain': '', 'rollback': '60'})
+                           body={'service': 'web', 'group': 'dark', 'drain': '', 'rollback': '60', 'force': '1'})
         try:
             self.assertIn('back to main unless a host is up within 60 s', body)
             page = self.fetch('/running').body

@@ -236,6 +236,23 @@ class TestSignals(BalancerCase):
         self.assertIn('second stop signal', proc.output())
         sock.close()
 
+    def test_sigterm_drains_for_the_drain_a_reload_set(self):
+        proc = self.start(drain='60')
+        sock = connect(self.port)
+        sock.sendall(b'x')
+        self.assertEqual(sock.recv(1), b'x')
+        with open(proc.config_path) as f:
+            xml = f.read()
+        with open(proc.config_path, 'w') as f:
+            f.write(xml.replace('drain="60"', 'drain="0.5"'))
+        proc.signal(signal.SIGHUP)
+        wait_until(lambda: 'drain 0.5 s' in proc.output())
+        proc.signal(signal.SIGTERM)
+        self.assertEqual(proc.wait(10), 0)      # not the 60 s it started with
+        self.assertRegex(proc.output(), r'stopping: [0-9]+ connection\(s\) open, waiting up to 0\.5 s')
+        self.assertEqual(recv_all(sock), b'')
+        sock.close()
+
     def test_sigint_with_nothing_open_exits_at_once(self):
         proc = self.start()
         proc.signal(signal.SIGINT)

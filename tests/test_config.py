@@ -8,6 +8,7 @@ import tempfile
 import unittest
 import warnings
 
+import support  # noqa: F401  (puts the repository on sys.path, run alone too)
 import pydirector
 from pydirector import (
     DEFAULT_CHECK, Check, Config, ConfigError, Host, Service, Group, Listen, Logging, Timeouts,
@@ -670,7 +671,7 @@ BAD = [
     ('<pdconfig>\n</pdconfig>', 'x.xml:1: <pdconfig> has no <service>'),
     ('<pdconfig bogus="1">\n</pdconfig>', "x.xml:1: <pdconfig> has unknown attribute 'bogus' (known: drain, group, user, worker_timeout, workers)"),
     (HEAD + '<group name="main" scheduler="roundrobin">\n<hots ip="10.0.0.1:80"/>\n</group>\n' + TAIL,
-     'x.xml:5: unknown element <hots> in <group> (expected: host)'),
+     'x.xml:5: unknown element <hots> in <group> (expected: discover, host)'),
     (HEAD + '<grup name="main"/>\n' + TAIL,
      'x.xml:4: unknown element <grup> in <service> (expected: allow, check, deny, enable, group, listen, timeouts, udp)'),
     (HEAD + '<group name="main" scheduler="roundrobin">\n<host ip="10.0.0.1:80"><x/></host>\n</group>\n' + TAIL,
@@ -684,10 +685,10 @@ BAD = [
      "(known: hash, leastconns, leastconnsrr, random, roundrobin)"),
     (HEAD + '<group name="main"/>\n' + TAIL, "x.xml:4: <group> needs attribute 'scheduler'"),
     (host('name="one" ip="10.0.0.1:80" wieght="2"'),
-     "x.xml:5: <host> has unknown attribute 'wieght' (known: ip, maxconns, name, send_proxy, weight)"),
+     "x.xml:5: <host> has unknown attribute 'wieght' (known: backup, ip, maxconns, name, send_proxy, weight)"),
     (HEAD + '<group name="main" scheduler="roundrobin">\n<client name="one" colour="red" ip="10.0.0.1:80"/>\n'
      '</group>\n' + TAIL,
-     "x.xml:5: <client> has unknown attribute 'colour' (known: ip, maxconns, name, send_proxy, weight)"),
+     "x.xml:5: <client> has unknown attribute 'colour' (known: backup, ip, maxconns, name, send_proxy, weight)"),
     (host('name="one"'), "x.xml:5: <host> needs attribute 'ip'"),
     (HEAD + GROUP + '<group name="main" scheduler="random"/>\n' + TAIL,
      "x.xml:7: service 'web': duplicate group 'main'"),
@@ -743,7 +744,7 @@ BAD = [
     (check('send="abc\\"'), "x.xml:7: <check> send: ends with a lone '\\' (write \\\\ for a backslash)"),
     (check('prot="80"'),
      "x.xml:7: <check> has unknown attribute 'prot' "
-     "(known: dns, expect, fall, interval, on_down, port, rise, send, status, timeout)"),
+     "(known: dns, expect, fall, interval, on_down, port, rise, send, slowstart, status, timeout)"),
     (check('port="0"'), "x.xml:7: <check> port '0': must be an integer 1-65535"),
     (check('port="http"'), "x.xml:7: <check> port 'http': must be an integer 1-65535"),
     (HEAD + GROUP + '<check/>\n<check/>\n' + TAIL, "x.xml:8: service 'web': more than one <check>"),

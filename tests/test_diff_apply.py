@@ -151,12 +151,24 @@ class PlanTest(unittest.TestCase):
         ])
         self.assertNotIn('enableGroup', ' '.join(lines))
 
-    def test_changed_weight_shows_defaults(self):
+    def test_changed_weight_and_maxconns_are_set_in_place(self):
         new = old_xml().replace('name="one" ip="127.0.0.1:1001" ', 'name="one" ip="127.0.0.1:1001" weight="3"')
+        self.assertEqual(plan_lines(old_xml(), new), ['setHost service=web group=main name=one weight=3'])
+        # Back to a default: setHost is given the default's value.
+        new = old_xml().replace('weight="2"', 'maxconns="9"')
+        self.assertEqual(plan_lines(old_xml(), new), ['setHost service=web group=main name=three weight=1 maxconns=9'])
+        # The only host of the enabled group too: nothing is deleted.
+        old = config_xml(service_xml([('solo', '127.0.0.1:1001')], listen_port=LISTEN) + admin_block(OLD_USERS))
+        new = old.replace('ip="127.0.0.1:1001"', 'ip="127.0.0.1:1001" weight="5"')
+        self.assertEqual(plan_lines(old, new), ['setHost service=web group=main name=solo weight=5'])
+
+    def test_what_set_host_cannot_change_is_deleted_and_added_again(self):
+        new = old_xml().replace('name="one" ip="127.0.0.1:1001" ', 'name="one" ip="127.0.0.1:1001" weight="3" '
+                                                                  'send_proxy="v1" backup="on"')
         self.assertEqual(plan_lines(old_xml(), new), [
-            '# web/main host one: weight 1 -> 3; delete and add again',
+            '# web/main host one: weight 1 -> 3, send_proxy none -> v1, backup off -> on; delete and add again',
             'delHost service=web group=main name=one',
-            'addHost service=web group=main name=one ip=127.0.0.1:1001 weight=3',
+            'addHost service=web group=main name=one ip=127.0.0.1:1001 weight=3 send_proxy=v1 backup=on',
         ])
 
     def test_only_host_of_the_enabled_group_cannot_change(self):
@@ -409,6 +421,21 @@ class FleetTest(FleetCase):
         self.assertEqual(rc, 2)
         self.assertIn('user admin was refused (401 ERROR bad credentials)', err)
 
+    def test_apply_sets_a_new_weight_in_place(self):
+        path = self.write(old_xml().replace('weight="2"', 'weight="5" maxconns="4"'))
+        host = self.a.call(lambda: self.a.director.services['web'].groups['main'].scheduler.get_host('three'))
+        self.a.call(self.a.director.health.set_state, self.a.director.services['web'],
+                    self.a.director.services['web'].groups['main'], host, pydirector.schedulers.DRAINING, 'test')
+        self.a.call(lambda: setattr(host, 'total', 42))
+        rc, out, err = self.run_main('apply', '--url', self.a.url(), path)
+        self.assertEqual((rc, err), (0, ''), out)
+        self.assertEqual(out.splitlines()[0], 'setHost service=web group=main name=three weight=5 maxconns=4')
+        # The same Host, with its counters and state: changed, not deleted and added again.
+        self.assertIs(self.a.call(lambda: self.a.director.services['web'].groups['main'].scheduler.get_host('three')),
+                      host)
+        self.assertEqual((host.weight, host.maxconns, host.total, host.admin), (5, 4, 42, 'draining'))
+        self.assertEqual(self.run_main('diff', '--url', self.a.url(), path), (0, '# no changes\n', ''))
+
     def test_apply_reads_back(self):
         # Someone changes balancer a while apply runs: the read-back sees it.
         path = self.write(new_xml())
@@ -416,7 +443,7 @@ class FleetTest(FleetCase):
 
         def apply_then_meddle(*args):
             status = real(*args)
-            self.a.call(self.a.director.host_admin_down, 'web', 'blue', 'b1')  # not in any config: fine
+            self.a.call(self.a.director.host_admin_down, 'web', 'blue', 'b1', force='1')  # not in any config: fine
             self.a.call(self.a.director.add_host, 'web', 'blue', 'late', '127.0.0.1:1077')
             return status
         pydirector_admin.apply_plans = apply_then_meddle

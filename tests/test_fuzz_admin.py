@@ -82,7 +82,7 @@ METHODS = ['GET'] * 8 + ['POST'] * 4 + ['HEAD'] * 2 + [
 
 PAGES = ['/', '/running', '/running.txt', '/running.json', '/metrics', '/running.xml', '/config.xml']
 ACTIONS = ['/addHost', '/delHost', '/delAllHosts', '/enableGroup', '/changeScheduler', '/hostAdminDown',
-           '/hostAdminUp', '/retryHost', '/addUser', '/delUser', '/newGroup', '/delGroup', '/closeLog']
+           '/hostAdminUp', '/retryHost', '/addUser', '/delUser', '/newGroup', '/delGroup', '/closeLog', '/setHost']
 ODD_PATHS = [
     '/nope', '/running/', '/RUNNING', '/running.txt/..', '/../running.txt', '/%2e%2e/running.txt',
     '/%2E%2E%2F%2E%2E%2Fetc%2Fpasswd', '/running.txt%00', '/\x00', '/%00', '/running.txt\x00.html',
@@ -92,7 +92,7 @@ ODD_PATHS = [
     '/%2e%2e', '/.%2e/', '/running%2etxt', '/?', '/running??', '/%', '/%zz', '/%C0%AE%C0%AE/']
 
 PARAMS = ['service', 'group', 'name', 'ip', 'weight', 'maxconns', 'scheduler', 'password', 'access', 'msg',
-          'refresh']
+          'refresh', 'state', 'force', 'backup', 'drain', 'rollback']
 ODD_PARAMS = ['x', '<script>x</script>', '', 'name[]', 'SERVICE', 'na\x00me', 'a\nb', '\xe9', '%', 'name ']
 VALUES = (['web', 'main', 'spare', 'one', 'two', 'three', 'new', '127.0.0.1:1', '127.0.0.1:65535',
            '[::1]:80', 'roundrobin', 'leastconns', 'hash,sticky', 'full', 'readonly', '1', '5', '1000'] * 2 + [
@@ -110,6 +110,7 @@ TIDY_VALUES = {
     'scheduler': ['roundrobin', 'leastconns', 'hash,sticky', 'random'], 'access': ['full', 'readonly'],
     'ip': ['127.0.0.1:%d' % n for n in range(1, 6)] + ['[::1]:80', 'localhost:80'],
     'weight': ['1', '5', '1000'], 'maxconns': ['0', '10'], 'refresh': ['5', '3600'],
+    'state': ['ready', 'drain', 'maint'], 'force': ['1', '0'], 'backup': ['on', 'off'],
     'name': MARKERS + ['one', 'two', 'three', 'four', 'caf\u00e9', 'a b', 'x' * 200],
     'password': ['secret', 'a b', '\u00e9'], 'msg': MARKERS + ['OK done'],
 }
@@ -156,11 +157,13 @@ def quote(value, rng):
 # so requests get past parameter checking into the code behind it.
 ROUTE_PARAMS = {
     '/running': ['msg', 'refresh'],
-    '/addHost': ['service', 'group', 'name', 'ip', 'weight', 'maxconns'],
+    '/addHost': ['service', 'group', 'name', 'ip', 'weight', 'maxconns', 'backup'],
     '/delHost': ['service', 'group', 'name', 'ip'],
-    '/delAllHosts': ['service', 'group'], '/enableGroup': ['service', 'group'], '/delGroup': ['service', 'group'],
+    '/delAllHosts': ['service', 'group'], '/enableGroup': ['service', 'group', 'force'],
+    '/delGroup': ['service', 'group'],
+    '/setHost': ['service', 'group', 'name', 'weight', 'maxconns', 'state', 'force'],
     '/changeScheduler': ['service', 'group', 'scheduler'], '/newGroup': ['service', 'group', 'scheduler'],
-    '/hostAdminDown': ['service', 'group', 'name'], '/hostAdminUp': ['service', 'group', 'name'],
+    '/hostAdminDown': ['service', 'group', 'name', 'force'], '/hostAdminUp': ['service', 'group', 'name'],
     '/retryHost': ['service', 'group', 'name'],
     '/addUser': ['name', 'password', 'access'], '/delUser': ['name'],
 }

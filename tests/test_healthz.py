@@ -117,9 +117,13 @@ class HealthzTest(unittest.TestCase):
         # web loses its dead host but keeps n1: still one service down.
         wait_until(lambda: exchange(self.bal.port('web')) == b'n1' and self.health('web', 'dead') == 'down')
         self.assertEqual(self.fetch('/healthz')[2], b'DOWN 1\n')
-        # A draining host takes no new client: n1 drained leaves web with no host up,
-        # though the inactive group spare has one.
+        # A draining host takes no new client: draining n1, the last host up, would leave
+        # web with none (though the inactive group spare has one), so it takes force=1.
         status, _, body = self.fetch('/hostAdminDown?service=web&group=main&name=n1', credentials=True)
+        self.assertEqual((status, body), (409, b'ERROR refusing to drain host n1: it is the last host up in '
+                                               b'the enabled group main of service web; force=1 does it anyway\n'))
+        self.assertEqual(self.fetch('/healthz')[2], b'DOWN 1\n')
+        status, _, body = self.fetch('/hostAdminDown?service=web&group=main&name=n1&force=1', credentials=True)
         self.assertEqual(status, 200, body)
         self.assertEqual(self.fetch('/healthz'), (503, 'text/plain; charset=utf-8', b'DOWN 2\n'))
         status, _, body = self.fetch('/enableGroup?service=web&group=spare', credentials=True)

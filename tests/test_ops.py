@@ -267,7 +267,7 @@ class TestAccessLog(OpsTestCase):
         self.assertEqual(exchange(port, b'x'), b'x')
         self.assertIn(' failovers=1 ', LOG.wait_for('access service=web', self.mark)[-1])
         mark = LOG.mark()
-        self.balancer.call(self.balancer.director.host_admin_down, 'web', 'main', 'two')
+        self.balancer.call(self.balancer.director.host_admin_down, 'web', 'main', 'two', force='1')
         self.assertEqual(exchange(port), b'')
         line = LOG.wait_for('access service=web', mark)[-1]
         self.assertIn(' host=- backend=- failovers=0 bytes_in=0 bytes_out=0 ', line)
@@ -298,7 +298,7 @@ class TestTimeline(OpsTestCase):
             extra='    <check interval="0.2" timeout="0.5" rise="1" fall="1"/>\n')))
         call = self.balancer.call
         director = self.balancer.director
-        call(director.host_admin_down, 'web', 'main', 'one')
+        call(director.host_admin_down, 'web', 'main', 'one', force='1')
         call(director.host_admin_up, 'web', 'main', 'one')
         host = self.balancer.host('one')
         self.assertEqual([(t['from'], t['to'], t['why']) for t in host['timeline']],
@@ -345,7 +345,7 @@ class TestBlueGreen(OpsTestCase):
         port = self.two_groups(blue, '127.0.0.1:%d' % free_port())
         call, director = self.balancer.call, self.balancer.director
         wait_until(lambda: self.balancer.host('two')['state'] == 'down')
-        answer = call(director.enable_group, 'web', 'upgrade', rollback='0.5')
+        answer = call(director.enable_group, 'web', 'upgrade', rollback='0.5', force='1')
         self.assertIn('back to main unless a host is up within 0.5 s', answer)
         LOG.wait_for('service web: rollback to group main: group upgrade had no host up within 0.5 s',
                      self.mark)
@@ -358,7 +358,7 @@ class TestBlueGreen(OpsTestCase):
         self.two_groups(blue, '127.0.0.1:%d' % green_port)
         call, director = self.balancer.call, self.balancer.director
         wait_until(lambda: self.balancer.host('two')['state'] == 'down')
-        call(director.enable_group, 'web', 'upgrade', rollback='3')
+        call(director.enable_group, 'web', 'upgrade', rollback='3', force='1')
         green = Backend(echo, 'green')  # cannot choose its port: move the host there instead
         self.addCleanup(green.close)
         call(director.add_host, 'web', 'upgrade', 'three', green.address)

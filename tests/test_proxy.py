@@ -216,7 +216,10 @@ class TestFailover(ProxyTestCase):
         self.start(service_xml([('one', '127.0.0.1:%d' % p1), ('two', '127.0.0.1:%d' % p2)]))
         self.assertEqual(self.answer_or_reset(b'anyone?'), b'')
         LOG.wait_for('gave up after 2 host(s) failed', self.mark)
-        # Both are down now: the next client is closed at once, without trying.
+        # Both are down now: the next client is closed at once, without trying.  With
+        # workers, once the master has told every worker so (another worker may take it).
+        wait_until(lambda: len([l for l in self.log_lines() if 'in web/main down:' in l]) == 2)
+        self.balancer.sync()
         self.assertEqual(self.answer_or_reset(b'anyone?'), b'')
         LOG.wait_for('no host available in group main', self.mark)
         service = self.balancer.snapshot()['services'][0]

@@ -162,7 +162,7 @@ class TestRuntimeChanges(RuntimeCase):
         self.assertEqual(self.names(), {b's1'})
 
         # Changed on disk since: 409, and nothing written.
-        self.change('/hostAdminDown', service='web', group='spare', name='s1')
+        self.change('/hostAdminDown', service='web', group='spare', name='s1', force='1')
         self.change('/addHost', service='web', group='spare', name='n1', ip=self.n1.address)
         edited = running.replace('<pdconfig', '<!-- edited by hand -->\n<pdconfig', 1)
         self.rewrite(edited)

@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import schedulers  # noqa: E402
 from schedulers import (  # noqa: E402
-    DOWN, DRAINING, ENABLED, UP, Host, make_scheduler, parse_spec)
+    DOWN, DRAINING, ENABLED, MAINT, UP, Host, make_scheduler, parse_spec)
 
 
 class FakeClock(object):
@@ -373,20 +373,22 @@ class SchedulerContract(object):
     # hosts change; these check, after every change of a random churn,
     # that the structure agrees with the hosts' fields.
 
-    def churn(self, scheduler, rng, steps, weighted=True):
+    def churn(self, scheduler, rng, steps, weighted=True, controls=False):
         """Random changes of every kind the director makes; yields after each.
 
         Hosts go down and up, drain and come back, are added, removed (and
         now and then the same Host object added back), get a new weight
         (unless not ``weighted``: all stay 1) or maxconns (full and freed),
-        take and end connections, are reordered.
+        take and end connections, are reordered.  With ``controls``, also:
+        new hosts may be backups, hosts go into maint, come back with slow
+        start, and the clock moves their ramps on.
         """
         serial = itertools.count(len(scheduler.hosts))
         removed = []
         opened = []
         for step in range(steps):
             hosts = scheduler.hosts
-            op = rng.randrange(12)
+            op = rng.randrange(16 if controls else 12)
             host = rng.choice(hosts) if hosts else None
             if host is None or op == 0:
                 if removed and rng.random() < 0.3:
@@ -396,7 +398,8 @@ class SchedulerContract(object):
                 else:
                     number = next(serial)
                     scheduler.add_host(Host(f'n{number}', f'127.1.0.{number % 250}:80',
-                                            weight=rng.choice((1, 1, 2, 5)) if weighted else 1))
+                                            weight=rng.choice((1, 1, 2, 5)) if weighted else 1,
+                                            backup=controls and rng.random() < 0.3))
             elif op == 1 and len(hosts) > 1:
                 removed.append(scheduler.remove_host(host.name))
             elif op == 2:
@@ -404,7 +407,8 @@ class SchedulerContract(object):
             elif op == 3:
                 scheduler.mark_up(host, float(step))
             elif op == 4:
-                scheduler.set_admin(host, rng.choice((ENABLED, DRAINING)), float(step))
+                states = (ENABLED, DRAINING, MAINT) if controls else (ENABLED, DRAINING)
+                scheduler.set_admin(host, rng.choice(states), float(step), slowstart=4.0 if controls else 0)
             elif op == 5:
                 scheduler.update_host(host, maxconns=rng.choice((0, host.open, host.open + 1)))
             elif op == 6 and weighted:
@@ -421,23 +425,59 @@ class SchedulerContract(object):
                 order = [h.name for h in hosts]
                 rng.shuffle(order)
                 scheduler.reorder(order)
+            elif op == 12:
+                scheduler.mark_up(host, float(step), slowstart=rng.choice((0, 2.0, 10.0)))
+            elif op == 13:
+                self.clock.now += rng.choice((0.05, 0.3, 1.0))
+                scheduler.step_ramps()
+            elif op == 14:
+                scheduler.set_admin(host, ENABLED, float(step), slowstart=3.0)
+            elif op == 15:
+                scheduler.update_host(host, backup=not host.backup)
             yield step
+
+    def expected_eligible(self, scheduler):
+        """The hosts pick() may choose, worked out from their fields: up, enabled,
+        below maxconns, and a backup only while no normal host is up and enabled."""
+        normal_up = any(h.health == UP and h.admin == ENABLED and not h.backup for h in scheduler.hosts)
+        return {h for h in scheduler.hosts if h.health == UP and h.admin == ENABLED
+                and (h.maxconns == 0 or h.open < h.maxconns) and (not h.backup or not normal_up)}
 
     def test_every_change_reaches_the_next_pick(self):
         for weighted in (True, False):
             with self.subTest(weighted=weighted):
                 self.check_every_change(weighted)
 
-    def check_every_change(self, weighted):
+    def test_every_change_reaches_the_next_pick_with_backups_maint_and_ramps(self):
+        for weighted in (True, False):
+            with self.subTest(weighted=weighted):
+                self.check_every_change(weighted, controls=True)
+
+    def check_every_change(self, weighted, controls=False):
         rng = random.Random(20261201)
-        hosts = make_hosts(*'abcdefghij', **(dict(b=3, e=2) if weighted else {}))
+        hosts = make_hosts(*('abcde' if controls else 'abcdefghij'), **(dict(b=3, e=2) if weighted else {}))
+        if controls:
+            hosts[-1].backup = hosts[-2].backup = True
         scheduler = self.make(hosts)
-        for step in self.churn(scheduler, rng, 400, weighted):
-            eligible = {h for h in scheduler.hosts if h.health == UP and h.admin == ENABLED
-                        and (h.maxconns == 0 or h.open < h.maxconns)}
+        ramped = set()
+        backups_picked = 0
+        for step in self.churn(scheduler, rng, 400, weighted, controls):
+            eligible = self.expected_eligible(scheduler)
+            ramped.update(scheduler.ramping)
+            for host in scheduler.hosts:
+                # The structures' weight: the host's own unless some host ramps.
+                if not scheduler.ramping:
+                    self.assertEqual(host.eweight, host.weight, step)
+                elif host not in scheduler.ramping and scheduler._scaled:
+                    self.assertEqual(host.eweight, host.weight * schedulers.RAMP_SCALE, step)
+            ip = f'10.0.0.{rng.randrange(20)}'
+            reachable = set(eligible)
+            remembered = scheduler.sticky_host(ip) if scheduler.sticky else None
+            if (remembered is not None and remembered._owner is scheduler and remembered.admin == DRAINING
+                    and remembered in self.expected_eligible_if_enabled(scheduler, remembered)):
+                reachable.add(remembered)   # a draining host still takes its sticky clients
             # Failing over from host to host reaches exactly the eligible
             # hosts, each once, and explain() foresees every one of the picks.
-            ip = f'10.0.0.{rng.randrange(20)}'
             tried = []
             while True:
                 foreseen = scheduler.explain(ip, tried)['host']
@@ -445,15 +485,28 @@ class SchedulerContract(object):
                 self.assertIs(host, foreseen, step)
                 if host is None:
                     break
-                self.assertIn(host, eligible, step)
+                self.assertIn(host, reachable, step)
                 self.assertNotIn(host, tried, step)
                 tried.append(host)
-            self.assertEqual(set(tried), eligible, step)
+                backups_picked += host.backup
+            self.assertEqual(set(tried), reachable, step)
+            tried = [h for h in tried if h in eligible]
             for exclude in ((), tried[:1], tried[1:], tried):
                 ready = [h for h in scheduler.hosts if h.health == UP and h.admin == ENABLED
                          and h not in exclude]
                 self.assertEqual(scheduler.full_only(exclude),
                                  bool(ready) and all(h not in eligible for h in ready), step)
+        if controls:
+            self.assertTrue(ramped, 'the churn should start some ramps')
+            self.assertTrue(backups_picked, 'the churn should leave only backups up now and then')
+
+    def expected_eligible_if_enabled(self, scheduler, host):
+        """What expected_eligible would give with host enabled (without changing it)."""
+        host.admin = ENABLED
+        try:
+            return self.expected_eligible(scheduler)
+        finally:
+            host.admin = DRAINING
 
     def test_rebuilding_changes_no_pick(self):
         # The structure is rebuilt after some changes and updated in place
@@ -461,12 +514,12 @@ class SchedulerContract(object):
         # moments (changes made meanwhile wait for it) changes no pick.
         # Seeds 4 and 11 caught weighted round robin taking a host's first
         # turn at the rebuild, not when it came back, with a reorder between.
-        def run(force, weighted, seed):
+        def run(force, weighted, seed, controls=False):
             rng = random.Random(seed)
             force_rng = random.Random(5)
             scheduler = self.make(make_hosts(*'abcdefgh', **(dict(a=2, d=4) if weighted else {})))
             picked = []
-            for _ in self.churn(scheduler, rng, 800, weighted):
+            for _ in self.churn(scheduler, rng, 800, weighted, controls):
                 if force and force_rng.random() < 0.3:
                     scheduler._dirty = True
                 if rng.random() < 0.5:
@@ -481,6 +534,10 @@ class SchedulerContract(object):
             for weighted in (True, False):
                 with self.subTest(seed=seed, weighted=weighted):
                     self.assertEqual(run(True, weighted, seed), run(False, weighted, seed))
+        # Backups, maint and slow start steps too (each step changes a structure in place).
+        for weighted in (True, False):
+            with self.subTest(seed=21, weighted=weighted, controls=True):
+                self.assertEqual(run(True, weighted, 21, True), run(False, weighted, 21, True))
 
     def test_set_open_reaches_the_next_pick(self):
         # Connections other worker processes hold (set_open) count as this one's own:
@@ -1439,6 +1496,198 @@ class SpecTest(unittest.TestCase):
     def test_empty(self):
         self.assertSpecError('', 'empty scheduler')
         self.assertSpecError('   ', 'empty scheduler')
+
+
+class BackupTest(unittest.TestCase):
+    """Backup hosts (HAProxy's backup): used only while no normal host is up and enabled."""
+
+    def make(self, spec='roundrobin'):
+        self.hosts = make_hosts('a', 'b', 'x', 'y')
+        self.hosts[2].backup = self.hosts[3].backup = True
+        return make_scheduler(spec, self.hosts, clock=FakeClock(), rng=random.Random(3))
+
+    def test_backups_take_over_and_hand_back(self):
+        for spec in schedulers.SCHEDULERS:
+            with self.subTest(spec=spec):
+                scheduler = self.make(spec)
+                a, b, x, y = self.hosts
+                self.assertEqual(set(names(self.many(scheduler))), {'a', 'b'})
+                scheduler.mark_down(a, 'refused', 1.0)
+                self.assertEqual(set(names(self.many(scheduler))), {'b'})
+                scheduler.set_admin(b, DRAINING, 2.0)      # drained counts as not up: backups
+                self.assertEqual(set(names(self.many(scheduler))), {'x', 'y'})
+                result = scheduler.explain('10.0.0.1')
+                self.assertIn(result['host'], (x, y))
+                self.assertTrue(result['reason'].endswith('; a backup host: no normal host is up'), result)
+                scheduler.mark_up(a, 3.0)
+                self.assertEqual(set(names(self.many(scheduler))), {'a'})
+                self.assertIn(['x', 'backup'], scheduler.explain('10.0.0.1')['skipped'])
+                scheduler.remove_host('a')
+                self.assertEqual(set(names(self.many(scheduler))), {'x', 'y'})
+
+    def test_full_normal_hosts_keep_the_backups_out(self):
+        scheduler = self.make()
+        a, b, x, y = self.hosts
+        scheduler.update_host(a, maxconns=1)
+        scheduler.update_host(b, maxconns=1)
+        scheduler.connection_started(a)
+        scheduler.connection_started(b)
+        self.assertIsNone(scheduler.pick('10.0.0.1'))
+        self.assertTrue(scheduler.full_only(), 'the client waits for a place on a or b')
+
+    def many(self, scheduler):
+        picked = []
+        for ip in client_ips(40):
+            host = scheduler.pick(ip)
+            if host is not None:
+                scheduler.connection_started(host)      # spreads leastconns
+                picked.append(host)
+        for host in picked:
+            scheduler.connection_ended(host)
+        return picked
+
+
+class DrainAndMaintTest(unittest.TestCase):
+
+    def test_draining_host_takes_only_its_sticky_clients(self):
+        for spec in schedulers.SCHEDULERS:
+            with self.subTest(spec=spec):
+                a, b = make_hosts('a', 'b')
+                scheduler = make_scheduler(spec + ',sticky', [a, b], clock=FakeClock())
+                on_a = [ip for ip in client_ips(20) if scheduler.pick(ip) is a]
+                self.assertTrue(on_a)
+                scheduler.set_admin(a, DRAINING, 1.0)
+                for ip in on_a:
+                    self.assertIs(scheduler.pick(ip), a)
+                    self.assertIn('draining, it takes only its sticky clients', scheduler.explain(ip)['reason'])
+                self.assertNotIn(a, [scheduler.pick(ip) for ip in client_ips(60)[20:]])
+                scheduler.update_host(a, maxconns=1)
+                scheduler.connection_started(a)
+                self.assertIs(scheduler.pick(on_a[0]), b, 'a full draining host takes no one')
+
+    def test_maint_takes_no_one_not_even_sticky_clients(self):
+        a, b = make_hosts('a', 'b')
+        scheduler = make_scheduler('roundrobin,sticky', [a, b], clock=FakeClock())
+        self.assertIs(scheduler.pick('10.0.0.1'), a)
+        scheduler.set_admin(a, MAINT, 1.0)
+        self.assertIs(scheduler.pick('10.0.0.1'), b)
+        self.assertIn(['a', 'maint'], scheduler.explain('10.0.0.2')['skipped'])
+        scheduler.set_admin(a, ENABLED, 2.0)
+        self.assertIn(scheduler.pick('10.0.0.3'), (a, b))
+
+
+class SlowStartTest(unittest.TestCase):
+    """A host that comes back ramps up from a small share of its weight."""
+
+    def make(self, spec, weights=(1, 1, 1)):
+        self.clock = FakeClock()
+        hosts = [Host(name, f'127.0.0.{i + 1}:80', weight=w) for i, (name, w) in enumerate(zip('abc', weights))]
+        return make_scheduler(spec, hosts, clock=self.clock, rng=random.Random(9)), hosts
+
+    def share_of(self, scheduler, host, count=3000):
+        """The part of count connections, all open at once, that go to host."""
+        opened = []
+        for ip in client_ips(count):
+            picked = scheduler.pick(ip)
+            scheduler.connection_started(picked)    # leastconns: the load the weights share
+            opened.append(picked)
+        for picked in opened:
+            scheduler.connection_ended(picked)
+        return opened.count(host) / count
+
+    def test_returning_host_ramps_up_in_steps(self):
+        for spec in ('roundrobin', 'random', 'leastconns', 'leastconnsrr', 'hash'):
+            for weights in ((1, 1, 1), (2, 1, 3)):
+                with self.subTest(spec=spec, weights=weights):
+                    scheduler, (a, b, c) = self.make(spec, weights)
+                    full = a.weight / sum(weights)
+                    scheduler.mark_down(a, 'refused', 1.0)
+                    scheduler.mark_up(a, 2.0, slowstart=10.0)
+                    self.assertEqual(scheduler.ramping, {a})
+                    first = self.share_of(scheduler, a)
+                    self.assertLess(first, full * 0.25, 'at 5% of its weight')
+                    self.assertEqual(scheduler.step_ramps(), self.clock.now + 0.5)
+                    self.clock.now += 1.9       # the first fifth: 20% at most
+                    self.assertEqual(scheduler.step_ramps(), self.clock.now + 0.1)
+                    (host, effective, left), = scheduler.ramps()
+                    self.assertEqual((host, effective), (a, a.weight * 0.2))
+                    self.assertAlmostEqual(left, 8.1)
+                    self.assertLess(self.share_of(scheduler, a), full * 0.5)
+                    self.clock.now += 8.1
+                    self.assertIsNone(scheduler.step_ramps())
+                    self.assertEqual(scheduler.ramping, set())
+                    self.assertEqual([h.eweight for h in (a, b, c)], list(weights))
+                    self.assertAlmostEqual(self.share_of(scheduler, a), full, delta=0.05)
+
+    def test_no_ramp_at_the_first_coming_up_nor_without_slowstart(self):
+        scheduler, (a, b, c) = self.make('roundrobin')
+        a.health = DOWN
+        scheduler.remove_host('a')
+        scheduler.add_host(a)           # as a host that starts down (a name not resolved yet)
+        scheduler.mark_up(a, 1.0, slowstart=10.0)
+        self.assertEqual(scheduler.ramping, set())
+        scheduler.mark_down(b, 'refused', 2.0)
+        scheduler.mark_up(b, 3.0)
+        self.assertEqual(scheduler.ramping, set())
+        scheduler.mark_down(b, 'refused', 4.0)
+        scheduler.mark_up(b, 5.0, slowstart=10.0)
+        self.assertEqual(scheduler.ramping, {b})
+        scheduler.mark_down(b, 'refused', 6.0)      # down again: the ramp ends
+        self.assertEqual((scheduler.ramping, b.eweight), (set(), 1))
+
+    def test_leaving_maint_ramps_but_leaving_drain_does_not(self):
+        scheduler, (a, b, c) = self.make('random')
+        scheduler.set_admin(a, DRAINING, 1.0, slowstart=10.0)
+        scheduler.set_admin(a, ENABLED, 2.0, slowstart=10.0)
+        self.assertEqual(scheduler.ramping, set())
+        scheduler.set_admin(a, MAINT, 3.0, slowstart=10.0)
+        scheduler.set_admin(a, ENABLED, 4.0, slowstart=10.0)
+        self.assertEqual(scheduler.ramping, {a})
+
+    def test_ramps_survive_a_change_of_scheduler(self):
+        scheduler, (a, b, c) = self.make('roundrobin')
+        scheduler.mark_down(a, 'refused', 1.0)
+        scheduler.mark_up(a, 2.0, slowstart=10.0)
+        new = make_scheduler('leastconns', clock=self.clock)
+        new.take_state_from(scheduler)
+        self.assertEqual(new.ramping, {a})
+        self.assertEqual((a.eweight, b.eweight), (1, schedulers.RAMP_SCALE))
+        self.clock.now += 10
+        self.assertIsNone(new.step_ramps())
+        self.assertEqual((a.eweight, b.eweight), (1, 1))
+
+    def test_hash_brings_each_client_back_once(self):
+        scheduler, (a, b, c) = self.make('hash')
+        ips = client_ips(2000)
+        home = {ip: scheduler.pick(ip) for ip in ips}
+        scheduler.mark_down(a, 'refused', 1.0)
+        away = {ip: scheduler.pick(ip) for ip in ips}
+        scheduler.mark_up(a, 2.0, slowstart=4.0)
+        back = set()
+        counts = []
+        for _ in range(20):
+            now = {ip: scheduler.pick(ip) for ip in ips}
+            for ip, host in now.items():
+                if host is a:
+                    self.assertIs(home[ip], a, 'only its own clients come to it')
+                    back.add(ip)
+                elif ip in back:
+                    self.fail('a client that came back to it left again')
+                else:
+                    self.assertIs(host, away[ip], 'the others stay where they are')
+            counts.append(len(back))
+            self.clock.now += 0.2
+            scheduler.step_ramps()
+        self.assertEqual(counts, sorted(counts))
+        self.assertLess(counts[0], counts[-1] / 5)
+        self.assertEqual(back, {ip for ip in ips if home[ip] is a})
+
+    def test_slow_start_needs_a_clock(self):
+        a, b = make_hosts('a', 'b')
+        scheduler = make_scheduler('random', [a, b])
+        scheduler.mark_down(a, 'refused', 1.0)
+        with self.assertRaises(ValueError):
+            scheduler.mark_up(a, 2.0, slowstart=5.0)
 
 
 class HostTest(unittest.TestCase):

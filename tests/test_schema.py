@@ -65,6 +65,7 @@ def full_config(listen=None, variant='tcp'):
             '    <deny%s/>\n' % attrs('deny', variant) +
             '    <group%s>\n' % attrs('group', variant) +
             '      <host%s/>\n' % attrs('host', variant) +
+            '      <discover%s/>\n' % attrs('discover', variant) +
             '    </group>\n' +
             '    <enable%s/>\n' % attrs('enable', variant) +
             '    <check%s/>\n' % attrs('check', variant) +
@@ -152,7 +153,8 @@ class SchemaTest(unittest.TestCase):
             config = pydirector.parse_config(full_config(variant=variant), 'full.xml')
             service = config.services[0]
             objects = {'pdconfig': config, 'service': service, 'listen': service.listens[0],
-                       'group': service.groups[0], 'host': service.groups[0].hosts[0], 'check': service.check,
+                       'group': service.groups[0], 'host': service.groups[0].hosts[0],
+                       'discover': service.groups[0].discovers[0], 'check': service.check,
                        'timeouts': service.timeouts, 'admin': config.admin, 'user': config.admin.users[0],
                        'logging': config.logging, 'udp': service.udp}
             for tag in tags(variant):

@@ -231,8 +231,8 @@ class UdpConfigTest(unittest.TestCase):
                      'x.xml:7: <check> dns writes its own query and judges the answer: give dns or '
                      'send/expect/status, not both (this one has send, expect)')
         self.refused(udp_service(hosts, extra='    <check dns="no space.test"/>\n'),
-                     "x.xml:7: <check> dns 'no space.test': not a DNS name (letters, digits, - and _ in labels "
-                     "of 1-63, dot-separated)")
+                     "x.xml:7: <check> dns 'no space.test': not a DNS name (letters, digits, - and _, in labels "
+                     "of 1-63 separated by dots, at most 253 in all)")
 
     def test_diff_names_what_the_admin_cannot_change(self):
         hosts = [('a', '127.0.0.1:5301')]
@@ -246,22 +246,30 @@ class UdpConfigTest(unittest.TestCase):
                           'service dns: <udp responses="1"/> -> (none)'])
 
     def test_the_dns_query_and_its_verdicts(self):
-        query = pydirector.dns_query('svc.test.', 0x1234)
+        qname = pydirector.dns_name('svc.test.')
+        query = pydirector.dns_query(0x1234, qname, pydirector.DNS_A, edns=False)
         self.assertEqual(query, b'\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00'
                                 b'\x03svc\x04test\x00\x00\x01\x00\x01')
         answer = b'\x12\x34\x81\x80\x00\x01\x00\x01\x00\x00\x00\x00' + query[12:]
-        self.assertEqual(pydirector.judge_dns(answer, 0x1234, False, True),
+        self.assertEqual(pydirector.judge_dns(answer, 0x1234, qname, False, True),
                          (True, 'probe ok (DNS NOERROR, 1 answer record(s))'))
-        self.assertIsNone(pydirector.judge_dns(answer, 0x4321, False, True))     # not ours: wait for ours
+        self.assertIsNone(pydirector.judge_dns(answer, 0x4321, qname, False, True))     # not ours: wait for ours
         refused = b'\x12\x34\x81\x85' + answer[4:]
-        self.assertEqual(pydirector.judge_dns(refused, 0x1234, False, True), (False, 'DNS answer REFUSED'))
-        self.assertEqual(pydirector.judge_dns(query, 0x1234, False, True),
-                         (False, 'not a DNS answer (QR not set)'))
+        self.assertEqual(pydirector.judge_dns(refused, 0x1234, qname, False, True), (False, 'DNS answer REFUSED'))
+        self.assertEqual(pydirector.judge_dns(query, 0x1234, qname, False, True),
+                         (False, 'not the DNS answer: not a response'))
+        other = pydirector.dns_name('other.test')
+        self.assertEqual(pydirector.judge_dns(answer, 0x1234, other, False, True),
+                         (False, 'not the DNS answer: a question not ours'))
+        self.assertEqual(pydirector.judge_dns(answer[:8], 0x1234, qname, False, True),
+                         (False, 'not a DNS answer: shorter than a DNS header'))
         framed = len(answer).to_bytes(2, 'big') + answer
-        self.assertIsNone(pydirector.judge_dns(framed[:20], 0x1234, True, False))
-        self.assertEqual(pydirector.judge_dns(framed[:20], 0x1234, True, True),
+        self.assertIsNone(pydirector.judge_dns(framed[:20], 0x1234, qname, True, False))
+        self.assertEqual(pydirector.judge_dns(framed[:20], 0x1234, qname, True, True),
                          (False, 'a DNS answer cut short (20 bytes)'))
-        self.assertEqual(pydirector.judge_dns(framed, 0x1234, True, False)[0], True)
+        self.assertEqual(pydirector.judge_dns(framed, 0x1234, qname, True, False)[0], True)
+        self.assertEqual(pydirector.judge_dns(framed, 0x4321, qname, True, False),
+                         (False, 'not the DNS answer: wrong ID'))
 
 
 # -- sessions, with small servers of our own -------------------------------------
@@ -726,7 +734,8 @@ class DnsTest(UdpCase):
 
     def query(self, sock=None, name='svc.test', timeout=3.0):
         ident = int.from_bytes(os.urandom(2), 'big')
-        answer = ask(self.udp_port(), pydirector.dns_query(name, ident), sock, timeout)
+        query = pydirector.dns_query(ident, pydirector.dns_name(name), pydirector.DNS_A, edns=False)
+        answer = ask(self.udp_port(), query, sock, timeout)
         self.assertEqual(int.from_bytes(answer[:2], 'big'), ident)
         return answer
 
