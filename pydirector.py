@@ -5131,11 +5131,16 @@ class SessionTable(object):
         return '<SessionTable %s: %d>' % (self.service.name, len(self.sessions))
 
     def configure(self, config):
-        """The service's (new) <udp> settings; a smaller limit evicts at once."""
+        """The service's (new) <udp> settings; a smaller limit evicts at once, and the
+        sweep is due by the (new) idle timeout, not the one it was armed for."""
         self.limit = config.udp.sessions
         self.responses = config.udp.responses
         while len(self.sessions) > self.limit:
             self.evict()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+            self.arm()
 
     def open(self, key, listener, size):
         """A new client: the service's rules, a place in the table, a host, then its datagram."""

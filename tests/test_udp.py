@@ -641,6 +641,25 @@ class SessionTest(UdpCase):
         self.assertEqual(ask(listen, b'again'), b'one:again')
         self.end_sessions()
 
+    def test_a_reload_that_shortens_idle_ends_sessions_by_it(self):
+        # The table's one timer, armed by the first session for the old idle timeout,
+        # is due again by the new one: a session after the reload does not wait it out.
+        backend = self.udp_backend('one')
+        path = os.path.join(self.tempdir(), 'pd.xml')
+        listen = free_port()
+        self.start(udp_service([('one', backend.address)], listen_port=listen, udp='responses="1"'), path=path)
+        self.assertEqual(ask(listen, b'q'), b'one:q')
+        self.wait_sessions(0)
+        with open(path, 'w') as f:
+            f.write(config_xml(udp_service([('one', backend.address)], listen_port=listen,
+                                           extra='    <timeouts idle="0.5"/>\n')))
+        self.assertIn('dns: timeouts, udp', self.reload())
+        mark = LOG.mark()
+        self.assertEqual(ask(listen, b'again'), b'one:again')
+        self.wait_sessions(1)
+        self.wait_sessions(0)       # within 10 s, not the 60 s the first timer was for
+        self.assertIn('datagrams_in=1 datagrams_out=1', LOG.wait_for('end=idle', mark)[0])
+
     def test_a_reload_turns_a_service_to_udp_and_back(self):
         backend = self.udp_backend('one')
         tcp = self.backend()
