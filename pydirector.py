@@ -158,6 +158,9 @@ class Config(ConfigElement):
             attrs = service.timeouts.xml_attrs() if service.timeouts is not None else []
             if attrs:
                 out.append(_xml_tag(2, 'timeouts', attrs))
+            attrs = service.udp.xml_attrs() if service.udp is not None else []
+            if attrs:
+                out.append(_xml_tag(2, 'udp', attrs))
             out.append('  </service>')
         if self.admin is not None:
             out.append(_xml_tag(1, 'admin', self.admin.xml_attrs(), '>'))
@@ -173,16 +176,17 @@ class Config(ConfigElement):
 
 class Service(ConfigElement):
     """A <service>: SERVICE_ATTRS (its name; maxconns caps its open clients,
-    0 = unlimited), where it listens, its groups of hosts, and which group is
-    enabled (a group name).  check is None when the file has no <check>
-    (DEFAULT_CHECK applies then); timeouts is always set.  acl is the
-    <allow>/<deny> rules in file order, as ('allow' or 'deny', ipaddress
-    network) pairs."""
+    0 = unlimited; protocol 'tcp' or 'udp'), where it listens, its groups of
+    hosts, and which group is enabled (a group name).  check is None when the
+    file has no <check> (DEFAULT_CHECK applies then); timeouts is always set
+    (a UDP service's idle defaults to UDP_IDLE); udp is its <udp> settings,
+    always set for a UDP service and None for TCP.  acl is the <allow>/<deny>
+    rules in file order, as ('allow' or 'deny', ipaddress network) pairs."""
 
     TAG = 'service'
 
     def __init__(self, listens=(), groups=(), enabled=None, check=None, timeouts=None, acl=(), line=None,
-                 **values):
+                 udp=None, **values):
         ConfigElement.__init__(self, line, **values)
         self.listens = list(listens or ())
         self.groups = list(groups or ())
@@ -190,7 +194,9 @@ class Service(ConfigElement):
             enabled = self.groups[0].name
         self.enabled = enabled
         self.check = check
-        self.timeouts = timeouts if timeouts is not None else Timeouts()
+        datagrams = self.protocol == 'udp'
+        self.timeouts = timeouts if timeouts is not None else Timeouts(idle=UDP_IDLE) if datagrams else Timeouts()
+        self.udp = (udp or Udp()) if datagrams else None
         self.acl = list(acl or ())
 
     def group(self, name):
@@ -214,20 +220,23 @@ class Listen(ConfigElement):
     peer first; trusted lists the networks that may send one (empty: any).
     sni is None, or the server name patterns (parse_sni) this service takes
     on the address: the client's TLS hello then picks the service, and
-    several services may share the address."""
+    several services may share the address.  protocol is its service's
+    ('tcp' or 'udp'): a TCP and a UDP service may listen on one address."""
 
     TAG = 'listen'
 
-    def __init__(self, line=None, **values):
+    def __init__(self, line=None, protocol='tcp', **values):
         ConfigElement.__init__(self, line, **values)
+        self.protocol = protocol
         self.host, self.port = parse_address(self.text)
         self.trusted = list(self.trusted or ())
         self.sni = list(self.sni) if self.sni else None
 
     @property
     def key(self):
-        """What makes two listens the same address (one socket)."""
-        return address_key(self.host, self.port)
+        """What makes two listens the same address (one socket); a UDP one is another
+        socket than a TCP one on the same address."""
+        return listen_key(self.host, self.port, self.protocol)
 
     def __repr__(self):
         return f'Listen({self.text!r})'
@@ -315,6 +324,15 @@ class Timeouts(ConfigElement):
     and for a client to wait in the queue while every host is full."""
 
     TAG = 'timeouts'
+
+
+class Udp(ConfigElement):
+    """The <udp> settings of a UDP service: responses (None: a session lasts until
+    it is idle; N: it ends after N replies per request datagram, 0: send and
+    forget) and sessions, the most this process holds (the least recently
+    used is evicted past it)."""
+
+    TAG = 'udp'
 
 
 class Admin(ConfigElement):
@@ -648,20 +666,30 @@ def status_text(ranges):
     return ','.join('%d' % low if low == high else '%d-%d' % (low, high) for low, high in ranges)
 
 
-def check_text(check):
+def check_text(check, protocol='tcp'):
     """What decides a probe, in words (explain, /running): None for no <check>."""
     if check is None:
         return None
     parts = []
+    if check.dns:
+        parts.append('send a DNS query for %s, then an answer with its id and rcode NOERROR' % check.dns)
     if check.send:
         parts.append('send %s' % _escape_bytes(check.send))
     if check.status:
         parts.append('status %s on the first line' % status_text(check.status))
     if check.expect:
         parts.append('expect %s anywhere in the answer' % _escape_bytes(check.expect))
-    if check.port:
+    if protocol == 'udp':
+        if not parts:
+            parts.append('send an empty datagram; down only on an ICMP error within %g s'
+                         % min(check.timeout, UDP_PROBE_SILENCE))
+        elif check.send and not check.status and not check.expect:
+            parts.append('any answer')
+        if check.port:
+            parts.insert(0, 'to port %d' % check.port)
+    elif check.port:
         parts.insert(0, 'connect to port %d' % check.port)
-    elif not check.status and not check.expect:
+    elif not check.status and not check.expect and not check.dns:
         parts.append('connect')
     return ', then '.join(parts)
 
@@ -672,6 +700,12 @@ def address_key(host, port):
         return (ipaddress.ip_address(host).compressed, port)
     except ValueError:
         return (host.lower().rstrip('.'), port)
+
+
+def listen_key(host, port, protocol='tcp'):
+    """What makes two listens one socket: the address, and for UDP the protocol too."""
+    key = address_key(host, port)
+    return key if protocol == 'tcp' else key + (protocol,)
 
 
 def host_config(**texts):
@@ -1213,6 +1247,10 @@ def _resolver(text, what):
     return text
 
 
+UDP_IDLE = 60.0             # a UDP service's default <timeouts idle>: Envoy's; nginx waits 10 min
+UDP_SESSIONS = 10000        # the default <udp sessions>: the most sessions a process holds per service
+
+
 CONFIG_ATTRS = (
     Attr('drain', seconds_or_zero, 10.0, example='2.5'),
     Attr('user', _named(_account), example='0'),        # ids that exist everywhere: --check looks them up
@@ -1223,6 +1261,7 @@ CONFIG_ATTRS = (
 SERVICE_ATTRS = (
     Attr('name', _name('service name'), required=True, error='{error}', example='caf\u00e9 & "co"'),
     Attr('maxconns', integer(0), 0, example='500'),
+    Attr('protocol', choice('tcp', 'udp'), 'tcp', example='udp'),
 )
 LISTEN_ATTRS = (
     Attr('ip', _named(_address_text), required=True, field='text', example='127.0.0.1:8443'),
@@ -1268,12 +1307,17 @@ CHECK_ATTRS = (
     Attr('expect', _escapes, spelling='expect_text', write=_bytes_text, example='caf\u00e9\\x00'),
     Attr('on_down', choice('keep', 'close'), 'keep', example='close'),
     Attr('port', integer(1, 65535), example='7'),    # probe this port on the host's address
+    Attr('dns', _dns_name, example='svc.example.com'),  # a DNS query, its answer's id and rcode checked
     Attr('slowstart', seconds_or_zero, 0.0, example='30'),
 )
 TIMEOUTS_ATTRS = (
     Attr('connect', parse_seconds, 3.0, example='0.5'),
     Attr('idle', parse_seconds, 3600.0, example='60'),
     Attr('queue', parse_seconds, 5.0, example='30'),
+)
+UDP_ATTRS = (
+    Attr('responses', integer(0), example='1'),
+    Attr('sessions', integer(1, 1000000), UDP_SESSIONS, example='500'),
 )
 ADMIN_ATTRS = (
     Attr('listen', _named(_address_text), required=True, example='127.0.0.1:7001'),
@@ -1299,8 +1343,13 @@ ELEMENT_ATTRS = {
     'pdconfig': CONFIG_ATTRS, 'service': SERVICE_ATTRS, 'listen': LISTEN_ATTRS,
     'allow': ACL_ATTRS, 'deny': ACL_ATTRS, 'group': GROUP_ATTRS, 'host': HOST_ATTRS,
     'discover': DISCOVER_ATTRS, 'enable': ENABLE_ATTRS, 'check': CHECK_ATTRS, 'timeouts': TIMEOUTS_ATTRS,
-    'admin': ADMIN_ATTRS, 'user': USER_ATTRS, 'logging': LOGGING_ATTRS,
+    'udp': UDP_ATTRS, 'admin': ADMIN_ATTRS, 'user': USER_ATTRS, 'logging': LOGGING_ATTRS,
 }
+
+# Attributes a protocol="udp" service refuses: they speak TCP (TLS hellos, PROXY headers).
+TCP_ONLY = (('listen', 'sni'), ('listen', 'accept_proxy'), ('host', 'send_proxy'))
+# <check> attributes that dns="name" replaces: it writes its own query and judges the answer.
+DNS_CHECK_REPLACES = ('send', 'expect', 'status')
 
 DEFAULT_CHECK = Check()     # probes of a down host in a service with no <check>
 
@@ -1401,7 +1450,7 @@ def _xml_error(data, path, error, index, open_elements):
 
 _CHILDREN = {
     'pdconfig': ('service', 'admin', 'logging'),
-    'service': ('listen', 'group', 'enable', 'check', 'timeouts', 'allow', 'deny'),
+    'service': ('listen', 'group', 'enable', 'check', 'timeouts', 'udp', 'allow', 'deny'),
     'group': ('host', 'discover'),
     'admin': ('user',),
 }
@@ -1459,7 +1508,7 @@ class _ConfigReader(object):
         Services share one only when every listen on it has sni, each name
         (and '*') belongs to one of them, and they agree on the PROXY settings:
         the hello is read before the service is known."""
-        key = address_key(host, port)
+        key = listen.key if listen is not None else address_key(host, port)
         claims = self.listens.setdefault(key, [])
         if claims:
             other, first = claims[0]
@@ -1516,15 +1565,22 @@ class _ConfigReader(object):
         if name in self.service_names:
             raise self.error(elem, f'duplicate service {name!r}')
         self.service_names.add(name)
-        listens, groups, enable, check, timeouts, acl = [], [], None, None, None, []
+        protocol = values['protocol']
+        listens, groups, enable, check, timeouts, acl, udp = [], [], None, None, None, [], None
         group_names = set()
         for tag, child in self.children(elem):
             if tag == 'listen':
-                listens.append(self.listen(child, name))
+                listens.append(self.listen(child, name, protocol))
             elif tag in ('allow', 'deny'):
                 acl.append((tag, self.values(child)['cidr']))
+            elif tag == 'udp':
+                if protocol != 'udp':
+                    raise self.error(child, f'service {name!r}: <udp> is only for a service with protocol="udp"')
+                if udp is not None:
+                    raise self.error(child, f'service {name!r}: more than one <udp>')
+                udp = Udp(self.lines[child], **self.values(child))
             elif tag == 'group':
-                group = self.group(child)
+                group = self.group(child, protocol, name)
                 if group.name in group_names:
                     raise self.error(child, f'service {name!r}: duplicate group {group.name!r}')
                 group_names.add(group.name)
@@ -1538,10 +1594,18 @@ class _ConfigReader(object):
                 if check is not None:
                     raise self.error(child, f'service {name!r}: more than one <check>')
                 check = Check(self.lines[child], **self.values(child))
+                both = [what for what in DNS_CHECK_REPLACES if check.dns and what in child.attrib]
+                if both:
+                    raise self.error(child, f'<check> dns writes its own query and judges the answer: '
+                                            f'give dns or {"/".join(DNS_CHECK_REPLACES)}, not both '
+                                            f'(this one has {", ".join(both)})')
             else:
                 if timeouts is not None:
                     raise self.error(child, f'service {name!r}: more than one <timeouts>')
-                timeouts = Timeouts(self.lines[child], **self.values(child))
+                settings = self.values(child)
+                if protocol == 'udp' and 'idle' not in child.attrib:
+                    settings['idle'] = UDP_IDLE
+                timeouts = Timeouts(self.lines[child], **settings)
         if not listens:
             raise self.error(elem, f'service {name!r} has no <listen>')
         if not groups:
@@ -1551,17 +1615,27 @@ class _ConfigReader(object):
             enabled = enable.get('group')
             if not any(g.name == enabled for g in groups):
                 raise self.error(enable, f'service {name!r}: <enable> names unknown group {enabled!r}')
-        return Service(listens, groups, enabled, check, timeouts, acl, self.lines[elem], **values)
+        return Service(listens, groups, enabled, check, timeouts, acl, self.lines[elem], udp, **values)
 
-    def listen(self, elem, service_name):
-        listen = Listen(self.lines[elem], **self.values(elem))
+    def refuse_tcp_only(self, elem, tag, protocol, service_name):
+        """A UDP service's <listen> or <host> with an attribute only TCP has: an error at its line."""
+        if protocol != 'udp':
+            return
+        for where, name in TCP_ONLY:
+            if where == tag and name in elem.attrib:
+                raise self.error(elem, f'<{elem.tag}> {name} needs TCP: service {service_name!r} '
+                                       f'is protocol="udp"')
+
+    def listen(self, elem, service_name, protocol='tcp'):
+        self.refuse_tcp_only(elem, 'listen', protocol, service_name)
+        listen = Listen(self.lines[elem], protocol, **self.values(elem))
         if listen.trusted and listen.accept_proxy is None:
             raise self.error(elem, '<listen> trusted is only used with accept_proxy')
         self.claim_listen(elem, listen.text, listen.host, listen.port, f'service {service_name!r}', listen,
                           service_name)
         return listen
 
-    def group(self, elem):
+    def group(self, elem, protocol='tcp', service_name=None):
         group = Group(line=self.lines[elem], **self.values(elem))
         hosts = []
         # Dicts, not a scan per host, so a group of 10,000 loads in linear
@@ -1572,6 +1646,7 @@ class _ConfigReader(object):
                 group.discovers.append(self.discover(child, group))
                 continue
             index = len(hosts)
+            self.refuse_tcp_only(child, 'host', protocol, service_name)
             host = self.host(child, index)
             ip_key = address_key(host.host, host.port)     # as addHost compares them
             same_name, same_ip = by_name.get(host.name), by_ip.get(ip_key)
@@ -3208,6 +3283,27 @@ def format_address(host, port):
     return '%s:%s' % (host or '*', port)
 
 
+def not_too_often(logged, kind, now, interval):
+    """For a line logged at most once per interval per kind: None to leave this one
+    out (counted), else how many were left out since the last.  logged: {kind:
+    [loop time of its last line, lines left out since]}, kept by the caller."""
+    last = logged.get(kind)
+    if last is not None and now - last[0] < interval:
+        last[1] += 1
+        return None
+    logged[kind] = [now, 0]
+    return last[1] if last is not None else 0
+
+
+def oserror_text(e):
+    """'connection refused' for an OSError with an errno, else its text."""
+    return error_text(e.errno) if e.errno else str(e)
+
+
+def left_out_text(count):
+    return ' (%d more like it not logged since the last such line)' % count if count else ''
+
+
 def error_text(err):
     """'connection refused' from an errno (log lines read better in lower case)."""
     text = os.strerror(err)
@@ -3279,6 +3375,11 @@ END_BAD_HELLO = end_reason('bad-hello', 'on a listen with `sni`: no TLS hello, a
                                         'or the client closed before it ended')
 END_HELLO_TIMEOUT = end_reason('hello-timeout', 'on a listen with `sni`: no whole hello within `<timeouts connect>`')
 END_UNKNOWN_SNI = end_reason('unknown-sni', 'on a listen with `sni`: the hello named no service here')
+END_IDLE = end_reason('idle', 'a UDP session: no datagram either way for `<timeouts idle>`')
+END_RESPONSES = end_reason('responses', 'a UDP session: its `<udp responses>` replies came back (with 0: its '
+                                        'datagram was sent)')
+END_EVICTED = end_reason('evicted', "a UDP session: the least recently used, pushed out of its service's full "
+                                    '`<udp sessions>` table (or for an fd)')
 
 
 class AccessLog(object):
@@ -3313,9 +3414,10 @@ class AccessLog(object):
         return escaped
 
     def connection(self, pair, how):
-        """Keep a closed pair for its line, formatted when the batch is written; how: one
-        of END_REASONS.  Or a TLSHelloReader: a client of a listen with sni closed before
-        any service was chosen (service=-, bytes_in the bytes it sent, none relayed)."""
+        """Keep a closed pair (or UDP Session) for its line, formatted when the batch is
+        written; how: one of END_REASONS.  Or a TLSHelloReader: a client of a listen with
+        sni closed before any service was chosen (service=-, bytes_in the bytes it sent,
+        none relayed)."""
         # The wall clock now, as a LogRecord's: not the loop's time (read as this iteration
         # began), so a record logged before in this iteration cannot carry a later time.
         self.kept.append((pair, how, time.time()))
@@ -3346,6 +3448,9 @@ class AccessLog(object):
                 service = pair.service.name
                 failovers = len(pair.tried) - 1 if pair.tried else 0
                 bytes_in, bytes_out = pair.bytes_in, pair.bytes_out
+            elif type(pair) is Session:
+                append(self.session_line(pair, how, when - offset, '%s,%03d' % (date, (when - second) * 1000)))
+                continue
             else:   # a TLSHelloReader: no service, nothing relayed
                 host, service, failovers, bytes_in, bytes_out = None, '-', 0, pair.received, 0
             host_text = hosts.get(host)
@@ -3362,6 +3467,20 @@ class AccessLog(object):
                        '-' if sni is None else value(sni), host_text, failovers,
                        bytes_in, bytes_out, when - offset - pair.started, how))
         return lines
+
+    def session_line(self, session, how, now, stamp):
+        """The line of an ended UDP session: its datagrams and bytes each way (now: its end, in loop time)."""
+        host = session.host or (session.tried[-1] if session.tried else None)
+        host_text = self.host_texts.get(host)
+        if host_text is None:
+            host_text = self.host_texts[host] = ('host=%s backend=%s' % (self.value(host.name), self.value(host.ip))
+                                                 if host else 'host=- backend=-')
+        ip = session.client_ip
+        return ('%s INFO access service=%s client=%s:%d protocol=udp %s failovers=%d datagrams_in=%d '
+                'datagrams_out=%d bytes_in=%d bytes_out=%d duration=%.3f end=%s\n' % (
+                    stamp, self.value(session.service.name), '[%s]' % ip if ':' in ip else ip, session.client_port,
+                    host_text, max(0, len(session.tried) - 1), session.datagrams_in, session.datagrams_out,
+                    session.bytes_in, session.bytes_out, now - session.started, how))
 
     def flush(self):
         """Hand what is kept to the log targets; from the loop thread, or once the loop has stopped."""
@@ -4019,27 +4138,35 @@ OUT_OF_FDS = frozenset([errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM]
 LINGER_RESET = b'\x01\x00\x00\x00\x00\x00\x00\x00'  # struct linger {on, 0 s}: close sends RST
 
 
-def listen_socket(host, port, backlog=None):
+def listen_socket(host, port, backlog=None, protocol='tcp', reuseport=False):
     """A bound, listening, non-blocking TCP socket ('' or '*' for every IPv4
-    address); OSError (with the address in its text) says why not."""
+    address), or with protocol 'udp' a bound UDP one (reuseport: with
+    SO_REUSEPORT, so that more sockets may bind the address, one per worker);
+    OSError (with the address in its text) says why not."""
     host = '0.0.0.0' if host in ('', '*') else host
+    kind = socket.SOCK_DGRAM if protocol == 'udp' else socket.SOCK_STREAM
     try:
-        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+        infos = socket.getaddrinfo(host, port, 0, kind, 0, socket.AI_PASSIVE)
     except socket.gaierror as e:
         raise OSError(e.errno, 'cannot listen on %s: %s' % (format_address(host, port), e.strerror)) from None
     family, _, _, _, sockaddr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, kind)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # (Not on UDP: there Linux lets a second socket bind the same address with it.)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             # As nginx does: [::]:80 means IPv6 only, so *:80 can be bound beside it.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        if family in (socket.AF_INET, socket.AF_INET6):
+        if kind == socket.SOCK_STREAM and family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)    # accepted sockets inherit it (Linux)
         sock.bind(sockaddr)
-        if backlog is None:
-            backlog = socket.SOMAXCONN if socket.SOMAXCONN > 4096 else 4096
-        sock.listen(backlog)
+        if kind == socket.SOCK_STREAM:
+            if backlog is None:
+                backlog = socket.SOMAXCONN if socket.SOMAXCONN > 4096 else 4096
+            sock.listen(backlog)
         sock.setblocking(False)
     except OSError as e:
         sock.close()
@@ -4164,15 +4291,10 @@ class Listener(object):
             self.unmatched += 1
         else:
             self.bad[kind] = self.bad.get(kind, 0) + 1
-        now = self.loop.now
-        last = self.logged.get(kind)
-        if last is not None and now - last[0] < HELLO_LOG_INTERVAL:
-            last[1] += 1
-            return
-        self.logged[kind] = [now, 0]
-        left_out = last[1] if last is not None else 0
-        log.warning('listen %s: client %s: %s%s', self.text, format_address(client_ip, client_port), why,
-                    ' (%d more like it not logged since the last such line)' % left_out if left_out else '')
+        left_out = not_too_often(self.logged, kind, self.loop.now, HELLO_LOG_INTERVAL)
+        if left_out is not None:
+            log.warning('listen %s: client %s: %s%s', self.text, format_address(client_ip, client_port), why,
+                        left_out_text(left_out))
 
 
 PROXY_HEADER, QUEUED = 'proxy-header', 'queued'
@@ -4886,6 +5008,481 @@ class Splice(object):
         os.close(self.w)
         Splice.count -= 1
 # ---------------------------------------------------------------------------
+# Datagrams: UDP services (<service protocol="udp">), on the same loop,
+# schedulers, health checks and admin as TCP.
+#
+# A DatagramListener reads client datagrams.  Each client (its address, on
+# one listen) has a Session, the UDP analogue of a Pair: it owns one socket
+# connected to the host the scheduler picked, so that replies map back to
+# the client and an ICMP error from the host surfaces (ECONNREFUSED).  A
+# session ends after <udp responses> replies per request datagram (0: once
+# its request is sent), when idle for <timeouts idle>, or when evicted from
+# its service's bounded table (SessionTable, least recently used first).
+# Nothing a flood of clients sends grows memory or fds past that table.
+# ---------------------------------------------------------------------------
+
+SOCK_DGRAM_NONBLOCK = socket.SOCK_DGRAM | SOCK_NONBLOCK
+DATAGRAM_MAX = 65535       # the largest datagram read (one over IPv4 carries at most 65,507 bytes)
+DATAGRAM_BATCH = 64        # datagrams a listener reads per readable event, so a flood cannot starve the rest
+BATCH_STREAK = 4           # readable events that each find a whole batch before the listener reads twice as many
+REPLY_BATCH = 16           # replies a session reads per readable event
+KEEP_REQUEST = 1232        # bytes: a request up to this size is kept until its reply, to re-send it to
+                           # another host after an ICMP error (DNS's EDNS size); a longer one is not
+SWEEP_GRAIN = 0.05         # seconds: the idle sweep of a table runs at most this often
+UDP_LOG_INTERVAL = 1.0     # seconds between a service's lines of one kind (evictions, drops, no host)
+REUSEPORT = hasattr(socket, 'SO_REUSEPORT')
+# What a connected UDP socket reports of an ICMP error: the host's port is closed, or it
+# cannot be reached.  Each marks the host down, as a failed TCP connect does.
+ICMP_ERRORS = frozenset([errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH,
+                         getattr(errno, 'EHOSTDOWN', errno.EHOSTUNREACH)])
+
+# One buffer for every datagram: the loop handles one at a time, and sends it on from
+# here, never copied (but for the small copy KEEP_REQUEST allows).
+_datagram = bytearray(DATAGRAM_MAX)
+_datagram_view = memoryview(_datagram)
+
+
+class DatagramListener(object):
+    """The socket of one UDP listen address: the Listener of a UDP service.
+
+    A single process reads its one socket.  A master holds one socket per
+    worker (socks, bound with SO_REUSEPORT: the kernel hashes each client's
+    addresses to one socket of the group, so all of a client's datagrams
+    reach one worker and its session) and reads none; each worker reads the
+    one of its slot, which outlives it: a restarted worker gets the same
+    socket back, and the kernel's spread does not change.
+
+    A readable event reads `batch` datagrams at most: one while they come one
+    at a time, doubling (up to DATAGRAM_BATCH) after BATCH_STREAK events that
+    each found a whole batch, and back to what one found when it ran dry.
+    Reading until the socket is empty costs a failed read (and Python's
+    exception) per event, which at a low rate is one per datagram."""
+
+    sni = None              # as a TCP Listener without sni, to the code both serve
+    accept_proxy = None
+
+    def __init__(self, director, service, sock, listen):
+        self.director = director
+        self.loop = director.loop
+        self.service = service
+        self.sock = sock
+        self.socks = [sock]
+        self.fd = sock.fileno()
+        self.batch = 1
+        self.streak = 0
+        self.configure(listen)
+        self.registered = director.accept
+        if self.registered:
+            self.loop.add(self.fd, EVENT_READ, self._on_readable)
+        self.widen(director.master.count if director.master is not None else director.udp_slots)
+
+    def __repr__(self):
+        return '<DatagramListener %s>' % self.text
+
+    def configure(self, listen, sni=None, hello_timeout=None):
+        self.listen = listen
+        self.text = listen.text
+
+    def widen(self, count):
+        """A master's: a socket per worker, each bound to the address in its
+        SO_REUSEPORT group.  Without SO_REUSEPORT every worker reads the one socket
+        (a client's datagrams may then reach several workers, a session in each)."""
+        while REUSEPORT and len(self.socks) < count:
+            self.socks.append(listen_socket(self.listen.host, self.listen.port, protocol='udp', reuseport=True))
+
+    def socket_for(self, worker):
+        """The socket worker number `worker` reads (from 1)."""
+        return self.socks[worker - 1] if worker <= len(self.socks) else self.sock
+
+    def _on_readable(self, mask):
+        receive = self.sock.recvfrom_into
+        table = self.service.udp
+        sessions = table.sessions
+        count = 0
+        batch = self.batch
+        try:
+            for count in range(batch):
+                try:
+                    size, client = receive(_datagram)
+                except (BlockingIOError, InterruptedError):
+                    self.batch = count or 1
+                    self.streak = 0
+                    return
+                except OSError as e:
+                    log.debug('listen %s: %s', self.text, e)    # an error queued on the socket: it is read now
+                    continue
+                # SessionTable.datagram, written out: this is once a datagram.
+                key = (client, self)
+                session = sessions.get(key)
+                if session is not None:
+                    sessions.move_to_end(key)
+                    session.forward(size)
+                else:
+                    table.open(key, self, size)
+            count += 1
+            self.streak += 1
+            if self.streak >= BATCH_STREAK and batch < DATAGRAM_BATCH:
+                self.batch = batch * 2
+                self.streak = 0
+        finally:
+            self.service.datagrams_in += count
+
+    def pause(self, err):
+        """Out of fds: a TCP listener stops accepting; here sessions make room (SessionTable.evict)."""
+
+    def close(self):
+        if self.sock.fileno() < 0:
+            return
+        # Their replies would go out through this socket.
+        self.director.end_sessions(lambda session: session.listener is self, END_SHUTDOWN)
+        if self.registered:
+            self.loop.remove(self.fd)   # not forget: in a worker the socket is the master's too
+            self.registered = False
+        for sock in self.socks:
+            sock.close()
+
+    close_on_error = close
+
+
+class SessionTable(object):
+    """A UDP service's sessions in this process, least recently used first.
+
+    Keyed by (client address, listener).  A datagram either way moves its
+    session to the end, so the idle sweep and eviction only ever look at the
+    front: each costs what it ends, never a scan, and one timer serves the
+    whole table.  At most `limit` (<udp sessions>) are held; a new client
+    past it evicts the oldest.  What it counts goes into its RunningService
+    (evicted, dropped, datagrams_in, datagrams_out: rows of COUNTERS)."""
+
+    def __init__(self, director, service):
+        self.director = director
+        self.loop = director.loop
+        self.service = service
+        self.sessions = collections.OrderedDict()
+        self.timer = None
+        self.logged = {}            # kind -> [loop time of its last line, lines left out since]
+        self.configure(service.config)
+
+    def __repr__(self):
+        return '<SessionTable %s: %d>' % (self.service.name, len(self.sessions))
+
+    def configure(self, config):
+        """The service's (new) <udp> settings; a smaller limit evicts at once, and the
+        sweep is due by the (new) idle timeout, not the one it was armed for."""
+        self.limit = config.udp.sessions
+        self.responses = config.udp.responses
+        while len(self.sessions) > self.limit:
+            self.evict()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+            self.arm()
+
+    def open(self, key, listener, size):
+        """A new client: the service's rules, a place in the table, a host, then its datagram."""
+        service = self.service
+        director = self.director
+        acl = service.config.acl
+        if acl and not acl_allows(acl, key[0][0]):
+            service.denied += 1
+            return
+        maxconns = service.config.maxconns
+        service.open += 1
+        counts = director.worker_counts
+        if maxconns and (service.open > maxconns if counts is None else counts.service_full(service)):
+            service.open -= 1
+            service.refused += 1
+            self.complain('full', '%d sessions open (maxconns): dropping the datagrams of new clients' % maxconns)
+            return
+        while len(self.sessions) >= self.limit and self.evict():
+            pass
+        session = Session(self, listener, key)
+        problem = session.connect_next()
+        if problem is not None:
+            service.open -= 1
+            service.refused += 1
+            self.complain('no-host', problem)
+            return
+        service.accepted += 1
+        if self.responses != 0:
+            self.sessions[key] = session
+            session.watch()
+            if self.timer is None:
+                self.arm()
+        session.forward(size)
+
+    def evict(self, spare=None):
+        """End the least recently used session (but spare) to make room; False if there is none."""
+        for session in self.sessions.values():
+            if session is not spare:
+                break
+        else:
+            return False
+        self.service.evicted += 1
+        self.complain('evicted', '%d sessions held (<udp sessions>): evicting the least recently used'
+                      % len(self.sessions))
+        session.close(END_EVICTED)
+        return True
+
+    def touch(self, session):
+        session.last_active = self.loop.now
+        self.sessions.move_to_end(session.key)
+
+    def arm(self):
+        """The one timer: when the least recently used session would be idle for long enough."""
+        if self.sessions:
+            oldest = next(iter(self.sessions.values()))
+            due = oldest.last_active + self.service.timeouts.idle - self.loop.now
+            self.timer = self.loop.call_later(max(due, SWEEP_GRAIN), self.sweep)
+
+    def sweep(self):
+        self.timer = None
+        sessions = self.sessions
+        since = self.loop.now - self.service.timeouts.idle
+        while sessions:
+            session = next(iter(sessions.values()))
+            if session.last_active > since:
+                break
+            session.close(END_IDLE)
+        self.arm()
+
+    def drop(self, why):
+        self.service.dropped += 1
+        self.complain('dropped', 'dropped a datagram: %s' % why)
+
+    def complain(self, kind, text):
+        left_out = not_too_often(self.logged, kind, self.loop.now, UDP_LOG_INTERVAL)
+        if left_out is not None:
+            log.warning('service %s: %s%s', self.service.name, text, left_out_text(left_out))
+
+    def close_all(self, how):
+        for session in list(self.sessions.values()):
+            session.close(how)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def snapshot(self):
+        service = self.service
+        return {'responses': self.responses, 'sessions_max': self.limit, 'evicted': service.evicted,
+                'dropped': service.dropped, 'datagrams_in': service.datagrams_in,
+                'datagrams_out': service.datagrams_out}
+
+
+class Session(object):
+    """One client of a UDP service (its address, on one listen) and the socket
+    connected to its host, the UDP analogue of a Pair.
+
+    Requests go out on that socket, replies come back on it and are sent to
+    the client from the listen's socket.  owed counts the replies still due
+    (<udp responses> per request); at 0 the session ends.  An ICMP error
+    (ECONNREFUSED) marks the host down, and the request it refused (request,
+    kept until a reply comes when at most KEEP_REQUEST bytes) goes once to
+    another host.  closed: ended, its socket too."""
+    __slots__ = ('table', 'service', 'group', 'listener', 'key', 'client_ip', 'client_port', 'host', 'sock',
+                 'fd', 'tried', 'owed', 'request', 'started', 'last_active', 'datagrams_in', 'datagrams_out',
+                 'bytes_in', 'bytes_out', 'closed')
+
+    def __init__(self, table, listener, key):
+        self.table = table
+        self.service = table.service
+        self.group = table.service.enabled
+        self.listener = listener
+        self.key = key
+        self.client_ip, self.client_port = key[0][0], key[0][1]
+        self.host = None
+        self.sock = None
+        self.fd = -1                # while watched
+        self.tried = ()
+        self.owed = 0
+        self.request = None
+        self.started = self.last_active = table.loop.now
+        self.datagrams_in = self.datagrams_out = self.bytes_in = self.bytes_out = 0
+        self.closed = False
+
+    def __repr__(self):
+        return '<Session %s in %s>' % (format_address(self.client_ip, self.client_port), self.service.name)
+
+    def connect_next(self):
+        """Connect a socket to the next host the scheduler offers (a UDP connect sends
+        nothing: it fixes the peer, so that only its replies and errors come back).
+        None once connected, else why not."""
+        director = self.table.director
+        scheduler = self.group.scheduler
+        worker = director.worker
+        while True:
+            host = scheduler.pick(self.client_ip, self.tried) if worker is None else worker.pick(self, scheduler)
+            if host is None:
+                if self.tried:
+                    return 'no host left after %d failed' % len(self.tried)
+                return 'no host available in group %s: dropping the datagrams of new clients' % self.group.name
+            if self.tried:
+                self.service.failovers += 1
+            self.tried += (host,)
+            scheduler.connection_started(host)
+            err = self._connect(host)
+            if not err:
+                return None
+            self._forget_host(host)
+            reason = error_text(err)
+            if err in LOCAL_CONNECT_ERRORS:
+                return 'cannot open a socket to host %s (%s): %s' % (host.name, host.ip, reason)
+            director.connect_failed(self, host, reason)
+
+    def _connect(self, host):
+        address = host.address
+        if address is None:     # a name the manager has not resolved yet
+            return errno.EHOSTUNREACH
+        for _ in range(2):
+            try:
+                sock = _socket.socket(address[0], SOCK_DGRAM_NONBLOCK)
+                break
+            except OSError as e:
+                # Out of fds: the oldest session gives up its socket, once.
+                if e.errno not in OUT_OF_FDS or not self.table.evict(spare=self):
+                    return e.errno
+        else:
+            return errno.EMFILE
+        if not SOCK_NONBLOCK:
+            sock.setblocking(False)
+        err = sock.connect_ex(address[1])
+        if err:
+            sock.close()
+            return err
+        self.sock = sock
+        self.host = host
+        return 0
+
+    def _forget_host(self, host):
+        """The host this session leaves (it refused, or could not be reached): not served by it."""
+        self._drop_socket()
+        self.group.scheduler.connection_ended(host)
+        if not self.datagrams_out:
+            host.total -= 1
+        self.host = None
+        if self.table.director.worker_counts is not None:
+            self.table.director.worker_counts.publish((host,))
+
+    def watch(self):
+        self.fd = self.sock.fileno()
+        self.table.loop.add(self.fd, EVENT_READ, self._on_readable)
+
+    def forward(self, size):
+        """A request datagram, the first `size` bytes of the shared buffer, to the host."""
+        table = self.table
+        self.datagrams_in += 1
+        self.bytes_in += size
+        self.last_active = table.loop.now
+        data = _datagram_view[:size]
+        try:
+            self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            table.drop('the socket to host %s is full' % self.host.name)
+            return
+        except OSError as e:
+            # ECONNREFUSED: an ICMP error that an earlier datagram met; unreachable() re-sends this one.
+            self.request = bytes(data) if size <= KEEP_REQUEST else None
+            self._failed(e)
+            return
+        responses = table.responses
+        if responses == 0:
+            self.close(END_RESPONSES)     # sent and forgotten
+            return
+        if responses is not None:
+            self.owed += responses
+        self.request = bytes(data) if size <= KEEP_REQUEST else None
+
+    def _on_readable(self, mask):
+        table = self.table
+        receive = self.sock.recv_into
+        send = self.listener.sock.sendto
+        client = self.key[0]
+        counted = table.responses is not None
+        for _ in range(REPLY_BATCH):
+            try:
+                size = receive(_datagram)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                self._failed(e)
+                return
+            self.datagrams_out += 1
+            self.bytes_out += size
+            self.service.datagrams_out += 1
+            self.request = None
+            try:
+                send(_datagram_view[:size], client)
+            except OSError as e:    # a full buffer, a client that cannot be reached: lost, as UDP may
+                table.drop('to client %s: %s' % (format_address(self.client_ip, self.client_port),
+                                                  oserror_text(e)))
+            if counted:
+                self.owed -= 1
+                if self.owed <= 0:
+                    self.close(END_RESPONSES)
+                    return
+        table.touch(self)
+
+    def _failed(self, e):
+        """A send or receive on the host's socket failed: an ICMP error (unreachable), or the end."""
+        if e.errno in ICMP_ERRORS:
+            self.unreachable(error_text(e.errno))
+        else:
+            self.table.drop('host %s: %s' % (self.host.name, oserror_text(e)))
+            self.close(END_ERROR)
+
+    def unreachable(self, reason):
+        """An ICMP error came back (the host's port is closed: ECONNREFUSED): the host is
+        down, and the request it refused goes once to another host, as a TCP client fails over."""
+        host = self.host
+        director = self.table.director
+        request, self.request = self.request, None
+        self._forget_host(host)
+        director.connect_failed(self, host, reason)
+        if request is None:
+            self.close(END_ERROR)
+            return
+        problem = self.connect_next()
+        if problem is not None:
+            log.warning('client %s in %s: %s', format_address(self.client_ip, self.client_port),
+                        self.service.name, problem)
+            self.close(END_ERROR)
+            return
+        if self.table.sessions.get(self.key) is self:
+            self.watch()
+        try:
+            self.sock.send(request)
+        except OSError as e:
+            self._failed(e)     # unreachable too: that host is down, and the request is not kept
+
+    def _drop_socket(self):
+        if self.sock is not None:
+            if self.fd >= 0:
+                self.table.loop.forget(self.fd)
+                self.fd = -1
+            self.sock.close()
+            self.sock = None
+
+    def close(self, how):
+        if self.closed:
+            return
+        self.closed = True
+        table = self.table
+        if table.sessions.get(self.key) is self:
+            del table.sessions[self.key]
+        self._drop_socket()
+        self.service.open -= 1
+        host = self.host
+        if host is not None:
+            self.group.scheduler.connection_ended(host)
+            host.bytes_in += self.bytes_in
+            host.bytes_out += self.bytes_out
+        table.director.session_closed(self, how)
+
+    def close_on_error(self):
+        self.close(END_ERROR)
+
+
+# ---------------------------------------------------------------------------
 # Manager: the health checks.  A loop timer picks the probes due; threads run
 # them with blocking sockets and hand each result to the loop, never touching
 # balancer state themselves.  The DNS queries of <discover> (Discovery) run in
@@ -4928,39 +5525,54 @@ def judge_answer(data, status, expect, complete):
     return True, 'probe ok' + (' (%s)' % ', '.join(found) if found else '')
 
 
-def probe(host, port, timeout, send=None, expect=None, status=None, check_port=None):
+def probe(host, port, timeout, send=None, expect=None, status=None, check_port=None, protocol='tcp',
+          dns=None):
     """Connect (and send, then check the answer) once.  Returns (ok, reason,
     address); ok is None when our side ran out of something (fds, ports): no
     verdict on the host.  At most PROBE_READ_LIMIT bytes are read, and reading
     stops as soon as the answer decides, so a host streaming junk costs little.
     check_port: probe that port on the host's address instead (address is still
-    the host's, with its own port: what clients connect to)."""
+    the host's, with its own port: what clients connect to).  dns: a name, to
+    send a query for it instead of send and judge the answer (judge_dns).
+    protocol 'udp': see probe_datagram."""
     deadline = time.monotonic() + timeout
+    udp = protocol == 'udp'
+    kind = socket.SOCK_DGRAM if udp else socket.SOCK_STREAM
     try:
-        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(host, port, 0, kind)
     except (socket.gaierror, UnicodeError) as e:
         return False, 'cannot resolve %s: %s' % (host, e), None
     family, _, _, _, sockaddr = infos[0]
     address = (family, sockaddr)
     if check_port:
         sockaddr = (sockaddr[0], check_port) + tuple(sockaddr[2:])
+    judge = waiting_for = None
+    if dns:
+        query_id, qname = _query_ids.getrandbits(16), dns_name(dns)
+        query = dns_query(query_id, qname, DNS_A, edns=False)
+        send = query if udp else struct.pack('!H', len(query)) + query    # RFC 1035 4.2.2: length first over TCP
+        judge = functools.partial(judge_dns, query_id=query_id, qname=qname, framed=not udp)
+        waiting_for = 'the DNS answer'
+    elif expect or status:
+        judge = functools.partial(judge_answer, status=status, expect=expect)
     try:
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = socket.socket(family, kind)
     except OSError as e:
-        return None, error_text(e.errno) if e.errno else str(e), address
+        return None, oserror_text(e), address
     try:
         sock.settimeout(timeout)
+        if udp:
+            return probe_datagram(sock, sockaddr, deadline, timeout, send, judge) + (address,)
         try:
             sock.connect(sockaddr)
         except socket.timeout:
             return False, 'connect timeout', address
         except OSError as e:
-            reason = error_text(e.errno) if e.errno else str(e)
-            return (None if e.errno in LOCAL_CONNECT_ERRORS else False), reason, address
+            return (None if e.errno in LOCAL_CONNECT_ERRORS else False), oserror_text(e), address
         try:
             if send:
                 sock.sendall(send)
-            if not (expect or status):
+            if judge is None:
                 return True, 'probe ok', address
             got = bytearray()
             while True:
@@ -4970,16 +5582,51 @@ def probe(host, port, timeout, send=None, expect=None, status=None, check_port=N
                 sock.settimeout(left)
                 chunk = sock.recv(min(4096, PROBE_READ_LIMIT - len(got)))
                 got += chunk
-                verdict = judge_answer(got, status, expect, not chunk or len(got) >= PROBE_READ_LIMIT)
+                verdict = judge(got, complete=not chunk or len(got) >= PROBE_READ_LIMIT)
                 if verdict is not None:
                     return verdict + (address,)
         except socket.timeout:
-            return False, 'timeout waiting for %s' % (
-                'the status line' if status and b'\n' not in got else repr(expect)), address
+            return False, 'timeout waiting for %s' % (waiting_for or (
+                'the status line' if status and b'\n' not in got else repr(expect))), address
         except OSError as e:
-            return False, error_text(e.errno) if e.errno else str(e), address
+            return False, oserror_text(e), address
     finally:
         sock.close()
+
+
+UDP_PROBE_SILENCE = 0.5   # seconds a UDP probe with nothing to ask waits for an ICMP error
+
+
+def probe_datagram(sock, sockaddr, deadline, timeout, send, judge):
+    """A UDP probe on sock: (ok, reason).  With something to send (send, a DNS query)
+    it waits for an answer, which judge (if any) decides; without, it sends an empty
+    datagram, and only an ICMP error (a closed port: ECONNREFUSED) within
+    UDP_PROBE_SILENCE says down, since a UDP service need not answer at all."""
+    try:
+        sock.connect(sockaddr)
+        sock.send(send or b'')
+        if not send:
+            sock.settimeout(min(timeout, UDP_PROBE_SILENCE))
+            try:
+                sock.recv(1)
+            except socket.timeout:
+                return True, 'probe ok (no ICMP error)'
+            return True, 'probe ok (answered)'
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout
+            sock.settimeout(left)
+            data = sock.recv(DATAGRAM_MAX)
+            if judge is None:
+                return True, 'probe ok (answered)'
+            verdict = judge(data, complete=True)    # a datagram is a whole answer
+            if verdict is not None:
+                return verdict
+    except socket.timeout:
+        return False, 'no answer within %g s' % timeout
+    except OSError as e:
+        return (None if e.errno in LOCAL_CONNECT_ERRORS else False), oserror_text(e)
 
 
 # Looked up now: concurrent.futures imports it at first use, which fails (a dead
@@ -5029,10 +5676,10 @@ class Manager(object):
     def _probe(self, target):
         if self.stopped.is_set():
             return
-        token, host, port, check = target
+        token, host, port, check, protocol = target
         try:
             ok, reason, address = probe(host, port, check.timeout, check.send, check.expect, check.status,
-                                        check.port)
+                                        check.port, protocol, check.dns)
         except Exception as e:  # a bug here must not kill probing for good
             log.exception('probe of %s:%s failed unexpectedly', host, port)
             ok, reason, address = False, 'probe error: %s' % e, None
@@ -5051,10 +5698,11 @@ class Manager(object):
 
 
 # ---------------------------------------------------------------------------
-# DNS: a small stub resolver for <discover> (hosts from DNS), speaking the
-# wire format itself: RFC 1035, EDNS0 (RFC 6891), SRV (RFC 2782).  It blocks,
-# with deadlines, so it runs in the manager's threads, never on the loop
-# (Discovery, in the Director section, applies what it finds).  Each query has
+# DNS: a small stub resolver for <discover> (hosts from DNS), and the query
+# and verdict of a <check dns> (judge_dns), speaking the wire format itself:
+# RFC 1035, EDNS0 (RFC 6891), SRV (RFC 2782).  It blocks, with deadlines, so
+# it runs in the manager's threads, never on the loop (Discovery, in the
+# Director section, applies what it finds).  Each query has
 # a random ID and a socket of its own (so a random source port too); a
 # datagram counts as the answer only when its ID and question are the query's.
 # Whatever a datagram holds, malformed or not ours, it is ignored with a
@@ -5259,6 +5907,31 @@ def dns_problem(message, query_id, qname, qtype):
     if message.question != (qname, qtype, DNS_IN):
         return 'a question not ours'
     return None
+
+
+def judge_dns(data, query_id, qname, framed, complete):
+    """A health check's verdict (<check dns>) on what answered its query for qname's A
+    records: (ok, reason), or None while more may come.  It must be the answer to the
+    query (dns_problem) and say NOERROR.  framed: over TCP, after its 2-byte length.
+    Over UDP a datagram with another ID is not ours (a late answer to an earlier
+    probe): None, wait for ours."""
+    if framed:
+        size = struct.unpack_from('!H', data)[0] if len(data) >= 2 else None
+        if size is None or len(data) < 2 + size:
+            return (False, 'a DNS answer cut short (%d bytes)' % len(data)) if complete else None
+        data = data[2:2 + size]
+    try:
+        message = parse_dns_message(data, records=False)
+    except DnsError as e:
+        return False, 'not a DNS answer: %s' % e
+    problem = dns_problem(message, query_id, qname, DNS_A)
+    if problem == 'wrong ID' and not framed:
+        return None
+    if problem is not None:
+        return False, 'not the DNS answer: %s' % problem
+    if message.rcode:
+        return False, 'DNS answer %s' % DNS_RCODES.get(message.rcode, ('rcode %d' % message.rcode,))[0]
+    return True, 'probe ok (DNS NOERROR, %d answer record(s))' % _HEADER.unpack_from(data)[3]
 
 
 def default_resolver(path=RESOLV_CONF):
@@ -5657,6 +6330,10 @@ class RunningService(object):
         self.queue = collections.deque()   # Pairs waiting for a host below its maxconns
         self.waiting = 0                   # a master's: clients its workers hold in their queues
         self.switch = None                 # the pending blue/green Switch, if any
+        self.udp = None                    # a UDP service's SessionTable
+        # A UDP service's: sessions evicted, datagrams not relayed (a full socket buffer, a
+        # client that cannot be reached...), datagrams from clients and to them.
+        self.evicted = self.dropped = self.datagrams_in = self.datagrams_out = 0
 
     def __repr__(self):
         return '<RunningService %s>' % self.name
@@ -5835,7 +6512,7 @@ class Health(object):
             state.next_due = now + interval     # rescheduled when the result comes
             state.in_flight = True
             name, port = parse_address(host.ip)
-            due.append((host, name, port, check))
+            due.append((host, name, port, check, state.service.config.protocol))
         return due
 
     def _group_is_dark(self, service, group, seen):
@@ -5990,6 +6667,7 @@ class Switch(object):
                      service.name, self.from_group.name, len(doomed))
             for pair in doomed:
                 pair.close(END_DRAINED)
+            self.director.end_sessions(lambda s: s.service is service and s.group is self.from_group, END_DRAINED)
         self.drain_until = None
         self._done()
 
@@ -6337,7 +7015,7 @@ class Reload(object):
             for key, entries in listens_by_address(self.new.services).items():
                 if key not in current:
                     listen = entries[0][1]
-                    opened[key] = Listener(director, None, director.listen_socket(listen), listen)
+                    opened[key] = director.new_listener(listen)
         except OSError as e:
             for listener in opened.values():
                 listener.close()
@@ -6352,6 +7030,7 @@ class Reload(object):
         service.config = config
         service.timeouts = config.timeouts
         service.check = config.check
+        director.datagram_settings(service)
         groups = collections.OrderedDict()
         for group_config in config.groups:
             group = service.groups.get(group_config.name)
@@ -6431,6 +7110,8 @@ class Reload(object):
                 director.health.forget(host)
         while service.queue:
             service.queue[0].close(END_SHUTDOWN)     # which takes it off the queue
+        if service.udp is not None:
+            service.udp.close_all(END_SHUTDOWN)       # a session is no stream to finish
         log.info('service %s removed (%d connection(s) left to finish)', service.name, service.open)
 
     def _rest(self, diff):
@@ -6521,6 +7202,8 @@ class Actions(object):
                               send_proxy=send_proxy or None, backup=backup or None)
         except ValueError as e:
             raise AdminError(400, str(e))
+        if new.send_proxy and service.config.protocol == 'udp':
+            raise AdminError(400, 'send_proxy needs TCP: service %s is protocol="udp"' % service.name)
         if group.scheduler.get_host(name) is not None:
             raise AdminError(409, 'host %r already exists in %s/%s' % (name, service.name, group.name))
         other = group.addresses.get(address_key(new.host, new.port))
@@ -6794,7 +7477,9 @@ class Actions(object):
                 'maxconns': service.config.maxconns, 'open': service.open,
                 'queued': len(service.queue) + service.waiting, 'denied': service.denied,
                 'switch': service.switch.snapshot() if service.switch is not None else None,
-                'check': check_text(service.check),
+                'check': check_text(service.check, service.config.protocol),
+                'protocol': service.config.protocol,
+                'udp': service.udp.snapshot() if service.udp is not None else None,
             })
         return {
             'version': VERSION, 'hostname': socket.gethostname(), 'pid': os.getpid(),
@@ -6875,7 +7560,8 @@ class Actions(object):
         if chosen is None:
             answer = {'service': None, 'group': None, 'client': client_ip, 'allowed': False,
                       'scheduler': None, 'host': None, 'address': None, 'reason': routing['sni_reason'],
-                      'sticky': None, 'ranking': None, 'skipped': [], 'check': None, 'ramping': [], 'from_dns': {}}
+                      'sticky': None, 'ranking': None, 'skipped': [], 'check': None, 'ramping': [], 'from_dns': {},
+                      'protocol': None, 'sessions': None}
         else:
             answer = self._explain_service(chosen, client_ip)
         answer.update(routing)
@@ -6890,7 +7576,7 @@ class Actions(object):
         key = address_key(host, port)
         for service in self.services.values():
             for listener in service.listeners:
-                if listener.listen.key == key:
+                if listener.listen.key[:2] == key:    # TCP's first, then UDP's (service order)
                     return listener
         raise AdminError(404, 'no listen at %r' % text)
 
@@ -6922,12 +7608,19 @@ class Actions(object):
         group = service.enabled
         scheduler = group.scheduler
         allowed = not service.config.acl or acl_allows(service.config.acl, client_ip)
+        protocol = service.config.protocol
         answer = {'service': service.name, 'group': group.name, 'client': client_ip,
                   'allowed': allowed, 'scheduler': scheduler.spec,
                   'host': None, 'address': None, 'reason': '', 'sticky': None,
-                  'ranking': None, 'skipped': [], 'check': check_text(service.check),
+                  'ranking': None, 'skipped': [], 'check': check_text(service.check, protocol),
                   # slow start: [host, effective weight, weight, seconds left] of each ramping host
-                  'ramping': [[h.name, effective, h.weight, left] for h, effective, left in scheduler.ramps()]}
+                  'ramping': [[h.name, effective, h.weight, left] for h, effective, left in scheduler.ramps()],
+                  'protocol': protocol, 'sessions': None}
+        if service.udp is not None and self.master is None:
+            # The client's open sessions keep their hosts: only a new client address is picked for.
+            answer['sessions'] = [[format_address(s.client_ip, s.client_port), s.listener.text, s.host.name]
+                                  for s in service.udp.sessions.values()
+                                  if s.host is not None and s.client_ip == client_ip]
         detail = scheduler.explain(client_ip)
         host = detail.get('host')
         answer.update((k, v) for k, v in detail.items() if k in ('reason', 'sticky', 'ranking', 'skipped'))
@@ -6994,6 +7687,7 @@ class Director(Actions):
         self.worker = None
         self.worker_counts = None
         self.listen_sockets = None
+        self.udp_slots = 1          # a master's: sockets per UDP listen, one per worker (see DatagramListener)
         self.notifier = notifier or Notifier({})    # main() passes the real one
         self.config = config
         self.loaded_xml = config.to_xml()
@@ -7052,6 +7746,7 @@ class Director(Actions):
 
     def build_service(self, service_config, resolve_names):
         service = RunningService(service_config)
+        self.datagram_settings(service)
         for group_config in service_config.groups:
             group = self.build_group(service, group_config, resolve_names)
             service.groups[group.name] = group
@@ -7065,6 +7760,18 @@ class Director(Actions):
         for host in hosts:
             self.health.watch(service, group, host)
         return group
+
+    def datagram_settings(self, service):
+        """A UDP service's table of sessions, made or given its (new) <udp> settings;
+        a service that is TCP (now) has none."""
+        if service.config.protocol == 'udp':
+            if service.udp is None:
+                service.udp = SessionTable(self, service)
+            else:
+                service.udp.configure(service.config)
+        elif service.udp is not None:
+            service.udp.close_all(END_SHUTDOWN)
+            service.udp = None
 
     def add_running_host(self, service, group, config, resolve_names, checked_first=False):
         """checked_first: the host is down until its health checks pass (a host from DNS
@@ -7138,7 +7845,7 @@ class Director(Actions):
         try:
             for entries in listens_by_address(self.services.values()).values():
                 listen = entries[0][1]
-                self.attach(Listener(self, None, self.listen_socket(listen), listen), entries)
+                self.attach(self.new_listener(listen), entries)
         except Exception:
             self._close_listeners()
             for service in self.services.values():
@@ -7153,8 +7860,18 @@ class Director(Actions):
             log.info('service %s listening on %s, group %s enabled',
                      service.name, ', '.join(l.text for l in service.listeners), service.enabled.name)
 
+    def new_listener(self, listen):
+        """The listener of a listen address: a Listener, or for UDP a DatagramListener."""
+        kind = DatagramListener if listen.protocol == 'udp' else Listener
+        return kind(self, None, self.listen_socket(listen), listen)
+
     def listen_socket(self, listen):
         """A listening socket for a listen address: bound now, or in a worker the master's."""
+        if self.listen_sockets is None and listen.protocol == 'udp':
+            # A master's is the first of an SO_REUSEPORT group, a socket per worker
+            # (DatagramListener.widen); a removed one its workers still read is no
+            # obstacle then, so never reused.
+            return listen_socket(listen.host, listen.port, protocol='udp', reuseport=REUSEPORT and not self.accept)
         if self.listen_sockets is None:
             # A master reuses a listen's socket it removed but its workers may still hold.
             sock = self.master.reuse(listen.key) if self.master is not None else None
@@ -7519,6 +8236,7 @@ class Director(Actions):
             log.info('host %s (%s) down: closing its %d connection(s)', host.name, host.ip, len(doomed))
         for pair in doomed:
             pair.abort(END_HOST_DOWN)
+        self.end_sessions(lambda session: session.host is host, END_HOST_DOWN)
 
     def pair_closed(self, pair, how):
         self.pairs.discard(pair)
@@ -7534,6 +8252,21 @@ class Director(Actions):
             if self.stop_timer is not None:
                 self.stop_timer.cancel()
             self._stopped()
+
+    # UDP sessions (see Datagrams); a stop ends them with their listeners, at once.
+
+    def session_closed(self, session, how):
+        if self.worker_counts is not None:
+            self.worker_counts.closed(session)
+        if self.access.enabled:
+            self.access.connection(session, how)
+
+    def end_sessions(self, which, how):
+        """End the UDP sessions for which which(session) is true."""
+        for service in self.services.values():
+            if service.udp is not None:
+                for session in [s for s in service.udp.sessions.values() if which(s)]:
+                    session.close(how)
 # ---------------------------------------------------------------------------
 # Workers: a master process and N data-plane worker processes (<pdconfig
 # workers="N|auto">, --workers).
@@ -7816,6 +8549,11 @@ COUNTERS = (
     Counter('service', 'queued', lambda counts, service: len(service.queue), gauge=True, into='waiting'),
     # When the first client of this process's queue came (monotonic µs; 0: none): whose turn it is.
     Counter('service', 'head', lambda counts, service: queue_head(service), gauge=True),
+    # A UDP service's (a TCP one's stay 0): sessions evicted, datagrams dropped, from clients and to them.
+    Counter('service', 'evicted', 'evicted'),
+    Counter('service', 'dropped', 'dropped'),
+    Counter('service', 'datagrams_in', 'datagrams_in'),
+    Counter('service', 'datagrams_out', 'datagrams_out'),
     Counter('host', 'open', worker_open, gauge=True,
             into=lambda host, value, group: group.scheduler.set_open(host, value)),   # its structures kept in step
     Counter('host', 'total', 'total'),
@@ -7977,9 +8715,9 @@ def queue_head(service):
 
 def counted_things(services):
     """(running object, slot key, the host's group or None) of everything counted:
-    each service, host and listen address once.  The key names it in every process:
-    ('service', name), ('host', service, group, name), ('address', host, port) as
-    Listen.key compares addresses."""
+    each service, host and TCP listen address once (a UDP one has no hellos to count).
+    The key names it in every process: ('service', name), ('host', service, group,
+    name), ('address', host, port) as Listen.key compares addresses."""
     found = []
     seen = set()
     for service in services:
@@ -7988,7 +8726,7 @@ def counted_things(services):
             for host in group.scheduler.hosts:
                 found.append((host, ('host', service.name, group.name, host.name), group))
         for listener in service.listeners:
-            if listener not in seen:
+            if listener not in seen and listener.listen.protocol == 'tcp':
                 seen.add(listener)
                 found.append((listener, ('address',) + listener.listen.key, None))
     return found
@@ -8236,7 +8974,9 @@ class WorkerCounts(object):
         self.beat()
         self.ticks += 1
         self.counters.view[self.process_line + LOG_DROPPED] = log_output.dropped
-        now = (sum(s.accepted for s in director.services.values()), len(director.pairs), len(director.hellos))
+        # What changed since the last tick; a UDP session may serve many datagrams.
+        now = (sum(s.accepted + s.datagrams_in + s.datagrams_out for s in director.services.values()),
+               len(director.pairs), len(director.hellos))
         if now != self.seen:
             self.seen = now
             self.publish_open(self.aware)
@@ -8525,22 +9265,33 @@ def address_from_json(value):
     return None if value is None else (value[0], tuple(value[1]))
 
 
+def listen_entries(listeners, fds=None):
+    """What a worker is told of listeners: [host, port, family, fd], and 'udp' after a UDP
+    one's (listen_sockets reads them); without fds each fd is None: it comes with the message."""
+    return [[l.listen.host, l.listen.port, l.sock.family, fds[i] if fds else None] +
+            ([] if l.listen.protocol == 'tcp' else [l.listen.protocol]) for i, l in enumerate(listeners)]
+
+
 def listen_sockets(listens, fds):
-    """address key -> socket for the listening sockets a worker got: [[host, port, family, fd]]
-    (fd None: the next of fds, which came with the message)."""
+    """listen key -> socket for the listening sockets a worker got: [[host, port, family, fd]],
+    or [host, port, family, fd, 'udp'] for the UDP socket of its slot (fd None: the next of
+    fds, which came with the message)."""
     found = {}
     fds = list(fds)
     try:
-        for host, port, family, fd in listens:
+        for entry in listens:
+            host, port, family, fd = entry[:4]
+            protocol = entry[4] if len(entry) > 4 else 'tcp'
             if fd is None:
                 if not fds:
                     raise ValueError('fewer sockets came than the message says')
                 fd = fds.pop(0)
-            sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+            kind = socket.SOCK_DGRAM if protocol == 'udp' else socket.SOCK_STREAM
+            sock = socket.socket(family, kind, 0, fd)
             # PyPy makes a socket built on an fd blocking (CPython leaves the flag alone),
             # and the flag belongs to the listening socket every process shares.
             sock.setblocking(False)
-            found[address_key(host, port)] = sock
+            found[listen_key(host, port, protocol)] = sock
     except ValueError:
         for sock in found.values():
             sock.close()
@@ -8701,6 +9452,9 @@ class Master(object):
         self.sent_listeners = set()
         self.retired = []               # [listen key, socket, seq] of removed listens (see retire)
         self.beat_timer = None
+        for listener in self.listeners():
+            if isinstance(listener, DatagramListener):
+                listener.widen(count)       # OSError if it cannot: before anything else is made
         self.counters = SharedCounters.create(count + 1, max(256, 2 * len(counted_things(director.services.values()))))
         self.assign()
         director.master = self
@@ -8722,17 +9476,26 @@ class Master(object):
                     found.append(listener)
         return found
 
+    @staticmethod
+    def listen_fds(listeners, worker):
+        """The fd of each listener's socket a worker gets: a TCP listen's one, which every
+        worker shares; a UDP listen's of the worker's slot (DatagramListener.socket_for)."""
+        return [(l.socket_for(worker.index) if isinstance(l, DatagramListener) else l.sock).fileno()
+                for l in listeners]
+
     def spawn(self, worker):
         import subprocess
         worker.timer = None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        listens = [[l.listen.host, l.listen.port, l.sock.family, l.sock.fileno()] for l in self.listeners()]
+        listeners = self.listeners()
+        listen_fds = self.listen_fds(listeners, worker)
+        listens = listen_entries(listeners, listen_fds)
         env = dict((k, v) for k, v in os.environ.items()
                    if k not in ('NOTIFY_SOCKET', 'WATCHDOG_USEC', 'WATCHDOG_PID', 'LISTEN_FDS', 'LISTEN_PID'))
         try:
             worker.proc = subprocess.Popen(
                 self.command + ['--worker', str(theirs.fileno())] + (['-v'] if self.verbose else []),
-                pass_fds=[theirs.fileno(), self.counters.fd] + [entry[3] for entry in listens],
+                pass_fds=[theirs.fileno(), self.counters.fd] + listen_fds,
                 stdin=subprocess.DEVNULL, stdout=self.output, stderr=self.output, env=env)
         except OSError as e:
             ours.close()
@@ -8817,7 +9580,7 @@ class Master(object):
         """The whole running config to one worker, every listening socket with it."""
         listeners = self.listeners()
         # The number of what was sent last: it has that too once it acknowledges this.
-        self.send_to(worker, 'reload', [l.sock.fileno() for l in listeners], seq=self.seq, repair=True,
+        self.send_to(worker, 'reload', self.listen_fds(listeners, worker), seq=self.seq, repair=True,
                      slots=self.slot_entries(self.slot_of), **self.reload_fields(listeners))
 
     def lost(self, worker):
@@ -8898,13 +9661,14 @@ class Master(object):
     # -- commands down --------------------------------------------------------
 
     def send_all(self, kind, fds=(), **fields):
-        """A message to every worker, with the next sequence number; that number."""
+        """A message to every worker, with the next sequence number; that number.
+        fds: the sockets sent along, or a function of the worker giving its own."""
         message = new_message(kind, DOWN, fields, fds)
         self.seq += 1
         message['seq'] = self.seq
         for worker in self.workers:
             if worker.channel is not None:
-                worker.channel.send(message, fds)
+                worker.channel.send(message, fds(worker) if callable(fds) else fds)
         if 'slots' in message:      # the change that freed them: once applied everywhere, reusable
             self.free.extend((self.seq, slot) for slot in self.freed)
             self.freed = []
@@ -8926,7 +9690,8 @@ class Master(object):
         new = [l for l in current if l not in self.sent_listeners]
         self.sent_listeners = set(current)
         self.generation += 1
-        seq = self.send_all('reload', [l.sock.fileno() for l in new], slots=self.assign(), **self.reload_fields(new))
+        seq = self.send_all('reload', lambda worker: self.listen_fds(new, worker), slots=self.assign(),
+                            **self.reload_fields(new))
         for entry in self.retired:
             if entry[2] is None:
                 entry[2] = seq
@@ -8937,13 +9702,14 @@ class Master(object):
         return dict(xml=self.director.running_xml(), path=self.director.config.path,
                     generation=self.generation, hosts=self.host_states(),
                     discovered=self.director.discovery.sets(),
-                    listens=[[l.listen.host, l.listen.port, l.sock.family, None] for l in listeners])
+                    listens=listen_entries(listeners))
 
     def retire(self, listener):
         """A listen a reload removed: its socket is kept until every worker has let
         go of it, so that a reload adding it back meanwhile takes it (reuse) rather
         than fail to bind the address a worker still listens on."""
-        self.retired.append([listener.listen.key, listener.sock, None])
+        for sock in getattr(listener, 'socks', [listener.sock]):
+            self.retired.append([listener.listen.key, sock, None])
 
     def reuse(self, key):
         """A retired socket of this address, or None."""
@@ -9203,6 +9969,8 @@ def summary(config):
         parts.append('timeouts ' + ', '.join(shown_attrs(service.timeouts, every=True)))
         if service.check:
             parts.append('check ' + ', '.join(shown_attrs(service.check, every=True)))
+        if service.udp is not None:
+            parts.append('udp ' + (', '.join(shown_attrs(service.udp, every=True))))
         lines.append('service %s: %s' % (service.name, '; '.join(parts)))
         for group in service.groups:
             mark = ' (enabled)' if group.name == service.enabled else ''
@@ -9364,6 +10132,7 @@ def main(argv=None):
     raise_fd_limit()
     notifier = Notifier()
     director = Director(config, notifier=notifier, accept=workers is None)
+    director.udp_slots = workers or 1     # bound at start, with the rest: root may be dropped after
     handle_signals(director)    # before binding: once a port answers, a signal must find its handler
     try:
         director.start()
@@ -9402,7 +10171,14 @@ def main(argv=None):
         notifier.ready()    # listening, admin too, privileges dropped
     else:
         # Spawned now, as the user the master became; ready once they all accept.
-        master = Master(director, workers, verbose=args.verbose)
+        try:
+            master = Master(director, workers, verbose=args.verbose)
+        except OSError as e:
+            log.error('%s', e.strerror or e)
+            director.stop_now()
+            if admin_server is not None:
+                admin_server.stop()
+            return 1
         master.when_ready = notifier.ready
         master.start()
         log.info('started %d worker(s)', workers)

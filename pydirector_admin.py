@@ -1779,6 +1779,18 @@ def service_counts(service):
         service['open'], service['queued'], service['denied'], service['maxconns'] or 'unlimited')
 
 
+def udp_text(service):
+    """The UDP line of a service on /running: its sessions and datagrams."""
+    udp = service['udp']
+    responses = udp['responses']
+    ends = ('when idle' if responses is None else 'once the request is sent (responses 0)' if responses == 0
+            else 'after %d repl%s per request' % (responses, 'y' if responses == 1 else 'ies'))
+    return ('UDP: a session per client address, ending %s; at most %d sessions per process '
+            '(evicted so far: %d). Datagrams from clients %d, to clients %d, dropped %d.'
+            % (ends, udp['sessions_max'], udp['evicted'], udp['datagrams_in'], udp['datagrams_out'],
+               udp['dropped']))
+
+
 def render_switch(switch, now):
     """A pending enableGroup with drain and/or rollback deadlines."""
     e = html.escape
@@ -1855,11 +1867,14 @@ def render_running(snapshot, user, can_change, msg=None, refresh=None):
     for service in s['services']:
         body.append('<h2>Service %s</h2>' % e(service['name']))
         listens = service.get('listens') or [{'ip': text} for text in service['listen']]
-        body.append('<p>Listening on %s; enabled group <span class="enabled">%s</span>. '
+        body.append('<p>Listening on %s%s; enabled group <span class="enabled">%s</span>. '
                     'Accepted %d, failovers %d, refused (no host) %d%s.</p>' % (
-                        e(', '.join(listen_text(l) for l in listens)), e(service['enabled']),
+                        e(', '.join(listen_text(l) for l in listens)),
+                        ' (UDP)' if service.get('udp') else '', e(service['enabled']),
                         service['accepted'], service['failovers'], service['refused'],
                         e(service_counts(service))))
+        if service.get('udp'):
+            body.append('<p>%s</p>' % e(udp_text(service)))
         if service.get('switch'):
             body.append(render_switch(service['switch'], now))
         body.append('<p>%s</p>' % explain_form(service['name'], any(l.get('sni') for l in listens)))
@@ -1940,7 +1955,7 @@ def worker_generation(worker):
 def render_running_txt(snapshot):
     """The original's line format, one record per line, fields separated by one space:
 
-        service NAME LISTEN ENABLEDGROUP      one line per listen address,
+        service NAME LISTEN ENABLEDGROUP [udp]  one line per listen address (udp: a UDP service),
         sni LISTEN NAME,NAME,...              after it when that listen has sni
         group NAME enabled|inactive           then that group's hosts:
         host NAME IP:PORT OPEN TOTAL up       a host taking new connections
@@ -1958,7 +1973,8 @@ def render_running_txt(snapshot):
     lines = []
     for service in snapshot['services']:
         for listen in service.get('listens') or [{'ip': text} for text in service['listen']]:
-            lines.append('service %s %s %s' % (f(service['name']), f(listen['ip']), f(service['enabled'])))
+            lines.append('service %s %s %s%s' % (f(service['name']), f(listen['ip']), f(service['enabled']),
+                                                 ' udp' if service.get('udp') else ''))
             if listen.get('sni'):
                 lines.append('sni %s %s' % (f(listen['ip']), f(','.join(listen['sni']))))
         for group in service['groups']:
@@ -1987,6 +2003,8 @@ def render_explain(info):
     """director.explain()'s dict as text, one fact per line ('key: value')."""
     t = escape_text
     lines = ['service: %s' % t(info.get('service') or 'none'), 'client: %s' % t(info.get('client'))]
+    if info.get('protocol') == 'udp':
+        lines.append('protocol: udp (a new client address gets the host below; an open session keeps its own)')
     if info.get('sni_reason'):
         if info.get('listen'):
             lines.append('listen: %s' % t(info['listen']))
@@ -2031,6 +2049,8 @@ def render_explain(info):
     discovered = collections.Counter((info.get('from_dns') or {}).values())
     for discover, count in sorted(discovered.items()):
         lines.append('from DNS: %d host(s) of the group from discover %s' % (count, t(discover)))
+    for client, listen, host in info.get('sessions') or ():
+        lines.append('session: %s on %s goes to %s' % (t(client), t(listen), t(host)))
     return ''.join(line + '\n' for line in lines)
 
 
@@ -2050,16 +2070,29 @@ def metric_labels(pairs):
 
 
 SERVICE_METRICS = [
-    ('pydirector_service_accepted_total', 'counter', 'Client connections accepted.', 'accepted'),
+    ('pydirector_service_accepted_total', 'counter', 'Client connections accepted (UDP: sessions made).',
+     'accepted'),
     ('pydirector_service_failovers_total', 'counter',
      'Times a client was moved on to another host after a failed connect.', 'failovers'),
     ('pydirector_service_refused_total', 'counter', 'Clients closed because no host was available.',
      'refused'),
-    ('pydirector_service_open_connections', 'gauge', 'Client connections open now.', 'open'),
+    ('pydirector_service_open_connections', 'gauge', 'Client connections open now (UDP: sessions).', 'open'),
     ('pydirector_service_queued', 'gauge', 'Clients waiting for a host below its max conns.', 'queued'),
     ('pydirector_service_denied_total', 'counter', 'Clients closed by the service\'s allow/deny rules.',
      'denied'),
     ('pydirector_service_maxconns', 'gauge', 'The service\'s connection limit; 0 means unlimited.', 'maxconns'),
+]
+
+# A UDP service's (label service): each value is a key of its snapshot's 'udp'.
+UDP_METRICS = [
+    ('pydirector_service_udp_sessions_max', 'gauge',
+     'The most sessions a UDP service holds per process (<udp sessions>).', 'sessions_max'),
+    ('pydirector_service_udp_evicted_total', 'counter',
+     'UDP sessions ended to make room for a new client (the least recently used).', 'evicted'),
+    ('pydirector_service_udp_datagrams_in_total', 'counter', 'Datagrams from clients.', 'datagrams_in'),
+    ('pydirector_service_udp_datagrams_out_total', 'counter', 'Datagrams to clients.', 'datagrams_out'),
+    ('pydirector_service_udp_dropped_total', 'counter',
+     'Datagrams not relayed: a full socket buffer, a client or host that cannot be reached.', 'dropped'),
 ]
 
 # With worker processes: one sample per worker (label worker="N"); the totals above are their sums.
@@ -2156,6 +2189,11 @@ def render_metrics(snapshot):
         family(name, kind, help_text)
         for service in services:
             out.append('%s%s %d' % (name, metric_labels([('service', service['name'])]), service[key]))
+    udp_services = [service for service in services if service.get('udp')]
+    for name, kind, help_text, key in UDP_METRICS if udp_services else ():
+        family(name, kind, help_text)
+        for service in udp_services:
+            out.append('%s%s %d' % (name, metric_labels([('service', service['name'])]), service['udp'][key]))
     family('pydirector_group_enabled', 'gauge', '1 for the group that takes a service\'s new connections.')
     for service in services:
         for group in service['groups']:
