@@ -8,7 +8,8 @@ A revival of Python Director (Anthony Baxter, 2002-2004).
     python3 pydirector.py -c sample.xml
 
 Sections, in the order a reader meets them: Config, Loop, PROXY protocol, TLS
-ClientHello and server names (SNI), Logs, Proxying, Manager (health checks), DNS,
+ClientHello and server names (SNI), Logs, Proxying, Datagrams (UDP services),
+Manager (health checks), DNS,
 systemd, Director, Workers (a master and worker processes), Command line.
 docs/ARCHITECTURE.md walks through them.
 """
