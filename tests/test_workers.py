@@ -679,7 +679,11 @@ class StuckWorkerTest(AdminWorkersCase):
         try:
             name = read_line(sock)
         except socket.timeout:
-            return sock
+            # Stranded means still in the accept queue.  A worker that accepted it just
+            # before its SIGSTOP holds it instead: killed for silence, it would close it.
+            if support.accept_queue_length(self.balancer.port()) != 0:
+                return sock
+            name = None
         resume(pid)
         try:
             os.sched_setscheduler(pid, os.SCHED_OTHER, os.sched_param(0))
@@ -689,7 +693,8 @@ class StuckWorkerTest(AdminWorkersCase):
             os.sched_setaffinity(pid, cpus)
         except OSError:
             pass        # killed meanwhile, its loop silent too long on a busy box
-        self.assertEqual(name, 'one')
+        if name is not None:
+            self.assertEqual(name, 'one')
         sock.close()
         return None
 
