@@ -156,6 +156,8 @@ class Config(ConfigElement):
             attrs = service.timeouts.xml_attrs() if service.timeouts is not None else []
             if attrs:
                 out.append(_xml_tag(2, 'timeouts', attrs))
+            if service.clients is not None:
+                out.append(_xml_tag(2, 'clients', service.clients.xml_attrs()))
             out.append('  </service>')
         if self.admin is not None:
             out.append(_xml_tag(1, 'admin', self.admin.xml_attrs(), '>'))
@@ -175,13 +177,14 @@ class Service(ConfigElement):
     enabled (a group name).  check is None when the file has no <check>
     (DEFAULT_CHECK applies then); timeouts is always set.  acl is the
     <allow>/<deny> rules in file order, as ('allow' or 'deny', ipaddress
-    network) pairs."""
+    network) pairs.  clients: its <clients> limits, or None."""
 
     TAG = 'service'
 
-    def __init__(self, listens=(), groups=(), enabled=None, check=None, timeouts=None, acl=(), line=None,
-                 **values):
+    def __init__(self, listens=(), groups=(), enabled=None, check=None, timeouts=None, acl=(), clients=None,
+                 line=None, **values):
         ConfigElement.__init__(self, line, **values)
+        self.clients = clients
         self.listens = list(listens or ())
         self.groups = list(groups or ())
         if enabled is None and self.groups:
@@ -313,6 +316,15 @@ class Timeouts(ConfigElement):
     and for a client to wait in the queue while every host is full."""
 
     TAG = 'timeouts'
+
+
+class Clients(ConfigElement):
+    """A service's per-client limits (see Client limits): maxconns open
+    connections and rate new connections a second (burst at once) per client
+    address, IPv6 clients counted per v6prefix; mode 'log' refuses nothing
+    and counts what it would refuse.  table: the addresses tracked at most."""
+
+    TAG = 'clients'
 
 
 class Admin(ConfigElement):
@@ -1211,6 +1223,17 @@ def _resolver(text, what):
     return text
 
 
+MAX_RATE = 1e6      # new connections a second, <clients rate>
+
+
+def _rate(text, what):
+    if _SECONDS.fullmatch(text):
+        value = float(text)
+        if 0 < value <= MAX_RATE:
+            return value
+    raise ValueError(f'{what} {text!r}: must be a number of new connections a second > 0 and <= {MAX_RATE:g}')
+
+
 CONFIG_ATTRS = (
     Attr('drain', seconds_or_zero, 10.0, example='2.5'),
     Attr('user', _named(_account), example='0'),        # ids that exist everywhere: --check looks them up
@@ -1273,6 +1296,15 @@ TIMEOUTS_ATTRS = (
     Attr('idle', parse_seconds, 3600.0, example='60'),
     Attr('queue', parse_seconds, 5.0, example='30'),
 )
+CLIENTS_ATTRS = (    # per client address: see Client limits
+    Attr('maxconns', integer(0), 0, example='5'),
+    Attr('rate', _rate, example='20'),
+    Attr('burst', integer(1, 10 ** 9), example='40'),      # default: rate (at least 1)
+    Attr('mode', choice('enforce', 'log'), 'enforce', example='log'),
+    # One host holds a whole /64; a longer prefix would let it pick a new "client" per connection.
+    Attr('v6prefix', integer(1, 64), 64, example='56'),
+    Attr('table', integer(1, 10 ** 7), 100000, example='1000'),
+)
 ADMIN_ATTRS = (
     Attr('listen', _named(_address_text), required=True, example='127.0.0.1:7001'),
     Attr('certfile', optional_text, example='/etc/pydirector/cert.pem'),
@@ -1297,7 +1329,7 @@ ELEMENT_ATTRS = {
     'pdconfig': CONFIG_ATTRS, 'service': SERVICE_ATTRS, 'listen': LISTEN_ATTRS,
     'allow': ACL_ATTRS, 'deny': ACL_ATTRS, 'group': GROUP_ATTRS, 'host': HOST_ATTRS,
     'discover': DISCOVER_ATTRS, 'enable': ENABLE_ATTRS, 'check': CHECK_ATTRS, 'timeouts': TIMEOUTS_ATTRS,
-    'admin': ADMIN_ATTRS, 'user': USER_ATTRS, 'logging': LOGGING_ATTRS,
+    'clients': CLIENTS_ATTRS, 'admin': ADMIN_ATTRS, 'user': USER_ATTRS, 'logging': LOGGING_ATTRS,
 }
 
 DEFAULT_CHECK = Check()     # probes of a down host in a service with no <check>
@@ -1399,7 +1431,7 @@ def _xml_error(data, path, error, index, open_elements):
 
 _CHILDREN = {
     'pdconfig': ('service', 'admin', 'logging'),
-    'service': ('listen', 'group', 'enable', 'check', 'timeouts', 'allow', 'deny'),
+    'service': ('listen', 'group', 'enable', 'check', 'timeouts', 'clients', 'allow', 'deny'),
     'group': ('host', 'discover'),
     'admin': ('user',),
 }
@@ -1514,7 +1546,7 @@ class _ConfigReader(object):
         if name in self.service_names:
             raise self.error(elem, f'duplicate service {name!r}')
         self.service_names.add(name)
-        listens, groups, enable, check, timeouts, acl = [], [], None, None, None, []
+        listens, groups, enable, check, timeouts, clients, acl = [], [], None, None, None, None, []
         group_names = set()
         for tag, child in self.children(elem):
             if tag == 'listen':
@@ -1536,6 +1568,10 @@ class _ConfigReader(object):
                 if check is not None:
                     raise self.error(child, f'service {name!r}: more than one <check>')
                 check = Check(self.lines[child], **self.values(child))
+            elif tag == 'clients':
+                if clients is not None:
+                    raise self.error(child, f'service {name!r}: more than one <clients>')
+                clients = self.clients(child)
             else:
                 if timeouts is not None:
                     raise self.error(child, f'service {name!r}: more than one <timeouts>')
@@ -1549,7 +1585,15 @@ class _ConfigReader(object):
             enabled = enable.get('group')
             if not any(g.name == enabled for g in groups):
                 raise self.error(enable, f'service {name!r}: <enable> names unknown group {enabled!r}')
-        return Service(listens, groups, enabled, check, timeouts, acl, self.lines[elem], **values)
+        return Service(listens, groups, enabled, check, timeouts, acl, clients, self.lines[elem], **values)
+
+    def clients(self, elem):
+        clients = Clients(self.lines[elem], **self.values(elem))
+        if not clients.maxconns and clients.rate is None:
+            raise self.error(elem, '<clients> needs maxconns or rate (or both): it limits nothing')
+        if clients.burst is not None and clients.rate is None:
+            raise self.error(elem, '<clients> burst is only used with rate')
+        return clients
 
     def listen(self, elem, service_name):
         listen = Listen(self.lines[elem], **self.values(elem))
@@ -9175,6 +9219,8 @@ def summary(config):
         parts.append('timeouts ' + ', '.join(shown_attrs(service.timeouts, every=True)))
         if service.check:
             parts.append('check ' + ', '.join(shown_attrs(service.check, every=True)))
+        if service.clients:
+            parts.append('clients ' + ', '.join(shown_attrs(service.clients, every=True)))
         lines.append('service %s: %s' % (service.name, '; '.join(parts)))
         for group in service.groups:
             mark = ' (enabled)' if group.name == service.enabled else ''

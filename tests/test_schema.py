@@ -51,6 +51,7 @@ def full_config(listen=None):
             '    <enable%s/>\n' % attrs('enable') +
             '    <check%s/>\n' % attrs('check') +
             '    <timeouts%s/>\n' % attrs('timeouts') +
+            '    <clients%s/>\n' % attrs('clients') +
             '  </service>\n' +
             '  <admin%s>\n' % attrs('admin') +
             '    <user%s/>\n' % attrs('user') +
@@ -122,7 +123,7 @@ class SchemaTest(unittest.TestCase):
         objects = {'pdconfig': config, 'service': service, 'listen': service.listens[0],
                    'group': service.groups[0], 'host': service.groups[0].hosts[0],
                    'discover': service.groups[0].discovers[0], 'check': service.check,
-                   'timeouts': service.timeouts, 'admin': config.admin, 'user': config.admin.users[0],
+                   'timeouts': service.timeouts, 'clients': service.clients, 'admin': config.admin, 'user': config.admin.users[0],
                    'logging': config.logging}
         for tag, obj in objects.items():
             for field, value in expected_values(tag).items():
