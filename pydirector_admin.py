@@ -1794,6 +1794,33 @@ def render_switch(switch, now):
     return '<p class="msg switch">%s%s.</p>' % (text, ': ' + '; '.join(parts) if parts else '')
 
 
+def clients_settings(clients):
+    """'maxconns 5, rate 20/s burst 40' of a <clients>."""
+    parts = []
+    if clients['maxconns']:
+        parts.append('maxconns %d' % clients['maxconns'])
+    if clients['rate']:
+        parts.append('rate %s/s burst %d' % (explain_number(clients['rate']), clients['burst']))
+    return ', '.join(parts)
+
+
+def render_clients(service):
+    """A service's per-client limits: settings, what they refused, the busiest clients."""
+    e = html.escape
+    c = service['clients']
+    dry = c['mode'] == 'log'
+    text = ('Per-client limits: %s per address (IPv6: per /%d)%s. %s %d; addresses tracked %d of %d; '
+            'evicted %d.' % (e(clients_settings(c)), c['v6prefix'], ' <strong>mode log: refusing nothing</strong>'
+                             if dry else '', 'Would have refused' if dry else 'Refused',
+                             service['limited_dry'] if dry else service['limited'], c['entries'], c['table'],
+                             service['client_evictions']))
+    out = ['<p>%s</p>' % text]
+    if c['top']:
+        out.append('<table><tr><th>client</th><th>open</th></tr>%s</table>' % ''.join(
+            '<tr><td>%s</td><td>%d</td></tr>' % (e(client), count) for client, count in c['top']))
+    return out
+
+
 def explain_form(service_name, sni=False):
     """A GET form to /explain: where would this client go now, and why (with a
     server name field for a service on a listen with sni)."""
@@ -1862,6 +1889,8 @@ def render_running(snapshot, user, can_change, msg=None, refresh=None):
                         e(service_counts(service))))
         if service.get('switch'):
             body.append(render_switch(service['switch'], now))
+        if service.get('clients'):
+            body.extend(render_clients(service))
         body.append('<p>%s</p>' % explain_form(service['name'], any(l.get('sni') for l in listens)))
         for group in service['groups']:
             body.extend(render_group(service, group, now, can_change))
@@ -2025,6 +2054,16 @@ def render_explain(info):
         lines.append('skipped: %s (%s)%s' % (t(name), t(why), from_dns(info, name)))
     if not info.get('skipped'):
         lines.append('skipped: none')
+    clients = info.get('clients')
+    if clients:
+        lines.append('clients: %s, %d open%s (%s, mode %s)' % (
+            t(clients['key']), clients['open'], '' if clients['left'] is None else
+            ', %d new connection(s) allowed now' % clients['left'], t(clients['settings']), clients['mode']))
+        if clients['limited'] is None:
+            lines.append('limited: no')
+        else:
+            lines.append('limited: %s, %s' % ('yes' if clients['mode'] == 'enforce' else
+                                              'would be (mode log lets it through)', t(clients['reason'])))
     for name, effective, weight, left in info.get('ramping') or ():
         lines.append('slow start: %s at effective weight %s of %s, %s s left' % (
             t(name), explain_number(effective), weight, explain_number(round(left, 1))))
@@ -2060,6 +2099,17 @@ SERVICE_METRICS = [
     ('pydirector_service_denied_total', 'counter', 'Clients closed by the service\'s allow/deny rules.',
      'denied'),
     ('pydirector_service_maxconns', 'gauge', 'The service\'s connection limit; 0 means unlimited.', 'maxconns'),
+]
+
+# Services with <clients> only.
+CLIENT_METRICS = [
+    ('pydirector_service_client_limited_total', 'counter',
+     'Clients refused by the per-client limits (<clients>), reset before any backend was asked.', 'limited'),
+    ('pydirector_service_client_limited_dry_run_total', 'counter',
+     'Clients <clients mode="log"> would have refused (and let through).', 'limited_dry'),
+    ('pydirector_service_client_evictions_total', 'counter',
+     'Client addresses evicted from the per-client table while full, their counts lost.', 'client_evictions'),
+    ('pydirector_service_client_addresses', 'gauge', 'Client addresses the per-client table tracks now.', None),
 ]
 
 # With worker processes: one sample per worker (label worker="N"); the totals above are their sums.
@@ -2156,6 +2206,13 @@ def render_metrics(snapshot):
         family(name, kind, help_text)
         for service in services:
             out.append('%s%s %d' % (name, metric_labels([('service', service['name'])]), service[key]))
+    limited = [service for service in services if service.get('clients')]
+    for name, kind, help_text, key in CLIENT_METRICS:
+        if limited:
+            family(name, kind, help_text)
+        for service in limited:
+            out.append('%s%s %d' % (name, metric_labels([('service', service['name'])]),
+                                    service[key] if key else service['clients']['entries']))
     family('pydirector_group_enabled', 'gauge', '1 for the group that takes a service\'s new connections.')
     for service in services:
         for group in service['groups']:
