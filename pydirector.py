@@ -8012,7 +8012,8 @@ class Director(Actions):
             return
         limits = service.limits
         if limits is not None:
-            entry = limits.admit(limits.key(pair.client_ip), self.loop.now)
+            ip = pair.client_ip
+            entry = limits.admit(ip if ':' not in ip else limits.key(ip), self.loop.now)   # client_key, inlined
             if entry is None and self.client_limited(service, limits, pair):
                 return
             pair.limit = entry
@@ -8388,17 +8389,20 @@ class Counter(object):
     WorkerCounts, the object); None: code of its own writes it.  into: where
     the master puts the sum over every process, the attribute by that name
     or a function of (the object, the sum, the host's group); by default the
-    attribute value names, if it names one (else nowhere).
+    attribute value names, if it names one (else nowhere).  at_close: a
+    service's field written as each of its clients closes (WorkerCounts.closed),
+    not only at the next tick.
     """
 
-    __slots__ = ('kind', 'name', 'value', 'gauge', 'into')
+    __slots__ = ('kind', 'name', 'value', 'gauge', 'into', 'at_close')
 
-    def __init__(self, kind, name, value, gauge=False, into=None):
+    def __init__(self, kind, name, value, gauge=False, into=None, at_close=True):
         self.kind = kind
         self.name = name
         self.value = value
         self.gauge = gauge
         self.into = into if into is not None or not isinstance(value, str) else value
+        self.at_close = at_close
 
 
 def worker_open(counts, host):
@@ -8427,11 +8431,12 @@ COUNTERS = (
     Counter('service', 'failovers', 'failovers'),
     Counter('service', 'refused', 'refused'),
     Counter('service', 'denied', 'denied'),
-    Counter('service', 'limited', 'limited'),           # refused by <clients>
-    Counter('service', 'limited_dry', 'limited_dry'),   # that <clients mode="log"> would have refused
-    Counter('service', 'client_evictions', 'client_evictions'),
+    # <clients>: at each tick, so that a service without them pays nothing as clients close.
+    Counter('service', 'limited', 'limited', at_close=False),           # refused
+    Counter('service', 'limited_dry', 'limited_dry', at_close=False),   # that mode log would have refused
+    Counter('service', 'client_evictions', 'client_evictions', at_close=False),
     Counter('service', 'client_entries', lambda counts, service: len(service.limits.table)
-            if service.limits is not None else 0, gauge=True, into='client_entries'),
+            if service.limits is not None else 0, gauge=True, into='client_entries', at_close=False),
     Counter('service', 'queued', lambda counts, service: len(service.queue), gauge=True, into='waiting'),
     # When the first client of this process's queue came (monotonic µs; 0: none): whose turn it is.
     Counter('service', 'head', lambda counts, service: queue_head(service), gauge=True),
@@ -8650,11 +8655,13 @@ class WorkerCounts(object):
         self.reading = None     # listener -> clients reading their hello, while a publish writes
         # kind -> [(place, a function giving its value from the running object)], as COUNTERS says.
         self.fields = collections.defaultdict(list)
+        self.service_fields = []    # those written as a client closes
         for row in COUNTERS:
             if row.value is not None:
                 get = operator.attrgetter(row.value) if isinstance(row.value, str) else row.value.__get__(self)
                 self.fields[row.kind].append((COUNTER_PLACE[row.kind, row.name], get))
-        self.service_fields = self.fields['service']
+                if row.kind == 'service' and row.at_close:
+                    self.service_fields.append((COUNTER_PLACE[row.kind, row.name], get))
         self.host_fields = self.fields['host']
         self.ticks = 0
         self.seen = None        # what the director had counted at the last tick
