@@ -977,10 +977,11 @@ class Attr(object):
     file.  spelling: the field that keeps the text as written, which write
     gets too (send's escapes come back as the operator wrote them).  example:
     a valid text other than the default, which the generated test sets.
-    secret: its value is never shown in a message (a reload's list of what it undid)."""
+    secret: its value is never shown in a message (a reload's list of what it undid).
+    unit: what --check writes after the value (None: 's' after a number of seconds)."""
 
     def __init__(self, name, parse=None, default=None, write=None, example=None, required=False,
-                 field=None, spelling=None, error=None, secret=False):
+                 field=None, spelling=None, error=None, secret=False, unit=None):
         self.name = name
         self.field = field or name
         self.parse = parse or as_written
@@ -991,6 +992,7 @@ class Attr(object):
         self.spelling = spelling
         self.error = error
         self.secret = secret
+        self.unit = unit
 
     def __repr__(self):
         return f'Attr({self.name!r})'
@@ -1300,7 +1302,7 @@ TIMEOUTS_ATTRS = (
 )
 CLIENTS_ATTRS = (    # per client address: see Client limits
     Attr('maxconns', integer(0), 0, example='5'),
-    Attr('rate', _rate, example='20'),
+    Attr('rate', _rate, example='20', unit='/s'),
     Attr('burst', integer(1, 10 ** 9), example='40'),      # default: rate (at least 1)
     Attr('mode', choice('enforce', 'log'), 'enforce', example='log'),
     # One host holds a whole /64; a longer prefix would let it pick a new "client" per connection.
@@ -9836,7 +9838,7 @@ def shown_attrs(element, skip=(), every=False):
     """An element's attributes in words for --check, as its table writes them:
     ['weight 3', 'interval 1.5s', ...]; those that differ from their defaults
     (every: each set one), but skip."""
-    return ['%s %s%s' % (row.name, text, 's' if isinstance(value, float) else '')
+    return ['%s %s%s' % (row.name, text, row.unit if row.unit is not None else 's' if isinstance(value, float) else '')
             for row, value, text in written_attrs(ELEMENT_ATTRS[element.TAG], vars(element), every)
             if row.name not in skip]
 
