@@ -27,8 +27,10 @@ Reading (GET or HEAD):
                     access only
     /metrics        Prometheus text exposition format 0.0.4
     /explain?service=S&client=IP[&format=json]
-                    which host that client would get now and why, one fact
-                    per line (or the director's dict as JSON); changes nothing
+                    which host that client would get now and why, and
+                    whether the service's <clients> limits refuse it now,
+                    one fact per line (or the director's dict as JSON);
+                    changes nothing
     /explain?service=S&client=IP&sni=NAME, /explain?listen=ADDR&client=IP[&sni=NAME]
                     on a listen with sni: which service a hello naming NAME
                     (none: a hello without a name) lands on and why, then as above
