@@ -353,8 +353,7 @@ class LimitsTest(LimitsCase):
             self.assertIsNotNone(sock)
             sock.close()
         wait_until(lambda: self.echo.accepted == 15)
-        service = self.service()
-        self.assertEqual((service['limited'], service['limited_dry'], service['refused']), (5, 0, 0))
+        service = self.counted(limited=5, limited_dry=0, refused=0)
         self.assertEqual(service['clients']['top'][0], ['127.0.0.2', 5])
         wait_until(lambda: len(self.access_ends('limited')) == 5)
         self.assertTrue(all(' client=127.0.0.2:' in l and ' host=- ' in l for l in self.access_ends('limited')))
@@ -554,8 +553,7 @@ class AcrossWorkersTest(LimitsCase):
         first, second = self.balancer.worker_pids()
         self.assertEqual(len(self.via(first, 3)), 3)
         self.assertEqual(len(self.via(second, 3)), 2)
-        self.assertEqual(self.service()['limited'], 1)
-        self.assertEqual(self.service()['clients']['top'], [['127.0.0.2', 5]])
+        self.counted(limited=1, top=[['127.0.0.2', 5]])
 
     def test_rate_holds_in_total(self):
         self.start_limited('rate="0.1" burst="4"')      # nothing more for 10 s
