@@ -5265,19 +5265,23 @@ class ClientShare(object):
         (rows: these row offsets instead)."""
         k1, k2, home = where
         view = self.view
+        first = self.first_line - 4
         open_ = tat = 0
         for base in self.other_rows if rows is None else rows:
-            for place in range(base + home, base + home + CLIENT_WINDOW):
+            place = base + home
+            end = place + CLIENT_WINDOW
+            while place < end:
                 line = view[place]
                 if line > 0:
-                    line = base + self.first_line + 4 * (line - 1)
-                    if view[line] == k1 and view[line + 1] == k2:
-                        open_ += view[line + 2]
-                        if view[line + 3] > tat:
-                            tat = view[line + 3]
+                    at = base + first + 4 * line
+                    if view[at] == k1 and view[at + 1] == k2:
+                        open_ += view[at + 2]
+                        if view[at + 3] > tat:
+                            tat = view[at + 3]
                         break
                 elif not line:
                     break
+                place += 1
         return open_, tat
 
     def publish(self, limits, entry, now):
