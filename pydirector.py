@@ -5391,9 +5391,11 @@ class ClientShare(object):
         return found
 
     def close(self):
-        self.view.release()
-        self.memory.close()
-        os.close(self.fd)
+        if self.view is not None:
+            self.view.release()
+            self.memory.close()
+            self.view = None
+            os.close(self.fd)
 
 
 _ZERO_CLIENT_LINE = memoryview(bytes(32)).cast('q')
