@@ -28,9 +28,11 @@ import hashlib
 import heapq
 import hmac
 import ipaddress
+import itertools
 import json
 import logging
 import logging.handlers
+import math
 import operator
 import os
 import random
@@ -162,6 +164,8 @@ class Config(ConfigElement):
             attrs = service.udp.xml_attrs() if service.udp is not None else []
             if attrs:
                 out.append(_xml_tag(2, 'udp', attrs))
+            if service.clients is not None:
+                out.append(_xml_tag(2, 'clients', service.clients.xml_attrs()))
             out.append('  </service>')
         if self.admin is not None:
             out.append(_xml_tag(1, 'admin', self.admin.xml_attrs(), '>'))
@@ -182,13 +186,15 @@ class Service(ConfigElement):
     file has no <check> (DEFAULT_CHECK applies then); timeouts is always set
     (a UDP service's idle defaults to UDP_IDLE); udp is its <udp> settings,
     always set for a UDP service and None for TCP.  acl is the <allow>/<deny>
-    rules in file order, as ('allow' or 'deny', ipaddress network) pairs."""
+    rules in file order, as ('allow' or 'deny', ipaddress network) pairs.
+    clients: its <clients> limits, or None."""
 
     TAG = 'service'
 
     def __init__(self, listens=(), groups=(), enabled=None, check=None, timeouts=None, acl=(), line=None,
-                 udp=None, **values):
+                 udp=None, clients=None, **values):
         ConfigElement.__init__(self, line, **values)
+        self.clients = clients
         self.listens = list(listens or ())
         self.groups = list(groups or ())
         if enabled is None and self.groups:
@@ -334,6 +340,15 @@ class Udp(ConfigElement):
     used is evicted past it)."""
 
     TAG = 'udp'
+
+
+class Clients(ConfigElement):
+    """A service's per-client limits (see Client limits): maxconns open
+    connections and rate new connections a second (burst at once) per client
+    address, IPv6 clients counted per v6prefix; mode 'log' refuses nothing
+    and counts what it would refuse.  table: the addresses tracked at most."""
+
+    TAG = 'clients'
 
 
 class Admin(ConfigElement):
@@ -1000,10 +1015,11 @@ class Attr(object):
     file.  spelling: the field that keeps the text as written, which write
     gets too (send's escapes come back as the operator wrote them).  example:
     a valid text other than the default, which the generated test sets.
-    secret: its value is never shown in a message (a reload's list of what it undid)."""
+    secret: its value is never shown in a message (a reload's list of what it undid).
+    unit: what --check writes after the value (None: 's' after a number of seconds)."""
 
     def __init__(self, name, parse=None, default=None, write=None, example=None, required=False,
-                 field=None, spelling=None, error=None, secret=False):
+                 field=None, spelling=None, error=None, secret=False, unit=None):
         self.name = name
         self.field = field or name
         self.parse = parse or as_written
@@ -1014,6 +1030,7 @@ class Attr(object):
         self.spelling = spelling
         self.error = error
         self.secret = secret
+        self.unit = unit
 
     def __repr__(self):
         return f'Attr({self.name!r})'
@@ -1250,6 +1267,15 @@ def _resolver(text, what):
 
 UDP_IDLE = 60.0             # a UDP service's default <timeouts idle>: Envoy's; nginx waits 10 min
 UDP_SESSIONS = 10000        # the default <udp sessions>: the most sessions a process holds per service
+MAX_RATE = 1e6      # new connections a second, <clients rate>
+
+
+def _rate(text, what):
+    if _SECONDS.fullmatch(text):
+        value = float(text)
+        if 0 < value <= MAX_RATE:
+            return value
+    raise ValueError(f'{what} {text!r}: must be a number of new connections a second > 0 and <= {MAX_RATE:g}')
 
 
 CONFIG_ATTRS = (
@@ -1320,6 +1346,15 @@ UDP_ATTRS = (
     Attr('responses', integer(0), example='1'),
     Attr('sessions', integer(1, 1000000), UDP_SESSIONS, example='500'),
 )
+CLIENTS_ATTRS = (    # per client address: see Client limits
+    Attr('maxconns', integer(0), 0, example='5'),
+    Attr('rate', _rate, example='20', unit='/s'),
+    Attr('burst', integer(1, 10 ** 9), example='40'),      # default: rate (at least 1)
+    Attr('mode', choice('enforce', 'log'), 'enforce', example='log'),
+    # One host holds a whole /64; a longer prefix would let it pick a new "client" per connection.
+    Attr('v6prefix', integer(1, 64), 64, example='56'),
+    Attr('table', integer(1, 10 ** 7), 100000, example='1000'),
+)
 ADMIN_ATTRS = (
     Attr('listen', _named(_address_text), required=True, example='127.0.0.1:7001'),
     Attr('certfile', optional_text, example='/etc/pydirector/cert.pem'),
@@ -1344,7 +1379,7 @@ ELEMENT_ATTRS = {
     'pdconfig': CONFIG_ATTRS, 'service': SERVICE_ATTRS, 'listen': LISTEN_ATTRS,
     'allow': ACL_ATTRS, 'deny': ACL_ATTRS, 'group': GROUP_ATTRS, 'host': HOST_ATTRS,
     'discover': DISCOVER_ATTRS, 'enable': ENABLE_ATTRS, 'check': CHECK_ATTRS, 'timeouts': TIMEOUTS_ATTRS,
-    'udp': UDP_ATTRS, 'admin': ADMIN_ATTRS, 'user': USER_ATTRS, 'logging': LOGGING_ATTRS,
+    'udp': UDP_ATTRS, 'clients': CLIENTS_ATTRS, 'admin': ADMIN_ATTRS, 'user': USER_ATTRS, 'logging': LOGGING_ATTRS,
 }
 
 # Attributes a protocol="udp" service refuses: they speak TCP (TLS hellos, PROXY headers).
@@ -1451,7 +1486,7 @@ def _xml_error(data, path, error, index, open_elements):
 
 _CHILDREN = {
     'pdconfig': ('service', 'admin', 'logging'),
-    'service': ('listen', 'group', 'enable', 'check', 'timeouts', 'udp', 'allow', 'deny'),
+    'service': ('listen', 'group', 'enable', 'check', 'timeouts', 'udp', 'clients', 'allow', 'deny'),
     'group': ('host', 'discover'),
     'admin': ('user',),
 }
@@ -1567,7 +1602,7 @@ class _ConfigReader(object):
             raise self.error(elem, f'duplicate service {name!r}')
         self.service_names.add(name)
         protocol = values['protocol']
-        listens, groups, enable, check, timeouts, acl, udp = [], [], None, None, None, [], None
+        listens, groups, enable, check, timeouts, acl, udp, clients = [], [], None, None, None, [], None, None
         group_names = set()
         for tag, child in self.children(elem):
             if tag == 'listen':
@@ -1600,6 +1635,10 @@ class _ConfigReader(object):
                     raise self.error(child, f'<check> dns writes its own query and judges the answer: '
                                             f'give dns or {"/".join(DNS_CHECK_REPLACES)}, not both '
                                             f'(this one has {", ".join(both)})')
+            elif tag == 'clients':
+                if clients is not None:
+                    raise self.error(child, f'service {name!r}: more than one <clients>')
+                clients = self.clients(child)
             else:
                 if timeouts is not None:
                     raise self.error(child, f'service {name!r}: more than one <timeouts>')
@@ -1616,7 +1655,15 @@ class _ConfigReader(object):
             enabled = enable.get('group')
             if not any(g.name == enabled for g in groups):
                 raise self.error(enable, f'service {name!r}: <enable> names unknown group {enabled!r}')
-        return Service(listens, groups, enabled, check, timeouts, acl, self.lines[elem], udp, **values)
+        return Service(listens, groups, enabled, check, timeouts, acl, self.lines[elem], udp, clients=clients,
+                       **values)
+    def clients(self, elem):
+        clients = Clients(self.lines[elem], **self.values(elem))
+        if not clients.maxconns and clients.rate is None:
+            raise self.error(elem, '<clients> needs maxconns or rate (or both): it limits nothing')
+        if clients.burst is not None and clients.rate is None:
+            raise self.error(elem, '<clients> burst is only used with rate')
+        return clients
 
     def refuse_tcp_only(self, elem, tag, protocol, service_name):
         """A UDP service's <listen> or <host> with an attribute only TCP has: an error at its line."""
@@ -3376,6 +3423,8 @@ END_BAD_HELLO = end_reason('bad-hello', 'on a listen with `sni`: no TLS hello, a
                                         'or the client closed before it ended')
 END_HELLO_TIMEOUT = end_reason('hello-timeout', 'on a listen with `sni`: no whole hello within `<timeouts connect>`')
 END_UNKNOWN_SNI = end_reason('unknown-sni', 'on a listen with `sni`: the hello named no service here')
+END_LIMITED = end_reason('limited', 'refused at once (reset) by its service\'s `<clients>` limits: '
+                                    'too many open or too many new from its address')
 END_IDLE = end_reason('idle', 'a UDP session: no datagram either way for `<timeouts idle>`')
 END_RESPONSES = end_reason('responses', 'a UDP session: its `<udp responses>` replies came back (with 0: its '
                                         'datagram was sent)')
@@ -4519,7 +4568,7 @@ class Pair(object):
                  'client_fd', 'backend_fd', 'client_ip', 'client_port', 'state', 'tried',
                  'to_client', 'to_backend', 'client_eof', 'backend_eof', 'client_events',
                  'backend_events', 'timer', 'last_active', 'bytes_in', 'bytes_out', 'started',
-                 'proxy_dest', 'header', 'splice_up', 'splice_down', 'sni')
+                 'proxy_dest', 'header', 'splice_up', 'splice_down', 'sni', 'limit')
 
     def __init__(self, director, service, client_sock, client_addr):
         self.director = director
@@ -4546,6 +4595,7 @@ class Pair(object):
         self.splice_up = None     # a Splice once client->backend moves in bulk
         self.splice_down = None   # and backend->client
         self.sni = None           # the server name of its TLS hello, on a listen with sni
+        self.limit = None         # its ClientEntry, in a service with <clients>
 
     def __repr__(self):
         return '<Pair %s:%s in %s, %s>' % (self.client_ip, self.client_port, self.service.name, self.state)
@@ -5481,6 +5531,508 @@ class Session(object):
 
     def close_on_error(self):
         self.close(END_ERROR)
+# Client limits: a service's <clients maxconns rate burst mode>, per client
+# address (nginx's limit_conn and limit_req, HAProxy's src_conn_cur and
+# src_conn_rate).
+#
+# A ClientLimits per service keeps a bounded table: client key -> ClientEntry,
+# its open connections and its rate's theoretical arrival time (GCRA: the
+# token bucket as one number, refilled by arithmetic at each new connection,
+# never by a timer).  admit(key, now) counts a new connection or says no;
+# release(entry, now) counts it closed.  A key is the address text for IPv4
+# and an int for IPv6, which counts per v6prefix (client_key).  An entry with
+# no open connection and a full bucket is dropped: it holds nothing.  When
+# the table is full, its entry idle longest is evicted, and counted.
+#
+# With workers, each worker also writes its entries into a ClientShare, a
+# table in shared memory where every worker writes only its own row and
+# reads the others' lines of a key, so the limits hold in total.  No lock: two
+# workers admitting the same client at the same instant may both pass, one
+# connection over the limit.
+# ---------------------------------------------------------------------------
+
+V4_MAPPED = b'\0' * 10 + b'\xff\xff'
+CLIENT_SWEEP_MIN = 1024     # new entries before the first sweep of dropped-able entries
+
+
+def client_key(ip, v6prefix=64):
+    """The key a client address counts under: the IPv4 address text itself (an
+    IPv4-mapped IPv6 address too), or for IPv6 an int holding its first v6prefix
+    bits and v6prefix (so keys of two prefix lengths never meet)."""
+    if ':' not in ip:
+        return ip
+    raw = socket.inet_pton(socket.AF_INET6, ip.partition('%')[0])
+    if raw[:12] == V4_MAPPED:
+        return socket.inet_ntoa(raw[12:])
+    return (int.from_bytes(raw[:8], 'big') >> (64 - v6prefix)) << 7 | v6prefix
+
+
+def client_key_text(key):
+    """'192.0.2.7' or '2001:db8:1:2::/64': what a key stands for."""
+    if isinstance(key, str):
+        return key
+    prefix = key & 127
+    return '%s/%d' % (ipaddress.IPv6Address((key >> 7) << (128 - prefix)), prefix)
+
+
+class ClientEntry(object):
+    """One client's place in a ClientLimits table: its open connections and its
+    rate's theoretical arrival time (loop seconds; the bucket is full once it is
+    past).  With workers, where: (k1, k2, home) of its key in the ClientShare,
+    and at: the offset of its line in this worker's row (-1: not there)."""
+    __slots__ = ('key', 'open', 'tat', 'where', 'at')
+
+    def __init__(self, key, where=None):
+        self.key = key
+        self.open = 0
+        self.tat = 0.0
+        self.where = where
+        self.at = -1
+
+    def __repr__(self):
+        return '<ClientEntry %s open %d>' % (client_key_text(self.key), self.open)
+
+
+class ClientLimits(object):
+    """The per-client limits of one service (a <clients>): see the section's
+    comment.  counts is the object whose limited, limited_dry and
+    client_evictions it counts (the RunningService).  UDP sessions may count
+    against it too: admit a key, release the entry."""
+
+    def __init__(self, config, counts):
+        self.table = collections.OrderedDict()     # key -> ClientEntry, idle longest first
+        self.counts = counts
+        self.share = None       # a worker's ClientShare, once its service has a slot
+        self.k1 = 0             # the service's part of a shared key (its slot * 256)
+        self.why = None         # of the last refusal: 'maxconns' or 'rate'
+        self.inserts = 0        # new entries since the last sweep
+        self.sweep_after = CLIENT_SWEEP_MIN
+        self.configure(config)
+
+    def configure(self, config):
+        """Take (new) settings: a reload changes them in place, entries and all."""
+        self.config = config
+        self.maxconns = config.maxconns
+        rate = config.rate or 0.0
+        self.interval = 1.0 / rate if rate else 0.0
+        self.burst = config.burst if config.burst is not None else max(1, int(math.ceil(rate)))
+        # The bucket holds burst: a connection passes while its arrival time is at most
+        # burst - 1 intervals ahead.  The margin absorbs the sums' rounding.
+        self.tau = (self.burst - 1) * self.interval + self.interval * 1e-3
+        self.enforce = config.mode == 'enforce'
+        self.v6prefix = config.v6prefix
+        self.size = config.table
+        while len(self.table) > self.size:
+            self.evict(time.monotonic())
+
+    def key(self, ip):
+        return client_key(ip, self.v6prefix)
+
+    # -- the hot path -----------------------------------------------------------
+
+    def admit(self, key, now):
+        """A new connection of client `key`: its entry with the connection counted, or
+        None when a limit refuses it (why says which; counted as limited, or in mode
+        log as limited_dry: the caller lets it through then, uncounted)."""
+        if self.share is not None:
+            return self._admit_shared(key, now)
+        table = self.table
+        entry = table.get(key)
+        if entry is None:
+            # A new client passes (maxconns and burst are at least 1).
+            if len(table) >= self.size or self.inserts >= self.sweep_after:
+                self.make_room(now)
+            self.inserts += 1
+            entry = table[key] = ClientEntry(key)
+            entry.open = 1
+            if self.interval:
+                entry.tat = now + self.interval
+            return entry
+        table.move_to_end(key)      # a client refused is not idle: its entry is kept longest
+        if self.maxconns and entry.open >= self.maxconns:
+            return self.refuse('maxconns')
+        interval = self.interval
+        if interval:
+            tat = entry.tat
+            if tat < now:
+                tat = now
+            elif tat - now > self.tau:
+                return self.refuse('rate')
+            entry.tat = tat + interval
+        entry.open += 1
+        return entry
+
+    def take(self, key, now):
+        """Count a connection that is open already, limits or not (a reload brought them)."""
+        entry = self.table.get(key)
+        if entry is None:
+            if len(self.table) >= self.size:
+                self.make_room(now)
+            entry = self.table[key] = ClientEntry(key)
+        entry.open += 1
+        return entry
+
+    def refuse(self, why):
+        self.why = why
+        if self.enforce:
+            self.counts.limited += 1
+        else:
+            self.counts.limited_dry += 1
+        return None
+
+    def release(self, entry, now):
+        """A connection admit counted has closed."""
+        entry.open -= 1
+        if entry.at >= 0:
+            self.share.view[entry.at + 2] = entry.open
+        if not entry.open and entry.tat <= now and self.table.get(entry.key) is entry:
+            self.drop(entry)
+
+    def _admit_shared(self, key, now):
+        """admit, counting every worker's connections and arrivals of the key."""
+        share = self.share
+        table = self.table
+        entry = table.get(key)
+        if entry is None:
+            where = share.where(self.k1, key)
+            own, tat = 0, 0.0
+        else:
+            table.move_to_end(key)
+            where, own, tat = entry.where, entry.open, entry.tat
+        others, their_tat = share.others(where)
+        if self.maxconns and own + others >= self.maxconns:
+            return self.refuse('maxconns')
+        interval = self.interval
+        if interval:
+            their_tat /= 1e6
+            if their_tat > tat:
+                tat = their_tat
+            if tat < now:
+                tat = now
+            elif tat - now > self.tau:
+                return self.refuse('rate')
+            tat += interval
+        if entry is None:
+            if len(table) >= self.size or self.inserts >= self.sweep_after:
+                self.make_room(now)
+            self.inserts += 1
+            entry = table[key] = ClientEntry(key, where)
+            entry.open = 1
+            entry.tat = tat
+            share.publish(self, entry, now)
+            return entry
+        entry.open = own + 1
+        entry.tat = tat
+        at = entry.at
+        if at >= 0:
+            view = share.view
+            view[at + 2] = own + 1
+            view[at + 3] = int(tat * 1e6) or 1
+        return entry
+
+    # -- bounds -------------------------------------------------------------------
+
+    def drop(self, entry):
+        """Take an entry out of the table (its pairs, if any, keep it to release)."""
+        del self.table[entry.key]
+        if entry.at >= 0:
+            self.share.remove(entry)
+
+    def evict(self, now, entry=None):
+        """Make room: the entry idle longest goes (or this one); counted if it held anything."""
+        if entry is None:
+            entry = self.table.popitem(last=False)[1]
+        else:
+            del self.table[entry.key]
+        if entry.open or entry.tat > now:
+            self.counts.client_evictions += 1
+        if entry.at >= 0:
+            self.share.remove(entry)
+
+    def make_room(self, now):
+        """Before a new entry: every so often drop the entries that hold nothing (after
+        as many new entries as the table held at the last sweep: linear in all), and
+        evict while the table is full."""
+        table = self.table
+        if self.inserts >= self.sweep_after:
+            for entry in [e for e in table.values() if not e.open and e.tat <= now]:
+                self.drop(entry)
+            self.inserts = 0
+            self.sweep_after = max(CLIENT_SWEEP_MIN, len(table))
+        while len(table) >= self.size:
+            self.evict(now)
+
+    def attach(self, share, slot):
+        """A worker's share and its service's slot there (None, None: none): the
+        entries are written there anew when either changed."""
+        k1 = slot * 256 if slot is not None else 0
+        if share is self.share and k1 == self.k1:
+            return
+        self.detach()
+        self.share, self.k1 = share, k1
+        if share is not None:
+            now = time.monotonic()
+            for entry in list(self.table.values()):
+                entry.where = share.where(k1, entry.key)
+                share.publish(self, entry, now)
+
+    def detach(self):
+        share = self.share
+        if share is not None:
+            for entry in self.table.values():
+                if entry.at >= 0:
+                    share.remove(entry)
+        self.share = None
+        self.k1 = 0
+
+    # -- what the pages show ---------------------------------------------------
+
+    def state(self, key, now, others=(0, 0.0)):
+        """[open, new connections it may open now, the limit that refuses it now or None];
+        others: (open, arrival time) of the other workers."""
+        entry = self.table.get(key)
+        open_ = (entry.open if entry is not None else 0) + others[0]
+        tat = max(entry.tat if entry is not None else 0.0, others[1])
+        left = None
+        if self.interval:
+            ahead = max(tat - now, 0.0)
+            left = 0 if ahead > self.tau else int((self.tau - ahead) / self.interval) + 1
+        why = None
+        if self.maxconns and open_ >= self.maxconns:
+            why = 'maxconns'
+        elif left == 0:
+            why = 'rate'
+        return [open_, left, why]
+
+    def top(self, count=10):
+        """[[client, open]] of the clients with the most open connections."""
+        busiest = heapq.nlargest(count, (e for e in self.table.values() if e.open), key=operator.attrgetter('open'))
+        return [[client_key_text(e.key), e.open] for e in busiest]
+
+    def settings_text(self):
+        parts = []
+        if self.maxconns:
+            parts.append('maxconns %d' % self.maxconns)
+        if self.interval:
+            parts.append('rate %s/s burst %d' % (value_text(self.config.rate), self.burst))
+        return ', '.join(parts)
+
+    def refusal_text(self, why):
+        if why == 'maxconns':
+            return '%d connections open (clients maxconns %d)' % (self.maxconns, self.maxconns)
+        return 'over %s new connections a second (clients rate %s, burst %d)' % (
+            value_text(self.config.rate), value_text(self.config.rate), self.burst)
+
+
+CLIENT_WINDOW = 8           # index places a key may take after its home (linear probing)
+CLIENT_LINES = 1 << 18      # client entries a worker may have in the share
+
+
+class ClientShare(object):
+    """The client entries of every worker, in shared memory (a file each process
+    maps, like SharedCounters), so the limits hold in total.
+
+    Each worker has a row and writes only that row; the master reads them all.
+    A row is a header line [lines used], an index of 2 * CLIENT_LINES places and
+    CLIENT_LINES lines [k1, k2, open, arrival time in µs of the monotonic clock,
+    which every process shares (1: none, as the entry is live)].  A key's
+    (k1, k2) is (its service's slot * 256 + its IPv6 prefix length or 0 for
+    IPv4, the address or prefix as an int64): exact, never a hash.  Its home is
+    a hash of that; its index place is the first free one of CLIENT_WINDOW from
+    home, holding line + 1 (0: never used, so a reader stops there; -1: freed).
+    Readers take what they find: a line changing under them reads as another
+    key's or as nothing.  The file is sparse: only what is used takes memory.
+    """
+
+    def __init__(self, fd, rows, row, lines=CLIENT_LINES):
+        import mmap
+        self.fd = fd
+        self.rows = rows
+        self.row = row
+        self.lines = lines
+        self.places = 2 * lines
+        self.bits = self.places.bit_length() - 1
+        self.index = 4                                  # offsets within a row
+        self.first_line = 4 + self.places + CLIENT_WINDOW
+        self.row_size = self.first_line + 4 * lines
+        self.memory = mmap.mmap(fd, rows * self.row_size * 8)
+        self.view = memoryview(self.memory).cast('q')
+        self.base = row * self.row_size if row is not None else None
+        self.other_rows = [r * self.row_size for r in range(rows) if r != row]
+        self.free = []          # this worker's lines freed, to take again
+        self.used = 0           # lines taken from the top so far
+        self.holders = {}       # line offset -> (ClientLimits, ClientEntry) of this worker's lines
+
+    @classmethod
+    def create(cls, rows, lines=CLIENT_LINES):
+        """A new file for `rows` workers (the master's, which has no row)."""
+        if hasattr(os, 'memfd_create'):
+            fd = os.memfd_create('pydirector-clients')
+        else:
+            fd, path = tempfile.mkstemp(prefix='pydirector-clients-')
+            os.unlink(path)
+        os.ftruncate(fd, rows * (4 + 2 * lines + CLIENT_WINDOW + 4 * lines) * 8)
+        return cls(fd, rows, None, lines)
+
+    def where(self, k1, key):
+        """(k1, k2, home offset in a row) of a key of the service whose part is k1."""
+        if isinstance(key, str):
+            k2 = int.from_bytes(socket.inet_aton(key), 'big')
+        else:
+            k1 += key & 127
+            k2 = key >> 7
+            if k2 >> 63:
+                k2 -= 1 << 64
+        home = ((k2 ^ (k1 << 40)) * 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF) >> (64 - self.bits)
+        return k1, k2, self.index + home
+
+    def others(self, where, rows=None):
+        """(open connections, latest arrival time in µs) of a key in the other workers' rows
+        (rows: these row offsets instead)."""
+        k1, k2, home = where
+        view = self.view
+        first = self.first_line - 4
+        open_ = tat = 0
+        for base in self.other_rows if rows is None else rows:
+            place = base + home
+            end = place + CLIENT_WINDOW
+            while place < end:
+                line = view[place]
+                if line > 0:
+                    at = base + first + 4 * line
+                    if view[at] == k1 and view[at + 1] == k2:
+                        open_ += view[at + 2]
+                        if view[at + 3] > tat:
+                            tat = view[at + 3]
+                        break
+                elif not line:
+                    break
+                place += 1
+        return open_, tat
+
+    def publish(self, limits, entry, now):
+        """Give an entry of this worker a line and an index place.  With no place free
+        in its window, the entry idle longest of those there is evicted; with no line
+        free (more clients than CLIENT_LINES), the limits' own idle longest."""
+        view = self.view
+        k1, k2, home = entry.where
+        place = self._free_place(home)
+        if place is None:
+            victims = [self.holders[self._line_offset(view[self.base + at])]
+                       for at in range(home, home + CLIENT_WINDOW)]
+            owner, victim = min(victims, key=lambda v: (v[1].open, v[1].tat))
+            owner.evict(now, victim)
+            place = self._free_place(home)
+        if self.free:
+            number = self.free.pop()
+        elif self.used < self.lines:
+            number = self.used
+            self.used += 1
+            view[self.base] = self.used
+        else:
+            for other in list(limits.table.values()):
+                if other.at >= 0:
+                    limits.evict(now, other)
+                    break
+            if not self.free:
+                return      # every line is another service's: this one counts here only
+            number = self.free.pop()
+        at = self.base + self.first_line + 4 * number
+        view[at] = k1
+        view[at + 1] = k2
+        view[at + 2] = entry.open
+        view[at + 3] = int(entry.tat * 1e6) or 1
+        view[self.base + place] = number + 1
+        entry.at = at
+        self.holders[at] = (limits, entry)
+
+    def _free_place(self, home):
+        view = self.view
+        base = self.base
+        for place in range(home, home + CLIENT_WINDOW):
+            if view[base + place] <= 0:
+                return place
+        return None
+
+    def _line_offset(self, value):
+        return self.base + self.first_line + 4 * (value - 1)
+
+    def remove(self, entry):
+        """Free an entry's line and index place."""
+        at = entry.at
+        entry.at = -1
+        del self.holders[at]
+        view = self.view
+        base = self.base
+        number = (at - base - self.first_line) // 4
+        view[at:at + 4] = _ZERO_CLIENT_LINE
+        self.free.append(number)
+        k1, k2, home = entry.where
+        value = number + 1
+        for place in range(base + home, base + home + CLIENT_WINDOW):
+            if view[place] == value:
+                break
+        else:
+            return
+        # Freed: -1, which a reader passes over; or 0, never used, which ends its search,
+        # when the place after is 0 too (and so are the freed places before it).
+        if place + 1 < base + self.first_line and view[place + 1] != 0:
+            view[place] = -1
+            return
+        view[place] = 0
+        place -= 1
+        while place >= base + self.index and view[place] == -1:
+            view[place] = 0
+            place -= 1
+
+    def clear_row(self, row):
+        """The master: a worker has gone, and so have its connections."""
+        base = row * self.row_size
+        used = self.view[base]
+        self.view[base:base + self.first_line] = memoryview(bytes(self.first_line * 8)).cast('q')
+        if used:
+            start = base + self.first_line
+            self.view[start:start + 4 * used] = memoryview(bytes(32 * used)).cast('q')
+
+    def totals(self, slot):
+        """{(k1, k2): [open, latest arrival µs]} of one service's keys over every row (the master)."""
+        view = self.view
+        found = {}
+        for row in range(self.rows):
+            base = row * self.row_size
+            start = base + self.first_line
+            used = view[base]
+            tats = view[start + 3:start + 4 * used:4].tolist()
+            for number in itertools.compress(range(used), tats):
+                at = start + 4 * number
+                k1 = view[at]
+                if k1 >> 8 != slot:
+                    continue
+                key = (k1, view[at + 1])
+                total = found.get(key)
+                if total is None:
+                    total = found[key] = [0, 0]
+                total[0] += view[at + 2]
+                total[1] = max(total[1], view[at + 3])
+        return found
+
+    def close(self):
+        if self.view is not None:
+            self.view.release()
+            self.memory.close()
+            self.view = None
+            os.close(self.fd)
+
+
+_ZERO_CLIENT_LINE = memoryview(bytes(32)).cast('q')
+
+
+def shared_key_text(k1, k2):
+    """A ClientShare key as client_key_text shows it."""
+    prefix = k1 & 255
+    if not prefix:
+        return socket.inet_ntoa(k2.to_bytes(4, 'big'))
+    return client_key_text((k2 % (1 << 64)) << 7 | prefix)
 
 
 # ---------------------------------------------------------------------------
@@ -6328,6 +6880,13 @@ class RunningService(object):
         self.denied = 0
         self.open = 0
         self.full_logged = -1e9          # when "maxconns reached" was last logged
+        # <clients>: the per-client limits (None: none), what they refused (limited) or in
+        # mode log would have (limited_dry), the entries they evicted, and for the
+        # refusal log line when it was last written and how many refusals it left out.
+        self.limits = ClientLimits(config.clients, self) if config.clients is not None else None
+        self.limited = self.limited_dry = self.client_evictions = 0
+        self.limited_logged = [-1e9, 0]
+        self.client_entries = 0            # a master's: its workers' entries
         self.queue = collections.deque()   # Pairs waiting for a host below its maxconns
         self.waiting = 0                   # a master's: clients its workers hold in their queues
         self.switch = None                 # the pending blue/green Switch, if any
@@ -7032,6 +7591,7 @@ class Reload(object):
         service.timeouts = config.timeouts
         service.check = config.check
         director.datagram_settings(service)
+        self._update_limits(service, config.clients)
         groups = collections.OrderedDict()
         for group_config in config.groups:
             group = service.groups.get(group_config.name)
@@ -7052,6 +7612,26 @@ class Reload(object):
             changes.append('-group %s' % name)
         service.groups = groups
         return changes
+
+    def _update_limits(self, service, clients):
+        """New <clients> settings, in place: the table and its counts stay.  Limits new to
+        the service count the clients connected already (those it has routed)."""
+        limits = service.limits
+        pairs = [pair for pair in self.director.pairs if pair.service is service]
+        if clients is None:
+            if limits is not None:
+                limits.detach()
+                service.limits = None
+                for pair in pairs:
+                    pair.limit = None
+        elif limits is not None:
+            limits.configure(clients)
+        else:
+            limits = service.limits = ClientLimits(clients, service)
+            now = self.director.loop.now
+            for pair in pairs:
+                if pair.state is not PROXY_HEADER:
+                    pair.limit = limits.take(limits.key(pair.client_ip), now)
 
     def _update_group(self, service, group, config, diff):
         director = self.director
@@ -7113,6 +7693,8 @@ class Reload(object):
             service.queue[0].close(END_SHUTDOWN)     # which takes it off the queue
         if service.udp is not None:
             service.udp.close_all(END_SHUTDOWN)       # a session is no stream to finish
+        if service.limits is not None:
+            service.limits.detach()
         log.info('service %s removed (%d connection(s) left to finish)', service.name, service.open)
 
     def _rest(self, diff):
@@ -7481,6 +8063,8 @@ class Actions(object):
                 'check': check_text(service.check, service.config.protocol),
                 'protocol': service.config.protocol,
                 'udp': service.udp.snapshot() if service.udp is not None else None,
+                'limited': service.limited, 'limited_dry': service.limited_dry,
+                'client_evictions': service.client_evictions, 'clients': self.clients_snapshot(service),
             })
         return {
             'version': VERSION, 'hostname': socket.gethostname(), 'pid': os.getpid(),
@@ -7492,6 +8076,42 @@ class Actions(object):
             'log_lines_dropped': log_output.dropped + (self.master.log_lines_dropped()
                                                        if self.master is not None else 0),
         }
+
+    def clients_snapshot(self, service):
+        """A service's <clients> for the pages (None: none): its settings, the entries its
+        table holds (with workers: every worker's) and the clients with the most open
+        connections (with workers: their totals, from the ClientShare)."""
+        limits = service.limits
+        if limits is None:
+            return None
+        config = limits.config
+        answer = {'maxconns': config.maxconns, 'rate': config.rate, 'burst': limits.burst if config.rate else None,
+                  'mode': config.mode, 'v6prefix': config.v6prefix, 'table': config.table}
+        slot = self.master.slot_of.get(service) if self.master is not None else None
+        if slot is None:
+            answer.update(entries=len(limits.table), top=limits.top())
+            return answer
+        totals = sorted(self.master.clients.totals(slot).items(), key=lambda item: -item[1][0])
+        answer.update(entries=service.client_entries,
+                      top=[[shared_key_text(*key), total[0]] for key, total in totals[:10] if total[0]])
+        return answer
+
+    def client_state(self, service, client_ip):
+        """Whether a client is over its service's <clients> limits now, and why (None: none)."""
+        limits = service.limits
+        if limits is None:
+            return None
+        key = limits.key(client_ip)
+        now = time.monotonic()
+        others = (0, 0.0)
+        slot = self.master.slot_of.get(service) if self.master is not None else None
+        if slot is not None:
+            open_, tat = self.master.clients.others(self.master.clients.where(slot * 256, key))
+            others = (open_, tat / 1e6)
+        open_, left, why = limits.state(key, now, others)
+        return {'key': client_key_text(key), 'open': open_, 'left': left, 'limited': why,
+                'mode': limits.config.mode, 'settings': limits.settings_text(),
+                'reason': limits.refusal_text(why) if why else None}
 
     def sni_snapshot(self):
         """Per listen address with sni: its names and the services they land on (most
@@ -7562,7 +8182,7 @@ class Actions(object):
             answer = {'service': None, 'group': None, 'client': client_ip, 'allowed': False,
                       'scheduler': None, 'host': None, 'address': None, 'reason': routing['sni_reason'],
                       'sticky': None, 'ranking': None, 'skipped': [], 'check': None, 'ramping': [], 'from_dns': {},
-                      'protocol': None, 'sessions': None}
+                      'protocol': None, 'sessions': None, 'clients': None}
         else:
             answer = self._explain_service(chosen, client_ip)
         answer.update(routing)
@@ -7636,6 +8256,7 @@ class Actions(object):
         # Which hosts came from DNS, and from which <discover>.
         answer['from_dns'] = dict((h.name, h.config.discovered) for h in scheduler.hosts
                                   if h.config.discovered is not None)
+        answer['clients'] = self.client_state(service, client_ip)
         if not allowed:
             answer['reason'] = 'denied by the allow/deny rules of service %s (would be: %s)' % (
                 service.name, answer['reason'])
@@ -8134,13 +8755,40 @@ class Director(Actions):
         pair.close(END_FULL)
 
     def route(self, pair):
-        """A client whose address is known: check the service's rules, then find it a host."""
-        acl = pair.service.config.acl
+        """A client whose address is known: check the service's rules and its
+        per-client limits, then find it a host."""
+        service = pair.service
+        acl = service.config.acl
         if acl and not acl_allows(acl, pair.client_ip):
-            pair.service.denied += 1
+            service.denied += 1
             pair.close(END_DENIED)
             return
+        limits = service.limits
+        if limits is not None:
+            ip = pair.client_ip
+            entry = limits.admit(ip if ':' not in ip else limits.key(ip), self.loop.now)   # client_key, inlined
+            if entry is None and self.client_limited(service, limits, pair):
+                return
+            pair.limit = entry
         pair.connect_next()
+
+    def client_limited(self, service, limits, pair):
+        """A client over its limits (limits.why): reset at once, before any backend is
+        asked (True), or in mode log let through (False).  Logged at most once a second
+        per service, saying how many refusals the line leaves out."""
+        logged = service.limited_logged
+        if self.loop.now - logged[0] < 1.0:
+            logged[1] += 1
+        else:
+            log.warning('service %s: client %s %s: %s%s', service.name, format_address(pair.client_ip, pair.client_port),
+                        'refused' if limits.enforce else 'would be refused (clients mode log)',
+                        limits.refusal_text(limits.why),
+                        ' (%d more since the last such line)' % logged[1] if logged[1] else '')
+            logged[:] = [self.loop.now, 0]
+        if not limits.enforce:
+            return False
+        pair.abort(END_LIMITED)
+        return True
 
     def no_host(self, pair):
         """The scheduler has no host for this client: queue it if every host is only full."""
@@ -8243,6 +8891,8 @@ class Director(Actions):
         self.pairs.discard(pair)
         service = pair.service
         service.open -= 1
+        if pair.limit is not None and service.limits is not None:
+            service.limits.release(pair.limit, self.loop.now)
         if service.queue and pair.host is not None:
             self._serve_queue(service)
         if self.worker_counts is not None:
@@ -8508,17 +9158,20 @@ class Counter(object):
     WorkerCounts, the object); None: code of its own writes it.  into: where
     the master puts the sum over every process, the attribute by that name
     or a function of (the object, the sum, the host's group); by default the
-    attribute value names, if it names one (else nowhere).
+    attribute value names, if it names one (else nowhere).  at_close: a
+    service's field written as each of its clients closes (WorkerCounts.closed),
+    not only at the next tick.
     """
 
-    __slots__ = ('kind', 'name', 'value', 'gauge', 'into')
+    __slots__ = ('kind', 'name', 'value', 'gauge', 'into', 'at_close')
 
-    def __init__(self, kind, name, value, gauge=False, into=None):
+    def __init__(self, kind, name, value, gauge=False, into=None, at_close=True):
         self.kind = kind
         self.name = name
         self.value = value
         self.gauge = gauge
         self.into = into if into is not None or not isinstance(value, str) else value
+        self.at_close = at_close
 
 
 def worker_open(counts, host):
@@ -8547,6 +9200,12 @@ COUNTERS = (
     Counter('service', 'failovers', 'failovers'),
     Counter('service', 'refused', 'refused'),
     Counter('service', 'denied', 'denied'),
+    # <clients>: at each tick, so that a service without them pays nothing as clients close.
+    Counter('service', 'limited', 'limited', at_close=False),           # refused
+    Counter('service', 'limited_dry', 'limited_dry', at_close=False),   # that mode log would have refused
+    Counter('service', 'client_evictions', 'client_evictions', at_close=False),
+    Counter('service', 'client_entries', lambda counts, service: len(service.limits.table)
+            if service.limits is not None else 0, gauge=True, into='client_entries', at_close=False),
     Counter('service', 'queued', lambda counts, service: len(service.queue), gauge=True, into='waiting'),
     # When the first client of this process's queue came (monotonic µs; 0: none): whose turn it is.
     Counter('service', 'head', lambda counts, service: queue_head(service), gauge=True),
@@ -8751,9 +9410,11 @@ class WorkerCounts(object):
     TICKS_FULL = 10     # every counter written every this many ticks (0.5 s)
     HEAD_FRESH = 0.5    # seconds: a worker silent for longer cannot serve its queue, so takes no turn
 
-    def __init__(self, director, counters):
+    def __init__(self, director, counters, clients=None):
         self.director = director
         self.counters = counters
+        self.clients = clients  # the ClientShare, where the services' ClientLimits write
+        self.attached = set()   # the ClientLimits written there
         self.slots = {}         # ('host', service, group, name) / ('service', name) / ('address', key) -> slot
         self.slot_of = {}       # running object -> slot
         self.own = {}           # running object -> the index of its line in this worker's row
@@ -8766,11 +9427,13 @@ class WorkerCounts(object):
         self.reading = None     # listener -> clients reading their hello, while a publish writes
         # kind -> [(place, a function giving its value from the running object)], as COUNTERS says.
         self.fields = collections.defaultdict(list)
+        self.service_fields = []    # those written as a client closes
         for row in COUNTERS:
             if row.value is not None:
                 get = operator.attrgetter(row.value) if isinstance(row.value, str) else row.value.__get__(self)
                 self.fields[row.kind].append((COUNTER_PLACE[row.kind, row.name], get))
-        self.service_fields = self.fields['service']
+                if row.kind == 'service' and row.at_close:
+                    self.service_fields.append((COUNTER_PLACE[row.kind, row.name], get))
         self.host_fields = self.fields['host']
         self.ticks = 0
         self.seen = None        # what the director had counted at the last tick
@@ -8812,6 +9475,7 @@ class WorkerCounts(object):
             if group is not None and (thing.maxconns or group.scheduler.reads_load):
                 self.aware.append(thing)
         self.counted_services = [s for s in self.director.services.values() if s in self.own]
+        self.attach_limits()
         for thing, slot in old.items():
             if self.slot_of.get(thing) != slot:
                 counters.zero(slot, row)      # no longer ours to count: the master may reuse it
@@ -8819,6 +9483,23 @@ class WorkerCounts(object):
                     self.set_others(thing, 0)
                     del self.others[thing]
         self.publish(list(self.slot_of))
+
+    def attach_limits(self):
+        """Each service's client limits write to the share under its slot (without one yet,
+        they count in this worker alone); limits gone with a reload leave it."""
+        share = self.clients
+        if share is None:
+            return
+        current = set()
+        for service in self.director.services.values():
+            limits = service.limits
+            if limits is not None:
+                slot = self.slot_of.get(service)
+                limits.attach(share if slot is not None else None, slot)
+                current.add(limits)
+        for limits in self.attached - current:
+            limits.detach()
+        self.attached = current
 
     def set_others(self, host, count):
         change = count - self.others.get(host, 0)
@@ -9046,8 +9727,8 @@ class Message(object):
 
 MESSAGES = dict((row.kind, row) for row in (
     # The first, read by run_worker before its loop runs: everything a worker starts from.
-    Message('config', DOWN, None, 'seq generation worker workers xml path listens counters slots hosts sticky '
-                                  'discovered'),
+    Message('config', DOWN, None, 'seq generation worker workers xml path listens counters clients slots hosts '
+                                  'sticky discovered'),
     Message('call', DOWN, 'on_call', 'method args kwargs slots', quiet=True),   # a replayed Actions method
     Message('host', DOWN, 'on_host', 'service group host state cause', quiet=True),
     Message('address', DOWN, 'on_address', 'service group host address'),
@@ -9356,7 +10037,9 @@ def run_worker(channel_fd, verbose=False):
     director.health.quiet = True
     director.listen_sockets = listen_sockets(first['listens'], ())
     fd, size = first['counters']
-    director.worker_counts = WorkerCounts(director, SharedCounters(fd, first['workers'] + 1, first['worker'] - 1, size))
+    clients_fd, lines = first['clients']
+    director.worker_counts = WorkerCounts(director, SharedCounters(fd, first['workers'] + 1, first['worker'] - 1, size),
+                                          ClientShare(clients_fd, first['workers'], first['worker'] - 1, lines))
     worker = Worker(director, sock, first, inbox, fds)
     director.discovery.restore(first['discovered'])     # the hosts from DNS, before their states
     apply_host_states(director, first['hosts'])
@@ -9457,6 +10140,7 @@ class Master(object):
             if isinstance(listener, DatagramListener):
                 listener.widen(count)       # OSError if it cannot: before anything else is made
         self.counters = SharedCounters.create(count + 1, max(256, 2 * len(counted_things(director.services.values()))))
+        self.clients = ClientShare.create(count)     # a row per worker, none of the master's
         self.assign()
         director.master = self
 
@@ -9496,7 +10180,7 @@ class Master(object):
         try:
             worker.proc = subprocess.Popen(
                 self.command + ['--worker', str(theirs.fileno())] + (['-v'] if self.verbose else []),
-                pass_fds=[theirs.fileno(), self.counters.fd] + listen_fds,
+                pass_fds=[theirs.fileno(), self.counters.fd, self.clients.fd] + listen_fds,
                 stdin=subprocess.DEVNULL, stdout=self.output, stderr=self.output, env=env)
         except OSError as e:
             ours.close()
@@ -9516,6 +10200,7 @@ class Master(object):
         self.send_to(worker, 'config', seq=self.seq, generation=self.generation, worker=worker.index,
                      workers=self.count, xml=self.director.running_xml(), path=self.director.config.path,
                      listens=listens, counters=[self.counters.fd, self.counters.size],
+                     clients=[self.clients.fd, self.clients.lines],
                      slots=self.slot_entries(self.slot_of), hosts=self.host_states(),
                      sticky=self.sticky_entries(), discovered=self.director.discovery.sets())
 
@@ -9602,6 +10287,7 @@ class Master(object):
             worker.timer = self.loop.call_later(0.01, self.reap, worker, deadline)
             return
         self.counters.fold(worker.index - 1, self.kind_of)
+        self.clients.clear_row(worker.index - 1)
         worker.proc = None
         self.let_go()
         if self.stopping:
@@ -9808,6 +10494,7 @@ class Master(object):
             entry[1].close()
         self.retired = []
         self.counters.close()
+        self.clients.close()
 
     # -- counters ---------------------------------------------------------------
 
@@ -9949,7 +10636,7 @@ def shown_attrs(element, skip=(), every=False):
     """An element's attributes in words for --check, as its table writes them:
     ['weight 3', 'interval 1.5s', ...]; those that differ from their defaults
     (every: each set one), but skip."""
-    return ['%s %s%s' % (row.name, text, 's' if isinstance(value, float) else '')
+    return ['%s %s%s' % (row.name, text, row.unit if row.unit is not None else 's' if isinstance(value, float) else '')
             for row, value, text in written_attrs(ELEMENT_ATTRS[element.TAG], vars(element), every)
             if row.name not in skip]
 
@@ -9972,6 +10659,8 @@ def summary(config):
             parts.append('check ' + ', '.join(shown_attrs(service.check, every=True)))
         if service.udp is not None:
             parts.append('udp ' + (', '.join(shown_attrs(service.udp, every=True))))
+        if service.clients:
+            parts.append('clients ' + ', '.join(shown_attrs(service.clients, every=True)))
         lines.append('service %s: %s' % (service.name, '; '.join(parts)))
         for group in service.groups:
             mark = ' (enabled)' if group.name == service.enabled else ''

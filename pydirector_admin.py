@@ -27,8 +27,10 @@ Reading (GET or HEAD):
                     access only
     /metrics        Prometheus text exposition format 0.0.4
     /explain?service=S&client=IP[&format=json]
-                    which host that client would get now and why, one fact
-                    per line (or the director's dict as JSON); changes nothing
+                    which host that client would get now and why, and
+                    whether the service's <clients> limits refuse it now,
+                    one fact per line (or the director's dict as JSON);
+                    changes nothing
     /explain?service=S&client=IP&sni=NAME, /explain?listen=ADDR&client=IP[&sni=NAME]
                     on a listen with sni: which service a hello naming NAME
                     (none: a hello without a name) lands on and why, then as above
@@ -1806,6 +1808,33 @@ def render_switch(switch, now):
     return '<p class="msg switch">%s%s.</p>' % (text, ': ' + '; '.join(parts) if parts else '')
 
 
+def clients_settings(clients):
+    """'maxconns 5, rate 20/s burst 40' of a <clients>."""
+    parts = []
+    if clients['maxconns']:
+        parts.append('maxconns %d' % clients['maxconns'])
+    if clients['rate']:
+        parts.append('rate %s/s burst %d' % (explain_number(clients['rate']), clients['burst']))
+    return ', '.join(parts)
+
+
+def render_clients(service):
+    """A service's per-client limits: settings, what they refused, the busiest clients."""
+    e = html.escape
+    c = service['clients']
+    dry = c['mode'] == 'log'
+    text = ('Per-client limits: %s per address (IPv6: per /%d)%s. %s %d; addresses tracked %d of %d; '
+            'evicted %d.' % (e(clients_settings(c)), c['v6prefix'], ' <strong>mode log: refusing nothing</strong>'
+                             if dry else '', 'Would have refused' if dry else 'Refused',
+                             service['limited_dry'] if dry else service['limited'], c['entries'], c['table'],
+                             service['client_evictions']))
+    out = ['<p>%s</p>' % text]
+    if c['top']:
+        out.append('<table><tr><th>client</th><th>open</th></tr>%s</table>' % ''.join(
+            '<tr><td>%s</td><td>%d</td></tr>' % (e(client), count) for client, count in c['top']))
+    return out
+
+
 def explain_form(service_name, sni=False):
     """A GET form to /explain: where would this client go now, and why (with a
     server name field for a service on a listen with sni)."""
@@ -1877,6 +1906,8 @@ def render_running(snapshot, user, can_change, msg=None, refresh=None):
             body.append('<p>%s</p>' % e(udp_text(service)))
         if service.get('switch'):
             body.append(render_switch(service['switch'], now))
+        if service.get('clients'):
+            body.extend(render_clients(service))
         body.append('<p>%s</p>' % explain_form(service['name'], any(l.get('sni') for l in listens)))
         for group in service['groups']:
             body.extend(render_group(service, group, now, can_change))
@@ -2043,6 +2074,16 @@ def render_explain(info):
         lines.append('skipped: %s (%s)%s' % (t(name), t(why), from_dns(info, name)))
     if not info.get('skipped'):
         lines.append('skipped: none')
+    clients = info.get('clients')
+    if clients:
+        lines.append('clients: %s, %d open%s (%s, mode %s)' % (
+            t(clients['key']), clients['open'], '' if clients['left'] is None else
+            ', %d new connection(s) allowed now' % clients['left'], t(clients['settings']), clients['mode']))
+        if clients['limited'] is None:
+            lines.append('limited: no')
+        else:
+            lines.append('limited: %s, %s' % ('yes' if clients['mode'] == 'enforce' else
+                                              'would be (mode log lets it through)', t(clients['reason'])))
     for name, effective, weight, left in info.get('ramping') or ():
         lines.append('slow start: %s at effective weight %s of %s, %s s left' % (
             t(name), explain_number(effective), weight, explain_number(round(left, 1))))
@@ -2093,6 +2134,15 @@ UDP_METRICS = [
     ('pydirector_service_udp_datagrams_out_total', 'counter', 'Datagrams to clients.', 'datagrams_out'),
     ('pydirector_service_udp_dropped_total', 'counter',
      'Datagrams not relayed: a full socket buffer, a client or host that cannot be reached.', 'dropped'),
+# Services with <clients> only.
+CLIENT_METRICS = [
+    ('pydirector_service_client_limited_total', 'counter',
+     'Clients refused by the per-client limits (<clients>), reset before any backend was asked.', 'limited'),
+    ('pydirector_service_client_limited_dry_run_total', 'counter',
+     'Clients <clients mode="log"> would have refused (and let through).', 'limited_dry'),
+    ('pydirector_service_client_evictions_total', 'counter',
+     'Client addresses evicted from the per-client table while full, their counts lost.', 'client_evictions'),
+    ('pydirector_service_client_addresses', 'gauge', 'Client addresses the per-client table tracks now.', None),
 ]
 
 # With worker processes: one sample per worker (label worker="N"); the totals above are their sums.
@@ -2194,6 +2244,13 @@ def render_metrics(snapshot):
         family(name, kind, help_text)
         for service in udp_services:
             out.append('%s%s %d' % (name, metric_labels([('service', service['name'])]), service['udp'][key]))
+    limited = [service for service in services if service.get('clients')]
+    for name, kind, help_text, key in CLIENT_METRICS:
+        if limited:
+            family(name, kind, help_text)
+        for service in limited:
+            out.append('%s%s %d' % (name, metric_labels([('service', service['name'])]),
+                                    service[key] if key else service['clients']['entries']))
     family('pydirector_group_enabled', 'gauge', '1 for the group that takes a service\'s new connections.')
     for service in services:
         for group in service['groups']:

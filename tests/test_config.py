@@ -673,7 +673,7 @@ BAD = [
     (HEAD + '<group name="main" scheduler="roundrobin">\n<hots ip="10.0.0.1:80"/>\n</group>\n' + TAIL,
      'x.xml:5: unknown element <hots> in <group> (expected: discover, host)'),
     (HEAD + '<grup name="main"/>\n' + TAIL,
-     'x.xml:4: unknown element <grup> in <service> (expected: allow, check, deny, enable, group, listen, timeouts, udp)'),
+     'x.xml:4: unknown element <grup> in <service> (expected: allow, check, clients, deny, enable, group, listen, timeouts, udp)'),
     (HEAD + '<group name="main" scheduler="roundrobin">\n<host ip="10.0.0.1:80"><x/></host>\n</group>\n' + TAIL,
      'x.xml:5: unknown element <x> in <host> (expected: none)'),
     ('<pdconfig>\n<service name="web">\n' + GROUP + TAIL, "x.xml:2: service 'web' has no <listen>"),

@@ -70,6 +70,7 @@ def full_config(listen=None, variant='tcp'):
             '    <enable%s/>\n' % attrs('enable', variant) +
             '    <check%s/>\n' % attrs('check', variant) +
             '    <timeouts%s/>\n' % attrs('timeouts', variant) +
+            '    <clients%s/>\n' % attrs('clients', variant) +
             ('    <udp%s/>\n' % attrs('udp', variant) if variant == 'udp' else '') +
             '  </service>\n' +
             '  <admin%s>\n' % attrs('admin', variant) +
@@ -155,7 +156,7 @@ class SchemaTest(unittest.TestCase):
             objects = {'pdconfig': config, 'service': service, 'listen': service.listens[0],
                        'group': service.groups[0], 'host': service.groups[0].hosts[0],
                        'discover': service.groups[0].discovers[0], 'check': service.check,
-                       'timeouts': service.timeouts, 'admin': config.admin, 'user': config.admin.users[0],
+                       'timeouts': service.timeouts, 'clients': service.clients, 'admin': config.admin, 'user': config.admin.users[0],
                        'logging': config.logging, 'udp': service.udp}
             for tag in tags(variant):
                 if tag in ('allow', 'deny', 'enable'):

@@ -1279,7 +1279,9 @@ class CounterTableTest(BalancerCase):
             ('host', 'open'): (lambda: (service.groups['main'].scheduler.set_open(host, 7),
                                         counts.others.__setitem__(host, 3)), 4),
             ('address', 'reading'): (lambda: director.hellos.add(reader), 1),
+            ('service', 'client_entries'): (lambda: [limits.admit(key, 0.0) for key in ('a', 'b', 'c')], 3),
         }
+        limits = service.limits = pydirector.ClientLimits(pydirector.Clients(maxconns=5), service)
         for i, kind in enumerate(pydirector.HELLO_PROBLEMS):
             computed['address', 'bad ' + kind] = (lambda kind=kind, i=i: listener.bad.__setitem__(kind, 50 + i), 50 + i)
         written = {}
