@@ -2134,6 +2134,8 @@ UDP_METRICS = [
     ('pydirector_service_udp_datagrams_out_total', 'counter', 'Datagrams to clients.', 'datagrams_out'),
     ('pydirector_service_udp_dropped_total', 'counter',
      'Datagrams not relayed: a full socket buffer, a client or host that cannot be reached.', 'dropped'),
+]
+
 # Services with <clients> only.
 CLIENT_METRICS = [
     ('pydirector_service_client_limited_total', 'counter',
