@@ -34,6 +34,8 @@ OTHER_USES = {
     'serving': "services_down's and the systemd watchdog's (Notifier)",
     'sni_snapshot': "snapshot's",
     'running_config': "running_xml's, Reload's and the workers' config",
+    'client_state': "explain's (whether <clients> would refuse the client now)",
+    'clients_snapshot': "snapshot's (the <clients> table's size and top clients)",
 }
 
 
