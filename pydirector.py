@@ -4661,6 +4661,7 @@ class Pair(object):
             return
         if tried:
             self.service.failovers += 1
+            host.retries += 1
         tried.append(host)
         self.host = host
         scheduler.connection_started(host)
@@ -4713,6 +4714,8 @@ class Pair(object):
         self._drop_backend()
         self.group.scheduler.connection_ended(host)
         host.total -= 1  # an attempt that never connected is not a served connection
+        if err not in LOCAL_CONNECT_ERRORS:
+            host.connect_errors += 1    # ours running out of ports or fds is not the host's error
         self.host = None
         if self.director.worker_counts is not None:
             # The close will not name this host: its line is brought up to date now.
@@ -6230,13 +6233,15 @@ class Manager(object):
         if self.stopped.is_set():
             return
         token, host, port, check, protocol = target
+        began = time.monotonic()
         try:
             ok, reason, address = probe(host, port, check.timeout, check.send, check.expect, check.status,
                                         check.port, protocol, check.dns)
         except Exception as e:  # a bug here must not kill probing for good
             log.exception('probe of %s:%s failed unexpectedly', host, port)
             ok, reason, address = False, 'probe error: %s' % e, None
-        self.director.loop.call_soon_threadsafe(self.director.health.result, token, ok, reason, address)
+        self.director.loop.call_soon_threadsafe(self.director.health.result, token, ok, reason, address,
+                                                time.monotonic() - began)
 
     def stop(self):
         # Probes out finish in their threads (each within its check's timeout); their
@@ -6963,9 +6968,9 @@ DARK_INTERVAL = 1.0      # seconds between probes of a group with no host up
 class ProbeState(object):
     """The health bookkeeping of one host."""
     __slots__ = ('service', 'group', 'host', 'next_due', 'in_flight', 'timeline', 'changes',
-                 'once', 'started', 'passed')
+                 'once', 'started', 'passed', 'last_check', 'downtime', 'down_since')
 
-    def __init__(self, service, group, host, next_due):
+    def __init__(self, service, group, host, next_due, now):
         self.service = service
         self.group = group
         self.host = host
@@ -6976,6 +6981,13 @@ class ProbeState(object):
         self.once = False         # probe it at its next due time even if up and unchecked
         self.started = 0          # the number (Health.probes) of the probe in flight
         self.passed = 0           # the number of the last probe that passed
+        self.last_check = None    # (epoch it ended, ok (None: not made), reason, seconds it took)
+        self.downtime = 0.0       # seconds down before down_since
+        self.down_since = now if host.health == schedulers.DOWN else None     # loop time
+
+    def down_for(self, now):
+        """Seconds the host has been down in all, while this state kept it."""
+        return self.downtime + (now - self.down_since if self.down_since is not None else 0.0)
 
 
 class Health(object):
@@ -7015,7 +7027,7 @@ class Health(object):
         due = now
         if spread and host.health == schedulers.UP and service.check is not None:
             due += self.spread.random() * service.check.interval
-        state = self.states[host] = ProbeState(service, group, host, due)
+        state = self.states[host] = ProbeState(service, group, host, due, now)
         self._schedule(state, due)
 
     def forget(self, host):
@@ -7086,12 +7098,13 @@ class Health(object):
             dark = seen[group] = not any(h.health == schedulers.UP for h in group.scheduler.hosts)
         return dark
 
-    def result(self, host, ok, reason, address):
-        """A probe's outcome, from the manager."""
+    def result(self, host, ok, reason, address, took=0.0):
+        """A probe's outcome, from the manager; took: the seconds it took."""
         state = self.states.get(host)
         if state is None:
             return  # the host was removed while the probe ran
         state.in_flight = False
+        state.last_check = (time.time(), ok, reason, took)
         if host.admin == schedulers.MAINT:
             return  # it went into maint while the probe ran: not probed, nor judged
         self._schedule(state, self.loop.now if state.once else max(state.next_due, self.loop.now))
@@ -7143,6 +7156,14 @@ class Health(object):
         host.probe_ok = host.probe_fail = 0
         probe_state = self.states.get(host)
         after = host_state(host)
+        if probe_state is not None:
+            now = self.loop.now
+            if host.health == schedulers.DOWN:
+                if probe_state.down_since is None:
+                    probe_state.down_since = now
+            elif probe_state.down_since is not None:
+                probe_state.downtime += now - probe_state.down_since
+                probe_state.down_since = None
         if probe_state is not None and after != before:
             probe_state.timeline.append((when, before, after, cause))
             probe_state.changes += 1
@@ -7173,6 +7194,205 @@ class Health(object):
             return [], 0
         return ([{'when': when, 'from': old, 'to': new, 'why': why} for when, old, new, why in state.timeline],
                 state.changes)
+
+    def checks(self, host):
+        """The host's last probe ({'when', 'ok', 'reason', 'took'}; None before the first)
+        and its time down in all, in seconds, for the pages."""
+        state = self.states.get(host)
+        if state is None:
+            return None, 0.0
+        last = state.last_check
+        if last is not None:
+            last = {'when': last[0], 'ok': last[1], 'reason': last[2], 'took': round(last[3], 6)}
+        return last, round(state.down_for(self.loop.now), 3)
+
+
+HISTORY_STEP = 5.0           # seconds between two samples of the history
+HISTORY_SAMPLES = 180        # samples kept per service and host: 15 minutes
+HISTORY_SERIES = ('connections', 'errors', 'open')
+
+
+class History(object):
+    """The last HISTORY_SAMPLES samples, one every HISTORY_STEP, of each service
+    and host: new connections and errors since the sample before, and the
+    connections open then.  A host's errors are its failed connects, a
+    service's those of its hosts plus the clients it refused.  In a master the
+    counts are its workers' sums (Master.read_counts), so the master's history
+    is the merge of theirs; workers keep none.
+
+    Memory is fixed per thing: the samples live in one array of C ints, thing
+    after thing (HISTORY_SAMPLES of each series, in HISTORY_SERIES order; a
+    ring, the same place newest for all), with the running totals and peaks
+    beside it, and a sample is a few strided slice assignments over every thing
+    at once: C loops, not a Python loop per host (but the one gathering the
+    counts).  The layout is made again only when the services or hosts change
+    (a reload, an addHost, discovery), copying each run of things kept in order
+    with one slice.  A snapshot copies each thing's block as it is (a memcpy);
+    expand_history makes the lists from it off the loop, in the admin's thread.
+    """
+
+    def __init__(self, director, step=None):
+        self.director = director
+        self.loop = director.loop
+        self.step = step or HISTORY_STEP
+        self.timer = None
+        self.things = []            # services and hosts, in the order of their blocks
+        self.index = {}             # thing -> its place in things
+        self.samples = array.array('i')
+        self.totals = array.array('q')      # each thing's connections then errors, at the last sample
+        self.peaks = array.array('d')       # the most new connections per second of any sample
+        self.times = array.array('d', bytes(8 * HISTORY_SAMPLES))     # epoch of each sample
+        self.last = -1              # the place of the newest sample
+        self.taken = 0              # samples taken so far
+        self.since = None           # epoch of the last sample (or of the start)
+        self.started = None         # epoch of the start
+
+    def start(self):
+        things, counts = self.gather()
+        self.layout(things, counts)
+        self.since = self.started = time.time()
+        self.timer = self.loop.call_later(self.step, self.tick)
+
+    def stop(self):
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def tick(self):
+        self.timer = self.loop.call_later(self.step, self.tick)
+        self.sample()
+
+    def gather(self):
+        """The services and their hosts, and [connections, errors, open] of each: lists."""
+        director = self.director
+        if director.master is not None:
+            director.master.read_counts()
+        things = []
+        connections, errors, opens = counts = [], [], []
+        for service in director.services.values():
+            hosts = []
+            for group in service.groups.values():
+                hosts += group.scheduler.hosts
+            failed = [h.connect_errors for h in hosts]
+            things.append(service)
+            connections.append(service.accepted)
+            errors.append(service.refused + sum(failed))
+            opens.append(service.open)
+            things += hosts
+            connections += [h.total for h in hosts]
+            errors += failed
+            opens += [h.open for h in hosts]
+        return things, counts
+
+    def layout(self, things, counts):
+        """Blocks for these things: a kept one's samples, totals and peak go along."""
+        size = HISTORY_SAMPLES * len(HISTORY_SERIES)
+        n = len(things)
+        before = len(self.things)
+        samples = array.array('i', bytes(4 * size * n))
+        totals = array.array('q', counts[0] + counts[1])
+        peaks = array.array('d', bytes(8 * n))
+        old = self.index
+        was = [old.get(thing, -1) for thing in things]
+        # memoryviews: each run is copied once, with no array made for it on the way.
+        into = (memoryview(samples), memoryview(totals), memoryview(peaks))
+        fro = (memoryview(self.samples), memoryview(self.totals), memoryview(self.peaks))
+        at = 0
+        while at < n:
+            first = was[at]
+            if first < 0:
+                at += 1
+                continue
+            end = at + 1
+            while end < n and was[end] == first + end - at:
+                end += 1
+            last = first + end - at
+            into[0][at * size:end * size] = fro[0][first * size:last * size]
+            into[1][at:end] = fro[1][first:last]
+            into[1][n + at:n + end] = fro[1][before + first:before + last]
+            into[2][at:end] = fro[2][first:last]
+            at = end
+        for view in into + fro:
+            view.release()
+        self.things = things
+        self.index = dict(zip(things, range(n)))
+        self.samples, self.totals, self.peaks = samples, totals, peaks
+
+    def sample(self):
+        things, (connections, errors, opens) = self.gather()
+        if things != self.things:
+            self.layout(things, [connections, errors])
+        now = time.time()
+        interval = max(now - self.since, 1e-3)
+        self.since = now
+        last = self.last = (self.last + 1) % HISTORY_SAMPLES
+        self.times[last] = now
+        self.taken += 1
+        totals = array.array('q', connections + errors)
+        change = array.array('i', map(operator.sub, totals, self.totals))
+        n = len(things)
+        size = HISTORY_SAMPLES * len(HISTORY_SERIES)
+        samples = self.samples
+        samples[last::size] = change[:n]
+        samples[HISTORY_SAMPLES + last::size] = change[n:]
+        samples[2 * HISTORY_SAMPLES + last::size] = array.array('i', opens)
+        self.totals = totals
+        self.peaks = array.array('d', map(max, self.peaks, map(operator.truediv, change[:n],
+                                                                 itertools.repeat(interval))))
+
+    def snapshot(self):
+        """The samples' times and the seconds each covers, oldest first, and where the
+        newest is in a block and how many there are (ring), for expand_history."""
+        count = min(self.taken, HISTORY_SAMPLES)
+        times = self.oldest_first(self.times, self.last, count).tolist()
+        first = self.started if self.taken == count else times[0] - self.step if times else None
+        return {'step': self.step, 'samples': HISTORY_SAMPLES, 'times': [round(t, 3) for t in times],
+                'intervals': [round(max(b - a, 1e-3), 3) for a, b in zip([first] + times, times)],
+                'ring': [self.last, count]}
+
+    @staticmethod
+    def oldest_first(ring, last, count):
+        """The last count values of a ring of HISTORY_SAMPLES whose newest is at last."""
+        return (ring[last + 1:] + ring[:last + 1])[HISTORY_SAMPLES - count:]
+
+    def rates(self, thing, series=True):
+        """A service's or host's new connections per second in the last sample, the most
+        of any sample since it was first counted, and (with series; else None) its block
+        of samples as it is (a copy), which expand_history reads."""
+        at = self.index.get(thing)
+        if at is None:
+            return 0.0, 0.0, None
+        size = HISTORY_SAMPLES * len(HISTORY_SERIES)
+        rate = peak = 0.0
+        if self.taken:
+            last = self.last
+            interval = self.since - (self.times[last - 1] if self.taken > 1 else self.started)
+            rate = round(max(0, self.samples[at * size + last]) / max(interval, 1e-3), 3)
+            peak = round(self.peaks[at], 3)
+        return rate, peak, self.samples[at * size:(at + 1) * size] if series else None
+
+
+def expand_history(snapshot):
+    """A snapshot's history as lists, off the loop (the admin's thread): each service's
+    and host's 'history' becomes {'connections': [...], 'errors': [...], 'open': [...]},
+    oldest first: the new connections and errors of each sample (divide by its
+    interval for a rate) and the connections open at its end.  Done once; a snapshot
+    taken without series keeps none."""
+    ring = snapshot['history'].pop('ring', None)
+    if ring is None:
+        return snapshot
+    last, count = ring
+    things = list(snapshot['services'])
+    for service in snapshot['services']:
+        for group in service['groups']:
+            things += group['hosts']
+    for thing in things:
+        block = thing.get('history')
+        if block is not None:
+            thing['history'] = dict(
+                (name, History.oldest_first(block[k * HISTORY_SAMPLES:(k + 1) * HISTORY_SAMPLES], last,
+                                            count).tolist()) for k, name in enumerate(HISTORY_SERIES))
+    return snapshot
 
 
 class Switch(object):
@@ -8024,19 +8244,28 @@ class Actions(object):
         """The config file as last loaded (at start or by the last reload)."""
         return self.loaded_xml
 
-    def snapshot(self):
+    def snapshot(self, series=True):
         """Everything the admin pages show, as plain dicts and lists (nothing live).
-        A master's counters are its workers' sums (Master.read_counts)."""
+        A master's counters are its workers' sums (Master.read_counts).  series: each
+        service's and host's samples too, as copies of the history's arrays, which
+        expand_history makes lists of (off the loop)."""
         if self.master is not None:
             self.master.read_counts()
+        else:
+            self.count_live()
         services = []
         health = self.health
+        history = self.history
         for service in self.services.values():
             groups = []
+            connect_errors = 0
             for group in service.groups.values():
                 hosts = []
                 for host in group.scheduler.hosts:
                     timeline, changes = health.timeline(host)
+                    last_check, downtime = health.checks(host)
+                    connect_errors += host.connect_errors
+                    rate, peak, samples = history.rates(host, series)
                     hosts.append({
                         'name': host.name, 'ip': host.ip, 'weight': host.weight, 'maxconns': host.maxconns,
                         'effective_weight': host.effective_weight, 'backup': host.backup,
@@ -8047,10 +8276,17 @@ class Actions(object):
                         'send_proxy': host.send_proxy, 'timeline': timeline,
                         'next_probe': health.next_probe(service, host), 'state_changes': changes,
                         'discovered': host.config.discovered,
+                        'connect_errors': host.connect_errors, 'retries': host.retries,
+                        'live_bytes_in': host.live_in, 'live_bytes_out': host.live_out,
+                        'last_check': last_check, 'downtime': downtime,
+                        'rate': rate, 'rate_peak': peak, 'history': samples,
                     })
                 groups.append({'name': group.name, 'scheduler': group.scheduler.spec,
                                'enabled': group is service.enabled, 'hosts': hosts,
                                'discover': self.discovery.snapshot(service, group)})
+            enabled = [host_state(h) for h in service.enabled.scheduler.hosts]
+            up = enabled.count('up')
+            rate, peak, samples = history.rates(service, series)
             services.append({
                 'name': service.name, 'listen': [l.text for l in service.config.listens],
                 'listens': [{'ip': l.text, 'sni': l.sni, 'accept_proxy': l.accept_proxy}
@@ -8065,10 +8301,15 @@ class Actions(object):
                 'udp': service.udp.snapshot() if service.udp is not None else None,
                 'limited': service.limited, 'limited_dry': service.limited_dry,
                 'client_evictions': service.client_evictions, 'clients': self.clients_snapshot(service),
+                'connect_errors': connect_errors, 'errors': connect_errors + service.refused,
+                # Of the enabled group: the hosts that take its clients.
+                'hosts_up': up, 'hosts_total': len(enabled),
+                'state': 'up' if up == len(enabled) and up else 'down' if not up else 'degraded',
+                'rate': rate, 'rate_peak': peak, 'history': samples,
             })
         return {
             'version': VERSION, 'hostname': socket.gethostname(), 'pid': os.getpid(),
-            'started': self.started, 'now': time.time(), 'services': services,
+            'started': self.started, 'now': time.time(), 'services': services, 'history': history.snapshot(),
             'config_path': self.config.path, 'reloaded': self.reloaded, 'reload': dict(self.last_reload),
             'users': [{'name': u.name, 'access': u.access} for u in self.users.values()],
             'sni': self.sni_snapshot(),
@@ -8320,6 +8561,8 @@ class Director(Actions):
         self.pairs = set()
         self.hellos = set()       # TLSHelloReaders: clients of listens with sni, before their service
         self.health = Health(self)
+        self.history = History(self)    # started by start(): a worker keeps none, its master does
+        self.live_hosts = {}            # hosts with open connections at the last count_live
         self.discovery = Discovery(self)
         self.access = AccessLog(self.loop)
         self.access.enabled = config.logging.access
@@ -8478,6 +8721,7 @@ class Director(Actions):
         self.bind()
         self.manager = Manager(self)
         self.manager.start()
+        self.history.start()
         for service in self.services.values():
             log.info('service %s listening on %s, group %s enabled',
                      service.name, ', '.join(l.text for l in service.listeners), service.enabled.name)
@@ -8887,6 +9131,29 @@ class Director(Actions):
             pair.abort(END_HOST_DOWN)
         self.end_sessions(lambda session: session.host is host, END_HOST_DOWN)
 
+    def count_live(self):
+        """Set each host's live_in and live_out: what its open connections have relayed
+        so far (bytes_in and bytes_out count a connection once it closes).  Added up
+        when they are read, a page or a worker's publish, so a read costs nothing
+        more.  Returns the hosts whose counts it set."""
+        live = {}
+        for pair in self.pairs:
+            host = pair.host
+            if host is not None:
+                counts = live.get(host)
+                if counts is None:
+                    live[host] = [pair.bytes_in, pair.bytes_out]
+                else:
+                    counts[0] += pair.bytes_in
+                    counts[1] += pair.bytes_out
+        gone = [host for host in self.live_hosts if host not in live]
+        for host in gone:
+            host.live_in = host.live_out = 0
+        for host, (sent, received) in live.items():
+            host.live_in, host.live_out = sent, received
+        self.live_hosts = live
+        return gone + list(live)
+
     def pair_closed(self, pair, how):
         self.pairs.discard(pair)
         service = pair.service
@@ -9219,6 +9486,11 @@ COUNTERS = (
     Counter('host', 'total', 'total'),
     Counter('host', 'bytes_in', 'bytes_in'),
     Counter('host', 'bytes_out', 'bytes_out'),
+    Counter('host', 'connect_errors', 'connect_errors'),
+    Counter('host', 'retries', 'retries'),
+    # The bytes of its open connections so far, as Director.count_live last added them up.
+    Counter('host', 'live_in', 'live_in', gauge=True),
+    Counter('host', 'live_out', 'live_out', gauge=True),
     Counter('address', 'reading', hellos_reading, gauge=True, into='reading_elsewhere'),
     Counter('address', 'unmatched', 'unmatched'),
 ) + tuple(Counter('address', 'bad ' + kind, lambda counts, listener, kind=kind: listener.bad.get(kind, 0),
@@ -9399,7 +9671,8 @@ class WorkerCounts(object):
     once, the open count of every host whose load matters elsewhere (a host
     with maxconns, a host of a group whose scheduler reads_load: leastconns)
     each tick while connections come and go, and everything else every
-    TICKS_FULL ticks.  In a worker, a
+    TICKS_FULL ticks, the bytes of the open connections too
+    (Director.count_live).  In a worker, a
     Host's `open` counts every worker's connections to it: its own, kept
     exactly, plus the others' as last read (others[host]), re-read each tick
     for the hosts whose load matters, so the scheduler sees the whole load.
@@ -9663,9 +9936,13 @@ class WorkerCounts(object):
             self.seen = now
             self.publish_open(self.aware)
             self.publish(self.counted_services)
-        if self.ticks % self.TICKS_FULL == 0 and now != self.seen_full:
-            self.seen_full = now
-            self.publish(list(self.slot_of))
+        if self.ticks % self.TICKS_FULL == 0:
+            live = director.count_live()    # bytes move with no client coming or going
+            if now != self.seen_full:
+                self.seen_full = now
+                self.publish(list(self.slot_of))
+            elif live:
+                self.publish(live)
         if self.aware:
             view = self.counters.view
             for host in self.aware:
@@ -9679,6 +9956,7 @@ class WorkerCounts(object):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        self.director.count_live()
         self.publish(list(self.slot_of))
         self.counters.view[self.process_line + LOG_DROPPED] = log_output.dropped
 
@@ -10011,8 +10289,9 @@ def apply_host_states(director, states):
 
 
 def run_worker(channel_fd, verbose=False):
-    """`pydirector.py --worker FD`, as the master spawns it: FD is this worker's end
-    of its channel; the first message says the rest.  Returns the exit status."""
+    """`pydirector.py --worker N --channel FD`, as the master spawns worker N (the
+    number is for ps; the first message says it too): FD is its end of its channel;
+    the first message says the rest.  Returns the exit status."""
     try:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, channel_fd)
         first, inbox, fds = Channel.receive(sock, WORKER_FIRST_MESSAGE)
@@ -10179,7 +10458,9 @@ class Master(object):
                    if k not in ('NOTIFY_SOCKET', 'WATCHDOG_USEC', 'WATCHDOG_PID', 'LISTEN_FDS', 'LISTEN_PID'))
         try:
             worker.proc = subprocess.Popen(
-                self.command + ['--worker', str(theirs.fileno())] + (['-v'] if self.verbose else []),
+                # ps shows which worker it is: the number its log lines and /running give.
+                self.command + ['--worker', str(worker.index), '--channel', str(theirs.fileno())] +
+                (['-v'] if self.verbose else []),
                 pass_fds=[theirs.fileno(), self.counters.fd, self.clients.fd] + listen_fds,
                 stdin=subprocess.DEVNULL, stdout=self.output, stderr=self.output, env=env)
         except OSError as e:
@@ -10777,13 +11058,17 @@ def parse_args(argv):
     parser.add_argument('--group', help='and to this group (default: the user\'s own)')
     parser.add_argument('--workers', type=workers_option, metavar='N|auto',
                         help='a master and N worker processes (auto: one per CPU); overrides <pdconfig workers=>')
-    parser.add_argument('--worker', type=int, metavar='FD', help=argparse.SUPPRESS)    # how the master starts one
+    # How the master starts a worker: its number, and the fd of its end of the channel.
+    parser.add_argument('--worker', type=int, metavar='N', help=argparse.SUPPRESS)
+    parser.add_argument('--channel', type=int, metavar='FD', help=argparse.SUPPRESS)
     parser.add_argument('-v', '--verbose', action='store_true', help='log debug detail')
     parser.add_argument('--version', action='version', version='pydirector ' + VERSION)
     args = parser.parse_args(argv)
     if args.config and args.config_file and args.config != args.config_file:
         parser.error('give the config once: -c FILE or FILE')
     args.config = args.config or args.config_file
+    if (args.worker is None) != (args.channel is None):
+        parser.error('--worker N goes with --channel FD')
     if not args.config and not args.hash_password and args.worker is None:
         parser.error('a config file is needed: -c FILE')
     return args
@@ -10792,7 +11077,7 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.worker is not None:
-        return run_worker(args.worker, args.verbose)
+        return run_worker(args.channel, args.verbose)
     if args.hash_password:
         print(hash_password(read_password()))
         return 0

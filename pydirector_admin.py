@@ -15,12 +15,15 @@ director.loop.call().  A loop that does not answer in time gives 503.
 
 Reading (GET or HEAD):
     /               index: version, host name, start time, links
-    /running        the HTML status page with a form for every change, each
-                    host's recent state changes and next probe, a pending
-                    group switch (?refresh=N reloads it every N seconds;
-                    ?msg= shows a result)
+    /running        the HTML status page: a summary row per service, then
+                    each service's groups and hosts with their counts, last
+                    probe, downtime and recent state changes, the last 15
+                    minutes drawn as sparklines, a pending group switch and
+                    a form for every change (?refresh=N reloads it every N
+                    seconds; ?msg= shows a result)
     /running.txt    text for scripts, one record per line (see render_running_txt)
-    /running.json   everything on /running as JSON
+    /running.json   everything on /running as JSON, the history's series too
+    /running.csv    one line per host, after a header line (see render_running_csv)
     /running.xml    the running configuration; pydirector.py -c accepts it
     /config.xml     the configuration file as last loaded (at start, or by the
                     last reload); both XML pages hold password hashes: full
@@ -170,6 +173,7 @@ import argparse
 import base64
 import binascii
 import collections
+import csv
 import email.utils
 import hashlib
 import html
@@ -190,7 +194,7 @@ from xml.etree import ElementTree
 
 import pydirector
 from pydirector import (AdminError, attribute_changes, LoopTimeout, VERSION, EVENT_READ, EVENT_WRITE, check_password, escape_text,
-                        format_address, hash_password, has_control_chars)
+                        expand_history, format_address, hash_password, has_control_chars)
 
 log = logging.getLogger('pydirector.admin')
 
@@ -227,6 +231,7 @@ PAGES = {
     '/running': ('page_running', False),
     '/running.txt': ('page_running_txt', False),
     '/running.json': ('page_running_json', False),
+    '/running.csv': ('page_running_csv', False),
     '/running.xml': ('page_running_xml', True),
     '/config.xml': ('page_config_xml', True),
     '/metrics': ('page_metrics', False),
@@ -1418,7 +1423,8 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
     def send_html(self, page):
         self.send(200, page, 'text/html; charset=utf-8', [
             ('Content-Security-Policy',
-             "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'"),
+             "default-src 'none'; style-src 'unsafe-inline'; script-src '%s'; form-action 'self'; "
+             "frame-ancestors 'none'" % SCRIPT_HASH),
             ('X-Frame-Options', 'DENY'),
             ('Referrer-Policy', 'same-origin'),
         ])
@@ -1453,7 +1459,7 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
 
     def page_index(self, params, user, access):
         take(params)
-        self.send_html(render_index(self.call(self.server.director.snapshot), user, access))
+        self.send_html(render_index(self.call(self.server.director.snapshot, series=False), user, access))
 
     def page_running(self, params, user, access):
         params = take(params, optional=('msg', 'refresh'))
@@ -1467,13 +1473,18 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
 
     def page_running_txt(self, params, user, access):
         take(params)
-        self.send(200, render_running_txt(self.call(self.server.director.snapshot)),
+        self.send(200, render_running_txt(self.call(self.server.director.snapshot, series=False)),
                   'text/plain; charset=utf-8')
 
     def page_running_json(self, params, user, access):
         take(params)
-        snapshot = self.call(self.server.director.snapshot)
+        snapshot = expand_history(self.call(self.server.director.snapshot))
         self.send(200, json.dumps(snapshot, indent=1, sort_keys=True) + '\n', 'application/json')
+
+    def page_running_csv(self, params, user, access):
+        take(params)
+        self.send(200, render_running_csv(self.call(self.server.director.snapshot, series=False)),
+                  'text/csv; charset=utf-8', [('Content-Disposition', 'inline; filename="running.csv"')])
 
     def page_running_xml(self, params, user, access):
         take(params)
@@ -1487,7 +1498,7 @@ class AdminHandler(http.server.BaseHTTPRequestHandler):
 
     def page_metrics(self, params, user, access):
         take(params)
-        self.send(200, render_metrics(self.call(self.server.director.snapshot)),
+        self.send(200, render_metrics(self.call(self.server.director.snapshot, series=False)),
                   'text/plain; version=0.0.4; charset=utf-8')
 
     def page_healthz(self, params, user, access):
@@ -1578,10 +1589,17 @@ def duration(seconds):
 
 STYLE = """
 body { font-family: sans-serif; margin: 1em 2em; color: #222; }
+tr.row-up { background: #eef8ee; } tr.row-degraded, tr.row-draining { background: #fff4dc; }
+tr.row-down { background: #fce8e8; } tr.row-maint { background: #eeeeee; }
+tr.row-down td, tr.row-degraded td { border-color: #bbb; }
+table.summary td a { font-weight: bold; }
+.degraded { color: #a60; } .spark { vertical-align: middle; }
+.key { display: inline-block; width: 1.2em; height: 0.25em; vertical-align: middle; }
+td.actions, td.checks { white-space: nowrap; } table.hosts td:nth-child(3) { min-width: 10em; }
 h1 { font-size: 1.4em; } h2 { font-size: 1.2em; margin-top: 1.5em; } h3 { font-size: 1.05em; }
 table { border-collapse: collapse; margin: 0.4em 0; }
 th, td { border: 1px solid #ccc; padding: 0.2em 0.5em; text-align: left; vertical-align: top; }
-td.n { text-align: right; font-variant-numeric: tabular-nums; }
+td.n { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 form.inline { display: inline; margin: 0; }
 .msg { padding: 0.4em 0.8em; border: 1px solid; }
 .ok { background: #e8f6e8; border-color: #7c7; }
@@ -1594,21 +1612,142 @@ ol.timeline { margin: 0.2em 0; padding-left: 1.2em; font-size: 0.9em; }
 """
 
 
+# The pages' one script: it asks before a form with data-confirm (a delete) is
+# sent.  Without it, or without JavaScript, the forms work as they did.  Its hash
+# is in the pages' Content-Security-Policy, which lets no other script run.
+CONFIRM_SCRIPT = ("document.addEventListener('submit', function (event) {"
+                  " var question = event.target.getAttribute('data-confirm');"
+                  " if (question && !window.confirm(question)) { event.preventDefault(); } });")
+SCRIPT_HASH = 'sha256-' + base64.b64encode(hashlib.sha256(CONFIRM_SCRIPT.encode()).digest()).decode()
+
+
 def page(title, body, refresh_url=None, refresh=None):
     head = ['<!DOCTYPE html>', '<html lang="en"><head><meta charset="utf-8">',
             '<title>%s</title>' % html.escape(title)]
     if refresh:
         head.append('<meta http-equiv="refresh" content="%d; url=%s">' % (refresh, html.escape(refresh_url)))
     head.append('<style>%s</style></head><body>' % STYLE)
-    return '\n'.join(head + body + ['</body></html>', ''])
+    return '\n'.join(head + body + ['<script>%s</script>' % CONFIRM_SCRIPT, '</body></html>', ''])
 
 
-def form(action, fields, button, inputs=''):
-    """A POST form to a change endpoint: hidden fields, optional visible inputs, one button."""
+def form(action, fields, button, inputs='', confirm=None):
+    """A POST form to a change endpoint: hidden fields, optional visible inputs, one
+    button; confirm: the question the browser asks before sending it."""
     hidden = ''.join('<input type="hidden" name="%s" value="%s">' % (html.escape(k), html.escape(str(v)))
                      for k, v in fields)
-    return '<form class="inline" method="post" action="/%s">%s%s<button type="submit">%s</button></form>' % (
-        action, hidden, inputs, html.escape(button))
+    ask = ' data-confirm="%s"' % html.escape(confirm) if confirm else ''
+    return '<form class="inline" method="post" action="/%s"%s>%s%s<button type="submit">%s</button></form>' % (
+        action, ask, hidden, inputs, html.escape(button))
+
+
+def scheduler_select(current):
+    """The scheduler a group may have: a <select> of every one, with and without sticky."""
+    specs = [name + modifier for name in sorted(pydirector.schedulers.SCHEDULERS) for modifier in ('', ',sticky')]
+    if current not in specs:
+        specs.insert(0, current)
+    return '<select name="scheduler" aria-label="scheduler">%s</select> ' % ''.join(
+        '<option%s>%s</option>' % (' selected' if spec == current else '', html.escape(spec)) for spec in specs)
+
+
+def service_anchor(name):
+    """The id of a service's section (its link is '#' and this, percent-encoded)."""
+    return 'service-' + name
+
+
+def rate_html(thing):
+    """The rate, its peak below it."""
+    return '%s<br><span class="note">peak %s</span>' % (number(thing.get('rate', 0.0)),
+                                                        number(thing.get('rate_peak', 0.0)))
+
+
+def rate_text(thing):
+    """'12.4 (peak 80.2)': new connections per second in the last sample, and the most."""
+    return '%s (peak %s)' % (number(thing.get('rate', 0.0)), number(thing.get('rate_peak', 0.0)))
+
+
+def number(value):
+    """A rate for a person: whole from 100 up, else at most two decimals."""
+    if value >= 100:
+        return '%d' % round(value)
+    return ('%.2f' % value).rstrip('0').rstrip('.') if value else '0'
+
+
+SPARK_WIDTH, SPARK_HEIGHT = 144, 28
+
+
+def sparkline(thing, history):
+    """The last 15 minutes of a service or host as an inline SVG, drawn here, no script:
+    open connections as a grey area (on their own scale), new connections/s in blue
+    and errors/s in red (on one scale).  history: the snapshot's (its samples' intervals
+    make the counts rates); the drawing is as wide as the samples it keeps, the newest
+    at the right edge."""
+    samples = history['samples']
+    series = thing.get('history') or {}
+    opens = series.get('open') or []
+    count = len(opens)
+    if not count:
+        return '<span class="note">no samples yet</span>'
+    intervals = history['intervals'][-count:]
+    connections, errors = ([max(0, n) / t for n, t in zip(series[name], intervals)]
+                           for name in ('connections', 'errors'))
+    width, height = SPARK_WIDTH, SPARK_HEIGHT
+    top = height - 2.0
+
+    def x(i):
+        return round(width * (samples - count + i) / max(samples - 1, 1), 1)
+
+    def points(values, most):
+        scale = top / most if most else 0.0
+        found = ['%s,%s' % (x(i), round(height - 1 - v * scale, 1)) for i, v in enumerate(values)]
+        if len(found) == 1:     # one sample: a dot's worth of line
+            found.insert(0, '%s,%s' % (max(0.0, x(0) - 2), found[0].split(',')[1]))
+        return ' '.join(found)
+
+    rate_most = max(max(connections), max(errors))
+    open_most = max(opens)
+    title = 'last %d min: up to %s new connections/s, %s errors/s, %d open' % (
+        round(samples * history['step'] / 60.0), number(max(connections)), number(max(errors)), open_most)
+    shapes = ['<polygon fill="#e4e4e4" points="%s,%d %s %s,%d"/>' % (
+        x(0), height, points(opens, open_most), x(count - 1), height)]
+    shapes.append('<polyline fill="none" stroke="#1f5fbf" stroke-width="1.5" points="%s"/>'
+                  % points(connections, rate_most))
+    if max(errors) > 0:
+        shapes.append('<polyline fill="none" stroke="#c00" stroke-width="1.5" points="%s"/>'
+                      % points(errors, rate_most))
+    return ('<svg class="spark" xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" viewBox="0 0 %d %d" '
+            'role="img" aria-label="%s"><title>%s</title><rect width="%d" height="%d" fill="#fafafa" '
+            'stroke="#ddd"/>%s</svg>' % (width, height, width, height, html.escape(title), html.escape(title),
+                                       width, height, ''.join(shapes)))
+
+
+def spark_key(history):
+    """What the sparklines draw, said once."""
+    minutes = round(history['samples'] * history['step'] / 60.0)
+    return ('<p class="note">Sparklines: the last %d minutes, a sample every %g s: '
+            '<span class="key" style="background:#1f5fbf"></span> new connections/s, '
+            '<span class="key" style="background:#c00"></span> errors/s (failed connects, refused clients), '
+            '<span class="key" style="background:#ccc;height:0.8em"></span> open connections.</p>'
+            % (minutes, history['step']))
+
+
+def render_summary(snapshot):
+    """One row per service: its state, coloured, and its numbers at a glance; each links to its section."""
+    e = html.escape
+    history = snapshot['history']
+    out = ['<table class="summary"><tr><th>service</th><th>state</th><th>hosts up</th><th>connections/s</th>'
+           '<th>open</th><th>errors</th><th>queue</th><th>last 15 min</th></tr>']
+    for service in snapshot['services']:
+        state = service.get('state', 'up')
+        out.append('<tr class="row-%s"><td><a href="#%s">%s</a></td><td class="%s">%s</td><td class="n">%d/%d</td>'
+                   '<td class="n">%s</td><td class="n">%d</td><td class="n">%d</td><td class="n">%d</td>'
+                   '<td>%s</td></tr>' % (
+                       e(state), e(urllib.parse.quote(service_anchor(service['name']))), e(service['name']),
+                       e(state), e(state), service.get('hosts_up', 0), service.get('hosts_total', 0),
+                       e(rate_text(service)), service['open'], service.get('errors', 0), service['queued'],
+                       sparkline(service, history)))
+    out.append('</table>')
+    out.append(spark_key(snapshot['history']))
+    return out
 
 
 def render_index(snapshot, user, access):
@@ -1616,6 +1755,7 @@ def render_index(snapshot, user, access):
     s = snapshot
     links = [('/running', 'status page'), ('/running?refresh=5', 'status page, refreshing every 5 s'),
              ('/running.txt', 'running.txt (for scripts)'), ('/running.json', 'running.json'),
+             ('/running.csv', 'running.csv (a line per host, for spreadsheets)'),
              ('/running.xml', 'running.xml (the running config; full access)'),
              ('/config.xml', 'config.xml (the config as loaded; full access)'),
              ('/metrics', 'metrics (Prometheus)')]
@@ -1653,10 +1793,18 @@ def render_checks(host, now):
     """The health column: when the next probe runs, and the last state changes, folded."""
     e = html.escape
     out = []
+    last = host.get('last_check')
+    if last is not None:
+        verdict = 'ok' if last['ok'] else 'not made' if last['ok'] is None else 'failed'
+        out.append('<span class="%s">probe %s</span>, %s ms, %s ago%s<br>' % (
+            'up' if last['ok'] else 'down', verdict, e('%.1f' % (last['took'] * 1000)),
+            e(duration(now - last['when'])), '' if last['ok'] else ':<br>' + e(str(last['reason']))))
     if host['next_probe'] is not None:
         out.append('next probe in %s' % e(duration(host['next_probe'] - now)))
     else:
         out.append('<span class="note">no probe planned</span>')
+    if host.get('downtime'):
+        out.append('<br>down %s in all' % e(duration(host['downtime'])))
     timeline = host['timeline']
     if timeline:
         items = ''.join('<li>%s %s&rarr;%s: %s</li>' % (
@@ -1666,10 +1814,10 @@ def render_checks(host, now):
             len(timeline), '' if len(timeline) == 1 else 's', e(duration(now - timeline[-1]['when'])), items))
     else:
         out.append('<br><span class="note">no state changes</span>')
-    return '<td>%s</td>' % (''.join(out) or '-')
+    return '<td class="checks">%s</td>' % (''.join(out) or '-')
 
 
-def render_group(service, group, now, can_change):
+def render_group(service, group, now, can_change, history):
     e = html.escape
     sg = [('service', service['name']), ('group', group['name'])]
     mark = ' <span class="enabled">(enabled)</span>' if group['enabled'] else ' (inactive)'
@@ -1682,15 +1830,16 @@ def render_group(service, group, now, can_change):
                                 'aria-label="close connections on the old group after (seconds)"> '
                                 '<input name="rollback" placeholder="rollback s" size="9" '
                                 'aria-label="switch back unless a host is up within (seconds)"> '))
-        actions.append(form('changeScheduler', sg, 'change scheduler',
-                            '<input name="scheduler" value="%s" size="18" aria-label="scheduler"> '
-                            % e(group['scheduler'])))
+        actions.append(form('changeScheduler', sg, 'change scheduler', scheduler_select(group['scheduler'])))
         if not group['enabled']:
-            actions.append(form('delAllHosts', sg, 'delete all hosts'))
-            actions.append(form('delGroup', sg, 'delete group'))
+            where = '%s/%s' % (service['name'], group['name'])
+            actions.append(form('delAllHosts', sg, 'delete all hosts',
+                                confirm='Delete every host of group %s?' % where))
+            actions.append(form('delGroup', sg, 'delete group', confirm='Delete group %s?' % where))
         out.append('<p>%s</p>' % ' '.join(actions))
-    out.append('<table><tr><th>host</th><th>address</th><th>state</th><th>open</th><th>total</th>'
-               '<th>weight</th><th>max conns</th><th>bytes in</th><th>bytes out</th><th>health checks</th>%s</tr>'
+    out.append('<table class="hosts"><tr><th>host</th><th>address</th><th>state</th><th>open</th><th>conn/s</th>'
+               '<th>total</th><th>connect errors</th><th>retries</th><th>bytes in</th><th>bytes out</th>'
+               '<th>weight</th><th>max conns</th><th>health checks</th><th>last 15 min</th>%s</tr>'
                % ('<th>actions</th>' if can_change else ''))
     for host in group['hosts']:
         address = e(host['ip'])
@@ -1704,10 +1853,14 @@ def render_group(service, group, now, can_change):
         weight = str(host['weight'])
         if host.get('effective_weight', host['weight']) != host['weight']:
             weight += ' (slow start: %s)' % explain_number(host['effective_weight'])
-        numbers = [host['open'], host['total'], weight, host['maxconns'] or '-',
-                   host['bytes_in'], host['bytes_out']]
+        # The bytes of open connections too: a long one counts before it closes.
+        numbers = [host['open'], rate_text(host), host['total'], host.get('connect_errors', 0),
+                   host.get('retries', 0), host['bytes_in'] + host.get('live_bytes_in', 0),
+                   host['bytes_out'] + host.get('live_bytes_out', 0), weight, host['maxconns'] or '-']
         cells.extend('<td class="n">%s</td>' % e(str(n)) for n in numbers)
+        cells[4] = '<td class="n">%s</td>' % rate_html(host)
         cells.append(render_checks(host, now))
+        cells.append('<td>%s</td>' % sparkline(host, history))
         if can_change:
             sgh = sg + [('name', host['name'])]
             actions = []
@@ -1717,15 +1870,17 @@ def render_group(service, group, now, can_change):
                 actions.append(form('hostAdminUp', sgh, 'enable'))
             if host['admin'] != 'maint':
                 actions.append(form('setHost', sgh + [('state', 'maint')], 'maint'))
-            actions.append(form('setHost', sgh, 'set weight',
-                                '<input name="weight" value="%s" size="5" aria-label="weight"> ' % host['weight']))
             if host['health'] == 'down':
                 actions.append(form('retryHost', sgh, 'retry now'))
-            actions.append(form('delHost', sgh, 'delete'))
-            cells.append('<td>%s</td>' % ' '.join(actions))
-        out.append('<tr>%s</tr>' % ''.join(cells))
+            actions.append('<br>' + form('setHost', sgh, 'set weight',
+                                         '<input name="weight" value="%s" size="3" aria-label="weight"> '
+                                         % host['weight']))
+            actions.append(form('delHost', sgh, 'delete', confirm='Delete host %s from %s/%s?' % (
+                host['name'], service['name'], group['name'])))
+            cells.append('<td class="actions">%s</td>' % ' '.join(actions))
+        out.append('<tr class="row-%s">%s</tr>' % (e(host['state']), ''.join(cells)))
     if not group['hosts']:
-        out.append('<tr><td colspan="%d" class="note">no hosts</td></tr>' % (11 if can_change else 10))
+        out.append('<tr><td colspan="%d" class="note">no hosts</td></tr>' % (15 if can_change else 14))
     out.append('</table>')
     if group.get('discover'):
         out.extend(render_discover(group['discover'], now))
@@ -1879,7 +2034,7 @@ def render_sni(entries):
 
 def render_running(snapshot, user, can_change, msg=None, refresh=None):
     e = html.escape
-    s = snapshot
+    s = expand_history(snapshot)
     now = s['now']
     refresh_links = ' '.join('<a href="/running?refresh=%d">%d s</a>' % (n, n) for n in (2, 5, 30))
     body = [
@@ -1893,7 +2048,10 @@ def render_running(snapshot, user, can_change, msg=None, refresh=None):
     body.append(render_reload(s))
     if not can_change:
         body.append('<p class="note">User %s has read-only access.</p>' % e(user))
+    body.extend(render_summary(s))
+    history = s['history']
     for service in s['services']:
+        body.append('<section id="%s">' % e(service_anchor(service['name'])))
         body.append('<h2>Service %s</h2>' % e(service['name']))
         listens = service.get('listens') or [{'ip': text} for text in service['listen']]
         body.append('<p>Listening on %s%s; enabled group <span class="enabled">%s</span>. '
@@ -1902,6 +2060,8 @@ def render_running(snapshot, user, can_change, msg=None, refresh=None):
                         ' (UDP)' if service.get('udp') else '', e(service['enabled']),
                         service['accepted'], service['failovers'], service['refused'],
                         e(service_counts(service))))
+        body.append('<p>Connections/s %s, errors %d. %s</p>' % (
+            e(rate_text(service)), service.get('errors', 0), sparkline(service, history)))
         if service.get('udp'):
             body.append('<p>%s</p>' % e(udp_text(service)))
         if service.get('switch'):
@@ -1910,12 +2070,12 @@ def render_running(snapshot, user, can_change, msg=None, refresh=None):
             body.extend(render_clients(service))
         body.append('<p>%s</p>' % explain_form(service['name'], any(l.get('sni') for l in listens)))
         for group in service['groups']:
-            body.extend(render_group(service, group, now, can_change))
+            body.extend(render_group(service, group, now, can_change, history))
         if can_change:
             body.append('<p>%s</p>' % form('newGroup', [('service', service['name'])], 'new group',
                                            '<input name="group" placeholder="group name" size="12" '
-                                           'aria-label="group name"> <input name="scheduler" '
-                                           'value="roundrobin" size="18" aria-label="scheduler"> '))
+                                           'aria-label="group name"> ' + scheduler_select('roundrobin')))
+        body.append('</section>')
     if s.get('sni'):
         body.extend(render_sni(s['sni']))
     if s.get('workers'):
@@ -1935,7 +2095,8 @@ def render_running(snapshot, user, can_change, msg=None, refresh=None):
     body.append('<h2>Users</h2><table><tr><th>user</th><th>access</th>%s</tr>'
                 % ('<th></th>' if can_change else ''))
     for u in s['users']:
-        delete = '<td>%s</td>' % form('delUser', [('name', u['name'])], 'delete') if can_change else ''
+        delete = '<td>%s</td>' % form('delUser', [('name', u['name'])], 'delete',
+                                      confirm='Delete user %s?' % u['name']) if can_change else ''
         body.append('<tr><td>%s</td><td>%s</td>%s</tr>' % (e(u['name']), e(u['access']), delete))
     body.append('</table>')
     if can_change:
@@ -2022,6 +2183,49 @@ def render_running_txt(snapshot):
                 lines.append('disabled %s %s %s - %d %d' % (f(host['name']), f(host['ip']), f(','.join(reasons)),
                                                             host['open'], host['total']))
     return ''.join(line + '\n' for line in lines)
+
+
+def last_check(field):
+    return lambda s, g, h: (h.get('last_check') or {}).get(field)
+
+
+# running.csv's columns, one line per host: (header, a function of (service, group, host)).
+# As in running.json, bytes_in and bytes_out are of closed connections, live_* of open ones.
+CSV_COLUMNS = [
+    ('service', lambda s, g, h: s['name']), ('group', lambda s, g, h: g['name']),
+    ('host', lambda s, g, h: h['name']), ('address', lambda s, g, h: h['ip']),
+    ('state', lambda s, g, h: h['state']), ('reason', lambda s, g, h: h['reason']),
+    ('weight', lambda s, g, h: h['weight']),
+    ('effective_weight', lambda s, g, h: explain_number(h.get('effective_weight', h['weight']))),
+    ('maxconns', lambda s, g, h: h['maxconns']), ('backup', lambda s, g, h: int(bool(h.get('backup')))),
+    ('open', lambda s, g, h: h['open']), ('total', lambda s, g, h: h['total']),
+    ('rate', lambda s, g, h: h['rate']), ('rate_peak', lambda s, g, h: h['rate_peak']),
+    ('connect_errors', lambda s, g, h: h['connect_errors']), ('retries', lambda s, g, h: h['retries']),
+    ('queue', lambda s, g, h: s['queued']),
+    ('bytes_in', lambda s, g, h: h['bytes_in']), ('bytes_out', lambda s, g, h: h['bytes_out']),
+    ('live_bytes_in', lambda s, g, h: h['live_bytes_in']), ('live_bytes_out', lambda s, g, h: h['live_bytes_out']),
+    ('downtime', lambda s, g, h: h['downtime']), ('state_changes', lambda s, g, h: h['state_changes']),
+    ('last_check_time', last_check('when')),
+    ('last_check_ok', lambda s, g, h: {None: '', True: 1, False: 0}[(h.get('last_check') or {}).get('ok')]),
+    ('last_check_took', last_check('took')), ('last_check_reason', last_check('reason')),
+    ('next_probe', lambda s, g, h: h['next_probe']),
+]
+
+
+def render_running_csv(snapshot):
+    """running.csv: a header line, then one line per host (RFC 4180, CRLF line ends).
+    queue is its service's: clients wait for whichever host of the service frees a
+    place first, not for one host.  Control characters are escaped, so a line is a line;
+    an absent value (no probe yet) is empty."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow([name for name, _ in CSV_COLUMNS])
+    for service in snapshot['services']:
+        for group in service['groups']:
+            for host in group['hosts']:
+                writer.writerow(['' if value is None else escape_text(value) if isinstance(value, str) else value
+                                 for value in (get(service, group, host) for _, get in CSV_COLUMNS)])
+    return out.getvalue()
 
 
 def explain_number(value):
@@ -2122,6 +2326,14 @@ SERVICE_METRICS = [
     ('pydirector_service_denied_total', 'counter', 'Clients closed by the service\'s allow/deny rules.',
      'denied'),
     ('pydirector_service_maxconns', 'gauge', 'The service\'s connection limit; 0 means unlimited.', 'maxconns'),
+    ('pydirector_service_errors_total', 'counter',
+     'Failed connects to the service\'s hosts, plus the clients it refused.', 'errors'),
+    ('pydirector_service_hosts_up', 'gauge', 'Hosts of the enabled group that are up and enabled.', 'hosts_up'),
+    ('pydirector_service_hosts', 'gauge', 'Hosts of the enabled group.', 'hosts_total'),
+    ('pydirector_service_current_connection_rate', 'gauge',
+     'New client connections per second, over the last history sample (5 s).', 'rate'),
+    ('pydirector_service_max_connection_rate', 'gauge',
+     'The most new client connections per second of any history sample since the start.', 'rate_peak'),
 ]
 
 # A UDP service's (label service): each value is a key of its snapshot's 'udp'.
@@ -2177,6 +2389,29 @@ HOST_METRICS = [
      lambda h, now: h['bytes_in']),
     ('pydirector_host_bytes_out_total', 'counter', 'Bytes relayed from the host to clients (closed connections).',
      lambda h, now: h['bytes_out']),
+    ('pydirector_host_live_bytes_in', 'gauge',
+     'Bytes relayed so far from clients to the host by its open connections.', lambda h, now: h['live_bytes_in']),
+    ('pydirector_host_live_bytes_out', 'gauge',
+     'Bytes relayed so far from the host to clients by its open connections.', lambda h, now: h['live_bytes_out']),
+    ('pydirector_host_connect_errors_total', 'counter', 'Connects to the host that failed (refused, timed out...).',
+     lambda h, now: h['connect_errors']),
+    ('pydirector_host_retries_total', 'counter',
+     'Clients the host took after a failed connect to another host (failovers to it).',
+     lambda h, now: h['retries']),
+    ('pydirector_host_current_connection_rate', 'gauge',
+     'New connections to the host per second, over the last history sample (5 s).', lambda h, now: float(h['rate'])),
+    ('pydirector_host_max_connection_rate', 'gauge',
+     'The most new connections to the host per second of any history sample since it was first counted.',
+     lambda h, now: float(h['rate_peak'])),
+    ('pydirector_host_downtime_seconds_total', 'counter', 'Seconds the host has been down (failed health).',
+     lambda h, now: float(h['downtime'])),
+    ('pydirector_host_last_check_success', 'gauge', '1 if the host\'s last health check passed, 0 if it failed.',
+     lambda h, now: None if not h['last_check'] or h['last_check']['ok'] is None else int(h['last_check']['ok'])),
+    ('pydirector_host_last_check_duration_seconds', 'gauge', 'How long the host\'s last health check took.',
+     lambda h, now: None if not h['last_check'] else float(h['last_check']['took'])),
+    ('pydirector_host_last_check_timestamp_seconds', 'gauge',
+     'When the host\'s last health check ended, in seconds since the epoch.',
+     lambda h, now: None if not h['last_check'] else float(h['last_check']['when'])),
     ('pydirector_host_weight', 'gauge', 'The host\'s scheduler weight.', lambda h, now: h['weight']),
     ('pydirector_host_effective_weight', 'gauge',
      'The part of its weight the host takes now: its weight, less during slow start.',
@@ -2240,7 +2475,9 @@ def render_metrics(snapshot):
     for name, kind, help_text, key in SERVICE_METRICS:
         family(name, kind, help_text)
         for service in services:
-            out.append('%s%s %d' % (name, metric_labels([('service', service['name'])]), service[key]))
+            value = service[key]
+            out.append('%s%s %s' % (name, metric_labels([('service', service['name'])]),
+                                    '%.3f' % value if isinstance(value, float) else '%d' % value))
     udp_services = [service for service in services if service.get('udp')]
     for name, kind, help_text, key in UDP_METRICS if udp_services else ():
         family(name, kind, help_text)

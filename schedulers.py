@@ -69,6 +69,9 @@ class Host(object):
         'health', 'admin', 'reason', 'since',
         'open', 'total', 'bytes_in', 'bytes_out',
         'address', 'probe_ok', 'probe_fail',
+        # The balancer's counters for its pages: failed connects to the host, clients it
+        # took after a failed connect elsewhere, bytes of its open connections so far.
+        'connect_errors', 'retries', 'live_in', 'live_out',
         'send_proxy',   # None, 'v1' or 'v2': the balancer's PROXY protocol setting
         'config',       # the balancer's: the config it was made from (its other settings)
         'backup', 'eweight',
@@ -104,6 +107,8 @@ class Host(object):
         self.address = None
         self.probe_ok = 0
         self.probe_fail = 0
+        self.connect_errors = self.retries = 0
+        self.live_in = self.live_out = 0
         self.send_proxy = send_proxy
         self.config = None
         self.backup = backup

@@ -1469,6 +1469,133 @@ def need_curl_idn():
                                 'it cannot send an international name')
 
 
+# ---------------------------------------------------------------------------
+# A real browser: headless Chromium driven over the DevTools protocol
+# (test_hardening's cross-site tests, test_status_page).
+# ---------------------------------------------------------------------------
+
+import base64     # noqa: E402
+import json       # noqa: E402
+import select     # noqa: E402
+
+CHROMIUM = '/usr/bin/chromium'
+
+# Puts the read and write ends of the DevTools pipe at fds 3 and 4, where
+# --remote-debugging-pipe looks for them, then becomes Chromium.  (A wrapper
+# process rather than a preexec_fn, which is unsafe with threads running.)
+_PIPE_FDS = ('import fcntl, os, sys\n'
+             'a = fcntl.fcntl(int(sys.argv[1]), fcntl.F_DUPFD, 10)\n'
+             'b = fcntl.fcntl(int(sys.argv[2]), fcntl.F_DUPFD, 10)\n'
+             'os.dup2(a, 3)\nos.dup2(b, 4)\nos.close(a)\nos.close(b)\n'
+             'os.execv(sys.argv[3], sys.argv[3:])\n')
+
+
+class DevTools(object):
+    """Headless Chromium driven over the Chrome DevTools Protocol on a pipe (JSON
+    messages ended by NUL bytes): no websocket, no library."""
+
+    def __init__(self, flags, profile):
+        to_browser, self.to_browser = os.pipe()
+        self.from_browser, from_browser_w = os.pipe()
+        argv = [sys.executable, '-c', _PIPE_FDS, str(to_browser), str(from_browser_w), CHROMIUM,
+                '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+                '--disable-background-networking', '--disable-component-update', '--disable-sync',
+                '--user-data-dir=' + profile, '--remote-debugging-pipe'] + list(flags) + ['about:blank']
+        self.proc = subprocess.Popen(argv, pass_fds=(to_browser, from_browser_w), stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(to_browser)
+        os.close(from_browser_w)
+        self.buffer = b''
+        self.last_id = 0
+        self.events = []
+        self.session = None
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        os.close(self.to_browser)
+        os.close(self.from_browser)
+
+    def send(self, method, params=None, timeout=60):
+        """Call a method (in the attached page once there is one) and return its result."""
+        self.last_id += 1
+        message = {'id': self.last_id, 'method': method, 'params': params or {}}
+        if self.session is not None:
+            message['sessionId'] = self.session
+        os.write(self.to_browser, json.dumps(message).encode() + b'\0')
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = self.read(deadline)
+            if reply.get('id') == self.last_id:
+                if 'error' in reply:
+                    raise AssertionError('%s: %s' % (method, reply['error']))
+                return reply.get('result', {})
+
+    def read(self, deadline):
+        while b'\0' not in self.buffer:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.from_browser], [], [], left)[0]:
+                raise AssertionError('Chromium did not answer in time')
+            data = os.read(self.from_browser, 65536)
+            if not data:
+                raise AssertionError('Chromium closed the DevTools pipe')
+            self.buffer += data
+        line, _, self.buffer = self.buffer.partition(b'\0')
+        message = json.loads(line.decode('utf-8'))
+        if 'method' in message:
+            self.events.append(message)
+        return message
+
+    def wait_for(self, predicate, timeout=60):
+        """Read events until predicate(all events so far) is true; return its value."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate(self.events)
+            if value:
+                return value
+            self.read(deadline)
+
+    def open_page(self):
+        page = [t for t in self.send('Target.getTargets')['targetInfos'] if t['type'] == 'page'][0]
+        self.session = self.send('Target.attachToTarget', {'targetId': page['targetId'], 'flatten': True})['sessionId']
+        self.send('Page.enable')
+        self.send('Network.enable')
+
+    def navigate(self, url):
+        del self.events[:]
+        self.send('Page.navigate', {'url': url})
+        self.wait_for(lambda events: any(e['method'] == 'Page.loadEventFired' for e in events))
+
+    def evaluate(self, expression):
+        """The value of a JavaScript expression in the page (JSON-able; a promise is awaited)."""
+        result = self.send('Runtime.evaluate', {'expression': expression, 'returnByValue': True,
+                                                'awaitPromise': True})
+        if 'exceptionDetails' in result:
+            raise AssertionError('%s: %s' % (expression, result['exceptionDetails']))
+        return result['result'].get('value')
+
+    def screenshot(self, width, height):
+        """The page as a PNG (bytes), width x height CSS pixels from its top."""
+        self.send('Emulation.setDeviceMetricsOverride', {'width': width, 'height': height, 'deviceScaleFactor': 1,
+                                                         'mobile': False})
+        data = self.send('Page.captureScreenshot', {'format': 'png'})['data']
+        return base64.b64decode(data)
+
+    def requests(self):
+        """{request id: {'url', 'method', 'headers' (as sent), 'status'}} seen since the last navigate."""
+        seen = {}
+        for event in self.events:
+            params = event.get('params', {})
+            entry = seen.setdefault(params.get('requestId'), {})
+            if event['method'] == 'Network.requestWillBeSent':
+                entry.update(url=params['request']['url'], method=params['request']['method'])
+            elif event['method'] == 'Network.requestWillBeSentExtraInfo':
+                entry['headers'] = dict((k.lower(), v) for k, v in params['headers'].items())
+            elif event['method'] == 'Network.responseReceivedExtraInfo':
+                entry['status'] = params['statusCode']
+        return seen
+
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
 HELLO_FIXTURES = ('openssl', 'openssl-tls12', 'python', 'python-nosni', 'python-idna', 'curl',
                   'curl-idna', 'chromium')
