@@ -9636,7 +9636,7 @@ class Upgrade(object):
         try:
             self.notifier.reloading()
             argv = program_argv()
-            log.info('upgrade: checking %s', log_value(' '.join(argv[1:])))
+            log.info('upgrade: checking the new code: %s --check', log_value(worker_command()[1]))
             error = check_new_code(argv)
             if error is not None:
                 error = 'the new code fails its check: %s' % error
@@ -9678,6 +9678,8 @@ class Upgrade(object):
         the fork comes once it has answered what it was asked."""
         if self.director.stopping:
             raise AdminError(409, 'stopping: no upgrade')
+        if self.busy != 'checking':     # a new generation's takeover began meanwhile
+            raise AdminError(409, 'an upgrade is running (%s)' % self.busy)
         self.busy = 'starting'
         self.argv = argv
         if self.admin is not None:
@@ -9748,6 +9750,7 @@ class Upgrade(object):
         generation's log has those lines): if the exec fails, the old one sees the
         socketpair close and goes on serving."""
         try:
+            self.notifier.failed = True     # (a failing send logs nothing here either)
             self.notifier.main_pid(old_pid)
             for fd in [sock.fileno()] + [entry[0] for entry in handed]:
                 os.set_inheritable(fd, True)
@@ -10079,7 +10082,6 @@ class Takeover(object):
         self.upgrade = upgrade
         director = upgrade.director
         add_counts(director, self.state['counts'])
-        upgrade.busy = 'taking over'
         upgrade.takeover = self
         upgrade.reaper.add(self.state['children'])
         self.channel = Channel(director.loop, self.sock, self.on_message, self.lost, self.rest)
@@ -10410,9 +10412,10 @@ def main(argv=None):
             return takeover.give_up(e)
     director = Director(config, notifier=notifier, accept=workers is None and takeover is None)
     upgrade = Upgrade(director, notifier)
-    handle_signals(director, upgrade=upgrade)   # before binding: once a port answers, a signal must find its handler
     if takeover is not None:
+        upgrade.busy = 'taking over'    # (a SIGUSR2 from now on is refused until it serves)
         takeover.restore(director)
+    handle_signals(director, upgrade=upgrade)   # before binding: once a port answers, a signal must find its handler
     try:
         director.start()
     except OSError as e:
