@@ -8,7 +8,8 @@ A revival of Python Director (Anthony Baxter, 2002-2004).
     python3 pydirector.py -c sample.xml
 
 Sections, in the order a reader meets them: Config, Loop, Proxying, Manager, DNS,
-Director, Workers (a master and worker processes), Command line.
+Director, Workers (a master and worker processes), Upgrade (new code in the same
+process), Command line.
 """
 
 import argparse
