@@ -15,16 +15,18 @@ The storms here are short; tools/soak.py's and bench/upgrade.py's run 60 s.
 
 import base64
 import http.client
+import inspect
 import json
 import os
 import re
 import signal
 import time
+import unittest
 import urllib.parse
 
 import support
 from support import (BalancerCase, Background, CodeTree, GroupBalancer, NewClients, WorkersMixin, accepts,
-                     config_xml, echo, exchange, fd_count, free_port, say_name, service_xml, wait_until,
+                     config_xml, exchange, fd_count, free_port, say_name, service_xml, single_process, wait_until,
                      when_upgrading)
 
 import pydirector
@@ -104,8 +106,8 @@ class UpgradeCase(BalancerCase):
     def running(self):
         return json.loads(self.fetch('/running.json')[1])
 
-    def host(self, name, group='main', running=None):
-        for g in (running or self.running())['services'][0]['groups']:
+    def host(self, name, group='main', running=None, service=0):
+        for g in (running or self.running())['services'][service]['groups']:
             for h in g['hosts']:
                 if g['name'] == group and h['name'] == name:
                     return h
@@ -166,6 +168,10 @@ class TestUpgrade(UpgradeCase):
         total, failures = clients.stop()
         self.assertEqual(failures, [], 'of %d' % total)
         self.old_gone(mark)
+        # What the old generation counted as it drained (the streams' bytes, counted at their end) came over.
+        sent = sum(stream.sent for stream in streams.streams)
+        wait_until(lambda: self.host('e1', 'main', service=1)['bytes_in'] == sent, 10,
+                   message='bytes in: %r, sent %d' % (self.host('e1', 'main', service=1), sent))
         running = self.running()
         self.assertEqual((running['pid'], running['version'], running['generation']['number']), (self.pid, '1.0.1', 2))
         self.assertEqual(running['upgrade']['from'], '1.0.0')
@@ -175,6 +181,12 @@ class TestUpgrade(UpgradeCase):
             fd_count(self.pid), fds))
         self.assertRegex(self.output(), r'upgrade: pydirector 1\.0\.1 serves \(pid %d, generation 2, upgraded '
                                         r'from pydirector 1\.0\.0\)' % self.pid)
+        page = self.fetch('/running')[1]
+        self.assertIn('Running pydirector 1.0.1 (pid %d) since ' % self.pid, page)
+        self.assertIn(' Upgraded from pydirector 1.0.0 at ', page)
+        metrics = self.fetch('/metrics')[1]
+        self.assertIn('\npydirector_generation 2\n', metrics)
+        self.assertIn('\npydirector_upgrade_last_successful 1\n', metrics)
         self.assertNotIn('Traceback', self.output())
 
     def test_admin_changes_sticky_entries_and_counts_survive(self):
@@ -249,6 +261,7 @@ class TestUpgrade(UpgradeCase):
         self.assertGreater(switch['drain_until'], time.time() + 500)
         self.assertEqual(exchange(self.listen), b's1')
 
+    @single_process('the same with workers: mode-blind')
     def test_a_broken_new_code_changes_nothing(self):
         self.start_process()
         clients = NewClients(self.listen, lambda answer: answer in (b'n1', b'n2'), threads=2).start()
@@ -319,15 +332,16 @@ class TestUpgrade(UpgradeCase):
         self.assertIn('was not ready within 3 s', running['upgrade']['error'])
         self.assertEqual(exchange(self.listen, timeout=10) in (b'n1', b'n2'), True)
 
+    @single_process('the same with workers: mode-blind')
     def test_one_upgrade_at_a_time(self):
         self.start_process()
         # A new code slow to load: its --check takes a while, and so does its start.
         self.tree.install('4.0.0', lambda text: text.replace('\nimport schedulers\n',
-                                                             '\nimport schedulers\ntime.sleep(1)\n'))
+                                                             '\nimport schedulers\ntime.sleep(2)\n'))
         mark = len(self.output())
         os.kill(self.pid, signal.SIGUSR2)
         wait_until(lambda: 'upgrade: checking' in self.output()[mark:], 10)
-        self.assertEqual(self.change('/upgrade', 409), 'ERROR an upgrade is running (checking)')
+        self.assertRegex(self.change('/upgrade', 409), r'^ERROR an upgrade is running \((checking|starting|taking over)\)$')
         wait_until(lambda: self.running()['version'] == '4.0.0', 60)
         wait_until(lambda: self.serving('4.0.0'), 60)
         self.assertEqual(self.running()['generation']['number'], 2)
@@ -358,6 +372,7 @@ class TestUpgrade(UpgradeCase):
         wait_until(lambda: fd_count(self.pid) <= fds, 10)
         self.assertEqual(self.processes(), self.expected_processes())
 
+    @single_process('the same with workers: mode-blind')
     def test_systemd_sees_the_main_pid_serve_throughout(self):
         notify = test_systemd.NotifySocket()
         self.addCleanup(notify.close)
@@ -374,6 +389,51 @@ class TestUpgrade(UpgradeCase):
         self.proc.signal(signal.SIGTERM)
         self.assertEqual(notify.next(), 'STOPPING=1')
         self.assertEqual(self.proc.proc.wait(30), 0, self.output())
+
+
+    @single_process('the same with workers: mode-blind')
+    def test_a_state_version_unknown_is_refused(self):
+        """A new code that reads the state in no version the old one writes is refused by
+        it, and the old one serves on."""
+        self.start_process()
+        self.tree.install('7.0.0', lambda text: text.replace('HANDOVER_VERSIONS = (1,)', 'HANDOVER_VERSIONS = (2,)'))
+        os.kill(self.pid, signal.SIGUSR2)
+        wait_until(lambda: 'upgrade failed: pydirector 7.0.0 reads the state in version(s) 2; this one writes 1; '
+                           'pydirector 1.0.0 (pid ' in self.output(), 60)
+        self.assertEqual(self.proc.proc.wait(30), 1)
+        self.assertIn('upgrade: cannot take over from the old generation: the old generation refused: pydirector '
+                      '7.0.0 reads the state in version(s) 2', self.output())
+        running = wait_until(lambda: self.serving('1.0.0') and self.running(), 30)
+        self.assertNotEqual(running['pid'], self.pid)
+        self.assertEqual((running['upgrade']['ok'], running['upgrade']['to']), (False, '7.0.0'))
+        self.assertIn(exchange(self.listen), (b'n1', b'n2'))
+
+
+class HandoverTableTest(unittest.TestCase):
+    """Generated from pydirector.HANDOVER, as test_workers' MessageTableTest from MESSAGES."""
+
+    def test_every_row_has_its_handler_on_its_side_taking_its_fields(self):
+        sides = {pydirector.NEW: pydirector.OldGeneration, pydirector.OLD: pydirector.Takeover}
+        for kind, row in pydirector.HANDOVER.items():
+            with self.subTest(kind=kind):
+                self.assertEqual(row.kind, kind)
+                if row.handler is None:
+                    self.assertIn(kind, ('state', 'refused'))   # the answer Takeover.receive reads
+                    continue
+                params = list(inspect.signature(getattr(sides[row.direction], row.handler)).parameters)[1:]
+                self.assertEqual(set(params), row.fields)
+        for side, direction in sides.items():
+            for name in dir(direction):
+                if name.startswith('on_') and name != 'on_message':
+                    self.assertIn((side, name), [(r.direction, r.handler) for r in pydirector.HANDOVER.values()])
+
+    def test_the_state_has_every_field_its_row_names(self):
+        balancer = support.Balancer(config_xml(service_xml([('n1', '127.0.0.1:9')])))
+        self.addCleanup(balancer.stop)
+        state = balancer.call(pydirector.generation_state, balancer.director, [7])
+        self.assertEqual(set(state) | {'version'}, pydirector.HANDOVER['state'].fields)
+        self.assertEqual(state['children'], [7, os.getpid()])
+        json.dumps(state)       # all of it goes as JSON
 
 
 class TestUpgradeWorkers(WorkersMixin, TestUpgrade):
