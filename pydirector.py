@@ -9276,6 +9276,8 @@ UPGRADE_CHECK_TIMEOUT = 30.0    # seconds the new code's --check may take
 UPGRADE_ADMIN_WAIT = 2.0        # seconds the admin's requests in flight have to be answered before the fork
 UPGRADE_STATE_WAIT = 30.0       # seconds the new generation waits for the old one's state
 REAP_INTERVAL = 0.25            # seconds between looks for the children an upgrade left this process
+# The signals that wait, blocked, while the new code starts (main unblocks them once it handles them).
+UPGRADE_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 OLD, NEW = 'old', 'new'         # a handover message from the old generation, from the new one
 
@@ -9484,6 +9486,7 @@ def generation_state(director, children):
             for host in group.scheduler.hosts:
                 timeline, changes = director.health.timeline(host)
                 hosts.append({'service': service.name, 'group': group.name, 'name': host.name, 'ip': host.ip,
+                              'address': address_to_json(host.address),
                               'health': host.health, 'admin': host.admin, 'reason': host.reason,
                               'since': host.since, 'probe_ok': host.probe_ok, 'probe_fail': host.probe_fail,
                               'timeline': timeline, 'changes': changes})
@@ -9556,7 +9559,7 @@ def add_counts(director, entries):
 
 
 def take_host_states(director, entries):
-    """Each host's health, admin state, probe counts and timeline as the old
+    """Each host's address, health, admin state, probe counts and timeline as the old
     generation had them, where service, group, name and ip are the same; how many."""
     taken = 0
     for entry in entries:
@@ -9566,6 +9569,8 @@ def take_host_states(director, entries):
             continue
         if host.ip != entry['ip']:
             continue
+        if entry['address'] is not None:
+            host.address = address_from_json(entry['address'])   # a name as the old one resolved it
         scheduler = group.scheduler
         # Through the scheduler, which keeps its structures in step; said once, by the old one.
         if entry['health'] == schedulers.DOWN:
@@ -9649,7 +9654,8 @@ class Upgrade(object):
         finally:
             if not begun:
                 with self.lock:
-                    self.busy = None
+                    if self.busy == 'checking':
+                        self.busy = None
                 self.notifier.ready()   # the old code keeps running
 
     def request_in_background(self):
@@ -9755,9 +9761,9 @@ class Upgrade(object):
             self.notifier.main_pid(old_pid)
             for fd in [sock.fileno()] + [entry[0] for entry in handed]:
                 os.set_inheritable(fd, True)
-            # Until the new code handles them they would end the process: ignored meanwhile.
-            for signum in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
-                signal.signal(signum, signal.SIG_IGN)
+            # Until the new code handles them these would end the process (or be lost):
+            # blocked across the exec, they wait for main to unblock them.
+            signal.pthread_sigmask(signal.SIG_BLOCK, UPGRADE_SIGNALS)
             os.execve(self.argv[0], self.argv, env)
         except BaseException as e:
             try:
@@ -10191,6 +10197,8 @@ def handle_signals(director, reload=True, upgrade=None):
         signal.signal(signum, on_signal)
     signal.signal(signal.SIGHUP, on_signal if reload else signal.SIG_IGN)
     signal.signal(signal.SIGUSR2, on_signal if upgrade is not None else signal.SIG_IGN)
+    # An upgrade's new code starts with these blocked (Upgrade.run_new): what came meanwhile is handled now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, UPGRADE_SIGNALS)
 
 
 def raise_fd_limit():

@@ -167,6 +167,13 @@ class Pydirector(object):
     def reload(self):
         self.proc.send_signal(signal.SIGHUP)
 
+    def outcomes(self):
+        """What its log says of the upgrades and reloads asked for."""
+        with open(os.path.join(self.work, 'pydirector.log')) as f:
+            text = f.read()
+        return {'refused': text.count('upgrade refused'), 'upgrade_failed': text.count('upgrade failed'),
+                'reloads': text.count(' reloaded '), 'tracebacks': text.count('Traceback')}
+
     def left_over(self):
         """Processes of its session beyond the master and its live workers."""
         running = self.running()
@@ -277,7 +284,7 @@ def scenario(name, args, work, ports):
             running = target.running()
             row.update(same_pid=running['pid'] == pid, version=running['version'],
                        generation=running['generation']['number'], left_over=target.left_over(),
-                       fds=[fds, fd_count(pid)])
+                       fds=[fds, fd_count(pid)], events=args.events, **target.outcomes())
         return row
     finally:
         target.stop()
@@ -304,13 +311,12 @@ def storm(name, args, work, ports):
                 break
             time.sleep(0.2)
         running = target.running()
-        with open(os.path.join(work, 'pydirector.log')) as f:
-            text = f.read()
-        return {'scenario': name + (' storm (every 2 s)' if upgrades else ' storm (SIGHUP every 0.3 s)'),
-                'events': count, 'complete': complete, 'failed': failed, 'gave_up': gave_up, 'problems': problems,
-                'same_pid': running['pid'] == pid, 'generation': running['generation']['number'],
-                'refused': text.count('upgrade refused'), 'upgrade_failed': text.count('upgrade failed'),
-                'left_over': target.left_over(), 'fds': [fds, fd_count(pid)]}
+        row = {'scenario': name + (' storm (every 2 s)' if upgrades else ' storm (SIGHUP every 0.3 s)'),
+               'events': count, 'complete': complete, 'failed': failed, 'gave_up': gave_up, 'problems': problems,
+               'same_pid': running['pid'] == pid, 'generation': running['generation']['number'],
+               'left_over': target.left_over(), 'fds': [fds, fd_count(pid)]}
+        row.update(target.outcomes())
+        return row
     finally:
         target.stop()
 
@@ -371,9 +377,13 @@ def main():
             notes.append('generation %d' % row['generation'])
             notes.append('processes left: %s' % (row['left_over'] or 'none'))
             notes.append('fds %s -> %s' % tuple(row['fds']))
-        if 'refused' in row and row['scenario'].startswith('upgrade'):
+        if row['scenario'].startswith('upgrade'):
             notes.append('%d upgrade(s) asked, %d refused (one running), %d failed' % (
                 row['events'], row['refused'], row['upgrade_failed']))
+        if row['scenario'].startswith('reload'):
+            notes.append('%d SIGHUP(s), %d reload(s) logged' % (row['events'], row['reloads']))
+        if row.get('tracebacks'):
+            notes.append('%d traceback(s) in its log' % row['tracebacks'])
         if row['problems']:
             notes.append('event errors: %s' % '; '.join(row['problems'][:3]))
         print('| %s | %s | %s | %s |' % (row['scenario'], 'n/a' if row['failed'] is None else '{:,}'.format(

@@ -392,6 +392,24 @@ class TestUpgrade(UpgradeCase):
 
 
     @single_process('the same with workers: mode-blind')
+    def test_a_stop_while_the_new_code_starts_stops_both(self):
+        """SIGTERM (and SIGUSR2) to the PID while the new code starts wait for it to handle
+        them, blocked across the exec: the new generation stops, and tells the old one to."""
+        self.start_process()
+        mark = len(self.output())
+        self.tree.install('8.0.0', when_upgrading('time.sleep(2)'))
+        os.kill(self.pid, signal.SIGUSR2)
+        wait_until(lambda: 'serves as the old generation' in self.output()[mark:], 60)
+        os.kill(self.pid, signal.SIGUSR2)
+        os.kill(self.pid, signal.SIGTERM)
+        self.assertEqual(self.proc.proc.wait(60), 0, self.output()[mark:])
+        wait_until(lambda: not self.processes(), 30, message='left: %r' % self.processes())
+        tail = self.output()[mark:]
+        self.assertIn('upgrade refused: an upgrade is running (taking over)', tail)
+        self.assertIn('has drained: exiting', tail)
+        self.assertNotIn('upgrade failed', tail)
+
+    @single_process('the same with workers: mode-blind')
     def test_a_state_version_unknown_is_refused(self):
         """A new code that reads the state in no version the old one writes is refused by
         it, and the old one serves on."""
