@@ -9371,6 +9371,14 @@ def inherited_sockets(text):
     return found
 
 
+def open_fds():
+    """This process's file descriptors (from /proc: Linux; elsewhere those below 1024)."""
+    try:
+        return [int(name) for name in os.listdir('/proc/self/fd')]
+    except OSError:
+        return list(range(1024))
+
+
 def after_fork():
     """In the child of a fork made while other threads ran: only the forking thread
     goes on, and a lock another thread held then would stay held for good.  The
@@ -9637,6 +9645,8 @@ class Upgrade(object):
                                  % os.getpid())
             if self.busy is not None:
                 raise AdminError(409, 'an upgrade is running (%s)' % self.busy)
+            if self.director.stopping:
+                raise AdminError(409, 'stopping: no upgrade')
             self.busy = 'checking'
         begun = False
         try:
@@ -9759,8 +9769,14 @@ class Upgrade(object):
         try:
             self.notifier.failed = True     # (a failing send logs nothing here either)
             self.notifier.main_pid(old_pid)
-            for fd in [sock.fileno()] + [entry[0] for entry in handed]:
-                os.set_inheritable(fd, True)
+            passed = set([sock.fileno()] + [entry[0] for entry in handed])
+            for fd in open_fds():
+                # Only these go across: PyPy's mmap, for one, leaves its copy of an fd inheritable.
+                if fd > 2:
+                    try:
+                        os.set_inheritable(fd, fd in passed)
+                    except OSError:
+                        pass    # (the directory listing's own fd, closed since)
             # Until the new code handles them these would end the process (or be lost):
             # blocked across the exec, they wait for main to unblock them.
             signal.pthread_sigmask(signal.SIG_BLOCK, UPGRADE_SIGNALS)
