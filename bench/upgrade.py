@@ -89,6 +89,12 @@ def group_processes(pgid):
     return found
 
 
+def settled_fds(pid):
+    """fd_count once the admin's last answer has closed (it lingers a second after)."""
+    time.sleep(1.5)
+    return fd_count(pid)
+
+
 def fd_count(pid):
     try:
         return len(os.listdir('/proc/%d/fd' % pid))
@@ -269,7 +275,7 @@ def scenario(name, args, work, ports):
         action = target.restart if name.startswith('restart') else target.upgrade
     try:
         pid = target.proc.pid
-        fds = fd_count(pid)
+        fds = settled_fds(pid)
         load = ab(port, seconds, args.concurrency)
         thread, problems = events(action, args.events, args.interval)
         complete, failed, gave_up = ab_result(load, seconds)
@@ -277,7 +283,7 @@ def scenario(name, args, work, ports):
         row = {'scenario': name, 'complete': complete, 'failed': failed, 'gave_up': gave_up, 'problems': problems}
         if name.startswith('upgrade'):
             deadline = time.monotonic() + 60
-            while not target.ready() or target.left_over():
+            while not target.ready() or target.left_over() or fd_count(pid) > fds:
                 if time.monotonic() > deadline:
                     break
                 time.sleep(0.2)
@@ -297,7 +303,7 @@ def storm(name, args, work, ports):
     target = Pydirector(work, args.python, port, ports[0], ports[1], workers).start()
     try:
         pid = target.proc.pid
-        fds = fd_count(pid)
+        fds = settled_fds(pid)
         upgrades = name.startswith('upgrade')
         interval = 2.0 if upgrades else 0.3
         count = int(args.seconds / interval)
