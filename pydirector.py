@@ -7,9 +7,11 @@ A revival of Python Director (Anthony Baxter, 2002-2004).
 
     python3 pydirector.py -c sample.xml
 
-Sections, in the order a reader meets them: Config, Loop, Proxying, Manager, DNS,
-Director, Workers (a master and worker processes), Upgrade (new code in the same
-process), Command line.
+Sections, in the order a reader meets them: Config, Loop, PROXY protocol, TLS
+ClientHello and server names (SNI), Logs, Proxying, Datagrams (UDP services),
+Manager (health checks), DNS, systemd, Director, Workers (a master and worker
+processes), Upgrade (new code in the same process), Command line.
+docs/ARCHITECTURE.md walks through them.
 """
 
 import argparse
@@ -26,9 +28,11 @@ import hashlib
 import heapq
 import hmac
 import ipaddress
+import itertools
 import json
 import logging
 import logging.handlers
+import math
 import operator
 import os
 import random
@@ -159,6 +163,11 @@ class Config(ConfigElement):
             attrs = service.timeouts.xml_attrs() if service.timeouts is not None else []
             if attrs:
                 out.append(_xml_tag(2, 'timeouts', attrs))
+            attrs = service.udp.xml_attrs() if service.udp is not None else []
+            if attrs:
+                out.append(_xml_tag(2, 'udp', attrs))
+            if service.clients is not None:
+                out.append(_xml_tag(2, 'clients', service.clients.xml_attrs()))
             out.append('  </service>')
         if self.admin is not None:
             out.append(_xml_tag(1, 'admin', self.admin.xml_attrs(), '>'))
@@ -174,24 +183,29 @@ class Config(ConfigElement):
 
 class Service(ConfigElement):
     """A <service>: SERVICE_ATTRS (its name; maxconns caps its open clients,
-    0 = unlimited), where it listens, its groups of hosts, and which group is
-    enabled (a group name).  check is None when the file has no <check>
-    (DEFAULT_CHECK applies then); timeouts is always set.  acl is the
-    <allow>/<deny> rules in file order, as ('allow' or 'deny', ipaddress
-    network) pairs."""
+    0 = unlimited; protocol 'tcp' or 'udp'), where it listens, its groups of
+    hosts, and which group is enabled (a group name).  check is None when the
+    file has no <check> (DEFAULT_CHECK applies then); timeouts is always set
+    (a UDP service's idle defaults to UDP_IDLE); udp is its <udp> settings,
+    always set for a UDP service and None for TCP.  acl is the <allow>/<deny>
+    rules in file order, as ('allow' or 'deny', ipaddress network) pairs.
+    clients: its <clients> limits, or None."""
 
     TAG = 'service'
 
     def __init__(self, listens=(), groups=(), enabled=None, check=None, timeouts=None, acl=(), line=None,
-                 **values):
+                 udp=None, clients=None, **values):
         ConfigElement.__init__(self, line, **values)
+        self.clients = clients
         self.listens = list(listens or ())
         self.groups = list(groups or ())
         if enabled is None and self.groups:
             enabled = self.groups[0].name
         self.enabled = enabled
         self.check = check
-        self.timeouts = timeouts if timeouts is not None else Timeouts()
+        datagrams = self.protocol == 'udp'
+        self.timeouts = timeouts if timeouts is not None else Timeouts(idle=UDP_IDLE) if datagrams else Timeouts()
+        self.udp = (udp or Udp()) if datagrams else None
         self.acl = list(acl or ())
 
     def group(self, name):
@@ -215,20 +229,23 @@ class Listen(ConfigElement):
     peer first; trusted lists the networks that may send one (empty: any).
     sni is None, or the server name patterns (parse_sni) this service takes
     on the address: the client's TLS hello then picks the service, and
-    several services may share the address."""
+    several services may share the address.  protocol is its service's
+    ('tcp' or 'udp'): a TCP and a UDP service may listen on one address."""
 
     TAG = 'listen'
 
-    def __init__(self, line=None, **values):
+    def __init__(self, line=None, protocol='tcp', **values):
         ConfigElement.__init__(self, line, **values)
+        self.protocol = protocol
         self.host, self.port = parse_address(self.text)
         self.trusted = list(self.trusted or ())
         self.sni = list(self.sni) if self.sni else None
 
     @property
     def key(self):
-        """What makes two listens the same address (one socket)."""
-        return address_key(self.host, self.port)
+        """What makes two listens the same address (one socket); a UDP one is another
+        socket than a TCP one on the same address."""
+        return listen_key(self.host, self.port, self.protocol)
 
     def __repr__(self):
         return f'Listen({self.text!r})'
@@ -316,6 +333,24 @@ class Timeouts(ConfigElement):
     and for a client to wait in the queue while every host is full."""
 
     TAG = 'timeouts'
+
+
+class Udp(ConfigElement):
+    """The <udp> settings of a UDP service: responses (None: a session lasts until
+    it is idle; N: it ends after N replies per request datagram, 0: send and
+    forget) and sessions, the most this process holds (the least recently
+    used is evicted past it)."""
+
+    TAG = 'udp'
+
+
+class Clients(ConfigElement):
+    """A service's per-client limits (see Client limits): maxconns open
+    connections and rate new connections a second (burst at once) per client
+    address, IPv6 clients counted per v6prefix; mode 'log' refuses nothing
+    and counts what it would refuse.  table: the addresses tracked at most."""
+
+    TAG = 'clients'
 
 
 class Admin(ConfigElement):
@@ -649,20 +684,30 @@ def status_text(ranges):
     return ','.join('%d' % low if low == high else '%d-%d' % (low, high) for low, high in ranges)
 
 
-def check_text(check):
+def check_text(check, protocol='tcp'):
     """What decides a probe, in words (explain, /running): None for no <check>."""
     if check is None:
         return None
     parts = []
+    if check.dns:
+        parts.append('send a DNS query for %s, then an answer with its id and rcode NOERROR' % check.dns)
     if check.send:
         parts.append('send %s' % _escape_bytes(check.send))
     if check.status:
         parts.append('status %s on the first line' % status_text(check.status))
     if check.expect:
         parts.append('expect %s anywhere in the answer' % _escape_bytes(check.expect))
-    if check.port:
+    if protocol == 'udp':
+        if not parts:
+            parts.append('send an empty datagram; down only on an ICMP error within %g s'
+                         % min(check.timeout, UDP_PROBE_SILENCE))
+        elif check.send and not check.status and not check.expect:
+            parts.append('any answer')
+        if check.port:
+            parts.insert(0, 'to port %d' % check.port)
+    elif check.port:
         parts.insert(0, 'connect to port %d' % check.port)
-    elif not check.status and not check.expect:
+    elif not check.status and not check.expect and not check.dns:
         parts.append('connect')
     return ', then '.join(parts)
 
@@ -673,6 +718,12 @@ def address_key(host, port):
         return (ipaddress.ip_address(host).compressed, port)
     except ValueError:
         return (host.lower().rstrip('.'), port)
+
+
+def listen_key(host, port, protocol='tcp'):
+    """What makes two listens one socket: the address, and for UDP the protocol too."""
+    key = address_key(host, port)
+    return key if protocol == 'tcp' else key + (protocol,)
 
 
 def host_config(**texts):
@@ -966,10 +1017,11 @@ class Attr(object):
     file.  spelling: the field that keeps the text as written, which write
     gets too (send's escapes come back as the operator wrote them).  example:
     a valid text other than the default, which the generated test sets.
-    secret: its value is never shown in a message (a reload's list of what it undid)."""
+    secret: its value is never shown in a message (a reload's list of what it undid).
+    unit: what --check writes after the value (None: 's' after a number of seconds)."""
 
     def __init__(self, name, parse=None, default=None, write=None, example=None, required=False,
-                 field=None, spelling=None, error=None, secret=False):
+                 field=None, spelling=None, error=None, secret=False, unit=None):
         self.name = name
         self.field = field or name
         self.parse = parse or as_written
@@ -980,6 +1032,7 @@ class Attr(object):
         self.spelling = spelling
         self.error = error
         self.secret = secret
+        self.unit = unit
 
     def __repr__(self):
         return f'Attr({self.name!r})'
@@ -1214,6 +1267,19 @@ def _resolver(text, what):
     return text
 
 
+UDP_IDLE = 60.0             # a UDP service's default <timeouts idle>: Envoy's; nginx waits 10 min
+UDP_SESSIONS = 10000        # the default <udp sessions>: the most sessions a process holds per service
+MAX_RATE = 1e6      # new connections a second, <clients rate>
+
+
+def _rate(text, what):
+    if _SECONDS.fullmatch(text):
+        value = float(text)
+        if 0 < value <= MAX_RATE:
+            return value
+    raise ValueError(f'{what} {text!r}: must be a number of new connections a second > 0 and <= {MAX_RATE:g}')
+
+
 CONFIG_ATTRS = (
     Attr('drain', seconds_or_zero, 10.0, example='2.5'),
     Attr('user', _named(_account), example='0'),        # ids that exist everywhere: --check looks them up
@@ -1226,6 +1292,7 @@ CONFIG_ATTRS = (
 SERVICE_ATTRS = (
     Attr('name', _name('service name'), required=True, error='{error}', example='caf\u00e9 & "co"'),
     Attr('maxconns', integer(0), 0, example='500'),
+    Attr('protocol', choice('tcp', 'udp'), 'tcp', example='udp'),
 )
 LISTEN_ATTRS = (
     Attr('ip', _named(_address_text), required=True, field='text', example='127.0.0.1:8443'),
@@ -1271,12 +1338,26 @@ CHECK_ATTRS = (
     Attr('expect', _escapes, spelling='expect_text', write=_bytes_text, example='caf\u00e9\\x00'),
     Attr('on_down', choice('keep', 'close'), 'keep', example='close'),
     Attr('port', integer(1, 65535), example='7'),    # probe this port on the host's address
+    Attr('dns', _dns_name, example='svc.example.com'),  # a DNS query, its answer's id and rcode checked
     Attr('slowstart', seconds_or_zero, 0.0, example='30'),
 )
 TIMEOUTS_ATTRS = (
     Attr('connect', parse_seconds, 3.0, example='0.5'),
     Attr('idle', parse_seconds, 3600.0, example='60'),
     Attr('queue', parse_seconds, 5.0, example='30'),
+)
+UDP_ATTRS = (
+    Attr('responses', integer(0), example='1'),
+    Attr('sessions', integer(1, 1000000), UDP_SESSIONS, example='500'),
+)
+CLIENTS_ATTRS = (    # per client address: see Client limits
+    Attr('maxconns', integer(0), 0, example='5'),
+    Attr('rate', _rate, example='20', unit='/s'),
+    Attr('burst', integer(1, 10 ** 9), example='40'),      # default: rate (at least 1)
+    Attr('mode', choice('enforce', 'log'), 'enforce', example='log'),
+    # One host holds a whole /64; a longer prefix would let it pick a new "client" per connection.
+    Attr('v6prefix', integer(1, 64), 64, example='56'),
+    Attr('table', integer(1, 10 ** 7), 100000, example='1000'),
 )
 ADMIN_ATTRS = (
     Attr('listen', _named(_address_text), required=True, example='127.0.0.1:7001'),
@@ -1302,8 +1383,13 @@ ELEMENT_ATTRS = {
     'pdconfig': CONFIG_ATTRS, 'service': SERVICE_ATTRS, 'listen': LISTEN_ATTRS,
     'allow': ACL_ATTRS, 'deny': ACL_ATTRS, 'group': GROUP_ATTRS, 'host': HOST_ATTRS,
     'discover': DISCOVER_ATTRS, 'enable': ENABLE_ATTRS, 'check': CHECK_ATTRS, 'timeouts': TIMEOUTS_ATTRS,
-    'admin': ADMIN_ATTRS, 'user': USER_ATTRS, 'logging': LOGGING_ATTRS,
+    'udp': UDP_ATTRS, 'clients': CLIENTS_ATTRS, 'admin': ADMIN_ATTRS, 'user': USER_ATTRS, 'logging': LOGGING_ATTRS,
 }
+
+# Attributes a protocol="udp" service refuses: they speak TCP (TLS hellos, PROXY headers).
+TCP_ONLY = (('listen', 'sni'), ('listen', 'accept_proxy'), ('host', 'send_proxy'))
+# <check> attributes that dns="name" replaces: it writes its own query and judges the answer.
+DNS_CHECK_REPLACES = ('send', 'expect', 'status')
 
 DEFAULT_CHECK = Check()     # probes of a down host in a service with no <check>
 
@@ -1404,7 +1490,7 @@ def _xml_error(data, path, error, index, open_elements):
 
 _CHILDREN = {
     'pdconfig': ('service', 'admin', 'logging'),
-    'service': ('listen', 'group', 'enable', 'check', 'timeouts', 'allow', 'deny'),
+    'service': ('listen', 'group', 'enable', 'check', 'timeouts', 'udp', 'clients', 'allow', 'deny'),
     'group': ('host', 'discover'),
     'admin': ('user',),
 }
@@ -1462,7 +1548,7 @@ class _ConfigReader(object):
         Services share one only when every listen on it has sni, each name
         (and '*') belongs to one of them, and they agree on the PROXY settings:
         the hello is read before the service is known."""
-        key = address_key(host, port)
+        key = listen.key if listen is not None else address_key(host, port)
         claims = self.listens.setdefault(key, [])
         if claims:
             other, first = claims[0]
@@ -1519,15 +1605,22 @@ class _ConfigReader(object):
         if name in self.service_names:
             raise self.error(elem, f'duplicate service {name!r}')
         self.service_names.add(name)
-        listens, groups, enable, check, timeouts, acl = [], [], None, None, None, []
+        protocol = values['protocol']
+        listens, groups, enable, check, timeouts, acl, udp, clients = [], [], None, None, None, [], None, None
         group_names = set()
         for tag, child in self.children(elem):
             if tag == 'listen':
-                listens.append(self.listen(child, name))
+                listens.append(self.listen(child, name, protocol))
             elif tag in ('allow', 'deny'):
                 acl.append((tag, self.values(child)['cidr']))
+            elif tag == 'udp':
+                if protocol != 'udp':
+                    raise self.error(child, f'service {name!r}: <udp> is only for a service with protocol="udp"')
+                if udp is not None:
+                    raise self.error(child, f'service {name!r}: more than one <udp>')
+                udp = Udp(self.lines[child], **self.values(child))
             elif tag == 'group':
-                group = self.group(child)
+                group = self.group(child, protocol, name)
                 if group.name in group_names:
                     raise self.error(child, f'service {name!r}: duplicate group {group.name!r}')
                 group_names.add(group.name)
@@ -1541,10 +1634,22 @@ class _ConfigReader(object):
                 if check is not None:
                     raise self.error(child, f'service {name!r}: more than one <check>')
                 check = Check(self.lines[child], **self.values(child))
+                both = [what for what in DNS_CHECK_REPLACES if check.dns and what in child.attrib]
+                if both:
+                    raise self.error(child, f'<check> dns writes its own query and judges the answer: '
+                                            f'give dns or {"/".join(DNS_CHECK_REPLACES)}, not both '
+                                            f'(this one has {", ".join(both)})')
+            elif tag == 'clients':
+                if clients is not None:
+                    raise self.error(child, f'service {name!r}: more than one <clients>')
+                clients = self.clients(child)
             else:
                 if timeouts is not None:
                     raise self.error(child, f'service {name!r}: more than one <timeouts>')
-                timeouts = Timeouts(self.lines[child], **self.values(child))
+                settings = self.values(child)
+                if protocol == 'udp' and 'idle' not in child.attrib:
+                    settings['idle'] = UDP_IDLE
+                timeouts = Timeouts(self.lines[child], **settings)
         if not listens:
             raise self.error(elem, f'service {name!r} has no <listen>')
         if not groups:
@@ -1554,17 +1659,35 @@ class _ConfigReader(object):
             enabled = enable.get('group')
             if not any(g.name == enabled for g in groups):
                 raise self.error(enable, f'service {name!r}: <enable> names unknown group {enabled!r}')
-        return Service(listens, groups, enabled, check, timeouts, acl, self.lines[elem], **values)
+        return Service(listens, groups, enabled, check, timeouts, acl, self.lines[elem], udp, clients=clients,
+                       **values)
+    def clients(self, elem):
+        clients = Clients(self.lines[elem], **self.values(elem))
+        if not clients.maxconns and clients.rate is None:
+            raise self.error(elem, '<clients> needs maxconns or rate (or both): it limits nothing')
+        if clients.burst is not None and clients.rate is None:
+            raise self.error(elem, '<clients> burst is only used with rate')
+        return clients
 
-    def listen(self, elem, service_name):
-        listen = Listen(self.lines[elem], **self.values(elem))
+    def refuse_tcp_only(self, elem, tag, protocol, service_name):
+        """A UDP service's <listen> or <host> with an attribute only TCP has: an error at its line."""
+        if protocol != 'udp':
+            return
+        for where, name in TCP_ONLY:
+            if where == tag and name in elem.attrib:
+                raise self.error(elem, f'<{elem.tag}> {name} needs TCP: service {service_name!r} '
+                                       f'is protocol="udp"')
+
+    def listen(self, elem, service_name, protocol='tcp'):
+        self.refuse_tcp_only(elem, 'listen', protocol, service_name)
+        listen = Listen(self.lines[elem], protocol, **self.values(elem))
         if listen.trusted and listen.accept_proxy is None:
             raise self.error(elem, '<listen> trusted is only used with accept_proxy')
         self.claim_listen(elem, listen.text, listen.host, listen.port, f'service {service_name!r}', listen,
                           service_name)
         return listen
 
-    def group(self, elem):
+    def group(self, elem, protocol='tcp', service_name=None):
         group = Group(line=self.lines[elem], **self.values(elem))
         hosts = []
         # Dicts, not a scan per host, so a group of 10,000 loads in linear
@@ -1575,6 +1698,7 @@ class _ConfigReader(object):
                 group.discovers.append(self.discover(child, group))
                 continue
             index = len(hosts)
+            self.refuse_tcp_only(child, 'host', protocol, service_name)
             host = self.host(child, index)
             ip_key = address_key(host.host, host.port)     # as addHost compares them
             same_name, same_ip = by_name.get(host.name), by_ip.get(ip_key)
@@ -3211,6 +3335,27 @@ def format_address(host, port):
     return '%s:%s' % (host or '*', port)
 
 
+def not_too_often(logged, kind, now, interval):
+    """For a line logged at most once per interval per kind: None to leave this one
+    out (counted), else how many were left out since the last.  logged: {kind:
+    [loop time of its last line, lines left out since]}, kept by the caller."""
+    last = logged.get(kind)
+    if last is not None and now - last[0] < interval:
+        last[1] += 1
+        return None
+    logged[kind] = [now, 0]
+    return last[1] if last is not None else 0
+
+
+def oserror_text(e):
+    """'connection refused' for an OSError with an errno, else its text."""
+    return error_text(e.errno) if e.errno else str(e)
+
+
+def left_out_text(count):
+    return ' (%d more like it not logged since the last such line)' % count if count else ''
+
+
 def error_text(err):
     """'connection refused' from an errno (log lines read better in lower case)."""
     text = os.strerror(err)
@@ -3253,6 +3398,44 @@ LOG_FILE_WRITE = 1 << 18     # bytes of one write to a regular file (to a pipe: 
 LOG_HANDED = 10000       # records other threads may have waiting for the loop (past it: dropped)
 
 
+# How a client's connection ended: the access log's end= field.  One line a reason:
+# its constant, which the code closes with, its text and what it means, which
+# README's table says in the same words (tests/test_tables.py holds them together).
+END_REASONS = collections.OrderedDict()
+
+
+def end_reason(text, meaning):
+    END_REASONS[text] = meaning
+    return text
+
+
+END_DONE = end_reason('done', 'both sides closed, every byte passed on')
+END_CLIENT_RESET = end_reason('client-reset', 'the client reset it (the backend, if any, was reset too)')
+END_BACKEND_RESET = end_reason('backend-reset', 'the backend reset it (the client was reset too)')
+END_IDLE_TIMEOUT = end_reason('idle-timeout', 'no byte either way for `<timeouts idle>`')
+END_NO_BACKEND = end_reason('no-backend', 'no host took it: none was eligible, or every one tried failed')
+END_HOST_DOWN = end_reason('host-down', 'its host went down by its checks, with `<check on_down="close">`')
+END_FULL = end_reason('full', "refused at once: the service's `maxconns` or its queue was full")
+END_QUEUE_TIMEOUT = end_reason('queue-timeout', 'no host had room within `<timeouts queue>`')
+END_DENIED = end_reason('denied', 'refused by the allow/deny rules, or not a `trusted` PROXY sender')
+END_BAD_PROXY = end_reason('bad-proxy', 'a bad PROXY header, or none within `<timeouts connect>`')
+END_DRAINED = end_reason('drained', "still on the old group when `enableGroup`'s drain time ran out")
+END_SHUTDOWN = end_reason('shutdown', 'still open when the balancer stopped, or still waiting (queued, or '
+                                      'reading its hello) when a reload removed its service or listen')
+END_ERROR = end_reason('error', 'a bug in its handling (logged with the traceback)')
+END_BAD_HELLO = end_reason('bad-hello', 'on a listen with `sni`: no TLS hello, a malformed or too big one, '
+                                        'or the client closed before it ended')
+END_HELLO_TIMEOUT = end_reason('hello-timeout', 'on a listen with `sni`: no whole hello within `<timeouts connect>`')
+END_UNKNOWN_SNI = end_reason('unknown-sni', 'on a listen with `sni`: the hello named no service here')
+END_LIMITED = end_reason('limited', 'refused at once (reset) by its service\'s `<clients>` limits: '
+                                    'too many open or too many new from its address')
+END_IDLE = end_reason('idle', 'a UDP session: no datagram either way for `<timeouts idle>`')
+END_RESPONSES = end_reason('responses', 'a UDP session: its `<udp responses>` replies came back (with 0: its '
+                                        'datagram was sent)')
+END_EVICTED = end_reason('evicted', "a UDP session: the least recently used, pushed out of its service's full "
+                                    '`<udp sessions>` table (or for an fd)')
+
+
 class AccessLog(object):
     """The access log: one line per finished client connection, on the
     'pydirector.access' logger's handlers, at INFO.
@@ -3285,17 +3468,15 @@ class AccessLog(object):
         return escaped
 
     def connection(self, pair, how):
-        """Keep a closed pair for its line, formatted when the batch is written."""
+        """Keep a closed pair (or UDP Session) for its line, formatted when the batch is
+        written; how: one of END_REASONS.  Or a TLSHelloReader: a client of a listen with
+        sni closed before any service was chosen (service=-, bytes_in the bytes it sent,
+        none relayed)."""
         # The wall clock now, as a LogRecord's: not the loop's time (read as this iteration
         # began), so a record logged before in this iteration cannot carry a later time.
         self.kept.append((pair, how, time.time()))
         if self.timer is None:
             self.timer = self.loop.call_later(ACCESS_FLUSH, self.flush)
-
-    def hello_refused(self, reader, how):
-        """A client of a listen with sni closed before any service was chosen
-        (a TLSHelloReader): service=-, and bytes_in the bytes it sent, none relayed."""
-        self.connection(reader, how)
 
     PREFIX = len('2026-12-01 21:40:00,123 INFO ')
 
@@ -3321,6 +3502,9 @@ class AccessLog(object):
                 service = pair.service.name
                 failovers = len(pair.tried) - 1 if pair.tried else 0
                 bytes_in, bytes_out = pair.bytes_in, pair.bytes_out
+            elif type(pair) is Session:
+                append(self.session_line(pair, how, when - offset, '%s,%03d' % (date, (when - second) * 1000)))
+                continue
             else:   # a TLSHelloReader: no service, nothing relayed
                 host, service, failovers, bytes_in, bytes_out = None, '-', 0, pair.received, 0
             host_text = hosts.get(host)
@@ -3337,6 +3521,20 @@ class AccessLog(object):
                        '-' if sni is None else value(sni), host_text, failovers,
                        bytes_in, bytes_out, when - offset - pair.started, how))
         return lines
+
+    def session_line(self, session, how, now, stamp):
+        """The line of an ended UDP session: its datagrams and bytes each way (now: its end, in loop time)."""
+        host = session.host or (session.tried[-1] if session.tried else None)
+        host_text = self.host_texts.get(host)
+        if host_text is None:
+            host_text = self.host_texts[host] = ('host=%s backend=%s' % (self.value(host.name), self.value(host.ip))
+                                                 if host else 'host=- backend=-')
+        ip = session.client_ip
+        return ('%s INFO access service=%s client=%s:%d protocol=udp %s failovers=%d datagrams_in=%d '
+                'datagrams_out=%d bytes_in=%d bytes_out=%d duration=%.3f end=%s\n' % (
+                    stamp, self.value(session.service.name), '[%s]' % ip if ':' in ip else ip, session.client_port,
+                    host_text, max(0, len(session.tried) - 1), session.datagrams_in, session.datagrams_out,
+                    session.bytes_in, session.bytes_out, now - session.started, how))
 
     def flush(self):
         """Hand what is kept to the log targets; from the loop thread, or once the loop has stopped."""
@@ -3994,27 +4192,35 @@ OUT_OF_FDS = frozenset([errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM]
 LINGER_RESET = b'\x01\x00\x00\x00\x00\x00\x00\x00'  # struct linger {on, 0 s}: close sends RST
 
 
-def listen_socket(host, port, backlog=None):
+def listen_socket(host, port, backlog=None, protocol='tcp', reuseport=False):
     """A bound, listening, non-blocking TCP socket ('' or '*' for every IPv4
-    address); OSError (with the address in its text) says why not."""
+    address), or with protocol 'udp' a bound UDP one (reuseport: with
+    SO_REUSEPORT, so that more sockets may bind the address, one per worker);
+    OSError (with the address in its text) says why not."""
     host = '0.0.0.0' if host in ('', '*') else host
+    kind = socket.SOCK_DGRAM if protocol == 'udp' else socket.SOCK_STREAM
     try:
-        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+        infos = socket.getaddrinfo(host, port, 0, kind, 0, socket.AI_PASSIVE)
     except socket.gaierror as e:
         raise OSError(e.errno, 'cannot listen on %s: %s' % (format_address(host, port), e.strerror)) from None
     family, _, _, _, sockaddr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, kind)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # (Not on UDP: there Linux lets a second socket bind the same address with it.)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             # As nginx does: [::]:80 means IPv6 only, so *:80 can be bound beside it.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        if family in (socket.AF_INET, socket.AF_INET6):
+        if kind == socket.SOCK_STREAM and family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(IPPROTO_TCP, TCP_NODELAY, 1)    # accepted sockets inherit it (Linux)
         sock.bind(sockaddr)
-        if backlog is None:
-            backlog = socket.SOMAXCONN if socket.SOMAXCONN > 4096 else 4096
-        sock.listen(backlog)
+        if kind == socket.SOCK_STREAM:
+            if backlog is None:
+                backlog = socket.SOMAXCONN if socket.SOMAXCONN > 4096 else 4096
+            sock.listen(backlog)
         sock.setblocking(False)
     except OSError as e:
         sock.close()
@@ -4139,15 +4345,10 @@ class Listener(object):
             self.unmatched += 1
         else:
             self.bad[kind] = self.bad.get(kind, 0) + 1
-        now = self.loop.now
-        last = self.logged.get(kind)
-        if last is not None and now - last[0] < HELLO_LOG_INTERVAL:
-            last[1] += 1
-            return
-        self.logged[kind] = [now, 0]
-        left_out = last[1] if last is not None else 0
-        log.warning('listen %s: client %s: %s%s', self.text, format_address(client_ip, client_port), why,
-                    ' (%d more like it not logged since the last such line)' % left_out if left_out else '')
+        left_out = not_too_often(self.logged, kind, self.loop.now, HELLO_LOG_INTERVAL)
+        if left_out is not None:
+            log.warning('listen %s: client %s: %s%s', self.text, format_address(client_ip, client_port), why,
+                        left_out_text(left_out))
 
 
 PROXY_HEADER, QUEUED = 'proxy-header', 'queued'
@@ -4181,7 +4382,7 @@ class ProxyHeaderReader(object):
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            pair.abort('client-reset')
+            pair.abort(END_CLIENT_RESET)
             return
         if not data:
             self._fail('closed before the header ended')
@@ -4204,7 +4405,7 @@ class ProxyHeaderReader(object):
         pair = self.pair
         log.warning('client %s:%s in %s: bad PROXY header: %s',
                     pair.client_ip, pair.client_port, pair.service.name, why)
-        pair.close('bad-proxy')
+        pair.close(END_BAD_PROXY)
 
     def cancel(self):
         if self.timer is not None:
@@ -4273,11 +4474,11 @@ class TLSHelloReader(object):
             return
         except OSError:
             self.refuse('truncated', 'reset after %d bytes, before its TLS hello ended' % self.received,
-                        'client-reset')
+                        END_CLIENT_RESET)
             return
         if not chunk:
             self.refuse('truncated', 'closed after %d bytes, before its %s ended' % (
-                self.received, 'PROXY header' if self.proxy is not None else 'TLS hello'), 'bad-hello')
+                self.received, 'PROXY header' if self.proxy is not None else 'TLS hello'), END_BAD_HELLO)
             return
         self.received += len(chunk)
         data += chunk
@@ -4287,18 +4488,18 @@ class TLSHelloReader(object):
             result = self.hello.read(data)
         except ValueError as e:
             message = str(e)
-            self.refuse(hello_problem(message), 'bad TLS hello: %s' % message, 'bad-hello')
+            self.refuse(hello_problem(message), 'bad TLS hello: %s' % message, END_BAD_HELLO)
             return
         if result is None:
             if len(data) >= TLS_HELLO_MAX + 5:     # cannot happen: the reader refuses first
-                self.refuse('too-big', 'TLS hello over %d bytes' % TLS_HELLO_MAX, 'bad-hello')
+                self.refuse('too-big', 'TLS hello over %d bytes' % TLS_HELLO_MAX, END_BAD_HELLO)
             return
         self.sni = name = result[1]
         match = self.listener.match(name)
         if match is None:
             self.refuse('unmatched', 'TLS hello for %r, which no service here takes (and none has \'*\')' % name
                         if name is not None else 'TLS hello without a server name, and no service here has \'*\'',
-                        'unknown-sni')
+                        END_UNKNOWN_SNI)
             return
         self.timer.cancel()
         self.timer = None
@@ -4312,7 +4513,7 @@ class TLSHelloReader(object):
         try:
             header = parse_proxy_header(data, self.proxy, PROXY_HEADER_LIMIT)
         except ValueError as e:
-            self.refuse('bad-proxy', 'bad PROXY header: %s' % e, 'bad-proxy')
+            self.refuse('bad-proxy', 'bad PROXY header: %s' % e, END_BAD_PROXY)
             return False
         if header is None:
             return False
@@ -4328,7 +4529,7 @@ class TLSHelloReader(object):
         self.timer = None
         self.refuse('timeout', 'no whole %s within %g s (%d bytes came)' % (
             'PROXY header' if self.proxy is not None else 'TLS hello', self.listener.hello_timeout,
-            self.received), 'hello-timeout')
+            self.received), END_HELLO_TIMEOUT)
 
     def refuse(self, kind, why, how):
         """Close the client for bad input (kind: HELLO_PROBLEMS or 'unmatched'); its listener
@@ -4350,7 +4551,7 @@ class TLSHelloReader(object):
         self.director.hello_closed(self, how)
 
     def close_on_error(self):
-        self.close('error')
+        self.close(END_ERROR)
 
 
 class Pair(object):
@@ -4371,7 +4572,7 @@ class Pair(object):
                  'client_fd', 'backend_fd', 'client_ip', 'client_port', 'state', 'tried',
                  'to_client', 'to_backend', 'client_eof', 'backend_eof', 'client_events',
                  'backend_events', 'timer', 'last_active', 'bytes_in', 'bytes_out', 'started',
-                 'proxy_dest', 'header', 'splice_up', 'splice_down', 'sni')
+                 'proxy_dest', 'header', 'splice_up', 'splice_down', 'sni', 'limit')
 
     def __init__(self, director, service, client_sock, client_addr):
         self.director = director
@@ -4398,6 +4599,7 @@ class Pair(object):
         self.splice_up = None     # a Splice once client->backend moves in bulk
         self.splice_down = None   # and backend->client
         self.sni = None           # the server name of its TLS hello, on a listen with sni
+        self.limit = None         # its ClientEntry, in a service with <clients>
 
     def __repr__(self):
         return '<Pair %s:%s in %s, %s>' % (self.client_ip, self.client_port, self.service.name, self.state)
@@ -4426,7 +4628,7 @@ class Pair(object):
         counts = self.director.worker_counts
         if len(queue) >= QUEUE_LIMIT if counts is None else counts.queue_full(service):
             service.refused += 1
-            self.close('full')
+            self.close(END_FULL)
             return
         self.state = QUEUED
         queue.append(self)
@@ -4445,7 +4647,7 @@ class Pair(object):
         self.timer = None
         log.info('client %s:%s in %s: no host free within %g s',
                  self.client_ip, self.client_port, self.service.name, self.service.timeouts.queue)
-        self.close('queue-timeout')
+        self.close(END_QUEUE_TIMEOUT)
 
     # -- connecting -------------------------------------------------------
 
@@ -4504,7 +4706,7 @@ class Pair(object):
             self.timer = None
             log.info('client %s:%s in %s: idle for %.0f s, closing',
                      self.client_ip, self.client_port, self.service.name, idle_for)
-            self.close('idle-timeout')
+            self.close(END_IDLE_TIMEOUT)
         else:
             # Re-arming once per idle period is cheaper than a timer per byte.
             self.timer = self.loop.call_later(limit - idle_for, self._on_timer)
@@ -4597,7 +4799,7 @@ class Pair(object):
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            self.abort('client-reset' if upstream else 'backend-reset')
+            self.abort(END_CLIENT_RESET if upstream else END_BACKEND_RESET)
             return
         if not data:
             self._source_eof(upstream)
@@ -4609,7 +4811,7 @@ class Pair(object):
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:
-            self.abort('backend-reset' if upstream else 'client-reset')
+            self.abort(END_BACKEND_RESET if upstream else END_CLIENT_RESET)
             return
         if upstream:
             self.bytes_in += size
@@ -4636,7 +4838,7 @@ class Pair(object):
             self.backend_eof = True
             done, other, sock = self.client_eof, to_client, self.client_sock
         if done and not to_client and not to_backend:
-            self.close('done')      # both ends done: close() sends the FIN a shutdown would
+            self.close(END_DONE)      # both ends done: close() sends the FIN a shutdown would
             return
         if not other:
             try:
@@ -4669,7 +4871,7 @@ class Pair(object):
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            self.abort('backend-reset' if upstream else 'client-reset')
+            self.abort(END_BACKEND_RESET if upstream else END_CLIENT_RESET)
             return
         self.last_active = self.loop.now
         if upstream:
@@ -4700,7 +4902,7 @@ class Pair(object):
         to_client = self.to_client or (self.splice_down is not None and self.splice_down.pending)
         to_backend = self.to_backend or (self.splice_up is not None and self.splice_up.pending)
         if self.client_eof and self.backend_eof and not to_client and not to_backend:
-            self.close('done')
+            self.close(END_DONE)
             return
         client = backend = 0
         if to_client:
@@ -4764,9 +4966,9 @@ class Pair(object):
         self.close(how)
 
     def close_on_error(self):
-        self.abort('error')
+        self.abort(END_ERROR)
 
-    def close(self, how='no-backend'):
+    def close(self, how=END_NO_BACKEND):
         state = self.state
         if state is CLOSED:
             return
@@ -4830,7 +5032,7 @@ class Splice(object):
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            pair.abort('client-reset' if upstream else 'backend-reset')
+            pair.abort(END_CLIENT_RESET if upstream else END_BACKEND_RESET)
             return
         if not size:
             pair._source_eof(upstream)
@@ -4851,7 +5053,7 @@ class Splice(object):
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:
-            pair.abort('backend-reset' if upstream else 'client-reset')
+            pair.abort(END_BACKEND_RESET if upstream else END_CLIENT_RESET)
             return
         self.pending -= sent
         pair._sent_all_or_wait(upstream, dest, was_pending)
@@ -4860,6 +5062,983 @@ class Splice(object):
         os.close(self.r)
         os.close(self.w)
         Splice.count -= 1
+# ---------------------------------------------------------------------------
+# Datagrams: UDP services (<service protocol="udp">), on the same loop,
+# schedulers, health checks and admin as TCP.
+#
+# A DatagramListener reads client datagrams.  Each client (its address, on
+# one listen) has a Session, the UDP analogue of a Pair: it owns one socket
+# connected to the host the scheduler picked, so that replies map back to
+# the client and an ICMP error from the host surfaces (ECONNREFUSED).  A
+# session ends after <udp responses> replies per request datagram (0: once
+# its request is sent), when idle for <timeouts idle>, or when evicted from
+# its service's bounded table (SessionTable, least recently used first).
+# Nothing a flood of clients sends grows memory or fds past that table.
+# ---------------------------------------------------------------------------
+
+SOCK_DGRAM_NONBLOCK = socket.SOCK_DGRAM | SOCK_NONBLOCK
+DATAGRAM_MAX = 65535       # the largest datagram read (one over IPv4 carries at most 65,507 bytes)
+DATAGRAM_BATCH = 64        # datagrams a listener reads per readable event, so a flood cannot starve the rest
+BATCH_STREAK = 4           # readable events that each find a whole batch before the listener reads twice as many
+REPLY_BATCH = 16           # replies a session reads per readable event
+KEEP_REQUEST = 1232        # bytes: a request up to this size is kept until its reply, to re-send it to
+                           # another host after an ICMP error (DNS's EDNS size); a longer one is not
+SWEEP_GRAIN = 0.05         # seconds: the idle sweep of a table runs at most this often
+UDP_LOG_INTERVAL = 1.0     # seconds between a service's lines of one kind (evictions, drops, no host)
+REUSEPORT = hasattr(socket, 'SO_REUSEPORT')
+# What a connected UDP socket reports of an ICMP error: the host's port is closed, or it
+# cannot be reached.  Each marks the host down, as a failed TCP connect does.
+ICMP_ERRORS = frozenset([errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH,
+                         getattr(errno, 'EHOSTDOWN', errno.EHOSTUNREACH)])
+
+# One buffer for every datagram: the loop handles one at a time, and sends it on from
+# here, never copied (but for the small copy KEEP_REQUEST allows).
+_datagram = bytearray(DATAGRAM_MAX)
+_datagram_view = memoryview(_datagram)
+
+
+class DatagramListener(object):
+    """The socket of one UDP listen address: the Listener of a UDP service.
+
+    A single process reads its one socket.  A master holds one socket per
+    worker (socks, bound with SO_REUSEPORT: the kernel hashes each client's
+    addresses to one socket of the group, so all of a client's datagrams
+    reach one worker and its session) and reads none; each worker reads the
+    one of its slot, which outlives it: a restarted worker gets the same
+    socket back, and the kernel's spread does not change.
+
+    A readable event reads `batch` datagrams at most: one while they come one
+    at a time, doubling (up to DATAGRAM_BATCH) after BATCH_STREAK events that
+    each found a whole batch, and back to what one found when it ran dry.
+    Reading until the socket is empty costs a failed read (and Python's
+    exception) per event, which at a low rate is one per datagram."""
+
+    sni = None              # as a TCP Listener without sni, to the code both serve
+    accept_proxy = None
+
+    def __init__(self, director, service, sock, listen):
+        self.director = director
+        self.loop = director.loop
+        self.service = service
+        self.sock = sock
+        self.socks = [sock]
+        self.fd = sock.fileno()
+        self.batch = 1
+        self.streak = 0
+        self.configure(listen)
+        self.registered = director.accept
+        if self.registered:
+            self.loop.add(self.fd, EVENT_READ, self._on_readable)
+        self.widen(director.master.count if director.master is not None else director.udp_slots)
+
+    def __repr__(self):
+        return '<DatagramListener %s>' % self.text
+
+    def configure(self, listen, sni=None, hello_timeout=None):
+        self.listen = listen
+        self.text = listen.text
+
+    def widen(self, count):
+        """A master's: a socket per worker, each bound to the address in its
+        SO_REUSEPORT group.  Without SO_REUSEPORT every worker reads the one socket
+        (a client's datagrams may then reach several workers, a session in each)."""
+        while REUSEPORT and len(self.socks) < count:
+            self.socks.append(listen_socket(self.listen.host, self.listen.port, protocol='udp', reuseport=True))
+
+    def socket_for(self, worker):
+        """The socket worker number `worker` reads (from 1)."""
+        return self.socks[worker - 1] if worker <= len(self.socks) else self.sock
+
+    def _on_readable(self, mask):
+        receive = self.sock.recvfrom_into
+        table = self.service.udp
+        sessions = table.sessions
+        count = 0
+        batch = self.batch
+        try:
+            for count in range(batch):
+                try:
+                    size, client = receive(_datagram)
+                except (BlockingIOError, InterruptedError):
+                    self.batch = count or 1
+                    self.streak = 0
+                    return
+                except OSError as e:
+                    log.debug('listen %s: %s', self.text, e)    # an error queued on the socket: it is read now
+                    continue
+                # SessionTable.datagram, written out: this is once a datagram.
+                key = (client, self)
+                session = sessions.get(key)
+                if session is not None:
+                    sessions.move_to_end(key)
+                    session.forward(size)
+                else:
+                    table.open(key, self, size)
+            count += 1
+            self.streak += 1
+            if self.streak >= BATCH_STREAK and batch < DATAGRAM_BATCH:
+                self.batch = batch * 2
+                self.streak = 0
+        finally:
+            self.service.datagrams_in += count
+
+    def pause(self, err):
+        """Out of fds: a TCP listener stops accepting; here sessions make room (SessionTable.evict)."""
+
+    def close(self):
+        if self.sock.fileno() < 0:
+            return
+        # Their replies would go out through this socket.
+        self.director.end_sessions(lambda session: session.listener is self, END_SHUTDOWN)
+        if self.registered:
+            self.loop.remove(self.fd)   # not forget: in a worker the socket is the master's too
+            self.registered = False
+        for sock in self.socks:
+            sock.close()
+
+    close_on_error = close
+
+
+class SessionTable(object):
+    """A UDP service's sessions in this process, least recently used first.
+
+    Keyed by (client address, listener).  A datagram either way moves its
+    session to the end, so the idle sweep and eviction only ever look at the
+    front: each costs what it ends, never a scan, and one timer serves the
+    whole table.  At most `limit` (<udp sessions>) are held; a new client
+    past it evicts the oldest.  What it counts goes into its RunningService
+    (evicted, dropped, datagrams_in, datagrams_out: rows of COUNTERS)."""
+
+    def __init__(self, director, service):
+        self.director = director
+        self.loop = director.loop
+        self.service = service
+        self.sessions = collections.OrderedDict()
+        self.timer = None
+        self.logged = {}            # kind -> [loop time of its last line, lines left out since]
+        self.configure(service.config)
+
+    def __repr__(self):
+        return '<SessionTable %s: %d>' % (self.service.name, len(self.sessions))
+
+    def configure(self, config):
+        """The service's (new) <udp> settings; a smaller limit evicts at once, and the
+        sweep is due by the (new) idle timeout, not the one it was armed for."""
+        self.limit = config.udp.sessions
+        self.responses = config.udp.responses
+        while len(self.sessions) > self.limit:
+            self.evict()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+            self.arm()
+
+    def open(self, key, listener, size):
+        """A new client: the service's rules, a place in the table, a host, then its datagram."""
+        service = self.service
+        director = self.director
+        acl = service.config.acl
+        if acl and not acl_allows(acl, key[0][0]):
+            service.denied += 1
+            return
+        maxconns = service.config.maxconns
+        service.open += 1
+        counts = director.worker_counts
+        if maxconns and (service.open > maxconns if counts is None else counts.service_full(service)):
+            service.open -= 1
+            service.refused += 1
+            self.complain('full', '%d sessions open (maxconns): dropping the datagrams of new clients' % maxconns)
+            return
+        while len(self.sessions) >= self.limit and self.evict():
+            pass
+        session = Session(self, listener, key)
+        problem = session.connect_next()
+        if problem is not None:
+            service.open -= 1
+            service.refused += 1
+            self.complain('no-host', problem)
+            return
+        service.accepted += 1
+        if self.responses != 0:
+            self.sessions[key] = session
+            session.watch()
+            if self.timer is None:
+                self.arm()
+        session.forward(size)
+
+    def evict(self, spare=None):
+        """End the least recently used session (but spare) to make room; False if there is none."""
+        for session in self.sessions.values():
+            if session is not spare:
+                break
+        else:
+            return False
+        self.service.evicted += 1
+        self.complain('evicted', '%d sessions held (<udp sessions>): evicting the least recently used'
+                      % len(self.sessions))
+        session.close(END_EVICTED)
+        return True
+
+    def touch(self, session):
+        session.last_active = self.loop.now
+        self.sessions.move_to_end(session.key)
+
+    def arm(self):
+        """The one timer: when the least recently used session would be idle for long enough."""
+        if self.sessions:
+            oldest = next(iter(self.sessions.values()))
+            due = oldest.last_active + self.service.timeouts.idle - self.loop.now
+            self.timer = self.loop.call_later(max(due, SWEEP_GRAIN), self.sweep)
+
+    def sweep(self):
+        self.timer = None
+        sessions = self.sessions
+        since = self.loop.now - self.service.timeouts.idle
+        while sessions:
+            session = next(iter(sessions.values()))
+            if session.last_active > since:
+                break
+            session.close(END_IDLE)
+        self.arm()
+
+    def drop(self, why):
+        self.service.dropped += 1
+        self.complain('dropped', 'dropped a datagram: %s' % why)
+
+    def complain(self, kind, text):
+        left_out = not_too_often(self.logged, kind, self.loop.now, UDP_LOG_INTERVAL)
+        if left_out is not None:
+            log.warning('service %s: %s%s', self.service.name, text, left_out_text(left_out))
+
+    def close_all(self, how):
+        for session in list(self.sessions.values()):
+            session.close(how)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def snapshot(self):
+        service = self.service
+        return {'responses': self.responses, 'sessions_max': self.limit, 'evicted': service.evicted,
+                'dropped': service.dropped, 'datagrams_in': service.datagrams_in,
+                'datagrams_out': service.datagrams_out}
+
+
+class Session(object):
+    """One client of a UDP service (its address, on one listen) and the socket
+    connected to its host, the UDP analogue of a Pair.
+
+    Requests go out on that socket, replies come back on it and are sent to
+    the client from the listen's socket.  owed counts the replies still due
+    (<udp responses> per request); at 0 the session ends.  An ICMP error
+    (ECONNREFUSED) marks the host down, and the request it refused (request,
+    kept until a reply comes when at most KEEP_REQUEST bytes) goes once to
+    another host.  closed: ended, its socket too."""
+    __slots__ = ('table', 'service', 'group', 'listener', 'key', 'client_ip', 'client_port', 'host', 'sock',
+                 'fd', 'tried', 'owed', 'request', 'started', 'last_active', 'datagrams_in', 'datagrams_out',
+                 'bytes_in', 'bytes_out', 'closed')
+
+    def __init__(self, table, listener, key):
+        self.table = table
+        self.service = table.service
+        self.group = table.service.enabled
+        self.listener = listener
+        self.key = key
+        self.client_ip, self.client_port = key[0][0], key[0][1]
+        self.host = None
+        self.sock = None
+        self.fd = -1                # while watched
+        self.tried = ()
+        self.owed = 0
+        self.request = None
+        self.started = self.last_active = table.loop.now
+        self.datagrams_in = self.datagrams_out = self.bytes_in = self.bytes_out = 0
+        self.closed = False
+
+    def __repr__(self):
+        return '<Session %s in %s>' % (format_address(self.client_ip, self.client_port), self.service.name)
+
+    def connect_next(self):
+        """Connect a socket to the next host the scheduler offers (a UDP connect sends
+        nothing: it fixes the peer, so that only its replies and errors come back).
+        None once connected, else why not."""
+        director = self.table.director
+        scheduler = self.group.scheduler
+        worker = director.worker
+        while True:
+            host = scheduler.pick(self.client_ip, self.tried) if worker is None else worker.pick(self, scheduler)
+            if host is None:
+                if self.tried:
+                    return 'no host left after %d failed' % len(self.tried)
+                return 'no host available in group %s: dropping the datagrams of new clients' % self.group.name
+            if self.tried:
+                self.service.failovers += 1
+            self.tried += (host,)
+            scheduler.connection_started(host)
+            err = self._connect(host)
+            if not err:
+                return None
+            self._forget_host(host)
+            reason = error_text(err)
+            if err in LOCAL_CONNECT_ERRORS:
+                return 'cannot open a socket to host %s (%s): %s' % (host.name, host.ip, reason)
+            director.connect_failed(self, host, reason)
+
+    def _connect(self, host):
+        address = host.address
+        if address is None:     # a name the manager has not resolved yet
+            return errno.EHOSTUNREACH
+        for _ in range(2):
+            try:
+                sock = _socket.socket(address[0], SOCK_DGRAM_NONBLOCK)
+                break
+            except OSError as e:
+                # Out of fds: the oldest session gives up its socket, once.
+                if e.errno not in OUT_OF_FDS or not self.table.evict(spare=self):
+                    return e.errno
+        else:
+            return errno.EMFILE
+        if not SOCK_NONBLOCK:
+            sock.setblocking(False)
+        err = sock.connect_ex(address[1])
+        if err:
+            sock.close()
+            return err
+        self.sock = sock
+        self.host = host
+        return 0
+
+    def _forget_host(self, host):
+        """The host this session leaves (it refused, or could not be reached): not served by it."""
+        self._drop_socket()
+        self.group.scheduler.connection_ended(host)
+        if not self.datagrams_out:
+            host.total -= 1
+        self.host = None
+        if self.table.director.worker_counts is not None:
+            self.table.director.worker_counts.publish((host,))
+
+    def watch(self):
+        self.fd = self.sock.fileno()
+        self.table.loop.add(self.fd, EVENT_READ, self._on_readable)
+
+    def forward(self, size):
+        """A request datagram, the first `size` bytes of the shared buffer, to the host."""
+        table = self.table
+        self.datagrams_in += 1
+        self.bytes_in += size
+        self.last_active = table.loop.now
+        data = _datagram_view[:size]
+        try:
+            self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            table.drop('the socket to host %s is full' % self.host.name)
+            return
+        except OSError as e:
+            # ECONNREFUSED: an ICMP error that an earlier datagram met; unreachable() re-sends this one.
+            self.request = bytes(data) if size <= KEEP_REQUEST else None
+            self._failed(e)
+            return
+        responses = table.responses
+        if responses == 0:
+            self.close(END_RESPONSES)     # sent and forgotten
+            return
+        if responses is not None:
+            self.owed += responses
+        self.request = bytes(data) if size <= KEEP_REQUEST else None
+
+    def _on_readable(self, mask):
+        table = self.table
+        receive = self.sock.recv_into
+        send = self.listener.sock.sendto
+        client = self.key[0]
+        counted = table.responses is not None
+        for _ in range(REPLY_BATCH):
+            try:
+                size = receive(_datagram)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                self._failed(e)
+                return
+            self.datagrams_out += 1
+            self.bytes_out += size
+            self.service.datagrams_out += 1
+            self.request = None
+            try:
+                send(_datagram_view[:size], client)
+            except OSError as e:    # a full buffer, a client that cannot be reached: lost, as UDP may
+                table.drop('to client %s: %s' % (format_address(self.client_ip, self.client_port),
+                                                  oserror_text(e)))
+            if counted:
+                self.owed -= 1
+                if self.owed <= 0:
+                    self.close(END_RESPONSES)
+                    return
+        table.touch(self)
+
+    def _failed(self, e):
+        """A send or receive on the host's socket failed: an ICMP error (unreachable), or the end."""
+        if e.errno in ICMP_ERRORS:
+            self.unreachable(error_text(e.errno))
+        else:
+            self.table.drop('host %s: %s' % (self.host.name, oserror_text(e)))
+            self.close(END_ERROR)
+
+    def unreachable(self, reason):
+        """An ICMP error came back (the host's port is closed: ECONNREFUSED): the host is
+        down, and the request it refused goes once to another host, as a TCP client fails over."""
+        host = self.host
+        director = self.table.director
+        request, self.request = self.request, None
+        self._forget_host(host)
+        director.connect_failed(self, host, reason)
+        if request is None:
+            self.close(END_ERROR)
+            return
+        problem = self.connect_next()
+        if problem is not None:
+            log.warning('client %s in %s: %s', format_address(self.client_ip, self.client_port),
+                        self.service.name, problem)
+            self.close(END_ERROR)
+            return
+        if self.table.sessions.get(self.key) is self:
+            self.watch()
+        try:
+            self.sock.send(request)
+        except OSError as e:
+            self._failed(e)     # unreachable too: that host is down, and the request is not kept
+
+    def _drop_socket(self):
+        if self.sock is not None:
+            if self.fd >= 0:
+                self.table.loop.forget(self.fd)
+                self.fd = -1
+            self.sock.close()
+            self.sock = None
+
+    def close(self, how):
+        if self.closed:
+            return
+        self.closed = True
+        table = self.table
+        if table.sessions.get(self.key) is self:
+            del table.sessions[self.key]
+        self._drop_socket()
+        self.service.open -= 1
+        host = self.host
+        if host is not None:
+            self.group.scheduler.connection_ended(host)
+            host.bytes_in += self.bytes_in
+            host.bytes_out += self.bytes_out
+        table.director.session_closed(self, how)
+
+    def close_on_error(self):
+        self.close(END_ERROR)
+# Client limits: a service's <clients maxconns rate burst mode>, per client
+# address (nginx's limit_conn and limit_req, HAProxy's src_conn_cur and
+# src_conn_rate).
+#
+# A ClientLimits per service keeps a bounded table: client key -> ClientEntry,
+# its open connections and its rate's theoretical arrival time (GCRA: the
+# token bucket as one number, refilled by arithmetic at each new connection,
+# never by a timer).  admit(key, now) counts a new connection or says no;
+# release(entry, now) counts it closed.  A key is the address text for IPv4
+# and an int for IPv6, which counts per v6prefix (client_key).  An entry with
+# no open connection and a full bucket is dropped: it holds nothing.  When
+# the table is full, its entry idle longest is evicted, and counted.
+#
+# With workers, each worker also writes its entries into a ClientShare, a
+# table in shared memory where every worker writes only its own row and
+# reads the others' lines of a key, so the limits hold in total.  No lock: two
+# workers admitting the same client at the same instant may both pass, one
+# connection over the limit.
+# ---------------------------------------------------------------------------
+
+V4_MAPPED = b'\0' * 10 + b'\xff\xff'
+CLIENT_SWEEP_MIN = 1024     # new entries before the first sweep of dropped-able entries
+
+
+def client_key(ip, v6prefix=64):
+    """The key a client address counts under: the IPv4 address text itself (an
+    IPv4-mapped IPv6 address too), or for IPv6 an int holding its first v6prefix
+    bits and v6prefix (so keys of two prefix lengths never meet)."""
+    if ':' not in ip:
+        return ip
+    raw = socket.inet_pton(socket.AF_INET6, ip.partition('%')[0])
+    if raw[:12] == V4_MAPPED:
+        return socket.inet_ntoa(raw[12:])
+    return (int.from_bytes(raw[:8], 'big') >> (64 - v6prefix)) << 7 | v6prefix
+
+
+def client_key_text(key):
+    """'192.0.2.7' or '2001:db8:1:2::/64': what a key stands for."""
+    if isinstance(key, str):
+        return key
+    prefix = key & 127
+    return '%s/%d' % (ipaddress.IPv6Address((key >> 7) << (128 - prefix)), prefix)
+
+
+class ClientEntry(object):
+    """One client's place in a ClientLimits table: its open connections and its
+    rate's theoretical arrival time (loop seconds; the bucket is full once it is
+    past).  With workers, where: (k1, k2, home) of its key in the ClientShare,
+    and at: the offset of its line in this worker's row (-1: not there)."""
+    __slots__ = ('key', 'open', 'tat', 'where', 'at')
+
+    def __init__(self, key, where=None):
+        self.key = key
+        self.open = 0
+        self.tat = 0.0
+        self.where = where
+        self.at = -1
+
+    def __repr__(self):
+        return '<ClientEntry %s open %d>' % (client_key_text(self.key), self.open)
+
+
+class ClientLimits(object):
+    """The per-client limits of one service (a <clients>): see the section's
+    comment.  counts is the object whose limited, limited_dry and
+    client_evictions it counts (the RunningService).  UDP sessions may count
+    against it too: admit a key, release the entry."""
+
+    def __init__(self, config, counts):
+        self.table = collections.OrderedDict()     # key -> ClientEntry, idle longest first
+        self.counts = counts
+        self.share = None       # a worker's ClientShare, once its service has a slot
+        self.k1 = 0             # the service's part of a shared key (its slot * 256)
+        self.why = None         # of the last refusal: 'maxconns' or 'rate'
+        self.inserts = 0        # new entries since the last sweep
+        self.sweep_after = CLIENT_SWEEP_MIN
+        self.configure(config)
+
+    def configure(self, config):
+        """Take (new) settings: a reload changes them in place, entries and all."""
+        self.config = config
+        self.maxconns = config.maxconns
+        rate = config.rate or 0.0
+        self.interval = 1.0 / rate if rate else 0.0
+        self.burst = config.burst if config.burst is not None else max(1, int(math.ceil(rate)))
+        # The bucket holds burst: a connection passes while its arrival time is at most
+        # burst - 1 intervals ahead.  The margin absorbs the sums' rounding.
+        self.tau = (self.burst - 1) * self.interval + self.interval * 1e-3
+        self.enforce = config.mode == 'enforce'
+        self.v6prefix = config.v6prefix
+        self.size = config.table
+        while len(self.table) > self.size:
+            self.evict(time.monotonic())
+
+    def key(self, ip):
+        return client_key(ip, self.v6prefix)
+
+    # -- the hot path -----------------------------------------------------------
+
+    def admit(self, key, now):
+        """A new connection of client `key`: its entry with the connection counted, or
+        None when a limit refuses it (why says which; counted as limited, or in mode
+        log as limited_dry: the caller lets it through then, uncounted)."""
+        if self.share is not None:
+            return self._admit_shared(key, now)
+        table = self.table
+        entry = table.get(key)
+        if entry is None:
+            # A new client passes (maxconns and burst are at least 1).
+            if len(table) >= self.size or self.inserts >= self.sweep_after:
+                self.make_room(now)
+            self.inserts += 1
+            entry = table[key] = ClientEntry(key)
+            entry.open = 1
+            if self.interval:
+                entry.tat = now + self.interval
+            return entry
+        table.move_to_end(key)      # a client refused is not idle: its entry is kept longest
+        if self.maxconns and entry.open >= self.maxconns:
+            return self.refuse('maxconns')
+        interval = self.interval
+        if interval:
+            tat = entry.tat
+            if tat < now:
+                tat = now
+            elif tat - now > self.tau:
+                return self.refuse('rate')
+            entry.tat = tat + interval
+        entry.open += 1
+        return entry
+
+    def take(self, key, now):
+        """Count a connection that is open already, limits or not (a reload brought them)."""
+        entry = self.table.get(key)
+        if entry is None:
+            if len(self.table) >= self.size:
+                self.make_room(now)
+            entry = self.table[key] = ClientEntry(key)
+        entry.open += 1
+        return entry
+
+    def refuse(self, why):
+        self.why = why
+        if self.enforce:
+            self.counts.limited += 1
+        else:
+            self.counts.limited_dry += 1
+        return None
+
+    def release(self, entry, now):
+        """A connection admit counted has closed."""
+        entry.open -= 1
+        if entry.at >= 0:
+            self.share.view[entry.at + 2] = entry.open
+        if not entry.open and entry.tat <= now and self.table.get(entry.key) is entry:
+            self.drop(entry)
+
+    def _admit_shared(self, key, now):
+        """admit, counting every worker's connections and arrivals of the key."""
+        share = self.share
+        table = self.table
+        entry = table.get(key)
+        if entry is None:
+            where = share.where(self.k1, key)
+            own, tat = 0, 0.0
+        else:
+            table.move_to_end(key)
+            where, own, tat = entry.where, entry.open, entry.tat
+        others, their_tat = share.others(where)
+        if self.maxconns and own + others >= self.maxconns:
+            return self.refuse('maxconns')
+        interval = self.interval
+        if interval:
+            their_tat /= 1e6
+            if their_tat > tat:
+                tat = their_tat
+            if tat < now:
+                tat = now
+            elif tat - now > self.tau:
+                return self.refuse('rate')
+            tat += interval
+        if entry is None:
+            if len(table) >= self.size or self.inserts >= self.sweep_after:
+                self.make_room(now)
+            self.inserts += 1
+            entry = table[key] = ClientEntry(key, where)
+            entry.open = 1
+            entry.tat = tat
+            share.publish(self, entry, now)
+            return entry
+        entry.open = own + 1
+        entry.tat = tat
+        at = entry.at
+        if at >= 0:
+            view = share.view
+            view[at + 2] = own + 1
+            view[at + 3] = int(tat * 1e6) or 1
+        return entry
+
+    # -- bounds -------------------------------------------------------------------
+
+    def drop(self, entry):
+        """Take an entry out of the table (its pairs, if any, keep it to release)."""
+        del self.table[entry.key]
+        if entry.at >= 0:
+            self.share.remove(entry)
+
+    def evict(self, now, entry=None):
+        """Make room: the entry idle longest goes (or this one); counted if it held anything."""
+        if entry is None:
+            entry = self.table.popitem(last=False)[1]
+        else:
+            del self.table[entry.key]
+        if entry.open or entry.tat > now:
+            self.counts.client_evictions += 1
+        if entry.at >= 0:
+            self.share.remove(entry)
+
+    def make_room(self, now):
+        """Before a new entry: every so often drop the entries that hold nothing (after
+        as many new entries as the table held at the last sweep: linear in all), and
+        evict while the table is full."""
+        table = self.table
+        if self.inserts >= self.sweep_after:
+            for entry in [e for e in table.values() if not e.open and e.tat <= now]:
+                self.drop(entry)
+            self.inserts = 0
+            self.sweep_after = max(CLIENT_SWEEP_MIN, len(table))
+        while len(table) >= self.size:
+            self.evict(now)
+
+    def attach(self, share, slot):
+        """A worker's share and its service's slot there (None, None: none): the
+        entries are written there anew when either changed."""
+        k1 = slot * 256 if slot is not None else 0
+        if share is self.share and k1 == self.k1:
+            return
+        self.detach()
+        self.share, self.k1 = share, k1
+        if share is not None:
+            now = time.monotonic()
+            for entry in list(self.table.values()):
+                entry.where = share.where(k1, entry.key)
+                share.publish(self, entry, now)
+
+    def detach(self):
+        share = self.share
+        if share is not None:
+            for entry in self.table.values():
+                if entry.at >= 0:
+                    share.remove(entry)
+        self.share = None
+        self.k1 = 0
+
+    # -- what the pages show ---------------------------------------------------
+
+    def state(self, key, now, others=(0, 0.0)):
+        """[open, new connections it may open now, the limit that refuses it now or None];
+        others: (open, arrival time) of the other workers."""
+        entry = self.table.get(key)
+        open_ = (entry.open if entry is not None else 0) + others[0]
+        tat = max(entry.tat if entry is not None else 0.0, others[1])
+        left = None
+        if self.interval:
+            ahead = max(tat - now, 0.0)
+            left = 0 if ahead > self.tau else int((self.tau - ahead) / self.interval) + 1
+        why = None
+        if self.maxconns and open_ >= self.maxconns:
+            why = 'maxconns'
+        elif left == 0:
+            why = 'rate'
+        return [open_, left, why]
+
+    def top(self, count=10):
+        """[[client, open]] of the clients with the most open connections."""
+        busiest = heapq.nlargest(count, (e for e in self.table.values() if e.open), key=operator.attrgetter('open'))
+        return [[client_key_text(e.key), e.open] for e in busiest]
+
+    def settings_text(self):
+        parts = []
+        if self.maxconns:
+            parts.append('maxconns %d' % self.maxconns)
+        if self.interval:
+            parts.append('rate %s/s burst %d' % (value_text(self.config.rate), self.burst))
+        return ', '.join(parts)
+
+    def refusal_text(self, why):
+        if why == 'maxconns':
+            return '%d connections open (clients maxconns %d)' % (self.maxconns, self.maxconns)
+        return 'over %s new connections a second (clients rate %s, burst %d)' % (
+            value_text(self.config.rate), value_text(self.config.rate), self.burst)
+
+
+CLIENT_WINDOW = 8           # index places a key may take after its home (linear probing)
+CLIENT_LINES = 1 << 18      # client entries a worker may have in the share
+
+
+class ClientShare(object):
+    """The client entries of every worker, in shared memory (a file each process
+    maps, like SharedCounters), so the limits hold in total.
+
+    Each worker has a row and writes only that row; the master reads them all.
+    A row is a header line [lines used], an index of 2 * CLIENT_LINES places and
+    CLIENT_LINES lines [k1, k2, open, arrival time in µs of the monotonic clock,
+    which every process shares (1: none, as the entry is live)].  A key's
+    (k1, k2) is (its service's slot * 256 + its IPv6 prefix length or 0 for
+    IPv4, the address or prefix as an int64): exact, never a hash.  Its home is
+    a hash of that; its index place is the first free one of CLIENT_WINDOW from
+    home, holding line + 1 (0: never used, so a reader stops there; -1: freed).
+    Readers take what they find: a line changing under them reads as another
+    key's or as nothing.  The file is sparse: only what is used takes memory.
+    """
+
+    def __init__(self, fd, rows, row, lines=CLIENT_LINES):
+        import mmap
+        self.fd = fd
+        self.rows = rows
+        self.row = row
+        self.lines = lines
+        self.places = 2 * lines
+        self.bits = self.places.bit_length() - 1
+        self.index = 4                                  # offsets within a row
+        self.first_line = 4 + self.places + CLIENT_WINDOW
+        self.row_size = self.first_line + 4 * lines
+        self.memory = mmap.mmap(fd, rows * self.row_size * 8)
+        self.view = memoryview(self.memory).cast('q')
+        self.base = row * self.row_size if row is not None else None
+        self.other_rows = [r * self.row_size for r in range(rows) if r != row]
+        self.free = []          # this worker's lines freed, to take again
+        self.used = 0           # lines taken from the top so far
+        self.holders = {}       # line offset -> (ClientLimits, ClientEntry) of this worker's lines
+
+    @classmethod
+    def create(cls, rows, lines=CLIENT_LINES):
+        """A new file for `rows` workers (the master's, which has no row)."""
+        if hasattr(os, 'memfd_create'):
+            fd = os.memfd_create('pydirector-clients')
+        else:
+            fd, path = tempfile.mkstemp(prefix='pydirector-clients-')
+            os.unlink(path)
+        os.ftruncate(fd, rows * (4 + 2 * lines + CLIENT_WINDOW + 4 * lines) * 8)
+        return cls(fd, rows, None, lines)
+
+    def where(self, k1, key):
+        """(k1, k2, home offset in a row) of a key of the service whose part is k1."""
+        if isinstance(key, str):
+            k2 = int.from_bytes(socket.inet_aton(key), 'big')
+        else:
+            k1 += key & 127
+            k2 = key >> 7
+            if k2 >> 63:
+                k2 -= 1 << 64
+        home = ((k2 ^ (k1 << 40)) * 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF) >> (64 - self.bits)
+        return k1, k2, self.index + home
+
+    def others(self, where, rows=None):
+        """(open connections, latest arrival time in µs) of a key in the other workers' rows
+        (rows: these row offsets instead)."""
+        k1, k2, home = where
+        view = self.view
+        first = self.first_line - 4
+        open_ = tat = 0
+        for base in self.other_rows if rows is None else rows:
+            place = base + home
+            end = place + CLIENT_WINDOW
+            while place < end:
+                line = view[place]
+                if line > 0:
+                    at = base + first + 4 * line
+                    if view[at] == k1 and view[at + 1] == k2:
+                        open_ += view[at + 2]
+                        if view[at + 3] > tat:
+                            tat = view[at + 3]
+                        break
+                elif not line:
+                    break
+                place += 1
+        return open_, tat
+
+    def publish(self, limits, entry, now):
+        """Give an entry of this worker a line and an index place.  With no place free
+        in its window, the entry idle longest of those there is evicted; with no line
+        free (more clients than CLIENT_LINES), the limits' own idle longest."""
+        view = self.view
+        k1, k2, home = entry.where
+        place = self._free_place(home)
+        if place is None:
+            victims = [self.holders[self._line_offset(view[self.base + at])]
+                       for at in range(home, home + CLIENT_WINDOW)]
+            owner, victim = min(victims, key=lambda v: (v[1].open, v[1].tat))
+            owner.evict(now, victim)
+            place = self._free_place(home)
+        if self.free:
+            number = self.free.pop()
+        elif self.used < self.lines:
+            number = self.used
+            self.used += 1
+            view[self.base] = self.used
+        else:
+            for other in list(limits.table.values()):
+                if other.at >= 0:
+                    limits.evict(now, other)
+                    break
+            if not self.free:
+                return      # every line is another service's: this one counts here only
+            number = self.free.pop()
+        at = self.base + self.first_line + 4 * number
+        view[at] = k1
+        view[at + 1] = k2
+        view[at + 2] = entry.open
+        view[at + 3] = int(entry.tat * 1e6) or 1
+        view[self.base + place] = number + 1
+        entry.at = at
+        self.holders[at] = (limits, entry)
+
+    def _free_place(self, home):
+        view = self.view
+        base = self.base
+        for place in range(home, home + CLIENT_WINDOW):
+            if view[base + place] <= 0:
+                return place
+        return None
+
+    def _line_offset(self, value):
+        return self.base + self.first_line + 4 * (value - 1)
+
+    def remove(self, entry):
+        """Free an entry's line and index place."""
+        at = entry.at
+        entry.at = -1
+        del self.holders[at]
+        view = self.view
+        base = self.base
+        number = (at - base - self.first_line) // 4
+        view[at:at + 4] = _ZERO_CLIENT_LINE
+        self.free.append(number)
+        k1, k2, home = entry.where
+        value = number + 1
+        for place in range(base + home, base + home + CLIENT_WINDOW):
+            if view[place] == value:
+                break
+        else:
+            return
+        # Freed: -1, which a reader passes over; or 0, never used, which ends its search,
+        # when the place after is 0 too (and so are the freed places before it).
+        if place + 1 < base + self.first_line and view[place + 1] != 0:
+            view[place] = -1
+            return
+        view[place] = 0
+        place -= 1
+        while place >= base + self.index and view[place] == -1:
+            view[place] = 0
+            place -= 1
+
+    def clear_row(self, row):
+        """The master: a worker has gone, and so have its connections."""
+        base = row * self.row_size
+        used = self.view[base]
+        self.view[base:base + self.first_line] = memoryview(bytes(self.first_line * 8)).cast('q')
+        if used:
+            start = base + self.first_line
+            self.view[start:start + 4 * used] = memoryview(bytes(32 * used)).cast('q')
+
+    def totals(self, slot):
+        """{(k1, k2): [open, latest arrival µs]} of one service's keys over every row (the master)."""
+        view = self.view
+        found = {}
+        for row in range(self.rows):
+            base = row * self.row_size
+            start = base + self.first_line
+            used = view[base]
+            tats = view[start + 3:start + 4 * used:4].tolist()
+            for number in itertools.compress(range(used), tats):
+                at = start + 4 * number
+                k1 = view[at]
+                if k1 >> 8 != slot:
+                    continue
+                key = (k1, view[at + 1])
+                total = found.get(key)
+                if total is None:
+                    total = found[key] = [0, 0]
+                total[0] += view[at + 2]
+                total[1] = max(total[1], view[at + 3])
+        return found
+
+    def close(self):
+        if self.view is not None:
+            self.view.release()
+            self.memory.close()
+            self.view = None
+            os.close(self.fd)
+
+
+_ZERO_CLIENT_LINE = memoryview(bytes(32)).cast('q')
+
+
+def shared_key_text(k1, k2):
+    """A ClientShare key as client_key_text shows it."""
+    prefix = k1 & 255
+    if not prefix:
+        return socket.inet_ntoa(k2.to_bytes(4, 'big'))
+    return client_key_text((k2 % (1 << 64)) << 7 | prefix)
+
+
 # ---------------------------------------------------------------------------
 # Manager: the health checks.  A loop timer picks the probes due; threads run
 # them with blocking sockets and hand each result to the loop, never touching
@@ -4903,39 +6082,54 @@ def judge_answer(data, status, expect, complete):
     return True, 'probe ok' + (' (%s)' % ', '.join(found) if found else '')
 
 
-def probe(host, port, timeout, send=None, expect=None, status=None, check_port=None):
+def probe(host, port, timeout, send=None, expect=None, status=None, check_port=None, protocol='tcp',
+          dns=None):
     """Connect (and send, then check the answer) once.  Returns (ok, reason,
     address); ok is None when our side ran out of something (fds, ports): no
     verdict on the host.  At most PROBE_READ_LIMIT bytes are read, and reading
     stops as soon as the answer decides, so a host streaming junk costs little.
     check_port: probe that port on the host's address instead (address is still
-    the host's, with its own port: what clients connect to)."""
+    the host's, with its own port: what clients connect to).  dns: a name, to
+    send a query for it instead of send and judge the answer (judge_dns).
+    protocol 'udp': see probe_datagram."""
     deadline = time.monotonic() + timeout
+    udp = protocol == 'udp'
+    kind = socket.SOCK_DGRAM if udp else socket.SOCK_STREAM
     try:
-        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(host, port, 0, kind)
     except (socket.gaierror, UnicodeError) as e:
         return False, 'cannot resolve %s: %s' % (host, e), None
     family, _, _, _, sockaddr = infos[0]
     address = (family, sockaddr)
     if check_port:
         sockaddr = (sockaddr[0], check_port) + tuple(sockaddr[2:])
+    judge = waiting_for = None
+    if dns:
+        query_id, qname = _query_ids.getrandbits(16), dns_name(dns)
+        query = dns_query(query_id, qname, DNS_A, edns=False)
+        send = query if udp else struct.pack('!H', len(query)) + query    # RFC 1035 4.2.2: length first over TCP
+        judge = functools.partial(judge_dns, query_id=query_id, qname=qname, framed=not udp)
+        waiting_for = 'the DNS answer'
+    elif expect or status:
+        judge = functools.partial(judge_answer, status=status, expect=expect)
     try:
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = socket.socket(family, kind)
     except OSError as e:
-        return None, error_text(e.errno) if e.errno else str(e), address
+        return None, oserror_text(e), address
     try:
         sock.settimeout(timeout)
+        if udp:
+            return probe_datagram(sock, sockaddr, deadline, timeout, send, judge) + (address,)
         try:
             sock.connect(sockaddr)
         except socket.timeout:
             return False, 'connect timeout', address
         except OSError as e:
-            reason = error_text(e.errno) if e.errno else str(e)
-            return (None if e.errno in LOCAL_CONNECT_ERRORS else False), reason, address
+            return (None if e.errno in LOCAL_CONNECT_ERRORS else False), oserror_text(e), address
         try:
             if send:
                 sock.sendall(send)
-            if not (expect or status):
+            if judge is None:
                 return True, 'probe ok', address
             got = bytearray()
             while True:
@@ -4945,16 +6139,51 @@ def probe(host, port, timeout, send=None, expect=None, status=None, check_port=N
                 sock.settimeout(left)
                 chunk = sock.recv(min(4096, PROBE_READ_LIMIT - len(got)))
                 got += chunk
-                verdict = judge_answer(got, status, expect, not chunk or len(got) >= PROBE_READ_LIMIT)
+                verdict = judge(got, complete=not chunk or len(got) >= PROBE_READ_LIMIT)
                 if verdict is not None:
                     return verdict + (address,)
         except socket.timeout:
-            return False, 'timeout waiting for %s' % (
-                'the status line' if status and b'\n' not in got else repr(expect)), address
+            return False, 'timeout waiting for %s' % (waiting_for or (
+                'the status line' if status and b'\n' not in got else repr(expect))), address
         except OSError as e:
-            return False, error_text(e.errno) if e.errno else str(e), address
+            return False, oserror_text(e), address
     finally:
         sock.close()
+
+
+UDP_PROBE_SILENCE = 0.5   # seconds a UDP probe with nothing to ask waits for an ICMP error
+
+
+def probe_datagram(sock, sockaddr, deadline, timeout, send, judge):
+    """A UDP probe on sock: (ok, reason).  With something to send (send, a DNS query)
+    it waits for an answer, which judge (if any) decides; without, it sends an empty
+    datagram, and only an ICMP error (a closed port: ECONNREFUSED) within
+    UDP_PROBE_SILENCE says down, since a UDP service need not answer at all."""
+    try:
+        sock.connect(sockaddr)
+        sock.send(send or b'')
+        if not send:
+            sock.settimeout(min(timeout, UDP_PROBE_SILENCE))
+            try:
+                sock.recv(1)
+            except socket.timeout:
+                return True, 'probe ok (no ICMP error)'
+            return True, 'probe ok (answered)'
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout
+            sock.settimeout(left)
+            data = sock.recv(DATAGRAM_MAX)
+            if judge is None:
+                return True, 'probe ok (answered)'
+            verdict = judge(data, complete=True)    # a datagram is a whole answer
+            if verdict is not None:
+                return verdict
+    except socket.timeout:
+        return False, 'no answer within %g s' % timeout
+    except OSError as e:
+        return (None if e.errno in LOCAL_CONNECT_ERRORS else False), oserror_text(e)
 
 
 # Looked up now: concurrent.futures imports it at first use, which fails (a dead
@@ -5004,10 +6233,10 @@ class Manager(object):
     def _probe(self, target):
         if self.stopped.is_set():
             return
-        token, host, port, check = target
+        token, host, port, check, protocol = target
         try:
             ok, reason, address = probe(host, port, check.timeout, check.send, check.expect, check.status,
-                                        check.port)
+                                        check.port, protocol, check.dns)
         except Exception as e:  # a bug here must not kill probing for good
             log.exception('probe of %s:%s failed unexpectedly', host, port)
             ok, reason, address = False, 'probe error: %s' % e, None
@@ -5040,10 +6269,11 @@ class Manager(object):
 
 
 # ---------------------------------------------------------------------------
-# DNS: a small stub resolver for <discover> (hosts from DNS), speaking the
-# wire format itself: RFC 1035, EDNS0 (RFC 6891), SRV (RFC 2782).  It blocks,
-# with deadlines, so it runs in the manager's threads, never on the loop
-# (Discovery, in the Director section, applies what it finds).  Each query has
+# DNS: a small stub resolver for <discover> (hosts from DNS), and the query
+# and verdict of a <check dns> (judge_dns), speaking the wire format itself:
+# RFC 1035, EDNS0 (RFC 6891), SRV (RFC 2782).  It blocks, with deadlines, so
+# it runs in the manager's threads, never on the loop (Discovery, in the
+# Director section, applies what it finds).  Each query has
 # a random ID and a socket of its own (so a random source port too); a
 # datagram counts as the answer only when its ID and question are the query's.
 # Whatever a datagram holds, malformed or not ours, it is ignored with a
@@ -5248,6 +6478,31 @@ def dns_problem(message, query_id, qname, qtype):
     if message.question != (qname, qtype, DNS_IN):
         return 'a question not ours'
     return None
+
+
+def judge_dns(data, query_id, qname, framed, complete):
+    """A health check's verdict (<check dns>) on what answered its query for qname's A
+    records: (ok, reason), or None while more may come.  It must be the answer to the
+    query (dns_problem) and say NOERROR.  framed: over TCP, after its 2-byte length.
+    Over UDP a datagram with another ID is not ours (a late answer to an earlier
+    probe): None, wait for ours."""
+    if framed:
+        size = struct.unpack_from('!H', data)[0] if len(data) >= 2 else None
+        if size is None or len(data) < 2 + size:
+            return (False, 'a DNS answer cut short (%d bytes)' % len(data)) if complete else None
+        data = data[2:2 + size]
+    try:
+        message = parse_dns_message(data, records=False)
+    except DnsError as e:
+        return False, 'not a DNS answer: %s' % e
+    problem = dns_problem(message, query_id, qname, DNS_A)
+    if problem == 'wrong ID' and not framed:
+        return None
+    if problem is not None:
+        return False, 'not the DNS answer: %s' % problem
+    if message.rcode:
+        return False, 'DNS answer %s' % DNS_RCODES.get(message.rcode, ('rcode %d' % message.rcode,))[0]
+    return True, 'probe ok (DNS NOERROR, %d answer record(s))' % _HEADER.unpack_from(data)[3]
 
 
 def default_resolver(path=RESOLV_CONF):
@@ -5655,9 +6910,20 @@ class RunningService(object):
         self.denied = 0
         self.open = 0
         self.full_logged = -1e9          # when "maxconns reached" was last logged
+        # <clients>: the per-client limits (None: none), what they refused (limited) or in
+        # mode log would have (limited_dry), the entries they evicted, and for the
+        # refusal log line when it was last written and how many refusals it left out.
+        self.limits = ClientLimits(config.clients, self) if config.clients is not None else None
+        self.limited = self.limited_dry = self.client_evictions = 0
+        self.limited_logged = [-1e9, 0]
+        self.client_entries = 0            # a master's: its workers' entries
         self.queue = collections.deque()   # Pairs waiting for a host below its maxconns
         self.waiting = 0                   # a master's: clients its workers hold in their queues
         self.switch = None                 # the pending blue/green Switch, if any
+        self.udp = None                    # a UDP service's SessionTable
+        # A UDP service's: sessions evicted, datagrams not relayed (a full socket buffer, a
+        # client that cannot be reached...), datagrams from clients and to them.
+        self.evicted = self.dropped = self.datagrams_in = self.datagrams_out = 0
 
     def __repr__(self):
         return '<RunningService %s>' % self.name
@@ -5859,7 +7125,7 @@ class Health(object):
             state.next_due = now + interval     # rescheduled when the result comes
             state.in_flight = True
             name, port = parse_address(host.ip)
-            due.append((host, name, port, check))
+            due.append((host, name, port, check, state.service.config.protocol))
         return due
 
     def _group_is_dark(self, service, group, seen):
@@ -6013,7 +7279,8 @@ class Switch(object):
             log.info('service %s: drain of group %s over, closing %d connection(s)',
                      service.name, self.from_group.name, len(doomed))
             for pair in doomed:
-                pair.close('drained')
+                pair.close(END_DRAINED)
+            self.director.end_sessions(lambda s: s.service is service and s.group is self.from_group, END_DRAINED)
         self.drain_until = None
         self._done()
 
@@ -6334,7 +7601,7 @@ class Reload(object):
             changes.append('-service %s' % name)
         for listener in listeners.values():   # left over: listened on by no service now
             for reader in [r for r in director.hellos if r.listener is listener]:
-                reader.close('shutdown')
+                reader.close(END_SHUTDOWN)
             if director.master is not None:
                 director.master.retire(listener)   # its workers may listen on it still
             else:
@@ -6361,7 +7628,7 @@ class Reload(object):
             for key, entries in listens_by_address(self.new.services).items():
                 if key not in current:
                     listen = entries[0][1]
-                    opened[key] = Listener(director, None, director.listen_socket(listen), listen)
+                    opened[key] = director.new_listener(listen)
         except OSError as e:
             for listener in opened.values():
                 listener.close()
@@ -6376,6 +7643,8 @@ class Reload(object):
         service.config = config
         service.timeouts = config.timeouts
         service.check = config.check
+        director.datagram_settings(service)
+        self._update_limits(service, config.clients)
         groups = collections.OrderedDict()
         for group_config in config.groups:
             group = service.groups.get(group_config.name)
@@ -6396,6 +7665,26 @@ class Reload(object):
             changes.append('-group %s' % name)
         service.groups = groups
         return changes
+
+    def _update_limits(self, service, clients):
+        """New <clients> settings, in place: the table and its counts stay.  Limits new to
+        the service count the clients connected already (those it has routed)."""
+        limits = service.limits
+        pairs = [pair for pair in self.director.pairs if pair.service is service]
+        if clients is None:
+            if limits is not None:
+                limits.detach()
+                service.limits = None
+                for pair in pairs:
+                    pair.limit = None
+        elif limits is not None:
+            limits.configure(clients)
+        else:
+            limits = service.limits = ClientLimits(clients, service)
+            now = self.director.loop.now
+            for pair in pairs:
+                if pair.state is not PROXY_HEADER:
+                    pair.limit = limits.take(limits.key(pair.client_ip), now)
 
     def _update_group(self, service, group, config, diff):
         director = self.director
@@ -6454,7 +7743,11 @@ class Reload(object):
             for host in group.scheduler.hosts:
                 director.health.forget(host)
         while service.queue:
-            service.queue[0].close('shutdown')     # which takes it off the queue
+            service.queue[0].close(END_SHUTDOWN)     # which takes it off the queue
+        if service.udp is not None:
+            service.udp.close_all(END_SHUTDOWN)       # a session is no stream to finish
+        if service.limits is not None:
+            service.limits.detach()
         log.info('service %s removed (%d connection(s) left to finish)', service.name, service.open)
 
     def _rest(self, diff):
@@ -6547,6 +7840,8 @@ class Actions(object):
                               send_proxy=send_proxy or None, backup=backup or None)
         except ValueError as e:
             raise AdminError(400, str(e))
+        if new.send_proxy and service.config.protocol == 'udp':
+            raise AdminError(400, 'send_proxy needs TCP: service %s is protocol="udp"' % service.name)
         if group.scheduler.get_host(name) is not None:
             raise AdminError(409, 'host %r already exists in %s/%s' % (name, service.name, group.name))
         other = group.addresses.get(address_key(new.host, new.port))
@@ -6820,7 +8115,11 @@ class Actions(object):
                 'maxconns': service.config.maxconns, 'open': service.open,
                 'queued': len(service.queue) + service.waiting, 'denied': service.denied,
                 'switch': service.switch.snapshot() if service.switch is not None else None,
-                'check': check_text(service.check),
+                'check': check_text(service.check, service.config.protocol),
+                'protocol': service.config.protocol,
+                'udp': service.udp.snapshot() if service.udp is not None else None,
+                'limited': service.limited, 'limited_dry': service.limited_dry,
+                'client_evictions': service.client_evictions, 'clients': self.clients_snapshot(service),
             })
         return {
             'version': VERSION, 'hostname': socket.gethostname(), 'pid': os.getpid(),
@@ -6836,6 +8135,42 @@ class Actions(object):
             'log_lines_dropped': log_output.dropped + (self.master.log_lines_dropped()
                                                        if self.master is not None else 0),
         }
+
+    def clients_snapshot(self, service):
+        """A service's <clients> for the pages (None: none): its settings, the entries its
+        table holds (with workers: every worker's) and the clients with the most open
+        connections (with workers: their totals, from the ClientShare)."""
+        limits = service.limits
+        if limits is None:
+            return None
+        config = limits.config
+        answer = {'maxconns': config.maxconns, 'rate': config.rate, 'burst': limits.burst if config.rate else None,
+                  'mode': config.mode, 'v6prefix': config.v6prefix, 'table': config.table}
+        slot = self.master.slot_of.get(service) if self.master is not None else None
+        if slot is None:
+            answer.update(entries=len(limits.table), top=limits.top())
+            return answer
+        totals = sorted(self.master.clients.totals(slot).items(), key=lambda item: -item[1][0])
+        answer.update(entries=service.client_entries,
+                      top=[[shared_key_text(*key), total[0]] for key, total in totals[:10] if total[0]])
+        return answer
+
+    def client_state(self, service, client_ip):
+        """Whether a client is over its service's <clients> limits now, and why (None: none)."""
+        limits = service.limits
+        if limits is None:
+            return None
+        key = limits.key(client_ip)
+        now = time.monotonic()
+        others = (0, 0.0)
+        slot = self.master.slot_of.get(service) if self.master is not None else None
+        if slot is not None:
+            open_, tat = self.master.clients.others(self.master.clients.where(slot * 256, key))
+            others = (open_, tat / 1e6)
+        open_, left, why = limits.state(key, now, others)
+        return {'key': client_key_text(key), 'open': open_, 'left': left, 'limited': why,
+                'mode': limits.config.mode, 'settings': limits.settings_text(),
+                'reason': limits.refusal_text(why) if why else None}
 
     def sni_snapshot(self):
         """Per listen address with sni: its names and the services they land on (most
@@ -6905,7 +8240,8 @@ class Actions(object):
         if chosen is None:
             answer = {'service': None, 'group': None, 'client': client_ip, 'allowed': False,
                       'scheduler': None, 'host': None, 'address': None, 'reason': routing['sni_reason'],
-                      'sticky': None, 'ranking': None, 'skipped': [], 'check': None, 'ramping': [], 'from_dns': {}}
+                      'sticky': None, 'ranking': None, 'skipped': [], 'check': None, 'ramping': [], 'from_dns': {},
+                      'protocol': None, 'sessions': None, 'clients': None}
         else:
             answer = self._explain_service(chosen, client_ip)
         answer.update(routing)
@@ -6920,7 +8256,7 @@ class Actions(object):
         key = address_key(host, port)
         for service in self.services.values():
             for listener in service.listeners:
-                if listener.listen.key == key:
+                if listener.listen.key[:2] == key:    # TCP's first, then UDP's (service order)
                     return listener
         raise AdminError(404, 'no listen at %r' % text)
 
@@ -6952,12 +8288,19 @@ class Actions(object):
         group = service.enabled
         scheduler = group.scheduler
         allowed = not service.config.acl or acl_allows(service.config.acl, client_ip)
+        protocol = service.config.protocol
         answer = {'service': service.name, 'group': group.name, 'client': client_ip,
                   'allowed': allowed, 'scheduler': scheduler.spec,
                   'host': None, 'address': None, 'reason': '', 'sticky': None,
-                  'ranking': None, 'skipped': [], 'check': check_text(service.check),
+                  'ranking': None, 'skipped': [], 'check': check_text(service.check, protocol),
                   # slow start: [host, effective weight, weight, seconds left] of each ramping host
-                  'ramping': [[h.name, effective, h.weight, left] for h, effective, left in scheduler.ramps()]}
+                  'ramping': [[h.name, effective, h.weight, left] for h, effective, left in scheduler.ramps()],
+                  'protocol': protocol, 'sessions': None}
+        if service.udp is not None and self.master is None:
+            # The client's open sessions keep their hosts: only a new client address is picked for.
+            answer['sessions'] = [[format_address(s.client_ip, s.client_port), s.listener.text, s.host.name]
+                                  for s in service.udp.sessions.values()
+                                  if s.host is not None and s.client_ip == client_ip]
         detail = scheduler.explain(client_ip)
         host = detail.get('host')
         answer.update((k, v) for k, v in detail.items() if k in ('reason', 'sticky', 'ranking', 'skipped'))
@@ -6972,6 +8315,7 @@ class Actions(object):
         # Which hosts came from DNS, and from which <discover>.
         answer['from_dns'] = dict((h.name, h.config.discovered) for h in scheduler.hosts
                                   if h.config.discovered is not None)
+        answer['clients'] = self.client_state(service, client_ip)
         if not allowed:
             answer['reason'] = 'denied by the allow/deny rules of service %s (would be: %s)' % (
                 service.name, answer['reason'])
@@ -7024,6 +8368,8 @@ class Director(Actions):
         self.worker = None
         self.worker_counts = None
         self.listen_sockets = None
+        self.udp_slots = 1          # a master's: sockets per UDP listen, one per worker (see DatagramListener)
+        self.udp_reuseport = not accept     # a master's UDP sockets are SO_REUSEPORT groups
         self.notifier = notifier or Notifier({})    # main() passes the real one
         self.upgrader = None        # main()'s Upgrade: this process's upgrades (the admin's /upgrade)
         self.inherited = {}         # an upgrade's new generation: the old one's sockets (see Takeover)
@@ -7088,6 +8434,7 @@ class Director(Actions):
 
     def build_service(self, service_config, resolve_names):
         service = RunningService(service_config)
+        self.datagram_settings(service)
         for group_config in service_config.groups:
             group = self.build_group(service, group_config, resolve_names)
             service.groups[group.name] = group
@@ -7101,6 +8448,18 @@ class Director(Actions):
         for host in hosts:
             self.health.watch(service, group, host)
         return group
+
+    def datagram_settings(self, service):
+        """A UDP service's table of sessions, made or given its (new) <udp> settings;
+        a service that is TCP (now) has none."""
+        if service.config.protocol == 'udp':
+            if service.udp is None:
+                service.udp = SessionTable(self, service)
+            else:
+                service.udp.configure(service.config)
+        elif service.udp is not None:
+            service.udp.close_all(END_SHUTDOWN)
+            service.udp = None
 
     def add_running_host(self, service, group, config, resolve_names, checked_first=False):
         """checked_first: the host is down until its health checks pass (a host from DNS
@@ -7174,7 +8533,7 @@ class Director(Actions):
         try:
             for entries in listens_by_address(self.services.values()).values():
                 listen = entries[0][1]
-                self.attach(Listener(self, None, self.listen_socket(listen), listen), entries)
+                self.attach(self.new_listener(listen), entries)
         except Exception:
             self._close_listeners()
             for service in self.services.values():
@@ -7189,8 +8548,23 @@ class Director(Actions):
             log.info('service %s listening on %s, group %s enabled',
                      service.name, ', '.join(l.text for l in service.listeners), service.enabled.name)
 
+    def new_listener(self, listen):
+        """The listener of a listen address: a Listener, or for UDP a DatagramListener."""
+        kind = DatagramListener if listen.protocol == 'udp' else Listener
+        return kind(self, None, self.listen_socket(listen), listen)
+
     def listen_socket(self, listen):
         """A listening socket for a listen address: bound now, or in a worker the master's."""
+        if self.listen_sockets is None and listen.protocol == 'udp':
+            # A master's is the first of an SO_REUSEPORT group, a socket per worker
+            # (DatagramListener.widen); a removed one its workers still read is no
+            # obstacle then, so never reused.  An upgrade's new generation takes the
+            # old one's first socket (the rest of the group it binds beside it).
+            sock = self.inherited.pop(('listen', socket.SOCK_DGRAM, listen.key), None)
+            if sock is not None:
+                return sock
+            return listen_socket(listen.host, listen.port, protocol='udp',
+                                 reuseport=REUSEPORT and self.udp_reuseport)
         if self.listen_sockets is None:
             # A master reuses a listen's socket it removed but its workers may still hold;
             # an upgrade's new generation takes the old one's.
@@ -7268,7 +8642,7 @@ class Director(Actions):
         if self.pairs:
             log.info('closing %d connection(s) still open', len(self.pairs))
         for pair in list(self.pairs):
-            pair.close('shutdown')
+            pair.close(END_SHUTDOWN)
         self._stopped()
 
     def _stopped(self):
@@ -7283,7 +8657,7 @@ class Director(Actions):
             return
         # Clients still sending their hello have no service yet: nothing to drain.
         for reader in list(self.hellos):
-            reader.close('shutdown')
+            reader.close(END_SHUTDOWN)
 
     # -- reload -------------------------------------------------------------
 
@@ -7441,7 +8815,7 @@ class Director(Actions):
         elif listener.trusted and not acl_allows(listener.trusted, pair.client_ip):
             service.denied += 1
             log.warning('client %s:%s in %s: not a trusted proxy', pair.client_ip, pair.client_port, service.name)
-            pair.close('denied')
+            pair.close(END_DENIED)
         else:
             pair.read_proxy_header(listener.accept_proxy)
 
@@ -7450,7 +8824,7 @@ class Director(Actions):
         reader = TLSHelloReader(self, listener, client_sock, client_addr)
         self.hellos.add(reader)
         if listener.trusted and not acl_allows(listener.trusted, reader.client_ip):
-            reader.refuse('untrusted-proxy', 'not a trusted proxy', 'denied')
+            reader.refuse('untrusted-proxy', 'not a trusted proxy', END_DENIED)
 
     def hello_read(self, reader, service):
         """From a TLSHelloReader: the hello chose service.  From here the client is
@@ -7476,7 +8850,7 @@ class Director(Actions):
     def hello_closed(self, reader, how):
         self.hellos.discard(reader)
         if self.access.enabled:
-            self.access.hello_refused(reader, how)
+            self.access.connection(reader, how)
         self._check_drained()
 
     def refuse_full(self, service, pair):
@@ -7486,16 +8860,43 @@ class Director(Actions):
             service.full_logged = self.loop.now
             log.warning('service %s: %d connections open (maxconns), refusing new clients',
                         service.name, service.config.maxconns)
-        pair.close('full')
+        pair.close(END_FULL)
 
     def route(self, pair):
-        """A client whose address is known: check the service's rules, then find it a host."""
-        acl = pair.service.config.acl
+        """A client whose address is known: check the service's rules and its
+        per-client limits, then find it a host."""
+        service = pair.service
+        acl = service.config.acl
         if acl and not acl_allows(acl, pair.client_ip):
-            pair.service.denied += 1
-            pair.close('denied')
+            service.denied += 1
+            pair.close(END_DENIED)
             return
+        limits = service.limits
+        if limits is not None:
+            ip = pair.client_ip
+            entry = limits.admit(ip if ':' not in ip else limits.key(ip), self.loop.now)   # client_key, inlined
+            if entry is None and self.client_limited(service, limits, pair):
+                return
+            pair.limit = entry
         pair.connect_next()
+
+    def client_limited(self, service, limits, pair):
+        """A client over its limits (limits.why): reset at once, before any backend is
+        asked (True), or in mode log let through (False).  Logged at most once a second
+        per service, saying how many refusals the line leaves out."""
+        logged = service.limited_logged
+        if self.loop.now - logged[0] < 1.0:
+            logged[1] += 1
+        else:
+            log.warning('service %s: client %s %s: %s%s', service.name, format_address(pair.client_ip, pair.client_port),
+                        'refused' if limits.enforce else 'would be refused (clients mode log)',
+                        limits.refusal_text(limits.why),
+                        ' (%d more since the last such line)' % logged[1] if logged[1] else '')
+            logged[:] = [self.loop.now, 0]
+        if not limits.enforce:
+            return False
+        pair.abort(END_LIMITED)
+        return True
 
     def no_host(self, pair):
         """The scheduler has no host for this client: queue it if every host is only full."""
@@ -7591,12 +8992,15 @@ class Director(Actions):
         if doomed:
             log.info('host %s (%s) down: closing its %d connection(s)', host.name, host.ip, len(doomed))
         for pair in doomed:
-            pair.abort('host-down')
+            pair.abort(END_HOST_DOWN)
+        self.end_sessions(lambda session: session.host is host, END_HOST_DOWN)
 
     def pair_closed(self, pair, how):
         self.pairs.discard(pair)
         service = pair.service
         service.open -= 1
+        if pair.limit is not None and service.limits is not None:
+            service.limits.release(pair.limit, self.loop.now)
         if service.queue and pair.host is not None:
             self._serve_queue(service)
         if self.worker_counts is not None:
@@ -7610,6 +9014,21 @@ class Director(Actions):
             if self.stop_timer is not None:
                 self.stop_timer.cancel()
             self._stopped()
+
+    # UDP sessions (see Datagrams); a stop ends them with their listeners, at once.
+
+    def session_closed(self, session, how):
+        if self.worker_counts is not None:
+            self.worker_counts.closed(session)
+        if self.access.enabled:
+            self.access.connection(session, how)
+
+    def end_sessions(self, which, how):
+        """End the UDP sessions for which which(session) is true."""
+        for service in self.services.values():
+            if service.udp is not None:
+                for session in [s for s in service.udp.sessions.values() if which(s)]:
+                    session.close(how)
 # ---------------------------------------------------------------------------
 # Workers: a master process and N data-plane worker processes (<pdconfig
 # workers="N|auto">, --workers).
@@ -7855,17 +9274,20 @@ class Counter(object):
     WorkerCounts, the object); None: code of its own writes it.  into: where
     the master puts the sum over every process, the attribute by that name
     or a function of (the object, the sum, the host's group); by default the
-    attribute value names, if it names one (else nowhere).
+    attribute value names, if it names one (else nowhere).  at_close: a
+    service's field written as each of its clients closes (WorkerCounts.closed),
+    not only at the next tick.
     """
 
-    __slots__ = ('kind', 'name', 'value', 'gauge', 'into')
+    __slots__ = ('kind', 'name', 'value', 'gauge', 'into', 'at_close')
 
-    def __init__(self, kind, name, value, gauge=False, into=None):
+    def __init__(self, kind, name, value, gauge=False, into=None, at_close=True):
         self.kind = kind
         self.name = name
         self.value = value
         self.gauge = gauge
         self.into = into if into is not None or not isinstance(value, str) else value
+        self.at_close = at_close
 
 
 def worker_open(counts, host):
@@ -7894,9 +9316,20 @@ COUNTERS = (
     Counter('service', 'failovers', 'failovers'),
     Counter('service', 'refused', 'refused'),
     Counter('service', 'denied', 'denied'),
+    # <clients>: at each tick, so that a service without them pays nothing as clients close.
+    Counter('service', 'limited', 'limited', at_close=False),           # refused
+    Counter('service', 'limited_dry', 'limited_dry', at_close=False),   # that mode log would have refused
+    Counter('service', 'client_evictions', 'client_evictions', at_close=False),
+    Counter('service', 'client_entries', lambda counts, service: len(service.limits.table)
+            if service.limits is not None else 0, gauge=True, into='client_entries', at_close=False),
     Counter('service', 'queued', lambda counts, service: len(service.queue), gauge=True, into='waiting'),
     # When the first client of this process's queue came (monotonic µs; 0: none): whose turn it is.
     Counter('service', 'head', lambda counts, service: queue_head(service), gauge=True),
+    # A UDP service's (a TCP one's stay 0): sessions evicted, datagrams dropped, from clients and to them.
+    Counter('service', 'evicted', 'evicted'),
+    Counter('service', 'dropped', 'dropped'),
+    Counter('service', 'datagrams_in', 'datagrams_in'),
+    Counter('service', 'datagrams_out', 'datagrams_out'),
     Counter('host', 'open', worker_open, gauge=True,
             into=lambda host, value, group: group.scheduler.set_open(host, value)),   # its structures kept in step
     Counter('host', 'total', 'total'),
@@ -8050,9 +9483,6 @@ class SharedCounters(object):
 
 _ZERO_LINE = memoryview(bytes(COUNTER_FIELDS * 8)).cast('q')
 
-LOAD_AWARE = ('leastconns', 'leastconnsrr')   # schedulers whose picks read every host's open count
-
-
 def queue_head(service):
     """When the first client in a service's queue was accepted, in µs of the monotonic
     clock (one clock for every process on Linux), or 0: the queue is empty."""
@@ -8061,9 +9491,9 @@ def queue_head(service):
 
 def counted_things(services):
     """(running object, slot key, the host's group or None) of everything counted:
-    each service, host and listen address once.  The key names it in every process:
-    ('service', name), ('host', service, group, name), ('address', host, port) as
-    Listen.key compares addresses."""
+    each service, host and TCP listen address once (a UDP one has no hellos to count).
+    The key names it in every process: ('service', name), ('host', service, group,
+    name), ('address', host, port) as Listen.key compares addresses."""
     found = []
     seen = set()
     for service in services:
@@ -8072,7 +9502,7 @@ def counted_things(services):
             for host in group.scheduler.hosts:
                 found.append((host, ('host', service.name, group.name, host.name), group))
         for listener in service.listeners:
-            if listener not in seen:
+            if listener not in seen and listener.listen.protocol == 'tcp':
                 seen.add(listener)
                 found.append((listener, ('address',) + listener.listen.key, None))
     return found
@@ -8083,8 +9513,9 @@ class WorkerCounts(object):
 
     It writes its own row: the line of a closed client's service and host at
     once, the open count of every host whose load matters elsewhere (a host
-    with maxconns, a host of a leastconns group) each tick while connections
-    come and go, and everything else every TICKS_FULL ticks.  In a worker, a
+    with maxconns, a host of a group whose scheduler reads_load: leastconns)
+    each tick while connections come and go, and everything else every
+    TICKS_FULL ticks.  In a worker, a
     Host's `open` counts every worker's connections to it: its own, kept
     exactly, plus the others' as last read (others[host]), re-read each tick
     for the hosts whose load matters, so the scheduler sees the whole load.
@@ -8095,9 +9526,11 @@ class WorkerCounts(object):
     TICKS_FULL = 10     # every counter written every this many ticks (0.5 s)
     HEAD_FRESH = 0.5    # seconds: a worker silent for longer cannot serve its queue, so takes no turn
 
-    def __init__(self, director, counters):
+    def __init__(self, director, counters, clients=None):
         self.director = director
         self.counters = counters
+        self.clients = clients  # the ClientShare, where the services' ClientLimits write
+        self.attached = set()   # the ClientLimits written there
         self.slots = {}         # ('host', service, group, name) / ('service', name) / ('address', key) -> slot
         self.slot_of = {}       # running object -> slot
         self.own = {}           # running object -> the index of its line in this worker's row
@@ -8105,16 +9538,18 @@ class WorkerCounts(object):
         self.kind_of = {}       # running object -> its kind ('service', 'host', 'address')
         self.others = {}        # host -> the other workers' open connections to it, as last read
         self.group_of = {}      # host -> its running group (whose scheduler keeps its load)
-        self.aware = []         # hosts whose load other workers need (maxconns, leastconns)
+        self.aware = []         # hosts whose load other workers need (maxconns, reads_load)
         self.counted_services = []
         self.reading = None     # listener -> clients reading their hello, while a publish writes
         # kind -> [(place, a function giving its value from the running object)], as COUNTERS says.
         self.fields = collections.defaultdict(list)
+        self.service_fields = []    # those written as a client closes
         for row in COUNTERS:
             if row.value is not None:
                 get = operator.attrgetter(row.value) if isinstance(row.value, str) else row.value.__get__(self)
                 self.fields[row.kind].append((COUNTER_PLACE[row.kind, row.name], get))
-        self.service_fields = self.fields['service']
+                if row.kind == 'service' and row.at_close:
+                    self.service_fields.append((COUNTER_PLACE[row.kind, row.name], get))
         self.host_fields = self.fields['host']
         self.ticks = 0
         self.seen = None        # what the director had counted at the last tick
@@ -8153,9 +9588,10 @@ class WorkerCounts(object):
             self.kind_of[thing] = key[0]
             self.own[thing] = counters.line(slot, row)
             self.elsewhere[thing] = [counters.line(slot, r) for r in range(counters.rows - 1) if r != row]
-            if group is not None and (thing.maxconns or group.scheduler.name in LOAD_AWARE):
+            if group is not None and (thing.maxconns or group.scheduler.reads_load):
                 self.aware.append(thing)
         self.counted_services = [s for s in self.director.services.values() if s in self.own]
+        self.attach_limits()
         for thing, slot in old.items():
             if self.slot_of.get(thing) != slot:
                 counters.zero(slot, row)      # no longer ours to count: the master may reuse it
@@ -8163,6 +9599,23 @@ class WorkerCounts(object):
                     self.set_others(thing, 0)
                     del self.others[thing]
         self.publish(list(self.slot_of))
+
+    def attach_limits(self):
+        """Each service's client limits write to the share under its slot (without one yet,
+        they count in this worker alone); limits gone with a reload leave it."""
+        share = self.clients
+        if share is None:
+            return
+        current = set()
+        for service in self.director.services.values():
+            limits = service.limits
+            if limits is not None:
+                slot = self.slot_of.get(service)
+                limits.attach(share if slot is not None else None, slot)
+                current.add(limits)
+        for limits in self.attached - current:
+            limits.detach()
+        self.attached = current
 
     def set_others(self, host, count):
         change = count - self.others.get(host, 0)
@@ -8319,7 +9772,9 @@ class WorkerCounts(object):
         self.beat()
         self.ticks += 1
         self.counters.view[self.process_line + LOG_DROPPED] = log_output.dropped
-        now = (sum(s.accepted for s in director.services.values()), len(director.pairs), len(director.hellos))
+        # What changed since the last tick; a UDP session may serve many datagrams.
+        now = (sum(s.accepted + s.datagrams_in + s.datagrams_out for s in director.services.values()),
+               len(director.pairs), len(director.hellos))
         if now != self.seen:
             self.seen = now
             self.publish_open(self.aware)
@@ -8388,8 +9843,8 @@ class Message(object):
 
 MESSAGES = dict((row.kind, row) for row in (
     # The first, read by run_worker before its loop runs: everything a worker starts from.
-    Message('config', DOWN, None, 'seq generation worker workers xml path listens counters slots hosts sticky '
-                                  'discovered'),
+    Message('config', DOWN, None, 'seq generation worker workers xml path listens counters clients slots hosts '
+                                  'sticky discovered'),
     Message('call', DOWN, 'on_call', 'method args kwargs slots', quiet=True),   # a replayed Actions method
     Message('host', DOWN, 'on_host', 'service group host state cause', quiet=True),
     Message('address', DOWN, 'on_address', 'service group host address'),
@@ -8609,22 +10064,33 @@ def address_from_json(value):
     return None if value is None else (value[0], tuple(value[1]))
 
 
+def listen_entries(listeners, fds=None):
+    """What a worker is told of listeners: [host, port, family, fd], and 'udp' after a UDP
+    one's (listen_sockets reads them); without fds each fd is None: it comes with the message."""
+    return [[l.listen.host, l.listen.port, l.sock.family, fds[i] if fds else None] +
+            ([] if l.listen.protocol == 'tcp' else [l.listen.protocol]) for i, l in enumerate(listeners)]
+
+
 def listen_sockets(listens, fds):
-    """address key -> socket for the listening sockets a worker got: [[host, port, family, fd]]
-    (fd None: the next of fds, which came with the message)."""
+    """listen key -> socket for the listening sockets a worker got: [[host, port, family, fd]],
+    or [host, port, family, fd, 'udp'] for the UDP socket of its slot (fd None: the next of
+    fds, which came with the message)."""
     found = {}
     fds = list(fds)
     try:
-        for host, port, family, fd in listens:
+        for entry in listens:
+            host, port, family, fd = entry[:4]
+            protocol = entry[4] if len(entry) > 4 else 'tcp'
             if fd is None:
                 if not fds:
                     raise ValueError('fewer sockets came than the message says')
                 fd = fds.pop(0)
-            sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+            kind = socket.SOCK_DGRAM if protocol == 'udp' else socket.SOCK_STREAM
+            sock = socket.socket(family, kind, 0, fd)
             # PyPy makes a socket built on an fd blocking (CPython leaves the flag alone),
             # and the flag belongs to the listening socket every process shares.
             sock.setblocking(False)
-            found[address_key(host, port)] = sock
+            found[listen_key(host, port, protocol)] = sock
     except ValueError:
         for sock in found.values():
             sock.close()
@@ -8702,7 +10168,9 @@ def run_worker(channel_fd, verbose=False):
     director.health.quiet = True
     director.listen_sockets = listen_sockets(first['listens'], ())
     fd, size = first['counters']
-    director.worker_counts = WorkerCounts(director, SharedCounters(fd, first['workers'] + 1, first['worker'] - 1, size))
+    clients_fd, lines = first['clients']
+    director.worker_counts = WorkerCounts(director, SharedCounters(fd, first['workers'] + 1, first['worker'] - 1, size),
+                                          ClientShare(clients_fd, first['workers'], first['worker'] - 1, lines))
     worker = Worker(director, sock, first, inbox, fds)
     director.discovery.restore(first['discovered'])     # the hosts from DNS, before their states
     apply_host_states(director, first['hosts'])
@@ -8799,7 +10267,11 @@ class Master(object):
         self.sent_listeners = set()
         self.retired = []               # [listen key, socket, seq] of removed listens (see retire)
         self.beat_timer = None
+        for listener in self.listeners():
+            if isinstance(listener, DatagramListener):
+                listener.widen(count)       # OSError if it cannot: before anything else is made
         self.counters = SharedCounters.create(count + 1, max(256, 2 * len(counted_things(director.services.values()))))
+        self.clients = ClientShare.create(count)     # a row per worker, none of the master's
         self.assign()
         director.master = self
 
@@ -8820,17 +10292,26 @@ class Master(object):
                     found.append(listener)
         return found
 
+    @staticmethod
+    def listen_fds(listeners, worker):
+        """The fd of each listener's socket a worker gets: a TCP listen's one, which every
+        worker shares; a UDP listen's of the worker's slot (DatagramListener.socket_for)."""
+        return [(l.socket_for(worker.index) if isinstance(l, DatagramListener) else l.sock).fileno()
+                for l in listeners]
+
     def spawn(self, worker):
         import subprocess
         worker.timer = None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        listens = [[l.listen.host, l.listen.port, l.sock.family, l.sock.fileno()] for l in self.listeners()]
+        listeners = self.listeners()
+        listen_fds = self.listen_fds(listeners, worker)
+        listens = listen_entries(listeners, listen_fds)
         env = dict((k, v) for k, v in os.environ.items()
                    if k not in ('NOTIFY_SOCKET', 'WATCHDOG_USEC', 'WATCHDOG_PID', 'LISTEN_FDS', 'LISTEN_PID'))
         try:
             worker.proc = subprocess.Popen(
                 self.command + ['--worker', str(theirs.fileno())] + (['-v'] if self.verbose else []),
-                pass_fds=[theirs.fileno(), self.counters.fd] + [entry[3] for entry in listens],
+                pass_fds=[theirs.fileno(), self.counters.fd, self.clients.fd] + listen_fds,
                 stdin=subprocess.DEVNULL, stdout=self.output, stderr=self.output, env=env)
         except OSError as e:
             ours.close()
@@ -8850,6 +10331,7 @@ class Master(object):
         self.send_to(worker, 'config', seq=self.seq, generation=self.generation, worker=worker.index,
                      workers=self.count, xml=self.director.running_xml(), path=self.director.config.path,
                      listens=listens, counters=[self.counters.fd, self.counters.size],
+                     clients=[self.clients.fd, self.clients.lines],
                      slots=self.slot_entries(self.slot_of), hosts=self.host_states(),
                      sticky=self.sticky_entries(), discovered=self.director.discovery.sets())
 
@@ -8915,7 +10397,7 @@ class Master(object):
         """The whole running config to one worker, every listening socket with it."""
         listeners = self.listeners()
         # The number of what was sent last: it has that too once it acknowledges this.
-        self.send_to(worker, 'reload', [l.sock.fileno() for l in listeners], seq=self.seq, repair=True,
+        self.send_to(worker, 'reload', self.listen_fds(listeners, worker), seq=self.seq, repair=True,
                      slots=self.slot_entries(self.slot_of), **self.reload_fields(listeners))
 
     def lost(self, worker):
@@ -8936,6 +10418,7 @@ class Master(object):
             worker.timer = self.loop.call_later(0.01, self.reap, worker, deadline)
             return
         self.counters.fold(worker.index - 1, self.kind_of)
+        self.clients.clear_row(worker.index - 1)
         worker.proc = None
         self.let_go()
         if self.stopping:
@@ -8996,13 +10479,14 @@ class Master(object):
     # -- commands down --------------------------------------------------------
 
     def send_all(self, kind, fds=(), **fields):
-        """A message to every worker, with the next sequence number; that number."""
+        """A message to every worker, with the next sequence number; that number.
+        fds: the sockets sent along, or a function of the worker giving its own."""
         message = new_message(kind, DOWN, fields, fds)
         self.seq += 1
         message['seq'] = self.seq
         for worker in self.workers:
             if worker.channel is not None:
-                worker.channel.send(message, fds)
+                worker.channel.send(message, fds(worker) if callable(fds) else fds)
         if 'slots' in message:      # the change that freed them: once applied everywhere, reusable
             self.free.extend((self.seq, slot) for slot in self.freed)
             self.freed = []
@@ -9024,7 +10508,8 @@ class Master(object):
         new = [l for l in current if l not in self.sent_listeners]
         self.sent_listeners = set(current)
         self.generation += 1
-        seq = self.send_all('reload', [l.sock.fileno() for l in new], slots=self.assign(), **self.reload_fields(new))
+        seq = self.send_all('reload', lambda worker: self.listen_fds(new, worker), slots=self.assign(),
+                            **self.reload_fields(new))
         for entry in self.retired:
             if entry[2] is None:
                 entry[2] = seq
@@ -9035,13 +10520,14 @@ class Master(object):
         return dict(xml=self.director.running_xml(), path=self.director.config.path,
                     generation=self.generation, hosts=self.host_states(),
                     discovered=self.director.discovery.sets(),
-                    listens=[[l.listen.host, l.listen.port, l.sock.family, None] for l in listeners])
+                    listens=listen_entries(listeners))
 
     def retire(self, listener):
         """A listen a reload removed: its socket is kept until every worker has let
         go of it, so that a reload adding it back meanwhile takes it (reuse) rather
         than fail to bind the address a worker still listens on."""
-        self.retired.append([listener.listen.key, listener.sock, None])
+        for sock in getattr(listener, 'socks', [listener.sock]):
+            self.retired.append([listener.listen.key, sock, None])
 
     def reuse(self, key):
         """A retired socket of this address, or None."""
@@ -9152,6 +10638,7 @@ class Master(object):
             entry[1].close()
         self.retired = []
         self.counters.close()
+        self.clients.close()
 
     # -- counters ---------------------------------------------------------------
 
@@ -10238,7 +11725,7 @@ def shown_attrs(element, skip=(), every=False):
     """An element's attributes in words for --check, as its table writes them:
     ['weight 3', 'interval 1.5s', ...]; those that differ from their defaults
     (every: each set one), but skip."""
-    return ['%s %s%s' % (row.name, text, 's' if isinstance(value, float) else '')
+    return ['%s %s%s' % (row.name, text, row.unit if row.unit is not None else 's' if isinstance(value, float) else '')
             for row, value, text in written_attrs(ELEMENT_ATTRS[element.TAG], vars(element), every)
             if row.name not in skip]
 
@@ -10259,6 +11746,10 @@ def summary(config):
         parts.append('timeouts ' + ', '.join(shown_attrs(service.timeouts, every=True)))
         if service.check:
             parts.append('check ' + ', '.join(shown_attrs(service.check, every=True)))
+        if service.udp is not None:
+            parts.append('udp ' + (', '.join(shown_attrs(service.udp, every=True))))
+        if service.clients:
+            parts.append('clients ' + ', '.join(shown_attrs(service.clients, every=True)))
         lines.append('service %s: %s' % (service.name, '; '.join(parts)))
         for group in service.groups:
             mark = ' (enabled)' if group.name == service.enabled else ''
@@ -10436,6 +11927,8 @@ def main(argv=None):
             log.error('upgrade: cannot take over from the old generation: %s', e)
             return takeover.give_up(e)
     director = Director(config, notifier=notifier, accept=workers is None and takeover is None)
+    director.udp_slots = workers or 1     # bound at start, with the rest: root may be dropped after
+    director.udp_reuseport = workers is not None
     upgrade = Upgrade(director, notifier)
     if takeover is not None:
         upgrade.busy = 'taking over'    # (a SIGUSR2 from now on is refused until it serves)
@@ -10481,7 +11974,13 @@ def main(argv=None):
     master = None
     if workers is not None:
         # Spawned now, as the user the master became; ready once they all accept.
-        master = upgrade.master = Master(director, workers, verbose=args.verbose)
+        try:
+            master = upgrade.master = Master(director, workers, verbose=args.verbose)
+        except OSError as e:
+            log.error('%s', e.strerror or e)
+            director.stop_now()
+            upgrade.finish()
+            return 1 if takeover is None else takeover.give_up(e.strerror or str(e))
     if takeover is not None:
         takeover.start(upgrade, master)     # serves once ready; the old generation says READY=1
     elif master is None:

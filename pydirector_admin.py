@@ -27,8 +27,10 @@ Reading (GET or HEAD):
                     access only
     /metrics        Prometheus text exposition format 0.0.4
     /explain?service=S&client=IP[&format=json]
-                    which host that client would get now and why, one fact
-                    per line (or the director's dict as JSON); changes nothing
+                    which host that client would get now and why, and
+                    whether the service's <clients> limits refuse it now,
+                    one fact per line (or the director's dict as JSON);
+                    changes nothing
     /explain?service=S&client=IP&sni=NAME, /explain?listen=ADDR&client=IP[&sni=NAME]
                     on a listen with sni: which service a hello naming NAME
                     (none: a hello without a name) lands on and why, then as above
@@ -1826,6 +1828,18 @@ def service_counts(service):
         service['open'], service['queued'], service['denied'], service['maxconns'] or 'unlimited')
 
 
+def udp_text(service):
+    """The UDP line of a service on /running: its sessions and datagrams."""
+    udp = service['udp']
+    responses = udp['responses']
+    ends = ('when idle' if responses is None else 'once the request is sent (responses 0)' if responses == 0
+            else 'after %d repl%s per request' % (responses, 'y' if responses == 1 else 'ies'))
+    return ('UDP: a session per client address, ending %s; at most %d sessions per process '
+            '(evicted so far: %d). Datagrams from clients %d, to clients %d, dropped %d.'
+            % (ends, udp['sessions_max'], udp['evicted'], udp['datagrams_in'], udp['datagrams_out'],
+               udp['dropped']))
+
+
 def render_switch(switch, now):
     """A pending enableGroup with drain and/or rollback deadlines."""
     e = html.escape
@@ -1839,6 +1853,33 @@ def render_switch(switch, now):
             e(str(switch.get('from'))), e(when(switch['rollback_until'])),
             e(duration(switch['rollback_until'] - now)), e(str(switch.get('to')))))
     return '<p class="msg switch">%s%s.</p>' % (text, ': ' + '; '.join(parts) if parts else '')
+
+
+def clients_settings(clients):
+    """'maxconns 5, rate 20/s burst 40' of a <clients>."""
+    parts = []
+    if clients['maxconns']:
+        parts.append('maxconns %d' % clients['maxconns'])
+    if clients['rate']:
+        parts.append('rate %s/s burst %d' % (explain_number(clients['rate']), clients['burst']))
+    return ', '.join(parts)
+
+
+def render_clients(service):
+    """A service's per-client limits: settings, what they refused, the busiest clients."""
+    e = html.escape
+    c = service['clients']
+    dry = c['mode'] == 'log'
+    text = ('Per-client limits: %s per address (IPv6: per /%d)%s. %s %d; addresses tracked %d of %d; '
+            'evicted %d.' % (e(clients_settings(c)), c['v6prefix'], ' <strong>mode log: refusing nothing</strong>'
+                             if dry else '', 'Would have refused' if dry else 'Refused',
+                             service['limited_dry'] if dry else service['limited'], c['entries'], c['table'],
+                             service['client_evictions']))
+    out = ['<p>%s</p>' % text]
+    if c['top']:
+        out.append('<table><tr><th>client</th><th>open</th></tr>%s</table>' % ''.join(
+            '<tr><td>%s</td><td>%d</td></tr>' % (e(client), count) for client, count in c['top']))
+    return out
 
 
 def explain_form(service_name, sni=False):
@@ -1903,13 +1944,18 @@ def render_running(snapshot, user, can_change, msg=None, refresh=None):
     for service in s['services']:
         body.append('<h2>Service %s</h2>' % e(service['name']))
         listens = service.get('listens') or [{'ip': text} for text in service['listen']]
-        body.append('<p>Listening on %s; enabled group <span class="enabled">%s</span>. '
+        body.append('<p>Listening on %s%s; enabled group <span class="enabled">%s</span>. '
                     'Accepted %d, failovers %d, refused (no host) %d%s.</p>' % (
-                        e(', '.join(listen_text(l) for l in listens)), e(service['enabled']),
+                        e(', '.join(listen_text(l) for l in listens)),
+                        ' (UDP)' if service.get('udp') else '', e(service['enabled']),
                         service['accepted'], service['failovers'], service['refused'],
                         e(service_counts(service))))
+        if service.get('udp'):
+            body.append('<p>%s</p>' % e(udp_text(service)))
         if service.get('switch'):
             body.append(render_switch(service['switch'], now))
+        if service.get('clients'):
+            body.extend(render_clients(service))
         body.append('<p>%s</p>' % explain_form(service['name'], any(l.get('sni') for l in listens)))
         for group in service['groups']:
             body.extend(render_group(service, group, now, can_change))
@@ -2008,7 +2054,7 @@ def worker_generation(worker):
 def render_running_txt(snapshot):
     """The original's line format, one record per line, fields separated by one space:
 
-        service NAME LISTEN ENABLEDGROUP      one line per listen address,
+        service NAME LISTEN ENABLEDGROUP [udp]  one line per listen address (udp: a UDP service),
         sni LISTEN NAME,NAME,...              after it when that listen has sni
         group NAME enabled|inactive           then that group's hosts:
         host NAME IP:PORT OPEN TOTAL up       a host taking new connections
@@ -2026,7 +2072,8 @@ def render_running_txt(snapshot):
     lines = []
     for service in snapshot['services']:
         for listen in service.get('listens') or [{'ip': text} for text in service['listen']]:
-            lines.append('service %s %s %s' % (f(service['name']), f(listen['ip']), f(service['enabled'])))
+            lines.append('service %s %s %s%s' % (f(service['name']), f(listen['ip']), f(service['enabled']),
+                                                 ' udp' if service.get('udp') else ''))
             if listen.get('sni'):
                 lines.append('sni %s %s' % (f(listen['ip']), f(','.join(listen['sni']))))
         for group in service['groups']:
@@ -2055,6 +2102,8 @@ def render_explain(info):
     """director.explain()'s dict as text, one fact per line ('key: value')."""
     t = escape_text
     lines = ['service: %s' % t(info.get('service') or 'none'), 'client: %s' % t(info.get('client'))]
+    if info.get('protocol') == 'udp':
+        lines.append('protocol: udp (a new client address gets the host below; an open session keeps its own)')
     if info.get('sni_reason'):
         if info.get('listen'):
             lines.append('listen: %s' % t(info['listen']))
@@ -2093,12 +2142,24 @@ def render_explain(info):
         lines.append('skipped: %s (%s)%s' % (t(name), t(why), from_dns(info, name)))
     if not info.get('skipped'):
         lines.append('skipped: none')
+    clients = info.get('clients')
+    if clients:
+        lines.append('clients: %s, %d open%s (%s, mode %s)' % (
+            t(clients['key']), clients['open'], '' if clients['left'] is None else
+            ', %d new connection(s) allowed now' % clients['left'], t(clients['settings']), clients['mode']))
+        if clients['limited'] is None:
+            lines.append('limited: no')
+        else:
+            lines.append('limited: %s, %s' % ('yes' if clients['mode'] == 'enforce' else
+                                              'would be (mode log lets it through)', t(clients['reason'])))
     for name, effective, weight, left in info.get('ramping') or ():
         lines.append('slow start: %s at effective weight %s of %s, %s s left' % (
             t(name), explain_number(effective), weight, explain_number(round(left, 1))))
     discovered = collections.Counter((info.get('from_dns') or {}).values())
     for discover, count in sorted(discovered.items()):
         lines.append('from DNS: %d host(s) of the group from discover %s' % (count, t(discover)))
+    for client, listen, host in info.get('sessions') or ():
+        lines.append('session: %s on %s goes to %s' % (t(client), t(listen), t(host)))
     return ''.join(line + '\n' for line in lines)
 
 
@@ -2118,16 +2179,40 @@ def metric_labels(pairs):
 
 
 SERVICE_METRICS = [
-    ('pydirector_service_accepted_total', 'counter', 'Client connections accepted.', 'accepted'),
+    ('pydirector_service_accepted_total', 'counter', 'Client connections accepted (UDP: sessions made).',
+     'accepted'),
     ('pydirector_service_failovers_total', 'counter',
      'Times a client was moved on to another host after a failed connect.', 'failovers'),
     ('pydirector_service_refused_total', 'counter', 'Clients closed because no host was available.',
      'refused'),
-    ('pydirector_service_open_connections', 'gauge', 'Client connections open now.', 'open'),
+    ('pydirector_service_open_connections', 'gauge', 'Client connections open now (UDP: sessions).', 'open'),
     ('pydirector_service_queued', 'gauge', 'Clients waiting for a host below its max conns.', 'queued'),
     ('pydirector_service_denied_total', 'counter', 'Clients closed by the service\'s allow/deny rules.',
      'denied'),
     ('pydirector_service_maxconns', 'gauge', 'The service\'s connection limit; 0 means unlimited.', 'maxconns'),
+]
+
+# A UDP service's (label service): each value is a key of its snapshot's 'udp'.
+UDP_METRICS = [
+    ('pydirector_service_udp_sessions_max', 'gauge',
+     'The most sessions a UDP service holds per process (<udp sessions>).', 'sessions_max'),
+    ('pydirector_service_udp_evicted_total', 'counter',
+     'UDP sessions ended to make room for a new client (the least recently used).', 'evicted'),
+    ('pydirector_service_udp_datagrams_in_total', 'counter', 'Datagrams from clients.', 'datagrams_in'),
+    ('pydirector_service_udp_datagrams_out_total', 'counter', 'Datagrams to clients.', 'datagrams_out'),
+    ('pydirector_service_udp_dropped_total', 'counter',
+     'Datagrams not relayed: a full socket buffer, a client or host that cannot be reached.', 'dropped'),
+]
+
+# Services with <clients> only.
+CLIENT_METRICS = [
+    ('pydirector_service_client_limited_total', 'counter',
+     'Clients refused by the per-client limits (<clients>), reset before any backend was asked.', 'limited'),
+    ('pydirector_service_client_limited_dry_run_total', 'counter',
+     'Clients <clients mode="log"> would have refused (and let through).', 'limited_dry'),
+    ('pydirector_service_client_evictions_total', 'counter',
+     'Client addresses evicted from the per-client table while full, their counts lost.', 'client_evictions'),
+    ('pydirector_service_client_addresses', 'gauge', 'Client addresses the per-client table tracks now.', None),
 ]
 
 # With worker processes: one sample per worker (label worker="N"); the totals above are their sums.
@@ -2238,6 +2323,18 @@ def render_metrics(snapshot):
         family(name, kind, help_text)
         for service in services:
             out.append('%s%s %d' % (name, metric_labels([('service', service['name'])]), service[key]))
+    udp_services = [service for service in services if service.get('udp')]
+    for name, kind, help_text, key in UDP_METRICS if udp_services else ():
+        family(name, kind, help_text)
+        for service in udp_services:
+            out.append('%s%s %d' % (name, metric_labels([('service', service['name'])]), service['udp'][key]))
+    limited = [service for service in services if service.get('clients')]
+    for name, kind, help_text, key in CLIENT_METRICS:
+        if limited:
+            family(name, kind, help_text)
+        for service in limited:
+            out.append('%s%s %d' % (name, metric_labels([('service', service['name'])]),
+                                    service[key] if key else service['clients']['entries']))
     family('pydirector_group_enabled', 'gauge', '1 for the group that takes a service\'s new connections.')
     for service in services:
         for group in service['groups']:
@@ -2312,8 +2409,10 @@ def render_metrics(snapshot):
 # ---------------------------------------------------------------------------
 
 CANNOT = '# cannot apply through the admin API: %s; edit the file on the balancer and reload'
-HOST_ATTRS = ('name', 'ip', 'weight', 'maxconns', 'send_proxy', 'backup')    # what addHost can set
-SET_HOST_ATTRS = ('weight', 'maxconns')                                      # what setHost changes in place
+# The host attributes addHost sets and those setHost changes in place: their calls' parameters.
+HOST_ATTRS = tuple(name for name in ACTIONS['/addHost'].required + ACTIONS['/addHost'].optional
+                   if name not in ('service', 'group'))
+SET_HOST_ATTRS = tuple(name for name in ACTIONS['/setHost'].optional if name in HOST_ATTRS)
 # A host setting's default as a plan shows it ('weight 1 -> 3', 'send_proxy none -> v1').
 HOST_DEFAULTS = pydirector.default_texts(pydirector.HOST_ATTRS)
 USER_ATTRS = ('name', 'password', 'access')                         # what addUser can set

@@ -161,6 +161,8 @@ class Scheduler(object):
 
     A subclass supplies:
 
+    - ``name``, its spelling in the config (and its row in SCHEDULERS), and
+      ``reads_load``, True when its picks read the hosts' open counts.
     - ``_rebuild()``: build its structure from ``self.hosts`` and each
       host's ``_ok``.  Called lazily, at the next pick or explain, after
       anything marked the scheduler ``_dirty``: adding, removing and
@@ -196,6 +198,10 @@ class Scheduler(object):
     """
 
     name = None
+    # Whether picks read the hosts' open counts (leastconns): with worker processes,
+    # each worker then keeps the others' counts of every host up to date (pydirector's
+    # WorkerCounts), which costs a read of each host every tick.
+    reads_load = False
     _scaled = True      # see slow start
 
     def __init__(self, hosts=(), sticky=False, sticky_timeout=3600.0,
@@ -1260,6 +1266,7 @@ class LeastConnsScheduler(Scheduler):
     """
 
     name = 'leastconns'
+    reads_load = True
     _tie_rule = 'first'
     _what = 'least connections'
     _lazy = False       # see LeastConnsRRScheduler

@@ -3,7 +3,7 @@
 
     python3 bench/abtest.py --old DIR [--pyfloor PATH] [--python PY] [--rounds 7]
                             [--n 20000] [--workload newconn|keepalive] [--tree NAME=DIR ...]
-                            [--workers N]
+                            [--workers N] [--clients NAME=ATTRS ...]
 
 Needs nginx, ab and wrk (bench/bench.py installs them).  Starts nginx on two
 loopback ports, then each target (pyfloor, old, new, old and new with the access
@@ -15,7 +15,10 @@ to round on a shared machine.  --tree NAME=DIR adds a tree (access log off),
 such as one patched to leave one thing out, which prices that thing.  /proc
 tick resolution: 1/CLK_TCK over n.  --workers N runs each pydirector as a
 master and N workers, its CPU the sum over them all (each target is warmed
-up first, so the workers' start is not counted).
+up first, so the workers' start is not counted).  --clients NAME=ATTRS gives
+target NAME's service <clients ATTRS/> (ab connects from one address, so with
+limits high enough to refuse nothing, every connection is admitted and
+released through one entry): with --tree NAME=. it prices per-client limits.
 """
 
 import argparse
@@ -27,8 +30,8 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import free_port, wait_port  # noqa: E402
+sys.path.append(os.path.join(HERE, 'tools'))
+from processes import child_pids, free_port, stat_fields, wait_listening  # noqa: E402
 
 TICK = os.sysconf('SC_CLK_TCK')
 
@@ -36,17 +39,13 @@ TICK = os.sysconf('SC_CLK_TCK')
 def cpu(pid):
     """(user, system) ticks of a process and its children (a master's workers)."""
     user = system = 0
-    for name in os.listdir('/proc'):
-        if not name.isdigit():
-            continue
+    for each in [pid] + child_pids(pid):
         try:
-            with open('/proc/%s/stat' % name) as f:
-                fields = f.read().rsplit(')', 1)[1].split()
+            fields = stat_fields('/proc/%d/stat' % each)
         except OSError:
             continue
-        if int(name) == pid or int(fields[1]) == pid:
-            user += int(fields[11])
-            system += int(fields[12])
+        user += int(fields[11])
+        system += int(fields[12])
     return user, system
 
 
@@ -61,7 +60,10 @@ def main():
     parser.add_argument('--tree', action='append', default=[], metavar='NAME=DIR',
                         help='another tree to run beside old and new, access log off (repeatable)')
     parser.add_argument('--workers', type=int, help='run each pydirector with this many worker processes')
+    parser.add_argument('--clients', action='append', default=[], metavar='NAME=ATTRS',
+                        help='<clients ATTRS/> in target NAME\'s service, e.g. limits=\'maxconns="1000" rate="1e6"\'')
     args = parser.parse_args()
+    clients = dict(spec.partition('=')[::2] for spec in args.clients)
     trees = [spec.partition('=')[::2] for spec in args.tree]
     for spec, (name, tree) in zip(args.tree, trees):
         if name in ('', 'pyfloor', 'old', 'new', 'old-log', 'new-log') or not os.path.isfile(os.path.join(tree, 'pydirector.py')):
@@ -82,10 +84,11 @@ def main():
         with open(path, 'w') as f:
             f.write('<pdconfig drain="1"%s><service name="ab" maxconns="9500"><listen ip="127.0.0.1:%d"/>'
                     '<group name="g" scheduler="roundrobin"><host name="one" ip="127.0.0.1:%d"/>'
-                    '<host name="two" ip="127.0.0.1:%d"/></group><timeouts connect="5" idle="3600"/>'
+                    '<host name="two" ip="127.0.0.1:%d"/></group><timeouts connect="5" idle="3600"/>%s'
                     '</service><logging file="%s/%s.log"%s/></pdconfig>'
                     % (' workers="%d"' % args.workers if args.workers else '',
-                       port, b1, b2, work, name, '' if log else ' access="off"'))
+                       port, b1, b2, '<clients %s/>' % clients[name] if name in clients else '',
+                       work, name, '' if log else ' access="off"'))
         targets.append((name, [args.python, os.path.join(tree, 'pydirector.py'), '-c', path], port))
 
     if args.pyfloor:
@@ -99,14 +102,14 @@ def main():
     for name, tree in trees:
         pydirector(name, tree, False)
     try:
-        if not wait_port(b1):
+        if not wait_listening(b1):
             sys.exit('abtest: nginx did not start')
         running = {}
         for name, cmd, port in targets:
             running[name] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             procs.append(running[name])
         for name, cmd, port in targets:
-            if not wait_port(port):
+            if not wait_listening(port):
                 sys.exit('abtest: %s did not start' % name)
             if args.workers:
                 subprocess.run(['ab', '-q', '-c', '10', '-n', '500', 'http://127.0.0.1:%d/' % port],

@@ -38,6 +38,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+sys.path.append(os.path.join(REPO, 'tools'))
+from processes import child_pids, cpu_seconds, fd_count, free_port, rss_bytes, stop_process, wait_listening  # noqa: E402
 OUT = os.path.join(HERE, 'out')
 RESULTS_MD = os.path.join(HERE, 'RESULTS.md')
 
@@ -187,20 +189,9 @@ class Processes(object):
         proc = self.running.pop(name, None)
         if proc is None:
             return
-        if proc.poll() is None:
-            try:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
         # The whole session (nginx workers too), by its id: only what we started.
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except OSError:
-            pass
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
+        stop_process(proc, timeout, group=True)
+        if proc.poll() is None:
             log('warning: %s (pid %d) did not exit' % (name, proc.pid))
 
     def stop_all(self):
@@ -222,25 +213,10 @@ def run(argv, timeout, **kwargs):
 
 
 # --------------------------------------------------------------------------------------------
-# /proc readings
-
-def cpu_seconds(pid):
-    """utime + stime of the whole process (all threads), in seconds."""
-    with open('/proc/%d/stat' % pid) as f:
-        fields = f.read().rsplit(')', 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
-
+# /proc readings (the rest come from tools/processes.py)
 
 def rss_kib(pid):
-    with open('/proc/%d/status' % pid) as f:
-        for line in f:
-            if line.startswith('VmRSS:'):
-                return int(line.split()[1])
-    return 0
-
-
-def fd_count(pid):
-    return len(os.listdir('/proc/%d/fd' % pid))
+    return rss_bytes(pid) // 1024
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,23 +236,6 @@ def ensure_tools():
     still = [tool for tool in APT_PACKAGES if shutil.which(tool) is None]
     if still:
         sys.exit('bench: still missing after apt-get: %s' % ' '.join(still))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port, deadline_s=15.0):
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(('127.0.0.1', port), timeout=1).close()
-            return True
-        except OSError:
-            time.sleep(0.05)
-    return False
 
 
 def http_get(port, path, timeout=10.0):
@@ -383,19 +342,6 @@ def admin_hash():
     return _ADMIN_HASH[0]
 
 
-def child_pids(pid):
-    found = []
-    for name in os.listdir('/proc'):
-        if name.isdigit():
-            try:
-                with open('/proc/%s/stat' % name) as f:
-                    if int(f.read().rsplit(')', 1)[1].split()[1]) == pid:
-                        found.append(int(name))
-            except (OSError, IndexError, ValueError):
-                pass
-    return sorted(found)
-
-
 class Bench(object):
     """One run: the servers, the workloads, the raw results."""
 
@@ -449,7 +395,7 @@ class Bench(object):
         self.procs.start('nginx', ['nginx', '-p', self.work + '/', '-e', self.work + '/nginx-error.log',
                                    '-c', conf], nofile=self.nofile)
         for port in (port1, port2):
-            if not wait_port(port):
+            if not wait_listening(port):
                 raise RuntimeError('nginx did not listen on %d: %s' % (port, self.tail('nginx.out')))
             check_target(port)
         for name, threads in (('haproxy', 1), ('haproxy-nt', WORKERS)):
@@ -529,7 +475,7 @@ class Bench(object):
             argv = [python, 'pydirector.py', '-c', os.path.join(self.work, config)]
             cwd = self.trees.get(target, REPO)
         self.procs.start(target, argv, nofile=self.nofile, cwd=cwd)
-        if not wait_port(self.ports[target]):
+        if not wait_listening(self.ports[target]):
             raise RuntimeError('%s did not listen: %s' % (target, self.tail(target + '.out')))
         if target == 'pydirector-w':
             deadline = time.monotonic() + 60

@@ -56,6 +56,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+sys.path.append(os.path.join(REPO, 'tools'))
+import processes  # noqa: E402
+from processes import cpu_seconds, free_port, rss_bytes  # noqa: E402
 ITEMS = ('reload', 'probe', 'password', 'pipes', 'f5', 'f6')
 # The commit before each item's fixes: the default old tree (--old-commit or --old: all items).
 OLD_COMMITS = {'reload': 'cdbcd1a', 'probe': 'cdbcd1a', 'password': 'cdbcd1a', 'pipes': 'cdbcd1a',
@@ -298,24 +301,11 @@ class Run(object):
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def free_port():
-    sock = socket.socket()
-    sock.bind(('127.0.0.1', 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return port
-
-
 def wait_listening(port, proc=None, timeout=15):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError('exited with %s before listening on %d' % (proc.returncode, port))
-        try:
-            socket.create_connection(('127.0.0.1', port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.02)
+    if processes.wait_listening(port, timeout, proc):
+        return
+    if proc is not None and proc.poll() is not None:
+        raise RuntimeError('exited with %s before listening on %d' % (proc.returncode, port))
     raise RuntimeError('nothing listens on %d after %g s' % (port, timeout))
 
 
@@ -385,20 +375,6 @@ def service(name, port, hosts, extra='', scheduler='roundrobin'):
 def pdconfig(*parts, workers=None):
     root = '<pdconfig workers="%s">' % workers if workers else '<pdconfig>'
     return '%s\n%s  <logging access="off"/>\n</pdconfig>\n' % (root, ''.join(parts))
-
-
-def cpu_seconds(pid):
-    with open('/proc/%d/stat' % pid) as f:
-        fields = f.read().rsplit(')', 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / float(os.sysconf('SC_CLK_TCK'))
-
-
-def rss_bytes(pid):
-    with open('/proc/%d/status' % pid) as f:
-        for line in f:
-            if line.startswith('VmRSS:'):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def wait_for_line(run, text, timeout):

@@ -38,7 +38,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+sys.path.append(os.path.join(REPO, 'tools'))
+from processes import cpu_seconds, free_port, stop_process, wait_listening  # noqa: E402
 
 SIZES = (2, 100, 1000, 5000)
 SCHEDULERS = ('roundrobin', 'leastconns', 'leastconnsrr', 'random', 'hash')
@@ -64,32 +65,6 @@ def log(text):
 def host_ip(i):
     # 127.1.0.0 and up: each a distinct backend to the kernel, all the one nginx.
     return '127.%d.%d.%d' % (1 + (i >> 16), (i >> 8) & 255, i & 255)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port, seconds=60.0, proc=None):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            return False
-        try:
-            socket.create_connection(('127.0.0.1', port), timeout=1).close()
-            return True
-        except OSError:
-            time.sleep(0.05)
-    return False
-
-
-def cpu_seconds(pid):
-    """utime + stime of the whole process (all threads), in seconds."""
-    with open('/proc/%d/stat' % pid) as f:
-        fields = f.read().rsplit(')', 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
 
 
 def run_seconds(pid):
@@ -132,19 +107,8 @@ class Processes(object):
         proc = self.running.pop(name, None)
         if proc is None:
             return
+        stop_process(proc, 10, group=True)      # its session: nginx's worker too
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)   # its session: nginx's worker too
-        except OSError:
-            pass
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
             log('warning: %s (pid %d) did not exit' % (name, proc.pid))
 
     def stop_all(self):
@@ -252,7 +216,7 @@ class Sweep(object):
             f.write(NGINX_CONF.format(work=self.work, port=self.nginx_port))
         proc = self.procs.start('nginx', ['nginx', '-p', self.work + '/', '-e', self.work + '/nginx-error.log',
                                           '-c', conf])
-        if not wait_port(self.nginx_port, 15, proc):
+        if not wait_listening(self.nginx_port, 15, proc):
             raise RuntimeError('nginx did not listen: %s' % self.procs.tail('nginx'))
 
     # -- one balancer
@@ -296,7 +260,7 @@ class Sweep(object):
         return int(complete.group(1)), int(failed.group(1)) if failed else 0, wall, out
 
     def measure(self, name, port, proc, record):
-        if not wait_port(port, 120, proc):
+        if not wait_listening(port, 120, proc):
             record['error'] = 'did not listen: ' + self.procs.tail(name)
             return record
         self.ab(port, self.args.warmup, 30)       # lazy setup (the hash ring) and caches
@@ -319,7 +283,7 @@ class Sweep(object):
 
     def idle_cpu(self, name, port, proc, seconds):
         """The balancer's CPU while nothing connects, in µs per second (schedstat)."""
-        if not wait_port(port, 120, proc):
+        if not wait_listening(port, 120, proc):
             return None
         time.sleep(1.0)     # let startup's work finish (not synchronisation: settling)
         before, start = run_seconds(proc.pid), time.monotonic()

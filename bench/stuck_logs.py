@@ -40,17 +40,11 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+sys.path.append(os.path.join(REPO, 'tools'))
+from processes import accepts, free_port  # noqa: E402
 TARGETS = ('stderr', 'syslog', 'full')
 PASSWORD = 'bench'
 DROPPED = re.compile(r'log to [^:]*: (\d+) line\(s\) dropped')
-
-
-def free_port():
-    sock = socket.socket()
-    sock.bind(('127.0.0.1', 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return port
 
 
 def echo_server():
@@ -137,14 +131,6 @@ def metric(admin_port, name):
         if line.startswith(name + ' '):
             return int(float(line.split()[1]))
     return None
-
-
-def accepts(port):
-    try:
-        socket.create_connection(('127.0.0.1', port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 class Reader(object):

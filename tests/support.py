@@ -1,15 +1,40 @@
-"""Shared test helpers: tiny real backends, the balancer in-process or as a
-subprocess, and wait_until().  Everything listens on 127.0.0.1 ephemeral ports."""
+"""Shared test helpers.  Everything listens on 127.0.0.1, on ports from free_port().
 
+In groups, in this order:
+- waiting and ports: wait_until, free_port (a block of ports per test process);
+- log capture: LOG (every line the balancer logs), WorkerLog (its workers' lines);
+- backends: Backend and its handlers (echo, say_name, hold_open, digest_until_eof,
+  report_proxy_header, https_say_name), Blackhole, AdoptedBackend, EchoServer,
+  TLSBackend with make_cert's certificates;
+- balancers: config text (service_xml, config_xml), in this process (Balancer,
+  BalancerCase, WorkersMixin, single_process) and as a subprocess (BalancerProcess,
+  SpawnedBalancer);
+- clients: connect, exchange, recv_all, raw_exchanges, Background, tls_connect,
+  tls_exchange;
+- /proc and processes: open_fds, accept_queue_length, raise_open_files, and from
+  tools/processes.py (which bench/ and tools/ share) accepts, fd_count, thread_count,
+  cpu_seconds, cpu_seconds_of, rss_bytes, process_state, child_pids, stop_process;
+- external programs and recorded data: need_program, find_binary, ExternalServer,
+  openssl_client, curl_client, need_curl_idn, client_hello.
+"""
+
+import atexit
+import collections
+import errno
 import fcntl
 import functools
 import gc
 import hashlib
+import heapq
 import logging
 import os
+import random
 import re
+import selectors
+import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -20,11 +45,19 @@ import unittest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
+TOOLS = os.path.join(REPO, 'tools')
+if TOOLS not in sys.path:
+    sys.path.append(TOOLS)
 
 import pydirector  # noqa: E402
+import processes  # noqa: E402  (tools/processes.py: what bench/ and tools/ use too)
+from processes import (accepts, child_pids, cpu_seconds, cpu_seconds_of, fd_count,  # noqa: E402
+                       process_state, rss_bytes, stop_process, thread_count)
 
 PYDIRECTOR = os.path.join(REPO, 'pydirector.py')
 
+
+# -- waiting and ports --------------------------------------------------------
 
 def wait_until(predicate, timeout=5.0, interval=0.005, message=None):
     """Poll predicate until it returns something true; return that, or fail after timeout."""
@@ -91,17 +124,13 @@ def free_port():
             finally:
                 sock.close()
             return port
-    sock = socket.socket()
-    sock.bind(('127.0.0.1', 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return port
+    return processes.free_port()
 
 
 _port_state['start'] = _port_block()    # now, so its lock file's fd is there before any test counts fds
 
 
-# -- log capture -----------------------------------------------------------
+# -- log capture --------------------------------------------------------------
 
 class LogRecorder(logging.Handler):
     """Keeps every record the balancer logs, so tests can wait for an exact line."""
@@ -141,7 +170,58 @@ logging.getLogger('pydirector').setLevel(logging.DEBUG)
 logging.getLogger('pydirector').propagate = False
 
 
-# -- backends --------------------------------------------------------------
+class WorkerLog(object):
+    """The workers' stderr, in a file: each line they log goes into LOG as if logged
+    here ('DATE LEVEL worker N: message' becomes 'message'; a traceback, 'TRACEBACK ...'),
+    so tests wait for worker lines as for the master's."""
+
+    LINE = re.compile(r'\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ (?:worker \d+: )?(.*)\Z')
+
+    def __init__(self):
+        fd, self.path = tempfile.mkstemp(prefix='pydirector-workers-', suffix='.log')
+        os.close(fd)
+        self.file = open(self.path, 'ab')       # O_APPEND: every worker's writes land whole
+        self.reader = open(self.path, 'rb')
+        self.rest = b''
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.run, name='worker-log', daemon=True)
+        self.thread.start()
+
+    def run(self):
+        while not self.stopping.wait(0.01):
+            self.read()
+
+    def read(self):
+        data = self.rest + self.reader.read()
+        lines = data.split(b'\n')
+        self.rest = lines.pop()
+        for raw in lines:
+            line = raw.decode('utf-8', 'replace')
+            if line.startswith('Traceback (most recent call last)'):
+                LOG.add_line('TRACEBACK ' + line)
+                continue
+            match = self.LINE.match(line)
+            if match:
+                LOG.add_line(match.group(1))
+            elif line and not line.startswith(' '):
+                LOG.add_line(line)
+
+    def text(self):
+        with open(self.path, 'rb') as f:
+            return f.read().decode('utf-8', 'replace')
+
+    def close(self):
+        if self.stopping.is_set():
+            return
+        self.stopping.set()
+        self.thread.join(10)
+        self.read()
+        self.file.close()
+        self.reader.close()
+        os.unlink(self.path)
+
+
+# -- backends -----------------------------------------------------------------
 
 class Backend(object):
     """A real TCP server on 127.0.0.1; each connection runs handler(sock, backend) in a thread."""
@@ -235,6 +315,55 @@ def digest_until_eof(conn, backend):
     conn.sendall(('%s %d' % (h.hexdigest(), n)).encode())
 
 
+def proxy_codec():
+    """The module holding the PROXY protocol codec."""
+    return pydirector
+
+
+def report_proxy_header(conn, backend):
+    """Read a PROXY header (v1 or v2), answer 'PROXY src_ip src_port dst_ip dst_port\\n'
+    ('PROXY LOCAL\\n' when it names no addresses, 'BAD reason\\n' when it is malformed),
+    then echo the rest of the stream.  The raw header goes to backend.received."""
+    codec = proxy_codec()
+    data = b''
+    while True:
+        try:
+            result = codec.parse_proxy_header(data, 'any')
+        except ValueError as e:
+            conn.sendall(('BAD %s\n' % e).encode())
+            return
+        if result is not None:
+            break
+        chunk = conn.recv(65536)
+        if not chunk:
+            conn.sendall(b'BAD no header before EOF\n')
+            return
+        data += chunk
+    consumed, source, dest = result
+    with backend.lock:
+        backend.received.append(data[:consumed])
+    if source is None:
+        conn.sendall(b'PROXY LOCAL\n')
+    else:
+        conn.sendall(('PROXY %s %d %s %d\n' % (source + dest)).encode())
+    if data[consumed:]:
+        conn.sendall(data[consumed:])
+    echo(conn, backend)
+
+
+def https_say_name(conn, backend):
+    """Answer one HTTP request with our name as the body (for curl), then close."""
+    head = b''
+    while b'\r\n\r\n' not in head and len(head) < 65536:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return
+        head += chunk
+    body = backend.name.encode()
+    conn.sendall(b'HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n'
+                 b'Connection: close\r\n\r\n%s' % (len(body), body))
+
+
 class Blackhole(object):
     """A listening socket whose backlog is full and which never accepts: SYNs go unanswered."""
 
@@ -270,57 +399,240 @@ class Blackhole(object):
         self.sock.close()
 
 
-# -- the balancer ----------------------------------------------------------
+class AdoptedBackend(Backend):
+    """A Backend serving a listening socket made elsewhere: e.g. a Blackhole's, to bring
+    that host back to life on the very same port."""
 
-class WorkerLog(object):
-    """The workers' stderr, in a file: each line they log goes into LOG as if logged
-    here ('DATE LEVEL worker N: message' becomes 'message'; a traceback, 'TRACEBACK ...'),
-    so tests wait for worker lines as for the master's."""
-
-    LINE = re.compile(r'\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ (?:worker \d+: )?(.*)\Z')
-
-    def __init__(self):
-        fd, self.path = tempfile.mkstemp(prefix='pydirector-workers-', suffix='.log')
-        os.close(fd)
-        self.file = open(self.path, 'ab')       # O_APPEND: every worker's writes land whole
-        self.reader = open(self.path, 'rb')
-        self.rest = b''
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self.run, name='worker-log', daemon=True)
+    def __init__(self, sock, handler, name='backend', backlog=128):
+        self.handler = handler
+        self.name = name
+        self.sock = sock
+        self.sock.listen(backlog)   # Linux takes a new backlog on a listening socket
+        self.port = sock.getsockname()[1]
+        self.accepted = 0
+        self.open = 0
+        self.received = []
+        self.lock = threading.Lock()
+        self.closed = threading.Event()
+        self.threads = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
-    def run(self):
-        while not self.stopping.wait(0.01):
-            self.read()
 
-    def read(self):
-        data = self.rest + self.reader.read()
-        lines = data.split(b'\n')
-        self.rest = lines.pop()
-        for raw in lines:
-            line = raw.decode('utf-8', 'replace')
-            if line.startswith('Traceback (most recent call last)'):
-                LOG.add_line('TRACEBACK ' + line)
-                continue
-            match = self.LINE.match(line)
-            if match:
-                LOG.add_line(match.group(1))
-            elif line and not line.startswith(' '):
-                LOG.add_line(line)
+class EchoServer(object):
+    """An echo backend serving every connection from one selector thread, so hundreds of
+    connections cost no threads.  The client's EOF is passed on as ours once all is sent."""
 
-    def text(self):
-        with open(self.path, 'rb') as f:
-            return f.read().decode('utf-8', 'replace')
+    def __init__(self, host='127.0.0.1', port=0, name='echo'):
+        self.name = name
+        self.sock = socket.socket(socket.AF_INET6 if ':' in host else socket.AF_INET)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.sock.listen(1024)
+        self.sock.setblocking(False)
+        self.host = host
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        self.open = 0
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.sock, selectors.EVENT_READ, None)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self.selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self.conns = {}            # sock -> [pending bytes, client_eof]
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name='echo-server', daemon=True)
+        self.thread.start()
+
+    @property
+    def address(self):
+        return '%s:%d' % (self.host, self.port)
+
+    def _run(self):
+        while not self.stopping:
+            for key, mask in self.selector.select(0.5):
+                if key.fileobj is self.sock:
+                    self._accept()
+                elif key.fileobj is self._wake_r:
+                    return
+                else:
+                    self._event(key.fileobj, mask)
+
+    def _accept(self):
+        for _ in range(64):
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            conn.setblocking(False)
+            self.accepted += 1
+            self.open += 1
+            self.conns[conn] = [b'', False]
+            self.selector.register(conn, selectors.EVENT_READ, None)
+
+    def _drop(self, conn):
+        self.selector.unregister(conn)
+        del self.conns[conn]
+        conn.close()
+        self.open -= 1
+
+    def _event(self, conn, mask):
+        state = self.conns[conn]
+        try:
+            if mask & selectors.EVENT_READ:
+                data = conn.recv(65536)
+                if not data:
+                    state[1] = True
+                else:
+                    state[0] += data
+            if state[0]:
+                sent = conn.send(state[0])
+                state[0] = state[0][sent:]
+        except BlockingIOError:
+            pass
+        except OSError:
+            self._drop(conn)
+            return
+        if state[0]:
+            self.selector.modify(conn, selectors.EVENT_WRITE, None)
+        elif state[1]:
+            try:
+                conn.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            self._drop(conn)
+        else:
+            self.selector.modify(conn, selectors.EVENT_READ, None)
 
     def close(self):
-        if self.stopping.is_set():
-            return
-        self.stopping.set()
+        self.stopping = True
+        try:
+            self._wake_w.send(b'x')
+        except OSError:
+            pass
         self.thread.join(10)
-        self.read()
-        self.file.close()
-        self.reader.close()
-        os.unlink(self.path)
+        for conn in list(self.conns):
+            conn.close()
+        self.conns.clear()
+        self.open = 0
+        self.selector.close()
+        self.sock.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+
+_certs = {}           # name -> (cert path, key path), made once per process
+_cert_names = {}      # DER of each certificate -> its name
+_cert_lock = threading.Lock()
+_cert_dir = []
+
+
+def make_cert(name):
+    """A self-signed certificate for name (CN and subjectAltName DNS:name) and its key,
+    made with `openssl req` once per process: (cert_path, key_path).  Skips the test
+    when openssl is missing."""
+    with _cert_lock:
+        if name in _certs:
+            return _certs[name]
+        openssl = need_program('openssl')
+        if not _cert_dir:
+            _cert_dir.append(tempfile.mkdtemp(prefix='pydirector-certs-'))
+            atexit.register(shutil.rmtree, _cert_dir[0], True)
+        base = os.path.join(_cert_dir[0], 'cert%d' % len(_certs))   # names may hold '*'
+        cert, key = base + '.pem', base + '.key'
+        done = subprocess.run([openssl, 'req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '30',
+                               '-subj', '/CN=' + name, '-addext', 'subjectAltName=DNS:' + name,
+                               '-keyout', key, '-out', cert],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
+        if done.returncode:
+            raise AssertionError('openssl req failed for %r: %s' % (name, done.stdout.decode('utf-8', 'replace')))
+        with open(cert) as f:
+            _cert_names[ssl.PEM_cert_to_DER_cert(f.read())] = name
+        _certs[name] = cert, key
+        return _certs[name]
+
+
+def cert_name(der):
+    """The name make_cert made a certificate (DER bytes) for; None for any other."""
+    with _cert_lock:
+        return _cert_names.get(der)
+
+
+class TLSBackend(Backend):
+    """A TLS server (Python ssl, a thread per connection) on 127.0.0.1.
+
+    names: one name or a list; each gets its certificate from make_cert.  It
+    presents the certificate of the name the client asks for (SNI) when that is
+    one of names, else of names[0]; then runs handler(tls_sock, backend): echo by
+    default, say_name (self.name is names[0]) and https_say_name work too.
+    server_names lists the SNI of each handshake (None: the client sent none);
+    handshakes counts the ones that succeeded."""
+
+    def __init__(self, names, handler=echo, family=socket.AF_INET, host='127.0.0.1'):
+        self.names = [names] if isinstance(names, str) else list(names)
+        self.contexts = {}
+        for name in self.names:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*make_cert(name))
+            self.contexts[name] = context
+        self.context = self.contexts[self.names[0]]
+        if hasattr(self.context, 'sni_callback'):
+            self.context.sni_callback = self._on_server_name
+        else:   # 3.6
+            self.context.set_servername_callback(self._on_server_name)
+        self.tls_handler = handler
+        self.server_names = []
+        self.handshakes = 0
+        self._local = threading.local()
+        Backend.__init__(self, self._serve_tls, self.names[0], family, host)
+
+    def _on_server_name(self, tls, server_name, context):
+        self._local.server_name = server_name
+        if server_name in self.contexts:
+            tls.context = self.contexts[server_name]
+
+    def _serve_tls(self, conn, backend):
+        self._local.server_name = None
+        tls = self.context.wrap_socket(conn, server_side=True)
+        try:
+            with self.lock:
+                self.server_names.append(self._local.server_name)
+                self.handshakes += 1
+            self.tls_handler(tls, self)
+            try:
+                tls.unwrap()    # close_notify: Python 3.6 on OpenSSL 3 calls an EOF without it an error
+            except (OSError, ValueError):
+                pass            # the client has gone already
+        finally:
+            tls.close()
+
+
+# -- balancers: config text, in this process, as a subprocess -----------------
+
+def service_xml(hosts, name='web', scheduler='roundrobin', listen_port=None, extra='', groups=None,
+                enable=None):
+    """One service's XML.  hosts: list of (name, 'ip:port') or (name, ip, attrs)."""
+    listen_port = listen_port or free_port()
+    if groups is None:
+        groups = [('main', scheduler, hosts)]
+    body = []
+    for group_name, group_scheduler, group_hosts in groups:
+        lines = []
+        for h in group_hosts:
+            attrs = h[2] if len(h) > 2 else ''
+            lines.append('      <host name="%s" ip="%s" %s/>' % (h[0], h[1], attrs))
+        body.append('    <group name="%s" scheduler="%s">\n%s\n    </group>' % (
+            group_name, group_scheduler, '\n'.join(lines)))
+    enable_line = '    <enable group="%s"/>\n' % enable if enable else ''
+    return ('  <service name="%s">\n    <listen ip="127.0.0.1:%d"/>\n%s\n%s%s  </service>\n' % (
+        name, listen_port, '\n'.join(body), extra, enable_line))
+
+
+def config_xml(*services, **root):
+    attrs = ''.join(' %s="%s"' % kv for kv in sorted(root.items()))
+    return '<pdconfig%s>\n%s</pdconfig>\n' % (attrs, ''.join(services))
+
+
+FAST_HASH_ITERATIONS = 1000     # admin users in tests: the default strength costs a core for 0.2 s a login
 
 
 class Balancer(object):
@@ -400,10 +712,6 @@ class Balancer(object):
         self.director.loop.close()
         if self.worker_log is not None:
             self.worker_log.close()
-
-
-HAVE_PROC = os.path.isdir('/proc/self/fd')
-FAST_HASH_ITERATIONS = 1000     # admin users in tests: the default strength costs a core for 0.2 s a login
 
 
 def single_process(why):
@@ -502,83 +810,6 @@ class BalancerCase(unittest.TestCase):
         self.assertEqual(tracebacks, [])
 
 
-def open_fds():
-    """What this process's fds are (for a leak message)."""
-    found = {}
-    for fd in os.listdir('/proc/self/fd'):
-        try:
-            found[int(fd)] = os.readlink('/proc/self/fd/' + fd)
-        except OSError:
-            pass
-    return found
-
-
-def connect(port, host='127.0.0.1', timeout=10):
-    sock = socket.create_connection((host, port), timeout=timeout)
-    return sock
-
-
-def accepts(port):
-    """Whether something listens on 127.0.0.1:port."""
-    try:
-        socket.create_connection(('127.0.0.1', port), timeout=1).close()
-        return True
-    except OSError:
-        return False
-
-
-def recv_all(sock, limit=None):
-    """Read to EOF (or `limit` bytes)."""
-    chunks = []
-    n = 0
-    while limit is None or n < limit:
-        data = sock.recv(65536)
-        if not data:
-            break
-        chunks.append(data)
-        n += len(data)
-    return b''.join(chunks)
-
-
-def exchange(port, data=b'', shut=True, timeout=10):
-    """Connect, send data, half-close, read the whole answer."""
-    sock = connect(port, timeout=timeout)
-    try:
-        if data:
-            sock.sendall(data)
-        if shut:
-            sock.shutdown(socket.SHUT_WR)
-        return recv_all(sock)
-    finally:
-        sock.close()
-
-
-def service_xml(hosts, name='web', scheduler='roundrobin', listen_port=None, extra='', groups=None,
-                enable=None):
-    """One service's XML.  hosts: list of (name, 'ip:port') or (name, ip, attrs)."""
-    listen_port = listen_port or free_port()
-    if groups is None:
-        groups = [('main', scheduler, hosts)]
-    body = []
-    for group_name, group_scheduler, group_hosts in groups:
-        lines = []
-        for h in group_hosts:
-            attrs = h[2] if len(h) > 2 else ''
-            lines.append('      <host name="%s" ip="%s" %s/>' % (h[0], h[1], attrs))
-        body.append('    <group name="%s" scheduler="%s">\n%s\n    </group>' % (
-            group_name, group_scheduler, '\n'.join(lines)))
-    enable_line = '    <enable group="%s"/>\n' % enable if enable else ''
-    return ('  <service name="%s">\n    <listen ip="127.0.0.1:%d"/>\n%s\n%s%s  </service>\n' % (
-        name, listen_port, '\n'.join(body), extra, enable_line))
-
-
-def config_xml(*services, **root):
-    attrs = ''.join(' %s="%s"' % kv for kv in sorted(root.items()))
-    return '<pdconfig%s>\n%s</pdconfig>\n' % (attrs, ''.join(services))
-
-
-# -- the balancer as a subprocess -------------------------------------------
-
 class BalancerProcess(object):
     """`python3 pydirector.py -c FILE` for signals and the command line; log in self.log_path."""
 
@@ -613,115 +844,59 @@ class BalancerProcess(object):
         self.log_file.close()
 
 
-# -- PROXY protocol peers and real third-party servers -----------------------
+class SpawnedBalancer(BalancerProcess):
+    """BalancerProcess with a preexec_fn (e.g. a lower RLIMIT_NOFILE) and extra env."""
 
-def proxy_codec():
-    """The module holding the PROXY protocol codec."""
-    return pydirector
-
-
-def report_proxy_header(conn, backend):
-    """Read a PROXY header (v1 or v2), answer 'PROXY src_ip src_port dst_ip dst_port\\n'
-    ('PROXY LOCAL\\n' when it names no addresses, 'BAD reason\\n' when it is malformed),
-    then echo the rest of the stream.  The raw header goes to backend.received."""
-    codec = proxy_codec()
-    data = b''
-    while True:
-        try:
-            result = codec.parse_proxy_header(data, 'any')
-        except ValueError as e:
-            conn.sendall(('BAD %s\n' % e).encode())
-            return
-        if result is not None:
-            break
-        chunk = conn.recv(65536)
-        if not chunk:
-            conn.sendall(b'BAD no header before EOF\n')
-            return
-        data += chunk
-    consumed, source, dest = result
-    with backend.lock:
-        backend.received.append(data[:consumed])
-    if source is None:
-        conn.sendall(b'PROXY LOCAL\n')
-    else:
-        conn.sendall(('PROXY %s %d %s %d\n' % (source + dest)).encode())
-    if data[consumed:]:
-        conn.sendall(data[consumed:])
-    echo(conn, backend)
-
-
-# Daemons often live in sbin, which a non-root PATH may lack.
-SBIN_PATH = os.pathsep.join([os.environ.get('PATH', os.defpath), '/usr/local/sbin', '/usr/sbin', '/sbin'])
-
-
-def find_binary(name):
-    """The path of an installed program, or None.  Tests never install anything:
-    .ci/run does (apt), and a test whose program is missing skips saying so."""
-    import shutil
-    return shutil.which(name, path=SBIN_PATH)
-
-
-class ExternalServer(object):
-    """A third-party server (nginx, haproxy) run in the foreground in its own temp dir.
-
-    files: {name: text} written to the dir first ('{dir}' in the text is replaced
-    by the dir); argv may use '{dir}' too.  Waits until port accepts; close() stops it."""
-
-    def __init__(self, argv, files, port, timeout=10):
-        self.dir = tempfile.mkdtemp(prefix='pydirector-ext-')
-        for name, text in files.items():
-            with open(os.path.join(self.dir, name), 'w') as f:
-                f.write(text.replace('{dir}', self.dir))
-        self.port = port
-        self.log_path = os.path.join(self.dir, 'output.log')
+    def __init__(self, xml, args=(), wait_port=None, preexec_fn=None, env=None, directory=None):
+        self.dir = directory or tempfile.mkdtemp(prefix='pydirector-test-')
+        self.config_path = os.path.join(self.dir, 'test.xml')
+        self.log_path = os.path.join(self.dir, 'stderr.log')
+        with open(self.config_path, 'w') as f:
+            f.write(xml)
         self.log_file = open(self.log_path, 'wb')
-        self.proc = subprocess.Popen([a.replace('{dir}', self.dir) for a in argv], cwd=self.dir,
-                                     stdin=subprocess.DEVNULL, stdout=self.log_file,
-                                     stderr=subprocess.STDOUT)
-        try:
-            wait_until(lambda: self.proc.poll() is not None or accepts(port), timeout, 0.02)
-        except AssertionError:
-            self.close()
-            raise AssertionError('%s did not listen on %d: %s' % (argv[0], port, self.output()))
-        if self.proc.poll() is not None:
-            self.close()
-            raise AssertionError('%s exited with %s: %s' % (argv[0], self.proc.returncode,
-                                                          self.output()))
-
-    def path(self, name):
-        return os.path.join(self.dir, name)
-
-    def read(self, name):
-        try:
-            with open(self.path(name), 'rb') as f:
-                return f.read().decode('utf-8', 'replace')
-        except OSError:
-            return ''
-
-    def output(self):
-        return self.read('output.log')
-
-    def close(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.log_file.close()
-        import shutil
-        shutil.rmtree(self.dir, ignore_errors=True)
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        self.proc = subprocess.Popen([sys.executable, PYDIRECTOR, '-c', self.config_path] + list(args),
+                                     stdout=self.log_file, stderr=subprocess.STDOUT, cwd=self.dir,
+                                     preexec_fn=preexec_fn, env=full_env)
+        if wait_port:
+            wait_until(lambda: accepts(wait_port) or self.proc.poll() is not None, 10)
+            if self.proc.poll() is not None:
+                raise AssertionError('pydirector exited: %s' % self.output())
 
 
-# -- raw HTTP and many sockets (bad-input suites) ----------------------------
+# -- clients ------------------------------------------------------------------
 
-# Imported here, not at the top, so this section merges cleanly beside others.
-import collections  # noqa: E402
-import errno  # noqa: E402
-import re  # noqa: E402
-import selectors  # noqa: E402
+def connect(port, host='127.0.0.1', timeout=10):
+    sock = socket.create_connection((host, port), timeout=timeout)
+    return sock
+
+
+def recv_all(sock, limit=None):
+    """Read to EOF (or `limit` bytes)."""
+    chunks = []
+    n = 0
+    while limit is None or n < limit:
+        data = sock.recv(65536)
+        if not data:
+            break
+        chunks.append(data)
+        n += len(data)
+    return b''.join(chunks)
+
+
+def exchange(port, data=b'', shut=True, timeout=10):
+    """Connect, send data, half-close, read the whole answer."""
+    sock = connect(port, timeout=timeout)
+    try:
+        if data:
+            sock.sendall(data)
+        if shut:
+            sock.shutdown(socket.SHUT_WR)
+        return recv_all(sock)
+    finally:
+        sock.close()
+
 
 class RawResponse(object):
     """One answer read off a raw socket: status (None when there was no
@@ -832,146 +1007,6 @@ def raw_exchanges(port, requests, parallel=8, timeout=10.0, host='127.0.0.1'):
             key.fileobj.close()
         selector.close()
     return results
-
-
-def raise_open_files(wanted):
-    """Raise this process's RLIMIT_NOFILE soft limit towards `wanted`; return the limit now in force."""
-    try:
-        import resource
-    except ImportError:
-        return wanted
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-        except (ValueError, OSError):
-            pass
-    return soft
-
-
-def accept_queue_length(port):
-    """Connections waiting in the accept queue of the socket listening on `port`
-    (Linux /proc/net/tcp*), or None where that cannot be read."""
-    found = None
-    for name in ('/proc/net/tcp', '/proc/net/tcp6'):
-        try:
-            with open(name) as f:
-                lines = f.readlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if len(fields) > 4 and fields[3] == '0A' and int(fields[1].rsplit(':', 1)[1], 16) == port:
-                found = (found or 0) + int(fields[4].split(':')[1], 16)
-    return found
-
-
-# -- fault-test helpers: many connections on one thread, /proc readings ------
-
-import random     # noqa: E402
-
-
-class EchoServer(object):
-    """An echo backend serving every connection from one selector thread, so hundreds of
-    connections cost no threads.  The client's EOF is passed on as ours once all is sent."""
-
-    def __init__(self, host='127.0.0.1', port=0, name='echo'):
-        self.name = name
-        self.sock = socket.socket(socket.AF_INET6 if ':' in host else socket.AF_INET)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
-        self.sock.listen(1024)
-        self.sock.setblocking(False)
-        self.host = host
-        self.port = self.sock.getsockname()[1]
-        self.accepted = 0
-        self.open = 0
-        self.selector = selectors.DefaultSelector()
-        self.selector.register(self.sock, selectors.EVENT_READ, None)
-        self._wake_r, self._wake_w = socket.socketpair()
-        self.selector.register(self._wake_r, selectors.EVENT_READ, None)
-        self.conns = {}            # sock -> [pending bytes, client_eof]
-        self.stopping = False
-        self.thread = threading.Thread(target=self._run, name='echo-server', daemon=True)
-        self.thread.start()
-
-    @property
-    def address(self):
-        return '%s:%d' % (self.host, self.port)
-
-    def _run(self):
-        while not self.stopping:
-            for key, mask in self.selector.select(0.5):
-                if key.fileobj is self.sock:
-                    self._accept()
-                elif key.fileobj is self._wake_r:
-                    return
-                else:
-                    self._event(key.fileobj, mask)
-
-    def _accept(self):
-        for _ in range(64):
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            conn.setblocking(False)
-            self.accepted += 1
-            self.open += 1
-            self.conns[conn] = [b'', False]
-            self.selector.register(conn, selectors.EVENT_READ, None)
-
-    def _drop(self, conn):
-        self.selector.unregister(conn)
-        del self.conns[conn]
-        conn.close()
-        self.open -= 1
-
-    def _event(self, conn, mask):
-        state = self.conns[conn]
-        try:
-            if mask & selectors.EVENT_READ:
-                data = conn.recv(65536)
-                if not data:
-                    state[1] = True
-                else:
-                    state[0] += data
-            if state[0]:
-                sent = conn.send(state[0])
-                state[0] = state[0][sent:]
-        except BlockingIOError:
-            pass
-        except OSError:
-            self._drop(conn)
-            return
-        if state[0]:
-            self.selector.modify(conn, selectors.EVENT_WRITE, None)
-        elif state[1]:
-            try:
-                conn.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-            self._drop(conn)
-        else:
-            self.selector.modify(conn, selectors.EVENT_READ, None)
-
-    def close(self):
-        self.stopping = True
-        try:
-            self._wake_w.send(b'x')
-        except OSError:
-            pass
-        self.thread.join(10)
-        for conn in list(self.conns):
-            conn.close()
-        self.conns.clear()
-        self.open = 0
-        self.selector.close()
-        self.sock.close()
-        self._wake_r.close()
-        self._wake_w.close()
 
 
 class _Stream(object):
@@ -1117,7 +1152,6 @@ class Background(object):
         stream.sock.close()
 
     def _run(self):
-        import heapq
         while not self.stopping:
             now = time.monotonic()
             wait = 0.05
@@ -1167,7 +1201,6 @@ class Background(object):
         self._watch(stream, selectors.EVENT_READ | (selectors.EVENT_WRITE if stream.out else 0))
 
     def _event(self, stream, mask):
-        import heapq
         if stream.state == 'connecting':
             err = stream.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
@@ -1214,199 +1247,6 @@ class Background(object):
             if stream.rounds == 1 and not self.finishing:
                 delay = self.interval * stream.rng.random()   # spread the herd out
             heapq.heappush(self.timers, (time.monotonic() + delay, stream.index))
-
-
-def fd_count(pid='self'):
-    """Open file descriptors of a process (Linux /proc)."""
-    return len(os.listdir('/proc/%s/fd' % pid))
-
-
-def thread_count(pid):
-    return len(os.listdir('/proc/%s/task' % pid))
-
-
-def cpu_seconds_of(stat_path):
-    """utime + stime from a /proc/.../stat file (a process or one thread)."""
-    with open(stat_path) as f:
-        fields = f.read().rsplit(')', 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / float(os.sysconf('SC_CLK_TCK'))
-
-
-def rss_bytes(pid):
-    with open('/proc/%d/status' % pid) as f:
-        for line in f:
-            if line.startswith('VmRSS:'):
-                return int(line.split()[1]) * 1024
-    raise AssertionError('no VmRSS for pid %d' % pid)
-
-
-class AdoptedBackend(Backend):
-    """A Backend serving a listening socket made elsewhere: e.g. a Blackhole's, to bring
-    that host back to life on the very same port."""
-
-    def __init__(self, sock, handler, name='backend', backlog=128):
-        self.handler = handler
-        self.name = name
-        self.sock = sock
-        self.sock.listen(backlog)   # Linux takes a new backlog on a listening socket
-        self.port = sock.getsockname()[1]
-        self.accepted = 0
-        self.open = 0
-        self.received = []
-        self.lock = threading.Lock()
-        self.closed = threading.Event()
-        self.threads = []
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-
-class SpawnedBalancer(BalancerProcess):
-    """BalancerProcess with a preexec_fn (e.g. a lower RLIMIT_NOFILE) and extra env."""
-
-    def __init__(self, xml, args=(), wait_port=None, preexec_fn=None, env=None, directory=None):
-        self.dir = directory or tempfile.mkdtemp(prefix='pydirector-test-')
-        self.config_path = os.path.join(self.dir, 'test.xml')
-        self.log_path = os.path.join(self.dir, 'stderr.log')
-        with open(self.config_path, 'w') as f:
-            f.write(xml)
-        self.log_file = open(self.log_path, 'wb')
-        full_env = dict(os.environ)
-        full_env.update(env or {})
-        self.proc = subprocess.Popen([sys.executable, PYDIRECTOR, '-c', self.config_path] + list(args),
-                                     stdout=self.log_file, stderr=subprocess.STDOUT, cwd=self.dir,
-                                     preexec_fn=preexec_fn, env=full_env)
-        if wait_port:
-            wait_until(lambda: accepts(wait_port) or self.proc.poll() is not None, 10)
-            if self.proc.poll() is not None:
-                raise AssertionError('pydirector exited: %s' % self.output())
-
-
-# -- TLS: certificates, backends and clients (SNI, issue 13) -----------------
-
-import atexit     # noqa: E402  (kept with the helpers that use them)
-import shutil     # noqa: E402
-import ssl        # noqa: E402
-
-DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
-HELLO_FIXTURES = ('openssl', 'openssl-tls12', 'python', 'python-nosni', 'python-idna', 'curl',
-                  'curl-idna', 'chromium')
-
-
-def client_hello(name):
-    """A real ClientHello from tests/data/hello-NAME.hex: (bytes, the server name the
-    client was asked to send, or None).  tools/capture_hellos.py made them."""
-    with open(os.path.join(DATA, 'hello-%s.hex' % name)) as f:
-        lines = f.read().splitlines()
-    server_name = [l.split(':', 1)[1].strip() for l in lines if l.startswith('# server_name:')][0]
-    data = bytes.fromhex(''.join(l for l in lines if not l.startswith('#')))
-    return data, (None if server_name == 'none' else server_name)
-
-
-def need_program(name):
-    """The path of a program the test drives, or skip the test saying it is missing."""
-    path = find_binary(name)
-    if path is None:
-        raise unittest.SkipTest('%s is not installed (.ci/run installs it with apt)' % name)
-    return path
-
-
-_certs = {}           # name -> (cert path, key path), made once per process
-_cert_names = {}      # DER of each certificate -> its name
-_cert_lock = threading.Lock()
-_cert_dir = []
-
-
-def make_cert(name):
-    """A self-signed certificate for name (CN and subjectAltName DNS:name) and its key,
-    made with `openssl req` once per process: (cert_path, key_path).  Skips the test
-    when openssl is missing."""
-    with _cert_lock:
-        if name in _certs:
-            return _certs[name]
-        openssl = need_program('openssl')
-        if not _cert_dir:
-            _cert_dir.append(tempfile.mkdtemp(prefix='pydirector-certs-'))
-            atexit.register(shutil.rmtree, _cert_dir[0], True)
-        base = os.path.join(_cert_dir[0], 'cert%d' % len(_certs))   # names may hold '*'
-        cert, key = base + '.pem', base + '.key'
-        done = subprocess.run([openssl, 'req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '30',
-                               '-subj', '/CN=' + name, '-addext', 'subjectAltName=DNS:' + name,
-                               '-keyout', key, '-out', cert],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
-        if done.returncode:
-            raise AssertionError('openssl req failed for %r: %s' % (name, done.stdout.decode('utf-8', 'replace')))
-        with open(cert) as f:
-            _cert_names[ssl.PEM_cert_to_DER_cert(f.read())] = name
-        _certs[name] = cert, key
-        return _certs[name]
-
-
-def cert_name(der):
-    """The name make_cert made a certificate (DER bytes) for; None for any other."""
-    with _cert_lock:
-        return _cert_names.get(der)
-
-
-class TLSBackend(Backend):
-    """A TLS server (Python ssl, a thread per connection) on 127.0.0.1.
-
-    names: one name or a list; each gets its certificate from make_cert.  It
-    presents the certificate of the name the client asks for (SNI) when that is
-    one of names, else of names[0]; then runs handler(tls_sock, backend): echo by
-    default, say_name (self.name is names[0]) and https_say_name work too.
-    server_names lists the SNI of each handshake (None: the client sent none);
-    handshakes counts the ones that succeeded."""
-
-    def __init__(self, names, handler=echo, family=socket.AF_INET, host='127.0.0.1'):
-        self.names = [names] if isinstance(names, str) else list(names)
-        self.contexts = {}
-        for name in self.names:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.load_cert_chain(*make_cert(name))
-            self.contexts[name] = context
-        self.context = self.contexts[self.names[0]]
-        if hasattr(self.context, 'sni_callback'):
-            self.context.sni_callback = self._on_server_name
-        else:   # 3.6
-            self.context.set_servername_callback(self._on_server_name)
-        self.tls_handler = handler
-        self.server_names = []
-        self.handshakes = 0
-        self._local = threading.local()
-        Backend.__init__(self, self._serve_tls, self.names[0], family, host)
-
-    def _on_server_name(self, tls, server_name, context):
-        self._local.server_name = server_name
-        if server_name in self.contexts:
-            tls.context = self.contexts[server_name]
-
-    def _serve_tls(self, conn, backend):
-        self._local.server_name = None
-        tls = self.context.wrap_socket(conn, server_side=True)
-        try:
-            with self.lock:
-                self.server_names.append(self._local.server_name)
-                self.handshakes += 1
-            self.tls_handler(tls, self)
-            try:
-                tls.unwrap()    # close_notify: Python 3.6 on OpenSSL 3 calls an EOF without it an error
-            except (OSError, ValueError):
-                pass            # the client has gone already
-        finally:
-            tls.close()
-
-
-def https_say_name(conn, backend):
-    """Answer one HTTP request with our name as the body (for curl), then close."""
-    head = b''
-    while b'\r\n\r\n' not in head and len(head) < 65536:
-        chunk = conn.recv(65536)
-        if not chunk:
-            return
-        head += chunk
-    body = backend.name.encode()
-    conn.sendall(b'HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n'
-                 b'Connection: close\r\n\r\n%s' % (len(body), body))
 
 
 def _host_port(host, port):
@@ -1470,6 +1310,122 @@ def tls_exchange(port, data=b'', server_hostname=None, expect=None, host='127.0.
         return name, b''.join(chunks)
     finally:
         tls.close()
+
+
+# -- /proc and processes ------------------------------------------------------
+
+HAVE_PROC = os.path.isdir('/proc/self/fd')
+
+
+def open_fds():
+    """What this process's fds are (for a leak message)."""
+    found = {}
+    for fd in os.listdir('/proc/self/fd'):
+        try:
+            found[int(fd)] = os.readlink('/proc/self/fd/' + fd)
+        except OSError:
+            pass
+    return found
+
+
+def accept_queue_length(port):
+    """Connections waiting in the accept queue of the socket listening on `port`
+    (Linux /proc/net/tcp*), or None where that cannot be read."""
+    found = None
+    for name in ('/proc/net/tcp', '/proc/net/tcp6'):
+        try:
+            with open(name) as f:
+                lines = f.readlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 4 and fields[3] == '0A' and int(fields[1].rsplit(':', 1)[1], 16) == port:
+                found = (found or 0) + int(fields[4].split(':')[1], 16)
+    return found
+
+
+def raise_open_files(wanted):
+    """Raise this process's RLIMIT_NOFILE soft limit towards `wanted`; return the limit now in force."""
+    try:
+        import resource
+    except ImportError:
+        return wanted
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+# -- external programs and recorded data --------------------------------------
+
+# Daemons often live in sbin, which a non-root PATH may lack.
+SBIN_PATH = os.pathsep.join([os.environ.get('PATH', os.defpath), '/usr/local/sbin', '/usr/sbin', '/sbin'])
+
+
+def find_binary(name):
+    """The path of an installed program, or None.  Tests never install anything:
+    .ci/run does (apt), and a test whose program is missing skips saying so."""
+    return shutil.which(name, path=SBIN_PATH)
+
+
+def need_program(name):
+    """The path of a program the test drives, or skip the test saying it is missing."""
+    path = find_binary(name)
+    if path is None:
+        raise unittest.SkipTest('%s is not installed (.ci/run installs it with apt)' % name)
+    return path
+
+
+class ExternalServer(object):
+    """A third-party server (nginx, haproxy) run in the foreground in its own temp dir.
+
+    files: {name: text} written to the dir first ('{dir}' in the text is replaced
+    by the dir); argv may use '{dir}' too.  Waits until port accepts; close() stops it."""
+
+    def __init__(self, argv, files, port, timeout=10):
+        self.dir = tempfile.mkdtemp(prefix='pydirector-ext-')
+        for name, text in files.items():
+            with open(os.path.join(self.dir, name), 'w') as f:
+                f.write(text.replace('{dir}', self.dir))
+        self.port = port
+        self.log_path = os.path.join(self.dir, 'output.log')
+        self.log_file = open(self.log_path, 'wb')
+        self.proc = subprocess.Popen([a.replace('{dir}', self.dir) for a in argv], cwd=self.dir,
+                                     stdin=subprocess.DEVNULL, stdout=self.log_file,
+                                     stderr=subprocess.STDOUT)
+        try:
+            wait_until(lambda: self.proc.poll() is not None or accepts(port), timeout, 0.02)
+        except AssertionError:
+            self.close()
+            raise AssertionError('%s did not listen on %d: %s' % (argv[0], port, self.output()))
+        if self.proc.poll() is not None:
+            self.close()
+            raise AssertionError('%s exited with %s: %s' % (argv[0], self.proc.returncode,
+                                                          self.output()))
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+    def read(self, name):
+        try:
+            with open(self.path(name), 'rb') as f:
+                return f.read().decode('utf-8', 'replace')
+        except OSError:
+            return ''
+
+    def output(self):
+        return self.read('output.log')
+
+    def close(self):
+        stop_process(self.proc)
+        self.log_file.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 _SUBJECT_CN = re.compile(r'^\*?\s*subject\s*[=:].*?\bCN\s*=\s*([^,/\r\n]+)', re.M)
@@ -1653,3 +1609,17 @@ class NewClients(object):
         for thread in self.threads:
             thread.join(30)
         return self.total, self.failures
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
+HELLO_FIXTURES = ('openssl', 'openssl-tls12', 'python', 'python-nosni', 'python-idna', 'curl',
+                  'curl-idna', 'chromium')
+
+
+def client_hello(name):
+    """A real ClientHello from tests/data/hello-NAME.hex: (bytes, the server name the
+    client was asked to send, or None).  tools/capture_hellos.py made them."""
+    with open(os.path.join(DATA, 'hello-%s.hex' % name)) as f:
+        lines = f.read().splitlines()
+    server_name = [l.split(':', 1)[1].strip() for l in lines if l.startswith('# server_name:')][0]
+    data = bytes.fromhex(''.join(l for l in lines if not l.startswith('#')))
+    return data, (None if server_name == 'none' else server_name)

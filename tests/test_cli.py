@@ -11,8 +11,8 @@ import time
 import unittest
 
 import support
-from support import (BalancerCase, Backend, BalancerProcess, accepts, PYDIRECTOR, config_xml, connect, echo, free_port,
-                     recv_all, service_xml, wait_until)
+from support import (BalancerCase, Backend, BalancerProcess, accepts, PYDIRECTOR, config_xml, connect, cpu_seconds, echo,
+                     free_port, recv_all, service_xml, thread_count, wait_until)
 
 
 def run(*args, **kwargs):
@@ -271,12 +271,6 @@ class TestSignals(BalancerCase):
         self.assertIsNone(proc.proc.poll())
 
 
-def cpu_seconds(pid):
-    with open('/proc/%d/stat' % pid) as f:
-        fields = f.read().rsplit(')', 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
-
-
 @unittest.skipUnless(os.path.exists('/proc/self/stat'), 'needs /proc')
 class TestOutOfFileDescriptors(BalancerCase):
 
@@ -328,11 +322,6 @@ class TestOutOfFileDescriptors(BalancerCase):
         wait_until(echoed, 10, interval=0.05)
         wait_until(lambda: 'accepting again' in proc.output())
         self.assertNotIn('Traceback', proc.output())
-
-
-
-def thread_count(pid):
-    return len(os.listdir('/proc/%d/task' % pid))
 
 
 @unittest.skipUnless(os.path.isdir('/proc/self/task'), 'needs /proc')

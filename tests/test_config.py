@@ -673,7 +673,7 @@ BAD = [
     (HEAD + '<group name="main" scheduler="roundrobin">\n<hots ip="10.0.0.1:80"/>\n</group>\n' + TAIL,
      'x.xml:5: unknown element <hots> in <group> (expected: discover, host)'),
     (HEAD + '<grup name="main"/>\n' + TAIL,
-     'x.xml:4: unknown element <grup> in <service> (expected: allow, check, deny, enable, group, listen, timeouts)'),
+     'x.xml:4: unknown element <grup> in <service> (expected: allow, check, clients, deny, enable, group, listen, timeouts, udp)'),
     (HEAD + '<group name="main" scheduler="roundrobin">\n<host ip="10.0.0.1:80"><x/></host>\n</group>\n' + TAIL,
      'x.xml:5: unknown element <x> in <host> (expected: none)'),
     ('<pdconfig>\n<service name="web">\n' + GROUP + TAIL, "x.xml:2: service 'web' has no <listen>"),
@@ -744,7 +744,7 @@ BAD = [
     (check('send="abc\\"'), "x.xml:7: <check> send: ends with a lone '\\' (write \\\\ for a backslash)"),
     (check('prot="80"'),
      "x.xml:7: <check> has unknown attribute 'prot' "
-     "(known: expect, fall, interval, on_down, port, rise, send, slowstart, status, timeout)"),
+     "(known: dns, expect, fall, interval, on_down, port, rise, send, slowstart, status, timeout)"),
     (check('port="0"'), "x.xml:7: <check> port '0': must be an integer 1-65535"),
     (check('port="http"'), "x.xml:7: <check> port 'http': must be an integer 1-65535"),
     (HEAD + GROUP + '<check/>\n<check/>\n' + TAIL, "x.xml:8: service 'web': more than one <check>"),

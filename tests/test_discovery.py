@@ -23,7 +23,7 @@ import unittest
 
 import support
 from support import (LOG, AdoptedBackend, BalancerCase, WorkersMixin, accepts, config_xml, connect, echo,
-                     exchange, free_port, need_program, recv_all, say_name, single_process, wait_until)
+                     exchange, free_port, need_program, process_state, recv_all, say_name, single_process, wait_until)
 
 import pydirector
 import pydirector_admin
@@ -524,11 +524,6 @@ class DnsmasqTest(DiscoveryCase):
             self.assertEqual(sorted(self.served_by(4)), ['11', '11', '12', '12'])
         finally:
             os.kill(second, signal.SIGCONT)
-
-
-def process_state(pid):
-    with open('/proc/%d/stat' % pid) as f:
-        return f.read().rsplit(')', 1)[1].split()[0]
 
 
 class DnsmasqWorkersTest(WorkersMixin, DnsmasqTest):

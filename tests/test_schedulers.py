@@ -65,6 +65,20 @@ class SchedulerContract(object):
         self.assertEqual(again.spec, self.spec)
         self.assertEqual(again.sticky, scheduler.sticky)
 
+    def test_reads_load_says_whether_open_counts_move_picks(self):
+        """reads_load is what a scheduler declares; with workers, each worker keeps the
+        others' open counts only for the hosts of such a scheduler (or with maxconns)."""
+        def picks_under(loads):
+            hosts = make_hosts('a', 'b', 'c')
+            scheduler = self.make(hosts)
+            for host, count in zip(hosts, loads):
+                scheduler.set_open(host, count)
+            return names(self.picks(scheduler))
+        moved = picks_under((0, 0, 0)) != picks_under((5, 0, 9))
+        self.assertEqual(moved, self.make().reads_load,
+                         '%s: reads_load is %s, but the open counts %s its picks' % (
+                             self.spec, self.make().reads_load, 'move' if moved else 'do not move'))
+
     def test_hosts_kept_in_insertion_order(self):
         hosts = make_hosts('c', 'a', 'b')
         scheduler = self.make(hosts)

@@ -2,7 +2,9 @@
 
 Each element's attributes are rows of one table (pydirector.ELEMENT_ATTRS).
 Here every row of every table is set to its example, a valid text other than
-its default, all in one config.  Each value must come back from running.xml
+its default, in one config per protocol (VARIANTS: a UDP service refuses the
+rows only TCP has, and dns= replaces send/expect/status; those rows are set
+in the other config).  Each value must come back from running.xml
 as it went in: written by a Director in this process, by a Director built
 from that running.xml as a worker builds one, and by real worker processes
 (with workers="2"); and running.xml must pass `--check`, whose summary shows
@@ -28,40 +30,59 @@ import pydirector
 
 TABLES = pydirector.ELEMENT_ATTRS
 
+# The full configs, and the (tag, attribute) rows each leaves out: those the other sets.
+VARIANTS = {
+    'tcp': set([('service', 'protocol'), ('check', 'dns')]),
+    # trusted is only used with accept_proxy; dns writes its own query and judges the answer.
+    'udp': set(pydirector.TCP_ONLY) | set([('listen', 'trusted')]) |
+           set(('check', name) for name in pydirector.DNS_CHECK_REPLACES),
+}
+ONLY_IN = {'udp': 'udp'}        # elements only one variant has
 
-def attrs(tag, **texts):
-    """' name="example" ...' for every row of tag's table; texts replace examples."""
-    values = dict((row.name, row.example) for row in TABLES[tag])
+
+def tags(variant):
+    return [tag for tag in TABLES if ONLY_IN.get(tag, variant) == variant]
+
+
+def example_texts(tag, variant):
+    return dict((row.name, row.example) for row in TABLES[tag] if (tag, row.name) not in VARIANTS[variant])
+
+
+def attrs(tag, variant='tcp', **texts):
+    """' name="example" ...' for every row of tag's table the variant sets; texts replace examples."""
+    values = example_texts(tag, variant)
     values.update(texts)
     return ''.join(' %s=%s' % (name, quoteattr(text)) for name, text in values.items())
 
 
-def full_config(listen=None):
+def full_config(listen=None, variant='tcp'):
     """Every element once, every attribute at its example (listen: its ip instead)."""
-    listen_attrs = attrs('listen', ip=listen) if listen else attrs('listen')
-    return ('<pdconfig%s>\n' % attrs('pdconfig') +
-            '  <service%s>\n' % attrs('service') +
+    listen_attrs = attrs('listen', variant, ip=listen) if listen else attrs('listen', variant)
+    return ('<pdconfig%s>\n' % attrs('pdconfig', variant) +
+            '  <service%s>\n' % attrs('service', variant) +
             '    <listen%s/>\n' % listen_attrs +
-            '    <allow%s/>\n' % attrs('allow') +
-            '    <deny%s/>\n' % attrs('deny') +
-            '    <group%s>\n' % attrs('group') +
-            '      <host%s/>\n' % attrs('host') +
-            '      <discover%s/>\n' % attrs('discover') +
+            '    <allow%s/>\n' % attrs('allow', variant) +
+            '    <deny%s/>\n' % attrs('deny', variant) +
+            '    <group%s>\n' % attrs('group', variant) +
+            '      <host%s/>\n' % attrs('host', variant) +
+            '      <discover%s/>\n' % attrs('discover', variant) +
             '    </group>\n' +
-            '    <enable%s/>\n' % attrs('enable') +
-            '    <check%s/>\n' % attrs('check') +
-            '    <timeouts%s/>\n' % attrs('timeouts') +
+            '    <enable%s/>\n' % attrs('enable', variant) +
+            '    <check%s/>\n' % attrs('check', variant) +
+            '    <timeouts%s/>\n' % attrs('timeouts', variant) +
+            '    <clients%s/>\n' % attrs('clients', variant) +
+            ('    <udp%s/>\n' % attrs('udp', variant) if variant == 'udp' else '') +
             '  </service>\n' +
-            '  <admin%s>\n' % attrs('admin') +
-            '    <user%s/>\n' % attrs('user') +
+            '  <admin%s>\n' % attrs('admin', variant) +
+            '    <user%s/>\n' % attrs('user', variant) +
             '  </admin>\n' +
-            '  <logging%s/>\n' % attrs('logging') +
+            '  <logging%s/>\n' % attrs('logging', variant) +
             '</pdconfig>\n')
 
 
-def expected_values(tag, listen=None):
+def expected_values(tag, listen=None, variant='tcp'):
     """{field: value} of tag's examples, as the reader reads them (listen: full_config's)."""
-    texts = dict((row.name, row.example) for row in TABLES[tag])
+    texts = example_texts(tag, variant)
     if tag == 'listen' and listen:
         texts['ip'] = listen
     return pydirector.read_values(TABLES[tag], texts)
@@ -77,14 +98,15 @@ def director_xml(config):
         director.loop.close()
 
 
-def check_values(test, xml, where, listen=None):
+def check_values(test, xml, where, listen=None, variant='tcp'):
     """Each element of xml (one of each) carries every example's value (listen: full_config's)."""
     root = ElementTree.fromstring(xml)
-    for tag in TABLES:
+    for tag in tags(variant):
         found = list(root.iter(tag))
         test.assertEqual(len(found), 1, '%s: <%s> %d times' % (where, tag, len(found)))
-        with test.subTest(where=where, tag=tag):
-            test.assertEqual(pydirector.read_values(TABLES[tag], found[0].attrib), expected_values(tag, listen))
+        with test.subTest(where=where, tag=tag, variant=variant):
+            test.assertEqual(pydirector.read_values(TABLES[tag], found[0].attrib),
+                             expected_values(tag, listen, variant))
 
 
 class SchemaTest(unittest.TestCase):
@@ -102,42 +124,66 @@ class SchemaTest(unittest.TestCase):
 
     def test_the_full_config_has_every_element(self):
         # A new element (not a new row) needs a line in full_config().
-        root = ElementTree.fromstring(full_config())
-        self.assertEqual(set(TABLES), set(elem.tag for elem in root.iter()))
+        found = set()
+        for variant in VARIANTS:
+            root = ElementTree.fromstring(full_config(variant=variant))
+            found.update(elem.tag for elem in root.iter())
+            self.assertEqual(set(tags(variant)), set(elem.tag for elem in root.iter()))
+        self.assertEqual(set(TABLES), found)
+
+    def test_every_row_is_set_in_a_full_config(self):
+        for tag, table in TABLES.items():
+            for row in table:
+                with self.subTest(tag=tag, attr=row.name):
+                    self.assertTrue(any(tag in tags(v) and (tag, row.name) not in VARIANTS[v] for v in VARIANTS))
 
     def test_values_survive_running_xml(self):
-        config = pydirector.parse_config(full_config(), 'full.xml')
-        xml = config.to_xml()
-        check_values(self, xml, 'to_xml')
-        master = director_xml(config)      # Actions.running_config: what the workers get
-        self.assertEqual(master, xml)
-        check_values(self, master, 'running.xml')
-        worker = director_xml(pydirector.parse_config(master, 'running.xml'))
-        self.assertEqual(worker, master)
-        check_values(self, worker, 'a worker')
+        for variant in VARIANTS:
+            config = pydirector.parse_config(full_config(variant=variant), 'full.xml')
+            xml = config.to_xml()
+            check_values(self, xml, 'to_xml', variant=variant)
+            master = director_xml(config)      # Actions.running_config: what the workers get
+            self.assertEqual(master, xml)
+            check_values(self, master, 'running.xml', variant=variant)
+            worker = director_xml(pydirector.parse_config(master, 'running.xml'))
+            self.assertEqual(worker, master)
+            check_values(self, worker, 'a worker', variant=variant)
 
     def test_value_objects_hold_every_field(self):
-        config = pydirector.parse_config(full_config(), 'full.xml')
-        service = config.services[0]
-        objects = {'pdconfig': config, 'service': service, 'listen': service.listens[0],
-                   'group': service.groups[0], 'host': service.groups[0].hosts[0],
-                   'discover': service.groups[0].discovers[0], 'check': service.check,
-                   'timeouts': service.timeouts, 'admin': config.admin, 'user': config.admin.users[0],
-                   'logging': config.logging}
-        for tag, obj in objects.items():
-            for field, value in expected_values(tag).items():
-                with self.subTest(tag=tag, field=field):
-                    self.assertEqual(getattr(obj, field), value)
-            # Built from code with the same keywords, it writes the same attributes.
-            self.assertEqual(type(obj)(**expected_values(tag)).xml_attrs(), obj.xml_attrs())
-        self.assertEqual(service.acl, [('allow', expected_values('allow')['cidr']),
-                                       ('deny', expected_values('deny')['cidr'])])
-        self.assertEqual(service.enabled, expected_values('enable')['group'])
+        for variant in VARIANTS:
+            config = pydirector.parse_config(full_config(variant=variant), 'full.xml')
+            service = config.services[0]
+            objects = {'pdconfig': config, 'service': service, 'listen': service.listens[0],
+                       'group': service.groups[0], 'host': service.groups[0].hosts[0],
+                       'discover': service.groups[0].discovers[0], 'check': service.check,
+                       'timeouts': service.timeouts, 'clients': service.clients, 'admin': config.admin, 'user': config.admin.users[0],
+                       'logging': config.logging, 'udp': service.udp}
+            for tag in tags(variant):
+                if tag in ('allow', 'deny', 'enable'):
+                    continue
+                obj = objects[tag]
+                values = expected_values(tag, variant=variant)
+                set_here = set(row.field for row in TABLES[tag] if (tag, row.name) not in VARIANTS[variant])
+                for field, value in values.items():
+                    if field not in set_here:
+                        continue
+                    with self.subTest(tag=tag, field=field, variant=variant):
+                        self.assertEqual(getattr(obj, field), value)
+                # Built from code with the same keywords, it writes the same attributes.
+                self.assertEqual(type(obj)(**values).xml_attrs(), obj.xml_attrs())
+            self.assertEqual(service.acl, [('allow', expected_values('allow')['cidr']),
+                                           ('deny', expected_values('deny')['cidr'])])
+            self.assertEqual(service.enabled, expected_values('enable')['group'])
 
     def test_unknown_attribute_names_the_known_ones(self):
-        xml = full_config()
-        for tag, table in TABLES.items():
-            with self.subTest(tag=tag):
+        for variant in VARIANTS:
+            self.check_unknown_attribute(variant)
+
+    def check_unknown_attribute(self, variant):
+        xml = full_config(variant=variant)
+        for tag in tags(variant):
+            table = TABLES[tag]
+            with self.subTest(tag=tag, variant=variant):
                 bad = re.sub(r'<%s ' % tag, '<%s bogus="1" ' % tag, xml, count=1)
                 with self.assertRaises(pydirector.ConfigError) as cm:
                     pydirector.parse_config(bad, 'x.xml')
@@ -146,12 +192,16 @@ class SchemaTest(unittest.TestCase):
                                  % (line, tag, ', '.join(sorted(row.name for row in table))))
 
     def test_values_survive_save_config(self):
+        for variant in VARIANTS:
+            self.check_save_config(variant)
+
+    def check_save_config(self, variant):
         # saveConfig writes running.xml over the file: every value, the password hash too.
         directory = tempfile.mkdtemp(prefix='pydirector-schema-')
         self.addCleanup(shutil.rmtree, directory)
         path = os.path.join(directory, 'full.xml')
         with open(path, 'w', encoding='utf-8') as f:
-            f.write(full_config())
+            f.write(full_config(variant=variant))
         director = pydirector.Director(pydirector.load_config(path), accept=False, resolve_names=False)
         with open(path, 'a', encoding='utf-8') as f:
             f.write('<!-- changed on disk: saveConfig needs force=1 -->\n')
@@ -170,30 +220,36 @@ class SchemaTest(unittest.TestCase):
         with open(path, encoding='utf-8') as f:
             saved = f.read()
         self.assertEqual(saved, running)
-        check_values(self, saved, 'saveConfig')
+        check_values(self, saved, 'saveConfig', variant=variant)
         with open(path + '.bak', encoding='utf-8') as f:
-            self.assertEqual(f.read(), full_config() + '<!-- changed on disk: saveConfig needs force=1 -->\n')
+            self.assertEqual(f.read(), full_config(variant=variant) +
+                             '<!-- changed on disk: saveConfig needs force=1 -->\n')
 
     def test_running_xml_passes_check(self):
+        for variant in VARIANTS:
+            self.check_running_xml(variant)
+
+    def check_running_xml(self, variant):
         directory = tempfile.mkdtemp(prefix='pydirector-schema-')
         self.addCleanup(shutil.rmtree, directory)
         path = os.path.join(directory, 'running.xml')
         with open(path, 'w', encoding='utf-8') as f:
-            f.write(director_xml(pydirector.parse_config(full_config(), 'full.xml')))
+            f.write(director_xml(pydirector.parse_config(full_config(variant=variant), 'full.xml')))
         result = subprocess.run([sys.executable, support.PYDIRECTOR, '--check', path], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, timeout=30)
         out = result.stdout.decode('utf-8')
         self.assertEqual((result.returncode, result.stderr), (0, b''))
         self.assertTrue(out.startswith('%s: OK\n' % path), out)
         # The summary shows every attribute a file may leave out, as running.xml writes it.
-        for tag, table in TABLES.items():
-            for row in table:
-                if row.required or tag == 'host' and row.name == 'name':
+        for tag in tags(variant):
+            for row in TABLES[tag]:
+                if row.required or tag == 'host' and row.name == 'name' or (tag, row.name) in VARIANTS[variant]:
                     continue        # names and addresses: the summary's own words
-                text = dict(pydirector.attr_texts([row], expected_values(tag)))[row.name]
+                values = expected_values(tag, variant=variant)
+                text = dict(pydirector.attr_texts([row], values))[row.name]
                 if (tag, row.name) == ('listen', 'sni'):    # names shown as written and as sent
-                    text = pydirector.sni_text(expected_values(tag)['sni'])
-                with self.subTest(tag=tag, attr=row.name):
+                    text = pydirector.sni_text(values['sni'])
+                with self.subTest(tag=tag, attr=row.name, variant=variant):
                     self.assertRegex(out, r'\b%s:? %s' % (re.escape(row.name), re.escape(text)))
 
 
@@ -205,6 +261,12 @@ class WorkerViewTest(BalancerCase):
     workers = 2
 
     def test_every_value_reaches_the_workers(self):
+        self.check_workers('tcp')
+
+    def test_every_value_of_a_udp_service_reaches_the_workers(self):
+        self.check_workers('udp')
+
+    def check_workers(self, variant):
         directory = tempfile.mkdtemp(prefix='pydirector-schema-')
         self.addCleanup(shutil.rmtree, directory)
         # The real worker code, told to say what it built: Director.bind, wrapped.
@@ -224,9 +286,9 @@ class WorkerViewTest(BalancerCase):
         command = [sys.executable, '-c', code, directory]
         listen = '127.0.0.1:%d' % free_port()
         with mock.patch.object(pydirector, 'worker_command', lambda: command):
-            self.start(full_config(listen))
+            self.start(full_config(listen, variant))
         master = self.balancer.call(self.balancer.director.running_xml)
-        check_values(self, master, 'the master', listen)
+        check_values(self, master, 'the master', listen, variant)
         views = {}
         for pid in self.balancer.worker_pids():
             with open(os.path.join(directory, 'worker-%d.xml' % pid), encoding='utf-8') as f:

@@ -31,7 +31,7 @@ from unittest import mock
 
 import support
 from support import (BalancerCase, Background, EchoServer, LOG, SpawnedBalancer, accepts, config_xml, connect,
-                     echo, exchange, fd_count, free_port, recv_all, say_name, service_xml, wait_until)
+                     echo, exchange, fd_count, free_port, process_state, recv_all, say_name, service_xml, wait_until)
 
 import pydirector
 import pydirector_admin
@@ -122,15 +122,9 @@ def only(pids, pid):
             os.kill(other, signal.SIGCONT)
 
 
-def process_state(pid):
-    with open('/proc/%d/stat' % pid) as f:
-        return f.read().rsplit(')', 1)[1].split()[0]
-
-
 def alive(pid):
     try:
-        with open('/proc/%d/stat' % pid) as f:
-            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+        return process_state(pid) != 'Z'
     except OSError:
         return False
 
@@ -685,7 +679,11 @@ class StuckWorkerTest(AdminWorkersCase):
         try:
             name = read_line(sock)
         except socket.timeout:
-            return sock
+            # Stranded means still in the accept queue.  A worker that accepted it just
+            # before its SIGSTOP holds it instead: killed for silence, it would close it.
+            if support.accept_queue_length(self.balancer.port()) != 0:
+                return sock
+            name = None
         resume(pid)
         try:
             os.sched_setscheduler(pid, os.SCHED_OTHER, os.sched_param(0))
@@ -695,7 +693,8 @@ class StuckWorkerTest(AdminWorkersCase):
             os.sched_setaffinity(pid, cpus)
         except OSError:
             pass        # killed meanwhile, its loop silent too long on a busy box
-        self.assertEqual(name, 'one')
+        if name is not None:
+            self.assertEqual(name, 'one')
         sock.close()
         return None
 
@@ -1280,7 +1279,9 @@ class CounterTableTest(BalancerCase):
             ('host', 'open'): (lambda: (service.groups['main'].scheduler.set_open(host, 7),
                                         counts.others.__setitem__(host, 3)), 4),
             ('address', 'reading'): (lambda: director.hellos.add(reader), 1),
+            ('service', 'client_entries'): (lambda: [limits.admit(key, 0.0) for key in ('a', 'b', 'c')], 3),
         }
+        limits = service.limits = pydirector.ClientLimits(pydirector.Clients(maxconns=5), service)
         for i, kind in enumerate(pydirector.HELLO_PROBLEMS):
             computed['address', 'bad ' + kind] = (lambda kind=kind, i=i: listener.bad.__setitem__(kind, 50 + i), 50 + i)
         written = {}

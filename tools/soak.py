@@ -53,6 +53,9 @@ except ImportError:  # not Linux: the scenarios need /proc anyway
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+if HERE not in sys.path:
+    sys.path.append(HERE)
+from processes import child_pids, cpu_seconds, fd_count, free_port, rss_bytes, stop_process  # noqa: E402
 PYDIRECTOR = os.path.join(REPO, 'pydirector.py')
 THIS = os.path.abspath(__file__)
 
@@ -86,33 +89,6 @@ def raise_nofile():
     return hard
 
 
-def proc_rss(pid):
-    """Resident set size in bytes (VmRSS)."""
-    with open('/proc/%d/status' % pid) as f:
-        for line in f:
-            if line.startswith('VmRSS:'):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def proc_fds(pid):
-    return len(os.listdir('/proc/%d/fd' % pid))
-
-
-def child_pids(pid):
-    """The processes whose parent is pid (a master's workers), from /proc."""
-    found = []
-    for name in os.listdir('/proc'):
-        if name.isdigit():
-            try:
-                with open('/proc/%s/stat' % name) as f:
-                    if int(f.read().rsplit(')', 1)[1].split()[1]) == pid:
-                        found.append(int(name))
-            except (OSError, IndexError, ValueError):
-                pass
-    return found
-
-
 def proc_pipe_bytes(pid):
     """Kernel memory a process's pipes may hold (the sum of their F_GETPIPE_SZ), which RSS does
     not show: the balancer's splice pipes.  0 where it cannot be read."""
@@ -140,13 +116,6 @@ def proc_pipe_bytes(pid):
         finally:
             os.close(fd)
     return total
-
-
-def proc_cpu(pid):
-    """User + system CPU seconds of a process."""
-    with open('/proc/%d/stat' % pid) as f:
-        fields = f.read().rsplit(')', 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / float(os.sysconf('SC_CLK_TCK'))
 
 
 def run_delay(pid):
@@ -192,14 +161,6 @@ def median(values):
 
 def mib(n):
     return '%.1f MiB' % (n / 1048576.0)
-
-
-def free_port():
-    sock = socket.socket()
-    sock.bind(('127.0.0.1', 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return port
 
 
 _DATA = None
@@ -500,16 +461,16 @@ class BalancerProcess(object):
         return found
 
     def rss(self):
-        return self.total(proc_rss)
+        return self.total(rss_bytes)
 
     def fds(self):
-        return self.total(proc_fds)
+        return self.total(fd_count)
 
     def pipe_bytes(self):
         return self.total(proc_pipe_bytes)
 
     def cpu(self):
-        return self.total(proc_cpu)
+        return self.total(cpu_seconds)
 
     def wait_fds(self, target, timeout=10.0):
         """Poll until the balancer has `target` fds open (or fewer); return the last count."""
@@ -562,16 +523,7 @@ class BalancerProcess(object):
 
     def stop(self, timeout=30.0):
         """SIGTERM, wait for the drain; return the exit status (None if it had to be killed)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.exit_code = self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                self.exit_code = None
-        else:
-            self.exit_code = self.proc.returncode
+        self.exit_code = stop_process(self.proc, timeout)
         return self.exit_code
 
     def close(self):
