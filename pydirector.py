@@ -5128,8 +5128,11 @@ class DatagramListener(object):
         self.configure(listen)
         self.registered = director.accept
         if self.registered:
-            self.loop.add(self.fd, EVENT_READ, self._on_readable)
+            self.add_to_loop()
         self.widen(director.master.count if director.master is not None else director.udp_slots)
+
+    def add_to_loop(self):
+        self.loop.add(self.fd, EVENT_READ, self._on_readable)
 
     def __repr__(self):
         return '<DatagramListener %s>' % self.text
@@ -8560,7 +8563,7 @@ class Director(Actions):
             # (DatagramListener.widen); a removed one its workers still read is no
             # obstacle then, so never reused.  An upgrade's new generation takes the
             # old one's first socket (the rest of the group it binds beside it).
-            sock = self.inherited.pop(('listen', socket.SOCK_DGRAM, listen.key), None)
+            sock = self.inherited.pop(('listen', socket.SOCK_DGRAM, address_key(listen.host, listen.port)), None)
             if sock is not None:
                 return sock
             return listen_socket(listen.host, listen.port, protocol='udp',

@@ -189,6 +189,28 @@ class TestUpgrade(UpgradeCase):
         self.assertIn('\npydirector_upgrade_last_successful 1\n', metrics)
         self.assertNotIn('Traceback', self.output())
 
+    def test_a_udp_service_goes_on_answering(self):
+        """A UDP listen socket is handed on too: a client of the old generation and
+        new ones are answered throughout, and nothing failed to listen."""
+        from test_udp import UdpBackend, ask, client, udp_service
+        backend = UdpBackend('u1')
+        self.addCleanup(backend.close)
+        port = free_port()
+        xml = self.xml().replace('  <admin ', udp_service([('u1', backend.address)], listen_port=port,
+                                                         extra='    <timeouts idle="2"/>\n') + '  <admin ', 1)
+        self.start_process(xml)
+        held = client()
+        self.addCleanup(held.close)
+        self.assertEqual(ask(port, b'before', held), b'u1:before')
+        mark = self.upgrade('1.0.1')
+        self.assertEqual(ask(port, b'after', held), b'u1:after')
+        for n in range(5):
+            self.assertEqual(ask(port, b'new%d' % n), b'u1:new%d' % n)
+        self.old_gone(mark)
+        self.assertEqual(ask(port, b'last', held), b'u1:last')
+        self.assertNotIn('cannot listen', self.output())
+        self.assertNotIn('Traceback', self.output())
+
     def test_admin_changes_sticky_entries_and_counts_survive(self):
         self.start_process(self.xml('roundrobin,sticky'))
         # Sticky entries: client addresses until one is on n1 and one on n2.
