@@ -9,8 +9,8 @@ A revival of Python Director (Anthony Baxter, 2002-2004).
 
 Sections, in the order a reader meets them: Config, Loop, PROXY protocol, TLS
 ClientHello and server names (SNI), Logs, Proxying, Datagrams (UDP services),
-Manager (health checks), DNS,
-systemd, Director, Workers (a master and worker processes), Command line.
+Manager (health checks), DNS, systemd, Director, Workers (a master and worker
+processes), Upgrade (new code in the same process), Command line.
 docs/ARCHITECTURE.md walks through them.
 """
 
@@ -114,7 +114,9 @@ class Config(ConfigElement):
     logging, and CONFIG_ATTRS: how long to let connections drain on shutdown,
     the user and group to run as (names or numeric ids as text; None: stay as
     started), workers (None: one process; a number or 'auto': a master and
-    workers).  line: where <pdconfig> starts, for errors about its attributes."""
+    workers), and the seconds an upgrade's new generation has to be ready
+    (upgrade_timeout).  line: where <pdconfig> starts, for errors about its
+    attributes."""
 
     TAG = 'pdconfig'
 
@@ -1284,6 +1286,8 @@ CONFIG_ATTRS = (
     Attr('group', _named(_account), example='0'),
     Attr('workers', parse_workers, example='3'),
     Attr('worker_timeout', parse_worker_timeout, 5.0, example='7'),
+    # Seconds the new generation of an upgrade has to be ready before the old one gives it up.
+    Attr('upgrade_timeout', parse_seconds, 60.0, example='20'),
 )
 SERVICE_ATTRS = (
     Attr('name', _name('service name'), required=True, error='{error}', example='caf\u00e9 & "co"'),
@@ -5127,8 +5131,11 @@ class DatagramListener(object):
         self.configure(listen)
         self.registered = director.accept
         if self.registered:
-            self.loop.add(self.fd, EVENT_READ, self._on_readable)
+            self.add_to_loop()
         self.widen(director.master.count if director.master is not None else director.udp_slots)
+
+    def add_to_loop(self):
+        self.loop.add(self.fd, EVENT_READ, self._on_readable)
 
     def __repr__(self):
         return '<DatagramListener %s>' % self.text
@@ -6243,6 +6250,20 @@ class Manager(object):
         self.director.loop.call_soon_threadsafe(self.director.health.result, token, ok, reason, address,
                                                 time.monotonic() - began)
 
+    def after_fork(self):
+        """In an upgrade's old generation, forked by the loop thread: the pool's threads
+        stayed in the parent, with what they were probing or asking, which is asked again;
+        a pool is started afresh at the next probe."""
+        self.pool = None
+        stopped, self.stopped = self.stopped, threading.Event()
+        if stopped.is_set():
+            self.stopped.set()
+        self.director.health.probes_lost()
+        discovery = self.director.discovery
+        if discovery.asking:
+            discovery.stop()
+            discovery.start()
+
     def stop(self):
         # Probes out finish in their threads (each within its check's timeout); their
         # results reach a loop that has stopped listening, and are dropped.
@@ -6767,6 +6788,15 @@ class Notifier(object):
     a loop that stops running its timers stops the pings, and systemd
     restarts the service.  With workers the master's loop runs whether they
     serve or not: it pings only while one does (serving).
+
+    An upgrade (see Upgrade) keeps the main PID, and says RELOADING=1 then
+    READY=1 around it.  Meanwhile the old generation, a child, serves: the
+    main process names it MAINPID before it execs the new code, and the old
+    one names the main PID again, with READY=1, once the new one serves (or
+    says READY=1 alone, as the main process still, when the new one failed).
+    So systemd always watches a process that serves, and a new generation
+    that dies before it is ready takes nothing down with it (NotifyAccess=main
+    suffices: each MAINPID= comes from the main process of the moment).
     """
 
     def __init__(self, environ=None):
@@ -6809,6 +6839,9 @@ class Notifier(object):
     def reloading(self):
         # MONOTONIC_USEC lets systemd (Type=notify-reload) match this message to its reload.
         self.send('RELOADING=1', 'MONOTONIC_USEC=%d' % (time.clock_gettime(time.CLOCK_MONOTONIC) * 1e6))
+
+    def main_pid(self, pid, ready=False):
+        self.send(*['MAINPID=%d' % pid] + (['READY=1'] if ready else []))
 
     def stopping(self):
         if not self.stopped:
@@ -7052,6 +7085,29 @@ class Health(object):
         state = self.states[host]
         state.once = True
         self._schedule(state, self.loop.now)
+
+    def probe_round(self):
+        """Probe every host now but those in maint (an upgrade's new generation proves
+        its checks before it serves); the count of probes before them, for round_over."""
+        first = self.probes
+        for host in self.states:
+            if host.admin != schedulers.MAINT:
+                self.probe_now(host)
+        return first
+
+    def round_over(self, first):
+        """Whether every host probe_round asked for (still there, not in maint) has had
+        its probe, handed out after the first `first`, come back."""
+        return all(state.started > first and not state.in_flight for host, state in self.states.items()
+                   if host.admin != schedulers.MAINT)
+
+    def probes_lost(self):
+        """The probes out will never come back (their threads stayed in the parent of a
+        fork: an upgrade's old generation): each is made again, at once."""
+        for state in self.states.values():
+            if state.in_flight:
+                state.in_flight = False
+                self._schedule(state, self.loop.now)
 
     def passed_since(self, host, probes):
         """Whether a probe handed out after the first `probes` (self.probes then) has passed."""
@@ -7947,6 +8003,8 @@ class Reload(object):
             changes.append('drain %g s' % new.drain)
         if 'worker_timeout' in keys:
             changes.append('worker_timeout %g s' % new.worker_timeout)
+        if 'upgrade_timeout' in keys:
+            changes.append('upgrade_timeout %g s' % new.upgrade_timeout)
 
 
 def replayed(method):
@@ -8310,6 +8368,10 @@ class Actions(object):
         return {
             'version': VERSION, 'hostname': socket.gethostname(), 'pid': os.getpid(),
             'started': self.started, 'now': time.time(), 'services': services, 'history': history.snapshot(),
+            # The code running: since when, and how the last upgrade went (see Upgrade).
+            'generation': {'number': self.generation, 'started': self.generation_started,
+                           'upgrading': self.upgrader.busy if self.upgrader is not None else None},
+            'upgrade': dict(self.last_upgrade) if self.last_upgrade is not None else None,
             'config_path': self.config.path, 'reloaded': self.reloaded, 'reload': dict(self.last_reload),
             'users': [{'name': u.name, 'access': u.access} for u in self.users.values()],
             'sni': self.sni_snapshot(),
@@ -8551,11 +8613,18 @@ class Director(Actions):
         self.worker_counts = None
         self.listen_sockets = None
         self.udp_slots = 1          # a master's: sockets per UDP listen, one per worker (see DatagramListener)
+        self.udp_reuseport = not accept     # a master's UDP sockets are SO_REUSEPORT groups
         self.notifier = notifier or Notifier({})    # main() passes the real one
+        self.upgrader = None        # main()'s Upgrade: this process's upgrades (the admin's /upgrade)
+        self.inherited = {}         # an upgrade's new generation: the old one's sockets (see Takeover)
         self.config = config
         self.loaded_xml = config.to_xml()
         self.rng = rng
         self.started = time.time()
+        # The code running now came with the generation: 1 at start, one more each upgrade.
+        self.generation = 1
+        self.generation_started = self.started
+        self.last_upgrade = None    # the last upgrade's outcome, for the pages: see Upgrade
         self.services = collections.OrderedDict()
         self.users = collections.OrderedDict((u.name, u) for u in config.admin.users) if config.admin else {}
         self.pairs = set()
@@ -8736,11 +8805,19 @@ class Director(Actions):
         if self.listen_sockets is None and listen.protocol == 'udp':
             # A master's is the first of an SO_REUSEPORT group, a socket per worker
             # (DatagramListener.widen); a removed one its workers still read is no
-            # obstacle then, so never reused.
-            return listen_socket(listen.host, listen.port, protocol='udp', reuseport=REUSEPORT and not self.accept)
+            # obstacle then, so never reused.  An upgrade's new generation takes the
+            # old one's first socket (the rest of the group it binds beside it).
+            sock = self.inherited.pop(('listen', socket.SOCK_DGRAM, address_key(listen.host, listen.port)), None)
+            if sock is not None:
+                return sock
+            return listen_socket(listen.host, listen.port, protocol='udp',
+                                 reuseport=REUSEPORT and self.udp_reuseport)
         if self.listen_sockets is None:
-            # A master reuses a listen's socket it removed but its workers may still hold.
+            # A master reuses a listen's socket it removed but its workers may still hold;
+            # an upgrade's new generation takes the old one's.
             sock = self.master.reuse(listen.key) if self.master is not None else None
+            if sock is None:
+                sock = self.inherited.pop(('listen', socket.SOCK_STREAM, listen.key), None)
             return sock if sock is not None else listen_socket(listen.host, listen.port)
         sock = self.listen_sockets.pop(listen.key, None)
         if sock is None:
@@ -8766,24 +8843,36 @@ class Director(Actions):
         for service, _ in entries:
             service.listeners.append(listener)
 
+    def start_accepting(self):
+        """Accept on every listener from now on (an upgrade's new generation in one
+        process, once it is ready: until then the old generation accepts)."""
+        self.accept = True
+        for service in self.services.values():
+            for listener in service.listeners:
+                if not listener.registered and listener.sock.fileno() >= 0:
+                    listener.add_to_loop()
+                    listener.registered = True
+
     def listen_addresses(self, service_name):
         """The (host, port) each listener of a service is bound to (tests use it)."""
         return [l.sock.getsockname()[:2] for l in self.services[service_name].listeners]
 
-    def begin_stop(self, drain):
-        """Stop accepting; let open connections finish for up to `drain` seconds."""
+    def begin_stop(self, drain, handover=False):
+        """Stop accepting; let open connections finish for up to `drain` seconds.
+        handover: an upgrade's new generation serves from now on, so the clients
+        still sending their TLS hello are served too, not closed."""
         if self.stopping:
             return
         self.stopping = True
         self.notifier.stopping()
-        self._close_listeners()
+        self._close_listeners(handover)
         if self.manager is not None:
             self.manager.stop()
         if self.master is not None:
-            self.master.stop(drain)    # the master stops once its last worker has
+            self.master.stop(drain, handover)    # the master stops once its last worker has
             return
-        log.info('stopping: %d connection(s) open, waiting up to %g s', len(self.pairs), drain)
-        if not self.pairs:
+        log.info('stopping: %d connection(s) open, waiting up to %g s', len(self.pairs) + len(self.hellos), drain)
+        if not self.pairs and not self.hellos:
             self._stopped()
         else:
             self.stop_timer = self.loop.call_later(drain, self.stop_now)
@@ -8807,10 +8896,12 @@ class Director(Actions):
         self.access.flush()
         self.loop.stop()
 
-    def _close_listeners(self):
+    def _close_listeners(self, keep_hellos=False):
         for service in self.services.values():
             for listener in service.listeners:
                 listener.close()
+        if keep_hellos:
+            return
         # Clients still sending their hello have no service yet: nothing to drain.
         for reader in list(self.hellos):
             reader.close(END_SHUTDOWN)
@@ -8875,6 +8966,25 @@ class Director(Actions):
             self.loop.call(self._loaded, saved, timeout=60.0)
             return 'saved the running config to %s%s' % (path, '' if backup is None else
                                                           '; the previous file is %s' % backup)
+
+    def upgrade(self):
+        """The admin's /upgrade: run the program as it is on disk now, without losing a
+        connection (see Upgrade).  In this thread, never on the loop: the new code's
+        check takes a while."""
+        if self.upgrader is None:
+            raise AdminError(409, 'only pydirector started from its command line can upgrade')
+        return self.upgrader.request()
+
+    def after_fork(self):
+        """In an upgrade's old generation, forked by the loop thread (see Upgrade): the
+        other threads stayed in the parent, with the locks they held."""
+        self.reload_lock = threading.Lock()
+        self.reload_state = threading.Lock()
+        self.reload_wanted = self.reload_thread = False
+        if self.manager is not None:
+            self.manager.after_fork()
+        if self.master is not None:
+            self.master.after_fork()
 
     def _running_and_loaded(self):
         return self.running_xml(), self.config, self.config.path
@@ -8988,6 +9098,7 @@ class Director(Actions):
         self.hellos.discard(reader)
         if self.access.enabled:
             self.access.connection(reader, how)
+        self._check_drained()
 
     def refuse_full(self, service, pair):
         """A client over the service's maxconns: closed at once, logged once a second."""
@@ -9166,7 +9277,10 @@ class Director(Actions):
             self.worker_counts.closed(pair)
         if self.access.enabled:
             self.access.connection(pair, how)
-        if self.stopping and not self.pairs:
+        self._check_drained()
+
+    def _check_drained(self):
+        if self.stopping and not self.pairs and not self.hellos and self.master is None:
             if self.stop_timer is not None:
                 self.stop_timer.cancel()
             self._stopped()
@@ -9250,8 +9364,7 @@ class Channel(object):
             return
         if fds:
             message['fds'] = len(fds)
-        data = json.dumps(message, separators=(',', ':')).encode('utf-8')
-        data = len(data).to_bytes(4, 'big') + data
+        data = self.encode(message)
         self.waiting += len(data)
         idle = not self.outbox
         fds = list(fds)
@@ -9320,6 +9433,12 @@ class Channel(object):
             self.inbox += data
             if not self._deliver():
                 return
+
+    @staticmethod
+    def encode(message):
+        """A message as it goes on the wire: its length, then its JSON."""
+        data = json.dumps(message, separators=(',', ':')).encode('utf-8')
+        return len(data).to_bytes(4, 'big') + data
 
     @staticmethod
     def recv(sock):
@@ -10015,7 +10134,7 @@ MESSAGES = dict((row.kind, row) for row in (
     Message('reload', DOWN, 'on_reload', 'xml path generation hosts discovered listens slots', 'repair', fds=True,
             quiet=True),
     Message('counters', DOWN, 'on_counters', 'size'),
-    Message('stop', DOWN, 'on_stop', 'drain'),
+    Message('stop', DOWN, 'on_stop', 'drain', 'handover'),
     Message('stop_now', DOWN, 'on_stop_now'),
     Message('ready', UP, 'on_ready', 'pid seq generation'),
     Message('ack', UP, 'on_ack', 'seq generation'),
@@ -10025,10 +10144,11 @@ MESSAGES = dict((row.kind, row) for row in (
 ))
 
 
-def new_message(kind, direction, fields, fds=()):
+def new_message(kind, direction, fields, fds=(), table=MESSAGES):
     """fields (a dict of its own) as a message of this kind for Channel.send, checked
-    against its row: ValueError says what is wrong."""
-    row = MESSAGES.get(kind)
+    against its row (in MESSAGES, or the table given: HANDOVER): ValueError says what
+    is wrong."""
+    row = table.get(kind)
     if row is None or row.direction != direction:
         raise ValueError('no %s message %r' % (direction, kind))
     problem = row.problem(fields.keys(), fds)
@@ -10042,7 +10162,7 @@ class MessageError(ValueError):
     """A message that is not what its row in MESSAGES says (or has no row)."""
 
 
-def received(message, direction, fds):
+def received(message, direction, fds, table=MESSAGES):
     """(row, fields) of a message the other side sent: the fields are what its handler
     takes (a DOWN message's 'seq' left out).  MessageError if it is no such message;
     the sockets that came with it are closed then."""
@@ -10050,7 +10170,7 @@ def received(message, direction, fds):
     message.pop('fds', None)
     if direction == DOWN:
         message.pop('seq', None)
-    row = MESSAGES.get(kind)
+    row = table.get(kind)
     if row is None or row.direction != direction or row.handler is None:
         problem = 'unknown message %r' % (kind,)
     else:
@@ -10177,8 +10297,8 @@ class Worker(object):
     def on_counters(self, size):
         self.director.worker_counts.remap(size)
 
-    def on_stop(self, drain):
-        self.director.begin_stop(drain)
+    def on_stop(self, drain, handover=False):
+        self.director.begin_stop(drain, handover)
 
     def on_stop_now(self):
         self.director.stop_now()
@@ -10262,16 +10382,30 @@ def listen_sockets(listens, fds):
     return found
 
 
+def sticky_entries(director):
+    """[service, group, client ip, host, seconds since last used, host ip] of every sticky table."""
+    now = time.monotonic()
+    return [[service.name, group.name, ip, host.name, now - used, host.ip]
+            for service in director.services.values() for group in service.groups.values()
+            if group.scheduler.sticky for ip, host, used in group.scheduler.sticky_entries()]
+
+
 def stick_entries(director, entries):
     """Sticky entries from the other side: [service, group, client ip, host], used now,
-    or with a fifth, the seconds since; those of a host gone are passed over."""
+    or with a fifth, the seconds since, and a sixth, the host's ip; those of a host
+    gone (or of another ip by that name) are passed over.  How many were taken."""
     now = time.monotonic()
+    taken = 0
     for entry in entries:
         try:
             _, group, host = director._host(entry[0], entry[1], entry[3])
         except AdminError:
             continue
+        if len(entry) > 5 and host.ip != entry[5]:
+            continue
         group.scheduler.stick(entry[2], host, now - entry[4] if len(entry) > 4 else now)
+        taken += 1
+    return taken
 
 
 def apply_host_states(director, states):
@@ -10720,14 +10854,27 @@ class Master(object):
         with self.changed:
             return self.changed.wait_for(lambda: all(w.ready for w in self.workers), timeout)
 
+    def after_fork(self):
+        """In an upgrade's old generation (forked by the loop thread; see Upgrade): it goes
+        on managing its workers through their channels, but they are the children of the
+        process that forked it, which reaps them: a ForeignProcess stands for each."""
+        self.changed = threading.Condition()    # an admin thread may have held it
+        for worker in self.workers:
+            if worker.proc is not None:
+                worker.proc = ForeignProcess(worker.proc.pid)
+
+    def pids(self):
+        """The workers running now."""
+        return [w.proc.pid for w in self.workers if w.proc is not None]
+
     # -- stopping ---------------------------------------------------------------
 
-    def stop(self, drain):
+    def stop(self, drain, handover=False):
         self.stopping = True
         self.read_counts()
         log.info('stopping: %d connection(s) open in %d worker(s), waiting up to %g s',
                  sum(s.open for s in self.director.services.values()), self.count, drain)
-        self.send_all('stop', drain=drain)
+        self.send_all('stop', drain=drain, **({'handover': True} if handover else {}))
         self._stop_within(drain + WORKER_STOP_GRACE)
 
     def stop_now(self):
@@ -10859,11 +11006,946 @@ class Master(object):
                 for host in group.scheduler.hosts]
 
     def sticky_entries(self):
-        """[service, group, client, host, seconds since last used] of every sticky table."""
-        now = time.monotonic()
-        return [[service.name, group.name, ip, host.name, now - used]
-                for service in self.director.services.values() for group in service.groups.values()
-                if group.scheduler.sticky for ip, host, used in group.scheduler.sticky_entries()]
+        return sticky_entries(self.director)
+
+
+# ---------------------------------------------------------------------------
+# Upgrade: new code without losing a connection (SIGUSR2, or the admin's
+# POST /upgrade), as nginx's binary upgrade and HAProxy's master re-exec do.
+#
+# The process runs its program again in place: the same PID, the program
+# path and the arguments it was started with, so the files on disk now take
+# effect.  First the new code must pass its own --check, in a child, with
+# nothing changed yet (that catches a syntax error, an import error, a bad
+# config).  Then the loop thread forks.  The child is the old generation: it
+# keeps everything -- the loop, the listening sockets, every open
+# connection, the old workers' channels -- and goes on serving.  The parent,
+# which keeps the PID, execs the program with the listening sockets
+# (PYDIRECTOR_LISTEN_FDS, 'FD=ROLE:HOST:PORT ...', as nginx passes its own)
+# and one end of a socketpair (PYDIRECTOR_UPGRADE_FD) left open.  The new
+# generation (Takeover) reads the config, takes the running state over from
+# the old one through the socketpair (HANDOVER: versioned JSON,
+# acknowledged), applies each item where service, group, host name and
+# address still match, starts its workers, runs one round of health checks,
+# accepts, and only then tells the old one to stop accepting; the old one
+# drains for <pdconfig drain> and exits (OldGeneration).  Until then any
+# failure of the new one -- it exits, is killed, says it failed, or is not
+# ready within <pdconfig upgrade_timeout> -- leaves the old one serving, and
+# it starts its admin again on the listening socket it kept.
+#
+# Only the loop thread goes on in the child of a fork: the admin's threads
+# and the probe pool's stay in the parent (which execs), with any lock they
+# held.  So the fork comes from the loop thread once the admin has answered
+# what it was asked (the /upgrade itself too), and the child makes anew what
+# other threads may have held (after_fork, Director.after_fork).
+# ---------------------------------------------------------------------------
+
+LISTEN_FDS_ENV = 'PYDIRECTOR_LISTEN_FDS'    # the listening sockets an upgrade hands on: 'FD=ROLE:HOST:PORT ...'
+UPGRADE_FD_ENV = 'PYDIRECTOR_UPGRADE_FD'    # the new generation's end of the handover socketpair
+HANDOVER_VERSIONS = (1,)        # the versions of the handed-over state this code reads and writes
+UPGRADE_CHECK_TIMEOUT = 30.0    # seconds the new code's --check may take
+UPGRADE_ADMIN_WAIT = 2.0        # seconds the admin's requests in flight have to be answered before the fork
+UPGRADE_STATE_WAIT = 30.0       # seconds the new generation waits for the old one's state
+REAP_INTERVAL = 0.25            # seconds between looks for the children an upgrade left this process
+# The signals that wait, blocked, while the new code starts (main unblocks them once it handles them).
+UPGRADE_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+OLD, NEW = 'old', 'new'         # a handover message from the old generation, from the new one
+
+HANDOVER = dict((row.kind, row) for row in (
+    # The new generation's first: the versions of the state it reads, its code's version, its pid.
+    Message('hello', NEW, 'on_hello', 'versions version pid'),
+    # The answer, read by Takeover.receive before the loop runs (see generation_state); or
+    # 'refused' when no version is both's.
+    Message('state', OLD, None, 'version code_version pid started generation config hosts sticky counts '
+                                'switches discovered children last_reload'),
+    Message('refused', OLD, None, 'error'),
+    Message('taken', NEW, 'on_taken'),                  # the state is applied
+    Message('stop', NEW, 'on_stop'),                    # it serves: stop accepting, drain, exit
+    Message('failed', NEW, 'on_failed', 'error'),       # it gives up: the old generation goes on
+    Message('finished', OLD, 'on_finished', 'counts'),  # drained: what it counted since the state
+))
+
+
+def program_argv():
+    """How to run this program again, as it was started: this interpreter with its
+    options, this file (or the .pyz holding it) and the same arguments."""
+    import subprocess
+    flags = getattr(subprocess, '_args_from_interpreter_flags', list)()
+    return [sys.executable] + flags + worker_command()[1:] + sys.argv[1:]
+
+
+_TRACEBACK_PLACE = re.compile(r'File "(.*)", line ([0-9]+)')
+
+
+def check_new_code(argv, timeout=UPGRADE_CHECK_TIMEOUT):
+    """None if the program on disk now loads and accepts its config (its own --check,
+    with the arguments it runs with, in a child); else what is wrong, in one line."""
+    import subprocess
+    try:
+        done = subprocess.run(argv + ['--check'], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return 'its --check did not finish within %g s' % timeout
+    except OSError as e:
+        return 'cannot run %s: %s' % (argv[0], e.strerror or e)
+    if done.returncode == 0:
+        return None
+    lines = [line.strip() for line in done.stderr.decode('utf-8', 'replace').splitlines() if line.strip()]
+    if not lines:
+        return 'its --check exited with status %d' % done.returncode
+    last = lines[-1][len('pydirector: '):] if lines[-1].startswith('pydirector: ') else lines[-1]
+    places = [m for m in map(_TRACEBACK_PLACE.match, lines) if m]
+    # A traceback's last place is where it went wrong: a syntax error's file and line.
+    return '%s:%s: %s' % (places[-1].group(1), places[-1].group(2), last) if places else last
+
+
+def socket_of(fd):
+    """A socket object for a descriptor an upgrade handed on, of its own family and type
+    (Python 3.6 does not find them itself), non-blocking as every listener is; and
+    that type (SOCK_STREAM, SOCK_DGRAM)."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
+    try:
+        kind = probe.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+        if hasattr(socket, 'SO_DOMAIN'):
+            family = probe.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN)
+        else:
+            family = socket.AF_INET6 if len(probe.getsockname()) == 4 else socket.AF_INET
+    finally:
+        probe.detach()
+    sock = socket.socket(family, kind, 0, fd)
+    sock.setblocking(False)
+    return sock, kind
+
+
+def handed_sockets_text(entries):
+    """PYDIRECTOR_LISTEN_FDS for [(fd, role, host, port)]."""
+    return ' '.join('%d=%s:%s' % (fd, role, format_address(host, port)) for fd, role, host, port in entries)
+
+
+def inherited_sockets(text):
+    """(role, socket type, address key) -> socket of the sockets an upgrade handed on
+    (PYDIRECTOR_LISTEN_FDS): 'listen' ones (a listen's, TCP or UDP alike) and the
+    admin's.  ValueError when the text is not what handed_sockets_text writes."""
+    found = {}
+    try:
+        for entry in text.split():
+            fd_text, _, rest = entry.partition('=')
+            role, _, address = rest.partition(':')
+            host, port = parse_address(address)
+            sock, kind = socket_of(int(fd_text))
+            found[(role, kind, address_key(host, port))] = sock
+    except (ValueError, OSError) as e:
+        for sock in found.values():
+            sock.close()
+        raise ValueError('%s=%r: %s' % (LISTEN_FDS_ENV, text, e))
+    return found
+
+
+def open_fds():
+    """This process's file descriptors (from /proc: Linux; elsewhere those below 1024)."""
+    try:
+        return [int(name) for name in os.listdir('/proc/self/fd')]
+    except OSError:
+        return list(range(1024))
+
+
+def after_fork():
+    """In the child of a fork made while other threads ran: only the forking thread
+    goes on, and a lock another thread held then would stay held for good.  The
+    locks a loop thread takes are made anew: logging's (Python 3.8 and later do it
+    themselves, 3.6 and 3.7 do not) and LogOutput's."""
+    logging._lock = threading.RLock()
+    for ref in list(logging._handlerList):
+        handler = ref()
+        if handler is not None:
+            handler.createLock()
+    log_output.lock = threading.RLock()
+
+
+def process_running(pid):
+    """Whether a process runs (an exited one its parent has not reaped yet does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open('/proc/%d/stat' % pid) as f:
+            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except (OSError, IndexError):
+        return True     # no /proc: running, as far as can be told
+
+
+class ForeignProcess(object):
+    """A worker of an upgrade's old generation: the child of the process that forked
+    the old generation, which reaps it, so Popen cannot wait for it.  It stands in
+    for its Popen in WorkerProcess (Master.after_fork)."""
+
+    def __init__(self, pid):
+        self.pid = pid
+        self.returncode = None
+
+    def poll(self):
+        if self.returncode is None and not process_running(self.pid):
+            self.returncode = 0     # (its status is its parent's to read)
+        return self.returncode
+
+    def kill(self):
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+    def wait(self, timeout=WORKER_STOP_GRACE):
+        deadline = time.monotonic() + timeout
+        while self.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.returncode
+
+
+class Reaper(object):
+    """Waits for the children an upgrade left this process as they exit: its old
+    generation, and the old workers, which stay the children of the PID across the
+    exec.  Only those it is told of: a waitpid(-1) would take a worker's exit status
+    from its Popen."""
+
+    def __init__(self, loop):
+        self.loop = loop
+        self.pids = set()
+        self.timer = None
+
+    def add(self, pids):
+        self.pids.update(pids)
+        if self.pids and self.timer is None:
+            self.timer = self.loop.call_later(REAP_INTERVAL, self.reap)
+
+    def reap(self):
+        self.timer = None
+        for pid in list(self.pids):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid      # not a child of this process (any more)
+            if done:
+                self.pids.discard(pid)
+        self.add(())
+
+    def clear(self):
+        """After a fork, in the child: the children are the parent's."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.pids = set()
+
+
+# -- the state an old generation hands over (HANDOVER 'state', version 1) -------
+
+def generation_state(director, children):
+    """Everything an upgrade's new generation takes over, as it is now: the config
+    (as last loaded and as running, which holds the changes made at run time), each
+    host's health and admin state with its probe counts and timeline, the sticky
+    entries, the counter totals, pending group switches, the hosts from DNS, and
+    the processes the PID must reap (this one, its workers, older generations')."""
+    config = director.config
+    master = director.master
+    now = time.time()
+    switches = []
+    for service in director.services.values():
+        switch = service.switch
+        if switch is not None and switch.pending:
+            switches.append({'service': service.name, 'from': switch.from_group.name, 'to': switch.to_group.name,
+                             'drain': None if switch.drain_until is None else max(0.0, switch.drain_until - now),
+                             'rollback': None if switch.rollback_until is None else
+                             max(0.0, switch.rollback_until - now)})
+    hosts = []
+    for service in director.services.values():
+        for group in service.groups.values():
+            for host in group.scheduler.hosts:
+                timeline, changes = director.health.timeline(host)
+                hosts.append({'service': service.name, 'group': group.name, 'name': host.name, 'ip': host.ip,
+                              'address': address_to_json(host.address),
+                              'health': host.health, 'admin': host.admin, 'reason': host.reason,
+                              'since': host.since, 'probe_ok': host.probe_ok, 'probe_fail': host.probe_fail,
+                              'timeline': timeline, 'changes': changes})
+    return {
+        'code_version': VERSION, 'pid': os.getpid(), 'started': director.started,
+        'generation': director.generation,
+        'config': {'path': config.path, 'digest': config.digest, 'loaded': director.loaded_xml,
+                   'running': director.running_xml(), 'reloaded': director.reloaded},
+        'hosts': hosts, 'sticky': sticky_entries(director), 'counts': counter_totals(director),
+        'switches': switches, 'discovered': director.discovery.sets(),
+        'children': list(children) + [os.getpid()] + (master.pids() if master is not None else []),
+        'last_reload': director.last_reload,
+    }
+
+
+def counter_totals(director):
+    """[[slot key, host ip or None, {field: total}]] of what was counted (COUNTERS' rows
+    that are no gauge), by counted_things' keys; a master's are its workers' sums."""
+    if director.master is not None:
+        director.master.read_counts()
+    found = []
+    for thing, key, _ in counted_things(director.services.values()):
+        values = {}
+        for row in COUNTERS:
+            if row.kind == key[0] and not row.gauge and row.value is not None:
+                value = getattr(thing, row.value) if isinstance(row.value, str) else row.value(None, thing)
+                if value:
+                    values[row.name] = value
+        if values:
+            found.append([list(key), getattr(thing, 'ip', None), values])
+    return found
+
+
+def counts_since(now, before):
+    """counter_totals entries: what `now` counted past `before`."""
+    earlier = dict((json.dumps([key, ip]), values) for key, ip, values in before)
+    found = []
+    for key, ip, values in now:
+        old = earlier.get(json.dumps([key, ip]), {})
+        more = dict((name, value - old.get(name, 0)) for name, value in values.items() if value > old.get(name, 0))
+        if more:
+            found.append([key, ip, more])
+    return found
+
+
+def add_counts(director, entries):
+    """Add counter_totals entries to what this process counts, where the counted thing
+    (and a host's ip) is the same: onto its running objects in one process, into the
+    master's own row of the SharedCounters with workers (the row that keeps what
+    workers gone had counted, so that no total goes back)."""
+    given = dict((json.dumps([key, ip]), values) for key, ip, values in entries)
+    master = director.master
+    for thing, key, group in counted_things(director.services.values()):
+        values = given.get(json.dumps([list(key), getattr(thing, 'ip', None)]))
+        if not values:
+            continue
+        slot = master.slot_of.get(thing) if master is not None else None
+        for row in COUNTERS:
+            value = values.get(row.name) if row.kind == key[0] and not row.gauge else None
+            if not value:
+                continue
+            if master is not None:
+                if slot is not None:
+                    counters = master.counters
+                    counters.view[counters.line(slot, counters.rows - 1) + COUNTER_PLACE[row.kind, row.name]] += value
+            elif isinstance(row.value, str):
+                setattr(thing, row.value, getattr(thing, row.value) + value)
+            else:
+                row.into(thing, row.value(None, thing) + value, group)
+
+
+def take_host_states(director, entries):
+    """Each host's address, health, admin state, probe counts and timeline as the old
+    generation had them, where service, group, name and ip are the same; how many."""
+    taken = 0
+    for entry in entries:
+        try:
+            _, group, host = director._host(entry['service'], entry['group'], entry['name'])
+        except AdminError:
+            continue
+        if host.ip != entry['ip']:
+            continue
+        if entry['address'] is not None:
+            host.address = address_from_json(entry['address'])   # a name as the old one resolved it
+        scheduler = group.scheduler
+        # Through the scheduler, which keeps its structures in step; said once, by the old one.
+        if entry['health'] == schedulers.DOWN:
+            scheduler.mark_down(host, entry['reason'], entry['since'])
+        else:
+            scheduler.mark_up(host, entry['since'])
+        scheduler.set_admin(host, entry['admin'], entry['since'])
+        host.reason, host.since = entry['reason'], entry['since']
+        host.probe_ok, host.probe_fail = entry['probe_ok'], entry['probe_fail']
+        state = director.health.states.get(host)
+        if state is not None:
+            state.timeline.extend((t['when'], t['from'], t['to'], t['why']) for t in entry['timeline'])
+            state.changes = entry['changes']
+        taken += 1
+    return taken
+
+
+def take_switches(director, entries):
+    """Group switches still in their drain or rollback window, for what is left of it."""
+    for entry in entries:
+        service = director.services.get(entry['service'])
+        if service is None:
+            continue
+        from_group, to_group = service.groups.get(entry['from']), service.groups.get(entry['to'])
+        if from_group is not None and service.enabled is to_group:
+            service.switch = Switch(director, service, from_group, to_group, entry['drain'], entry['rollback'])
+
+
+# -- this process's upgrades -----------------------------------------------------
+
+class Upgrade(object):
+    """The upgrades of a process started from the command line (main makes it; the
+    Director's `upgrader`).  request() checks the new code and begins; on the loop,
+    once the admin has answered what it was asked, fork() makes the old generation
+    (the child: become_old, then OldGeneration) and the new (run_new: the parent
+    execs the program; its main then runs a Takeover).  One at a time: `busy` says
+    what runs now, and a request meanwhile is refused (409)."""
+
+    def __init__(self, director, notifier):
+        self.director = director
+        self.loop = director.loop
+        self.notifier = notifier
+        self.admin = None           # the AdminServer, when the config has <admin>
+        self.admin_address = None   # (host, port) of its <admin listen>
+        self.master = None
+        self.lock = threading.Lock()
+        self.busy = None            # 'checking', 'starting' (until the exec), 'taking over' (a new generation)
+        self.old = None             # an OldGeneration: this process is the old one of an upgrade
+        self.takeover = None        # a Takeover: this process is the new one, not serving yet
+        self.argv = None
+        self.quiet_until = None
+        self.reaper = Reaper(self.loop)
+        director.upgrader = self
+
+    # -- asked for ----------------------------------------------------------------
+
+    def request(self):
+        """Check the new code, then begin (in a thread of the caller's: never the loop's).
+        What the admin answers; AdminError 409 while one runs, 400 when the new code
+        fails its check (nothing has changed then)."""
+        with self.lock:
+            if self.old is not None:
+                raise AdminError(409, 'this is the old generation of an upgrade (pid %d): it drains and exits'
+                                 % os.getpid())
+            if self.busy is not None:
+                raise AdminError(409, 'an upgrade is running (%s)' % self.busy)
+            if self.director.stopping:
+                raise AdminError(409, 'stopping: no upgrade')
+            self.busy = 'checking'
+        begun = False
+        try:
+            self.notifier.reloading()
+            argv = program_argv()
+            log.info('upgrade: checking the new code: %s --check', log_value(worker_command()[1]))
+            error = check_new_code(argv)
+            if error is not None:
+                error = 'the new code fails its check: %s' % error
+                self.loop.call_soon_threadsafe(self.failed, error)
+                raise AdminError(400, 'upgrade refused: %s' % error)
+            message = self.loop.call(self.begin, argv, timeout=60.0)
+            begun = True
+            return message
+        finally:
+            if not begun:
+                with self.lock:
+                    if self.busy == 'checking':
+                        self.busy = None
+                self.notifier.ready()   # the old code keeps running
+
+    def request_in_background(self):
+        """SIGUSR2: request() in a thread of its own, its refusal logged."""
+        def run():
+            try:
+                self.request()
+            except AdminError as e:
+                if e.status == 409:
+                    log.warning('upgrade refused: %s', e.message)     # (failed() logs the rest)
+            except LoopTimeout as e:
+                log.error('upgrade failed: %s', e)
+        threading.Thread(target=run, name='pydirector-upgrade', daemon=True).start()
+
+    def failed(self, error, to=None):
+        """On the loop: an upgrade that failed; the code running keeps running."""
+        self.director.last_upgrade = {'time': time.time(), 'ok': False, 'error': error, 'from': VERSION,
+                                      'to': to}
+        log.error('upgrade failed: %s; pydirector %s (pid %d) goes on serving', escape_text(error), VERSION,
+                  os.getpid())
+
+    # -- the fork -----------------------------------------------------------------
+
+    def begin(self, argv):
+        """On the loop: the new code passed its check.  The admin stops accepting (its
+        socket stays open: connections wait there for the new generation's admin);
+        the fork comes once it has answered what it was asked."""
+        if self.director.stopping:
+            raise AdminError(409, 'stopping: no upgrade')
+        if self.busy != 'checking':     # a new generation's takeover began meanwhile
+            raise AdminError(409, 'an upgrade is running (%s)' % self.busy)
+        self.busy = 'starting'
+        self.argv = argv
+        if self.admin is not None:
+            self.admin.pause()
+        self.quiet_until = self.loop.now + UPGRADE_ADMIN_WAIT
+        self.loop.call_soon(self.when_quiet)
+        log.info('upgrade: the new code passed its check; starting it (this generation serves until it is ready)')
+        return 'upgrading: the new code passed its check and takes over once ready'
+
+    def when_quiet(self):
+        if self.director.stopping:
+            return self.not_started('stopping')
+        if self.admin is not None and self.admin.requests_in_flight() and self.loop.now < self.quiet_until:
+            self.loop.call_later(0.01, self.when_quiet)
+            return
+        self.fork()
+
+    def not_started(self, error):
+        if self.admin is not None:
+            self.admin.resume()
+        self.busy = None
+        self.notifier.ready()
+        self.failed(error)
+
+    def fork(self):
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as e:
+            return self.not_started('cannot make the handover socketpair: %s' % error_text(e.errno))
+        handed = self.handed_sockets()
+        env = dict(os.environ)
+        env[LISTEN_FDS_ENV] = handed_sockets_text(handed)
+        env[UPGRADE_FD_ENV] = str(ours.fileno())
+        try:
+            with warnings.catch_warnings():
+                # 3.12+ warns of a fork while threads run: the child makes anew what it needs of theirs.
+                warnings.simplefilter('ignore', DeprecationWarning)
+                pid = os.fork()
+        except OSError as e:
+            ours.close()
+            theirs.close()
+            return self.not_started('cannot fork: %s' % error_text(e.errno))
+        if pid == 0:
+            ours.close()
+            self.become_old(theirs, os.getppid())
+            return
+        theirs.close()
+        self.run_new(pid, ours, handed, env)
+
+    def handed_sockets(self):
+        """[(fd, role, host, port)] of the sockets the new generation takes: every
+        listener's, by its listen address, and the admin's."""
+        found = []
+        seen = set()
+        for service in self.director.services.values():
+            for listener in service.listeners:
+                if listener not in seen and listener.sock.fileno() >= 0:
+                    seen.add(listener)
+                    found.append((listener.sock.fileno(), 'listen', listener.listen.host, listener.listen.port))
+        if self.admin is not None:
+            found.append((self.admin.socket.fileno(), 'admin') + self.admin_address)
+        return found
+
+    def run_new(self, old_pid, sock, handed, env):
+        """The parent of the fork, which keeps the PID: the old generation (old_pid)
+        has the loop and all on it now.  Run the program again here, with sock and the
+        handed sockets left open across the exec.  Never returns; logs nothing (the old
+        generation's log has those lines): if the exec fails, the old one sees the
+        socketpair close and goes on serving."""
+        try:
+            self.notifier.failed = True     # (a failing send logs nothing here either)
+            self.notifier.main_pid(old_pid)
+            passed = set([sock.fileno()] + [entry[0] for entry in handed])
+            for fd in open_fds():
+                # Only these go across: PyPy's mmap, for one, leaves its copy of an fd inheritable.
+                if fd > 2:
+                    try:
+                        os.set_inheritable(fd, fd in passed)
+                    except OSError:
+                        pass    # (the directory listing's own fd, closed since)
+            # Until the new code handles them these would end the process (or be lost):
+            # blocked across the exec, they wait for main to unblock them.
+            signal.pthread_sigmask(signal.SIG_BLOCK, UPGRADE_SIGNALS)
+            os.execve(self.argv[0], self.argv, env)
+        except BaseException as e:
+            try:
+                os.write(2, ('pydirector: upgrade: cannot run %s: %s\n' % (self.argv[0], e)).encode('utf-8',
+                                                                                                    'replace'))
+            finally:
+                os._exit(1)
+
+    def become_old(self, sock, new_pid):
+        """The child of the fork: the old generation, with everything on the loop."""
+        after_fork()
+        self.lock = threading.Lock()
+        self.director.after_fork()
+        admin_socket = None
+        if self.admin is not None:
+            admin_socket = self.admin.forget()
+            self.admin = None
+        children = sorted(self.reaper.pids)
+        self.reaper.clear()
+        self.old = OldGeneration(self, sock, new_pid, admin_socket, children)
+
+    def restart_admin(self, sock):
+        """An old generation serving on after a failed upgrade: its admin again, on the
+        listening socket it kept."""
+        config = self.director.config.admin
+        if sock is None or config is None:
+            if sock is not None:
+                sock.close()
+            return
+        import pydirector_admin
+        try:
+            self.admin = pydirector_admin.start(self.director, config, sock)
+        except OSError as e:
+            log.error('admin cannot serve again: %s', e)
+
+    # -- stopping -----------------------------------------------------------------
+
+    def stopping(self):
+        """SIGTERM or SIGINT: a new generation still taking over tells the old one to stop too."""
+        if self.takeover is not None:
+            self.takeover.serve(stopping=True)
+
+    def finish(self):
+        """main, once the loop has stopped: the admin and the workers go.  An old
+        generation tells the new one what it counted since its state, and exits here."""
+        old = self.old
+        if old is not None:
+            old.report()
+        if self.admin is not None:
+            self.admin.stop()
+            self.admin = None
+        if self.master is not None:
+            self.master.close()
+        if old is not None:
+            old.exit()
+
+
+class OldGeneration(object):
+    """An upgrade's old generation: the process Upgrade.fork forked, which has all the
+    running state.  It serves until the new generation says 'stop', then stops
+    accepting (its listening sockets stay open in the new one, so no client waiting
+    in their queues is lost), drains for <pdconfig drain> and exits.  If the new one
+    goes first (it exits or is killed: the socketpair closes), says it failed, or is
+    not ready within <pdconfig upgrade_timeout> (then it is killed), the upgrade
+    failed: this process serves on, as the balancer now, and starts its admin again."""
+
+    def __init__(self, upgrade, sock, new_pid, admin_socket, children):
+        self.upgrade = upgrade
+        self.director = upgrade.director
+        self.loop = upgrade.loop
+        self.new_pid = new_pid
+        self.admin_socket = admin_socket
+        self.children = children
+        self.version = None             # the new code's, once it has said hello
+        self.stopping = False
+        self.sent_counts = []
+        self.channel = Channel(self.loop, sock, self.on_message, self.lost)
+        timeout = self.director.config.upgrade_timeout
+        self.timer = self.loop.call_later(timeout, self.too_late, timeout)
+        log.info('upgrade: pid %d serves as the old generation until the new one (pid %d) is ready',
+                 os.getpid(), new_pid)
+
+    def send(self, kind, **fields):
+        self.channel.send(new_message(kind, OLD, fields, table=HANDOVER))
+
+    def on_message(self, message, fds):
+        try:
+            row, fields = received(message, NEW, fds, HANDOVER)
+        except MessageError as e:
+            return self.fail('the new generation sent %s' % e)
+        getattr(self, row.handler)(**fields)
+
+    def on_hello(self, versions, version, pid):
+        self.version = version
+        common = [v for v in HANDOVER_VERSIONS if v in versions]
+        if not common:
+            error = ('pydirector %s reads the state in version(s) %s; this one writes %s' % (
+                version, ', '.join(map(str, versions)) or 'none', ', '.join(map(str, HANDOVER_VERSIONS))))
+            self.send('refused', error=error)
+            return self.fail(error)
+        state = generation_state(self.director, self.children)
+        self.sent_counts = state['counts']
+        self.send('state', version=max(common), **state)
+        log.info('upgrade: handed the running state over to pydirector %s (pid %d)', log_value(version), pid)
+
+    def on_taken(self):
+        log.debug('upgrade: the new generation took the state over')
+
+    def on_stop(self):
+        director = self.director
+        self.stopping = True
+        self.timer.cancel()
+        if self.admin_socket is not None:
+            self.admin_socket.close()
+            self.admin_socket = None
+        # systemd watches the main PID again, and hears no more from this process.
+        director.notifier.main_pid(self.new_pid, ready=True)
+        director.notifier.close()
+        if director.master is not None:
+            director.master.read_counts()
+        log.info('upgrade: pydirector %s serves; the old generation (pid %d) stops accepting and lets %d '
+                 'connection(s) finish within %g s', log_value(self.version), os.getpid(),
+                 sum(s.open for s in director.services.values()) + len(director.hellos), director.config.drain)
+        director.begin_stop(director.config.drain, handover=True)
+
+    def on_failed(self, error):
+        self.fail('the new generation failed: %s' % error)
+
+    def lost(self):
+        if not self.stopping:
+            self.fail('the new generation (pid %d) exited before it was ready' % self.new_pid)
+
+    def too_late(self, timeout):
+        try:
+            os.kill(self.new_pid, signal.SIGKILL)
+        except OSError:
+            pass
+        self.fail('the new generation (pid %d) was not ready within %g s (upgrade_timeout): killed it'
+                  % (self.new_pid, timeout))
+
+    def fail(self, error):
+        upgrade = self.upgrade
+        if upgrade.old is not self:
+            return
+        self.timer.cancel()
+        self.channel.close()
+        upgrade.old = None
+        upgrade.busy = None
+        upgrade.failed(error, self.version)
+        director = self.director
+        if director.stopping:
+            if self.admin_socket is not None:
+                self.admin_socket.close()
+            return
+        director.notifier.ready()       # the main process for systemd now: see Notifier
+        upgrade.restart_admin(self.admin_socket)
+        self.admin_socket = None
+
+    def report(self):
+        """Drained (the loop has stopped): what was counted since the state went to the
+        new generation, which adds it to its totals."""
+        if self.channel.closed:
+            return
+        counts = counts_since(counter_totals(self.director), self.sent_counts)
+        sock = self.channel.sock
+        try:
+            sock.settimeout(1.0)
+            sock.sendall(Channel.encode(new_message('finished', OLD, {'counts': counts}, table=HANDOVER)))
+        except OSError:
+            pass
+
+    def exit(self):
+        """The end of an old generation: without the exit hooks of a process whose other
+        threads stayed in the parent of its fork (they would wait on locks those held)."""
+        log.info('the old generation (pid %d, pydirector %s) has drained: exiting', os.getpid(), VERSION)
+        self.director.access.flush()
+        log_output.finish()
+        os._exit(0)
+
+
+class Takeover(object):
+    """An upgrade's new generation (main, when PYDIRECTOR_UPGRADE_FD says it is one):
+    it takes the old generation's sockets and running state, then serves once its
+    workers are ready and a round of health checks is done, and tells the old one
+    to stop.  A failure before the loop runs is told to the old one (give_up),
+    which goes on serving."""
+
+    def __init__(self, sock, sockets):
+        self.sock = sock
+        self.sockets = sockets          # (role, socket type, address key) -> socket: inherited_sockets
+        self.state = None
+        self.rest = b''                 # what came after the state, for the Channel
+        self.loaded = None              # the config the old generation had last loaded from the file
+        self.file_config = None         # the file as read now, when it changed since
+        self.upgrade = None
+        self.channel = None
+        self.first_probe = None
+        self.deadline = None
+        self.serving = False
+
+    @classmethod
+    def from_environ(cls, environ=None):
+        """The new generation's side, if the environment says this process is one (both
+        variables are taken out of it: no worker or later upgrade is to see them)."""
+        environ = os.environ if environ is None else environ
+        fd_text = environ.pop(UPGRADE_FD_ENV, None)
+        sockets_text = environ.pop(LISTEN_FDS_ENV, '')
+        if fd_text is None:
+            return None
+        sockets = inherited_sockets(sockets_text)
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, int(fd_text))
+        except (ValueError, OSError) as e:
+            for each in sockets.values():
+                each.close()
+            raise ValueError('%s=%r: %s' % (UPGRADE_FD_ENV, fd_text, e))
+        return cls(sock, sockets)
+
+    def take(self, role, key, kind=socket.SOCK_STREAM):
+        """The socket handed on for this role and address (None if none was)."""
+        return self.sockets.pop((role, kind, key), None)
+
+    def send_now(self, kind, **fields):
+        """Before the loop runs: a message, sent whole."""
+        self.sock.sendall(Channel.encode(new_message(kind, NEW, fields, table=HANDOVER)))
+
+    def receive(self, file_config, timeout=UPGRADE_STATE_WAIT):
+        """Say hello and read the old generation's state; the config to start from
+        (see starting_config).  OSError or ValueError says what went wrong."""
+        self.sock.settimeout(timeout)
+        self.send_now('hello', versions=list(HANDOVER_VERSIONS), version=VERSION, pid=os.getpid())
+        message, self.rest, fds = Channel.receive(self.sock, timeout)
+        for fd in fds:
+            os.close(fd)
+        kind = message.pop('t', None) if isinstance(message, dict) else None
+        if kind == 'refused':
+            raise ValueError('the old generation refused: %s' % message.get('error'))
+        if kind != 'state':
+            raise ValueError('the old generation sent %r, not its state' % (kind,))
+        if message.get('version') not in HANDOVER_VERSIONS:
+            raise ValueError('the old generation sent its state in version %r; this code reads %s' % (
+                message.get('version'), ', '.join(map(str, HANDOVER_VERSIONS))))
+        problem = HANDOVER['state'].problem(set(message), ())
+        if problem is not None:
+            raise ValueError('its state has %s' % problem)
+        self.state = message
+        return self.starting_config(file_config)
+
+    def starting_config(self, file_config):
+        """The old generation's running config, which holds the changes made at run
+        time; the file as read now goes over it later (started) if it changed since
+        the old one last loaded it, as a reload would.  If this code cannot read what
+        the old one ran, the file, and those changes are lost (said in the log)."""
+        given = self.state['config']
+        path = file_config.path
+        try:
+            running = parse_config(given['running'], path)
+            self.loaded = parse_config(given['loaded'], path)
+        except ConfigError as e:
+            log.warning('upgrade: the running config of the old generation does not load here (%s): starting '
+                        'from %s, without the changes made at run time', e, log_value(path))
+            return file_config
+        self.loaded.digest = given['digest']
+        if file_config.digest != given['digest']:
+            self.file_config = file_config
+        return running
+
+    def restore(self, director):
+        """Before the Director starts: the old generation's state, where it still fits."""
+        state = self.state
+        for key in [k for k in self.sockets if k[0] == 'listen']:
+            director.inherited[key] = self.sockets.pop(key)
+        director.started = state['started']
+        director.generation = state['generation'] + 1
+        director.last_reload = state['last_reload']
+        director.reloaded = state['config']['reloaded']
+        if self.loaded is not None:
+            director.config = self.loaded
+            director.loaded_xml = self.loaded.to_xml()
+        director.discovery.restore(state['discovered'])
+        hosts = take_host_states(director, state['hosts'])
+        sticky = stick_entries(director, state['sticky'])
+        take_switches(director, state['switches'])
+        log.info('upgrade: pydirector %s (pid %d) takes over from pydirector %s (pid %d): %d of %d host state(s), '
+                 '%d sticky entr(ies)', VERSION, os.getpid(), log_value(state['code_version']), state['pid'],
+                 hosts, len(state['hosts']), sticky)
+
+    def started(self, director):
+        """The Director has bound what it listens on: the sockets of listens gone are
+        closed here (the old generation holds its own until it stops), and the file,
+        if it changed, is applied over the running config."""
+        for sock in director.inherited.values():
+            sock.close()
+        director.inherited = {}
+        if self.file_config is not None:
+            try:
+                director.apply_reload(self.file_config)
+            except AdminError:
+                pass    # logged: the running config stays
+
+    def close_unused(self):
+        for sock in self.sockets.values():
+            sock.close()
+        self.sockets = {}
+
+    def give_up(self, error):
+        """Before the loop runs: this generation cannot go on.  The old one, told so,
+        goes on serving."""
+        self.close_unused()
+        try:
+            self.sock.settimeout(2.0)
+            self.send_now('failed', error=str(error))
+        except OSError:
+            pass
+        self.sock.close()
+        return 1
+
+    def start(self, upgrade, master):
+        """Once the Director runs its config (main): counters, then the channel on the
+        loop, the state acknowledged; serve when the workers are ready and the round of
+        health checks is done."""
+        self.close_unused()
+        self.upgrade = upgrade
+        director = upgrade.director
+        add_counts(director, self.state['counts'])
+        upgrade.takeover = self
+        upgrade.reaper.add(self.state['children'])
+        self.channel = Channel(director.loop, self.sock, self.on_message, self.lost, self.rest)
+        self.send('taken')
+        if master is not None:
+            master.when_ready = self.checks
+        else:
+            director.loop.call_soon(self.checks)
+
+    def send(self, kind, **fields):
+        if self.channel is not None:
+            self.channel.send(new_message(kind, NEW, fields, table=HANDOVER))
+
+    def checks(self):
+        """The workers are ready (or there are none): one round of health checks, as long
+        as the longest check timeout allows."""
+        if self.serving:
+            return
+        health = self.upgrade.director.health
+        self.first_probe = health.probe_round()
+        longest = max([health.check(s).timeout for s in self.upgrade.director.services.values()] or [0.0])
+        self.deadline = self.upgrade.loop.now + longest + 2 * MANAGER_TICK + 0.5
+        self.wait_checks()
+
+    def wait_checks(self):
+        loop = self.upgrade.loop
+        if self.serving:
+            return
+        if not self.upgrade.director.health.round_over(self.first_probe) and loop.now < self.deadline:
+            loop.call_later(0.02, self.wait_checks)
+            return
+        self.serve()
+
+    def serve(self, stopping=False):
+        """Accept, and tell the old generation to stop accepting (also when this one is
+        stopping before it was ready: then both stop)."""
+        if self.serving:
+            return
+        self.serving = True
+        upgrade = self.upgrade
+        director = upgrade.director
+        upgrade.takeover = None
+        upgrade.busy = None
+        self.send('stop')
+        if stopping:
+            return
+        if director.master is None:
+            director.start_accepting()
+        state = self.state
+        director.last_upgrade = {'time': time.time(), 'ok': True, 'error': None, 'from': state['code_version'],
+                                 'to': VERSION}
+        log.info('upgrade: pydirector %s serves (pid %d, generation %d, upgraded from pydirector %s); the old '
+                 'generation (pid %d) stops accepting', VERSION, os.getpid(), director.generation,
+                 log_value(state['code_version']), state['pid'])
+
+    def on_message(self, message, fds):
+        try:
+            row, fields = received(message, OLD, fds, HANDOVER)
+        except MessageError as e:
+            log.error('upgrade: the old generation sent %s', e)
+            return
+        getattr(self, row.handler)(**fields)
+
+    def on_finished(self, counts):
+        add_counts(self.upgrade.director, counts)
+
+    def lost(self):
+        self.channel = None
+        if not self.serving:
+            log.warning('upgrade: the old generation (pid %d) went before the handover ended', self.state['pid'])
 
 
 # ---------------------------------------------------------------------------
@@ -10872,10 +11954,12 @@ class Master(object):
 
 
 
-def handle_signals(director, reload=True):
+def handle_signals(director, reload=True, upgrade=None):
     """The signals of a process (main's, and run_worker's): SIGTERM and SIGINT drain
     for <pdconfig drain> (as now loaded) and stop, a second one stops at once;
-    SIGUSR1 reopens the logs; SIGHUP reloads (reload False: ignored)."""
+    SIGUSR1 reopens the logs; SIGHUP reloads (reload False: ignored); SIGUSR2
+    upgrades (with an Upgrade; else ignored, as in a worker, which
+    `systemctl kill -s USR2` may reach too)."""
     def on_signal(signum, frame):
         # Only hand the loop a call: handlers must not touch state mid-event.
         director.loop.call_soon_threadsafe(handle, signum)
@@ -10885,15 +11969,23 @@ def handle_signals(director, reload=True):
             director.close_log()
         elif signum == signal.SIGHUP:
             director.reload_in_background()
-        elif director.stopping:
-            log.info('second stop signal: stopping now')
-            director.stop_now()
+        elif signum == signal.SIGUSR2:
+            upgrade.request_in_background()
         else:
-            director.begin_stop(director.config.drain)
+            if upgrade is not None:
+                upgrade.stopping()
+            if director.stopping:
+                log.info('second stop signal: stopping now')
+                director.stop_now()
+            else:
+                director.begin_stop(director.config.drain)
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         signal.signal(signum, on_signal)
     signal.signal(signal.SIGHUP, on_signal if reload else signal.SIG_IGN)
+    signal.signal(signal.SIGUSR2, on_signal if upgrade is not None else signal.SIG_IGN)
+    # An upgrade's new code starts with these blocked (Upgrade.run_new): what came meanwhile is handled now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, UPGRADE_SIGNALS)
 
 
 def raise_fd_limit():
@@ -11082,13 +12174,23 @@ def main(argv=None):
         print(hash_password(read_password()))
         return 0
     try:
+        takeover = Takeover.from_environ()      # an upgrade's new generation: see Upgrade
+    except ValueError as e:
+        print('pydirector: upgrade: %s' % e, file=sys.stderr)
+        return 1
+
+    try:
         config = load_config(args.config)
         # Here, not at startup only: --check must refuse what startup would.
         ids = privilege_ids(config, args.user, args.group)
     except ConfigError as e:
         print('pydirector: %s' % e, file=sys.stderr)
-        return 1
+        return 1 if takeover is None else takeover.give_up(e)
     if args.check:
+        if config.admin is not None:
+            # An upgrade checks the new code with --check: the admin's module must import too.
+            sys.modules.setdefault('pydirector', sys.modules[__name__])
+            import pydirector_admin  # noqa: F401
         try:
             print(summary(config))
             sys.stdout.flush()
@@ -11101,60 +12203,79 @@ def main(argv=None):
         setup_logging(config, args.verbose)
     except OSError as e:
         print('pydirector: cannot open the log: %s' % e, file=sys.stderr)
-        return 1
+        return 1 if takeover is None else takeover.give_up('cannot open the log: %s' % e)
     for line in config_warnings(config):
         log.warning('%s', line)
     raise_fd_limit()
     notifier = Notifier()
-    director = Director(config, notifier=notifier, accept=workers is None)
+    if takeover is not None:
+        try:
+            config = takeover.receive(config)
+        except (OSError, ValueError) as e:
+            log.error('upgrade: cannot take over from the old generation: %s', e)
+            return takeover.give_up(e)
+    director = Director(config, notifier=notifier, accept=workers is None and takeover is None)
     director.udp_slots = workers or 1     # bound at start, with the rest: root may be dropped after
-    handle_signals(director)    # before binding: once a port answers, a signal must find its handler
+    director.udp_reuseport = workers is not None
+    upgrade = Upgrade(director, notifier)
+    if takeover is not None:
+        upgrade.busy = 'taking over'    # (a SIGUSR2 from now on is refused until it serves)
+        takeover.restore(director)
+    handle_signals(director, upgrade=upgrade)   # before binding: once a port answers, a signal must find its handler
     try:
         director.start()
     except OSError as e:
-        log.error('%s', e.strerror if (e.strerror or '').startswith('cannot listen') else 'cannot listen: %s' % e)
-        return 1
-    admin_server = None
+        error = e.strerror if (e.strerror or '').startswith('cannot listen') else 'cannot listen: %s' % e
+        log.error('%s', error)
+        return 1 if takeover is None else takeover.give_up(error)
+    if takeover is not None:
+        takeover.started(director)
+    config = director.config
     if config.admin is None:
         log.info('no <admin> in %s: the admin interface is off', log_value(config.path))
     else:
         # Run as a script this module is __main__; the admin must see these same classes.
         sys.modules.setdefault('pydirector', sys.modules[__name__])
         import pydirector_admin
+        upgrade.admin_address = (config.admin.host, config.admin.port)
+        handed = takeover.take('admin', address_key(*upgrade.admin_address)) if takeover is not None else None
         try:
-            admin_server = pydirector_admin.start(director, config.admin)
+            upgrade.admin = pydirector_admin.start(director, config.admin, handed)
         except OSError as e:
             if (e.strerror or '').startswith('cannot listen'):
-                log.error('admin %s', e.strerror)
+                error = 'admin %s' % e.strerror
             else:
-                log.error('admin cannot listen on %s: %s', config.admin.listen, e)
+                error = 'admin cannot listen on %s: %s' % (config.admin.listen, e)
+            log.error('%s', error)
             director.stop_now()
-            return 1
+            return 1 if takeover is None else takeover.give_up(error)
     if ids is not None:
         try:
             drop_privileges(*ids)
         except OSError as e:
             log.error('cannot drop privileges: %s', e)
             director.stop_now()
-            if admin_server is not None:
-                admin_server.stop()
-            return 1
+            upgrade.finish()
+            return 1 if takeover is None else takeover.give_up('cannot drop privileges: %s' % e)
         log.info('running as uid %d, gid %d', os.getuid(), os.getgid())
 
     master = None
-    if workers is None:
-        notifier.ready()    # listening, admin too, privileges dropped
-    else:
+    if workers is not None:
         # Spawned now, as the user the master became; ready once they all accept.
         try:
-            master = Master(director, workers, verbose=args.verbose)
+            master = upgrade.master = Master(director, workers, verbose=args.verbose)
         except OSError as e:
             log.error('%s', e.strerror or e)
             director.stop_now()
-            if admin_server is not None:
-                admin_server.stop()
-            return 1
+            upgrade.finish()
+            return 1 if takeover is None else takeover.give_up(e.strerror or str(e))
+    if takeover is not None:
+        takeover.start(upgrade, master)     # serves once ready; the old generation says READY=1
+    elif master is None:
+        notifier.ready()    # listening, admin too, privileges dropped
+    else:
         master.when_ready = notifier.ready
+    if master is not None:
         master.start()
         log.info('started %d worker(s)', workers)
     notifier.start_watchdog(director.loop, director.serving)
@@ -11162,10 +12283,7 @@ def main(argv=None):
         director.loop.run()
     finally:
         director.access.flush()     # a fatal error too: what was logged is written
-        if admin_server is not None:
-            admin_server.stop()
-        if master is not None:
-            master.close()
+        upgrade.finish()            # (an upgrade's old generation exits there)
     log.info('stopped')
     return 0
 

@@ -85,6 +85,11 @@ admin on HTTPS or on loopback):
     saveConfig[?force=1]                       (write the running config to the config file,
                     atomically, the previous one kept as FILE.bak; 409 when the file
                     changed on disk since it was last loaded, unless force=1)
+    upgrade                                    (run the program as it is on disk now, same pid,
+                    without losing a connection, as SIGUSR2 does: answered once the
+                    new code has passed its --check and the upgrade has started; 400
+                    with the check's error, and nothing changed, when it fails it; 409
+                    while an upgrade runs.  The outcome shows on /running and /metrics)
 
 Answers to a change: a browser (its Accept names text/html) is redirected
 (303) to /running?msg=... showing the result; anything else gets text/plain
@@ -288,11 +293,13 @@ ACTIONS = {
     '/closeLog': _action('close_log'),
     '/reload': _action('reload', on_loop=False),
     '/saveConfig': _action('save_config', optional=('force',), on_loop=False),
+    '/upgrade': _action('upgrade', on_loop=False),
 }
 
 
-def start(director, admin_config):
-    """Bind the admin server (OSError if it cannot), serve it in daemon threads, return it."""
+def start(director, admin_config, sock=None):
+    """Bind the admin server (OSError if it cannot), serve it in daemon threads, return it.
+    sock: a listening socket to serve on instead (an upgrade handed it on)."""
     context = None
     if admin_config.certfile or admin_config.keyfile:
         context = make_ssl_context(admin_config.certfile, admin_config.keyfile)
@@ -300,7 +307,7 @@ def start(director, admin_config):
     if host == '*':
         host = ''
     server = AdminServer((host, admin_config.port), director, context,
-                         get_changes=getattr(admin_config, 'get_changes', False))
+                         get_changes=getattr(admin_config, 'get_changes', False), sock=sock)
     server.start()
     log.info('admin listening on %s://%s', 'https' if context else 'http',
              format_address(*server.server_address))
@@ -343,7 +350,7 @@ Request = collections.namedtuple('Request', 'sock address data deadline')
 class AdminServer(object):
     """The admin HTTP(S) server.  server_address is the (host, port) actually bound."""
 
-    def __init__(self, address, director, ssl_context=None, get_changes=False):
+    def __init__(self, address, director, ssl_context=None, get_changes=False, sock=None):
         self.director = director
         self.ssl_context = ssl_context
         self.scheme = 'https' if ssl_context is not None else 'http'
@@ -362,7 +369,7 @@ class AdminServer(object):
         self.queue = collections.deque()    # complete requests waiting for a worker
         self.answering = {}                 # socket -> deadline, while a worker answers it
         self.passwords = PasswordChecks()
-        self.socket = pydirector.listen_socket(address[0], address[1], LISTEN_BACKLOG)
+        self.socket = sock if sock is not None else pydirector.listen_socket(address[0], address[1], LISTEN_BACKLOG)
         self.server_address = self.socket.getsockname()[:2]
         self.reader = RequestReader(self)
 
@@ -378,6 +385,32 @@ class AdminServer(object):
             for sock in self.answering:
                 shutdown_socket(sock)
             self.idle.wait_for(lambda: self.busy == 0, timeout=5.0)
+
+    # -- an upgrade (pydirector.Upgrade) ----------------------------------------
+
+    def pause(self):
+        """Stop accepting (the socket stays open: connections wait in its queue for the
+        admin of the upgrade's new generation); from any thread."""
+        self.reader.loop.call_soon_threadsafe(self.reader.stop_accepting)
+
+    def resume(self):
+        self.reader.loop.call_soon_threadsafe(self.reader.start_accepting)
+
+    def requests_in_flight(self):
+        """Requests accepted and not answered yet (being read, waiting, being answered)."""
+        return len(self.reader.pending) + len(self.queue) + self.busy
+
+    def forget(self):
+        """In the child of a fork (an upgrade's old generation), where this server's
+        threads do not run: close what it holds, waiting for nothing, but its listening
+        socket, which is returned (the old generation serves on it again if the upgrade
+        fails)."""
+        reader = self.reader
+        for sock in (list(reader.pending) + list(reader.lingering) + list(reader.returning) +
+                     [request.sock for request in self.queue] + list(self.answering)):
+            sock.close()
+        reader.loop.close()
+        return self.socket
 
     def open_connections(self):
         """Connections not closed yet, whatever their stage (a snapshot, for tests and logs)."""
@@ -951,6 +984,7 @@ class RequestReader(object):
         self.closed = False
         self.thread = None
         self.listen_fd = server.socket.fileno()
+        self.accepting = True           # False while an upgrade forks (see AdminServer.pause)
 
     def start(self):
         self.loop.add(self.listen_fd, EVENT_READ, self.on_accept)
@@ -963,6 +997,18 @@ class RequestReader(object):
             self.loop.run()
         finally:
             self.close_all()
+
+    def stop_accepting(self):
+        if self.accepting:
+            self.accepting = False
+            if not self.accept_paused:
+                self.loop.remove(self.listen_fd)
+
+    def start_accepting(self):
+        if not self.accepting:
+            self.accepting = True
+            if not self.accept_paused:
+                self.loop.add(self.listen_fd, EVENT_READ, self.on_accept)
 
     def stop(self):
         if self.thread is None:
@@ -1007,7 +1053,8 @@ class RequestReader(object):
         now = time.monotonic()
         if self.accept_paused:
             self.accept_paused = False
-            self.loop.add(self.listen_fd, EVENT_READ, self.on_accept)
+            if self.accepting:
+                self.loop.add(self.listen_fd, EVENT_READ, self.on_accept)
         while self.lingering:
             sock, state = next(iter(self.lingering.items()))
             if state.deadline > now:
@@ -2046,6 +2093,7 @@ def render_running(snapshot, user, can_change, msg=None, refresh=None):
     if msg:
         body.append('<p class="msg %s">%s</p>' % ('ok' if msg.startswith('OK') else 'error', e(msg)))
     body.append(render_reload(s))
+    body.append(render_upgrade(s))
     if not can_change:
         body.append('<p class="note">User %s has read-only access.</p>' % e(user))
     body.extend(render_summary(s))
@@ -2106,9 +2154,10 @@ def render_running(snapshot, user, can_change, msg=None, refresh=None):
                                        'autocomplete="new-password" aria-label="password"> '
                                        '<select name="access" aria-label="access"><option>readonly</option>'
                                        '<option>full</option></select> '))
-        body.append('<h2>Config</h2><p>%s %s</p>' % (
+        body.append('<h2>Config</h2><p>%s %s %s</p>' % (
             form('reload', [], 'reload the config file'),
-            form('saveConfig', [], 'save the running config to the config file')))
+            form('saveConfig', [], 'save the running config to the config file'),
+            form('upgrade', [], 'upgrade to the code on disk')))
         body.append('<h2>Log</h2><p>%s</p>' % form('closeLog', [], 'reopen the log file'))
     refresh_url = '/running?refresh=%d' % refresh if refresh else None
     return page('pydirector on %s' % s['hostname'], body, refresh_url, refresh)
@@ -2128,6 +2177,25 @@ def render_reload(snapshot):
                                           ' (by a reload)' if snapshot.get('reloaded') else '')
     if r['undone']:
         text += ' The reload undid runtime changes: %s.' % e('; '.join(r['undone']))
+    return '<p>%s</p>' % text
+
+
+def render_upgrade(snapshot):
+    """The code running, since when, and how the last upgrade went (a failure in red)."""
+    e = html.escape
+    generation = snapshot.get('generation')
+    if generation is None:
+        return ''
+    text = 'Running pydirector %s (pid %d) since %s, generation %d of this balancer.' % (
+        e(snapshot['version']), snapshot['pid'], e(when(generation['started'])), generation['number'])
+    if generation.get('upgrading'):
+        text += ' An upgrade is under way (%s).' % e(generation['upgrading'])
+    u = snapshot.get('upgrade')
+    if u is not None and not u['ok']:
+        return ('<p>%s</p><p class="msg error">The upgrade at %s failed: %s.</p>'
+                % (text, e(when(u['time'])), e(u['error'])))
+    if u is not None:
+        text += ' Upgraded from pydirector %s at %s.' % (e(u['from']), e(when(u['time'])))
     return '<p>%s</p>' % text
 
 
@@ -2460,6 +2528,20 @@ def render_metrics(snapshot):
                                                        ('hostname', snapshot['hostname'])]))
     family('pydirector_start_time_seconds', 'gauge', 'When the balancer started, in seconds since the epoch.')
     out.append('pydirector_start_time_seconds %.3f' % snapshot['started'])
+    generation = snapshot.get('generation')
+    if generation is not None:
+        family('pydirector_generation', 'gauge', 'The code generation running: 1 at start, one more each upgrade.')
+        out.append('pydirector_generation %d' % generation['number'])
+        family('pydirector_generation_start_time_seconds', 'gauge',
+               'When the code running now took over (the start, or the last upgrade), in seconds since the epoch.')
+        out.append('pydirector_generation_start_time_seconds %.3f' % generation['started'])
+    upgrade = snapshot.get('upgrade')
+    if upgrade is not None:
+        family('pydirector_upgrade_last_successful', 'gauge', '1 if the last upgrade succeeded, 0 if it failed.')
+        out.append('pydirector_upgrade_last_successful %d' % upgrade['ok'])
+        family('pydirector_upgrade_last_timestamp_seconds', 'gauge',
+               'When the last upgrade ended (or failed), in seconds since the epoch.')
+        out.append('pydirector_upgrade_last_timestamp_seconds %.3f' % upgrade['time'])
     reload = snapshot['reload']     # Prometheus's own names for these
     family('pydirector_config_last_reload_successful', 'gauge',
            '1 if the last config reload succeeded (the load at start counts), 0 if it failed.')

@@ -1596,6 +1596,147 @@ class DevTools(object):
                 entry['status'] = params['statusCode']
         return seen
 
+# -- upgrades (tests/test_upgrade.py): a tree to run from, a process group, clients --------
+
+class CodeTree(object):
+    """pydirector's three modules copied to a directory of their own, to run a balancer
+    from and upgrade in place: install() puts a pydirector.py with the VERSION given
+    there as a deploy would (written beside it, then renamed over it), change(text)
+    having changed it first (a syntax error, a sleep...)."""
+
+    FILES = ('pydirector.py', 'schedulers.py', 'pydirector_admin.py')
+
+    def __init__(self, version):
+        self.dir = tempfile.mkdtemp(prefix='pydirector-tree-')
+        for name in self.FILES:
+            shutil.copy(os.path.join(REPO, name), os.path.join(self.dir, name))
+        self.install(version)
+
+    def path(self, name='pydirector.py'):
+        return os.path.join(self.dir, name)
+
+    def install(self, version, change=None, name='pydirector.py'):
+        with open(os.path.join(REPO, name)) as f:
+            text = f.read()
+        if name == 'pydirector.py':
+            text, count = re.subn(r"^VERSION = '[^']*'$", "VERSION = '%s'" % version, text, flags=re.M)
+            assert count == 1
+        if change is not None:
+            text = change(text)
+        with open(self.path(name) + '.new', 'w') as f:
+            f.write(text)
+        os.replace(self.path(name) + '.new', self.path(name))
+
+    def close(self):
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def when_upgrading(code):
+    """A change for CodeTree.install: `code` (one line) runs first thing in main() when
+    the process is an upgrade's new generation."""
+    def change(text):
+        head = 'def main(argv=None):\n'
+        assert text.count(head) == 1
+        return text.replace(head, head + "    if os.environ.get('PYDIRECTOR_UPGRADE_FD'):\n        %s\n" % code)
+    return change
+
+
+def process_group(pgid):
+    """{pid: state} of the processes of a process group, from /proc ('Z': not reaped yet)."""
+    found = {}
+    for name in os.listdir('/proc'):
+        if not name.isdigit():
+            continue
+        try:
+            with open('/proc/%s/stat' % name) as f:
+                fields = f.read().rsplit(')', 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid:
+            found[int(name)] = fields[0]
+    return found
+
+
+class GroupBalancer(BalancerProcess):
+    """`python3 TREE/pydirector.py -c FILE ARGS` (a CodeTree's) in a session of its own:
+    every process it makes -- workers, an upgrade's old generation, which are not all
+    its children -- is in its process group, where processes() finds them and close()
+    ends them all."""
+
+    def __init__(self, tree, xml, args=(), env=None):
+        self.dir = tempfile.mkdtemp(prefix='pydirector-test-')
+        self.config_path = os.path.join(self.dir, 'test.xml')
+        self.log_path = os.path.join(self.dir, 'stderr.log')
+        with open(self.config_path, 'w') as f:
+            f.write(xml)
+        self.log_file = open(self.log_path, 'wb')
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        self.proc = subprocess.Popen([sys.executable, tree.path(), '-c', self.config_path] + list(args),
+                                     stdout=self.log_file, stderr=subprocess.STDOUT, cwd=self.dir, env=full_env,
+                                     start_new_session=True)
+        self.pid = self.proc.pid
+
+    def processes(self):
+        return process_group(self.pid)
+
+    def close(self):
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        self.proc.wait(10)
+        # The others are not our children: their parent (or init) reaps them.
+        wait_until(lambda: not self.processes(), 10, message='processes left: %r' % self.processes())
+        self.log_file.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class NewClients(object):
+    """`threads` threads, each making one client connection after another to
+    127.0.0.1:port until stop(): send `data`, half-close, read to EOF; an answer that
+    check(answer) refuses, or any error, is a failure, kept with its time."""
+
+    def __init__(self, port, check, threads=4, data=b'', timeout=10):
+        self.port = port
+        self.check = check
+        self.data = data
+        self.timeout = timeout
+        self.total = 0
+        self.failures = []
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def start(self):
+        for thread in self.threads:
+            thread.start()
+        wait_until(lambda: self.total >= len(self.threads), 30, message='no client got through')
+        return self
+
+    def _run(self):
+        while not self.stopping.is_set():
+            try:
+                answer = exchange(self.port, self.data, timeout=self.timeout)
+                problem = None if self.check(answer) else 'answer %r' % answer[:100]
+            except OSError as e:
+                problem = repr(e)
+            with self.lock:
+                self.total += 1
+                if problem is not None:
+                    self.failures.append('%.3f %s' % (time.time(), problem))
+
+    def count(self):
+        with self.lock:
+            return self.total
+
+    def stop(self):
+        """(connections made, the failures)."""
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(30)
+        return self.total, self.failures
+
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
 HELLO_FIXTURES = ('openssl', 'openssl-tls12', 'python', 'python-nosni', 'python-idna', 'curl',
                   'curl-idna', 'chromium')

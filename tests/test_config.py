@@ -669,7 +669,7 @@ BAD = [
     # structure
     ('<config>\n</config>', 'x.xml:1: the root element must be <pdconfig>, not <config>'),
     ('<pdconfig>\n</pdconfig>', 'x.xml:1: <pdconfig> has no <service>'),
-    ('<pdconfig bogus="1">\n</pdconfig>', "x.xml:1: <pdconfig> has unknown attribute 'bogus' (known: drain, group, user, worker_timeout, workers)"),
+    ('<pdconfig bogus="1">\n</pdconfig>', "x.xml:1: <pdconfig> has unknown attribute 'bogus' (known: drain, group, upgrade_timeout, user, worker_timeout, workers)"),
     (HEAD + '<group name="main" scheduler="roundrobin">\n<hots ip="10.0.0.1:80"/>\n</group>\n' + TAIL,
      'x.xml:5: unknown element <hots> in <group> (expected: discover, host)'),
     (HEAD + '<grup name="main"/>\n' + TAIL,
