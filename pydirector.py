@@ -1642,6 +1642,9 @@ class _ConfigReader(object):
             elif tag == 'clients':
                 if clients is not None:
                     raise self.error(child, f'service {name!r}: more than one <clients>')
+                if protocol == 'udp':
+                    # (A UDP session is no connection; better refused than silently ignored.)
+                    raise self.error(child, f'<clients> needs TCP: service {name!r} is protocol="udp"')
                 clients = self.clients(child)
             else:
                 if timeouts is not None:

@@ -212,6 +212,8 @@ class UdpConfigTest(unittest.TestCase):
                      """x.xml:3: <listen> accept_proxy needs TCP: service 'dns' is protocol="udp\"""")
         self.refused(udp_service([('a', '127.0.0.1:5301', 'send_proxy="v1"')]),
                      """x.xml:5: <host> send_proxy needs TCP: service 'dns' is protocol="udp\"""")
+        self.refused(udp_service(hosts, extra='    <clients maxconns="5"/>\n'),
+                     """x.xml:7: <clients> needs TCP: service 'dns' is protocol="udp\"""")
         self.refused(service_xml(hosts, extra='    <udp responses="1"/>\n'),
                      """x.xml:7: service 'web': <udp> is only for a service with protocol="udp\"""")
         self.refused(udp_service(hosts, udp='responses="1"', extra='    <udp sessions="5"/>\n'),
