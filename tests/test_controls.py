@@ -183,7 +183,8 @@ class RefusalTest(ControlsCase):
         self.balancer.sync()
         self.assertEqual(self.service()['enabled'], 'dark')
         self.change('/enableGroup', service='web', group='main')
-        self.assertEqual(self.names(2), ['n1', 'n2'])
+        # (With workers, each its own roundrobin: two clients may both get n1.)
+        self.assertLessEqual(set(self.names(2)), {'n1', 'n2'})
 
     def test_draining_or_maint_for_the_last_host_up(self):
         self.change('/hostAdminDown', service='web', group='main', name='n1')

@@ -37,7 +37,7 @@ VARIANTS = {
     'udp': set(pydirector.TCP_ONLY) | set([('listen', 'trusted')]) |
            set(('check', name) for name in pydirector.DNS_CHECK_REPLACES),
 }
-ONLY_IN = {'udp': 'udp'}        # elements only one variant has
+ONLY_IN = {'udp': 'udp', 'clients': 'tcp'}        # elements only one variant has
 
 
 def tags(variant):
@@ -70,8 +70,8 @@ def full_config(listen=None, variant='tcp'):
             '    <enable%s/>\n' % attrs('enable', variant) +
             '    <check%s/>\n' % attrs('check', variant) +
             '    <timeouts%s/>\n' % attrs('timeouts', variant) +
-            '    <clients%s/>\n' % attrs('clients', variant) +
-            ('    <udp%s/>\n' % attrs('udp', variant) if variant == 'udp' else '') +
+            ''.join('    <%s%s/>\n' % (tag, attrs(tag, variant)) for tag in ('clients', 'udp')
+                    if ONLY_IN[tag] == variant) +
             '  </service>\n' +
             '  <admin%s>\n' % attrs('admin', variant) +
             '    <user%s/>\n' % attrs('user', variant) +

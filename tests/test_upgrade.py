@@ -143,6 +143,12 @@ class UpgradeCase(BalancerCase):
         wait_until(lambda: self.serving(version), 60, message='%s does not serve: %s' % (version, self.output()[mark:]))
         return mark
 
+    def unusual_ends(self):
+        """The access lines of connections that did not end as the client asked, and
+        the warnings and errors: what a failure message shows."""
+        return '\n'.join(l for l in self.output().splitlines()
+                         if (' access ' in l and 'end=done' not in l) or ' WARNING ' in l or ' ERROR ' in l)
+
     def old_gone(self, mark):
         wait_until(lambda: 'has drained: exiting' in self.output()[mark:], 60)
         wait_until(lambda: self.processes() == self.expected_processes(), 30,
@@ -389,7 +395,7 @@ class TestUpgrade(UpgradeCase):
             time.sleep(0.3)
         wait_until(lambda: 'reloaded %s: no changes' % self.proc.config_path in self.output()[mark:], 10)
         total, failures = clients.stop()
-        self.assertEqual(failures, [], 'of %d' % total)
+        self.assertEqual(failures, [], 'of %d; %s' % (total, self.unusual_ends()))
         self.assertEqual(self.running()['generation']['number'], 3)
         wait_until(lambda: fd_count(self.pid) <= fds, 10)
         self.assertEqual(self.processes(), self.expected_processes())
