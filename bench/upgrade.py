@@ -41,8 +41,8 @@ import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
-from bench import free_port, wait_port  # noqa: E402
+sys.path.append(os.path.join(REPO, 'tools'))
+from processes import free_port, wait_listening  # noqa: E402
 
 SCENARIOS = ('restart', 'restart-w', 'upgrade', 'upgrade-w', 'haproxy')
 STORMS = ('upgrade', 'upgrade-w', 'reload', 'reload-w')
@@ -93,6 +93,20 @@ def settled_fds(pid):
     """fd_count once the admin's last answer has closed (it lingers a second after)."""
     time.sleep(1.5)
     return fd_count(pid)
+
+
+def settle(target, pid, fds, wait=60):
+    """Once the last upgrade is over and no process is left (within `wait` s): the
+    master's fds, counted with no admin answer of ours open (each lingers a second)."""
+    deadline = time.monotonic() + wait
+    while not target.ready() or target.left_over():
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    count = settled_fds(pid)
+    while count > fds and time.monotonic() < deadline:
+        count = settled_fds(pid)
+    return count
 
 
 def fd_count(pid):
@@ -206,7 +220,7 @@ class Haproxy(object):
     def start(self):
         self.proc = subprocess.Popen(['haproxy', '-W', '-db', '-f', self.config], stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        if not wait_port(self.port, 15):
+        if not wait_listening(self.port, 15):
             raise RuntimeError('haproxy did not listen')
         return self
 
@@ -282,15 +296,11 @@ def scenario(name, args, work, ports):
         thread.join(60)
         row = {'scenario': name, 'complete': complete, 'failed': failed, 'gave_up': gave_up, 'problems': problems}
         if name.startswith('upgrade'):
-            deadline = time.monotonic() + 60
-            while not target.ready() or target.left_over() or fd_count(pid) > fds:
-                if time.monotonic() > deadline:
-                    break
-                time.sleep(0.2)
+            after = settle(target, pid, fds)
             running = target.running()
             row.update(same_pid=running['pid'] == pid, version=running['version'],
                        generation=running['generation']['number'], left_over=target.left_over(),
-                       fds=[fds, fd_count(pid)], events=args.events, **target.outcomes())
+                       fds=[fds, after], events=args.events, **target.outcomes())
         return row
     finally:
         target.stop()
@@ -311,16 +321,12 @@ def storm(name, args, work, ports):
         thread, problems = events(target.upgrade if upgrades else target.reload, count, interval)
         complete, failed, gave_up = ab_result(load, args.seconds + 2)
         thread.join(60)
-        deadline = time.monotonic() + 60
-        while not target.ready() or target.left_over() or fd_count(pid) > fds:
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
+        after = settle(target, pid, fds)
         running = target.running()
         row = {'scenario': name + (' storm (every 2 s)' if upgrades else ' storm (SIGHUP every 0.3 s)'),
                'events': count, 'complete': complete, 'failed': failed, 'gave_up': gave_up, 'problems': problems,
                'same_pid': running['pid'] == pid, 'generation': running['generation']['number'],
-               'left_over': target.left_over(), 'fds': [fds, fd_count(pid)]}
+               'left_over': target.left_over(), 'fds': [fds, after]}
         row.update(target.outcomes())
         return row
     finally:
@@ -356,7 +362,7 @@ def main():
     rows = []
     try:
         for port in ports:
-            if not wait_port(port):
+            if not wait_listening(port):
                 sys.exit('upgrade.py: nginx did not listen')
         for name in names:
             log('%s ...' % name)
