@@ -370,7 +370,7 @@ class TestUpgrade(UpgradeCase):
         os.kill(self.pid, signal.SIGUSR2)
         wait_until(lambda: 'upgrade: checking' in self.output()[mark:], 10)
         self.assertRegex(self.change('/upgrade', 409), r'^ERROR an upgrade is running \((checking|starting|taking over)\)$')
-        wait_until(lambda: self.running()['version'] == '4.0.0', 60)
+        # (An admin connection open at the fork may be closed: serving() asks again.)
         wait_until(lambda: self.serving('4.0.0'), 60)
         self.assertEqual(self.running()['generation']['number'], 2)
 
