@@ -139,7 +139,8 @@ class TestRuntimeChanges(RuntimeCase):
         body = self.change('/saveConfig')
         real = os.path.realpath(self.path)
         self.assertEqual(body, 'OK saved the running config to %s; the previous file is %s.bak' % (self.path, real))
-        self.assertIn(body[3:], self.output())
+        # (The answer may reach us before the log line is written.)
+        wait_until(lambda: body[3:] in self.output(), message='not logged: %r' % body[3:])
         with open(self.path + '.bak', 'rb') as f:
             self.assertEqual(f.read(), original)
         with open(self.path) as f:
@@ -233,7 +234,8 @@ class TestRuntimeChanges(RuntimeCase):
                   'group web/spare (deleted at runtime): back']
         body = self.change('/reload')
         self.assertTrue(body.endswith('; undid: ' + ', '.join(undone)), body)
-        self.assertIn(body[3:], self.output())
+        # (The answer may reach us before the log line is written.)
+        wait_until(lambda: body[3:] in self.output(), message='not logged: %r' % body[3:])
         self.assertRegex(self.output(), r'WARNING reloaded .*; undid: ')
         self.assertEqual(self.running()['reload']['undone'], undone)
         self.assertEqual(self.names(), {b'n1', b'n2', b'n3'})
