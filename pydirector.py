@@ -2082,6 +2082,34 @@ def undone_changes(loaded, running, new):
 # API; both run the whole test suite.
 # ---------------------------------------------------------------------------
 
+# The signals the main (loop) thread handles.  Every other thread of ours blocks
+# them, so the kernel always hands them to the main thread: one blocked in
+# epoll_wait wakes at once, and while an upgrade execs (the main thread has them
+# blocked too) they stay pending for the new code instead of being lost in a
+# thread that is about to vanish.
+PROCESS_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+CAN_MASK = hasattr(signal, 'pthread_sigmask')
+
+
+def quiet_thread():
+    """In a thread of ours: leave the process's signals to the main thread."""
+    if CAN_MASK:
+        signal.pthread_sigmask(signal.SIG_BLOCK, PROCESS_SIGNALS)
+
+
+def start_thread(target, name, args=()):
+    """A daemon thread that never takes the process's signals (a thread starts
+    with its creator's mask)."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, PROCESS_SIGNALS) if CAN_MASK else None
+    try:
+        thread = threading.Thread(target=target, name=name, args=args, daemon=True)
+        thread.start()
+    finally:
+        if old is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    return thread
+
+
 EVENT_READ = getattr(select, 'EPOLLIN', 1)
 EVENT_WRITE = getattr(select, 'EPOLLOUT', 4)
 # Set in a handler's mask when the poller reports an error or hang-up on the
@@ -6200,6 +6228,12 @@ def probe_datagram(sock, sockaddr, deadline, timeout, send, judge):
 ThreadPoolExecutor = concurrent.futures.ThreadPoolExecutor
 
 
+def quietly(fn, *args):
+    """3.6's pool has no initializer: each call blocks the signals first (see quiet_thread)."""
+    quiet_thread()
+    return fn(*args)
+
+
 class Manager(object):
     """Runs the probes the director says are due and hands each result back to the loop;
     starts and stops the Discovery, whose queries run in the same pool (submit).
@@ -6231,9 +6265,14 @@ class Manager(object):
         if self.stopped.is_set():
             return False
         if self.pool is None:
-            self.pool = ThreadPoolExecutor(PROBE_WORKERS)
+            # (Its threads leave signals to the main thread: 3.7+ says so once per thread.)
+            self.pool = (ThreadPoolExecutor(PROBE_WORKERS, initializer=quiet_thread) if sys.version_info >= (3, 7)
+                         else ThreadPoolExecutor(PROBE_WORKERS))
         try:
-            self.pool.submit(fn, *args)
+            if sys.version_info >= (3, 7):
+                self.pool.submit(fn, *args)
+            else:
+                self.pool.submit(quietly, fn, *args)
         except RuntimeError:    # the interpreter is exiting under us: so are we
             self.stop()
             return False
@@ -9006,7 +9045,7 @@ class Director(Actions):
             if self.reload_thread:
                 return
             self.reload_thread = True
-        threading.Thread(target=self._reload_while_wanted, name='pydirector-reload', daemon=True).start()
+        start_thread(self._reload_while_wanted, 'pydirector-reload')
 
     def _reload_while_wanted(self):
         while True:
@@ -11051,7 +11090,7 @@ UPGRADE_ADMIN_WAIT = 2.0        # seconds the admin's requests in flight have to
 UPGRADE_STATE_WAIT = 30.0       # seconds the new generation waits for the old one's state
 REAP_INTERVAL = 0.25            # seconds between looks for the children an upgrade left this process
 # The signals that wait, blocked, while the new code starts (main unblocks them once it handles them).
-UPGRADE_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+UPGRADE_SIGNALS = PROCESS_SIGNALS
 
 OLD, NEW = 'old', 'new'         # a handover message from the old generation, from the new one
 
@@ -11452,7 +11491,7 @@ class Upgrade(object):
                     log.warning('upgrade refused: %s', e.message)     # (failed() logs the rest)
             except LoopTimeout as e:
                 log.error('upgrade failed: %s', e)
-        threading.Thread(target=run, name='pydirector-upgrade', daemon=True).start()
+        start_thread(run, 'pydirector-upgrade')
 
     def failed(self, error, to=None):
         """On the loop: an upgrade that failed; the code running keeps running."""
@@ -11504,16 +11543,25 @@ class Upgrade(object):
         env = dict(os.environ)
         env[LISTEN_FDS_ENV] = handed_sockets_text(handed)
         env[UPGRADE_FD_ENV] = str(ours.fileno())
+        # From before the fork until the new code handles them, a signal for the PID
+        # stays pending (no other thread takes it: start_thread): one that came
+        # between the fork and the exec would otherwise be lost.
+        if CAN_MASK:
+            signal.pthread_sigmask(signal.SIG_BLOCK, UPGRADE_SIGNALS)
         try:
             with warnings.catch_warnings():
                 # 3.12+ warns of a fork while threads run: the child makes anew what it needs of theirs.
                 warnings.simplefilter('ignore', DeprecationWarning)
                 pid = os.fork()
         except OSError as e:
+            if CAN_MASK:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, UPGRADE_SIGNALS)
             ours.close()
             theirs.close()
             return self.not_started('cannot fork: %s' % error_text(e.errno))
         if pid == 0:
+            if CAN_MASK:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, UPGRADE_SIGNALS)     # the old generation's own
             ours.close()
             self.become_old(theirs, os.getppid())
             return
@@ -11551,9 +11599,7 @@ class Upgrade(object):
                         os.set_inheritable(fd, fd in passed)
                     except OSError:
                         pass    # (the directory listing's own fd, closed since)
-            # Until the new code handles them these would end the process (or be lost):
-            # blocked across the exec, they wait for main to unblock them.
-            signal.pthread_sigmask(signal.SIG_BLOCK, UPGRADE_SIGNALS)
+            # (The signals are blocked since the fork: across the exec they wait for main.)
             os.execve(self.argv[0], self.argv, env)
         except BaseException as e:
             try:

@@ -435,8 +435,7 @@ class AdminServer(object):
                 return True
             self.busy += 1
         try:
-            threading.Thread(target=self.work, args=(request,), name='pydirector-admin-worker',
-                             daemon=True).start()
+            pydirector.start_thread(self.work, 'pydirector-admin-worker', (request,))
         except RuntimeError:    # "can't start new thread"
             with self.lock:
                 self.busy -= 1
@@ -989,8 +988,7 @@ class RequestReader(object):
     def start(self):
         self.loop.add(self.listen_fd, EVENT_READ, self.on_accept)
         self.loop.call_later(SWEEP_INTERVAL, self.sweep)
-        self.thread = threading.Thread(target=self.run, name='pydirector-admin', daemon=True)
-        self.thread.start()
+        self.thread = pydirector.start_thread(self.run, 'pydirector-admin')
 
     def run(self):
         try:

@@ -20,6 +20,7 @@ import json
 import os
 import re
 import signal
+import threading
 import time
 import unittest
 import urllib.parse
@@ -454,6 +455,27 @@ class TestUpgrade(UpgradeCase):
         self.assertNotEqual(running['pid'], self.pid)
         self.assertEqual((running['upgrade']['ok'], running['upgrade']['to']), (False, '7.0.0'))
         self.assertIn(exchange(self.listen), (b'n1', b'n2'))
+
+
+class SignalMaskTest(BalancerCase):
+    """Our threads leave the process's signals to the main thread: one another thread
+    took between an upgrade's fork and its exec was lost (1 run in 10 of
+    test_a_stop_while_the_new_code_starts_stops_both)."""
+
+    def blocked(self):
+        return set(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+
+    def test_our_threads_block_the_process_signals(self):
+        seen = []
+        pydirector.start_thread(lambda: seen.append(self.blocked()), 'test').join(10)
+        self.assertLessEqual(set(pydirector.PROCESS_SIGNALS), seen[0])
+        self.assertFalse(set(pydirector.PROCESS_SIGNALS) & self.blocked())    # the creator's mask is as it was
+        # The probe pool's threads (a probe, a DNS query) too.
+        self.start(service_xml([('a', '127.0.0.1:9')]))
+        done = threading.Event()
+        self.balancer.call(self.balancer.director.manager.submit, lambda: (seen.append(self.blocked()), done.set()))
+        self.assertTrue(done.wait(10))
+        self.assertLessEqual(set(pydirector.PROCESS_SIGNALS), seen[1])
 
 
 class HandoverTableTest(unittest.TestCase):
