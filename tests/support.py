@@ -1671,6 +1671,7 @@ class GroupBalancer(BalancerProcess):
             f.write(xml)
         self.log_file = open(self.log_path, 'wb')
         full_env = dict(os.environ)
+        full_env['PYTHONFAULTHANDLER'] = '1'    # (exited_with's SIGABRT shows each thread's stack)
         full_env.update(env or {})
         self.proc = subprocess.Popen([sys.executable, tree.path(), '-c', self.config_path] + list(args),
                                      stdout=self.log_file, stderr=subprocess.STDOUT, cwd=self.dir, env=full_env,
@@ -1679,6 +1680,31 @@ class GroupBalancer(BalancerProcess):
 
     def processes(self):
         return process_group(self.pid)
+
+    def exited_with(self, timeout):
+        """The PID's exit status, once it exits within timeout; else an AssertionError
+        with what each process of the group was doing: its signal masks, and its
+        threads' stacks (faulthandler, on a SIGABRT), after the output so far."""
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        states = []
+        for pid in sorted(self.processes()):
+            try:
+                with open('/proc/%d/status' % pid) as f:
+                    lines = [l for l in f.read().splitlines() if l.startswith(('State', 'Threads', 'Sig', 'Shd'))]
+            except OSError as e:
+                lines = [str(e)]
+            states.append('pid %d: %s' % (pid, '; '.join(lines)))
+        for pid in self.processes():
+            try:
+                os.kill(pid, signal.SIGABRT)
+            except OSError:
+                pass
+        wait_until(lambda: self.proc.poll() is not None, 10)
+        raise AssertionError('pid %d still runs after %g s:\n%s\n%s' % (
+            self.pid, timeout, '\n'.join(states), self.output()))
 
     def close(self):
         try:

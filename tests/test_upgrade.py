@@ -417,7 +417,7 @@ class TestUpgrade(UpgradeCase):
         self.assertEqual([m for m in notify.waiting() if m != 'WATCHDOG=1'], [])
         self.proc.signal(signal.SIGTERM)
         self.assertEqual(notify.next(), 'STOPPING=1')
-        self.assertEqual(self.proc.proc.wait(30), 0, self.output())
+        self.assertEqual(self.proc.exited_with(30), 0, self.output())
 
 
     @single_process('the same with workers: mode-blind')
@@ -431,7 +431,7 @@ class TestUpgrade(UpgradeCase):
         wait_until(lambda: 'serves as the old generation' in self.output()[mark:], 60)
         os.kill(self.pid, signal.SIGUSR2)
         os.kill(self.pid, signal.SIGTERM)
-        self.assertEqual(self.proc.proc.wait(60), 0, self.output()[mark:])
+        self.assertEqual(self.proc.exited_with(60), 0, self.output()[mark:])
         wait_until(lambda: not self.processes(), 30, message='left: %r' % self.processes())
         tail = self.output()[mark:]
         # (Signals are handled in their number's order on CPython: SIGUSR2's comes first.)
@@ -448,7 +448,7 @@ class TestUpgrade(UpgradeCase):
         os.kill(self.pid, signal.SIGUSR2)
         wait_until(lambda: 'upgrade failed: pydirector 7.0.0 reads the state in version(s) 2; this one writes 1; '
                            'pydirector 1.0.0 (pid ' in self.output(), 60)
-        self.assertEqual(self.proc.proc.wait(30), 1)
+        self.assertEqual(self.proc.exited_with(30), 1)
         self.assertIn('upgrade: cannot take over from the old generation: the old generation refused: pydirector '
                       '7.0.0 reads the state in version(s) 2', self.output())
         running = wait_until(lambda: self.serving('1.0.0') and self.running(), 30)
