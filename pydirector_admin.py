@@ -2513,6 +2513,21 @@ DISCOVER_METRICS = [
 ]
 
 
+# The code running and its last upgrade: (the snapshot's part, name, type, help, its
+# sample's value as text), each family there when its part is.
+UPGRADE_METRICS = [
+    ('generation', 'pydirector_generation', 'gauge', 'The code generation running: 1 at start, one more each upgrade.',
+     lambda g: '%d' % g['number']),
+    ('generation', 'pydirector_generation_start_time_seconds', 'gauge',
+     'When the code running now took over (the start, or the last upgrade), in seconds since the epoch.',
+     lambda g: '%.3f' % g['started']),
+    ('upgrade', 'pydirector_upgrade_last_successful', 'gauge', '1 if the last upgrade succeeded, 0 if it failed.',
+     lambda u: '%d' % u['ok']),
+    ('upgrade', 'pydirector_upgrade_last_timestamp_seconds', 'gauge',
+     'When the last upgrade ended (or failed), in seconds since the epoch.', lambda u: '%.3f' % u['time']),
+]
+
+
 def render_metrics(snapshot):
     """Prometheus text exposition format 0.0.4: each family's HELP and TYPE, then its samples."""
     out = []
@@ -2526,20 +2541,10 @@ def render_metrics(snapshot):
                                                        ('hostname', snapshot['hostname'])]))
     family('pydirector_start_time_seconds', 'gauge', 'When the balancer started, in seconds since the epoch.')
     out.append('pydirector_start_time_seconds %.3f' % snapshot['started'])
-    generation = snapshot.get('generation')
-    if generation is not None:
-        family('pydirector_generation', 'gauge', 'The code generation running: 1 at start, one more each upgrade.')
-        out.append('pydirector_generation %d' % generation['number'])
-        family('pydirector_generation_start_time_seconds', 'gauge',
-               'When the code running now took over (the start, or the last upgrade), in seconds since the epoch.')
-        out.append('pydirector_generation_start_time_seconds %.3f' % generation['started'])
-    upgrade = snapshot.get('upgrade')
-    if upgrade is not None:
-        family('pydirector_upgrade_last_successful', 'gauge', '1 if the last upgrade succeeded, 0 if it failed.')
-        out.append('pydirector_upgrade_last_successful %d' % upgrade['ok'])
-        family('pydirector_upgrade_last_timestamp_seconds', 'gauge',
-               'When the last upgrade ended (or failed), in seconds since the epoch.')
-        out.append('pydirector_upgrade_last_timestamp_seconds %.3f' % upgrade['time'])
+    for part, name, kind, help_text, value in UPGRADE_METRICS:
+        if snapshot.get(part) is not None:
+            family(name, kind, help_text)
+            out.append('%s %s' % (name, value(snapshot[part])))
     reload = snapshot['reload']     # Prometheus's own names for these
     family('pydirector_config_last_reload_successful', 'gauge',
            '1 if the last config reload succeeded (the load at start counts), 0 if it failed.')

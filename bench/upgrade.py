@@ -44,30 +44,13 @@ REPO = os.path.dirname(HERE)
 sys.path.append(os.path.join(REPO, 'tools'))
 from processes import free_port, wait_listening  # noqa: E402
 
+sys.path.append(os.path.join(REPO, 'bench'))
+from bench import HAPROXY_CONF  # noqa: E402  (bench.py's HAProxy, one thread)
+
 SCENARIOS = ('restart', 'restart-w', 'upgrade', 'upgrade-w', 'haproxy')
 STORMS = ('upgrade', 'upgrade-w', 'reload', 'reload-w')
 FILES = ('pydirector.py', 'schedulers.py', 'pydirector_admin.py')
 PASSWORD = 'bench'
-
-HAPROXY_CONF = """\
-global
-    maxconn 9500
-
-defaults
-    mode tcp
-    balance roundrobin
-    timeout connect 5s
-    timeout client 1h
-    timeout server 1h
-
-frontend bench
-    bind 127.0.0.1:{port}
-    default_backend nginx
-
-backend nginx
-    server one 127.0.0.1:{port1}
-    server two 127.0.0.1:{port2}
-"""
 
 
 def log(text):
@@ -213,7 +196,7 @@ class Haproxy(object):
     def __init__(self, work, port, port1, port2):
         self.config = os.path.join(work, 'haproxy.cfg')
         with open(self.config, 'w') as f:
-            f.write(HAPROXY_CONF.format(port=port, port1=port1, port2=port2))
+            f.write(HAPROXY_CONF.format(port=port, port1=port1, port2=port2, nbthread=1, maxconn=9500))
         self.port = port
         self.proc = None
 

@@ -811,21 +811,28 @@ class BalancerCase(unittest.TestCase):
 
 
 class BalancerProcess(object):
-    """`python3 pydirector.py -c FILE` for signals and the command line; log in self.log_path."""
+    """`python3 pydirector.py -c FILE` for signals and the command line; log in self.log_path.
+    preexec_fn (e.g. a lower RLIMIT_NOFILE) and env (added to ours) go to the process."""
 
-    def __init__(self, xml, args=(), wait_port=None):
-        self.dir = tempfile.mkdtemp(prefix='pydirector-test-')
+    def __init__(self, xml, args=(), wait_port=None, preexec_fn=None, env=None, directory=None):
+        self.start(xml, PYDIRECTOR, args, env, directory, preexec_fn=preexec_fn)
+        if wait_port:
+            wait_until(lambda: accepts(wait_port) or self.proc.poll() is not None, 10)
+            if self.proc.poll() is not None:
+                raise AssertionError('pydirector exited: %s' % self.output())
+
+    def start(self, xml, program, args, env, directory, **popen):
+        self.dir = directory or tempfile.mkdtemp(prefix='pydirector-test-')
         self.config_path = os.path.join(self.dir, 'test.xml')
         self.log_path = os.path.join(self.dir, 'stderr.log')
         with open(self.config_path, 'w') as f:
             f.write(xml)
         self.log_file = open(self.log_path, 'wb')
-        self.proc = subprocess.Popen([sys.executable, PYDIRECTOR, '-c', self.config_path] + list(args),
-                                     stdout=self.log_file, stderr=subprocess.STDOUT, cwd=self.dir)
-        if wait_port:
-            wait_until(lambda: accepts(wait_port) or self.proc.poll() is not None, 10)
-            if self.proc.poll() is not None:
-                raise AssertionError('pydirector exited: %s' % self.output())
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        self.proc = subprocess.Popen([sys.executable, program, '-c', self.config_path] + list(args),
+                                     stdout=self.log_file, stderr=subprocess.STDOUT, cwd=self.dir, env=full_env,
+                                     **popen)
 
     def output(self):
         with open(self.log_path, 'rb') as f:
@@ -844,28 +851,49 @@ class BalancerProcess(object):
         self.log_file.close()
 
 
-class SpawnedBalancer(BalancerProcess):
-    """BalancerProcess with a preexec_fn (e.g. a lower RLIMIT_NOFILE) and extra env."""
-
-    def __init__(self, xml, args=(), wait_port=None, preexec_fn=None, env=None, directory=None):
-        self.dir = directory or tempfile.mkdtemp(prefix='pydirector-test-')
-        self.config_path = os.path.join(self.dir, 'test.xml')
-        self.log_path = os.path.join(self.dir, 'stderr.log')
-        with open(self.config_path, 'w') as f:
-            f.write(xml)
-        self.log_file = open(self.log_path, 'wb')
-        full_env = dict(os.environ)
-        full_env.update(env or {})
-        self.proc = subprocess.Popen([sys.executable, PYDIRECTOR, '-c', self.config_path] + list(args),
-                                     stdout=self.log_file, stderr=subprocess.STDOUT, cwd=self.dir,
-                                     preexec_fn=preexec_fn, env=full_env)
-        if wait_port:
-            wait_until(lambda: accepts(wait_port) or self.proc.poll() is not None, 10)
-            if self.proc.poll() is not None:
-                raise AssertionError('pydirector exited: %s' % self.output())
+SpawnedBalancer = BalancerProcess     # (its old name, where a test needed preexec_fn or env)
 
 
 # -- clients ------------------------------------------------------------------
+
+class AdminClient(object):
+    """A test's calls to a balancer process's admin at self.admin_port, as admin with
+    self.admin_password."""
+    admin_timeout = 30
+
+    def fetch(self, path, params=None):
+        """GET path, or POST params as a form: (status, body)."""
+        return admin_request(self.admin_port, 'GET' if params is None else 'POST', path, params,
+                             self.admin_password, timeout=self.admin_timeout)
+
+    def change(self, path, expect=200, **params):
+        """POST a change: its answer's line, checked to say OK (or ERROR, expect not 200)."""
+        status, body = self.fetch(path, params)
+        self.assertEqual(status, expect, body)
+        self.assertTrue(body.startswith('OK ' if expect == 200 else 'ERROR '), body)
+        return body.rstrip('\n')
+
+    def running(self):
+        return json.loads(self.fetch('/running.json')[1])
+
+
+def admin_request(port, method, path, params=None, password='secret', user='admin', timeout=30):
+    """(status, body text) of one admin request as user; params go as a POST form."""
+    import http.client
+    import urllib.parse
+    conn = http.client.HTTPConnection('127.0.0.1', port, timeout=timeout)
+    headers = {'Authorization': 'Basic ' + base64.b64encode(('%s:%s' % (user, password)).encode()).decode()}
+    body = None
+    if params is not None:
+        body = urllib.parse.urlencode(params)
+        headers['Content-Type'] = 'application/x-www-form-urlencoded'
+    try:
+        conn.request(method, path, body, headers)
+        answer = conn.getresponse()
+        return answer.status, answer.read().decode('utf-8')
+    finally:
+        conn.close()
+
 
 def connect(port, host='127.0.0.1', timeout=10):
     sock = socket.create_connection((host, port), timeout=timeout)
@@ -1664,18 +1692,9 @@ class GroupBalancer(BalancerProcess):
     ends them all."""
 
     def __init__(self, tree, xml, args=(), env=None):
-        self.dir = tempfile.mkdtemp(prefix='pydirector-test-')
-        self.config_path = os.path.join(self.dir, 'test.xml')
-        self.log_path = os.path.join(self.dir, 'stderr.log')
-        with open(self.config_path, 'w') as f:
-            f.write(xml)
-        self.log_file = open(self.log_path, 'wb')
-        full_env = dict(os.environ)
-        full_env['PYTHONFAULTHANDLER'] = '1'    # (exited_with's SIGABRT shows each thread's stack)
-        full_env.update(env or {})
-        self.proc = subprocess.Popen([sys.executable, tree.path(), '-c', self.config_path] + list(args),
-                                     stdout=self.log_file, stderr=subprocess.STDOUT, cwd=self.dir, env=full_env,
-                                     start_new_session=True)
+        # (PYTHONFAULTHANDLER: exited_with's SIGABRT shows each thread's stack)
+        self.start(xml, tree.path(), args, dict({'PYTHONFAULTHANDLER': '1'}, **(env or {})), None,
+                   start_new_session=True)
         self.pid = self.proc.pid
 
     def processes(self):

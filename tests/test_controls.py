@@ -9,8 +9,6 @@ and drives it over HTTP as an operator would; the suites that change state run a
 second time with two worker processes (WorkersMixin).
 """
 
-import base64
-import http.client
 import json
 import os
 import shutil
@@ -21,11 +19,10 @@ import tempfile
 import threading
 import time
 import unittest
-import urllib.parse
 
 import support
-from support import (AdoptedBackend, BalancerCase, LOG, WorkersMixin, config_xml, exchange, free_port, say_name,
-                     service_xml, wait_until)
+from support import (AdoptedBackend, BalancerCase, LOG, WorkersMixin, admin_request, config_xml, exchange, free_port,
+                     say_name, service_xml, wait_until)
 
 import pydirector
 import pydirector_admin
@@ -70,18 +67,7 @@ class ControlsCase(BalancerCase):
         return balancer
 
     def request(self, method, path, params=None):
-        conn = http.client.HTTPConnection('127.0.0.1', self.server.server_address[1], timeout=20)
-        headers = {'Authorization': 'Basic ' + base64.b64encode(('admin:' + PASSWORD).encode()).decode()}
-        body = None
-        if params is not None:
-            body = urllib.parse.urlencode(params)
-            headers['Content-Type'] = 'application/x-www-form-urlencoded'
-        try:
-            conn.request(method, path, body, headers)
-            answer = conn.getresponse()
-            return answer.status, answer.read().decode()
-        finally:
-            conn.close()
+        return admin_request(self.server.server_address[1], method, path, params, PASSWORD, timeout=20)
 
     def change(self, path, expect=200, **params):
         status, text = self.request('POST', path, params)

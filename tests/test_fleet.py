@@ -77,16 +77,6 @@ def in_ns(ns, argv):
     return ['ip', 'netns', 'exec', ns] + list(argv)
 
 
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_namespace(ns):
     """Kill what still runs in a namespace of ours, then delete it (its links go with it)."""
     for _ in range(50):
@@ -106,7 +96,7 @@ def remove_leftovers():
     """Namespaces and temporary directories of runs whose process is gone (a crash,
     a kill -9): they go now, with whatever still runs in them."""
     def dead(match):
-        return match and int(match.group(2)) != os.getpid() and not _alive(int(match.group(2)))
+        return match and int(match.group(2)) != os.getpid() and not pydirector.process_running(int(match.group(2)))
     for line in run(['ip', 'netns', 'list'], check=False).splitlines():
         match = re.match(r'(%s-(\d+)-\S+)' % PREFIX, line)
         if dead(match):

@@ -10,19 +10,15 @@ once as a master of two workers (<pdconfig workers="2">), driven over HTTP
 and SIGHUP, with real backends that say their name.
 """
 
-import base64
-import http.client
-import json
 import os
 import signal
 import stat
 import subprocess
 import sys
 import time
-import urllib.parse
 
 import support
-from support import (BalancerCase, PYDIRECTOR, SpawnedBalancer, WorkersMixin, accepts, config_xml, exchange,
+from support import (AdminClient, BalancerCase, PYDIRECTOR, SpawnedBalancer, WorkersMixin, accepts, config_xml, exchange,
                      free_port, say_name, service_xml, wait_until)
 
 import pydirector
@@ -32,8 +28,9 @@ HASH = pydirector.hash_password(PASSWORD, iterations=support.FAST_HASH_ITERATION
 OTHER_HASH = pydirector.hash_password('other', iterations=support.FAST_HASH_ITERATIONS)
 
 
-class RuntimeCase(BalancerCase):
+class RuntimeCase(AdminClient, BalancerCase):
     """A balancer process with service 'web' (group main: n1 n2; group spare: s1) and its admin."""
+    admin_password = PASSWORD
 
     def setUp(self):
         BalancerCase.setUp(self)
@@ -72,30 +69,6 @@ class RuntimeCase(BalancerCase):
     def rewrite(self, xml):
         with open(self.path, 'w') as f:
             f.write(xml)
-
-    def fetch(self, path, params=None):
-        """GET path, or POST params as a form: (status, body)."""
-        conn = http.client.HTTPConnection('127.0.0.1', self.admin_port, timeout=30)
-        headers = {'Authorization': 'Basic ' + base64.b64encode(('admin:' + PASSWORD).encode()).decode()}
-        body = None
-        if params is not None:
-            body = urllib.parse.urlencode(params)
-            headers['Content-Type'] = 'application/x-www-form-urlencoded'
-        try:
-            conn.request('GET' if params is None else 'POST', path, body, headers)
-            resp = conn.getresponse()
-            return resp.status, resp.read().decode('utf-8')
-        finally:
-            conn.close()
-
-    def change(self, path, expect=200, **params):
-        status, body = self.fetch(path, params)
-        self.assertEqual(status, expect, body)
-        self.assertTrue(body.startswith('OK ' if expect == 200 else 'ERROR '), body)
-        return body.rstrip('\n')
-
-    def running(self):
-        return json.loads(self.fetch('/running.json')[1])
 
     def host(self, name, group='main'):
         for g in self.running()['services'][0]['groups']:

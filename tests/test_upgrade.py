@@ -13,8 +13,6 @@ after another; support.Background, long streams checked byte for byte).
 The storms here are short; tools/soak.py's and bench/upgrade.py's run 60 s.
 """
 
-import base64
-import http.client
 import inspect
 import json
 import os
@@ -23,10 +21,9 @@ import signal
 import threading
 import time
 import unittest
-import urllib.parse
 
 import support
-from support import (BalancerCase, Background, CodeTree, GroupBalancer, NewClients, WorkersMixin, accepts,
+from support import (AdminClient, BalancerCase, Background, CodeTree, GroupBalancer, NewClients, WorkersMixin, accepts,
                      config_xml, exchange, fd_count, free_port, say_name, service_xml, single_process, wait_until,
                      when_upgrading)
 
@@ -38,10 +35,12 @@ HASH = pydirector.hash_password(PASSWORD, iterations=support.FAST_HASH_ITERATION
 NAMES = (b'n1', b'n2', b'n3', b's1')
 
 
-class UpgradeCase(BalancerCase):
+class UpgradeCase(AdminClient, BalancerCase):
     """A balancer process run from a CodeTree at version 1.0.0: service web (group
     main: n1 n2, group spare: s1, which say their name), service echo (e1, for
     streams) and its admin."""
+    admin_password = PASSWORD
+    admin_timeout = 60
 
     def setUp(self):
         BalancerCase.setUp(self)
@@ -82,30 +81,6 @@ class UpgradeCase(BalancerCase):
 
     def output(self):
         return self.proc.output()
-
-    def fetch(self, path, params=None):
-        """GET path, or POST params as a form: (status, body)."""
-        conn = http.client.HTTPConnection('127.0.0.1', self.admin_port, timeout=60)
-        headers = {'Authorization': 'Basic ' + base64.b64encode(('admin:' + PASSWORD).encode()).decode()}
-        body = None
-        if params is not None:
-            body = urllib.parse.urlencode(params)
-            headers['Content-Type'] = 'application/x-www-form-urlencoded'
-        try:
-            conn.request('GET' if params is None else 'POST', path, body, headers)
-            resp = conn.getresponse()
-            return resp.status, resp.read().decode('utf-8')
-        finally:
-            conn.close()
-
-    def change(self, path, expect=200, **params):
-        status, body = self.fetch(path, params)
-        self.assertEqual(status, expect, body)
-        self.assertTrue(body.startswith('OK ' if expect == 200 else 'ERROR '), body)
-        return body.rstrip('\n')
-
-    def running(self):
-        return json.loads(self.fetch('/running.json')[1])
 
     def host(self, name, group='main', running=None, service=0):
         for g in (running or self.running())['services'][service]['groups']:
