@@ -2091,22 +2091,21 @@ PROCESS_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1,
 CAN_MASK = hasattr(signal, 'pthread_sigmask')
 
 
-def quiet_thread():
-    """In a thread of ours: leave the process's signals to the main thread."""
-    if CAN_MASK:
-        signal.pthread_sigmask(signal.SIG_BLOCK, PROCESS_SIGNALS)
-
-
-def start_thread(target, name, args=()):
-    """A daemon thread that never takes the process's signals (a thread starts
-    with its creator's mask)."""
+def signals_blocked(fn, *args):
+    """fn(*args) with the process's signals blocked in this thread: a thread it
+    starts (with its creator's mask) never takes them."""
     old = signal.pthread_sigmask(signal.SIG_BLOCK, PROCESS_SIGNALS) if CAN_MASK else None
     try:
-        thread = threading.Thread(target=target, name=name, args=args, daemon=True)
-        thread.start()
+        return fn(*args)
     finally:
         if old is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def start_thread(target, name, args=()):
+    """A daemon thread that never takes the process's signals."""
+    thread = threading.Thread(target=target, name=name, args=args, daemon=True)
+    signals_blocked(thread.start)
     return thread
 
 
@@ -6228,12 +6227,6 @@ def probe_datagram(sock, sockaddr, deadline, timeout, send, judge):
 ThreadPoolExecutor = concurrent.futures.ThreadPoolExecutor
 
 
-def quietly(fn, *args):
-    """3.6's pool has no initializer: each call blocks the signals first (see quiet_thread)."""
-    quiet_thread()
-    return fn(*args)
-
-
 class Manager(object):
     """Runs the probes the director says are due and hands each result back to the loop;
     starts and stops the Discovery, whose queries run in the same pool (submit).
@@ -6265,14 +6258,12 @@ class Manager(object):
         if self.stopped.is_set():
             return False
         if self.pool is None:
-            # (Its threads leave signals to the main thread: 3.7+ says so once per thread.)
-            self.pool = (ThreadPoolExecutor(PROBE_WORKERS, initializer=quiet_thread) if sys.version_info >= (3, 7)
-                         else ThreadPoolExecutor(PROBE_WORKERS))
+            self.pool = ThreadPoolExecutor(PROBE_WORKERS)
         try:
-            if sys.version_info >= (3, 7):
-                self.pool.submit(fn, *args)
-            else:
-                self.pool.submit(quietly, fn, *args)
+            # The pool starts its threads in submit: they leave signals to the main thread.
+            # (Not 3.7's initializer: 3.6 has none, and blocking in a job missed the
+            # threads 3.6 starts that never get one, so an upgrade lost a SIGTERM.)
+            signals_blocked(self.pool.submit, fn, *args)
         except RuntimeError:    # the interpreter is exiting under us: so are we
             self.stop()
             return False
