@@ -39,7 +39,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.append(os.path.join(REPO, 'tools'))
-from processes import child_pids, cpu_seconds, fd_count, free_port, rss_bytes, stop_process, wait_listening  # noqa: E402
+from processes import (child_pids, cpu_seconds, fd_count, free_port, rss_bytes, stop_process, wait_listening,  # noqa: E402
+                       wakeups)
 OUT = os.path.join(HERE, 'out')
 RESULTS_MD = os.path.join(HERE, 'RESULTS.md')
 
@@ -535,11 +536,13 @@ class Bench(object):
         pid = self.balancer_pid(target) if target != 'direct' else None
         pids = [pid] + (child_pids(pid) if target == 'pydirector-w' else []) if pid else []
         before = dict((p, cpu_seconds(p)) for p in pids)
+        woken = sum(wakeups(p) for p in pids)
         accepted = self.worker_counts(target) if target == 'pydirector-w' else None
         result = fn()
         if pid:
             try:
                 spent = dict((p, cpu_seconds(p) - before[p]) for p in pids)
+                result['wakeups'] = sum(wakeups(p) for p in pids) - woken
             except OSError:
                 result.setdefault('error', '%s died during the run' % target)
                 return result
@@ -572,6 +575,7 @@ class Bench(object):
         result['p99_ms'] = float(rows['99'])
         if cpu is not None and result['complete']:
             result['cpu_us_per_conn'] = result['cpu_s'] * 1e6 / result['complete']
+            result['wakeups_per_conn'] = self.last_wakeups / float(result['complete'])
             if target == 'pydirector':
                 result['worker_cpu_us_per_conn'] = result['cpu_us_per_conn']
         workers = self.last_workers
@@ -622,7 +626,11 @@ class Bench(object):
                       late_over_1ms=got['late_over_1ms'], service_p99_ms=got['service_ms']['p99'],
                       service_max_ms=got['service_ms']['max'])
         if cpu is not None:
-            result['cpu_s'] = cpu     # the warm-up's too
+            # The warm-up's too: per connection, of all those due in the warm-up and the run.
+            result['cpu_s'] = cpu
+            due = rate * (s['open_seconds'] + s['open_warmup'])
+            result['cpu_us_per_conn'] = cpu * 1e6 / due
+            result['wakeups_per_conn'] = self.last_wakeups / float(due)
         if got['failed']:
             result['error'] = '%d of %d failed: %s' % (sum(got['failed'].values()), got['due'], ', '.join(
                 '%s x%d' % kv for kv in sorted(got['failed'].items())[:5]))
@@ -673,6 +681,7 @@ class Bench(object):
             return {}
         cpu = self.measure(target, go)
         self.last_workers = cpu.get('workers')
+        self.last_wakeups = cpu.get('wakeups')
         return box['code'], box['out'], cpu.get('cpu_s')
 
     def bulk(self, target):
@@ -873,12 +882,17 @@ def brief(result):
         text = '%s/s asked, %s answered/s; p50 %s, p99 %s, p99.9 %s, max %s ms; generator late p99 %s ms' % (
             num(result['rate_asked']), num(result['rate_answered']), num(result['p50_ms']), num(result['p99_ms']),
             num(result['p999_ms']), num(result['max_ms']), num(result['late_p99_ms']))
+        if 'cpu_us_per_conn' in result:
+            text += '; CPU %s µs/conn, %s wakeups/conn' % (num(result['cpu_us_per_conn']),
+                                                          num(result['wakeups_per_conn']))
     elif 'req_s' in result:
         text = '%s req/s, p50 %s ms, p99 %s ms' % (num(result['req_s']), num(result.get('p50_ms')),
                                                      num(result.get('p99_ms')))
         cpu = result.get('cpu_us_per_conn', result.get('cpu_us_per_req'))
         if cpu is not None:
             text += ', CPU %s µs/%s' % (num(cpu), 'conn' if 'cpu_us_per_conn' in result else 'req')
+        if 'wakeups_per_conn' in result:
+            text += ', %s wakeups/conn' % num(result['wakeups_per_conn'])
     elif 'mb_s' in result:
         text = '%s MB/s' % num(result['mb_s'])
         if 'cpu_s_per_gb' in result:

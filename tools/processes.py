@@ -78,6 +78,21 @@ def cpu_seconds(pid='self'):
     return cpu_seconds_of('/proc/%s/stat' % pid)
 
 
+def wakeups(pid='self'):
+    """Voluntary context switches of a process's threads: each is a sleep (in epoll_wait,
+    mostly) that something ended."""
+    total = 0
+    for tid in os.listdir('/proc/%s/task' % pid):
+        try:
+            with open('/proc/%s/task/%s/status' % (pid, tid)) as f:
+                for line in f:
+                    if line.startswith('voluntary_ctxt_switches:'):
+                        total += int(line.split()[1])
+        except OSError:
+            pass    # (a thread gone meanwhile)
+    return total
+
+
 def rss_bytes(pid='self'):
     """Resident set size (VmRSS) in bytes; 0 for a process that has none (a zombie)."""
     with open('/proc/%s/status' % pid) as f:
