@@ -40,7 +40,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.append(os.path.join(REPO, 'tools'))
 from processes import (child_pids, cpu_seconds, fd_count, free_port, rss_bytes, stop_process, wait_listening,  # noqa: E402
-                       wakeups)
+                       system_seconds, wakeups)
 OUT = os.path.join(HERE, 'out')
 RESULTS_MD = os.path.join(HERE, 'RESULTS.md')
 
@@ -537,12 +537,14 @@ class Bench(object):
         pids = [pid] + (child_pids(pid) if target == 'pydirector-w' else []) if pid else []
         before = dict((p, cpu_seconds(p)) for p in pids)
         woken = sum(wakeups(p) for p in pids)
+        kernel = sum(system_seconds(p) for p in pids)
         accepted = self.worker_counts(target) if target == 'pydirector-w' else None
         result = fn()
         if pid:
             try:
                 spent = dict((p, cpu_seconds(p) - before[p]) for p in pids)
                 result['wakeups'] = sum(wakeups(p) for p in pids) - woken
+                result['system_s'] = sum(system_seconds(p) for p in pids) - kernel
             except OSError:
                 result.setdefault('error', '%s died during the run' % target)
                 return result
@@ -576,6 +578,7 @@ class Bench(object):
         if cpu is not None and result['complete']:
             result['cpu_us_per_conn'] = result['cpu_s'] * 1e6 / result['complete']
             result['wakeups_per_conn'] = self.last_wakeups / float(result['complete'])
+            result['system_us_per_conn'] = self.last_system * 1e6 / result['complete']
             if target == 'pydirector':
                 result['worker_cpu_us_per_conn'] = result['cpu_us_per_conn']
         workers = self.last_workers
@@ -631,6 +634,7 @@ class Bench(object):
             due = rate * (s['open_seconds'] + s['open_warmup'])
             result['cpu_us_per_conn'] = cpu * 1e6 / due
             result['wakeups_per_conn'] = self.last_wakeups / float(due)
+            result['system_us_per_conn'] = self.last_system * 1e6 / due
         if got['failed']:
             result['error'] = '%d of %d failed: %s' % (sum(got['failed'].values()), got['due'], ', '.join(
                 '%s x%d' % kv for kv in sorted(got['failed'].items())[:5]))
@@ -682,6 +686,7 @@ class Bench(object):
         cpu = self.measure(target, go)
         self.last_workers = cpu.get('workers')
         self.last_wakeups = cpu.get('wakeups')
+        self.last_system = cpu.get('system_s')
         return box['code'], box['out'], cpu.get('cpu_s')
 
     def bulk(self, target):
@@ -883,8 +888,8 @@ def brief(result):
             num(result['rate_asked']), num(result['rate_answered']), num(result['p50_ms']), num(result['p99_ms']),
             num(result['p999_ms']), num(result['max_ms']), num(result['late_p99_ms']))
         if 'cpu_us_per_conn' in result:
-            text += '; CPU %s µs/conn, %s wakeups/conn' % (num(result['cpu_us_per_conn']),
-                                                          num(result['wakeups_per_conn']))
+            text += '; CPU %s µs/conn (kernel %s), %s wakeups/conn' % (
+                num(result['cpu_us_per_conn']), num(result['system_us_per_conn']), num(result['wakeups_per_conn']))
     elif 'req_s' in result:
         text = '%s req/s, p50 %s ms, p99 %s ms' % (num(result['req_s']), num(result.get('p50_ms')),
                                                      num(result.get('p99_ms')))
@@ -892,7 +897,7 @@ def brief(result):
         if cpu is not None:
             text += ', CPU %s µs/%s' % (num(cpu), 'conn' if 'cpu_us_per_conn' in result else 'req')
         if 'wakeups_per_conn' in result:
-            text += ', %s wakeups/conn' % num(result['wakeups_per_conn'])
+            text += ' (kernel %s), %s wakeups/conn' % (num(result['system_us_per_conn']), num(result['wakeups_per_conn']))
     elif 'mb_s' in result:
         text = '%s MB/s' % num(result['mb_s'])
         if 'cpu_s_per_gb' in result:

@@ -78,6 +78,11 @@ def cpu_seconds(pid='self'):
     return cpu_seconds_of('/proc/%s/stat' % pid)
 
 
+def system_seconds(pid='self'):
+    """stime alone: the kernel's part of cpu_seconds."""
+    return int(stat_fields('/proc/%s/stat' % pid)[12]) / float(os.sysconf('SC_CLK_TCK'))
+
+
 def wakeups(pid='self'):
     """Voluntary context switches of a process's threads: each is a sleep (in epoll_wait,
     mostly) that something ended."""
