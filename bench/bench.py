@@ -1235,8 +1235,11 @@ def parse_args(argv):
     p.add_argument('--idle', type=int, help='idle connections to open (default 9000; --quick 1000)')
     p.add_argument('--pypy', metavar='PATH',
                    help='a second interpreter (e.g. pypy3) for one more target, pydirector on it (access log off)')
-    p.add_argument('--gen-python', metavar='PATH', default=sys.executable,
-                   help='the Python that runs bench/openloop.py, the open-loop generator (default: this one)')
+    # On CPython the generator takes about a third of a 2-core machine at 50% of HAProxy's
+    # rate, and the balancer it measures saturates for want of CPU (RESULTS.md, 12-07).
+    p.add_argument('--gen-python', metavar='PATH', default=shutil.which('pypy3') or sys.executable,
+                   help='the Python that runs bench/openloop.py, the open-loop generator (default: pypy3 '
+                        'if there is one, else this one)')
     p.add_argument('--gen-procs', type=int, default=2, help='open-loop generator processes (default 2)')
     p.add_argument('--open-base', type=float, metavar='RATE',
                    help='new connections/s the open-loop fractions are of (default: HAProxy\'s ab -c 50 rate '
