@@ -11080,8 +11080,6 @@ UPGRADE_CHECK_TIMEOUT = 30.0    # seconds the new code's --check may take
 UPGRADE_ADMIN_WAIT = 2.0        # seconds the admin's requests in flight have to be answered before the fork
 UPGRADE_STATE_WAIT = 30.0       # seconds the new generation waits for the old one's state
 REAP_INTERVAL = 0.25            # seconds between looks for the children an upgrade left this process
-# The signals that wait, blocked, while the new code starts (main unblocks them once it handles them).
-UPGRADE_SIGNALS = PROCESS_SIGNALS
 
 OLD, NEW = 'old', 'new'         # a handover message from the old generation, from the new one
 
@@ -11538,7 +11536,7 @@ class Upgrade(object):
         # stays pending (no other thread takes it: start_thread): one that came
         # between the fork and the exec would otherwise be lost.
         if CAN_MASK:
-            signal.pthread_sigmask(signal.SIG_BLOCK, UPGRADE_SIGNALS)
+            signal.pthread_sigmask(signal.SIG_BLOCK, PROCESS_SIGNALS)
         try:
             with warnings.catch_warnings():
                 # 3.12+ warns of a fork while threads run: the child makes anew what it needs of theirs.
@@ -11546,13 +11544,13 @@ class Upgrade(object):
                 pid = os.fork()
         except OSError as e:
             if CAN_MASK:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, UPGRADE_SIGNALS)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, PROCESS_SIGNALS)
             ours.close()
             theirs.close()
             return self.not_started('cannot fork: %s' % error_text(e.errno))
         if pid == 0:
             if CAN_MASK:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, UPGRADE_SIGNALS)     # the old generation's own
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, PROCESS_SIGNALS)     # the old generation's own
             ours.close()
             self.become_old(theirs, os.getppid())
             return
@@ -12025,7 +12023,7 @@ def handle_signals(director, reload=True, upgrade=None):
     signal.signal(signal.SIGHUP, on_signal if reload else signal.SIG_IGN)
     signal.signal(signal.SIGUSR2, on_signal if upgrade is not None else signal.SIG_IGN)
     # An upgrade's new code starts with these blocked (Upgrade.run_new): what came meanwhile is handled now.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, UPGRADE_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, PROCESS_SIGNALS)
 
 
 def raise_fd_limit():

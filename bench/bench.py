@@ -882,22 +882,27 @@ class Bench(object):
             info[name] = out.strip().split('\n')[0] if out else '?'
 
 
+def kernel_and_wakeups(result):
+    """' (kernel N), N wakeups/conn' after a CPU per connection, when the run measured them."""
+    if 'wakeups_per_conn' not in result:
+        return ''
+    return ' (kernel %s), %s wakeups/conn' % (num(result['system_us_per_conn']), num(result['wakeups_per_conn']))
+
+
 def brief(result):
     if 'rate_asked' in result and 'p99_ms' in result:
         text = '%s/s asked, %s answered/s; p50 %s, p99 %s, p99.9 %s, max %s ms; generator late p99 %s ms' % (
             num(result['rate_asked']), num(result['rate_answered']), num(result['p50_ms']), num(result['p99_ms']),
             num(result['p999_ms']), num(result['max_ms']), num(result['late_p99_ms']))
         if 'cpu_us_per_conn' in result:
-            text += '; CPU %s µs/conn (kernel %s), %s wakeups/conn' % (
-                num(result['cpu_us_per_conn']), num(result['system_us_per_conn']), num(result['wakeups_per_conn']))
+            text += '; CPU %s µs/conn%s' % (num(result['cpu_us_per_conn']), kernel_and_wakeups(result))
     elif 'req_s' in result:
         text = '%s req/s, p50 %s ms, p99 %s ms' % (num(result['req_s']), num(result.get('p50_ms')),
                                                      num(result.get('p99_ms')))
         cpu = result.get('cpu_us_per_conn', result.get('cpu_us_per_req'))
         if cpu is not None:
             text += ', CPU %s µs/%s' % (num(cpu), 'conn' if 'cpu_us_per_conn' in result else 'req')
-        if 'wakeups_per_conn' in result:
-            text += ' (kernel %s), %s wakeups/conn' % (num(result['system_us_per_conn']), num(result['wakeups_per_conn']))
+        text += kernel_and_wakeups(result)
     elif 'mb_s' in result:
         text = '%s MB/s' % num(result['mb_s'])
         if 'cpu_s_per_gb' in result:

@@ -26,6 +26,7 @@ import functools
 import gc
 import hashlib
 import heapq
+import http.client
 import logging
 import os
 import random
@@ -41,6 +42,7 @@ import tempfile
 import threading
 import time
 import unittest
+import urllib.parse
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -879,8 +881,6 @@ class AdminClient(object):
 
 def admin_request(port, method, path, params=None, password='secret', user='admin', timeout=30):
     """(status, body text) of one admin request as user; params go as a POST form."""
-    import http.client
-    import urllib.parse
     conn = http.client.HTTPConnection('127.0.0.1', port, timeout=timeout)
     headers = {'Authorization': 'Basic ' + base64.b64encode(('%s:%s' % (user, password)).encode()).decode()}
     body = None
