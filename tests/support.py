@@ -58,6 +58,21 @@ from processes import (accepts, child_pids, cpu_seconds, cpu_seconds_of, fd_coun
 
 PYDIRECTOR = os.path.join(REPO, 'pydirector.py')
 
+# What the tests and their children (balancers, Chromium: TMPDIR) put in temporary
+# files goes in one directory of this run, removed as it ends: a balancer's log is
+# read after it stops, so not sooner.  Locks shared with other runs stay in SHARED_TMP.
+SHARED_TMP = tempfile.gettempdir()
+RUN_TMP = tempfile.mkdtemp(prefix='pydirector-tests-%d-' % os.getpid())
+tempfile.tempdir = os.environ['TMPDIR'] = RUN_TMP
+
+
+def _remove_run_tmp(owner=os.getpid()):
+    if os.getpid() == owner:    # not in a forked child that exits normally
+        shutil.rmtree(RUN_TMP, ignore_errors=True)
+
+
+atexit.register(_remove_run_tmp)
+
 
 # -- waiting and ports --------------------------------------------------------
 
@@ -85,7 +100,7 @@ def _port_block():
         low = 32768
     first = max(1024, low - PORT_BLOCKS * PORT_BLOCK)
     for start in range(first, low - PORT_BLOCK + 1, PORT_BLOCK):
-        path = os.path.join(tempfile.gettempdir(), 'pydirector-test-ports-%d.lock' % start)
+        path = os.path.join(SHARED_TMP, 'pydirector-test-ports-%d.lock' % start)
         try:
             # Read-only is enough for flock, and works on a file another user made.
             lock = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)

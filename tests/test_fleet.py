@@ -59,7 +59,7 @@ BACKEND_PORTS = (8001, 8002, 8003)
 PASSWORD = 'fleet secret'
 CONTRIB = os.path.join(support.REPO, 'contrib', 'keepalived.conf')
 ADMIN = os.path.join(support.REPO, 'pydirector_admin.py')
-LOCK = os.path.join(tempfile.gettempdir(), 'pydirector-test-fleet.lock')
+LOCK = os.path.join(support.SHARED_TMP, 'pydirector-test-fleet.lock')
 CLIENT_PAUSE = 0.02       # between the client's connects: a 20 ms resolution on the windows
 FAILOVER_LIMIT = 3.0      # scenario 1: new connections succeed again within this
 
