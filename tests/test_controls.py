@@ -229,7 +229,11 @@ class SetHostTest(ControlsCase):
         self.addCleanup(held.close)
         first = held.recv(2).decode().strip()
         self.names(4)
-        before = self.balancer.host(first)
+
+        def counted():      # a worker counts an open connection at its next full write (0.5 s)
+            host = self.balancer.host(first)
+            return host if host['open'] == 1 else None
+        before = wait_until(counted, 10)
         self.change('/setHost', service='web', group='main', name=first, weight='5', maxconns='7')
         after = self.balancer.host(first)
         self.assertEqual([after[k] for k in ('health', 'total', 'open', 'since', 'state_changes')],
