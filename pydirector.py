@@ -4126,7 +4126,10 @@ _log_handlers = []   # the handlers we installed, so a reload replaces only thos
 
 def lighten_logging():
     """The logging module's documented optimisations: we log neither the caller's
-    file and line nor thread and process names, so don't collect them per record."""
+    file and line nor thread and process names, so don't collect them per record.
+    It also keeps PyPy 7.3.11 up: its JIT aborts the process (no message) on a hot
+    loop that keeps the number _thread.get_ident() returns, as a LogRecord's
+    `thread` does."""
     logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False
@@ -4135,6 +4138,7 @@ def lighten_logging():
 
 def setup_logging(config, verbose=False):
     """The process's logging, once: OSError if the log file cannot be opened."""
+    lighten_logging()
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -10471,7 +10475,6 @@ def run_worker(channel_fd, verbose=False):
         return 1
     global LOG_PREFIX
     LOG_PREFIX = 'worker %d: ' % first['worker']
-    lighten_logging()
     try:
         setup_logging(config, verbose)
     except OSError as e:
@@ -12236,7 +12239,6 @@ def main(argv=None):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     workers = worker_count(args.workers if args.workers is not None else config.workers)
-    lighten_logging()
     try:
         setup_logging(config, args.verbose)
     except OSError as e:

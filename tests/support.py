@@ -181,6 +181,7 @@ class LogRecorder(logging.Handler):
                           message='no log line containing %r; got %r' % (text, self.since(mark)[-10:]))
 
 
+pydirector.lighten_logging()     # what the program's setup_logging does, for the in-process balancers
 LOG = LogRecorder()
 logging.getLogger('pydirector').addHandler(LOG)
 logging.getLogger('pydirector').setLevel(logging.DEBUG)

@@ -336,5 +336,27 @@ class LogTargetTest(BalancerCase):
         self.assertTrue(all(l == line[:-1] for l in got.lines[:note[0]]))
 
 
+
+class HotRecordsTest(unittest.TestCase):
+    """PyPy 7.3.11 aborts, with no message, once its JIT compiles a loop that keeps
+    the number _thread.get_ident() returns, as a LogRecord keeps it in `thread`
+    (the suite on PyPy died so, flushing 1,000 access lines into LOG's records).
+    The program's setup_logging turns that off: we never log thread names."""
+
+    def test_records_made_in_a_hot_loop_after_the_programs_logging_setup(self):
+        script = ('import logging, sys\n'
+                  'sys.path.insert(0, %r)\n'
+                  'import pydirector\n'
+                  'pydirector.setup_logging(pydirector.parse_config(%r, "test.xml"))\n'
+                  'def make(count):\n'
+                  '    for _ in range(count):\n'
+                  '        record = logging.LogRecord("pydirector", logging.INFO, "", 0, "line", (), None)\n'
+                  '    return record.thread\n'
+                  'print(make(5000))\n') % (support.REPO, config_xml(service_xml([('a', '127.0.0.1:9')])))
+        proc = subprocess.run([sys.executable, '-c', script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              timeout=60)
+        self.assertEqual((proc.returncode, proc.stdout), (0, b'None\n'), proc.stderr.decode(errors='replace'))
+
+
 if __name__ == '__main__':
     unittest.main()
