@@ -63,7 +63,7 @@ WORKLOADS = ('newconn', 'keepalive', 'bulk', 'idle', 'open25', 'open50', 'open90
 # The open-loop workloads: new connections at a fixed rate (bench/openloop.py), this
 # fraction of HAProxy's new-connection rate (ab -c 50) measured in the same run.
 OPEN_RATES = {'open25': 0.25, 'open50': 0.5, 'open90': 0.9}
-OPEN_TARGETS = ('direct', 'haproxy', 'pydirector', 'pydirector-log', 'pydirector-pypy')
+OPEN_TARGETS = ('direct', 'haproxy', 'pyfloor', 'pydirector', 'pydirector-log', 'pydirector-pypy')
 # The idle workload holds its connections through the warm balancer too (before a fresh
 # one) for these: PyPy's memory grows as its JIT warms up, CPython's is its reference.
 WARM_IDLE_TARGETS = ('pydirector', 'pydirector-pypy')
