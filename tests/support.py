@@ -60,8 +60,13 @@ PYDIRECTOR = os.path.join(REPO, 'pydirector.py')
 
 # What the tests and their children (balancers, Chromium: TMPDIR) put in temporary
 # files goes in one directory of this run, removed as it ends: a balancer's log is
-# read after it stops, so not sooner.  Locks shared with other runs stay in SHARED_TMP.
+# read after it stops, so not sooner.  A run that was killed leaves its directory;
+# the next run removes it.  Locks shared with other runs stay in SHARED_TMP.
 SHARED_TMP = tempfile.gettempdir()
+for _name in os.listdir(SHARED_TMP):
+    _match = re.match(r'pydirector-tests-(\d+)-', _name)
+    if _match and not pydirector.process_running(int(_match.group(1))):
+        shutil.rmtree(os.path.join(SHARED_TMP, _name), ignore_errors=True)
 RUN_TMP = tempfile.mkdtemp(prefix='pydirector-tests-%d-' % os.getpid())
 tempfile.tempdir = os.environ['TMPDIR'] = RUN_TMP
 

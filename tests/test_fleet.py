@@ -93,18 +93,14 @@ def remove_namespace(ns):
 
 
 def remove_leftovers():
-    """Namespaces and temporary directories of runs whose process is gone (a crash,
-    a kill -9): they go now, with whatever still runs in them."""
+    """Namespaces of runs whose process is gone (a crash, a kill -9): they go now,
+    with whatever still runs in them (support removes such a run's directory)."""
     def dead(match):
         return match and int(match.group(2)) != os.getpid() and not pydirector.process_running(int(match.group(2)))
     for line in run(['ip', 'netns', 'list'], check=False).splitlines():
         match = re.match(r'(%s-(\d+)-\S+)' % PREFIX, line)
         if dead(match):
             remove_namespace(match.group(1))
-    for name in os.listdir(tempfile.gettempdir()):
-        match = re.match(r'(%s-(\d+)-\S+)' % PREFIX, name)
-        if dead(match):
-            shutil.rmtree(os.path.join(tempfile.gettempdir(), name), ignore_errors=True)
 
 
 def keepalived_conf(node):

@@ -336,7 +336,6 @@ class LogTargetTest(BalancerCase):
         self.assertTrue(all(l == line[:-1] for l in got.lines[:note[0]]))
 
 
-
 class HotRecordsTest(unittest.TestCase):
     """PyPy 7.3.11 aborts, with no message, once its JIT compiles a loop that keeps
     the number _thread.get_ident() returns, as a LogRecord keeps it in `thread`
